@@ -1,0 +1,50 @@
+"""The `pdorch` console script: one subcommand per capability.
+
+Each capability package exposes `add_parser(subparsers)` in its `commands` module; the parser it
+registers sets `func`, which receives the parsed namespace and returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that register subcommands, in the order `pdorch --help` lists them.
+COMMAND_MODULES: list[str] = [
+    "pdorch.devcluster.commands",
+    "pdorch.sim.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="pdorch",
+        description="Prefill/decode disaggregated LLM serving on Kubernetes.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pdorch` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

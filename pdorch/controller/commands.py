@@ -1,0 +1,49 @@
+"""`pdorch controller`: run the ServingGroup controller."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+from pdorch.controller.manager import ControllerConfig, run_controller
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = ControllerConfig(
+        kubeconfig=args.kubeconfig,
+        namespace=args.namespace,
+        workers=args.workers,
+        leader_elect=args.leader_elect,
+        lease_namespace=args.lease_namespace,
+        lease_name=args.lease_name,
+        identity=args.identity or os.environ.get("POD_NAME", ""),
+        health_addr=args.health_addr,
+        proxy_image=args.proxy_image,
+    )
+    return asyncio.run(run_controller(cfg))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `controller`."""
+    d = ControllerConfig()
+    p = sub.add_parser("controller", help="run the ServingGroup controller (level-triggered, leader-elected)")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, then in-cluster)")
+    p.add_argument("--namespace", help="watch only this namespace (default: all)")
+    p.add_argument(
+        "--workers", type=int, default=d.workers, help="concurrent reconciles (default %(default)s)"
+    )
+    p.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hold a Lease before writing",
+    )
+    p.add_argument("--lease-namespace", default=d.lease_namespace)
+    p.add_argument("--lease-name", default=d.lease_name)
+    p.add_argument("--identity", help="leader-election identity (default: POD_NAME or hostname + random)")
+    p.add_argument(
+        "--health-addr", default=d.health_addr, help="/metrics, /healthz, /readyz (default %(default)s)"
+    )
+    p.add_argument("--proxy-image", default=d.proxy_image, help="image of the built-in proxy role")
+    p.set_defaults(func=_run)

@@ -1,0 +1,186 @@
+"""An informer: a local cache of one resource kind, kept current by list + watch.
+
+- Watches ask for bookmarks, so a quiet watch still advances its resourceVersion.
+- A watch that reports 410 Gone (or an expired resourceVersion) triggers a relist that is diffed
+  against the cache: objects deleted during the gap produce synthetic DELETED events.
+- A watchdog restarts a watch that delivers nothing (not even a bookmark) for `inactivity`
+  seconds: half-open connections otherwise hang silently forever.
+- Handlers only map events to work-queue keys; they must not block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from prometheus_client import Counter
+
+from pdorch.controller.kubeapi import ApiError, KubeApi, Resource
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Handler = Callable[[str, Obj], None]  # (event type ADDED|MODIFIED|DELETED, object)
+
+RELISTS = Counter(
+    "pdorch_informer_relists_total", "Full relists per resource, by reason.", ["resource", "reason"]
+)
+
+
+def key_of(obj: Obj) -> str:
+    md = obj["metadata"]
+    return f"{md.get('namespace', '')}/{md['name']}"
+
+
+def strip(obj: Obj) -> Obj:
+    """Drop what the controller never reads, to keep the cache small."""
+    md = obj.get("metadata", {})
+    md.pop("managedFields", None)
+    ann = md.get("annotations")
+    if ann:
+        ann.pop("kubectl.kubernetes.io/last-applied-configuration", None)
+    return obj
+
+
+class _Expired(Exception):
+    pass
+
+
+class Informer:
+    """Cache of one resource kind in one namespace (or all), with event handlers."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        res: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        watch_timeout: int = 300,
+        inactivity: float = 120.0,
+    ) -> None:
+        self.api, self.res = api, res
+        self.namespace, self.label_selector = namespace, label_selector
+        self.watch_timeout = watch_timeout
+        self.inactivity = inactivity
+        self.store: dict[str, Obj] = {}
+        self.synced = asyncio.Event()
+        self._handlers: list[Handler] = []
+        self._rv = ""
+
+    def add_handler(self, handler: Handler) -> None:
+        self._handlers.append(handler)
+
+    def get(self, namespace: str, name: str) -> Obj | None:
+        return self.store.get(f"{namespace}/{name}")
+
+    def list(self, namespace: str | None = None, labels: dict[str, str] | None = None) -> list[Obj]:
+        """Cached objects, optionally filtered by namespace and exact label matches."""
+        out = []
+        for obj in self.store.values():
+            md = obj["metadata"]
+            if namespace is not None and md.get("namespace") != namespace:
+                continue
+            if labels and any((md.get("labels") or {}).get(k) != v for k, v in labels.items()):
+                continue
+            out.append(obj)
+        return out
+
+    def _emit(self, etype: str, obj: Obj) -> None:
+        for h in self._handlers:
+            try:
+                h(etype, obj)
+            except Exception:
+                log.exception("informer %s: handler failed on %s %s", self.res.plural, etype, key_of(obj))
+
+    async def _relist(self, reason: str) -> None:
+        items, rv = await self.api.list(self.res, self.namespace, self.label_selector)
+        RELISTS.labels(self.res.plural, reason).inc()
+        fresh = {key_of(o): strip(o) for o in items}
+        old = self.store
+        self.store = fresh
+        self._rv = rv
+        for k, obj in old.items():
+            if k not in fresh:
+                self._emit("DELETED", obj)  # deleted while we were not watching
+        for k, obj in fresh.items():
+            prev = old.get(k)
+            if prev is None:
+                self._emit("ADDED", obj)
+            elif prev["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
+                self._emit("MODIFIED", obj)
+        self.synced.set()
+
+    async def _events(self) -> AsyncIterator[Obj]:
+        stream = self.api.watch(
+            self.res, self._rv, self.namespace, self.label_selector, timeout_seconds=self.watch_timeout
+        )
+        it = stream.__aiter__()
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(it.__anext__(), timeout=self.inactivity)
+                except StopAsyncIteration:
+                    return  # the server ended the watch (timeoutSeconds): resume from _rv
+                except TimeoutError:
+                    log.warning(
+                        "informer %s: watch silent for %.0fs; reconnecting", self.res.plural, self.inactivity
+                    )
+                    return
+                yield ev
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _watch_once(self) -> None:
+        async for ev in self._events():
+            etype, obj = ev.get("type"), ev.get("object") or {}
+            if etype == "ERROR":
+                if obj.get("code") == 410 or obj.get("reason") in ("Expired", "Gone"):
+                    raise _Expired
+                raise ApiError(obj.get("code", 500), obj.get("reason", ""), obj.get("message", ""))
+            rv = obj.get("metadata", {}).get("resourceVersion")
+            if rv:
+                self._rv = rv
+            if etype == "BOOKMARK":
+                continue
+            obj = strip(obj)
+            k = key_of(obj)
+            if etype == "DELETED":
+                self.store.pop(k, None)
+            else:
+                self.store[k] = obj
+            self._emit(str(etype), obj)
+
+    async def run(self) -> None:
+        """List, then watch forever; relist on 410 and back off on errors. Cancel to stop."""
+        delay = 0.5
+        need_list = True
+        reason = "initial"
+        while True:
+            try:
+                if need_list:
+                    await self._relist(reason)
+                    need_list = False
+                await self._watch_once()
+                delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except _Expired:
+                need_list, reason = True, "expired"
+            except ApiError as e:
+                if e.code == 410:
+                    need_list, reason = True, "expired"
+                else:
+                    log.warning("informer %s: %s; retrying in %.1fs", self.res.plural, e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    need_list, reason = True, "error"
+            except Exception as e:
+                log.warning("informer %s: %r; retrying in %.1fs", self.res.plural, e, delay)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 30.0)
+                need_list, reason = True, "error"

@@ -1,0 +1,78 @@
+"""Deciding whether a desired object (an SSA intent) needs applying. Pure functions.
+
+The controller stamps each applied intent's hash into an annotation and remembers the object's
+generation (or resourceVersion) after its own apply. If both still match, the live object is what
+we last applied and nothing needs writing: an idle cluster costs zero writes. A hand edit changes
+generation/resourceVersion and is restored on the next pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+HASH_ANNOTATION = "pdorch.io/intent-hash"
+
+
+def intent_hash(intent: dict[str, Any]) -> str:
+    """A stable hash of an intent, ignoring our own hash annotation."""
+    clean = json.loads(json.dumps(intent))
+    ann = clean.get("metadata", {}).get("annotations")
+    if ann is not None:
+        ann.pop(HASH_ANNOTATION, None)
+        if not ann:
+            del clean["metadata"]["annotations"]
+    blob = json.dumps(clean, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stamp(intent: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Return a copy of `intent` carrying its hash annotation, and the hash."""
+    h = intent_hash(intent)
+    out = json.loads(json.dumps(intent))
+    out.setdefault("metadata", {}).setdefault("annotations", {})[HASH_ANNOTATION] = h
+    return out, h
+
+
+def version_marker(live: dict[str, Any]) -> str:
+    """What changes when someone else edits the object: generation if it has one, else resourceVersion."""
+    md = live.get("metadata", {})
+    gen = md.get("generation")
+    return f"g{gen}" if gen is not None else f"rv{md.get('resourceVersion', '')}"
+
+
+def is_subset(intent: Any, live: Any) -> bool:
+    """True if every field of `intent` is present in `live` with the same value.
+
+    Lists must have the same length and match element-wise. Used after a restart, when we no
+    longer know the version we last applied; a false negative only costs one idempotent apply.
+    """
+    if isinstance(intent, dict):
+        if not isinstance(live, dict):
+            return False
+        return all(k in live and is_subset(v, live[k]) for k, v in intent.items())
+    if isinstance(intent, list):
+        if not isinstance(live, list) or len(intent) != len(live):
+            return False
+        return all(is_subset(a, b) for a, b in zip(intent, live, strict=True))
+    if isinstance(intent, bool) or isinstance(live, bool):
+        return intent is live
+    if isinstance(intent, int | float) and isinstance(live, int | float):
+        return intent == live
+    return intent == live or str(intent) == str(live)
+
+
+def needs_apply(
+    intent_h: str, live: dict[str, Any] | None, last_marker: str | None, intent: dict[str, Any]
+) -> bool:
+    """Whether to send an apply for an intent with hash `intent_h` given the cached live object."""
+    if live is None:
+        return True
+    ann = (live.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION)
+    if ann != intent_h:
+        return True
+    if last_marker is not None:
+        return version_marker(live) != last_marker
+    md_free = {k: v for k, v in intent.items() if k not in ("metadata", "apiVersion", "kind")}
+    return not is_subset(md_free, live)

@@ -1,0 +1,152 @@
+"""Leader election on a coordination.k8s.io/v1 Lease.
+
+Expiry of another holder's lease is judged by when *we* last saw its record change, on our
+monotonic clock, never by comparing its renewTime with our wall clock (clock skew). Every write
+carries the resourceVersion we read (optimistic lock), so two candidates cannot both win. A
+leader that cannot renew within `renew_deadline` steps down; on graceful shutdown it releases the
+lease so a standby takes over at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+from prometheus_client import Gauge
+
+from pdorch.controller.kubeapi import LEASE, ApiError, KubeApi
+
+log = logging.getLogger(__name__)
+
+IS_LEADER = Gauge("leader_election_master_status", "1 if this replica leads, else 0.", ["name"])
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LeaseElector:
+    """Acquire, hold and release one Lease."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        namespace: str,
+        name: str,
+        identity: str,
+        lease_duration: float = 15.0,
+        renew_deadline: float = 10.0,
+        retry_period: float = 2.0,
+    ) -> None:
+        self.api, self.namespace, self.name, self.identity = api, namespace, name, identity
+        self.lease_duration, self.renew_deadline, self.retry_period = (
+            lease_duration,
+            renew_deadline,
+            retry_period,
+        )
+        self.is_leader = asyncio.Event()
+        self.lost = asyncio.Event()
+        self._observed_record: tuple[Any, ...] | None = None
+        self._observed_at = 0.0
+        self._last_renew = 0.0
+
+    def _spec(self, transitions: int, acquire_time: str | None) -> dict[str, Any]:
+        now = _now()
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": int(self.lease_duration),
+            "acquireTime": acquire_time or now,
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        }
+
+    async def _try_acquire_or_renew(self) -> bool:
+        lease = await self.api.get(LEASE, self.name, self.namespace)
+        if lease is None:
+            try:
+                await self.api.create(
+                    {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {"name": self.name, "namespace": self.namespace},
+                        "spec": self._spec(0, None),
+                    }
+                )
+            except ApiError as e:
+                if e.code == 409:
+                    return False  # another candidate created it first
+                raise
+            return True
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity") or ""
+        record = (holder, spec.get("renewTime"), spec.get("leaseTransitions"))
+        mono = time.monotonic()
+        if record != self._observed_record:
+            self._observed_record, self._observed_at = record, mono
+        duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
+        held_by_other = holder not in ("", self.identity)
+        if held_by_other and mono - self._observed_at < duration:
+            return False
+        transitions = int(spec.get("leaseTransitions") or 0)
+        acquire = spec.get("acquireTime") if holder == self.identity else None
+        if holder != self.identity:
+            transitions += 1
+        lease["spec"] = self._spec(transitions, acquire)
+        try:
+            await self.api.replace(lease)  # carries the resourceVersion we read
+        except ApiError as e:
+            if e.code == 409:
+                return False
+            raise
+        return True
+
+    async def run(self) -> None:
+        """Campaign until leader, then renew; set `lost` and return if leadership is lost."""
+        IS_LEADER.labels(self.name).set(0)
+        while not self.is_leader.is_set():
+            try:
+                if await self._try_acquire_or_renew():
+                    self._last_renew = time.monotonic()
+                    self.is_leader.set()
+                    IS_LEADER.labels(self.name).set(1)
+                    log.info("became leader of lease %s/%s as %s", self.namespace, self.name, self.identity)
+                    break
+            except Exception as e:
+                log.warning("leader election: %r", e)
+            await asyncio.sleep(self.retry_period)
+        while True:
+            await asyncio.sleep(self.retry_period)
+            try:
+                ok = await asyncio.wait_for(self._try_acquire_or_renew(), timeout=self.renew_deadline)
+            except Exception as e:
+                log.warning("lease renew failed: %r", e)
+                ok = False
+            if ok:
+                self._last_renew = time.monotonic()
+            elif time.monotonic() - self._last_renew > self.renew_deadline:
+                log.error("lost leadership of %s/%s", self.namespace, self.name)
+                IS_LEADER.labels(self.name).set(0)
+                self.is_leader.clear()
+                self.lost.set()
+                return
+
+    async def release(self) -> None:
+        """Give the lease up (graceful shutdown) so a standby can take over immediately."""
+        if not self.is_leader.is_set():
+            return
+        try:
+            lease = await self.api.get(LEASE, self.name, self.namespace)
+            if lease and (lease.get("spec") or {}).get("holderIdentity") == self.identity:
+                lease["spec"]["holderIdentity"] = ""
+                lease["spec"]["leaseDurationSeconds"] = 1
+                lease["spec"]["renewTime"] = _now()
+                await self.api.replace(lease)
+                log.info("released lease %s/%s", self.namespace, self.name)
+        except Exception as e:
+            log.warning("could not release lease: %r", e)
+        finally:
+            self.is_leader.clear()
+            IS_LEADER.labels(self.name).set(0)

@@ -1,0 +1,217 @@
+"""Wires the controller together and runs it.
+
+Informers start before leadership (a warm standby has full caches); workers and every write start
+only once this replica holds the Lease. SIGTERM: stop the queue, let in-flight reconciles finish
+(bounded), stop watches, release the Lease, close the client. Losing the Lease exits non-zero, so
+a stale leader never keeps writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+
+from pdorch.controller.events import EventRecorder
+from pdorch.controller.informer import Informer, key_of
+from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi
+from pdorch.controller.leader import LeaseElector
+from pdorch.controller.reconciler import CHILD_KINDS, GROUP_LABEL, Caches, Reconciler
+from pdorch.controller.workqueue import ShutDown, WorkQueue
+from pdorch.roles.render import RenderOptions
+
+log = logging.getLogger(__name__)
+
+QUEUE_DEPTH = Gauge("workqueue_depth", "Keys waiting in the work queue.", ["name"])
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=pdorch"
+
+
+@dataclass
+class ControllerConfig:
+    kubeconfig: str | None = None
+    namespace: str | None = None  # None watches every namespace
+    workers: int = 4
+    leader_elect: bool = True
+    lease_namespace: str = "pdorch-system"
+    lease_name: str = "pdorch-controller"
+    identity: str = ""
+    health_addr: str = "127.0.0.1:8081"
+    proxy_image: str = RenderOptions().proxy_image
+    shutdown_grace: float = 20.0
+    resync_seconds: float = 600.0
+
+
+class Controller:
+    """One controller replica."""
+
+    def __init__(self, cfg: ControllerConfig, api: KubeApi | None = None) -> None:
+        self.cfg = cfg
+        self.identity = cfg.identity or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+        self.api = api or KubeApi.from_config(cfg.kubeconfig)
+        ns = cfg.namespace
+        self.groups = Informer(self.api, SERVING_GROUP, ns)
+        self.children = {res: Informer(self.api, res, ns, MANAGED_SELECTOR) for res in CHILD_KINDS}
+        self.pods = Informer(self.api, POD, ns, GROUP_LABEL)
+        self.queue: WorkQueue[str] = WorkQueue(on_depth=lambda n: QUEUE_DEPTH.labels("servinggroup").set(n))
+        self.elector = (
+            LeaseElector(self.api, cfg.lease_namespace, cfg.lease_name, self.identity)
+            if cfg.leader_elect
+            else None
+        )
+        self.reconciler = Reconciler(
+            api=self.api,
+            caches=Caches(self.groups, self.children),
+            events=EventRecorder(self.api, self.identity),
+            options=RenderOptions(proxy_image=cfg.proxy_image),
+        )
+        self._stopping = asyncio.Event()
+        self._ready = False
+        self.groups.add_handler(lambda _t, obj: self.queue.add(key_of(obj)))
+        for inf in [*self.children.values(), self.pods]:
+            inf.add_handler(self._enqueue_owner)
+
+    def _enqueue_owner(self, _etype: str, obj: dict[str, Any]) -> None:
+        md = obj["metadata"]
+        group = (md.get("labels") or {}).get(GROUP_LABEL)
+        if group:
+            self.queue.add(f"{md.get('namespace', '')}/{group}")
+
+    # ------------------------------------------------------------------ health and metrics
+    async def _serve_health(self) -> web.AppRunner:
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        async def readyz(_: web.Request) -> web.Response:
+            ok = self._ready and not self._stopping.is_set()
+            return web.Response(text="ok" if ok else "not ready", status=200 if ok else 503)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, port = self.cfg.health_addr.rsplit(":", 1)
+        await web.TCPSite(runner, host, int(port)).start()
+        return runner
+
+    # ------------------------------------------------------------------ workers
+    async def _worker(self) -> None:
+        while True:
+            try:
+                key = await self.queue.get()
+            except ShutDown:
+                return
+            try:
+                after = await self.reconciler.reconcile(key)
+                self.queue.forget(key)
+                if after:
+                    self.queue.add_after(key, after)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("reconcile %s failed (retrying with backoff): %r", key, e)
+                self.queue.add_rate_limited(key)
+            finally:
+                self.queue.done(key)
+
+    async def _resync(self) -> None:
+        # Level-triggered safety net; costs no writes when nothing changed.
+        while True:
+            await asyncio.sleep(self.cfg.resync_seconds)
+            for k in list(self.groups.store):
+                self.queue.add(k)
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        """Ask the controller to shut down gracefully."""
+        self._stopping.set()
+
+    async def run(self) -> int:
+        """Run until stopped (0) or until leadership is lost (1)."""
+        runner = await self._serve_health()
+        informer_tasks = [
+            asyncio.create_task(inf.run(), name=f"informer-{inf.res.plural}")
+            for inf in [self.groups, *self.children.values(), self.pods]
+        ]
+        tasks: list[asyncio.Task[Any]] = []
+        elector_task: asyncio.Task[None] | None = None
+        code = 0
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(
+                    *(inf.synced.wait() for inf in [self.groups, *self.children.values(), self.pods])
+                ),
+                timeout=120,
+            )
+            self._ready = True
+            log.info("caches synced (%d ServingGroups)", len(self.groups.store))
+            if self.elector is not None:
+                elector_task = asyncio.create_task(self.elector.run(), name="leader-election")
+                stop_wait = asyncio.create_task(self._stopping.wait())
+                lead_wait = asyncio.create_task(self.elector.is_leader.wait())
+                await asyncio.wait({stop_wait, lead_wait}, return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                lead_wait.cancel()
+            if not self._stopping.is_set():
+                for k in list(self.groups.store):
+                    self.queue.add(k)
+                tasks = [
+                    asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.cfg.workers)
+                ]
+                tasks.append(asyncio.create_task(self._resync(), name="resync"))
+                waits = {asyncio.create_task(self._stopping.wait())}
+                if self.elector is not None:
+                    waits.add(asyncio.create_task(self.elector.lost.wait()))
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+                if self.elector is not None and self.elector.lost.is_set():
+                    code = 1
+        finally:
+            self._ready = False
+            self.queue.shutdown()
+            workers = [t for t in tasks if t.get_name().startswith("worker-")]
+            if workers:
+                _, pending = await asyncio.wait(workers, timeout=self.cfg.shutdown_grace)
+                for t in pending:
+                    t.cancel()
+            for t in [*tasks, *informer_tasks]:
+                t.cancel()
+            if elector_task is not None:
+                elector_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await elector_task
+            await asyncio.gather(*tasks, *informer_tasks, return_exceptions=True)
+            if self.elector is not None and code == 0:
+                await self.elector.release()
+            await runner.cleanup()
+            await self.api.close()
+        return code
+
+
+async def run_controller(cfg: ControllerConfig) -> int:
+    """Run with SIGTERM/SIGINT wired to a graceful stop."""
+    ctl = Controller(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, ctl.stop)
+    log.info(
+        "pdorch controller %s starting (namespace=%s, pid %d)",
+        ctl.identity,
+        cfg.namespace or "*",
+        os.getpid(),
+    )
+    return await ctl.run()

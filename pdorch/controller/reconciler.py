@@ -1,0 +1,301 @@
+"""Reconcile one ServingGroup: read the caches, render, apply what changed, prune, report status.
+
+Level-triggered and idempotent: it never looks at which event caused it. The only reads that go
+to the API server are server-side dry runs of changed objects (to catch what LWS would refuse
+before anything is created); everything else comes from the informers' caches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import ValidationError
+
+from pdorch.api.servinggroup import ServingGroup
+from pdorch.controller import status as st
+from pdorch.controller.events import EventRecorder
+from pdorch.controller.informer import Informer
+from pdorch.controller.intent import needs_apply, stamp, version_marker
+from pdorch.controller.kubeapi import (
+    LWS,
+    ROLE,
+    ROLE_BINDING,
+    SERVICE,
+    SERVICE_ACCOUNT,
+    SERVING_GROUP,
+    SERVING_ROLE_SCALER,
+    ApiError,
+    KubeApi,
+    Resource,
+    resource_of,
+)
+from pdorch.roles.render import RenderOptions, RoleOverride, render
+
+log = logging.getLogger(__name__)
+
+RECONCILE_SECONDS = Histogram(
+    "pdorch_reconcile_duration_seconds",
+    "Time per reconcile of one ServingGroup.",
+    buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RECONCILE_ERRORS = Counter("pdorch_reconcile_errors_total", "Reconciles that raised and were retried.")
+RECONCILES = Counter("pdorch_reconcile_total", "Reconciles by result.", ["result"])
+RATIO_DEVIATION = Gauge(
+    "pdorch_ratio_deviation",
+    "|log(ready P:D / declared P:D)| per group (0 = on ratio).",
+    ["namespace", "group"],
+)
+CHILD_KINDS: tuple[Resource, ...] = (LWS, SERVICE, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, SERVING_ROLE_SCALER)
+GROUP_LABEL = "pdorch.io/group"
+
+
+@dataclass
+class Caches:
+    """The informers the reconciler reads from."""
+
+    groups: Informer
+    children: dict[Resource, Informer]
+
+
+@dataclass
+class Reconciler:
+    api: KubeApi
+    caches: Caches
+    events: EventRecorder
+    options: RenderOptions
+    # (resource plural, namespace, name) -> version marker seen right after our own apply
+    _applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    on_result: Callable[[str], None] = lambda result: None
+
+    async def reconcile(self, key: str) -> float | None:
+        """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
+        t0 = time.perf_counter()
+        try:
+            return await self._reconcile(key)
+        except Exception:
+            RECONCILE_ERRORS.inc()
+            RECONCILES.labels("error").inc()
+            raise
+        finally:
+            RECONCILE_SECONDS.observe(time.perf_counter() - t0)
+
+    async def _reconcile(self, key: str) -> float | None:
+        namespace, name = key.split("/", 1)
+        obj = self.caches.groups.get(namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            RECONCILES.labels("gone").inc()
+            return None  # owner references let the garbage collector remove the children
+        generation = int(obj["metadata"].get("generation") or 0)
+        prev_status = obj.get("status") or {}
+
+        try:
+            sg = ServingGroup.model_validate(obj)
+        except ValidationError as e:
+            await self._invalid(obj, generation, prev_status, _validation_message(e))
+            return None
+
+        overrides = self._overrides(sg, namespace, name)
+        desired = render(sg, self.options, overrides)
+        revision = _revision_of(desired)
+
+        # Dry-run every object that would change, before writing anything: a template LWS (or
+        # any API) refuses marks the group Invalid and leaves the cluster untouched.
+        plan: list[tuple[dict[str, Any], str, dict[str, Any] | None]] = []
+        for intent in desired:
+            res = resource_of(intent)
+            live = self.caches.children[res].get(namespace, intent["metadata"]["name"])
+            stamped, h = stamp(_without_scaler_replicas(intent, live))
+            mkey = (res.plural, namespace, intent["metadata"]["name"])
+            if needs_apply(h, live, self._applied.get(mkey), stamped):
+                plan.append((stamped, h, live))
+        for stamped, _, live in plan:
+            try:
+                await self._write(stamped, live, dry_run=True)
+            except ApiError as e:
+                if 400 <= e.code < 500 and e.code not in (404, 409, 429):
+                    kind, oname = stamped["kind"], stamped["metadata"]["name"]
+                    await self._invalid(
+                        obj,
+                        generation,
+                        prev_status,
+                        f"{kind} {oname} was refused by the API server: {e.message}",
+                    )
+                    return None
+                raise
+
+        created = []
+        for stamped, _, live in plan:
+            result = await self._write(stamped, live, dry_run=False)
+            res = resource_of(stamped)
+            self._applied[(res.plural, namespace, stamped["metadata"]["name"])] = version_marker(result)
+            if live is None:
+                created.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
+        if created:
+            await self.events.emit(obj, "Normal", "Created", "created " + ", ".join(created))
+
+        pruned = await self._prune(obj, desired)
+        if pruned:
+            await self.events.emit(obj, "Normal", "Pruned", "deleted " + ", ".join(pruned))
+
+        await self._sync_scaler_status(sg, namespace, name)
+
+        roles = []
+        for role in sg.spec.roles:
+            lws = self.caches.children[LWS].get(namespace, f"{name}-{role.name}")
+            want = (
+                overrides[role.name].replicas
+                if role.name in overrides and overrides[role.name].replicas is not None
+                else role.replicas
+            )
+            roles.append(st.observe_role(role.name, str(role.type), int(want), lws))
+        new_status = st.compute_status(
+            generation, roles, revision, prev_status, prev_status.get("currentRevision")
+        )
+        _record_ratio(sg, roles, namespace, name)
+        await self._write_status(obj, prev_status, new_status)
+        RECONCILES.labels("ok").inc()
+        return None
+
+    # ------------------------------------------------------------------ pieces
+    def _overrides(self, sg: ServingGroup, namespace: str, name: str) -> dict[str, RoleOverride]:
+        """Replicas of External/Builtin roles come from their ServingRoleScaler (HPA, KEDA, ours)."""
+        out: dict[str, RoleOverride] = {}
+        for role in sg.spec.roles:
+            if role.scaling is None or str(role.scaling.mode) == "Static":
+                continue
+            srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, f"{name}-{role.name}")
+            replicas = ((srs or {}).get("spec") or {}).get("replicas")
+            if replicas is not None:
+                out[role.name] = RoleOverride(replicas=int(replicas))
+        return out
+
+    async def _write(
+        self, intent: dict[str, Any], live: dict[str, Any] | None, dry_run: bool
+    ) -> dict[str, Any]:
+        if intent["kind"] == SERVING_ROLE_SCALER.kind and live is None:
+            # Created with a plain POST so `spec.replicas` is not owned by our apply: HPA/KEDA own it.
+            try:
+                return await self.api.create(intent, dry_run=dry_run)
+            except ApiError as e:
+                if e.code != 409:
+                    raise
+        return await self.api.apply(intent, dry_run=dry_run)
+
+    async def _prune(self, owner: dict[str, Any], desired: list[dict[str, Any]]) -> list[str]:
+        md = owner["metadata"]
+        want = {(d["kind"], d["metadata"]["name"]) for d in desired}
+        pruned = []
+        for res, inf in self.caches.children.items():
+            for child in inf.list(md["namespace"], {GROUP_LABEL: md["name"]}):
+                refs = child["metadata"].get("ownerReferences") or []
+                if not any(r.get("uid") == md.get("uid") and r.get("controller") for r in refs):
+                    continue  # not ours (same label by accident): never delete it
+                if (res.kind, child["metadata"]["name"]) in want:
+                    continue
+                if await self.api.delete(
+                    res, child["metadata"]["name"], md["namespace"], uid=child["metadata"].get("uid")
+                ):
+                    pruned.append(f"{res.kind}/{child['metadata']['name']}")
+        return pruned
+
+    async def _sync_scaler_status(self, sg: ServingGroup, namespace: str, name: str) -> None:
+        """ServingRoleScaler status: replicas and the pod selector HPA needs (a string)."""
+        for role in sg.spec.roles:
+            srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, f"{name}-{role.name}")
+            if srs is None:
+                continue
+            lws = self.caches.children[LWS].get(namespace, f"{name}-{role.name}")
+            replicas = int(((lws or {}).get("status") or {}).get("replicas") or 0)
+            selector = (
+                f"{GROUP_LABEL}={name},pdorch.io/role={role.name},leaderworkerset.sigs.k8s.io/worker-index=0"
+            )
+            want = {"replicas": replicas, "selector": selector}
+            have = srs.get("status") or {}
+            if all(have.get(k) == v for k, v in want.items()):
+                continue
+            await self.api.apply(
+                {
+                    "apiVersion": srs["apiVersion"],
+                    "kind": srs["kind"],
+                    "metadata": {"name": srs["metadata"]["name"], "namespace": namespace},
+                    "status": {**{k: v for k, v in have.items() if k not in want}, **want},
+                },
+                subresource="status",
+            )
+
+    async def _invalid(
+        self, obj: dict[str, Any], generation: int, prev: dict[str, Any], message: str
+    ) -> None:
+        new = st.compute_status(generation, [], "", prev, invalid=message)
+        changed = await self._write_status(obj, prev, new)
+        if changed:
+            await self.events.emit(obj, "Warning", "InvalidSpec", message)
+        RECONCILES.labels("invalid").inc()
+
+    async def _write_status(self, obj: dict[str, Any], prev: dict[str, Any], new: dict[str, Any]) -> bool:
+        if _same_status(prev, new):
+            return False
+        md = obj["metadata"]
+        await self.api.apply(
+            {
+                "apiVersion": SERVING_GROUP.api_version,
+                "kind": SERVING_GROUP.kind,
+                "metadata": {"name": md["name"], "namespace": md["namespace"]},
+                "status": new,
+            },
+            subresource="status",
+        )
+        for ctype, old_s, new_s, reason in st.transitions(prev, new):
+            etype = (
+                "Warning"
+                if (ctype == st.INVALID and new_s == "True")
+                or (ctype == st.AVAILABLE and new_s == "False" and old_s == "True")
+                else "Normal"
+            )
+            await self.events.emit(obj, etype, reason or ctype, f"{ctype} is now {new_s}")
+        return True
+
+
+def _same_status(prev: dict[str, Any], new: dict[str, Any]) -> bool:
+    # Only pdorch writes this status, so the live copy holds exactly what we last wrote.
+    return prev == new
+
+
+def _without_scaler_replicas(intent: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
+    if intent["kind"] != SERVING_ROLE_SCALER.kind or live is None:
+        return intent
+    spec = {k: v for k, v in (intent.get("spec") or {}).items() if k != "replicas"}
+    return {**intent, "spec": spec}
+
+
+def _revision_of(desired: list[dict[str, Any]]) -> str:
+    for d in desired:
+        rev = (d["metadata"].get("labels") or {}).get("pdorch.io/revision")
+        if rev and d["kind"] == LWS.kind:
+            return rev
+    return ""
+
+
+def _record_ratio(sg: ServingGroup, roles: list[st.RoleObservation], namespace: str, name: str) -> None:
+    p = sum(r.ready for r in roles if r.type == "prefill")
+    d = sum(r.ready for r in roles if r.type == "decode")
+    wp = sum(r.desired for r in roles if r.type == "prefill")
+    wd = sum(r.desired for r in roles if r.type == "decode")
+    if sg.spec.ratio is not None:
+        wp, wd = sg.spec.ratio.prefill, sg.spec.ratio.decode
+    if p and d and wp and wd:
+        RATIO_DEVIATION.labels(namespace, name).set(abs(math.log((p / d) / (wp / wd))))
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

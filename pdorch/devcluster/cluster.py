@@ -1,0 +1,463 @@
+"""The local dev cluster: real etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok
+and the LWS manager, all on loopback, state kept in one directory.
+
+`up` starts each component in dependency order and returns once every one is healthy; a component
+that fails raises StartupError naming it, with the tail of its log. `down` stops exactly the PIDs it
+recorded and removes the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import yaml
+from lightkube import Client, KubeConfig
+from lightkube.codecs import from_dict
+from lightkube.core.exceptions import ApiError
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
+from lightkube.resources.core_v1 import Node
+
+from pdorch.devcluster import binaries, manifests, pki
+from pdorch.devcluster.process import Managed, StartupError, free_port, start, stop, tail, wait_until
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "pdorch-devcluster"
+DEFAULT_NODES = 8
+DEFAULT_GPUS_PER_NODE = 8
+
+LeaderWorkerSet = create_namespaced_resource(
+    "leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets"
+)
+
+
+def default_state_dir(name: str = "default") -> Path:
+    """State directory of a named dev cluster (override the root with PDORCH_DEVCLUSTER_DIR)."""
+    root = os.environ.get("PDORCH_DEVCLUSTER_DIR")
+    return Path(root) / name if root else binaries.cache_root() / "devcluster" / name
+
+
+@dataclass
+class ClusterState:
+    """Everything `down`, `status` and `env` need, persisted as state.json."""
+
+    dir: str
+    bin_dir: str
+    ports: dict[str, int]
+    token: str
+    nodes: list[str] = field(default_factory=list)
+    processes: list[Managed] = field(default_factory=list)
+    up_seconds: float = 0.0
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kubeconfig(self) -> str:
+        return str(Path(self.dir) / "kubeconfig")
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    @property
+    def ca(self) -> str:
+        return str(pki.PkiPaths(Path(self.dir) / "pki").ca_crt)
+
+    def save(self) -> None:
+        data = asdict(self)
+        Path(self.dir, "state.json").write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> ClusterState | None:
+        f = state_dir / "state.json"
+        if not f.exists():
+            return None
+        data = json.loads(f.read_text())
+        data["processes"] = [Managed(**p) for p in data.get("processes", [])]
+        return cls(**data)
+
+    def process(self, name: str) -> Managed | None:
+        return next((p for p in self.processes if p.name == name), None)
+
+    def client(self) -> Client:
+        """A lightkube client for the admin user."""
+        return Client(config=KubeConfig.from_file(self.kubeconfig), field_manager=FIELD_MANAGER)
+
+
+def _ssl_ctx(ca: str | None) -> ssl.SSLContext:
+    if ca is None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # KCM/scheduler serve self-signed certs on loopback
+        return ctx
+    return ssl.create_default_context(cafile=ca)
+
+
+def _http_ok(url: str, ca: str | None = None, token: str | None = None) -> bool:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    verify: ssl.SSLContext | bool = _ssl_ctx(ca) if url.startswith("https") else True
+    r = httpx2.get(url, verify=verify, headers=headers, timeout=2.0, trust_env=False)
+    return r.status_code == 200
+
+
+def _tls_listening(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1.0) as raw:
+        ctx = _ssl_ctx(None)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+            return True
+
+
+class DevCluster:
+    """Start, stop and inspect one named local cluster."""
+
+    def __init__(self, state_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> None:
+        self.state_dir = state_dir or default_state_dir()
+        self.progress = progress or (lambda msg: log.info("%s", msg))
+
+    # ---------------------------------------------------------------- inspection
+    def state(self) -> ClusterState | None:
+        return ClusterState.load(self.state_dir)
+
+    def status(self) -> dict[str, Any]:
+        """Per component: pid, running, and (for servers) whether its health endpoint answers."""
+        st = self.state()
+        if st is None:
+            return {"up": False, "dir": str(self.state_dir), "components": {}}
+        comps: dict[str, Any] = {}
+        checks: dict[str, Callable[[], bool]] = {
+            "etcd": lambda: _http_ok(f"http://127.0.0.1:{st.ports['etcd']}/health"),
+            "kube-apiserver": lambda: _http_ok(f"{st.server}/readyz", st.ca, st.token),
+            "kube-controller-manager": lambda: _http_ok(f"https://127.0.0.1:{st.ports['kcm']}/healthz"),
+            "kube-scheduler": lambda: _http_ok(f"https://127.0.0.1:{st.ports['scheduler']}/healthz"),
+            "lws-manager": lambda: _http_ok(f"http://127.0.0.1:{st.ports['lws_health']}/readyz"),
+        }
+        for p in st.processes:
+            healthy: bool | None = None
+            if p.alive() and p.name in checks:
+                try:
+                    healthy = checks[p.name]()
+                except Exception:
+                    healthy = False
+            comps[p.name] = {"pid": p.pid, "running": p.alive(), "healthy": healthy, "log": p.log}
+        up = bool(comps) and all(c["running"] and c["healthy"] is not False for c in comps.values())
+        return {"up": up, "dir": st.dir, "kubeconfig": st.kubeconfig, "components": comps}
+
+    def is_up(self) -> bool:
+        return bool(self.status()["up"])
+
+    # ---------------------------------------------------------------- lifecycle
+    def up(self, nodes: int = DEFAULT_NODES, gpus_per_node: int = DEFAULT_GPUS_PER_NODE) -> ClusterState:
+        """Bring the cluster up (or return the running one). Raises StartupError on failure."""
+        existing = self.state()
+        if existing is not None:
+            if self.is_up():
+                self.progress(f"dev cluster already up: KUBECONFIG={existing.kubeconfig}")
+                return existing
+            self.progress("found a stale dev cluster state; cleaning it up first")
+            self.down()
+
+        t0 = time.monotonic()
+        self.progress("locating control-plane binaries (building them on a cold cache)")
+        bins = binaries.ensure()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        p = pki.PkiPaths(self.state_dir / "pki")
+        token = pki.generate(p)
+        ports = {
+            k: free_port()
+            for k in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "lws_webhook", "lws_health")
+        }
+        st = ClusterState(dir=str(self.state_dir), bin_dir=str(bins.dir), ports=ports, token=token)
+        Path(st.kubeconfig).write_text(manifests.kubeconfig(st.server, p.ca_crt, token))
+        st.save()
+        logs = self.state_dir / "logs"
+        try:
+            self._step(st, "etcd", lambda: self._start_etcd(st, bins, logs))
+            self._step(st, "kube-apiserver", lambda: self._start_apiserver(st, bins, p, logs))
+            self._step(st, "kube-controller-manager", lambda: self._start_kcm(st, bins, p, logs))
+            self._step(st, "kube-scheduler", lambda: self._start_scheduler(st, bins, logs))
+            client = st.client()
+            self._step(st, "LWS CRDs", lambda: self._install_crds(client, bins.lws_crds))
+            self._step(st, "kwok", lambda: self._start_kwok(st, bins, logs))
+            self._step(
+                st, f"{nodes} kwok nodes", lambda: self._create_nodes(st, client, nodes, gpus_per_node)
+            )
+            self._step(st, "lws-manager", lambda: self._start_lws(st, bins, p, logs))
+            self._step(st, "LWS webhooks", lambda: self._install_webhooks(st, client, bins, p))
+        except BaseException:
+            # Leave logs for inspection but stop every process we started.
+            for proc in reversed(st.processes):
+                stop(proc)
+            st.processes = []
+            st.save()
+            raise
+        st.up_seconds = round(time.monotonic() - t0, 2)
+        st.save()
+        self.progress(f"dev cluster up in {st.up_seconds:.1f}s: export KUBECONFIG={st.kubeconfig}")
+        return st
+
+    def down(self) -> list[str]:
+        """Stop every recorded process (reverse start order) and remove the state directory."""
+        st = self.state()
+        stopped: list[str] = []
+        if st is not None:
+            for proc in reversed(st.processes):
+                if stop(proc):
+                    stopped.append(proc.name)
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        return stopped
+
+    # ---------------------------------------------------------------- steps
+    def _step(self, st: ClusterState, what: str, fn: Callable[[], None]) -> None:
+        t = time.monotonic()
+        self.progress(f"starting {what} ...")
+        fn()
+        st.step_seconds[what] = round(time.monotonic() - t, 2)
+        st.save()
+        self.progress(f"  {what} ready ({st.step_seconds[what]:.1f}s)")
+
+    def _launch(self, st: ClusterState, name: str, argv: list[str], logs: Path) -> Managed:
+        proc = start(name, argv, logs / f"{name}.log")
+        st.processes.append(proc)
+        st.save()
+        return proc
+
+    def _start_etcd(self, st: ClusterState, bins: binaries.Binaries, logs: Path) -> None:
+        c, pe = st.ports["etcd"], st.ports["etcd_peer"]
+        proc = self._launch(
+            st,
+            "etcd",
+            [
+                bins.path("etcd"),
+                "--name=node0",
+                f"--data-dir={self.state_dir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{c}",
+                f"--advertise-client-urls=http://127.0.0.1:{c}",
+                f"--listen-peer-urls=http://127.0.0.1:{pe}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{pe}",
+                f"--initial-cluster=node0=http://127.0.0.1:{pe}",
+                "--listen-metrics-urls=",
+                "--unsafe-no-fsync",
+                "--auto-compaction-retention=1",
+                "--quota-backend-bytes=4294967296",
+            ],
+            logs,
+        )
+        wait_until(proc, lambda: _http_ok(f"http://127.0.0.1:{c}/health"), 60, "/health")
+
+    def _start_apiserver(
+        self, st: ClusterState, bins: binaries.Binaries, p: pki.PkiPaths, logs: Path
+    ) -> None:
+        proc = self._launch(
+            st,
+            "kube-apiserver",
+            [
+                bins.path("kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{st.ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={st.ports['apiserver']}",
+                f"--tls-cert-file={p.apiserver_crt}",
+                f"--tls-private-key-file={p.apiserver_key}",
+                f"--client-ca-file={p.ca_crt}",
+                f"--token-auth-file={p.tokens_csv}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={p.sa_pub}",
+                f"--service-account-signing-key-file={p.sa_key}",
+                f"--service-cluster-ip-range={manifests.SERVICE_CIDR}",
+                # A loopback advertise address is refused by the `kubernetes` Endpoints reconciler.
+                "--endpoint-reconciler-type=none",
+                # envtest's choice: avoids racing the `default` ServiceAccount on new namespaces.
+                "--disable-admission-plugins=ServiceAccount",
+                "--allow-privileged=true",
+                f"--cert-dir={self.state_dir / 'apiserver-certs'}",
+            ],
+            logs,
+        )
+        wait_until(proc, lambda: _http_ok(f"{st.server}/readyz", st.ca, st.token), 120, "/readyz")
+
+    def _start_kcm(self, st: ClusterState, bins: binaries.Binaries, p: pki.PkiPaths, logs: Path) -> None:
+        kc = st.kubeconfig
+        proc = self._launch(
+            st,
+            "kube-controller-manager",
+            [
+                bins.path("kube-controller-manager"),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={st.ports['kcm']}",
+                f"--cert-dir={self.state_dir / 'kcm-certs'}",
+                f"--service-account-private-key-file={p.sa_key}",
+                f"--root-ca-file={p.ca_crt}",
+                "--use-service-account-credentials=false",
+                # Endpoints/EndpointSlices refuse loopback pod IPs; those controllers would only fail.
+                "--controllers=*,-endpoints-controller,-endpointslice-controller,-endpointslice-mirroring-controller",
+                "--node-monitor-grace-period=60s",
+                "--concurrent-statefulset-syncs=10",
+            ],
+            logs,
+        )
+        wait_until(proc, lambda: _http_ok(f"https://127.0.0.1:{st.ports['kcm']}/healthz"), 90, "/healthz")
+
+    def _start_scheduler(self, st: ClusterState, bins: binaries.Binaries, logs: Path) -> None:
+        kc = st.kubeconfig
+        proc = self._launch(
+            st,
+            "kube-scheduler",
+            [
+                bins.path("kube-scheduler"),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={st.ports['scheduler']}",
+                f"--cert-dir={self.state_dir / 'scheduler-certs'}",
+            ],
+            logs,
+        )
+        wait_until(
+            proc, lambda: _http_ok(f"https://127.0.0.1:{st.ports['scheduler']}/healthz"), 90, "/healthz"
+        )
+
+    def _install_crds(self, client: Client, crd_files: list[Path]) -> None:
+        names = []
+        for f in crd_files:
+            for doc in yaml.safe_load_all(f.read_text()):
+                if not doc:
+                    continue
+                # Server-side apply: these CRDs are far larger than client-side apply's annotation limit.
+                client.apply(from_dict(doc), force=True)
+                names.append(doc["metadata"]["name"])
+        wait_for_crds(client, names)
+
+    def _start_kwok(self, st: ClusterState, bins: binaries.Binaries, logs: Path) -> None:
+        cfg = self.state_dir / "kwok.yaml"
+        cfg.write_text(manifests.kwok_config(bins.kwok_stages))
+        proc = self._launch(
+            st,
+            "kwok",
+            [
+                bins.path("kwok"),
+                f"--kubeconfig={st.kubeconfig}",
+                f"--config={cfg}",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                f"--cidr={manifests.POD_CIDR}",
+                f"--node-ip={manifests.NODE_IP}",
+                "--node-lease-duration-seconds=40",
+            ],
+            logs,
+        )
+        # kwok has no health port of its own here; it is judged by the nodes it makes Ready.
+        wait_until(proc, lambda: True, 5, "process start")
+
+    def _create_nodes(self, st: ClusterState, client: Client, count: int, gpus: int) -> None:
+        names = [f"kwok-node-{i}" for i in range(count)]
+        for n in names:
+            try:
+                client.create(from_dict(manifests.node(n, gpus)))
+            except ApiError as e:
+                if e.status.code != 409:
+                    raise
+        st.nodes = names
+        kwok = st.process("kwok")
+        assert kwok is not None
+
+        def all_ready() -> bool:
+            ready = 0
+            for node in client.list(Node, labels={"pdorch.io/devcluster": "true"}):
+                conds = {c.type: c.status for c in (node.status.conditions or [])}
+                ready += conds.get("Ready") == "True"
+            return ready >= count
+
+        wait_until(kwok, all_ready, 60, f"{count} nodes Ready")
+
+    def _start_lws(self, st: ClusterState, bins: binaries.Binaries, p: pki.PkiPaths, logs: Path) -> None:
+        cfg = self.state_dir / "lws-config.yaml"
+        cfg.write_text(manifests.lws_config(st.ports["lws_webhook"], st.ports["lws_health"], p.webhook_dir))
+        proc = self._launch(
+            st,
+            "lws-manager",
+            [
+                bins.path("lws-manager"),
+                f"--kubeconfig={st.kubeconfig}",
+                f"--config={cfg}",
+                "--zap-log-level=info",
+            ],
+            logs,
+        )
+        wait_until(proc, lambda: _http_ok(f"http://127.0.0.1:{st.ports['lws_health']}/readyz"), 90, "/readyz")
+        wait_until(proc, lambda: _tls_listening(st.ports["lws_webhook"]), 30, "webhook TLS listener")
+
+    def _install_webhooks(
+        self, st: ClusterState, client: Client, bins: binaries.Binaries, p: pki.PkiPaths
+    ) -> None:
+        for doc in manifests.lws_webhook_configurations(
+            bins.dir / "lws-webhook", st.ports["lws_webhook"], p.ca_crt.read_bytes()
+        ):
+            client.apply(from_dict(doc), force=True)
+        lws = st.process("lws-manager")
+        assert lws is not None
+
+        def webhook_answers() -> bool:
+            # A server-side dry run goes through both LWS webhooks; success proves the path works.
+            probe = LeaderWorkerSet.from_dict(manifests.probe_lws())  # type: ignore[attr-defined]
+            client.create(probe, dry_run=True)
+            return True
+
+        wait_until(lws, webhook_answers, 60, "LWS webhooks answering a dry-run create")
+
+
+def wait_for_crds(client: Client, names: list[str], timeout: float = 60) -> None:
+    """Wait until every named CRD reports Established."""
+    deadline = time.monotonic() + timeout
+    pending = set(names)
+    while pending and time.monotonic() < deadline:
+        for n in list(pending):
+            crd = client.get(CustomResourceDefinition, n)
+            conds = {c.type: c.status for c in (crd.status.conditions or [])} if crd.status else {}
+            if conds.get("Established") == "True":
+                pending.discard(n)
+        if pending:
+            time.sleep(0.2)
+    if pending:
+        raise TimeoutError(f"CRDs not Established after {timeout}s: {sorted(pending)}")
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Human-readable `dev-cluster status` output."""
+    lines = [f"dev cluster: {'UP' if status['up'] else 'DOWN'}  ({status['dir']})"]
+    for name, c in status["components"].items():
+        health = {True: "healthy", False: "UNHEALTHY", None: "-"}[c["healthy"]]
+        state = "running" if c["running"] else "STOPPED"
+        lines.append(f"  {name:<24} pid {c['pid']:<8} {state:<8} {health}")
+        if not c["running"] or c["healthy"] is False:
+            lines.append("    " + tail(c["log"], 5).replace("\n", "\n    "))
+    if status.get("kubeconfig"):
+        lines.append(f"export KUBECONFIG={status['kubeconfig']}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ClusterState",
+    "DevCluster",
+    "StartupError",
+    "default_state_dir",
+    "format_status",
+    "wait_for_crds",
+]

@@ -1,0 +1,101 @@
+"""`pdorch dev-cluster up | down | status | env | build`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pdorch.devcluster import binaries
+from pdorch.devcluster.cluster import (
+    DEFAULT_GPUS_PER_NODE,
+    DEFAULT_NODES,
+    DevCluster,
+    default_state_dir,
+    format_status,
+)
+from pdorch.devcluster.process import StartupError
+
+
+def _progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _cluster(args: argparse.Namespace) -> DevCluster:
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(args.name)
+    return DevCluster(state_dir, progress=_progress)
+
+
+def _up(args: argparse.Namespace) -> int:
+    try:
+        st = _cluster(args).up(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    except StartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(
+            "the state directory and logs are kept; run `pdorch dev-cluster down` to clean up",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"export KUBECONFIG={st.kubeconfig}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    stopped = _cluster(args).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = _cluster(args).status()
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0 if status["up"] else 1
+
+
+def _env(args: argparse.Namespace) -> int:
+    st = _cluster(args).state()
+    if st is None:
+        print("error: the dev cluster is not up; run `pdorch dev-cluster up`", file=sys.stderr)
+        return 1
+    print(f"export KUBECONFIG={st.kubeconfig}")
+    print(f"export PDORCH_KUBE_BIN={st.bin_dir}")
+    print(f"export PATH={st.bin_dir}:$PATH")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    b = binaries.ensure()
+    print(b.dir)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `dev-cluster` and its actions."""
+    p = sub.add_parser(
+        "dev-cluster",
+        help="local real control plane (etcd, apiserver, KCM, scheduler, kwok, LWS) on loopback",
+        description="Run a real Kubernetes control plane with kwok nodes and the LWS controller on 127.0.0.1.",
+    )
+    p.add_argument(
+        "--name", default="default", help="cluster name (state under ~/.cache/pdorch/devcluster/NAME)"
+    )
+    p.add_argument("--state-dir", help="explicit state directory (overrides --name)")
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = acts.add_parser("up", help="start every component and wait until all are healthy")
+    up.add_argument("--nodes", type=int, default=DEFAULT_NODES, help="kwok nodes (default %(default)s)")
+    up.add_argument(
+        "--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE, help="nvidia.com/gpu per node"
+    )
+    up.set_defaults(func=_up)
+    acts.add_parser("down", help="stop the processes this cluster started and remove its state").set_defaults(
+        func=_down
+    )
+    st = acts.add_parser("status", help="show each component's process and health")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
+    acts.add_parser("env", help="print shell exports (KUBECONFIG, PATH with kubectl)").set_defaults(func=_env)
+    acts.add_parser("build", help="build (or locate) the pinned control-plane binaries").set_defaults(
+        func=_build
+    )

@@ -1,0 +1,145 @@
+"""Pure builders for the dev cluster's config files and bootstrap objects.
+
+Nothing here touches the network or starts processes; `cluster.py` writes and applies what these
+functions return.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POD_CIDR = "127.1.0.0/16"  # loopback: pods' IPs are reachable by a process on 0.0.0.0 here
+NODE_IP = "127.0.0.1"
+SERVICE_CIDR = "10.0.0.0/24"  # allocated only, never dialled (no kube-proxy)
+NODE_LABELS = {"type": "kwok", "pdorch.io/devcluster": "true"}
+
+
+def kubeconfig(server: str, ca_path: Path, token: str) -> str:
+    """A kubeconfig for the admin token (system:masters)."""
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "pdorch-dev", "cluster": {"server": server, "certificate-authority": str(ca_path)}}
+        ],
+        "users": [{"name": "admin", "user": {"token": token}}],
+        "contexts": [{"name": "pdorch-dev", "context": {"cluster": "pdorch-dev", "user": "admin"}}],
+        "current-context": "pdorch-dev",
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def kwok_config(stage_files: list[Path]) -> str:
+    """kwok's config: loopback pod CIDR and node IP, plus the explicit stages v0.8.0 requires."""
+    head = {
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+        "kind": "KwokConfiguration",
+        "options": {"cidr": POD_CIDR, "nodeIP": NODE_IP, "nodeLeaseDurationSeconds": 40},
+    }
+    parts = [yaml.safe_dump(head, sort_keys=False)]
+    parts += [f.read_text() for f in stage_files]
+    return "\n---\n".join(p.strip() for p in parts) + "\n"
+
+
+def lws_config(webhook_port: int, health_port: int, cert_dir: Path) -> str:
+    """LWS manager config for running out of cluster on loopback.
+
+    Leader election and internal cert management are off: both need objects in lws-system and the
+    latter would issue certs for an in-cluster Service name instead of 127.0.0.1.
+    """
+    doc = {
+        "apiVersion": "config.lws.x-k8s.io/v1alpha1",
+        "kind": "Configuration",
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},
+        "metrics": {"bindAddress": "0"},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _apply_replace_patches(doc: dict[str, Any], patches: list[dict[str, Any]]) -> None:
+    """Apply the JSON-patch `replace` ops of LWS's kustomize patches (the only op they use)."""
+    for op in patches:
+        if op.get("op") != "replace":
+            raise ValueError(f"unsupported patch op {op.get('op')!r} in LWS webhook patches")
+        parts = [p for p in op["path"].split("/") if p]
+        target: Any = doc
+        for p in parts[:-1]:
+            target = target[int(p)] if isinstance(target, list) else target[p]
+        last = parts[-1]
+        if isinstance(target, list):
+            target[int(last)] = copy.deepcopy(op["value"])
+        else:
+            target[last] = copy.deepcopy(op["value"])
+
+
+def lws_webhook_configurations(webhook_dir: Path, port: int, ca_pem: bytes) -> list[dict[str, Any]]:
+    """LWS's webhook configurations, pointed at https://127.0.0.1:<port> with our CA.
+
+    Built from the module's own manifests and kustomize patches, so the rules and the pod
+    objectSelector (which keeps every other pod create out of the webhook) are LWS's.
+    """
+    docs = [d for d in yaml.safe_load_all((webhook_dir / "manifests.yaml").read_text()) if d]
+    patches = {
+        "MutatingWebhookConfiguration": webhook_dir / "mutating-patch.yaml",
+        "ValidatingWebhookConfiguration": webhook_dir / "validating-patch.yaml",
+    }
+    ca_b64 = base64.b64encode(ca_pem).decode()
+    out = []
+    for doc in docs:
+        kind = doc["kind"]
+        patch_file = patches.get(kind)
+        if patch_file is not None and patch_file.exists():
+            _apply_replace_patches(doc, yaml.safe_load(patch_file.read_text()) or [])
+        doc["metadata"] = {
+            "name": f"lws-{doc['metadata']['name']}",
+            "labels": {"pdorch.io/devcluster": "true"},
+        }
+        for wh in doc["webhooks"]:
+            path = wh["clientConfig"]["service"]["path"]
+            wh["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_b64}
+        out.append(doc)
+    return out
+
+
+def node(name: str, gpus: int) -> dict[str, Any]:
+    """A kwok-managed fake node advertising GPUs.
+
+    Status is accepted on Node create; kwok's node-initialize stage keeps a capacity that is
+    already set, so the node advertises `nvidia.com/gpu` from the start.
+    """
+    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {**NODE_LABELS, "kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "spec": {},
+        "status": {"capacity": capacity, "allocatable": dict(capacity)},
+    }
+
+
+def probe_lws(namespace: str = "default") -> dict[str, Any]:
+    """A minimal LWS, used with a server-side dry run to prove the LWS webhooks answer."""
+    return {
+        "apiVersion": "leaderworkerset.x-k8s.io/v1",
+        "kind": "LeaderWorkerSet",
+        "metadata": {"name": "pdorch-devcluster-probe", "namespace": namespace},
+        "spec": {
+            "replicas": 1,
+            "leaderWorkerTemplate": {
+                "size": 1,
+                "workerTemplate": {"spec": {"containers": [{"name": "c", "image": "probe"}]}},
+            },
+        },
+    }

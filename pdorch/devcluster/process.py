@@ -1,0 +1,135 @@
+"""Starting, probing and stopping the control-plane processes.
+
+Processes run detached (own session) so `pdorch dev-cluster up` can return while they keep
+running; `down` later stops exactly the PIDs recorded in the state file, after checking that
+each PID still runs the binary we started (PIDs get reused).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Managed:
+    """One process the dev cluster started."""
+
+    name: str
+    pid: int
+    binary: str
+    log: str
+
+    def alive(self) -> bool:
+        """True if the PID exists and still runs our binary (not a reused PID)."""
+        try:
+            exe = os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return False  # a zombie has exited; only its parent has not reaped it
+        except OSError:
+            return False
+        return os.path.realpath(exe) == os.path.realpath(self.binary)
+
+
+def start(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> Managed:
+    """Start `argv` detached, stdout and stderr appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the CLI; Ctrl-C in the shell does not reach it
+            env={**os.environ, **(env or {})},
+            close_fds=True,
+        )
+    return Managed(name=name, pid=proc.pid, binary=argv[0], log=str(log_path))
+
+
+def stop(proc: Managed, grace: float = 10.0) -> bool:
+    """SIGTERM, then SIGKILL after `grace` seconds. Returns True if it was running."""
+    if not proc.alive():
+        return False
+    try:
+        os.kill(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            _reap(proc.pid)
+            return True
+        time.sleep(0.1)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap(proc.pid)
+    return True
+
+
+def _reap(pid: int) -> None:
+    # Only our own children can be reaped; for processes started by an earlier CLI call the
+    # init process reaps them, and waitpid raises ChildProcessError.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def tail(path: str | Path, lines: int = 30) -> str:
+    """The last `lines` lines of a log file (empty string if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StartupError(RuntimeError):
+    """A component did not become healthy; the message names it and carries its log tail."""
+
+    def __init__(self, component: str, reason: str, log_tail: str) -> None:
+        super().__init__(
+            f"{component} did not become healthy: {reason}\n--- last lines of its log ---\n{log_tail}"
+        )
+        self.component = component
+
+
+def wait_until(
+    proc: Managed, probe: Callable[[], bool], timeout: float, what: str, interval: float = 0.25
+) -> None:
+    """Poll `probe` until it returns True; fail fast if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StartupError(proc.name, "the process exited", tail(proc.log))
+        try:
+            if probe():
+                return
+        except Exception:
+            pass
+        time.sleep(interval)
+    raise StartupError(proc.name, f"{what} not reached within {timeout:.0f}s", tail(proc.log))

@@ -1,0 +1,1 @@
+"""pdorch.rollout."""

@@ -1,0 +1,58 @@
+"""Shared fixtures.
+
+`devcluster` brings the real local control plane up once per test session (only when an
+integration or e2e test asks for it) and tears it down at the end. Set
+PDORCH_DEVCLUSTER_REUSE=<name> to run against an already running `pdorch dev-cluster --name <name>`
+instead; it is then left running.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from lightkube import Client
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Namespace
+
+from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir
+
+
+def _progress(msg: str) -> None:
+    print(f"[devcluster] {msg}", flush=True)
+
+
+@pytest.fixture(scope="session")
+def devcluster() -> Iterator[ClusterState]:
+    """A running dev cluster for the whole session."""
+    reuse = os.environ.get("PDORCH_DEVCLUSTER_REUSE")
+    if reuse:
+        cluster = DevCluster(default_state_dir(reuse), progress=_progress)
+        state = cluster.state()
+        if state is None or not cluster.is_up():
+            pytest.fail(f"PDORCH_DEVCLUSTER_REUSE={reuse} but that dev cluster is not up: run `pdorch dev-cluster --name {reuse} up`")
+        yield state
+        return
+    cluster = DevCluster(default_state_dir("pytest"), progress=_progress)
+    state = cluster.up()
+    try:
+        yield state
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def kube(devcluster: ClusterState) -> Client:
+    """A lightkube client with admin rights on the dev cluster."""
+    return devcluster.client()
+
+
+@pytest.fixture
+def namespace(kube: Client) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kube.create(Namespace(metadata=ObjectMeta(name=name, labels={"pdorch.io/test": "true"})))
+    yield name
+    kube.delete(Namespace, name)

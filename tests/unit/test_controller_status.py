@@ -1,0 +1,122 @@
+"""Status computation and intent diffing: pure functions the controller's quiet-when-idle rests on."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdorch.controller import status as st
+from pdorch.controller.intent import HASH_ANNOTATION, intent_hash, is_subset, needs_apply, stamp, version_marker
+
+pytestmark = pytest.mark.unit
+
+
+def _roles(p_ready: int, d_ready: int, x_ready: int = 1, updated: bool = True) -> list[st.RoleObservation]:
+    def obs(name: str, t: str, want: int, ready: int) -> st.RoleObservation:
+        return st.RoleObservation(name, t, want, want, ready, want if updated else 0, 0, True)
+
+    return [obs("proxy", "proxy", 1, x_ready), obs("prefill", "prefill", 2, p_ready), obs("decode", "decode", 1, d_ready)]
+
+
+def _cond(status: dict, ctype: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == ctype)
+
+
+def test_all_ready_is_available_and_complete() -> None:
+    s = st.compute_status(3, _roles(2, 1), "abc", None)
+    assert _cond(s, "Available")["status"] == "True"
+    assert _cond(s, "Available")["reason"] == "AllRolesReady"
+    assert _cond(s, "Progressing")["status"] == "False"
+    assert _cond(s, "Invalid")["status"] == "False"
+    assert s["observedGeneration"] == 3
+    assert all(c["observedGeneration"] == 3 for c in s["conditions"])
+    assert s["summary"] == {"proxy": "1/1", "prefill": "2/2", "decode": "1/1"}
+    assert s["currentRevision"] == s["updateRevision"] == "abc"
+
+
+def test_missing_decode_means_not_available() -> None:
+    s = st.compute_status(1, _roles(2, 0), "abc", None)
+    a = _cond(s, "Available")
+    assert a["status"] == "False"
+    assert "decode" in a["message"]
+
+
+def test_partial_readiness_still_serves() -> None:
+    s = st.compute_status(1, _roles(1, 1), "abc", None)
+    assert _cond(s, "Available")["reason"] == "MinimumRolesReady"
+    assert _cond(s, "Progressing")["status"] == "True"
+
+
+def test_unchanged_world_gives_identical_status() -> None:
+    first = st.compute_status(2, _roles(2, 1), "abc", None)
+    again = st.compute_status(2, _roles(2, 1), "abc", first)
+    assert again == first  # lastTransitionTime kept: the controller writes nothing
+
+
+def test_transition_time_moves_only_on_flip() -> None:
+    before = st.compute_status(1, _roles(2, 0), "abc", None)
+    for c in before["conditions"]:
+        c["lastTransitionTime"] = "2000-01-01T00:00:00Z"
+    after = st.compute_status(1, _roles(2, 1), "abc", before)
+    assert _cond(after, "Available")["lastTransitionTime"] != "2000-01-01T00:00:00Z"
+    assert _cond(after, "Invalid")["lastTransitionTime"] == "2000-01-01T00:00:00Z"
+    flips = {t[0] for t in st.transitions(before, after)}
+    assert flips == {"Available", "Progressing"}
+
+
+def test_invalid_status_names_the_problem_and_keeps_other_fields() -> None:
+    ok = st.compute_status(1, _roles(2, 1), "abc", None)
+    bad = st.compute_status(2, [], "", ok, invalid="spec.roles[1].size: must be >= 1")
+    inv = _cond(bad, "Invalid")
+    assert inv["status"] == "True" and "spec.roles[1].size" in inv["message"]
+    assert _cond(bad, "Available")["status"] == "Unknown"
+    assert bad["roles"] == ok["roles"]
+    assert bad["observedGeneration"] == 2
+
+
+def test_observe_role_reads_lws_status_and_partition() -> None:
+    lws = {
+        "spec": {"rolloutStrategy": {"rollingUpdateConfiguration": {"partition": 2}}},
+        "status": {"replicas": 4, "readyReplicas": 3, "updatedReplicas": 2},
+    }
+    o = st.observe_role("prefill", "prefill", 4, lws)
+    assert (o.replicas, o.ready, o.updated, o.partition, o.exists) == (4, 3, 2, 2, True)
+    assert not st.observe_role("x", "decode", 1, None).exists
+
+
+def test_intent_hash_ignores_its_own_annotation_and_key_order() -> None:
+    a = {"kind": "X", "metadata": {"name": "n"}, "spec": {"a": 1, "b": 2}}
+    b = {"spec": {"b": 2, "a": 1}, "metadata": {"name": "n", "annotations": {HASH_ANNOTATION: "zzz"}}, "kind": "X"}
+    assert intent_hash(a) == intent_hash(b)
+    stamped, h = stamp(a)
+    assert stamped["metadata"]["annotations"][HASH_ANNOTATION] == h
+    assert "annotations" not in a["metadata"]  # the input is not mutated
+
+
+def test_needs_apply_detects_hand_edits_via_generation() -> None:
+    intent, h = stamp({"kind": "X", "metadata": {"name": "n"}, "spec": {"replicas": 2}})
+    live = {"metadata": {"name": "n", "generation": 4, "annotations": {HASH_ANNOTATION: h}}, "spec": {"replicas": 2}}
+    marker = version_marker(live)
+    assert not needs_apply(h, live, marker, intent)
+    edited = {**live, "metadata": {**live["metadata"], "generation": 5}, "spec": {"replicas": 7}}
+    assert needs_apply(h, edited, marker, intent)
+    assert needs_apply(h, None, None, intent)
+    other, h2 = stamp({"kind": "X", "metadata": {"name": "n"}, "spec": {"replicas": 3}})
+    assert needs_apply(h2, live, marker, other)
+
+
+def test_needs_apply_after_restart_falls_back_to_subset() -> None:
+    intent, h = stamp({"kind": "X", "metadata": {"name": "n"}, "spec": {"replicas": 2, "t": [{"a": 1}]}})
+    live = {
+        "metadata": {"name": "n", "annotations": {HASH_ANNOTATION: h}},
+        "spec": {"replicas": 2, "t": [{"a": 1, "defaulted": True}], "extra": 1},
+    }
+    assert not needs_apply(h, live, None, intent)
+    live["spec"]["replicas"] = 9
+    assert needs_apply(h, live, None, intent)
+
+
+def test_is_subset_lists_and_scalars() -> None:
+    assert is_subset({"a": [1, 2]}, {"a": [1, 2], "b": 3})
+    assert not is_subset({"a": [1, 2]}, {"a": [1]})
+    assert not is_subset({"a": True}, {"a": 1})
+    assert is_subset({"port": 8000}, {"port": 8000})
