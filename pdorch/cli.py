@@ -14,6 +14,9 @@ import sys
 # Modules that register subcommands, in the order `pdorch --help` lists them.
 COMMAND_MODULES: list[str] = [
     "pdorch.devcluster.commands",
+    "pdorch.controller.commands",
+    "pdorch.roles.commands",
+    "pdorch.api.commands",
     "pdorch.sim.commands",
 ]
 
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP request is noise at INFO; keep it for --verbose.
+    for noisy in ("httpx2", "httpcore2", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

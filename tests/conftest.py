@@ -32,7 +32,9 @@ def devcluster() -> Iterator[ClusterState]:
         cluster = DevCluster(default_state_dir(reuse), progress=_progress)
         state = cluster.state()
         if state is None or not cluster.is_up():
-            pytest.fail(f"PDORCH_DEVCLUSTER_REUSE={reuse} but that dev cluster is not up: run `pdorch dev-cluster --name {reuse} up`")
+            pytest.fail(
+                f"PDORCH_DEVCLUSTER_REUSE={reuse} but that dev cluster is not up: run `pdorch dev-cluster --name {reuse} up`"
+            )
         yield state
         return
     cluster = DevCluster(default_state_dir("pytest"), progress=_progress)

@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
+from pdorch.api.errors import format_validation_error
 from pdorch.api.servinggroup import ServingGroup
 from pdorch.controller import status as st
 from pdorch.controller.events import EventRecorder
@@ -36,6 +37,7 @@ from pdorch.controller.kubeapi import (
     resource_of,
 )
 from pdorch.roles.render import RenderOptions, RoleOverride, render
+from pdorch.roles.revision import compute_revision
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class Reconciler:
 
         overrides = self._overrides(sg, namespace, name)
         desired = render(sg, self.options, overrides)
-        revision = _revision_of(desired)
+        revision = compute_revision(sg.spec)
 
         # Dry-run every object that would change, before writing anything: a template LWS (or
         # any API) refuses marks the group Invalid and leaves the cluster untouched.
@@ -118,7 +120,7 @@ class Reconciler:
             try:
                 await self._write(stamped, live, dry_run=True)
             except ApiError as e:
-                if 400 <= e.code < 500 and e.code not in (404, 409, 429):
+                if _is_refusal(e):
                     kind, oname = stamped["kind"], stamped["metadata"]["name"]
                     await self._invalid(
                         obj,
@@ -262,6 +264,15 @@ class Reconciler:
         return True
 
 
+def _is_refusal(e: ApiError) -> bool:
+    """Whether an API error means "this object is wrong" (fix the spec), not "try again later"."""
+    if 400 <= e.code < 500 and e.code not in (404, 408, 409, 429):
+        return True
+    # Server-side apply reports schema type mismatches as a 500 before any admission runs; the
+    # error is deterministic, so retrying would loop forever.
+    return e.code == 500 and "failed to create typed patch object" in e.message
+
+
 def _same_status(prev: dict[str, Any], new: dict[str, Any]) -> bool:
     # Only pdorch writes this status, so the live copy holds exactly what we last wrote.
     return prev == new
@@ -272,14 +283,6 @@ def _without_scaler_replicas(intent: dict[str, Any], live: dict[str, Any] | None
         return intent
     spec = {k: v for k, v in (intent.get("spec") or {}).items() if k != "replicas"}
     return {**intent, "spec": spec}
-
-
-def _revision_of(desired: list[dict[str, Any]]) -> str:
-    for d in desired:
-        rev = (d["metadata"].get("labels") or {}).get("pdorch.io/revision")
-        if rev and d["kind"] == LWS.kind:
-            return rev
-    return ""
 
 
 def _record_ratio(sg: ServingGroup, roles: list[st.RoleObservation], namespace: str, name: str) -> None:
@@ -294,8 +297,4 @@ def _record_ratio(sg: ServingGroup, roles: list[st.RoleObservation], namespace: 
 
 
 def _validation_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:5]:
-        loc = ".".join(str(x) for x in err["loc"])
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+    return "; ".join(format_validation_error(e)[:5])

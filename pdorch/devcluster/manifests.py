@@ -39,7 +39,16 @@ def kwok_config(stage_files: list[Path]) -> str:
     head = {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
         "kind": "KwokConfiguration",
-        "options": {"cidr": POD_CIDR, "nodeIP": NODE_IP, "nodeLeaseDurationSeconds": 40},
+        "options": {
+            "cidr": POD_CIDR,
+            "nodeIP": NODE_IP,
+            "nodeLeaseDurationSeconds": 40,
+            # With a config file kwok v0.8.0 leaves these at 0 and refuses to start.
+            "podPlayStageParallelism": 8,
+            "nodePlayStageParallelism": 4,
+            "nodeLeaseParallelism": 4,
+            "podsOnNodeSyncParallelism": 4,
+        },
     }
     parts = [yaml.safe_dump(head, sort_keys=False)]
     parts += [f.read_text() for f in stage_files]

@@ -65,7 +65,10 @@ def test_crd_installs_with_server_side_apply(kube: Client) -> None:
                         "openAPIV3Schema": {
                             "type": "object",
                             "properties": {
-                                "spec": {"type": "object", "properties": {"size": {"type": "integer", "minimum": 1}}}
+                                "spec": {
+                                    "type": "object",
+                                    "properties": {"size": {"type": "integer", "minimum": 1}},
+                                }
                             },
                         }
                     },
@@ -81,7 +84,9 @@ def test_crd_installs_with_server_side_apply(kube: Client) -> None:
         widget = create_namespaced_resource(group, "v1", "Widget", "widgets")
         # The structural schema is enforced: size must be >= 1.
         with pytest.raises(ApiError) as bad:
-            kube.create(widget.from_dict({"metadata": {"name": "w"}, "spec": {"size": 0}}), namespace="default")
+            kube.create(
+                widget.from_dict({"metadata": {"name": "w"}, "spec": {"size": 0}}), namespace="default"
+            )
         assert bad.value.status.code == 422
         assert "spec.size" in (bad.value.status.message or "")
     finally:
@@ -98,18 +103,18 @@ def test_lease_can_be_created_and_renewed(kube: Client, namespace: str) -> None:
                 "spec": {
                     "holderIdentity": "a",
                     "leaseDurationSeconds": 15,
-                    "renewTime": "2026-01-01T00:00:00.000000Z",
+                    "renewTime": "2026-01-01T00:00:00.123456Z",
                 },
             }
         )
     )
     first_rv = lease.metadata.resourceVersion
-    lease.spec.renewTime = "2026-01-01T00:00:05.000000Z"
+    lease.spec.renewTime = "2026-01-01T00:00:05.654321Z"
     renewed = kube.replace(lease)
     assert renewed.metadata.resourceVersion != first_rv
     got = kube.get(Lease, "leader", namespace=namespace)
     assert str(got.spec.renewTime).startswith("2026-01-01")
-    assert got.spec.renewTime != "2026-01-01T00:00:00.000000Z"
+    assert got.spec.renewTime != "2026-01-01T00:00:00.123456Z"
     # Optimistic locking: a renew carrying the stale resourceVersion is refused.
     lease.metadata.resourceVersion = first_rv
     lease.spec.holderIdentity = "b"
@@ -126,7 +131,9 @@ def test_nodes_advertise_gpus(devcluster: ClusterState, kube: Client) -> None:
         assert {c.type: c.status for c in n.status.conditions}["Ready"] == "True"
 
 
-def test_statefulset_pods_are_scheduled_onto_kwok_nodes(devcluster: ClusterState, kube: Client, namespace: str) -> None:
+def test_statefulset_pods_are_scheduled_onto_kwok_nodes(
+    devcluster: ClusterState, kube: Client, namespace: str
+) -> None:
     sts = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -137,7 +144,11 @@ def test_statefulset_pods_are_scheduled_onto_kwok_nodes(devcluster: ClusterState
             "selector": {"matchLabels": {"app": "web"}},
             "template": {
                 "metadata": {"labels": {"app": "web"}},
-                "spec": {"containers": [{"name": "c", "image": "nginx", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
+                "spec": {
+                    "containers": [
+                        {"name": "c", "image": "nginx", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+                    ]
+                },
             },
         },
     }
@@ -153,7 +164,9 @@ def test_statefulset_pods_are_scheduled_onto_kwok_nodes(devcluster: ClusterState
         assert p.spec.nodeName in devcluster.nodes  # placed by the real scheduler
         assert ipaddress.ip_address(p.status.podIP) in POD_NET
     got = kube.get(StatefulSet, "web", namespace=namespace)
-    wait_for(lambda: kube.get(StatefulSet, "web", namespace=namespace).status.readyReplicas == 3, 30, "sts ready")
+    wait_for(
+        lambda: kube.get(StatefulSet, "web", namespace=namespace).status.readyReplicas == 3, 30, "sts ready"
+    )
     assert got.metadata.name == "web"
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from pdorch.controller import status as st
-from pdorch.controller.intent import HASH_ANNOTATION, intent_hash, is_subset, needs_apply, stamp, version_marker
+from pdorch.controller.intent import (
+    HASH_ANNOTATION,
+    intent_hash,
+    is_subset,
+    needs_apply,
+    stamp,
+    version_marker,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -14,7 +21,11 @@ def _roles(p_ready: int, d_ready: int, x_ready: int = 1, updated: bool = True) -
     def obs(name: str, t: str, want: int, ready: int) -> st.RoleObservation:
         return st.RoleObservation(name, t, want, want, ready, want if updated else 0, 0, True)
 
-    return [obs("proxy", "proxy", 1, x_ready), obs("prefill", "prefill", 2, p_ready), obs("decode", "decode", 1, d_ready)]
+    return [
+        obs("proxy", "proxy", 1, x_ready),
+        obs("prefill", "prefill", 2, p_ready),
+        obs("decode", "decode", 1, d_ready),
+    ]
 
 
 def _cond(status: dict, ctype: str) -> dict:
@@ -85,7 +96,11 @@ def test_observe_role_reads_lws_status_and_partition() -> None:
 
 def test_intent_hash_ignores_its_own_annotation_and_key_order() -> None:
     a = {"kind": "X", "metadata": {"name": "n"}, "spec": {"a": 1, "b": 2}}
-    b = {"spec": {"b": 2, "a": 1}, "metadata": {"name": "n", "annotations": {HASH_ANNOTATION: "zzz"}}, "kind": "X"}
+    b = {
+        "spec": {"b": 2, "a": 1},
+        "metadata": {"name": "n", "annotations": {HASH_ANNOTATION: "zzz"}},
+        "kind": "X",
+    }
     assert intent_hash(a) == intent_hash(b)
     stamped, h = stamp(a)
     assert stamped["metadata"]["annotations"][HASH_ANNOTATION] == h
@@ -94,7 +109,10 @@ def test_intent_hash_ignores_its_own_annotation_and_key_order() -> None:
 
 def test_needs_apply_detects_hand_edits_via_generation() -> None:
     intent, h = stamp({"kind": "X", "metadata": {"name": "n"}, "spec": {"replicas": 2}})
-    live = {"metadata": {"name": "n", "generation": 4, "annotations": {HASH_ANNOTATION: h}}, "spec": {"replicas": 2}}
+    live = {
+        "metadata": {"name": "n", "generation": 4, "annotations": {HASH_ANNOTATION: h}},
+        "spec": {"replicas": 2},
+    }
     marker = version_marker(live)
     assert not needs_apply(h, live, marker, intent)
     edited = {**live, "metadata": {**live["metadata"], "generation": 5}, "spec": {"replicas": 7}}

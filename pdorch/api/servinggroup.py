@@ -1,0 +1,662 @@
+"""`ServingGroup` (pdorch.io/v1alpha1): one P/D-disaggregated serving deployment.
+
+Each role becomes one LeaderWorkerSet; see DESIGN.md "API". Every cross-field rule below is both a
+CEL rule in the CRD and a pydantic check, so `kubectl apply` and `pdorch render` agree.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import ConfigDict, Field, field_validator
+
+from pdorch.api.base import (
+    PERCENT_CEL,
+    ApiModel,
+    CelRule,
+    FreeForm,
+    IntOrString,
+    cel_schema,
+    enum_field,
+)
+from pdorch.api.conditions import CONDITIONS_LIST_EXTRA, Condition
+
+GROUP = "pdorch.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ServingGroup"
+PLURAL = "servinggroups"
+SHORT_NAME = "sg"
+
+# Name budget. pdorch names each role's LWS `<group>-<role>`. LWS then creates a leader StatefulSet
+# named like the LWS, and one worker StatefulSet per group named `<lws>-<groupIndex>`; worker pods
+# are `<lws>-<groupIndex>-<workerIndex>`. A StatefulSet's name must leave room for its
+# `controller-revision-hash` label value `<sts>-<10-char hash>` (<= 63), i.e. <= 52 characters.
+# With group <= 28 and role <= 16 the LWS name is <= 45, a worker StatefulSet <= 50 for up to
+# 9999 groups, and pod names <= 55 (< 63, so they also fit the `statefulset.kubernetes.io/pod-name`
+# label). The group name also names the proxy Service, hence a DNS-1035 label (starts with a letter).
+MAX_GROUP_NAME_LENGTH = 28
+MAX_ROLE_NAME_LENGTH = 16
+MAX_ROLES = 10
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+class RoleType(StrEnum):
+    """What a role does; prefill, decode and worker roles hold KV cache and define the revision."""
+
+    PROXY = "proxy"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    WORKER = "worker"
+
+
+KV_ROLE_TYPES = frozenset({RoleType.PREFILL, RoleType.DECODE, RoleType.WORKER})
+
+
+class ScalingMode(StrEnum):
+    """Who sets a role's replicas."""
+
+    STATIC = "Static"
+    EXTERNAL = "External"
+    BUILTIN = "Builtin"
+
+
+class RestartPolicy(StrEnum):
+    """LWS `leaderWorkerTemplate.restartPolicy` (the deprecated `Default` is not offered)."""
+
+    RECREATE_GROUP_ON_POD_RESTART = "RecreateGroupOnPodRestart"
+    RECREATE_GROUP_AFTER_START = "RecreateGroupAfterStart"
+    NONE = "None"
+
+
+class StartupPolicy(StrEnum):
+    """LWS `startupPolicy`: when the workers StatefulSet of a group is created."""
+
+    LEADER_CREATED = "LeaderCreated"
+    LEADER_READY = "LeaderReady"
+
+
+class SubGroupPolicyType(StrEnum):
+    """LWS `subGroupPolicy.subGroupPolicyType`."""
+
+    LEADER_WORKER = "LeaderWorker"
+    LEADER_EXCLUDED = "LeaderExcluded"
+
+
+class SubdomainPolicy(StrEnum):
+    """LWS `networkConfig.subdomainPolicy`."""
+
+    SHARED = "Shared"
+    UNIQUE_PER_REPLICA = "UniquePerReplica"
+
+
+class EngineName(StrEnum):
+    """Inference engine; selects the P/D handshake the proxy runs."""
+
+    VLLM = "vllm"
+    SGLANG = "sglang"
+
+
+class RouterPolicy(StrEnum):
+    """How the proxy picks prefill/decode endpoints."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOAD = "least_load"
+    POWER_OF_TWO = "power_of_two"
+    CACHE_AWARE = "cache_aware"
+
+
+class SubGroupPolicy(ApiModel):
+    """Passed through to LWS `leaderWorkerTemplate.subGroupPolicy`."""
+
+    sub_group_policy_type: SubGroupPolicyType | None = enum_field(None)
+    """LeaderWorker (leader in the first subgroup) or LeaderExcluded."""
+    sub_group_size: int = Field(ge=1)
+    """Pods per subgroup; size (or size-1) must be divisible by it."""
+
+
+class NetworkConfig(ApiModel):
+    """Passed through to LWS `networkConfig`."""
+
+    subdomain_policy: SubdomainPolicy = enum_field()
+    """Shared: one headless Service per role; UniquePerReplica: one per group."""
+
+
+class ScalingTargets(ApiModel):
+    """SLO targets of the built-in autoscaler."""
+
+    ttft_ms: float | None = Field(None, gt=0)
+    """Time-to-first-token target in milliseconds (prefill roles)."""
+    tpot_ms: float | None = Field(None, gt=0)
+    """Time-per-output-token (inter-token latency) target in milliseconds (decode roles)."""
+
+
+def _min_le_max(s: Scaling) -> bool:
+    return s.min_replicas is None or s.max_replicas is None or s.min_replicas <= s.max_replicas
+
+
+class Scaling(ApiModel):
+    """How a role's replica count is decided."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+            message="scaling.minReplicas must be <= scaling.maxReplicas",
+            check=_min_le_max,
+            field_path=".minReplicas",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=cel_schema(cel_rules))
+
+    mode: ScalingMode = enum_field(ScalingMode.STATIC)
+    """Static (roles[].replicas), External (HPA/KEDA on ServingRoleScaler) or Builtin (SLO autoscaler)."""
+    min_replicas: int | None = Field(None, ge=0)
+    """Lower bound for External/Builtin scaling."""
+    max_replicas: int | None = Field(None, ge=0)
+    """Upper bound for External/Builtin scaling (required for Builtin)."""
+    targets: ScalingTargets | None = None
+    """SLO targets for Builtin: ttftMs for prefill roles, tpotMs for decode roles."""
+    scale_up_stabilization_seconds: int = Field(0, ge=0, le=3600)
+    """Builtin: use the lowest recommendation of this window before scaling up."""
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=3600)
+    """Builtin: use the highest recommendation of this window before scaling down."""
+    cooldown_seconds: int = Field(60, ge=0, le=3600)
+    """Builtin: minimum time between two scaling actions of the role."""
+
+
+def _scaled(r: Role) -> bool:
+    return r.scaling is not None and r.scaling.mode != ScalingMode.STATIC
+
+
+def _builtin(r: Role) -> bool:
+    return r.scaling is not None and r.scaling.mode == ScalingMode.BUILTIN
+
+
+def _replicas_within_bounds(r: Role) -> bool:
+    if not _scaled(r):
+        return True
+    s = r.scaling
+    assert s is not None
+    return (s.min_replicas is None or r.replicas >= s.min_replicas) and (
+        s.max_replicas is None or r.replicas <= s.max_replicas
+    )
+
+
+_HAS_TEMPLATE = "(has(self.workerTemplate) || has(self.leaderTemplate))"
+_SCALED = "(has(self.scaling) && self.scaling.mode != 'Static')"
+_BUILTIN = "(has(self.scaling) && self.scaling.mode == 'Builtin')"
+
+
+class Role(ApiModel):
+    """One role of the group, rendered as one LeaderWorkerSet `<group>-<role>`."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=f"self.type == 'proxy' || {_HAS_TEMPLATE}",
+            message="roles[].workerTemplate is required for prefill, decode and worker roles "
+            "(only a proxy role may omit its templates to get the built-in proxy)",
+            check=lambda r: r.type == RoleType.PROXY or r.has_template,
+        ),
+        CelRule(
+            rule=f"self.type != 'proxy' || {_HAS_TEMPLATE} || self.size == 1",
+            message="roles[].size must be 1 for a proxy role that uses the built-in proxy template",
+            check=lambda r: r.type != RoleType.PROXY or r.has_template or r.size == 1,
+            field_path=".size",
+        ),
+        CelRule(
+            rule=f"!{_SCALED} || ((!has(self.scaling.minReplicas) || self.replicas >= "
+            "self.scaling.minReplicas) && (!has(self.scaling.maxReplicas) || self.replicas <= "
+            "self.scaling.maxReplicas))",
+            message="roles[].replicas must lie within [scaling.minReplicas, scaling.maxReplicas] "
+            "for External and Builtin scaling",
+            check=_replicas_within_bounds,
+            field_path=".replicas",
+        ),
+        CelRule(
+            rule=f"!{_BUILTIN} || self.type == 'prefill' || self.type == 'decode'",
+            message="roles[].scaling.mode Builtin is only for prefill and decode roles; "
+            "use Static or External for proxy and worker roles",
+            check=lambda r: not _builtin(r) or r.type in (RoleType.PREFILL, RoleType.DECODE),
+            field_path=".scaling",
+        ),
+        CelRule(
+            rule=f"!{_BUILTIN} || has(self.scaling.maxReplicas)",
+            message="roles[].scaling.maxReplicas is required for Builtin scaling",
+            check=lambda r: not _builtin(r) or r.scaling.max_replicas is not None,
+            field_path=".scaling",
+        ),
+        CelRule(
+            rule=f"!{_BUILTIN} || self.type != 'prefill' || "
+            "(has(self.scaling.targets) && has(self.scaling.targets.ttftMs))",
+            message="roles[].scaling.targets.ttftMs is required for Builtin scaling of a prefill role",
+            check=lambda r: (
+                not _builtin(r)
+                or r.type != RoleType.PREFILL
+                or (r.scaling.targets is not None and r.scaling.targets.ttft_ms is not None)
+            ),
+            field_path=".scaling",
+        ),
+        CelRule(
+            rule=f"!{_BUILTIN} || self.type != 'decode' || "
+            "(has(self.scaling.targets) && has(self.scaling.targets.tpotMs))",
+            message="roles[].scaling.targets.tpotMs is required for Builtin scaling of a decode role",
+            check=lambda r: (
+                not _builtin(r)
+                or r.type != RoleType.DECODE
+                or (r.scaling.targets is not None and r.scaling.targets.tpot_ms is not None)
+            ),
+            field_path=".scaling",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=cel_schema(cel_rules))
+
+    name: str = Field(min_length=1, max_length=MAX_ROLE_NAME_LENGTH, pattern=DNS1123_LABEL)
+    """Role name (DNS-1123 label, at most 16 characters); the LWS is named <group>-<name>."""
+    type: RoleType = enum_field()
+    """proxy, prefill, decode or worker."""
+    replicas: int = Field(1, ge=0, le=10000)
+    """Number of LWS groups (initial value when scaling is External or Builtin)."""
+    size: int = Field(1, ge=1, le=1024)
+    """Pods per group, leader included (LWS leaderWorkerTemplate.size)."""
+    leader_template: FreeForm | None = None
+    """PodTemplateSpec of the leader pod (defaults to workerTemplate)."""
+    worker_template: FreeForm | None = None
+    """PodTemplateSpec of the worker pods (defaults to leaderTemplate)."""
+    restart_policy: RestartPolicy | None = enum_field(None)
+    """LWS restartPolicy: RecreateGroupOnPodRestart, RecreateGroupAfterStart or None."""
+    sub_group_policy: SubGroupPolicy | None = None
+    """LWS subGroupPolicy."""
+    startup_policy: StartupPolicy | None = enum_field(None)
+    """LWS startupPolicy: LeaderCreated or LeaderReady."""
+    network_config: NetworkConfig | None = None
+    """LWS networkConfig."""
+    volume_claim_templates: list[FreeForm] | None = Field(None, max_length=16)
+    """LWS volumeClaimTemplates (PersistentVolumeClaim objects)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port of the engine's HTTP server on the leader pod."""
+    bootstrap_port: int | None = Field(None, ge=1, le=65535)
+    """SGLang only: the prefill server's KV bootstrap port."""
+    scaling: Scaling | None = None
+    """How replicas are decided (default Static)."""
+
+    @field_validator("leader_template", "worker_template")
+    @classmethod
+    def _pod_template_shape(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Offline-only sanity check: the CRD keeps templates opaque (preserve-unknown-fields) and
+        # the controller's server-side dry run of the LWS catches everything else.
+        if v is None:
+            return v
+        spec = v.get("spec")
+        containers = spec.get("containers") if isinstance(spec, dict) else None
+        if not isinstance(containers, list) or not containers:
+            raise ValueError("must be a PodTemplateSpec with a non-empty spec.containers list")
+        if not all(isinstance(c, dict) and c.get("name") for c in containers):
+            raise ValueError("every entry of spec.containers needs a name")
+        return v
+
+    @property
+    def has_template(self) -> bool:
+        """Whether the user gave any pod template for this role."""
+        return self.leader_template is not None or self.worker_template is not None
+
+    @property
+    def scaling_mode(self) -> ScalingMode:
+        """The effective scaling mode (Static when `scaling` is omitted)."""
+        return self.scaling.mode if self.scaling is not None else ScalingMode.STATIC
+
+
+class KVTransfer(ApiModel):
+    """KV-cache transfer settings handed to the engines."""
+
+    connector: str | None = Field(None, max_length=128)
+    """vLLM kv_connector (e.g. NixlConnector) or SGLang transfer backend (e.g. nixl, mooncake)."""
+    extra: FreeForm | None = None
+    """Engine-specific extra KV-transfer configuration, passed through unchanged."""
+
+
+class Engine(ApiModel):
+    """The inference engine all roles run."""
+
+    name: EngineName = enum_field()
+    """vllm or sglang."""
+    kv_transfer: KVTransfer | None = None
+    """KV-transfer settings."""
+
+
+class Ratio(ApiModel):
+    """Declared P:D ratio kept by rollouts and the built-in autoscaler."""
+
+    prefill: int = Field(ge=1, le=1000)
+    """Prefill share of the ratio."""
+    decode: int = Field(ge=1, le=1000)
+    """Decode share of the ratio."""
+    tolerance: float | None = Field(None, ge=0, le=1)
+    """Allowed relative deviation from the ratio (0..1)."""
+
+
+def _int_or_percent_rule(field: str) -> str:
+    # int-or-string is dynamically typed in CEL: branch on type(); a string must be a percentage
+    # (LWS refuses "5"), an int must be >= 0.
+    return (
+        f"!has(self.{field}) || (type(self.{field}) == string ? "
+        f"self.{field}.matches('{PERCENT_CEL}') : int(self.{field}) >= 0)"
+    )
+
+
+_SURGE_OK = _int_or_percent_rule("maxSurge")
+_UNAVAIL_OK = _int_or_percent_rule("maxUnavailable")
+
+
+def _is_zero(v: int | str | None) -> bool:
+    return v is not None and str(v) in ("0", "0%")
+
+
+class RolloutStrategy(ApiModel):
+    """How a new revision is rolled out across the KV roles."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=_SURGE_OK,
+            message="rolloutStrategy.maxSurge must be a non-negative integer or a percentage like '25%'",
+            check=lambda _: True,  # pydantic's IntOrString validator already enforces it
+            field_path=".maxSurge",
+        ),
+        CelRule(
+            rule=_UNAVAIL_OK,
+            message="rolloutStrategy.maxUnavailable must be a non-negative integer or a percentage "
+            "like '25%'",
+            check=lambda _: True,
+            field_path=".maxUnavailable",
+        ),
+        CelRule(
+            rule="!(has(self.maxSurge) && has(self.maxUnavailable) && "
+            "string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])",
+            message="rolloutStrategy.maxSurge and rolloutStrategy.maxUnavailable must not both be 0: "
+            "the rollout could never make progress",
+            check=lambda s: not (_is_zero(s.max_surge) and _is_zero(s.max_unavailable)),
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=cel_schema(cel_rules))
+
+    max_surge: IntOrString = 0
+    """Groups per role that may be added above replicas during a rollout (int or %)."""
+    max_unavailable: IntOrString = 1
+    """Groups per role that may be unavailable during a rollout (int or %)."""
+    ratio_tolerance: float | None = Field(None, ge=0, le=1)
+    """Allowed relative P:D ratio deviation of each cohort during a rollout (0..1)."""
+    progress_deadline_seconds: int = Field(600, ge=1, le=86400)
+    """No progress for this long sets RolloutStalled."""
+    paused: bool = False
+    """Stop moving partitions (the current step is held)."""
+
+
+class ConditionalDisaggregation(ApiModel):
+    """Send short prompts to a decode instance only."""
+
+    min_prompt_tokens: int = Field(ge=0)
+    """Prompts shorter than this many tokens skip the prefill role."""
+
+
+class RouterTimeouts(ApiModel):
+    """Proxy timeouts towards the engines."""
+
+    connect_seconds: float | None = Field(None, gt=0, le=600)
+    """TCP connect timeout."""
+    first_byte_seconds: float | None = Field(None, gt=0, le=3600)
+    """Time allowed until the first response byte (covers the prefill leg)."""
+    request_seconds: float | None = Field(None, gt=0, le=86400)
+    """Whole-request limit."""
+
+
+class RouterRetries(ApiModel):
+    """Retries before the first byte reached the client, each with a fresh P/D pair."""
+
+    max_retries: int = Field(2, ge=0, le=10)
+    """Retries after the first attempt."""
+
+
+class RouterAuth(ApiModel):
+    """Client authentication at the proxy."""
+
+    secret_name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """Secret in the group's namespace holding accepted API keys."""
+    key: str = Field("api-key", min_length=1, max_length=253)
+    """Key inside the Secret."""
+
+
+class Router(ApiModel):
+    """Settings of the group's xPyD proxy."""
+
+    policy: RouterPolicy = enum_field(RouterPolicy.LEAST_LOAD)
+    """round_robin, least_load, power_of_two or cache_aware."""
+    conditional_disaggregation: ConditionalDisaggregation | None = None
+    """Decode-only serving of short prompts."""
+    timeouts: RouterTimeouts | None = None
+    """Timeouts towards the engines."""
+    retries: RouterRetries | None = None
+    """Retry budget per request."""
+    auth: RouterAuth | None = None
+    """API-key authentication."""
+
+
+def _types(spec: ServingGroupSpec) -> list[RoleType]:
+    return [r.type for r in spec.roles]
+
+
+def _unique_names(spec: ServingGroupSpec) -> bool:
+    names = [r.name for r in spec.roles]
+    return len(names) == len(set(names))
+
+
+class ServingGroupSpec(ApiModel):
+    """Desired state of a ServingGroup."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.roles.exists(r, r.type == 'prefill')",
+            message="spec.roles must contain at least one role of type prefill",
+            check=lambda s: RoleType.PREFILL in _types(s),
+            field_path=".roles",
+        ),
+        CelRule(
+            rule="self.roles.exists(r, r.type == 'decode')",
+            message="spec.roles must contain at least one role of type decode",
+            check=lambda s: RoleType.DECODE in _types(s),
+            field_path=".roles",
+        ),
+        CelRule(
+            rule="self.roles.filter(r, r.type == 'proxy').size() <= 1",
+            message="spec.roles may contain at most one role of type proxy",
+            check=lambda s: _types(s).count(RoleType.PROXY) <= 1,
+            field_path=".roles",
+        ),
+        CelRule(
+            rule="self.roles.all(a, self.roles.exists_one(b, b.name == a.name))",
+            message="spec.roles[].name must be unique within the group",
+            check=_unique_names,
+            field_path=".roles",
+        ),
+        CelRule(
+            rule="self.engine.name == 'sglang' || self.roles.all(r, !has(r.bootstrapPort))",
+            message="spec.roles[].bootstrapPort is only valid with spec.engine.name sglang; remove it",
+            check=lambda s: (
+                s.engine.name == EngineName.SGLANG or all(r.bootstrap_port is None for r in s.roles)
+            ),
+            field_path=".roles",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=cel_schema(cel_rules))
+
+    roles: list[Role] = Field(
+        min_length=2,
+        max_length=MAX_ROLES,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """The roles (2..10): at least one prefill and one decode, at most one proxy."""
+    engine: Engine
+    """Inference engine and KV-transfer settings."""
+    ratio: Ratio | None = None
+    """Declared P:D ratio (default: the ratio of the roles' replicas)."""
+    rollout_strategy: RolloutStrategy | None = None
+    """Rollout knobs."""
+    router: Router | None = None
+    """Proxy settings."""
+
+    def role(self, name: str) -> Role:
+        """The role called `name` (KeyError if absent)."""
+        for r in self.roles:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def proxy_role(self) -> Role | None:
+        """The proxy role, if the group has one."""
+        return next((r for r in self.roles if r.type == RoleType.PROXY), None)
+
+
+class RoleStatus(ApiModel):
+    """Observed state of one role (its LWS)."""
+
+    name: str = Field(max_length=MAX_ROLE_NAME_LENGTH)
+    """Role name."""
+    type: RoleType = enum_field()
+    """Role type."""
+    desired_replicas: int | None = Field(None, ge=0)
+    """Replicas pdorch asked for (spec, or the ServingRoleScaler when autoscaled)."""
+    replicas: int | None = Field(None, ge=0)
+    """Groups that exist (LWS status.replicas)."""
+    ready_replicas: int | None = Field(None, ge=0)
+    """Groups that are ready."""
+    updated_replicas: int | None = Field(None, ge=0)
+    """Groups on the update revision."""
+    partition: int | None = Field(None, ge=0)
+    """Current LWS partition (groups below it stay on the old revision)."""
+
+
+class StatusSummary(ApiModel):
+    """Ready/desired groups per role type, e.g. "3/4", for `kubectl get sg`."""
+
+    proxy: str | None = Field(None, max_length=32)
+    """Proxy groups ready/desired."""
+    prefill: str | None = Field(None, max_length=32)
+    """Prefill groups ready/desired (all prefill roles summed)."""
+    decode: str | None = Field(None, max_length=32)
+    """Decode groups ready/desired (all decode roles summed)."""
+    worker: str | None = Field(None, max_length=32)
+    """Worker groups ready/desired (all worker roles summed)."""
+
+
+class ServingGroupStatus(ApiModel):
+    """Observed state of a ServingGroup, written by the controller only."""
+
+    observed_generation: int | None = Field(None, ge=0)
+    """The .metadata.generation last acted on."""
+    current_revision: str | None = Field(None, max_length=64)
+    """Revision all KV roles ran before the rollout in progress (or now)."""
+    update_revision: str | None = Field(None, max_length=64)
+    """Revision of the current spec."""
+    roles: list[RoleStatus] | None = Field(
+        None,
+        max_length=MAX_ROLES,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Per-role observed state."""
+    summary: StatusSummary | None = None
+    """Printer-column strings."""
+    conditions: list[Condition] | None = Field(None, max_length=16, json_schema_extra=CONDITIONS_LIST_EXTRA)
+    """Available, Progressing, RolloutStalled, Invalid."""
+
+
+class ObjectMeta(ApiModel):
+    """The parts of metadata pdorch reads; anything else is kept but ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    """Object name."""
+    namespace: str | None = None
+    """Object namespace."""
+    uid: str | None = None
+    """Object UID (needed for owner references; absent offline)."""
+    generation: int | None = None
+    """Spec generation."""
+    labels: dict[str, str] | None = None
+    """Labels."""
+    annotations: dict[str, str] | None = None
+    """Annotations."""
+
+
+def _group_name_ok(sg: ServingGroup) -> bool:
+    name = sg.metadata.name or ""
+    return len(name) <= MAX_GROUP_NAME_LENGTH and re.match(DNS1035_LABEL, name) is not None
+
+
+class ServingGroup(ApiModel):
+    """A ServingGroup object (apiVersion pdorch.io/v1alpha1, kind ServingGroup)."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=f"self.metadata.name.size() <= {MAX_GROUP_NAME_LENGTH}",
+            message=f"metadata.name must be at most {MAX_GROUP_NAME_LENGTH} characters: pdorch "
+            "derives LeaderWorkerSet, StatefulSet and pod names (<name>-<role>-<group>-<worker>) "
+            "from it and they must fit Kubernetes name limits",
+            check=lambda sg: len(sg.metadata.name or "") <= MAX_GROUP_NAME_LENGTH,
+        ),
+        CelRule(
+            rule=f"self.metadata.name.matches('{DNS1035_LABEL}')",
+            message="metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', "
+            "starting with a letter): it also names the group's proxy Service",
+            check=_group_name_ok,
+        ),
+    )
+
+    api_version: str = Field(API_VERSION, alias="apiVersion")
+    """pdorch.io/v1alpha1."""
+    kind: str = KIND
+    """ServingGroup."""
+    metadata: ObjectMeta
+    """Standard object metadata."""
+    spec: ServingGroupSpec
+    """Desired state."""
+    status: ServingGroupStatus | None = None
+    """Observed state."""
+
+    @field_validator("api_version")
+    @classmethod
+    def _api_version(cls, v: str) -> str:
+        if v != API_VERSION:
+            raise ValueError(f"must be {API_VERSION}")
+        return v
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v != KIND:
+            raise ValueError(f"must be {KIND}")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_name(cls, v: ObjectMeta) -> ObjectMeta:
+        if not v.name:
+            raise ValueError("metadata.name is required")
+        return v
+
+    @property
+    def name(self) -> str:
+        """The group's name."""
+        assert self.metadata.name is not None
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        """The group's namespace (`default` when unset, as kubectl would apply it)."""
+        return self.metadata.namespace or "default"
+
+
+def parse_servinggroup(obj: dict[str, Any]) -> ServingGroup:
+    """Validate a ServingGroup given as Kubernetes JSON (raises pydantic.ValidationError)."""
+    return ServingGroup.model_validate(obj)

@@ -1,0 +1,48 @@
+"""`pdorch render`: print every object pdorch would apply for a ServingGroup, offline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from pdorch.api.errors import SpecError, load_servinggroups
+from pdorch.roles.context import DEFAULT_PROXY_IMAGE, RenderOptions
+from pdorch.roles.render import render
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `pdorch render`."""
+    p = subparsers.add_parser(
+        "render",
+        help="print the objects a ServingGroup becomes (no cluster needed)",
+        description="Validate a ServingGroup like the apiserver would and print, as multi-document "
+        "YAML, every object pdorch would server-side apply for it.",
+    )
+    p.add_argument("-f", "--filename", required=True, help="ServingGroup YAML file, or - for stdin")
+    p.add_argument("--proxy-image", default=DEFAULT_PROXY_IMAGE, help="image of the built-in proxy")
+    p.add_argument("-n", "--namespace", default=None, help="namespace when the file sets none")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute `pdorch render`; returns the exit code (1 on an invalid spec)."""
+    source = args.filename
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot read {source}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        groups = load_servinggroups(text, source)
+    except SpecError as exc:
+        print(f"error: invalid ServingGroup in {exc.source}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    options = RenderOptions(proxy_image=args.proxy_image, namespace=args.namespace)
+    objects = [obj for sg in groups for obj in render(sg, options)]
+    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, explicit_start=True))
+    return 0

@@ -1,0 +1,47 @@
+"""Labels pdorch puts on everything it creates, and the selectors built from them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+LABEL_GROUP = "pdorch.io/group"
+LABEL_ROLE = "pdorch.io/role"
+LABEL_ROLE_TYPE = "pdorch.io/role-type"
+LABEL_REVISION = "pdorch.io/revision"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "pdorch"
+
+# Pod-template annotations telling the proxy's pod discovery where the engine listens (the proxy
+# may only read pods, not the ServingGroup).
+ANNOTATION_PORT = "pdorch.io/port"
+ANNOTATION_BOOTSTRAP_PORT = "pdorch.io/bootstrap-port"
+
+# Set by LWS on its pods; the leader of every group has worker-index 0.
+LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
+
+# Keys pdorch owns on pod templates; user-supplied values under these keys are overwritten.
+OWNED_KEYS = (LABEL_GROUP, LABEL_ROLE, LABEL_ROLE_TYPE, LABEL_REVISION, LABEL_MANAGED_BY)
+
+
+def role_labels(group: str, role: str, role_type: str, revision: str | None) -> dict[str, str]:
+    """Labels of a role's objects and pods; `revision=None` leaves the revision label out."""
+    labels = {
+        LABEL_GROUP: group,
+        LABEL_ROLE: role,
+        LABEL_ROLE_TYPE: role_type,
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+    if revision is not None:
+        labels[LABEL_REVISION] = revision
+    return labels
+
+
+def leader_selector(group: str, role: str) -> dict[str, str]:
+    """Selects the leader pods of a role (one per LWS group), e.g. for the proxy Service or HPA."""
+    return {LABEL_GROUP: group, LABEL_ROLE: role, LWS_WORKER_INDEX: "0"}
+
+
+def selector_string(selector: Mapping[str, str]) -> str:
+    """A label selector in string form (`a=b,c=d`, sorted), as `/scale`'s labelSelectorPath wants."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))

@@ -1,0 +1,85 @@
+"""One LeaderWorkerSet (leaderworkerset.x-k8s.io/v1) per ServingGroup role."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pdorch.api.servinggroup import Role, RoleType
+from pdorch.roles.context import RenderContext, label_pod_template
+from pdorch.roles.labels import ANNOTATION_BOOTSTRAP_PORT, ANNOTATION_PORT
+from pdorch.roles.naming import lws_name
+from pdorch.roles.proxy import builtin_proxy_template
+
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+LWS_KIND = "LeaderWorkerSet"
+
+
+def _templates(ctx: RenderContext, role: Role) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(leaderTemplate, workerTemplate) before labelling.
+
+    LWS requires a workerTemplate and falls back to it for the leader. A role that gives only a
+    leaderTemplate therefore renders it as the workerTemplate: the same pods, one fewer field.
+    """
+    if role.type == RoleType.PROXY and not role.has_template:
+        return None, builtin_proxy_template(ctx, role)
+    if role.worker_template is None:
+        assert role.leader_template is not None  # guaranteed by the Role CEL rules
+        return None, role.leader_template
+    return role.leader_template, role.worker_template
+
+
+def _rolling_update(ctx: RenderContext, role: Role) -> dict[str, Any]:
+    override = ctx.override(role)
+    strategy = ctx.sg.spec.rollout_strategy
+    max_surge = override.max_surge
+    if max_surge is None:
+        max_surge = strategy.max_surge if strategy is not None else 0
+    max_unavailable = override.max_unavailable
+    if max_unavailable is None:
+        max_unavailable = strategy.max_unavailable if strategy is not None else 1
+    # Partition is always explicit: dropping it from an SSA intent would reset it to 0 and let LWS
+    # roll the whole role at once, bypassing the ratio-preserving planner.
+    return {
+        "partition": override.partition if override.partition is not None else 0,
+        "maxSurge": max_surge,
+        "maxUnavailable": max_unavailable,
+    }
+
+
+def render_lws(ctx: RenderContext, role: Role) -> dict[str, Any]:
+    """The LWS intent of `role`: only fields pdorch owns, labels on object and pod templates."""
+    override = ctx.override(role)
+    pod_labels = ctx.labels(role, pod_template=True)
+    pod_annotations = {ANNOTATION_PORT: str(role.port)}
+    if role.bootstrap_port is not None:
+        pod_annotations[ANNOTATION_BOOTSTRAP_PORT] = str(role.bootstrap_port)
+    leader, worker = _templates(ctx, role)
+    lwt: dict[str, Any] = {"size": role.size}
+    if leader is not None:
+        lwt["leaderTemplate"] = label_pod_template(leader, pod_labels, pod_annotations)
+    lwt["workerTemplate"] = label_pod_template(worker, pod_labels, pod_annotations)
+    if role.restart_policy is not None:
+        lwt["restartPolicy"] = role.restart_policy.value
+    if role.sub_group_policy is not None:
+        lwt["subGroupPolicy"] = role.sub_group_policy.to_wire()
+    if role.volume_claim_templates is not None:
+        lwt["volumeClaimTemplates"] = [dict(t) for t in role.volume_claim_templates]
+
+    spec: dict[str, Any] = {
+        "replicas": override.replicas if override.replicas is not None else role.replicas,
+        "leaderWorkerTemplate": lwt,
+        "rolloutStrategy": {
+            "type": "RollingUpdate",
+            "rollingUpdateConfiguration": _rolling_update(ctx, role),
+        },
+    }
+    if role.startup_policy is not None:
+        spec["startupPolicy"] = role.startup_policy.value
+    if role.network_config is not None:
+        spec["networkConfig"] = role.network_config.to_wire()
+    return {
+        "apiVersion": LWS_API_VERSION,
+        "kind": LWS_KIND,
+        "metadata": ctx.metadata(lws_name(ctx.group, role.name), ctx.labels(role)),
+        "spec": spec,
+    }

@@ -1,0 +1,145 @@
+"""The built-in proxy: its pod template, RBAC and the group's client-facing Service.
+
+The built-in proxy runs `pdorch proxy`, which discovers the group's prefill/decode leader pods by
+watching pods, so it needs read access to pods in its own namespace and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pdorch.api.servinggroup import Role
+from pdorch.roles.context import RenderContext
+from pdorch.roles.labels import leader_selector
+from pdorch.roles.naming import proxy_rbac_name, proxy_service_name
+
+SERVICE_PORT = 8000
+CONTAINER_NAME = "proxy"
+ENV_ROUTER_CONFIG = "PDORCH_ROUTER_CONFIG"
+ENV_API_KEY = "PDORCH_API_KEY"
+# A fixed non-root UID, so runAsNonRoot holds even if the image's USER is a name.
+NONROOT_UID = 65532
+
+
+def _container_security_context() -> dict[str, Any]:
+    # Satisfies the "restricted" Pod Security Standard.
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _env(ctx: RenderContext) -> list[dict[str, Any]]:
+    router = ctx.sg.spec.router
+    if router is None:
+        return []
+    # Router settings reach the proxy as JSON; it has no RBAC to read the ServingGroup itself.
+    env: list[dict[str, Any]] = [
+        {"name": ENV_ROUTER_CONFIG, "value": json.dumps(router.to_wire(), sort_keys=True)}
+    ]
+    if router.auth is not None:
+        env.append(
+            {
+                "name": ENV_API_KEY,
+                "valueFrom": {"secretKeyRef": {"name": router.auth.secret_name, "key": router.auth.key}},
+            }
+        )
+    return env
+
+
+def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
+    """Pod template of the built-in proxy for `role` (labels are added by the LWS renderer)."""
+    port = role.port
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": ctx.options.proxy_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [
+            "pdorch",
+            "proxy",
+            "--group",
+            ctx.group,
+            "--namespace",
+            ctx.namespace,
+            "--engine",
+            ctx.sg.spec.engine.name.value,
+            "--port",
+            str(port),
+        ],
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "resources": {
+            "requests": {"cpu": "250m", "memory": "256Mi"},
+            "limits": {"memory": "1Gi"},
+        },
+        "securityContext": _container_security_context(),
+        # readOnlyRootFilesystem: Python and aiohttp still want a writable temp dir.
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    env = _env(ctx)
+    if env:
+        container["env"] = env
+    return {
+        "metadata": {},
+        "spec": {
+            "serviceAccountName": proxy_rbac_name(ctx.group),
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": NONROOT_UID,
+                "runAsGroup": NONROOT_UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [container],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        },
+    }
+
+
+def proxy_rbac(ctx: RenderContext, role: Role) -> list[dict[str, Any]]:
+    """ServiceAccount, Role (pods get/list/watch in the group's namespace) and RoleBinding."""
+    name = proxy_rbac_name(ctx.group)
+    labels = ctx.labels(role)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": ctx.metadata(name, labels)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": ctx.metadata(name, labels),
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": ctx.metadata(name, labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ctx.namespace}],
+        },
+    ]
+
+
+def proxy_service(ctx: RenderContext, role: Role) -> dict[str, Any]:
+    """ClusterIP Service `<group>` on port 8000, in front of the proxy role's leader pods."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": ctx.metadata(proxy_service_name(ctx.group), ctx.labels(role)),
+        "spec": {
+            # clusterIP is left to the apiserver (and thus not owned by pdorch under SSA).
+            "type": "ClusterIP",
+            "selector": leader_selector(ctx.group, role.name),
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": role.port, "protocol": "TCP"}],
+        },
+    }

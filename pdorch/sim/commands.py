@@ -1,0 +1,114 @@
+"""`pdorch sim`: run simulated vLLM / SGLang engines."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pdorch.sim.config import DEFAULT_MODEL, SimConfig
+from pdorch.sim.engine import Role
+from pdorch.sim.latency import DEFAULT_PRESET, PRESETS, load_coefficients
+from pdorch.sim.server import SimServer, serve_forever
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the `sim` subcommand."""
+    p = subparsers.add_parser(
+        "sim",
+        help="run simulated vLLM/SGLang engines (analytical latency model)",
+        description="Serve OpenAI-compatible simulated engines that speak vLLM's NixlConnector or SGLang's "
+        "bootstrap P/D protocol, with real metric names. One process serves every local IP it "
+        "receives traffic on (one engine per IP and port).",
+    )
+    p.add_argument("--protocol", choices=["vllm", "sglang"], default="vllm")
+    p.add_argument(
+        "--role", choices=[r.value for r in Role], default=Role.BOTH.value, help="default role of the engines"
+    )
+    p.add_argument("--role-map", type=Path, help='JSON file {"ip" or "ip:port": "prefill|decode|both"}')
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, action="append", help="listening port (repeatable; default 8000)")
+    p.add_argument("--bootstrap-port", type=int, default=8998, help="SGLang prefill bootstrap server port")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument(
+        "--coefficients",
+        default=DEFAULT_PRESET,
+        help=f"preset ({', '.join(sorted(PRESETS))}) or JSON file of overrides",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="multiply modelled durations (0.01 = 100x faster than real time)",
+    )
+    p.add_argument("--kv-lease-seconds", type=float, default=30.0)
+    p.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail")
+    p.add_argument(
+        "--bootstrap-timeout", type=float, default=300.0, help="SGLang prefill wait for decode (s)"
+    )
+    p.add_argument("--waiting-timeout", type=float, default=300.0, help="SGLang decode wait for KV (s)")
+    p.set_defaults(func=run)
+
+
+def _load_roles(path: Path | None) -> dict[str, Role]:
+    if path is None:
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of endpoint -> role")
+    return {str(k): Role(str(v)) for k, v in data.items()}
+
+
+def build_server(args: argparse.Namespace) -> SimServer:
+    """Build a `SimServer` from parsed arguments."""
+    if args.time_scale <= 0:
+        raise ValueError("--time-scale must be > 0")
+    config = replace(
+        SimConfig(),
+        protocol=args.protocol,
+        model=args.model,
+        coefficients=load_coefficients(args.coefficients),
+        time_scale=args.time_scale,
+        kv_lease_s=args.kv_lease_seconds,
+        kv_load_failure_policy=args.kv_load_failure_policy,
+        bootstrap_timeout_s=args.bootstrap_timeout,
+        waiting_timeout_s=args.waiting_timeout,
+    )
+    return SimServer(
+        config,
+        host=args.host,
+        ports=args.port or [8000],
+        role=Role(args.role),
+        roles=_load_roles(args.role_map),
+        bootstrap_port=args.bootstrap_port,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run until SIGINT/SIGTERM; returns the exit code."""
+    try:
+        server = build_server(args)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_forever(server, stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # e.g. port already in use
+        log.error("pdorch sim: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,125 @@
+"""Run one sequence on an engine and answer the HTTP request, as one JSON object or an SSE stream.
+
+Shared by the vLLM and SGLang front ends. A client that goes away (write fails, or aiohttp cancels the
+handler) aborts the sequence, which frees its KV and counts as an aborted request in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from pdorch.sim import sse, tokens
+from pdorch.sim.engine import Engine, EngineError, Seq, SeqState, TokenEvent
+from pdorch.sim.openai_api import Flavor, GenRequest, chunk, full_response, usage_chunk
+
+log = logging.getLogger(__name__)
+
+# Called once the sequence finished, before the response completes; returns extra top-level fields.
+FinishHook = Callable[[Seq], Awaitable[dict[str, Any]]]
+
+
+async def _next(seq: Seq) -> TokenEvent:
+    ev = await seq.events.get()
+    if isinstance(ev, EngineError):
+        raise ev
+    return ev
+
+
+async def serve_generation(
+    request: web.Request,
+    engine: Engine,
+    flavor: Flavor,
+    req: GenRequest,
+    seq: Seq,
+    *,
+    rid: str,
+    model: str,
+    stream: bool,
+    on_finished: FinishHook | None = None,
+) -> web.StreamResponse:
+    """Submit ``seq`` and answer with its tokens; errors before the first token become JSON errors."""
+    try:
+        engine.submit(seq)
+    except EngineError as exc:
+        return flavor.error(str(exc), exc.err_type, None, exc.status)
+    hook_done = False
+    try:
+        try:
+            first = await _next(seq)
+        except EngineError as exc:
+            return flavor.error(str(exc), exc.err_type, None, exc.status)
+        if not stream:
+            last = first
+            while last.finish_reason is None:
+                last = await _next(seq)
+            extra = await on_finished(seq) if on_finished is not None else {}
+            hook_done = True
+            n = last.index + 1
+            text = tokens.generated_text(req.seed, 0, n)
+            if req.echo:
+                text = req.prompt_text + text
+            body = full_response(flavor, req, rid, model, text, last.finish_reason, n)
+            body.update(extra)
+            return web.json_response(body)
+        return await _stream(request, flavor, req, seq, first, rid, model, on_finished)
+    except EngineError as exc:  # failure after the first token of a non-streamed answer
+        return flavor.error(str(exc), exc.err_type, None, exc.status)
+    finally:
+        if seq.state is not SeqState.FINISHED:
+            engine.abort(seq)
+        elif seq.keep_kv and seq.blocks and not hook_done:
+            engine.free(seq)  # the hook never ran (client left), so nobody will claim these blocks
+
+
+async def _stream(
+    request: web.Request,
+    flavor: Flavor,
+    req: GenRequest,
+    seq: Seq,
+    first: TokenEvent,
+    rid: str,
+    model: str,
+    on_finished: FinishHook | None,
+) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    created = int(time.time())
+    try:
+        if req.kind == "chat":
+            await resp.write(
+                sse.event(chunk(flavor, req, rid, model, created, text=None, finish_reason=None, role=True))
+            )
+        ev = first
+        prefix = req.prompt_text if req.echo else ""
+        while True:
+            text = prefix + tokens.generated_token(req.seed, ev.index)
+            prefix = ""
+            await resp.write(
+                sse.event(chunk(flavor, req, rid, model, created, text=text, finish_reason=ev.finish_reason))
+            )
+            if ev.finish_reason is not None:
+                break
+            try:
+                ev = await _next(seq)
+            except EngineError as exc:
+                await resp.write(sse.event(flavor.error_body(str(exc), exc.err_type, None, exc.status)))
+                await resp.write(sse.DONE)
+                return resp
+        if on_finished is not None:
+            await on_finished(seq)
+        if req.include_usage:
+            await resp.write(sse.event(usage_chunk(req, rid, model, created, ev.index + 1)))
+        await resp.write(sse.DONE)
+        await resp.write_eof()
+    except (ConnectionError, asyncio.CancelledError) as exc:
+        # The client went away mid-stream; the caller's finally aborts the sequence.
+        log.debug("stream %s ended early: %r", rid, exc)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+    return resp

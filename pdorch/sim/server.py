@@ -1,0 +1,212 @@
+"""`SimServer`: one process serving many simulated engines, one per local endpoint (IP and port).
+
+The server listens on ``host`` (default 0.0.0.0) and one or more ports; each request is handed to the
+engine of the local address it arrived on (``sockname``), created on first use. Under kwok every fake pod
+IP (127.1.x.y) therefore gets its own engine, KV pool and `/metrics`. Roles come from ``roles`` (keys
+``"ip"`` or ``"ip:port"``) with ``role`` as the default. For SGLang, a bootstrap server (`/route`,
+`/health`) runs on ``bootstrap_port`` when any engine may be a prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pdorch.sim import bootstrap, nixl
+from pdorch.sim.config import SimConfig
+from pdorch.sim.engine import Engine, Role
+from pdorch.sim.metrics import EngineMetrics, SglangMetrics, VllmMetrics
+from pdorch.sim.sglang_api import SglangFrontend
+from pdorch.sim.vllm_api import VllmFrontend
+
+log = logging.getLogger(__name__)
+_ENGINE_TYPE = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "unified"}
+
+
+class SimServer:
+    """Simulated vLLM or SGLang engines behind one aiohttp server.
+
+    Use ``await start()`` / ``await stop()`` (or ``async with``); `engine(ip, port)` gives tests direct
+    access to an engine's state. Engines are created on their first request, so `roles` may still be
+    filled in after `start()` (e.g. once ports chosen with port 0 are known).
+    """
+
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        *,
+        host: str = "0.0.0.0",
+        ports: Sequence[int] = (8000,),
+        role: Role = Role.BOTH,
+        roles: Mapping[str, Role] | None = None,
+        bootstrap_port: int | None = 8998,
+        serve_bootstrap: bool | None = None,
+        shutdown_timeout_s: float = 5.0,
+    ) -> None:
+        self.config = config or SimConfig()
+        self.host = host
+        self.requested_ports = list(ports)
+        self.default_role = role
+        self.roles = dict(roles or {})
+        self.requested_bootstrap_port = bootstrap_port if self.config.protocol == "sglang" else None
+        self.serve_bootstrap = serve_bootstrap
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.engines: dict[str, Engine] = {}
+        self.ports: list[int] = []
+        self.bootstrap_port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._bootstrap_runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- engines -------------------------------------------------------------------------------------
+
+    def role_for(self, ip: str, port: int) -> Role:
+        """Role of the engine at ip:port."""
+        return self.roles.get(f"{ip}:{port}") or self.roles.get(ip) or self.default_role
+
+    def engine(self, ip: str, port: int) -> Engine:
+        """The engine at ip:port, created on first use."""
+        endpoint = f"{ip}:{port}"
+        eng = self.engines.get(endpoint)
+        if eng is None:
+            role = self.role_for(ip, port)
+            cfg = self.config
+
+            def make_metrics(snapshot: Any) -> EngineMetrics:
+                if cfg.protocol == "vllm":
+                    return VllmMetrics(cfg.model, snapshot)
+                return SglangMetrics(cfg.model, snapshot, _ENGINE_TYPE[role])
+
+            eng = Engine(
+                endpoint=endpoint,
+                host=ip,
+                role=role,
+                coefficients=cfg.coefficients,
+                metrics_factory=make_metrics,
+                time_scale=cfg.time_scale,
+            )
+            self.engines[endpoint] = eng
+            nixl.register_engine(eng)
+            log.info("engine %s: %s %s (id %s)", endpoint, cfg.protocol, role.value, eng.engine_id)
+        return eng
+
+    def engine_for(self, request: web.Request) -> Engine:
+        """The engine of the local address a request arrived on."""
+        sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+        if isinstance(sock, tuple) and len(sock) >= 2:
+            return self.engine(str(sock[0]), int(sock[1]))
+        return self.engine(self.host, self.ports[0] if self.ports else 0)
+
+    def _session_get(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        return self._session
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        if self.config.protocol == "vllm":
+            app.add_routes(VllmFrontend(self.config, self.engine_for).routes())
+        else:
+            front = SglangFrontend(
+                self.config, self.engine_for, self._session_get, lambda: self.bootstrap_port
+            )
+            app.add_routes(front.routes())
+        return app
+
+    def _needs_bootstrap(self) -> bool:
+        if self.requested_bootstrap_port is None:
+            return False
+        if self.serve_bootstrap is not None:
+            return self.serve_bootstrap
+        # Auto: only when some engine may be a prefill, so a decode-only process on the same host as its
+        # prefill does not fight it for the port.
+        return self.default_role is not Role.DECODE or any(r is not Role.DECODE for r in self.roles.values())
+
+    async def start(self) -> None:
+        """Bind the HTTP ports (0 = pick a free one; see `ports`) and the SGLang bootstrap server."""
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts the request.
+        self._runner = web.AppRunner(
+            self._app(), handler_cancellation=True, access_log=None, shutdown_timeout=self.shutdown_timeout_s
+        )
+        await self._runner.setup()
+        for port in self.requested_ports:
+            site = web.TCPSite(self._runner, self.host, port, reuse_address=True)
+            await site.start()
+        self.ports = [int(addr[1]) for addr in self._runner.addresses]
+        if self._needs_bootstrap():
+            assert self.requested_bootstrap_port is not None
+            c = self.config.coefficients
+            route_info = {
+                "prefill_attn_tp_size": 1,
+                "prefill_dp_size": 1,
+                "prefill_pp_size": 1,
+                "page_size": c.block_size,
+                "kv_cache_dtype": "auto",
+                "model_path": self.config.model,
+            }
+            app = web.Application()
+            app.add_routes(bootstrap.bootstrap_routes(route_info))
+            self._bootstrap_runner = web.AppRunner(
+                app, access_log=None, shutdown_timeout=self.shutdown_timeout_s
+            )
+            await self._bootstrap_runner.setup()
+            site = web.TCPSite(
+                self._bootstrap_runner, self.host, self.requested_bootstrap_port, reuse_address=True
+            )
+            await site.start()
+            self.bootstrap_port = int(self._bootstrap_runner.addresses[0][1])
+            bootstrap.add_local_server(self.host, self.bootstrap_port)
+        log.info(
+            "pdorch sim (%s) listening on %s ports %s%s",
+            self.config.protocol,
+            self.host,
+            self.ports,
+            f", bootstrap {self.bootstrap_port}" if self.bootstrap_port else "",
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests end (bounded), then stop the engines."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._bootstrap_runner is not None:
+            assert self.bootstrap_port is not None
+            bootstrap.remove_local_server(self.host, self.bootstrap_port)
+            await self._bootstrap_runner.cleanup()
+            self._bootstrap_runner = None
+        for eng in self.engines.values():
+            await eng.stop()
+            nixl.unregister_engine(eng)
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> SimServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def url(self, port_index: int = 0, host: str | None = None) -> str:
+        """Base URL of one listening port (``host`` defaults to 127.0.0.1 when bound to 0.0.0.0)."""
+        h = host or ("127.0.0.1" if self.host in ("0.0.0.0", "") else self.host)
+        return f"http://{h}:{self.ports[port_index]}"
+
+
+async def serve_forever(server: SimServer, stop: asyncio.Event) -> None:
+    """Run ``server`` until ``stop`` is set."""
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()

@@ -1,0 +1,92 @@
+"""Helpers for the compat tests: free ports, bounded polling, Prometheus samples, subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+# Routers must not reach a model hub: point any hub lookup at a closed loopback port.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "NO_PROXY": "*"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sample(text: str, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels`` (0 if none)."""
+    total = 0.0
+    want = dict(labels or {})
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
+                total += s.value
+    return total
+
+
+async def wait_until(pred: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    """Poll ``pred`` until true; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        if await pred():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def wait_http_ok(
+    url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
+) -> None:
+    """Block until GET ``url`` answers 200; fail early if ``proc`` died, or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise AssertionError(f"process exited with {proc.returncode} before {url} was up:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log else ""
+    raise AssertionError(f"{url} not ready after {timeout}s ({last}):\n{tail}")
+
+
+def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own process group with output to ``log``."""
+    fh = log.open("wb")
+    env = {**os.environ, **OFFLINE_ENV}
+    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a process started by `spawn` (and its group), killing it if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

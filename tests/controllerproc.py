@@ -1,0 +1,90 @@
+"""Run `pdorch controller` as a real subprocess against the dev cluster, and read its metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx2
+
+from pdorch.devcluster.process import free_port
+from tests.kubewait import wait_for
+
+WRITE_VERBS = ("create", "apply", "update", "patch", "delete")
+_SAMPLE = re.compile(r"^pdorch_kube_requests_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
+
+
+class ControllerProc:
+    """One controller replica in its own process."""
+
+    def __init__(
+        self, kubeconfig: str, identity: str, lease_name: str, lease_namespace: str = "pdorch-system"
+    ) -> None:
+        self.identity = identity
+        self.port = free_port()
+        self.log = Path(tempfile.gettempdir()) / f"pdorch-controller-{identity}-{os.getpid()}.log"
+        argv = [
+            sys.executable, "-m", "pdorch.cli", "controller",
+            "--kubeconfig", kubeconfig,
+            "--identity", identity,
+            "--lease-name", lease_name,
+            "--lease-namespace", lease_namespace,
+            "--health-addr", f"127.0.0.1:{self.port}",
+        ]  # fmt: skip
+        self._logf = open(self.log, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._logf, stderr=subprocess.STDOUT)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"controller {self.identity} exited:\n{self.log.read_text()[-3000:]}")
+            return httpx2.get(self.url("/readyz"), timeout=2, trust_env=False).status_code == 200
+
+        wait_for(ready, timeout, f"controller {self.identity} ready")
+
+    def metrics_text(self) -> str:
+        return httpx2.get(self.url("/metrics"), timeout=5, trust_env=False).text
+
+    def requests(self, verbs: tuple[str, ...] = WRITE_VERBS, exclude: tuple[str, ...] = ()) -> float:
+        """Sum of pdorch_kube_requests_total over `verbs`, all codes, resources not in `exclude`."""
+        total = 0.0
+        verb_re = re.compile('verb="(' + "|".join(verbs) + ')"')
+        for line in self.metrics_text().splitlines():
+            m = _SAMPLE.match(line)
+            res = re.search('resource="([^"]*)"', m["labels"]) if m else None
+            if res and res[1] in exclude:
+                continue
+            if m and verb_re.search(m["labels"]):
+                total += float(m["value"])
+        return total
+
+    def is_leader(self) -> bool:
+        for line in self.metrics_text().splitlines():
+            if line.startswith("leader_election_master_status{"):
+                return line.rstrip().endswith(" 1.0")
+        return False
+
+    def send(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        self.send(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._logf.close()
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])

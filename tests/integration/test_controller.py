@@ -1,0 +1,258 @@
+"""The ServingGroup controller against the real dev cluster (real apiserver, LWS, KCM, kwok)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lightkube import Client
+from lightkube.core.exceptions import ApiError
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import Service, ServiceAccount
+from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
+
+from pdorch.devcluster.cluster import ClusterState
+from tests.controllerproc import ControllerProc
+from tests.kubewait import wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SG = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
+LWS = create_namespaced_resource("leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets")
+
+
+def example(name: str = "sim-pd") -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / "examples" / "sim-pd" / "servinggroup.yaml").read_text())
+    doc["metadata"]["name"] = name
+    return doc
+
+
+def lws_names(kube: Client, namespace: str, group: str) -> set[str]:
+    return {o.metadata.name for o in kube.list(LWS, namespace=namespace, labels={"pdorch.io/group": group})}
+
+
+def condition(obj: Any, ctype: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.status or {}).get("conditions", []) if c["type"] == ctype), None)
+
+
+def wait_available(kube: Client, namespace: str, name: str, timeout: float = 120) -> Any:
+    def ok() -> Any:
+        sg = kube.get(SG, name, namespace=namespace)
+        c = condition(sg, "Available")
+        return sg if c and c["status"] == "True" and c["reason"] == "AllRolesReady" else None
+
+    return wait_for(ok, timeout, f"ServingGroup {name} Available")
+
+
+def update_spec(kube: Client, namespace: str, name: str, edit: Any) -> None:
+    """Read-modify-write of the spec with the resourceVersion (retried on conflict)."""
+    for _ in range(10):
+        sg = kube.get(SG, name, namespace=namespace)
+        d = sg.to_dict()
+        edit(d["spec"])
+        try:
+            kube.replace(SG.from_dict(d), namespace=namespace)
+            return
+        except ApiError as e:
+            if e.status.code != 409:
+                raise
+    raise AssertionError("could not update the ServingGroup")
+
+
+def kubectl(devcluster: ClusterState, *args: str) -> str:
+    env = {**os.environ, "KUBECONFIG": devcluster.kubeconfig}
+    out = subprocess.run(
+        [str(Path(devcluster.bin_dir) / "kubectl"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_example_becomes_one_ready_lws_per_role(
+    kube: Client, namespace: str, controller: ControllerProc, devcluster: ClusterState
+) -> None:
+    kube.create(SG.from_dict(example()), namespace=namespace)
+    wait_for(
+        lambda: lws_names(kube, namespace, "sim-pd") == {"sim-pd-proxy", "sim-pd-prefill", "sim-pd-decode"},
+        60,
+        "3 LWS",
+    )
+    sg = wait_available(kube, namespace, "sim-pd")
+
+    gen = sg.metadata.generation
+    assert sg.status["observedGeneration"] == gen
+    for c in sg.status["conditions"]:
+        assert set(c) >= {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+        assert c["observedGeneration"] == gen
+    assert condition(sg, "Invalid")["status"] == "False"
+    assert sg.status["summary"] == {"proxy": "1/1", "prefill": "2/2", "decode": "1/1"}
+
+    prefill = kube.get(LWS, "sim-pd-prefill", namespace=namespace)
+    labels = prefill.metadata.labels
+    assert (
+        labels["pdorch.io/role-type"] == "prefill"
+        and labels["pdorch.io/revision"] == sg.status["updateRevision"]
+    )
+    assert prefill.spec["replicas"] == 2
+    ref = prefill.metadata.ownerReferences[0]
+    assert (ref.kind, ref.name, ref.uid, ref.controller) == ("ServingGroup", "sim-pd", sg.metadata.uid, True)
+    # The built-in proxy's companions.
+    kube.get(Service, "sim-pd", namespace=namespace)
+    kube.get(ServiceAccount, "sim-pd-proxy", namespace=namespace)
+    kube.get(Role, "sim-pd-proxy", namespace=namespace)
+    kube.get(RoleBinding, "sim-pd-proxy", namespace=namespace)
+
+    table = kubectl(devcluster, "get", "sg", "-n", namespace)
+    header, row = table.splitlines()[:2]
+    assert header.split()[:7] == ["NAME", "PROXY", "PREFILL", "DECODE", "REVISION", "AVAILABLE", "AGE"]
+    assert row.split()[:6] == ["sim-pd", "1/1", "2/2", "1/1", sg.status["updateRevision"], "True"]
+
+
+def test_spec_changes_flow_to_lws_and_removed_roles_are_pruned(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    kube.create(SG.from_dict(example("flow")), namespace=namespace)
+    sg = wait_available(kube, namespace, "flow")
+    rev1 = sg.status["updateRevision"]
+
+    def set_prefill_replicas(spec: dict[str, Any]) -> None:
+        next(r for r in spec["roles"] if r["name"] == "prefill")["replicas"] = 3
+
+    update_spec(kube, namespace, "flow", set_prefill_replicas)
+    wait_for(
+        lambda: kube.get(LWS, "flow-prefill", namespace=namespace).spec["replicas"] == 3,
+        60,
+        "prefill LWS replicas 3",
+    )
+
+    def new_decode_image(spec: dict[str, Any]) -> None:
+        role = next(r for r in spec["roles"] if r["name"] == "decode")
+        role["workerTemplate"]["spec"]["containers"][0]["image"] = "pdorch/sim:v2"
+
+    update_spec(kube, namespace, "flow", new_decode_image)
+
+    def decode_image() -> str:
+        lws = kube.get(LWS, "flow-decode", namespace=namespace)
+        return lws.spec["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["image"]
+
+    wait_for(lambda: decode_image() == "pdorch/sim:v2", 60, "decode template updated")
+    sg = wait_for(
+        lambda: (
+            (s := kube.get(SG, "flow", namespace=namespace)).status.get("updateRevision") not in (None, rev1)
+            and s
+        ),
+        60,
+        "new revision",
+    )
+    assert (
+        kube.get(LWS, "flow-decode", namespace=namespace).metadata.labels["pdorch.io/revision"]
+        == sg.status["updateRevision"]
+    )
+
+    def drop_proxy(spec: dict[str, Any]) -> None:
+        spec["roles"] = [r for r in spec["roles"] if r["type"] != "proxy"]
+
+    update_spec(kube, namespace, "flow", drop_proxy)
+    wait_for(
+        lambda: lws_names(kube, namespace, "flow") == {"flow-prefill", "flow-decode"}, 60, "proxy LWS pruned"
+    )
+
+    def companions_gone() -> bool:
+        for res, n in (
+            (Service, "flow"),
+            (ServiceAccount, "flow-proxy"),
+            (Role, "flow-proxy"),
+            (RoleBinding, "flow-proxy"),
+        ):
+            try:
+                kube.get(res, n, namespace=namespace)
+                return False
+            except ApiError as e:
+                if e.status.code != 404:
+                    raise
+        return True
+
+    wait_for(companions_gone, 60, "proxy Service/ServiceAccount/Role/RoleBinding pruned")
+
+    kube.delete(SG, "flow", namespace=namespace)
+    wait_for(
+        lambda: not lws_names(kube, namespace, "flow"), 90, "LWS garbage-collected after the group is deleted"
+    )
+
+
+def test_deleted_or_hand_edited_lws_is_restored(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    kube.create(SG.from_dict(example("heal")), namespace=namespace)
+    wait_available(kube, namespace, "heal")
+    old_uid = kube.get(LWS, "heal-prefill", namespace=namespace).metadata.uid
+    kube.delete(LWS, "heal-prefill", namespace=namespace)
+    wait_for(
+        lambda: kube.get(LWS, "heal-prefill", namespace=namespace).metadata.uid != old_uid,
+        60,
+        "prefill LWS recreated",
+    )
+
+    lws = kube.get(LWS, "heal-decode", namespace=namespace).to_dict()
+    lws["spec"]["replicas"] = 4
+    lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["image"] = "hand/edited"
+    kube.replace(LWS.from_dict(lws), namespace=namespace)
+
+    def restored() -> bool:
+        d = kube.get(LWS, "heal-decode", namespace=namespace).spec
+        image = d["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["image"]
+        return d["replicas"] == 1 and image == "pdorch/sim:dev"
+
+    wait_for(restored, 60, "hand edits of the decode LWS reverted")
+    wait_available(kube, namespace, "heal")
+
+
+def _light_group(name: str) -> dict[str, Any]:
+    """A GPU-free prefill+decode group, so 50 of them fit on the dev cluster's nodes."""
+    doc = example(name)
+    doc["spec"]["roles"] = [r for r in doc["spec"]["roles"] if r["type"] != "proxy"]
+    for r in doc["spec"]["roles"]:
+        r["replicas"] = 1
+        for c in r["workerTemplate"]["spec"]["containers"]:
+            c.pop("resources", None)
+    return doc
+
+
+def test_fifty_idle_groups_cost_zero_writes(kube: Client, namespace: str, controller: ControllerProc) -> None:
+    names = [f"idle-{i:02d}" for i in range(50)]
+    for n in names:
+        kube.create(SG.from_dict(copy.deepcopy(_light_group(n))), namespace=namespace)
+    for n in names:
+        wait_available(kube, namespace, n, timeout=300)
+
+    # Every write counts except the renewals of the controller's own leader-election Lease,
+    # which leader election needs by design (every retry period, like client-go).
+    def writes() -> float:
+        return controller.requests(exclude=("leases",))
+
+    # Let the last status writes and watch events settle, then observe a quiet minute.
+    def settled() -> bool:
+        a = writes()
+        time.sleep(5)
+        return writes() == a
+
+    wait_for(settled, 120, "controller writes to settle", interval=0)
+    before = writes()
+    reads_before = controller.requests(("get", "list"), exclude=("leases",))
+    time.sleep(60)
+    after = writes()
+    assert after - before == 0, f"{after - before} write requests while idle\n{controller.log_tail()}"
+    assert controller.requests(exclude=()) > after  # the Lease renewals were excluded, and happened
+    # Reads stay bounded too (the caches serve reconciles; no per-reconcile GETs).
+    assert controller.requests(("get", "list"), exclude=("leases",)) - reads_before == 0

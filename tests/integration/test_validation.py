@@ -1,0 +1,167 @@
+"""Bad ServingGroups: refused by the apiserver (schema + CEL) with a message naming the field, or,
+where only the controller can tell, marked Invalid with a reason. Nothing is created for any."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from lightkube import Client
+from lightkube.core.exceptions import ApiError
+from lightkube.generic_resource import create_namespaced_resource
+
+from tests.controllerproc import ControllerProc
+from tests.integration.test_controller import LWS, SG, example
+from tests.kubewait import wait_for
+
+pytestmark = pytest.mark.integration
+
+SRS = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingRoleScaler", "servingrolescalers")
+Edit = Callable[[dict[str, Any]], None]
+
+
+def role(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(r for r in doc["spec"]["roles"] if r["name"] == name)
+
+
+def _set(path: str, value: Any) -> Edit:
+    def edit(doc: dict[str, Any]) -> None:
+        *head, last = path.split(".")
+        node: Any = doc
+        for p in head:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        node[last] = value
+
+    return edit
+
+
+def _dup_names(doc: dict[str, Any]) -> None:
+    role(doc, "decode")["name"] = "prefill"
+
+
+def _drop(rtype: str) -> Edit:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["spec"]["roles"] = [r for r in doc["spec"]["roles"] if r["type"] != rtype]
+
+    return edit
+
+
+def _two_proxies(doc: dict[str, Any]) -> None:
+    doc["spec"]["roles"].append({"name": "proxy2", "type": "proxy", "replicas": 1})
+
+
+def _scaling(name: str, **scaling: Any) -> Edit:
+    def edit(doc: dict[str, Any]) -> None:
+        role(doc, name)["scaling"] = scaling
+
+    return edit
+
+
+def _too_many_roles(doc: dict[str, Any]) -> None:
+    base = role(doc, "decode")
+    for i in range(9):
+        r = copy.deepcopy(base)
+        r["name"] = f"w{i}"
+        r["type"] = "worker"
+        doc["spec"]["roles"].append(r)
+
+
+def _no_template(doc: dict[str, Any]) -> None:
+    role(doc, "decode").pop("workerTemplate")
+
+
+# (case id, edit, substring the apiserver's message must contain)
+REFUSED: list[tuple[str, Edit, str]] = [
+    ("duplicate-role-names", _dup_names, "spec.roles"),
+    ("no-prefill-role", _drop("prefill"), "prefill"),
+    ("no-decode-role", _drop("decode"), "decode"),
+    ("two-proxy-roles", _two_proxies, "at most one role of type proxy"),
+    ("size-zero", lambda d: role(d, "prefill").__setitem__("size", 0), "size"),
+    ("negative-replicas", lambda d: role(d, "decode").__setitem__("replicas", -1), "replicas"),
+    ("min-above-max", _scaling("decode", mode="External", minReplicas=5, maxReplicas=2), "minReplicas"),
+    (
+        "replicas-outside-bounds",
+        _scaling("decode", mode="External", minReplicas=2, maxReplicas=4),
+        "replicas",
+    ),
+    ("builtin-without-max", _scaling("decode", mode="Builtin", targets={"tpotMs": 50}), "maxReplicas"),
+    ("builtin-prefill-without-ttft", _scaling("prefill", mode="Builtin", maxReplicas=4), "ttftMs"),
+    ("builtin-on-proxy", _scaling("proxy", mode="Builtin", maxReplicas=2), "Builtin"),
+    ("unknown-scaling-mode", _scaling("decode", mode="Sometimes"), "mode"),
+    ("bad-ratio", _set("spec.ratio", {"prefill": 0, "decode": 1}), "ratio"),
+    (
+        "ratio-tolerance-above-one",
+        _set("spec.ratio", {"prefill": 2, "decode": 1, "tolerance": 3}),
+        "tolerance",
+    ),
+    ("unknown-engine", _set("spec.engine.name", "tgi"), "engine"),
+    ("unknown-role-type", lambda d: role(d, "decode").__setitem__("type", "encoder"), "type"),
+    ("group-name-too-long", _set("metadata.name", "a" * 29), "metadata.name"),
+    ("role-name-too-long", lambda d: role(d, "decode").__setitem__("name", "d" * 17), "name"),
+    ("role-name-not-dns", lambda d: role(d, "decode").__setitem__("name", "Decode_1"), "name"),
+    (
+        "bootstrap-port-with-vllm",
+        lambda d: role(d, "prefill").__setitem__("bootstrapPort", 8998),
+        "bootstrapPort",
+    ),
+    ("bad-max-surge", _set("spec.rolloutStrategy", {"maxSurge": "lots"}), "maxSurge"),
+    (
+        "negative-progress-deadline",
+        _set("spec.rolloutStrategy", {"progressDeadlineSeconds": -5}),
+        "progressDeadlineSeconds",
+    ),
+    ("too-many-roles", _too_many_roles, "roles"),
+    ("kv-role-without-template", _no_template, "workerTemplate"),
+    ("unknown-router-policy", _set("spec.router", {"policy": "fastest"}), "policy"),
+    ("port-out-of-range", lambda d: role(d, "decode").__setitem__("port", 70000), "port"),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "needle"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_apiserver_refuses_bad_spec_naming_the_field(
+    kube: Client, namespace: str, pdorch_crds: list[str], case: str, edit: Edit, needle: str
+) -> None:
+    doc = example(f"bad-{len(case)}")
+    edit(doc)
+    with pytest.raises(ApiError) as err:
+        kube.create(SG.from_dict(doc), namespace=namespace)
+    assert err.value.status.code == 422, err.value.status.message
+    message = err.value.status.message or ""
+    assert needle in message, message
+    assert not list(kube.list(SG, namespace=namespace))
+
+
+def test_template_lws_refuses_marks_invalid_and_creates_nothing(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    # Pod templates are free-form in the ServingGroup schema (a full PodTemplateSpec would make
+    # the CRD megabytes); LWS's own schema refuses a containerPort that is not an integer.
+    doc = example("badtpl")
+    role(doc, "decode")["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
+    kube.create(SG.from_dict(doc), namespace=namespace)
+
+    def invalid() -> dict[str, Any] | None:
+        sg = kube.get(SG, "badtpl", namespace=namespace)
+        c = next((c for c in (sg.status or {}).get("conditions", []) if c["type"] == "Invalid"), None)
+        return c if c and c["status"] == "True" else None
+
+    cond = wait_for(invalid, 60, "Invalid=True")
+    assert "LeaderWorkerSet badtpl-decode" in cond["message"] and "containerPort" in cond["message"], cond[
+        "message"
+    ]
+    assert not list(kube.list(LWS, namespace=namespace))  # the dry runs went first: nothing was created
+    assert not list(kube.list(SRS, namespace=namespace))
+
+    # Fixing the spec clears Invalid and the group comes up.
+    sg = kube.get(SG, "badtpl", namespace=namespace).to_dict()
+    role(sg, "decode")["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"] = 8000
+    kube.replace(SG.from_dict(sg), namespace=namespace)
+
+    def valid() -> bool:
+        s = kube.get(SG, "badtpl", namespace=namespace)
+        conds = {c["type"]: c["status"] for c in (s.status or {}).get("conditions", [])}
+        return conds.get("Invalid") == "False" and conds.get("Available") == "True"
+
+    wait_for(valid, 90, "fixed group becomes Available")

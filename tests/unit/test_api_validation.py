@@ -1,0 +1,158 @@
+"""The pydantic mirror of the CRD's validation refuses what the apiserver refuses, naming the field.
+
+The cases in data/servinggroup_cases.yaml were also run through the apiserver's own CRD validation
+code (structural schema + CEL, k8s.io/apiextensions-apiserver v0.34.4) with the same expectations.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from pdorch.api.base import CelRule
+from pdorch.api.errors import SpecError, field_path, format_validation_error, load_servinggroups
+from pdorch.api.scaler import ServingRoleScalerSpec
+from pdorch.api.servinggroup import (
+    MAX_GROUP_NAME_LENGTH,
+    MAX_ROLE_NAME_LENGTH,
+    Role,
+    RolloutStrategy,
+    Scaling,
+    ServingGroup,
+    ServingGroupSpec,
+)
+
+pytestmark = pytest.mark.unit
+
+DATA = Path(__file__).parent / "data"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "sim-pd" / "servinggroup.yaml"
+CASES: list[dict[str, Any]] = yaml.safe_load((DATA / "servinggroup_cases.yaml").read_text())
+
+
+def _problems(obj: dict[str, Any]) -> list[str]:
+    try:
+        ServingGroup.model_validate(copy.deepcopy(obj))
+    except ValidationError as exc:
+        return format_validation_error(exc)
+    return []
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_case(case: dict[str, Any]) -> None:
+    problems = _problems(case["object"])
+    if case["expect"] == "ok":
+        assert problems == []
+    else:
+        assert problems, "expected a refusal"
+        assert any(case["expect"] in p for p in problems), problems
+
+
+def test_cases_cover_both_outcomes() -> None:
+    expects = [c["expect"] for c in CASES]
+    assert expects.count("ok") >= 5
+    assert len(expects) - expects.count("ok") >= 20
+
+
+def test_example_is_a_valid_sim_pd_group() -> None:
+    (sg,) = load_servinggroups(EXAMPLE.read_text(), str(EXAMPLE))
+    by_name = {r.name: r for r in sg.spec.roles}
+    assert sg.spec.engine.name == "vllm"
+    assert (by_name["prefill"].replicas, by_name["prefill"].size) == (2, 1)
+    assert (by_name["decode"].replicas, by_name["decode"].size) == (1, 1)
+    assert not by_name["proxy"].has_template
+    for role in ("prefill", "decode"):
+        (container,) = by_name[role].worker_template["spec"]["containers"]
+        assert container["image"] == "pdorch/sim:dev"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["command"][:2] == ["pdorch", "sim"]
+        assert "--role" in container["command"] and role in container["command"]
+
+
+def test_errors_name_the_field_path() -> None:
+    obj = copy.deepcopy(CASES[0]["object"])
+    obj["spec"]["roles"][1]["replicas"] = -3
+    obj["spec"]["roles"][2]["scaling"] = {"mode": "External", "minReplicas": 4, "maxReplicas": 1}
+    problems = _problems(obj)
+    assert any(p.startswith("spec.roles[1].replicas:") for p in problems), problems
+    assert any(p.startswith("spec.roles[2].scaling:") and "minReplicas" in p for p in problems), problems
+
+
+def test_several_broken_rules_are_all_reported() -> None:
+    obj = copy.deepcopy(CASES[0]["object"])
+    roles = obj["spec"]["roles"]
+    obj["spec"]["roles"] = [r for r in roles if r["type"] != "prefill"] + [{"name": "p2", "type": "proxy"}]
+    problems = _problems(obj)
+    assert any("at least one role of type prefill" in p for p in problems)
+    assert any("at most one role of type proxy" in p for p in problems)
+
+
+def test_field_path_skips_pydantic_internal_steps() -> None:
+    loc = ("spec", "rolloutStrategy", "maxSurge", "function-after[_check_int_or_percent(), union[int,str]]")
+    assert field_path(loc) == "spec.rolloutStrategy.maxSurge"
+    assert field_path(("spec", "roles", 3, "name")) == "spec.roles[3].name"
+
+
+def test_load_refuses_other_kinds_and_bad_yaml() -> None:
+    with pytest.raises(SpecError, match="kind must be ServingGroup"):
+        load_servinggroups("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_servinggroups("a: [1, 2\n")
+    with pytest.raises(SpecError, match="no ServingGroup"):
+        load_servinggroups("")
+
+
+def test_metadata_name_is_required() -> None:
+    obj = copy.deepcopy(CASES[0]["object"])
+    obj["metadata"] = {"generateName": "x-"}
+    assert any("metadata" in p and "name is required" in p for p in _problems(obj))
+
+
+def test_int_or_string_keeps_the_type_given() -> None:
+    s = RolloutStrategy.model_validate({"maxSurge": "25%", "maxUnavailable": 2})
+    assert (s.max_surge, s.max_unavailable) == ("25%", 2)
+    assert s.to_wire()["maxSurge"] == "25%"
+    with pytest.raises(ValidationError):
+        RolloutStrategy.model_validate({"maxSurge": True})
+
+
+def test_defaults_match_the_design() -> None:
+    role = Role.model_validate(
+        {
+            "name": "d",
+            "type": "decode",
+            "workerTemplate": CASES[0]["object"]["spec"]["roles"][2]["workerTemplate"],
+        }
+    )
+    assert (role.replicas, role.size, role.port, role.scaling_mode) == (1, 1, 8000, "Static")
+    assert RolloutStrategy().progress_deadline_seconds == 600
+    assert RolloutStrategy().paused is False
+
+
+def test_name_budget_fits_kubernetes_limits() -> None:
+    # Worst case names derived by LWS: worker StatefulSet `<group>-<role>-<groupIndex>` must stay
+    # <= 52 (its controller-revision-hash label adds 11), pod `<sts>-<workerIndex>` <= 63.
+    lws = MAX_GROUP_NAME_LENGTH + 1 + MAX_ROLE_NAME_LENGTH
+    worker_sts = lws + 1 + len("9999")
+    pod = worker_sts + 1 + len("1023")
+    assert worker_sts <= 52
+    assert pod <= 63
+
+
+@pytest.mark.parametrize(
+    "model", [Scaling, Role, RolloutStrategy, ServingGroupSpec, ServingGroup, ServingRoleScalerSpec]
+)
+def test_every_cel_rule_has_a_field_naming_message(model: type) -> None:
+    rules: tuple[CelRule, ...] = model.cel_rules
+    assert rules
+    for rule in rules:
+        assert rule.rule and rule.message
+        # The message must point at a field (e.g. "spec.roles", "scaling.minReplicas").
+        assert any(
+            tok in rule.message
+            for tok in ("spec.", "roles[]", "scaling.", "rolloutStrategy.", "metadata.name")
+        )

@@ -1,0 +1,73 @@
+"""`pdorch render` and `pdorch crds` end to end (in-process, no cluster)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pdorch.api import commands as crd_commands
+from pdorch.api.crdgen import ALL_CRDS
+from pdorch.roles import commands as render_commands
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).parents[2]
+EXAMPLE = REPO / "examples" / "sim-pd" / "servinggroup.yaml"
+
+
+def _run(argv: list[str]) -> int:
+    # Only this capability's subcommands: the test must not depend on other packages' CLIs.
+    parser = argparse.ArgumentParser(prog="pdorch")
+    sub = parser.add_subparsers(dest="command")
+    render_commands.add_parser(sub)
+    crd_commands.add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_render_example_prints_every_object(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(["render", "-f", str(EXAMPLE), "--proxy-image", "local/pdorch:dev"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert ("Service", "sim-pd") in kinds
+    assert ("LeaderWorkerSet", "sim-pd-prefill") in kinds
+    assert ("LeaderWorkerSet", "sim-pd-decode") in kinds
+    proxy = next(
+        d for d in docs if d["kind"] == "LeaderWorkerSet" and d["metadata"]["name"] == "sim-pd-proxy"
+    )
+    image = proxy["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["image"]
+    assert image == "local/pdorch:dev"
+    assert all(d["metadata"]["namespace"] == "default" for d in docs)
+
+
+def test_render_bad_spec_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["spec"]["roles"][2]["scaling"] = {"mode": "External", "minReplicas": 3, "maxReplicas": 1}
+    bad = tmp_path / "sg.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert _run(["render", "-f", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "spec.roles[2].scaling" in captured.err
+    assert "minReplicas must be <= scaling.maxReplicas" in captured.err
+
+
+def test_render_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(["render", "-f", "/nonexistent/sg.yaml"]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_crds_write_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "crd"
+    assert _run(["crds", "--check", "--out", str(out)]) == 1
+    assert _run(["crds", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(c.filename for c in ALL_CRDS)
+    assert _run(["crds", "--check", "--out", str(out)]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_committed_crds_pass_check() -> None:
+    assert _run(["crds", "--check", "--out", str(REPO / "manifests" / "crd")]) == 0

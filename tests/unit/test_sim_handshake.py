@@ -1,0 +1,95 @@
+"""vLLM NIXL parameter shapes and SGLang bootstrap room bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdorch.sim import bootstrap, nixl
+from pdorch.sim.bootstrap import BootstrapError, Rendezvous
+
+pytestmark = pytest.mark.unit
+
+VALID = {
+    "do_remote_prefill": True,
+    "do_remote_decode": False,
+    "remote_block_ids": [[1, 2]],
+    "remote_engine_id": "e",
+    "remote_request_id": "r",
+    "remote_host": "127.0.0.1",
+    "remote_port": 5600,
+    "tp_size": 1,
+}
+
+
+def test_prefill_response_params_shape() -> None:
+    p = nixl.prefill_response_params(engine_id="e", request_id="r", host="127.1.0.5", block_ids=[4, 5, 6])
+    assert p == {**VALID, "remote_block_ids": [[4, 5, 6]], "remote_host": "127.1.0.5"}
+    assert nixl.is_valid_remote_prefill(p)
+
+
+def test_router_prefill_request_params() -> None:
+    sent = {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
+    assert nixl.wants_remote_decode(sent)
+    assert not nixl.is_valid_remote_prefill(sent)
+    assert not nixl.wants_remote_decode({"do_remote_decode": "true"})
+
+
+@pytest.mark.parametrize("missing", nixl.REQUIRED_DECODE_FIELDS)
+def test_decode_params_missing_field_is_invalid(missing: str) -> None:
+    assert not nixl.is_valid_remote_prefill({**VALID, missing: None})
+
+
+def test_block_counting_flat_and_grouped() -> None:
+    assert nixl.count_blocks([1, 2, 3]) == 3
+    assert nixl.count_blocks([[1, 2], [3]]) == 3
+    assert nixl.count_blocks([[]]) == 0
+    assert not nixl.is_valid_remote_prefill({**VALID, "remote_block_ids": [[]]})
+    assert not nixl.is_valid_remote_prefill({**VALID, "do_remote_prefill": False})
+
+
+def test_parse_room_key() -> None:
+    assert bootstrap.parse_key({}) is None
+    body = {"bootstrap_host": "[::1]", "bootstrap_port": 8998, "bootstrap_room": 2**63 - 1}
+    assert bootstrap.parse_key(body) == ("::1", 8998, 2**63 - 1)
+    with pytest.raises(ValueError):
+        bootstrap.parse_key({"bootstrap_host": "h", "bootstrap_room": -1})
+    with pytest.raises(ValueError):
+        bootstrap.parse_key({"bootstrap_host": "h", "bootstrap_port": "x", "bootstrap_room": 1})
+
+
+async def test_rendezvous_duplicates_and_completion() -> None:
+    rv = Rendezvous()
+    key = ("127.0.0.1", 1, 42)
+    room = rv.register_prefill(key)
+    with pytest.raises(BootstrapError):
+        rv.register_prefill(key)
+    assert not room.decode_connected.is_set()
+    rv.register_decode(key)
+    assert room.decode_connected.is_set()
+    with pytest.raises(BootstrapError):
+        rv.register_decode(key)
+    waiter = asyncio.create_task(rv.wait_prefill(key, 5.0))
+    rv.finish(key)
+    await asyncio.wait_for(waiter, 5.0)
+    assert room.status == "done"
+
+
+async def test_rendezvous_failure_propagates_to_decode() -> None:
+    rv = Rendezvous()
+    key = ("h", 1, 7)
+    rv.register_decode(key)  # decode may arrive first
+    rv.register_prefill(key)
+    rv.finish(key, "prefill aborted")
+    with pytest.raises(BootstrapError, match="prefill aborted"):
+        await rv.wait_prefill(key, 5.0)
+    with pytest.raises(BootstrapError, match="timed out"):
+        await rv.wait_prefill(("h", 1, 8), 0.01)
