@@ -25,6 +25,11 @@ if [ -f "$OUT/.complete" ]; then
 fi
 T0=$(date +%s)
 step() { echo "[build-kube +$(( $(date +%s) - T0 ))s] $*" >&2; }
+# PDORCH_BUILD_MEASURE=1: report Go module/build cache sizes after each component (for docs).
+measure() {
+  [ -n "${PDORCH_BUILD_MEASURE:-}" ] || return 0
+  step "disk after $1: modcache $(du -sh "$(go env GOMODCACHE)" 2>/dev/null | cut -f1), buildcache $(du -sh "$(go env GOCACHE)" 2>/dev/null | cut -f1), binaries $(du -sh "$OUT.tmp" | cut -f1)"
+}
 jsonfield() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 rm -rf "$OUT.tmp"; mkdir -p "$OUT.tmp" "$ROOT/src"
 
@@ -46,7 +51,8 @@ if ! prepare_module etcd; then
 fi
 step "etcd v$ETCD: compiling"
 go build -trimpath -ldflags='-s -w' -o "$OUT.tmp/etcd" go.etcd.io/etcd/server/v3
-cp go.mod go.sum "$OUT.tmp/" 2>/dev/null || true; mkdir -p "$OUT.tmp/modules/etcd"; mv "$OUT.tmp"/go.* "$OUT.tmp/modules/etcd/"
+mkdir -p "$OUT.tmp/modules/etcd"; cp go.mod go.sum "$OUT.tmp/modules/etcd/"
+measure etcd
 
 # --- kubernetes ---------------------------------------------------------------------------------
 CMDS="k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl"
@@ -69,6 +75,7 @@ done
 # shellcheck disable=SC2086
 go build -trimpath -ldflags="$LDF" -o "$OUT.tmp/" $CMDS
 mkdir -p "$OUT.tmp/modules/kube"; cp go.mod go.sum "$OUT.tmp/modules/kube/"
+measure kubernetes
 
 # --- kwok ---------------------------------------------------------------------------------------
 step "kwok v$KWOK: resolving"
@@ -79,6 +86,7 @@ fi
 step "kwok v$KWOK: compiling"
 go build -trimpath -ldflags='-s -w' -o "$OUT.tmp/kwok" sigs.k8s.io/kwok/cmd/kwok
 mkdir -p "$OUT.tmp/modules/kwok"; cp go.mod go.sum "$OUT.tmp/modules/kwok/"
+measure kwok
 KWOKDIR=$(go mod download -json "sigs.k8s.io/kwok@v$KWOK" | jsonfield Dir)
 
 # --- lws ----------------------------------------------------------------------------------------
@@ -90,6 +98,7 @@ fi
 step "lws v$LWS: compiling"
 go build -trimpath -ldflags='-s -w' -o "$OUT.tmp/lws-manager" sigs.k8s.io/lws/cmd
 mkdir -p "$OUT.tmp/modules/lws"; cp go.mod go.sum "$OUT.tmp/modules/lws/"
+measure lws
 LWSDIR=$(go mod download -json "sigs.k8s.io/lws@v$LWS" | jsonfield Dir)
 
 # --- data files from the module zips (the module cache is read-only: copy) -----------------------

@@ -55,6 +55,8 @@ RATIO_DEVIATION = Gauge(
 )
 CHILD_KINDS: tuple[Resource, ...] = (LWS, SERVICE, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, SERVING_ROLE_SCALER)
 GROUP_LABEL = "pdorch.io/group"
+# Kinds carrying user-supplied content (pod templates, scaling bounds): dry-run before writing.
+USER_CONTENT_KINDS = frozenset({LWS.kind, SERVING_ROLE_SCALER.kind})
 
 
 @dataclass
@@ -117,9 +119,13 @@ class Reconciler:
             if needs_apply(h, live, self._applied.get(mkey), stamped):
                 plan.append((stamped, h, live))
         for stamped, _, live in plan:
+            if stamped["kind"] not in USER_CONTENT_KINDS:
+                continue  # built entirely by pdorch from validated fields
             try:
                 await self._write(stamped, live, dry_run=True)
             except ApiError as e:
+                if e.code == 404:
+                    continue  # depends on an object the dry run did not create; the real apply decides
                 if _is_refusal(e):
                     kind, oname = stamped["kind"], stamped["metadata"]["name"]
                     await self._invalid(
