@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.informer import Informer, key_of
-from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi
+from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi, Resource
 from pdorch.controller.leader import LeaseElector
 from pdorch.controller.reconciler import CHILD_KINDS, GROUP_LABEL, Caches, Reconciler
 from pdorch.controller.workqueue import ShutDown, WorkQueue
@@ -76,8 +77,18 @@ class Controller:
         self._stopping = asyncio.Event()
         self._ready = False
         self.groups.add_handler(lambda _t, obj: self.queue.add(key_of(obj)))
+        for res, inf in self.children.items():
+            inf.add_handler(self._forget_deleted(res))
         for inf in [*self.children.values(), self.pods]:
             inf.add_handler(self._enqueue_owner)
+
+    def _forget_deleted(self, res: Resource) -> Callable[[str, dict[str, Any]], None]:
+        def handler(etype: str, obj: dict[str, Any]) -> None:
+            if etype == "DELETED":
+                md = obj["metadata"]
+                self.reconciler.forget(res, md.get("namespace", ""), md["name"])
+
+        return handler
 
     def _enqueue_owner(self, _etype: str, obj: dict[str, Any]) -> None:
         md = obj["metadata"]

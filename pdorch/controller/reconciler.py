@@ -7,6 +7,7 @@ before anything is created); everything else comes from the informers' caches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -73,8 +74,8 @@ class Reconciler:
     caches: Caches
     events: EventRecorder
     options: RenderOptions
-    # (resource plural, namespace, name) -> version marker seen right after our own apply
-    _applied: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    # (resource plural, namespace, name) -> (version marker right after our own apply, intent hash)
+    _applied: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
     on_result: Callable[[str], None] = lambda result: None
 
     async def reconcile(self, key: str) -> float | None:
@@ -116,34 +117,32 @@ class Reconciler:
             live = self.caches.children[res].get(namespace, intent["metadata"]["name"])
             stamped, h = stamp(_without_scaler_replicas(intent, live))
             mkey = (res.plural, namespace, intent["metadata"]["name"])
-            if needs_apply(h, live, self._applied.get(mkey), stamped):
+            mine = self._applied.get(mkey)
+            if live is None and mine is not None and mine[1] == h:
+                continue  # we just wrote it and the watch has not delivered it yet
+            if needs_apply(h, live, mine[0] if mine else None, stamped):
                 plan.append((stamped, h, live))
-        for stamped, _, live in plan:
-            if stamped["kind"] not in USER_CONTENT_KINDS:
-                continue  # built entirely by pdorch from validated fields
-            try:
-                await self._write(stamped, live, dry_run=True)
-            except ApiError as e:
-                if e.code == 404:
-                    continue  # depends on an object the dry run did not create; the real apply decides
-                if _is_refusal(e):
-                    kind, oname = stamped["kind"], stamped["metadata"]["name"]
-                    await self._invalid(
-                        obj,
-                        generation,
-                        prev_status,
-                        f"{kind} {oname} was refused by the API server: {e.message}",
-                    )
-                    return None
-                raise
+        refusal = await self._dry_run([(o, live) for o, _, live in plan if o["kind"] in USER_CONTENT_KINDS])
+        if refusal is not None:
+            await self._invalid(obj, generation, prev_status, refusal)
+            return None
 
+        # Independent objects go out concurrently; RoleBindings last, since RBAC checks that the
+        # Role they bind exists when the binder is not a cluster admin.
         created = []
-        for stamped, _, live in plan:
-            result = await self._write(stamped, live, dry_run=False)
-            res = resource_of(stamped)
-            self._applied[(res.plural, namespace, stamped["metadata"]["name"])] = version_marker(result)
-            if live is None:
-                created.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
+        for wave in (
+            [p for p in plan if p[0]["kind"] != ROLE_BINDING.kind],
+            [p for p in plan if p[0]["kind"] == ROLE_BINDING.kind],
+        ):
+            results = await asyncio.gather(*(self._write(o, live, dry_run=False) for o, _, live in wave))
+            for (stamped, h, live), result in zip(wave, results, strict=True):
+                res = resource_of(stamped)
+                self._applied[(res.plural, namespace, stamped["metadata"]["name"])] = (
+                    version_marker(result),
+                    h,
+                )
+                if live is None:
+                    created.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
         if created:
             await self.events.emit(obj, "Normal", "Created", "created " + ", ".join(created))
 
@@ -182,6 +181,29 @@ class Reconciler:
             if replicas is not None:
                 out[role.name] = RoleOverride(replicas=int(replicas))
         return out
+
+    def forget(self, res: Resource, namespace: str, name: str) -> None:
+        """A child was deleted: the next pass must not trust our record of having written it."""
+        self._applied.pop((res.plural, namespace, name), None)
+
+    async def _dry_run(self, items: list[tuple[dict[str, Any], dict[str, Any] | None]]) -> str | None:
+        """Server-side dry runs, concurrently; the first refusal's message, or None if all pass."""
+
+        async def one(o: dict[str, Any], live: dict[str, Any] | None) -> str | None:
+            try:
+                await self._write(o, live, dry_run=True)
+            except ApiError as e:
+                if e.code == 404:
+                    return None  # depends on an object the dry run did not create; the real apply decides
+                if _is_refusal(e):
+                    return f"{o['kind']} {o['metadata']['name']} was refused by the API server: {e.message}"
+                raise
+            return None
+
+        for message in await asyncio.gather(*(one(o, live) for o, live in items)):
+            if message is not None:
+                return message
+        return None
 
     async def _write(
         self, intent: dict[str, Any], live: dict[str, Any] | None, dry_run: bool

@@ -308,6 +308,9 @@ class DevCluster:
                 # Endpoints/EndpointSlices refuse loopback pod IPs; those controllers would only fail.
                 "--controllers=*,-endpoints-controller,-endpointslice-controller,-endpointslice-mirroring-controller",
                 "--node-monitor-grace-period=60s",
+                # Defaults (20 QPS) make a few hundred LWS groups crawl; this is a test cluster.
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
                 "--concurrent-statefulset-syncs=10",
             ],
             logs,

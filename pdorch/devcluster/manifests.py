@@ -118,13 +118,14 @@ def lws_webhook_configurations(webhook_dir: Path, port: int, ca_pem: bytes) -> l
     return out
 
 
-def node(name: str, gpus: int) -> dict[str, Any]:
+def node(name: str, gpus: int, max_pods: int = 250) -> dict[str, Any]:
     """A kwok-managed fake node advertising GPUs.
 
     Status is accepted on Node create; kwok's node-initialize stage keeps a capacity that is
     already set, so the node advertises `nvidia.com/gpu` from the start.
     """
-    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    # Fake nodes run no containers, so they can hold more pods than a real kubelet's 110.
+    capacity = {"cpu": "256", "memory": "2Ti", "pods": str(max_pods), "nvidia.com/gpu": str(gpus)}
     return {
         "apiVersion": "v1",
         "kind": "Node",

@@ -12,7 +12,7 @@ from lightkube import Client
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod
 
-from tests.kubewait import wait_for
+from pdorch.devcluster.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace
 
 from pdorch.devcluster.cluster import ClusterState, wait_for_crds
-from tests.controllerproc import ControllerProc
+from pdorch.devcluster.controller_process import ControllerProc
 
 REPO = Path(__file__).resolve().parents[2]
 

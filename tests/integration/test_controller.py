@@ -18,8 +18,8 @@ from lightkube.resources.core_v1 import Service, ServiceAccount
 from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 
 from pdorch.devcluster.cluster import ClusterState
-from tests.controllerproc import ControllerProc
-from tests.kubewait import wait_for
+from pdorch.devcluster.controller_process import ControllerProc
+from pdorch.devcluster.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

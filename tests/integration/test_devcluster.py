@@ -19,7 +19,7 @@ from lightkube.resources.core_v1 import ConfigMap, Node, Pod
 
 from pdorch.devcluster import binaries
 from pdorch.devcluster.cluster import ClusterState, wait_for_crds
-from tests.kubewait import wait_for
+from pdorch.devcluster.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

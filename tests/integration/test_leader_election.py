@@ -12,9 +12,9 @@ from lightkube import Client
 from lightkube.resources.coordination_v1 import Lease
 
 from pdorch.devcluster.cluster import ClusterState
-from tests.controllerproc import ControllerProc
+from pdorch.devcluster.controller_process import ControllerProc
+from pdorch.devcluster.waiting import wait_for
 from tests.integration.test_controller import LWS, SG, example, lws_names, update_spec, wait_available
-from tests.kubewait import wait_for
 
 pytestmark = pytest.mark.integration
 

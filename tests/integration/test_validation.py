@@ -12,9 +12,9 @@ from lightkube import Client
 from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 
-from tests.controllerproc import ControllerProc
+from pdorch.devcluster.controller_process import ControllerProc
+from pdorch.devcluster.waiting import wait_for
 from tests.integration.test_controller import LWS, SG, example
-from tests.kubewait import wait_for
 
 pytestmark = pytest.mark.integration
 

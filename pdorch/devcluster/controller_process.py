@@ -1,4 +1,4 @@
-"""Run `pdorch controller` as a real subprocess against the dev cluster, and read its metrics."""
+"""Run `pdorch controller` as a real subprocess against a dev cluster, and read its metrics (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx2
 
 from pdorch.devcluster.process import free_port
-from tests.kubewait import wait_for
+from pdorch.devcluster.waiting import wait_for
 
 WRITE_VERBS = ("create", "apply", "update", "patch", "delete")
 _SAMPLE = re.compile(r"^pdorch_kube_requests_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
