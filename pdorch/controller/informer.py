@@ -155,10 +155,14 @@ class Informer:
                 self.store[k] = obj
             self._emit(str(etype), obj)
 
-    async def run(self) -> None:
-        """List, then watch forever; relist on 410 and back off on errors. Cancel to stop."""
+    async def run(self, resume: bool = False) -> None:
+        """List, then watch forever; relist on 410 and back off on errors. Cancel to stop.
+
+        `resume=True` skips the initial list and watches on from the cache's resourceVersion
+        (after a restart of the watch loop with a warm cache).
+        """
         delay = 0.5
-        need_list = True
+        need_list = not resume
         reason = "initial"
         while True:
             try:

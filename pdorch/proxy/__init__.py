@@ -1,1 +1,1 @@
-"""pdorch.proxy."""
+"""The xPyD proxy: OpenAI-compatible front, endpoint discovery, P/D pairing policies, engine protocols."""

@@ -1,0 +1,58 @@
+"""Plain data: one engine endpoint and an immutable snapshot of all endpoints the proxy may use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+EndpointRole = Literal["prefill", "decode", "both"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One engine instance the proxy can send a leg to (for multi-host groups: the leader)."""
+
+    url: str  # base URL, e.g. http://10.0.0.5:8000 (no trailing slash)
+    role: EndpointRole
+    host: str
+    port: int
+    revision: str = ""
+    bootstrap_port: int | None = None  # SGLang prefill bootstrap server
+    pod: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable identity used for load, breaker and metric bookkeeping."""
+        return self.url
+
+    @property
+    def can_prefill(self) -> bool:
+        """True if this endpoint may run a prefill leg."""
+        return self.role in ("prefill", "both")
+
+    @property
+    def can_decode(self) -> bool:
+        """True if this endpoint may run a decode leg."""
+        return self.role in ("decode", "both")
+
+
+@dataclass(frozen=True)
+class EndpointSet:
+    """An immutable snapshot of the usable endpoints (discovery replaces it wholesale)."""
+
+    endpoints: tuple[Endpoint, ...] = field(default_factory=tuple)
+
+    def prefills(self) -> list[Endpoint]:
+        """Endpoints able to prefill."""
+        return [e for e in self.endpoints if e.can_prefill]
+
+    def decodes(self) -> list[Endpoint]:
+        """Endpoints able to decode."""
+        return [e for e in self.endpoints if e.can_decode]
+
+    def revisions(self) -> list[str]:
+        """Distinct revisions, sorted."""
+        return sorted({e.revision for e in self.endpoints})
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
