@@ -79,7 +79,9 @@ class Controller:
         self.groups.add_handler(lambda _t, obj: self.queue.add(key_of(obj)))
         for res, inf in self.children.items():
             inf.add_handler(self._forget_deleted(res))
-        for inf in [*self.children.values(), self.pods]:
+        # Pod events do not trigger reconciles: status is read from the LWS objects, whose own
+        # status changes already do, and 4+ events per pod would flood the queue at scale.
+        for inf in self.children.values():
             inf.add_handler(self._enqueue_owner)
 
     def _forget_deleted(self, res: Resource) -> Callable[[str, dict[str, Any]], None]:

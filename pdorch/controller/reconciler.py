@@ -134,8 +134,14 @@ class Reconciler:
             [p for p in plan if p[0]["kind"] != ROLE_BINDING.kind],
             [p for p in plan if p[0]["kind"] == ROLE_BINDING.kind],
         ):
-            results = await asyncio.gather(*(self._write(o, live, dry_run=False) for o, _, live in wave))
+            results = await asyncio.gather(
+                *(self._write(o, live, dry_run=False) for o, _, live in wave), return_exceptions=True
+            )
+            failures: list[tuple[dict[str, Any], BaseException]] = []
             for (stamped, h, live), result in zip(wave, results, strict=True):
+                if isinstance(result, BaseException):
+                    failures.append((stamped, result))
+                    continue
                 res = resource_of(stamped)
                 self._applied[(res.plural, namespace, stamped["metadata"]["name"])] = (
                     version_marker(result),
@@ -143,6 +149,12 @@ class Reconciler:
                 )
                 if live is None:
                     created.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
+            if failures:
+                o, err = failures[0]
+                await self._apply_failed(
+                    obj, generation, prev_status, f"{o['kind']}/{o['metadata']['name']}: {err}"
+                )
+                raise err  # retried with per-key backoff
         if created:
             await self.events.emit(obj, "Normal", "Created", "created " + ", ".join(created))
 
@@ -258,6 +270,28 @@ class Reconciler:
                 },
                 subresource="status",
             )
+
+    async def _apply_failed(
+        self, obj: dict[str, Any], generation: int, prev: dict[str, Any], message: str
+    ) -> None:
+        """Say in status why the group does not converge (the error is retried with backoff)."""
+        conds = [c for c in (prev.get("conditions") or []) if c.get("type") != st.PROGRESSING]
+        conds.append(
+            st.condition(
+                st.PROGRESSING,
+                False,
+                "ApplyFailed",
+                message[:1000],
+                generation,
+                prev.get("conditions") or [],
+            )
+        )
+        new = {**prev, "conditions": conds}
+        try:
+            if await self._write_status(obj, prev, new):
+                await self.events.emit(obj, "Warning", "ApplyFailed", message[:1000])
+        except ApiError:
+            log.debug("could not record ApplyFailed on %s", obj["metadata"]["name"])
 
     async def _invalid(
         self, obj: dict[str, Any], generation: int, prev: dict[str, Any], message: str

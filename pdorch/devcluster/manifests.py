@@ -15,7 +15,8 @@ import yaml
 
 POD_CIDR = "127.1.0.0/16"  # loopback: pods' IPs are reachable by a process on 0.0.0.0 here
 NODE_IP = "127.0.0.1"
-SERVICE_CIDR = "10.0.0.0/24"  # allocated only, never dialled (no kube-proxy)
+# Allocated only, never dialled (no kube-proxy). A /24 runs out after ~250 ClusterIP Services.
+SERVICE_CIDR = "10.0.0.0/16"
 NODE_LABELS = {"type": "kwok", "pdorch.io/devcluster": "true"}
 
 

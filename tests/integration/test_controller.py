@@ -256,3 +256,31 @@ def test_fifty_idle_groups_cost_zero_writes(kube: Client, namespace: str, contro
     assert controller.requests(exclude=()) > after  # the Lease renewals were excluded, and happened
     # Reads stay bounded too (the caches serve reconciles; no per-reconcile GETs).
     assert controller.requests(("get", "list"), exclude=("leases",)) - reads_before == 0
+
+
+def test_apply_failure_is_reported_in_status_and_recovers(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    from lightkube.resources.core_v1 import ResourceQuota
+
+    kube.create(
+        ResourceQuota.from_dict(
+            {"metadata": {"name": "no-services", "namespace": namespace}, "spec": {"hard": {"services": "0"}}}
+        )
+    )
+    kube.create(SG.from_dict(example("quota")), namespace=namespace)
+
+    def apply_failed() -> dict[str, Any] | None:
+        c = condition(kube.get(SG, "quota", namespace=namespace), "Progressing")
+        return c if c and c["reason"] == "ApplyFailed" else None
+
+    cond = wait_for(apply_failed, 60, "Progressing=False/ApplyFailed")
+    assert cond["status"] == "False"
+    assert "Service/quota" in cond["message"] and "quota" in cond["message"], cond["message"]
+
+    kube.delete(ResourceQuota, "no-services", namespace=namespace)
+    # Nudge the group (a label change is an event) instead of waiting out the retry backoff.
+    sg = kube.get(SG, "quota", namespace=namespace).to_dict()
+    sg["metadata"].setdefault("labels", {})["nudge"] = "1"
+    kube.replace(SG.from_dict(sg), namespace=namespace)
+    wait_available(kube, namespace, "quota")

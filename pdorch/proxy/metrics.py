@@ -1,0 +1,92 @@
+"""Prometheus metrics of one proxy (own registry, so several proxies can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# 1 ms .. 240 s, like the SGLang gateway's duration buckets.
+_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 240)
+
+
+class ProxyMetrics:
+    """Every metric the proxy exports."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "pdorch_proxy_requests", "Client requests by route and final HTTP status.", ["route", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "pdorch_proxy_time_to_first_byte_seconds",
+            "End-to-end time from request arrival to the first response byte sent to the client "
+            "(streaming: the proxy's TTFT, including the prefill leg).",
+            ["route", "mode"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "pdorch_proxy_request_duration_seconds",
+            "End-to-end request duration.",
+            ["route"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.prefill = Histogram(
+            "pdorch_proxy_prefill_duration_seconds",
+            "Prefill leg: dispatch to complete prefill response.",
+            ["engine"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.decode_first_byte = Histogram(
+            "pdorch_proxy_decode_first_byte_seconds",
+            "Decode leg: dispatch to its first body byte.",
+            ["engine", "mode"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.handoff = Histogram(
+            "pdorch_proxy_kv_handoff_seconds",
+            "vLLM: prefill response to the decode's first byte (KV transfer plus first decode step); "
+            "SGLang: dispatch of both legs to the decode's first byte.",
+            ["engine"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "pdorch_proxy_endpoint_inflight", "In-flight legs per endpoint.", ["endpoint", "role"], registry=r
+        )
+        self.errors = Counter(
+            "pdorch_proxy_endpoint_errors", "Failed legs per endpoint.", ["endpoint", "role", "reason"], registry=r
+        )
+        self.retries = Counter(
+            "pdorch_proxy_retries",
+            "Retries with a fresh pair, by the endpoint whose failure caused them.",
+            ["endpoint", "role", "reason"],
+            registry=r,
+        )
+        self.breaker = Gauge(
+            "pdorch_proxy_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open.", ["endpoint"], registry=r
+        )
+        self.decisions = Counter(
+            "pdorch_proxy_pd_decisions", "P/D decisions: mode pd|decode_only and why.", ["mode", "reason"], registry=r
+        )
+        self.picks = Counter(
+            "pdorch_proxy_policy_picks", "How the policy picked endpoints.", ["policy", "pick"], registry=r
+        )
+        self.no_params = Counter(
+            "pdorch_proxy_prefill_without_kv_params",
+            "vLLM prefill answers without kv_transfer_params (decode then prefills locally).",
+            registry=r,
+        )
+        self.queue_depth = Gauge("pdorch_proxy_queue_depth", "Requests waiting for admission.", registry=r)
+        self.active = Gauge("pdorch_proxy_active_requests", "Admitted requests in flight.", registry=r)
+        self.rejected = Counter(
+            "pdorch_proxy_rejected", "Requests refused before reaching an engine, by reason.", ["reason"], registry=r
+        )
+        self.endpoints = Gauge(
+            "pdorch_proxy_endpoints", "Discovered endpoints by role and revision.", ["role", "revision"], registry=r
+        )
+        self.disconnects = Counter(
+            "pdorch_proxy_client_disconnects", "Clients gone before the answer ended (legs cancelled).", registry=r
+        )

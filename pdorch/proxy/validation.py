@@ -1,0 +1,167 @@
+"""Pure validation of completion / chat request bodies before anything is sent upstream.
+
+Checks the fields the proxy relies on and the common OpenAI parameters whose wrong types engines would
+otherwise reject deep inside a P/D exchange. Unknown fields pass through (engines have many
+extensions). Every failure is a 4xx `ProxyError` whose ``param`` names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Collection
+from typing import Any
+
+from pdorch.proxy.errors import ProxyError
+from pdorch.proxy.protocols import PROXY_OWNED_FIELDS, Kind
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_value") -> ProxyError:
+    return ProxyError(400, message, param=param, code=code)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """Decode the body; it must be a JSON object."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"malformed JSON body: {exc}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad(f"request body must be a JSON object, got {type(body).__name__}", None, "invalid_body")
+    return body
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _int_field(body: dict[str, Any], name: str, minimum: int) -> None:
+    v = body.get(name)
+    if v is None:
+        return
+    if not _is_int(v):
+        raise _bad(f"'{name}' must be an integer, got {type(v).__name__}", name, "invalid_type")
+    if v < minimum:
+        raise _bad(f"'{name}' must be >= {minimum}, got {v}", name)
+
+
+def _num_field(body: dict[str, Any], name: str, lo: float, hi: float) -> None:
+    v = body.get(name)
+    if v is None:
+        return
+    if not _is_num(v):
+        raise _bad(f"'{name}' must be a number, got {type(v).__name__}", name, "invalid_type")
+    if not lo <= v <= hi:
+        raise _bad(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+
+
+def _prompt(body: dict[str, Any]) -> None:
+    if "prompt" not in body:
+        raise _bad("'prompt' is required", "prompt", "missing_required_parameter")
+    p = body["prompt"]
+    if isinstance(p, str):
+        return
+    if isinstance(p, list) and p:
+        if all(isinstance(x, str) for x in p):
+            return
+        if all(_is_int(x) and x >= 0 for x in p):
+            return
+        if all(isinstance(x, list) and x and all(_is_int(t) and t >= 0 for t in x) for x in p):
+            return
+    raise _bad(
+        "'prompt' must be a string, a non-empty list of strings, a list of token ids or a list of token-id lists",
+        "prompt",
+        "invalid_type",
+    )
+
+
+def _messages(body: dict[str, Any]) -> None:
+    if "messages" not in body:
+        raise _bad("'messages' is required", "messages", "missing_required_parameter")
+    msgs = body["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("'messages' must be a non-empty list", "messages", "invalid_type")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise _bad(f"'messages[{i}]' must be an object", f"messages[{i}]", "invalid_type")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise _bad(
+                f"'messages[{i}].role' must be a non-empty string", f"messages[{i}].role", "invalid_type"
+            )
+        c = m.get("content")
+        if c is not None and not isinstance(c, str | list):
+            raise _bad(
+                f"'messages[{i}].content' must be a string, a list of parts or null",
+                f"messages[{i}].content",
+                "invalid_type",
+            )
+
+
+def validate(body: dict[str, Any], kind: Kind, served_models: Collection[str] | None = None) -> None:
+    """Raise a 4xx `ProxyError` naming the first problem field of ``body``; return if acceptable.
+
+    ``served_models``: the model ids the engines serve; None when not known yet (then any is accepted).
+    """
+    model = body.get("model")
+    if model is None:
+        raise _bad("'model' is required", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' must be a non-empty string", "model", "invalid_type")
+    if kind == "completion":
+        _prompt(body)
+    else:
+        _messages(body)
+    for name in PROXY_OWNED_FIELDS:
+        if name in body:
+            raise _bad(
+                f"'{name}' is set by the proxy and must not be sent by clients", name, "unsupported_parameter"
+            )
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad(f"'stream' must be a boolean, got {type(stream).__name__}", "stream", "invalid_type")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+        if not stream:
+            raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    _int_field(body, "max_tokens", 1)
+    _int_field(body, "max_completion_tokens", 1)
+    _int_field(body, "min_tokens", 0)
+    _int_field(body, "n", 1)
+    _int_field(body, "best_of", 1)
+    _int_field(body, "top_k", -1)
+    _int_field(body, "seed", -(2**63))
+    _num_field(body, "temperature", 0.0, 2.0)
+    _num_field(body, "top_p", 0.0, 1.0)
+    _num_field(body, "min_p", 0.0, 1.0)
+    _num_field(body, "presence_penalty", -2.0, 2.0)
+    _num_field(body, "frequency_penalty", -2.0, 2.0)
+    _num_field(body, "repetition_penalty", 0.0, float("inf"))
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise _bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    for flag in ("echo", "ignore_eos", "skip_special_tokens"):
+        v = body.get(flag)
+        if v is not None and not isinstance(v, bool):
+            raise _bad(f"'{flag}' must be a boolean", flag, "invalid_type")
+    lp = body.get("logprobs")
+    if lp is not None:
+        if kind == "chat" and not isinstance(lp, bool):
+            raise _bad("'logprobs' must be a boolean for chat completions", "logprobs", "invalid_type")
+        if kind == "completion" and (not _is_int(lp) or lp < 0):
+            raise _bad("'logprobs' must be a non-negative integer", "logprobs", "invalid_type")
+    if served_models is not None and model not in served_models:
+        raise ProxyError(
+            404,
+            f"The model '{model}' does not exist; served: {', '.join(sorted(served_models)) or 'none'}",
+            param="model",
+            code="model_not_found",
+        )
