@@ -6,6 +6,7 @@ and the same (object, reason, note) is not repeated within `ttl` seconds.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -17,12 +18,27 @@ from pdorch.controller.kubeapi import KubeApi
 log = logging.getLogger(__name__)
 
 REPORTING_CONTROLLER = "pdorch.io/controller"
+FLUSH_SECONDS = 5.0
 
 
 class EventRecorder:
     def __init__(self, api: KubeApi, instance: str, ttl: float = 600.0) -> None:
         self.api, self.instance, self.ttl = api, instance, ttl
         self._seen: dict[tuple[str, str, str], float] = {}
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def emit_soon(
+        self, obj: dict[str, Any], etype: str, reason: str, note: str, action: str = "Reconcile"
+    ) -> None:
+        """Record an event without making the reconcile wait for the API round trip."""
+        task = asyncio.get_running_loop().create_task(self.emit(obj, etype, reason, note, action))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def flush(self) -> None:
+        """Wait (at most FLUSH_SECONDS) for events still being sent, e.g. on shutdown."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=FLUSH_SECONDS)
 
     async def emit(
         self, obj: dict[str, Any], etype: str, reason: str, note: str, action: str = "Reconcile"

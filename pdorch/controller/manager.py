@@ -40,7 +40,7 @@ MANAGED_SELECTOR = "app.kubernetes.io/managed-by=pdorch"
 class ControllerConfig:
     kubeconfig: str | None = None
     namespace: str | None = None  # None watches every namespace
-    workers: int = 4
+    workers: int = 16  # reconciles are I/O-bound (API round trips), not CPU-bound
     leader_elect: bool = True
     lease_namespace: str = "pdorch-system"
     lease_name: str = "pdorch-controller"
@@ -208,6 +208,7 @@ class Controller:
                 with contextlib.suppress(asyncio.CancelledError):
                     await elector_task
             await asyncio.gather(*tasks, *informer_tasks, return_exceptions=True)
+            await self.reconciler.events.flush()
             if self.elector is not None and code == 0:
                 await self.elector.release()
             await runner.cleanup()

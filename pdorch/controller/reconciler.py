@@ -156,11 +156,11 @@ class Reconciler:
                 )
                 raise err  # retried with per-key backoff
         if created:
-            await self.events.emit(obj, "Normal", "Created", "created " + ", ".join(created))
+            self.events.emit_soon(obj, "Normal", "Created", "created " + ", ".join(created))
 
         pruned = await self._prune(obj, desired)
         if pruned:
-            await self.events.emit(obj, "Normal", "Pruned", "deleted " + ", ".join(pruned))
+            self.events.emit_soon(obj, "Normal", "Pruned", "deleted " + ", ".join(pruned))
 
         await self._sync_scaler_status(sg, namespace, name)
 
@@ -289,7 +289,7 @@ class Reconciler:
         new = {**prev, "conditions": conds}
         try:
             if await self._write_status(obj, prev, new):
-                await self.events.emit(obj, "Warning", "ApplyFailed", message[:1000])
+                self.events.emit_soon(obj, "Warning", "ApplyFailed", message[:1000])
         except ApiError:
             log.debug("could not record ApplyFailed on %s", obj["metadata"]["name"])
 
@@ -299,7 +299,7 @@ class Reconciler:
         new = st.compute_status(generation, [], "", prev, invalid=message)
         changed = await self._write_status(obj, prev, new)
         if changed:
-            await self.events.emit(obj, "Warning", "InvalidSpec", message)
+            self.events.emit_soon(obj, "Warning", "InvalidSpec", message)
         RECONCILES.labels("invalid").inc()
 
     async def _write_status(self, obj: dict[str, Any], prev: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -322,7 +322,7 @@ class Reconciler:
                 or (ctype == st.AVAILABLE and new_s == "False" and old_s == "True")
                 else "Normal"
             )
-            await self.events.emit(obj, etype, reason or ctype, f"{ctype} is now {new_s}")
+            self.events.emit_soon(obj, etype, reason or ctype, f"{ctype} is now {new_s}")
         return True
 
 

@@ -172,13 +172,20 @@ class KubeDiscovery:
         from pdorch.controller.kubeapi import POD, KubeApi
 
         self._api = KubeApi.from_config(self.kubeconfig)
-        self._informer = Informer(self._api, POD, self.namespace, label_selector=f"{LABEL_GROUP}={self.group}")
+        self._informer = Informer(
+            self._api, POD, self.namespace, label_selector=f"{LABEL_GROUP}={self.group}"
+        )
         self._informer.add_handler(self._rebuild)
         self._task = asyncio.create_task(self._informer.run(), name=f"pods-{self.group}")
         try:
             await asyncio.wait_for(self._informer.synced.wait(), sync_timeout)
         except TimeoutError:
-            log.warning("pod list of %s/%s not synced after %.0fs; starting anyway", self.namespace, self.group, sync_timeout)
+            log.warning(
+                "pod list of %s/%s not synced after %.0fs; starting anyway",
+                self.namespace,
+                self.group,
+                sync_timeout,
+            )
 
     async def stop(self) -> None:
         """Stop the watch and close the API client."""

@@ -14,7 +14,10 @@ class ProxyMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "pdorch_proxy_requests", "Client requests by route and final HTTP status.", ["route", "status"], registry=r
+            "pdorch_proxy_requests",
+            "Client requests by route and final HTTP status.",
+            ["route", "status"],
+            registry=r,
         )
         self.ttft = Histogram(
             "pdorch_proxy_time_to_first_byte_seconds",
@@ -57,7 +60,10 @@ class ProxyMetrics:
             "pdorch_proxy_endpoint_inflight", "In-flight legs per endpoint.", ["endpoint", "role"], registry=r
         )
         self.errors = Counter(
-            "pdorch_proxy_endpoint_errors", "Failed legs per endpoint.", ["endpoint", "role", "reason"], registry=r
+            "pdorch_proxy_endpoint_errors",
+            "Failed legs per endpoint.",
+            ["endpoint", "role", "reason"],
+            registry=r,
         )
         self.retries = Counter(
             "pdorch_proxy_retries",
@@ -66,10 +72,16 @@ class ProxyMetrics:
             registry=r,
         )
         self.breaker = Gauge(
-            "pdorch_proxy_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open.", ["endpoint"], registry=r
+            "pdorch_proxy_breaker_state",
+            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+            ["endpoint"],
+            registry=r,
         )
         self.decisions = Counter(
-            "pdorch_proxy_pd_decisions", "P/D decisions: mode pd|decode_only and why.", ["mode", "reason"], registry=r
+            "pdorch_proxy_pd_decisions",
+            "P/D decisions: mode pd|decode_only and why.",
+            ["mode", "reason"],
+            registry=r,
         )
         self.picks = Counter(
             "pdorch_proxy_policy_picks", "How the policy picked endpoints.", ["policy", "pick"], registry=r
@@ -82,11 +94,19 @@ class ProxyMetrics:
         self.queue_depth = Gauge("pdorch_proxy_queue_depth", "Requests waiting for admission.", registry=r)
         self.active = Gauge("pdorch_proxy_active_requests", "Admitted requests in flight.", registry=r)
         self.rejected = Counter(
-            "pdorch_proxy_rejected", "Requests refused before reaching an engine, by reason.", ["reason"], registry=r
+            "pdorch_proxy_rejected",
+            "Requests refused before reaching an engine, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.endpoints = Gauge(
-            "pdorch_proxy_endpoints", "Discovered endpoints by role and revision.", ["role", "revision"], registry=r
+            "pdorch_proxy_endpoints",
+            "Discovered endpoints by role and revision.",
+            ["role", "revision"],
+            registry=r,
         )
         self.disconnects = Counter(
-            "pdorch_proxy_client_disconnects", "Clients gone before the answer ended (legs cancelled).", registry=r
+            "pdorch_proxy_client_disconnects",
+            "Clients gone before the answer ended (legs cancelled).",
+            registry=r,
         )

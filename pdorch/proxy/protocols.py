@@ -62,12 +62,35 @@ def bootstrap_host_of(host: str) -> str:
     return host
 
 
-def sglang_body(body: dict[str, Any], host: str, bootstrap_port: int | None, room: int) -> dict[str, Any]:
-    """The body sent identically to the SGLang prefill and decode legs."""
+def sglang_batch_size(body: dict[str, Any], kind: Kind) -> int | None:
+    """Number of sequences a request fans out to in SGLang, or None for a single one.
+
+    Completions with several prompts (strings or token-id lists) and chat with ``n > 1`` need one room
+    per sequence, sent as arrays.
+    """
+    if kind == "completion":
+        p = body.get("prompt")
+        if isinstance(p, list) and p and isinstance(p[0], str | list) and len(p) > 1:
+            return len(p)
+        return None
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None
+
+
+def sglang_body(
+    body: dict[str, Any], host: str, bootstrap_port: int | None, rooms: int | list[int]
+) -> dict[str, Any]:
+    """The body sent identically to the SGLang prefill and decode legs (one room, or one per sequence)."""
     out = dict(body)
-    out["bootstrap_host"] = bootstrap_host_of(host)
-    out["bootstrap_port"] = bootstrap_port
-    out["bootstrap_room"] = room
+    h = bootstrap_host_of(host)
+    if isinstance(rooms, list):
+        out["bootstrap_host"] = [h] * len(rooms)
+        out["bootstrap_port"] = [bootstrap_port] * len(rooms)
+        out["bootstrap_room"] = list(rooms)
+    else:
+        out["bootstrap_host"] = h
+        out["bootstrap_port"] = bootstrap_port
+        out["bootstrap_room"] = rooms
     return out
 
 

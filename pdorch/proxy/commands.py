@@ -1,0 +1,149 @@
+"""`pdorch proxy`: run the OpenAI-compatible xPyD proxy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from pydantic import ValidationError
+
+from pdorch.proxy.config import ProxyConfig, build_config
+from pdorch.proxy.discovery import KubeDiscovery, StaticDiscovery, static_endpoints
+from pdorch.proxy.policies import POLICIES
+from pdorch.proxy.server import Discovery, ProxyServer
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the `proxy` subcommand."""
+    p = subparsers.add_parser(
+        "proxy",
+        help="run the OpenAI-compatible prefill/decode (xPyD) proxy",
+        description="Route OpenAI completion/chat requests over prefill and decode engines of the same "
+        "revision, speaking vLLM's NixlConnector or SGLang's bootstrap protocol. Endpoints come from a "
+        "watch on a ServingGroup's pods (--group/--namespace) or from static --prefill/--decode URLs. "
+        "Unset options fall back to PDORCH_ROUTER_CONFIG (the ServingGroup's spec.router as JSON).",
+    )
+    p.add_argument("--host", default=None, help="listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default 8000; 0 = any free port)")
+    p.add_argument("--engine", choices=["vllm", "sglang"], required=True)
+    p.add_argument("--group", help="ServingGroup whose pods to discover")
+    p.add_argument("--namespace", help="namespace of the ServingGroup")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG or in-cluster)")
+    p.add_argument(
+        "--prefill",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="static prefill URL (repeatable); SGLang: URL#bootstrapPort",
+    )
+    p.add_argument(
+        "--decode", action="append", default=None, metavar="URL", help="static decode URL (repeatable)"
+    )
+    p.add_argument(
+        "--bootstrap-port", type=int, default=None, help="SGLang bootstrap port of static prefills"
+    )
+    p.add_argument("--policy", choices=POLICIES, default=None)
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env PDORCH_API_KEY)"
+    )
+    p.add_argument(
+        "--max-inflight", type=int, default=None, help="concurrent requests upstream (default 256)"
+    )
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting beyond that (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 16 MiB)")
+    p.add_argument(
+        "--min-prompt-tokens", type=int, default=None, help="decode-only below this (0 = always P/D)"
+    )
+    p.add_argument(
+        "--retries", type=int, default=None, help="retries with a fresh pair before the first byte"
+    )
+    p.add_argument("--connect-timeout", type=float, default=None, help="seconds (default 5)")
+    p.add_argument("--first-byte-timeout", type=float, default=None, help="seconds (default 300)")
+    p.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds for a whole request (default none)"
+    )
+    p.add_argument(
+        "--health-interval", type=float, default=None, help="endpoint health-check period (default 5)"
+    )
+    p.add_argument(
+        "--shutdown-grace", type=float, default=None, help="seconds to finish in-flight on SIGTERM"
+    )
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> ProxyConfig:
+    """ProxyConfig from parsed flags and the environment."""
+    flags: dict[str, Any] = {
+        "engine": args.engine,
+        "host": args.host,
+        "port": args.port,
+        "group": args.group,
+        "namespace": args.namespace,
+        "kubeconfig": args.kubeconfig,
+        "prefill": tuple(args.prefill) if args.prefill else None,
+        "decode": tuple(args.decode) if args.decode else None,
+        "bootstrap_port": args.bootstrap_port,
+        "policy": args.policy,
+        "api_key": args.api_key,
+        "max_inflight": args.max_inflight,
+        "max_queue": args.max_queue,
+        "max_body_bytes": args.max_body_bytes,
+        "min_prompt_tokens": args.min_prompt_tokens,
+        "max_retries": args.retries,
+        "connect_timeout_s": args.connect_timeout,
+        "first_byte_timeout_s": args.first_byte_timeout,
+        "request_timeout_s": args.request_timeout,
+        "health_interval_s": args.health_interval,
+        "shutdown_grace_s": args.shutdown_grace,
+    }
+    return build_config(flags, dict(os.environ if env is None else env))
+
+
+def discovery_for(config: ProxyConfig) -> Discovery:
+    """Static or Kubernetes discovery, as configured."""
+    if config.static:
+        return StaticDiscovery(static_endpoints(config.prefill, config.decode, config.bootstrap_port))
+    assert config.group is not None and config.namespace is not None
+    return KubeDiscovery(config.namespace, config.group, config.kubeconfig)
+
+
+async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
+    """Run a proxy until ``stop`` is set, then drain."""
+    server = ProxyServer(config, discovery_for(config))
+    await server.start()
+    try:
+        await stop.wait()
+        log.info("pdorch proxy: draining (up to %.0fs)", config.shutdown_grace_s)
+    finally:
+        await server.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `pdorch proxy`; returns the exit code."""
+    try:
+        config = config_from_args(args)
+        if config.static:
+            static_endpoints(config.prefill, config.decode, config.bootstrap_port)  # validate URLs early
+    except (ValidationError, ValueError) as exc:
+        log.error("pdorch proxy: %s", exc)
+        return 2
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(main())
+    except Exception as exc:  # e.g. port in use, no usable kubeconfig: one clear line, exit 1
+        log.error("pdorch proxy: %s", exc)
+        return 1
+    return 0

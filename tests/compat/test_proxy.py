@@ -1,0 +1,653 @@
+"""`pdorch proxy` in front of simulated vLLM / SGLang engines on loopback, driven by the openai client.
+
+Sims and proxies run in-process (one test also runs the `pdorch proxy` command as a subprocess). The
+sims' time scale makes the modelled engines fast, or slow where a test needs a request to be caught
+mid-flight; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from pdorch.proxy.config import ProxyConfig
+from pdorch.proxy.discovery import StaticDiscovery, static_endpoints
+from pdorch.proxy.server import ProxyServer
+from pdorch.sim import tokens
+from pdorch.sim.config import SimConfig
+from pdorch.sim.engine import Role
+from pdorch.sim.server import SimServer
+from tests.compat.helpers import free_port, sample, spawn, stop, wait_http_ok, wait_until
+
+pytestmark = pytest.mark.compat
+
+MODEL = "sim-model"
+FAST = SimConfig(model=MODEL, time_scale=0.01)
+WAIT_S = 20.0
+
+
+def expected_text(prompt: str, n: int) -> str:
+    return tokens.generated_text(tokens.prompt_seed(tokens.tokenize(prompt)), 0, n)
+
+
+def chat_text(messages: list[dict[str, Any]], n: int) -> str:
+    return tokens.generated_text(tokens.prompt_seed(tokens.tokenize(tokens.render_chat(messages))), 0, n)
+
+
+@dataclass
+class Stack:
+    """Sims (prefill on port 0, decode on port 1) and a proxy in front."""
+
+    sim: SimServer
+    proxy: ProxyServer
+    protocol: str
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy.port}"
+
+    @property
+    def prefill_url(self) -> str:
+        return self.sim.url(0)
+
+    @property
+    def decode_url(self) -> str:
+        return self.sim.url(1)
+
+    def client(self, api_key: str = "unused") -> openai.AsyncOpenAI:
+        c = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=WAIT_S)
+        self.clients.append(c)  # closed with the stack
+        return c
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    protocol: str = "vllm",
+    sim_config: SimConfig = FAST,
+    extra_prefill: tuple[str, ...] = (),
+    decode: tuple[str, ...] | None = None,
+    prefill: tuple[str, ...] | None = None,
+    **proxy: Any,
+) -> AsyncIterator[Stack]:
+    """Start sims and a proxy; ``extra_prefill`` adds (broken) prefill URLs before the real one."""
+    cfg = replace(sim_config, protocol=protocol)  # type: ignore[arg-type]
+    if protocol == "vllm":
+        sim = SimServer(cfg, host="127.0.0.1", ports=[0, 0])
+    else:
+        sim = SimServer(
+            cfg, host="127.0.0.1", ports=[0, 0], role=Role.DECODE, bootstrap_port=0, serve_bootstrap=True
+        )
+    await sim.start()
+    sim.roles = {f"127.0.0.1:{sim.ports[0]}": Role.PREFILL, f"127.0.0.1:{sim.ports[1]}": Role.DECODE}
+    real_prefill = sim.url(0) if protocol == "vllm" else f"{sim.url(0)}#{sim.bootstrap_port}"
+    pc = ProxyConfig(
+        engine=protocol,  # type: ignore[arg-type]
+        host="127.0.0.1",
+        port=0,
+        prefill=prefill or (*extra_prefill, real_prefill),
+        decode=decode or (sim.url(1),),
+        **{"health_interval_s": 60.0, **proxy},  # by default tests drive breakers through traffic
+    )
+    px = ProxyServer(pc, StaticDiscovery(static_endpoints(pc.prefill, pc.decode, pc.bootstrap_port)))
+    await px.start()
+    s = Stack(sim, px, protocol)
+    try:
+        yield s
+    finally:
+        for c in s.clients:
+            await c.close()
+        await px.stop()
+        await sim.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as s:
+        yield s
+
+
+async def text_of(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url + "/metrics") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+# -- happy path through the official client ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["vllm", "sglang"])
+async def test_openai_client_completions_and_chat(protocol: str, http: aiohttp.ClientSession) -> None:
+    async with stack(protocol) as s:
+        c = s.client()
+        prompt = "The quick brown fox jumps over"
+        r = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=9)
+        assert r.choices[0].text == expected_text(prompt, 9)
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage is not None and r.usage.completion_tokens == 9
+
+        streamed = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=9, stream=True)
+        text = "".join([ch.choices[0].text async for ch in streamed if ch.choices])
+        assert text == expected_text(prompt, 9)
+
+        messages = [{"role": "user", "content": "Tell me about disaggregated serving"}]
+        chat = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=7)  # type: ignore[arg-type]
+        assert chat.choices[0].message.content == chat_text(messages, 7)
+
+        chat_stream = await c.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            max_completion_tokens=7,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [ch async for ch in chat_stream]
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat_text(
+            messages, 7
+        )
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 7
+
+        models = await c.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+
+        # Same X-Request-Id echoed; streamed answers are declared as event streams.
+        body = {"model": MODEL, "prompt": "x y z", "max_tokens": 2, "stream": True}
+        async with http.post(
+            s.url + "/v1/completions", json=body, headers={"X-Request-Id": "rid-42"}
+        ) as resp:
+            assert resp.headers["X-Request-Id"] == "rid-42"
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            raw = await resp.read()
+        assert raw.endswith(b"data: [DONE]\n\n")
+
+        # The prefill leg really ran on the prefill engine, once per request (5 requests).
+        p_text, d_text = await text_of(http, s.prefill_url), await text_of(http, s.decode_url)
+        if protocol == "vllm":
+            assert sample(p_text, "pdorch_sim_pd_handshakes_total", {"outcome": "prefill_leased"}) == 5
+            assert sample(d_text, "pdorch_sim_pd_handshakes_total", {"outcome": "kv_pulled"}) == 5
+            assert sample(p_text, "vllm:generation_tokens_total") == 5  # one token per prefill leg
+        else:
+            assert sample(p_text, "pdorch_sim_pd_handshakes_total", {"outcome": "prefill_pushed"}) == 5
+            assert sample(d_text, "pdorch_sim_pd_handshakes_total", {"outcome": "decode_matched"}) == 5
+        proxy_text = await text_of(http, s.url)
+        assert sample(proxy_text, "pdorch_proxy_pd_decisions_total", {"mode": "pd"}) == 5
+        assert sample(proxy_text, "pdorch_proxy_requests_total", {"status": "200"}) == 5
+        assert sample(proxy_text, "pdorch_proxy_prefill_duration_seconds_count") == 5
+
+
+async def test_conditional_disaggregation_skips_prefill(http: aiohttp.ClientSession) -> None:
+    async with stack("vllm", min_prompt_tokens=50) as s:
+        c = s.client()
+        short = "short prompt"
+        r = await c.completions.create(model=MODEL, prompt=short, max_tokens=4)
+        assert r.choices[0].text == expected_text(short, 4)
+        long_prompt = "word " * 400  # ~500 estimated tokens
+        r = await c.completions.create(model=MODEL, prompt=long_prompt, max_tokens=4)
+        assert r.choices[0].text == expected_text(long_prompt, 4)
+        p_text = await text_of(http, s.prefill_url)
+        assert sample(p_text, "pdorch_sim_pd_handshakes_total", {"outcome": "prefill_leased"}) == 1
+        proxy_text = await text_of(http, s.url)
+        assert (
+            sample(
+                proxy_text,
+                "pdorch_proxy_pd_decisions_total",
+                {"mode": "decode_only", "reason": "short_prompt"},
+            )
+            == 1
+        )
+        assert (
+            sample(proxy_text, "pdorch_proxy_pd_decisions_total", {"mode": "pd", "reason": "long_prompt"})
+            == 1
+        )
+
+
+# -- client errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "status", "param"),
+    [
+        ("/v1/completions", b'{"model": "sim-model", "prompt": ', 400, None),
+        ("/v1/completions", b"[1, 2, 3]", 400, None),
+        ("/v1/completions", b'{"model": "nope", "prompt": "x"}', 404, "model"),
+        ("/v1/completions", b'{"prompt": "x"}', 400, "model"),
+        ("/v1/completions", b'{"model": "sim-model"}', 400, "prompt"),
+        ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "max_tokens": "ten"}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "stream": "yes"}', 400, "stream"),
+        ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "temperature": 9}', 400, "temperature"),
+        (
+            "/v1/completions",
+            b'{"model": "sim-model", "prompt": "x", "stream_options": {"include_usage": true}}',
+            400,
+            "stream_options",
+        ),
+        ("/v1/chat/completions", b'{"model": "sim-model", "messages": []}', 400, "messages"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "sim-model", "messages": [{"content": "x"}]}',
+            400,
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "sim-model", "messages": [{"role": "user", "content": "x"}], "kv_transfer_params": {}}',
+            400,
+            "kv_transfer_params",
+        ),
+    ],
+)
+async def test_bad_requests_get_json_4xx_naming_the_field(
+    http: aiohttp.ClientSession, path: str, raw: bytes, status: int, param: str | None
+) -> None:
+    async with stack("vllm") as s:
+        async with http.post(
+            s.url + path, data=raw, headers={"Content-Type": "application/json", "X-Request-Id": "bad-1"}
+        ) as r:
+            assert r.status == status
+            assert r.headers["X-Request-Id"] == "bad-1"
+            err = (await r.json())["error"]
+        assert err["param"] == param
+        assert err["type"] and err["message"]
+        if param is not None:
+            assert param.split("[")[0] in err["message"]
+        p_text = await text_of(http, s.prefill_url)
+        assert sample(p_text, "vllm:prompt_tokens_total") == 0  # nothing reached an engine
+
+
+async def test_oversized_body_and_openai_client_errors(http: aiohttp.ClientSession) -> None:
+    async with stack("vllm", max_body_bytes=4096) as s:
+        body = {"model": MODEL, "prompt": "x" * 10_000}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 413
+            assert "limit" in (await r.json())["error"]["message"]
+
+        # Chunked upload without Content-Length hits the same limit.
+        async def gen() -> AsyncIterator[bytes]:
+            yield json.dumps(body).encode()
+
+        async with http.post(
+            s.url + "/v1/completions", data=gen(), headers={"Content-Type": "application/json"}
+        ) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == 413
+        c = s.client()
+        with pytest.raises(openai.NotFoundError) as nf:
+            await c.completions.create(model="other-model", prompt="x", max_tokens=2)
+        assert "other-model" in str(nf.value)
+        with pytest.raises(openai.BadRequestError) as br:
+            await c.completions.create(model=MODEL, prompt="x", max_tokens=-3)
+        assert "max_tokens" in str(br.value)
+
+
+async def test_api_key_required(http: aiohttp.ClientSession) -> None:
+    async with stack("vllm", api_key="s3cret") as s:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            await s.client("wrong").completions.create(model=MODEL, prompt="x", max_tokens=2)
+        r2 = await s.client("s3cret").completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert r2.usage is not None and r2.usage.completion_tokens == 2
+        async with http.get(s.url + "/health") as h:  # probes need no key
+            assert h.status == 200
+
+
+# -- resilience ------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def failing_server(status: int) -> AsyncIterator[str]:
+    """An HTTP server answering every request with ``status``."""
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "boom"}}, status=status)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("protocol", ["vllm", "sglang"])
+async def test_failing_prefills_are_retried_with_a_fresh_pair(
+    protocol: str, http: aiohttp.ClientSession
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    async with failing_server(503) as broken:
+        suffix = "#1" if protocol == "sglang" else ""
+        async with stack(
+            protocol, extra_prefill=(closed + suffix, broken + suffix), policy="round_robin", max_retries=2
+        ) as s:
+            c = s.client()
+            for i in range(6):
+                prompt = f"retry me {i}"
+                r = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=3)
+                assert r.choices[0].text == expected_text(prompt, 3)
+            proxy_text = await text_of(http, s.url)
+            assert sample(proxy_text, "pdorch_proxy_requests_total", {"status": "200"}) == 6
+            assert (
+                sample(proxy_text, "pdorch_proxy_retries_total", {"endpoint": closed, "reason": "connect"})
+                >= 1
+            )
+            assert (
+                sample(proxy_text, "pdorch_proxy_retries_total", {"endpoint": broken, "reason": "http_503"})
+                >= 1
+            )
+            assert sample(proxy_text, "pdorch_proxy_endpoint_errors_total", {"endpoint": closed}) >= 1
+
+
+async def test_queue_full_gets_429_with_retry_after(http: aiohttp.ClientSession) -> None:
+    slow = replace(FAST, time_scale=1.0)
+    async with stack("vllm", sim_config=slow, max_inflight=1, max_queue=0) as s:
+        body = {"model": MODEL, "prompt": "hold the slot", "max_tokens": 2000, "stream": True}
+        async with http.post(s.url + "/v1/completions", json=body) as first:
+            assert first.status == 200
+            await first.content.readany()  # the slot is taken and streaming
+            async with http.post(s.url + "/v1/completions", json={**body, "max_tokens": 2}) as second:
+                assert second.status == 429
+                assert int(second.headers["Retry-After"]) >= 1
+                assert (await second.json())["error"]["type"] == "rate_limit_error"
+            first.close()
+        proxy_text = await text_of(http, s.url)
+        assert sample(proxy_text, "pdorch_proxy_rejected_total", {"reason": "queue_full"}) == 1
+
+
+async def test_vllm_client_disconnect_mid_stream_aborts_decode(http: aiohttp.ClientSession) -> None:
+    slow = replace(FAST, time_scale=1.0)
+    async with stack("vllm", sim_config=slow) as s:
+        body = {"model": MODEL, "prompt": "a long answer please", "max_tokens": 3000, "stream": True}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            assert await r.content.readany()
+            r.close()  # client goes away mid-stream
+
+        async def decode_aborted() -> bool:
+            return (
+                sample(
+                    await text_of(http, s.decode_url),
+                    "vllm:request_success_total",
+                    {"finished_reason": "abort"},
+                )
+                == 1
+            )
+
+        await wait_until(decode_aborted, WAIT_S, "the decode leg to be aborted")
+        # The prefill leg had finished and its KV lease was claimed: no prefill work is left behind.
+        prefill = s.sim.engine("127.0.0.1", s.sim.ports[0])
+        snap = prefill.snapshot()
+        assert snap.running == 0 and snap.waiting == 0 and not prefill.leases
+        proxy_text = await text_of(http, s.url)
+        assert sample(proxy_text, "pdorch_proxy_endpoint_inflight") == 0
+
+
+async def test_vllm_client_disconnect_during_prefill_aborts_prefill(http: aiohttp.ClientSession) -> None:
+    slow = replace(FAST, time_scale=30.0)  # an 8k-token prefill then takes seconds
+    async with stack("vllm", sim_config=slow) as s:
+        prefill = s.sim.engine("127.0.0.1", s.sim.ports[0])
+        body = {"model": MODEL, "prompt": "word " * 8000, "max_tokens": 5, "stream": True}
+        task = asyncio.create_task(http.post(s.url + "/v1/completions", json=body))
+
+        async def prefilling() -> bool:
+            return prefill.snapshot().running == 1
+
+        await wait_until(prefilling, WAIT_S, "the prefill leg to start")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+        async def prefill_aborted() -> bool:
+            return (
+                sample(
+                    await text_of(http, s.prefill_url),
+                    "vllm:request_success_total",
+                    {"finished_reason": "abort"},
+                )
+                == 1
+            )
+
+        await wait_until(prefill_aborted, WAIT_S, "the prefill leg to be aborted")
+        d_text = await text_of(http, s.decode_url)
+        assert sample(d_text, "vllm:prompt_tokens_total") == 0  # the decode leg never started
+
+
+async def test_sglang_client_disconnect_aborts_both_legs(http: aiohttp.ClientSession) -> None:
+    slow = replace(FAST, time_scale=30.0)
+    async with stack("sglang", sim_config=slow) as s:
+        prefill = s.sim.engine("127.0.0.1", s.sim.ports[0])
+        body = {"model": MODEL, "prompt": "word " * 8000, "max_tokens": 5, "stream": True}
+        task = asyncio.create_task(http.post(s.url + "/v1/completions", json=body))
+
+        async def prefilling() -> bool:
+            return prefill.snapshot().running == 1
+
+        await wait_until(prefilling, WAIT_S, "the prefill leg to start")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+        async def both_aborted() -> bool:
+            p = sample(await text_of(http, s.prefill_url), "sglang:num_aborted_requests_total")
+            d = sample(await text_of(http, s.decode_url), "sglang:num_aborted_requests_total")
+            return p == 1 and d == 1
+
+        await wait_until(both_aborted, WAIT_S, "both SGLang legs to be aborted")
+
+
+@contextlib.asynccontextmanager
+async def hanging_server() -> AsyncIterator[str]:
+    """Accepts connections and reads requests but never answers."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await reader.read()  # until the proxy gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
+
+
+@pytest.mark.parametrize(("leg", "stream"), [("decode", False), ("decode", True), ("prefill", True)])
+async def test_hanging_engine_gets_504(http: aiohttp.ClientSession, leg: str, stream: bool) -> None:
+    async with hanging_server() as hang:
+        where: dict[str, Any] = {"decode": (hang,)} if leg == "decode" else {"prefill": (hang,)}
+        async with stack("vllm", first_byte_timeout_s=0.5, health_timeout_s=0.3, **where) as s:
+            body = {"model": MODEL, "prompt": "anyone there?", "max_tokens": 3, "stream": stream}
+            async with http.post(s.url + "/v1/completions", json=body) as r:
+                assert r.status == 504
+                err = (await r.json())["error"]
+            assert err["type"] == "timeout_error" and "first-byte" in err["message"] and leg in err["message"]
+            text = await text_of(http, s.url)
+            labels = {"endpoint": hang, "role": leg, "reason": "first_byte_timeout"}
+            assert sample(text, "pdorch_proxy_endpoint_errors_total", labels) == 1
+
+
+async def test_health_reports_missing_pairs(http: aiohttp.ClientSession) -> None:
+    async with stack("vllm") as s:
+        async with http.get(s.url + "/health") as r:
+            assert r.status == 200
+            assert (await r.json())["status"] == "ok"
+    sim = SimServer(FAST, host="127.0.0.1", ports=[0])
+    await sim.start()
+    try:
+        pc = ProxyConfig(engine="vllm", host="127.0.0.1", port=0, decode=(sim.url(),), health_interval_s=60)
+        px = ProxyServer(pc, StaticDiscovery(static_endpoints((), pc.decode)))
+        await px.start()
+        try:
+            async with http.get(f"http://127.0.0.1:{px.port}/health") as r:
+                assert r.status == 503
+                assert "prefill" in (await r.json())["reason"]
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+            async with http.post(f"http://127.0.0.1:{px.port}/v1/completions", json=body) as r:
+                assert r.status == 503
+                assert int(r.headers["Retry-After"]) >= 1
+                assert "no_prefill" in (await r.json())["error"]["message"]
+        finally:
+            await px.stop()
+    finally:
+        await sim.stop()
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+
+async def test_pdorch_proxy_command_serves_and_stops_on_sigterm(
+    tmp_path: Any, http: aiohttp.ClientSession
+) -> None:
+    async with SimServer(FAST, host="127.0.0.1", ports=[0, 0]) as sim:
+        sim.roles = {f"127.0.0.1:{sim.ports[0]}": Role.PREFILL, f"127.0.0.1:{sim.ports[1]}": Role.DECODE}
+        port = free_port()
+        log = tmp_path / "proxy.log"
+        router_config = {"policy": "power_of_two", "retries": {"maxRetries": 1}}
+        cmd = [
+            sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "vllm", "--host", "127.0.0.1",
+            "--port", str(port), "--prefill", sim.url(0), "--decode", sim.url(1), "--shutdown-grace", "5",
+        ]  # fmt: skip
+        os.environ["PDORCH_ROUTER_CONFIG"] = json.dumps(router_config)
+        try:
+            proc = spawn(cmd, log)
+        finally:
+            del os.environ["PDORCH_ROUTER_CONFIG"]
+        try:
+            await asyncio.to_thread(wait_http_ok, f"http://127.0.0.1:{port}/health", 30, proc, log)
+            c = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=WAIT_S
+            )
+            async with c:
+                r = await c.completions.create(model=MODEL, prompt="via the command", max_tokens=4)
+            assert r.choices[0].text == expected_text("via the command", 4)
+            text = await text_of(http, f"http://127.0.0.1:{port}")
+            assert sample(text, "pdorch_proxy_policy_picks_total", {"policy": "power_of_two"}) == 1
+        finally:
+            await asyncio.to_thread(stop, proc)
+        assert proc.returncode == 0, log.read_text()[-2000:]
+
+
+async def test_graceful_stop_finishes_in_flight_streams(http: aiohttp.ClientSession) -> None:
+    slow = replace(FAST, time_scale=0.5)
+    async with stack("vllm", sim_config=slow, shutdown_grace_s=15) as s:
+        body = {"model": MODEL, "prompt": "finish me", "max_tokens": 150, "stream": True}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            first = await r.content.readany()
+            stopping = asyncio.create_task(s.proxy.stop())
+            rest = await r.read()
+        await asyncio.wait_for(stopping, WAIT_S)
+        raw = first + rest
+        assert raw.endswith(b"data: [DONE]\n\n")
+        assert raw.count(b'"text"') == 150
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with http.get(s.url + "/health"):
+                pass
+
+
+async def test_health_checks_open_the_breaker_of_a_dead_prefill(http: aiohttp.ClientSession) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    async with stack(
+        "vllm",
+        extra_prefill=(closed,),
+        policy="round_robin",
+        breaker_failures=2,
+        health_interval_s=0.05,
+        health_timeout_s=0.5,
+    ) as s:
+
+        async def opened() -> bool:
+            text = await text_of(http, s.url)
+            return sample(text, "pdorch_proxy_breaker_state", {"endpoint": closed}) == 1
+
+        await wait_until(opened, WAIT_S, "the dead prefill's breaker to open")
+        c = s.client()
+        for i in range(4):
+            await c.completions.create(model=MODEL, prompt=f"after {i}", max_tokens=2)
+        text = await text_of(http, s.url)
+        assert sample(text, "pdorch_proxy_retries_total") == 0  # the open breaker kept traffic away
+        assert sample(text, "pdorch_proxy_breaker_state", {"endpoint": s.prefill_url}) == 0
+
+
+@contextlib.asynccontextmanager
+async def dying_stream_server() -> AsyncIterator[str]:
+    """A 'decode' that starts an SSE stream, sends one event, then drops the connection."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await out.write(b'data: {"choices": [{"index": 0, "text": "partial"}]}\n\n')
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return out
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_stream_cut_after_first_bytes_ends_with_an_error_event(http: aiohttp.ClientSession) -> None:
+    async with dying_stream_server() as dying, stack("vllm", decode=(dying,), health_timeout_s=0.3) as s:
+        body = {"model": MODEL, "prompt": "cut me off", "max_tokens": 50, "stream": True}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            raw = await r.read()
+        assert raw.startswith(b'data: {"choices": [{"index": 0, "text": "partial"}]}\n\n')
+        last = raw.strip().split(b"\n\n")[-1]
+        assert last.startswith(b"data: ")
+        err = json.loads(last[len(b"data: ") :])["error"]
+        assert "interrupted" in err["message"]
+        text = await text_of(http, s.url)
+        assert sample(text, "pdorch_proxy_retries_total") == 0  # never retried once bytes were sent
+        assert sample(text, "pdorch_proxy_endpoint_errors_total", {"reason": "mid_stream"}) == 1
+
+
+async def test_request_timeout_is_explicit(http: aiohttp.ClientSession) -> None:
+    slow = replace(FAST, time_scale=1.0)
+    async with stack("vllm", sim_config=slow, request_timeout_s=0.6) as s:
+        body = {"model": MODEL, "prompt": "too long an answer", "max_tokens": 5000}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 504  # nothing was sent yet: a plain JSON error
+            assert (await r.json())["error"]["type"] == "timeout_error"
+        async with http.post(s.url + "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status == 200
+            raw = await r.read()
+        last = raw.strip().split(b"\n\n")[-1]
+        assert (
+            json.loads(last[len(b"data: ") :])["error"]["code"] == 504
+        )  # the stream ends with an error event
+
+        async def decode_aborted() -> bool:
+            text = await text_of(http, s.decode_url)
+            return sample(text, "vllm:request_success_total", {"finished_reason": "abort"}) == 2
+
+        await wait_until(decode_aborted, WAIT_S, "both timed-out decodes to be aborted")

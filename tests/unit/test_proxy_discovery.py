@@ -1,0 +1,117 @@
+"""Pod -> endpoint mapping and static URL parsing."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from pdorch.proxy.discovery import endpoint_from_pod, endpoints_from_pods, parse_static, static_endpoints
+from pdorch.proxy.endpoints import Endpoint
+
+pytestmark = pytest.mark.unit
+
+
+def pod(
+    name: str = "g-prefill-0",
+    role: str = "prefill",
+    ip: str | None = "10.0.0.7",
+    ready: bool = True,
+    worker_index: str | None = "0",
+    deleting: bool = False,
+    annotations: dict[str, str] | None = None,
+    revision: str = "abc123",
+) -> dict[str, Any]:
+    labels = {
+        "pdorch.io/group": "g",
+        "pdorch.io/role": role,
+        "pdorch.io/role-type": role,
+        "pdorch.io/revision": revision,
+    }
+    if worker_index is not None:
+        labels["leaderworkerset.sigs.k8s.io/worker-index"] = worker_index
+    md: dict[str, Any] = {"name": name, "namespace": "ns", "labels": labels, "annotations": annotations or {}}
+    if deleting:
+        md["deletionTimestamp"] = "2026-11-27T20:00:00Z"
+    status: dict[str, Any] = {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    if ip:
+        status["podIP"] = ip
+    return {"metadata": md, "status": status}
+
+
+def test_ready_leader_maps_with_ports_and_revision() -> None:
+    e = endpoint_from_pod(pod(annotations={"pdorch.io/port": "8200", "pdorch.io/bootstrap-port": "8998"}))
+    assert e == Endpoint(
+        url="http://10.0.0.7:8200",
+        role="prefill",
+        host="10.0.0.7",
+        port=8200,
+        revision="abc123",
+        bootstrap_port=8998,
+        pod="g-prefill-0",
+    )
+    d = endpoint_from_pod(pod(role="decode", annotations={"pdorch.io/bootstrap-port": "8998"}))
+    assert d is not None and d.port == 8000 and d.bootstrap_port is None and d.role == "decode"
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        pod(ready=False),
+        pod(ip=None),
+        pod(deleting=True),
+        pod(worker_index="1"),
+        pod(role="proxy"),
+        pod(role="worker"),
+    ],
+    ids=["not-ready", "no-ip", "terminating", "lws-worker", "proxy-role", "worker-role"],
+)
+def test_excluded_pods(p: dict[str, Any]) -> None:
+    assert endpoint_from_pod(p) is None
+
+
+def test_pod_without_conditions_is_not_ready_and_bad_port_falls_back() -> None:
+    p = pod(annotations={"pdorch.io/port": "http"})
+    assert endpoint_from_pod(p) is not None and endpoint_from_pod(p).port == 8000  # type: ignore[union-attr]
+    bare = copy.deepcopy(pod())
+    del bare["status"]["conditions"]
+    assert endpoint_from_pod(bare) is None
+
+
+def test_endpoints_from_pods_sorted_and_ipv6() -> None:
+    s = endpoints_from_pods(
+        [pod("b", role="decode", ip="10.0.0.9"), pod("a", ip="fd00::5"), pod("c", ready=False, ip="10.0.0.1")]
+    )
+    assert [e.url for e in s.endpoints] == ["http://10.0.0.9:8000", "http://[fd00::5]:8000"]
+    assert s.endpoints[1].host == "fd00::5"
+
+
+def test_static_urls() -> None:
+    e = parse_static("http://127.0.0.1:9000/#8998", "prefill")
+    assert (e.url, e.host, e.port, e.bootstrap_port) == ("http://127.0.0.1:9000", "127.0.0.1", 9000, 8998)
+    assert parse_static("http://h:1", "prefill", 7).bootstrap_port == 7
+    assert parse_static("http://h:1#9", "decode").bootstrap_port is None
+    s = static_endpoints(["http://p:1"], ["http://d:2", "http://d:3"])
+    assert [e.role for e in s.endpoints] == ["prefill", "decode", "decode"]
+    for bad in ("p:1", "ftp://x:1", "http://h:1#abc"):
+        with pytest.raises(ValueError):
+            parse_static(bad, "prefill")
+
+
+def test_kube_discovery_rebuilds_from_the_informer_cache() -> None:
+    from types import SimpleNamespace
+
+    from pdorch.proxy.discovery import KubeDiscovery
+
+    seen: list[int] = []
+    kd = KubeDiscovery("ns", "g", on_change=lambda s: seen.append(len(s)))
+    store = {"ns/a": pod("a"), "ns/b": pod("b", role="decode", ip="10.0.0.8")}
+    kd._informer = SimpleNamespace(store=store)
+    kd._rebuild("ADDED", store["ns/a"])
+    assert [e.role for e in kd.current().endpoints] == ["prefill", "decode"]
+    store["ns/a"] = pod("a", deleting=True)
+    kd._rebuild("MODIFIED", store["ns/a"])
+    kd._rebuild("MODIFIED", store["ns/a"])  # no change: no callback
+    assert [e.role for e in kd.current().endpoints] == ["decode"]
+    assert seen == [2, 1]

@@ -1,0 +1,204 @@
+"""Pairing and routing policies: same-revision pairs, revision weighting, per-policy behaviour."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pdorch.proxy.endpoints import Endpoint, EndpointSet
+from pdorch.proxy.policies import (
+    Decision,
+    NoRoute,
+    PrefixIndex,
+    RouteRequest,
+    choose,
+    disaggregation,
+    pick_one,
+    revision_capacity,
+    usable_pair_exists,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def ep(role: str, n: int, rev: str = "r1") -> Endpoint:
+    return Endpoint(url=f"http://10.0.0.{n}:8000", role=role, host=f"10.0.0.{n}", port=8000, revision=rev)  # type: ignore[arg-type]
+
+
+def eps(*items: Endpoint) -> EndpointSet:
+    return EndpointSet(tuple(items))
+
+
+def decide(req: RouteRequest, seed: int = 0, prefix: PrefixIndex | None = None) -> Decision:
+    out = choose(req, random.Random(seed), prefix)
+    assert isinstance(out, Decision), out
+    return out
+
+
+endpoint_lists = st.lists(
+    st.tuples(st.sampled_from(["prefill", "decode"]), st.integers(1, 40), st.sampled_from(["a", "b", "c"])),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(
+    endpoint_lists,
+    st.integers(0, 1000),
+    st.sampled_from(["round_robin", "least_load", "power_of_two", "cache_aware"]),
+)
+def test_pairs_never_cross_revisions(items: list[tuple[str, int, str]], seed: int, policy: str) -> None:
+    # Unique URLs per (role, n): a URL is one endpoint.
+    by_url = {
+        f"{role}-{n}": Endpoint(f"http://{role}-{n}:1", role, f"{role}-{n}", 1, rev) for role, n, rev in items
+    }  # type: ignore[arg-type]
+    s = EndpointSet(tuple(by_url.values()))
+    out = choose(
+        RouteRequest(endpoints=s, loads={}, policy=policy, prompt_text="x" * 200),
+        random.Random(seed),
+        PrefixIndex(),
+    )  # type: ignore[arg-type]
+    if isinstance(out, Decision):
+        assert out.prefill is not None and out.prefill.role == "prefill" and out.decode.role == "decode"
+        assert out.prefill.revision == out.decode.revision == out.revision
+    else:
+        # No route only if no revision has both roles.
+        assert not revision_capacity(list(s.endpoints), "pd")
+
+
+def test_revision_weighted_by_ready_capacity() -> None:
+    # r-old: 3 prefill + 3 decode (capacity 3); r-new: 1 prefill + 3 decode (capacity 1) -> 3:1 split.
+    s = eps(*(ep("prefill", i, "old") for i in range(1, 4)), *(ep("decode", i, "old") for i in range(4, 7)),
+            ep("prefill", 7, "new"), *(ep("decode", i, "new") for i in range(8, 11)))  # fmt: skip
+    rng = random.Random(1)
+    counts = Counter()
+    for i in range(4000):
+        d = choose(RouteRequest(endpoints=s, loads={}, counter=i), rng)
+        assert isinstance(d, Decision)
+        counts[d.revision] += 1
+    assert 0.70 < counts["old"] / 4000 < 0.80
+    assert revision_capacity(list(s.endpoints), "pd") == {"old": 3, "new": 1}
+    assert revision_capacity(list(s.endpoints), "decode_only") == {"old": 3, "new": 3}
+
+
+def test_revision_without_a_pair_gets_nothing() -> None:
+    s = eps(ep("prefill", 1, "old"), ep("decode", 2, "old"), ep("decode", 3, "new"))
+    for seed in range(50):
+        assert decide(RouteRequest(endpoints=s, loads={}), seed).revision == "old"
+
+
+def test_least_load_picks_fewest_inflight_and_rotates_ties() -> None:
+    s = eps(ep("prefill", 1), ep("prefill", 2), ep("decode", 3), ep("decode", 4))
+    loads = {
+        "http://10.0.0.1:8000": 5,
+        "http://10.0.0.2:8000": 1,
+        "http://10.0.0.3:8000": 0,
+        "http://10.0.0.4:8000": 2,
+    }
+    d = decide(RouteRequest(endpoints=s, loads=loads, policy="least_load"))
+    assert d.prefill is not None and d.prefill.host == "10.0.0.2"
+    assert d.decode.host == "10.0.0.3"
+    tied = {decide(RouteRequest(endpoints=s, loads={}, counter=i)).decode.host for i in range(4)}
+    assert tied == {"10.0.0.3", "10.0.0.4"}
+
+
+def test_round_robin_cycles() -> None:
+    s = eps(ep("prefill", 1), ep("prefill", 2), ep("prefill", 3), ep("decode", 4))
+    picks = [
+        decide(RouteRequest(endpoints=s, loads={}, policy="round_robin", counter=i)).prefill for i in range(6)
+    ]
+    assert [p.host for p in picks if p] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"] * 2
+
+
+def test_power_of_two_never_picks_the_most_loaded_of_three() -> None:
+    cands = [ep("decode", 1), ep("decode", 2), ep("decode", 3)]
+    loads = {"http://10.0.0.1:8000": 9, "http://10.0.0.2:8000": 0, "http://10.0.0.3:8000": 4}
+    rng = random.Random(3)
+    seen = Counter(pick_one("power_of_two", cands, loads, 0, rng)[0].host for _ in range(300))
+    assert seen["10.0.0.1"] == 0
+    assert seen["10.0.0.2"] > seen["10.0.0.3"] > 0
+
+
+def test_cache_aware_prefers_prefix_owner_unless_imbalanced() -> None:
+    s = eps(ep("prefill", 1), ep("prefill", 2), ep("decode", 3))
+    index = PrefixIndex(chunk_chars=16)
+    system = "You are a helpful assistant. " * 20
+    index.insert(system + "first question", s.endpoints[1])
+    d = decide(
+        RouteRequest(endpoints=s, loads={}, policy="cache_aware", prompt_text=system + "second one"),
+        prefix=index,
+    )
+    assert d.prefill is not None and d.prefill.host == "10.0.0.2" and d.pick == "prefix_hit"
+    # Unrelated text: no match -> least load.
+    d2 = decide(
+        RouteRequest(
+            endpoints=s, loads={"http://10.0.0.1:8000": 3}, policy="cache_aware", prompt_text="z" * 400
+        ),
+        prefix=index,
+    )
+    assert d2.pick == "prefix_miss" and d2.prefill is not None and d2.prefill.host == "10.0.0.2"
+    # The owner is overloaded: balance wins over affinity.
+    heavy = {"http://10.0.0.2:8000": 200, "http://10.0.0.1:8000": 1}
+    d3 = decide(
+        RouteRequest(endpoints=s, loads=heavy, policy="cache_aware", prompt_text=system), prefix=index
+    )
+    assert d3.pick == "imbalanced" and d3.prefill is not None and d3.prefill.host == "10.0.0.1"
+
+
+def test_prefix_index_is_bounded() -> None:
+    index = PrefixIndex(chunk_chars=4, max_entries=10)
+    for i in range(20):
+        index.insert(f"{i:04d}" * 5, ep("prefill", 1))
+    assert len(index) == 10
+
+
+def test_conditional_disaggregation() -> None:
+    assert disaggregation(10, 0) == ("pd", "always")
+    assert disaggregation(10, 64) == ("decode_only", "short_prompt")
+    assert disaggregation(64, 64) == ("pd", "long_prompt")
+    s = eps(ep("prefill", 1), ep("decode", 2))
+    d = decide(RouteRequest(endpoints=s, loads={}, prompt_tokens=5, min_prompt_tokens=64))
+    assert d.mode == "decode_only" and d.prefill is None and d.reason == "short_prompt"
+    # Decode-only still works when there is no prefill at all.
+    d2 = decide(RouteRequest(endpoints=eps(ep("decode", 2)), loads={}, prompt_tokens=5, min_prompt_tokens=64))
+    assert d2.decode.host == "10.0.0.2"
+
+
+def test_open_breakers_are_excluded() -> None:
+    s = eps(ep("prefill", 1), ep("prefill", 2), ep("decode", 3))
+    blocked = frozenset({"http://10.0.0.1:8000"})
+    for i in range(10):
+        d = decide(RouteRequest(endpoints=s, loads={}, blocked=blocked, policy="round_robin", counter=i))
+        assert d.prefill is not None and d.prefill.host == "10.0.0.2"
+    out = choose(
+        RouteRequest(endpoints=s, loads={}, blocked=frozenset({"http://10.0.0.3:8000"})), random.Random(0)
+    )
+    assert out == NoRoute("no_decode")
+    all_p = frozenset({"http://10.0.0.1:8000", "http://10.0.0.2:8000"})
+    assert choose(RouteRequest(endpoints=s, loads={}, blocked=all_p), random.Random(0)) == NoRoute(
+        "no_prefill"
+    )
+
+
+def test_avoid_prefers_fresh_endpoints_but_falls_back() -> None:
+    s = eps(ep("prefill", 1), ep("prefill", 2), ep("decode", 3))
+    avoid = frozenset({"http://10.0.0.1:8000"})
+    for i in range(5):
+        d = decide(RouteRequest(endpoints=s, loads={}, avoid=avoid, policy="round_robin", counter=i))
+        assert d.prefill is not None and d.prefill.host == "10.0.0.2"
+    # Everything failed once: reuse rather than refuse.
+    d = decide(RouteRequest(endpoints=s, loads={}, avoid=frozenset(e.key for e in s.endpoints)))
+    assert d.prefill is not None
+
+
+def test_no_same_revision_pair_and_health() -> None:
+    s = eps(ep("prefill", 1, "a"), ep("decode", 2, "b"))
+    assert choose(RouteRequest(endpoints=s, loads={}), random.Random(0)) == NoRoute("no_same_revision_pair")
+    ok, reason = usable_pair_exists(s, frozenset())
+    assert not ok and "same revision" in reason
+    assert usable_pair_exists(eps(ep("prefill", 1), ep("decode", 2)), frozenset()) == (True, "ok")
+    assert usable_pair_exists(EndpointSet(), frozenset())[0] is False

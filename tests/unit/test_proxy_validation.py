@@ -1,0 +1,147 @@
+"""Request validation and proxy configuration."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pdorch.proxy.config import ProxyConfig, build_config, router_settings
+from pdorch.proxy.errors import ProxyError
+from pdorch.proxy.validation import parse_json, validate
+
+pytestmark = pytest.mark.unit
+MODELS = frozenset({"m"})
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+field_names = st.sampled_from(
+    ["model", "prompt", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
+     "temperature", "top_p", "stop", "logprobs", "echo", "min_tokens", "seed", "kv_transfer_params", "role", "content"]
+)  # fmt: skip
+bodies = st.dictionaries(field_names | st.text(max_size=6), json_values, max_size=8)
+
+
+@settings(max_examples=400)
+@given(st.one_of(bodies, json_values), st.sampled_from(["completion", "chat"]))
+def test_random_bodies_never_give_server_errors(body: Any, kind: str) -> None:
+    raw = json.dumps(body).encode()
+    try:
+        validate(parse_json(raw), kind, MODELS)  # type: ignore[arg-type]
+    except ProxyError as exc:
+        assert 400 <= exc.status < 500
+        assert exc.body()["error"]["message"]
+
+
+@given(st.binary(max_size=64))
+def test_random_bytes_never_give_server_errors(raw: bytes) -> None:
+    try:
+        parse_json(raw)
+    except ProxyError as exc:
+        assert exc.status == 400
+
+
+def err(body: dict[str, Any], kind: str = "completion") -> ProxyError:
+    with pytest.raises(ProxyError) as e:
+        validate(body, kind, MODELS)  # type: ignore[arg-type]
+    return e.value
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x"}, "model"),
+        ({"model": 3, "prompt": "x"}, "model"),
+        ({"model": "m"}, "prompt"),
+        ({"model": "m", "prompt": []}, "prompt"),
+        ({"model": "m", "prompt": [1, "a"]}, "prompt"),
+        ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "n": 0}, "n"),
+        ({"model": "m", "prompt": "x", "stream": 1}, "stream"),
+        ({"model": "m", "prompt": "x", "stream_options": {}}, "stream_options"),
+        ({"model": "m", "prompt": "x", "stream": True, "stream_options": []}, "stream_options"),
+        ({"model": "m", "prompt": "x", "top_p": 2}, "top_p"),
+        ({"model": "m", "prompt": "x", "stop": [1]}, "stop"),
+        ({"model": "m", "prompt": "x", "logprobs": -1}, "logprobs"),
+        ({"model": "m", "prompt": "x", "bootstrap_room": 1}, "bootstrap_room"),
+    ],
+)
+def test_bad_completion_fields_named(body: dict[str, Any], param: str) -> None:
+    e = err(body)
+    assert e.status == 400 and e.param == param and param in e.message
+
+
+def test_chat_and_model_checks() -> None:
+    assert err({"model": "m", "messages": "hi"}, "chat").param == "messages"
+    assert (
+        err({"model": "m", "messages": [{"role": "user", "content": 5}]}, "chat").param
+        == "messages[0].content"
+    )
+    assert err({"model": "m", "messages": [{"role": "u"}], "logprobs": 1}, "chat").param == "logprobs"
+    e = err({"model": "other", "prompt": "x"})
+    assert e.status == 404 and e.param == "model" and e.code == "model_not_found"
+    validate({"model": "other", "prompt": "x"}, "completion", None)  # unknown served list: accepted
+    validate(
+        {"model": "m", "messages": [{"role": "user", "content": None}], "stream": True, "stream_options": {}},
+        "chat",
+        MODELS,
+    )
+    validate(
+        {"model": "m", "prompt": [[1, 2], [3]], "max_tokens": 5, "extra_engine_field": {"x": 1}},
+        "completion",
+        MODELS,
+    )
+
+
+def test_parse_json_errors() -> None:
+    for raw in (b"{", b"[]", b'"x"', b"\xff"):
+        with pytest.raises(ProxyError) as e:
+            parse_json(raw)
+        assert e.value.status == 400 and e.value.param is None
+
+
+def test_router_config_env_and_flag_precedence() -> None:
+    wire = {
+        "policy": "cache_aware",
+        "conditionalDisaggregation": {"minPromptTokens": 256},
+        "timeouts": {"connectSeconds": 2, "firstByteSeconds": 60, "requestSeconds": 600},
+        "retries": {"maxRetries": 4},
+        "auth": {"secretName": "k"},
+    }
+    assert router_settings(json.dumps(wire)) == {
+        "policy": "cache_aware",
+        "min_prompt_tokens": 256,
+        "connect_timeout_s": 2,
+        "first_byte_timeout_s": 60,
+        "request_timeout_s": 600,
+        "max_retries": 4,
+    }
+    env = {"PDORCH_ROUTER_CONFIG": json.dumps(wire), "PDORCH_API_KEY": "k1"}
+    cfg = build_config(
+        {"engine": "vllm", "group": "g", "namespace": "ns", "policy": "round_robin", "port": None}, env
+    )
+    assert cfg.policy == "round_robin" and cfg.max_retries == 4 and cfg.api_key == "k1" and cfg.port == 8000
+    assert not cfg.static
+
+
+def test_config_requires_one_discovery_mode() -> None:
+    with pytest.raises(ValueError):
+        ProxyConfig(engine="vllm")
+    with pytest.raises(ValueError):
+        ProxyConfig(engine="vllm", group="g", namespace="n", decode=("http://d:1",))
+    with pytest.raises(ValueError):
+        ProxyConfig(engine="vllm", group="g")
+    assert ProxyConfig(engine="sglang", decode=("http://d:1",)).static
