@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "pdorch.roles.commands",
     "pdorch.api.commands",
     "pdorch.sim.commands",
+    "pdorch.demo.commands",
     "pdorch.proxy.commands",
 ]
 

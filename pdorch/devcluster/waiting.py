@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -23,3 +25,22 @@ def wait_for(fn: Callable[[], T | None], timeout: float, what: str, interval: fl
         time.sleep(interval)
     detail = f" (last error: {last_exc!r})" if last_exc else ""
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+
+
+async def wait_for_async(fn: Callable[[], Any], seconds: float, what: str, interval: float = 0.1) -> Any:
+    """Async twin of `wait_for`: `fn` may return a value or an awaitable; polls until truthy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    last_exc: Exception | None = None
+    while loop.time() < deadline:
+        try:
+            value = fn()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+        except Exception as e:
+            last_exc = e
+        await asyncio.sleep(interval)
+    detail = f" (last error: {last_exc!r})" if last_exc else ""
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}{detail}")

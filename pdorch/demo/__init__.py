@@ -1,0 +1,1 @@
+"""pdorch.demo: the `pdorch demo` walkthrough."""

@@ -1,0 +1,32 @@
+"""`pdorch demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from pdorch.demo.run import demo
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(demo(args.users, args.duration, args.cluster_name))
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the demo; its finally-block already cleaned up.
+        return 130
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `demo`."""
+    p = sub.add_parser(
+        "demo",
+        help="P/D serving end to end on the local dev cluster, with a live view (Ctrl-C cleans up)",
+        description="Start the dev cluster, run the controller, apply examples/sim-pd, serve it with "
+        "simulated engines and the proxy, send traffic and show a live view.",
+    )
+    p.add_argument("--users", type=int, default=6, help="concurrent simulated users (default %(default)s)")
+    p.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
+    )
+    p.add_argument("--cluster-name", default="demo", help="dev cluster name (default %(default)s)")
+    p.set_defaults(func=_run)

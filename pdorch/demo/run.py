@@ -1,0 +1,162 @@
+"""`pdorch demo`: P/D serving end to end on the local dev cluster, with a live view.
+
+Steps (each shown as it happens): start the dev cluster, install the CRDs, run the controller,
+apply examples/sim-pd, put simulated engines behind the prefill/decode pods' IPs and the proxy
+behind the proxy pod's IP, send trace-shaped traffic through the proxy, and show per-role
+replicas, requests/s, TTFT/TPOT percentiles and the controller's decisions. Ctrl-C (or
+--duration) stops the traffic and tears down everything the demo started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import yaml
+from lightkube.codecs import from_dict
+from lightkube.core.exceptions import ApiError
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Namespace
+
+from pdorch.controller.kubeapi import EVENT, SERVING_GROUP, KubeApi
+from pdorch.demo.traffic import Stats, run_users
+from pdorch.demo.view import render_view
+from pdorch.devcluster.binaries import repo_root
+from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, wait_for_crds
+from pdorch.devcluster.controller_process import ControllerProc
+from pdorch.devcluster.pod_backends import PodBackends
+from pdorch.devcluster.waiting import wait_for, wait_for_async
+from pdorch.sim.config import SimConfig
+
+SG = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
+NAMESPACE = "demo"
+GROUP = "sim-pd"
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _install(st: ClusterState) -> None:
+    kube = st.client()
+    names = []
+    for f in sorted((repo_root() / "manifests" / "crd").glob("*.yaml")):
+        doc = yaml.safe_load(f.read_text())
+        kube.apply(from_dict(doc), field_manager="pdorch-demo", force=True)
+        names.append(doc["metadata"]["name"])
+    wait_for_crds(kube, names)
+    for ns in (NAMESPACE, "pdorch-system"):
+        with contextlib.suppress(ApiError):
+            kube.create(Namespace(metadata=ObjectMeta(name=ns)))
+
+
+def _apply_example(st: ClusterState) -> None:
+    doc = yaml.safe_load((repo_root() / "examples" / "sim-pd" / "servinggroup.yaml").read_text())
+    doc["metadata"]["namespace"] = NAMESPACE
+    st.client().apply(from_dict(doc), field_manager="pdorch-demo", force=True)
+
+
+def _available(st: ClusterState) -> bool:
+    obj = st.client().get(SG, GROUP, namespace=NAMESPACE)
+    return any(
+        c["type"] == "Available" and c["status"] == "True" for c in (obj.status or {}).get("conditions", [])
+    )
+
+
+async def _events(api: KubeApi) -> list[str]:
+    items, _ = await api.list(EVENT, NAMESPACE)
+    items.sort(key=lambda e: e.get("eventTime") or e["metadata"].get("creationTimestamp") or "")
+    return [
+        f"{(e.get('eventTime') or '')[11:19]} {e.get('type', '')[:1]} {e.get('reason', '')}: {e.get('note', '')}"[
+            :110
+        ]
+        for e in items
+        if e.get("reportingController") == "pdorch.io/controller"
+    ]
+
+
+async def demo(users: int, duration: float | None, cluster_name: str) -> int:
+    """Run the demo; returns the exit code."""
+    cluster = DevCluster(default_state_dir(cluster_name), progress=say)
+    ctl: ControllerProc | None = None
+    backends: PodBackends | None = None
+    api: KubeApi | None = None
+    stop = asyncio.Event()
+    traffic: asyncio.Task[None] | None = None
+    try:
+        st = await asyncio.to_thread(cluster.up)
+        say("installing the pdorch CRDs")
+        await asyncio.to_thread(_install, st)
+        say("starting the pdorch controller")
+        ctl = ControllerProc(st.kubeconfig, "demo", f"demo-{uuid.uuid4().hex[:6]}")
+        await asyncio.to_thread(ctl.wait_ready)
+        say(f"applying examples/sim-pd/servinggroup.yaml in namespace {NAMESPACE}")
+        await asyncio.to_thread(_apply_example, st)
+        await asyncio.to_thread(wait_for, lambda: _available(st), 120, "ServingGroup sim-pd Available")
+        say("ServingGroup Available; starting simulated engines on the pods' IPs and the proxy pod")
+        backends = PodBackends(
+            st.kubeconfig,
+            NAMESPACE,
+            GROUP,
+            protocol="vllm",
+            sim_config=SimConfig(protocol="vllm"),
+            log_dir=Path(st.dir) / "logs",
+        )
+        await backends.start()
+        proxy = await wait_for_async(lambda: backends.by_kind("proxy"), 30, "the proxy pod's backend")
+        url = f"http://{proxy[0].ip}:{proxy[0].port}"
+
+        async def healthy() -> bool:
+            async with httpx2.AsyncClient(trust_env=False) as c:
+                return (await c.get(f"{url}/health", timeout=2)).status_code == 200
+
+        await wait_for_async(healthy, 60, "the proxy to find a prefill/decode pair")
+        say(
+            f"sending traffic through the proxy pod at {url} ({users} users, Azure 2023 conversation lengths)"
+        )
+        stats = Stats()
+        traffic = asyncio.create_task(run_users(url, users, stats, stop))
+        api = KubeApi.from_config(st.kubeconfig, field_manager="pdorch-demo")
+        t0 = time.monotonic()
+        tty = sys.stdout.isatty()
+        last_plain = 0.0
+        while duration is None or time.monotonic() - t0 < duration:
+            await asyncio.sleep(1.0)
+            if traffic.done():
+                traffic.result()  # surface a crash of the traffic generator
+            group: dict[str, Any] | None = await api.get(SERVING_GROUP, GROUP, NAMESPACE)
+            now = time.monotonic()
+            screen = render_view(
+                group,
+                stats.snapshot(now),
+                {"ok": stats.total_ok, "failed": stats.total_failed, "errors": stats.errors},
+                await _events(api),
+                now - t0,
+            )
+            if tty:
+                print("\x1b[2J\x1b[H" + screen, flush=True)
+            elif now - last_plain >= 5:
+                print(screen + "\n", flush=True)
+                last_plain = now
+        return 0 if stats.total_ok > 0 else 1
+    finally:
+        say("stopping: traffic, engines, proxy, controller, dev cluster")
+        stop.set()
+        if traffic is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(traffic, timeout=30)
+        if backends is not None:
+            await backends.stop()
+        if api is not None:
+            await api.close()
+        if ctl is not None:
+            ctl.stop()
+        await asyncio.to_thread(cluster.down)
+        say("cleaned up")

@@ -1,0 +1,179 @@
+"""Real processes behind a ServingGroup's kwok pods, so traffic to pod IPs gets real answers.
+
+kwok runs no containers: a pod is only an API object with a loopback IP (127.1.x.y). This module
+follows a group's pods and, for every Running pod, serves what its container would have served,
+bound to that pod's IP and port:
+- prefill/decode leader pods: a simulated engine (`pdorch.sim.SimServer`) of the group's protocol;
+- the proxy pod: `pdorch proxy` as a subprocess, discovering the engines through the API like the
+  in-cluster proxy does.
+A pod that is deleted or starts terminating has its backend stopped at once, which is what a
+killed engine looks like to its clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdorch.controller.informer import Informer
+from pdorch.controller.kubeapi import POD, KubeApi
+from pdorch.sim.config import SimConfig
+from pdorch.sim.engine import Role
+from pdorch.sim.server import SimServer
+
+log = logging.getLogger(__name__)
+
+WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What should run for one pod (pure: derived from the pod object)."""
+
+    pod: str
+    uid: str
+    kind: str  # "prefill" | "decode" | "proxy"
+    ip: str
+    port: int
+    bootstrap_port: int | None = None
+
+
+def backend_for(pod: dict[str, Any]) -> Backend | None:
+    """The backend a pod needs, or None (not running yet, terminating, a worker pod, not ours)."""
+    md, status = pod["metadata"], pod.get("status") or {}
+    labels, ann = md.get("labels") or {}, md.get("annotations") or {}
+    if md.get("deletionTimestamp") or status.get("phase") != "Running" or not status.get("podIP"):
+        return None
+    if labels.get(WORKER_INDEX, "0") != "0":
+        return None  # multi-host workers serve no HTTP; the leader does
+    kind = labels.get("pdorch.io/role-type")
+    if kind not in ("prefill", "decode", "proxy"):
+        return None
+    port = int(ann.get("pdorch.io/port") or _container_port(pod) or 8000)
+    bp = ann.get("pdorch.io/bootstrap-port")
+    return Backend(md["name"], md["uid"], kind, status["podIP"], port, int(bp) if bp else None)
+
+
+def _container_port(pod: dict[str, Any]) -> int | None:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("containerPort"):
+                return int(p["containerPort"])
+    return None
+
+
+@dataclass
+class PodBackends:
+    """Keeps one backend running per Running pod of `group` in `namespace`."""
+
+    kubeconfig: str
+    namespace: str
+    group: str
+    protocol: str = "vllm"
+    sim_config: SimConfig | None = None
+    proxy_args: list[str] = field(default_factory=list)
+    log_dir: Path | None = None
+    engines: dict[str, SimServer] = field(default_factory=dict)  # pod name -> engine server
+    proxies: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    _running: dict[str, Backend] = field(default_factory=dict)
+    _api: KubeApi | None = None
+    _informer: Informer | None = None
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        self._api = KubeApi.from_config(self.kubeconfig, field_manager="pdorch-pod-backends")
+        self._informer = Informer(self._api, POD, self.namespace, f"pdorch.io/group={self.group}")
+        self._informer.add_handler(lambda _t, _o: self._wake.set())
+        self._tasks = [asyncio.create_task(self._informer.run()), asyncio.create_task(self._loop())]
+        await asyncio.wait_for(self._informer.synced.wait(), timeout=30)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for name in list(self._running):
+            await self._stop_backend(name)
+        if self._api is not None:
+            await self._api.close()
+
+    def backend(self, pod: str) -> Backend | None:
+        return self._running.get(pod)
+
+    def by_kind(self, kind: str) -> list[Backend]:
+        return [b for b in self._running.values() if b.kind == kind]
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._sync()
+            except Exception:
+                log.exception("pod backends: sync failed")
+
+    async def _sync(self) -> None:
+        assert self._informer is not None
+        want = {b.pod: b for p in self._informer.store.values() if (b := backend_for(p)) is not None}
+        for name, b in list(self._running.items()):
+            if want.get(name) != b:
+                await self._stop_backend(name)
+        for name, b in want.items():
+            if name not in self._running:
+                await self._start_backend(b)
+
+    async def _start_backend(self, b: Backend) -> None:
+        if b.kind == "proxy":
+            argv = [
+                sys.executable, "-m", "pdorch.cli", "proxy",
+                "--engine", self.protocol, "--group", self.group, "--namespace", self.namespace,
+                "--kubeconfig", self.kubeconfig, "--host", b.ip, "--port", str(b.port), *self.proxy_args,
+            ]  # fmt: skip
+            out = self._proxy_log(b.pod)
+            self.proxies[b.pod] = await asyncio.create_subprocess_exec(
+                *argv, stdout=out, stderr=asyncio.subprocess.STDOUT
+            )
+        else:
+            cfg = self.sim_config or SimConfig(protocol=self.protocol)  # type: ignore[arg-type]
+            server = SimServer(
+                cfg,
+                host=b.ip,
+                ports=[b.port],
+                role=Role.PREFILL if b.kind == "prefill" else Role.DECODE,
+                bootstrap_port=(b.bootstrap_port or 8998) if b.kind == "prefill" else None,
+            )
+            await server.start()
+            self.engines[b.pod] = server
+        self._running[b.pod] = b
+        log.info("pod backends: %s %s serving on %s:%d", b.kind, b.pod, b.ip, b.port)
+
+    def _proxy_log(self, pod: str) -> Any:
+        """Where a proxy subprocess writes its log (a file in log_dir, or nowhere)."""
+        if self.log_dir is None:
+            return asyncio.subprocess.DEVNULL
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.log_dir / f"proxy-{pod}.log", "ab")
+
+    async def _stop_backend(self, name: str) -> None:
+        b = self._running.pop(name, None)
+        server = self.engines.pop(name, None)
+        if server is not None:
+            await server.stop()
+        proc = self.proxies.pop(name, None)
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if b is not None:
+            log.info("pod backends: stopped %s %s", b.kind, name)

@@ -1,0 +1,201 @@
+"""examples/sim-pd on the dev cluster, end to end: the controller creates the roles, simulated
+engines answer on the prefill/decode pods' IPs, and the built-in proxy role (pod discovery)
+routes real requests through a prefill and a decode. Then faults: a prefill pod killed under load,
+and a client that disconnects mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+from lightkube import Client
+from lightkube.resources.core_v1 import Pod
+
+from pdorch.devcluster.cluster import ClusterState
+from pdorch.devcluster.controller_process import ControllerProc
+from pdorch.devcluster.pod_backends import PodBackends
+from pdorch.devcluster.waiting import wait_for_async
+from pdorch.sim.config import SimConfig
+from tests.integration.test_controller import SG, example, wait_available
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.fixture(scope="module")
+def controller(devcluster: ClusterState, pdorch_crds: list[str]) -> Iterator[ControllerProc]:
+    ctl = ControllerProc(devcluster.kubeconfig, f"e2e-{uuid.uuid4().hex[:6]}", f"e2e-{uuid.uuid4().hex[:6]}")
+    try:
+        ctl.wait_ready()
+        yield ctl
+    finally:
+        ctl.stop()
+
+
+@pytest.fixture
+async def served(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc, tmp_path: Path
+) -> AsyncIterator[tuple[PodBackends, str]]:
+    kube.create(SG.from_dict(example("sim-pd")), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, "sim-pd")
+    backends = PodBackends(
+        devcluster.kubeconfig,
+        namespace,
+        "sim-pd",
+        protocol="vllm",
+        sim_config=SimConfig(protocol="vllm", time_scale=0.05),
+        log_dir=tmp_path,
+    )
+    await backends.start()
+    try:
+        proxy = await wait_for_async(
+            lambda: backends.by_kind("proxy") and len(backends.by_kind("prefill")) == 2,
+            30,
+            "backends for the proxy and both prefill pods",
+        )
+        p = backends.by_kind("proxy")[0]
+        url = f"http://{p.ip}:{p.port}"
+
+        async def healthy() -> bool:
+            try:
+                async with httpx2.AsyncClient(trust_env=False) as c:
+                    return (await c.get(f"{url}/health", timeout=2)).status_code == 200
+            except httpx2.HTTPError:
+                return False
+
+        await wait_for_async(healthy, 60, "the proxy pod's /health")
+        assert proxy
+        yield backends, url
+    finally:
+        await backends.stop()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def _engine_metrics(backends: PodBackends, kind: str) -> list[str]:
+    out = []
+    async with httpx2.AsyncClient(trust_env=False) as c:
+        for b in backends.by_kind(kind):
+            out.append((await c.get(f"http://{b.ip}:{b.port}/metrics", timeout=5)).text)
+    return out
+
+
+async def test_requests_flow_through_the_proxy_pod_prefill_and_decode(
+    served: tuple[PodBackends, str],
+) -> None:
+    backends, url = served
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", http_client=None, max_retries=0)
+    done = await client.completions.create(
+        model=MODEL, prompt="The capital of France is " * 20, max_tokens=12
+    )
+    assert done.usage.completion_tokens == 12 and done.choices[0].finish_reason == "length"
+    chunks = []
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello " * 50}], max_tokens=9, stream=True
+    )
+    async for ch in stream:
+        chunks.append(ch)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].choices[0].finish_reason == "length"
+    # Both requests went through a prefill pod's engine and a decode pod's engine.
+    prefill_prompts = sum(
+        _metric(t, "vllm:prompt_tokens_total") for t in await _engine_metrics(backends, "prefill")
+    )
+    decode_tokens = sum(
+        _metric(t, "vllm:generation_tokens_total") for t in await _engine_metrics(backends, "decode")
+    )
+    assert prefill_prompts > 0
+    assert decode_tokens >= 12 + 9
+    await client.close()
+
+
+async def test_killing_a_prefill_pod_under_load_loses_no_request(
+    served: tuple[PodBackends, str], kube: Client, namespace: str
+) -> None:
+    backends, url = served
+    outcomes: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def user(i: int) -> None:
+        async with httpx2.AsyncClient(trust_env=False, timeout=httpx2.Timeout(60.0)) as c:
+            while not stop.is_set():
+                body = {"model": MODEL, "prompt": f"user {i} " * 40, "max_tokens": 16}
+                try:
+                    r = await c.post(f"{url}/v1/completions", json=body)
+                except httpx2.TimeoutException:
+                    outcomes["hang"] += 1  # never acceptable: the proxy must answer or fail explicitly
+                    continue
+                except httpx2.HTTPError:
+                    outcomes["transport"] += 1
+                    continue
+                if r.status_code == 200:
+                    data = r.json()
+                    outcomes["ok" if data["usage"]["completion_tokens"] == 16 else "incomplete"] += 1
+                elif r.headers.get("content-type", "").startswith("application/json") and "error" in r.json():
+                    outcomes[f"error-{r.status_code}"] += 1
+                else:
+                    outcomes[f"silent-{r.status_code}"] += 1
+
+    users = [asyncio.create_task(user(i)) for i in range(6)]
+    try:
+        await wait_for_async(lambda: outcomes["ok"] >= 20, 60, "20 successful requests before the fault")
+        victim = backends.by_kind("prefill")[0]
+        await asyncio.to_thread(kube.delete, Pod, victim.pod, namespace=namespace)
+        # LWS recreates the group (same pod name, new UID) while the load keeps running.
+        await wait_for_async(
+            lambda: (b := backends.backend(victim.pod)) is not None and b.uid != victim.uid,
+            90,
+            "the killed prefill pod recreated by LWS",
+        )
+        ok_before = outcomes["ok"]
+        await wait_for_async(
+            lambda: outcomes["ok"] >= ok_before + 20, 60, "20 more successful requests after the fault"
+        )
+    finally:
+        stop.set()
+        await asyncio.gather(*users, return_exceptions=True)
+    print(f"outcomes while a prefill pod was killed: {dict(outcomes)}")
+    assert outcomes["hang"] == 0 and outcomes["incomplete"] == 0, outcomes
+    assert not any(k.startswith("silent") for k in outcomes), outcomes
+    assert outcomes["transport"] == 0, outcomes  # the proxy itself never dropped a connection
+    assert outcomes["ok"] > 0
+
+
+async def test_client_disconnect_mid_stream_cancels_the_decode(served: tuple[PodBackends, str]) -> None:
+    backends, url = served
+    aborted_before = sum(
+        _metric(t, "vllm:request_success_total", finished_reason="abort")
+        for t in await _engine_metrics(backends, "decode")
+    )
+    body = {"model": MODEL, "prompt": "tell me a long story " * 10, "max_tokens": 4000, "stream": True}
+    async with httpx2.AsyncClient(trust_env=False, timeout=30) as c:
+        async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            got = 0
+            async for line in r.aiter_lines():
+                got += line.startswith("data: ")
+                if got >= 3:
+                    break  # leave mid-stream: closing the response drops the connection
+
+    async def aborted() -> bool:
+        texts = await _engine_metrics(backends, "decode")
+        return (
+            sum(_metric(t, "vllm:request_success_total", finished_reason="abort") for t in texts)
+            > aborted_before
+        )
+
+    await wait_for_async(aborted, 30, "an abort on the decode engine")

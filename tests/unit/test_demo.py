@@ -1,0 +1,61 @@
+"""The demo's pure parts: trace sampling, prompt sizing, sliding-window stats, the view."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdorch.demo.traffic import Sample, Stats, prompt_of, trace_lengths
+from pdorch.demo.view import render_view
+from pdorch.sim.tokens import count_tokens
+
+pytestmark = pytest.mark.unit
+
+
+def test_trace_lengths_come_from_the_shipped_sample_and_are_capped() -> None:
+    lengths = trace_lengths(max_prompt=2048, max_output=128)
+    assert len(lengths) == 400
+    assert all(1 <= o <= 128 and 0 < p <= 2048 for p, o in lengths)
+    assert len({p for p, _ in lengths}) > 100  # real variety, not a constant
+
+
+def test_prompt_size_matches_the_sims_token_count() -> None:
+    rng = random.Random(1)
+    for tokens in (10, 300, 2000):
+        n = count_tokens(prompt_of(tokens, rng))
+        assert n == tokens
+
+
+def test_stats_window_and_percentiles() -> None:
+    s = Stats(window=10)
+    for i in range(100):
+        s.add(Sample(at=float(i), ok=True, ttft=0.001 * (i + 1), tpot=0.002))
+    s.add(Sample(at=100.0, ok=False), "HTTP 503")
+    snap = s.snapshot(100.0)
+    assert snap["ttft_p50_ms"] == pytest.approx(96, abs=1.5)  # only the last 10 s count
+    assert snap["tpot_p99_ms"] == pytest.approx(2.0)
+    assert s.total_ok == 100 and s.total_failed == 1 and s.errors == {"HTTP 503": 1}
+
+
+def test_view_shows_roles_traffic_and_events() -> None:
+    group = {
+        "status": {
+            "updateRevision": "abc123",
+            "conditions": [{"type": "Available", "status": "True", "reason": "AllRolesReady"}],
+            "roles": [
+                {
+                    "name": "prefill",
+                    "type": "prefill",
+                    "desiredReplicas": 2,
+                    "readyReplicas": 2,
+                    "updatedReplicas": 2,
+                }
+            ],
+        }
+    }
+    screen = render_view(
+        group, {"rps": 3.5, "ttft_p50_ms": 120.0}, {"ok": 7, "failed": 0, "errors": {}}, ["Created: x"], 12
+    )
+    assert "abc123" in screen and "Available=True" in screen
+    assert "prefill" in screen and "3.5" in screen and "120 ms" in screen and "Created: x" in screen
