@@ -11,13 +11,19 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 from lightkube import Client
+from lightkube.codecs import from_dict
+from lightkube.core.exceptions import ApiError
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace
 
-from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir
+from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, wait_for_crds
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _progress(msg: str) -> None:
@@ -58,3 +64,20 @@ def namespace(kube: Client) -> Iterator[str]:
     kube.create(Namespace(metadata=ObjectMeta(name=name, labels={"pdorch.io/test": "true"})))
     yield name
     kube.delete(Namespace, name)
+
+
+@pytest.fixture(scope="session")
+def pdorch_crds(kube: Client) -> list[str]:
+    """pdorch's generated CRDs, installed with server-side apply, plus the controller's namespace."""
+    names = []
+    for f in sorted((REPO / "manifests" / "crd").glob("*.yaml")):
+        doc = yaml.safe_load(f.read_text())
+        kube.apply(from_dict(doc), field_manager="pdorch-test", force=True)
+        names.append(doc["metadata"]["name"])
+    wait_for_crds(kube, names)
+    try:
+        kube.create(Namespace(metadata=ObjectMeta(name="pdorch-system")))
+    except ApiError as e:
+        if e.status.code != 409:
+            raise
+    return names

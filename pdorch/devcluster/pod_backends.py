@@ -149,6 +149,9 @@ class PodBackends:
                 ports=[b.port],
                 role=Role.PREFILL if b.kind == "prefill" else Role.DECODE,
                 bootstrap_port=(b.bootstrap_port or 8998) if b.kind == "prefill" else None,
+                # A deleted pod's engine dies at once (like a killed process): no drain of in-flight
+                # requests, so clients see exactly what a failed engine does to them.
+                shutdown_timeout_s=0.0,
             )
             await server.start()
             self.engines[b.pod] = server

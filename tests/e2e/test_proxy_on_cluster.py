@@ -41,8 +41,14 @@ def controller(devcluster: ClusterState, pdorch_crds: list[str]) -> Iterator[Con
 
 @pytest.fixture
 async def served(
-    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc, tmp_path: Path
+    request: pytest.FixtureRequest,
+    devcluster: ClusterState,
+    kube: Client,
+    namespace: str,
+    controller: ControllerProc,
+    tmp_path: Path,
 ) -> AsyncIterator[tuple[PodBackends, str]]:
+    time_scale = getattr(request, "param", 0.05)
     kube.create(SG.from_dict(example("sim-pd")), namespace=namespace)
     await asyncio.to_thread(wait_available, kube, namespace, "sim-pd")
     backends = PodBackends(
@@ -50,7 +56,7 @@ async def served(
         namespace,
         "sim-pd",
         protocol="vllm",
-        sim_config=SimConfig(protocol="vllm", time_scale=0.05),
+        sim_config=SimConfig(protocol="vllm", time_scale=time_scale),
         log_dir=tmp_path,
     )
     await backends.start()
@@ -123,6 +129,8 @@ async def test_requests_flow_through_the_proxy_pod_prefill_and_decode(
     await client.close()
 
 
+# Slow engines (prefill ~70 ms, 16 tokens ~1 s) so requests are in flight when the pod dies.
+@pytest.mark.parametrize("served", [10.0], indirect=True)
 async def test_killing_a_prefill_pod_under_load_loses_no_request(
     served: tuple[PodBackends, str], kube: Client, namespace: str
 ) -> None:
@@ -168,7 +176,9 @@ async def test_killing_a_prefill_pod_under_load_loses_no_request(
     finally:
         stop.set()
         await asyncio.gather(*users, return_exceptions=True)
-    print(f"outcomes while a prefill pod was killed: {dict(outcomes)}")
+    async with httpx2.AsyncClient(trust_env=False) as c:
+        retries = _metric((await c.get(f"{url}/metrics", timeout=5)).text, "pdorch_proxy_retries_total")
+    print(f"outcomes while a prefill pod was killed: {dict(outcomes)}; proxy retries: {retries:.0f}")
     assert outcomes["hang"] == 0 and outcomes["incomplete"] == 0, outcomes
     assert not any(k.startswith("silent") for k in outcomes), outcomes
     assert outcomes["transport"] == 0, outcomes  # the proxy itself never dropped a connection

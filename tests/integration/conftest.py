@@ -7,34 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-from lightkube import Client
-from lightkube.codecs import from_dict
-from lightkube.core.exceptions import ApiError
-from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import Namespace
 
-from pdorch.devcluster.cluster import ClusterState, wait_for_crds
+from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def pdorch_crds(kube: Client) -> list[str]:
-    """pdorch's generated CRDs, installed with server-side apply, plus the controller's namespace."""
-    names = []
-    for f in sorted((REPO / "manifests" / "crd").glob("*.yaml")):
-        doc = yaml.safe_load(f.read_text())
-        kube.apply(from_dict(doc), field_manager="pdorch-test", force=True)
-        names.append(doc["metadata"]["name"])
-    wait_for_crds(kube, names)
-    try:
-        kube.create(Namespace(metadata=ObjectMeta(name="pdorch-system")))
-    except ApiError as e:
-        if e.status.code != 409:
-            raise
-    return names
 
 
 @pytest.fixture(scope="module")
