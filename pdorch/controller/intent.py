@@ -9,30 +9,31 @@ generation/resourceVersion and is restored on the next pass.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
+import msgspec
+
 HASH_ANNOTATION = "pdorch.io/intent-hash"
+_SORTED = msgspec.json.Encoder(order="sorted")  # canonical: key order never changes the hash
 
 
 def intent_hash(intent: dict[str, Any]) -> str:
     """A stable hash of an intent, ignoring our own hash annotation."""
-    clean = json.loads(json.dumps(intent))
-    ann = clean.get("metadata", {}).get("annotations")
-    if ann is not None:
-        ann.pop(HASH_ANNOTATION, None)
-        if not ann:
-            del clean["metadata"]["annotations"]
-    blob = json.dumps(clean, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    md = intent.get("metadata", {})
+    ann = md.get("annotations")
+    if ann and HASH_ANNOTATION in ann:
+        rest = {k: v for k, v in ann.items() if k != HASH_ANNOTATION}
+        md = {**md, "annotations": rest} if rest else {k: v for k, v in md.items() if k != "annotations"}
+        intent = {**intent, "metadata": md}
+    return hashlib.sha256(_SORTED.encode(intent)).hexdigest()[:16]
 
 
 def stamp(intent: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """Return a copy of `intent` carrying its hash annotation, and the hash."""
     h = intent_hash(intent)
-    out = json.loads(json.dumps(intent))
-    out.setdefault("metadata", {}).setdefault("annotations", {})[HASH_ANNOTATION] = h
-    return out, h
+    md = intent.get("metadata", {})
+    annotations = {**(md.get("annotations") or {}), HASH_ANNOTATION: h}
+    return {**intent, "metadata": {**md, "annotations": annotations}}, h
 
 
 def version_marker(live: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx2
+import msgspec
 from lightkube.config.client_adapter import AsyncClient as _lightkube_async_http
 from lightkube.config.client_adapter import ConnectionParams
 from lightkube.config.kubeconfig import KubeConfig
@@ -97,6 +98,12 @@ def resource_of(obj: dict[str, Any]) -> Resource:
         raise ValueError(f"pdorch does not manage {key[0]} {key[1]}") from None
 
 
+# msgspec decodes the API server's JSON several times faster than the stdlib: watch events of
+# hundreds of LWS objects are most of an idle-to-busy controller's CPU.
+_decode = msgspec.json.Decoder().decode
+_ENCODER = msgspec.json.Encoder()
+
+
 class ApiError(Exception):
     """A non-2xx answer from the API server, with its Status fields."""
 
@@ -155,7 +162,7 @@ class KubeApi:
         headers = {"Accept": "application/json"}
         content = None
         if body is not None:
-            content = json.dumps(body).encode()
+            content = _ENCODER.encode(body)
             headers["Content-Type"] = content_type
         try:
             r = await self.http.request(
@@ -169,7 +176,7 @@ class KubeApi:
             self.writes += 1
         if r.status_code >= 400:
             raise ApiError.from_response(r.status_code, r.content)
-        return r.json() if r.content else {}
+        return _decode(r.content) if r.content else {}
 
     # ------------------------------------------------------------------ reads
     async def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
@@ -223,7 +230,7 @@ class KubeApi:
                 raise ApiError.from_response(r.status_code, await r.aread())
             async for line in r.aiter_lines():
                 if line:
-                    yield json.loads(line)
+                    yield _decode(line)
 
     # ------------------------------------------------------------------ writes
     async def apply(

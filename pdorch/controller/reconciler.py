@@ -61,6 +61,14 @@ USER_CONTENT_KINDS = frozenset({LWS.kind, SERVING_ROLE_SCALER.kind})
 
 
 @dataclass
+class _Render:
+    key: tuple[str, str, str]
+    desired: list[dict[str, Any]]
+    revision: str
+    stamps: dict[tuple[int, bool], tuple[dict[str, Any], str]] = field(default_factory=dict)
+
+
+@dataclass
 class Caches:
     """The informers the reconciler reads from."""
 
@@ -77,6 +85,10 @@ class Reconciler:
     # (resource plural, namespace, name) -> (version marker right after our own apply, intent hash)
     _applied: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
     on_result: Callable[[str], None] = lambda result: None
+    # Per group key: the validated model (or error message) for one (uid, resourceVersion) ...
+    _models: dict[str, tuple[tuple[str, str], ServingGroup | str]] = field(default_factory=dict)
+    # ... and its rendered, stamped intents for one set of overrides.
+    _renders: dict[str, _Render] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
         """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
@@ -94,28 +106,48 @@ class Reconciler:
         namespace, name = key.split("/", 1)
         obj = self.caches.groups.get(namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
+            self._models.pop(key, None)
+            self._renders.pop(key, None)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
         generation = int(obj["metadata"].get("generation") or 0)
         prev_status = obj.get("status") or {}
 
-        try:
-            sg = ServingGroup.model_validate(obj)
-        except ValidationError as e:
-            await self._invalid(obj, generation, prev_status, _validation_message(e))
+        # Validation, rendering and hashing depend only on the ServingGroup version and the
+        # scaler overrides; most passes are triggered by LWS status changes and reuse them.
+        uid, rv = obj["metadata"].get("uid", ""), obj["metadata"].get("resourceVersion", "")
+        cached_sg = self._models.get(key)
+        if cached_sg is not None and cached_sg[0] == (uid, rv):
+            sg_or_error = cached_sg[1]
+        else:
+            try:
+                sg_or_error = ServingGroup.model_validate(obj)
+            except ValidationError as e:
+                sg_or_error = _validation_message(e)
+            self._models[key] = ((uid, rv), sg_or_error)
+        if isinstance(sg_or_error, str):
+            await self._invalid(obj, generation, prev_status, sg_or_error)
             return None
+        sg = sg_or_error
 
         overrides = self._overrides(sg, namespace, name)
-        desired = render(sg, self.options, overrides)
-        revision = compute_revision(sg.spec)
+        rkey = (uid, rv, repr(sorted(overrides.items())))
+        cached = self._renders.get(key)
+        if cached is None or cached.key != rkey:
+            cached = _Render(rkey, render(sg, self.options, overrides), compute_revision(sg.spec))
+            self._renders[key] = cached
+        desired, revision = cached.desired, cached.revision
 
         # Dry-run every object that would change, before writing anything: a template LWS (or
         # any API) refuses marks the group Invalid and leaves the cluster untouched.
         plan: list[tuple[dict[str, Any], str, dict[str, Any] | None]] = []
-        for intent in desired:
+        for i, intent in enumerate(desired):
             res = resource_of(intent)
             live = self.caches.children[res].get(namespace, intent["metadata"]["name"])
-            stamped, h = stamp(_without_scaler_replicas(intent, live))
+            skey = (i, live is None)
+            if skey not in cached.stamps:
+                cached.stamps[skey] = stamp(_without_scaler_replicas(intent, live))
+            stamped, h = cached.stamps[skey]
             mkey = (res.plural, namespace, intent["metadata"]["name"])
             mine = self._applied.get(mkey)
             if live is None and mine is not None and mine[1] == h:
