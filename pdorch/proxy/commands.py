@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 from typing import Any
 
 from pydantic import ValidationError
 
+from pdorch.lifecycle import run_until_signalled
 from pdorch.proxy.config import ProxyConfig, build_config
 from pdorch.proxy.discovery import KubeDiscovery, StaticDiscovery, static_endpoints
 from pdorch.proxy.policies import POLICIES
@@ -134,15 +134,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("pdorch proxy: %s", exc)
         return 2
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
-
     try:
-        asyncio.run(main())
+        run_until_signalled(lambda stop: serve(config, stop))
     except Exception as exc:  # e.g. port in use, no usable kubeconfig: one clear line, exit 1
         log.error("pdorch proxy: %s", exc)
         return 1

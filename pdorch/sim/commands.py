@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pdorch.lifecycle import run_until_signalled
 from pdorch.sim.config import DEFAULT_MODEL, SimConfig
 from pdorch.sim.engine import Role
 from pdorch.sim.latency import DEFAULT_PRESET, PRESETS, load_coefficients
@@ -99,15 +98,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve_forever(server, stop)
-
     try:
-        asyncio.run(main())
+        run_until_signalled(lambda stop: serve_forever(server, stop))
     except OSError as exc:  # e.g. port already in use
         log.error("pdorch sim: %s", exc)
         return 1

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from pdorch.sim import tokens
+from pdorch.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 Kind = Literal["completion", "chat"]
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI / vLLM default for /v1/completions
@@ -320,3 +321,23 @@ def usage_chunk(
         "choices": [],
         "usage": usage(req.prompt_tokens, completion_tokens),
     }
+
+
+def models_response(config: Any, owned_by: str, **extra: Any) -> web.Response:
+    """`/v1/models` listing the single served model, in the engine's own shape."""
+    m = config.model
+    card = {
+        "id": m,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": owned_by,
+        "root": m,
+        **extra,
+        "max_model_len": config.coefficients.max_model_len,
+    }
+    return web.json_response({"object": "list", "data": [card]})
+
+
+def metrics_response(engine: Any) -> web.Response:
+    """Prometheus text of one engine."""
+    return web.Response(body=engine.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -21,8 +21,17 @@ from pdorch.sim.bootstrap import RENDEZVOUS, BootstrapError, RoomKey
 from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Engine, EngineError, Role, Seq
 from pdorch.sim.generation import serve_generation
-from pdorch.sim.metrics import CONTENT_TYPE, SglangMetrics
-from pdorch.sim.openai_api import SGLANG, BadRequest, GenRequest, Kind, output_plan, parse_request
+from pdorch.sim.metrics import SglangMetrics
+from pdorch.sim.openai_api import (
+    SGLANG,
+    BadRequest,
+    GenRequest,
+    Kind,
+    metrics_response,
+    models_response,
+    output_plan,
+    parse_request,
+)
 from pdorch.sim.vllm_api import read_json
 
 flavor = SGLANG
@@ -72,27 +81,11 @@ class SglangFrontend:
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text of this endpoint's engine."""
-        engine = self.lookup(request)
-        return web.Response(body=engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return metrics_response(self.lookup(request))
 
     async def models(self, _: web.Request) -> web.Response:
         """The single served model."""
-        m = self.config.model
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": m,
-                        "object": "model",
-                        "created": int(time.time()),
-                        "owned_by": "sglang",
-                        "root": m,
-                        "max_model_len": self.config.coefficients.max_model_len,
-                    }
-                ],
-            }
-        )
+        return models_response(self.config, "sglang")
 
     async def model_info(self, _: web.Request) -> web.Response:
         """`/get_model_info`."""

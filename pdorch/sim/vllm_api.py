@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,8 +13,16 @@ from pdorch.sim import latency, nixl
 from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Engine, EngineError, Seq
 from pdorch.sim.generation import serve_generation
-from pdorch.sim.metrics import CONTENT_TYPE
-from pdorch.sim.openai_api import VLLM, BadRequest, GenRequest, Kind, output_plan, parse_request
+from pdorch.sim.openai_api import (
+    VLLM,
+    BadRequest,
+    GenRequest,
+    Kind,
+    metrics_response,
+    models_response,
+    output_plan,
+    parse_request,
+)
 
 log = logging.getLogger(__name__)
 flavor = VLLM
@@ -64,29 +71,11 @@ class VllmFrontend:
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text of this endpoint's engine."""
-        engine = self.lookup(request)
-        return web.Response(body=engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return metrics_response(self.lookup(request))
 
     async def models(self, _: web.Request) -> web.Response:
         """The single served model."""
-        m = self.config.model
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": m,
-                        "object": "model",
-                        "created": int(time.time()),
-                        "owned_by": "vllm",
-                        "root": m,
-                        "parent": None,
-                        "max_model_len": self.config.coefficients.max_model_len,
-                        "permission": [],
-                    }
-                ],
-            }
-        )
+        return models_response(self.config, "vllm", parent=None, permission=[])
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/completions`."""
