@@ -46,6 +46,19 @@ def strip(obj: Obj) -> Obj:
     return obj
 
 
+def relist_events(old: dict[str, Obj], fresh: dict[str, Obj]) -> list[tuple[str, Obj]]:
+    """Events that turn cache `old` into the relisted `fresh`: deletions missed while not
+    watching first, then additions and changes (by resourceVersion)."""
+    events = [("DELETED", obj) for k, obj in old.items() if k not in fresh]
+    for k, obj in fresh.items():
+        prev = old.get(k)
+        if prev is None:
+            events.append(("ADDED", obj))
+        elif prev["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
+            events.append(("MODIFIED", obj))
+    return events
+
+
 class _Expired(Exception):
     pass
 
@@ -103,15 +116,8 @@ class Informer:
         old = self.store
         self.store = fresh
         self._rv = rv
-        for k, obj in old.items():
-            if k not in fresh:
-                self._emit("DELETED", obj)  # deleted while we were not watching
-        for k, obj in fresh.items():
-            prev = old.get(k)
-            if prev is None:
-                self._emit("ADDED", obj)
-            elif prev["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
-                self._emit("MODIFIED", obj)
+        for etype, obj in relist_events(old, fresh):
+            self._emit(etype, obj)
         self.synced.set()
 
     async def _events(self) -> AsyncIterator[Obj]:

@@ -105,3 +105,17 @@ def test_token_bucket_limits_rate_after_burst() -> None:
     assert bucket.reserve() == pytest.approx(0.1)
     now[0] = 1.0  # refilled
     assert bucket.reserve() == 0.0
+
+
+def test_relist_diff_reports_deletions_missed_during_a_gap() -> None:
+    from pdorch.controller.informer import relist_events
+
+    def obj(name: str, rv: str) -> dict:
+        return {"metadata": {"name": name, "namespace": "ns", "resourceVersion": rv}}
+
+    old = {"ns/a": obj("a", "1"), "ns/b": obj("b", "2"), "ns/c": obj("c", "3")}
+    fresh = {"ns/b": obj("b", "2"), "ns/c": obj("c", "9"), "ns/d": obj("d", "10")}
+    events = [(t, o["metadata"]["name"]) for t, o in relist_events(old, fresh)]
+    assert events[0] == ("DELETED", "a")  # deletions first: handlers never see a stale object last
+    assert sorted(events) == [("ADDED", "d"), ("DELETED", "a"), ("MODIFIED", "c")]
+    assert relist_events(fresh, fresh) == []
