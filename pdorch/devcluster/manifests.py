@@ -17,6 +17,7 @@ POD_CIDR = "127.1.0.0/16"  # loopback: pods' IPs are reachable by a process on 0
 NODE_IP = "127.0.0.1"
 # Allocated only, never dialled (no kube-proxy). A /24 runs out after ~250 ClusterIP Services.
 SERVICE_CIDR = "10.0.0.0/16"
+POD_TERMINATION_MS = 1000
 NODE_LABELS = {"type": "kwok", "pdorch.io/devcluster": "true"}
 
 
@@ -51,9 +52,17 @@ def kwok_config(stage_files: list[Path]) -> str:
             "podsOnNodeSyncParallelism": 4,
         },
     }
-    parts = [yaml.safe_dump(head, sort_keys=False)]
-    parts += [f.read_text() for f in stage_files]
-    return "\n---\n".join(p.strip() for p in parts) + "\n"
+    docs = [head]
+    for f in stage_files:
+        for stage in yaml.safe_load_all(f.read_text()):
+            if stage and stage.get("metadata", {}).get("name") == "pod-delete":
+                # kwok's stock stage removes a deleted pod at once; a kubelet always leaves a
+                # termination window. LWS restarts a group only if it sees the pod terminating,
+                # and the proxy drains pods in that window, so keep one, like a quick kubelet.
+                stage["spec"]["delay"] = {"durationMilliseconds": POD_TERMINATION_MS}
+            if stage:
+                docs.append(stage)
+    return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
 
 
 def lws_config(webhook_port: int, health_port: int, cert_dir: Path) -> str:

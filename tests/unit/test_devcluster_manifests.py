@@ -123,3 +123,14 @@ def test_pki_serving_certs_chain_to_the_ca_with_loopback_sans(tmp_path: Path) ->
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
     assert oct(paths.ca_key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_kwok_pod_delete_stage_keeps_a_termination_window(tmp_path: Path) -> None:
+    stage = tmp_path / "pod-delete.yaml"
+    stage.write_text(
+        "apiVersion: kwok.x-k8s.io/v1alpha1\nkind: Stage\nmetadata: {name: pod-delete}\n"
+        "spec: {resourceRef: {apiGroup: v1, kind: Pod}, next: {delete: true}}\n"
+    )
+    docs = list(yaml.safe_load_all(manifests.kwok_config([stage])))
+    assert docs[1]["spec"]["delay"]["durationMilliseconds"] == manifests.POD_TERMINATION_MS > 0
+    assert docs[1]["spec"]["next"] == {"delete": True}
