@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdorch.devcluster.waiting import wait_http_ok as shared_wait_http_ok
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
@@ -190,22 +192,12 @@ def stop(proc: Proc) -> None:
 
 def wait_http_ok(url: str, proc: Proc, timeout: float = STARTUP_S) -> None:
     """Block until GET ``url`` answers 200; raise if ``proc`` exits or after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(
-                f"{proc.name} exited {proc.popen.returncode} before {url} was up:\n{proc.tail()}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = repr(exc)
-        time.sleep(0.1)
-    raise RuntimeError(f"{proc.name}: {url} not ready after {timeout}s ({last}):\n{proc.tail()}")
+
+    def died() -> str | None:
+        code = proc.popen.poll()
+        return None if code is None else f"{proc.name} exited {code}:\n{proc.tail()}"
+
+    shared_wait_http_ok(url, timeout, died)
 
 
 def router_bin(name: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -44,3 +46,23 @@ async def wait_for_async(fn: Callable[[], Any], seconds: float, what: str, inter
         await asyncio.sleep(interval)
     detail = f" (last error: {last_exc!r})" if last_exc else ""
     raise AssertionError(f"timed out after {seconds}s waiting for {what}{detail}")
+
+
+def wait_http_ok(url: str, seconds: float, died: Callable[[], str | None] = lambda: None) -> None:
+    """Block until GET `url` answers 200. `died()` returns a reason once the server's process
+    has exited (checked every poll, so a crashed server fails fast); RuntimeError otherwise."""
+    deadline = time.monotonic() + seconds
+    last = ""
+    while time.monotonic() < deadline:
+        reason = died()
+        if reason:
+            raise RuntimeError(f"{url} will not come up: {reason}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {seconds}s ({last})")

@@ -8,12 +8,12 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from pdorch.devcluster.waiting import wait_http_ok as shared_wait_http_ok
 
 # Routers must not reach a model hub: point any hub lookup at a closed loopback port.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "NO_PROXY": "*"}
@@ -52,22 +52,17 @@ def wait_http_ok(
     url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
 ) -> None:
     """Block until GET ``url`` answers 200; fail early if ``proc`` died, or after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log else ""
-            raise AssertionError(f"process exited with {proc.returncode} before {url} was up:\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = repr(exc)
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log else ""
-    raise AssertionError(f"{url} not ready after {timeout}s ({last}):\n{tail}")
+
+    def died() -> str | None:
+        if proc is None or proc.poll() is None:
+            return None
+        tail = log.read_text(errors="replace")[-3000:] if log else ""
+        return f"process exited with {proc.returncode}:\n{tail}"
+
+    try:
+        shared_wait_http_ok(url, timeout, died)
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
