@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "pdorch.sim.commands",
     "pdorch.demo.commands",
     "pdorch.proxy.commands",
+    "pdorch.rollout.commands",
 ]
 
 

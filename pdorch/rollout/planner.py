@@ -1,0 +1,373 @@
+"""The ratio-preserving rollout planner: observed state + spec -> next partitions/replicas.
+
+Model of one role (one LWS): `replicas` T groups exist, indices below `partition` K are old, the
+others new. Lowering K by m recreates m old groups on the new template (not ready until they start);
+raising T adds new groups (surge); lowering T deletes the highest indices (new groups, since the
+planner never lets T drop below K). The planner only acts when every group is ready ("each step
+waits for readiness"), so the ready capacity right after a step is min(T, T') - m, and it only grows
+until the next step. Per role the step must keep
+
+* T' <= desired + maxSurge            (surge bound),
+* min(T, T') - m >= desired - maxUnavailable   (capacity floor),
+
+and across roles both cohorts (old groups, new groups) must stay on the P:D ratio (see
+`pdorch.rollout.state`). Among the steps that do, the planner takes the one that moves the most old
+groups, then the one with the old cohort closest to the ratio, then the one with the most new
+groups (surge headroom for the next step). Worker roles carry no ratio and move independently.
+A state where no step makes progress yields a "cannot progress: ..." decision instead of a loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from pdorch.rollout.state import (
+    Decision,
+    RoleAction,
+    RoleObservation,
+    RoleSnapshot,
+    RolloutSpec,
+    Snapshot,
+    deviation,
+    on_ratio,
+    resolve_int_or_percent,
+)
+
+# Above this many (prefill + decode) old-count combinations the search would be slow; real groups
+# have one or two roles per type, so this only guards against pathological specs.
+_MAX_COMBINATIONS = 200_000
+
+
+# Every step moves a group or adds one within the surge bound, so plans are short; this only guards
+# the dry run in `next_step` against a planner bug turning into a hang.
+_MAX_LOOKAHEAD = 100_000
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One candidate new old-count for a role, with the new-count range it allows."""
+
+    old: int
+    new_lo: int
+    new_hi: int
+
+
+def budgets(role: RoleObservation, spec: RolloutSpec) -> tuple[int, int]:
+    """(surge, unavailable) of a role, resolved against its desired replicas."""
+    surge = resolve_int_or_percent(spec.max_surge, role.desired, round_up=True)
+    unavailable = resolve_int_or_percent(spec.max_unavailable, role.desired, round_up=False)
+    return surge, unavailable
+
+
+def effective_tolerance(roles: Sequence[RoleObservation], spec: RolloutSpec) -> Fraction | None:
+    """Tolerance the planner enforces; None when the ratio cannot apply (no P or no D desired)."""
+    p_total = sum(r.desired for r in roles if r.type == "prefill")
+    d_total = sum(r.desired for r in roles if r.type == "decode")
+    dev = deviation(p_total, d_total, spec.ratio_p, spec.ratio_d)
+    if dev is None or (p_total == 0 and d_total == 0):
+        return None
+    # The declared replicas may be off ratio themselves; the rollout starts and ends there.
+    return max(Fraction(spec.tolerance), dev)
+
+
+def _options(role: RoleObservation, spec: RolloutSpec) -> list[_Option]:
+    """Every (old', new' range) a single step may take this role to."""
+    surge, unavailable = budgets(role, spec)
+    t_now, k_now, desired = role.replicas, role.partition, role.desired
+    floor = desired - unavailable
+    opts: list[_Option] = []
+    for old in range(k_now, -1, -1):
+        m = k_now - old
+        if t_now - m < floor and m > 0:
+            break  # recreating more old groups would dip below the floor
+        # T' >= K keeps scale-downs from deleting old groups; T' >= floor + m keeps capacity.
+        t_lo = max(k_now, floor + m, old)
+        t_hi = max(desired + surge, t_now if m == 0 else 0)
+        if t_lo > t_hi:
+            continue
+        opts.append(_Option(old, t_lo - old, t_hi - old))
+    return opts
+
+
+def _split(total: int, opts: Sequence[_Option]) -> list[int]:
+    """Distribute `total` new groups over roles within their ranges (lowest first)."""
+    counts = [o.new_lo for o in opts]
+    extra = total - sum(counts)
+    for i, o in enumerate(opts):
+        add = min(extra, o.new_hi - o.new_lo)
+        counts[i] += add
+        extra -= add
+    return counts
+
+
+def _best_new(
+    p_range: tuple[int, int], d_range: tuple[int, int], spec: RolloutSpec, tol: Fraction | None
+) -> tuple[int, int] | None:
+    """The on-ratio (P, D) new cohort with the most groups (then closest to ratio), if any."""
+    best: tuple[tuple[int, Fraction], tuple[int, int]] | None = None
+    for n_d in range(d_range[1], d_range[0] - 1, -1):
+        for n_p in range(p_range[1], p_range[0] - 1, -1):
+            if tol is not None and not on_ratio(n_p, n_d, spec.ratio_p, spec.ratio_d, tol):
+                continue
+            dev = deviation(n_p, n_d, spec.ratio_p, spec.ratio_d) or Fraction(0)
+            key = (n_p + n_d, -dev)
+            if best is None or key > best[0]:
+                best = (key, (n_p, n_d))
+            break  # larger n_p first: the first on-ratio one is the best for this n_d
+    return None if best is None else best[1]
+
+
+def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decision:
+    """Decide the next partitions and replicas of every KV role (proxy roles are ignored).
+
+    A step is only returned when the rest of the plan (same rules, every group ready) reaches the
+    end too: a rollout that would stall half-way is refused before it touches anything.
+    """
+    roles = [r for r in observed if r.type in ("prefill", "decode", "worker")]
+    hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
+    if spec.paused:
+        return Decision("paused", hold, "rollout paused")
+    if not all(r.all_ready for r in roles):
+        waiting = ", ".join(r.name for r in roles if not r.all_ready)
+        return Decision("wait", hold, f"waiting for readiness of {waiting}")
+    decision = _plan_step(roles, spec)
+    if decision.kind != "step":
+        return decision
+    # Decisions depend only on the all-ready state, so this dry run is exactly the future plan.
+    state, steps = roles, 0
+    ahead = decision
+    while ahead.kind == "step" and steps <= _MAX_LOOKAHEAD:
+        state = [_applied(r, ahead.roles[r.name]) for r in state]
+        ahead = _plan_step(state, spec)
+        steps += 1
+    if ahead.kind == "blocked":
+        return Decision("blocked", hold, f"{ahead.reason} (the plan would stall after {steps} more step(s))")
+    return decision
+
+
+def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
+    """`role` after `action`, every group ready."""
+    old, new = action.partition, action.replicas - action.partition
+    return RoleObservation(
+        role.name,
+        role.type,
+        role.desired,
+        old_ready=old,
+        new_ready=new,
+        old_total=old,
+        new_total=new,
+        partition=old,
+        surge=action.replicas - role.desired,
+    )
+
+
+def _plan_step(roles: Sequence[RoleObservation], spec: RolloutSpec) -> Decision:
+    """The next step from a state where every group is ready (no lookahead)."""
+    hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
+    if all(r.partition == 0 and r.replicas == r.desired for r in roles):
+        return Decision("done", hold, "every group runs the new revision")
+    if all(r.partition == 0 for r in roles):
+        # Every group is new and ready: drop the surge (deletes ready new groups; T' = desired
+        # keeps capacity at 100% and the new cohort at the desired, accepted, ratio).
+        final = {r.name: RoleAction(r.desired, 0) for r in roles}
+        return Decision("step", final, "remove surge groups")
+
+    tol = effective_tolerance(roles, spec)
+    actions = dict(hold)
+    moved = 0
+    grew = 0
+    # Worker roles: no ratio, take the largest move, then the most surge.
+    for r in (r for r in roles if r.type == "worker"):
+        opts = _options(r, spec)
+        if opts:
+            o = opts[-1]
+            actions[r.name] = RoleAction(o.old + o.new_hi, o.old)
+            moved += r.partition - o.old
+            grew += max(0, o.new_hi - r.new_total)
+    kv = [r for r in roles if r.type in ("prefill", "decode")]
+    per_role = [_options(r, spec) for r in kv]
+    combos = 1
+    for opts in per_role:
+        combos *= max(1, len(opts))
+    if combos > _MAX_COMBINATIONS:
+        return Decision("blocked", hold, "cannot progress: too many prefill/decode roles to plan")
+    is_p = [r.type == "prefill" for r in kv]
+    best: tuple[tuple[int, Fraction, int], list[int], list[int]] | None = None
+    for choice in itertools.product(*per_role):
+        old_p = sum(o.old for o, p in zip(choice, is_p, strict=True) if p)
+        old_d = sum(o.old for o, p in zip(choice, is_p, strict=True) if not p)
+        if tol is not None and not on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol):
+            continue
+        p_opts = [o for o, p in zip(choice, is_p, strict=True) if p]
+        d_opts = [o for o, p in zip(choice, is_p, strict=True) if not p]
+        p_range = (sum(o.new_lo for o in p_opts), sum(o.new_hi for o in p_opts))
+        d_range = (sum(o.new_lo for o in d_opts), sum(o.new_hi for o in d_opts))
+        new = _best_new(p_range, d_range, spec, tol)
+        if new is None:
+            continue
+        m = sum(r.partition - o.old for r, o in zip(kv, choice, strict=True))
+        dev = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d) or Fraction(0)
+        key = (m, -dev, new[0] + new[1])
+        if best is None or key > best[0]:
+            news_p, news_d = iter(_split(new[0], p_opts)), iter(_split(new[1], d_opts))
+            news = [next(news_p) if p else next(news_d) for p in is_p]
+            best = (key, [o.old for o in choice], news)
+    if best is not None:
+        for r, old, new in zip(kv, best[1], best[2], strict=True):
+            actions[r.name] = RoleAction(old + new, old)
+            moved += r.partition - old
+            grew += max(0, new - r.new_total)
+    if moved == 0 and grew == 0:
+        return Decision("blocked", hold, _why_stuck(roles, spec, tol))
+    what = f"move {moved} group(s) to the new revision" if moved else "surge new groups"
+    return Decision("step", actions, what)
+
+
+def _why_stuck(roles: Sequence[RoleObservation], spec: RolloutSpec, tol: Fraction | None) -> str:
+    """A human reason for a state where no step makes progress."""
+    for r in roles:
+        surge, unavailable = budgets(r, spec)
+        if r.partition > 0 and surge == 0 and unavailable == 0:
+            return (
+                f"cannot progress: role {r.name} ({r.desired} replicas) resolves maxSurge and "
+                "maxUnavailable to 0 groups; allow at least 1 of either"
+            )
+    return (
+        f"cannot progress: no step keeps both cohorts within the P:D ratio "
+        f"{spec.ratio_p}:{spec.ratio_d} (tolerance {float(tol or 0):g}) under maxSurge "
+        f"{spec.max_surge} / maxUnavailable {spec.max_unavailable}; raise maxSurge or "
+        "maxUnavailable so each role can move a whole ratio unit per step, or the tolerance"
+    )
+
+
+# --- simulation -------------------------------------------------------------------------------
+
+DelayModel = Callable[[str, int, int], int]
+"""(role name, group index, time of creation) -> ticks until the group is ready (>= 0)."""
+
+
+@dataclass
+class _Group:
+    new: bool
+    ready_at: int
+
+
+def _observe(
+    name: str, typ: str, desired: int, groups: list[_Group], partition: int, now: int
+) -> RoleObservation:
+    old = [g for g in groups if not g.new]
+    new = [g for g in groups if g.new]
+    return RoleObservation(
+        name=name,
+        type=typ,
+        desired=desired,
+        old_ready=sum(g.ready_at <= now for g in old),
+        new_ready=sum(g.ready_at <= now for g in new),
+        old_total=len(old),
+        new_total=len(new),
+        partition=partition,
+        surge=len(groups) - desired,
+    )
+
+
+def _snapshot(time: int, step: int, decision: Decision, obs: list[RoleObservation]) -> Snapshot:
+    def total(typ: str, new: bool) -> int:
+        return sum(o.new_total if new else o.old_total for o in obs if o.type == typ)
+
+    return Snapshot(
+        time=time,
+        step=step,
+        decision=decision,
+        roles=tuple(
+            RoleSnapshot(
+                o.name,
+                o.type,
+                o.desired,
+                o.replicas,
+                o.partition,
+                o.old_total,
+                o.new_total,
+                o.old_ready,
+                o.new_ready,
+            )
+            for o in obs
+        ),
+        old_cohort=(total("prefill", False), total("decode", False)),
+        new_cohort=(total("prefill", True), total("decode", True)),
+    )
+
+
+def simulate(
+    spec: RolloutSpec,
+    initial: Sequence[RoleObservation],
+    readiness_delay_model: DelayModel | None = None,
+    *,
+    max_ticks: int = 10_000,
+) -> list[Snapshot]:
+    """Run the planner against a modelled LWS until done or blocked; one snapshot per tick.
+
+    `initial` gives each role's desired replicas; the rollout starts as the controller starts it:
+    new templates applied with partition = replicas, every (old) group ready. Each tick the planner
+    is asked for a decision, the decision is applied (recreated and added groups become ready after
+    the modelled delay), and the state after it is recorded.
+    """
+    delay = readiness_delay_model or (lambda _name, _index, _time: 1)
+    state: dict[str, list[_Group]] = {}
+    parts: dict[str, int] = {}
+    meta: dict[str, tuple[str, int]] = {}
+    for r in initial:
+        if r.type not in ("prefill", "decode", "worker"):
+            continue
+        state[r.name] = [_Group(False, 0) for _ in range(r.desired)]
+        parts[r.name] = r.desired
+        meta[r.name] = (r.type, r.desired)
+    snaps: list[Snapshot] = []
+    step = 0
+
+    def observe(now: int) -> list[RoleObservation]:
+        return [_observe(n, meta[n][0], meta[n][1], state[n], parts[n], now) for n in state]
+
+    start = Decision("start", {}, "new templates applied with partition = replicas")
+    snaps.append(_snapshot(0, 0, start, observe(0)))
+    for now in range(max_ticks):
+        decision = next_step(observe(now), spec)
+        if decision.kind in ("done", "blocked", "paused"):
+            snaps.append(_snapshot(now, step, decision, observe(now)))
+            return snaps
+        if decision.kind == "step":
+            step += 1
+            for name, action in decision.roles.items():
+                groups, k_old = state[name], parts[name]
+                for i in range(action.partition, k_old):  # recreated on the new template
+                    groups[i] = _Group(True, now + max(0, delay(name, i, now)))
+                while len(groups) < action.replicas:  # surge / scale-up: new groups on top
+                    groups.append(_Group(True, now + max(0, delay(name, len(groups), now))))
+                del groups[action.replicas :]  # scale-down deletes the highest indices
+                parts[name] = action.partition
+            snaps.append(_snapshot(now, step, decision, observe(now)))
+        else:
+            snaps.append(_snapshot(now, step, decision, observe(now)))
+    blocked = Decision("blocked", {}, f"cannot progress: not finished after {max_ticks} ticks")
+    snaps.append(_snapshot(max_ticks, step, blocked, observe(max_ticks)))
+    return snaps
+
+
+def initial_state(roles: Sequence[tuple[str, str, int]]) -> list[RoleObservation]:
+    """Observations of a group about to roll out: (name, type, desired) per role, all old, ready."""
+    return [
+        RoleObservation(n, t, d, old_ready=d, new_ready=0, old_total=d, new_total=0, partition=d)
+        for n, t, d in roles
+    ]
+
+
+__all__ = [
+    "DelayModel",
+    "budgets",
+    "effective_tolerance",
+    "initial_state",
+    "next_step",
+    "simulate",
+]

@@ -1,0 +1,206 @@
+"""Property and example tests of the ratio-preserving rollout planner (pdorch.rollout)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pdorch.rollout.planner import initial_state, next_step, simulate
+from pdorch.rollout.state import RolloutSpec, Snapshot, resolve_int_or_percent
+
+pytestmark = pytest.mark.unit
+
+
+def _cohort_ok(p: int, d: int, rp: int, rd: int, tol: Fraction) -> bool:
+    """Independent restatement of the ratio rule: empty, or both sides > 0 and relative dev <= tol."""
+    if p == 0 and d == 0:
+        return True
+    if p == 0 or d == 0:
+        return False
+    return abs(Fraction(p, d) - Fraction(rp, rd)) <= tol * Fraction(rp, rd)
+
+
+def _allowed_tol(spec: RolloutSpec, p_total: int, d_total: int) -> Fraction:
+    """Tolerance the plan must meet: declared, widened to the desired replicas' own deviation."""
+    rho = Fraction(spec.ratio_p, spec.ratio_d)
+    own = abs(Fraction(p_total, d_total) - rho) / rho
+    return max(Fraction(spec.tolerance), own)
+
+
+def _check_invariants(spec: RolloutSpec, snaps: list[Snapshot]) -> None:
+    desired = {r.name: r.desired for r in snaps[0].roles}
+    p_total = sum(r.desired for r in snaps[0].roles if r.type == "prefill")
+    d_total = sum(r.desired for r in snaps[0].roles if r.type == "decode")
+    tol = _allowed_tol(spec, p_total, d_total)
+    for snap in snaps:
+        old_p = sum(r.old_total for r in snap.roles if r.type == "prefill")
+        old_d = sum(r.old_total for r in snap.roles if r.type == "decode")
+        new_p = sum(r.new_total for r in snap.roles if r.type == "prefill")
+        new_d = sum(r.new_total for r in snap.roles if r.type == "decode")
+        assert _cohort_ok(old_p, old_d, spec.ratio_p, spec.ratio_d, tol), (snap, "old cohort")
+        assert _cohort_ok(new_p, new_d, spec.ratio_p, spec.ratio_d, tol), (snap, "new cohort")
+        for r in snap.roles:
+            surge = resolve_int_or_percent(spec.max_surge, desired[r.name], round_up=True)
+            unavail = resolve_int_or_percent(spec.max_unavailable, desired[r.name], round_up=False)
+            assert r.old_total + r.new_total <= desired[r.name] + surge, (snap, r.name, "surge")
+            ready = r.old_ready + r.new_ready
+            assert ready >= desired[r.name] - unavail, (snap, r.name, "capacity")
+
+
+def _int_or_pct(max_int: int) -> st.SearchStrategy[int | str]:
+    return st.one_of(st.integers(0, max_int), st.integers(0, 100).map(lambda v: f"{v}%"))
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[RolloutSpec, list[tuple[str, str, int]], list[int]]:
+    """A random ratio, replicas (1..16 per KV role), surge/unavailable and readiness delays."""
+    rp, rd = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    tol = draw(st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]))
+    surge = draw(_int_or_pct(4))
+    # Like the CRD's CEL rule: maxSurge and maxUnavailable are never both zero in a valid spec
+    # (per role they still may both resolve to 0, e.g. "50%" of 1 replica).
+    unavail = draw(
+        _int_or_pct(4).filter(lambda v: str(surge) not in ("0", "0%") or str(v) not in ("0", "0%"))
+    )
+    roles = [
+        ("prefill", "prefill", draw(st.integers(1, 16))),
+        ("decode", "decode", draw(st.integers(1, 16))),
+    ]
+    if draw(st.booleans()):
+        roles.append(("worker", "worker", draw(st.integers(1, 16))))
+    delays = draw(st.lists(st.integers(0, 5), min_size=1, max_size=20))
+    return RolloutSpec(rp, rd, tol, surge, unavail), roles, delays
+
+
+def _delay_model(delays: list[int]):
+    calls = iter(range(10**9))
+    return lambda _name, _index, _time: delays[next(calls) % len(delays)]
+
+
+def _guaranteed(spec: RolloutSpec, roles: list[tuple[str, str, int]]) -> bool:
+    """Sufficient condition for completion even at tolerance 0.
+
+    The replicas are whole ratio units (p/g prefill, d/g decode groups, g = gcd), and either every
+    KV role can surge a whole unit (build the next new unit beside the old one) or every KV role may
+    lose a whole unit (replace it in place); worker roles carry no ratio and need one group of
+    either. Mixing (prefill by surge, decode in place) cannot keep both cohorts exactly on ratio.
+    """
+    g = math.gcd(spec.ratio_p, spec.ratio_d)
+    unit = {"prefill": spec.ratio_p // g, "decode": spec.ratio_d // g}
+    counts = {t: sum(n for _, tt, n in roles if tt == t) for t in ("prefill", "decode")}
+    if counts["prefill"] * unit["decode"] != counts["decode"] * unit["prefill"]:
+        return False
+    by_surge = by_unavailable = True
+    for _, typ, n in roles:
+        s = resolve_int_or_percent(spec.max_surge, n, round_up=True)
+        u = resolve_int_or_percent(spec.max_unavailable, n, round_up=False)
+        if typ == "worker":
+            if s + u < 1:
+                return False
+            continue
+        by_surge &= s >= unit[typ]
+        by_unavailable &= u >= unit[typ]
+    return by_surge or by_unavailable
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_planner_properties(scenario: tuple[RolloutSpec, list[tuple[str, str, int]], list[int]]):
+    spec, roles, delays = scenario
+    snaps = simulate(spec, initial_state(roles), _delay_model(delays), max_ticks=2_000)
+    _check_invariants(spec, snaps)
+    last = snaps[-1].decision
+    # Terminates: either every group is new at desired replicas, or a clear reason.
+    assert last.kind in ("done", "blocked"), last
+    if last.kind == "blocked":
+        assert last.reason.startswith("cannot progress:"), last.reason
+        assert "not finished after" not in last.reason, "planner looped instead of finishing"
+        # A plan that cannot finish is refused before anything changes, not stalled half-way.
+        assert snaps[-1].step == 0, last.reason
+        assert not _guaranteed(spec, roles), (spec, roles, last.reason)
+    else:
+        for r in snaps[-1].roles:
+            assert r.old_total == 0 and r.new_total == r.desired == r.new_ready
+            assert r.partition == 0
+    # Bounded: each step moves or adds at least one group, so the number of steps is bounded.
+    total = sum(n for _, _, n in roles)
+    assert snaps[-1].step <= 2 * total + 2
+
+
+def test_example_8p_4d_trajectory(capsys: pytest.CaptureFixture[str]):
+    """8 prefill / 4 decode at 2:1, maxSurge 1, maxUnavailable 0: every cohort stays on ratio
+    within 0.5 (the only way one surge group per role can seed a new cohort: (1, 1))."""
+    spec = RolloutSpec(2, 1, 0.5, 1, 0)
+    snaps = simulate(spec, initial_state([("p", "prefill", 8), ("d", "decode", 4)]))
+    _check_invariants(spec, snaps)
+    steps = [(s.old_cohort, s.new_cohort) for s in snaps if s.decision.kind == "step"]
+    for old, new in steps:
+        print(f"old P:D {old[0]}:{old[1]}  new P:D {new[0]}:{new[1]}")
+    assert steps[0] == ((8, 4), (1, 1))
+    assert steps[-1] == ((0, 0), (8, 4))
+    assert snaps[-1].decision.kind == "done"
+    assert "old P:D" in capsys.readouterr().out
+
+
+def test_example_exact_units_with_surge_2():
+    """maxSurge 2 lets each step move a whole (2, 1) unit: both cohorts exactly on 2:1."""
+    spec = RolloutSpec(2, 1, 0.0, 2, 0)
+    snaps = simulate(spec, initial_state([("p", "prefill", 8), ("d", "decode", 4)]))
+    _check_invariants(spec, snaps)
+    cohorts = [(s.old_cohort, s.new_cohort) for s in snaps if s.decision.kind == "step"]
+    assert cohorts == [
+        ((8, 4), (2, 1)),
+        ((6, 3), (4, 2)),
+        ((4, 2), (6, 3)),
+        ((2, 1), (8, 4)),
+        ((0, 0), (10, 5)),
+        ((0, 0), (8, 4)),
+    ]
+
+
+def test_cannot_progress_tight_tolerance():
+    """One surge group per role cannot seed a 2:1 cohort within 10%: a reason, not a loop."""
+    spec = RolloutSpec(2, 1, 0.1, 1, 0)
+    snaps = simulate(spec, initial_state([("p", "prefill", 8), ("d", "decode", 4)]))
+    assert snaps[-1].decision.kind == "blocked"
+    assert snaps[-1].decision.reason.startswith("cannot progress: no step keeps both cohorts")
+
+
+def test_cannot_progress_single_replica_without_budget():
+    """A 1-replica role with maxSurge 0% and maxUnavailable 50% (-> 0 groups) cannot move."""
+    spec = RolloutSpec(1, 1, 0.0, "0%", "50%")
+    obs = initial_state([("p", "prefill", 1), ("d", "decode", 1)])
+    decision = next_step(obs, spec)
+    assert decision.kind == "blocked"
+    assert "resolves maxSurge and maxUnavailable to 0 groups" in decision.reason
+
+
+def test_single_replica_roles_with_surge():
+    spec = RolloutSpec(1, 1, 0.0, 1, 0)
+    snaps = simulate(spec, initial_state([("p", "prefill", 1), ("d", "decode", 1)]))
+    _check_invariants(spec, snaps)
+    assert snaps[-1].decision.kind == "done"
+
+
+def test_waits_for_readiness_and_cohort_rules():
+    spec = RolloutSpec(1, 1, 0.0, 1, 0)
+    obs = initial_state([("p", "prefill", 2), ("d", "decode", 2)])
+    first = next_step(obs, spec)
+    assert first.kind == "step"
+    assert _cohort_ok(0, 0, 1, 1, Fraction(0))
+    assert not _cohort_ok(1, 0, 1, 1, Fraction(1))
+    assert not _cohort_ok(0, 3, 1, 1, Fraction(1))
+    waiting = [replace(o, new_total=1, surge=1) for o in obs]
+    assert next_step(waiting, spec).kind == "wait"
+    assert next_step(obs, RolloutSpec(1, 1, 0.0, 1, 0, paused=True)).kind == "paused"
+
+
+def test_percentages_resolve_like_kubernetes():
+    assert resolve_int_or_percent("25%", 5, round_up=True) == 2
+    assert resolve_int_or_percent("25%", 5, round_up=False) == 1
+    assert resolve_int_or_percent(3, 5, round_up=True) == 3
