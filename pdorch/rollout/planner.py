@@ -85,7 +85,10 @@ def _options(role: RoleObservation, spec: RolloutSpec) -> list[_Option]:
             break  # recreating more old groups would dip below the floor
         # T' >= K keeps scale-downs from deleting old groups; T' >= floor + m keeps capacity.
         t_lo = max(k_now, floor + m, old)
-        t_hi = max(desired + surge, t_now if m == 0 else 0)
+        # Above desired + surge (a scale-down arrived mid-rollout) the total may only shrink, and it
+        # shrinks on the old side first: lowering partition and replicas together by m removes m
+        # old groups from the count while the new cohort keeps its size.
+        t_hi = max(desired + surge, t_now - m)
         if t_lo > t_hi:
             continue
         opts.append(_Option(old, t_lo - old, t_hi - old))
@@ -306,13 +309,15 @@ def simulate(
     readiness_delay_model: DelayModel | None = None,
     *,
     max_ticks: int = 10_000,
+    scale_events: dict[int, dict[str, int]] | None = None,
 ) -> list[Snapshot]:
     """Run the planner against a modelled LWS until done or blocked; one snapshot per tick.
 
     `initial` gives each role's desired replicas; the rollout starts as the controller starts it:
     new templates applied with partition = replicas, every (old) group ready. Each tick the planner
     is asked for a decision, the decision is applied (recreated and added groups become ready after
-    the modelled delay), and the state after it is recorded.
+    the modelled delay), and the state after it is recorded. `scale_events` maps a tick to new
+    desired replicas per role (a scaler acting mid-rollout).
     """
     delay = readiness_delay_model or (lambda _name, _index, _time: 1)
     state: dict[str, list[_Group]] = {}
@@ -333,6 +338,8 @@ def simulate(
     start = Decision("start", {}, "new templates applied with partition = replicas")
     snaps.append(_snapshot(0, 0, start, observe(0)))
     for now in range(max_ticks):
+        for name, desired in (scale_events or {}).get(now, {}).items():
+            meta[name] = (meta[name][0], desired)
         decision = next_step(observe(now), spec)
         if decision.kind in ("done", "blocked", "paused"):
             snaps.append(_snapshot(now, step, decision, observe(now)))

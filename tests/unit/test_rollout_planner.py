@@ -204,3 +204,31 @@ def test_percentages_resolve_like_kubernetes():
     assert resolve_int_or_percent("25%", 5, round_up=True) == 2
     assert resolve_int_or_percent("25%", 5, round_up=False) == 1
     assert resolve_int_or_percent(3, 5, round_up=True) == 3
+
+
+def test_scale_up_mid_rollout_lands_on_new_revision():
+    spec = RolloutSpec(2, 1, 0.0, 2, 0)
+    start = initial_state([("p", "prefill", 8), ("d", "decode", 4)])
+    snaps = simulate(spec, start, scale_events={3: {"p": 12, "d": 6}})
+    before = next(s for s in snaps if s.time >= 3)
+    old_before = before.old_cohort
+    # Old groups are never added: the old cohort only shrinks after the scale-up.
+    assert all(
+        s.old_cohort[0] <= old_before[0] and s.old_cohort[1] <= old_before[1] for s in snaps if s.time >= 3
+    )
+    assert snaps[-1].decision.kind == "done"
+    assert [(r.new_total, r.old_total) for r in snaps[-1].roles] == [(12, 0), (6, 0)]
+
+
+def test_scale_down_mid_rollout_takes_old_groups_first():
+    spec = RolloutSpec(2, 1, 0.0, 2, 2)
+    start = initial_state([("p", "prefill", 8), ("d", "decode", 4)])
+    snaps = simulate(spec, start, scale_events={2: {"p": 4, "d": 2}})
+    i = next(i for i, s in enumerate(snaps) if s.time >= 2 and s.decision.kind == "step")
+    prev, step = snaps[i - 1], snaps[i]
+    # The first step after the scale-down removes old groups and keeps every new one.
+    for a, b in zip(prev.roles, step.roles, strict=True):
+        assert b.new_total >= a.new_total
+        assert b.old_total < a.old_total
+    assert snaps[-1].decision.kind == "done"
+    assert [(r.new_total, r.old_total) for r in snaps[-1].roles] == [(4, 0), (2, 0)]
