@@ -936,8 +936,11 @@ def main() -> None:
                 stacks.finish_front(f)
             result = run_bench(args, stacks, fronts)
         finally:
-            # Router logs may hold the reason for errors under load: keep their tails in the results.
-            meta["log_tails"] = {p.name: p.tail(1500) for p in stacks.procs}
+            # Router logs may hold the reason for errors under load. Their tails (full of this
+            # machine's paths) go next to the logs, outside the repo; the results keep the counts.
+            tails = Path(tempfile.gettempdir()) / "pdorch-bench-proxy-log-tails.json"
+            tails.write_text(json.dumps({p.name: p.tail(1500) for p in stacks.procs}, indent=2))
+            print(f"[bench] log tails: {tails}", flush=True)
             meta["log_counts"] = {p.name: log_counts(p.log) for p in stacks.procs}
             stacks.stop_all()
     rows = summarize(fronts, result)
