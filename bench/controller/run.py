@@ -25,14 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from lightkube import Client
-from lightkube.codecs import from_dict
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace
 
-from pdorch.devcluster.cluster import DevCluster, default_state_dir, wait_for_crds
+from pdorch.devcluster.cluster import DevCluster, default_state_dir, install_pdorch_crds
 from pdorch.devcluster.controller_process import ControllerProc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,13 +150,7 @@ def run_system(
     kube.create(Namespace(metadata=ObjectMeta(name=ns)))
     ctl: ControllerProc | None = None
     if system == "pdorch":
-        names = []
-        for f in sorted((REPO / "manifests" / "crd").glob("*.yaml")):
-            doc = yaml.safe_load(f.read_text())
-            kube.apply(from_dict(doc), field_manager="bench", force=True)
-            names.append(doc["metadata"]["name"])
-        wait_for_crds(kube, names)
-        kube.create(Namespace(metadata=ObjectMeta(name="pdorch-system")))
+        install_pdorch_crds(kube, "bench")
         ctl = ControllerProc(st.kubeconfig, "bench", f"bench-{uuid.uuid4().hex[:6]}")
         ctl.wait_ready()
     lws_pid = st.process("lws-manager").pid  # type: ignore[union-attr]

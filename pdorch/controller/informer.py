@@ -142,6 +142,14 @@ class Informer:
                 await stream.aclose()  # type: ignore[attr-defined]
 
     async def _watch_once(self) -> None:
+        try:
+            await self._consume_watch()
+        except ApiError as e:
+            if e.code == 410:  # the watch request itself was refused as too old
+                raise _Expired from e
+            raise
+
+    async def _consume_watch(self) -> None:
         async for ev in self._events():
             etype, obj = ev.get("type"), ev.get("object") or {}
             if etype == "ERROR":
@@ -177,19 +185,9 @@ class Informer:
                     need_list = False
                 await self._watch_once()
                 delay = 0.5
-            except asyncio.CancelledError:
-                raise
             except _Expired:
                 need_list, reason = True, "expired"
-            except ApiError as e:
-                if e.code == 410:
-                    need_list, reason = True, "expired"
-                else:
-                    log.warning("informer %s: %s; retrying in %.1fs", self.res.plural, e, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-                    need_list, reason = True, "error"
-            except Exception as e:
+            except Exception as e:  # CancelledError is not an Exception: cancelling still stops us
                 log.warning("informer %s: %r; retrying in %.1fs", self.res.plural, e, delay)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 30.0)

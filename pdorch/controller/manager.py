@@ -26,14 +26,15 @@ from pdorch.controller.events import EventRecorder
 from pdorch.controller.informer import Informer, key_of
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi, Resource
 from pdorch.controller.leader import LeaseElector
-from pdorch.controller.reconciler import CHILD_KINDS, GROUP_LABEL, Caches, Reconciler
+from pdorch.controller.reconciler import CHILD_KINDS, Caches, Reconciler
 from pdorch.controller.workqueue import ShutDown, WorkQueue
+from pdorch.roles.labels import LABEL_GROUP, LABEL_MANAGED_BY, MANAGED_BY
 from pdorch.roles.render import RenderOptions
 
 log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = Gauge("workqueue_depth", "Keys waiting in the work queue.", ["name"])
-MANAGED_SELECTOR = "app.kubernetes.io/managed-by=pdorch"
+MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Controller:
         ns = cfg.namespace
         self.groups = Informer(self.api, SERVING_GROUP, ns)
         self.children = {res: Informer(self.api, res, ns, MANAGED_SELECTOR) for res in CHILD_KINDS}
-        self.pods = Informer(self.api, POD, ns, GROUP_LABEL)
+        self.pods = Informer(self.api, POD, ns, LABEL_GROUP)
         self.queue: WorkQueue[str] = WorkQueue(on_depth=lambda n: QUEUE_DEPTH.labels("servinggroup").set(n))
         self.elector = (
             LeaseElector(self.api, cfg.lease_namespace, cfg.lease_name, self.identity)
@@ -94,7 +95,7 @@ class Controller:
 
     def _enqueue_owner(self, _etype: str, obj: dict[str, Any]) -> None:
         md = obj["metadata"]
-        group = (md.get("labels") or {}).get(GROUP_LABEL)
+        group = (md.get("labels") or {}).get(LABEL_GROUP)
         if group:
             self.queue.add(f"{md.get('namespace', '')}/{group}")
 

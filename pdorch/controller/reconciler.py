@@ -11,7 +11,6 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +36,8 @@ from pdorch.controller.kubeapi import (
     Resource,
     resource_of,
 )
+from pdorch.roles.labels import LABEL_GROUP, leader_selector, selector_string
+from pdorch.roles.naming import lws_name, scaler_name
 from pdorch.roles.render import RenderOptions, RoleOverride, render
 from pdorch.roles.revision import compute_revision
 
@@ -55,7 +56,6 @@ RATIO_DEVIATION = Gauge(
     ["namespace", "group"],
 )
 CHILD_KINDS: tuple[Resource, ...] = (LWS, SERVICE, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, SERVING_ROLE_SCALER)
-GROUP_LABEL = "pdorch.io/group"
 # Kinds carrying user-supplied content (pod templates, scaling bounds): dry-run before writing.
 USER_CONTENT_KINDS = frozenset({LWS.kind, SERVING_ROLE_SCALER.kind})
 
@@ -84,7 +84,6 @@ class Reconciler:
     options: RenderOptions
     # (resource plural, namespace, name) -> (version marker right after our own apply, intent hash)
     _applied: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
-    on_result: Callable[[str], None] = lambda result: None
     # Per group key: the validated model (or error message) for one (uid, resourceVersion) ...
     _models: dict[str, tuple[tuple[str, str], ServingGroup | str]] = field(default_factory=dict)
     # ... and its rendered, stamped intents for one set of overrides.
@@ -198,12 +197,9 @@ class Reconciler:
 
         roles = []
         for role in sg.spec.roles:
-            lws = self.caches.children[LWS].get(namespace, f"{name}-{role.name}")
-            want = (
-                overrides[role.name].replicas
-                if role.name in overrides and overrides[role.name].replicas is not None
-                else role.replicas
-            )
+            lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
+            # _overrides only holds roles whose scaler set replicas.
+            want = overrides[role.name].replicas if role.name in overrides else role.replicas
             roles.append(st.observe_role(role.name, str(role.type), int(want), lws))
         new_status = st.compute_status(
             generation, roles, revision, prev_status, prev_status.get("currentRevision")
@@ -220,7 +216,7 @@ class Reconciler:
         for role in sg.spec.roles:
             if role.scaling is None or str(role.scaling.mode) == "Static":
                 continue
-            srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, f"{name}-{role.name}")
+            srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
             replicas = ((srs or {}).get("spec") or {}).get("replicas")
             if replicas is not None:
                 out[role.name] = RoleOverride(replicas=int(replicas))
@@ -266,7 +262,7 @@ class Reconciler:
         want = {(d["kind"], d["metadata"]["name"]) for d in desired}
         pruned = []
         for res, inf in self.caches.children.items():
-            for child in inf.list(md["namespace"], {GROUP_LABEL: md["name"]}):
+            for child in inf.list(md["namespace"], {LABEL_GROUP: md["name"]}):
                 refs = child["metadata"].get("ownerReferences") or []
                 if not any(r.get("uid") == md.get("uid") and r.get("controller") for r in refs):
                     continue  # not ours (same label by accident): never delete it
@@ -281,14 +277,12 @@ class Reconciler:
     async def _sync_scaler_status(self, sg: ServingGroup, namespace: str, name: str) -> None:
         """ServingRoleScaler status: replicas and the pod selector HPA needs (a string)."""
         for role in sg.spec.roles:
-            srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, f"{name}-{role.name}")
+            srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
             if srs is None:
                 continue
-            lws = self.caches.children[LWS].get(namespace, f"{name}-{role.name}")
+            lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
             replicas = int(((lws or {}).get("status") or {}).get("replicas") or 0)
-            selector = (
-                f"{GROUP_LABEL}={name},pdorch.io/role={role.name},leaderworkerset.sigs.k8s.io/worker-index=0"
-            )
+            selector = selector_string(leader_selector(name, role.name))
             want = {"replicas": replicas, "selector": selector}
             have = srs.get("status") or {}
             if all(have.get(k) == v for k, v in want.items()):

@@ -20,16 +20,13 @@ from typing import Any
 import httpx2
 import yaml
 from lightkube.codecs import from_dict
-from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
-from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import Namespace
 
 from pdorch.controller.kubeapi import EVENT, SERVING_GROUP, KubeApi
 from pdorch.demo.traffic import Stats, run_users
 from pdorch.demo.view import render_view
 from pdorch.devcluster.binaries import repo_root
-from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, wait_for_crds
+from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, install_pdorch_crds
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.pod_backends import PodBackends
 from pdorch.devcluster.waiting import wait_for, wait_for_async
@@ -42,19 +39,6 @@ GROUP = "sim-pd"
 
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _install(st: ClusterState) -> None:
-    kube = st.client()
-    names = []
-    for f in sorted((repo_root() / "manifests" / "crd").glob("*.yaml")):
-        doc = yaml.safe_load(f.read_text())
-        kube.apply(from_dict(doc), field_manager="pdorch-demo", force=True)
-        names.append(doc["metadata"]["name"])
-    wait_for_crds(kube, names)
-    for ns in (NAMESPACE, "pdorch-system"):
-        with contextlib.suppress(ApiError):
-            kube.create(Namespace(metadata=ObjectMeta(name=ns)))
 
 
 def _apply_example(st: ClusterState) -> None:
@@ -93,7 +77,7 @@ async def demo(users: int, duration: float | None, cluster_name: str) -> int:
     try:
         st = await asyncio.to_thread(cluster.up)
         say("installing the pdorch CRDs")
-        await asyncio.to_thread(_install, st)
+        await asyncio.to_thread(install_pdorch_crds, st.client(), "pdorch-demo", (NAMESPACE, "pdorch-system"))
         say("starting the pdorch controller")
         ctl = ControllerProc(st.kubeconfig, "demo", f"demo-{uuid.uuid4().hex[:6]}")
         await asyncio.to_thread(ctl.wait_ready)

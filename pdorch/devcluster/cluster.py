@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,9 @@ from lightkube import Client, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
+from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
+from lightkube.resources.core_v1 import Namespace as LkNamespace
 from lightkube.resources.core_v1 import Node
 
 from pdorch.devcluster import binaries, manifests, pki
@@ -93,6 +96,16 @@ class ClusterState:
     def client(self) -> Client:
         """A lightkube client for the admin user."""
         return Client(config=KubeConfig.from_file(self.kubeconfig), field_manager=FIELD_MANAGER)
+
+    def kubectl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run this cluster's own kubectl (matching version) as admin; the caller checks the result."""
+        return subprocess.run(
+            [str(Path(self.bin_dir) / "kubectl"), *args],
+            env={**os.environ, "KUBECONFIG": self.kubeconfig},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def _ssl_ctx(ca: str | None) -> ssl.SSLContext:
@@ -352,7 +365,7 @@ class DevCluster:
     def _start_kwok(self, st: ClusterState, bins: binaries.Binaries, logs: Path) -> None:
         cfg = self.state_dir / "kwok.yaml"
         cfg.write_text(manifests.kwok_config(bins.kwok_stages))
-        proc = self._launch(
+        self._launch(
             st,
             "kwok",
             [
@@ -366,8 +379,8 @@ class DevCluster:
             ],
             logs,
         )
-        # kwok has no health port of its own here; it is judged by the nodes it makes Ready.
-        wait_until(proc, lambda: True, 5, "process start")
+        # kwok has no health port of its own here; the next step judges it by the nodes it makes
+        # Ready (and fails fast if the process exits).
 
     def _create_nodes(self, st: ClusterState, client: Client, count: int, gpus: int) -> None:
         names = [f"kwok-node-{i}" for i in range(count)]
@@ -440,6 +453,26 @@ def wait_for_crds(client: Client, names: list[str], timeout: float = 60) -> None
             time.sleep(0.2)
     if pending:
         raise TimeoutError(f"CRDs not Established after {timeout}s: {sorted(pending)}")
+
+
+def install_pdorch_crds(
+    client: Client, field_manager: str, namespaces: tuple[str, ...] = ("pdorch-system",)
+) -> list[str]:
+    """Server-side apply pdorch's generated CRDs (manifests/crd), wait until Established, and make
+    sure `namespaces` exist (the controller's Lease lives in pdorch-system). Returns CRD names."""
+    names = []
+    for f in sorted((binaries.repo_root() / "manifests" / "crd").glob("*.yaml")):
+        doc = yaml.safe_load(f.read_text())
+        client.apply(from_dict(doc), field_manager=field_manager, force=True)
+        names.append(doc["metadata"]["name"])
+    wait_for_crds(client, names)
+    for ns in namespaces:
+        try:
+            client.create(LkNamespace(metadata=ObjectMeta(name=ns)))
+        except ApiError as e:
+            if e.status.code != 409:  # already there
+                raise
+    return names
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -23,13 +23,18 @@ from typing import Any
 
 from pdorch.controller.informer import Informer
 from pdorch.controller.kubeapi import POD, KubeApi
+from pdorch.roles.labels import (
+    ANNOTATION_BOOTSTRAP_PORT,
+    ANNOTATION_PORT,
+    LABEL_GROUP,
+    LABEL_ROLE_TYPE,
+    LWS_WORKER_INDEX,
+)
 from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Role
 from pdorch.sim.server import SimServer
 
 log = logging.getLogger(__name__)
-
-WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,13 @@ def backend_for(pod: dict[str, Any]) -> Backend | None:
     labels, ann = md.get("labels") or {}, md.get("annotations") or {}
     if md.get("deletionTimestamp") or status.get("phase") != "Running" or not status.get("podIP"):
         return None
-    if labels.get(WORKER_INDEX, "0") != "0":
+    if labels.get(LWS_WORKER_INDEX, "0") != "0":
         return None  # multi-host workers serve no HTTP; the leader does
-    kind = labels.get("pdorch.io/role-type")
+    kind = labels.get(LABEL_ROLE_TYPE)
     if kind not in ("prefill", "decode", "proxy"):
         return None
-    port = int(ann.get("pdorch.io/port") or _container_port(pod) or 8000)
-    bp = ann.get("pdorch.io/bootstrap-port")
+    port = int(ann.get(ANNOTATION_PORT) or _container_port(pod) or 8000)
+    bp = ann.get(ANNOTATION_BOOTSTRAP_PORT)
     return Backend(md["name"], md["uid"], kind, status["podIP"], port, int(bp) if bp else None)
 
 
@@ -89,7 +94,7 @@ class PodBackends:
 
     async def start(self) -> None:
         self._api = KubeApi.from_config(self.kubeconfig, field_manager="pdorch-pod-backends")
-        self._informer = Informer(self._api, POD, self.namespace, f"pdorch.io/group={self.group}")
+        self._informer = Informer(self._api, POD, self.namespace, f"{LABEL_GROUP}={self.group}")
         self._informer.add_handler(lambda _t, _o: self._wake.set())
         self._tasks = [asyncio.create_task(self._informer.run()), asyncio.create_task(self._loop())]
         await asyncio.wait_for(self._informer.synced.wait(), timeout=30)

@@ -6,9 +6,8 @@ and a client that disconnects mid-stream."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx2
@@ -27,16 +26,6 @@ from tests.integration.test_controller import SG, example, wait_available
 pytestmark = pytest.mark.e2e
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-
-
-@pytest.fixture(scope="module")
-def controller(devcluster: ClusterState, pdorch_crds: list[str]) -> Iterator[ControllerProc]:
-    ctl = ControllerProc(devcluster.kubeconfig, f"e2e-{uuid.uuid4().hex[:6]}", f"e2e-{uuid.uuid4().hex[:6]}")
-    try:
-        ctl.wait_ready()
-        yield ctl
-    finally:
-        ctl.stop()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -67,14 +65,7 @@ def update_spec(kube: Client, namespace: str, name: str, edit: Any) -> None:
 
 
 def kubectl(devcluster: ClusterState, *args: str) -> str:
-    env = {**os.environ, "KUBECONFIG": devcluster.kubeconfig}
-    out = subprocess.run(
-        [str(Path(devcluster.bin_dir) / "kubectl"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = devcluster.kubectl(*args, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -26,14 +25,7 @@ SA = "system:serviceaccount:pdorch-system:pdorch-controller"
 
 
 def kubectl(devcluster: ClusterState, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KUBECONFIG": devcluster.kubeconfig}
-    out = subprocess.run(
-        [str(Path(devcluster.bin_dir) / "kubectl"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = devcluster.kubectl(*args)
     if check:
         assert out.returncode == 0, out.stderr
     return out
