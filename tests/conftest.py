@@ -41,7 +41,10 @@ def devcluster() -> Iterator[ClusterState]:
             )
         yield state
         return
-    cluster = DevCluster(default_state_dir("pytest"), progress=_progress)
+    # PDORCH_DEVCLUSTER_NAME lets two test sessions on one machine run side by side.
+    cluster = DevCluster(
+        default_state_dir(os.environ.get("PDORCH_DEVCLUSTER_NAME", "pytest")), progress=_progress
+    )
     state = cluster.up()
     try:
         yield state

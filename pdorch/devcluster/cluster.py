@@ -70,6 +70,11 @@ class ClusterState:
         return str(Path(self.dir) / "kubeconfig")
 
     @property
+    def pod_cidr(self) -> str:
+        """This cluster's loopback pod network (kwok assigns pod IPs from it)."""
+        return manifests.pod_cidr_for(Path(self.dir).name)
+
+    @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports['apiserver']}"
 
@@ -364,7 +369,8 @@ class DevCluster:
 
     def _start_kwok(self, st: ClusterState, bins: binaries.Binaries, logs: Path) -> None:
         cfg = self.state_dir / "kwok.yaml"
-        cfg.write_text(manifests.kwok_config(bins.kwok_stages))
+        pod_cidr = manifests.pod_cidr_for(self.state_dir.name)
+        cfg.write_text(manifests.kwok_config(bins.kwok_stages, pod_cidr))
         self._launch(
             st,
             "kwok",
@@ -373,7 +379,7 @@ class DevCluster:
                 f"--kubeconfig={st.kubeconfig}",
                 f"--config={cfg}",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                f"--cidr={manifests.POD_CIDR}",
+                f"--cidr={pod_cidr}",
                 f"--node-ip={manifests.NODE_IP}",
                 "--node-lease-duration-seconds=40",
             ],

@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import base64
 import copy
+import zlib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 POD_CIDR = "127.1.0.0/16"  # loopback: pods' IPs are reachable by a process on 0.0.0.0 here
+
+
+def pod_cidr_for(name: str) -> str:
+    """A loopback /16 per cluster name, so two dev clusters on one machine never share pod IPs.
+
+    The default clusters ("default", "pytest") keep 127.1.0.0/16; any other name hashes into
+    127.2-127.250 (127.255 is avoided as a broadcast-looking octet, 127.0 holds 127.0.0.1).
+    """
+    if name in ("default", "pytest"):
+        return POD_CIDR
+    octet = 2 + zlib.crc32(name.encode()) % 249
+    return f"127.{octet}.0.0/16"
+
+
 NODE_IP = "127.0.0.1"
 # Allocated only, never dialled (no kube-proxy). A /24 runs out after ~250 ClusterIP Services.
 SERVICE_CIDR = "10.0.0.0/16"
@@ -36,13 +51,13 @@ def kubeconfig(server: str, ca_path: Path, token: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def kwok_config(stage_files: list[Path]) -> str:
+def kwok_config(stage_files: list[Path], pod_cidr: str = POD_CIDR) -> str:
     """kwok's config: loopback pod CIDR and node IP, plus the explicit stages v0.8.0 requires."""
     head = {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
         "kind": "KwokConfiguration",
         "options": {
-            "cidr": POD_CIDR,
+            "cidr": pod_cidr,
             "nodeIP": NODE_IP,
             "nodeLeaseDurationSeconds": 40,
             # With a config file kwok v0.8.0 leaves these at 0 and refuses to start.

@@ -12,11 +12,11 @@ from lightkube import Client
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod
 
+from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
-POD_NET = ipaddress.ip_network("127.1.0.0/16")
 LWS = create_namespaced_resource("leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets")
 DS = create_namespaced_resource("disaggregatedset.x-k8s.io", "v1", "DisaggregatedSet", "disaggregatedsets")
 
@@ -66,7 +66,7 @@ def lws_3x2(kube: Client, namespace: str) -> str:
 
 
 def test_lws_becomes_available_with_webhook_labels_env_and_loopback_ips(
-    kube: Client, namespace: str, lws_3x2: str
+    devcluster: ClusterState, kube: Client, namespace: str, lws_3x2: str
 ) -> None:
     pods = wait_for(
         lambda: (p := _running_pods(kube, namespace, lws_3x2)) and len(p) == 6 and p,
@@ -83,7 +83,7 @@ def test_lws_becomes_available_with_webhook_labels_env_and_loopback_ips(
         assert env["LWS_GROUP_SIZE"] == "3"
         assert env["LWS_LEADER_ADDRESS"].startswith(f"{lws_3x2}-{labels[GROUP_INDEX]}.")
         assert env["LWS_WORKER_INDEX"] == labels[WORKER_INDEX]
-        assert ipaddress.ip_address(p.status.podIP) in POD_NET
+        assert ipaddress.ip_address(p.status.podIP) in ipaddress.ip_network(devcluster.pod_cidr)
     assert {g: sorted(w) for g, w in groups.items()} == {"0": ["0", "1", "2"], "1": ["0", "1", "2"]}
 
 
@@ -136,7 +136,9 @@ def test_listener_on_all_interfaces_receives_traffic_for_a_pod_ip(
     assert seen["local"] == pod_ip
 
 
-def test_disaggregatedset_with_prefill_and_decode_becomes_ready(kube: Client, namespace: str) -> None:
+def test_disaggregatedset_with_prefill_and_decode_becomes_ready(
+    devcluster: ClusterState, kube: Client, namespace: str
+) -> None:
     def role(name: str, replicas: int) -> dict[str, Any]:
         return {
             "name": name,
@@ -169,4 +171,6 @@ def test_disaggregatedset_with_prefill_and_decode_becomes_ready(kube: Client, na
     wait_for(ready, 120, "DisaggregatedSet roles ready (prefill 2, decode 1)")
     pods = [p for p in kube.list(Pod, namespace=namespace) if p.status.phase == "Running"]
     assert len(pods) == 3
-    assert all(ipaddress.ip_address(p.status.podIP) in POD_NET for p in pods)
+    assert all(
+        ipaddress.ip_address(p.status.podIP) in ipaddress.ip_network(devcluster.pod_cidr) for p in pods
+    )

@@ -23,8 +23,6 @@ from pdorch.devcluster.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
-POD_NET = ipaddress.ip_network("127.1.0.0/16")
-
 
 def test_apiserver_reports_pinned_version(devcluster: ClusterState) -> None:
     ctx = ssl.create_default_context(cafile=devcluster.ca)
@@ -162,7 +160,7 @@ def test_statefulset_pods_are_scheduled_onto_kwok_nodes(
     pods = wait_for(running, 60, "3 StatefulSet pods Running")
     for p in pods:
         assert p.spec.nodeName in devcluster.nodes  # placed by the real scheduler
-        assert ipaddress.ip_address(p.status.podIP) in POD_NET
+        assert ipaddress.ip_address(p.status.podIP) in ipaddress.ip_network(devcluster.pod_cidr)
     got = kube.get(StatefulSet, "web", namespace=namespace)
     wait_for(
         lambda: kube.get(StatefulSet, "web", namespace=namespace).status.readyReplicas == 3, 30, "sts ready"
