@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pdorch.devcluster.waiting import wait_http_ok as shared_wait_http_ok
+from pdorch.proxy.protocols import RoomMinter, sglang_body, vllm_decode_body, vllm_prefill_body
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -242,6 +243,8 @@ class Target:
     # Sim processes behind this target: their CPU shows extra per-request calls a front makes
     # (vllm-router's /tokenize and /render on both workers).
     engine_pids: list[int] = field(default_factory=list)
+    # Extra load-generator flags (the P/D-direct baselines hand it the decode URL).
+    loadgen_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -288,6 +291,14 @@ class Stacks:
         )
         pu, du = f"http://{HOST}:{p}", f"http://{HOST}:{d}"
         self.engine_pids["vllm"] = [proc.popen.pid]
+        self.targets["pd-direct-vllm"] = Target(
+            "pd-direct-vllm",
+            "vllm",
+            pu,
+            None,
+            engine_pids=[proc.popen.pid],
+            loadgen_args=["--pd-decode", du, "--pd-protocol", "vllm"],
+        )
         return (pu, du), [(proc, pu + "/health"), (proc, du + "/health")]
 
     def spawn_sglang_pd(self) -> tuple[tuple[str, int, str], list[tuple[Proc, str]]]:
@@ -302,6 +313,14 @@ class Stacks:
         dec = self._sim("sim-sglang-decode", "sglang", [*common, "--role", "decode", "--port", str(d)])
         pu, du = f"http://{HOST}:{p}", f"http://{HOST}:{d}"
         self.engine_pids["sglang"] = [pre.popen.pid, dec.popen.pid]
+        self.targets["pd-direct-sglang"] = Target(
+            "pd-direct-sglang",
+            "sglang",
+            pu,
+            None,
+            engine_pids=[pre.popen.pid, dec.popen.pid],
+            loadgen_args=["--pd-decode", du, "--pd-protocol", "sglang", "--pd-bootstrap-port", str(boot)],
+        )
         waits = [(pre, pu + "/health"), (pre, f"http://{HOST}:{boot}/health"), (dec, du + "/health")]
         return (pu, boot, du), waits
 
@@ -418,8 +437,17 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         n_chunks = 0
         first: float | None = None
+        url, prefill_leg = args.url, None
         try:
-            async with session.post(args.url + path, json=body) as r:
+            if args.pd_decode:
+                # P/D-direct baseline: this client does the handshake a front would do, so a front's
+                # latency above this is the front's own cost, not the second engine hop.
+                url, body, prefill_leg = await pd_handshake(session, args, body, minter)
+                if url is None:
+                    if record:
+                        err(f"prefill leg: {prefill_leg}")
+                    return
+            async with session.post(url + path, json=body) as r:
                 if r.status != 200:
                     text = (await r.read())[:120].decode(errors="replace")
                     if record:
@@ -439,6 +467,10 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
                             err(f"no choices: {data[:100]!r}")
                         return
             stop_t = time.perf_counter()
+            if isinstance(prefill_leg, asyncio.Task) and (status := await prefill_leg) != 200:
+                if record:
+                    err(f"prefill leg: HTTP {status}")
+                return
         except Exception as exc:
             if record:
                 err(type(exc).__name__ + ": " + str(exc)[:100])
@@ -455,6 +487,7 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
                     ttft_ms.append(1000 * (first - start))
                     chunks += n_chunks
 
+    minter = RoomMinter(seed=args.seed)
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     conn = aiohttp.TCPConnector(limit=args.max_inflight, limit_per_host=args.max_inflight)
     tasks: list[asyncio.Task[None]] = []
@@ -512,6 +545,33 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def pd_handshake(
+    session: Any, args: argparse.Namespace, body: dict[str, Any], minter: RoomMinter
+) -> tuple[str | None, dict[str, Any], Any]:
+    """Do a P/D front's first half from the client: returns (decode URL, decode body, prefill leg).
+
+    vLLM: the prefill call completes first and its ``kv_transfer_params`` go into the decode body.
+    SGLang: both legs carry the same bootstrap fields and run concurrently; the prefill leg is returned
+    as a task (its status is checked after the decode answer). On a failed vLLM prefill the URL is None
+    and the third item says why.
+    """
+    path = "/v1/completions"
+    if args.pd_protocol == "vllm":
+        async with session.post(args.url + path, json=vllm_prefill_body(body)) as r:
+            if r.status != 200:
+                return None, body, f"HTTP {r.status}"
+            kv = (await r.json()).get("kv_transfer_params")
+        return args.pd_decode, vllm_decode_body(body, kv), None
+    both = sglang_body(body, HOST, args.pd_bootstrap_port, minter.mint())
+
+    async def prefill() -> int:
+        async with session.post(args.url + path, json=both) as r:
+            await r.read()
+            return r.status
+
+    return args.pd_decode, both, asyncio.create_task(prefill())
+
+
 def _r(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(x, nd)
 
@@ -527,6 +587,9 @@ def loadgen_main(argv: list[str]) -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-inflight", type=int, default=2048)
     ap.add_argument("--request-timeout", type=float, default=10.0)
+    ap.add_argument("--pd-decode", default=None, help="P/D-direct: --url is the prefill, this the decode")
+    ap.add_argument("--pd-protocol", choices=["vllm", "sglang"], default="vllm")
+    ap.add_argument("--pd-bootstrap-port", type=int, default=None)
     args = ap.parse_args(argv)
     if not args.url.startswith(f"http://{HOST}:"):
         raise SystemExit("loadgen only talks to 127.0.0.1")
@@ -546,6 +609,7 @@ def run_step(
     cmd += ["--max-tokens", "16", "--request-timeout", str(args.request_timeout)]
     if stream:
         cmd.append("--stream")
+    cmd += target.loadgen_args
     alive = target.pid is not None and Path(f"/proc/{target.pid}").exists()
     cpu0 = tree_cpu_s(target.pid) if alive and target.pid else 0.0
     eng0 = sum(tree_cpu_s(p) for p in target.engine_pids)
@@ -596,11 +660,11 @@ def judge(front: dict[str, Any], base: dict[str, Any]) -> tuple[bool, str]:
     return True, "ok"
 
 
-def add_deltas(front: dict[str, Any], base: dict[str, Any]) -> None:
+def add_deltas(front: dict[str, Any], base: dict[str, Any], prefix: str = "added_") -> None:
     """Added latency/TTFT = front percentile minus baseline percentile (same rate, same arrival seed)."""
     for k in ("lat_p50_ms", "lat_p90_ms", "lat_p99_ms", "ttft_p50_ms", "ttft_p99_ms"):
         if front.get(k) is not None and base.get(k) is not None:
-            front["added_" + k.removeprefix("lat_")] = round(front[k] - base[k], 3)
+            front[prefix + k.removeprefix("lat_")] = round(front[k] - base[k], 3)
 
 
 def baseline_ok(base: dict[str, Any]) -> bool:
@@ -692,24 +756,28 @@ def run_bench(args: argparse.Namespace, stacks: Stacks, fronts: list[str]) -> di
         status[f]["lower_bound"] = True
 
     # Streaming at half the max sustained load (half the first step if none passed).
-    half_base: dict[tuple[str, float], dict[str, Any]] = {}
+    # Two baselines: one engine answering alone (what a client without P/D sees) and the client doing
+    # the P/D handshake itself (so "added vs P/D-direct" is the front's own cost).
+    half_base: dict[tuple[str, str, float], dict[str, Any]] = {}
     for f in fronts:
         if stacks.targets[f].error:
             continue
         proto = FRONT_PROTOCOL[f]
         half = (status[f]["max_sustained_rps"] or args.rates[0]) / 2
         status[f]["half_load_rps"] = half
-        key = (proto, half)
-        if key not in half_base:
-            print(f"[bench] half load {half:g}/s direct-{proto} (stream) ...", flush=True)
-            b = run_step(stacks.targets[f"direct-{proto}"], half, True, args, 7)
-            b["phase"] = "half-stream"
-            steps.append(b)
-            half_base[key] = b
+        for kind in ("direct", "pd-direct"):
+            key = (kind, proto, half)
+            if key not in half_base:
+                print(f"[bench] half load {half:g}/s {kind}-{proto} (stream) ...", flush=True)
+                b = run_step(stacks.targets[f"{kind}-{proto}"], half, True, args, 7)
+                b["phase"] = "half-stream"
+                steps.append(b)
+                half_base[key] = b
         print(f"[bench] half load {half:g}/s {f} (stream) ...", flush=True)
         res = run_step(stacks.targets[f], half, True, args, 7)
         res["phase"] = "half-stream"
-        add_deltas(res, half_base[key])
+        add_deltas(res, half_base[("direct", proto, half)])
+        add_deltas(res, half_base[("pd-direct", proto, half)], prefix="added_vs_pd_")
         steps.append(res)
         status[f]["half"] = res
         print(
@@ -741,6 +809,8 @@ def summarize(fronts: list[str], result: dict[str, Any]) -> list[dict[str, Any]]
                 "half_load_rps": st.get("half_load_rps"),
                 "added_ttft_p50_ms": half.get("added_ttft_p50_ms"),
                 "added_ttft_p99_ms": half.get("added_ttft_p99_ms"),
+                "added_vs_pd_ttft_p50_ms": half.get("added_vs_pd_ttft_p50_ms"),
+                "added_vs_pd_ttft_p99_ms": half.get("added_vs_pd_ttft_p99_ms"),
                 "chunks_per_s": half.get("chunks_per_s"),
                 "half_errors": half.get("errors"),
                 "cpu_s_per_1k_req_max": at_max.get("cpu_s_per_1k_req") if at_max else None,
@@ -767,15 +837,17 @@ def _ratio(x: float | None, best: float | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = [
-        "| front | max req/s (p99 added <= 10 ms) | added TTFT p50 / p99 ms @ half | chunks/s @ half "
+        "| front | max req/s (p99 added <= 10 ms) | added TTFT p50 / p99 ms @ half, vs one engine "
+        "| vs P/D-direct | chunks/s @ half "
         "| CPU s / 1k req (non-stream @ max; stream @ half) | RSS MiB | stopped because |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mx = ("≥" if r["lower_bound"] else "") + _fmt(r["max_sustained_rps"], 0)
         out.append(
             f"| {r['front']} | {mx} | {_fmt(r['added_ttft_p50_ms'])} / {_fmt(r['added_ttft_p99_ms'])} "
-            f"(@ {_fmt(r['half_load_rps'], 1)}/s) | {_fmt(r['chunks_per_s'], 0)} | "
+            f"(@ {_fmt(r['half_load_rps'], 1)}/s) | {_fmt(r['added_vs_pd_ttft_p50_ms'])} / "
+            f"{_fmt(r['added_vs_pd_ttft_p99_ms'])} | {_fmt(r['chunks_per_s'], 0)} | "
             f"{_fmt(r['cpu_s_per_1k_req_max'], 3)}; {_fmt(r['cpu_s_per_1k_req_stream'], 3)} | "
             f"{_fmt(r['rss_mib_max'], 1)} | {r['stop_reason'] or '-'} |"
         )
@@ -971,7 +1043,8 @@ def main() -> None:
         f"# bench/proxy{' (quick smoke run)' if args.quick else ''}\n\n"
         f"Sims at --time-scale {args.time_scale}, prompt ~128 tokens, max_tokens 16, Poisson arrivals, "
         f"{args.step_seconds:g} s per step, {os.cpu_count()} CPUs, all on 127.0.0.1. Added = front percentile "
-        "minus direct-to-sim percentile at the same rate and seed.\n\n"
+        'minus direct-to-sim percentile at the same rate and seed; "vs P/D-direct" subtracts a client that '
+        "does the P/D handshake with the same sims itself (no front), which isolates the front's own cost.\n\n"
     )
     (out / f"{args.name}.md").write_text(
         header + md + "\n\n## Ladder steps\n\n" + medians_table(result["steps"]) + "\n"
