@@ -381,12 +381,13 @@ class RolloutStrategy(ApiModel):
     )
     model_config = ConfigDict(json_schema_extra=cel_schema(cel_rules))
 
-    max_surge: IntOrString = 0
-    """Groups per role that may be added above replicas during a rollout (int or %)."""
-    max_unavailable: IntOrString = 1
-    """Groups per role that may be unavailable during a rollout (int or %)."""
+    max_surge: IntOrString = "25%"
+    """Groups per role that may be added above replicas during a rollout (int or %, rounded up)."""
+    max_unavailable: IntOrString = "25%"
+    """Groups per role that may be unavailable during a rollout (int or %, rounded down)."""
     ratio_tolerance: float | None = Field(None, ge=0, le=1)
-    """Allowed relative P:D ratio deviation of each cohort during a rollout (0..1)."""
+    """Allowed relative P:D ratio deviation of each cohort during a rollout (0..1); unset: the
+    smallest deviation the surge/unavailable budgets allow (reported in status)."""
     progress_deadline_seconds: int = Field(600, ge=1, le=86400)
     """No progress for this long sets RolloutStalled."""
     paused: bool = False

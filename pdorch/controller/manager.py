@@ -71,7 +71,7 @@ class Controller:
         )
         self.reconciler = Reconciler(
             api=self.api,
-            caches=Caches(self.groups, self.children),
+            caches=Caches(self.groups, self.children, self.pods),
             events=EventRecorder(self.api, self.identity),
             options=RenderOptions(proxy_image=cfg.proxy_image),
         )
@@ -80,10 +80,12 @@ class Controller:
         self.groups.add_handler(lambda _t, obj: self.queue.add(key_of(obj)))
         for res, inf in self.children.items():
             inf.add_handler(self._forget_deleted(res))
-        # Pod events do not trigger reconciles: status is read from the LWS objects, whose own
-        # status changes already do, and 4+ events per pod would flood the queue at scale.
+        # Pod events trigger reconciles only for groups in a rollout (the planner waits on per-group
+        # readiness by revision); otherwise status comes from the LWS objects, whose own status
+        # changes already enqueue, and 4+ events per pod would flood the queue at scale.
         for inf in self.children.values():
             inf.add_handler(self._enqueue_owner)
+        self.pods.add_handler(self._enqueue_rolling_owner)
 
     def _forget_deleted(self, res: Resource) -> Callable[[str, dict[str, Any]], None]:
         def handler(etype: str, obj: dict[str, Any]) -> None:
@@ -98,6 +100,13 @@ class Controller:
         group = (md.get("labels") or {}).get(LABEL_GROUP)
         if group:
             self.queue.add(f"{md.get('namespace', '')}/{group}")
+
+    def _enqueue_rolling_owner(self, _etype: str, obj: dict[str, Any]) -> None:
+        md = obj["metadata"]
+        group = (md.get("labels") or {}).get(LABEL_GROUP)
+        key = f"{md.get('namespace', '')}/{group}"
+        if group and key in self.reconciler.rolling:
+            self.queue.add(key)
 
     # ------------------------------------------------------------------ health and metrics
     async def _serve_health(self) -> web.AppRunner:

@@ -36,10 +36,13 @@ from pdorch.controller.kubeapi import (
     Resource,
     resource_of,
 )
-from pdorch.roles.labels import LABEL_GROUP, leader_selector, selector_string
+from pdorch.roles.labels import LABEL_GROUP, LABEL_ROLE, leader_selector, selector_string
 from pdorch.roles.naming import lws_name, scaler_name
 from pdorch.roles.render import RenderOptions, RoleOverride, render
 from pdorch.roles.revision import compute_revision
+from pdorch.rollout import live as rlive
+from pdorch.rollout.commands import rollout_spec
+from pdorch.rollout.state import KV_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,17 @@ RATIO_DEVIATION = Gauge(
     "pdorch_ratio_deviation",
     "|log(ready P:D / declared P:D)| per group (0 = on ratio).",
     ["namespace", "group"],
+)
+ROLLOUT_STEPS = Counter(
+    "pdorch_rollout_steps_total", "Rollout steps applied (partitions/replicas moved).", ["namespace", "group"]
+)
+COHORT_DEVIATION = Gauge(
+    "pdorch_rollout_cohort_ratio_deviation",
+    "Largest relative P:D deviation among ready groups of any one revision (1 = one-sided cohort).",
+    ["namespace", "group"],
+)
+ROLLOUT_STALLED = Gauge(
+    "pdorch_rollout_stalled", "1 while the group's RolloutStalled condition is True.", ["namespace", "group"]
 )
 CHILD_KINDS: tuple[Resource, ...] = (LWS, SERVICE, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, SERVING_ROLE_SCALER)
 # Kinds carrying user-supplied content (pod templates, scaling bounds): dry-run before writing.
@@ -74,6 +88,8 @@ class Caches:
 
     groups: Informer
     children: dict[Resource, Informer]
+    # Pods of pdorch's groups: per-group readiness by revision while a rollout is active.
+    pods: Informer | None = None
 
 
 @dataclass
@@ -88,6 +104,10 @@ class Reconciler:
     _models: dict[str, tuple[tuple[str, str], ServingGroup | str]] = field(default_factory=dict)
     # ... and its rendered, stamped intents for one set of overrides.
     _renders: dict[str, _Render] = field(default_factory=dict)
+    # Groups with a rollout in progress (pod events enqueue only these), and per group the last
+    # observed rollout state with the time it was first seen (for RolloutStalled).
+    rolling: set[str] = field(default_factory=set)
+    _progress: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
         """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
@@ -107,6 +127,8 @@ class Reconciler:
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self._models.pop(key, None)
             self._renders.pop(key, None)
+            self.rolling.discard(key)
+            self._progress.pop(key, None)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
         generation = int(obj["metadata"].get("generation") or 0)
@@ -130,6 +152,9 @@ class Reconciler:
         sg = sg_or_error
 
         overrides = self._overrides(sg, namespace, name)
+        rollout = self._plan_rollout(sg, key, namespace, name, overrides)
+        for role_name, (replicas, partition) in rollout.actions.items():
+            overrides[role_name] = RoleOverride(replicas=replicas, partition=partition)
         rkey = (uid, rv, repr(sorted(overrides.items())))
         cached = self._renders.get(key)
         if cached is None or cached.key != rkey:
@@ -204,10 +229,127 @@ class Reconciler:
         new_status = st.compute_status(
             generation, roles, revision, prev_status, prev_status.get("currentRevision")
         )
+        requeue = self._rollout_status(sg, key, obj, generation, prev_status, new_status, rollout)
         _record_ratio(sg, roles, namespace, name)
         await self._write_status(obj, prev_status, new_status)
         RECONCILES.labels("ok").inc()
-        return None
+        return requeue
+
+    # ------------------------------------------------------------------ rollout
+    def _plan_rollout(
+        self, sg: ServingGroup, key: str, namespace: str, name: str, overrides: dict[str, RoleOverride]
+    ) -> rlive.RolloutPlan:
+        """Ask the planner for this pass's partitions/replicas (no-op when no rollout is active)."""
+        update_revision = self._revision(key, sg)
+        roles = []
+        for role in sg.spec.roles:
+            if str(role.type) not in KV_TYPES:
+                continue
+            desired = overrides[role.name].replicas if role.name in overrides else role.replicas
+            lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
+            roles.append(rlive.LiveRole(role.name, str(role.type), int(desired or 0), lws))
+        if not rlive.is_rolling(roles, update_revision) or self.caches.pods is None:
+            self.rolling.discard(key)
+            self._progress.pop(key, None)
+            return rlive.RolloutPlan(False, {}, None)
+        self.rolling.add(key)
+        size = {r.name: r.size for r in sg.spec.roles}
+        roles = [
+            rlive.LiveRole(
+                r.name,
+                r.type,
+                r.desired,
+                r.lws,
+                rlive.group_states(
+                    self.caches.pods.list(namespace, {LABEL_GROUP: name, LABEL_ROLE: r.name}), size[r.name]
+                ),
+            )
+            for r in roles
+        ]
+        plan = rlive.plan(roles, update_revision, rollout_spec(sg, honour_pause=True))
+        assert plan.decision is not None
+        if plan.decision.kind == "step":
+            ROLLOUT_STEPS.labels(namespace, name).inc()
+            moves = ", ".join(f"{n} replicas={r} partition={k}" for n, (r, k) in sorted(plan.actions.items()))
+            obj = self.caches.groups.get(namespace, name)
+            if obj is not None:
+                self.events.emit_soon(obj, "Normal", "RolloutStep", f"{plan.decision.reason}: {moves}")
+        spec = rollout_spec(sg)
+        COHORT_DEVIATION.labels(namespace, name).set(
+            rlive.max_cohort_deviation(plan.cohorts, spec.ratio_p, spec.ratio_d)
+        )
+        return plan
+
+    def _revision(self, key: str, sg: ServingGroup) -> str:
+        """The update revision; reused from the render cache when the group did not change."""
+        cached = self._renders.get(key)
+        version = self._models.get(key)
+        if cached is not None and version is not None and cached.key[:2] == version[0]:
+            return cached.revision
+        return compute_revision(sg.spec)
+
+    def _rollout_status(
+        self,
+        sg: ServingGroup,
+        key: str,
+        obj: dict[str, Any],
+        generation: int,
+        prev: dict[str, Any],
+        status: dict[str, Any],
+        plan: rlive.RolloutPlan,
+    ) -> float | None:
+        """Add RolloutStalled and the planner's reason to `status`; the requeue delay while rolling."""
+        conds = status["conditions"]
+        prev_conds = prev.get("conditions") or []
+        if not plan.active or plan.decision is None:
+            conds.append(
+                st.condition(
+                    st.ROLLOUT_STALLED, False, "NoRollout", "no rollout in progress", generation, prev_conds
+                )
+            )
+            return None
+        decision = plan.decision
+        for c in conds:
+            if c["type"] == st.PROGRESSING and c["status"] == "True":
+                c["message"] = f"{c['message']}; planner: {decision.kind}: {decision.reason}"[:1000]
+        # Progress = the observed rollout state changed; a stall is the same state for longer than
+        # progressDeadlineSeconds (or a plan the planner says cannot finish).
+        signature = repr(
+            [(o.name, o.old_ready, o.new_ready, o.partition, o.replicas) for o in plan.observations]
+        )
+        now = time.monotonic()
+        seen = self._progress.get(key)
+        if seen is None or seen[0] != signature:
+            self._progress[key] = seen = (signature, now)
+        deadline = sg.spec.rollout_strategy.progress_deadline_seconds if sg.spec.rollout_strategy else 600
+        stalled_for = now - seen[1]
+        if decision.kind == "blocked":
+            stalled = st.condition(
+                st.ROLLOUT_STALLED, True, "CannotProgress", decision.reason, generation, prev_conds
+            )
+        elif decision.kind == "paused":
+            stalled = st.condition(
+                st.ROLLOUT_STALLED, False, "Paused", decision.reason, generation, prev_conds
+            )
+        elif stalled_for > deadline:
+            stalled = st.condition(
+                st.ROLLOUT_STALLED,
+                True,
+                "ProgressDeadlineExceeded",
+                f"no progress for {stalled_for:.0f}s (progressDeadlineSeconds {deadline}): {decision.reason}",
+                generation,
+                prev_conds,
+            )
+        else:
+            stalled = st.condition(
+                st.ROLLOUT_STALLED, False, "Progressing", decision.reason, generation, prev_conds
+            )
+        ROLLOUT_STALLED.labels(sg.metadata.namespace or "", sg.name).set(
+            1 if stalled["status"] == "True" else 0
+        )
+        conds.append(stalled)
+        # Pod events drive the next step; this requeue also checks the deadline without any event.
+        return 5.0 if decision.kind in ("wait", "step") else float(min(deadline, 30))
 
     # ------------------------------------------------------------------ pieces
     def _overrides(self, sg: ServingGroup, namespace: str, name: str) -> dict[str, RoleOverride]:

@@ -301,6 +301,7 @@ class DevCluster:
                 "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
                 f"--cert-dir={self.state_dir / 'apiserver-certs'}",
+                f"--feature-gates={manifests.FEATURE_GATES}",
             ],
             logs,
         )
@@ -330,6 +331,7 @@ class DevCluster:
                 "--kube-api-qps=200",
                 "--kube-api-burst=400",
                 "--concurrent-statefulset-syncs=10",
+                f"--feature-gates={manifests.FEATURE_GATES}",
             ],
             logs,
         )

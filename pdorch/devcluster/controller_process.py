@@ -36,8 +36,21 @@ class ControllerProc:
             "--lease-namespace", lease_namespace,
             "--health-addr", f"127.0.0.1:{self.port}",
         ]  # fmt: skip
+        self._argv = argv
         self._logf = open(self.log, "wb")
         self.proc = subprocess.Popen(argv, stdout=self._logf, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        """SIGKILL (no cleanup, the Lease stays held) and reap the process."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        """Start the same replica again (same identity, so it re-acquires its own Lease at once)."""
+        if self.proc.poll() is None:
+            raise RuntimeError(f"controller {self.identity} is still running")
+        self.proc = subprocess.Popen(self._argv, stdout=self._logf, stderr=subprocess.STDOUT)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

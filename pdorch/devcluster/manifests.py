@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+# StatefulSet maxUnavailable (alpha in 1.34, beta and on by default from 1.35): LWS sets it on
+# its leader StatefulSets, and without it every group of a rollout step is recreated one at a time.
+FEATURE_GATES = "MaxUnavailableStatefulSet=true"
 POD_CIDR = "127.1.0.0/16"  # loopback: pods' IPs are reachable by a process on 0.0.0.0 here
 
 

@@ -27,9 +27,11 @@ from pdorch.roles.labels import (
     ANNOTATION_BOOTSTRAP_PORT,
     ANNOTATION_PORT,
     LABEL_GROUP,
+    LABEL_REVISION,
     LABEL_ROLE_TYPE,
     LWS_WORKER_INDEX,
 )
+from pdorch.roles.pods import is_terminating
 from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Role
 from pdorch.sim.server import SimServer
@@ -47,13 +49,19 @@ class Backend:
     ip: str
     port: int
     bootstrap_port: int | None = None
+    revision: str = ""
 
 
 def backend_for(pod: dict[str, Any]) -> Backend | None:
-    """The backend a pod needs, or None (not running yet, terminating, a worker pod, not ours)."""
+    """The backend a pod needs, or None (not running yet, a worker pod, not ours).
+
+    A terminating pod keeps its backend (an engine serves its in-flight requests during the
+    termination grace period, as a real one behind a preStop hook does); `PodBackends` only refuses
+    to start one for a pod that is already terminating.
+    """
     md, status = pod["metadata"], pod.get("status") or {}
     labels, ann = md.get("labels") or {}, md.get("annotations") or {}
-    if md.get("deletionTimestamp") or status.get("phase") != "Running" or not status.get("podIP"):
+    if status.get("phase") != "Running" or not status.get("podIP"):
         return None
     if labels.get(LWS_WORKER_INDEX, "0") != "0":
         return None  # multi-host workers serve no HTTP; the leader does
@@ -62,7 +70,15 @@ def backend_for(pod: dict[str, Any]) -> Backend | None:
         return None
     port = int(ann.get(ANNOTATION_PORT) or _container_port(pod) or 8000)
     bp = ann.get(ANNOTATION_BOOTSTRAP_PORT)
-    return Backend(md["name"], md["uid"], kind, status["podIP"], port, int(bp) if bp else None)
+    return Backend(
+        md["name"],
+        md["uid"],
+        kind,
+        status["podIP"],
+        port,
+        int(bp) if bp else None,
+        labels.get(LABEL_REVISION, ""),
+    )
 
 
 def _container_port(pod: dict[str, Any]) -> int | None:
@@ -85,6 +101,10 @@ class PodBackends:
     proxy_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
     engines: dict[str, SimServer] = field(default_factory=dict)  # pod name -> engine server
+    # Every engine backend ever started (pod UID -> backend, server; StatefulSet pods reuse names),
+    # kept after the pod is gone so
+    # a test can audit what each engine did (e.g. which prefill engines a decode pulled KV from).
+    history: dict[str, tuple[Backend, SimServer]] = field(default_factory=dict)
     proxies: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     _running: dict[str, Backend] = field(default_factory=dict)
     _api: KubeApi | None = None
@@ -127,12 +147,13 @@ class PodBackends:
 
     async def _sync(self) -> None:
         assert self._informer is not None
-        want = {b.pod: b for p in self._informer.store.values() if (b := backend_for(p)) is not None}
+        pods = {p["metadata"]["name"]: p for p in self._informer.store.values()}
+        want = {b.pod: b for p in pods.values() if (b := backend_for(p)) is not None}
         for name, b in list(self._running.items()):
             if want.get(name) != b:
                 await self._stop_backend(name)
         for name, b in want.items():
-            if name not in self._running:
+            if name not in self._running and not is_terminating(pods[name]):
                 await self._start_backend(b)
 
     async def _start_backend(self, b: Backend) -> None:
@@ -160,6 +181,7 @@ class PodBackends:
             )
             await server.start()
             self.engines[b.pod] = server
+            self.history[b.uid] = (b, server)
         self._running[b.pod] = b
         log.info("pod backends: %s %s serving on %s:%d", b.kind, b.pod, b.ip, b.port)
 

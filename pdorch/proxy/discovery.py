@@ -22,6 +22,7 @@ from pdorch.roles.labels import (
     LABEL_ROLE_TYPE,
     LWS_WORKER_INDEX,
 )
+from pdorch.roles.pods import is_ready, is_terminating
 
 log = logging.getLogger(__name__)
 DEFAULT_ENGINE_PORT = 8000
@@ -56,13 +57,6 @@ def static_endpoints(
     return EndpointSet(tuple(eps))
 
 
-def _is_ready(pod: dict[str, Any]) -> bool:
-    for c in (pod.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Ready":
-            return c.get("status") == "True"
-    return False
-
-
 def _port(value: Any, default: int | None) -> int | None:
     try:
         p = int(value)
@@ -86,10 +80,10 @@ def endpoint_from_pod(pod: dict[str, Any]) -> Endpoint | None:
         return None
     if labels.get(LWS_WORKER_INDEX, "0") != "0":
         return None  # workers of a multi-host group serve no HTTP; only the leader does
-    if md.get("deletionTimestamp"):
+    if is_terminating(pod):
         return None
     ip = (pod.get("status") or {}).get("podIP")
-    if not ip or not _is_ready(pod):
+    if not ip or not is_ready(pod):
         return None
     port = _port(ann.get(ANNOTATION_PORT), DEFAULT_ENGINE_PORT) or DEFAULT_ENGINE_PORT
     host = f"[{ip}]" if ":" in ip else ip

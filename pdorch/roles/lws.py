@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdorch.api.servinggroup import Role, RoleType
+from pdorch.api.servinggroup import Role, RoleType, RolloutStrategy
 from pdorch.roles.context import RenderContext, label_pod_template
 from pdorch.roles.labels import ANNOTATION_BOOTSTRAP_PORT, ANNOTATION_PORT
 from pdorch.roles.naming import lws_name
@@ -12,6 +12,10 @@ from pdorch.roles.proxy import builtin_proxy_template
 
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 LWS_KIND = "LeaderWorkerSet"
+KV_ROLE_TYPES = frozenset({RoleType.PREFILL, RoleType.DECODE, RoleType.WORKER})
+# rollingUpdateConfiguration of KV roles: pdorch's partition is the only brake.
+LWS_MAX_SURGE = 0
+LWS_MAX_UNAVAILABLE = "100%"
 
 
 def _templates(ctx: RenderContext, role: Role) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -30,13 +34,17 @@ def _templates(ctx: RenderContext, role: Role) -> tuple[dict[str, Any] | None, d
 
 def _rolling_update(ctx: RenderContext, role: Role) -> dict[str, Any]:
     override = ctx.override(role)
-    strategy = ctx.sg.spec.rollout_strategy
-    max_surge = override.max_surge
-    if max_surge is None:
-        max_surge = strategy.max_surge if strategy is not None else 0
-    max_unavailable = override.max_unavailable
-    if max_unavailable is None:
-        max_unavailable = strategy.max_unavailable if strategy is not None else 1
+    if role.type in KV_ROLE_TYPES:
+        # pdorch's ratio-preserving planner moves these roles through `partition` and `replicas`;
+        # LWS must not surge or hold back on its own, or the planner's cohorts would be wrong.
+        max_surge: int | str = LWS_MAX_SURGE
+        max_unavailable: int | str = LWS_MAX_UNAVAILABLE
+    else:
+        strategy = ctx.sg.spec.rollout_strategy or RolloutStrategy()
+        max_surge = override.max_surge if override.max_surge is not None else strategy.max_surge
+        max_unavailable = (
+            override.max_unavailable if override.max_unavailable is not None else strategy.max_unavailable
+        )
     # Partition is always explicit: dropping it from an SSA intent would reset it to 0 and let LWS
     # roll the whole role at once, bypassing the ratio-preserving planner.
     return {

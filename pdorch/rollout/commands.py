@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from pdorch.api.errors import SpecError, load_servinggroups
-from pdorch.api.servinggroup import RoleType, ServingGroup
-from pdorch.rollout.planner import initial_state, simulate
+from pdorch.api.servinggroup import RoleType, RolloutStrategy, ServingGroup
+from pdorch.rollout.planner import auto_tolerance, initial_state, simulate
 from pdorch.rollout.state import RolloutSpec, Snapshot
-
-# Used when neither spec.rolloutStrategy.ratioTolerance nor spec.ratio.tolerance is set.
-DEFAULT_TOLERANCE = 0.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +35,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def rollout_spec(sg: ServingGroup) -> RolloutSpec:
+def rollout_spec(sg: ServingGroup, *, honour_pause: bool = False) -> RolloutSpec:
     """The planner's view of spec.ratio and spec.rolloutStrategy.
 
     Without spec.ratio the declared ratio is the ratio of the desired replicas (DESIGN.md "API").
+    Without a tolerance (neither rolloutStrategy.ratioTolerance nor ratio.tolerance) it is None:
+    the planner then uses the smallest one the surge/unavailable budgets allow.
     """
     spec = sg.spec
     strategy = spec.rollout_strategy
@@ -57,10 +57,11 @@ def rollout_spec(sg: ServingGroup) -> RolloutSpec:
     return RolloutSpec(
         ratio_p=p,
         ratio_d=d,
-        tolerance=DEFAULT_TOLERANCE if tol is None else tol,
-        max_surge=0 if strategy is None else strategy.max_surge,
-        max_unavailable=1 if strategy is None else strategy.max_unavailable,
-        paused=False,  # a plan shows what would happen once resumed
+        tolerance=tol,
+        max_surge=(strategy or RolloutStrategy()).max_surge,
+        max_unavailable=(strategy or RolloutStrategy()).max_unavailable,
+        # `pdorch plan` shows what would happen once resumed; the controller honours the pause.
+        paused=honour_pause and strategy is not None and strategy.paused,
     )
 
 
@@ -125,9 +126,13 @@ def run(args: argparse.Namespace) -> int:
             for r in sg.spec.roles
             if r.type != RoleType.PROXY
         ]
+        auto = spec.tolerance is None
+        if auto:
+            spec = replace(spec, tolerance=auto_tolerance(initial_state(roles), spec))
         snaps = simulate(spec, initial_state(roles), lambda _n, _i, _t: max(0, args.delay))
         print(
-            f"# {sg.name}: ratio {spec.ratio_p}:{spec.ratio_d} tolerance {spec.tolerance:g} "
+            f"# {sg.name}: ratio {spec.ratio_p}:{spec.ratio_d} tolerance {spec.tolerance:g}"
+            f"{' (auto: the smallest the budgets allow)' if auto else ''} "
             f"maxSurge {spec.max_surge} maxUnavailable {spec.max_unavailable}"
         )
         print(format_plan(snaps))

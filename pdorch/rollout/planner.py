@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from pdorch.rollout.state import (
@@ -246,6 +246,39 @@ def _why_stuck(roles: Sequence[RoleObservation], spec: RolloutSpec, tol: Fractio
     )
 
 
+def auto_tolerance(observed: Sequence[RoleObservation], spec: RolloutSpec) -> float:
+    """The smallest ratio tolerance under which the plan from `observed` completes.
+
+    Used when the user set no tolerance: the rollout then keeps each cohort as close to the ratio as
+    the surge/unavailable budgets allow, instead of refusing to start. Candidates are the deviations
+    a cohort can take; feasibility is the planner's own lookahead (it refuses plans that would stall).
+    """
+    p_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "prefill")
+    d_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "decode")
+    cands = {Fraction(0)}
+    for p in range(1, p_max + 2):
+        for d in range(1, d_max + 2):
+            dev = deviation(p, d, spec.ratio_p, spec.ratio_d)
+            if dev is not None and dev <= 1:
+                cands.add(dev)
+    ordered = sorted(cands)
+    ready = [replace(r, old_ready=r.old_total, new_ready=r.new_total) for r in observed]
+
+    def feasible(tol: Fraction) -> bool:
+        return next_step(ready, replace(spec, tolerance=float(tol), paused=False)).kind != "blocked"
+
+    lo, hi = 0, len(ordered) - 1
+    if not feasible(ordered[hi]):
+        return float(ordered[hi])
+    while lo < hi:  # feasibility only grows with the tolerance
+        mid = (lo + hi) // 2
+        if feasible(ordered[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(ordered[lo])
+
+
 # --- simulation -------------------------------------------------------------------------------
 
 DelayModel = Callable[[str, int, int], int]
@@ -372,6 +405,7 @@ def initial_state(roles: Sequence[tuple[str, str, int]]) -> list[RoleObservation
 
 __all__ = [
     "DelayModel",
+    "auto_tolerance",
     "budgets",
     "effective_tolerance",
     "initial_state",

@@ -67,7 +67,8 @@ class RolloutSpec:
 
     ratio_p: int
     ratio_d: int
-    tolerance: float
+    # None: the smallest tolerance the budgets allow (`planner.auto_tolerance`), resolved before planning.
+    tolerance: float | None
     max_surge: int | str = 0
     max_unavailable: int | str = 1
     paused: bool = False

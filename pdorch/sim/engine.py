@@ -18,6 +18,7 @@ KV accounting is conservative: admission reserves blocks for prompt + max output
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -158,6 +159,9 @@ class Engine:
         self.engine_id = str(uuid.uuid4())
         self.pool = BlockPool(coefficients.num_kv_blocks)
         self.leases: dict[str, Lease] = {}
+        # Prefill engine ids this (decode) engine pulled KV from, with counts: lets tests audit
+        # P/D pairing from the engines' side instead of trusting the proxy's own account.
+        self.kv_sources: collections.Counter[str] = collections.Counter()
         self.bootstrap_waiting = 0
         self.transfer_waiting = 0
         self._waiting: deque[Seq] = deque()

@@ -189,6 +189,7 @@ class VllmFrontend:
         async def pull() -> None:
             c = engine.coefficients
             remote = nixl.local_engine(str(params["remote_engine_id"]))
+            engine.kv_sources[str(params["remote_engine_id"])] += 1
             lease_id = str(params["remote_request_id"])
             if remote is not None and lease_id not in remote.leases:
                 engine.metrics.handshake("kv_pull_failed")

@@ -142,7 +142,8 @@ def test_lws_fields() -> None:
     assert container["image"] == "pdorch/sim:dev"
     assert spec["rolloutStrategy"] == {
         "type": "RollingUpdate",
-        "rollingUpdateConfiguration": {"partition": 0, "maxSurge": 0, "maxUnavailable": 1},
+        # KV roles: pdorch's partition is the only brake, LWS neither surges nor holds back.
+        "rollingUpdateConfiguration": {"partition": 0, "maxSurge": 0, "maxUnavailable": "100%"},
     }
     # Fields pdorch does not own stay out of the SSA intent.
     assert "startupPolicy" not in spec and "networkConfig" not in spec
@@ -174,7 +175,15 @@ def test_lws_pass_through_fields() -> None:
     assert lwt["volumeClaimTemplates"] == [pvc]
     assert spec["startupPolicy"] == "LeaderReady"
     assert spec["networkConfig"] == {"subdomainPolicy": "UniquePerReplica"}
+    # The strategy's budgets go to the planner, not to a KV role's LWS ...
     assert spec["rolloutStrategy"]["rollingUpdateConfiguration"] == {
+        "partition": 0,
+        "maxSurge": 0,
+        "maxUnavailable": "100%",
+    }
+    # ... while the proxy role's LWS rolls itself with them.
+    proxy = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]["spec"]
+    assert proxy["rolloutStrategy"]["rollingUpdateConfiguration"] == {
         "partition": 0,
         "maxSurge": "25%",
         "maxUnavailable": 0,
@@ -192,14 +201,21 @@ def test_leader_template_only_becomes_the_worker_template() -> None:
 
 def test_overrides_replicas_partition_and_steps() -> None:
     overrides = {
-        "prefill": RoleOverride(replicas=5, partition=3, max_surge=1, max_unavailable=0),
+        "prefill": RoleOverride(replicas=5, partition=3),
         "decode": RoleOverride(partition=1),
+        "proxy": RoleOverride(max_surge=1, max_unavailable=0),
     }
     objs = _by_key(render(_sg(), overrides=overrides))
     prefill = objs[("LeaderWorkerSet", "sim-pd-prefill")]["spec"]
     assert prefill["replicas"] == 5
     assert prefill["rolloutStrategy"]["rollingUpdateConfiguration"] == {
         "partition": 3,
+        "maxSurge": 0,
+        "maxUnavailable": "100%",
+    }
+    proxy = objs[("LeaderWorkerSet", "sim-pd-proxy")]["spec"]
+    assert proxy["rolloutStrategy"]["rollingUpdateConfiguration"] == {
+        "partition": 0,
         "maxSurge": 1,
         "maxUnavailable": 0,
     }

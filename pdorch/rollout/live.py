@@ -1,0 +1,199 @@
+"""From live objects to the planner and back: which partitions and replicas to apply now.
+
+Pure functions over plain dicts (LWS and pod objects as the API returns them), so the controller
+stays a thin I/O shell and every rule here is unit-testable.
+
+How pdorch drives an LWS of a KV role (DESIGN.md "Rollout"):
+
+* the LWS's own rolling update is neutralised (maxSurge 0, maxUnavailable 100%): it only ever
+  recreates the groups at or above the partition pdorch sets, all at once;
+* a new revision's template goes in with partition = current replicas, so nothing moves yet;
+* each planner step lowers partitions (recreating old groups on the new template) and sets
+  replicas (surge above desired, or scale events), across roles in one decision.
+
+A group "slot" i of a role is ready for the planner when the group exists, all its pods are Ready
+and none is terminating, and, for slots at or above the partition, the group runs the update
+revision (so a step LWS has not finished yet reads as "not ready" and the planner waits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pdorch.roles.labels import LABEL_REVISION, LWS_WORKER_INDEX
+from pdorch.roles.pods import LWS_GROUP_INDEX, is_ready, is_terminating
+from pdorch.rollout.planner import auto_tolerance, effective_tolerance, next_step
+from pdorch.rollout.state import KV_TYPES, Decision, RoleObservation, RolloutSpec, deviation
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """One LWS group (replica) of a role, read from its pods."""
+
+    index: int
+    revision: str
+    ready: bool
+
+
+@dataclass(frozen=True)
+class LiveRole:
+    """A KV role as the controller sees it: desired replicas and its live LWS (if any)."""
+
+    name: str
+    type: str
+    desired: int
+    lws: dict[str, Any] | None
+    groups: tuple[GroupState, ...] = ()
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What to apply now.
+
+    `actions`: role -> (replicas, partition) for every KV role with a live LWS while a rollout is
+    active (empty otherwise: the spec's replicas and partition 0 apply). `decision` is the
+    planner's, None when no rollout is active. `cohorts` counts ready groups per revision and role
+    type, for status and metrics.
+    """
+
+    active: bool
+    actions: dict[str, tuple[int, int]]
+    decision: Decision | None
+    observations: tuple[RoleObservation, ...] = ()
+    cohorts: dict[str, dict[str, int]] = field(default_factory=dict)
+    tolerance: float | None = None
+
+
+def lws_revision(lws: dict[str, Any]) -> str | None:
+    """The pdorch revision of an LWS's pod template (None for objects pdorch did not render)."""
+    lwt = (lws.get("spec") or {}).get("leaderWorkerTemplate") or {}
+    tmpl = lwt.get("leaderTemplate") or lwt.get("workerTemplate") or {}
+    return ((tmpl.get("metadata") or {}).get("labels") or {}).get(LABEL_REVISION)
+
+
+def lws_replicas_partition(lws: dict[str, Any]) -> tuple[int, int]:
+    """(spec.replicas, rollingUpdateConfiguration.partition) of an LWS."""
+    spec = lws.get("spec") or {}
+    ru = (spec.get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
+    return int(spec.get("replicas") or 0), int(ru.get("partition") or 0)
+
+
+def group_states(pods: Iterable[dict[str, Any]], size: int) -> tuple[GroupState, ...]:
+    """Per group index: the leader's revision, and whether all `size` pods are Ready and staying."""
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        try:
+            idx = int(labels.get(LWS_GROUP_INDEX, ""))
+        except ValueError:
+            continue
+        by_index.setdefault(idx, []).append(pod)
+    out = []
+    for idx in sorted(by_index):
+        members = by_index[idx]
+        leader = next(
+            (p for p in members if ((p["metadata"].get("labels") or {}).get(LWS_WORKER_INDEX, "0")) == "0"),
+            None,
+        )
+        rev = ((leader or {}).get("metadata", {}).get("labels") or {}).get(LABEL_REVISION, "")
+        ready = (
+            leader is not None
+            and len(members) >= size
+            and all(is_ready(p) and not is_terminating(p) for p in members)
+            and all((p["metadata"].get("labels") or {}).get(LABEL_REVISION, "") == rev for p in members)
+        )
+        out.append(GroupState(idx, rev, ready))
+    return tuple(out)
+
+
+def observe(role: LiveRole, update_revision: str) -> RoleObservation:
+    """The planner's view of one role with a live LWS (see the module doc for slot readiness)."""
+    assert role.lws is not None
+    replicas, partition = lws_replicas_partition(role.lws)
+    if lws_revision(role.lws) != update_revision:
+        # The new template is not in yet: it will go in with partition = replicas.
+        partition = replicas
+    groups = {g.index: g for g in role.groups}
+    old_ready = new_ready = 0
+    for i in range(replicas):
+        g = groups.get(i)
+        if g is None or not g.ready:
+            continue
+        if i < partition:
+            old_ready += 1
+        elif g.revision == update_revision:
+            new_ready += 1
+    return RoleObservation(
+        name=role.name,
+        type=role.type,
+        desired=role.desired,
+        old_ready=old_ready,
+        new_ready=new_ready,
+        old_total=partition,
+        new_total=replicas - partition,
+        partition=partition,
+        surge=replicas - role.desired,
+    )
+
+
+def is_rolling(roles: Sequence[LiveRole], update_revision: str) -> bool:
+    """A rollout is active while some KV role's LWS has another revision or a partition > 0."""
+    for r in roles:
+        if r.lws is None:
+            continue
+        _, partition = lws_replicas_partition(r.lws)
+        if lws_revision(r.lws) != update_revision or partition > 0:
+            return True
+    return False
+
+
+def cohorts(roles: Sequence[LiveRole]) -> dict[str, dict[str, int]]:
+    """Ready groups per revision and role type: {revision: {"prefill": n, "decode": m, ...}}."""
+    out: dict[str, dict[str, int]] = {}
+    for r in roles:
+        for g in r.groups:
+            if g.ready and g.revision:
+                per = out.setdefault(g.revision, {})
+                per[r.type] = per.get(r.type, 0) + 1
+    return out
+
+
+def max_cohort_deviation(by_revision: dict[str, dict[str, int]], ratio_p: int, ratio_d: int) -> float:
+    """Largest relative P:D deviation among revisions with ready groups (1.0 for a one-sided cohort)."""
+    worst = 0.0
+    for per in by_revision.values():
+        p, d = per.get("prefill", 0), per.get("decode", 0)
+        if p == 0 and d == 0:
+            continue
+        dev = deviation(p, d, ratio_p, ratio_d)
+        worst = max(worst, 1.0 if dev is None else float(dev))
+    return worst
+
+
+def plan(roles: Sequence[LiveRole], update_revision: str, spec: RolloutSpec | None) -> RolloutPlan:
+    """Decide the partitions and replicas of the KV roles for this reconcile.
+
+    `spec.tolerance` None asks for `auto_tolerance`. Roles whose LWS does not exist yet are left to
+    the renderer (created on the update revision).
+    """
+    kv = [r for r in roles if r.type in KV_TYPES]
+    by_rev = cohorts(kv)
+    if spec is None or not is_rolling(kv, update_revision):
+        return RolloutPlan(False, {}, None, cohorts=by_rev)
+    live = [r for r in kv if r.lws is not None]
+    observed = [observe(r, update_revision) for r in live]
+    if spec.tolerance is None:
+        spec = replace(spec, tolerance=auto_tolerance(observed, spec))
+    decision = next_step(observed, spec)
+    actions = {n: (a.replicas, a.partition) for n, a in decision.roles.items()}
+    eff = effective_tolerance(observed, spec)
+    return RolloutPlan(
+        True,
+        actions,
+        decision,
+        tuple(observed),
+        by_rev,
+        tolerance=None if eff is None else float(eff),
+    )

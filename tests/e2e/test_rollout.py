@@ -1,0 +1,423 @@
+"""Ratio-preserving rollout on the dev cluster, with traffic and an independent observer.
+
+8 prefill / 4 decode (2:1) on simulated engines behind kwok pod IPs, the built-in proxy role in
+front. An image change rolls both KV roles while clients keep sending requests. An observer samples
+the pods every 200 ms: per revision, the ready prefill/decode leaders (ratio deviation) and the
+ready capacity. Pairing is audited from the engines' side: every decode engine records which
+prefill engine it pulled KV from, and both engines' pods carry a revision label.
+
+A second test SIGKILLs the controller at random points of a rollout (10 times) and checks that it
+converges with no extra objects while the existence-based cohorts stayed on ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from lightkube import Client
+from lightkube.resources.core_v1 import Pod
+
+from pdorch.devcluster.cluster import ClusterState
+from pdorch.devcluster.controller_process import ControllerProc
+from pdorch.devcluster.pod_backends import PodBackends
+from pdorch.devcluster.waiting import wait_for_async
+from pdorch.roles.labels import LABEL_REVISION, LABEL_ROLE_TYPE, LWS_WORKER_INDEX
+from pdorch.roles.pods import is_ready, is_terminating
+from pdorch.rollout.live import lws_replicas_partition, lws_revision
+from pdorch.rollout.state import deviation
+from pdorch.sim.config import SimConfig
+from tests.integration.test_controller import LWS, SG, condition, example, update_spec, wait_available
+
+pytestmark = pytest.mark.e2e
+
+GROUP = "roll"
+P, D = 8, 4
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+def _group_84() -> dict[str, Any]:
+    doc = example(GROUP)
+    for role in doc["spec"]["roles"]:
+        if role["type"] == "prefill":
+            role["replicas"] = P
+        elif role["type"] == "decode":
+            role["replicas"] = D
+    return doc
+
+
+def _set_image(image: str) -> Any:
+    def edit(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] in ("prefill", "decode"):
+                role["workerTemplate"]["spec"]["containers"][0]["image"] = image
+
+    return edit
+
+
+@dataclass
+class Observation:
+    """What the observer saw over the whole rollout.
+
+    "ready" deviation: among ready, non-terminating leaders of each revision (a revision with ready
+    prefills but no ready decode, or the reverse, counts as 1.0). "planned" deviation: the
+    existence-based cohorts read from the two LWS objects (old = below the partition). Both can be
+    off for an instant: two LWS objects are written by two API calls, and pods of two LWS do not
+    become ready in the same instant. So besides the maxima the observer records how long each
+    off-ratio window lasted.
+    """
+
+    samples: list[tuple[float, float, float]] = field(default_factory=list)  # (t, ready dev, planned dev)
+    min_ready_p: int = 10**9
+    min_ready_d: int = 10**9
+    max_groups: int = 0
+    steps: int = 0
+    trace: list[Any] = field(default_factory=list)
+
+    def windows(self, idx: int) -> list[float]:
+        """Durations (s) of consecutive runs of samples with deviation > 0 in column `idx`."""
+        out, start = [], None
+        for t, *devs in self.samples:
+            if devs[idx - 1] > 0 and start is None:
+                start = t
+            elif devs[idx - 1] == 0 and start is not None:
+                out.append(t - start)
+                start = None
+        if start is not None:
+            out.append(self.samples[-1][0] - start)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        ready_w, planned_w = self.windows(1), self.windows(2)
+        return {
+            "samples": len(self.samples),
+            "max_ready_ratio_deviation": round(max((s[1] for s in self.samples), default=0.0), 3),
+            "off_ratio_ready_windows": len(ready_w),
+            "longest_off_ratio_ready_window_s": round(max(ready_w, default=0.0), 2),
+            "max_planned_ratio_deviation": round(max((s[2] for s in self.samples), default=0.0), 3),
+            "longest_off_ratio_planned_window_s": round(max(planned_w, default=0.0), 2),
+            "min_ready_prefill": self.min_ready_p,
+            "min_ready_decode": self.min_ready_d,
+            "max_groups": self.max_groups,
+            "observed_steps": self.steps,
+        }
+
+
+def _dev(p: int, d: int) -> float:
+    dev = deviation(p, d, 2, 1)
+    return 1.0 if dev is None else float(dev)
+
+
+def _sample(kube: Client, namespace: str, obs: Observation, last_parts: list[Any]) -> None:
+    t = time.monotonic()
+    pods = [p.to_dict() for p in kube.list(Pod, namespace=namespace, labels={"pdorch.io/group": GROUP})]
+    per_rev: dict[str, Counter[str]] = {}
+    for pod in pods:
+        labels = pod["metadata"].get("labels") or {}
+        kind = labels.get(LABEL_ROLE_TYPE)
+        if kind not in ("prefill", "decode") or labels.get(LWS_WORKER_INDEX, "0") != "0":
+            continue
+        if is_ready(pod) and not is_terminating(pod):
+            per_rev.setdefault(labels.get(LABEL_REVISION, ""), Counter())[kind] += 1
+    obs.min_ready_p = min(obs.min_ready_p, sum(c["prefill"] for c in per_rev.values()))
+    obs.min_ready_d = min(obs.min_ready_d, sum(c["decode"] for c in per_rev.values()))
+    ready_dev = max((_dev(c["prefill"], c["decode"]) for c in per_rev.values()), default=0.0)
+    # Existence-based cohorts, as the planner sees them: old = below the partition.
+    lws = {
+        o.metadata.name: o.to_dict()
+        for o in kube.list(LWS, namespace=namespace, labels={"pdorch.io/group": GROUP})
+    }
+    parts = []
+    old = {"prefill": 0, "decode": 0}
+    new = {"prefill": 0, "decode": 0}
+    for kind in ("prefill", "decode"):
+        o = lws.get(f"{GROUP}-{kind}")
+        if o is None:
+            return
+        replicas, partition = lws_replicas_partition(o)
+        parts.append((kind, replicas, partition, lws_revision(o)))
+        old[kind] += partition
+        new[kind] += replicas - partition
+        obs.max_groups = max(obs.max_groups, replicas)
+    planned_dev = max(
+        _dev(c["prefill"], c["decode"]) if c["prefill"] or c["decode"] else 0.0 for c in (old, new)
+    )
+    obs.samples.append((t, ready_dev, planned_dev))
+    obs.trace.append((round(t, 2), {r[:4]: dict(c) for r, c in per_rev.items()}, parts))
+    if last_parts and last_parts[-1] != parts:
+        obs.steps += 1
+    last_parts[:] = [parts]
+
+
+_STEP = re.compile(r"(\w[\w-]*) replicas=(\d+) partition=(\d+)")
+
+
+def _planned_steps(devcluster: ClusterState, namespace: str) -> list[dict[str, tuple[int, int]]]:
+    """The controller's RolloutStep decisions, parsed from its Events (oldest first)."""
+    out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json", timeout=60)
+    assert out.returncode == 0, out.stderr
+    events = [
+        e
+        for e in json.loads(out.stdout)["items"]
+        if e.get("reason") == "RolloutStep" and e["involvedObject"]["name"] == GROUP
+    ]
+    events.sort(key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
+    return [{m[1]: (int(m[2]), int(m[3])) for m in _STEP.finditer(e["message"])} for e in events]
+
+
+def _assert_steps_on_ratio(steps: list[dict[str, tuple[int, int]]]) -> None:
+    """Every applied step keeps both cohorts (old = below partition, new = the rest) on 2:1."""
+    assert steps, "no RolloutStep events"
+    for step in steps:
+        (rp, kp), (rd, kd) = step["prefill"], step["decode"]
+        for p, d in ((kp, kd), (rp - kp, rd - kd)):
+            assert (p, d) == (0, 0) or _dev(p, d) == 0.0, step
+        assert rp <= P + 2 and rd <= D + 1, step  # maxSurge 25%
+        assert kp >= 0 and kd >= 0
+
+
+async def _observe(kube: Client, namespace: str, obs: Observation, stop: asyncio.Event) -> None:
+    last: list[Any] = []
+    while not stop.is_set():
+        await asyncio.to_thread(_sample, kube, namespace, obs, last)
+        await asyncio.sleep(0.2)
+
+
+@dataclass
+class Traffic:
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+async def _traffic(url: str, tally: Traffic, stop: asyncio.Event, workers: int = 6) -> None:
+    body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": "roll me " * 40, "max_tokens": 8}
+
+    async def worker(client: httpx2.AsyncClient) -> None:
+        while not stop.is_set():
+            try:
+                r = await client.post(f"{url}/v1/completions", json=body, timeout=30)
+                if r.status_code == 200 and r.json()["choices"][0]["text"]:
+                    tally.ok += 1
+                else:
+                    tally.errors[f"HTTP {r.status_code}: {r.text[:120]}"] += 1
+            except httpx2.HTTPError as e:
+                tally.errors[f"{type(e).__name__}: {e}"[:160]] += 1
+            await asyncio.sleep(0.02)
+
+    async with httpx2.AsyncClient(trust_env=False) as client:
+        await asyncio.gather(*(worker(client) for _ in range(workers)))
+
+
+def _rolled_out(kube: Client, namespace: str, before: str) -> Any:
+    """The group once it runs a revision other than `before` everywhere, with every pod ready."""
+    sg = kube.get(SG, GROUP, namespace=namespace)
+    st = sg.status or {}
+    prog = condition(sg, "Progressing")
+    if st.get("updateRevision") in (None, before):
+        return None
+    if st.get("currentRevision") != st.get("updateRevision"):
+        return None
+    if not (prog and prog["status"] == "False"):
+        return None
+    pods = [p.to_dict() for p in kube.list(Pod, namespace=namespace, labels={"pdorch.io/group": GROUP})]
+    kv = [
+        p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_ROLE_TYPE) in ("prefill", "decode")
+    ]
+    if len(kv) != P + D or not all(is_ready(p) and not is_terminating(p) for p in kv):
+        return None
+    if {p["metadata"]["labels"].get(LABEL_REVISION) for p in kv} != {st["updateRevision"]}:
+        return None
+    return sg
+
+
+@pytest.fixture
+async def served(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc, tmp_path: Path
+) -> AsyncIterator[tuple[PodBackends, str]]:
+    kube.create(SG.from_dict(_group_84()), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, GROUP, 180)
+    backends = PodBackends(
+        devcluster.kubeconfig,
+        namespace,
+        GROUP,
+        protocol="vllm",
+        sim_config=SimConfig(protocol="vllm", time_scale=0.02),
+        log_dir=tmp_path,
+    )
+    await backends.start()
+    try:
+        await wait_for_async(
+            lambda: (
+                backends.by_kind("proxy")
+                and len(backends.by_kind("prefill")) == P
+                and len(backends.by_kind("decode")) == D
+            ),
+            60,
+            "backends for the proxy and every engine pod",
+        )
+        p = backends.by_kind("proxy")[0]
+        url = f"http://{p.ip}:{p.port}"
+
+        async def routable() -> bool:
+            try:
+                async with httpx2.AsyncClient(trust_env=False) as c:
+                    r = await c.post(
+                        f"{url}/v1/completions",
+                        json={"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": "hi", "max_tokens": 2},
+                        timeout=5,
+                    )
+                    return r.status_code == 200
+            except httpx2.HTTPError:
+                return False
+
+        await wait_for_async(routable, 60, "a request routed through the proxy pod")
+        yield backends, url
+    finally:
+        await backends.stop()
+
+
+def _cross_revision_pairs(backends: PodBackends) -> tuple[int, Counter[str]]:
+    """(pulls whose prefill and decode engines had different revisions, pulls per decode revision)."""
+    engine_revision: dict[str, str] = {}
+    for b, server in backends.history.values():
+        for eng in server.engines.values():
+            engine_revision[eng.engine_id] = b.revision
+    cross = 0
+    per_rev: Counter[str] = Counter()
+    for b, server in backends.history.values():
+        if b.kind != "decode":
+            continue
+        for eng in server.engines.values():
+            for source, n in eng.kv_sources.items():
+                per_rev[b.revision] += n
+                if engine_revision.get(source) != b.revision:
+                    cross += n
+    return cross, per_rev
+
+
+async def test_rollout_8p4d_keeps_ratio_capacity_and_revision_pairing(
+    devcluster: ClusterState,
+    kube: Client,
+    namespace: str,
+    served: tuple[PodBackends, str],
+    controller: ControllerProc,
+) -> None:
+    backends, url = served
+    before = kube.get(SG, GROUP, namespace=namespace).status["currentRevision"]
+    obs, tally, stop = Observation(), Traffic(), asyncio.Event()
+    observer = asyncio.create_task(_observe(kube, namespace, obs, stop))
+    traffic = asyncio.create_task(_traffic(url, tally, stop))
+    await asyncio.sleep(2)  # traffic on the old revision first
+    t0 = time.monotonic()
+    await asyncio.to_thread(update_spec, kube, namespace, GROUP, _set_image("pdorch/sim:v2"))
+    sg = await wait_for_async(
+        lambda: asyncio.to_thread(_rolled_out, kube, namespace, before), 240, "rollout done"
+    )
+    took = time.monotonic() - t0
+    await asyncio.sleep(2)  # traffic on the new revision too
+    stop.set()
+    await asyncio.gather(observer, traffic)
+
+    after = sg.status["updateRevision"]
+    cross, pulls = _cross_revision_pairs(backends)
+    steps = _planned_steps(devcluster, namespace)
+    result = {
+        **obs.summary(),
+        "controller_steps": len(steps),
+        "rollout_seconds": round(took, 1),
+        "requests_ok": tally.ok,
+        "requests_failed": sum(tally.errors.values()),
+        "cross_revision_pairs": cross,
+        "kv_pulls_by_decode_revision": {
+            ("old" if r == before else "new" if r == after else r): n for r, n in pulls.items()
+        },
+    }
+    print("rollout e2e:", json.dumps(result))
+    (RESULTS / "rollout-e2e.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    assert after != before
+    assert not tally.errors, tally.errors
+    assert tally.ok > 100
+    assert cross == 0
+    assert pulls[before] > 0 and pulls[after] > 0  # both revisions served traffic
+    # Every step the controller applied kept both cohorts exactly on 2:1 (the default budgets
+    # allow it for 8:4); what the observer saw off ratio were instants between two writes or two
+    # pods becoming ready, never a lasting state.
+    _assert_steps_on_ratio(steps)
+    assert result["longest_off_ratio_planned_window_s"] < 2.0, result
+    assert result["longest_off_ratio_ready_window_s"] < 5.0, result
+    # Ready capacity never dropped below desired - maxUnavailable (25% of 8 = 2, of 4 = 1).
+    assert obs.min_ready_p >= P - 2 and obs.min_ready_d >= D - 1
+    # Surge stayed within maxSurge (25% of 8 -> 2 extra prefill groups).
+    assert obs.max_groups <= P + 2
+    assert len({o.metadata.name for o in kube.list(LWS, namespace=namespace)}) == 3
+
+
+def _rolling(kube: Client, namespace: str, before: str) -> bool:
+    """The rollout away from `before` has started and not finished (per the LWS objects)."""
+    objs = [o.to_dict() for o in kube.list(LWS, namespace=namespace, labels={"pdorch.io/group": GROUP})]
+    kv = [o for o in objs if o["metadata"]["name"] != f"{GROUP}-proxy"]
+    switched = [lws_revision(o) != before for o in kv]
+    return any(switched) and (not all(switched) or any(lws_replicas_partition(o)[1] > 0 for o in kv))
+
+
+async def test_rollout_converges_when_the_controller_is_killed_at_random_points(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    kube.create(SG.from_dict(_group_84()), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, GROUP, 180)
+    obs, stop = Observation(), asyncio.Event()
+    observer = asyncio.create_task(_observe(kube, namespace, obs, stop))
+    rng = random.Random(5)
+    kills, rollouts = 0, 0
+    # Several rollouts in a row, each with SIGKILLs while it is in progress, until at least 10
+    # kills landed mid-rollout.
+    while kills < 10:
+        before = kube.get(SG, GROUP, namespace=namespace).status["currentRevision"]
+        rollouts += 1
+        await asyncio.to_thread(
+            update_spec, kube, namespace, GROUP, _set_image(f"pdorch/sim:v{rollouts + 1}")
+        )
+        await wait_for_async(
+            lambda b=before: asyncio.to_thread(_rolling, kube, namespace, b), 60, "rollout start"
+        )
+        while await asyncio.to_thread(_rolling, kube, namespace, before):
+            await asyncio.sleep(rng.uniform(0.05, 1.5))
+            if not await asyncio.to_thread(_rolling, kube, namespace, before):
+                break
+            controller.kill()
+            kills += 1
+            controller.restart()
+            await asyncio.to_thread(controller.wait_ready, 60)
+        sg = await wait_for_async(
+            lambda b=before: asyncio.to_thread(_rolled_out, kube, namespace, b), 240, "rollout done"
+        )
+        assert sg.status["updateRevision"] != before
+    stop.set()
+    await observer
+    result = {**obs.summary(), "kills_mid_rollout": kills, "rollouts": rollouts}
+    print("rollout with controller kills:", json.dumps(result))
+    (RESULTS / "rollout-e2e-kills.json").write_text(json.dumps(result, indent=2) + "\n")
+    assert kills >= 10
+    _assert_steps_on_ratio(_planned_steps(devcluster, namespace))
+    assert result["longest_off_ratio_planned_window_s"] < 2.0, result
+    assert obs.min_ready_p >= P - 2 and obs.min_ready_d >= D - 1
+    assert obs.max_groups <= P + 2
+    # No extra objects: exactly the three LWS and P + D + proxy pods.
+    assert {o.metadata.name for o in kube.list(LWS, namespace=namespace)} == {
+        f"{GROUP}-proxy",
+        f"{GROUP}-prefill",
+        f"{GROUP}-decode",
+    }
+    pods = kube.list(Pod, namespace=namespace, labels={"pdorch.io/group": GROUP})
+    assert len([p for p in pods if not p.metadata.deletionTimestamp]) == P + D + 1

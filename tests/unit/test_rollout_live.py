@@ -1,0 +1,156 @@
+"""From live LWS/pod objects to planner observations and back (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pdorch.roles.labels import LABEL_REVISION, LWS_WORKER_INDEX
+from pdorch.roles.pods import LWS_GROUP_INDEX
+from pdorch.rollout import live
+from pdorch.rollout.planner import auto_tolerance, initial_state
+from pdorch.rollout.state import RolloutSpec
+
+pytestmark = pytest.mark.unit
+
+OLD, NEW = "aaaaaaaaaa", "bbbbbbbbbb"
+
+
+def _lws(replicas: int, partition: int, revision: str) -> dict[str, Any]:
+    return {
+        "spec": {
+            "replicas": replicas,
+            "leaderWorkerTemplate": {"workerTemplate": {"metadata": {"labels": {LABEL_REVISION: revision}}}},
+            "rolloutStrategy": {"rollingUpdateConfiguration": {"partition": partition}},
+        }
+    }
+
+
+def _pod(
+    index: int, revision: str, ready: bool = True, worker: int = 0, terminating: bool = False
+) -> dict[str, Any]:
+    md: dict[str, Any] = {
+        "labels": {LWS_GROUP_INDEX: str(index), LWS_WORKER_INDEX: str(worker), LABEL_REVISION: revision}
+    }
+    if terminating:
+        md["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {
+        "metadata": md,
+        "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+def test_group_states_need_every_pod_ready_and_staying() -> None:
+    pods = [
+        _pod(0, OLD),
+        _pod(0, OLD, worker=1),
+        _pod(1, NEW),
+        _pod(1, NEW, worker=1, ready=False),
+        _pod(2, NEW),  # worker missing
+        _pod(3, OLD, terminating=True),
+        _pod(3, OLD, worker=1),
+    ]
+    states = {g.index: g for g in live.group_states(pods, size=2)}
+    assert states[0] == live.GroupState(0, OLD, True)
+    assert not states[1].ready and states[1].revision == NEW
+    assert not states[2].ready
+    assert not states[3].ready
+
+
+def test_group_states_ignore_pods_without_a_group_index() -> None:
+    assert live.group_states([{"metadata": {"labels": {}}, "status": {}}], 1) == ()
+
+
+def test_observe_before_the_new_template_is_in_counts_everything_old() -> None:
+    role = live.LiveRole(
+        "prefill", "prefill", 4, _lws(4, 0, OLD), tuple(live.GroupState(i, OLD, True) for i in range(4))
+    )
+    obs = live.observe(role, NEW)
+    assert (obs.partition, obs.old_total, obs.new_total, obs.old_ready, obs.new_ready) == (4, 4, 0, 4, 0)
+
+
+def test_observe_slots_above_the_partition_must_run_the_new_revision() -> None:
+    groups = (
+        live.GroupState(0, OLD, True),
+        live.GroupState(1, OLD, True),
+        live.GroupState(2, OLD, True),  # LWS has not recreated it yet: not ready as a new slot
+        live.GroupState(3, NEW, True),
+        live.GroupState(4, NEW, False),
+    )
+    obs = live.observe(live.LiveRole("prefill", "prefill", 4, _lws(5, 2, NEW), groups), NEW)
+    assert (obs.partition, obs.old_total, obs.new_total) == (2, 2, 3)
+    assert (obs.old_ready, obs.new_ready, obs.surge) == (2, 1, 1)
+    assert not obs.all_ready
+
+
+def test_is_rolling() -> None:
+    assert not live.is_rolling([live.LiveRole("p", "prefill", 2, _lws(2, 0, NEW))], NEW)
+    assert live.is_rolling([live.LiveRole("p", "prefill", 2, _lws(2, 0, OLD))], NEW)
+    assert live.is_rolling([live.LiveRole("p", "prefill", 2, _lws(2, 1, NEW))], NEW)
+    assert not live.is_rolling([live.LiveRole("p", "prefill", 2, None)], NEW)
+
+
+def _ready_role(name: str, typ: str, n: int, rev: str) -> live.LiveRole:
+    return live.LiveRole(
+        name, typ, n, _lws(n, 0, rev), tuple(live.GroupState(i, rev, True) for i in range(n))
+    )
+
+
+def test_plan_is_inactive_without_a_template_change() -> None:
+    roles = [_ready_role("prefill", "prefill", 4, NEW), _ready_role("decode", "decode", 2, NEW)]
+    plan = live.plan(roles, NEW, RolloutSpec(2, 1, 0.0, "25%", "25%"))
+    assert not plan.active and plan.actions == {}
+    assert plan.cohorts == {NEW: {"prefill": 4, "decode": 2}}
+
+
+def test_plan_first_step_moves_both_roles_on_ratio() -> None:
+    roles = [_ready_role("prefill", "prefill", 8, OLD), _ready_role("decode", "decode", 4, OLD)]
+    plan = live.plan(roles, NEW, RolloutSpec(2, 1, None, "25%", "25%"))
+    assert plan.active and plan.decision is not None and plan.decision.kind == "step"
+    (rp, kp), (rd, kd) = plan.actions["prefill"], plan.actions["decode"]
+    assert kp * 1 == kd * 2 and (rp - kp) == 2 * (rd - kd)  # both cohorts exactly 2:1
+    assert rp <= 10 and rd <= 5 and kp < 8 and kd < 4
+    assert plan.tolerance == 0.0
+
+
+def test_plan_waits_while_a_new_slot_is_not_ready() -> None:
+    groups = tuple(live.GroupState(i, OLD if i < 6 else NEW, i != 7) for i in range(8))
+    prefill = live.LiveRole("prefill", "prefill", 8, _lws(8, 6, NEW), groups)
+    decode = live.LiveRole(
+        "decode",
+        "decode",
+        4,
+        _lws(4, 3, NEW),
+        tuple(live.GroupState(i, OLD if i < 3 else NEW, True) for i in range(4)),
+    )
+    plan = live.plan([prefill, decode], NEW, RolloutSpec(2, 1, 0.0, 1, 1))
+    assert plan.decision is not None and plan.decision.kind == "wait"
+    assert plan.actions == {"prefill": (8, 6), "decode": (4, 3)}  # hold
+
+
+def test_paused_holds_partitions_but_switches_templates_with_partition_equal_replicas() -> None:
+    roles = [_ready_role("prefill", "prefill", 2, OLD), _ready_role("decode", "decode", 1, OLD)]
+    plan = live.plan(roles, NEW, RolloutSpec(2, 1, 0.5, 1, 1, paused=True))
+    assert plan.decision is not None and plan.decision.kind == "paused"
+    assert plan.actions == {"prefill": (2, 2), "decode": (1, 1)}
+
+
+def test_max_cohort_deviation() -> None:
+    assert live.max_cohort_deviation({OLD: {"prefill": 4, "decode": 2}}, 2, 1) == 0.0
+    assert live.max_cohort_deviation({OLD: {"prefill": 3, "decode": 2}}, 2, 1) == pytest.approx(0.25)
+    assert live.max_cohort_deviation({NEW: {"prefill": 1}}, 2, 1) == 1.0
+
+
+def test_auto_tolerance_is_the_smallest_that_completes() -> None:
+    spec = RolloutSpec(2, 1, None, 0, 1)
+    tol = auto_tolerance(initial_state([("p", "prefill", 8), ("d", "decode", 4)]), spec)
+    # maxUnavailable 1 without surge cannot move 2 prefills per decode: one role runs ahead.
+    assert 0 < tol <= 1
+    # Exact 2:1 steps are possible with 25% budgets.
+    assert (
+        auto_tolerance(
+            initial_state([("p", "prefill", 8), ("d", "decode", 4)]), RolloutSpec(2, 1, None, "25%", "25%")
+        )
+        == 0.0
+    )
