@@ -29,8 +29,15 @@ else
   go get -tool "helm.sh/helm/v3/cmd/helm@v$HELM"
 fi
 step "helm v$HELM: compiling"
-go build -trimpath -ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-  -o "$OUT.tmp/helm" helm.sh/helm/v3/cmd/helm
+# As helm's own Makefile does: stamp the version, and the Kubernetes version of its client-go
+# modules as the default `.Capabilities.KubeVersion` (unstamped, `helm template` assumes v1.20).
+KV=$(go list -m -f '{{.Version}}' k8s.io/client-go)   # v0.34.2 -> Kubernetes 1.34
+KMINOR=${KV#v0.}; KMINOR=${KMINOR%%.*}
+LDF="-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  LDF="$LDF -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$KMINOR"
+done
+go build -trimpath -ldflags="$LDF" -o "$OUT.tmp/helm" helm.sh/helm/v3/cmd/helm
 mkdir -p "$OUT.tmp/modules/helm"; cp go.mod go.sum "$OUT.tmp/modules/helm/"
 printf 'helm=%s\nbuild_seconds=%s\n' "$HELM" "$(( $(date +%s) - T0 ))" > "$OUT.tmp/versions.txt"
 touch "$OUT.tmp/.complete"

@@ -118,7 +118,7 @@ def test_manifests_run_the_image_as_the_dockerfile_user() -> None:
     """The Deployment runs the image as its own USER, on a read-only root filesystem."""
     final = _final_stage(instructions(DOCKERFILE.read_text()))
     uid, _, gid = next(rest for word, rest in reversed(final) if word == "USER").partition(":")
-    deploy = yaml.safe_load((REPO / "manifests" / "controller" / "deployment.yaml").read_text())
+    deploy = yaml.safe_load((REPO / "manifests" / "base" / "controller" / "deployment.yaml").read_text())
     pod = deploy["spec"]["template"]["spec"]
     assert str(pod["securityContext"]["runAsUser"]) == uid
     assert str(pod["securityContext"]["runAsGroup"]) == gid
