@@ -131,6 +131,7 @@ def test_dev_overlay_is_one_replica_without_leader_election(kubectl: str) -> Non
     d = deployment(dev)
     (container,) = d["spec"]["template"]["spec"]["containers"]
     assert d["spec"]["replicas"] == 1
+    assert "--no-leader-elect" in container["args"]  # on by default in `pdorch controller`
     assert "--leader-elect" not in container["args"]
     assert container["image"] == "ghcr.io/pdorch/pdorch:dev"
     assert "--proxy-image=ghcr.io/pdorch/pdorch:dev" in container["args"]
@@ -138,6 +139,8 @@ def test_dev_overlay_is_one_replica_without_leader_election(kubectl: str) -> Non
     assert set(differences(base, dev)) == {
         "differs: ('apps/v1', 'Deployment', 'pdorch-system', 'pdorch-controller')",
         "only in first: ('policy/v1', 'PodDisruptionBudget', 'pdorch-system', 'pdorch-controller')",
+        "only in first: ('rbac.authorization.k8s.io/v1', 'Role', 'pdorch-system', 'pdorch-leader-election')",
+        "only in first: ('rbac.authorization.k8s.io/v1', 'RoleBinding', 'pdorch-system', 'pdorch-leader-election')",
     }
 
 
@@ -159,6 +162,12 @@ def test_production_overlay_spreads_three_leader_elected_replicas(kubectl: str) 
         "differs: ('apps/v1', 'Deployment', 'pdorch-system', 'pdorch-controller')",
         "differs: ('policy/v1', 'PodDisruptionBudget', 'pdorch-system', 'pdorch-controller')",
     }
+
+
+def test_helm_values_reproduce_the_dev_overlay(helm: str, kubectl: str) -> None:
+    values = REPO / "charts" / "pdorch" / "values-dev.yaml"
+    dev = kustomize(kubectl, "manifests/overlays/dev")
+    assert differences(dev, helm_template(helm, "-f", str(values))) == []
 
 
 def test_helm_values_reproduce_the_production_overlay(helm: str, kubectl: str) -> None:
