@@ -113,3 +113,26 @@ def test_kubectl_explain_prints_the_roles_field_docs(
     nested = devcluster.kubectl("explain", "servinggroup.spec.roles.scaling.mode")
     assert nested.returncode == 0, nested.stderr
     assert "Static (roles[].replicas), External (HPA/KEDA on ServingRoleScaler)" in nested.stdout
+
+
+def test_quickstart_kind_variant_of_sim_pd_is_accepted(
+    devcluster: ClusterState, pdorch_crds: list[str], namespace: str, tmp_path: Path
+) -> None:
+    """docs/quickstart.md rewrites examples/sim-pd for clusters without GPUs; run its exact command."""
+    line = next(
+        ln for ln in (REPO / "docs" / "quickstart.md").read_text().splitlines() if ln.startswith("sed -e")
+    )
+    command, _, consumer = line.partition("|")
+    assert consumer.strip() == "kubectl apply -f -"
+    out = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "nvidia.com/gpu" not in out.stdout and "ghcr.io/pdorch/pdorch:0.1.0" in out.stdout
+    variant = tmp_path / "sim-pd-kind.yaml"
+    variant.write_text(out.stdout)
+    applied = dry_run_apply(devcluster, namespace, variant)
+    assert applied.returncode == 0, applied.stderr
+    (sg,) = load_servinggroups(out.stdout, str(variant))
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(render(sg, RenderOptions(namespace=namespace))))
+    applied = dry_run_apply(devcluster, namespace, rendered)
+    assert applied.returncode == 0, applied.stderr
