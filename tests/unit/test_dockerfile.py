@@ -124,5 +124,8 @@ def test_manifests_run_the_image_as_the_dockerfile_user() -> None:
     assert str(pod["securityContext"]["runAsGroup"]) == gid
     (container,) = pod["containers"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # ... with a writable /tmp, where the image points HOME and TMPDIR.
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert any(v["name"] == "tmp" and "emptyDir" in v for v in pod["volumes"])
     # The args start with a pdorch subcommand: the image's ENTRYPOINT supplies `pdorch` itself.
     assert container["args"][0] == "controller"
