@@ -10,7 +10,14 @@ import pytest
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).parents[2]
-PAGES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "examples").glob("*/README.md")])
+PAGES = sorted(
+    [
+        REPO / "README.md",
+        *(REPO / "docs").glob("*.md"),
+        *(REPO / "examples").glob("*/README.md"),
+        *(REPO / "charts").glob("*/README.md"),
+    ]
+)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
