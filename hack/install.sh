@@ -2,7 +2,7 @@
 # One command installs everything pdorch's tests and demo need on a fresh machine:
 # the pdorch package with its test tools (pinned in pyproject.toml) into the current python3,
 # then the real control-plane binaries, built from the Go module proxy into ~/.cache/pdorch/kube
-# (cold: tens of minutes on 2 cores; a warm cache builds nothing).
+# and helm into ~/.cache/pdorch/helm (cold: tens of minutes on 2 cores; a warm cache builds nothing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 echo "[install] python packages (pdorch + dev tools)"
@@ -10,4 +10,6 @@ python3 -m pip install --disable-pip-version-check -q -e '.[dev]'
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 echo "[install] control-plane binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, lws)"
 python3 -m pdorch.cli dev-cluster build
+echo "[install] helm (renders charts/pdorch in the packaging tests), into ~/.cache/pdorch/helm"
+./hack/build-helm.sh >/dev/null
 echo "[install] done"

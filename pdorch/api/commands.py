@@ -1,4 +1,5 @@
-"""`pdorch crds`: write the CRD YAML generated from the API models, or check it for drift."""
+"""`pdorch crds` and `pdorch api-docs`: write what the API models generate (CRD YAML, the API
+reference), or check the committed files for drift."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import sys
 from pathlib import Path
 
 from pdorch.api.crdgen import DEFAULT_OUT_DIR, check_crds, write_crds
+from pdorch.api.docgen import DEFAULT_OUT as DEFAULT_REFERENCE
+from pdorch.api.docgen import check_reference, render_reference
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `pdorch crds`."""
+    """Register `pdorch crds` and `pdorch api-docs`."""
     p = subparsers.add_parser(
         "crds",
         help="generate (or drift-check) the ServingGroup/ServingRoleScaler CRDs",
@@ -20,6 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="directory (default manifests/crd)")
     p.add_argument("--check", action="store_true", help="do not write; exit 1 if the files drifted")
     p.set_defaults(func=run)
+    add_api_docs_parser(subparsers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,4 +39,33 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for path in write_crds(args.out):
         print(f"wrote {path}")
+    return 0
+
+
+def add_api_docs_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `pdorch api-docs`."""
+    p = subparsers.add_parser(
+        "api-docs",
+        help="generate (or drift-check) docs/api-reference.md from the API models",
+        description="Write the Markdown API reference generated from pdorch.api, or with --check fail "
+        "when the committed file differs from what the models generate.",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_REFERENCE, help="file (default docs/api-reference.md)")
+    p.add_argument("--check", action="store_true", help="do not write; exit 1 if the file is stale")
+    p.set_defaults(func=run_api_docs)
+
+
+def run_api_docs(args: argparse.Namespace) -> int:
+    """Execute `pdorch api-docs`; returns the exit code."""
+    if args.check:
+        diff = check_reference(args.out)
+        if diff:
+            sys.stdout.write(diff)
+            print(f"{args.out} is out of date; run `pdorch api-docs --out {args.out}`", file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date")
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render_reference())
+    print(f"wrote {args.out}")
     return 0
