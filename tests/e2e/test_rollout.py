@@ -31,8 +31,9 @@ from lightkube.resources.core_v1 import Pod
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.pod_backends import PodBackends
+from pdorch.devcluster.rollout_observer import RolloutObserver
 from pdorch.devcluster.waiting import wait_for_async
-from pdorch.roles.labels import LABEL_REVISION, LABEL_ROLE_TYPE, LWS_WORKER_INDEX
+from pdorch.roles.labels import LABEL_REVISION, LABEL_ROLE_TYPE
 from pdorch.roles.pods import is_ready, is_terminating
 from pdorch.rollout.live import lws_replicas_partition, lws_revision
 from pdorch.rollout.state import deviation
@@ -65,98 +66,9 @@ def _set_image(image: str) -> Any:
     return edit
 
 
-@dataclass
-class Observation:
-    """What the observer saw over the whole rollout.
-
-    "ready" deviation: among ready, non-terminating leaders of each revision (a revision with ready
-    prefills but no ready decode, or the reverse, counts as 1.0). "planned" deviation: the
-    existence-based cohorts read from the two LWS objects (old = below the partition). Both can be
-    off for an instant: two LWS objects are written by two API calls, and pods of two LWS do not
-    become ready in the same instant. So besides the maxima the observer records how long each
-    off-ratio window lasted.
-    """
-
-    samples: list[tuple[float, float, float]] = field(default_factory=list)  # (t, ready dev, planned dev)
-    min_ready_p: int = 10**9
-    min_ready_d: int = 10**9
-    max_groups: int = 0
-    steps: int = 0
-    trace: list[Any] = field(default_factory=list)
-
-    def windows(self, idx: int) -> list[float]:
-        """Durations (s) of consecutive runs of samples with deviation > 0 in column `idx`."""
-        out, start = [], None
-        for t, *devs in self.samples:
-            if devs[idx - 1] > 0 and start is None:
-                start = t
-            elif devs[idx - 1] == 0 and start is not None:
-                out.append(t - start)
-                start = None
-        if start is not None:
-            out.append(self.samples[-1][0] - start)
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        ready_w, planned_w = self.windows(1), self.windows(2)
-        return {
-            "samples": len(self.samples),
-            "max_ready_ratio_deviation": round(max((s[1] for s in self.samples), default=0.0), 3),
-            "off_ratio_ready_windows": len(ready_w),
-            "longest_off_ratio_ready_window_s": round(max(ready_w, default=0.0), 2),
-            "max_planned_ratio_deviation": round(max((s[2] for s in self.samples), default=0.0), 3),
-            "longest_off_ratio_planned_window_s": round(max(planned_w, default=0.0), 2),
-            "min_ready_prefill": self.min_ready_p,
-            "min_ready_decode": self.min_ready_d,
-            "max_groups": self.max_groups,
-            "observed_steps": self.steps,
-        }
-
-
 def _dev(p: int, d: int) -> float:
     dev = deviation(p, d, 2, 1)
     return 1.0 if dev is None else float(dev)
-
-
-def _sample(kube: Client, namespace: str, obs: Observation, last_parts: list[Any]) -> None:
-    t = time.monotonic()
-    pods = [p.to_dict() for p in kube.list(Pod, namespace=namespace, labels={"pdorch.io/group": GROUP})]
-    per_rev: dict[str, Counter[str]] = {}
-    for pod in pods:
-        labels = pod["metadata"].get("labels") or {}
-        kind = labels.get(LABEL_ROLE_TYPE)
-        if kind not in ("prefill", "decode") or labels.get(LWS_WORKER_INDEX, "0") != "0":
-            continue
-        if is_ready(pod) and not is_terminating(pod):
-            per_rev.setdefault(labels.get(LABEL_REVISION, ""), Counter())[kind] += 1
-    obs.min_ready_p = min(obs.min_ready_p, sum(c["prefill"] for c in per_rev.values()))
-    obs.min_ready_d = min(obs.min_ready_d, sum(c["decode"] for c in per_rev.values()))
-    ready_dev = max((_dev(c["prefill"], c["decode"]) for c in per_rev.values()), default=0.0)
-    # Existence-based cohorts, as the planner sees them: old = below the partition.
-    lws = {
-        o.metadata.name: o.to_dict()
-        for o in kube.list(LWS, namespace=namespace, labels={"pdorch.io/group": GROUP})
-    }
-    parts = []
-    old = {"prefill": 0, "decode": 0}
-    new = {"prefill": 0, "decode": 0}
-    for kind in ("prefill", "decode"):
-        o = lws.get(f"{GROUP}-{kind}")
-        if o is None:
-            return
-        replicas, partition = lws_replicas_partition(o)
-        parts.append((kind, replicas, partition, lws_revision(o)))
-        old[kind] += partition
-        new[kind] += replicas - partition
-        obs.max_groups = max(obs.max_groups, replicas)
-    planned_dev = max(
-        _dev(c["prefill"], c["decode"]) if c["prefill"] or c["decode"] else 0.0 for c in (old, new)
-    )
-    obs.samples.append((t, ready_dev, planned_dev))
-    obs.trace.append((round(t, 2), {r[:4]: dict(c) for r, c in per_rev.items()}, parts))
-    if last_parts and last_parts[-1] != parts:
-        obs.steps += 1
-    last_parts[:] = [parts]
 
 
 _STEP = re.compile(r"(\w[\w-]*) replicas=(\d+) partition=(\d+)")
@@ -184,13 +96,6 @@ def _assert_steps_on_ratio(steps: list[dict[str, tuple[int, int]]]) -> None:
             assert (p, d) == (0, 0) or _dev(p, d) == 0.0, step
         assert rp <= P + 2 and rd <= D + 1, step  # maxSurge 25%
         assert kp >= 0 and kd >= 0
-
-
-async def _observe(kube: Client, namespace: str, obs: Observation, stop: asyncio.Event) -> None:
-    last: list[Any] = []
-    while not stop.is_set():
-        await asyncio.to_thread(_sample, kube, namespace, obs, last)
-        await asyncio.sleep(0.2)
 
 
 @dataclass
@@ -314,8 +219,8 @@ async def test_rollout_8p4d_keeps_ratio_capacity_and_revision_pairing(
 ) -> None:
     backends, url = served
     before = kube.get(SG, GROUP, namespace=namespace).status["currentRevision"]
-    obs, tally, stop = Observation(), Traffic(), asyncio.Event()
-    observer = asyncio.create_task(_observe(kube, namespace, obs, stop))
+    obs, tally, stop = RolloutObserver(kube, namespace, (2, 1), (P, D)), Traffic(), asyncio.Event()
+    observer = asyncio.create_task(obs.run(stop))
     traffic = asyncio.create_task(_traffic(url, tally, stop))
     await asyncio.sleep(2)  # traffic on the old revision first
     t0 = time.monotonic()
@@ -357,9 +262,9 @@ async def test_rollout_8p4d_keeps_ratio_capacity_and_revision_pairing(
     assert result["longest_off_ratio_planned_window_s"] < 2.0, result
     assert result["longest_off_ratio_ready_window_s"] < 5.0, result
     # Ready capacity never dropped below desired - maxUnavailable (25% of 8 = 2, of 4 = 1).
-    assert obs.min_ready_p >= P - 2 and obs.min_ready_d >= D - 1
-    # Surge stayed within maxSurge (25% of 8 -> 2 extra prefill groups).
-    assert obs.max_groups <= P + 2
+    assert result["min_ready_prefill"] >= P - 2 and result["min_ready_decode"] >= D - 1
+    # Surge stayed within maxSurge (25%: 2 extra prefill groups, 1 extra decode group).
+    assert result["max_prefill_groups"] <= P + 2 and result["max_decode_groups"] <= D + 1
     assert len({o.metadata.name for o in kube.list(LWS, namespace=namespace)}) == 3
 
 
@@ -376,8 +281,8 @@ async def test_rollout_converges_when_the_controller_is_killed_at_random_points(
 ) -> None:
     kube.create(SG.from_dict(_group_84()), namespace=namespace)
     await asyncio.to_thread(wait_available, kube, namespace, GROUP, 180)
-    obs, stop = Observation(), asyncio.Event()
-    observer = asyncio.create_task(_observe(kube, namespace, obs, stop))
+    obs, stop = RolloutObserver(kube, namespace, (2, 1), (P, D)), asyncio.Event()
+    observer = asyncio.create_task(obs.run(stop))
     rng = random.Random(5)
     kills, rollouts = 0, 0
     # Several rollouts in a row, each with SIGKILLs while it is in progress, until at least 10
@@ -411,8 +316,8 @@ async def test_rollout_converges_when_the_controller_is_killed_at_random_points(
     assert kills >= 10
     _assert_steps_on_ratio(_planned_steps(devcluster, namespace))
     assert result["longest_off_ratio_planned_window_s"] < 2.0, result
-    assert obs.min_ready_p >= P - 2 and obs.min_ready_d >= D - 1
-    assert obs.max_groups <= P + 2
+    assert result["min_ready_prefill"] >= P - 2 and result["min_ready_decode"] >= D - 1
+    assert result["max_prefill_groups"] <= P + 2 and result["max_decode_groups"] <= D + 1
     # No extra objects: exactly the three LWS and P + D + proxy pods.
     assert {o.metadata.name for o in kube.list(LWS, namespace=namespace)} == {
         f"{GROUP}-proxy",
