@@ -69,6 +69,7 @@ ROLE = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role")
 ROLE_BINDING = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 EVENT = Resource("events.k8s.io", "v1", "events", "Event")
+CONTROLLER_REVISION = Resource("apps", "v1", "controllerrevisions", "ControllerRevision")
 NAMESPACE = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
 
 KNOWN: dict[tuple[str, str], Resource] = {
@@ -85,6 +86,7 @@ KNOWN: dict[tuple[str, str], Resource] = {
         LEASE,
         EVENT,
         NAMESPACE,
+        CONTROLLER_REVISION,
     )
 }
 

@@ -24,6 +24,7 @@ from pdorch.controller.events import EventRecorder
 from pdorch.controller.informer import Informer
 from pdorch.controller.intent import needs_apply, stamp, version_marker
 from pdorch.controller.kubeapi import (
+    CONTROLLER_REVISION,
     LWS,
     ROLE,
     ROLE_BINDING,
@@ -40,6 +41,7 @@ from pdorch.roles.labels import LABEL_GROUP, LABEL_ROLE, leader_selector, select
 from pdorch.roles.naming import lws_name, scaler_name
 from pdorch.roles.render import RenderOptions, RoleOverride, render
 from pdorch.roles.revision import compute_revision
+from pdorch.rollout import history
 from pdorch.rollout import live as rlive
 from pdorch.rollout.commands import rollout_spec
 from pdorch.rollout.state import KV_TYPES
@@ -232,6 +234,8 @@ class Reconciler:
         requeue = self._rollout_status(sg, key, obj, generation, prev_status, new_status, rollout)
         _record_ratio(sg, roles, namespace, name)
         await self._write_status(obj, prev_status, new_status)
+        if new_status["updateRevision"] != prev_status.get("updateRevision"):
+            await self._record_revision(obj, new_status["updateRevision"])
         RECONCILES.labels("ok").inc()
         return requeue
 
@@ -279,6 +283,23 @@ class Reconciler:
             rlive.max_cohort_deviation(plan.cohorts, spec.ratio_p, spec.ratio_d)
         )
         return plan
+
+    async def _record_revision(self, obj: dict[str, Any], revision: str) -> None:
+        """Keep the spec of a new update revision as a ControllerRevision (for `pdorch rollback`)."""
+        md = obj["metadata"]
+        try:
+            existing, _ = await self.api.list(
+                CONTROLLER_REVISION, md["namespace"], selector_string({LABEL_GROUP: md["name"]})
+            )
+            if not any(history.revision_of_object(c) == revision for c in existing):
+                record = history.revision_object(obj, revision, history.next_number(existing))
+                await self.api.create(record)
+                existing.append(record)
+            for old in history.to_prune(existing, keep=revision):
+                await self.api.delete(CONTROLLER_REVISION, old, md["namespace"])
+        except ApiError as e:
+            # Rollouts do not depend on the history; only `pdorch rollback` does.
+            log.warning("could not record revision %s of %s/%s: %s", revision, md["namespace"], md["name"], e)
 
     def _revision(self, key: str, sg: ServingGroup) -> str:
         """The update revision; reused from the render cache when the group did not change."""

@@ -139,8 +139,15 @@ def _tls_listening(port: int) -> bool:
 class DevCluster:
     """Start, stop and inspect one named local cluster."""
 
-    def __init__(self, state_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path | None = None,
+        progress: Callable[[str], None] | None = None,
+        pod_ready_ms: tuple[int, int] | None = None,
+    ) -> None:
         self.state_dir = state_dir or default_state_dir()
+        # (lo, hi): pods turn Ready after a uniform delay in this range (None: at once).
+        self.pod_ready_ms = pod_ready_ms
         self.progress = progress or (lambda msg: log.info("%s", msg))
 
     # ---------------------------------------------------------------- inspection
@@ -372,7 +379,7 @@ class DevCluster:
     def _start_kwok(self, st: ClusterState, bins: binaries.Binaries, logs: Path) -> None:
         cfg = self.state_dir / "kwok.yaml"
         pod_cidr = manifests.pod_cidr_for(self.state_dir.name)
-        cfg.write_text(manifests.kwok_config(bins.kwok_stages, pod_cidr))
+        cfg.write_text(manifests.kwok_config(bins.kwok_stages, pod_cidr, self.pod_ready_ms))
         self._launch(
             st,
             "kwok",

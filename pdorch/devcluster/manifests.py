@@ -54,7 +54,9 @@ def kubeconfig(server: str, ca_path: Path, token: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def kwok_config(stage_files: list[Path], pod_cidr: str = POD_CIDR) -> str:
+def kwok_config(
+    stage_files: list[Path], pod_cidr: str = POD_CIDR, pod_ready_ms: tuple[int, int] | None = None
+) -> str:
     """kwok's config: loopback pod CIDR and node IP, plus the explicit stages v0.8.0 requires."""
     head = {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
@@ -78,6 +80,11 @@ def kwok_config(stage_files: list[Path], pod_cidr: str = POD_CIDR) -> str:
                 # termination window. LWS restarts a group only if it sees the pod terminating,
                 # and the proxy drains pods in that window, so keep one, like a quick kubelet.
                 stage["spec"]["delay"] = {"durationMilliseconds": POD_TERMINATION_MS}
+            if stage and pod_ready_ms and stage.get("metadata", {}).get("name") == "pod-ready":
+                # Engines take time to load a model: a pod turns Ready after a delay drawn uniformly
+                # from [lo, hi] ms (benchmarks use it so every system sees the same start-up times).
+                lo, hi = pod_ready_ms
+                stage["spec"]["delay"] = {"durationMilliseconds": lo, "jitterDurationMilliseconds": hi}
             if stage:
                 docs.append(stage)
     return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)

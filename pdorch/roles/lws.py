@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdorch.api.servinggroup import Role, RoleType, RolloutStrategy
+from pdorch.api.servinggroup import KV_ROLE_TYPES, Role, RoleType, RolloutStrategy
 from pdorch.roles.context import RenderContext, label_pod_template
 from pdorch.roles.labels import ANNOTATION_BOOTSTRAP_PORT, ANNOTATION_PORT
 from pdorch.roles.naming import lws_name
@@ -12,7 +12,6 @@ from pdorch.roles.proxy import builtin_proxy_template
 
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 LWS_KIND = "LeaderWorkerSet"
-KV_ROLE_TYPES = frozenset({RoleType.PREFILL, RoleType.DECODE, RoleType.WORKER})
 # rollingUpdateConfiguration of KV roles: pdorch's partition is the only brake.
 LWS_MAX_SURGE = 0
 LWS_MAX_UNAVAILABLE = "100%"

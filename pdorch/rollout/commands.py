@@ -33,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--delay", type=int, default=1, help="ticks until a new group becomes ready (default 1)")
     p.set_defaults(func=run)
+    add_rollback_parser(subparsers)
 
 
 def rollout_spec(sg: ServingGroup, *, honour_pause: bool = False) -> RolloutSpec:
@@ -141,3 +142,67 @@ def run(args: argparse.Namespace) -> int:
         if last.kind != "done":
             code = 3
     return code
+
+
+def add_rollback_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `pdorch rollback`."""
+    p = subparsers.add_parser(
+        "rollback",
+        help="put a ServingGroup back on an earlier revision (rolled out like any other change)",
+        description="Restore the spec of an earlier revision of a ServingGroup from its revision "
+        "history (ControllerRevisions the controller records). During a rollout the default target "
+        "is the revision the group ran before it; otherwise the newest earlier one.",
+    )
+    p.add_argument("group", help="ServingGroup name")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--to-revision", default=None, help="a recorded pdorch.io/revision (default: see above)")
+    p.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig path (default: $KUBECONFIG or ~/.kube/config)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the target revision, change nothing")
+    p.set_defaults(func=run_rollback)
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    """Execute `pdorch rollback`; exit code 1 when there is nothing to roll back to."""
+    from lightkube import ApiError, Client, KubeConfig
+    from lightkube.generic_resource import create_namespaced_resource
+    from lightkube.resources.apps_v1 import ControllerRevision
+
+    from pdorch.roles.labels import LABEL_GROUP
+    from pdorch.rollout.history import rollback_target
+
+    sg_res = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
+    client = Client(KubeConfig.from_file(args.kubeconfig)) if args.kubeconfig else Client()
+    try:
+        sg = client.get(sg_res, args.group, namespace=args.namespace).to_dict()
+    except ApiError as e:
+        print(
+            f"error: cannot read servinggroup {args.namespace}/{args.group}: {e.status.message}",
+            file=sys.stderr,
+        )
+        return 1
+    records = [
+        c.to_dict()
+        for c in client.list(ControllerRevision, namespace=args.namespace, labels={LABEL_GROUP: args.group})
+    ]
+    status = sg.get("status") or {}
+    try:
+        target = rollback_target(
+            records, status.get("currentRevision"), status.get("updateRevision"), args.to_revision
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    rev = target["metadata"]["labels"]["pdorch.io/revision"]
+    print(f"servinggroup {args.namespace}/{args.group}: {status.get('updateRevision')} -> {rev}")
+    if args.dry_run:
+        return 0
+    sg["spec"] = target["data"]["spec"]
+    try:
+        client.replace(sg_res.from_dict(sg), namespace=args.namespace)
+    except ApiError as e:
+        print(f"error: the update was refused: {e.status.message}", file=sys.stderr)
+        return 1
+    print("rolled back; follow it with `kubectl get sg -w` (Progressing, RolloutStalled)")
+    return 0

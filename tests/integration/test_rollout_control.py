@@ -1,0 +1,157 @@
+"""Rollout controls on the dev cluster: revision history and `pdorch rollback`, a rollout the
+planner refuses (RolloutStalled) and its fix, and `paused`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from lightkube import Client
+from lightkube.resources.apps_v1 import ControllerRevision
+
+from pdorch.devcluster.cluster import ClusterState
+from pdorch.devcluster.controller_process import ControllerProc
+from pdorch.devcluster.waiting import wait_for
+from pdorch.rollout.live import lws_replicas_partition, lws_revision
+from tests.integration.test_controller import LWS, SG, condition, example, update_spec, wait_available
+
+pytestmark = pytest.mark.integration
+
+
+def _image(image: str) -> Any:
+    def edit(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] in ("prefill", "decode"):
+                role["workerTemplate"]["spec"]["containers"][0]["image"] = image
+
+    return edit
+
+
+def _status(kube: Client, namespace: str, name: str) -> dict[str, Any]:
+    return kube.get(SG, name, namespace=namespace).status or {}
+
+
+def _on(kube: Client, namespace: str, name: str, revision: str) -> bool:
+    st = _status(kube, namespace, name)
+    sg = kube.get(SG, name, namespace=namespace)
+    prog = condition(sg, "Progressing")
+    return (
+        st.get("currentRevision") == revision
+        and st.get("updateRevision") == revision
+        and prog is not None
+        and prog["status"] == "False"
+    )
+
+
+def _new_revision(kube: Client, namespace: str, name: str, old: str) -> str:
+    return wait_for(
+        lambda: (r := _status(kube, namespace, name).get("updateRevision")) != old and r,
+        30,
+        "a new update revision",
+    )
+
+
+def _kv_lws(kube: Client, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+    return {
+        o.metadata.name: o.to_dict()
+        for o in kube.list(LWS, namespace=namespace, labels={"pdorch.io/group": name})
+        if not o.metadata.name.endswith("-proxy")
+    }
+
+
+def test_revisions_are_recorded_and_rollback_restores_the_previous_one(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    kube.create(SG.from_dict(example("hist")), namespace=namespace)
+    first = wait_available(kube, namespace, "hist").status["updateRevision"]
+    update_spec(kube, namespace, "hist", _image("pdorch/sim:v2"))
+    second = _new_revision(kube, namespace, "hist", first)
+    wait_for(lambda: _on(kube, namespace, "hist", second), 90, "rollout to the second revision")
+    records = kube.list(ControllerRevision, namespace=namespace, labels={"pdorch.io/group": "hist"})
+    assert {r.metadata.labels["pdorch.io/revision"] for r in records} == {first, second}
+    assert all(r.metadata.ownerReferences[0].kind == "ServingGroup" for r in records)
+
+    cli = [
+        sys.executable,
+        "-m",
+        "pdorch.cli",
+        "rollback",
+        "hist",
+        "-n",
+        namespace,
+        "--kubeconfig",
+        devcluster.kubeconfig,
+    ]
+    dry = subprocess.run([*cli, "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert f"{second} -> {first}" in dry.stdout
+    assert _status(kube, namespace, "hist")["updateRevision"] == second  # nothing changed
+
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: _on(kube, namespace, "hist", first), 90, "rollback to the first revision")
+    images = {
+        o["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["image"]
+        for o in _kv_lws(kube, namespace, "hist").values()
+    }
+    assert images == {"pdorch/sim:dev"}
+
+    bad = subprocess.run([*cli, "--to-revision", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "no recorded revision 'nope'" in bad.stderr
+
+
+def test_a_plan_that_cannot_finish_stalls_without_moving_and_recovers_when_fixed(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    doc = example("stuck")
+    # 2 prefill : 1 decode, no surge, one unavailable group, exact ratio: moving the only decode
+    # would leave the old prefills without a decode, so no step keeps both cohorts on ratio.
+    doc["spec"]["rolloutStrategy"] = {"maxSurge": 0, "maxUnavailable": 1, "ratioTolerance": 0}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    first = wait_available(kube, namespace, "stuck").status["updateRevision"]
+    update_spec(kube, namespace, "stuck", _image("pdorch/sim:v2"))
+    second = _new_revision(kube, namespace, "stuck", first)
+
+    def stalled() -> dict[str, Any] | None:
+        c = condition(kube.get(SG, "stuck", namespace=namespace), "RolloutStalled")
+        return c if c and c["status"] == "True" else None
+
+    c = wait_for(stalled, 30, "RolloutStalled=True")
+    assert c["reason"] == "CannotProgress"
+    assert "maxSurge" in c["message"] and "cannot progress" in c["message"]
+    # The new templates are in, but with partition = replicas: no group moved.
+    for o in _kv_lws(kube, namespace, "stuck").values():
+        replicas, partition = lws_replicas_partition(o)
+        assert lws_revision(o) == second and partition == replicas
+
+    # The strategy is not part of the revision: the same rollout resumes under the new budgets.
+    update_spec(kube, namespace, "stuck", lambda s: s["rolloutStrategy"].update({"maxSurge": 1}))
+    wait_for(lambda: _on(kube, namespace, "stuck", second), 90, "rollout after raising maxSurge")
+    c = condition(kube.get(SG, "stuck", namespace=namespace), "RolloutStalled")
+    assert c is not None and c["status"] == "False"
+
+
+def test_paused_rollout_holds_then_finishes_when_resumed(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    doc = example("pause")
+    doc["spec"]["rolloutStrategy"] = {"paused": True}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    first = wait_available(kube, namespace, "pause").status["updateRevision"]
+    update_spec(kube, namespace, "pause", _image("pdorch/sim:v2"))
+    second = _new_revision(kube, namespace, "pause", first)
+
+    def paused() -> dict[str, Any] | None:
+        c = condition(kube.get(SG, "pause", namespace=namespace), "RolloutStalled")
+        return c if c and c["reason"] == "Paused" else None
+
+    assert wait_for(paused, 30, "RolloutStalled reason Paused")["status"] == "False"
+    for o in _kv_lws(kube, namespace, "pause").values():
+        replicas, partition = lws_replicas_partition(o)
+        assert partition == replicas
+    assert _status(kube, namespace, "pause")["currentRevision"] == first
+
+    update_spec(kube, namespace, "pause", lambda s: s["rolloutStrategy"].update({"paused": False}))
+    wait_for(lambda: _on(kube, namespace, "pause", second), 90, "rollout after resuming")
