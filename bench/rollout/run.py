@@ -67,7 +67,7 @@ def _template(role: str, image: str) -> dict[str, Any]:
     }
 
 
-def servinggroup(image: str, max_unavailable: str = "25%") -> dict[str, Any]:
+def servinggroup(image: str, max_unavailable: int | str = "25%") -> dict[str, Any]:
     doc = yaml.safe_load((REPO / "examples" / "sim-pd" / "servinggroup.yaml").read_text())
     doc["metadata"]["name"] = "roll"
     doc["spec"]["roles"] = [r for r in doc["spec"]["roles"] if r["type"] != "proxy"]
@@ -144,7 +144,7 @@ async def one_run(kube: Client, system: str, wait_s: float) -> tuple[dict[str, A
     kube.create(Namespace(metadata=ObjectMeta(name=ns)))
     try:
         if system.startswith("pdorch"):
-            mu = "0" if system == "pdorch-surge-only" else "25%"
+            mu: int | str = 0 if system == "pdorch-surge-only" else "25%"
             kube.create(SG.from_dict(servinggroup(OLD, mu)), namespace=ns)
         else:
             kube.create(DS.from_dict(disaggregatedset(OLD)), namespace=ns)

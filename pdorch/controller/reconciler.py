@@ -156,7 +156,7 @@ class Reconciler:
         overrides = self._overrides(sg, namespace, name)
         rollout = self._plan_rollout(sg, key, namespace, name, overrides)
         for role_name, (replicas, partition) in rollout.actions.items():
-            overrides[role_name] = RoleOverride(replicas=replicas, partition=partition)
+            overrides[role_name] = RoleOverride(replicas=replicas, partition=partition, rollout=True)
         rkey = (uid, rv, repr(sorted(overrides.items())))
         cached = self._renders.get(key)
         if cached is None or cached.key != rkey:

@@ -29,6 +29,7 @@ class RoleOverride:
     `replicas`: LWS replicas (e.g. copied from the role's ServingRoleScaler); default roles[].replicas.
     `partition`: LWS rollingUpdateConfiguration.partition; default 0 (everything on the new revision).
     `max_surge` / `max_unavailable`: per-step LWS values; default spec.rolloutStrategy's.
+    `rollout`: mark the LWS as mid-rollout (see `pdorch.roles.labels.ANNOTATION_ROLLOUT`).
     `include_scaler_replicas`: put spec.replicas into the ServingRoleScaler intent. Only for creation:
     once HPA/KEDA or pdorch's scaler writes it through /scale, applying it again (with force) would
     undo their decision, so the controller sets this to False when the scaler already exists.
@@ -39,6 +40,9 @@ class RoleOverride:
     max_surge: int | str | None = None
     max_unavailable: int | str | None = None
     include_scaler_replicas: bool = True
+    # The KV role is part of a rollout in progress: its LWS carries ANNOTATION_ROLLOUT until the
+    # planner says "done", so surge groups are only removed once every group is ready.
+    rollout: bool = False
 
 
 @dataclass(frozen=True)

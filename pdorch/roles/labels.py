@@ -15,6 +15,9 @@ MANAGED_BY = "pdorch"
 # may only read pods, not the ServingGroup).
 ANNOTATION_PORT = "pdorch.io/port"
 ANNOTATION_BOOTSTRAP_PORT = "pdorch.io/bootstrap-port"
+# On a KV role's LWS while a rollout is in progress (value: the update revision). Partitions and
+# revisions alone cannot tell "surge groups still to remove" from a plain scale-down.
+ANNOTATION_ROLLOUT = "pdorch.io/rollout"
 
 # Set by LWS on its pods; the leader of every group has worker-index 0.
 LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"

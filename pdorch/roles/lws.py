@@ -6,7 +6,7 @@ from typing import Any
 
 from pdorch.api.servinggroup import KV_ROLE_TYPES, Role, RoleType, RolloutStrategy
 from pdorch.roles.context import RenderContext, label_pod_template
-from pdorch.roles.labels import ANNOTATION_BOOTSTRAP_PORT, ANNOTATION_PORT
+from pdorch.roles.labels import ANNOTATION_BOOTSTRAP_PORT, ANNOTATION_PORT, ANNOTATION_ROLLOUT
 from pdorch.roles.naming import lws_name
 from pdorch.roles.proxy import builtin_proxy_template
 
@@ -84,9 +84,12 @@ def render_lws(ctx: RenderContext, role: Role) -> dict[str, Any]:
         spec["startupPolicy"] = role.startup_policy.value
     if role.network_config is not None:
         spec["networkConfig"] = role.network_config.to_wire()
+    metadata = ctx.metadata(lws_name(ctx.group, role.name), ctx.labels(role))
+    if override.rollout:
+        metadata["annotations"] = {ANNOTATION_ROLLOUT: ctx.revision}
     return {
         "apiVersion": LWS_API_VERSION,
         "kind": LWS_KIND,
-        "metadata": ctx.metadata(lws_name(ctx.group, role.name), ctx.labels(role)),
+        "metadata": metadata,
         "spec": spec,
     }

@@ -7,11 +7,12 @@ import math
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from pdorch.api.errors import SpecError, load_servinggroups
 from pdorch.api.servinggroup import RoleType, RolloutStrategy, ServingGroup
 from pdorch.rollout.planner import auto_tolerance, initial_state, simulate
-from pdorch.rollout.state import RolloutSpec, Snapshot
+from pdorch.rollout.state import RoleObservation, RolloutSpec, Snapshot
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +24,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "print every step: per role old/new groups (ready/total), the P:D of each cohort and the "
         "ready capacity. Nothing is changed anywhere.",
     )
-    p.add_argument("-f", "--filename", required=True, help="ServingGroup YAML file, or - for stdin")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-f", "--filename", help="ServingGroup YAML file, or - for stdin")
+    src.add_argument(
+        "--from-live",
+        metavar="GROUP",
+        help="plan from a ServingGroup on the cluster, continuing a rollout in progress from its live state",
+    )
+    p.add_argument("-n", "--namespace", default="default", help="namespace of --from-live")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig for --from-live (default: $KUBECONFIG)")
     p.add_argument(
         "--from-replicas",
         action="append",
@@ -96,6 +105,8 @@ def format_plan(snaps: list[Snapshot]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Execute `pdorch plan`; exit code 1 on an invalid spec, 3 when the rollout cannot progress."""
+    if args.from_live:
+        return _run_live(args)
     source = args.filename
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
@@ -121,27 +132,93 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             print(f"error: no role named {', '.join(sorted(unknown))} in {sg.name}", file=sys.stderr)
             return 1
-        spec = rollout_spec(sg)
         roles = [
             (r.name, r.type.value, overrides.get(r.name, r.replicas))
             for r in sg.spec.roles
             if r.type != RoleType.PROXY
         ]
-        auto = spec.tolerance is None
-        if auto:
-            spec = replace(spec, tolerance=auto_tolerance(initial_state(roles), spec))
-        snaps = simulate(spec, initial_state(roles), lambda _n, _i, _t: max(0, args.delay))
-        print(
-            f"# {sg.name}: ratio {spec.ratio_p}:{spec.ratio_d} tolerance {spec.tolerance:g}"
-            f"{' (auto: the smallest the budgets allow)' if auto else ''} "
-            f"maxSurge {spec.max_surge} maxUnavailable {spec.max_unavailable}"
-        )
-        print(format_plan(snaps))
-        last = snaps[-1].decision
-        print(f"# {last.kind}: {last.reason}")
-        if last.kind != "done":
-            code = 3
+        code = max(code, _print_plan(sg, initial_state(roles), args.delay))
     return code
+
+
+def _print_plan(sg: ServingGroup, initial: list[RoleObservation], delay: int) -> int:
+    """Simulate from `initial`, print the table and the outcome; 3 if it does not finish."""
+    spec = rollout_spec(sg)
+    auto = spec.tolerance is None
+    if auto:
+        spec = replace(spec, tolerance=auto_tolerance(initial, spec))
+    snaps = simulate(spec, initial, lambda _n, _i, _t: max(0, delay))
+    print(
+        f"# {sg.name}: ratio {spec.ratio_p}:{spec.ratio_d} tolerance {spec.tolerance:g}"
+        f"{' (auto: the smallest the budgets allow)' if auto else ''} "
+        f"maxSurge {spec.max_surge} maxUnavailable {spec.max_unavailable}"
+    )
+    print(format_plan(snaps))
+    last = snaps[-1].decision
+    print(f"# {last.kind}: {last.reason}")
+    return 0 if last.kind == "done" else 3
+
+
+def _run_live(args: argparse.Namespace) -> int:
+    """`pdorch plan --from-live`: the same simulation, starting from the group's live LWS and pods."""
+    from lightkube import ApiError, Client, KubeConfig
+    from lightkube.generic_resource import create_namespaced_resource
+    from lightkube.resources.core_v1 import Pod
+
+    from pdorch.roles.labels import LABEL_GROUP, LABEL_ROLE
+    from pdorch.roles.naming import lws_name, scaler_name
+    from pdorch.roles.revision import compute_revision
+    from pdorch.rollout import live
+
+    def res(group: str, version: str, kind: str, plural: str) -> Any:
+        return create_namespaced_resource(group, version, kind, plural)
+
+    sg_res = res("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
+    srs_res = res("pdorch.io", "v1alpha1", "ServingRoleScaler", "servingrolescalers")
+    lws_res = res("leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets")
+    client = Client(KubeConfig.from_file(args.kubeconfig)) if args.kubeconfig else Client()
+    ns, name = args.namespace, args.from_live
+
+    def get(r: Any, n: str) -> dict[str, Any] | None:
+        try:
+            return client.get(r, n, namespace=ns).to_dict()
+        except ApiError as e:
+            if e.status.code == 404:
+                return None
+            raise
+
+    obj = get(sg_res, name)
+    if obj is None:
+        print(f"error: servinggroup {ns}/{name} not found", file=sys.stderr)
+        return 1
+    sg = ServingGroup.model_validate(obj)
+    revision = compute_revision(sg.spec)
+    roles = []
+    for r in sg.spec.roles:
+        if r.type == RoleType.PROXY:
+            continue
+        srs = get(srs_res, scaler_name(name, r.name)) if r.scaling is not None else None
+        desired = int(((srs or {}).get("spec") or {}).get("replicas") or r.replicas)
+        pods = [
+            p.to_dict()
+            for p in client.list(Pod, namespace=ns, labels={LABEL_GROUP: name, LABEL_ROLE: r.name})
+        ]
+        roles.append(
+            live.LiveRole(
+                r.name,
+                r.type.value,
+                desired,
+                get(lws_res, lws_name(name, r.name)),
+                live.group_states(pods, r.size),
+            )
+        )
+    if live.is_rolling(roles, revision):
+        print(f"# rollout to {revision} in progress: planning from the live state")
+        initial = [live.observe(r, revision) for r in roles if r.lws is not None]
+    else:
+        print(f"# no rollout in progress ({revision} everywhere): the plan for the next template change")
+        initial = initial_state([(r.name, r.type, r.desired) for r in roles])
+    return _print_plan(sg, initial, args.delay)
 
 
 def add_rollback_parser(subparsers: argparse._SubParsersAction) -> None:

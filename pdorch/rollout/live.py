@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pdorch.roles.labels import LABEL_REVISION, LWS_WORKER_INDEX
+from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_WORKER_INDEX
 from pdorch.roles.pods import LWS_GROUP_INDEX, is_ready, is_terminating
 from pdorch.rollout.planner import auto_tolerance, effective_tolerance, next_step
 from pdorch.rollout.state import KV_TYPES, Decision, RoleObservation, RolloutSpec, deviation
@@ -139,12 +139,14 @@ def observe(role: LiveRole, update_revision: str) -> RoleObservation:
 
 
 def is_rolling(roles: Sequence[LiveRole], update_revision: str) -> bool:
-    """A rollout is active while some KV role's LWS has another revision or a partition > 0."""
+    """A rollout is active while some KV role's LWS has another revision, a partition > 0, or is
+    still marked mid-rollout (surge groups not removed yet; see ANNOTATION_ROLLOUT)."""
     for r in roles:
         if r.lws is None:
             continue
         _, partition = lws_replicas_partition(r.lws)
-        if lws_revision(r.lws) != update_revision or partition > 0:
+        marked = ANNOTATION_ROLLOUT in ((r.lws.get("metadata") or {}).get("annotations") or {})
+        if lws_revision(r.lws) != update_revision or partition > 0 or marked:
             return True
     return False
 
@@ -187,6 +189,9 @@ def plan(roles: Sequence[LiveRole], update_revision: str, spec: RolloutSpec | No
     if spec.tolerance is None:
         spec = replace(spec, tolerance=auto_tolerance(observed, spec))
     decision = next_step(observed, spec)
+    if decision.kind == "done":
+        # Every group is new and ready at the desired replicas: render plainly (drops the marker).
+        return RolloutPlan(False, {}, decision, tuple(observed), by_rev)
     actions = {n: (a.replicas, a.partition) for n, a in decision.roles.items()}
     eff = effective_tolerance(observed, spec)
     return RolloutPlan(

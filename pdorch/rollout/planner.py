@@ -346,8 +346,9 @@ def simulate(
 ) -> list[Snapshot]:
     """Run the planner against a modelled LWS until done or blocked; one snapshot per tick.
 
-    `initial` gives each role's desired replicas; the rollout starts as the controller starts it:
-    new templates applied with partition = replicas, every (old) group ready. Each tick the planner
+    `initial` gives each role's desired replicas and where the rollout stands: `initial_state`
+    starts it as the controller does (new templates applied with partition = replicas, every old
+    group ready); an observation of a live group continues from there. Each tick the planner
     is asked for a decision, the decision is applied (recreated and added groups become ready after
     the modelled delay), and the state after it is recorded. `scale_events` maps a tick to new
     desired replicas per role (a scaler acting mid-rollout).
@@ -359,8 +360,12 @@ def simulate(
     for r in initial:
         if r.type not in ("prefill", "decode", "worker"):
             continue
-        state[r.name] = [_Group(False, 0) for _ in range(r.desired)]
-        parts[r.name] = r.desired
+        # Old groups below the partition, new ones above; groups not ready yet become ready after
+        # one tick (a live state read by `pdorch plan --from-live` may be mid-rollout).
+        old = [_Group(False, 0 if i < r.old_ready else 1) for i in range(r.partition)]
+        new = [_Group(True, 0 if i < r.new_ready else 1) for i in range(r.new_total)]
+        state[r.name] = old + new
+        parts[r.name] = r.partition
         meta[r.name] = (r.type, r.desired)
     snaps: list[Snapshot] = []
     step = 0

@@ -134,7 +134,7 @@ def test_a_plan_that_cannot_finish_stalls_without_moving_and_recovers_when_fixed
 
 
 def test_paused_rollout_holds_then_finishes_when_resumed(
-    kube: Client, namespace: str, controller: ControllerProc
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
     doc = example("pause")
     doc["spec"]["rolloutStrategy"] = {"paused": True}
@@ -152,6 +152,14 @@ def test_paused_rollout_holds_then_finishes_when_resumed(
         replicas, partition = lws_replicas_partition(o)
         assert partition == replicas
     assert _status(kube, namespace, "pause")["currentRevision"] == first
+    # `pdorch plan --from-live` continues from the held state and shows how it would finish.
+    plan = subprocess.run(
+        [sys.executable, "-m", "pdorch.cli", "plan", "--from-live", "pause", "-n", namespace,
+         "--kubeconfig", devcluster.kubeconfig],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert plan.returncode == 0, plan.stderr
+    assert f"rollout to {second} in progress" in plan.stdout and "# done:" in plan.stdout
 
     update_spec(kube, namespace, "pause", lambda s: s["rolloutStrategy"].update({"paused": False}))
     wait_for(lambda: _on(kube, namespace, "pause", second), 90, "rollout after resuming")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from pdorch.roles.labels import LABEL_REVISION, LWS_WORKER_INDEX
+from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_WORKER_INDEX
 from pdorch.roles.pods import LWS_GROUP_INDEX
 from pdorch.rollout import live
 from pdorch.rollout.planner import auto_tolerance, initial_state
@@ -154,3 +154,31 @@ def test_auto_tolerance_is_the_smallest_that_completes() -> None:
         )
         == 0.0
     )
+
+
+def test_surge_is_removed_only_after_every_group_is_ready() -> None:
+    marked = _lws(10, 0, NEW)
+    marked["metadata"] = {"annotations": {ANNOTATION_ROLLOUT: NEW}}
+    # Partitions are 0 and the revision matches, but the marker says the rollout is not over.
+    not_ready = tuple(live.GroupState(i, NEW, i >= 2) for i in range(10))
+    prefill = live.LiveRole("prefill", "prefill", 8, marked, not_ready)
+    assert live.is_rolling([prefill], NEW)
+    plan = live.plan([prefill], NEW, RolloutSpec(2, 1, 0.0, 2, 2))
+    assert plan.active and plan.decision is not None and plan.decision.kind == "wait"
+    assert plan.actions == {"prefill": (10, 0)}  # surge kept while groups 0 and 1 start
+    ready = live.LiveRole(
+        "prefill", "prefill", 8, marked, tuple(live.GroupState(i, NEW, True) for i in range(10))
+    )
+    plan = live.plan([ready], NEW, RolloutSpec(2, 1, 0.0, 2, 2))
+    assert plan.actions == {"prefill": (8, 0)}  # then removed
+    done = _lws(8, 0, NEW)
+    done["metadata"] = marked["metadata"]
+    final = live.LiveRole(
+        "prefill", "prefill", 8, done, tuple(live.GroupState(i, NEW, True) for i in range(8))
+    )
+    plan = live.plan([final], NEW, RolloutSpec(2, 1, 0.0, 2, 2))
+    assert not plan.active and plan.decision is not None and plan.decision.kind == "done"
+
+
+def test_a_plain_scale_down_is_not_a_rollout() -> None:
+    assert not live.is_rolling([live.LiveRole("p", "prefill", 4, _lws(6, 0, NEW))], NEW)
