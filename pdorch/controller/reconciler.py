@@ -288,9 +288,10 @@ class Reconciler:
         """Keep the spec of a new update revision as a ControllerRevision (for `pdorch rollback`)."""
         md = obj["metadata"]
         try:
-            existing, _ = await self.api.list(
+            items, _ = await self.api.list(
                 CONTROLLER_REVISION, md["namespace"], selector_string({LABEL_GROUP: md["name"]})
             )
+            existing = history.owned_records(items)
             if not any(history.revision_of_object(c) == revision for c in existing):
                 record = history.revision_object(obj, revision, history.next_number(existing))
                 await self.api.create(record)

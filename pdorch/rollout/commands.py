@@ -247,7 +247,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     from lightkube.resources.apps_v1 import ControllerRevision
 
     from pdorch.roles.labels import LABEL_GROUP
-    from pdorch.rollout.history import rollback_target
+    from pdorch.rollout.history import owned_records, rollback_target
 
     sg_res = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
     client = Client(KubeConfig.from_file(args.kubeconfig)) if args.kubeconfig else Client()
@@ -259,10 +259,14 @@ def run_rollback(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    records = [
-        c.to_dict()
-        for c in client.list(ControllerRevision, namespace=args.namespace, labels={LABEL_GROUP: args.group})
-    ]
+    records = owned_records(
+        [
+            c.to_dict()
+            for c in client.list(
+                ControllerRevision, namespace=args.namespace, labels={LABEL_GROUP: args.group}
+            )
+        ]
+    )
     status = sg.get("status") or {}
     try:
         target = rollback_target(

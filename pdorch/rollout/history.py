@@ -42,6 +42,17 @@ def revision_object(sg: dict[str, Any], revision: str, number: int) -> dict[str,
     }
 
 
+def owned_records(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ControllerRevisions a ServingGroup owns (LWS keeps its own, with the same group label)."""
+    return [
+        c
+        for c in items
+        if any(
+            r.get("kind") == "ServingGroup" for r in (c.get("metadata") or {}).get("ownerReferences") or []
+        )
+    ]
+
+
 def revision_of_object(cr: dict[str, Any]) -> str:
     """The pdorch revision a ControllerRevision records."""
     return ((cr.get("metadata") or {}).get("labels") or {}).get(LABEL_REVISION, "")

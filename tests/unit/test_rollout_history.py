@@ -58,3 +58,8 @@ def test_rollback_target_errors_say_what_to_do() -> None:
         history.rollback_target([_rec("a", 1)], "a", "a")
     with pytest.raises(ValueError, match="--to-revision"):
         history.rollback_target([_rec("b", 2)], "a", "b")
+
+
+def test_owned_records_skip_lws_revisions() -> None:
+    lws_cr = {"metadata": {"name": "g-prefill-abc", "ownerReferences": [{"kind": "LeaderWorkerSet"}]}}
+    assert history.owned_records([_rec("a", 1), lws_cr]) == [_rec("a", 1)]
