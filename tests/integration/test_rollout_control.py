@@ -129,7 +129,11 @@ def test_a_plan_that_cannot_finish_stalls_without_moving_and_recovers_when_fixed
 
     # The strategy is not part of the revision: the same rollout resumes under the new budgets.
     update_spec(kube, namespace, "stuck", lambda s: s["rolloutStrategy"].update({"maxSurge": 2}))
-    wait_for(lambda: _on(kube, namespace, "stuck", second), 90, "rollout after raising maxSurge to a whole ratio unit")
+    wait_for(
+        lambda: _on(kube, namespace, "stuck", second),
+        90,
+        "rollout after raising maxSurge to a whole ratio unit",
+    )
     c = condition(kube.get(SG, "stuck", namespace=namespace), "RolloutStalled")
     assert c is not None and c["status"] == "False"
 
