@@ -10,7 +10,8 @@ from pdorch.demo.run import demo
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(demo(args.users, args.duration, args.cluster_name))
+        rollout_after = None if args.rollout_after < 0 else args.rollout_after
+        return asyncio.run(demo(args.users, args.duration, args.cluster_name, rollout_after))
     except KeyboardInterrupt:
         # asyncio.run cancelled the demo; its finally-block already cleaned up.
         return 130
@@ -29,4 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
     )
     p.add_argument("--cluster-name", default="demo", help="dev cluster name (default %(default)s)")
+    p.add_argument(
+        "--rollout-after",
+        type=float,
+        default=30.0,
+        help="seconds of traffic before the engine image changes and a rollout runs (-1: never; default %(default)s)",
+    )
     p.set_defaults(func=_run)

@@ -41,9 +41,14 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _apply_example(st: ClusterState) -> None:
+def _apply_example(st: ClusterState, image: str | None = None) -> None:
+    """Apply examples/sim-pd; with `image`, the same group with a new engine image (a rollout)."""
     doc = yaml.safe_load((repo_root() / "examples" / "sim-pd" / "servinggroup.yaml").read_text())
     doc["metadata"]["namespace"] = NAMESPACE
+    if image is not None:
+        for role in doc["spec"]["roles"]:
+            if role["type"] in ("prefill", "decode"):
+                role["workerTemplate"]["spec"]["containers"][0]["image"] = image
     st.client().apply(from_dict(doc), field_manager="pdorch-demo", force=True)
 
 
@@ -66,8 +71,14 @@ async def _events(api: KubeApi) -> list[str]:
     ]
 
 
-async def demo(users: int, duration: float | None, cluster_name: str) -> int:
-    """Run the demo; returns the exit code."""
+async def demo(
+    users: int, duration: float | None, cluster_name: str, rollout_after: float | None = 30.0
+) -> int:
+    """Run the demo; returns the exit code.
+
+    After `rollout_after` seconds of traffic the engine image changes, so the view shows a
+    ratio-preserving rollout (steps in the events, revisions in the status) under live traffic.
+    """
     cluster = DevCluster(default_state_dir(cluster_name), progress=say)
     ctl: ControllerProc | None = None
     backends: PodBackends | None = None
@@ -111,8 +122,13 @@ async def demo(users: int, duration: float | None, cluster_name: str) -> int:
         t0 = time.monotonic()
         tty = sys.stdout.isatty()
         last_plain = 0.0
+        rolled = rollout_after is None
         while duration is None or time.monotonic() - t0 < duration:
             await asyncio.sleep(1.0)
+            if not rolled and time.monotonic() - t0 >= (rollout_after or 0.0):
+                rolled = True
+                say("changing the engine image to pdorch/sim:v2: watch the rollout steps below")
+                await asyncio.to_thread(_apply_example, st, "pdorch/sim:v2")
             if traffic.done():
                 traffic.result()  # surface a crash of the traffic generator
             group: dict[str, Any] | None = await api.get(SERVING_GROUP, GROUP, NAMESPACE)

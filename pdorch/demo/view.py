@@ -21,14 +21,17 @@ def render_view(
     status = (group or {}).get("status") or {}
     conds = {c["type"]: c for c in status.get("conditions") or []}
     avail = conds.get("Available", {})
-    lines.append(
-        f"revision {status.get('updateRevision', '-')}   Available={avail.get('status', '-')} ({avail.get('reason', '-')})"
-    )
-    lines.append(f"{'ROLE':<10} {'TYPE':<8} {'DESIRED':>7} {'READY':>5} {'UPDATED':>7}")
+    cur, upd = status.get("currentRevision", "-"), status.get("updateRevision", "-")
+    rev = upd if cur == upd else f"{cur} -> {upd} (rolling out)"
+    lines.append(f"revision {rev}   Available={avail.get('status', '-')} ({avail.get('reason', '-')})")
+    prog = conds.get("Progressing", {})
+    if prog.get("status") == "True":
+        lines.append(f"progressing: {prog.get('message', '')}"[:150])
+    lines.append(f"{'ROLE':<10} {'TYPE':<8} {'DESIRED':>7} {'READY':>5} {'UPDATED':>7} {'PARTITION':>9}")
     for r in status.get("roles") or []:
         lines.append(
             f"{r['name']:<10} {r['type']:<8} {r.get('desiredReplicas', 0):>7} {r.get('readyReplicas', 0):>5} "
-            f"{r.get('updatedReplicas', 0):>7}"
+            f"{r.get('updatedReplicas', 0):>7} {r.get('partition', 0):>9}"
         )
     lines += [
         "",
