@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -136,6 +137,15 @@ def _tls_listening(port: int) -> bool:
             return True
 
 
+def _exited(pid: int) -> bool:
+    """The process is gone or a zombie (every file and socket of it closed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith(("Z", "X"))
+    except OSError:
+        return True
+
+
 class DevCluster:
     """Start, stop and inspect one named local cluster."""
 
@@ -160,13 +170,7 @@ class DevCluster:
         if st is None:
             return {"up": False, "dir": str(self.state_dir), "components": {}}
         comps: dict[str, Any] = {}
-        checks: dict[str, Callable[[], bool]] = {
-            "etcd": lambda: _http_ok(f"http://127.0.0.1:{st.ports['etcd']}/health"),
-            "kube-apiserver": lambda: _http_ok(f"{st.server}/readyz", st.ca, st.token),
-            "kube-controller-manager": lambda: _http_ok(f"https://127.0.0.1:{st.ports['kcm']}/healthz"),
-            "kube-scheduler": lambda: _http_ok(f"https://127.0.0.1:{st.ports['scheduler']}/healthz"),
-            "lws-manager": lambda: _http_ok(f"http://127.0.0.1:{st.ports['lws_health']}/readyz"),
-        }
+        checks = self._health_checks(st)
         for p in st.processes:
             healthy: bool | None = None
             if p.alive() and p.name in checks:
@@ -177,6 +181,16 @@ class DevCluster:
             comps[p.name] = {"pid": p.pid, "running": p.alive(), "healthy": healthy, "log": p.log}
         up = bool(comps) and all(c["running"] and c["healthy"] is not False for c in comps.values())
         return {"up": up, "dir": st.dir, "kubeconfig": st.kubeconfig, "components": comps}
+
+    @staticmethod
+    def _health_checks(st: ClusterState) -> dict[str, Callable[[], bool]]:
+        return {
+            "etcd": lambda: _http_ok(f"http://127.0.0.1:{st.ports['etcd']}/health"),
+            "kube-apiserver": lambda: _http_ok(f"{st.server}/readyz", st.ca, st.token),
+            "kube-controller-manager": lambda: _http_ok(f"https://127.0.0.1:{st.ports['kcm']}/healthz"),
+            "kube-scheduler": lambda: _http_ok(f"https://127.0.0.1:{st.ports['scheduler']}/healthz"),
+            "lws-manager": lambda: _http_ok(f"http://127.0.0.1:{st.ports['lws_health']}/readyz"),
+        }
 
     def is_up(self) -> bool:
         return bool(self.status()["up"])
@@ -242,6 +256,33 @@ class DevCluster:
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir, ignore_errors=True)
         return stopped
+
+    def restart(self, name: str, kill: bool = True) -> float:
+        """Stop one component (SIGKILL by default, like a crashed node process) and start it again
+        with the same command line; returns seconds until its health check answers again."""
+        st = self.state()
+        if st is None:
+            raise RuntimeError(f"dev cluster {self.state_dir} is not up")
+        old = st.process(name)
+        if old is None or not old.argv:
+            raise ValueError(f"no restartable component {name!r}")
+        if kill and old.alive():
+            os.kill(old.pid, signal.SIGKILL)
+        else:
+            stop(old)
+        # `alive()` turns False as soon as the exiting process drops its memory map, before its
+        # sockets close; wait until it is a zombie or gone, or the new one cannot bind its port.
+        deadline = time.monotonic() + 10
+        while not _exited(old.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        new = start(name, old.argv, Path(old.log))
+        st.processes = [new if p.name == name else p for p in st.processes]
+        st.save()
+        checks = self._health_checks(st)
+        if name in checks:
+            wait_until(new, checks[name], 120, f"{name} health after restart")
+        return time.monotonic() - t0
 
     # ---------------------------------------------------------------- steps
     def _step(self, st: ClusterState, what: str, fn: Callable[[], None]) -> None:

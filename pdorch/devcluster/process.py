@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -25,6 +25,8 @@ class Managed:
     pid: int
     binary: str
     log: str
+    # The command line, so a fault test can restart the component as it was (see DevCluster.restart).
+    argv: list[str] = field(default_factory=list)
 
     def alive(self) -> bool:
         """True if the PID exists and still runs our binary (not a reused PID)."""
@@ -54,7 +56,7 @@ def start(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None
             env={**os.environ, **(env or {})},
             close_fds=True,
         )
-    return Managed(name=name, pid=proc.pid, binary=argv[0], log=str(log_path))
+    return Managed(name=name, pid=proc.pid, binary=argv[0], log=str(log_path), argv=list(argv))
 
 
 def stop(proc: Managed, grace: float = 10.0) -> bool:
