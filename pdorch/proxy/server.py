@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
+import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -146,6 +147,18 @@ class Admission:
         self.metrics.active.dec()
 
 
+_ENCODER = msgspec.json.Encoder()
+
+
+def encode_json(obj: Any) -> bytes:
+    """JSON bytes of an upstream body: msgspec (several times faster), or the stdlib for what it
+    cannot encode (integers beyond 64 bits that a client may legally send)."""
+    try:
+        return _ENCODER.encode(obj)
+    except (OverflowError, TypeError, msgspec.EncodeError):
+        return json.dumps(obj).encode()
+
+
 def error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
     """The JSON error response of ``exc`` (with Retry-After / X-Request-Id when set)."""
     headers: dict[str, str] = {}
@@ -227,6 +240,8 @@ class ProxyServer:
                 total=None, connect=c.connect_timeout_s, sock_connect=c.connect_timeout_s
             ),
             auto_decompress=False,
+            # Engines' cookies must never be stored and replayed to another client's request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._runner = web.AppRunner(
             self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=c.shutdown_grace_s
@@ -621,9 +636,7 @@ class ProxyServer:
             t = self.clock()
             self._leg_start(p)
             try:
-                resp = await self._post(
-                    p, "prefill", path, json.dumps(vllm_prefill_body(body)).encode(), headers
-                )
+                resp = await self._post(p, "prefill", path, encode_json(vllm_prefill_body(body)), headers)
                 try:
                     await self._check_status(p, "prefill", resp)
                     raw = await resp.read()
@@ -651,7 +664,7 @@ class ProxyServer:
         t_dec = self.clock()
         self._leg_start(dec)
         try:
-            resp = await self._post(dec, "decode", path, json.dumps(decode_body).encode(), headers)
+            resp = await self._post(dec, "decode", path, encode_json(decode_body), headers)
             try:
                 await self._check_status(dec, "decode", resp)
                 first = await self._first_bytes(dec, resp)
@@ -696,7 +709,7 @@ class ProxyServer:
             n = sglang_batch_size(body, kind)
             rooms: int | list[int] = self.rooms.mint() if n is None else [self.rooms.mint() for _ in range(n)]
             payload_obj = sglang_body(body, p.host, p.bootstrap_port, rooms)
-        payload = json.dumps(payload_obj).encode()
+        payload = encode_json(payload_obj)
         dec = d.decode
         t = self.clock()
         # Both legs at once: an SGLang prefill blocks until its decode connects (awaiting it first deadlocks).
