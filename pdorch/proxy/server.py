@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 MODELS_RETRY_S = 5.0  # after a failed /v1/models fetch, validate without the list for this long
+LINGER_S = 2.0
 _HOP_BY_HOP = {
     "content-length",
     "transfer-encoding",
@@ -255,6 +256,9 @@ class ProxyServer:
             # aiohttp arms this when a connection opens and closes it if no complete request head
             # arrived by then: bounds idle keep-alives and slowloris-style partial headers alike.
             keepalive_timeout=c.client_idle_timeout_s,
+            # After an early answer (408, 413) aiohttp reads the unread body for this long so the client
+            # sees the answer; its 10 s default lets a trickling client hold the connection that long.
+            lingering_time=LINGER_S,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, c.host, c.port, reuse_address=True)
@@ -623,6 +627,8 @@ class ProxyServer:
         """POST a leg; connection failures become `LegFailure` (retryable)."""
         try:
             return await self.session.post(ep.url + path, data=payload, headers=headers)
+        except aiohttp.ServerTimeoutError as exc:  # upstream_idle_timeout_s passed without headers
+            raise LegFailure(ep, leg, "idle_timeout", repr(exc)) from None
         except aiohttp.ClientError as exc:
             raise LegFailure(ep, leg, "connect", repr(exc)) from None
 
