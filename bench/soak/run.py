@@ -57,6 +57,37 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def tcp_conns(*, local: int | None = None, remote: frozenset[int] = frozenset()) -> int:
+    """Open loopback TCP sockets (not LISTEN/TIME_WAIT) with local port ``local`` or a remote port in
+    ``remote``, from /proc/net/tcp."""
+    n = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            lport, rport = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
+            if fields[3] not in ("0A", "06") and (lport == local or rport in remote):
+                n += 1
+    return n
+
+
+def fd_sample(pid: int, port: int, engine_ports: frozenset[int]) -> dict[str, int]:
+    """The proxy's open fds, split into client connections, pooled engine connections and the rest.
+
+    Connection counts follow the offered concurrency (and the pools keep idle ones for a while); a
+    leak shows up as growth of ``other_fds`` or of connections beyond the concurrency seen.
+    """
+    fds = open_fds(pid)
+    client = tcp_conns(local=port)
+    upstream = tcp_conns(remote=engine_ports)  # only the proxy connects to the sims here
+    return {
+        "fds": fds,
+        "client_conns": client,
+        "upstream_conns": upstream,
+        "other_fds": fds - client - upstream,
+    }
+
+
 def proxy_counter(url: str, name: str) -> dict[str, float]:
     """Samples of a counter from the proxy's /metrics, keyed by their label text."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
@@ -106,7 +137,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if target.error:
             raise SystemExit(target.error)
         pid = target.pid
-        base = {"rss_mib": round(pb.tree_rss_mib(pid), 2), "fds": open_fds(pid)}
+        port = int(target.url.rsplit(":", 1)[1])
+        engine_ports = frozenset(int(u.rsplit(":", 1)[1]) for u in pd)
+        base = {"rss_mib": round(pb.tree_rss_mib(pid), 2), **fd_sample(pid, port, engine_ports)}
         cmd = [sys.executable, str(PROXY_BENCH), "loadgen", "--url", target.url, "--rate", str(args.rate)]
         cmd += ["--duration", str(args.duration), "--warmup", str(args.warmup), "--seed", "7"]
         cmd += ["--max-tokens", "16", "--request-timeout", str(args.request_timeout)]
@@ -123,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 {
                     "t_s": round(t, 1),
                     "rss_mib": round(pb.tree_rss_mib(pid), 2),
-                    "fds": open_fds(pid),
+                    **fd_sample(pid, port, engine_ports),
                     "cpu_s": round(pb.tree_cpu_s(pid) - cpu0, 2),
                 }
             )
@@ -138,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"loadgen exit {gen.returncode}: {err.decode(errors='replace')[-800:]}")
         load = json.loads(out.decode().strip().splitlines()[-1])
         time.sleep(args.settle)
-        after = {"rss_mib": round(pb.tree_rss_mib(pid), 2), "fds": open_fds(pid)}
+        after = {"rss_mib": round(pb.tree_rss_mib(pid), 2), **fd_sample(pid, port, engine_ports)}
         statuses = proxy_counter(target.url, "pdorch_proxy_requests_total")
         alive = Path(f"/proc/{pid}").exists()
     finally:
@@ -162,12 +195,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "after_idle": after,
         "rss_mib": stats(samples, "rss_mib"),
         "fds": stats(samples, "fds"),
+        "other_fds": stats(samples, "other_fds"),
+        "client_conns": stats(samples, "client_conns"),
+        "upstream_conns": stats(samples, "upstream_conns"),
+        "peak_client_inflight": load.get("peak_inflight"),
         "samples": samples,
     }
 
 
 def markdown(res: dict[str, Any]) -> str:
-    ld, r, f = res["load"], res["rss_mib"], res["fds"]
+    ld, r = res["load"], res["rss_mib"]
+    b, a = res["baseline_idle"], res["after_idle"]
+
+    def row(label: str, key: str) -> str:
+        x = res[key]
+        return (
+            f"| {label} | {b[key]} | {x['first']} | {x['last']} | {x['max']} | "
+            f"{x['slope_per_min_2nd_half']} | {a[key]} |"
+        )
+
     lines = [
         "# bench/soak",
         "",
@@ -181,8 +227,14 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
         f"| RSS MiB | {res['baseline_idle']['rss_mib']} | {r['first']} | {r['last']} | {r['max']} | "
         f"{r['slope_per_min_2nd_half']} | {res['after_idle']['rss_mib']} |",
-        f"| open fds | {res['baseline_idle']['fds']} | {f['first']} | {f['last']} | {f['max']} | "
-        f"{f['slope_per_min_2nd_half']} | {res['after_idle']['fds']} |",
+        row("open fds (all)", "fds"),
+        row("  client connections", "client_conns"),
+        row("  pooled engine connections", "upstream_conns"),
+        row("  other fds", "other_fds"),
+        "",
+        f"Connections follow concurrency: the load generator keeps up to its peak in-flight "
+        f"({res['peak_client_inflight']}) connections open, and the proxy's engine pool keeps idle "
+        "connections for 60 s; a leak would show as growth of 'other fds' or connections beyond that.",
         "",
         "| issued | completed | lost (issued - completed) | errors | completed req/s | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|---|",
@@ -205,11 +257,18 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
     s = res["samples"]
     t = [x["t_s"] / 60 for x in s]
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     a1.plot(t, [x["rss_mib"] for x in s])
     a1.set_ylabel("proxy RSS MiB")
     a1.set_ylim(bottom=0)
-    a2.plot(t, [x["fds"] for x in s], color="tab:orange")
+    for key, label in (
+        ("fds", "all fds"),
+        ("client_conns", "client conns"),
+        ("upstream_conns", "engine conns"),
+        ("other_fds", "other fds"),
+    ):
+        a2.plot(t, [x[key] for x in s], label=label)
+    a2.legend(fontsize=7)
     a2.set_ylabel("proxy open fds")
     a2.set_ylim(bottom=0)
     a2.set_xlabel("minutes")
