@@ -194,10 +194,7 @@ def test_rendered_pods_meet_restricted_pod_security(
     kube.create(SG.from_dict(restricted_example("pss")), namespace=ns)
     wait_for(lambda: lws_names(kube, ns, "pss") == {"pss-proxy", "pss-prefill", "pss-decode"}, 60, "3 LWS")
 
-    # Every rendered template, as a bare Pod, passes server-side admission (dry run: nothing stays).
-    templates = [t for lws in kube.list(LWS, namespace=ns) for t in rendered_templates(lws)]
-    assert len(templates) >= 3
-    for where, tpl in templates:
+    def dry_run_pod(tpl: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -209,7 +206,18 @@ def test_rendered_pods_meet_restricted_pod_security(
         }
         path = tmp_path / "pod.json"
         path.write_text(json.dumps(pod))
-        out = devcluster.kubectl("create", "--dry-run=server", "-n", ns, "-f", str(path), "-o", "name")
+        return devcluster.kubectl("create", "--dry-run=server", "-n", ns, "-f", str(path), "-o", "name")
+
+    # The namespace really enforces: the example's engine template (no securityContext) is refused.
+    plain = next(r for r in example("x")["spec"]["roles"] if r["type"] == "decode")["workerTemplate"]
+    refused = dry_run_pod(plain)
+    assert refused.returncode != 0 and "PodSecurity" in refused.stderr, refused.stderr
+
+    # Every rendered template, as a bare Pod, passes server-side admission (dry run: nothing stays).
+    templates = [t for lws in kube.list(LWS, namespace=ns) for t in rendered_templates(lws)]
+    assert len(templates) >= 3
+    for where, tpl in templates:
+        out = dry_run_pod(tpl)
         assert out.returncode == 0, f"{where}: {out.stderr}"
         assert "PodSecurity" not in out.stderr, f"{where}: {out.stderr}"
 

@@ -144,7 +144,7 @@ def test_generated_servinggroups_are_refused_cleanly_or_created_whole(
 ) -> None:
     outcomes: dict[str, int] = {}
 
-    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
     @given(doc=serving_group())
     def prop(doc: dict[str, Any]) -> None:
         outcome = check_one(kube, namespace, controller, doc)
