@@ -238,8 +238,8 @@ class ProxyServer:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            # No total/read timeout on the session: streams may be long; the proxy enforces its own
-            # first-byte and request deadlines per request.
+            # No total timeout on the session: streams may be long; the proxy enforces its own
+            # first-byte and request deadlines per request, and an optional silence limit here.
             timeout=aiohttp.ClientTimeout(
                 total=None,
                 connect=c.connect_timeout_s,
