@@ -84,9 +84,17 @@ def serving_group(draw: st.DrawFn) -> dict[str, Any]:
     if doc["spec"]["engine"]["name"] != "vllm":
         doc["spec"]["engine"].pop("kvTransfer", None)
     base_roles = copy.deepcopy(_BASE["spec"]["roles"])
-    mode = draw(st.sampled_from(["example", "mutated", "generated"]))
+    mode = draw(st.sampled_from(["example", "mutated", "generated", "lws-refuses"]))
     if mode == "example":
         roles = base_roles
+    elif mode == "lws-refuses":
+        # Valid for pdorch's schema, refused by LWS's: only the controller's dry run can tell.
+        roles = base_roles
+        engines = [r for r in roles if "workerTemplate" in r]
+        victim = engines[draw(st.integers(0, len(engines) - 1))]
+        victim["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"] = draw(
+            st.sampled_from(["http", "8000", "port"])
+        )
     elif mode == "mutated":
         roles = base_roles
         i = draw(st.integers(0, len(roles) - 1))
