@@ -14,12 +14,16 @@ import copy
 import json
 import re
 import subprocess
+import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from lightkube import Client
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace, Pod
@@ -28,6 +32,7 @@ from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
 from pdorch.roles.naming import proxy_rbac_name
+from tests.compat.helpers import free_port, spawn, stop
 from tests.integration.test_controller import LWS, SG, example, lws_names, wait_available
 from tests.integration.test_manifests import installed  # noqa: F401  (module fixture: manifests/ applied)
 
@@ -134,6 +139,45 @@ def test_builtin_proxy_rbac_is_pods_read_in_its_namespace_only(
         extra, missing = extra_and_missing(got, baseline, needs)
         assert not extra, f"proxy may do more than it needs in {ns}: {sorted(extra)}"
         assert not missing, f"proxy lacks rights it needs in {ns}: {sorted(missing)}"
+
+
+def test_builtin_proxy_discovers_its_engines_on_its_own_rbac(
+    kube: Client, devcluster: ClusterState, namespace: str, controller: ControllerProc, tmp_path: Path
+) -> None:
+    # Sufficiency of the proxy's Role: `pdorch proxy` with only its ServiceAccount's token finds
+    # the group's prefill and decode pods.
+    kube.create(SG.from_dict(example("disc")), namespace=namespace)
+    wait_available(kube, namespace, "disc")
+    sa = proxy_rbac_name("disc")
+    token = devcluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h")
+    assert token.returncode == 0, token.stderr
+    cfg = yaml.safe_load(Path(devcluster.kubeconfig).read_text())
+    cfg["users"] = [{"name": cfg["users"][0]["name"], "user": {"token": token.stdout.strip()}}]
+    kcfg = tmp_path / "proxy-sa-kubeconfig"
+    kcfg.write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    cmd = [sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "vllm", "--group", "disc"]
+    cmd += ["--namespace", namespace, "--kubeconfig", str(kcfg), "--host", "127.0.0.1", "--port", str(port)]
+    log = tmp_path / "proxy.log"
+    proc = spawn(cmd, log)
+    try:
+
+        def discovered() -> dict[str, Any] | None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    body = json.loads(r.read())
+            except urllib.error.HTTPError as exc:  # 503 until a pair is usable: the body still counts
+                body = json.loads(exc.read())
+            except OSError:
+                return None
+            return body if (body.get("prefill"), body.get("decode")) == (2, 1) else None
+
+        wait_for(discovered, 60, "the proxy to discover 2 prefill and 1 decode pods with its own token")
+        text = log.read_text()
+        assert "403" not in text and "forbidden" not in text.lower(), text[-3000:]
+    finally:
+        stop(proc)
 
 
 # -- Pod Security ------------------------------------------------------------------------------------------
