@@ -12,6 +12,10 @@ from typing import Any
 from pdorch.proxy.config import ProxyConfig
 
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
+# stream_options is only accepted together with "stream": true.
+_STREAM_OPTIONS_NEED_STREAM = {
+    "stream_options": {"required": ["stream"], "properties": {"stream": {"const": True}}}
+}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -48,6 +52,7 @@ def _completion_request() -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["model", "prompt"],
+        "dependentSchemas": _STREAM_OPTIONS_NEED_STREAM,
         "properties": {
             **_common_fields(),
             "prompt": {
@@ -77,6 +82,7 @@ def _chat_request() -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["model", "messages"],
+        "dependentSchemas": _STREAM_OPTIONS_NEED_STREAM,
         "properties": {
             **_common_fields(),
             "messages": {"type": "array", "minItems": 1, "items": message},
