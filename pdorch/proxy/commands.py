@@ -69,6 +69,27 @@ def add_parser(subparsers: Any) -> None:
         "--request-timeout", type=float, default=None, help="seconds for a whole request (default none)"
     )
     p.add_argument(
+        "--upstream-idle-timeout",
+        type=float,
+        default=None,
+        help="seconds an engine may stay silent mid-response before the leg fails (default none)",
+    )
+    p.add_argument(
+        "--client-idle-timeout",
+        type=float,
+        default=None,
+        help="close client connections without a complete request head after this (default 75)",
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=None, help="seconds to receive a request body (default 30)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics on this port only (default: on --port next to the API)",
+    )
+    p.add_argument(
         "--health-interval", type=float, default=None, help="endpoint health-check period (default 5)"
     )
     p.add_argument(
@@ -99,6 +120,10 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         "connect_timeout_s": args.connect_timeout,
         "first_byte_timeout_s": args.first_byte_timeout,
         "request_timeout_s": args.request_timeout,
+        "upstream_idle_timeout_s": args.upstream_idle_timeout,
+        "client_idle_timeout_s": args.client_idle_timeout,
+        "body_timeout_s": args.body_timeout,
+        "metrics_port": args.metrics_port,
         "health_interval_s": args.health_interval,
         "shutdown_grace_s": args.shutdown_grace,
     }

@@ -43,6 +43,15 @@ class ProxyConfig(BaseModel):
     connect_timeout_s: float = Field(5.0, gt=0)
     first_byte_timeout_s: float = Field(300.0, gt=0)
     request_timeout_s: float | None = Field(None, gt=0)
+    # Upstream silence between two reads (headers or body chunks) that fails a leg; None = no limit
+    # (a long prefill queue may legitimately stay silent up to first_byte_timeout_s).
+    upstream_idle_timeout_s: float | None = Field(None, gt=0)
+    # Client side: a connection that sends no complete request head (idle keep-alive or slow
+    # headers) is closed after this; a request body must arrive within body_timeout_s (else 408).
+    client_idle_timeout_s: float = Field(75.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    # Serve /metrics on this separate port instead of the client port (None = on the client port).
+    metrics_port: int | None = Field(None, ge=0, le=65535)
     health_interval_s: float = Field(5.0, gt=0)
     health_timeout_s: float = Field(2.0, gt=0)
     breaker_failures: int = Field(5, ge=1)
@@ -61,6 +70,8 @@ class ProxyConfig(BaseModel):
             raise ValueError("--group and --namespace go together")
         if not kube and not self.decode:
             raise ValueError("give --group and --namespace, or at least one --decode URL")
+        if self.metrics_port is not None and self.metrics_port != 0 and self.metrics_port == self.port:
+            raise ValueError("--metrics-port must differ from --port (omit it to serve /metrics on --port)")
         return self
 
     @property

@@ -36,6 +36,7 @@ from pdorch.proxy.config import ProxyConfig
 from pdorch.proxy.endpoints import Endpoint, EndpointSet
 from pdorch.proxy.errors import ProxyError
 from pdorch.proxy.metrics import ProxyMetrics
+from pdorch.proxy.openapi import openapi_document
 from pdorch.proxy.policies import Decision, NoRoute, PrefixIndex, RouteRequest, choose, usable_pair_exists
 from pdorch.proxy.protocols import (
     Kind,
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 MODELS_RETRY_S = 5.0  # after a failed /v1/models fetch, validate without the list for this long
+LINGER_S = 2.0
 _HOP_BY_HOP = {
     "content-length",
     "transfer-encoding",
@@ -166,7 +168,10 @@ def error_response(exc: ProxyError, request_id: str | None = None) -> web.Respon
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if request_id:
         headers["X-Request-Id"] = request_id
-    return web.json_response(exc.body(), status=exc.status, headers=headers)
+    resp = web.json_response(exc.body(), status=exc.status, headers=headers)
+    if exc.status == 408:
+        resp.force_close()  # the rest of a trickled body is not worth waiting for: drop the connection
+    return resp
 
 
 def sse_error(exc: ProxyError) -> bytes:
@@ -206,23 +211,35 @@ class ProxyServer:
         self._admission = Admission(config.max_inflight, config.max_queue, self.metrics)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self.metrics_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        """The aiohttp application (routes + JSON error middleware)."""
+        """The client-facing aiohttp application (routes + JSON error middleware).
+
+        /metrics is on it only when no separate ``metrics_port`` is configured.
+        """
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._json_errors])
-        app.add_routes(
-            [
-                web.post("/v1/completions", self._completions),
-                web.post("/v1/chat/completions", self._chat),
-                web.get("/v1/models", self._models_route),
-                web.get("/health", self._health),
-                web.get("/metrics", self._metrics_route),
-            ]
-        )
+        routes = [
+            web.post("/v1/completions", self._completions),
+            web.post("/v1/chat/completions", self._chat),
+            web.get("/v1/models", self._models_route),
+            web.get("/health", self._health),
+            web.get("/openapi.json", self._openapi_route),
+        ]
+        if self.config.metrics_port is None:
+            routes.append(web.get("/metrics", self._metrics_route))
+        app.add_routes(routes)
+        return app
+
+    def metrics_app(self) -> web.Application:
+        """The application of the separate metrics listener (``metrics_port``)."""
+        app = web.Application(middlewares=[self._json_errors])
+        app.add_routes([web.get("/metrics", self._metrics_route)])
         return app
 
     async def start(self) -> None:
@@ -234,22 +251,41 @@ class ProxyServer:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            # No total/read timeout on the session: streams may be long; the proxy enforces its own
-            # first-byte and request deadlines per request.
+            # No total timeout on the session: streams may be long; the proxy enforces its own
+            # first-byte and request deadlines per request, and an optional silence limit here.
             timeout=aiohttp.ClientTimeout(
-                total=None, connect=c.connect_timeout_s, sock_connect=c.connect_timeout_s
+                total=None,
+                connect=c.connect_timeout_s,
+                sock_connect=c.connect_timeout_s,
+                sock_read=c.upstream_idle_timeout_s,  # re-armed on every read: silence, not length
             ),
             auto_decompress=False,
             # Engines' cookies must never be stored and replayed to another client's request.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._runner = web.AppRunner(
-            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=c.shutdown_grace_s
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=c.shutdown_grace_s,
+            # aiohttp arms this when a connection opens and closes it if no complete request head
+            # arrived by then: bounds idle keep-alives and slowloris-style partial headers alike.
+            keepalive_timeout=c.client_idle_timeout_s,
+            # After an early answer (408, 413) aiohttp reads the unread body for this long so the client
+            # sees the answer; its 10 s default lets a trickling client hold the connection that long.
+            lingering_time=LINGER_S,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, c.host, c.port, reuse_address=True)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
+        if c.metrics_port is not None:
+            self._metrics_runner = web.AppRunner(
+                self.metrics_app(), access_log=None, keepalive_timeout=c.client_idle_timeout_s
+            )
+            await self._metrics_runner.setup()
+            await web.TCPSite(self._metrics_runner, c.host, c.metrics_port, reuse_address=True).start()
+            self.metrics_port = int(self._metrics_runner.addresses[0][1])
         self._health_task = asyncio.create_task(self._health_loop(), name="proxy-health")
         log.info("pdorch proxy (%s, %s) listening on %s:%s", c.engine, c.policy, c.host, self.port)
 
@@ -259,6 +295,9 @@ class ProxyServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -359,6 +398,9 @@ class ProxyServer:
         }
         return web.json_response(body, status=200 if ok else 503)
 
+    async def _openapi_route(self, _: web.Request) -> web.Response:
+        return web.json_response(openapi_document(self.config))
+
     async def _metrics_route(self, _: web.Request) -> web.Response:
         eps = self.discovery.current()
         self.metrics.endpoints.clear()
@@ -454,7 +496,14 @@ class ProxyServer:
                 413, f"request body of {request.content_length} bytes exceeds the limit of {limit}"
             )
         try:
-            return await request.read()
+            async with asyncio.timeout(self.config.body_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            # A client trickling its body (slowloris) must not hold a handler forever.
+            self.metrics.rejected.labels("body_timeout").inc()
+            raise ProxyError(
+                408, f"request body not received within {self.config.body_timeout_s:g}s", code="body_timeout"
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             self.metrics.rejected.labels("too_large").inc()
             raise ProxyError(413, f"request body exceeds the limit of {limit} bytes") from None
@@ -593,6 +642,8 @@ class ProxyServer:
         """POST a leg; connection failures become `LegFailure` (retryable)."""
         try:
             return await self.session.post(ep.url + path, data=payload, headers=headers)
+        except aiohttp.ServerTimeoutError as exc:  # upstream_idle_timeout_s passed without headers
+            raise LegFailure(ep, leg, "idle_timeout", repr(exc)) from None
         except aiohttp.ClientError as exc:
             raise LegFailure(ep, leg, "connect", repr(exc)) from None
 

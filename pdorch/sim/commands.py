@@ -12,6 +12,7 @@ from typing import Any
 from pdorch.lifecycle import run_until_signalled
 from pdorch.sim.config import DEFAULT_MODEL, SimConfig
 from pdorch.sim.engine import Role
+from pdorch.sim.faults import Faults, validate_faults
 from pdorch.sim.latency import DEFAULT_PRESET, PRESETS, load_coefficients
 from pdorch.sim.server import SimServer, serve_forever
 
@@ -53,6 +54,17 @@ def add_parser(subparsers: Any) -> None:
         "--bootstrap-timeout", type=float, default=300.0, help="SGLang prefill wait for decode (s)"
     )
     p.add_argument("--waiting-timeout", type=float, default=300.0, help="SGLang decode wait for KV (s)")
+    f = p.add_argument_group("injected faults (testing what sits in front of the engines)")
+    f.add_argument(
+        "--fault-status", type=int, default=None, help="answer generation requests with this status"
+    )
+    f.add_argument("--fault-hang", action="store_true", help="accept generation requests, never answer")
+    f.add_argument(
+        "--fault-stall-after", type=int, default=None, metavar="N", help="stream N tokens, then go silent"
+    )
+    f.add_argument(
+        "--fault-roles", default="", help="comma-separated roles the faults apply to (default: all)"
+    )
     p.set_defaults(func=run)
 
 
@@ -69,6 +81,13 @@ def build_server(args: argparse.Namespace) -> SimServer:
     """Build a `SimServer` from parsed arguments."""
     if args.time_scale <= 0:
         raise ValueError("--time-scale must be > 0")
+    injected = Faults(
+        roles=frozenset(r.strip() for r in args.fault_roles.split(",") if r.strip()),
+        status=args.fault_status,
+        hang=args.fault_hang,
+        stall_after_tokens=args.fault_stall_after,
+    )
+    validate_faults(injected)
     config = replace(
         SimConfig(),
         protocol=args.protocol,
@@ -79,6 +98,7 @@ def build_server(args: argparse.Namespace) -> SimServer:
         kv_load_failure_policy=args.kv_load_failure_policy,
         bootstrap_timeout_s=args.bootstrap_timeout,
         waiting_timeout_s=args.waiting_timeout,
+        faults=injected,
     )
     return SimServer(
         config,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pdorch.sim.faults import Faults
 from pdorch.sim.latency import BLIS_LLAMA31_8B_H100, Coefficients
 
 Protocol = Literal["vllm", "sglang"]
@@ -29,3 +30,5 @@ class SimConfig:
     # (SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT / _WAITING_TIMEOUT defaults).
     bootstrap_timeout_s: float = 300.0
     waiting_timeout_s: float = 300.0
+    # Injected misbehaviour for tests of what sits in front (none by default).
+    faults: Faults = field(default_factory=Faults)

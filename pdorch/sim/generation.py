@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdorch.sim import sse, tokens
+from pdorch.sim import faults, sse, tokens
 from pdorch.sim.engine import Engine, EngineError, Seq, SeqState, TokenEvent
 from pdorch.sim.openai_api import Flavor, GenRequest, chunk, full_response, usage_chunk
 
@@ -55,8 +55,11 @@ async def serve_generation(
         except EngineError as exc:
             return flavor.error(str(exc), exc.err_type, None, exc.status)
         if not stream:
+            stall_after = request.get(faults.STALL_KEY)  # injected fault (`pdorch.sim.faults`)
             last = first
             while last.finish_reason is None:
+                if stall_after is not None and last.index + 1 >= stall_after:
+                    await faults.stall_forever()
                 last = await _next(seq)
             extra = await on_finished(seq) if on_finished is not None else {}
             hook_done = True
@@ -90,6 +93,7 @@ async def _stream(
     resp = web.StreamResponse(headers={"Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache"})
     await resp.prepare(request)
     created = int(time.time())
+    stall_after = request.get(faults.STALL_KEY)  # injected fault (`pdorch.sim.faults`)
     try:
         if req.kind == "chat":
             await resp.write(
@@ -105,6 +109,8 @@ async def _stream(
             )
             if ev.finish_reason is not None:
                 break
+            if stall_after is not None and ev.index + 1 >= stall_after:
+                await faults.stall_forever()
             try:
                 ev = await _next(seq)
             except EngineError as exc:

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from pdorch.sim import bootstrap, nixl
+from pdorch.sim import bootstrap, faults, nixl
 from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Engine, Role
 from pdorch.sim.metrics import EngineMetrics, SglangMetrics, VllmMetrics
@@ -111,7 +111,10 @@ class SimServer:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def _app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        middlewares = []
+        if self.config.faults.active:
+            middlewares.append(faults.middleware(self.config.faults, lambda r: self.engine_for(r).role.value))
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
         if self.config.protocol == "vllm":
             app.add_routes(VllmFrontend(self.config, self.engine_for).routes())
         else:

@@ -59,3 +59,18 @@ def test_bad_arguments_exit_nonzero(tmp_path: Path) -> None:
     bad = tmp_path / "roles.json"
     bad.write_text(json.dumps({"127.0.0.1": "router"}))
     assert main(["sim", "--role-map", str(bad)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--fault-status", "200"], "--fault-status"),
+        (["--fault-stall-after", "-1"], "--fault-stall-after"),
+        (["--fault-hang", "--fault-roles", "router"], "--fault-roles"),
+    ],
+)
+def test_bad_fault_flags_exit_2_naming_the_flag(
+    args: list[str], flag: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main(["sim", *args]) == 2
+    assert flag in caplog.text

@@ -1,0 +1,467 @@
+"""The proxy under engine and client faults: every failure reaches the client as an explicit error.
+
+Faults are real where they can be (a `pdorch sim` process SIGKILLed mid-stream, raw sockets that
+trickle headers, 10,000 real idle TCP connections to a `pdorch proxy` process) and injected through the
+sim's fault knobs otherwise (`pdorch.sim.faults`: error status, hang, stall mid-stream). Every wait is
+bounded; times printed with ``-s`` are informational (docs/reliability.md), never asserted as speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from pdorch.proxy.config import ProxyConfig
+from pdorch.proxy.discovery import StaticDiscovery, static_endpoints
+from pdorch.proxy.server import ProxyServer
+from pdorch.sim.engine import Role
+from pdorch.sim.faults import Faults
+from pdorch.sim.server import SimServer
+from tests.compat.helpers import free_port, sample, spawn, stop, wait_http_ok, wait_until
+from tests.compat.test_proxy import FAST, MODEL, WAIT_S, expected_text, stack, text_of
+
+pytestmark = pytest.mark.compat
+
+SLOW = replace(FAST, time_scale=1.0)  # ~10 ms per decode step: a 2000-token stream lasts ~20 s
+
+
+def report(what: str, **numbers: float | int | str) -> None:
+    """One greppable line of measured numbers (informational; see docs/reliability.md)."""
+    print(f"[reliability] {what}: " + json.dumps(numbers), flush=True)
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    """The data payloads of an SSE byte stream."""
+    return [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")]
+
+
+def error_events(raw: bytes) -> list[dict[str, object]]:
+    """The error objects among an SSE stream's events."""
+    out = []
+    for ev in sse_events(raw):
+        if ev.startswith(b"{") and b'"error"' in ev:
+            out.append(json.loads(ev)["error"])
+    return out
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def sim_process(
+    tmp_path: Path, ports: tuple[int, int], name: str
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A `pdorch sim` process (vLLM) with a prefill and a decode port, slow enough to catch mid-stream."""
+    p, d = ports
+    roles = tmp_path / f"{name}-roles.json"
+    roles.write_text(json.dumps({f"127.0.0.1:{p}": "prefill", f"127.0.0.1:{d}": "decode"}))
+    cmd = [sys.executable, "-m", "pdorch.cli", "sim", "--host", "127.0.0.1", "--model", MODEL]
+    cmd += ["--port", str(p), "--port", str(d), "--role-map", str(roles), "--time-scale", "1.0"]
+    log = tmp_path / f"{name}.log"
+    proc = spawn(cmd, log)
+    try:
+        for port in ports:
+            wait_http_ok(f"http://127.0.0.1:{port}/health", WAIT_S, proc, log)
+        yield proc
+    finally:
+        stop(proc)
+
+
+# -- an engine killed mid-stream -------------------------------------------------------------------------
+
+
+async def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    ports = (free_port(), free_port())
+    urls = tuple(f"http://127.0.0.1:{p}" for p in ports)
+    pc = ProxyConfig(
+        engine="vllm",
+        host="127.0.0.1",
+        port=0,
+        prefill=(urls[0],),
+        decode=(urls[1],),
+        health_interval_s=0.5,
+        breaker_cooldown_s=1.0,
+    )
+    px = ProxyServer(pc, StaticDiscovery(static_endpoints(pc.prefill, pc.decode, None)))
+    await px.start()
+    base = f"http://127.0.0.1:{px.port}"
+    body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 2000, "stream": True}
+    try:
+        async with sim_process(tmp_path, ports, "sim-a") as proc:
+            async with http.post(base + "/v1/completions", json=body) as r:
+                assert r.status == 200
+                got = await r.content.readany()
+                assert got.startswith(b"data: ")
+                os.killpg(proc.pid, signal.SIGKILL)
+                t_kill = time.monotonic()
+                async with asyncio.timeout(10):
+                    rest = await r.read()  # must end, not hang
+                t_err = time.monotonic() - t_kill
+            errs = error_events(got + rest)
+            assert len(errs) == 1, (got + rest)[-500:]
+            assert errs[0]["code"] == 502 and "decode stream interrupted" in str(errs[0]["message"])
+            assert not (got + rest).rstrip().endswith(b"[DONE]")
+
+        # With the only pair dead, new requests fail fast with a JSON error (no hang).
+        t0 = time.monotonic()
+        async with http.post(base + "/v1/completions", json={**body, "stream": False}) as r:
+            assert r.status in (502, 503)
+            err = (await r.json())["error"]
+            assert err["message"] and err["type"] in ("upstream_error", "service_unavailable")
+        t_fail = time.monotonic() - t0
+
+        # Restart the engine on the same ports: the proxy recovers without a restart of its own.
+        async with sim_process(tmp_path, ports, "sim-b"):
+            t_up = time.monotonic()
+            ok = False
+            while time.monotonic() - t_up < WAIT_S:
+                async with http.post(
+                    base + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}
+                ) as r:
+                    if r.status == 200:
+                        ok = True
+                        break
+                await asyncio.sleep(0.1)
+            t_recover = time.monotonic() - t_up
+            assert ok, "proxy did not recover after the engine came back"
+        report(
+            "engine SIGKILL mid-stream",
+            error_event_after_s=round(t_err, 3),
+            next_request_error_after_s=round(t_fail, 3),
+            recovered_after_restart_s=round(t_recover, 3),
+        )
+    finally:
+        await px.stop()
+
+
+# -- a prefill answering 5xx ------------------------------------------------------------------------------
+
+
+async def test_prefill_5xx_is_retried_on_another_pair_or_answered_502(http: aiohttp.ClientSession) -> None:
+    good = SimServer(replace(FAST, protocol="vllm"), host="127.0.0.1", ports=[0], role=Role.PREFILL)
+    await good.start()
+    failing = replace(FAST, faults=Faults(roles=frozenset({"prefill"}), status=500))
+    try:
+        async with stack(
+            "vllm", sim_config=failing, extra_prefill=(good.url(0),), policy="round_robin", max_retries=2
+        ) as s:
+            for i in range(8):
+                prompt = f"retry me {i}"
+                async with http.post(
+                    s.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 3}
+                ) as r:
+                    assert r.status == 200
+                    assert (await r.json())["choices"][0]["text"] == expected_text(prompt, 3)
+            text = await text_of(http, s.url)
+            retried = sample(
+                text, "pdorch_proxy_retries_total", {"endpoint": s.prefill_url, "reason": "http_500"}
+            )
+            assert retried >= 1
+            assert sample(text, "pdorch_proxy_requests_total", {"status": "200"}) == 8
+            report("prefill HTTP 500 (one of two prefills)", requests=8, ok=8, retries=int(retried))
+    finally:
+        await good.stop()
+
+    # Every prefill failing: an explicit 502 JSON naming the upstream failure, after the retries.
+    async with stack("vllm", sim_config=failing, max_retries=1) as s:
+        t0 = time.monotonic()
+        async with http.post(
+            s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
+        ) as r:
+            assert r.status == 502
+            err = (await r.json())["error"]
+        assert err["code"] == "upstream_failed" and "HTTP 500" in err["message"]
+        report("every prefill HTTP 500", status=502, answered_after_s=round(time.monotonic() - t0, 3))
+
+
+# -- a decode that hangs ------------------------------------------------------------------------------------
+
+
+async def test_decode_hanging_before_headers_gets_504(http: aiohttp.ClientSession) -> None:
+    hang = replace(FAST, faults=Faults(roles=frozenset({"decode"}), hang=True))
+    async with stack("vllm", sim_config=hang, first_byte_timeout_s=1.0) as s:
+        for stream in (False, True):
+            t0 = time.monotonic()
+            body = {"model": MODEL, "prompt": "hello", "max_tokens": 5, "stream": stream}
+            async with http.post(s.url + "/v1/completions", json=body) as r:
+                assert r.status == 504
+                err = (await r.json())["error"]
+            took = time.monotonic() - t0
+            assert err["code"] == "upstream_timeout" and "decode" in err["message"]
+            assert took < 10
+            report(
+                "decode hangs before headers", stream=str(stream), status=504, answered_after_s=round(took, 3)
+            )
+        text = await text_of(http, s.url)
+        assert sample(text, "pdorch_proxy_endpoint_errors_total", {"reason": "first_byte_timeout"}) == 2
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "non_stream_status"),
+    [
+        # Silence between chunks; non-streamed, the decode sends no headers either: a retryable leg
+        # failure, so a 502 after the retries.
+        ({"upstream_idle_timeout_s": 1.0}, 502),
+        ({"request_timeout_s": 2.0}, 504),  # whole-request deadline
+    ],
+)
+async def test_decode_stalling_mid_stream_gets_an_error_event(
+    http: aiohttp.ClientSession, timeouts: dict[str, float], non_stream_status: int
+) -> None:
+    stall = replace(FAST, faults=Faults(roles=frozenset({"decode"}), stall_after_tokens=3))
+    async with stack("vllm", sim_config=stall, **timeouts) as s:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 50, "stream": True}
+        t0 = time.monotonic()
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            raw = await r.read()
+        took = time.monotonic() - t0
+        errs = error_events(raw)
+        assert len(errs) == 1 and errs[0]["code"] == 504, raw[-400:]
+        tokens = [e for e in sse_events(raw) if b'"choices"' in e]
+        assert len(tokens) == 3  # what the decode produced before it stalled was relayed
+        # Non-streaming: a JSON error instead of a half answer.
+        async with http.post(s.url + "/v1/completions", json={**body, "stream": False}) as r:
+            assert r.status == non_stream_status
+            assert (await r.json())["error"]["message"]
+
+        # The stalled legs were dropped and blamed on the decode; nothing is left in flight.
+        text = await text_of(http, s.url)
+        assert sample(text, "pdorch_proxy_endpoint_inflight") == 0
+        assert sample(text, "pdorch_proxy_endpoint_errors_total", {"endpoint": s.decode_url}) >= 1
+        report("decode stalls mid-stream", timeouts=json.dumps(timeouts), error_event_after_s=round(took, 3))
+
+
+# -- slow clients ------------------------------------------------------------------------------------------
+
+
+async def _closed_by_peer(reader: asyncio.StreamReader, within: float) -> tuple[bool, bytes]:
+    """Read until EOF; (True, bytes) if the server closed within ``within`` seconds."""
+    buf = b""
+    try:
+        async with asyncio.timeout(within):
+            while chunk := await reader.read(65536):
+                buf += chunk
+        return True, buf
+    except TimeoutError:
+        return False, buf
+    except ConnectionError:
+        return True, buf
+
+
+async def test_slowloris_clients_are_cut_off_and_do_not_block_others(http: aiohttp.ClientSession) -> None:
+    async with stack("vllm", client_idle_timeout_s=2.0, body_timeout_s=2.0) as s:
+        port = s.proxy.port
+        assert port is not None
+        n = 100
+        conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        for _ in range(n):
+            conns.append(await asyncio.open_connection("127.0.0.1", port))
+        heads, bodies = conns[: n // 2], conns[n // 2 :]
+        for _, w in heads:  # an incomplete request head
+            w.write(b"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\n")
+        for _, w in bodies:  # a complete head, then a body that never completes
+            w.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"model": '
+            )
+        t0 = time.monotonic()
+
+        head_writers = {id(w) for _, w in heads}
+
+        async def trickle() -> None:  # keep dribbling bytes: must not extend the deadlines
+            for _ in range(40):
+                await asyncio.sleep(0.25)
+                for _, w in conns:
+                    if not w.is_closing():
+                        with contextlib.suppress(ConnectionError):
+                            w.write(b"X" if id(w) in head_writers else b" ")
+
+        trickler = asyncio.create_task(trickle())
+        # Meanwhile ordinary clients are served normally.
+        served = 0
+        for i in range(10):
+            async with http.post(
+                s.url + "/v1/completions", json={"model": MODEL, "prompt": f"normal {i}", "max_tokens": 2}
+            ) as r:
+                assert r.status == 200
+                served += 1
+        results = await asyncio.gather(*(_closed_by_peer(r, 8.0) for r, _ in conns))
+        took = time.monotonic() - t0
+        trickler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trickler
+        for _, w in conns:
+            w.close()
+        head_closed = [c for c, _ in results[: n // 2]]
+        body_results = results[n // 2 :]
+        assert all(head_closed), f"{head_closed.count(False)} partial-header connections still open"
+        assert all(c for c, _ in body_results), f"trickled-body connections still open: {body_results[0]}"
+        for _, data in body_results:
+            assert data.startswith(b"HTTP/1.1 408"), data[:200]
+            assert b'"body_timeout"' in data
+        text = await text_of(http, s.url)
+        assert sample(text, "pdorch_proxy_rejected_total", {"reason": "body_timeout"}) == n // 2
+        report("slowloris", connections=n, normal_requests_served=served, all_closed_within_s=round(took, 3))
+
+
+# -- 10,000 idle connections ------------------------------------------------------------------------------
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _tcp_conns(*, local: int | None = None, remote: frozenset[int] = frozenset()) -> int:
+    """Loopback TCP sockets not yet closed (any state but LISTEN/TIME_WAIT) with local port ``local``
+    or a remote port in ``remote`` (from /proc/net/tcp)."""
+    n = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            lport, rport, state = (
+                int(fields[1].split(":")[1], 16),
+                int(fields[2].split(":")[1], 16),
+                fields[3],
+            )
+            if state not in ("0A", "06") and (lport == local or rport in remote):
+                n += 1
+    return n
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def test_ten_thousand_idle_connections(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    n = 10_000
+    need = n + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.fail(f"RLIMIT_NOFILE hard limit {hard} < {need}: raise it (ulimit -Hn) to run this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))  # inherited by the proxy
+    sim = SimServer(replace(FAST, protocol="vllm"), host="127.0.0.1", ports=[0, 0])
+    await sim.start()
+    sim.roles = {f"127.0.0.1:{sim.ports[0]}": Role.PREFILL, f"127.0.0.1:{sim.ports[1]}": Role.DECODE}
+    port = free_port()
+    cmd = [sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "vllm", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--prefill", sim.url(0), "--decode", sim.url(1)]
+    cmd += ["--client-idle-timeout", "600"]  # idle connections stay until the clients close them
+    log = tmp_path / "proxy.log"
+    proc = spawn(cmd, log)
+    socks: list[socket.socket] = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http_ok(base + "/health", WAIT_S, proc, log)
+        body = {"model": MODEL, "prompt": "warm up", "max_tokens": 2}
+
+        async def burst() -> list[int]:
+            """50 concurrent completions on a fresh client session, closed afterwards."""
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as c:
+
+                async def one(i: int) -> int:
+                    b = {"model": MODEL, "prompt": f"busy {i}", "max_tokens": 3}
+                    async with c.post(base + "/v1/completions", json=b) as r:
+                        assert (await r.json())["choices"][0]["text"] == expected_text(f"busy {i}", 3)
+                        return r.status
+
+                return await asyncio.gather(*(one(i) for i in range(50)))
+
+        # Warm up with the same burst as below, so the upstream pool is already at its size.
+        assert await burst() == [200] * 50
+
+        engine_ports = frozenset(sim.ports)
+
+        def own_fds() -> int:
+            # The proxy's fds minus its pooled keep-alive connections to the engines (whose number
+            # depends on how a burst happened to overlap; the pool expires them after 60 s idle).
+            return _fd_count(proc.pid) - _tcp_conns(remote=engine_ports)
+
+        async def no_client_conns() -> bool:
+            return _tcp_conns(local=port) == 0
+
+        await wait_until(no_client_conns, WAIT_S, "the warm-up client connections to close")
+        baseline, rss0 = own_fds(), _rss_mib(proc.pid)
+
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        for i in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            socks.append(s)
+            await loop.sock_connect(s, ("127.0.0.1", port))
+            if i % 500 == 499:
+                await asyncio.sleep(0)
+
+        async def all_accepted() -> bool:
+            return own_fds() >= baseline + n
+
+        await wait_until(all_accepted, 60, f"the proxy to hold {n} connections")
+        t_open = time.monotonic() - t0
+        held, rss1 = own_fds(), _rss_mib(proc.pid)
+
+        t1 = time.monotonic()
+        statuses = await burst()  # still serving while 10k connections sit idle
+        t_serve = time.monotonic() - t1
+        assert statuses == [200] * 50
+
+        for s in socks:
+            s.close()
+        socks.clear()
+        t2 = time.monotonic()
+
+        trace: list[tuple[float, int, int]] = []
+
+        async def back_to_baseline() -> bool:
+            trace.append((round(time.monotonic() - t2, 1), own_fds(), _tcp_conns(local=port)))
+            return _tcp_conns(local=port) == 0 and own_fds() <= baseline
+
+        try:
+            await wait_until(back_to_baseline, 60, "the proxy's fd count to return to its baseline")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: baseline {baseline}, trace {trace[::20]}") from None
+        t_release = time.monotonic() - t2
+        after = own_fds()
+        async with http.post(base + "/v1/completions", json={**body, "max_tokens": 2}) as r:
+            assert r.status == 200
+        assert proc.poll() is None
+        report(
+            "10k idle connections",
+            fds_baseline=baseline,
+            fds_held=held,
+            fds_after=after,
+            rss_mib_before=round(rss0, 1),
+            rss_mib_held=round(rss1, 1),
+            open_s=round(t_open, 2),
+            fifty_requests_s=round(t_serve, 3),
+            release_s=round(t_release, 2),
+        )
+    finally:
+        for s in socks:
+            s.close()
+        stop(proc)
+        await sim.stop()
