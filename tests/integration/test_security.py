@@ -44,7 +44,7 @@ Rule = tuple[str, str, str]  # (resource or non-resource URL, resource names, ve
 # What the controller needs in any namespace holding ServingGroups (cluster-wide ClusterRole):
 # read specs and write status; own LWS, ServingRoleScalers and the proxy's Service,
 # ServiceAccount, Role, RoleBinding (create/patch via server-side apply, delete to prune);
-# watch pods for readiness; write Events.
+# watch pods for readiness; write Events; keep the revision history.
 _OWNED = ("get", "list", "watch", "create", "patch", "delete")
 CONTROLLER_NEEDS: set[Rule] = (
     {("servinggroups.pdorch.io", "", v) for v in ("get", "list", "watch")}
@@ -60,6 +60,8 @@ CONTROLLER_NEEDS: set[Rule] = (
     }
     | {("pods", "", v) for v in ("get", "list", "watch")}
     | {("events.events.k8s.io", "", v) for v in ("create", "patch")}
+    # Revision history for `pdorch rollback`: one ControllerRevision per revision, pruned.
+    | {("controllerrevisions.apps", "", v) for v in ("list", "create", "delete")}
 )
 # ... plus, in its own namespace only, its leader-election Lease.
 CONTROLLER_NEEDS_OWN_NS: set[Rule] = {
