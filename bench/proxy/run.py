@@ -344,11 +344,12 @@ class Stacks:
                 "--decode",
                 d,
             ]
-            cmd += ["--host", HOST, "--port", str(port)]
+            cmd += ["--host", HOST, "--port", str(port), "--metrics-port", "0"]
         elif name == "pdorch-sglang":
             p, boot, d = pd["sglang"]
             cmd = [sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "sglang"]
             cmd += ["--prefill", f"{p}#{boot}", "--decode", d, "--host", HOST, "--port", str(port)]
+            cmd += ["--metrics-port", "0"]
         elif name == "vllm-router":
             p, d = pd["vllm"]
             cmd = [router_bin("vllm-router"), "--host", HOST, "--port", str(port), "--vllm-pd-disaggregation"]

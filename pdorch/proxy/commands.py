@@ -19,6 +19,10 @@ from pdorch.proxy.server import Discovery, ProxyServer
 log = logging.getLogger(__name__)
 
 
+# Prometheus scrapes the proxy here; the client port serves the API only.
+DEFAULT_METRICS_PORT = 9090
+
+
 def add_parser(subparsers: Any) -> None:
     """Register the `proxy` subcommand."""
     p = subparsers.add_parser(
@@ -86,8 +90,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=None,
-        help="serve /metrics on this port only (default: on --port next to the API)",
+        default=DEFAULT_METRICS_PORT,
+        help="serve /metrics on this separate port, never on the client port "
+        "(default %(default)s; 0 = any free port)",
+    )
+    p.add_argument(
+        "--metrics-on-client-port",
+        action="store_true",
+        help="serve /metrics on --port next to the API instead (anyone who can send requests can read it)",
     )
     p.add_argument(
         "--health-interval", type=float, default=None, help="endpoint health-check period (default 5)"
@@ -123,7 +133,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         "upstream_idle_timeout_s": args.upstream_idle_timeout,
         "client_idle_timeout_s": args.client_idle_timeout,
         "body_timeout_s": args.body_timeout,
-        "metrics_port": args.metrics_port,
+        "metrics_port": None if args.metrics_on_client_port else args.metrics_port,
         "health_interval_s": args.health_interval,
         "shutdown_grace_s": args.shutdown_grace,
     }

@@ -22,6 +22,9 @@ ENV_API_KEY = "PDORCH_API_KEY"
 NONROOT_UID = 65532
 
 
+METRICS_PORT = 9090
+
+
 def _container_security_context() -> dict[str, Any]:
     # Satisfies the "restricted" Pod Security Standard.
     return {
@@ -54,6 +57,8 @@ def _env(ctx: RenderContext) -> list[dict[str, Any]]:
 def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
     """Pod template of the built-in proxy for `role` (labels are added by the LWS renderer)."""
     port = role.port
+    # Prometheus scrapes a separate port: the client port serves the API only.
+    metrics_port = METRICS_PORT if port != METRICS_PORT else METRICS_PORT + 1
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": ctx.options.proxy_image,
@@ -69,8 +74,13 @@ def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
             ctx.sg.spec.engine.name.value,
             "--port",
             str(port),
+            "--metrics-port",
+            str(metrics_port),
         ],
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
+        ],
         "readinessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
             "periodSeconds": 5,

@@ -526,6 +526,7 @@ async def test_pdorch_proxy_command_serves_and_stops_on_sigterm(
         cmd = [
             sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "vllm", "--host", "127.0.0.1",
             "--port", str(port), "--prefill", sim.url(0), "--decode", sim.url(1), "--shutdown-grace", "5",
+            "--metrics-port", "0",
         ]  # fmt: skip
         os.environ["PDORCH_ROUTER_CONFIG"] = json.dumps(router_config)
         try:

@@ -369,7 +369,7 @@ async def test_ten_thousand_idle_connections(tmp_path: Path, http: aiohttp.Clien
     sim.roles = {f"127.0.0.1:{sim.ports[0]}": Role.PREFILL, f"127.0.0.1:{sim.ports[1]}": Role.DECODE}
     port = free_port()
     cmd = [sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "vllm", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--prefill", sim.url(0), "--decode", sim.url(1)]
+    cmd += ["--port", str(port), "--prefill", sim.url(0), "--decode", sim.url(1), "--metrics-port", "0"]
     cmd += ["--client-idle-timeout", "600"]  # idle connections stay until the clients close them
     log = tmp_path / "proxy.log"
     proc = spawn(cmd, log)

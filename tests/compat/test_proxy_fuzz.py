@@ -38,6 +38,7 @@ def proxy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sim_cmd += ["--port", str(p), "--port", str(d), "--role-map", str(roles), "--time-scale", "0.0001"]
     sim_cmd += ["--coefficients", "distserve-opt13b-a100"]
     px_cmd = [sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "vllm", "--host", "127.0.0.1"]
+    px_cmd += ["--metrics-port", "0"]
     px_cmd += ["--port", str(port), "--prefill", f"http://127.0.0.1:{p}", "--decode", f"http://127.0.0.1:{d}"]
     px_cmd += ["--max-body-bytes", str(1024 * 1024), "--body-timeout", "5"]
     sim = spawn(sim_cmd, tmp / "sim.log")

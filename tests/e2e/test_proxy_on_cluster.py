@@ -166,7 +166,9 @@ async def test_killing_a_prefill_pod_under_load_loses_no_request(
         stop.set()
         await asyncio.gather(*users, return_exceptions=True)
     async with httpx2.AsyncClient(trust_env=False) as c:
-        retries = _metric((await c.get(f"{url}/metrics", timeout=5)).text, "pdorch_proxy_retries_total")
+        # The proxy serves /metrics on its own port (9090), not on the client port.
+        metrics_url = url.rsplit(":", 1)[0] + ":9090/metrics"
+        retries = _metric((await c.get(metrics_url, timeout=5)).text, "pdorch_proxy_retries_total")
     print(f"outcomes while a prefill pod was killed: {dict(outcomes)}; proxy retries: {retries:.0f}")
     assert outcomes["hang"] == 0 and outcomes["incomplete"] == 0, outcomes
     assert not any(k.startswith("silent") for k in outcomes), outcomes

@@ -158,7 +158,18 @@ def test_builtin_proxy_discovers_its_engines_on_its_own_rbac(
     kcfg = tmp_path / "proxy-sa-kubeconfig"
     kcfg.write_text(yaml.safe_dump(cfg))
     port = free_port()
-    cmd = [sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "vllm", "--group", "disc"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdorch.cli",
+        "proxy",
+        "--engine",
+        "vllm",
+        "--group",
+        "disc",
+        "--metrics-port",
+        "0",
+    ]
     cmd += ["--namespace", namespace, "--kubeconfig", str(kcfg), "--host", "127.0.0.1", "--port", str(port)]
     log = tmp_path / "proxy.log"
     proc = spawn(cmd, log)

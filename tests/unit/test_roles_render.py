@@ -237,8 +237,13 @@ def test_builtin_proxy_pod() -> None:
     assert c["image"] == "registry.local/pdorch:dev"
     assert c["command"] == [
         "pdorch", "proxy", "--group", "sim-pd", "--namespace", "team-a", "--engine", "vllm", "--port", "8000",
+        "--metrics-port", "9090",
     ]  # fmt: skip
-    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    # /metrics has its own port: the client port serves the API only.
+    assert c["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+    ]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] is True
