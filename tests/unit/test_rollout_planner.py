@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdorch.rollout.planner import initial_state, next_step, simulate
+from pdorch.rollout.planner import auto_tolerance, initial_state, next_step, simulate
 from pdorch.rollout.state import RolloutSpec, Snapshot, resolve_int_or_percent
 
 pytestmark = pytest.mark.unit
@@ -232,3 +232,21 @@ def test_scale_down_mid_rollout_takes_old_groups_first():
         assert b.old_total < a.old_total
     assert snaps[-1].decision.kind == "done"
     assert [(r.new_total, r.old_total) for r in snaps[-1].roles] == [(4, 0), (2, 0)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenarios())
+def test_auto_tolerance_is_the_smallest_that_finishes(
+    scenario: tuple[RolloutSpec, list[tuple[str, str, int]], list[int]],
+) -> None:
+    """Unset tolerance: the plan finishes whenever any tolerance lets it, at the smallest such one."""
+    spec, roles, _ = scenario
+    init = initial_state(roles)
+    tol = auto_tolerance(init, replace(spec, tolerance=None))
+    finishes = next_step(init, replace(spec, tolerance=tol)).kind != "blocked"
+    assert finishes == (next_step(init, replace(spec, tolerance=1.0)).kind != "blocked")
+    if finishes and tol > 0:
+        # Just below the chosen tolerance the plan would not finish.
+        assert next_step(init, replace(spec, tolerance=tol * 0.999)).kind == "blocked"
+    if _guaranteed(spec, roles):
+        assert tol == 0.0
