@@ -520,13 +520,13 @@ async def test_pdorch_proxy_command_serves_and_stops_on_sigterm(
 ) -> None:
     async with SimServer(FAST, host="127.0.0.1", ports=[0, 0]) as sim:
         sim.roles = {f"127.0.0.1:{sim.ports[0]}": Role.PREFILL, f"127.0.0.1:{sim.ports[1]}": Role.DECODE}
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         log = tmp_path / "proxy.log"
         router_config = {"policy": "power_of_two", "retries": {"maxRetries": 1}}
         cmd = [
             sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "vllm", "--host", "127.0.0.1",
             "--port", str(port), "--prefill", sim.url(0), "--decode", sim.url(1), "--shutdown-grace", "5",
-            "--metrics-port", "0",
+            "--metrics-port", str(metrics_port),
         ]  # fmt: skip
         os.environ["PDORCH_ROUTER_CONFIG"] = json.dumps(router_config)
         try:
@@ -541,8 +541,11 @@ async def test_pdorch_proxy_command_serves_and_stops_on_sigterm(
             async with c:
                 r = await c.completions.create(model=MODEL, prompt="via the command", max_tokens=4)
             assert r.choices[0].text == expected_text("via the command", 4)
-            text = await text_of(http, f"http://127.0.0.1:{port}")
+            # /metrics lives on its own port; the client port does not serve it.
+            text = await text_of(http, f"http://127.0.0.1:{metrics_port}")
             assert sample(text, "pdorch_proxy_policy_picks_total", {"policy": "power_of_two"}) == 1
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 404
         finally:
             await asyncio.to_thread(stop, proc)
         assert proc.returncode == 0, log.read_text()[-2000:]
