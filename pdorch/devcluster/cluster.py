@@ -138,12 +138,17 @@ def _tls_listening(port: int) -> bool:
 
 
 def _exited(pid: int) -> bool:
-    """The process is gone or a zombie (every file and socket of it closed)."""
+    """Every thread of the process has exited, so its files and sockets are closed.
+
+    A multi-threaded (Go) process's main thread turns zombie before its other threads finish, so
+    the state letter is not enough: our own child can be reaped only once the whole group is gone,
+    and anyone else's disappears from /proc only then.
+    """
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1].startswith(("Z", "X"))
-    except OSError:
-        return True
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+        return reaped == pid
+    except ChildProcessError:
+        return not os.path.exists(f"/proc/{pid}")
 
 
 class DevCluster:
