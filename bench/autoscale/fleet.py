@@ -28,7 +28,13 @@ from dataclasses import dataclass, field, replace
 
 from pdorch.scaler.observe import RoleLoad, role_load
 from pdorch.scaler.scrape import EngineSample
-from pdorch.sim.latency import Coefficients, blocks_for, decode_step_time_s, kv_transfer_time_s, prefill_time_s
+from pdorch.sim.latency import (
+    Coefficients,
+    blocks_for,
+    decode_step_time_s,
+    kv_transfer_time_s,
+    prefill_time_s,
+)
 
 PREFILL, DECODE = "prefill", "decode"
 
@@ -36,7 +42,7 @@ PREFILL, DECODE = "prefill", "decode"
 class Req:
     """One request of the workload and its timeline."""
 
-    __slots__ = ("arrival", "prompt", "output", "prefill_end", "first_token", "finish", "g_end", "alloc")
+    __slots__ = ("alloc", "arrival", "finish", "first_token", "g_end", "output", "prefill_end", "prompt")
 
     def __init__(self, arrival: float, prompt: int, output: int) -> None:
         self.arrival, self.prompt, self.output = arrival, prompt, max(output, 1)
@@ -117,7 +123,9 @@ class FleetResult:
 class Fleet:
     """The simulated fleet; `run` replays a workload under a policy."""
 
-    def __init__(self, c: Coefficients, startup_s: float, initial: tuple[int, int], interval_s: float) -> None:
+    def __init__(
+        self, c: Coefficients, startup_s: float, initial: tuple[int, int], interval_s: float
+    ) -> None:
         self.c = c
         self.startup_s = startup_s
         self.initial = initial
@@ -126,6 +134,8 @@ class Fleet:
         self.events: list[tuple[float, int, str, object]] = []
         self.seq = itertools.count()
         self.pods: list[Pod] = []
+        # Pods not ended yet, per role (routing and sampling scan these, not every pod ever made).
+        self.live: dict[str, list[Pod]] = {PREFILL: [], DECODE: []}
         self.pending: dict[str, deque[Req]] = {PREFILL: deque(), DECODE: deque()}
         self.in_transfer = 0
         self.counters = {PREFILL: Counters(), DECODE: Counters()}
@@ -137,11 +147,17 @@ class Fleet:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
 
     def alive(self, role: str) -> list[Pod]:
-        return [p for p in self.pods if p.role == role and p.end is None and not p.draining]
+        return [p for p in self.live[role] if not p.draining]
 
     def _add_pod(self, role: str, ready_now: bool = False) -> None:
-        pod = Pod(role=role, created=self.now, ready_at=self.now + (0.0 if ready_now else self.startup_s), pid=len(self.pods))
+        pod = Pod(
+            role=role,
+            created=self.now,
+            ready_at=self.now + (0.0 if ready_now else self.startup_s),
+            pid=len(self.pods),
+        )
         self.pods.append(pod)
+        self.live[role].append(pod)
         if ready_now:
             self._ready(pod)
         else:
@@ -158,6 +174,7 @@ class Fleet:
 
     def _end(self, pod: Pod) -> None:
         pod.end = self.now
+        self.live[pod.role].remove(pod)
 
     def scale_to(self, role: str, target: int) -> None:
         """Create or remove pods of `role` until `target` are alive (not draining)."""
@@ -183,7 +200,7 @@ class Fleet:
 
     # ------------------------------------------------------------------ routing
     def _route(self, role: str, req: Req) -> None:
-        ready = [p for p in self.pods if p.role == role and p.ready and not p.draining and p.end is None]
+        ready = [p for p in self.live[role] if p.ready and not p.draining]
         if not ready:
             self.pending[role].append(req)
             return
@@ -255,7 +272,9 @@ class Fleet:
                 cnt.itl_sum += r.finish - r.first_token
                 cnt.itl_n += r.output - 1
         joined: list[Req] = []
-        while pod.waitq and pod.n_running < c.max_num_seqs and pod.kv_used + pod.waitq[0].alloc <= self.kv_cap:
+        while (
+            pod.waitq and pod.n_running < c.max_num_seqs and pod.kv_used + pod.waitq[0].alloc <= self.kv_cap
+        ):
             r = pod.waitq.popleft()
             joined.append(r)
             pod.kv_waiting -= r.alloc
@@ -282,7 +301,7 @@ class Fleet:
     # ------------------------------------------------------------------ observation
     def _sample(self, role: str) -> EngineSample:
         cnt = self.counters[role]
-        ready = [p for p in self.pods if p.role == role and p.ready and p.end is None]
+        ready = [p for p in self.live[role] if p.ready]
         if role == PREFILL:
             running = sum(len(p.batch) for p in ready)
             waiting = sum(len(p.queue) for p in ready) + len(self.pending[PREFILL])
@@ -341,8 +360,10 @@ class Fleet:
                 loads = {}
                 for role in (PREFILL, DECODE):
                     cur = self._sample(role)
-                    ready_n = sum(1 for p in self.pods if p.role == role and p.ready and p.end is None and not p.draining)
-                    loads[role] = replace(role_load([prev[role]], [cur], self.interval_s), ready_replicas=ready_n)
+                    ready_n = sum(1 for p in self.live[role] if p.ready and not p.draining)
+                    loads[role] = replace(
+                        role_load([prev[role]], [cur], self.interval_s), ready_replicas=ready_n
+                    )
                     prev[role] = cur
                 current = {role: len(self.alive(role)) for role in (PREFILL, DECODE)}
                 targets = policy(t, loads, current)

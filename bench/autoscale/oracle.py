@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from pdorch.sim.latency import Coefficients, blocks_for, decode_step_time_s, prefill_time_s
 
 
-def prefill_window_need(c: Coefficients, arrivals: Sequence[tuple[float, int]], ttft_s: float, share: float, max_n: int) -> int:
+def prefill_window_need(
+    c: Coefficients, arrivals: Sequence[tuple[float, int]], ttft_s: float, share: float, max_n: int
+) -> int:
     """Fewest prefill replicas meeting `share` of TTFT for these (arrival, prompt) requests."""
     if not arrivals:
         return 0
@@ -124,7 +126,7 @@ def keep_or_release(need: Sequence[int], window_s: float, startup_s: float) -> l
     return lives
 
 
-def schedule_targets(lives: Sequence[tuple[float, float]]):  # noqa: ANN201
+def schedule_targets(lives: Sequence[tuple[float, float]]):
     """A function t -> pods that should be alive at t."""
     starts = sorted(a for a, _ in lives)
     ends = sorted(b for _, b in lives)
@@ -138,4 +140,3 @@ def schedule_targets(lives: Sequence[tuple[float, float]]):  # noqa: ANN201
 def scaled(need: Sequence[int], factor: float) -> list[int]:
     """Requirements times `factor`, rounded up, zero stays zero."""
     return [math.ceil(n * factor - 1e-9) if n else 0 for n in need]
-

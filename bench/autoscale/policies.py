@@ -38,7 +38,13 @@ def pdorch_policy(c: Coefficients, slo: Slo, damping: DampingConfig) -> PolicyFn
     return decide
 
 
-HPA_DAMPING = DampingConfig(min_replicas=1, max_replicas=1000, scale_up_stabilization_s=0, scale_down_stabilization_s=300, cooldown_s=0)
+HPA_DAMPING = DampingConfig(
+    min_replicas=1,
+    max_replicas=1000,
+    scale_up_stabilization_s=0,
+    scale_down_stabilization_s=300,
+    cooldown_s=0,
+)
 
 
 def hpa_policy(prefill_waiting_target: float, decode_kv_target: float) -> PolicyFn:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -60,7 +59,10 @@ def summarize(setup: Setup, res: FleetResult) -> dict[str, float]:
         ttft_ok += a
         tpot_ok += b
         both += a and b
-    gpu = {role: sum((p.end or res.horizon) - p.created for p in res.pods if p.role == role) / 3600 for role in (PREFILL, DECODE)}
+    gpu = {
+        role: sum((p.end or res.horizon) - p.created for p in res.pods if p.role == role) / 3600
+        for role in (PREFILL, DECODE)
+    }
     total = gpu[PREFILL] + gpu[DECODE]
     return {
         "attainment": both / n,
@@ -149,14 +151,34 @@ def build_workloads(quick: bool, seed: int) -> list[workloads.Workload]:
     conv = workloads.load_azure(workloads.TRACE_DIR / "azure2023_conv.csv")
     code = workloads.load_azure(workloads.TRACE_DIR / "azure2023_code.csv")
     out = [
-        workloads.Workload("azure-conv", workloads.scale_rate(conv, 4, seed), "Azure 2023 conv, 4x rate (each request x4, jitter U(0,1s))"),
-        workloads.Workload("azure-code", workloads.scale_rate(code, 4, seed), "Azure 2023 code, 4x rate (each request x4, jitter U(0,1s))"),
+        workloads.Workload(
+            "azure-conv",
+            workloads.scale_rate(conv, 4, seed),
+            "Azure 2023 conv, 4x rate (each request x4, jitter U(0,1s))",
+        ),
+        workloads.Workload(
+            "azure-code",
+            workloads.scale_rate(code, 4, seed),
+            "Azure 2023 code, 4x rate (each request x4, jitter U(0,1s))",
+        ),
     ]
     if not quick:
         out += [
-            workloads.Workload("diurnal", workloads.diurnal(conv, 20.0, seed), "conv lengths, 20 req/s x (1 + 0.7 sin(2 pi t / 30 min))"),
-            workloads.Workload("bursty", workloads.bursty(conv, 10.0, seed), "conv lengths, 10 req/s with 4x spikes of 60-300 s every ~10 min"),
-            workloads.Workload("length-shift", workloads.length_shift(conv, code, 12.0, seed), "12 req/s; every 15 min: conv -> code -> 3k-8k prompts -> conv with 4x outputs"),
+            workloads.Workload(
+                "diurnal",
+                workloads.diurnal(conv, 20.0, seed),
+                "conv lengths, 20 req/s x (1 + 0.7 sin(2 pi t / 30 min))",
+            ),
+            workloads.Workload(
+                "bursty",
+                workloads.bursty(conv, 10.0, seed),
+                "conv lengths, 10 req/s with 4x spikes of 60-300 s every ~10 min",
+            ),
+            workloads.Workload(
+                "length-shift",
+                workloads.length_shift(conv, code, 12.0, seed),
+                "12 req/s; every 15 min: conv -> code -> 3k-8k prompts -> conv with 4x outputs",
+            ),
         ]
     return out
 
@@ -172,7 +194,13 @@ def main() -> int:
     # prompts are not cut (the prefill/decode formulas are extrapolated beyond 2k tokens).
     c = replace(DISTSERVE_OPT13B_A100, max_model_len=16384)
     setup = Setup(c=c, slo=Slo(ttft_s=2.0, tpot_s=0.1), startup_s=args.startup_s, tick_s=15.0, window_s=30.0)
-    pd_damping = DampingConfig(min_replicas=1, max_replicas=1000, scale_up_stabilization_s=0, scale_down_stabilization_s=300, cooldown_s=0)
+    pd_damping = DampingConfig(
+        min_replicas=1,
+        max_replicas=1000,
+        scale_up_stabilization_s=0,
+        scale_down_stabilization_s=300,
+        cooldown_s=0,
+    )
     results: dict[str, object] = {
         "setup": {
             "coefficients": c.name,

@@ -60,14 +60,18 @@ def _poisson(rng: random.Random, rate_fn, duration: float, peak: float) -> list[
             out.append(t)
 
 
-def diurnal(pool: list[tuple[float, int, int]], mean_rate: float, seed: int, duration: float = 3600.0) -> list[tuple[float, int, int]]:
+def diurnal(
+    pool: list[tuple[float, int, int]], mean_rate: float, seed: int, duration: float = 3600.0
+) -> list[tuple[float, int, int]]:
     """rate(t) = mean * (1 + 0.7 sin(2 pi t / 30 min)): a compressed day, twice; lengths from `pool`."""
     rng = random.Random(seed)
     fn = lambda t: mean_rate * (1 + 0.7 * math.sin(2 * math.pi * t / 1800.0))  # noqa: E731
     return [(t, *rng.choice(pool)[1:]) for t in _poisson(rng, fn, duration, mean_rate * 1.7)]
 
 
-def bursty(pool: list[tuple[float, int, int]], base_rate: float, seed: int, duration: float = 3600.0) -> list[tuple[float, int, int]]:
+def bursty(
+    pool: list[tuple[float, int, int]], base_rate: float, seed: int, duration: float = 3600.0
+) -> list[tuple[float, int, int]]:
     """Base rate with 4x step spikes of 60-300 s every ~10 min; lengths from `pool`."""
     rng = random.Random(seed)
     spikes = []
@@ -79,7 +83,9 @@ def bursty(pool: list[tuple[float, int, int]], base_rate: float, seed: int, dura
     return [(t, *rng.choice(pool)[1:]) for t in _poisson(rng, fn, duration, base_rate * 4)]
 
 
-def length_shift(conv: list[tuple[float, int, int]], code: list[tuple[float, int, int]], rate: float, seed: int) -> list[tuple[float, int, int]]:
+def length_shift(
+    conv: list[tuple[float, int, int]], code: list[tuple[float, int, int]], rate: float, seed: int
+) -> list[tuple[float, int, int]]:
     """Constant rate; the length mix changes every 15 min: conv -> code -> long prompts -> conv with 4x outputs.
 
     Long prompts: 3k-8k tokens (uniform), outputs from conv. The fluid P:D ratio moves by an order

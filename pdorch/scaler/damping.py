@@ -52,7 +52,7 @@ def damp(state: DampingState, cfg: DampingConfig, now_s: float, current: int, ra
     if not state.history:
         # Like the HPA, the first decision remembers the current replicas as a recommendation, so
         # a (re)started scaler does not drop a warm fleet before the window has seen any load.
-        state.history.append((now_s, current))
+        state.history.append((now_s - 1e-6, current))
     state.history = [(t, r) for t, r in state.history if now_s - t <= keep]
     state.history.append((now_s, raw))
     up_window = [r for t, r in state.history if now_s - t <= cfg.scale_up_stabilization_s]

@@ -55,9 +55,7 @@ def _delta(new: float, old: float) -> float:
     return new - old if new >= old else new
 
 
-def role_load(
-    prev: Sequence[EngineSample], cur: Sequence[EngineSample], window_s: float
-) -> RoleLoad:
+def role_load(prev: Sequence[EngineSample], cur: Sequence[EngineSample], window_s: float) -> RoleLoad:
     """The load between two scrapes of the same role's replicas (`prev` may be empty)."""
     if window_s <= 0:
         raise ValueError(f"window_s must be > 0, got {window_s}")

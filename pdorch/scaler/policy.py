@@ -83,7 +83,9 @@ def prefill_replicas(
     n = load.mean_prompt_tokens
     if load.request_rate <= 0 or n <= 0:
         if load.waiting > 0:
-            return Recommendation(max(load.ready_replicas, 1), f"{load.waiting:.0f} queued, no finished requests yet")
+            return Recommendation(
+                max(load.ready_replicas, 1), f"{load.waiting:.0f} queued, no finished requests yet"
+            )
         return Recommendation(0, "no prefill load")
     service = prefill_service_s(c, n)
     long_prompt = prefill_service_s(c, n * cfg.long_prompt_factor)

@@ -23,7 +23,9 @@ class RatioBand:
             raise ValueError("ratio needs prefill >= 1, decode >= 1 and 0 <= tolerance <= 1")
 
 
-def within_band(band: RatioBand, prefill: int, decode: int, max_prefill: int, max_decode: int) -> tuple[int, int, str]:
+def within_band(
+    band: RatioBand, prefill: int, decode: int, max_prefill: int, max_decode: int
+) -> tuple[int, int, str]:
     """(prefill, decode) raised into the band (bounded by the maxima) and a note if anything moved."""
     if prefill == 0 or decode == 0:
         return prefill, decode, ""
