@@ -14,7 +14,7 @@ from fleet import DECODE, PREFILL, PolicyFn
 from pdorch.scaler import peers
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
 from pdorch.scaler.observe import RoleLoad
-from pdorch.scaler.policy import decode_replicas, prefill_replicas
+from pdorch.scaler.policy import SloPolicyConfig, decode_replicas, prefill_replicas
 from pdorch.sim.latency import Coefficients
 
 
@@ -24,14 +24,17 @@ class Slo:
     tpot_s: float
 
 
-def pdorch_policy(c: Coefficients, slo: Slo, damping: DampingConfig) -> PolicyFn:
+def pdorch_policy(
+    c: Coefficients, slo: Slo, damping: DampingConfig, cfg: SloPolicyConfig | None = None
+) -> PolicyFn:
     """pdorch's built-in SLO policy with the ServingGroup damping fields."""
+    cfg = cfg or SloPolicyConfig()
     states = {PREFILL: DampingState(), DECODE: DampingState()}
 
     def decide(t: float, loads: dict[str, RoleLoad], cur: dict[str, int]) -> dict[str, int]:
         raw = {
-            PREFILL: prefill_replicas(loads[PREFILL], c, slo.ttft_s).replicas,
-            DECODE: decode_replicas(loads[DECODE], c, slo.tpot_s).replicas,
+            PREFILL: prefill_replicas(loads[PREFILL], c, slo.ttft_s, cfg).replicas,
+            DECODE: decode_replicas(loads[DECODE], c, slo.tpot_s, cfg).replicas,
         }
         return {r: damp(states[r], damping, t, cur[r], raw[r]).replicas for r in raw}
 
@@ -53,16 +56,15 @@ def hpa_policy(prefill_waiting_target: float, decode_kv_target: float) -> Policy
 
     def decide(t: float, loads: dict[str, RoleLoad], cur: dict[str, int]) -> dict[str, int]:
         out = {}
-        for role, value, target in (
-            (PREFILL, loads[PREFILL].waiting / max(loads[PREFILL].ready_replicas, 1), prefill_waiting_target),
-            (DECODE, loads[DECODE].kv_usage, decode_kv_target),
+        for role, total, target in (
+            # Per-pod averages over every pod of the target: on scale-up the HPA counts pods that
+            # are not ready yet as using nothing, which is what keeps it from compounding.
+            (PREFILL, loads[PREFILL].waiting, prefill_waiting_target),
+            (DECODE, loads[DECODE].kv_usage * loads[DECODE].ready_replicas, decode_kv_target),
         ):
-            n = cur[role]
-            ready = max(loads[role].ready_replicas, 1)
-            # HPA computes on the pods that report metrics (the ready ones) and scales the total.
-            desired = peers.hpa_desired(ready, value, target) + (n - ready if n > ready else 0)
-            desired = min(desired, peers.hpa_scale_up_limit(n))
-            out[role] = damp(states[role], HPA_DAMPING, t, n, desired).replicas
+            n = max(cur[role], 1)
+            desired = min(peers.hpa_desired(n, total / n, target), peers.hpa_scale_up_limit(n))
+            out[role] = damp(states[role], HPA_DAMPING, t, cur[role], desired).replicas
         return out
 
     return decide

@@ -1,8 +1,8 @@
 """pdorch's built-in SLO policy: replicas of a prefill and a decode role from their load (pure).
 
 Prefill: the work of the arriving prompts (rate x prompt tokens, priced with the engine's prefill
-coefficients) against the utilisation one replica can carry while queueing still fits the TTFT
-target; plus what it takes to drain the current queue within that target.
+coefficients) as an M/M/c queue whose waiting-time tail must fit the TTFT target; plus what it
+takes to drain the current queue.
 
 Decode: the sequences that must be resident (the larger of what runs and waits now and Little's
 law on arrivals x output tokens x the step time) against the sequences one replica holds within the
@@ -28,12 +28,14 @@ class SloPolicyConfig:
     # and the variance the mean-based model does not see.
     ttft_budget: float = 0.8
     tpot_budget: float = 0.8
-    # Tail the prefill queueing term is sized for: P(queue wait > budget) <= tail.
+    # Tail the prefill queue is sized for: P(queueing delay > TTFT budget) <= tail.
     ttft_tail: float = 0.01
     # Upper bound on per-replica prefill utilisation whatever the TTFT target allows.
     max_prefill_utilisation: float = 0.85
     # KV share decode may plan to fill (vLLM preempts near 100%).
     kv_target: float = 0.85
+    # Seconds in which prompts already queued should be worked off by extra replicas.
+    backlog_drain_s: float = 30.0
     # Prompt-length multiple that sizes the one long prompt every queue must absorb.
     long_prompt_factor: float = 2.0
     # Standard deviations of headroom on resident decode sequences: a new replica takes a
@@ -56,30 +58,38 @@ def prefill_service_s(c: Coefficients, mean_prompt: float, mean_sq_prompt: float
     return c.prefill_a_s + c.prefill_b_s * mean_prompt + c.prefill_c_s * sq
 
 
-def max_prefill_utilisation(service_s: float, budget_s: float, tail: float, cap: float) -> float:
-    """Largest utilisation rho with P(wait > budget) = rho * exp(-(1 - rho) * budget / S) <= tail.
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue with `offered` = lambda x S erlangs."""
+    if offered <= 0:
+        return 0.0
+    if offered >= servers:
+        return 1.0
+    # Erlang B by its stable recursion, then C from B.
+    b = 1.0
+    for k in range(1, servers + 1):
+        b = offered * b / (k + offered * b)
+    rho = offered / servers
+    return b / (1 - rho + rho * b)
 
-    That is the M/M/1 waiting-time tail with mean service S; exponential service overstates the
-    variance of a batched prefill queue, which keeps the estimate on the safe side.
-    """
-    if service_s <= 0:
-        return cap
-    if budget_s <= 0:
-        return 0.05  # the target cannot be met even unloaded: run nearly idle, and say so upstream
-    lo, hi = 0.0, cap
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if mid * math.exp(-(1 - mid) * budget_s / service_s) <= tail:
-            lo = mid
-        else:
-            hi = mid
-    return max(lo, 0.05)
+
+def wait_tail(servers: int, offered: float, service_s: float, t_s: float) -> float:
+    """P(queueing delay > t) in M/M/c: C(c, a) * exp(-(c - a) * t / S)."""
+    if offered >= servers:
+        return 1.0
+    return erlang_c(servers, offered) * math.exp(-(servers - offered) * t_s / service_s)
 
 
 def prefill_replicas(
     load: RoleLoad, c: Coefficients, ttft_target_s: float, cfg: SloPolicyConfig = SloPolicyConfig()
 ) -> Recommendation:
-    """Prefill replicas for `load` under the TTFT target."""
+    """Prefill replicas for `load` under the TTFT target.
+
+    The role is sized as an M/M/c queue (the proxy spreads prompts over the replicas by load):
+    the fewest replicas whose waiting-time tail beyond the TTFT budget (the target's share the
+    engine may use, less the service of one long prompt) is at most `ttft_tail`, and at most
+    `max_prefill_utilisation` busy. Exponential service overstates a batched prefill's variance,
+    which keeps the estimate on the safe side.
+    """
     n = load.mean_prompt_tokens
     if load.request_rate <= 0 or n <= 0:
         if load.waiting > 0:
@@ -89,20 +99,21 @@ def prefill_replicas(
         return Recommendation(0, "no prefill load")
     service = prefill_service_s(c, n)
     long_prompt = prefill_service_s(c, n * cfg.long_prompt_factor)
-    budget = ttft_target_s * cfg.ttft_budget - long_prompt
-    rho = max_prefill_utilisation(service, budget, cfg.ttft_tail, cfg.max_prefill_utilisation)
-    work = load.request_rate * service  # replica-seconds of prefill per second
-    steady = work / rho
-    # Queued prompts must be done within the TTFT budget on top of the steady load.
-    backlog = load.waiting * service / max(ttft_target_s * cfg.ttft_budget, 1e-3)
-    need = math.ceil(steady + backlog - 1e-9)
+    budget = max(ttft_target_s * cfg.ttft_budget - long_prompt, 0.0)
+    offered = load.request_rate * service  # replica-seconds of prefill per second (erlangs)
+    need = max(math.ceil(offered / cfg.max_prefill_utilisation - 1e-9), 1)
+    while need < 100_000 and wait_tail(need, offered, service, budget) > cfg.ttft_tail:
+        need += 1
+    # Prompts already queued are drained within `backlog_drain_s` on top of the arrivals.
+    backlog = load.waiting * service / cfg.backlog_drain_s
+    extra = math.ceil(backlog - 1e-9) if backlog >= 0.5 else 0
     reason = (
-        f"prefill {load.request_rate:.2f} req/s x {n:.0f} tok = {work:.2f} replica-s/s at <= {rho:.0%} "
-        f"utilisation for TTFT {ttft_target_s * 1000:.0f}ms"
+        f"prefill {load.request_rate:.2f} req/s x {n:.0f} tok = {offered:.2f} replica-s/s; "
+        f"{need} keep the TTFT {ttft_target_s * 1000:.0f}ms tail <= {cfg.ttft_tail:.0%}"
     )
-    if backlog >= 0.5:
-        reason += f", +{backlog:.1f} to drain {load.waiting:.0f} queued"
-    return Recommendation(need, reason)
+    if extra:
+        reason += f", +{extra} to drain {load.waiting:.0f} queued"
+    return Recommendation(need + extra, reason)
 
 
 def decode_seqs_per_replica(

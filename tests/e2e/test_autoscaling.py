@@ -25,7 +25,6 @@ import pytest
 from lightkube import Client
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler
-from lightkube.resources.events_v1 import Event
 
 from pdorch.controller.kubeapi import KubeApi
 from pdorch.devcluster.cluster import ClusterState
@@ -39,6 +38,8 @@ from tests.integration.test_controller import LWS, SG, example, kubectl, wait_av
 
 pytestmark = pytest.mark.e2e
 
+# Generic (dict) events: other controllers' events may carry a null eventTime the typed model refuses.
+EVENT = create_namespaced_resource("events.k8s.io", "v1", "Event", "events")
 SRS = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingRoleScaler", "servingrolescalers")
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -313,8 +314,8 @@ async def test_builtin_scales_prefill_on_prompts_and_decode_on_outputs_and_drain
     st = kube.get(SRS, "auto-prefill", namespace=namespace).status
     assert st.get("lastScaleTime") and "prefill" in st.get("lastScaleReason", ""), st
     reasons = {
-        e.reason
-        for e in kube.list(Event, namespace=namespace)
-        if e.regarding and e.regarding.kind == "ServingRoleScaler"
+        e["reason"]
+        for e in (o.to_dict() for o in kube.list(EVENT, namespace=namespace))
+        if (e.get("regarding") or {}).get("kind") == "ServingRoleScaler"
     }
     assert {"ScaledUp", "ScaledDown"} <= reasons, reasons
