@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,8 +15,9 @@ from pdorch.scaler.policy import (
     SloPolicyConfig,
     decode_replicas,
     decode_seqs_per_replica,
-    max_prefill_utilisation,
+    erlang_c,
     prefill_replicas,
+    wait_tail,
 )
 from pdorch.scaler.ratio import RatioBand, within_band
 from pdorch.sim.latency import BLIS_LLAMA31_8B_H100 as BLIS
@@ -41,13 +44,24 @@ def test_prefill_never_shrinks_with_more_or_longer_prompts(rate: float, prompt: 
     assert prefill_replicas(_load(rate, min(prompt * k, 16000)), DIST, 2.0).replicas >= base
 
 
+def test_erlang_c_known_values() -> None:
+    # M/M/1: P(wait) = rho; M/M/2 at a = 1: C = 1/3.
+    assert erlang_c(1, 0.7) == pytest.approx(0.7)
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(3, 3.5) == 1.0
+    assert wait_tail(2, 1.0, 0.1, 0.0) == pytest.approx(1 / 3)
+    assert wait_tail(2, 1.0, 0.1, 0.5) == pytest.approx(1 / 3 * math.exp(-5))
+
+
 def test_prefill_capacity_matches_the_latency_model() -> None:
     # 20 req/s x 1000-token prompts on OPT-13B: 20 x (18.1 + 102 + 7.1) ms = 2.54 replica-s/s.
     rec = prefill_replicas(_load(20, 1000), DIST, 2.0)
-    rho = max_prefill_utilisation(0.1272, 2.0 * 0.8 - (0.0181 + 0.204 + 0.0284), 0.01, 0.85)
-    assert rec.replicas == pytest.approx(2.544 / rho, abs=1)
-    assert rec.replicas >= 3  # never planned at 100% utilisation
-    assert "TTFT 2000ms" in rec.reason
+    assert "2.54 replica-s/s" in rec.reason and "TTFT 2000ms" in rec.reason
+    # The fewest M/M/c replicas meeting the tail, and never planned above 85% busy.
+    budget = 2.0 * 0.8 - (0.0181 + 0.204 + 0.0284)
+    assert wait_tail(rec.replicas, 2.544, 0.1272, budget) <= 0.01
+    assert rec.replicas == 3 or wait_tail(rec.replicas - 1, 2.544, 0.1272, budget) > 0.01
+    assert rec.replicas >= 2.544 / 0.85
 
 
 def test_a_tighter_ttft_needs_more_prefill() -> None:
