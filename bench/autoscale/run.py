@@ -223,7 +223,8 @@ def main() -> int:
         start = (sp, sd)
         ratio = sp / sd
         mean_ctx = sum(p + o / 2 for _, p, o in wl.arrivals) / len(wl.arrivals)
-        tps_target = 0.7 * decode_throughput_at(c, setup.slo.tpot_s, mean_ctx)
+        mean_kv = sum(p + o for _, p, o in wl.arrivals) / len(wl.arrivals)
+        tps_target = 0.7 * decode_throughput_at(c, setup.slo.tpot_s, mean_ctx, mean_kv)
         candidates = {
             "hpa": policies.hpa_policy(prefill_waiting_target=5.0, decode_kv_target=0.7),
             "fixed-ratio": policies.fixed_ratio_policy(ratio, tps_target),

@@ -44,12 +44,18 @@ def decode_tps_desired(current: int, decode_tokens_per_s: float, target_tps_per_
     return hpa_desired(current, decode_tokens_per_s / max(current, 1), target_tps_per_replica)
 
 
-def decode_throughput_at(c: Coefficients, itl_s: float, context_tokens: float) -> float:
+def decode_throughput_at(
+    c: Coefficients, itl_s: float, context_tokens: float, kv_per_seq: float | None = None
+) -> float:
     """Profiled decode tokens/s of one replica with ITL <= itl_s at the given mean context (Dynamo's
-    profile interpolation, computed from the model instead of a profiling sweep)."""
+    profile interpolation, computed from the model instead of a profiling sweep).
+
+    `kv_per_seq` is what one sequence holds in KV (default: its context); a profiling sweep on an
+    engine that reserves prompt + max_tokens at admission measures that reservation.
+    """
     per_seq = c.decode_beta_s + c.decode_gamma_s * context_tokens
     by_itl = (itl_s - c.decode_a_s) / per_seq if itl_s > c.decode_a_s else 1.0
-    by_kv = c.kv_capacity_tokens / max(context_tokens, 1.0)
+    by_kv = c.kv_capacity_tokens / max(kv_per_seq or context_tokens, 1.0)
     batch = max(1, int(min(by_itl, by_kv, c.max_num_seqs)))
     return batch / decode_step_time_s(c, batch, int(batch * context_tokens))
 
@@ -88,7 +94,7 @@ def dynamo_sla_planner(
     batch = max(obs.decode_concurrency, 1.0)
     expected_itl = decode_step_time_s(c, max(int(batch), 1), int(batch * ctx))
     d_corr = (obs.mean_itl_s / expected_itl) if obs.mean_itl_s and expected_itl > 0 else 1.0
-    decode_tps = decode_throughput_at(c, itl_s / max(d_corr, 1e-3), ctx)
+    decode_tps = decode_throughput_at(c, itl_s / max(d_corr, 1e-3), ctx, isl + osl)
     n_d = math.ceil(obs.num_requests * osl / interval_s / decode_tps - 1e-9)
     return max(n_p, 1), max(n_d, 1)
 
