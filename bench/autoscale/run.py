@@ -27,6 +27,7 @@ import workloads
 from fleet import DECODE, PREFILL, Fleet, FleetResult, PolicyFn, Req
 from policies import Slo
 
+from pdorch.api.servinggroup import Scaling, ScalingMode
 from pdorch.scaler.damping import DampingConfig
 from pdorch.scaler.peers import decode_throughput_at
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100, Coefficients
@@ -194,12 +195,14 @@ def main() -> int:
     # prompts are not cut (the prefill/decode formulas are extrapolated beyond 2k tokens).
     c = replace(DISTSERVE_OPT13B_A100, max_model_len=16384)
     setup = Setup(c=c, slo=Slo(ttft_s=2.0, tpot_s=0.1), startup_s=args.startup_s, tick_s=15.0, window_s=30.0)
+    # pdorch runs with the ServingGroup API's damping defaults (scaling.* fields left unset).
+    api = Scaling(mode=ScalingMode.BUILTIN)
     pd_damping = DampingConfig(
         min_replicas=1,
         max_replicas=1000,
-        scale_up_stabilization_s=0,
-        scale_down_stabilization_s=300,
-        cooldown_s=0,
+        scale_up_stabilization_s=api.scale_up_stabilization_seconds,
+        scale_down_stabilization_s=api.scale_down_stabilization_seconds,
+        cooldown_s=api.cooldown_seconds,
     )
     results: dict[str, object] = {
         "setup": {
