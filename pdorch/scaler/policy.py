@@ -135,8 +135,7 @@ def decode_replicas(
     load: RoleLoad, c: Coefficients, tpot_target_s: float, cfg: SloPolicyConfig = SloPolicyConfig()
 ) -> Recommendation:
     """Decode replicas for `load` under the TPOT target."""
-    resident_now = load.running + load.waiting
-    if load.request_rate <= 0 and resident_now <= 0:
+    if load.request_rate <= 0 and load.running + load.waiting <= 0:
         return Recommendation(0, "no decode load")
     prompt = load.mean_prompt_tokens or 1.0
     output = load.mean_output_tokens or 1.0
@@ -147,6 +146,11 @@ def decode_replicas(
         c, max(int(per_replica), 1), int(per_replica * (prompt + output / 2))
     )
     little = load.request_rate * output * step
+    # Waiting sequences are a backlog, not a steady state: each holds a slot for its lifetime
+    # (output x step), and the backlog should clear within backlog_drain_s, so it needs
+    # waiting x min(1, lifetime / drain) extra slots, not one slot per waiting sequence.
+    backlog_share = min(1.0, output * step / cfg.backlog_drain_s)
+    resident_now = load.running + load.waiting * backlog_share
     base = max(resident_now, little)
     resident = base + cfg.decode_burst_z * math.sqrt(2 * base)
     by_seqs = math.ceil(resident / per_replica - 1e-9)
@@ -154,7 +158,7 @@ def decode_replicas(
     kv_replicas = load.kv_usage * load.ready_replicas / cfg.kv_target
     by_kv = math.ceil(kv_replicas * (resident / base if base else 1.0) - 1e-9)
     reason = (
-        f"decode {resident:.0f} resident seqs with headroom (running+waiting {resident_now:.0f}, "
+        f"decode {resident:.0f} resident seqs with headroom (running + backlog share {resident_now:.0f}, "
         f"Little {little:.0f}) / {per_replica:.0f} per replica ({limit}-bound at TPOT {tpot_target_s * 1000:.0f}ms)"
     )
     if by_kv > by_seqs:

@@ -212,3 +212,14 @@ def test_dynamo_planner_sizes_from_interval_throughput() -> None:
     assert n_d >= 1
     slow = peers.DynamoObservation(600, 1000, 200, None, 0.2, 10)
     assert peers.dynamo_sla_planner(slow, DIST, 60, 2.0, 0.1)[1] >= n_d
+
+
+def test_decode_backlog_counts_by_lifetime_not_one_slot_each() -> None:
+    # 900 sequences waiting for KV; each lives 100 tokens x 50 ms = 5 s, so clearing them in the
+    # 30 s drain window needs 1/6 of a slot each, not a whole one.
+    waiting = _load(1, 1000, 100, running=0, waiting=900, mean_itl_s=0.05)
+    rec = decode_replicas(waiting, DIST, 0.1)
+    per = 0.85 * 64000 / 1100
+    slots = 900 * (100 * 0.05 / 30)
+    assert rec.replicas == math.ceil((slots + 2.33 * math.sqrt(2 * slots)) / per - 1e-9)
+    assert rec.replicas < 900 / per
