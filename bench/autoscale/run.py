@@ -139,7 +139,7 @@ def run_oracle(setup: Setup, wl: workloads.Workload) -> tuple[dict[str, float], 
             cache[(fp, fd)] = summarize(setup, simulate(setup, wl, pol, (max(at_p(0), 1), max(at_d(0), 1))))
         return cache[(fp, fd)]
 
-    factors = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
+    factors = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0]
     # Decode factor with a generous prefill, then prefill with that decode, then decode again.
     fd = next((f for f in factors if ev(2.0, f)["attainment"] >= TARGET), factors[-1])
     fp = next((f for f in factors if ev(f, fd)["attainment"] >= TARGET), factors[-1])
