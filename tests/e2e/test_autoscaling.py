@@ -304,11 +304,22 @@ async def test_builtin_scales_prefill_on_prompts_and_decode_on_outputs_and_drain
         assert max(seen["prefill"]) <= peak_prefill, (seen["prefill"], peak_prefill)
         watcher.cancel()
 
-        # Phase 3: no load -> decode drains back to its minimum.
+        # Phase 3: a quarter of the rate, same long outputs -> decode scales down while every
+        # decode engine still streams (each request holds its decode ~9 s): the scaler must drain.
+        load.run(1.0, 100, 150, client)
+        await wait_for_async(lambda: srs("decode") == 1, 150, "decode drained back to 1 under load")
         await load.stop()
-        await wait_for_async(lambda: srs("decode") == 1, 120, "decode drained back to 1")
+        metrics = (await client.get(f"{url}/metrics")).text
     assert load.outcomes["ok"] > 100, load.outcomes
     assert load.errors() == {}, load.outcomes  # scale-downs drained: no request failed
+    # Not even hidden by a retry: no prefill or decode leg ever failed, so no engine was removed
+    # with work on it.
+    retries = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("pdorch_proxy_retries_total")
+    )
+    assert retries == 0, f"proxy retried {retries:.0f} legs"
 
     # Why each decision was taken: status and Events on the scalers.
     st = kube.get(SRS, "auto-prefill", namespace=namespace).status
