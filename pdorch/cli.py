@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "pdorch.demo.commands",
     "pdorch.proxy.commands",
     "pdorch.rollout.commands",
+    "pdorch.scaler.commands",
 ]
 
 

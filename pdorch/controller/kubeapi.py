@@ -260,6 +260,26 @@ class KubeApi:
             content_type="application/apply-patch+yaml",
         )
 
+    async def patch(
+        self,
+        res: Resource,
+        name: str,
+        namespace: str | None,
+        body: dict[str, Any],
+        *,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        """JSON merge patch (e.g. `{"spec": {"replicas": 3}}` on a `/scale` subresource)."""
+        return await self._request(
+            "patch",
+            "PATCH",
+            res,
+            res.path(namespace, name, subresource),
+            params={"fieldManager": self.field_manager},
+            body=body,
+            content_type="application/merge-patch+json",
+        )
+
     async def create(self, obj: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
         res = resource_of(obj)
         return await self._request(

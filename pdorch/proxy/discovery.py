@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pdorch.proxy.endpoints import Endpoint, EndpointRole, EndpointSet
 from pdorch.roles.labels import (
     ANNOTATION_BOOTSTRAP_PORT,
+    ANNOTATION_DRAINING,
     ANNOTATION_PORT,
     LABEL_GROUP,
     LABEL_REVISION,
@@ -66,7 +67,7 @@ def _port(value: Any, default: int | None) -> int | None:
 
 
 def endpoint_from_pod(pod: dict[str, Any]) -> Endpoint | None:
-    """The endpoint a pod serves, or None if it must not receive traffic.
+    """The endpoint a pod serves, or None if it must not receive traffic (also when draining).
 
     Included: Ready, has a pod IP, not terminating, leader of its LWS group (worker-index 0), role-type
     prefill or decode. Port from annotation pdorch.io/port (default 8000), SGLang bootstrap port from
@@ -80,8 +81,8 @@ def endpoint_from_pod(pod: dict[str, Any]) -> Endpoint | None:
         return None
     if labels.get(LWS_WORKER_INDEX, "0") != "0":
         return None  # workers of a multi-host group serve no HTTP; only the leader does
-    if is_terminating(pod):
-        return None
+    if is_terminating(pod) or ann.get(ANNOTATION_DRAINING) == "true":
+        return None  # terminating, or drained by the scaler before a scale-down
     ip = (pod.get("status") or {}).get("podIP")
     if not ip or not is_ready(pod):
         return None

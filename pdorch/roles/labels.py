@@ -18,10 +18,14 @@ ANNOTATION_BOOTSTRAP_PORT = "pdorch.io/bootstrap-port"
 # On a KV role's LWS while a rollout is in progress (value: the update revision). Partitions and
 # revisions alone cannot tell "surge groups still to remove" from a plain scale-down.
 ANNOTATION_ROLLOUT = "pdorch.io/rollout"
+# Set by the built-in scaler on leader pods it is about to scale away: the proxy stops sending them
+# new requests, and the scaler lowers replicas once their engines are idle (drain, not kill).
+ANNOTATION_DRAINING = "pdorch.io/draining"
 
 # Set by LWS on its pods; the leader of every group has worker-index 0.
 LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
 LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
+LWS_GROUP_INDEX = "leaderworkerset.sigs.k8s.io/group-index"
 
 # Keys pdorch owns on pod templates; user-supplied values under these keys are overwritten.
 OWNED_KEYS = (LABEL_GROUP, LABEL_ROLE, LABEL_ROLE_TYPE, LABEL_REVISION, LABEL_MANAGED_BY)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# Set by LWS on every pod of a group: which group (replica) of the LWS it belongs to.
-LWS_GROUP_INDEX = "leaderworkerset.sigs.k8s.io/group-index"
-
 
 def is_ready(pod: dict[str, Any]) -> bool:
     """The pod's Ready condition is True."""

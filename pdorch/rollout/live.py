@@ -22,8 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_WORKER_INDEX
-from pdorch.roles.pods import LWS_GROUP_INDEX, is_ready, is_terminating
+from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
+from pdorch.roles.pods import is_ready, is_terminating
 from pdorch.rollout.planner import auto_tolerance, effective_tolerance, next_step
 from pdorch.rollout.state import KV_TYPES, Decision, RoleObservation, RolloutSpec, deviation
 

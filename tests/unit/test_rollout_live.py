@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_WORKER_INDEX
-from pdorch.roles.pods import LWS_GROUP_INDEX
+from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
 from pdorch.rollout import live
 from pdorch.rollout.planner import auto_tolerance, initial_state
 from pdorch.rollout.state import RolloutSpec

@@ -1,0 +1,381 @@
+"""Discrete-event simulator of a prefill/decode fleet under an autoscaling policy.
+
+Engines use pdorch's analytical latency model (`pdorch.sim.latency`, the same functions and
+coefficients `pdorch sim` runs): FCFS prefill batches of up to max_num_batched_tokens, KV transfer,
+continuous-batching decode whose step time is a_d + beta_d*B + gamma_d*K, admission only when the
+request's prompt + output blocks fit in KV (as the sim reserves prompt + max_tokens).
+
+Decode is simulated per sequence event, not per step: every running sequence of a replica gains
+one token per step, so a replica keeps a "tokens per sequence" clock G that advances at 1/step_time
+and a sequence finishes when G reaches its join value + output tokens. The step time is recomputed
+whenever the batch changes (a join or a finish); between two such events K grows by B tokens per
+step and is held at its value at the last event (the gamma_d term is small next to a_d; noted in
+the docs).
+
+Pods: created on a scale-up, ready after `startup_s`, and charged GPU time from creation until they
+end; a scale-down cancels starting pods first, then drains ready ones (no new work, in-flight work
+finishes, then the pod ends). Routing: prefill to the ready pod with the fewest queued prompt tokens,
+decode to the ready pod with the most free KV. Requests with no ready pod wait in the proxy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from pdorch.scaler.observe import RoleLoad, role_load
+from pdorch.scaler.scrape import EngineSample
+from pdorch.sim.latency import (
+    Coefficients,
+    blocks_for,
+    decode_step_time_s,
+    kv_transfer_time_s,
+    prefill_time_s,
+)
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+class Req:
+    """One request of the workload and its timeline."""
+
+    __slots__ = ("alloc", "arrival", "finish", "first_token", "g_end", "output", "prefill_end", "prompt")
+
+    def __init__(self, arrival: float, prompt: int, output: int) -> None:
+        self.arrival, self.prompt, self.output = arrival, prompt, max(output, 1)
+        self.prefill_end = -1.0
+        self.first_token = -1.0
+        self.finish = -1.0
+        self.g_end = 0.0
+        self.alloc = 0
+
+    def ttft(self) -> float:
+        return self.first_token - self.arrival if self.first_token >= 0 else float("inf")
+
+    def tpot(self) -> float:
+        if self.finish < 0:
+            return float("inf")
+        return (self.finish - self.first_token) / (self.output - 1) if self.output > 1 else 0.0
+
+
+@dataclass
+class Pod:
+    role: str
+    created: float
+    ready_at: float
+    pid: int
+    ready: bool = False
+    draining: bool = False
+    end: float | None = None
+    # prefill
+    queue: deque[Req] = field(default_factory=deque)
+    queued_tokens: int = 0
+    busy: bool = False
+    batch: list[Req] = field(default_factory=list)
+    # decode
+    waitq: deque[Req] = field(default_factory=deque)
+    running: list[tuple[float, int, Req]] = field(default_factory=list)  # heap on g_end
+    n_running: int = 0
+    sum_prompt: int = 0
+    sum_gjoin: float = 0.0
+    kv_used: int = 0
+    kv_waiting: int = 0
+    g: float = 0.0
+    t_last: float = 0.0
+    step: float = 0.0
+    version: int = 0
+
+    def idle(self) -> bool:
+        if self.role == PREFILL:
+            return not self.busy and not self.queue
+        return self.n_running == 0 and not self.waitq
+
+
+@dataclass
+class Counters:
+    """Cumulative per-role counters, shaped like the engines' Prometheus metrics."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    ttft_sum: float = 0.0
+    ttft_n: int = 0
+    itl_sum: float = 0.0
+    itl_n: int = 0
+
+
+# A policy sees (now, loads per role, current replicas per role) and returns targets per role.
+PolicyFn = Callable[[float, dict[str, RoleLoad], dict[str, int]], dict[str, int]]
+
+
+@dataclass
+class FleetResult:
+    requests: list[Req]
+    pods: list[Pod]
+    horizon: float
+    scale_events: dict[str, int]
+    timeline: list[tuple[float, int, int]]  # (t, prefill pods alive, decode pods alive)
+
+
+class Fleet:
+    """The simulated fleet; `run` replays a workload under a policy."""
+
+    def __init__(
+        self, c: Coefficients, startup_s: float, initial: tuple[int, int], interval_s: float
+    ) -> None:
+        self.c = c
+        self.startup_s = startup_s
+        self.initial = initial
+        self.interval_s = interval_s
+        self.kv_cap = c.kv_capacity_tokens
+        self.events: list[tuple[float, int, str, object]] = []
+        self.seq = itertools.count()
+        self.pods: list[Pod] = []
+        # Pods not ended yet, per role (routing and sampling scan these, not every pod ever made).
+        self.live: dict[str, list[Pod]] = {PREFILL: [], DECODE: []}
+        self.pending: dict[str, deque[Req]] = {PREFILL: deque(), DECODE: deque()}
+        self.in_transfer = 0
+        self.counters = {PREFILL: Counters(), DECODE: Counters()}
+        self.scale_events = {PREFILL: 0, DECODE: 0}
+        self.now = 0.0
+
+    # ------------------------------------------------------------------ plumbing
+    def _at(self, t: float, kind: str, payload: object) -> None:
+        heapq.heappush(self.events, (t, next(self.seq), kind, payload))
+
+    def alive(self, role: str) -> list[Pod]:
+        return [p for p in self.live[role] if not p.draining]
+
+    def _add_pod(self, role: str, ready_now: bool = False) -> None:
+        pod = Pod(
+            role=role,
+            created=self.now,
+            ready_at=self.now + (0.0 if ready_now else self.startup_s),
+            pid=len(self.pods),
+        )
+        self.pods.append(pod)
+        self.live[role].append(pod)
+        if ready_now:
+            self._ready(pod)
+        else:
+            self._at(pod.ready_at, "ready", pod)
+
+    def _ready(self, pod: Pod) -> None:
+        if pod.end is not None:
+            return
+        pod.ready = True
+        pod.t_last = self.now
+        q = self.pending[pod.role]
+        while q:
+            self._route(pod.role, q.popleft())
+
+    def _end(self, pod: Pod) -> None:
+        pod.end = self.now
+        self.live[pod.role].remove(pod)
+
+    def scale_to(self, role: str, target: int) -> None:
+        """Create or remove pods of `role` until `target` are alive (not draining)."""
+        alive = self.alive(role)
+        if target == len(alive):
+            return
+        self.scale_events[role] += 1
+        if target > len(alive):
+            for _ in range(target - len(alive)):
+                self._add_pod(role)
+            return
+        # Starting pods go first (youngest first), then the least loaded ready ones drain.
+        victims = sorted(alive, key=lambda p: (p.ready, self._load_of(p), -p.created))
+        for pod in victims[: len(alive) - target]:
+            pod.draining = True
+            if not pod.ready or pod.idle():
+                self._end(pod)
+
+    def _load_of(self, pod: Pod) -> float:
+        if pod.role == PREFILL:
+            return pod.queued_tokens
+        return pod.kv_used + pod.kv_waiting
+
+    # ------------------------------------------------------------------ routing
+    def _route(self, role: str, req: Req) -> None:
+        ready = [p for p in self.live[role] if p.ready and not p.draining]
+        if not ready:
+            self.pending[role].append(req)
+            return
+        if role == PREFILL:
+            pod = min(ready, key=lambda p: p.queued_tokens)
+            pod.queue.append(req)
+            pod.queued_tokens += req.prompt
+            if not pod.busy:
+                self._start_prefill(pod)
+        else:
+            pod = min(ready, key=lambda p: p.kv_used + p.kv_waiting)
+            req.alloc = blocks_for(self.c, req.prompt + req.output) * self.c.block_size
+            pod.waitq.append(req)
+            pod.kv_waiting += req.alloc
+            self._decode_update(pod)
+
+    # ------------------------------------------------------------------ prefill
+    def _start_prefill(self, pod: Pod) -> None:
+        batch: list[Req] = []
+        tokens = 0
+        while pod.queue and (not batch or tokens + pod.queue[0].prompt <= self.c.max_num_batched_tokens):
+            r = pod.queue.popleft()
+            batch.append(r)
+            tokens += r.prompt
+        pod.busy = True
+        pod.batch = batch
+        self._at(self.now + prefill_time_s(self.c, [r.prompt for r in batch]), "prefill_done", pod)
+
+    def _prefill_done(self, pod: Pod) -> None:
+        cnt = self.counters[PREFILL]
+        for r in pod.batch:
+            r.prefill_end = self.now
+            pod.queued_tokens -= r.prompt
+            cnt.requests += 1
+            cnt.prompt_tokens += r.prompt
+            cnt.ttft_sum += self.now - r.arrival
+            cnt.ttft_n += 1
+            self.in_transfer += 1
+            self._at(self.now + kv_transfer_time_s(self.c, r.prompt), "xfer_done", r)
+        pod.batch = []
+        pod.busy = False
+        if pod.queue:
+            self._start_prefill(pod)
+        elif pod.draining:
+            self._end(pod)
+
+    # ------------------------------------------------------------------ decode
+    def _advance(self, pod: Pod) -> None:
+        if pod.n_running and pod.step > 0:
+            pod.g += (self.now - pod.t_last) / pod.step
+        pod.t_last = self.now
+
+    def _decode_update(self, pod: Pod) -> None:
+        """Advance the clock, retire finished sequences, admit waiting ones, reschedule."""
+        c = self.c
+        self._advance(pod)
+        cnt = self.counters[DECODE]
+        while pod.running and pod.running[0][0] <= pod.g + 1e-9:
+            _, _, r = heapq.heappop(pod.running)
+            r.finish = self.now
+            pod.n_running -= 1
+            pod.sum_prompt -= r.prompt
+            pod.sum_gjoin -= r.g_end - r.output
+            pod.kv_used -= r.alloc
+            cnt.requests += 1
+            cnt.prompt_tokens += r.prompt
+            cnt.generation_tokens += r.output
+            if r.output > 1:
+                cnt.itl_sum += r.finish - r.first_token
+                cnt.itl_n += r.output - 1
+        joined: list[Req] = []
+        while (
+            pod.waitq and pod.n_running < c.max_num_seqs and pod.kv_used + pod.waitq[0].alloc <= self.kv_cap
+        ):
+            r = pod.waitq.popleft()
+            joined.append(r)
+            pod.kv_waiting -= r.alloc
+            pod.kv_used += r.alloc
+            r.g_end = pod.g + r.output
+            heapq.heappush(pod.running, (r.g_end, id(r), r))
+            pod.n_running += 1
+            pod.sum_prompt += r.prompt
+            pod.sum_gjoin += pod.g
+        if pod.n_running:
+            kv = pod.sum_prompt + pod.n_running * pod.g - pod.sum_gjoin
+            pod.step = decode_step_time_s(c, pod.n_running, int(kv))
+            # Sequences that joined now get their first token one step from now.
+            for r in joined:
+                r.first_token = self.now + pod.step
+            pod.version += 1
+            t_next = self.now + max(pod.running[0][0] - pod.g, 0.0) * pod.step
+            self._at(t_next, "decode", (pod, pod.version))
+        else:
+            pod.step = 0.0
+            if pod.draining and not pod.waitq:
+                self._end(pod)
+
+    # ------------------------------------------------------------------ observation
+    def _sample(self, role: str) -> EngineSample:
+        cnt = self.counters[role]
+        ready = [p for p in self.live[role] if p.ready]
+        if role == PREFILL:
+            running = sum(len(p.batch) for p in ready)
+            waiting = sum(len(p.queue) for p in ready) + len(self.pending[PREFILL])
+            kv = 0.0
+        else:
+            running = sum(p.n_running for p in ready)
+            waiting = sum(len(p.waitq) for p in ready) + len(self.pending[DECODE]) + self.in_transfer
+            kv = sum(p.kv_used for p in ready) / (self.kv_cap * len(ready)) if ready else 0.0
+        return EngineSample(
+            engine="vllm",
+            running=running,
+            waiting=waiting,
+            kv_usage=kv,
+            requests_total=cnt.requests,
+            prompt_tokens_total=cnt.prompt_tokens,
+            generation_tokens_total=cnt.generation_tokens,
+            ttft_sum_s=cnt.ttft_sum,
+            ttft_count=cnt.ttft_n,
+            itl_sum_s=cnt.itl_sum,
+            itl_count=cnt.itl_n,
+        )
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, requests: Sequence[Req], policy: PolicyFn, horizon: float) -> FleetResult:
+        """Replay `requests` (sorted by arrival) under `policy` until all finish (or 2x horizon)."""
+        for _ in range(self.initial[0]):
+            self._add_pod(PREFILL, ready_now=True)
+        for _ in range(self.initial[1]):
+            self._add_pod(DECODE, ready_now=True)
+        for r in requests:
+            self._at(r.arrival, "arrival", r)
+        self._at(0.0, "tick", None)
+        prev = {role: self._sample(role) for role in (PREFILL, DECODE)}
+        timeline: list[tuple[float, int, int]] = []
+        total = len(requests)
+        limit = 2 * horizon + 600
+        while self.events:
+            t, _, kind, payload = heapq.heappop(self.events)
+            if t > limit:
+                break
+            self.now = t
+            if kind == "arrival":
+                self._route(PREFILL, payload)  # type: ignore[arg-type]
+            elif kind == "prefill_done":
+                self._prefill_done(payload)  # type: ignore[arg-type]
+            elif kind == "xfer_done":
+                self.in_transfer -= 1
+                self._route(DECODE, payload)  # type: ignore[arg-type]
+            elif kind == "decode":
+                pod, version = payload  # type: ignore[misc]
+                if version == pod.version and pod.end is None:
+                    self._decode_update(pod)
+            elif kind == "ready":
+                self._ready(payload)  # type: ignore[arg-type]
+            elif kind == "tick":
+                loads = {}
+                for role in (PREFILL, DECODE):
+                    cur = self._sample(role)
+                    ready_n = sum(1 for p in self.live[role] if p.ready and not p.draining)
+                    loads[role] = replace(
+                        role_load([prev[role]], [cur], self.interval_s), ready_replicas=ready_n
+                    )
+                    prev[role] = cur
+                current = {role: len(self.alive(role)) for role in (PREFILL, DECODE)}
+                targets = policy(t, loads, current)
+                for role, n in targets.items():
+                    self.scale_to(role, max(n, 1))
+                timeline.append((t, len(self.alive(PREFILL)), len(self.alive(DECODE))))
+                if self.counters[DECODE].requests < total and t < limit:
+                    self._at(t + self.interval_s, "tick", None)
+            if self.counters[DECODE].requests >= total and t >= horizon:
+                break
+        end = max(self.now, horizon)
+        for p in self.pods:
+            if p.end is None:
+                p.end = end
+        return FleetResult(list(requests), self.pods, end, dict(self.scale_events), timeline)

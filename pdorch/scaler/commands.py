@@ -1,0 +1,56 @@
+"""`pdorch scaler`: run the built-in SLO autoscaler for ServingGroup roles with scaling.mode Builtin."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from pdorch.scaler.loop import ScalerConfig, run_scaler
+from pdorch.sim.latency import PRESETS
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = ScalerConfig(
+        kubeconfig=args.kubeconfig,
+        namespace=args.namespace,
+        interval_s=args.interval,
+        coefficients=args.coefficients,
+        drain_timeout_s=args.drain_timeout,
+        metrics_addr=args.metrics_addr,
+        prometheus_url=args.prometheus_url,
+    )
+    if cfg.interval_s <= 0:
+        raise SystemExit("--interval must be > 0 seconds")
+    return asyncio.run(run_scaler(cfg))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `scaler`."""
+    d = ScalerConfig()
+    p = sub.add_parser(
+        "scaler",
+        help="run the built-in SLO autoscaler (writes ServingRoleScaler /scale for Builtin roles)",
+    )
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, then in-cluster)")
+    p.add_argument("--namespace", help="only this namespace (default: all)")
+    p.add_argument(
+        "--interval", type=float, default=d.interval_s, help="seconds between decisions (default %(default)s)"
+    )
+    p.add_argument(
+        "--coefficients",
+        default=d.coefficients,
+        help=f"engine capacity profile: a preset ({', '.join(sorted(PRESETS))}) or a JSON file (default %(default)s)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout_s,
+        help="max seconds to drain before a scale-down",
+    )
+    p.add_argument(
+        "--metrics-addr", default=d.metrics_addr, help="/metrics and /healthz (default %(default)s)"
+    )
+    p.add_argument(
+        "--prometheus-url", help="read engine metrics from this Prometheus instead of scraping pods"
+    )
+    p.set_defaults(func=_run)

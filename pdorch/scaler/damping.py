@@ -1,0 +1,82 @@
+"""Stabilization windows, cooldown and bounds applied to raw recommendations (pure).
+
+Semantics follow the HPA's `behavior`: before scaling up, take the lowest recommendation of the
+scale-up window; before scaling down, the highest of the scale-down window; then clamp to
+[min, max]. On top, `cooldown_s` is the minimum time between two changes of the role, except that
+a scale-up right after a scale-down is never held back (a burst must not wait for a cooldown).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DampingConfig:
+    """A role's damping and bounds (from `scaling` in the ServingGroup)."""
+
+    min_replicas: int = 0
+    max_replicas: int = 1000
+    scale_up_stabilization_s: float = 0.0
+    scale_down_stabilization_s: float = 300.0
+    cooldown_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0 or self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}..{self.max_replicas}"
+            )
+
+
+@dataclass
+class DampingState:
+    """Recent raw recommendations and the last change, per role."""
+
+    history: list[tuple[float, int]] = field(default_factory=list)
+    last_change_s: float | None = None
+    last_direction: int = 0  # +1 up, -1 down
+
+
+@dataclass(frozen=True)
+class Damped:
+    """The replicas to write and why (`held` names what held a raw recommendation back)."""
+
+    replicas: int
+    changed: bool
+    held: str = ""
+
+
+def damp(state: DampingState, cfg: DampingConfig, now_s: float, current: int, raw: int) -> Damped:
+    """Record `raw` at `now_s` and decide the replicas; updates `state` in place."""
+    keep = max(cfg.scale_up_stabilization_s, cfg.scale_down_stabilization_s)
+    if not state.history:
+        # Like the HPA, the first decision remembers the current replicas as a recommendation, so
+        # a (re)started scaler does not drop a warm fleet before the window has seen any load.
+        state.history.append((now_s - 1e-6, current))
+    state.history = [(t, r) for t, r in state.history if now_s - t <= keep]
+    state.history.append((now_s, raw))
+    up_window = [r for t, r in state.history if now_s - t <= cfg.scale_up_stabilization_s]
+    down_window = [r for t, r in state.history if now_s - t <= cfg.scale_down_stabilization_s]
+    held = ""
+    target = current
+    if raw > current:
+        target = max(min(up_window), current)
+        if target < raw:
+            held = f"scale-up stabilization {cfg.scale_up_stabilization_s:.0f}s"
+    elif raw < current:
+        target = min(max(down_window), current)
+        if target > raw:
+            held = f"scale-down stabilization {cfg.scale_down_stabilization_s:.0f}s"
+    bounded = min(max(target, cfg.min_replicas), cfg.max_replicas)
+    if bounded != target:
+        held = f"bounds [{cfg.min_replicas}, {cfg.max_replicas}]"
+    target = bounded
+    if target == current:
+        return Damped(current, False, held)
+    direction = 1 if target > current else -1
+    in_cooldown = state.last_change_s is not None and now_s - state.last_change_s < cfg.cooldown_s
+    if in_cooldown and not (direction > 0 and state.last_direction < 0):
+        return Damped(current, False, f"cooldown {cfg.cooldown_s:.0f}s")
+    state.last_change_s = now_s
+    state.last_direction = direction
+    return Damped(target, True, held)

@@ -1,0 +1,397 @@
+"""The built-in autoscaler process: scrape, decide, write `/scale` (the I/O edge of pdorch.scaler).
+
+Every `interval_s`, for each ServingGroup role with `scaling.mode: Builtin`:
+1. list the role's leader pods and scrape the ready ones (`sources`);
+2. turn two consecutive scrapes into a `RoleLoad` and run the SLO policy (`policy`), then the
+   role's stabilization windows, cooldown and bounds (`damping`) and the group's ratio band (`ratio`);
+3. scale up at once through `ServingRoleScaler/<group>-<role>/scale`; scale down by draining first:
+   the leader pods of the groups LWS will remove (highest group indices) get the
+   `pdorch.io/draining` annotation, the proxy stops routing to them, and `/scale` is lowered once
+   their engines report nothing running or waiting (or after `drain_timeout_s`);
+4. record why in `status.lastScaleReason`/`lastScaleTime`, a Kubernetes Event and Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from pydantic import ValidationError
+
+from pdorch.api.scaler import KIND as SCALER_KIND
+from pdorch.api.servinggroup import API_VERSION, Role, RoleType, ScalingMode, ServingGroup
+from pdorch.controller.events import EventRecorder
+from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
+from pdorch.proxy.discovery import endpoints_from_pods
+from pdorch.roles.labels import ANNOTATION_DRAINING, LWS_GROUP_INDEX, leader_selector, selector_string
+from pdorch.roles.naming import scaler_name
+from pdorch.scaler.damping import DampingConfig, DampingState, damp
+from pdorch.scaler.observe import RoleLoad, role_load
+from pdorch.scaler.policy import Recommendation, SloPolicyConfig, decode_replicas, prefill_replicas
+from pdorch.scaler.ratio import RatioBand, within_band
+from pdorch.scaler.scrape import EngineSample
+from pdorch.scaler.sources import DirectScrape, MetricsSource
+from pdorch.sim.latency import DEFAULT_PRESET, Coefficients, load_coefficients
+
+log = logging.getLogger(__name__)
+
+DESIRED = Gauge(
+    "pdorch_scaler_desired_replicas", "Replicas the scaler wrote.", ["namespace", "group", "role"]
+)
+RECOMMENDED = Gauge(
+    "pdorch_scaler_recommended_replicas", "Raw policy recommendation.", ["namespace", "group", "role"]
+)
+LOAD_RATE = Gauge(
+    "pdorch_scaler_request_rate", "Observed request rate (req/s).", ["namespace", "group", "role"]
+)
+SCALE_EVENTS = Counter(
+    "pdorch_scaler_scale_events_total", "Scale actions written.", ["namespace", "group", "role", "direction"]
+)
+SCRAPE_ERRORS = Counter(
+    "pdorch_scaler_scrape_failures_total",
+    "Ready leader pods whose metrics could not be read.",
+    ["namespace", "group", "role"],
+)
+
+
+@dataclass(frozen=True)
+class ScalerConfig:
+    """Settings of `pdorch scaler`."""
+
+    kubeconfig: str | None = None
+    namespace: str | None = None
+    interval_s: float = 15.0
+    coefficients: str = DEFAULT_PRESET
+    drain_timeout_s: float = 300.0
+    metrics_addr: str = "127.0.0.1:8090"
+    prometheus_url: str | None = None
+
+
+@dataclass
+class RoleState:
+    """Memory of one role between ticks."""
+
+    prev: dict[str, EngineSample] = field(default_factory=dict)  # by endpoint URL
+    prev_at: float | None = None
+    damping: DampingState = field(default_factory=DampingState)
+    draining_to: int | None = None
+    drain_started: float = 0.0
+    drain_reason: str = ""
+
+
+@dataclass(frozen=True)
+class RoleDecision:
+    """What one tick decided for one role (also returned for tests and logs)."""
+
+    namespace: str
+    group: str
+    role: str
+    current: int
+    recommended: int
+    target: int
+    reason: str
+
+
+def damping_config(role: Role) -> DampingConfig:
+    """The role's `scaling` fields as a `DampingConfig`."""
+    s = role.scaling
+    assert s is not None
+    return DampingConfig(
+        min_replicas=s.min_replicas if s.min_replicas is not None else 1,
+        max_replicas=s.max_replicas if s.max_replicas is not None else 1000,
+        scale_up_stabilization_s=s.scale_up_stabilization_seconds,
+        scale_down_stabilization_s=s.scale_down_stabilization_seconds,
+        cooldown_s=s.cooldown_seconds,
+    )
+
+
+def recommend(role: Role, load: RoleLoad, c: Coefficients, cfg: SloPolicyConfig) -> Recommendation:
+    """The SLO policy for a Builtin prefill or decode role."""
+    targets = role.scaling.targets if role.scaling else None
+    if role.type == RoleType.PREFILL:
+        if targets is None or targets.ttft_ms is None:
+            raise ValueError(f"role {role.name}: Builtin prefill scaling needs scaling.targets.ttftMs")
+        return prefill_replicas(load, c, targets.ttft_ms / 1000, cfg)
+    if targets is None or targets.tpot_ms is None:
+        raise ValueError(f"role {role.name}: Builtin decode scaling needs scaling.targets.tpotMs")
+    return decode_replicas(load, c, targets.tpot_ms / 1000, cfg)
+
+
+def _group_index(pod: dict[str, Any]) -> int:
+    try:
+        return int(((pod.get("metadata") or {}).get("labels") or {}).get(LWS_GROUP_INDEX, "-1"))
+    except ValueError:
+        return -1
+
+
+class BuiltinScaler:
+    """One asyncio task that scales every Builtin role it can see."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        cfg: ScalerConfig,
+        source: MetricsSource | None = None,
+        policy: SloPolicyConfig | None = None,
+    ) -> None:
+        self.api = api
+        self.cfg = cfg
+        self.source = source or DirectScrape()
+        self.policy = policy or SloPolicyConfig()
+        self.coefficients = load_coefficients(cfg.coefficients)
+        self.events = EventRecorder(api, "pdorch-scaler", ttl=0.0)
+        self.roles: dict[tuple[str, str, str], RoleState] = {}
+        self._raw: dict[tuple[str, str, str], int] = {}
+
+    # ------------------------------------------------------------------ loop
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every interval until `stop` is set."""
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("scaler tick failed")
+            try:
+                await asyncio.wait_for(
+                    stop.wait(), max(self.cfg.interval_s - (time.monotonic() - started), 0.1)
+                )
+            except TimeoutError:
+                pass
+        await self.events.flush()
+
+    async def tick(self) -> list[RoleDecision]:
+        """One pass over every ServingGroup with Builtin roles."""
+        groups, _ = await self.api.list(SERVING_GROUP, self.cfg.namespace)
+        out: list[RoleDecision] = []
+        for obj in groups:
+            try:
+                sg = ServingGroup.model_validate(obj)
+            except ValidationError as e:
+                log.warning("skipping invalid ServingGroup %s: %s", obj["metadata"].get("name"), e)
+                continue
+            out += await self._group(obj, sg)
+        return out
+
+    # ------------------------------------------------------------------ one group
+    async def _group(self, obj: dict[str, Any], sg: ServingGroup) -> list[RoleDecision]:
+        ns = obj["metadata"].get("namespace", "default")
+        name = obj["metadata"]["name"]
+        builtin = [r for r in sg.spec.roles if r.scaling_mode == ScalingMode.BUILTIN]
+        decisions: dict[str, tuple[Role, dict[str, Any], int, int, str, list[dict[str, Any]]]] = {}
+        for role in builtin:
+            got = await self._decide(ns, name, role)
+            if got is not None:
+                decisions[role.name] = (role, *got)
+        # The declared ratio band, when the group has exactly one Builtin prefill and decode role.
+        ratio = sg.spec.ratio
+        pre = [d for d in decisions.values() if d[0].type == RoleType.PREFILL]
+        dec = [d for d in decisions.values() if d[0].type == RoleType.DECODE]
+        if ratio is not None and ratio.tolerance is not None and len(pre) == 1 and len(dec) == 1:
+            band = RatioBand(ratio.prefill, ratio.decode, ratio.tolerance)
+            p, d = pre[0], dec[0]
+            np_, nd, note = within_band(
+                band, p[3], d[3], damping_config(p[0]).max_replicas, damping_config(d[0]).max_replicas
+            )
+            if note:
+                decisions[p[0].name] = (*p[:3], np_, f"{p[4]}; {note}" if np_ != p[3] else p[4], p[5])
+                decisions[d[0].name] = (*d[:3], nd, f"{d[4]}; {note}" if nd != d[3] else d[4], d[5])
+        out = []
+        for role, srs, current, target, reason, pods in decisions.values():
+            await self._act(ns, name, role, srs, current, target, reason, pods)
+            out.append(
+                RoleDecision(
+                    ns,
+                    name,
+                    role.name,
+                    current,
+                    self._raw.get((ns, name, role.name), current),
+                    target,
+                    reason,
+                )
+            )
+        return out
+
+    async def _decide(
+        self, ns: str, group: str, role: Role
+    ) -> tuple[dict[str, Any], int, int, str, list[dict[str, Any]]] | None:
+        key = (ns, group, role.name)
+        st = self.roles.setdefault(key, RoleState())
+        srs = await self.api.get(SERVING_ROLE_SCALER, scaler_name(group, role.name), ns)
+        if srs is None:
+            return None  # the controller has not created it yet
+        current = int((srs.get("spec") or {}).get("replicas", role.replicas))
+        pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(group, role.name)))
+        eps = list(endpoints_from_pods(pods).endpoints)
+        now = time.monotonic()
+        samples = await self.source.samples(ns, eps)
+        if len(samples) < len(eps):
+            SCRAPE_ERRORS.labels(ns, group, role.name).inc(len(eps) - len(samples))
+        by_url = dict(zip([e.url for e in eps], samples, strict=False)) if len(samples) == len(eps) else {}
+        if not by_url and samples:
+            by_url = {f"#{i}": s for i, s in enumerate(samples)}
+        if st.prev_at is None:
+            st.prev, st.prev_at = by_url, now
+            return None  # rates need two scrapes
+        prev = [st.prev.get(u, EngineSample(engine=s.engine)) for u, s in by_url.items()]
+        load = role_load(prev, list(by_url.values()), max(now - st.prev_at, 1e-3))
+        st.prev, st.prev_at = by_url, now
+        LOAD_RATE.labels(ns, group, role.name).set(load.request_rate)
+        try:
+            rec = recommend(role, load, self.coefficients, self.policy)
+        except ValueError as e:
+            log.warning("%s/%s: %s", ns, group, e)
+            return None
+        RECOMMENDED.labels(ns, group, role.name).set(rec.replicas)
+        self._raw[key] = rec.replicas
+        base = st.draining_to if st.draining_to is not None else current
+        d = damp(st.damping, damping_config(role), now, base, rec.replicas)
+        reason = rec.reason + (f" (held: {d.held})" if d.held else "")
+        return srs, current, d.replicas, reason, pods
+
+    # ------------------------------------------------------------------ actuation
+    async def _act(
+        self,
+        ns: str,
+        group: str,
+        role: Role,
+        srs: dict[str, Any],
+        current: int,
+        target: int,
+        reason: str,
+        pods: list[dict[str, Any]],
+    ) -> None:
+        st = self.roles[(ns, group, role.name)]
+        if target >= current:
+            if st.draining_to is not None:
+                await self._undrain(ns, pods)
+                st.draining_to = None
+            if target > current:
+                await self._write(ns, group, role, srs, current, target, reason)
+            return
+        if st.draining_to != target:
+            # Start (or retarget) a drain: annotate the leaders of the groups LWS will remove.
+            await self._undrain(ns, [p for p in pods if _group_index(p) < target])
+            for p in pods:
+                if (
+                    _group_index(p) >= target
+                    and (p["metadata"].get("annotations") or {}).get(ANNOTATION_DRAINING) != "true"
+                ):
+                    await self.api.patch(
+                        POD,
+                        p["metadata"]["name"],
+                        ns,
+                        {"metadata": {"annotations": {ANNOTATION_DRAINING: "true"}}},
+                    )
+            st.draining_to, st.drain_started, st.drain_reason = target, time.monotonic(), reason
+            log.info(
+                "%s/%s-%s: draining groups >= %d before scaling %d -> %d",
+                ns,
+                group,
+                role.name,
+                target,
+                current,
+                target,
+            )
+            return
+        victims = [p for p in pods if _group_index(p) >= target]
+        eps = [e for e in endpoints_from_pods(_undrained(victims)).endpoints]
+        busy = sum(s.running + s.waiting for s in await self.source.samples(ns, eps))
+        timed_out = time.monotonic() - st.drain_started >= self.cfg.drain_timeout_s
+        if busy > 0 and not timed_out:
+            return
+        note = st.drain_reason + (
+            f"; drain timed out after {self.cfg.drain_timeout_s:.0f}s" if busy else "; drained"
+        )
+        await self._write(ns, group, role, srs, current, target, note)
+        st.draining_to = None
+
+    async def _undrain(self, ns: str, pods: list[dict[str, Any]]) -> None:
+        for p in pods:
+            if (p["metadata"].get("annotations") or {}).get(ANNOTATION_DRAINING) == "true":
+                await self.api.patch(
+                    POD, p["metadata"]["name"], ns, {"metadata": {"annotations": {ANNOTATION_DRAINING: None}}}
+                )
+
+    async def _write(
+        self, ns: str, group: str, role: Role, srs: dict[str, Any], current: int, target: int, reason: str
+    ) -> None:
+        name = scaler_name(group, role.name)
+        await self.api.patch(
+            SERVING_ROLE_SCALER, name, ns, {"spec": {"replicas": target}}, subresource="scale"
+        )
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        note = f"{current} -> {target}: {reason}"[:1024]
+        await self.api.apply(
+            {
+                "apiVersion": API_VERSION,
+                "kind": SCALER_KIND,
+                "metadata": {"name": name, "namespace": ns},
+                "status": {"lastScaleTime": now, "lastScaleReason": note},
+            },
+            subresource="status",
+        )
+        direction = "up" if target > current else "down"
+        SCALE_EVENTS.labels(ns, group, role.name, direction).inc()
+        DESIRED.labels(ns, group, role.name).set(target)
+        self.events.emit_soon(
+            srs, "Normal", "ScaledUp" if direction == "up" else "ScaledDown", note, action="Scale"
+        )
+        log.info("%s/%s: %s", ns, name, note)
+
+
+def _undrained(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the pods without the draining annotation (to reuse endpoint discovery on them)."""
+    out = []
+    for p in pods:
+        md = dict(p["metadata"])
+        md["annotations"] = {
+            k: v for k, v in (md.get("annotations") or {}).items() if k != ANNOTATION_DRAINING
+        }
+        out.append({**p, "metadata": md})
+    return out
+
+
+async def _serve_metrics(addr: str) -> web.AppRunner:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", lambda _r: _ok())
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = addr.rsplit(":", 1)
+    await web.TCPSite(runner, host, int(port)).start()
+    return runner
+
+
+async def _ok() -> web.Response:
+    return web.Response(text="ok")
+
+
+async def run_scaler(cfg: ScalerConfig, stop: asyncio.Event | None = None) -> int:
+    """Run the built-in scaler until `stop` (or forever)."""
+    import signal
+
+    from pdorch.scaler.sources import PrometheusQuery
+
+    api = KubeApi.from_config(cfg.kubeconfig, field_manager="pdorch-scaler")
+    source: MetricsSource = PrometheusQuery(cfg.prometheus_url) if cfg.prometheus_url else DirectScrape()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await _serve_metrics(cfg.metrics_addr)
+    try:
+        await BuiltinScaler(api, cfg, source).run(stop)
+    finally:
+        await runner.cleanup()
+        await api.close()
+    return 0

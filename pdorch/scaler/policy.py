@@ -1,0 +1,169 @@
+"""pdorch's built-in SLO policy: replicas of a prefill and a decode role from their load (pure).
+
+Prefill: the work of the arriving prompts (rate x prompt tokens, priced with the engine's prefill
+coefficients) as an M/M/c queue whose waiting-time tail must fit the TTFT target; plus what it
+takes to drain the current queue.
+
+Decode: the sequences that must be resident (the larger of what runs and waits now and Little's
+law on arrivals x output tokens x the step time) against the sequences one replica holds within the
+TPOT target, its KV capacity and max_num_seqs.
+
+Both return a `Recommendation` whose `reason` says which term decided, for status and events.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pdorch.scaler.observe import RoleLoad
+from pdorch.sim.latency import Coefficients, decode_step_time_s
+
+
+@dataclass(frozen=True)
+class SloPolicyConfig:
+    """Tunables of the built-in policy (defaults are what the bench and the scaler use)."""
+
+    # Share of the TTFT/TPOT target the engine may use; the rest absorbs KV transfer, routing
+    # and the variance the mean-based model does not see.
+    ttft_budget: float = 0.8
+    tpot_budget: float = 0.8
+    # Tail the prefill queue is sized for: P(queueing delay > TTFT budget) <= tail.
+    ttft_tail: float = 0.01
+    # Upper bound on per-replica prefill utilisation whatever the TTFT target allows.
+    max_prefill_utilisation: float = 0.85
+    # KV share decode may plan to fill (vLLM preempts near 100%).
+    kv_target: float = 0.85
+    # Seconds in which prompts already queued should be worked off by extra replicas.
+    backlog_drain_s: float = 30.0
+    # Prompt-length multiple that sizes the one long prompt every queue must absorb.
+    long_prompt_factor: float = 2.0
+    # Standard deviations of headroom on resident decode sequences: a new replica takes a
+    # start-up time to help, and in that time the resident count of a Poisson-like stream moves by
+    # about sqrt(resident), its KV by sqrt(2 x resident) sequences' worth (exponential-like lengths).
+    decode_burst_z: float = 2.33
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A replica count and the term that decided it."""
+
+    replicas: int
+    reason: str
+
+
+def prefill_service_s(c: Coefficients, mean_prompt: float, mean_sq_prompt: float | None = None) -> float:
+    """Mean prefill busy time per request, charging the batch constant to every request (conservative)."""
+    sq = mean_prompt * mean_prompt if mean_sq_prompt is None else mean_sq_prompt
+    return c.prefill_a_s + c.prefill_b_s * mean_prompt + c.prefill_c_s * sq
+
+
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue with `offered` = lambda x S erlangs."""
+    if offered <= 0:
+        return 0.0
+    if offered >= servers:
+        return 1.0
+    # Erlang B by its stable recursion, then C from B.
+    b = 1.0
+    for k in range(1, servers + 1):
+        b = offered * b / (k + offered * b)
+    rho = offered / servers
+    return b / (1 - rho + rho * b)
+
+
+def wait_tail(servers: int, offered: float, service_s: float, t_s: float) -> float:
+    """P(queueing delay > t) in M/M/c: C(c, a) * exp(-(c - a) * t / S)."""
+    if offered >= servers:
+        return 1.0
+    return erlang_c(servers, offered) * math.exp(-(servers - offered) * t_s / service_s)
+
+
+def prefill_replicas(
+    load: RoleLoad, c: Coefficients, ttft_target_s: float, cfg: SloPolicyConfig = SloPolicyConfig()
+) -> Recommendation:
+    """Prefill replicas for `load` under the TTFT target.
+
+    The role is sized as an M/M/c queue (the proxy spreads prompts over the replicas by load):
+    the fewest replicas whose waiting-time tail beyond the TTFT budget (the target's share the
+    engine may use, less the service of one long prompt) is at most `ttft_tail`, and at most
+    `max_prefill_utilisation` busy. Exponential service overstates a batched prefill's variance,
+    which keeps the estimate on the safe side.
+    """
+    n = load.mean_prompt_tokens
+    if load.request_rate <= 0 or n <= 0:
+        if load.waiting > 0:
+            return Recommendation(
+                max(load.ready_replicas, 1), f"{load.waiting:.0f} queued, no finished requests yet"
+            )
+        return Recommendation(0, "no prefill load")
+    service = prefill_service_s(c, n)
+    long_prompt = prefill_service_s(c, n * cfg.long_prompt_factor)
+    budget = max(ttft_target_s * cfg.ttft_budget - long_prompt, 0.0)
+    offered = load.request_rate * service  # replica-seconds of prefill per second (erlangs)
+    need = max(math.ceil(offered / cfg.max_prefill_utilisation - 1e-9), 1)
+    while need < 100_000 and wait_tail(need, offered, service, budget) > cfg.ttft_tail:
+        need += 1
+    # Prompts already queued are drained within `backlog_drain_s` on top of the arrivals.
+    backlog = load.waiting * service / cfg.backlog_drain_s
+    extra = math.ceil(backlog - 1e-9) if backlog >= 0.5 else 0
+    reason = (
+        f"prefill {load.request_rate:.2f} req/s x {n:.0f} tok = {offered:.2f} replica-s/s; "
+        f"{need} keep the TTFT {ttft_target_s * 1000:.0f}ms tail <= {cfg.ttft_tail:.0%}"
+    )
+    if extra:
+        reason += f", +{extra} to drain {load.waiting:.0f} queued"
+    return Recommendation(need + extra, reason)
+
+
+def decode_seqs_per_replica(
+    c: Coefficients, mean_prompt: float, mean_output: float, tpot_target_s: float, cfg: SloPolicyConfig
+) -> tuple[float, str]:
+    """Sequences one decode replica holds within TPOT, KV capacity and max_num_seqs, and the binding limit."""
+    ctx = mean_prompt + mean_output / 2  # mean context over a sequence's life
+    budget = tpot_target_s * cfg.tpot_budget
+    per_seq = c.decode_beta_s + c.decode_gamma_s * ctx
+    by_itl = (budget - c.decode_a_s) / per_seq if budget > c.decode_a_s else 1.0
+    # The engine reserves prompt + max_tokens blocks at admission.
+    by_kv = cfg.kv_target * c.kv_capacity_tokens / max(mean_prompt + mean_output, 1.0)
+    limits = {"TPOT": by_itl, "KV": by_kv, "max_num_seqs": float(c.max_num_seqs)}
+    name = min(limits, key=lambda k: limits[k])
+    return max(limits[name], 1.0), name
+
+
+def decode_replicas(
+    load: RoleLoad, c: Coefficients, tpot_target_s: float, cfg: SloPolicyConfig = SloPolicyConfig()
+) -> Recommendation:
+    """Decode replicas for `load` under the TPOT target."""
+    if load.request_rate <= 0 and load.running + load.waiting <= 0:
+        return Recommendation(0, "no decode load")
+    prompt = load.mean_prompt_tokens or 1.0
+    output = load.mean_output_tokens or 1.0
+    per_replica, limit = decode_seqs_per_replica(c, prompt, output, tpot_target_s, cfg)
+    # Little's law needs the step time sequences will see: the measured ITL when there is one
+    # (the model's step at full occupancy overstates it), else the model at full occupancy.
+    step = load.mean_itl_s or decode_step_time_s(
+        c, max(int(per_replica), 1), int(per_replica * (prompt + output / 2))
+    )
+    little = load.request_rate * output * step
+    # Waiting sequences are a backlog, not a steady state: each holds a slot for its lifetime
+    # (output x step), and the backlog should clear within backlog_drain_s, so it needs
+    # waiting x min(1, lifetime / drain) extra slots, not one slot per waiting sequence.
+    backlog_share = min(1.0, output * step / cfg.backlog_drain_s)
+    resident_now = load.running + load.waiting * backlog_share
+    base = max(resident_now, little)
+    resident = base + cfg.decode_burst_z * math.sqrt(2 * base)
+    by_seqs = math.ceil(resident / per_replica - 1e-9)
+    # KV in use now (vLLM's gauge) may bind before the sequence count does.
+    kv_replicas = load.kv_usage * load.ready_replicas / cfg.kv_target
+    by_kv = math.ceil(kv_replicas * (resident / base if base else 1.0) - 1e-9)
+    reason = (
+        f"decode {resident:.0f} resident seqs with headroom (running + backlog share {resident_now:.0f}, "
+        f"Little {little:.0f}) / {per_replica:.0f} per replica ({limit}-bound at TPOT {tpot_target_s * 1000:.0f}ms)"
+    )
+    if by_kv > by_seqs:
+        reason = (
+            f"decode KV usage {load.kv_usage:.0%} on {load.ready_replicas} replicas, with headroom, "
+            f"needs {by_kv} at {cfg.kv_target:.0%}"
+        )
+    return Recommendation(max(by_seqs, by_kv), reason)

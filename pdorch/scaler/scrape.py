@@ -1,0 +1,102 @@
+"""Parse one engine's Prometheus text exposition into an `EngineSample` (pure, no I/O).
+
+Both engines' real metric names are understood: vLLM V1 (`vllm:` prefix) and SGLang (`sglang:`
+prefix), the names `pdorch sim` exports. Counters and histogram sums/counts are cumulative; the
+scaler turns two samples into rates (`pdorch.scaler.observe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@dataclass(frozen=True)
+class EngineSample:
+    """Cumulative counters and live gauges of one engine at one scrape."""
+
+    engine: str  # "vllm" or "sglang"
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_usage: float = 0.0  # 0..1
+    requests_total: float = 0.0  # finished requests
+    prompt_tokens_total: float = 0.0
+    generation_tokens_total: float = 0.0
+    ttft_sum_s: float = 0.0
+    ttft_count: float = 0.0
+    itl_sum_s: float = 0.0
+    itl_count: float = 0.0
+    kv_capacity_tokens: float = 0.0  # 0 when the engine does not say
+
+
+# Metric family name (as the parser reports it, i.e. without _total/_sum/_count) -> field.
+_VLLM_GAUGES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_usage",
+    # Older vLLM builds name the KV gauge gpu_cache_usage_perc.
+    "vllm:gpu_cache_usage_perc": "kv_usage",
+}
+_SGLANG_GAUGES = {
+    "sglang:num_running_reqs": "running",
+    "sglang:num_queue_reqs": "waiting",
+    "sglang:token_usage": "kv_usage",
+    "sglang:max_total_num_tokens": "kv_capacity_tokens",
+}
+_COUNTERS = {
+    "vllm:request_success": "requests_total",
+    "vllm:prompt_tokens": "prompt_tokens_total",
+    "vllm:generation_tokens": "generation_tokens_total",
+    "sglang:num_requests": "requests_total",
+    "sglang:prompt_tokens": "prompt_tokens_total",
+    "sglang:generation_tokens": "generation_tokens_total",
+}
+_HISTOGRAMS = {
+    "vllm:time_to_first_token_seconds": "ttft",
+    "vllm:inter_token_latency_seconds": "itl",
+    "sglang:time_to_first_token_seconds": "ttft",
+    "sglang:inter_token_latency_seconds": "itl",
+}
+
+
+class MetricsParseError(ValueError):
+    """The text is not Prometheus exposition format or has no engine metrics."""
+
+
+def parse_engine_metrics(text: str) -> EngineSample:
+    """Sum every series (all label sets) of the known vLLM/SGLang metrics into one sample."""
+    values: dict[str, float] = {}
+    engine = ""
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as e:
+        raise MetricsParseError(f"not Prometheus text exposition format: {e}") from e
+    for fam in families:
+        name = fam.name
+        if name.startswith("vllm:"):
+            engine = engine or "vllm"
+        elif name.startswith("sglang:"):
+            engine = engine or "sglang"
+        if name in _VLLM_GAUGES or name in _SGLANG_GAUGES:
+            field = _VLLM_GAUGES.get(name) or _SGLANG_GAUGES[name]
+            vals = [s.value for s in fam.samples if s.name == name]
+            if not vals:
+                continue
+            # KV usage is a fraction per engine: average the label sets; counts add up.
+            agg = sum(vals) / len(vals) if field == "kv_usage" else sum(vals)
+            values[field] = agg
+        elif name in _COUNTERS:
+            values[_COUNTERS[name]] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
+        elif name in _HISTOGRAMS:
+            key = _HISTOGRAMS[name]
+            values[f"{key}_sum_s"] = sum(s.value for s in fam.samples if s.name == name + "_sum")
+            values[f"{key}_count"] = sum(s.value for s in fam.samples if s.name == name + "_count")
+        elif name == "vllm:cache_config_info":
+            for s in fam.samples:
+                blocks, size = s.labels.get("num_gpu_blocks"), s.labels.get("block_size")
+                if blocks and size:
+                    values["kv_capacity_tokens"] = float(blocks) * float(size)
+    if not engine:
+        raise MetricsParseError("no vllm: or sglang: metrics in the scraped text")
+    return EngineSample(engine=engine, **values)

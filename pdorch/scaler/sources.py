@@ -1,0 +1,142 @@
+"""Where the built-in scaler gets engine metrics (the I/O edge of `pdorch.scaler`).
+
+- `DirectScrape`: GET `/metrics` from each ready leader pod of the role (pod IP + engine port,
+  the same endpoints the proxy routes to).
+- `PrometheusQuery`: the same metrics through a Prometheus server's HTTP API (`/api/v1/query`),
+  for clusters where pods are not reachable from the scaler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import httpx2
+
+from pdorch.proxy.endpoints import Endpoint
+from pdorch.scaler.scrape import EngineSample, MetricsParseError, parse_engine_metrics
+
+log = logging.getLogger(__name__)
+
+SCRAPE_TIMEOUT_S = 3.0
+
+
+class MetricsSource(Protocol):
+    """Samples of the given leader endpoints (endpoints that failed are left out)."""
+
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample]: ...
+
+
+class DirectScrape:
+    """Scrape every endpoint's `/metrics` concurrently."""
+
+    def __init__(self, http: httpx2.AsyncClient | None = None) -> None:
+        self.http = http or httpx2.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False)
+
+    async def _one(self, ep: Endpoint) -> EngineSample | None:
+        try:
+            r = await self.http.get(f"{ep.url}/metrics")
+            r.raise_for_status()
+            return parse_engine_metrics(r.text)
+        except (httpx2.HTTPError, MetricsParseError) as e:
+            log.warning("scrape %s (%s) failed: %s", ep.url, ep.pod, e)
+            return None
+
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample]:
+        got = await asyncio.gather(*(self._one(ep) for ep in endpoints))
+        return [s for s in got if s is not None]
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+# Series the scaler reads, with the family type the text parser needs to group them.
+_SERIES: dict[str, str] = {
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:request_success_total": "counter",
+    "vllm:prompt_tokens_total": "counter",
+    "vllm:generation_tokens_total": "counter",
+    "vllm:time_to_first_token_seconds_sum": "histogram",
+    "vllm:time_to_first_token_seconds_count": "histogram",
+    "vllm:inter_token_latency_seconds_sum": "histogram",
+    "vllm:inter_token_latency_seconds_count": "histogram",
+    "sglang:num_running_reqs": "gauge",
+    "sglang:num_queue_reqs": "gauge",
+    "sglang:token_usage": "gauge",
+    "sglang:num_requests_total": "counter",
+    "sglang:prompt_tokens_total": "counter",
+    "sglang:generation_tokens_total": "counter",
+    "sglang:time_to_first_token_seconds_sum": "histogram",
+    "sglang:time_to_first_token_seconds_count": "histogram",
+    "sglang:inter_token_latency_seconds_sum": "histogram",
+    "sglang:inter_token_latency_seconds_count": "histogram",
+}
+
+
+def _family(series: str, kind: str) -> str:
+    # The text parser groups a counter by a TYPE line naming the `_total` series itself.
+    for suffix in ("_sum", "_count"):
+        if kind == "histogram" and series.endswith(suffix):
+            return series[: -len(suffix)]
+    return series
+
+
+def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
+    """Exposition text for one pod from a Prometheus instant-vector result (pure)."""
+    lines: dict[str, list[str]] = {}
+    for item in result:
+        metric = item.get("metric") or {}
+        if metric.get("pod") != by_pod:
+            continue
+        name = metric.get("__name__", "")
+        kind = _SERIES.get(name)
+        if kind is None:
+            continue
+        fam = _family(name, kind)
+        lines.setdefault(f"# TYPE {fam} {kind}", []).append(f"{name} {float(item['value'][1])!r}")
+    out = []
+    for header, body in lines.items():
+        out.append(header)
+        if header.endswith(" histogram"):  # the parser wants a +Inf bucket to accept a histogram
+            fam = header.split()[2]
+            count = next((b for b in body if b.startswith(fam + "_count ")), None)
+            if count:
+                out.append(f'{fam}_bucket{{le="+Inf"}} {count.split()[1]}')
+        out.extend(body)
+    return "\n".join(out) + "\n"
+
+
+class PrometheusQuery:
+    """Read the series above for the role's leader pods from a Prometheus HTTP API."""
+
+    def __init__(self, base_url: str, http: httpx2.AsyncClient | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.http = http or httpx2.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False)
+
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample]:
+        pods = [ep.pod for ep in endpoints if ep.pod]
+        if not pods:
+            return []
+        names = "|".join(n.replace(":", "\\\\:") for n in _SERIES)
+        query = f'{{__name__=~"{names}",namespace="{namespace}",pod=~"{"|".join(pods)}"}}'
+        try:
+            r = await self.http.get(f"{self.base_url}/api/v1/query", params={"query": query})
+            r.raise_for_status()
+            result = r.json()["data"]["result"]
+        except (httpx2.HTTPError, KeyError, ValueError) as e:
+            log.warning("prometheus query failed: %s", e)
+            return []
+        out = []
+        for pod in pods:
+            try:
+                out.append(parse_engine_metrics(prometheus_vector_to_text(result, pod)))
+            except MetricsParseError:
+                log.warning("prometheus has no engine series for pod %s/%s", namespace, pod)
+        return out
+
+    async def close(self) -> None:
+        await self.http.aclose()

@@ -1,0 +1,58 @@
+"""The pure helpers of the scaler process: a role's scaling fields -> damping and policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdorch.api.servinggroup import Role
+from pdorch.scaler.loop import damping_config, recommend
+from pdorch.scaler.observe import RoleLoad
+from pdorch.scaler.policy import SloPolicyConfig
+from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
+
+pytestmark = pytest.mark.unit
+
+TEMPLATE = {"spec": {"containers": [{"name": "engine", "image": "x"}]}}
+
+
+def _role(rtype: str, scaling: dict[str, object]) -> Role:
+    return Role.model_validate(
+        {"name": rtype, "type": rtype, "replicas": 1, "workerTemplate": TEMPLATE, "scaling": scaling}
+    )
+
+
+def test_scaling_fields_become_the_damping_config() -> None:
+    r = _role(
+        "decode",
+        {
+            "mode": "Builtin",
+            "minReplicas": 1,
+            "maxReplicas": 7,
+            "targets": {"tpotMs": 80},
+            "scaleDownStabilizationSeconds": 20,
+            "cooldownSeconds": 5,
+        },
+    )
+    d = damping_config(r)
+    assert (d.min_replicas, d.max_replicas, d.scale_down_stabilization_s, d.cooldown_s) == (1, 7, 20, 5)
+    assert d.scale_up_stabilization_s == 0
+
+
+def test_recommend_uses_the_role_type_and_its_target() -> None:
+    load = RoleLoad(
+        ready_replicas=1, window_s=15, request_rate=20, mean_prompt_tokens=1000, mean_output_tokens=200
+    )
+    p = recommend(
+        _role("prefill", {"mode": "Builtin", "maxReplicas": 9, "targets": {"ttftMs": 2000}}),
+        load,
+        DIST,
+        SloPolicyConfig(),
+    )
+    assert p.reason.startswith("prefill") and p.replicas >= 3
+    d = recommend(
+        _role("decode", {"mode": "Builtin", "maxReplicas": 9, "targets": {"tpotMs": 100}}),
+        load,
+        DIST,
+        SloPolicyConfig(),
+    )
+    assert d.reason.startswith("decode")

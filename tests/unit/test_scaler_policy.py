@@ -1,0 +1,225 @@
+"""pdorch's SLO policy, damping, ratio band and the peer policies (pure functions)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pdorch.scaler import peers
+from pdorch.scaler.damping import DampingConfig, DampingState, damp
+from pdorch.scaler.observe import RoleLoad
+from pdorch.scaler.policy import (
+    SloPolicyConfig,
+    decode_replicas,
+    decode_seqs_per_replica,
+    erlang_c,
+    prefill_replicas,
+    wait_tail,
+)
+from pdorch.scaler.ratio import RatioBand, within_band
+from pdorch.sim.latency import BLIS_LLAMA31_8B_H100 as BLIS
+from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
+
+pytestmark = pytest.mark.unit
+
+
+def _load(rate: float, prompt: float, output: float = 100, **kw: float) -> RoleLoad:
+    return RoleLoad(
+        ready_replicas=int(kw.pop("ready", 2)),
+        window_s=15,
+        request_rate=rate,
+        mean_prompt_tokens=prompt,
+        mean_output_tokens=output,
+        **kw,
+    )
+
+
+@given(rate=st.floats(0.1, 200), prompt=st.floats(10, 8000), k=st.floats(1.0, 4.0))
+def test_prefill_never_shrinks_with_more_or_longer_prompts(rate: float, prompt: float, k: float) -> None:
+    base = prefill_replicas(_load(rate, prompt), DIST, 2.0).replicas
+    assert prefill_replicas(_load(rate * k, prompt), DIST, 2.0).replicas >= base
+    assert prefill_replicas(_load(rate, min(prompt * k, 16000)), DIST, 2.0).replicas >= base
+
+
+def test_erlang_c_known_values() -> None:
+    # M/M/1: P(wait) = rho; M/M/2 at a = 1: C = 1/3.
+    assert erlang_c(1, 0.7) == pytest.approx(0.7)
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(3, 3.5) == 1.0
+    assert wait_tail(2, 1.0, 0.1, 0.0) == pytest.approx(1 / 3)
+    assert wait_tail(2, 1.0, 0.1, 0.5) == pytest.approx(1 / 3 * math.exp(-5))
+
+
+def test_prefill_capacity_matches_the_latency_model() -> None:
+    # 20 req/s x 1000-token prompts on OPT-13B: 20 x (18.1 + 102 + 7.1) ms = 2.54 replica-s/s.
+    rec = prefill_replicas(_load(20, 1000), DIST, 2.0)
+    assert "2.54 replica-s/s" in rec.reason and "TTFT 2000ms" in rec.reason
+    # The fewest M/M/c replicas meeting the tail, and never planned above 85% busy.
+    budget = 2.0 * 0.8 - (0.0181 + 0.204 + 0.0284)
+    assert wait_tail(rec.replicas, 2.544, 0.1272, budget) <= 0.01
+    assert rec.replicas == 3 or wait_tail(rec.replicas - 1, 2.544, 0.1272, budget) > 0.01
+    assert rec.replicas >= 2.544 / 0.85
+
+
+def test_a_tighter_ttft_needs_more_prefill() -> None:
+    loose = prefill_replicas(_load(30, 1500), DIST, 4.0).replicas
+    tight = prefill_replicas(_load(30, 1500), DIST, 0.6).replicas
+    assert tight > loose
+
+
+def test_prefill_backlog_adds_replicas_and_says_so() -> None:
+    calm = prefill_replicas(_load(10, 1000), DIST, 2.0)
+    queued = prefill_replicas(_load(10, 1000, waiting=200), DIST, 2.0)
+    assert queued.replicas > calm.replicas and "to drain 200 queued" in queued.reason
+
+
+def test_idle_roles_want_zero() -> None:
+    assert prefill_replicas(_load(0, 0), DIST, 2.0).replicas == 0
+    assert decode_replicas(_load(0, 0), DIST, 0.1).replicas == 0
+
+
+@given(rate=st.floats(0.1, 100), output=st.floats(2, 2000), k=st.floats(1.0, 4.0))
+def test_decode_grows_with_output_length(rate: float, output: float, k: float) -> None:
+    base = decode_replicas(_load(rate, 500, output), BLIS, 0.05).replicas
+    assert decode_replicas(_load(rate, 500, output * k), BLIS, 0.05).replicas >= base
+
+
+def test_decode_ignores_prompt_length_when_not_kv_bound() -> None:
+    # BLIS H100 holds 467k KV tokens: 200 vs 800-token prompts stay max_num_seqs-bound.
+    short = decode_replicas(_load(20, 200, 300), BLIS, 0.05)
+    long = decode_replicas(_load(20, 800, 300), BLIS, 0.05)
+    assert short.replicas == long.replicas
+    assert "max_num_seqs-bound" in short.reason
+
+
+def test_decode_limits() -> None:
+    cfg = SloPolicyConfig()
+    per, limit = decode_seqs_per_replica(DIST, 1000, 200, 0.1, cfg)
+    assert limit == "KV" and per == pytest.approx(0.85 * 64000 / 1200)
+    per, limit = decode_seqs_per_replica(BLIS, 100, 100, 0.5, cfg)
+    assert limit == "max_num_seqs" and per == 256
+    per, limit = decode_seqs_per_replica(BLIS, 4000, 100, 0.0075, cfg)
+    assert limit == "TPOT"
+
+
+def test_decode_follows_kv_usage() -> None:
+    low = decode_replicas(_load(1, 500, 10, running=5, kv_usage=0.2, ready=4), DIST, 0.1)
+    high = decode_replicas(_load(1, 500, 10, running=5, kv_usage=0.95, ready=4), DIST, 0.1)
+    assert high.replicas > 4 >= low.replicas and "KV usage 95%" in high.reason
+
+
+# ---------------------------------------------------------------------------- damping
+def test_scale_down_waits_for_the_stabilization_window() -> None:
+    cfg = DampingConfig(min_replicas=1, max_replicas=10, scale_down_stabilization_s=60, cooldown_s=0)
+    s = DampingState()
+    assert damp(s, cfg, 0, 5, 5).replicas == 5
+    d = damp(s, cfg, 30, 5, 2)
+    assert d.replicas == 5 and not d.changed and "scale-down stabilization" in d.held
+    assert damp(s, cfg, 61, 5, 2).replicas == 2
+
+
+def test_scale_up_is_immediate_and_bounded() -> None:
+    cfg = DampingConfig(min_replicas=1, max_replicas=6, scale_down_stabilization_s=300, cooldown_s=0)
+    s = DampingState()
+    d = damp(s, cfg, 0, 2, 9)
+    assert d.replicas == 6 and d.changed and "bounds" in d.held
+
+
+def test_cooldown_holds_a_second_action_but_not_a_rebound() -> None:
+    cfg = DampingConfig(min_replicas=1, max_replicas=20, scale_down_stabilization_s=0, cooldown_s=60)
+    s = DampingState()
+    assert damp(s, cfg, 0, 4, 6).replicas == 6
+    d = damp(s, cfg, 10, 6, 8)
+    assert d.replicas == 6 and "cooldown" in d.held
+    assert damp(s, cfg, 70, 6, 3).replicas == 3
+    # Scaling up again right after a scale-down is not held: a burst must not wait.
+    assert damp(s, cfg, 75, 3, 7).replicas == 7
+
+
+@given(
+    recs=st.lists(st.integers(0, 50), min_size=1, max_size=40),
+    lo=st.integers(0, 5),
+    span=st.integers(0, 30),
+)
+def test_damped_replicas_stay_within_bounds(recs: list[int], lo: int, span: int) -> None:
+    cfg = DampingConfig(min_replicas=lo, max_replicas=lo + span, scale_down_stabilization_s=30, cooldown_s=10)
+    s, cur = DampingState(), lo
+    for i, r in enumerate(recs):
+        cur = damp(s, cfg, i * 15.0, cur, r).replicas
+        assert lo <= cur <= lo + span
+
+
+def test_bad_bounds_are_refused() -> None:
+    with pytest.raises(ValueError, match="min_replicas <= max_replicas"):
+        DampingConfig(min_replicas=5, max_replicas=2)
+
+
+# ---------------------------------------------------------------------------- ratio band
+def test_ratio_band_raises_the_short_side() -> None:
+    band = RatioBand(2, 1, 0.25)  # P:D in [1.5, 2.5]
+    assert within_band(band, 2, 4, 100, 100)[:2] == (6, 4)
+    assert within_band(band, 12, 2, 100, 100)[:2] == (12, 5)
+    assert within_band(band, 4, 2, 100, 100) == (4, 2, "")
+    assert within_band(band, 12, 2, 100, 3)[:2] == (12, 3)  # max wins over the band
+
+
+@given(
+    p=st.integers(1, 200),
+    d=st.integers(1, 200),
+    rp=st.integers(1, 8),
+    rd=st.integers(1, 8),
+    tol=st.floats(0, 0.9),
+)
+def test_ratio_band_only_raises_and_lands_inside(p: int, d: int, rp: int, rd: int, tol: float) -> None:
+    band = RatioBand(rp, rd, tol)
+    np_, nd, _ = within_band(band, p, d, 10_000, 10_000)
+    assert np_ >= p and nd >= d
+    r = rp / rd
+    assert r * (1 - tol) - 1e-9 <= np_ / nd or np_ == p  # raised prefill lands in the band
+    assert np_ / nd <= r * (1 + tol) + 1e-9 or nd == d
+
+
+# ---------------------------------------------------------------------------- peers
+def test_hpa_formula_and_tolerance() -> None:
+    assert peers.hpa_desired(4, 10, 5) == 8
+    assert peers.hpa_desired(4, 5.4, 5) == 4  # within 10%
+    assert peers.hpa_desired(4, 1, 5) == 1
+    assert peers.hpa_scale_up_limit(2) == 6 and peers.hpa_scale_up_limit(10) == 20
+    with pytest.raises(ValueError):
+        peers.hpa_desired(1, 1, 0)
+
+
+def test_fixed_ratio_couples_prefill_to_decode() -> None:
+    assert peers.fixed_ratio(4, 1.9) == 8
+    assert peers.fixed_ratio(0, 1.9) == 1
+
+
+def test_dynamo_planner_sizes_from_interval_throughput() -> None:
+    obs = peers.DynamoObservation(
+        num_requests=600,
+        mean_isl=1000,
+        mean_osl=200,
+        mean_ttft_s=None,
+        mean_itl_s=None,
+        decode_concurrency=10,
+    )
+    n_p, n_d = peers.dynamo_sla_planner(obs, DIST, 60, 2.0, 0.1)
+    # 10 req/s x 1000 tokens / (1000 tokens per 127.2 ms) = 1.27 -> 2 prefill.
+    assert n_p == 2
+    assert n_d >= 1
+    slow = peers.DynamoObservation(600, 1000, 200, None, 0.2, 10)
+    assert peers.dynamo_sla_planner(slow, DIST, 60, 2.0, 0.1)[1] >= n_d
+
+
+def test_decode_backlog_counts_by_lifetime_not_one_slot_each() -> None:
+    # 900 sequences waiting for KV; each lives 100 tokens x 50 ms = 5 s, so clearing them in the
+    # 30 s drain window needs 1/6 of a slot each, not a whole one.
+    waiting = _load(1, 1000, 100, running=0, waiting=900, mean_itl_s=0.05)
+    rec = decode_replicas(waiting, DIST, 0.1)
+    per = 0.85 * 64000 / 1100
+    slots = 900 * (100 * 0.05 / 30)
+    assert rec.replicas == math.ceil((slots + 2.33 * math.sqrt(2 * slots)) / per - 1e-9)
+    assert rec.replicas < 900 / per
