@@ -22,7 +22,7 @@ import yaml
 from lightkube.codecs import from_dict
 from lightkube.generic_resource import create_namespaced_resource
 
-from pdorch.controller.kubeapi import EVENT, SERVING_GROUP, KubeApi
+from pdorch.controller.kubeapi import EVENT, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
 from pdorch.demo.traffic import Stats, run_users
 from pdorch.demo.view import render_view
 from pdorch.devcluster.binaries import repo_root
@@ -45,6 +45,10 @@ def _apply_example(st: ClusterState, image: str | None = None) -> None:
     """Apply examples/sim-pd; with `image`, the same group with a new engine image (a rollout)."""
     doc = yaml.safe_load((repo_root() / "examples" / "sim-pd" / "servinggroup.yaml").read_text())
     doc["metadata"]["namespace"] = NAMESPACE
+    for role in doc["spec"]["roles"]:
+        if role["type"] == "decode":
+            # Decode replicas come from ServingRoleScaler/sim-pd-decode (what an HPA or KEDA drives).
+            role["scaling"] = {"mode": "External", "minReplicas": 1, "maxReplicas": 3}
     if image is not None:
         for role in doc["spec"]["roles"]:
             if role["type"] in ("prefill", "decode"):
@@ -77,7 +81,8 @@ async def demo(
     """Run the demo; returns the exit code.
 
     After `rollout_after` seconds of traffic the engine image changes, so the view shows a
-    ratio-preserving rollout (steps in the events, revisions in the status) under live traffic.
+    ratio-preserving rollout (steps in the events, revisions in the status) under live traffic;
+    30 s later the decode role is scaled to 2 through its ServingRoleScaler's /scale, as an HPA would.
     """
     cluster = DevCluster(default_state_dir(cluster_name), progress=say)
     ctl: ControllerProc | None = None
@@ -122,13 +127,23 @@ async def demo(
         t0 = time.monotonic()
         tty = sys.stdout.isatty()
         last_plain = 0.0
-        rolled = rollout_after is None
+        rolled = scaled = rollout_after is None
         while duration is None or time.monotonic() - t0 < duration:
             await asyncio.sleep(1.0)
             if not rolled and time.monotonic() - t0 >= (rollout_after or 0.0):
                 rolled = True
                 say("changing the engine image to pdorch/sim:v2: watch the rollout steps below")
                 await asyncio.to_thread(_apply_example, st, "pdorch/sim:v2")
+            if not scaled and time.monotonic() - t0 >= (rollout_after or 0.0) + 30:
+                scaled = True
+                say("scaling decode to 2 through ServingRoleScaler/sim-pd-decode (like `kubectl scale`)")
+                await api.patch(
+                    SERVING_ROLE_SCALER,
+                    f"{GROUP}-decode",
+                    NAMESPACE,
+                    {"spec": {"replicas": 2}},
+                    subresource="scale",
+                )
             if traffic.done():
                 traffic.result()  # surface a crash of the traffic generator
             group: dict[str, Any] | None = await api.get(SERVING_GROUP, GROUP, NAMESPACE)
