@@ -84,7 +84,9 @@ async def demo(
     ratio-preserving rollout (steps in the events, revisions in the status) under live traffic;
     30 s later the decode role is scaled to 2 through its ServingRoleScaler's /scale, as an HPA would.
     """
-    cluster = DevCluster(default_state_dir(cluster_name), progress=say)
+    # Pods turn Ready 1-2 s after they start, like an engine behind a readiness probe: kwok has no
+    # probes, and a pod Ready before its simulated engine listens would get traffic too early.
+    cluster = DevCluster(default_state_dir(cluster_name), progress=say, pod_ready_ms=(1000, 2000))
     ctl: ControllerProc | None = None
     backends: PodBackends | None = None
     api: KubeApi | None = None

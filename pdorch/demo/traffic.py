@@ -91,8 +91,12 @@ def _pct(values: list[float], q: float) -> float | None:
 
 async def one_request(
     client: httpx2.AsyncClient, url: str, prompt: str, max_tokens: int, stats: Stats
-) -> None:
-    """Send one streamed completion and record TTFT/TPOT or the error."""
+) -> float:
+    """Send one streamed completion and record TTFT/TPOT or the error.
+
+    Returns how long the user should wait before the next request: the server's Retry-After on
+    429/503 (capped at 5 s), a short pause after other errors, 0 after a success.
+    """
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True}
     t0 = time.monotonic()
     first: float | None = None
@@ -102,7 +106,10 @@ async def one_request(
             if r.status_code != 200:
                 await r.aread()
                 stats.add(Sample(time.monotonic(), False), f"HTTP {r.status_code}")
-                return
+                try:
+                    return min(5.0, float(r.headers.get("Retry-After", "1")))
+                except ValueError:
+                    return 1.0
             async for line in r.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     chunks += 1
@@ -110,10 +117,11 @@ async def one_request(
                         first = time.monotonic()
     except httpx2.HTTPError as e:
         stats.add(Sample(time.monotonic(), False), type(e).__name__)
-        return
+        return 1.0
     end = time.monotonic()
     tpot = (end - first) / (chunks - 1) if first is not None and chunks > 1 else None
     stats.add(Sample(end, True, (first or end) - t0, tpot))
+    return 0.0
 
 
 async def run_users(url: str, users: int, stats: Stats, stop: asyncio.Event, seed: int = 7) -> None:
@@ -125,6 +133,8 @@ async def run_users(url: str, users: int, stats: Stats, stop: asyncio.Event, see
         async with httpx2.AsyncClient(trust_env=False, timeout=httpx2.Timeout(120.0)) as client:
             while not stop.is_set():
                 isl, osl = rng.choice(lengths)
-                await one_request(client, url, prompt_of(isl, rng), osl, stats)
+                pause = await one_request(client, url, prompt_of(isl, rng), osl, stats)
+                if pause:
+                    await asyncio.sleep(pause)  # a real client honours Retry-After
 
     await asyncio.gather(*(user(i) for i in range(users)))
