@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import httpx2
 import pytest
 from lightkube import Client
 from lightkube.resources.core_v1 import ConfigMap
+from prometheus_client import REGISTRY
 
 from pdorch.controller.informer import Informer
 from pdorch.controller.kubeapi import KubeApi, Resource
@@ -17,6 +19,29 @@ pytestmark = pytest.mark.integration
 
 CONFIGMAP = Resource("", "v1", "configmaps", "ConfigMap")
 LABELS = {"pdorch.io/test": "informer"}
+
+
+def _compact_etcd(devcluster: ClusterState) -> None:
+    """Compact etcd's history up to its current revision (etcd's JSON gateway on loopback)."""
+    base = f"http://127.0.0.1:{devcluster.ports['etcd']}"
+    rev = httpx2.post(f"{base}/v3/kv/range", json={"key": "AA=="}, timeout=10, trust_env=False).json()
+    current = int(rev["header"]["revision"])
+    r = httpx2.post(
+        f"{base}/v3/kv/compaction",
+        json={"revision": str(current), "physical": True},
+        timeout=30,
+        trust_env=False,
+    )
+    assert r.status_code == 200, r.text
+
+
+def _relists(reason: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "pdorch_informer_relists_total", {"resource": "configmaps", "reason": reason}
+        )
+        or 0.0
+    )
 
 
 async def _until(cond) -> None:  # type: ignore[no-untyped-def]
@@ -46,16 +71,22 @@ async def test_informer_resumed_from_a_stale_version_converges_and_reports_the_g
             )
             await _until(lambda: ("ADDED", "c") in events)
 
-            # Stop watching, delete "a" while nobody watches, then resume from a resourceVersion the
-            # apiserver no longer serves: it answers 410 and the informer must relist and notice the gap.
+            # Stop watching, delete "a" while nobody watches, compact etcd past the informer's
+            # resourceVersion, then resume: the apiserver (ConfigMaps bypass its watch cache in the
+            # dev cluster) answers 410 Gone and the informer must relist and notice the gap.
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            stale = inf._rv
             kube.delete(ConfigMap, "a", namespace=namespace)
-            inf._rv = "1"  # a stale resourceVersion
+            kube.create(ConfigMap.from_dict({"metadata": {"name": "z", "namespace": namespace}}))
+            await asyncio.to_thread(_compact_etcd, devcluster)
+            expired_before = _relists("expired")
+            inf._rv = stale
             events.clear()
             task = asyncio.create_task(inf.run(resume=True))
             await _until(lambda: ("DELETED", "a") in events)
+            assert _relists("expired") == expired_before + 1  # a real 410, not a replay
             assert f"{namespace}/a" not in inf.store
             assert {k.split("/")[1] for k in inf.store} == {"b", "c"}
     finally:
