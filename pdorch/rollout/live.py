@@ -24,7 +24,7 @@ from typing import Any
 
 from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
 from pdorch.roles.pods import is_ready, is_terminating
-from pdorch.rollout.planner import auto_tolerance, effective_tolerance, next_step
+from pdorch.rollout.planner import auto_tolerance, effective_tolerance, initial_state, next_step
 from pdorch.rollout.state import KV_TYPES, Decision, RoleObservation, RolloutSpec, deviation
 
 
@@ -187,7 +187,10 @@ def plan(roles: Sequence[LiveRole], update_revision: str, spec: RolloutSpec | No
     live = [r for r in kv if r.lws is not None]
     observed = [observe(r, update_revision) for r in live]
     if spec.tolerance is None:
-        spec = replace(spec, tolerance=auto_tolerance(observed, spec))
+        # From the rollout's start state (desired replicas, all old): one tolerance for the whole
+        # rollout, not one that drifts with the live state.
+        start = initial_state([(r.name, r.type, r.desired) for r in live])
+        spec = replace(spec, tolerance=auto_tolerance(start, spec))
     decision = next_step(observed, spec)
     if decision.kind == "done":
         # Every group is new and ready at the desired replicas: render plainly (drops the marker).

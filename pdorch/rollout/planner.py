@@ -19,6 +19,7 @@ A state where no step makes progress yields a "cannot progress: ..." decision in
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -70,7 +71,9 @@ def effective_tolerance(roles: Sequence[RoleObservation], spec: RolloutSpec) -> 
     if dev is None or (p_total == 0 and d_total == 0):
         return None
     # The declared replicas may be off ratio themselves; the rollout starts and ends there.
-    return max(Fraction(spec.tolerance), dev)
+    # limit_denominator: a tolerance that went through a float (1/3 -> 0.333...) must compare equal
+    # to the exact cohort deviation it came from, not a hair below it.
+    return max(Fraction(spec.tolerance).limit_denominator(1_000_000), dev)
 
 
 def _options(role: RoleObservation, spec: RolloutSpec) -> list[_Option]:
@@ -252,7 +255,14 @@ def auto_tolerance(observed: Sequence[RoleObservation], spec: RolloutSpec) -> fl
     Used when the user set no tolerance: the rollout then keeps each cohort as close to the ratio as
     the surge/unavailable budgets allow, instead of refusing to start. Candidates are the deviations
     a cohort can take; feasibility is the planner's own lookahead (it refuses plans that would stall).
+    Feasibility is not monotone in the tolerance (the greedy planner may take another path), so the
+    candidates are tried in order; the result is cached per state and spec.
     """
+    return _auto_tolerance(tuple(observed), replace(spec, tolerance=None, paused=False))
+
+
+@functools.lru_cache(maxsize=256)
+def _auto_tolerance(observed: tuple[RoleObservation, ...], spec: RolloutSpec) -> float:
     p_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "prefill")
     d_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "decode")
     cands = {Fraction(0)}
@@ -267,16 +277,7 @@ def auto_tolerance(observed: Sequence[RoleObservation], spec: RolloutSpec) -> fl
     def feasible(tol: Fraction) -> bool:
         return next_step(ready, replace(spec, tolerance=float(tol), paused=False)).kind != "blocked"
 
-    lo, hi = 0, len(ordered) - 1
-    if not feasible(ordered[hi]):
-        return float(ordered[hi])
-    while lo < hi:  # feasibility only grows with the tolerance
-        mid = (lo + hi) // 2
-        if feasible(ordered[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(ordered[lo])
+    return float(next((t for t in ordered if feasible(t)), ordered[-1]))
 
 
 # --- simulation -------------------------------------------------------------------------------
