@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import yaml
 from lightkube.codecs import from_dict
 from lightkube.generic_resource import create_namespaced_resource
@@ -29,7 +28,7 @@ from pdorch.devcluster.binaries import repo_root
 from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, install_pdorch_crds
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.pod_backends import PodBackends
-from pdorch.devcluster.waiting import wait_for, wait_for_async
+from pdorch.devcluster.waiting import wait_for
 from pdorch.sim.config import SimConfig
 
 SG = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
@@ -112,14 +111,7 @@ async def demo(
             log_dir=Path(st.dir) / "logs",
         )
         await backends.start()
-        proxy = await wait_for_async(lambda: backends.by_kind("proxy"), 30, "the proxy pod's backend")
-        url = f"http://{proxy[0].ip}:{proxy[0].port}"
-
-        async def healthy() -> bool:
-            async with httpx2.AsyncClient(trust_env=False) as c:
-                return (await c.get(f"{url}/health", timeout=2)).status_code == 200
-
-        await wait_for_async(healthy, 60, "the proxy to find a prefill/decode pair")
+        url = await backends.proxy_url()
         say(
             f"sending traffic through the proxy pod at {url} ({users} users, Azure 2023 conversation lengths)"
         )

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
+
 from pdorch.controller.informer import Informer
 from pdorch.controller.kubeapi import POD, KubeApi
+from pdorch.devcluster.waiting import wait_for_async
 from pdorch.roles.labels import (
     ANNOTATION_BOOTSTRAP_PORT,
     ANNOTATION_PORT,
@@ -135,6 +138,22 @@ class PodBackends:
 
     def by_kind(self, kind: str) -> list[Backend]:
         return [b for b in self._running.values() if b.kind == kind]
+
+    async def proxy_url(self, wait_s: float = 60) -> str:
+        """The proxy pod's URL, once its backend runs and answers /health with 200 (it has found a
+        usable prefill/decode pair)."""
+        proxies = await wait_for_async(lambda: self.by_kind("proxy"), wait_s, "the proxy pod's backend")
+        url = f"http://{proxies[0].ip}:{proxies[0].port}"
+
+        async def healthy() -> bool:
+            try:
+                async with httpx2.AsyncClient(trust_env=False) as c:
+                    return (await c.get(f"{url}/health", timeout=2)).status_code == 200
+            except httpx2.HTTPError:
+                return False
+
+        await wait_for_async(healthy, wait_s, "the proxy pod's /health")
+        return url
 
     async def _loop(self) -> None:
         while True:

@@ -55,17 +55,7 @@ async def served(
             30,
             "backends for the proxy and both prefill pods",
         )
-        p = backends.by_kind("proxy")[0]
-        url = f"http://{p.ip}:{p.port}"
-
-        async def healthy() -> bool:
-            try:
-                async with httpx2.AsyncClient(trust_env=False) as c:
-                    return (await c.get(f"{url}/health", timeout=2)).status_code == 200
-            except httpx2.HTTPError:
-                return False
-
-        await wait_for_async(healthy, 60, "the proxy pod's /health")
+        url = await backends.proxy_url()
         assert proxy
         yield backends, url
     finally:

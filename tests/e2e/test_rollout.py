@@ -170,8 +170,7 @@ async def served(
             60,
             "backends for the proxy and every engine pod",
         )
-        p = backends.by_kind("proxy")[0]
-        url = f"http://{p.ip}:{p.port}"
+        url = await backends.proxy_url()
 
         async def routable() -> bool:
             try:
