@@ -48,6 +48,7 @@ from pdorch.proxy.protocols import (
     vllm_decode_body,
     vllm_prefill_body,
 )
+from pdorch.proxy.upstream import UpstreamPool, UpstreamResponse
 from pdorch.proxy.validation import parse_json, validate
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class Progress:
 class Opened:
     """A decode response whose headers and first body bytes arrived, ready to relay."""
 
-    resp: aiohttp.ClientResponse
+    resp: UpstreamResponse
     first: bytes
     decision: Decision
     background: asyncio.Task[Any] | None = None  # SGLang prefill leg still draining
@@ -209,7 +210,8 @@ class ProxyServer:
         self._models_lock = asyncio.Lock()
         self._models_failed_at = -MODELS_RETRY_S
         self._admission = Admission(config.max_inflight, config.max_queue, self.metrics)
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # health checks and /v1/models
+        self._upstream: UpstreamPool | None = None  # the engine legs (the hot path)
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         self.metrics_port: int | None = None
@@ -249,6 +251,7 @@ class ProxyServer:
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True
         )
+        self._upstream = UpstreamPool(c.connect_timeout_s, c.upstream_idle_timeout_s)
         self._session = aiohttp.ClientSession(
             connector=connector,
             # No total timeout on the session: streams may be long; the proxy enforces its own
@@ -307,7 +310,16 @@ class ProxyServer:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._upstream is not None:
+            self._upstream.close()
+            self._upstream = None
         await self.discovery.stop()
+
+    @property
+    def upstream(self) -> UpstreamPool:
+        """The engine legs' pooled client."""
+        assert self._upstream is not None, "ProxyServer not started"
+        return self._upstream
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -638,16 +650,16 @@ class ProxyServer:
 
     async def _post(
         self, ep: Endpoint, leg: str, path: str, payload: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """POST a leg; connection failures become `LegFailure` (retryable)."""
         try:
-            return await self.session.post(ep.url + path, data=payload, headers=headers)
+            return await self.upstream.post(ep.url, path, payload, headers)
         except aiohttp.ServerTimeoutError as exc:  # upstream_idle_timeout_s passed without headers
             raise LegFailure(ep, leg, "idle_timeout", repr(exc)) from None
         except aiohttp.ClientError as exc:
             raise LegFailure(ep, leg, "connect", repr(exc)) from None
 
-    async def _check_status(self, ep: Endpoint, leg: str, resp: aiohttp.ClientResponse) -> None:
+    async def _check_status(self, ep: Endpoint, leg: str, resp: UpstreamResponse) -> None:
         """5xx -> `LegFailure` (retryable); 4xx -> `UpstreamReply` (relayed)."""
         if resp.status < 400:
             return
@@ -661,7 +673,7 @@ class ProxyServer:
             raise LegFailure(ep, leg, f"http_{resp.status}", f"HTTP {resp.status}: {data[:300]!r}")
         raise UpstreamReply(resp.status, data, resp.headers.get("Content-Type", "application/json"))
 
-    async def _first_bytes(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> bytes:
+    async def _first_bytes(self, ep: Endpoint, resp: UpstreamResponse) -> bytes:
         try:
             return await resp.content.readany()
         except aiohttp.ClientError as exc:
@@ -767,7 +779,7 @@ class ProxyServer:
         p_task = self._spawn(self._sglang_prefill(p, path, payload, headers)) if p is not None else None
         self._leg_start(dec)
 
-        async def decode_head() -> tuple[aiohttp.ClientResponse, bytes]:
+        async def decode_head() -> tuple[UpstreamResponse, bytes]:
             resp = await self._post(dec, "decode", path, payload, headers)
             try:
                 await self._check_status(dec, "decode", resp)
@@ -776,7 +788,7 @@ class ProxyServer:
                 resp.close()
                 raise
 
-        d_task: asyncio.Task[tuple[aiohttp.ClientResponse, bytes]] = asyncio.ensure_future(decode_head())
+        d_task: asyncio.Task[tuple[UpstreamResponse, bytes]] = asyncio.ensure_future(decode_head())
         try:
             while not d_task.done():
                 waiting: set[asyncio.Future[Any]] = {d_task}

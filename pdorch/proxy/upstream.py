@@ -1,0 +1,243 @@
+"""The proxy's HTTP/1.1 client for the engine legs: pooled keep-alive connections on asyncio
+protocols with httptools' parser.
+
+The hot path of a P/D request is two upstream calls (prefill, then decode), and aiohttp's general
+client spends about twice the CPU of a bare protocol on each (bench/proxy/clients.py). This client
+does only what the legs need: POST a body, read the status and headers, then the body whole or
+chunk by chunk (chunked transfer decoding is the parser's), drop the connection on abort, and reuse
+it only after a response was read to the end with keep-alive. Failures are aiohttp exceptions
+(`ClientConnectionError`, `ServerTimeoutError`) so the server's error handling stays the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import aiohttp
+import httptools
+
+
+class UpstreamTimeout(aiohttp.ServerTimeoutError):
+    """The engine sent nothing for longer than the idle timeout."""
+
+
+class _Headers(dict[str, str]):
+    """Response headers with case-insensitive `get` (names are stored lower-cased)."""
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+        self.pool, self.key = pool, key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers = _Headers()
+        self._name = ""
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.done = False
+        self.error: BaseException | None = None
+        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.wake = asyncio.Event()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # pragma: no cover - engines never upgrade
+            self._fail(aiohttp.ClientPayloadError("unexpected protocol upgrade"))
+        except httptools.HttpParserError as exc:
+            self._fail(aiohttp.ClientPayloadError(f"invalid HTTP response: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.done:
+            self._fail(aiohttp.ServerDisconnectedError(str(exc) if exc else None))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if not self.head.done():
+            self.head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.wake.set()
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self.wake.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        if not self.head.done():
+            self.head.set_exception(exc)
+            self.head.exception()  # retrieved: nobody may be waiting any more
+        self.wake.set()
+        self.abort()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def keep_alive(self) -> bool:
+        return self.done and not self.closed and self.error is None and self.parser.should_keep_alive()
+
+
+class UpstreamResponse:
+    """A response being read; `content` offers `readany()` and `iter_any()` like aiohttp's."""
+
+    def __init__(self, conn: _Connection, idle_timeout: float | None) -> None:
+        self._conn = conn
+        self._idle = idle_timeout
+        self.status = conn.status
+        self.headers = conn.headers
+        self.content = self
+        self._finished = False
+
+    async def readany(self) -> bytes:
+        """The next body bytes, or b"" at the end."""
+        c = self._conn
+        while True:
+            if c.chunks:
+                return c.chunks.popleft()
+            if c.done:
+                return b""
+            if c.error is not None:
+                raise c.error
+            c.wake.clear()
+            try:
+                async with asyncio.timeout(self._idle):
+                    await c.wake.wait()
+            except TimeoutError:
+                c.abort()
+                raise UpstreamTimeout(f"no data from the engine for {self._idle}s") from None
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive."""
+        while chunk := await self.readany():
+            yield chunk
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Drop the connection (an unfinished response aborts the engine's request)."""
+        if not self._finished:
+            self._finished = True
+            self._conn.abort()
+
+    def release(self) -> None:
+        """Return the connection to the pool if the response was read to the end, else drop it."""
+        if self._finished:
+            return
+        self._finished = True
+        conn = self._conn
+        if conn.keep_alive():
+            conn.pool.put_back(conn)
+        else:
+            conn.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per (host, port), for POSTs to the engines."""
+
+    def __init__(self, connect_timeout: float, idle_timeout: float | None = None, max_idle: int = 64) -> None:
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._targets: dict[str, tuple[str, int, bytes]] = {}
+
+    def _target(self, base: str) -> tuple[str, int, bytes]:
+        t = self._targets.get(base)
+        if t is None:
+            u = urlsplit(base)
+            host = u.hostname or "127.0.0.1"
+            port = u.port or 80
+            authority = u.netloc.encode("ascii")
+            t = self._targets[base] = (host, port, authority)
+        return t
+
+    def put_back(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self.max_idle:
+            conn.abort()
+            return
+        conn._reset()
+        conn.parser = httptools.HttpResponseParser(conn)
+        idle.append(conn)
+
+    async def _connect(self, host: str, port: int) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Connection(self, (host, port)), host, port)
+        except TimeoutError:
+            raise aiohttp.ClientConnectionError(f"connect to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise aiohttp.ClientConnectionError(f"cannot connect to {host}:{port}: {exc}") from None
+        return conn
+
+    async def post(self, base: str, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
+        """POST `body` to `base + path` and return once the status line and headers arrived."""
+        host, port, authority = self._target(base)
+        head = [b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
+        for k, v in headers.items():
+            head += [k.encode("latin-1"), b": ", v.encode("latin-1"), b"\r\n"]
+        head += [b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n"]
+        data = b"".join(head) + body
+        idle = self._idle.get((host, port))
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            try:
+                return await self._send(conn, data)
+            except aiohttp.ServerDisconnectedError:
+                continue  # the engine closed an idle keep-alive connection: use a fresh one
+        return await self._send(await self._connect(host, port), data)
+
+    async def _send(self, conn: _Connection, data: bytes) -> UpstreamResponse:
+        assert conn.transport is not None
+        conn.transport.write(data)
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                await conn.head
+        except TimeoutError:
+            conn.abort()
+            raise UpstreamTimeout(f"no response head from the engine within {self.idle_timeout}s") from None
+        except BaseException:
+            conn.abort()
+            raise
+        return UpstreamResponse(conn, self.idle_timeout)
+
+    def close(self) -> None:
+        """Drop every idle connection."""
+        for conns in self._idle.values():
+            for c in conns:
+                c.abort()
+        self._idle.clear()
