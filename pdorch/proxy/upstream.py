@@ -47,6 +47,7 @@ class _Connection(asyncio.Protocol):
         self._name = ""
         self.chunks: collections.deque[bytes] = collections.deque()
         self.done = False
+        self.reusable = False
         self.error: BaseException | None = None
         self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.wake = asyncio.Event()
@@ -82,6 +83,8 @@ class _Connection(asyncio.Protocol):
         self.wake.set()
 
     def on_message_complete(self) -> None:
+        # Read it now: llhttp resets its state once this callback returns.
+        self.reusable = self.parser.should_keep_alive()
         self.done = True
         self.wake.set()
 
@@ -100,7 +103,7 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def keep_alive(self) -> bool:
-        return self.done and not self.closed and self.error is None and self.parser.should_keep_alive()
+        return self.done and self.reusable and not self.closed and self.error is None
 
 
 class UpstreamResponse:
