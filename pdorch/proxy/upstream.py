@@ -148,10 +148,9 @@ class UpstreamResponse:
         return b"".join(parts)
 
     def close(self) -> None:
-        """Drop the connection (an unfinished response aborts the engine's request)."""
-        if not self._finished:
-            self._finished = True
-            self._conn.abort()
+        """Done with the response: a fully read one gives its connection back to the pool (as
+        aiohttp does at EOF); an unfinished one drops it, which aborts the engine's request."""
+        self.release()
 
     def release(self) -> None:
         """Return the connection to the pool if the response was read to the end, else drop it."""
