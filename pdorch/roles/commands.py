@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +28,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# Plain scalars that a YAML 1.2 reader (kubectl, Go's sigs.k8s.io/yaml) takes for a number but
+# PyYAML's YAML 1.1 resolver does not, e.g. the revision label "24633788e1" (= 2.46e8 in Go).
+_YAML12_NUMBER = re.compile(
+    r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^0o[0-7]+$|^0x[0-9a-fA-F]+$"
+)
+
+
+class KubeYamlDumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings a YAML 1.2 parser would read as numbers."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if _YAML12_NUMBER.match(value):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+    return dumper.represent_str(value)
+
+
+KubeYamlDumper.add_representer(str, _represent_str)
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute `pdorch render`; returns the exit code (1 on an invalid spec)."""
     source = args.filename
@@ -44,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
         return 1
     options = RenderOptions(proxy_image=args.proxy_image, namespace=args.namespace)
     objects = [obj for sg in groups for obj in render(sg, options)]
-    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, explicit_start=True))
+    sys.stdout.write(yaml.dump_all(objects, Dumper=KubeYamlDumper, sort_keys=False, explicit_start=True))
     return 0

@@ -12,6 +12,7 @@ import yaml
 from pdorch.api.errors import load_servinggroups
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.waiting import wait_for
+from pdorch.roles.commands import KubeYamlDumper
 from pdorch.roles.context import RenderOptions
 from pdorch.roles.render import render
 
@@ -62,7 +63,7 @@ def test_what_pdorch_renders_from_the_example_is_accepted_too(
     objs = render(sg, RenderOptions(namespace=namespace))
     assert {o["kind"] for o in objs} >= {"LeaderWorkerSet"}
     rendered = tmp_path / "rendered.yaml"
-    rendered.write_text(yaml.safe_dump_all(objs))
+    rendered.write_text(yaml.dump_all(objs, Dumper=KubeYamlDumper))
     out = dry_run_apply(devcluster, namespace, rendered)
     assert out.returncode == 0, out.stderr
     for role in sg.spec.roles:
@@ -133,6 +134,6 @@ def test_quickstart_kind_variant_of_sim_pd_is_accepted(
     assert applied.returncode == 0, applied.stderr
     (sg,) = load_servinggroups(out.stdout, str(variant))
     rendered = tmp_path / "rendered.yaml"
-    rendered.write_text(yaml.safe_dump_all(render(sg, RenderOptions(namespace=namespace))))
+    rendered.write_text(yaml.dump_all(render(sg, RenderOptions(namespace=namespace)), Dumper=KubeYamlDumper))
     applied = dry_run_apply(devcluster, namespace, rendered)
     assert applied.returncode == 0, applied.stderr

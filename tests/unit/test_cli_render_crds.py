@@ -11,6 +11,7 @@ import yaml
 from pdorch.api import commands as crd_commands
 from pdorch.api.crdgen import ALL_CRDS
 from pdorch.roles import commands as render_commands
+from pdorch.roles.commands import KubeYamlDumper
 
 pytestmark = pytest.mark.unit
 
@@ -71,3 +72,12 @@ def test_crds_write_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_committed_crds_pass_check() -> None:
     assert _run(["crds", "--check", "--out", str(REPO / "manifests" / "crd")]) == 0
+
+
+def test_render_quotes_strings_a_yaml_1_2_reader_would_take_for_numbers() -> None:
+    # kubectl (Go, YAML 1.2) reads a plain 24633788e1 as a float; PyYAML would leave it plain.
+    out = yaml.dump(
+        {"a": "24633788e1", "b": "1.5", "c": "0x1f", "d": "17a412e3dc", "e": 3}, Dumper=KubeYamlDumper
+    )
+    assert out == 'a: "24633788e1"\nb: "1.5"\nc: "0x1f"\nd: 17a412e3dc\ne: 3\n'
+    assert yaml.safe_load(out) == {"a": "24633788e1", "b": "1.5", "c": "0x1f", "d": "17a412e3dc", "e": 3}
