@@ -33,9 +33,10 @@ from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace, Pod
 
-from pdorch.devcluster.cluster import DevCluster, default_state_dir, install_pdorch_crds
+from pdorch.devcluster.cluster import DevCluster, LeaderWorkerSet, default_state_dir, install_pdorch_crds
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.rollout_observer import RolloutObserver, pod_revision, pod_role
+from pdorch.devcluster.waiting import wait_for
 from pdorch.roles.pods import is_ready, is_terminating
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,15 +117,6 @@ def _all_on(kube: Client, ns: str, image: str) -> bool:
     )
 
 
-def _wait(pred: Any, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:.0f}s: {what}")
-
-
 def _set_image_sg(kube: Client, ns: str) -> None:
     sg = kube.get(SG, "roll", namespace=ns).to_dict()
     for r in sg["spec"]["roles"]:
@@ -148,22 +140,23 @@ async def one_run(kube: Client, system: str, wait_s: float) -> tuple[dict[str, A
             kube.create(SG.from_dict(servinggroup(OLD, mu)), namespace=ns)
         else:
             kube.create(DS.from_dict(disaggregatedset(OLD)), namespace=ns)
-        await asyncio.to_thread(_wait, lambda: _all_on(kube, ns, OLD), wait_s, f"{system} ready on {OLD}")
+        await asyncio.to_thread(
+            wait_for, lambda: _all_on(kube, ns, OLD), wait_s, f"{system} ready on {OLD}", 0.2
+        )
         await asyncio.sleep(1.0)
         obs, stop = RolloutObserver(kube, ns, (2, 1), (P, D)), asyncio.Event()
         task = asyncio.create_task(obs.run(stop))
         await asyncio.sleep(0.5)
         t0 = time.monotonic()
         await asyncio.to_thread(_set_image_sg if system.startswith("pdorch") else _set_image_ds, kube, ns)
-        await asyncio.to_thread(_wait, lambda: _all_on(kube, ns, NEW), wait_s, f"{system} rolled to {NEW}")
+        await asyncio.to_thread(
+            wait_for, lambda: _all_on(kube, ns, NEW), wait_s, f"{system} rolled to {NEW}", 0.2
+        )
         took = time.monotonic() - t0
         await asyncio.sleep(1.0)
         stop.set()
         await task
-        lws = create_namespaced_resource(
-            "leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets"
-        )
-        leftover = sorted(o.metadata.name for o in kube.list(lws, namespace=ns))
+        leftover = sorted(o.metadata.name for o in kube.list(LeaderWorkerSet, namespace=ns))
         trace = [
             (
                 smp.t - t0,

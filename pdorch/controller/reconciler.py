@@ -270,7 +270,8 @@ class Reconciler:
             )
             for r in roles
         ]
-        plan = rlive.plan(roles, update_revision, rollout_spec(sg, honour_pause=True))
+        spec = rollout_spec(sg, honour_pause=True)
+        plan = rlive.plan(roles, update_revision, spec)
         assert plan.decision is not None
         if plan.decision.kind == "step":
             ROLLOUT_STEPS.labels(namespace, name).inc()
@@ -278,7 +279,6 @@ class Reconciler:
             obj = self.caches.groups.get(namespace, name)
             if obj is not None:
                 self.events.emit_soon(obj, "Normal", "RolloutStep", f"{plan.decision.reason}: {moves}")
-        spec = rollout_spec(sg)
         COHORT_DEVIATION.labels(namespace, name).set(
             rlive.max_cohort_deviation(plan.cohorts, spec.ratio_p, spec.ratio_d)
         )

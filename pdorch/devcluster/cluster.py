@@ -34,7 +34,7 @@ from lightkube.resources.core_v1 import Namespace as LkNamespace
 from lightkube.resources.core_v1 import Node
 
 from pdorch.devcluster import binaries, manifests, pki
-from pdorch.devcluster.process import Managed, StartupError, free_port, start, stop, tail, wait_until
+from pdorch.devcluster.process import Managed, StartupError, exited, free_port, start, stop, tail, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +135,6 @@ def _tls_listening(port: int) -> bool:
         ctx = _ssl_ctx(None)
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
             return True
-
-
-def _exited(pid: int) -> bool:
-    """Every thread of the process has exited, so its files and sockets are closed.
-
-    A multi-threaded (Go) process's main thread turns zombie before its other threads finish, so
-    the state letter is not enough: our own child can be reaped only once the whole group is gone,
-    and anyone else's disappears from /proc only then.
-    """
-    try:
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-        return reaped == pid
-    except ChildProcessError:
-        return not os.path.exists(f"/proc/{pid}")
 
 
 class DevCluster:
@@ -278,7 +264,7 @@ class DevCluster:
         # `alive()` turns False as soon as the exiting process drops its memory map, before its
         # sockets close; wait until it is a zombie or gone, or the new one cannot bind its port.
         deadline = time.monotonic() + 10
-        while not _exited(old.pid) and time.monotonic() < deadline:
+        while not exited(old.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         t0 = time.monotonic()
         new = start(name, old.argv, Path(old.log))

@@ -70,24 +70,31 @@ def stop(proc: Managed, grace: float = 10.0) -> bool:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if not proc.alive():
-            _reap(proc.pid)
+            exited(proc.pid)
             return True
         time.sleep(0.1)
     try:
         os.kill(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    _reap(proc.pid)
+    exited(proc.pid)
     return True
 
 
-def _reap(pid: int) -> None:
-    # Only our own children can be reaped; for processes started by an earlier CLI call the
-    # init process reaps them, and waitpid raises ChildProcessError.
+def exited(pid: int) -> bool:
+    """Reap `pid` if it is our finished child; True once every thread of it has exited.
+
+    Only our own children can be reaped; for processes started by an earlier CLI call the init
+    process reaps them, and waitpid raises ChildProcessError. A multi-threaded (Go) process's main
+    thread turns zombie before its other threads finish (their sockets still open), so the state
+    letter is not enough: our child is reapable only once the whole group is gone, and anyone
+    else's disappears from /proc only then.
+    """
     try:
-        os.waitpid(pid, os.WNOHANG)
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+        return reaped == pid
     except ChildProcessError:
-        pass
+        return not os.path.exists(f"/proc/{pid}")
 
 
 def tail(path: str | Path, lines: int = 30) -> str:

@@ -25,15 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightkube import Client
-from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod
 
+from pdorch.devcluster.cluster import LeaderWorkerSet
 from pdorch.roles.labels import LABEL_ROLE_TYPE, LWS_WORKER_INDEX
 from pdorch.roles.pods import is_ready, is_terminating
-from pdorch.rollout.live import lws_replicas_partition
-from pdorch.rollout.state import deviation
+from pdorch.rollout.live import cohort_deviation, lws_replicas_partition
 
-LWS = create_namespaced_resource("leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets")
 DS_ROLE = "disaggregatedset.x-k8s.io/role"
 DS_REVISION = "disaggregatedset.x-k8s.io/revision"
 
@@ -104,16 +102,13 @@ class RolloutObserver:
     samples: list[Sample] = field(default_factory=list)
 
     def _dev(self, p: int, d: int) -> float:
-        if p == 0 and d == 0:
-            return 0.0
-        dev = deviation(p, d, *self.ratio)
-        return 1.0 if dev is None else float(dev)
+        return cohort_deviation(p, d, *self.ratio)
 
     def sample(self) -> Sample:
         """Take one sample (blocking API calls)."""
         t = time.monotonic()
         pods = [p.to_dict() for p in self.kube.list(Pod, namespace=self.namespace)]
-        lws = [o.to_dict() for o in self.kube.list(LWS, namespace=self.namespace)]
+        lws = [o.to_dict() for o in self.kube.list(LeaderWorkerSet, namespace=self.namespace)]
         planned = planned_cohorts(lws)
         groups = (sum(c[0] for c in planned), sum(c[1] for c in planned))
         s = Sample(t, ready_cohorts(pods), planned, groups)

@@ -159,9 +159,21 @@ def _print_plan(sg: ServingGroup, initial: list[RoleObservation], delay: int) ->
     return 0 if last.kind == "done" else 3
 
 
+def _cluster(kubeconfig: str | None) -> tuple[Any, Any]:
+    """A lightkube client (`kubeconfig`, else $KUBECONFIG or in-cluster) and the ServingGroup resource.
+
+    lightkube is imported here, not at the top: `pdorch plan -f` needs no cluster.
+    """
+    from lightkube import Client, KubeConfig
+    from lightkube.generic_resource import create_namespaced_resource
+
+    client = Client(KubeConfig.from_file(kubeconfig)) if kubeconfig else Client()
+    return client, create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
+
+
 def _run_live(args: argparse.Namespace) -> int:
     """`pdorch plan --from-live`: the same simulation, starting from the group's live LWS and pods."""
-    from lightkube import ApiError, Client, KubeConfig
+    from lightkube import ApiError
     from lightkube.generic_resource import create_namespaced_resource
     from lightkube.resources.core_v1 import Pod
 
@@ -173,10 +185,9 @@ def _run_live(args: argparse.Namespace) -> int:
     def res(group: str, version: str, kind: str, plural: str) -> Any:
         return create_namespaced_resource(group, version, kind, plural)
 
-    sg_res = res("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
+    client, sg_res = _cluster(args.kubeconfig)
     srs_res = res("pdorch.io", "v1alpha1", "ServingRoleScaler", "servingrolescalers")
     lws_res = res("leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets")
-    client = Client(KubeConfig.from_file(args.kubeconfig)) if args.kubeconfig else Client()
     ns, name = args.namespace, args.from_live
 
     def get(r: Any, n: str) -> dict[str, Any] | None:
@@ -242,15 +253,13 @@ def add_rollback_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_rollback(args: argparse.Namespace) -> int:
     """Execute `pdorch rollback`; exit code 1 when there is nothing to roll back to."""
-    from lightkube import ApiError, Client, KubeConfig
-    from lightkube.generic_resource import create_namespaced_resource
+    from lightkube import ApiError
     from lightkube.resources.apps_v1 import ControllerRevision
 
     from pdorch.roles.labels import LABEL_GROUP
     from pdorch.rollout.history import owned_records, rollback_target
 
-    sg_res = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
-    client = Client(KubeConfig.from_file(args.kubeconfig)) if args.kubeconfig else Client()
+    client, sg_res = _cluster(args.kubeconfig)
     try:
         sg = client.get(sg_res, args.group, namespace=args.namespace).to_dict()
     except ApiError as e:

@@ -162,16 +162,21 @@ def cohorts(roles: Sequence[LiveRole]) -> dict[str, dict[str, int]]:
     return out
 
 
+def cohort_deviation(p: int, d: int, ratio_p: int, ratio_d: int) -> float:
+    """Relative P:D deviation of one cohort as a number: 0 when empty, 1.0 when one-sided."""
+    dev = deviation(p, d, ratio_p, ratio_d)
+    return 1.0 if dev is None else float(dev)
+
+
 def max_cohort_deviation(by_revision: dict[str, dict[str, int]], ratio_p: int, ratio_d: int) -> float:
     """Largest relative P:D deviation among revisions with ready groups (1.0 for a one-sided cohort)."""
-    worst = 0.0
-    for per in by_revision.values():
-        p, d = per.get("prefill", 0), per.get("decode", 0)
-        if p == 0 and d == 0:
-            continue
-        dev = deviation(p, d, ratio_p, ratio_d)
-        worst = max(worst, 1.0 if dev is None else float(dev))
-    return worst
+    return max(
+        (
+            cohort_deviation(per.get("prefill", 0), per.get("decode", 0), ratio_p, ratio_d)
+            for per in by_revision.values()
+        ),
+        default=0.0,
+    )
 
 
 def plan(roles: Sequence[LiveRole], update_revision: str, spec: RolloutSpec | None) -> RolloutPlan:

@@ -35,10 +35,17 @@ from pdorch.devcluster.rollout_observer import RolloutObserver
 from pdorch.devcluster.waiting import wait_for_async
 from pdorch.roles.labels import LABEL_REVISION, LABEL_ROLE_TYPE
 from pdorch.roles.pods import is_ready, is_terminating
-from pdorch.rollout.live import lws_replicas_partition, lws_revision
-from pdorch.rollout.state import deviation
+from pdorch.rollout.live import cohort_deviation, lws_replicas_partition, lws_revision
 from pdorch.sim.config import SimConfig
-from tests.integration.test_controller import LWS, SG, condition, example, update_spec, wait_available
+from tests.integration.test_controller import (
+    LWS,
+    SG,
+    condition,
+    example,
+    set_engine_image,
+    update_spec,
+    wait_available,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -55,20 +62,6 @@ def _group_84() -> dict[str, Any]:
         elif role["type"] == "decode":
             role["replicas"] = D
     return doc
-
-
-def _set_image(image: str) -> Any:
-    def edit(spec: dict[str, Any]) -> None:
-        for role in spec["roles"]:
-            if role["type"] in ("prefill", "decode"):
-                role["workerTemplate"]["spec"]["containers"][0]["image"] = image
-
-    return edit
-
-
-def _dev(p: int, d: int) -> float:
-    dev = deviation(p, d, 2, 1)
-    return 1.0 if dev is None else float(dev)
 
 
 _STEP = re.compile(r"(\w[\w-]*) replicas=(\d+) partition=(\d+)")
@@ -93,7 +86,7 @@ def _assert_steps_on_ratio(steps: list[dict[str, tuple[int, int]]]) -> None:
     for step in steps:
         (rp, kp), (rd, kd) = step["prefill"], step["decode"]
         for p, d in ((kp, kd), (rp - kp, rd - kd)):
-            assert (p, d) == (0, 0) or _dev(p, d) == 0.0, step
+            assert cohort_deviation(p, d, 2, 1) == 0.0, step
         assert rp <= P + 2 and rd <= D + 1, step  # maxSurge 25%
         assert kp >= 0 and kd >= 0
 
@@ -223,7 +216,7 @@ async def test_rollout_8p4d_keeps_ratio_capacity_and_revision_pairing(
     traffic = asyncio.create_task(_traffic(url, tally, stop))
     await asyncio.sleep(2)  # traffic on the old revision first
     t0 = time.monotonic()
-    await asyncio.to_thread(update_spec, kube, namespace, GROUP, _set_image("pdorch/sim:v2"))
+    await asyncio.to_thread(update_spec, kube, namespace, GROUP, set_engine_image("pdorch/sim:v2"))
     sg = await wait_for_async(
         lambda: asyncio.to_thread(_rolled_out, kube, namespace, before), 240, "rollout done"
     )
@@ -290,7 +283,7 @@ async def test_rollout_converges_when_the_controller_is_killed_at_random_points(
         before = kube.get(SG, GROUP, namespace=namespace).status["currentRevision"]
         rollouts += 1
         await asyncio.to_thread(
-            update_spec, kube, namespace, GROUP, _set_image(f"pdorch/sim:v{rollouts + 1}")
+            update_spec, kube, namespace, GROUP, set_engine_image(f"pdorch/sim:v{rollouts + 1}")
         )
         await wait_for_async(
             lambda b=before: asyncio.to_thread(_rolling, kube, namespace, b), 60, "rollout start"

@@ -64,6 +64,17 @@ def update_spec(kube: Client, namespace: str, name: str, edit: Any) -> None:
     raise AssertionError("could not update the ServingGroup")
 
 
+def set_engine_image(image: str) -> Any:
+    """An `update_spec` edit giving every prefill and decode container `image` (a new revision)."""
+
+    def edit(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] in ("prefill", "decode"):
+                role["workerTemplate"]["spec"]["containers"][0]["image"] = image
+
+    return edit
+
+
 def kubectl(devcluster: ClusterState, *args: str) -> str:
     out = devcluster.kubectl(*args, timeout=60)
     assert out.returncode == 0, out.stderr

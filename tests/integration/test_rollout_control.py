@@ -15,18 +15,17 @@ from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
 from pdorch.rollout.live import lws_replicas_partition, lws_revision
-from tests.integration.test_controller import LWS, SG, condition, example, update_spec, wait_available
+from tests.integration.test_controller import (
+    LWS,
+    SG,
+    condition,
+    example,
+    set_engine_image,
+    update_spec,
+    wait_available,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def _image(image: str) -> Any:
-    def edit(spec: dict[str, Any]) -> None:
-        for role in spec["roles"]:
-            if role["type"] in ("prefill", "decode"):
-                role["workerTemplate"]["spec"]["containers"][0]["image"] = image
-
-    return edit
 
 
 def _status(kube: Client, namespace: str, name: str) -> dict[str, Any]:
@@ -66,7 +65,7 @@ def test_revisions_are_recorded_and_rollback_restores_the_previous_one(
 ) -> None:
     kube.create(SG.from_dict(example("hist")), namespace=namespace)
     first = wait_available(kube, namespace, "hist").status["updateRevision"]
-    update_spec(kube, namespace, "hist", _image("pdorch/sim:v2"))
+    update_spec(kube, namespace, "hist", set_engine_image("pdorch/sim:v2"))
     second = _new_revision(kube, namespace, "hist", first)
     wait_for(lambda: _on(kube, namespace, "hist", second), 90, "rollout to the second revision")
     listed = kube.list(ControllerRevision, namespace=namespace, labels={"pdorch.io/group": "hist"})
@@ -112,7 +111,7 @@ def test_a_plan_that_cannot_finish_stalls_without_moving_and_recovers_when_fixed
     doc["spec"]["rolloutStrategy"] = {"maxSurge": 0, "maxUnavailable": 1, "ratioTolerance": 0}
     kube.create(SG.from_dict(doc), namespace=namespace)
     first = wait_available(kube, namespace, "stuck").status["updateRevision"]
-    update_spec(kube, namespace, "stuck", _image("pdorch/sim:v2"))
+    update_spec(kube, namespace, "stuck", set_engine_image("pdorch/sim:v2"))
     second = _new_revision(kube, namespace, "stuck", first)
 
     def stalled() -> dict[str, Any] | None:
@@ -145,7 +144,7 @@ def test_paused_rollout_holds_then_finishes_when_resumed(
     doc["spec"]["rolloutStrategy"] = {"paused": True}
     kube.create(SG.from_dict(doc), namespace=namespace)
     first = wait_available(kube, namespace, "pause").status["updateRevision"]
-    update_spec(kube, namespace, "pause", _image("pdorch/sim:v2"))
+    update_spec(kube, namespace, "pause", set_engine_image("pdorch/sim:v2"))
     second = _new_revision(kube, namespace, "pause", first)
 
     def paused() -> dict[str, Any] | None:
