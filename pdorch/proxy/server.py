@@ -1,15 +1,15 @@
 """The proxy's HTTP edge: OpenAI-compatible routes, admission, P/D legs, byte relay, health checks.
 
 Hot-path choices:
-- Upstream client: ONE long-lived `aiohttp.ClientSession` (pooled keep-alive connections, never a
-  session per request). Measured on loopback against httpx2.AsyncClient, both streaming 400 SSE
-  completions (64 tokens, 16 concurrent) from one sim: aiohttp 81 req/s vs httpx2 43 req/s with the
-  same backend, so aiohttp was picked; it also shares the event loop's buffers with the aiohttp server.
+- Engine legs: `pdorch.proxy.upstream.UpstreamPool`, pooled keep-alive connections over asyncio +
+  httptools (the fastest client measured side by side, bench/proxy/clients.py). Health checks and
+  /v1/models, off the hot path, use one long-lived `aiohttp.ClientSession`.
 - Relay: decode bytes are written to the client as they arrive (`iter_any`), never re-parsed; only the
   small vLLM prefill response is decoded (for `kv_transfer_params`).
-- Cancellation: the server runs with ``handler_cancellation``, so a client that goes away cancels the
-  handler; every leg's response is then closed (not returned to the pool), which the engines see as a
-  disconnect and abort.
+- Client side: `pdorch.proxy.http_server` (asyncio Protocol + httptools), not aiohttp's web server:
+  about 100-200 us less CPU per request on the latency path (measured in that module's docstring).
+- Cancellation: a client that goes away cancels the handler; every leg's response is then closed (not
+  returned to the pool), which the engines see as a disconnect and abort.
 """
 
 from __future__ import annotations
@@ -28,13 +28,20 @@ from typing import Any, Protocol
 
 import aiohttp
 import msgspec
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdorch.proxy import breaker as brk
 from pdorch.proxy.config import ProxyConfig
 from pdorch.proxy.endpoints import Endpoint, EndpointSet
 from pdorch.proxy.errors import ProxyError
+from pdorch.proxy.http_server import (
+    BodyTooLarge,
+    HttpServer,
+    Request,
+    Response,
+    StreamResponse,
+    json_response,
+)
 from pdorch.proxy.metrics import ProxyMetrics
 from pdorch.proxy.openapi import openapi_document
 from pdorch.proxy.policies import Decision, NoRoute, PrefixIndex, RouteRequest, choose, usable_pair_exists
@@ -55,7 +62,6 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 MODELS_RETRY_S = 5.0  # after a failed /v1/models fetch, validate without the list for this long
-LINGER_S = 2.0
 _HOP_BY_HOP = {
     "content-length",
     "transfer-encoding",
@@ -162,16 +168,16 @@ def encode_json(obj: Any) -> bytes:
         return json.dumps(obj).encode()
 
 
-def error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
+def error_response(exc: ProxyError, request_id: str | None = None) -> Response:
     """The JSON error response of ``exc`` (with Retry-After / X-Request-Id when set)."""
     headers: dict[str, str] = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if request_id:
         headers["X-Request-Id"] = request_id
-    resp = web.json_response(exc.body(), status=exc.status, headers=headers)
-    if exc.status == 408:
-        resp.force_close()  # the rest of a trickled body is not worth waiting for: drop the connection
+    resp = json_response(exc.body(), status=exc.status, headers=headers)
+    # The rest of a trickled or oversized body is not worth waiting for: drop the connection.
+    resp.close = exc.status in (408, 413)
     return resp
 
 
@@ -212,37 +218,29 @@ class ProxyServer:
         self._admission = Admission(config.max_inflight, config.max_queue, self.metrics)
         self._session: aiohttp.ClientSession | None = None  # health checks and /v1/models
         self._upstream: UpstreamPool | None = None  # the engine legs (the hot path)
-        self._runner: web.AppRunner | None = None
-        self._metrics_runner: web.AppRunner | None = None
+        self._http: HttpServer | None = None
+        self._metrics_http: HttpServer | None = None
         self.metrics_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def app(self) -> web.Application:
-        """The client-facing aiohttp application (routes + JSON error middleware).
-
-        /metrics is on it only when no separate ``metrics_port`` is configured.
-        """
-        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._json_errors])
-        routes = [
-            web.post("/v1/completions", self._completions),
-            web.post("/v1/chat/completions", self._chat),
-            web.get("/v1/models", self._models_route),
-            web.get("/health", self._health),
-            web.get("/openapi.json", self._openapi_route),
-        ]
+    def routes(self) -> dict[tuple[str, str], Any]:
+        """The client-facing routes; /metrics is among them only when no ``metrics_port`` is set."""
+        routes = {
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("GET", "/v1/models"): self._models_route,
+            ("GET", "/health"): self._health,
+            ("GET", "/openapi.json"): self._openapi_route,
+        }
         if self.config.metrics_port is None:
-            routes.append(web.get("/metrics", self._metrics_route))
-        app.add_routes(routes)
-        return app
+            routes[("GET", "/metrics")] = self._metrics_route
+        return routes
 
-    def metrics_app(self) -> web.Application:
-        """The application of the separate metrics listener (``metrics_port``)."""
-        app = web.Application(middlewares=[self._json_errors])
-        app.add_routes([web.get("/metrics", self._metrics_route)])
-        return app
+    def _http_error(self, status: int, message: str) -> Response:
+        return error_response(ProxyError(status, message, code=status))
 
     async def start(self) -> None:
         """Start discovery, the upstream client, health checks, and bind the listener."""
@@ -266,41 +264,35 @@ class ProxyServer:
             # Engines' cookies must never be stored and replayed to another client's request.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        self._runner = web.AppRunner(
-            self.app(),
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=c.shutdown_grace_s,
-            # aiohttp arms this when a connection opens and closes it if no complete request head
-            # arrived by then: bounds idle keep-alives and slowloris-style partial headers alike.
-            keepalive_timeout=c.client_idle_timeout_s,
-            # After an early answer (408, 413) aiohttp reads the unread body for this long so the client
-            # sees the answer; its 10 s default lets a trickling client hold the connection that long.
-            lingering_time=LINGER_S,
+        # The idle timer closes a connection without a complete request head in time: it bounds idle
+        # keep-alives and slowloris-style partial heads alike.
+        self._http = HttpServer(
+            self.routes(),
+            max_body_bytes=c.max_body_bytes,
+            idle_timeout_s=c.client_idle_timeout_s,
+            error=self._http_error,
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, c.host, c.port, reuse_address=True)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self.port = await self._http.start(c.host, c.port)
         if c.metrics_port is not None:
-            self._metrics_runner = web.AppRunner(
-                self.metrics_app(), access_log=None, keepalive_timeout=c.client_idle_timeout_s
+            self._metrics_http = HttpServer(
+                {("GET", "/metrics"): self._metrics_route},
+                max_body_bytes=64 * 1024,
+                idle_timeout_s=c.client_idle_timeout_s,
+                error=self._http_error,
             )
-            await self._metrics_runner.setup()
-            await web.TCPSite(self._metrics_runner, c.host, c.metrics_port, reuse_address=True).start()
-            self.metrics_port = int(self._metrics_runner.addresses[0][1])
+            self.metrics_port = await self._metrics_http.start(c.host, c.metrics_port)
         self._health_task = asyncio.create_task(self._health_loop(), name="proxy-health")
         log.info("pdorch proxy (%s, %s) listening on %s:%s", c.engine, c.policy, c.host, self.port)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the grace period), close everything."""
         self.draining = True
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
-            self._metrics_runner = None
+        if self._http is not None:
+            await self._http.close(self.config.shutdown_grace_s)
+            self._http = None
+        if self._metrics_http is not None:
+            await self._metrics_http.close(0.0)
+            self._metrics_http = None
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -366,26 +358,11 @@ class ProxyServer:
 
     # -- middleware and small routes -----------------------------------------------------------------
 
-    @web.middleware
-    async def _json_errors(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = exc.status
-            msg = (
-                exc.reason if code != 413 else f"request body larger than {self.config.max_body_bytes} bytes"
-            )
-            return error_response(ProxyError(code, msg, code=code))
-
-    def _check_auth(self, request: web.Request) -> None:
+    def _check_auth(self, request: Request) -> None:
         key = self.config.api_key
         if not key:
             return
-        got = request.headers.get("Authorization", "")
+        got = request.headers.get("authorization", "")
         scheme, _, token = got.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             self.metrics.rejected.labels("unauthorized").inc()
@@ -396,9 +373,9 @@ class ProxyServer:
                 code="invalid_api_key",
             )
 
-    async def _health(self, _: web.Request) -> web.Response:
+    async def _health(self, _: Request) -> Response:
         if self.draining:
-            return web.json_response({"status": "draining", "reason": "shutting down"}, status=503)
+            return json_response({"status": "draining", "reason": "shutting down"}, status=503)
         eps = self.discovery.current()
         ok, reason = usable_pair_exists(eps, self._blocked())
         body = {
@@ -408,12 +385,12 @@ class ProxyServer:
             "decode": len(eps.decodes()),
             "revisions": eps.revisions(),
         }
-        return web.json_response(body, status=200 if ok else 503)
+        return json_response(body, status=200 if ok else 503)
 
-    async def _openapi_route(self, _: web.Request) -> web.Response:
-        return web.json_response(openapi_document(self.config))
+    async def _openapi_route(self, _: Request) -> Response:
+        return json_response(openapi_document(self.config))
 
-    async def _metrics_route(self, _: web.Request) -> web.Response:
+    async def _metrics_route(self, _: Request) -> Response:
         eps = self.discovery.current()
         self.metrics.endpoints.clear()
         for e in eps.endpoints:
@@ -421,9 +398,7 @@ class ProxyServer:
         now = self.clock()
         for key, b in self.breakers.items():
             self.metrics.breaker.labels(key).set(brk.effective_state(b, self.breaker_cfg, now).metric_value)
-        return web.Response(
-            body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return Response(200, generate_latest(self.metrics.registry), {"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _fetch_models(self) -> tuple[bytes, frozenset[str]] | None:
         now = self.clock()
@@ -458,7 +433,7 @@ class ProxyServer:
             self._models_failed_at = self.clock()
         return (self._models[1], self._models[2]) if self._models else None
 
-    async def _models_route(self, request: web.Request) -> web.Response:
+    async def _models_route(self, request: Request) -> Response:
         try:
             self._check_auth(request)
         except ProxyError as exc:
@@ -468,7 +443,7 @@ class ProxyServer:
             return error_response(
                 ProxyError(503, "no decode endpoint answered /v1/models", retry_after=RETRY_AFTER_S)
             )
-        return web.Response(body=got[0], content_type="application/json")
+        return Response(200, got[0], {"Content-Type": "application/json"})
 
     # -- health checks -------------------------------------------------------------------------------
 
@@ -494,13 +469,13 @@ class ProxyServer:
 
     # -- generation ----------------------------------------------------------------------------------
 
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
+    async def _completions(self, request: Request) -> Response | StreamResponse:
         return await self._generate(request, "completion", "/v1/completions")
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _chat(self, request: Request) -> Response | StreamResponse:
         return await self._generate(request, "chat", "/v1/chat/completions")
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             self.metrics.rejected.labels("too_large").inc()
@@ -516,13 +491,13 @@ class ProxyServer:
             raise ProxyError(
                 408, f"request body not received within {self.config.body_timeout_s:g}s", code="body_timeout"
             ) from None
-        except web.HTTPRequestEntityTooLarge:
+        except BodyTooLarge:
             self.metrics.rejected.labels("too_large").inc()
             raise ProxyError(413, f"request body exceeds the limit of {limit} bytes") from None
 
-    async def _generate(self, request: web.Request, kind: Kind, path: str) -> web.StreamResponse:
+    async def _generate(self, request: Request, kind: Kind, path: str) -> Response | StreamResponse:
         t0 = self.clock()
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         status = 500
         try:
             try:
@@ -556,9 +531,9 @@ class ProxyServer:
             self.metrics.requests.labels(path, str(status)).inc()
             self.metrics.duration.labels(path).observe(self.clock() - t0)
 
-    def _headers(self, request: web.Request, rid: str) -> dict[str, str]:
+    def _headers(self, request: Request, rid: str) -> dict[str, str]:
         h = {"Content-Type": "application/json", "X-Request-Id": rid, "Accept-Encoding": "identity"}
-        auth = request.headers.get("Authorization")
+        auth = request.headers.get("authorization")
         if auth and not self.config.api_key:
             h["Authorization"] = auth  # transparent when the proxy itself does not authenticate
         return h
@@ -586,8 +561,8 @@ class ProxyServer:
         return out
 
     async def _serve(
-        self, request: web.Request, body: dict[str, Any], kind: Kind, path: str, rid: str, t0: float
-    ) -> web.StreamResponse:
+        self, request: Request, body: dict[str, Any], kind: Kind, path: str, rid: str, t0: float
+    ) -> Response | StreamResponse:
         stream = bool(body.get("stream"))
         headers = self._headers(request, rid)
         deadline = None if self.config.request_timeout_s is None else t0 + self.config.request_timeout_s
@@ -626,11 +601,7 @@ class ProxyServer:
                 backoff = self.config.retry_backoff_s * (2**attempt) * self.rng.uniform(0.9, 1.1)
                 await asyncio.sleep(min(backoff, 1.0))
             except UpstreamReply as u:
-                return web.Response(
-                    status=u.status,
-                    body=u.body,
-                    headers={"Content-Type": u.content_type, "X-Request-Id": rid},
-                )
+                return Response(u.status, u.body, {"Content-Type": u.content_type, "X-Request-Id": rid})
             except TimeoutError:
                 if budget < self.config.first_byte_timeout_s:
                     # The client's whole-request budget ran out: not the engines' fault.
@@ -833,14 +804,14 @@ class ProxyServer:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: Request,
         opened: Opened,
         stream: bool,
         path: str,
         rid: str,
         t0: float,
         deadline: float | None,
-    ) -> web.StreamResponse:
+    ) -> Response | StreamResponse:
         resp, d = opened.resp, opened.decision
         ok = False
         aborted = True  # until the relay ends normally, any exit aborts the legs
@@ -861,17 +832,20 @@ class ProxyServer:
                 }
                 self.metrics.ttft.labels(path, d.mode).observe(self.clock() - t0)
                 ok, aborted = True, False
-                return web.Response(status=resp.status, body=opened.first + rest, headers=headers)
-            out = web.StreamResponse(status=resp.status)
+                return Response(resp.status, opened.first + rest, headers)
             ct = resp.headers.get("Content-Type", "")
-            out.headers["Content-Type"] = ct if ct.startswith("text/event-stream") else "text/event-stream"
-            out.headers["Cache-Control"] = "no-cache"
-            out.headers["X-Request-Id"] = rid
+            out = request.start_stream(
+                resp.status,
+                {
+                    "Content-Type": ct if ct.startswith("text/event-stream") else "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "X-Request-Id": rid,
+                },
+            )
             try:
                 try:
-                    await out.prepare(request)
-                    if opened.first:
-                        await out.write(opened.first)
+                    # The head goes out with the first bytes, in one write.
+                    await out.write(opened.first)
                 except ConnectionError:
                     raise _ClientGone from None
                 self.metrics.ttft.labels(path, d.mode).observe(self.clock() - t0)
