@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # 1 ms .. 240 s, like the SGLang gateway's duration buckets.
 _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 240)
+
+
+def _memoise_labels(metric: Any) -> None:
+    """Make ``metric.labels(...)`` a dict lookup after the first call for a label set.
+
+    prometheus_client validates and locks on every `labels()` call; the proxy makes about a dozen
+    per request. Only for metrics whose children are never removed (``clear``/``remove``)."""
+    children: dict[tuple[str, ...], Any] = {}
+    make = metric.labels
+
+    def labels(*values: str) -> Any:
+        child = children.get(values)
+        if child is None:
+            child = children[values] = make(*values)
+        return child
+
+    metric.labels = labels
 
 
 class ProxyMetrics:
@@ -110,3 +129,20 @@ class ProxyMetrics:
             "Clients gone before the answer ended (legs cancelled).",
             registry=r,
         )
+        # `endpoints` is cleared and refilled on every scrape, so its children are not memoised.
+        for m in (
+            self.requests,
+            self.ttft,
+            self.duration,
+            self.prefill,
+            self.decode_first_byte,
+            self.handoff,
+            self.inflight,
+            self.errors,
+            self.retries,
+            self.breaker,
+            self.decisions,
+            self.picks,
+            self.rejected,
+        ):
+            _memoise_labels(m)

@@ -50,7 +50,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self.error: BaseException | None = None
         self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.wake = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None  # a reader waiting for body bytes
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,15 +78,20 @@ class _Connection(asyncio.Protocol):
         if not self.head.done():
             self.head.set_result(None)
 
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
-        self.wake.set()
+        self._wake()
 
     def on_message_complete(self) -> None:
         # Read it now: llhttp resets its state once this callback returns.
         self.reusable = self.parser.should_keep_alive()
         self.done = True
-        self.wake.set()
+        self._wake()
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -94,7 +99,7 @@ class _Connection(asyncio.Protocol):
         if not self.head.done():
             self.head.set_exception(exc)
             self.head.exception()  # retrieved: nobody may be waiting any more
-        self.wake.set()
+        self._wake()
         self.abort()
 
     def abort(self) -> None:
@@ -118,19 +123,27 @@ class UpstreamResponse:
         self._finished = False
 
     async def readany(self) -> bytes:
-        """The next body bytes, or b"" at the end."""
+        """Every body byte that arrived since the last call (several chunks in one, so the relay
+        writes them in one send), or b"" at the end."""
         c = self._conn
         while True:
             if c.chunks:
-                return c.chunks.popleft()
+                if len(c.chunks) == 1:
+                    return c.chunks.popleft()
+                out = b"".join(c.chunks)
+                c.chunks.clear()
+                return out
             if c.done:
                 return b""
             if c.error is not None:
                 raise c.error
-            c.wake.clear()
+            c.waiter = asyncio.get_running_loop().create_future()
+            if self._idle is None:
+                await c.waiter  # no silence limit: skip the timer on the hot path
+                continue
             try:
                 async with asyncio.timeout(self._idle):
-                    await c.wake.wait()
+                    await c.waiter
             except TimeoutError:
                 c.abort()
                 raise UpstreamTimeout(f"no data from the engine for {self._idle}s") from None
