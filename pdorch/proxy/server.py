@@ -749,36 +749,42 @@ class ProxyServer:
         # Both legs at once: an SGLang prefill blocks until its decode connects (awaiting it first deadlocks).
         p_task = self._spawn(self._sglang_prefill(p, path, payload, headers)) if p is not None else None
         self._leg_start(dec)
+        # The decode head is awaited in this task (no second task and no asyncio.wait on the hot path);
+        # a prefill that fails first cancels this wait: the decode would only wait for KV that never
+        # comes, so it is aborted and the caller retries with a fresh pair.
+        me = asyncio.current_task()
+        assert me is not None
+        state = {"waiting": True, "prefill_failed": False}
 
-        async def decode_head() -> tuple[UpstreamResponse, bytes]:
+        def on_prefill_done(task: asyncio.Task[Any]) -> None:
+            if state["waiting"] and not task.cancelled() and task.exception() is not None:
+                state["prefill_failed"] = True
+                me.cancel()
+
+        if p_task is not None:
+            p_task.add_done_callback(on_prefill_done)
+        try:
             resp = await self._post(dec, "decode", path, payload, headers)
             try:
                 await self._check_status(dec, "decode", resp)
-                return resp, await self._first_bytes(dec, resp)
+                first = await self._first_bytes(dec, resp)
             except BaseException:
                 resp.close()
                 raise
-
-        d_task: asyncio.Task[tuple[UpstreamResponse, bytes]] = asyncio.ensure_future(decode_head())
-        try:
-            while not d_task.done():
-                waiting: set[asyncio.Future[Any]] = {d_task}
-                if p_task is not None and not p_task.done():
-                    waiting.add(p_task)
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if p_task is not None and p_task.done() and not p_task.cancelled() and p_task.exception():
-                    # The prefill failed before the decode answered: the decode would only wait for
-                    # KV that never comes. Abort it and let the caller retry with a fresh pair.
-                    raise p_task.exception()  # type: ignore[misc]
-            resp, first = d_task.result()
-        except BaseException:
-            d_task.cancel()
-            if d_task.done() and not d_task.cancelled() and d_task.exception() is None:
-                d_task.result()[0].close()
+        except BaseException as exc:
+            state["waiting"] = False
             if p_task is not None:
                 p_task.cancel()
             self._leg_end(dec)
+            ours = state["prefill_failed"] and isinstance(exc, asyncio.CancelledError)
+            if ours:
+                me.uncancel()
+            if p_task is not None and (ours or not isinstance(exc, asyncio.CancelledError)):
+                if p_task.done() and not p_task.cancelled() and p_task.exception() is not None:
+                    # A failed prefill is the root cause even when the decode failed too.
+                    raise p_task.exception() from None  # type: ignore[misc]
             raise
+        state["waiting"] = False
         self.metrics.decode_first_byte.labels("sglang", d.mode).observe(self.clock() - t)
         if p is not None:
             self.metrics.handoff.labels("sglang").observe(self.clock() - t)
