@@ -324,6 +324,10 @@ class Reconciler:
         conds = status["conditions"]
         prev_conds = prev.get("conditions") or []
         if not plan.active or plan.decision is None:
+            # A finished rollout must not leave its last deviation or stall on the dashboards.
+            ns = sg.metadata.namespace or ""
+            ROLLOUT_STALLED.labels(ns, sg.name).set(0)
+            COHORT_DEVIATION.labels(ns, sg.name).set(0)
             conds.append(
                 st.condition(
                     st.ROLLOUT_STALLED, False, "NoRollout", "no rollout in progress", generation, prev_conds

@@ -15,6 +15,7 @@ from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
 from pdorch.rollout.live import lws_replicas_partition, lws_revision
+from tests.compat.helpers import sample
 from tests.integration.test_controller import (
     LWS,
     SG,
@@ -120,6 +121,8 @@ def test_a_plan_that_cannot_finish_stalls_without_moving_and_recovers_when_fixed
 
     c = wait_for(stalled, 30, "RolloutStalled=True")
     assert c["reason"] == "CannotProgress"
+    labels = {"namespace": namespace, "group": "stuck"}
+    assert sample(controller.metrics_text(), "pdorch_rollout_stalled", labels) == 1
     assert "maxSurge" in c["message"] and "cannot progress" in c["message"]
     # The new templates are in, but with partition = replicas: no group moved.
     for o in _kv_lws(kube, namespace, "stuck").values():
@@ -135,6 +138,15 @@ def test_a_plan_that_cannot_finish_stalls_without_moving_and_recovers_when_fixed
     )
     c = condition(kube.get(SG, "stuck", namespace=namespace), "RolloutStalled")
     assert c is not None and c["status"] == "False"
+    # Once the rollout is over, the stall and deviation gauges are back at 0 (not left at their last value).
+    wait_for(
+        lambda: (
+            sample(controller.metrics_text(), "pdorch_rollout_stalled", labels) == 0
+            and sample(controller.metrics_text(), "pdorch_rollout_cohort_ratio_deviation", labels) == 0
+        ),
+        30,
+        "rollout gauges reset after the rollout",
+    )
 
 
 def test_paused_rollout_holds_then_finishes_when_resumed(
