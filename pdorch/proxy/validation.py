@@ -12,6 +12,7 @@ import math
 from collections.abc import Collection
 from typing import Any
 
+from pdorch.lax_int import lax_int
 from pdorch.proxy.errors import ProxyError
 from pdorch.proxy.protocols import PROXY_OWNED_FIELDS, Kind
 
@@ -32,7 +33,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return lax_int(v) is not None
 
 
 def _is_num(v: Any) -> bool:

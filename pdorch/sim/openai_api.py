@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from pdorch.lax_int import lax_int
 from pdorch.sim import tokens
 from pdorch.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -66,11 +67,12 @@ def _opt_int(body: dict[str, Any], name: str, minimum: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    as_int = lax_int(value)
+    if as_int is None:
         raise BadRequest(f"'{name}' must be an integer", name)
-    if value < minimum:
+    if as_int < minimum:
         raise BadRequest(f"'{name}' must be at least {minimum}, got {value}", name)
-    return value
+    return as_int
 
 
 def _opt_bool(body: dict[str, Any], name: str) -> bool:
@@ -91,12 +93,9 @@ def _prompt(body: dict[str, Any]) -> tuple[str, list[int]]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt, tokens.tokenize(prompt)
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        return "", [int(t) for t in prompt]
+    ids = [lax_int(t) for t in prompt] if isinstance(prompt, list) else []
+    if ids and all(t is not None for t in ids):
+        return "", [t for t in ids if t is not None]
     raise BadRequest("'prompt' must be a non-empty string or a list of token ids", "prompt")
 
 

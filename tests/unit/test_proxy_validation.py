@@ -69,6 +69,8 @@ def err(body: dict[str, Any], kind: str = "completion") -> ProxyError:
         ({"model": "m", "prompt": [1, "a"]}, "prompt"),
         ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
         ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": float("inf")}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0.0}, "max_tokens"),
         ({"model": "m", "prompt": "x", "n": 0}, "n"),
         ({"model": "m", "prompt": "x", "stream": 1}, "stream"),
         ({"model": "m", "prompt": "x", "stream_options": {}}, "stream_options"),
@@ -145,3 +147,11 @@ def test_config_requires_one_discovery_mode() -> None:
     with pytest.raises(ValueError):
         ProxyConfig(engine="vllm", group="g")
     assert ProxyConfig(engine="sglang", decode=("http://d:1",)).static
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "m", "prompt": "x", "max_tokens": 16.0, "n": 1.0},  # pydantic lax mode: 16.0 is 16
+    {"model": "m", "prompt": [1.0, 2, 3.0]},
+])  # fmt: skip
+def test_integral_floats_are_integers_as_in_the_engines(body: dict[str, Any]) -> None:
+    validate(body, "completion", MODELS)

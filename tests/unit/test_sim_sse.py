@@ -48,6 +48,8 @@ def test_parse_completion_and_chat() -> None:
         ({"prompt": "x", "max_tokens": "3"}, "max_tokens"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+        ({"prompt": [1, 2.5]}, "prompt"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "n": 2}, "n"),
         ({"prompt": ["a", "b"]}, "prompt"),
@@ -58,6 +60,11 @@ def test_bad_completion_fields(body: dict[str, object], param: str) -> None:
     with pytest.raises(BadRequest) as exc:
         parse_request(body, "completion")
     assert exc.value.param == param and exc.value.status == 400
+
+
+def test_integral_floats_read_as_integers_like_pydantic_lax_mode() -> None:
+    r = parse_request({"prompt": [1.0, 2, 3.0], "max_tokens": 4.0}, "completion")
+    assert r.prompt_ids == [1, 2, 3] and r.max_tokens == 4 and isinstance(r.max_tokens, int)
 
 
 def test_bad_chat_and_non_object() -> None:
