@@ -2,6 +2,9 @@
 
 closed --(failure_threshold consecutive failures)--> open --(cooldown elapsed)--> half-open
 half-open --(success_threshold successes)--> closed;  half-open --(any failure)--> open
+
+A half-open endpoint takes only ``half_open_inflight`` requests at a time (probes), so an engine
+that is still sick fails a few requests, not a burst of them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class BreakerConfig:
     failure_threshold: int = 5
     cooldown_s: float = 10.0
     success_threshold: int = 2
+    half_open_inflight: int = 1
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,12 @@ def effective_state(b: Breaker, cfg: BreakerConfig, now: float) -> BreakerState:
     return b.state
 
 
-def allows(b: Breaker, cfg: BreakerConfig, now: float) -> bool:
-    """Whether traffic may go to the endpoint at ``now``."""
-    return effective_state(b, cfg, now) is not BreakerState.OPEN
+def allows(b: Breaker, cfg: BreakerConfig, now: float, inflight: int = 0) -> bool:
+    """Whether one more request may go to the endpoint at ``now``, with ``inflight`` already there."""
+    state = effective_state(b, cfg, now)
+    if state is BreakerState.HALF_OPEN:
+        return inflight < cfg.half_open_inflight
+    return state is BreakerState.CLOSED
 
 
 def record_success(b: Breaker, cfg: BreakerConfig, now: float) -> Breaker:

@@ -321,9 +321,14 @@ class ProxyServer:
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
-    def _blocked(self) -> frozenset[str]:
+    def _blocked(self, probes: bool = True) -> frozenset[str]:
+        """Endpoints the breakers keep traffic from; ``probes=False`` ignores the half-open probe
+        limit (for /health: a probe in flight does not make the proxy unready)."""
         now = self.clock()
-        return frozenset(k for k, b in self.breakers.items() if not brk.allows(b, self.breaker_cfg, now))
+        loads = self.loads if probes else {}
+        return frozenset(
+            k for k, b in self.breakers.items() if not brk.allows(b, self.breaker_cfg, now, loads.get(k, 0))
+        )
 
     def _outcome(self, ep: Endpoint, ok: bool) -> None:
         now = self.clock()
@@ -377,7 +382,7 @@ class ProxyServer:
         if self.draining:
             return json_response({"status": "draining", "reason": "shutting down"}, status=503)
         eps = self.discovery.current()
-        ok, reason = usable_pair_exists(eps, self._blocked())
+        ok, reason = usable_pair_exists(eps, self._blocked(probes=False))
         body = {
             "status": "ok" if ok else "unavailable",
             "reason": reason,

@@ -57,5 +57,13 @@ def test_open_breaker_ignores_late_outcomes() -> None:
     assert record_success(b, CFG, 5.0) == b  # a late success does not close it
 
 
+def test_half_open_admits_probes_only() -> None:
+    b = Breaker(state=BreakerState.OPEN, opened_at=100.0)
+    assert allows(b, CFG, 110.0, inflight=0)  # one probe
+    assert not allows(b, CFG, 110.0, inflight=1)  # not a burst behind it
+    closed = Breaker()
+    assert allows(closed, CFG, 110.0, inflight=500)  # a closed breaker does not limit load
+
+
 def test_metric_encoding() -> None:
     assert [s.metric_value for s in BreakerState] == [0, 1, 2]
