@@ -769,6 +769,10 @@ class ProxyServer:
         if p_task is not None:
             p_task.add_done_callback(on_prefill_done)
         try:
+            if p_task is not None:
+                # Let the prefill leg go out first (as a router sends it): a decode whose prefill is
+                # broken then fails after the prefill did, and the failure is blamed on the prefill.
+                await asyncio.sleep(0)
             resp = await self._post(dec, "decode", path, payload, headers)
             try:
                 await self._check_status(dec, "decode", resp)
