@@ -28,8 +28,9 @@ from fleet import DECODE, PREFILL, Fleet, FleetResult, PolicyFn, Req
 from policies import Slo
 
 from pdorch.api.servinggroup import Scaling, ScalingMode
-from pdorch.scaler.damping import DampingConfig
+from pdorch.scaler.loop import damping_from_scaling
 from pdorch.scaler.peers import decode_throughput_at
+from pdorch.scaler.policy import SloPolicyConfig
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100, Coefficients
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,15 +196,11 @@ def main() -> int:
     # prompts are not cut (the prefill/decode formulas are extrapolated beyond 2k tokens).
     c = replace(DISTSERVE_OPT13B_A100, max_model_len=16384)
     setup = Setup(c=c, slo=Slo(ttft_s=2.0, tpot_s=0.1), startup_s=args.startup_s, tick_s=15.0, window_s=30.0)
-    # pdorch runs with the ServingGroup API's damping defaults (scaling.* fields left unset).
-    api = Scaling(mode=ScalingMode.BUILTIN)
-    pd_damping = DampingConfig(
-        min_replicas=1,
-        max_replicas=1000,
-        scale_up_stabilization_s=api.scale_up_stabilization_seconds,
-        scale_down_stabilization_s=api.scale_down_stabilization_seconds,
-        cooldown_s=api.cooldown_seconds,
-    )
+    # pdorch runs as `pdorch scaler --pod-startup <startup> --interval <tick>` with the ServingGroup
+    # API's damping defaults (scaling.* fields left unset; an unset scale-down window is start-up + tick).
+    api = Scaling(mode=ScalingMode.BUILTIN, min_replicas=1, max_replicas=1000)
+    pd_damping = damping_from_scaling(api, setup.startup_s + setup.tick_s)
+    pd_cfg = SloPolicyConfig(forecast_lead_s=setup.startup_s + setup.tick_s)
     results: dict[str, object] = {
         "setup": {
             "coefficients": c.name,
@@ -232,7 +229,7 @@ def main() -> int:
             "hpa": policies.hpa_policy(prefill_waiting_target=5.0, decode_kv_target=0.7),
             "fixed-ratio": policies.fixed_ratio_policy(ratio, tps_target),
             "dynamo-sla": policies.dynamo_policy(c, setup.slo, 60.0, setup.tick_s),
-            "pdorch": policies.pdorch_policy(c, setup.slo, pd_damping),
+            "pdorch": policies.pdorch_policy(c, setup.slo, pd_damping, pd_cfg),
         }
         for name, pol in candidates.items():
             rows[name] = summarize(setup, simulate(setup, wl, pol, start))
