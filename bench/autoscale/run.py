@@ -133,8 +133,12 @@ def run_oracle(setup: Setup, wl: workloads.Workload) -> tuple[dict[str, float], 
 
     def ev(fp: float, fd: float) -> dict[str, float]:
         if (fp, fd) not in cache:
-            lp = oracle.keep_or_release(oracle.scaled(need_p, fp), setup.window_s, setup.startup_s)
-            ld = oracle.keep_or_release(oracle.scaled(need_d, fd), setup.window_s, setup.startup_s)
+            lp = oracle.keep_or_release(
+                oracle.scaled(need_p, fp), setup.window_s, setup.startup_s, setup.tick_s
+            )
+            ld = oracle.keep_or_release(
+                oracle.scaled(need_d, fd), setup.window_s, setup.startup_s, setup.tick_s
+            )
             at_p, at_d = oracle.schedule_targets(lp), oracle.schedule_targets(ld)
             pol = policies.schedule_policy(at_p, at_d)
             cache[(fp, fd)] = summarize(setup, simulate(setup, wl, pol, (max(at_p(0), 1), max(at_d(0), 1))))
