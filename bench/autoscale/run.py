@@ -201,9 +201,9 @@ def main() -> int:
     c = replace(DISTSERVE_OPT13B_A100, max_model_len=16384)
     setup = Setup(c=c, slo=Slo(ttft_s=2.0, tpot_s=0.1), startup_s=args.startup_s, tick_s=15.0, window_s=30.0)
     # pdorch runs as `pdorch scaler --pod-startup <startup> --interval <tick>` with the ServingGroup
-    # API's damping defaults (scaling.* fields left unset; an unset scale-down window is start-up + tick).
+    # API's damping defaults (scaling.* fields left unset).
     api = Scaling(mode=ScalingMode.BUILTIN, min_replicas=1, max_replicas=1000)
-    pd_damping = damping_from_scaling(api, setup.startup_s + setup.tick_s)
+    pd_damping = damping_from_scaling(api)
     pd_cfg = SloPolicyConfig(forecast_lead_s=setup.startup_s + setup.tick_s)
     results: dict[str, object] = {
         "setup": {

@@ -161,10 +161,8 @@ class Scaling(ApiModel):
     """SLO targets for Builtin: ttftMs for prefill roles, tpotMs for decode roles."""
     scale_up_stabilization_seconds: int = Field(0, ge=0, le=3600)
     """Builtin: use the lowest recommendation of this window before scaling up."""
-    scale_down_stabilization_seconds: int | None = Field(None, ge=0, le=3600)
-    """Builtin: use the highest recommendation of this window before scaling down. Unset: the
-    scaler's pod start-up time + interval, so a pod is kept through a lull shorter than it takes
-    to start one again (the ski-rental rule)."""
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=3600)
+    """Builtin: use the highest recommendation of this window before scaling down."""
     cooldown_seconds: int = Field(60, ge=0, le=3600)
     """Builtin: minimum time between two scaling actions of the role."""
 

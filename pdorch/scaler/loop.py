@@ -110,21 +110,19 @@ class RoleDecision:
     reason: str
 
 
-def damping_config(role: Role, default_scale_down_s: float = 75.0) -> DampingConfig:
-    """The role's `scaling` fields as a `DampingConfig` (see `damping_from_scaling`)."""
+def damping_config(role: Role) -> DampingConfig:
+    """The role's `scaling` fields as a `DampingConfig`."""
     assert role.scaling is not None
-    return damping_from_scaling(role.scaling, default_scale_down_s)
+    return damping_from_scaling(role.scaling)
 
 
-def damping_from_scaling(s: Scaling, default_scale_down_s: float = 75.0) -> DampingConfig:
-    """`scaling` fields as a `DampingConfig`; `default_scale_down_s` when the scale-down window is
-    unset (the scaler passes its pod start-up time + interval)."""
-    down = s.scale_down_stabilization_seconds
+def damping_from_scaling(s: Scaling) -> DampingConfig:
+    """`scaling` fields as a `DampingConfig` (unset bounds: 1..1000)."""
     return DampingConfig(
         min_replicas=s.min_replicas if s.min_replicas is not None else 1,
         max_replicas=s.max_replicas if s.max_replicas is not None else 1000,
         scale_up_stabilization_s=s.scale_up_stabilization_seconds,
-        scale_down_stabilization_s=float(down) if down is not None else default_scale_down_s,
+        scale_down_stabilization_s=s.scale_down_stabilization_seconds,
         cooldown_s=s.cooldown_seconds,
     )
 
@@ -283,7 +281,7 @@ class BuiltinScaler:
         base = st.draining_to if st.draining_to is not None else current
         d = damp(
             st.damping,
-            damping_config(role, self.cfg.pod_startup_s + self.cfg.interval_s),
+            damping_config(role),
             now,
             base,
             rec.replicas,

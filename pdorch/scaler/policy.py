@@ -48,13 +48,13 @@ class SloPolicyConfig:
     # Standard deviations of headroom on resident decode sequences: a new replica takes a
     # start-up time to help, and in that time the resident count of a Poisson-like stream moves by
     # about sqrt(resident), its KV by sqrt(2 x resident) sequences' worth (exponential-like lengths).
-    decode_burst_z: float = 2.33
+    decode_burst_z: float = 1.64
     # Forecast of the next start-up window (pdorch.scaler.forecast): lead = pod start-up time +
     # one controller tick; the rises of the last `forecast_horizon_s` seconds; their quantile.
     # forecast_horizon_s = 0 turns the forecast off (size for the last tick only).
     forecast_lead_s: float = 75.0
     forecast_horizon_s: float = 1800.0
-    forecast_quantile: float = 0.9
+    forecast_quantile: float = 0.75
 
 
 @dataclass(frozen=True)

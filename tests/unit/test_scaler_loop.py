@@ -36,9 +36,6 @@ def test_scaling_fields_become_the_damping_config() -> None:
     d = damping_config(r)
     assert (d.min_replicas, d.max_replicas, d.scale_down_stabilization_s, d.cooldown_s) == (1, 7, 20, 5)
     assert d.scale_up_stabilization_s == 0
-    # Unset, the scale-down window is the pod start-up + interval the scaler was given.
-    unset = _role("decode", {"mode": "Builtin", "maxReplicas": 7, "targets": {"tpotMs": 80}})
-    assert damping_config(unset, 120.0 + 15.0).scale_down_stabilization_s == 135.0
 
 
 def test_recommend_uses_the_role_type_and_its_target() -> None:
