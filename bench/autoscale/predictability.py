@@ -69,6 +69,18 @@ def hold_miss(x: list[int], lead_s: float, hold_s: float) -> tuple[float, float]
     return short / sum(x), cap_sum / len(x) / mean
 
 
+def recurrence(x: list[int], lag_s: float, burst: int, prior: int) -> float:
+    """Share of requests in burst bins (>= `burst`) with a bin >= `prior` one lag earlier (+-30 s)."""
+    k = round(lag_s / BIN_S)
+    tot = hit = 0
+    for i in range(k + 3, len(x)):
+        if x[i] >= burst:
+            tot += x[i]
+            if max(x[i - k - 3 : i - k + 4]) >= prior:
+                hit += x[i]
+    return hit / tot if tot else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lead", type=float, default=75.0, help="start-up + tick, seconds (default 75)")
@@ -83,6 +95,17 @@ def main() -> int:
         print("  acf " + " ".join(f"{int(k * BIN_S)}s={acf(x, k):+.2f}" for k in lags))
         period, share = strongest_period(x)
         print(f"  strongest period {period:.0f} s, {share:.1%} of the variance")
+        h = len(x) // 2
+        p1, s1 = strongest_period(x[:h])
+        p2, s2 = strongest_period(x[h:])
+        print(f"  first half: {p1:.0f} s ({s1:.1%}); second half: {p2:.0f} s ({s2:.1%})")
+        if name == "code":
+            burst, prior = 60, 30
+            lags = (200.0, 250.0, period, 350.0, 400.0)
+            print(
+                f"  bursts (10 s bins >= {burst} req) preceded by a bin >= {prior} one lag earlier (+-30 s): "
+                + ", ".join(f"lag {lag:.0f} s {recurrence(x, lag, burst, prior):.0%}" for lag in lags)
+            )
         for hold in (0, 60, 300, 900, 1800, 3600):
             miss, cap = hold_miss(x, args.lead, hold)
             print(
