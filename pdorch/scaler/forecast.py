@@ -8,11 +8,11 @@ The forecast is "level + the rise the recent past showed over one lead window":
 
 that is, the `quantile` of the rises that followed every past sample whose lead window is already
 fully observed (the empirical error of a "no change" forecast against the lead window's peak).
-This is the quantile-of-recent-peaks headroom of predictive autoscalers (Dynamo's planner keeps a
-load predictor for the next adjustment interval; AWS predictive scaling and Google's Autopilot
-size for a quantile of recent peaks): it learns from the workload how much it may rise within a
-start-up time, it widens after bursts and narrows when the load is steady, and only samples up to
-`now` are read. A rise is measured against the level at the time, so trends, spikes and Poisson
+This is a quantile-of-recent-peaks headroom in the spirit of predictive autoscalers (Dynamo's
+planner predicts the load of its next adjustment interval; Google's Autopilot sizes from
+percentiles and peaks of a moving window of usage): it learns from the workload how much it may
+rise within a start-up time, it widens after bursts and narrows when the load is steady, and only
+samples up to `now` are read. The rises are conditioned on the level (`from_similar_levels`). A rise is measured against the level at the time, so trends, spikes and Poisson
 noise all count. Quiet series give rise 0 and the forecast is the level.
 """
 

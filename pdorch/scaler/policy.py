@@ -12,7 +12,8 @@ Both return a `Recommendation` whose `reason` says which term decided, for statu
 
 Predictive layer (`recommend_prefill`, `recommend_decode`): a replica asked for now serves only
 after the pod start-up time, so each role's demand signal (prefill: offered work in replica-seconds
-per second; decode: resident sequences) is recorded every tick in a `RoleMemory`, and the sizing
+per second; decode: Little's-law residency of the arrivals) is recorded every tick in a
+`RoleMemory`, and the sizing
 above is given the demand plus the rise the recent past showed within one start-up window
 (`pdorch.scaler.forecast`). The memory is plain data the caller keeps between ticks.
 """
