@@ -110,8 +110,15 @@ def window_requirements(
     return need_p, need_d
 
 
-def keep_or_release(need: Sequence[int], window_s: float, startup_s: float) -> list[tuple[float, float]]:
-    """Pod lifetimes (create, end) for a per-window need, per replica level, ski-rental with a known future."""
+def keep_or_release(
+    need: Sequence[int], window_s: float, startup_s: float, tick_s: float | None = None
+) -> list[tuple[float, float]]:
+    """Pod lifetimes (create, end) for a per-window need, per replica level, ski-rental with a known future.
+
+    With `tick_s` (the controller tick the schedule is replayed at), a creation time is moved back to
+    the tick at or before it, so the pod is ready when needed even if the start-up time is not a
+    multiple of the tick (otherwise the replay creates it at the next tick, up to a tick late).
+    """
     lives: list[tuple[float, float]] = []
     for level in range(1, max(need, default=0) + 1):
         spans: list[list[float]] = []
@@ -122,7 +129,11 @@ def keep_or_release(need: Sequence[int], window_s: float, startup_s: float) -> l
                     spans[-1][1] = b  # keep through a short idle gap
                 else:
                     spans.append([a, b])
-        lives.extend((max(a - startup_s, 0.0), b) for a, b in spans)
+        for a, b in spans:
+            create = max(a - startup_s, 0.0)
+            if tick_s:
+                create = math.floor(create / tick_s + 1e-9) * tick_s
+            lives.append((create, b))
     return lives
 
 

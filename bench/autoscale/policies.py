@@ -14,7 +14,7 @@ from fleet import DECODE, PREFILL, PolicyFn
 from pdorch.scaler import peers
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
 from pdorch.scaler.observe import RoleLoad
-from pdorch.scaler.policy import SloPolicyConfig, decode_replicas, prefill_replicas
+from pdorch.scaler.policy import RoleMemory, SloPolicyConfig, recommend_decode, recommend_prefill
 from pdorch.sim.latency import Coefficients
 
 
@@ -27,14 +27,15 @@ class Slo:
 def pdorch_policy(
     c: Coefficients, slo: Slo, damping: DampingConfig, cfg: SloPolicyConfig | None = None
 ) -> PolicyFn:
-    """pdorch's built-in SLO policy with the ServingGroup damping fields."""
+    """pdorch's built-in SLO policy (with its start-up-window forecast) and the ServingGroup damping fields."""
     cfg = cfg or SloPolicyConfig()
     states = {PREFILL: DampingState(), DECODE: DampingState()}
+    memory = {PREFILL: RoleMemory(), DECODE: RoleMemory()}
 
     def decide(t: float, loads: dict[str, RoleLoad], cur: dict[str, int]) -> dict[str, int]:
         raw = {
-            PREFILL: prefill_replicas(loads[PREFILL], c, slo.ttft_s, cfg).replicas,
-            DECODE: decode_replicas(loads[DECODE], c, slo.tpot_s, cfg).replicas,
+            PREFILL: recommend_prefill(memory[PREFILL], t, loads[PREFILL], c, slo.ttft_s, cfg).replicas,
+            DECODE: recommend_decode(memory[DECODE], t, loads[DECODE], c, slo.tpot_s, cfg).replicas,
         }
         return {r: damp(states[r], damping, t, cur[r], raw[r]).replicas for r in raw}
 

@@ -18,9 +18,12 @@ def _run(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         metrics_addr=args.metrics_addr,
         prometheus_url=args.prometheus_url,
+        pod_startup_s=args.pod_startup,
     )
     if cfg.interval_s <= 0:
         raise SystemExit("--interval must be > 0 seconds")
+    if cfg.pod_startup_s < 0:
+        raise SystemExit("--pod-startup must be >= 0 seconds")
     return asyncio.run(run_scaler(cfg))
 
 
@@ -49,6 +52,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--metrics-addr", default=d.metrics_addr, help="/metrics and /healthz (default %(default)s)"
+    )
+    p.add_argument(
+        "--pod-startup",
+        type=float,
+        default=d.pod_startup_s,
+        help="seconds from a scale-up to a serving pod; the policy sizes for the load forecast over "
+        "this + --interval (default %(default)s)",
     )
     p.add_argument(
         "--prometheus-url", help="read engine metrics from this Prometheus instead of scraping pods"

@@ -2,8 +2,10 @@
 
 Every `interval_s`, for each ServingGroup role with `scaling.mode: Builtin`:
 1. list the role's leader pods and scrape the ready ones (`sources`);
-2. turn two consecutive scrapes into a `RoleLoad` and run the SLO policy (`policy`), then the
-   role's stabilization windows, cooldown and bounds (`damping`) and the group's ratio band (`ratio`);
+2. turn two consecutive scrapes into a `RoleLoad` and run the SLO policy (`policy`) for the load it
+   forecasts over the next pod start-up window (`forecast`, from the role's recent history), then
+   the role's stabilization windows, cooldown and bounds (`damping`) and the group's ratio band
+   (`ratio`);
 3. scale up at once through `ServingRoleScaler/<group>-<role>/scale`; scale down by draining first:
    the leader pods of the groups LWS will remove (highest group indices) get the
    `pdorch.io/draining` annotation, the proxy stops routing to them, and `/scale` is lowered once
@@ -25,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_late
 from pydantic import ValidationError
 
 from pdorch.api.scaler import KIND as SCALER_KIND
-from pdorch.api.servinggroup import API_VERSION, Role, RoleType, ScalingMode, ServingGroup
+from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, ScalingMode, ServingGroup
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
 from pdorch.proxy.discovery import endpoints_from_pods
@@ -33,7 +35,13 @@ from pdorch.roles.labels import ANNOTATION_DRAINING, LWS_GROUP_INDEX, leader_sel
 from pdorch.roles.naming import scaler_name
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
 from pdorch.scaler.observe import RoleLoad, role_load
-from pdorch.scaler.policy import Recommendation, SloPolicyConfig, decode_replicas, prefill_replicas
+from pdorch.scaler.policy import (
+    Recommendation,
+    RoleMemory,
+    SloPolicyConfig,
+    recommend_decode,
+    recommend_prefill,
+)
 from pdorch.scaler.ratio import RatioBand, within_band
 from pdorch.scaler.scrape import EngineSample
 from pdorch.scaler.sources import DirectScrape, MetricsSource
@@ -71,6 +79,9 @@ class ScalerConfig:
     drain_timeout_s: float = 300.0
     metrics_addr: str = "127.0.0.1:8090"
     prometheus_url: str | None = None
+    # Seconds from a scale-up to a serving pod (image pull, weights, engine start): the forecast
+    # sizes each role for the load of the next start-up + one interval.
+    pod_startup_s: float = 60.0
 
 
 @dataclass
@@ -80,6 +91,7 @@ class RoleState:
     prev: dict[str, EngineSample] = field(default_factory=dict)  # by endpoint URL
     prev_at: float | None = None
     damping: DampingState = field(default_factory=DampingState)
+    memory: RoleMemory = field(default_factory=RoleMemory)
     draining_to: int | None = None
     drain_started: float = 0.0
     drain_reason: str = ""
@@ -100,8 +112,12 @@ class RoleDecision:
 
 def damping_config(role: Role) -> DampingConfig:
     """The role's `scaling` fields as a `DampingConfig`."""
-    s = role.scaling
-    assert s is not None
+    assert role.scaling is not None
+    return damping_from_scaling(role.scaling)
+
+
+def damping_from_scaling(s: Scaling) -> DampingConfig:
+    """`scaling` fields as a `DampingConfig` (unset bounds: 1..1000)."""
     return DampingConfig(
         min_replicas=s.min_replicas if s.min_replicas is not None else 1,
         max_replicas=s.max_replicas if s.max_replicas is not None else 1000,
@@ -111,16 +127,24 @@ def damping_config(role: Role) -> DampingConfig:
     )
 
 
-def recommend(role: Role, load: RoleLoad, c: Coefficients, cfg: SloPolicyConfig) -> Recommendation:
-    """The SLO policy for a Builtin prefill or decode role."""
+def recommend(
+    role: Role,
+    load: RoleLoad,
+    c: Coefficients,
+    cfg: SloPolicyConfig,
+    memory: RoleMemory | None = None,
+    now_s: float = 0.0,
+) -> Recommendation:
+    """The SLO policy for a Builtin prefill or decode role (`memory`: the role's history, kept by the caller)."""
     targets = role.scaling.targets if role.scaling else None
+    mem = memory if memory is not None else RoleMemory()
     if role.type == RoleType.PREFILL:
         if targets is None or targets.ttft_ms is None:
             raise ValueError(f"role {role.name}: Builtin prefill scaling needs scaling.targets.ttftMs")
-        return prefill_replicas(load, c, targets.ttft_ms / 1000, cfg)
+        return recommend_prefill(mem, now_s, load, c, targets.ttft_ms / 1000, cfg)
     if targets is None or targets.tpot_ms is None:
         raise ValueError(f"role {role.name}: Builtin decode scaling needs scaling.targets.tpotMs")
-    return decode_replicas(load, c, targets.tpot_ms / 1000, cfg)
+    return recommend_decode(mem, now_s, load, c, targets.tpot_ms / 1000, cfg)
 
 
 def _group_index(pod: dict[str, Any]) -> int:
@@ -143,7 +167,7 @@ class BuiltinScaler:
         self.api = api
         self.cfg = cfg
         self.source = source or DirectScrape()
-        self.policy = policy or SloPolicyConfig()
+        self.policy = policy or SloPolicyConfig(forecast_lead_s=cfg.pod_startup_s + cfg.interval_s)
         self.coefficients = load_coefficients(cfg.coefficients)
         self.events = EventRecorder(api, "pdorch-scaler", ttl=0.0)
         self.roles: dict[tuple[str, str, str], RoleState] = {}
@@ -197,7 +221,11 @@ class BuiltinScaler:
             band = RatioBand(ratio.prefill, ratio.decode, ratio.tolerance)
             p, d = pre[0], dec[0]
             np_, nd, note = within_band(
-                band, p[3], d[3], damping_config(p[0]).max_replicas, damping_config(d[0]).max_replicas
+                band,
+                p[3],
+                d[3],
+                damping_config(p[0]).max_replicas,
+                damping_config(d[0]).max_replicas,
             )
             if note:
                 decisions[p[0].name] = (*p[:3], np_, f"{p[4]}; {note}" if np_ != p[3] else p[4], p[5])
@@ -244,14 +272,20 @@ class BuiltinScaler:
         st.prev, st.prev_at = by_url, now
         LOAD_RATE.labels(ns, group, role.name).set(load.request_rate)
         try:
-            rec = recommend(role, load, self.coefficients, self.policy)
+            rec = recommend(role, load, self.coefficients, self.policy, st.memory, now)
         except ValueError as e:
             log.warning("%s/%s: %s", ns, group, e)
             return None
         RECOMMENDED.labels(ns, group, role.name).set(rec.replicas)
         self._raw[key] = rec.replicas
         base = st.draining_to if st.draining_to is not None else current
-        d = damp(st.damping, damping_config(role), now, base, rec.replicas)
+        d = damp(
+            st.damping,
+            damping_config(role),
+            now,
+            base,
+            rec.replicas,
+        )
         reason = rec.reason + (f" (held: {d.held})" if d.held else "")
         return srs, current, d.replicas, reason, pods
 

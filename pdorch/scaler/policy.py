@@ -9,13 +9,21 @@ law on arrivals x output tokens x the step time) against the sequences one repli
 TPOT target, its KV capacity and max_num_seqs.
 
 Both return a `Recommendation` whose `reason` says which term decided, for status and events.
+
+Predictive layer (`recommend_prefill`, `recommend_decode`): a replica asked for now serves only
+after the pod start-up time, so each role's demand signal (prefill: offered work in replica-seconds
+per second; decode: Little's-law residency of the arrivals) is recorded every tick in a
+`RoleMemory`, and the sizing
+above is given the demand plus the rise the recent past showed within one start-up window
+(`pdorch.scaler.forecast`). The memory is plain data the caller keeps between ticks.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
+from pdorch.scaler.forecast import Forecast, Series, peak_forecast, record
 from pdorch.scaler.observe import RoleLoad
 from pdorch.sim.latency import Coefficients, decode_step_time_s
 
@@ -41,7 +49,13 @@ class SloPolicyConfig:
     # Standard deviations of headroom on resident decode sequences: a new replica takes a
     # start-up time to help, and in that time the resident count of a Poisson-like stream moves by
     # about sqrt(resident), its KV by sqrt(2 x resident) sequences' worth (exponential-like lengths).
-    decode_burst_z: float = 2.33
+    decode_burst_z: float = 1.64
+    # Forecast of the next start-up window (pdorch.scaler.forecast): lead = pod start-up time +
+    # one controller tick; the rises of the last `forecast_horizon_s` seconds; their quantile.
+    # forecast_horizon_s = 0 turns the forecast off (size for the last tick only).
+    forecast_lead_s: float = 75.0
+    forecast_horizon_s: float = 1800.0
+    forecast_quantile: float = 0.75
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,11 @@ def wait_tail(servers: int, offered: float, service_s: float, t_s: float) -> flo
 
 
 def prefill_replicas(
-    load: RoleLoad, c: Coefficients, ttft_target_s: float, cfg: SloPolicyConfig = SloPolicyConfig()
+    load: RoleLoad,
+    c: Coefficients,
+    ttft_target_s: float,
+    cfg: SloPolicyConfig = SloPolicyConfig(),
+    rise: float = 0.0,
 ) -> Recommendation:
     """Prefill replicas for `load` under the TTFT target.
 
@@ -88,10 +106,11 @@ def prefill_replicas(
     the fewest replicas whose waiting-time tail beyond the TTFT budget (the target's share the
     engine may use, less the service of one long prompt) is at most `ttft_tail`, and at most
     `max_prefill_utilisation` busy. Exponential service overstates a batched prefill's variance,
-    which keeps the estimate on the safe side.
+    which keeps the estimate on the safe side. `rise` (replica-s/s) is added to the offered work:
+    the forecast growth within a start-up window.
     """
     n = load.mean_prompt_tokens
-    if load.request_rate <= 0 or n <= 0:
+    if (load.request_rate <= 0 and rise <= 0) or n <= 0:
         if load.waiting > 0:
             return Recommendation(
                 max(load.ready_replicas, 1), f"{load.waiting:.0f} queued, no finished requests yet"
@@ -100,7 +119,7 @@ def prefill_replicas(
     service = prefill_service_s(c, n)
     long_prompt = prefill_service_s(c, n * cfg.long_prompt_factor)
     budget = max(ttft_target_s * cfg.ttft_budget - long_prompt, 0.0)
-    offered = load.request_rate * service  # replica-seconds of prefill per second (erlangs)
+    offered = load.request_rate * service + max(rise, 0.0)  # replica-s of prefill per s (erlangs)
     need = max(math.ceil(offered / cfg.max_prefill_utilisation - 1e-9), 1)
     while need < 100_000 and wait_tail(need, offered, service, budget) > cfg.ttft_tail:
         need += 1
@@ -108,7 +127,9 @@ def prefill_replicas(
     backlog = load.waiting * service / cfg.backlog_drain_s
     extra = math.ceil(backlog - 1e-9) if backlog >= 0.5 else 0
     reason = (
-        f"prefill {load.request_rate:.2f} req/s x {n:.0f} tok = {offered:.2f} replica-s/s; "
+        f"prefill {load.request_rate:.2f} req/s x {n:.0f} tok"
+        + (f" + forecast rise {rise:.2f}" if rise > 0 else "")
+        + f" = {offered:.2f} replica-s/s; "
         f"{need} keep the TTFT {ttft_target_s * 1000:.0f}ms tail <= {cfg.ttft_tail:.0%}"
     )
     if extra:
@@ -131,15 +152,13 @@ def decode_seqs_per_replica(
     return max(limits[name], 1.0), name
 
 
-def decode_replicas(
+def decode_demand(
     load: RoleLoad, c: Coefficients, tpot_target_s: float, cfg: SloPolicyConfig = SloPolicyConfig()
-) -> Recommendation:
-    """Decode replicas for `load` under the TPOT target."""
-    if load.request_rate <= 0 and load.running + load.waiting <= 0:
-        return Recommendation(0, "no decode load")
+) -> tuple[float, float, float]:
+    """(sequences that must be resident, running + backlog share, Little's law) for `load`."""
     prompt = load.mean_prompt_tokens or 1.0
     output = load.mean_output_tokens or 1.0
-    per_replica, limit = decode_seqs_per_replica(c, prompt, output, tpot_target_s, cfg)
+    per_replica, _ = decode_seqs_per_replica(c, prompt, output, tpot_target_s, cfg)
     # Little's law needs the step time sequences will see: the measured ITL when there is one
     # (the model's step at full occupancy overstates it), else the model at full occupancy.
     step = load.mean_itl_s or decode_step_time_s(
@@ -151,15 +170,36 @@ def decode_replicas(
     # waiting x min(1, lifetime / drain) extra slots, not one slot per waiting sequence.
     backlog_share = min(1.0, output * step / cfg.backlog_drain_s)
     resident_now = load.running + load.waiting * backlog_share
-    base = max(resident_now, little)
-    resident = base + cfg.decode_burst_z * math.sqrt(2 * base)
+    return max(resident_now, little), resident_now, little
+
+
+def decode_replicas(
+    load: RoleLoad,
+    c: Coefficients,
+    tpot_target_s: float,
+    cfg: SloPolicyConfig = SloPolicyConfig(),
+    rise: float = 0.0,
+) -> Recommendation:
+    """Decode replicas for `load` under the TPOT target (`rise`: forecast growth of resident sequences)."""
+    if load.request_rate <= 0 and load.running + load.waiting <= 0 and rise <= 0:
+        return Recommendation(0, "no decode load")
+    prompt = load.mean_prompt_tokens or 1.0
+    output = load.mean_output_tokens or 1.0
+    per_replica, limit = decode_seqs_per_replica(c, prompt, output, tpot_target_s, cfg)
+    now_base, resident_now, little = decode_demand(load, c, tpot_target_s, cfg)
+    # Headroom for the start-up window: the forecast rise, but never less than the Poisson-like
+    # movement of the resident count (z standard deviations) the forecast may not have seen yet.
+    noise = cfg.decode_burst_z * math.sqrt(2 * now_base)
+    resident = now_base + max(rise, noise)
     by_seqs = math.ceil(resident / per_replica - 1e-9)
     # KV in use now (vLLM's gauge) may bind before the sequence count does.
     kv_replicas = load.kv_usage * load.ready_replicas / cfg.kv_target
-    by_kv = math.ceil(kv_replicas * (resident / base if base else 1.0) - 1e-9)
+    by_kv = math.ceil(kv_replicas * (resident / now_base if now_base else 1.0) - 1e-9)
     reason = (
         f"decode {resident:.0f} resident seqs with headroom (running + backlog share {resident_now:.0f}, "
-        f"Little {little:.0f}) / {per_replica:.0f} per replica ({limit}-bound at TPOT {tpot_target_s * 1000:.0f}ms)"
+        f"Little {little:.0f}"
+        + (f", forecast rise {rise:.0f}" if rise > 0 else "")
+        + f") / {per_replica:.0f} per replica ({limit}-bound at TPOT {tpot_target_s * 1000:.0f}ms)"
     )
     if by_kv > by_seqs:
         reason = (
@@ -167,3 +207,73 @@ def decode_replicas(
             f"needs {by_kv} at {cfg.kv_target:.0%}"
         )
     return Recommendation(max(by_seqs, by_kv), reason)
+
+
+@dataclass
+class RoleMemory:
+    """What the predictive layer keeps of one role between ticks (plain data, no I/O)."""
+
+    demand: Series = field(default_factory=Series)
+    # Last known request shape, for ticks in which nothing finished (bursty traffic has many).
+    prompt_tokens: float = 0.0
+    output_tokens: float = 0.0
+
+
+def _with_shape(mem: RoleMemory, load: RoleLoad) -> RoleLoad:
+    """`load` with the remembered mean lengths when this tick saw none; remembers new ones."""
+    if load.mean_prompt_tokens > 0:
+        mem.prompt_tokens = load.mean_prompt_tokens
+    if load.mean_output_tokens > 0:
+        mem.output_tokens = load.mean_output_tokens
+    return replace(
+        load,
+        mean_prompt_tokens=load.mean_prompt_tokens or mem.prompt_tokens,
+        mean_output_tokens=load.mean_output_tokens or mem.output_tokens,
+    )
+
+
+def _forecast(mem: RoleMemory, now_s: float, level: float, cfg: SloPolicyConfig) -> Forecast:
+    keep = cfg.forecast_horizon_s + cfg.forecast_lead_s
+    record(mem.demand, now_s, level, keep)
+    if cfg.forecast_horizon_s <= 0:
+        return Forecast(level, level, 0.0, 0)
+    return peak_forecast(
+        mem.demand,
+        now_s,
+        cfg.forecast_lead_s,
+        cfg.forecast_horizon_s,
+        cfg.forecast_quantile,
+    )
+
+
+def recommend_prefill(
+    mem: RoleMemory,
+    now_s: float,
+    load: RoleLoad,
+    c: Coefficients,
+    ttft_target_s: float,
+    cfg: SloPolicyConfig = SloPolicyConfig(),
+) -> Recommendation:
+    """Prefill replicas for the forecast peak of the next start-up window (records this tick in `mem`)."""
+    load = _with_shape(mem, load)
+    n = load.mean_prompt_tokens
+    work = load.request_rate * prefill_service_s(c, n) if n > 0 else 0.0
+    f = _forecast(mem, now_s, work, cfg)
+    return prefill_replicas(load, c, ttft_target_s, cfg, rise=f.rise)
+
+
+def recommend_decode(
+    mem: RoleMemory,
+    now_s: float,
+    load: RoleLoad,
+    c: Coefficients,
+    tpot_target_s: float,
+    cfg: SloPolicyConfig = SloPolicyConfig(),
+) -> Recommendation:
+    """Decode replicas for the forecast peak of the next start-up window (records this tick in `mem`)."""
+    load = _with_shape(mem, load)
+    # The forecast follows the arrival-driven demand (Little's law), not a backlog being worked off:
+    # a backlog is transient and the running + backlog term already sizes for it.
+    _, _, little = decode_demand(load, c, tpot_target_s, cfg)
+    f = _forecast(mem, now_s, little, cfg)
+    return decode_replicas(load, c, tpot_target_s, cfg, rise=f.rise)

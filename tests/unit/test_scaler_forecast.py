@@ -1,0 +1,154 @@
+"""The start-up-window forecast and the predictive layer of the SLO policy (pure functions)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pdorch.scaler.forecast import Series, from_similar_levels, peak_forecast, quantile, record, rises
+from pdorch.scaler.observe import RoleLoad
+from pdorch.scaler.policy import (
+    RoleMemory,
+    SloPolicyConfig,
+    decode_replicas,
+    prefill_replicas,
+    recommend_decode,
+    recommend_prefill,
+)
+from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
+
+pytestmark = pytest.mark.unit
+
+
+def _series(values: list[float], step: float = 15.0) -> Series:
+    s = Series()
+    for i, v in enumerate(values):
+        record(s, i * step, v, keep_s=1e9)
+    return s
+
+
+def test_record_forgets_old_samples_and_merges_one_instant() -> None:
+    s = Series()
+    for t in (0.0, 10.0, 20.0, 30.0):
+        record(s, t, t, keep_s=15.0)
+    assert s.samples == [(20.0, 20.0), (30.0, 30.0)]
+    record(s, 30.0, 5.0, keep_s=15.0)
+    assert s.samples[-1] == (30.0, 5.0)
+
+
+def test_rises_only_use_fully_observed_lead_windows() -> None:
+    # Samples every 15 s; lead 30 s: the sample at t has its window (t, t + 30] seen once now >= t + 30.
+    samples = [(0.0, 1.0), (15.0, 5.0), (30.0, 2.0), (45.0, 9.0)]
+    got = rises(samples, now=45.0, lead_s=30.0, horizon_s=1e9)
+    assert got == [(1.0, 4.0), (5.0, 4.0)]  # t=0: max(5, 2) - 1; t=15: max(2, 9) - 5
+    # Nothing in the future is read: at now=30 only t=0 qualifies.
+    assert rises(samples[:3], now=30.0, lead_s=30.0, horizon_s=1e9) == [(1.0, 4.0)]
+    # The horizon drops old samples.
+    assert rises(samples, now=45.0, lead_s=30.0, horizon_s=30.0) == [(5.0, 4.0)]
+
+
+def test_quantile_nearest_rank() -> None:
+    assert quantile([], 0.9) == 0.0
+    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert quantile([float(i) for i in range(1, 11)], 0.9) == 9.0
+    assert quantile([float(i) for i in range(1, 11)], 1.0) == 10.0
+
+
+def test_rises_are_conditioned_on_levels_at_least_today() -> None:
+    lull = [(1.0, 4.0)] * 10
+    top = [(5.0, 0.5)] * 10
+    # At the top of a burst, what followed the tops counts, not what followed the lulls.
+    assert sorted(from_similar_levels(lull + top, 5.0)) == [0.5] * 10
+    # In a lull, everything at or above it counts.
+    assert len(from_similar_levels(lull + top, 1.0)) == 20
+    # Above every level seen: the highest levels seen stand in.
+    assert from_similar_levels(lull + top, 9.0) == [0.5] * 8
+
+
+def test_steady_load_forecasts_its_level() -> None:
+    f = peak_forecast(_series([3.0] * 40), now=39 * 15.0, lead_s=75.0, horizon_s=1800.0, q=0.9)
+    assert f.peak == 3.0 and f.rise == 0.0 and f.samples > 0
+
+
+def test_recurring_bursts_raise_the_forecast_in_a_lull() -> None:
+    # A burst to 10 for 2 ticks every 10 ticks, on a base of 1: in a lull the forecast holds the burst.
+    values = [10.0 if i % 10 in (8, 9) else 1.0 for i in range(58)]
+    f = peak_forecast(_series(values), now=57 * 15.0, lead_s=75.0, horizon_s=1800.0, q=0.9)
+    assert f.level == 1.0 and f.peak == pytest.approx(10.0)
+    # At the top of a burst the lull's rise is not added again.
+    top = peak_forecast(_series(values[:-8]), now=49 * 15.0, lead_s=75.0, horizon_s=1800.0, q=0.9)
+    assert top.level == 10.0 and top.peak == pytest.approx(10.0)
+    # Without bursts in the horizon the forecast is the level.
+    f = peak_forecast(_series(values), now=57 * 15.0, lead_s=75.0, horizon_s=0.0, q=0.9)
+    assert f.peak == 1.0
+
+
+@given(
+    values=st.lists(st.floats(0, 100), min_size=1, max_size=80),
+    q=st.floats(0.0, 1.0),
+)
+def test_forecast_never_below_the_level_and_within_the_seen_range(values: list[float], q: float) -> None:
+    s = _series(values)
+    f = peak_forecast(s, now=(len(values) - 1) * 15.0, lead_s=75.0, horizon_s=1800.0, q=q)
+    assert f.peak >= f.level == values[-1]
+    assert f.rise <= max(values) - min(values) + 1e-9
+
+
+def _load(rate: float, prompt: float, output: float = 100, **kw: float) -> RoleLoad:
+    return RoleLoad(
+        ready_replicas=int(kw.pop("ready", 2)),
+        window_s=15,
+        request_rate=rate,
+        mean_prompt_tokens=prompt,
+        mean_output_tokens=output,
+        **kw,
+    )
+
+
+def test_a_rise_adds_prefill_and_decode_replicas_and_says_so() -> None:
+    calm = prefill_replicas(_load(10, 1000), DIST, 2.0)
+    risen = prefill_replicas(_load(10, 1000), DIST, 2.0, rise=2.0)
+    assert risen.replicas > calm.replicas and "forecast rise 2.00" in risen.reason
+    d_calm = decode_replicas(_load(10, 1000, running=100), DIST, 0.1)
+    d_risen = decode_replicas(_load(10, 1000, running=100), DIST, 0.1, rise=400)
+    assert d_risen.replicas > d_calm.replicas and "forecast rise 400" in d_risen.reason
+    # A rise smaller than the noise headroom changes nothing.
+    assert decode_replicas(_load(10, 1000, running=100), DIST, 0.1, rise=1).replicas == d_calm.replicas
+
+
+def test_predictive_prefill_holds_capacity_for_a_recurring_burst() -> None:
+    cfg = SloPolicyConfig(forecast_lead_s=75.0, forecast_horizon_s=1800.0, forecast_quantile=0.9)
+    mem = RoleMemory()
+    reactive = SloPolicyConfig(forecast_horizon_s=0.0)
+    for i in range(60):
+        burst = i % 10 in (8, 9)
+        load = _load(40.0 if burst else 2.0, 1500) if burst or i % 2 else _load(0.0, 0.0)
+        rec = recommend_prefill(mem, i * 15.0, load, DIST, 2.0, cfg)
+    # Tick 59 is a burst tick; tick 60 is a lull with nothing finished: the memory supplies the shape.
+    lull = _load(0.0, 0.0)
+    rec = recommend_prefill(mem, 60 * 15.0, lull, DIST, 2.0, cfg)
+    burst_size = prefill_replicas(_load(40.0, 1500), DIST, 2.0, reactive).replicas
+    assert rec.replicas >= burst_size - 1 and "forecast rise" in rec.reason
+    assert prefill_replicas(lull, DIST, 2.0, reactive).replicas == 0
+    assert mem.prompt_tokens == 1500
+
+
+def test_predictive_decode_follows_arrivals_and_is_reactive_when_off() -> None:
+    off = SloPolicyConfig(forecast_horizon_s=0.0)
+    mem = RoleMemory()
+    load = _load(10, 1000, running=50, mean_itl_s=0.03)
+    assert (
+        recommend_decode(mem, 0.0, load, DIST, 0.1, off).replicas
+        == decode_replicas(load, DIST, 0.1, off).replicas
+    )
+    cfg = SloPolicyConfig()
+    mem = RoleMemory()
+    for i in range(40):
+        rate = 60.0 if i % 8 == 7 else 5.0
+        recommend_decode(mem, i * 15.0, _load(rate, 1000, running=rate * 3, mean_itl_s=0.03), DIST, 0.1, cfg)
+    quiet = _load(5.0, 1000, running=15, mean_itl_s=0.03)
+    assert (
+        recommend_decode(mem, 40 * 15.0, quiet, DIST, 0.1, cfg).replicas
+        > decode_replicas(quiet, DIST, 0.1, cfg).replicas
+    )
