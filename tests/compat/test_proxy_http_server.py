@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -36,6 +37,7 @@ class App:
     def __init__(self) -> None:
         self.cancelled = asyncio.Event()
         self.release = asyncio.Event()
+        self.written = 0
 
     async def echo(self, req: Request) -> Response:
         body = await req.read()
@@ -50,6 +52,16 @@ class App:
         out = req.start_stream(200, {"Content-Type": "text/event-stream"})
         for i in range(3):
             await out.write(f"data: {i}\n\n".encode())
+        await out.write_eof()
+        return out
+
+    async def flood(self, req: Request) -> StreamResponse:
+        """Write 16 MiB; each write waits while the client's buffer is full."""
+        out = req.start_stream(200, {"Content-Type": "application/octet-stream"})
+        block = b"x" * 65536
+        for i in range(256):
+            await out.write(block)
+            self.written = i + 1
         await out.write_eof()
         return out
 
@@ -81,6 +93,7 @@ def run(
                 ("GET", "/hello"): app.hello,
                 ("POST", "/stream"): app.stream,
                 ("POST", "/hang"): app.hang,
+                ("POST", "/flood"): app.flood,
             },
             max_body_bytes=LIMIT,
             idle_timeout_s=1.0,
@@ -286,5 +299,35 @@ def test_close_lets_in_flight_finish(loop: Callable[[], asyncio.AbstractEventLoo
         assert rest.endswith(b"0\r\n\r\n")  # the in-flight stream ended properly
         await closing
         assert not app.cancelled.is_set()
+
+    run(loop, case)
+
+
+def test_a_slow_client_holds_the_writer_back_and_loses_nothing(
+    loop: Callable[[], asyncio.AbstractEventLoop] | None,
+) -> None:
+    async def case(server: Server) -> None:
+        app, port, _ = server
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, set before connect
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        r, w = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        w.write(post("/flood", b""))
+        await asyncio.sleep(0.5)  # not reading: the buffers fill and the writer must wait
+        assert 0 < app.written < 256
+        head = await r.readuntil(b"\r\n\r\n")
+        assert b"chunked" in head
+        parts: list[bytes] = []
+        tail = b""
+        while not tail.endswith(b"0\r\n\r\n"):
+            chunk = await r.read(1 << 20)
+            assert chunk, "server closed before the end of the body"
+            parts.append(chunk)
+            tail = (tail + chunk)[-16:]
+        body = b"".join(parts)
+        w.close()
+        ((_, _, data),) = responses(head + body)
+        assert data == b"x" * (65536 * 256)
 
     run(loop, case)
