@@ -86,7 +86,9 @@ async def run(n: int) -> dict[str, tuple[float, float]]:
                 async with s.post(url + PATH, data=BODY, headers=headers) as r:
                     await r.read()
 
-            out["aiohttp 3.14 ClientSession (the proxy's health checks; its engine legs until pdorch.proxy.upstream)"] = await _measure(aio, n)
+            out[
+                "aiohttp 3.14 ClientSession (the proxy's health checks; its engine legs until pdorch.proxy.upstream)"
+            ] = await _measure(aio, n)
         async with httpx2.AsyncClient(trust_env=False) as c:
 
             async def hx() -> None:
