@@ -173,6 +173,9 @@ async def builtin(
         interval_s=3.0,
         coefficients=_profile(tmp_path / "profile.json"),
         drain_timeout_s=120,
+        # kwok pods here are ready within seconds, not the 60 s default: the forecast's lead must
+        # match, or it keeps capacity for a minute-long start-up that never happens.
+        pod_startup_s=5.0,
     )
     scaler = BuiltinScaler(api, cfg)
     stop = asyncio.Event()
