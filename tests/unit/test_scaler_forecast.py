@@ -7,7 +7,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pdorch.scaler.forecast import Series, from_similar_levels, peak_forecast, quantile, record, rises
-from pdorch.scaler.observe import RoleLoad
 from pdorch.scaler.policy import (
     RoleMemory,
     SloPolicyConfig,
@@ -17,6 +16,7 @@ from pdorch.scaler.policy import (
     recommend_prefill,
 )
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
+from tests.unit.test_scaler_policy import _load
 
 pytestmark = pytest.mark.unit
 
@@ -93,17 +93,6 @@ def test_forecast_never_below_the_level_and_within_the_seen_range(values: list[f
     f = peak_forecast(s, now=(len(values) - 1) * 15.0, lead_s=75.0, horizon_s=1800.0, q=q)
     assert f.peak >= f.level == values[-1]
     assert f.rise <= max(values) - min(values) + 1e-9
-
-
-def _load(rate: float, prompt: float, output: float = 100, **kw: float) -> RoleLoad:
-    return RoleLoad(
-        ready_replicas=int(kw.pop("ready", 2)),
-        window_s=15,
-        request_rate=rate,
-        mean_prompt_tokens=prompt,
-        mean_output_tokens=output,
-        **kw,
-    )
 
 
 def test_a_rise_adds_prefill_and_decode_replicas_and_says_so() -> None:
