@@ -64,6 +64,14 @@ def _head(status: int, headers: dict[str, str], extra: bytes) -> bytes:
     return b"".join(parts)
 
 
+def _encode(r: Response, close: bool, head_only: bool = False) -> bytes:
+    """A complete response on the wire: head with Content-Length (and Connection: close), body."""
+    extra = b"Content-Length: %d\r\n" % len(r.body)
+    if close:
+        extra += b"Connection: close\r\n"
+    return _head(r.status, r.headers, extra) + (b"" if head_only else r.body)
+
+
 class Request:
     """One request: method, path (no query), lower-cased headers, and its body via `read()`."""
 
@@ -330,12 +338,9 @@ class _Connection(asyncio.Protocol):
 
     async def _respond(self, req: Request, r: Response) -> None:
         close = r.close or not req.keep_alive or self.closing or not req.body_complete
-        extra = b"Content-Length: %d\r\n" % len(r.body)
         if close:
-            extra += b"Connection: close\r\n"
             self.closing = True
-        body = b"" if req.method == "HEAD" else r.body
-        await self.send(_head(r.status, r.headers, extra) + body)
+        await self.send(_encode(r, close, head_only=req.method == "HEAD"))
 
     async def send(self, data: bytes) -> None:
         """Write with back-pressure; ConnectionResetError once the client is gone."""
@@ -354,11 +359,7 @@ class _Connection(asyncio.Protocol):
         """Answer a request the parser refused, then close."""
         self.closing = True
         if self.task is None:
-            r = self.server.error(status, message)
-            self._write(
-                _head(status, r.headers, b"Content-Length: %d\r\nConnection: close\r\n" % len(r.body))
-                + r.body
-            )
+            self._write(_encode(self.server.error(status, message), close=True))
         self._end()
 
     def _end(self) -> None:
