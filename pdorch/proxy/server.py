@@ -36,6 +36,7 @@ from pdorch.proxy.endpoints import Endpoint, EndpointSet
 from pdorch.proxy.errors import ProxyError
 from pdorch.proxy.http_server import (
     BodyTooLarge,
+    Handler,
     HttpServer,
     Request,
     Response,
@@ -62,15 +63,6 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 MODELS_RETRY_S = 5.0  # after a failed /v1/models fetch, validate without the list for this long
-_HOP_BY_HOP = {
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "content-encoding",
-    "date",
-    "server",
-}
 
 
 class Discovery(Protocol):
@@ -226,7 +218,7 @@ class ProxyServer:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def routes(self) -> dict[tuple[str, str], Any]:
+    def routes(self) -> dict[tuple[str, str], Handler]:
         """The client-facing routes; /metrics is among them only when no ``metrics_port`` is set."""
         routes = {
             ("POST", "/v1/completions"): self._completions,
@@ -252,8 +244,8 @@ class ProxyServer:
         self._upstream = UpstreamPool(c.connect_timeout_s, c.upstream_idle_timeout_s)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            # No total timeout on the session: streams may be long; the proxy enforces its own
-            # first-byte and request deadlines per request, and an optional silence limit here.
+            # Health checks and /v1/models only (each bounded by health_timeout_s where it is used);
+            # the engine legs go through `self._upstream`.
             timeout=aiohttp.ClientTimeout(
                 total=None,
                 connect=c.connect_timeout_s,
@@ -315,7 +307,7 @@ class ProxyServer:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The pooled upstream client."""
+        """The client for health checks and /v1/models (off the hot path)."""
         assert self._session is not None, "ProxyServer not started"
         return self._session
 
