@@ -30,7 +30,6 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdorch.devcluster.process import free_port
 from pdorch.devcluster.waiting import wait_http_ok as shared_wait_http_ok
 from pdorch.proxy.protocols import RoomMinter, sglang_body, vllm_decode_body, vllm_prefill_body
 
@@ -122,13 +122,6 @@ def tree_rss_mib(pid: int) -> float:
 
 # --------------------------------------------------------------------------------------------------
 # subprocesses
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

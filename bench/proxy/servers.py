@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from pdorch.devcluster.process import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 BODY = json.dumps({"model": "sim-model", "prompt": "word " * 128, "max_tokens": 1}).encode()
 ANSWER = json.dumps({"id": "cmpl-1", "object": "text_completion", "choices": [{"text": "a"}]}).encode()
@@ -104,12 +106,6 @@ def client(port: int, n: int) -> float:
     dt = time.perf_counter() - t0
     s.close()
     return dt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

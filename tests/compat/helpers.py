@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -13,17 +12,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdorch.devcluster.process import free_port as free_port  # re-exported for the tests
 from pdorch.devcluster.waiting import wait_http_ok as shared_wait_http_ok
 
 # Routers must not reach a model hub: point any hub lookup at a closed loopback port.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "NO_PROXY": "*"}
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sample(text: str, name: str, labels: Mapping[str, str] | None = None) -> float:
