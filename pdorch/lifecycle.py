@@ -6,6 +6,19 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop constructor for an ``--event-loop`` name: uvloop's, or None for asyncio's."""
+    if name == "uvloop":
+        import uvloop  # imported here: only the services that ask for it load it
+
+        return uvloop.new_event_loop
+    if name != "asyncio":
+        raise ValueError(f"unknown event loop {name!r}; choose from {', '.join(EVENT_LOOPS)}")
+    return None
+
 
 def run_until_signalled(
     serve: Callable[[asyncio.Event], Awaitable[None]],

@@ -43,6 +43,7 @@ from typing import Any
 
 from pdorch.devcluster.process import free_port
 from pdorch.devcluster.waiting import wait_http_ok as shared_wait_http_ok
+from pdorch.lifecycle import EVENT_LOOPS, loop_factory
 from pdorch.proxy.protocols import RoomMinter, sglang_body, vllm_decode_body, vllm_prefill_body
 
 REPO = Path(__file__).resolve().parents[2]
@@ -248,6 +249,8 @@ class Stacks:
     time_scale: float
     # The Rust routers log two INFO lines per request by default; pdorch's proxy logs none per request.
     quiet_routers: bool = True
+    # Event loop of the sims and the load generator (the same for every front).
+    event_loop: str = "uvloop"
     procs: list[Proc] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)
     _pending: dict[str, tuple[Proc, str]] = field(default_factory=dict)
@@ -255,7 +258,8 @@ class Stacks:
 
     def _sim(self, name: str, protocol: str, extra: list[str]) -> Proc:
         cmd = [sys.executable, "-m", "pdorch.cli", "sim", "--host", HOST, "--model", MODEL]
-        cmd += ["--protocol", protocol, "--time-scale", str(self.time_scale), *extra]
+        cmd += ["--protocol", protocol, "--time-scale", str(self.time_scale), "--event-loop", self.event_loop]
+        cmd += extra
         proc = spawn(name, cmd, self.logdir)
         self.procs.append(proc)
         return proc
@@ -584,10 +588,12 @@ def loadgen_main(argv: list[str]) -> None:
     ap.add_argument("--pd-decode", default=None, help="P/D-direct: --url is the prefill, this the decode")
     ap.add_argument("--pd-protocol", choices=["vllm", "sglang"], default="vllm")
     ap.add_argument("--pd-bootstrap-port", type=int, default=None)
+    ap.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop")
     args = ap.parse_args(argv)
     if not args.url.startswith(f"http://{HOST}:"):
         raise SystemExit("loadgen only talks to 127.0.0.1")
-    print(json.dumps(asyncio.run(_loadgen(args))), flush=True)
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+        print(json.dumps(runner.run(_loadgen(args))), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,6 +607,7 @@ def run_step(
     cmd = [sys.executable, str(Path(__file__).resolve()), "loadgen", "--url", target.url, "--rate", str(rate)]
     cmd += ["--duration", str(args.step_seconds), "--warmup", str(args.warmup), "--seed", str(seed)]
     cmd += ["--max-tokens", "16", "--request-timeout", str(args.request_timeout)]
+    cmd += ["--event-loop", args.engine_loop]
     if stream:
         cmd.append("--stream")
     cmd += target.loadgen_args
@@ -659,6 +666,18 @@ def add_deltas(front: dict[str, Any], base: dict[str, Any], prefix: str = "added
     for k in ("lat_p50_ms", "lat_p90_ms", "lat_p99_ms", "ttft_p50_ms", "ttft_p99_ms"):
         if front.get(k) is not None and base.get(k) is not None:
             front[prefix + k.removeprefix("lat_")] = round(front[k] - base[k], 3)
+
+
+def median_step(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-key median of repeated steps' numbers (errors are summed); `reps` keeps every step's
+    added TTFT p50 vs P/D-direct so the spread is on record."""
+    out: dict[str, Any] = {"reps": len(reps)}
+    keys = {k for r in reps for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    for k in sorted(keys):
+        vals = [r[k] for r in reps if isinstance(r.get(k), int | float)]
+        out[k] = sum(vals) if k == "errors" else _r(statistics.median(vals))
+    out["added_vs_pd_ttft_p50_ms_reps"] = [r.get("added_vs_pd_ttft_p50_ms") for r in reps]
+    return out
 
 
 def baseline_ok(base: dict[str, Any]) -> bool:
@@ -749,36 +768,41 @@ def run_bench(args: argparse.Namespace, stacks: Stacks, fronts: list[str]) -> di
         )
         status[f]["lower_bound"] = True
 
-    # Streaming at half the max sustained load (half the first step if none passed).
+    # Streaming at half the max sustained load (half the first step if none passed), repeated
+    # `--half-reps` times; each rep runs its baselines right before the front (same seed), and the
+    # front's figures are the median over reps (one 12 s step is at the mercy of the machine's noise).
     # Two baselines: one engine answering alone (what a client without P/D sees) and the client doing
     # the P/D handshake itself (so "added vs P/D-direct" is the front's own cost).
-    half_base: dict[tuple[str, str, float], dict[str, Any]] = {}
     for f in fronts:
         if stacks.targets[f].error:
             continue
         proto = FRONT_PROTOCOL[f]
         half = (status[f]["max_sustained_rps"] or args.rates[0]) / 2
         status[f]["half_load_rps"] = half
-        for kind in ("direct", "pd-direct"):
-            key = (kind, proto, half)
-            if key not in half_base:
-                print(f"[bench] half load {half:g}/s {kind}-{proto} (stream) ...", flush=True)
-                b = run_step(stacks.targets[f"{kind}-{proto}"], half, True, args, 7)
-                b["phase"] = "half-stream"
+        reps: list[dict[str, Any]] = []
+        for rep in range(args.half_reps):
+            seed = 7 + rep
+            bases: dict[str, dict[str, Any]] = {}
+            for kind in ("direct", "pd-direct"):
+                print(f"[bench] half load {half:g}/s {kind}-{proto} (stream, rep {rep + 1}) ...", flush=True)
+                b = run_step(stacks.targets[f"{kind}-{proto}"], half, True, args, seed)
+                b["phase"], b["rep"], b["baseline_for"] = "half-stream", rep, f
                 steps.append(b)
-                half_base[key] = b
-        print(f"[bench] half load {half:g}/s {f} (stream) ...", flush=True)
-        res = run_step(stacks.targets[f], half, True, args, 7)
-        res["phase"] = "half-stream"
-        add_deltas(res, half_base[("direct", proto, half)])
-        add_deltas(res, half_base[("pd-direct", proto, half)], prefix="added_vs_pd_")
-        steps.append(res)
-        status[f]["half"] = res
-        print(
-            f"[bench]   TTFT p50 {res.get('ttft_p50_ms')} p99 {res.get('ttft_p99_ms')} ms, added p99 "
-            f"{res.get('added_ttft_p99_ms')} ms, {res.get('chunks_per_s')} chunks/s, errors {res.get('errors')}",
-            flush=True,
-        )
+                bases[kind] = b
+            print(f"[bench] half load {half:g}/s {f} (stream, rep {rep + 1}) ...", flush=True)
+            res = run_step(stacks.targets[f], half, True, args, seed)
+            res["phase"], res["rep"] = "half-stream", rep
+            add_deltas(res, bases["direct"])
+            add_deltas(res, bases["pd-direct"], prefix="added_vs_pd_")
+            steps.append(res)
+            reps.append(res)
+            print(
+                f"[bench]   TTFT p50 {res.get('ttft_p50_ms')} p99 {res.get('ttft_p99_ms')} ms, added p50 vs "
+                f"P/D-direct {res.get('added_vs_pd_ttft_p50_ms')} ms, {res.get('chunks_per_s')} chunks/s, "
+                f"errors {res.get('errors')}",
+                flush=True,
+            )
+        status[f]["half"] = median_step(reps)
     return {"steps": steps, "fronts": status}
 
 
@@ -805,6 +829,7 @@ def summarize(fronts: list[str], result: dict[str, Any]) -> list[dict[str, Any]]
                 "added_ttft_p99_ms": half.get("added_ttft_p99_ms"),
                 "added_vs_pd_ttft_p50_ms": half.get("added_vs_pd_ttft_p50_ms"),
                 "added_vs_pd_ttft_p99_ms": half.get("added_vs_pd_ttft_p99_ms"),
+                "added_vs_pd_ttft_p50_ms_reps": half.get("added_vs_pd_ttft_p50_ms_reps"),
                 "chunks_per_s": half.get("chunks_per_s"),
                 "half_errors": half.get("errors"),
                 "cpu_s_per_1k_req_max": at_max.get("cpu_s_per_1k_req") if at_max else None,
@@ -880,6 +905,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def reps_table(rows: list[dict[str, Any]]) -> str:
+    """Each front's added TTFT p50 vs P/D-direct in every half-load rep, and their median."""
+    out = ["| front | req/s | added TTFT p50 vs P/D-direct per rep, ms | median |", "|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(_fmt(x) for x in r.get("added_vs_pd_ttft_p50_ms_reps") or [])
+        out.append(
+            f"| {r['front']} | {_fmt(r['half_load_rps'], 1)} | {per or '-'} | {_fmt(r['added_vs_pd_ttft_p50_ms'])} |"
+        )
+    return "\n".join(out)
+
+
 def medians_table(steps: list[dict[str, Any]]) -> str:
     """Plain median (and p99) latency of every ladder step, baselines included.
 
@@ -946,6 +982,12 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=0.001, help="sim --time-scale")
     ap.add_argument("--request-timeout", type=float, default=10.0)
     ap.add_argument(
+        "--engine-loop",
+        choices=EVENT_LOOPS,
+        default="uvloop",
+        help="event loop of the sims and the load generator (the same for every front)",
+    )
+    ap.add_argument(
         "--router-log-level",
         choices=["warn", "info"],
         default="warn",
@@ -956,6 +998,12 @@ def main() -> None:
         type=int,
         default=1,
         help="re-run a failing ladder step (baseline and front) this many times before dropping the front",
+    )
+    ap.add_argument(
+        "--half-reps",
+        type=int,
+        default=5,
+        help="repetitions of the half-load streaming step (baselines + front); medians are reported",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: one short step per front")
     ap.add_argument("--name", default="proxy", help="results file stem")
@@ -970,14 +1018,19 @@ def main() -> None:
     args.rates = [float(r) for r in args.rates.split(",")]
     if args.quick:
         args.rates, args.step_seconds, args.warmup, args.request_timeout = [50.0], 1.5, 0.3, 5.0
-        args.confirm = 0
+        args.confirm, args.half_reps = 0, 1
     # A smoke run must not overwrite the real results.
     out = Path(args.out or ("/tmp/bench-proxy-quick" if args.quick else REPO / "bench" / "results"))
     out.mkdir(parents=True, exist_ok=True)
     protocols = sorted({FRONT_PROTOCOL[f] for f in fronts})
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
-        stacks = Stacks(Path(tmp), args.time_scale, quiet_routers=args.router_log_level == "warn")
+        stacks = Stacks(
+            Path(tmp),
+            args.time_scale,
+            quiet_routers=args.router_log_level == "warn",
+            event_loop=args.engine_loop,
+        )
         meta: dict[str, Any] = {}
         try:
             # Start everything at once (imports dominate startup), then wait for each, bounded.
@@ -1021,12 +1074,14 @@ def main() -> None:
             "max_tokens": 16,
             "added_p99_limit_ms": ADDED_P99_LIMIT_MS,
             "quick": args.quick,
+            "half_reps": args.half_reps,
+            "engine_loop": args.engine_loop,
             "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(),
             "wall_s": round(time.time() - started, 1),
         },
         "summary": rows,
-        "fronts": {f: {k: v for k, v in st.items() if k != "half"} for f, st in result["fronts"].items()},
+        "fronts": result["fronts"],
         "startup_errors": {n: t.error for n, t in stacks.targets.items() if t.error},
         "steps": result["steps"],
         **meta,
@@ -1038,10 +1093,18 @@ def main() -> None:
         f"Sims at --time-scale {args.time_scale}, prompt ~128 tokens, max_tokens 16, Poisson arrivals, "
         f"{args.step_seconds:g} s per step, {os.cpu_count()} CPUs, all on 127.0.0.1. Added = front percentile "
         'minus direct-to-sim percentile at the same rate and seed; "vs P/D-direct" subtracts a client that '
-        "does the P/D handshake with the same sims itself (no front), which isolates the front's own cost.\n\n"
+        "does the P/D handshake with the same sims itself (no front), which isolates the front's own cost. "
+        f"Half-load figures are medians over {args.half_reps} streaming rep(s), each with its own baselines "
+        f"run just before it. Sims and load generator on {args.engine_loop}.\n\n"
     )
     (out / f"{args.name}.md").write_text(
-        header + md + "\n\n## Ladder steps\n\n" + medians_table(result["steps"]) + "\n"
+        header
+        + md
+        + "\n\n## Half-load reps\n\n"
+        + reps_table(rows)
+        + "\n\n## Ladder steps\n\n"
+        + medians_table(result["steps"])
+        + "\n"
     )
     plot(fronts, result["steps"], out / f"{args.name}.png")
     print(md)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from pdorch.devcluster.process import free_port
+from pdorch.lifecycle import loop_factory
 
 REPO = Path(__file__).resolve().parents[2]
 BODY = json.dumps({"model": "sim-model", "prompt": "word " * 128, "max_tokens": 1}).encode()
@@ -70,13 +71,7 @@ def serve(kind: str, loop: str, port: int) -> None:
         print("ready", flush=True)
         await asyncio.Event().wait()
 
-    if loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    else:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         runner.run(main())
 
 

@@ -6,12 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
-from pdorch.lifecycle import run_until_signalled
+from pdorch.lifecycle import EVENT_LOOPS, loop_factory, run_until_signalled
 from pdorch.proxy.config import ProxyConfig, build_config
 from pdorch.proxy.discovery import KubeDiscovery, StaticDiscovery, static_endpoints
 from pdorch.proxy.policies import POLICIES
@@ -108,7 +107,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--event-loop",
-        choices=["uvloop", "asyncio"],
+        choices=EVENT_LOOPS,
         default="uvloop",
         help="event loop implementation (default uvloop: less CPU per request, see docs/benchmarks.md)",
     )
@@ -164,15 +163,6 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         log.info("pdorch proxy: draining (up to %.0fs)", config.shutdown_grace_s)
     finally:
         await server.stop()
-
-
-def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop constructor for ``--event-loop``."""
-    if name == "uvloop":
-        import uvloop  # imported here: only the proxy process needs it
-
-        return uvloop.new_event_loop
-    return None
 
 
 def run(args: argparse.Namespace) -> int:

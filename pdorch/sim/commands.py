@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pdorch.lifecycle import run_until_signalled
+from pdorch.lifecycle import EVENT_LOOPS, loop_factory, run_until_signalled
 from pdorch.sim.config import DEFAULT_MODEL, SimConfig
 from pdorch.sim.engine import Role
 from pdorch.sim.faults import Faults, validate_faults
@@ -65,6 +65,12 @@ def add_parser(subparsers: Any) -> None:
     f.add_argument(
         "--fault-roles", default="", help="comma-separated roles the faults apply to (default: all)"
     )
+    p.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="uvloop",
+        help="event loop implementation (default uvloop: less CPU per request)",
+    )
     p.set_defaults(func=run)
 
 
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        run_until_signalled(lambda stop: serve_forever(server, stop))
+        run_until_signalled(lambda stop: serve_forever(server, stop), loop_factory(args.event_loop))
     except OSError as exc:  # e.g. port already in use
         log.error("pdorch sim: %s", exc)
         return 1
