@@ -536,7 +536,11 @@ class ProxyServer:
         return h
 
     def _route(self, body: dict[str, Any], kind: Kind, avoid: frozenset[str]) -> Decision | NoRoute:
-        text = routing_text(body, kind)
+        # Prompt text and its token estimate are only read by prefix affinity and conditional
+        # disaggregation: skip building them (a copy of the prompt) for the other policies.
+        cache_aware = self.config.policy == "cache_aware"
+        text = routing_text(body, kind) if cache_aware else ""
+        tokens = estimate_prompt_tokens(body, kind) if self.config.min_prompt_tokens > 0 else 0
         req = RouteRequest(
             endpoints=self.discovery.current(),
             loads=self.loads,
@@ -544,16 +548,16 @@ class ProxyServer:
             avoid=avoid,
             policy=self.config.policy,
             prompt_text=text,
-            prompt_tokens=estimate_prompt_tokens(body, kind),
+            prompt_tokens=tokens,
             min_prompt_tokens=self.config.min_prompt_tokens,
             counter=self.counter,
         )
         self.counter += 1
-        out = choose(req, self.rng, self.prefix if self.config.policy == "cache_aware" else None)
+        out = choose(req, self.rng, self.prefix if cache_aware else None)
         if isinstance(out, Decision):
             self.metrics.decisions.labels(out.mode, out.reason).inc()
             self.metrics.picks.labels(self.config.policy, out.pick).inc()
-            if self.config.policy == "cache_aware":
+            if cache_aware:
                 self.prefix.insert(text, out.prefill or out.decode)
         return out
 
@@ -681,9 +685,9 @@ class ProxyServer:
                 params = json.loads(raw).get("kv_transfer_params")
             except (ValueError, AttributeError):
                 raise LegFailure(p, "prefill", "bad_response", f"not a JSON object: {raw[:200]!r}") from None
-            self._outcome(p, ok=True)
             t_prefilled = self.clock()
-            self.metrics.prefill.labels("vllm").observe(t_prefilled - t)
+            # Bookkeeping runs on the next loop turn, once the decode request is on the wire.
+            asyncio.get_running_loop().call_soon(self._prefill_ok, p, "vllm", t_prefilled - t)
             if params:
                 decode_body = vllm_decode_body(body, params)
             else:
@@ -706,10 +710,24 @@ class ProxyServer:
             self._leg_end(dec)
             raise
         now = self.clock()
-        self.metrics.decode_first_byte.labels("vllm", d.mode).observe(now - t_dec)
-        if t_prefilled is not None:
-            self.metrics.handoff.labels("vllm").observe(now - t_prefilled)
+        # After the first bytes are relayed (the relay writes before it yields).
+        asyncio.get_running_loop().call_soon(
+            self._decode_opened,
+            "vllm",
+            d.mode,
+            now - t_dec,
+            None if t_prefilled is None else now - t_prefilled,
+        )
         return Opened(resp=resp, first=first, decision=d, legs=[dec])
+
+    def _prefill_ok(self, p: Endpoint, engine: str, took: float) -> None:
+        self._outcome(p, ok=True)
+        self.metrics.prefill.labels(engine).observe(took)
+
+    def _decode_opened(self, engine: str, mode: str, first_byte: float, handoff: float | None) -> None:
+        self.metrics.decode_first_byte.labels(engine, mode).observe(first_byte)
+        if handoff is not None:
+            self.metrics.handoff.labels(engine).observe(handoff)
 
     async def _sglang_prefill(self, p: Endpoint, path: str, payload: bytes, headers: dict[str, str]) -> None:
         t = self.clock()
@@ -727,8 +745,7 @@ class ProxyServer:
                 resp.close()
         finally:
             self._leg_end(p)
-        self._outcome(p, ok=True)
-        self.metrics.prefill.labels("sglang").observe(self.clock() - t)
+        self._prefill_ok(p, "sglang", self.clock() - t)
 
     async def _open_sglang(
         self, d: Decision, body: dict[str, Any], path: str, headers: dict[str, str]
@@ -786,9 +803,10 @@ class ProxyServer:
                     raise p_task.exception() from None  # type: ignore[misc]
             raise
         state["waiting"] = False
-        self.metrics.decode_first_byte.labels("sglang", d.mode).observe(self.clock() - t)
-        if p is not None:
-            self.metrics.handoff.labels("sglang").observe(self.clock() - t)
+        took = self.clock() - t
+        asyncio.get_running_loop().call_soon(
+            self._decode_opened, "sglang", d.mode, took, None if p is None else took
+        )
         return Opened(resp=resp, first=first, decision=d, background=p_task, legs=[dec])
 
     # -- relay ---------------------------------------------------------------------------------------
