@@ -179,14 +179,16 @@ def decode_replicas(
     tpot_target_s: float,
     cfg: SloPolicyConfig = SloPolicyConfig(),
     rise: float = 0.0,
+    demand: tuple[float, float, float] | None = None,
 ) -> Recommendation:
-    """Decode replicas for `load` under the TPOT target (`rise`: forecast growth of resident sequences)."""
+    """Decode replicas for `load` under the TPOT target (`rise`: forecast growth of resident sequences;
+    `demand`: `decode_demand` of the same inputs, when the caller already has it)."""
     if load.request_rate <= 0 and load.running + load.waiting <= 0 and rise <= 0:
         return Recommendation(0, "no decode load")
     prompt = load.mean_prompt_tokens or 1.0
     output = load.mean_output_tokens or 1.0
     per_replica, limit = decode_seqs_per_replica(c, prompt, output, tpot_target_s, cfg)
-    now_base, resident_now, little = decode_demand(load, c, tpot_target_s, cfg)
+    now_base, resident_now, little = demand or decode_demand(load, c, tpot_target_s, cfg)
     # Headroom for the start-up window: the forecast rise, but never less than the Poisson-like
     # movement of the resident count (z standard deviations) the forecast may not have seen yet.
     noise = cfg.decode_burst_z * math.sqrt(2 * now_base)
@@ -274,6 +276,6 @@ def recommend_decode(
     load = _with_shape(mem, load)
     # The forecast follows the arrival-driven demand (Little's law), not a backlog being worked off:
     # a backlog is transient and the running + backlog term already sizes for it.
-    _, _, little = decode_demand(load, c, tpot_target_s, cfg)
-    f = _forecast(mem, now_s, little, cfg)
-    return decode_replicas(load, c, tpot_target_s, cfg, rise=f.rise)
+    demand = decode_demand(load, c, tpot_target_s, cfg)
+    f = _forecast(mem, now_s, demand[2], cfg)
+    return decode_replicas(load, c, tpot_target_s, cfg, rise=f.rise, demand=demand)
