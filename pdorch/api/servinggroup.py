@@ -488,6 +488,23 @@ class ServingGroupSpec(ApiModel):
             ),
             field_path=".roles",
         ),
+        CelRule(
+            # A real SGLang decode server aborts a request without bootstrap_room (HTTP 400), so
+            # prompts cannot skip the prefill role there; vLLM decodes prefill such requests locally.
+            rule="self.engine.name != 'sglang' || !has(self.router) || "
+            "!has(self.router.conditionalDisaggregation) || "
+            "self.router.conditionalDisaggregation.minPromptTokens == 0",
+            message="spec.router.conditionalDisaggregation needs spec.engine.name vllm: an SGLang decode "
+            "server refuses requests without bootstrap fields (HTTP 400), so no prompt can skip the "
+            "prefill role; remove it",
+            check=lambda s: (
+                s.engine.name != EngineName.SGLANG
+                or s.router is None
+                or s.router.conditional_disaggregation is None
+                or s.router.conditional_disaggregation.min_prompt_tokens == 0
+            ),
+            field_path=".router",
+        ),
     )
     model_config = ConfigDict(json_schema_extra=cel_schema(cel_rules))
 

@@ -70,6 +70,12 @@ class ProxyConfig(BaseModel):
             raise ValueError("--group and --namespace go together")
         if not kube and not self.decode:
             raise ValueError("give --group and --namespace, or at least one --decode URL")
+        if self.engine == "sglang" and self.min_prompt_tokens > 0:
+            # The SGLang decode server aborts requests without bootstrap_room (HTTP 400).
+            raise ValueError(
+                "--min-prompt-tokens (conditional disaggregation) needs --engine vllm: an SGLang decode "
+                "server refuses requests without bootstrap fields, so no prompt can skip the prefill"
+            )
         if self.metrics_port is not None and self.metrics_port != 0 and self.metrics_port == self.port:
             raise ValueError("--metrics-port must differ from --port (omit it to serve /metrics on --port)")
         return self

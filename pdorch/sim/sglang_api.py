@@ -3,7 +3,9 @@
 With bootstrap fields in the body, a prefill-role engine registers the room, waits (bootstrap timeout)
 for its decode to connect, prefills, "pushes" the KV (transfer time) and answers with one token; a
 decode-role engine connects to the room, waits (waiting timeout) for the KV, then decodes the answer.
-Engines of role "both" ignore the bootstrap fields, as a non-disaggregated SGLang server does.
+Engines of role "both" ignore the bootstrap fields, as a non-disaggregated SGLang server does; a
+prefill or decode engine refuses a request without them (HTTP 400), as SGLang's scheduler does in
+disaggregation mode.
 """
 
 from __future__ import annotations
@@ -129,6 +131,15 @@ class SglangFrontend:
                 raise BadRequest(str(exc), "bootstrap_room") from None
         except BadRequest as exc:
             return flavor.error(str(exc), exc.err_type, exc.param, exc.status)
+        if key is None and engine.role is not Role.BOTH:
+            # As SGLang's scheduler in disaggregation mode: no room, no KV to send or wait for.
+            return flavor.error(
+                "Disaggregated request received without bootstrap room id "
+                "(send bootstrap_host, bootstrap_port and bootstrap_room)",
+                "BadRequestError",
+                "bootstrap_room",
+                400,
+            )
         body_rid = req.body.get("rid")
         rid = flavor.response_id(kind, body_rid if isinstance(body_rid, str) else None)
         if key is not None and engine.role is Role.PREFILL:

@@ -427,6 +427,19 @@ async def test_sglang_decode_times_out_without_prefill(
     assert sample(text, "sglang:num_aborted_requests_total") == 1
 
 
+async def test_sglang_pd_roles_refuse_requests_without_a_room(
+    sglang_pd: SimServer, http: aiohttp.ClientSession
+) -> None:
+    # SGLang's scheduler in disaggregation mode aborts such a request with 400 at once: no wait.
+    for i in (0, 1):
+        async with http.post(
+            sglang_pd.url(i) + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
+        ) as r:
+            assert r.status == 400
+            err = await r.json()  # SGLang's error shape: no "error" wrapper
+        assert "without bootstrap room id" in err["message"] and err["param"] == "bootstrap_room"
+
+
 async def test_sglang_bootstrap_server_routes(sglang_pd: SimServer, http: aiohttp.ClientSession) -> None:
     base = f"http://127.0.0.1:{sglang_pd.bootstrap_port}"
     async with http.get(base + "/health") as r:

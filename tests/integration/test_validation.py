@@ -72,6 +72,11 @@ def _no_template(doc: dict[str, Any]) -> None:
     role(doc, "decode").pop("workerTemplate")
 
 
+def _sglang_with_conditional_disaggregation(doc: dict[str, Any]) -> None:
+    doc["spec"]["engine"] = {"name": "sglang"}
+    doc["spec"]["router"] = {"conditionalDisaggregation": {"minPromptTokens": 64}}
+
+
 # (case id, edit, substring the apiserver's message must contain)
 REFUSED: list[tuple[str, Edit, str]] = [
     ("duplicate-role-names", _dup_names, "spec.roles"),
@@ -105,6 +110,11 @@ REFUSED: list[tuple[str, Edit, str]] = [
         "bootstrap-port-with-vllm",
         lambda d: role(d, "prefill").__setitem__("bootstrapPort", 8998),
         "bootstrapPort",
+    ),
+    (
+        "conditional-disaggregation-with-sglang",
+        _sglang_with_conditional_disaggregation,
+        "conditionalDisaggregation needs spec.engine.name vllm",
     ),
     ("bad-max-surge", _set("spec.rolloutStrategy", {"maxSurge": "lots"}), "maxSurge"),
     (

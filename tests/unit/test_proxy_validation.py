@@ -155,3 +155,11 @@ def test_config_requires_one_discovery_mode() -> None:
 ])  # fmt: skip
 def test_integral_floats_are_integers_as_in_the_engines(body: dict[str, Any]) -> None:
     validate(body, "completion", MODELS)
+
+
+def test_conditional_disaggregation_is_refused_for_sglang() -> None:
+    # A real SGLang decode aborts requests without bootstrap_room (HTTP 400): no decode-only path.
+    with pytest.raises(ValueError, match="needs --engine vllm"):
+        ProxyConfig(engine="sglang", decode=("http://d:1",), min_prompt_tokens=64)
+    assert ProxyConfig(engine="vllm", decode=("http://d:1",), min_prompt_tokens=64).min_prompt_tokens == 64
+    assert ProxyConfig(engine="sglang", decode=("http://d:1",), min_prompt_tokens=0).static
