@@ -485,7 +485,9 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
                     ttft_ms.append(1000 * (first - start))
                     chunks += n_chunks
 
-    minter = RoomMinter(seed=args.seed)
+    # Random start: seeded starts of successive steps (seed, seed + 1, ...) would overlap, and a sim
+    # refuses a room it has seen (rooms need not be reproducible; arrivals are).
+    minter = RoomMinter()
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     conn = aiohttp.TCPConnector(limit=args.max_inflight, limit_per_host=args.max_inflight)
     tasks: list[asyncio.Task[None]] = []
