@@ -4,7 +4,7 @@ One run of the proxy bench on a 2-core machine moves by a few tenths of a millis
 between runs; this folds the summaries of several runs (each a complete side-by-side run of every
 front) into one table of medians, listing each run's value too.
 
-    python bench/proxy/medians.py bench/results/proxy.json bench/results/proxy-run2.json ...
+    python bench/proxy/medians.py bench/results/proxy.json bench/results/proxy-run-c.json ...
 """
 
 from __future__ import annotations
