@@ -710,7 +710,7 @@ class ProxyServer:
             self._leg_end(dec)
             raise
         now = self.clock()
-        # After the first bytes are relayed (the relay writes before it yields).
+        # On the next loop turn: a stream's relay writes its first bytes before it yields.
         asyncio.get_running_loop().call_soon(
             self._decode_opened,
             "vllm",
