@@ -13,8 +13,11 @@ subcommand) so it shares no event loop with sims or fronts. For each offered rat
 (open-loop Poisson arrivals, same seed for every front at a rate), the matching direct baseline and every
 front still in the race run one step each; "added" latency at a percentile is the front's percentile minus
 the direct baseline's percentile at that same rate and seed. A front drops out at its first step with
-p99 added > 10 ms, > 1% errors, or < 95% of the offered rate completed. At half its max sustained rate a
-streaming step measures added TTFT and chunks/s. CPU and RSS come from /proc for the front's process tree.
+p99 added > 10 ms, > 1% errors, or < 95% of the offered rate completed. At half its max sustained rate,
+streaming steps measure added TTFT and chunks/s: in each step (`--half-reps` of them) the front and its two
+baselines (one engine; the client doing the P/D handshake itself) take turns in blocks of
+`--block-seconds`, so the machine's drift over the step hits all three alike and cancels in their
+differences. CPU and RSS come from /proc for the front's process tree.
 
     python bench/proxy/run.py                  # full run (the lead runs this)
     python bench/proxy/run.py --quick          # smoke run, < 1 min
@@ -37,6 +40,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,8 +241,29 @@ class Target:
     # Sim processes behind this target: their CPU shows extra per-request calls a front makes
     # (vllm-router's /tokenize and /render on both workers).
     engine_pids: list[int] = field(default_factory=list)
-    # Extra load-generator flags (the P/D-direct baselines hand it the decode URL).
-    loadgen_args: list[str] = field(default_factory=list)
+    # P/D-direct baselines: the load generator does the handshake (decode URL, protocol, bootstrap port).
+    pd_decode: str | None = None
+    pd_protocol: str = "vllm"
+    pd_bootstrap_port: int | None = None
+
+    def loadgen_args(self) -> list[str]:
+        """The load generator's flags for this target alone."""
+        args = ["--url", self.url]
+        if self.pd_decode:
+            args += ["--pd-decode", self.pd_decode, "--pd-protocol", self.pd_protocol]
+            if self.pd_bootstrap_port is not None:
+                args += ["--pd-bootstrap-port", str(self.pd_bootstrap_port)]
+        return args
+
+    def loadgen_spec(self) -> dict[str, Any]:
+        """This target as one entry of the load generator's ``--targets``."""
+        return {
+            "name": self.name,
+            "url": self.url,
+            "pd_decode": self.pd_decode,
+            "pd_protocol": self.pd_protocol,
+            "pd_bootstrap_port": self.pd_bootstrap_port,
+        }
 
 
 @dataclass
@@ -294,7 +319,8 @@ class Stacks:
             pu,
             None,
             engine_pids=[proc.popen.pid],
-            loadgen_args=["--pd-decode", du, "--pd-protocol", "vllm"],
+            pd_decode=du,
+            pd_protocol="vllm",
         )
         return (pu, du), [(proc, pu + "/health"), (proc, du + "/health")]
 
@@ -316,7 +342,9 @@ class Stacks:
             pu,
             None,
             engine_pids=[pre.popen.pid, dec.popen.pid],
-            loadgen_args=["--pd-decode", du, "--pd-protocol", "sglang", "--pd-bootstrap-port", str(boot)],
+            pd_decode=du,
+            pd_protocol="sglang",
+            pd_bootstrap_port=boot,
         )
         waits = [(pre, pu + "/health"), (pre, f"http://{HOST}:{boot}/health"), (dec, du + "/health")]
         return (pu, boot, du), waits
@@ -402,29 +430,76 @@ def pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+@dataclass
+class _Tally:
+    """One load-generator target's samples."""
+
+    issued: int = 0
+    done: int = 0
+    chunks: int = 0
+    lat_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def err(self, kind: str) -> None:
+        self.errors[kind[:160]] = self.errors.get(kind[:160], 0) + 1
+
+    def summary(self, window: float) -> dict[str, Any]:
+        lat = self.lat_ms
+        return {
+            "issued": self.issued,
+            "completed": self.done,
+            "completed_rate": round(self.done / window, 2),
+            "errors": sum(self.errors.values()),
+            "error_kinds": self.errors,
+            "lat_p50_ms": _r(pct(lat, 0.5)),
+            "lat_p90_ms": _r(pct(lat, 0.9)),
+            "lat_p99_ms": _r(pct(lat, 0.99)),
+            "lat_mean_ms": _r(statistics.fmean(lat) if lat else None),
+            "ttft_p50_ms": _r(pct(self.ttft_ms, 0.5)),
+            "ttft_p99_ms": _r(pct(self.ttft_ms, 0.99)),
+            "chunks": self.chunks,
+            "chunks_per_s": round(self.chunks / window, 1),
+        }
+
+
+def block_schedule(n_targets: int, seed: int) -> Callable[[int], int]:
+    """Target of block k when `n_targets` share a step in turns: every cycle of n blocks visits each
+    target once, in a seeded random order (so no target always follows the same one)."""
+    rng = random.Random(seed)
+    orders: list[list[int]] = []
+
+    def target(k: int) -> int:
+        cycle, pos = divmod(k, n_targets)
+        while len(orders) <= cycle:
+            order = list(range(n_targets))
+            rng.shuffle(order)
+            orders.append(order)
+        return orders[cycle][pos]
+
+    return target
+
+
 async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
     rng = random.Random(args.seed)
     prompts = [prompt_text(i) for i in range(256)]
     path = "/v1/completions"
-    lat_ms: list[float] = []
-    ttft_ms: list[float] = []
+    # Interleaved targets take turns in blocks of --block-seconds, so each sees the machine in the same
+    # state over the step (its drift cancels in their differences); one target is the plain case.
+    targets = [argparse.Namespace(**t) for t in json.loads(args.targets)] if args.targets else [args]
+    turn = block_schedule(len(targets), args.seed)
+    tallies = [_Tally() for _ in targets]
     lag_ms: list[float] = []
-    chunks = 0
-    errors: dict[str, int] = {}
-    done = 0
     inflight = 0
     peak_inflight = 0
     t0 = time.perf_counter() + 0.05
     warm_end = t0 + args.warmup
     end = warm_end + args.duration
 
-    def err(kind: str) -> None:
-        errors[kind[:160]] = errors.get(kind[:160], 0) + 1
-
-    async def one(i: int, record: bool) -> None:
-        nonlocal chunks, done, inflight
+    async def one(i: int, tgt: argparse.Namespace, tally: _Tally, record: bool) -> None:
+        nonlocal inflight
         body: dict[str, Any] = {
             "model": MODEL,
             "prompt": prompts[i % len(prompts)],
@@ -435,21 +510,21 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         n_chunks = 0
         first: float | None = None
-        url, prefill_leg = args.url, None
+        url, prefill_leg = tgt.url, None
         try:
-            if args.pd_decode:
+            if tgt.pd_decode:
                 # P/D-direct baseline: this client does the handshake a front would do, so a front's
                 # latency above this is the front's own cost, not the second engine hop.
-                url, body, prefill_leg = await pd_handshake(session, args, body, minter)
+                url, body, prefill_leg = await pd_handshake(session, tgt, body, minter)
                 if url is None:
                     if record:
-                        err(f"prefill leg: {prefill_leg}")
+                        tally.err(f"prefill leg: {prefill_leg}")
                     return
             async with session.post(url + path, json=body) as r:
                 if r.status != 200:
                     text = (await r.read())[:120].decode(errors="replace")
                     if record:
-                        err(f"HTTP {r.status}: {text}")
+                        tally.err(f"HTTP {r.status}: {text}")
                     return
                 if args.stream:
                     async for line in r.content:
@@ -462,28 +537,28 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
                     data = await r.read()
                     if b'"choices"' not in data:
                         if record:
-                            err(f"no choices: {data[:100]!r}")
+                            tally.err(f"no choices: {data[:100]!r}")
                         return
             stop_t = time.perf_counter()
             if isinstance(prefill_leg, asyncio.Task) and (status := await prefill_leg) != 200:
                 if record:
-                    err(f"prefill leg: HTTP {status}")
+                    tally.err(f"prefill leg: HTTP {status}")
                 return
         except Exception as exc:
             if record:
-                err(type(exc).__name__ + ": " + str(exc)[:100])
+                tally.err(type(exc).__name__ + ": " + str(exc)[:100])
             return
         finally:
             inflight -= 1
         if record:
-            done += 1
-            lat_ms.append(1000 * (stop_t - start))
+            tally.done += 1
+            tally.lat_ms.append(1000 * (stop_t - start))
             if args.stream:
                 if first is None or n_chunks == 0:
-                    err("stream without chunks")
+                    tally.err("stream without chunks")
                 else:
-                    ttft_ms.append(1000 * (first - start))
-                    chunks += n_chunks
+                    tally.ttft_ms.append(1000 * (first - start))
+                    tally.chunks += n_chunks
 
     # Random start: seeded starts of successive steps (seed, seed + 1, ...) would overlap, and a sim
     # refuses a room it has seen (rooms need not be reproducible; arrivals are).
@@ -491,7 +566,6 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     conn = aiohttp.TCPConnector(limit=args.max_inflight, limit_per_host=args.max_inflight)
     tasks: list[asyncio.Task[None]] = []
-    issued = 0
     async with aiohttp.ClientSession(timeout=timeout, connector=conn) as session:
         t = t0
         i = 0
@@ -500,20 +574,21 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
             t += rng.expovariate(args.rate)
             if t >= end:
                 break
+            k = turn(int((t - t0) / args.block_seconds)) if len(targets) > 1 else 0
             delay = t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             record = t >= warm_end
             if record:
                 lag_ms.append(1000 * max(0.0, time.perf_counter() - t))
-                issued += 1
+                tallies[k].issued += 1
             if inflight >= args.max_inflight:
                 if record:
-                    err("client in-flight cap reached (request not sent)")
+                    tallies[k].err("client in-flight cap reached (request not sent)")
                 continue
             inflight += 1
             peak_inflight = max(peak_inflight, inflight)
-            tasks.append(asyncio.create_task(one(i, record)))
+            tasks.append(asyncio.create_task(one(i, targets[k], tallies[k], record)))
             i += 1
         window = end - warm_end
         if tasks:
@@ -521,32 +596,26 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
         for task in tasks:
             if not task.done():
                 task.cancel()
-    n_err = sum(errors.values())
-    return {
+    common = {
         "offered_rate": args.rate,
         "stream": args.stream,
         "duration_s": args.duration,
-        "issued": issued,
-        "completed": done,
-        "completed_rate": round(done / window, 2),
-        "errors": n_err,
-        "error_kinds": errors,
         "peak_inflight": peak_inflight,
         "gen_lag_p50_ms": _r(pct(lag_ms, 0.5)),
         "gen_lag_p99_ms": _r(pct(lag_ms, 0.99)),
-        "lat_p50_ms": _r(pct(lat_ms, 0.5)),
-        "lat_p90_ms": _r(pct(lat_ms, 0.9)),
-        "lat_p99_ms": _r(pct(lat_ms, 0.99)),
-        "lat_mean_ms": _r(statistics.fmean(lat_ms) if lat_ms else None),
-        "ttft_p50_ms": _r(pct(ttft_ms, 0.5)),
-        "ttft_p99_ms": _r(pct(ttft_ms, 0.99)),
-        "chunks": chunks,
-        "chunks_per_s": round(chunks / window, 1),
+    }
+    if not args.targets:
+        return common | tallies[0].summary(window)
+    # Each target ran in 1/n of the window: its rates are per second of its own turns.
+    share = window / len(targets)
+    return common | {
+        "block_seconds": args.block_seconds,
+        "targets": {tgt.name: tl.summary(share) for tgt, tl in zip(targets, tallies, strict=True)},
     }
 
 
 async def pd_handshake(
-    session: Any, args: argparse.Namespace, body: dict[str, Any], minter: RoomMinter
+    session: Any, tgt: argparse.Namespace, body: dict[str, Any], minter: RoomMinter
 ) -> tuple[str | None, dict[str, Any], Any]:
     """Do a P/D front's first half from the client: returns (decode URL, decode body, prefill leg).
 
@@ -556,20 +625,20 @@ async def pd_handshake(
     and the third item says why.
     """
     path = "/v1/completions"
-    if args.pd_protocol == "vllm":
-        async with session.post(args.url + path, json=vllm_prefill_body(body)) as r:
+    if tgt.pd_protocol == "vllm":
+        async with session.post(tgt.url + path, json=vllm_prefill_body(body)) as r:
             if r.status != 200:
                 return None, body, f"HTTP {r.status}"
             kv = (await r.json()).get("kv_transfer_params")
-        return args.pd_decode, vllm_decode_body(body, kv), None
-    both = sglang_body(body, HOST, args.pd_bootstrap_port, minter.mint())
+        return tgt.pd_decode, vllm_decode_body(body, kv), None
+    both = sglang_body(body, HOST, tgt.pd_bootstrap_port, minter.mint())
 
     async def prefill() -> int:
-        async with session.post(args.url + path, json=both) as r:
+        async with session.post(tgt.url + path, json=both) as r:
             await r.read()
             return r.status
 
-    return args.pd_decode, both, asyncio.create_task(prefill())
+    return tgt.pd_decode, both, asyncio.create_task(prefill())
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:
@@ -578,7 +647,7 @@ def _r(x: float | None, nd: int = 3) -> float | None:
 
 def loadgen_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="run.py loadgen")
-    ap.add_argument("--url", required=True)
+    ap.add_argument("--url", default=f"http://{HOST}:1", help="the target (ignored with --targets)")
     ap.add_argument("--rate", type=float, required=True)
     ap.add_argument("--duration", type=float, required=True)
     ap.add_argument("--warmup", type=float, default=1.0)
@@ -591,8 +660,17 @@ def loadgen_main(argv: list[str]) -> None:
     ap.add_argument("--pd-protocol", choices=["vllm", "sglang"], default="vllm")
     ap.add_argument("--pd-bootstrap-port", type=int, default=None)
     ap.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop")
+    ap.add_argument(
+        "--targets",
+        default=None,
+        help="JSON list of {name, url, pd_decode, pd_protocol, pd_bootstrap_port} taking turns in blocks",
+    )
+    ap.add_argument("--block-seconds", type=float, default=0.5, help="length of one target's turn")
     args = ap.parse_args(argv)
-    if not args.url.startswith(f"http://{HOST}:"):
+    urls = [args.url, args.pd_decode]
+    for t in json.loads(args.targets) if args.targets else []:
+        urls += [t["url"], t.get("pd_decode")]
+    if any(u and not u.startswith(f"http://{HOST}:") for u in urls):
         raise SystemExit("loadgen only talks to 127.0.0.1")
     with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
         print(json.dumps(runner.run(_loadgen(args))), flush=True)
@@ -606,42 +684,70 @@ def run_step(
     target: Target, rate: float, stream: bool, args: argparse.Namespace, seed: int
 ) -> dict[str, Any]:
     """One load-generator process against ``target``; adds the front's CPU/RSS deltas."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "loadgen", "--url", target.url, "--rate", str(rate)]
+    return run_turns([target], rate, stream, args, seed)[target.name]
+
+
+def _alive(pid: int | None) -> bool:
+    return pid is not None and Path(f"/proc/{pid}").exists()
+
+
+def run_turns(
+    targets: list[Target], rate: float, stream: bool, args: argparse.Namespace, seed: int
+) -> dict[str, dict[str, Any]]:
+    """One load-generator process; several targets take turns in blocks of ``args.block_seconds``
+    (the same arrival schedule, each block at ``rate``). Returns each target's figures, with the CPU
+    and RSS deltas of fronts; the engines' CPU is per request of the whole step (they are shared)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "loadgen", "--rate", str(rate)]
+    if len(targets) == 1:
+        cmd += targets[0].loadgen_args()
+    else:
+        cmd += ["--targets", json.dumps([t.loadgen_spec() for t in targets])]
+        cmd += ["--block-seconds", str(args.block_seconds)]
     cmd += ["--duration", str(args.step_seconds), "--warmup", str(args.warmup), "--seed", str(seed)]
     cmd += ["--max-tokens", "16", "--request-timeout", str(args.request_timeout)]
     cmd += ["--event-loop", args.engine_loop]
     if stream:
         cmd.append("--stream")
-    cmd += target.loadgen_args
-    alive = target.pid is not None and Path(f"/proc/{target.pid}").exists()
-    cpu0 = tree_cpu_s(target.pid) if alive and target.pid else 0.0
-    eng0 = sum(tree_cpu_s(p) for p in target.engine_pids)
+    cpu0 = {t.name: tree_cpu_s(t.pid) for t in targets if t.pid and _alive(t.pid)}
+    engines = sorted({p for t in targets for p in t.engine_pids})
+    eng0 = sum(tree_cpu_s(p) for p in engines)
     bound = args.warmup + args.step_seconds + args.request_timeout + 30
+    out: dict[str, dict[str, Any]] = {}
     try:
         cp = subprocess.run(cmd, capture_output=True, timeout=bound, env={**os.environ, **OFFLINE_ENV})
         if cp.returncode != 0:
             raise RuntimeError(f"loadgen exit {cp.returncode}: {cp.stderr.decode(errors='replace')[-800:]}")
-        res: dict[str, Any] = json.loads(cp.stdout.decode().strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, RuntimeError, ValueError, IndexError) as exc:
-        res = {"offered_rate": rate, "stream": stream, "loadgen_error": str(exc)[:1000], "errors": -1}
-    res["target"] = target.name
-    eng_cpu = sum(tree_cpu_s(p) for p in target.engine_pids) - eng0
-    res["engines_cpu_s"] = round(eng_cpu, 3)
-    step_req = (res.get("issued") or 0) * (1 + args.warmup / args.step_seconds)
-    res["engines_cpu_s_per_1k_req"] = round(1000 * eng_cpu / step_req, 3) if step_req else None
-    # A late load generator (CPU-starved) offers burstier traffic than asked: flag it.
-    res["gen_lagging"] = (res.get("gen_lag_p99_ms") or 0.0) > 5.0
-    if target.pid is not None and Path(f"/proc/{target.pid}").exists():
-        cpu = tree_cpu_s(target.pid) - cpu0
-        res["front_cpu_s"] = round(cpu, 3)
-        # Per 1000 requests issued in the whole step (warm-up included: it used the CPU too).
-        total_req = res.get("issued", 0) * (1 + args.warmup / args.step_seconds)
-        res["cpu_s_per_1k_req"] = round(1000 * cpu / total_req, 3) if total_req else None
-        res["front_rss_mib"] = round(tree_rss_mib(target.pid), 1)
-        res["front_processes"] = len(proc_tree(target.pid))
-    elif target.pid is not None:
-        res["front_dead"] = True
-    return res
+        got: dict[str, Any] = json.loads(cp.stdout.decode().strip().splitlines()[-1])
+        if len(targets) == 1:
+            out[targets[0].name] = got
+        else:
+            per = got.pop("targets")
+            out = {t.name: got | per[t.name] for t in targets}
+    except (subprocess.TimeoutExpired, RuntimeError, ValueError, IndexError, KeyError) as exc:
+        failed = {"offered_rate": rate, "stream": stream, "loadgen_error": str(exc)[:1000], "errors": -1}
+        out = {t.name: dict(failed) for t in targets}
+    eng_cpu = sum(tree_cpu_s(p) for p in engines) - eng0
+    # Per 1000 requests issued in the whole step (warm-up included: it used the CPU too).
+    scale = 1 + args.warmup / args.step_seconds
+    step_req = sum(r.get("issued") or 0 for r in out.values()) * scale
+    for t in targets:
+        res = out[t.name]
+        res["target"] = t.name
+        res["engines_cpu_s"] = round(eng_cpu, 3)
+        res["engines_cpu_s_per_1k_req"] = round(1000 * eng_cpu / step_req, 3) if step_req else None
+        # A late load generator (CPU-starved) offers burstier traffic than asked: flag it.
+        res["gen_lagging"] = (res.get("gen_lag_p99_ms") or 0.0) > 5.0
+        if t.name in cpu0 and _alive(t.pid):
+            assert t.pid is not None
+            cpu = tree_cpu_s(t.pid) - cpu0[t.name]
+            res["front_cpu_s"] = round(cpu, 3)
+            total_req = (res.get("issued") or 0) * scale
+            res["cpu_s_per_1k_req"] = round(1000 * cpu / total_req, 3) if total_req else None
+            res["front_rss_mib"] = round(tree_rss_mib(t.pid), 1)
+            res["front_processes"] = len(proc_tree(t.pid))
+        elif t.pid is not None:
+            res["front_dead"] = True
+    return out
 
 
 def judge(front: dict[str, Any], base: dict[str, Any]) -> tuple[bool, str]:
@@ -771,10 +877,12 @@ def run_bench(args: argparse.Namespace, stacks: Stacks, fronts: list[str]) -> di
         status[f]["lower_bound"] = True
 
     # Streaming at half the max sustained load (half the first step if none passed), repeated
-    # `--half-reps` times; each rep runs its baselines right before the front (same seed), and the
-    # front's figures are the median over reps (one 12 s step is at the mercy of the machine's noise).
-    # Two baselines: one engine answering alone (what a client without P/D sees) and the client doing
-    # the P/D handshake itself (so "added vs P/D-direct" is the front's own cost).
+    # `--half-reps` times. In each rep the front and both baselines take turns in blocks of
+    # `--block-seconds` within one step (as long as three plain steps): the machine's drift over
+    # the step hits all three alike, so it cancels in the differences; the front's figures are the
+    # median over reps. Two baselines: one engine answering alone (what a client without P/D sees)
+    # and the client doing the P/D handshake itself (so "added vs P/D-direct" is the front's own cost).
+    turns_args = argparse.Namespace(**{**vars(args), "step_seconds": 3 * args.step_seconds})
     for f in fronts:
         if stacks.targets[f].error:
             continue
@@ -784,18 +892,20 @@ def run_bench(args: argparse.Namespace, stacks: Stacks, fronts: list[str]) -> di
         reps: list[dict[str, Any]] = []
         for rep in range(args.half_reps):
             seed = 7 + rep
-            bases: dict[str, dict[str, Any]] = {}
-            for kind in ("direct", "pd-direct"):
-                print(f"[bench] half load {half:g}/s {kind}-{proto} (stream, rep {rep + 1}) ...", flush=True)
-                b = run_step(stacks.targets[f"{kind}-{proto}"], half, True, args, seed)
+            names = [f"direct-{proto}", f"pd-direct-{proto}", f]
+            print(
+                f"[bench] half load {half:g}/s {f} with its baselines in turns (stream, rep {rep + 1}) ...",
+                flush=True,
+            )
+            got = run_turns([stacks.targets[n] for n in names], half, True, turns_args, seed)
+            for n in names[:2]:
+                b = got[n]
                 b["phase"], b["rep"], b["baseline_for"] = "half-stream", rep, f
                 steps.append(b)
-                bases[kind] = b
-            print(f"[bench] half load {half:g}/s {f} (stream, rep {rep + 1}) ...", flush=True)
-            res = run_step(stacks.targets[f], half, True, args, seed)
+            res = got[f]
             res["phase"], res["rep"] = "half-stream", rep
-            add_deltas(res, bases["direct"])
-            add_deltas(res, bases["pd-direct"], prefix="added_vs_pd_")
+            add_deltas(res, got[names[0]])
+            add_deltas(res, got[names[1]], prefix="added_vs_pd_")
             steps.append(res)
             reps.append(res)
             print(
@@ -1008,6 +1118,12 @@ def main() -> None:
         help="repetitions of the half-load streaming step (baselines + front); medians are reported",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: one short step per front")
+    ap.add_argument(
+        "--block-seconds",
+        type=float,
+        default=0.5,
+        help="length of one target's turn when a front and its baselines share a half-load step",
+    )
     ap.add_argument("--name", default="proxy", help="results file stem")
     ap.add_argument(
         "--out", default=None, help="results dir (default bench/results; --quick: /tmp/bench-proxy-quick)"
@@ -1077,6 +1193,7 @@ def main() -> None:
             "added_p99_limit_ms": ADDED_P99_LIMIT_MS,
             "quick": args.quick,
             "half_reps": args.half_reps,
+            "half_block_seconds": args.block_seconds,
             "engine_loop": args.engine_loop,
             "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(),
@@ -1096,8 +1213,9 @@ def main() -> None:
         f"{args.step_seconds:g} s per step, {os.cpu_count()} CPUs, all on 127.0.0.1. Added = front percentile "
         'minus direct-to-sim percentile at the same rate and seed; "vs P/D-direct" subtracts a client that '
         "does the P/D handshake with the same sims itself (no front), which isolates the front's own cost. "
-        f"Half-load figures are medians over {args.half_reps} streaming rep(s), each with its own baselines "
-        f"run just before it. Sims and load generator on {args.engine_loop}.\n\n"
+        f"Half-load figures are medians over {args.half_reps} streaming rep(s); in each rep the front and both "
+        f"baselines take turns in {args.block_seconds:g} s blocks within one {3 * args.step_seconds:g} s step. "
+        f"Sims and load generator on {args.engine_loop}.\n\n"
     )
     (out / f"{args.name}.md").write_text(
         header

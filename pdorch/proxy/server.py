@@ -21,7 +21,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,8 +55,9 @@ from pdorch.proxy.protocols import (
     vllm_decode_body,
     vllm_prefill_body,
 )
+from pdorch.proxy.request_ids import RequestIds
 from pdorch.proxy.upstream import UpstreamPool, UpstreamResponse
-from pdorch.proxy.validation import parse_json, validate
+from pdorch.proxy.validation import decode_json, parse_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +195,14 @@ class ProxyServer:
         self.clock = clock
         self.metrics = ProxyMetrics()
         self.loads: dict[str, int] = {}
+        self._leg_roles: dict[str, str] = {}  # role of every endpoint that had a leg (gauge labels)
         self.breakers: dict[str, brk.Breaker] = {}
         self.breaker_cfg = brk.BreakerConfig(
             config.breaker_failures, config.breaker_cooldown_s, config.breaker_successes
         )
         self.prefix = PrefixIndex()
         self.rooms = RoomMinter()
+        self.request_ids = RequestIds()
         self.counter = 0
         self.draining = False
         self.port: int | None = None
@@ -323,8 +325,12 @@ class ProxyServer:
         )
 
     def _outcome(self, ep: Endpoint, ok: bool) -> None:
+        b = self.breakers.get(ep.key)
+        if ok and b is not None and b.state is brk.BreakerState.CLOSED and not b.failures:
+            return  # the common case changes nothing (the gauge is refreshed at scrape time too)
         now = self.clock()
-        b = self.breakers.get(ep.key, brk.Breaker())
+        if b is None:
+            b = brk.Breaker()
         b = (
             brk.record_success(b, self.breaker_cfg, now)
             if ok
@@ -333,13 +339,15 @@ class ProxyServer:
         self.breakers[ep.key] = b
         self.metrics.breaker.labels(ep.key).set(brk.effective_state(b, self.breaker_cfg, now).metric_value)
 
+    # The in-flight gauge is filled from `loads` at scrape time, not on every leg: two gauge updates
+    # per leg would sit on the path to the upstream writes.
     def _leg_start(self, ep: Endpoint) -> None:
         self.loads[ep.key] = self.loads.get(ep.key, 0) + 1
-        self.metrics.inflight.labels(ep.key, ep.role).inc()
+        if ep.key not in self._leg_roles:
+            self._leg_roles[ep.key] = ep.role
 
     def _leg_end(self, ep: Endpoint) -> None:
         self.loads[ep.key] = max(0, self.loads.get(ep.key, 0) - 1)
-        self.metrics.inflight.labels(ep.key, ep.role).dec()
 
     def _leg_failed(self, f: LegFailure) -> None:
         self.metrics.errors.labels(f.endpoint.key, f.leg, f.reason).inc()
@@ -395,6 +403,8 @@ class ProxyServer:
         now = self.clock()
         for key, b in self.breakers.items():
             self.metrics.breaker.labels(key).set(brk.effective_state(b, self.breaker_cfg, now).metric_value)
+        for key, role in self._leg_roles.items():
+            self.metrics.inflight.labels(key, role).set(self.loads.get(key, 0))
         return Response(200, generate_latest(self.metrics.registry), {"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _fetch_models(self) -> tuple[bytes, frozenset[str]] | None:
@@ -480,6 +490,8 @@ class ProxyServer:
                 413, f"request body of {request.content_length} bytes exceeds the limit of {limit}"
             )
         try:
+            if request.body_complete:  # the usual case: no timer to arm and cancel
+                return await request.read()
             async with asyncio.timeout(self.config.body_timeout_s):
                 return await request.read()
         except TimeoutError:
@@ -494,7 +506,7 @@ class ProxyServer:
 
     async def _generate(self, request: Request, kind: Kind, path: str) -> Response | StreamResponse:
         t0 = self.clock()
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = request.headers.get("x-request-id") or self.request_ids.next()
         status = 500
         try:
             try:
@@ -555,11 +567,15 @@ class ProxyServer:
         self.counter += 1
         out = choose(req, self.rng, self.prefix if cache_aware else None)
         if isinstance(out, Decision):
-            self.metrics.decisions.labels(out.mode, out.reason).inc()
-            self.metrics.picks.labels(self.config.policy, out.pick).inc()
+            # Counted on the next loop turn: off the path to the first upstream write.
+            asyncio.get_running_loop().call_soon(self._decided, out)
             if cache_aware:
                 self.prefix.insert(text, out.prefill or out.decode)
         return out
+
+    def _decided(self, d: Decision) -> None:
+        self.metrics.decisions.labels(d.mode, d.reason).inc()
+        self.metrics.picks.labels(self.config.policy, d.pick).inc()
 
     async def _serve(
         self, request: Request, body: dict[str, Any], kind: Kind, path: str, rid: str, t0: float
@@ -682,8 +698,8 @@ class ProxyServer:
             finally:
                 self._leg_end(p)
             try:
-                params = json.loads(raw).get("kv_transfer_params")
-            except (ValueError, AttributeError):
+                params = decode_json(raw).get("kv_transfer_params")
+            except (ValueError, AttributeError, RecursionError):
                 raise LegFailure(p, "prefill", "bad_response", f"not a JSON object: {raw[:200]!r}") from None
             t_prefilled = self.clock()
             # Bookkeeping runs on the next loop turn, once the decode request is on the wire.

@@ -12,6 +12,8 @@ import math
 from collections.abc import Collection
 from typing import Any
 
+import msgspec
+
 from pdorch.lax_int import lax_int
 from pdorch.proxy.errors import ProxyError
 from pdorch.proxy.protocols import PROXY_OWNED_FIELDS, Kind
@@ -21,12 +23,30 @@ def _bad(message: str, param: str | None, code: str = "invalid_value") -> ProxyE
     return ProxyError(400, message, param=param, code=code)
 
 
+_DECODER = msgspec.json.Decoder()
+
+
+def decode_json(raw: bytes) -> Any:
+    """JSON bytes -> Python objects, accepting exactly what `json.loads` accepts, with its errors.
+
+    msgspec first: on a request's critical path its C decoder costs a third of the stdlib's (and far
+    less when the process's caches are cold between requests). What it refuses (NaN, UTF-16, lone
+    surrogates, malformed input) goes to the stdlib, which decides it.
+    """
+    try:
+        return _DECODER.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return json.loads(raw)
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     """Decode the body; it must be a JSON object."""
     try:
-        body = json.loads(raw)
+        body = decode_json(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad(f"malformed JSON body: {exc}", None, "invalid_json") from None
+    except RecursionError:
+        raise _bad("JSON body nested too deeply", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise _bad(f"request body must be a JSON object, got {type(body).__name__}", None, "invalid_body")
     return body

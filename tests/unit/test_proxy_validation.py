@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pdorch.proxy.config import ProxyConfig, build_config, router_settings
 from pdorch.proxy.errors import ProxyError
-from pdorch.proxy.validation import parse_json, validate
+from pdorch.proxy.validation import decode_json, parse_json, validate
 
 pytestmark = pytest.mark.unit
 MODELS = frozenset({"m"})
@@ -113,6 +113,31 @@ def test_parse_json_errors() -> None:
         with pytest.raises(ProxyError) as e:
             parse_json(raw)
         assert e.value.status == 400 and e.value.param is None
+
+
+def test_deeply_nested_body_is_a_400() -> None:
+    with pytest.raises(ProxyError) as e:
+        parse_json(b"[" * 100_000 + b"]" * 100_000)
+    assert e.value.status == 400 and "nested too deeply" in e.value.message
+
+
+@settings(max_examples=300)
+@given(st.one_of(bodies, json_values))
+def test_decode_json_reads_what_the_stdlib_reads(body: Any) -> None:
+    # The fast decoder must not change what is accepted or how it is read, NaN and infinities included.
+    raw = json.dumps(body).encode()
+    assert json.dumps(decode_json(raw)) == json.dumps(json.loads(raw))
+
+
+@given(st.binary(max_size=64))
+def test_decode_json_refuses_what_the_stdlib_refuses(raw: bytes) -> None:
+    try:
+        expected: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        with pytest.raises(type(exc)):
+            decode_json(raw)
+        return
+    assert json.dumps(decode_json(raw)) == json.dumps(expected)
 
 
 def test_router_config_env_and_flag_precedence() -> None:
