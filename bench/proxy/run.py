@@ -887,7 +887,7 @@ def run_bench(args: argparse.Namespace, stacks: Stacks, fronts: list[str]) -> di
         if stacks.targets[f].error:
             continue
         proto = FRONT_PROTOCOL[f]
-        half = (status[f]["max_sustained_rps"] or args.rates[0]) / 2
+        half = args.half_rps or (status[f]["max_sustained_rps"] or args.rates[0]) / 2
         status[f]["half_load_rps"] = half
         reps: list[dict[str, Any]] = []
         for rep in range(args.half_reps):
@@ -1119,6 +1119,12 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: one short step per front")
     ap.add_argument(
+        "--half-rps",
+        type=float,
+        default=None,
+        help="run the streaming reps of every front at this rate (default: half of its own max)",
+    )
+    ap.add_argument(
         "--block-seconds",
         type=float,
         default=0.5,
@@ -1193,6 +1199,7 @@ def main() -> None:
             "added_p99_limit_ms": ADDED_P99_LIMIT_MS,
             "quick": args.quick,
             "half_reps": args.half_reps,
+            "half_rps_fixed": args.half_rps,
             "half_block_seconds": args.block_seconds,
             "engine_loop": args.engine_loop,
             "cpus": os.cpu_count(),
