@@ -647,7 +647,7 @@ def _r(x: float | None, nd: int = 3) -> float | None:
 
 def loadgen_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="run.py loadgen")
-    ap.add_argument("--url", default=f"http://{HOST}:1", help="the target (ignored with --targets)")
+    ap.add_argument("--url", default=None, help="the target (or --targets)")
     ap.add_argument("--rate", type=float, required=True)
     ap.add_argument("--duration", type=float, required=True)
     ap.add_argument("--warmup", type=float, default=1.0)
@@ -667,6 +667,8 @@ def loadgen_main(argv: list[str]) -> None:
     )
     ap.add_argument("--block-seconds", type=float, default=0.5, help="length of one target's turn")
     args = ap.parse_args(argv)
+    if bool(args.url) == bool(args.targets):
+        ap.error("give either --url or --targets")
     urls = [args.url, args.pd_decode]
     for t in json.loads(args.targets) if args.targets else []:
         urls += [t["url"], t.get("pd_decode")]
@@ -708,7 +710,7 @@ def run_turns(
     cmd += ["--event-loop", args.engine_loop]
     if stream:
         cmd.append("--stream")
-    cpu0 = {t.name: tree_cpu_s(t.pid) for t in targets if t.pid and _alive(t.pid)}
+    cpu0 = {t.name: tree_cpu_s(t.pid) for t in targets if t.pid is not None and _alive(t.pid)}
     engines = sorted({p for t in targets for p in t.engine_pids})
     eng0 = sum(tree_cpu_s(p) for p in engines)
     bound = args.warmup + args.step_seconds + args.request_timeout + 30

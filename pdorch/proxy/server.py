@@ -324,20 +324,17 @@ class ProxyServer:
             k for k, b in self.breakers.items() if not brk.allows(b, self.breaker_cfg, now, loads.get(k, 0))
         )
 
+    # The breaker gauge is set from `breakers` at scrape time (as the in-flight gauge is from
+    # `loads`), not on every outcome: an open breaker turns half-open with time, not with an outcome.
     def _outcome(self, ep: Endpoint, ok: bool) -> None:
-        b = self.breakers.get(ep.key)
-        if ok and b is not None and b.state is brk.BreakerState.CLOSED and not b.failures:
-            return  # the common case changes nothing (the gauge is refreshed at scrape time too)
         now = self.clock()
-        if b is None:
-            b = brk.Breaker()
+        b = self.breakers.get(ep.key, brk.Breaker())
         b = (
             brk.record_success(b, self.breaker_cfg, now)
             if ok
             else brk.record_failure(b, self.breaker_cfg, now)
         )
         self.breakers[ep.key] = b
-        self.metrics.breaker.labels(ep.key).set(brk.effective_state(b, self.breaker_cfg, now).metric_value)
 
     # The in-flight gauge is filled from `loads` at scrape time, not on every leg: two gauge updates
     # per leg would sit on the path to the upstream writes.
