@@ -4,7 +4,9 @@ Everything runs on 127.0.0.1 in one invocation. Engines are `pdorch sim` subproc
 `--time-scale`, so their modelled latency is ~0 and what remains is HTTP/event-loop cost:
 
 - vLLM: one sim process serving a prefill and a decode port (the NIXL lease registry is in-process);
-- SGLang: a prefill sim process (with its bootstrap server) and a decode sim process;
+- SGLang: the same, one sim process with a prefill port (and its bootstrap server) and a decode port, so
+  both protocols load the machine with the same processes (``--sglang-sims two-process`` puts the
+  prefill and the decode in two processes that meet over the bootstrap server's WebSocket);
 - baselines ("direct"): one sim process per protocol with role ``both``, which answers a request alone.
 
 Fronts: ``pdorch-vllm`` (pdorch proxy, NIXL), ``vllm-router`` (NIXL), ``pdorch-sglang`` (pdorch proxy,
@@ -276,6 +278,8 @@ class Stacks:
     quiet_routers: bool = True
     # Event loop of the sims and the load generator (the same for every front).
     event_loop: str = "uvloop"
+    # "one-process" (as the vLLM sims) or "two-process" (the decode reaches the prefill's bootstrap server).
+    sglang_sims: str = "one-process"
     procs: list[Proc] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)
     _pending: dict[str, tuple[Proc, str]] = field(default_factory=dict)
@@ -325,23 +329,30 @@ class Stacks:
         return (pu, du), [(proc, pu + "/health"), (proc, du + "/health")]
 
     def spawn_sglang_pd(self) -> tuple[tuple[str, int, str], list[tuple[Proc, str]]]:
-        """SGLang prefill and decode sims as two processes (they meet through the bootstrap server)."""
+        """SGLang prefill and decode sims: one process with two ports, or two processes (`sglang_sims`)."""
         p, d, boot = free_port(), free_port(), free_port()
-        common = ["--bootstrap-timeout", "20", "--waiting-timeout", "20"]
-        pre = self._sim(
-            "sim-sglang-prefill",
-            "sglang",
-            [*common, "--role", "prefill", "--port", str(p), "--bootstrap-port", str(boot)],
-        )
-        dec = self._sim("sim-sglang-decode", "sglang", [*common, "--role", "decode", "--port", str(d)])
+        timeouts = ["--bootstrap-timeout", "20", "--waiting-timeout", "20"]
+        common = [*timeouts, "--bootstrap-port", str(boot)]  # the decode-only process serves no bootstrap
+        if self.sglang_sims == "one-process":
+            roles = self.logdir / "sglang-roles.json"
+            roles.write_text(json.dumps({f"{HOST}:{p}": "prefill", f"{HOST}:{d}": "decode"}))
+            pre = dec = self._sim(
+                "sim-sglang-pd",
+                "sglang",
+                [*common, "--port", str(p), "--port", str(d), "--role-map", str(roles)],
+            )
+        else:
+            pre = self._sim("sim-sglang-prefill", "sglang", [*common, "--role", "prefill", "--port", str(p)])
+            dec = self._sim("sim-sglang-decode", "sglang", [*timeouts, "--role", "decode", "--port", str(d)])
         pu, du = f"http://{HOST}:{p}", f"http://{HOST}:{d}"
-        self.engine_pids["sglang"] = [pre.popen.pid, dec.popen.pid]
+        pids = sorted({pre.popen.pid, dec.popen.pid})
+        self.engine_pids["sglang"] = pids
         self.targets["pd-direct-sglang"] = Target(
             "pd-direct-sglang",
             "sglang",
             pu,
             None,
-            engine_pids=[pre.popen.pid, dec.popen.pid],
+            engine_pids=pids,
             pd_decode=du,
             pd_protocol="sglang",
             pd_bootstrap_port=boot,
@@ -1102,6 +1113,12 @@ def main() -> None:
         help="event loop of the sims and the load generator (the same for every front)",
     )
     ap.add_argument(
+        "--sglang-sims",
+        choices=["one-process", "two-process"],
+        default="one-process",
+        help="SGLang P/D sims in one process (as the vLLM ones) or two (rendezvous over the bootstrap server)",
+    )
+    ap.add_argument(
         "--router-log-level",
         choices=["warn", "info"],
         default="warn",
@@ -1156,6 +1173,7 @@ def main() -> None:
             args.time_scale,
             quiet_routers=args.router_log_level == "warn",
             event_loop=args.engine_loop,
+            sglang_sims=args.sglang_sims,
         )
         meta: dict[str, Any] = {}
         try:
@@ -1204,6 +1222,7 @@ def main() -> None:
             "half_rps_fixed": args.half_rps,
             "half_block_seconds": args.block_seconds,
             "engine_loop": args.engine_loop,
+            "sglang_sims": args.sglang_sims,
             "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(),
             "wall_s": round(time.time() - started, 1),

@@ -2,15 +2,21 @@
 
 The prefill registers the room and waits until its decode connects; the decode connects and waits until
 the prefill has prefilled and pushed the KV. When the prefill runs in this process (its bootstrap server
-is one of ours) the decode uses the in-process `Rendezvous` directly; otherwise it talks to the prefill's
-bootstrap HTTP server (`/pdorch/sim/connect`, `/pdorch/sim/room`), which fronts the same registry in the
-prefill's process. Rooms are kept for a while after they end so a reused room is still refused.
+is one of ours) the decode uses the in-process `Rendezvous` directly. Otherwise it keeps one WebSocket
+per prefill bootstrap server (`/pdorch/sim/rendezvous`) and exchanges two messages per request over it:
+"connect to room R", then "room R done" (or failed). That is the shape of SGLang's own per-request
+traffic, ZMQ messages between long-lived transfer agents rather than an HTTP call per request, and it
+keeps the sims' CPU per request low enough not to crowd a front being benchmarked on the same cores.
+Rooms are kept for a while after they end so a reused room is still refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +25,7 @@ from aiohttp import web
 
 RoomKey = tuple[str, int, int]
 ROOM_RETENTION_S = 120.0  # SGLang's bootstrap entry cleanup interval
-CONNECT_PATH = "/pdorch/sim/connect"
-ROOM_PATH = "/pdorch/sim/room"
+RENDEZVOUS_PATH = "/pdorch/sim/rendezvous"
 
 
 class BootstrapError(Exception):
@@ -41,6 +46,8 @@ class Room:
     prefill_done: asyncio.Event = field(default_factory=asyncio.Event)
     failed: str | None = None
     created: float = field(default_factory=time.monotonic)
+    # Called once when the room ends (the WebSocket rendezvous answers a remote decode from here).
+    listeners: list[Callable[[Room], None]] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -87,6 +94,9 @@ class Rendezvous:
         if error is not None and not room.prefill_done.is_set():
             room.failed = error
         room.prefill_done.set()
+        listeners, room.listeners = room.listeners, []
+        for listener in listeners:
+            listener(room)
         asyncio.get_running_loop().call_later(ROOM_RETENTION_S, self.rooms.pop, key, None)
 
     async def wait_prefill(self, key: RoomKey, timeout_s: float) -> None:
@@ -137,40 +147,149 @@ def parse_key(body: dict[str, Any]) -> RoomKey | None:
     return (host, port if port is not None else 0, room)
 
 
-async def decode_connect_and_wait(key: RoomKey, timeout_s: float, session: aiohttp.ClientSession) -> None:
+class _Outbox:
+    """Lines queued for one WebSocket, sent by a single task (aiohttp allows one sender at a time);
+    lines queued while a send is in flight go out together in the next frame."""
+
+    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.lines: list[str] = []
+        self.wake = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(message, separators=(",", ":")))
+        self.wake.set()
+
+    async def _run(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                lines, self.lines = self.lines, []
+                await self.ws.send_str("\n".join(lines))
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
+def _room_message(key: RoomKey, status: str, error: str | None = None, code: int = 200) -> dict[str, Any]:
+    return {"host": key[0], "port": key[1], "room": key[2], "status": status, "error": error, "code": code}
+
+
+def _ended(room: Room) -> tuple[str, str | None]:
+    return ("failed", room.failed) if room.failed is not None else ("done", None)
+
+
+class _Channel:
+    """The decode side of one WebSocket to a prefill's bootstrap server."""
+
+    def __init__(self, base: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.base = base
+        self.ws = ws
+        self.pending: dict[RoomKey, asyncio.Future[dict[str, Any]]] = {}
+        self.closed = False
+        self.outbox = _Outbox(ws)
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    continue
+                for line in msg.data.splitlines():
+                    d = json.loads(line)
+                    fut = self.pending.pop((d.get("host"), d.get("port"), d.get("room")), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(d)
+        finally:
+            self.closed = True
+            self.outbox.close()
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(BootstrapError(f"bootstrap server {self.base} closed the rendezvous"))
+            self.pending.clear()
+
+    async def connect_and_wait(self, key: RoomKey) -> None:
+        if key in self.pending:
+            raise BootstrapError(f"duplicate bootstrap_room {key[2]} (decode already connected)", 400)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[key] = fut
+        try:
+            self.outbox.send({"host": key[0], "port": key[1], "room": key[2]})
+            d = await fut
+        finally:
+            self.pending.pop(key, None)
+        if d["status"] == "refused":
+            raise BootstrapError(f"bootstrap connect refused: {d['error']}", 400 if d["code"] < 500 else 500)
+        if d["status"] == "failed":
+            raise BootstrapError(f"KVTransferError(bootstrap_room={key[2]}): {d['error']}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self.reader.cancel()
+
+
+class RendezvousClient:
+    """A decode process's WebSockets to the prefills' bootstrap servers, opened on first use."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._channels: dict[str, _Channel] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+
+    async def _channel(self, base: str) -> _Channel:
+        ch = self._channels.get(base)
+        if ch is not None and not ch.closed:
+            return ch
+        async with self._opening.setdefault(base, asyncio.Lock()):
+            ch = self._channels.get(base)
+            if ch is not None and not ch.closed:
+                return ch
+            if self._session is None:
+                self._session = aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
+                )
+            ws = await self._session.ws_connect(base + RENDEZVOUS_PATH, autoping=True)
+            ch = self._channels[base] = _Channel(base, ws)
+            return ch
+
+    async def connect_and_wait(self, key: RoomKey, timeout_s: float) -> None:
+        """Connect to the room on its prefill's bootstrap server, then wait for the KV; raise
+        `BootstrapError` on refusal, failure, timeout or an unreachable server."""
+        host, port, room = key
+        base = f"http://{host}:{port}"
+        try:
+            async with asyncio.timeout(timeout_s):
+                await (await self._channel(base)).connect_and_wait(key)
+        except TimeoutError:
+            raise BootstrapError(
+                f"KVTransferError(bootstrap_room={room}): timed out after {timeout_s}s waiting for KV"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise BootstrapError(f"bootstrap server {base} unreachable: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close every channel and the session."""
+        for ch in self._channels.values():
+            with contextlib.suppress(Exception):
+                await ch.close()
+        self._channels.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def decode_connect_and_wait(key: RoomKey, timeout_s: float, client: RendezvousClient) -> None:
     """Decode side of the rendezvous: connect to the room, then wait for the prefill's KV.
 
-    In-process when the prefill's bootstrap server is ours, else over HTTP to that server.
+    In-process when the prefill's bootstrap server is ours, else over the WebSocket to that server.
     """
-    host, port, room = key
-    if is_local(host, port):
+    if is_local(key[0], key[1]):
         RENDEZVOUS.register_decode(key)
         await RENDEZVOUS.wait_prefill(key, timeout_s)
         return
-    base = f"http://{host}:{port}"
-    query = {"host": host, "port": str(port), "room": str(room)}
-    deadline = time.monotonic() + timeout_s
-    try:
-        async with session.post(base + CONNECT_PATH, json={"host": host, "port": port, "room": room}) as r:
-            if r.status != 200:
-                raise BootstrapError(
-                    f"bootstrap connect refused: {await r.text()}", 400 if r.status < 500 else 500
-                )
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BootstrapError(
-                    f"KVTransferError(bootstrap_room={room}): timed out after {timeout_s}s waiting for KV"
-                )
-            params = {**query, "wait": f"{min(left, 5.0):.3f}"}
-            async with session.get(base + ROOM_PATH, params=params) as r:
-                data = await r.json()
-            if data.get("status") == "done":
-                return
-            if data.get("status") == "failed":
-                raise BootstrapError(f"KVTransferError(bootstrap_room={room}): {data.get('error')}")
-    except aiohttp.ClientError as exc:
-        raise BootstrapError(f"bootstrap server {base} unreachable: {exc}") from exc
+    await client.connect_and_wait(key, timeout_s)
 
 
 def bootstrap_routes(route_info: dict[str, Any]) -> list[web.RouteDef]:
@@ -182,38 +301,38 @@ def bootstrap_routes(route_info: dict[str, Any]) -> list[web.RouteDef]:
     async def route(_: web.Request) -> web.Response:
         return web.json_response(route_info)
 
-    async def connect(request: web.Request) -> web.Response:
+    def on_connect(out: _Outbox, line: str) -> None:
         try:
-            body = await request.json()
-            key = (str(body["host"]), int(body["port"]), int(body["room"]))
+            d = json.loads(line)
+            key = (str(d["host"]), int(d["port"]), int(d["room"]))
         except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": "expected {host, port, room}"}, status=400)
+            out.send({"status": "invalid", "error": f"expected {{host, port, room}}, got {line[:100]!r}"})
+            return
         try:
-            RENDEZVOUS.register_decode(key)
+            room = RENDEZVOUS.register_decode(key)
         except BootstrapError as exc:
-            return web.json_response({"error": str(exc)}, status=exc.status)
-        return web.json_response({"status": "connected"})
+            out.send(_room_message(key, "refused", str(exc), exc.status))
+            return
+        if room.prefill_done.is_set():
+            out.send(_room_message(key, *_ended(room)))
+        else:
+            room.listeners.append(lambda r: out.send(_room_message(key, *_ended(r))))
 
-    async def room_status(request: web.Request) -> web.Response:
-        q = request.query
+    async def rendezvous(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        out = _Outbox(ws)
         try:
-            key = (q["host"], int(q["port"]), int(q["room"]))
-            wait = min(float(q.get("wait", "0")), 30.0)
-        except (KeyError, ValueError):
-            return web.json_response({"error": "expected host, port, room"}, status=400)
-        room = RENDEZVOUS.rooms.get(key)
-        if room is None:
-            return web.json_response({"status": "unknown"})
-        if wait > 0 and not room.prefill_done.is_set():
-            try:
-                await asyncio.wait_for(room.prefill_done.wait(), wait)
-            except TimeoutError:
-                pass
-        return web.json_response({"status": room.status, "error": room.failed})
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    for line in msg.data.splitlines():
+                        on_connect(out, line)
+        finally:
+            out.close()
+        return ws
 
     return [
         web.get("/health", health),
         web.get("/route", route),
-        web.post(CONNECT_PATH, connect),
-        web.get(ROOM_PATH, room_status),
+        web.get(RENDEZVOUS_PATH, rendezvous),
     ]

@@ -91,12 +91,28 @@ async def _stream(
     on_finished: FinishHook | None,
 ) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache"})
-    await resp.prepare(request)
+    # A P/D prefill answers once its KV is handed off, as SGLang's prefill returns a request from its
+    # inflight queue only when the transfer finished: its events are held and go out in one write.
+    held: list[bytes] | None = [] if on_finished is not None else None
+
+    async def emit(data: bytes) -> None:
+        if held is not None:
+            held.append(data)
+        else:
+            await resp.write(data)
+
+    async def flush() -> None:
+        if held is not None:
+            await resp.prepare(request)
+            await resp.write(b"".join(held))
+
+    if held is None:
+        await resp.prepare(request)
     created = int(time.time())
     stall_after = request.get(faults.STALL_KEY)  # injected fault (`pdorch.sim.faults`)
     try:
         if req.kind == "chat":
-            await resp.write(
+            await emit(
                 sse.event(chunk(flavor, req, rid, model, created, text=None, finish_reason=None, role=True))
             )
         ev = first
@@ -104,7 +120,7 @@ async def _stream(
         while True:
             text = prefix + tokens.generated_token(req.seed, ev.index)
             prefix = ""
-            await resp.write(
+            await emit(
                 sse.event(chunk(flavor, req, rid, model, created, text=text, finish_reason=ev.finish_reason))
             )
             if ev.finish_reason is not None:
@@ -114,14 +130,16 @@ async def _stream(
             try:
                 ev = await _next(seq)
             except EngineError as exc:
-                await resp.write(sse.event(flavor.error_body(str(exc), exc.err_type, None, exc.status)))
-                await resp.write(sse.DONE)
+                await emit(sse.event(flavor.error_body(str(exc), exc.err_type, None, exc.status)))
+                await emit(sse.DONE)
+                await flush()
                 return resp
         if on_finished is not None:
             await on_finished(seq)
         if req.include_usage:
-            await resp.write(sse.event(usage_chunk(req, rid, model, created, ev.index + 1)))
-        await resp.write(sse.DONE)
+            await emit(sse.event(usage_chunk(req, rid, model, created, ev.index + 1)))
+        await emit(sse.DONE)
+        await flush()
         await resp.write_eof()
     except (ConnectionError, asyncio.CancelledError) as exc:
         # The client went away mid-stream; the caller's finally aborts the sequence.

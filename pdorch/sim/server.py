@@ -15,7 +15,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from pdorch.sim import bootstrap, faults, nixl
@@ -62,7 +61,7 @@ class SimServer:
         self.bootstrap_port: int | None = None
         self._runner: web.AppRunner | None = None
         self._bootstrap_runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._rendezvous = bootstrap.RendezvousClient()
 
     # -- engines -------------------------------------------------------------------------------------
 
@@ -103,11 +102,6 @@ class SimServer:
             return self.engine(str(sock[0]), int(sock[1]))
         return self.engine(self.host, self.ports[0] if self.ports else 0)
 
-    def _session_get(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
-        return self._session
-
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def _app(self) -> web.Application:
@@ -119,7 +113,7 @@ class SimServer:
             app.add_routes(VllmFrontend(self.config, self.engine_for).routes())
         else:
             front = SglangFrontend(
-                self.config, self.engine_for, self._session_get, lambda: self.bootstrap_port
+                self.config, self.engine_for, self._rendezvous, lambda: self.bootstrap_port
             )
             app.add_routes(front.routes())
         return app
@@ -188,10 +182,8 @@ class SimServer:
         for eng in self.engines.values():
             await eng.stop()
             nixl.unregister_engine(eng)
-        if self._session is not None:
-            with contextlib.suppress(Exception):
-                await self._session.close()
-            self._session = None
+        with contextlib.suppress(Exception):
+            await self._rendezvous.close()
 
     async def __aenter__(self) -> SimServer:
         await self.start()

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from pdorch.sim import bootstrap, latency
@@ -52,12 +51,12 @@ class SglangFrontend:
         self,
         config: SimConfig,
         lookup: EngineLookup,
-        session: Callable[[], aiohttp.ClientSession],
+        rendezvous: bootstrap.RendezvousClient,
         bootstrap_port: Callable[[], int | None],
     ) -> None:
         self.config = config
         self.lookup = lookup
-        self.session = session
+        self.rendezvous = rendezvous
         self.bootstrap_port = bootstrap_port
 
     def routes(self) -> list[web.RouteDef]:
@@ -155,7 +154,7 @@ class SglangFrontend:
     def _decode_waiter(self, engine: Engine, key: RoomKey) -> Callable[[], Any]:
         async def wait() -> None:
             try:
-                await bootstrap.decode_connect_and_wait(key, self.config.waiting_timeout_s, self.session())
+                await bootstrap.decode_connect_and_wait(key, self.config.waiting_timeout_s, self.rendezvous)
             except BootstrapError as exc:
                 _bootstrap_failure(engine)
                 engine.metrics.handshake("decode_failed")

@@ -446,12 +446,47 @@ async def test_sglang_bootstrap_server_routes(sglang_pd: SimServer, http: aiohtt
         assert r.status == 200
     async with http.get(base + "/route") as r:
         assert (await r.json())["page_size"] == 16
-    # The HTTP rendezvous used by a decode in another process.
-    key = {"host": "127.0.0.1", "port": sglang_pd.bootstrap_port, "room": 99}
-    async with http.post(base + "/pdorch/sim/connect", json=key) as r:
-        assert r.status == 200
-    async with http.post(base + "/pdorch/sim/connect", json=key) as r:
-        assert r.status == 400
-    params = {"host": "127.0.0.1", "port": str(sglang_pd.bootstrap_port), "room": "99", "wait": "0"}
-    async with http.get(base + "/pdorch/sim/room", params=params) as r:
-        assert (await r.json())["status"] == "pending"
+
+
+async def test_sglang_rendezvous_over_the_websocket(sglang_pd: SimServer) -> None:
+    # The WebSocket rendezvous a decode in another process uses (called directly: in this process the
+    # decode would take the in-process path).
+    port = sglang_pd.bootstrap_port or 0
+    client = bootstrap.RendezvousClient()
+    try:
+        # Nobody prefills room 99: the decode's wait times out, and the room stays connected.
+        with pytest.raises(bootstrap.BootstrapError, match="timed out"):
+            await client.connect_and_wait(("127.0.0.1", port, 99), 0.05)
+        with pytest.raises(bootstrap.BootstrapError, match="duplicate") as refused:
+            await client.connect_and_wait(("127.0.0.1", port, 99), 1.0)
+        assert refused.value.status == 400
+        # A room the prefill pushes: the wait returns; one it fails: the error names the prefill's reason.
+        for room, error in ((100, None), (101, "prefill aborted")):
+            key = ("127.0.0.1", port, room)
+            bootstrap.RENDEZVOUS.register_prefill(key)
+            waiting = asyncio.create_task(client.connect_and_wait(key, 5.0))
+
+            async def connected(k: bootstrap.RoomKey = key) -> bool:
+                return bootstrap.RENDEZVOUS.rooms[k].decode_connected.is_set()
+
+            await wait_until(connected, 5.0, "the decode to connect")
+            assert not waiting.done()
+            bootstrap.RENDEZVOUS.finish(key, error)
+            if error is None:
+                await waiting
+            else:
+                with pytest.raises(bootstrap.BootstrapError, match="prefill aborted"):
+                    await waiting
+        # A room that ended before its decode connected is answered at once.
+        key = ("127.0.0.1", port, 102)
+        bootstrap.RENDEZVOUS.register_prefill(key)
+        bootstrap.RENDEZVOUS.finish(key, "bootstrap timed out")
+        with pytest.raises(bootstrap.BootstrapError, match="bootstrap timed out"):
+            await client.connect_and_wait(key, 5.0)
+    finally:
+        await client.close()
+    # A server that is not there is named in the error.
+    nowhere = bootstrap.RendezvousClient()
+    with pytest.raises(bootstrap.BootstrapError, match="unreachable"):
+        await nowhere.connect_and_wait(("127.0.0.1", 9, 1), 2.0)
+    await nowhere.close()
