@@ -1243,7 +1243,7 @@ def main() -> None:
         "does the P/D handshake with the same sims itself (no front), which isolates the front's own cost. "
         f"Half-load figures are medians over {args.half_reps} streaming rep(s); in each rep the front and both "
         f"baselines take turns in {args.block_seconds:g} s blocks within one {3 * args.step_seconds:g} s step. "
-        f"Sims and load generator on {args.engine_loop}.\n\n"
+        f"Sims and load generator on {args.engine_loop}; SGLang P/D sims: {args.sglang_sims}.\n\n"
     )
     (out / f"{args.name}.md").write_text(
         header

@@ -134,11 +134,12 @@ def routing_text(body: dict[str, Any], kind: Kind) -> str:
     return ""
 
 
-def estimate_prompt_tokens(body: dict[str, Any], kind: Kind) -> int:
-    """Prompt tokens estimated as characters / 4 (token-id prompts are counted exactly)."""
+def estimate_prompt_tokens(body: dict[str, Any], kind: Kind, text: str | None = None) -> int:
+    """Prompt tokens estimated as characters / 4 (token-id prompts are counted exactly); ``text`` is
+    `routing_text` of the body when the caller has it already."""
     prompt = body.get("prompt")
     if kind == "completion" and isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
         if all(isinstance(t, int) for t in prompt):
             return len(prompt)
         return sum(len(p) for p in prompt if isinstance(p, list))
-    return (len(routing_text(body, kind)) + 3) // 4
+    return (len(routing_text(body, kind) if text is None else text) + 3) // 4

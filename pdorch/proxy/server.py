@@ -549,7 +549,9 @@ class ProxyServer:
         # disaggregation: skip building them (a copy of the prompt) for the other policies.
         cache_aware = self.config.policy == "cache_aware"
         text = routing_text(body, kind) if cache_aware else ""
-        tokens = estimate_prompt_tokens(body, kind) if self.config.min_prompt_tokens > 0 else 0
+        tokens = 0
+        if self.config.min_prompt_tokens > 0:
+            tokens = estimate_prompt_tokens(body, kind, text if cache_aware else None)
         req = RouteRequest(
             endpoints=self.discovery.current(),
             loads=self.loads,

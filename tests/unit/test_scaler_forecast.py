@@ -16,7 +16,7 @@ from pdorch.scaler.policy import (
     recommend_prefill,
 )
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
-from tests.unit.test_scaler_policy import _load
+from tests.unit.role_loads import role_load
 
 pytestmark = pytest.mark.unit
 
@@ -96,14 +96,14 @@ def test_forecast_never_below_the_level_and_within_the_seen_range(values: list[f
 
 
 def test_a_rise_adds_prefill_and_decode_replicas_and_says_so() -> None:
-    calm = prefill_replicas(_load(10, 1000), DIST, 2.0)
-    risen = prefill_replicas(_load(10, 1000), DIST, 2.0, rise=2.0)
+    calm = prefill_replicas(role_load(10, 1000), DIST, 2.0)
+    risen = prefill_replicas(role_load(10, 1000), DIST, 2.0, rise=2.0)
     assert risen.replicas > calm.replicas and "forecast rise 2.00" in risen.reason
-    d_calm = decode_replicas(_load(10, 1000, running=100), DIST, 0.1)
-    d_risen = decode_replicas(_load(10, 1000, running=100), DIST, 0.1, rise=400)
+    d_calm = decode_replicas(role_load(10, 1000, running=100), DIST, 0.1)
+    d_risen = decode_replicas(role_load(10, 1000, running=100), DIST, 0.1, rise=400)
     assert d_risen.replicas > d_calm.replicas and "forecast rise 400" in d_risen.reason
     # A rise smaller than the noise headroom changes nothing.
-    assert decode_replicas(_load(10, 1000, running=100), DIST, 0.1, rise=1).replicas == d_calm.replicas
+    assert decode_replicas(role_load(10, 1000, running=100), DIST, 0.1, rise=1).replicas == d_calm.replicas
 
 
 def test_predictive_prefill_holds_capacity_for_a_recurring_burst() -> None:
@@ -112,12 +112,12 @@ def test_predictive_prefill_holds_capacity_for_a_recurring_burst() -> None:
     reactive = SloPolicyConfig(forecast_horizon_s=0.0)
     for i in range(60):
         burst = i % 10 in (8, 9)
-        load = _load(40.0 if burst else 2.0, 1500) if burst or i % 2 else _load(0.0, 0.0)
+        load = role_load(40.0 if burst else 2.0, 1500) if burst or i % 2 else role_load(0.0, 0.0)
         rec = recommend_prefill(mem, i * 15.0, load, DIST, 2.0, cfg)
     # Tick 59 is a burst tick; tick 60 is a lull with nothing finished: the memory supplies the shape.
-    lull = _load(0.0, 0.0)
+    lull = role_load(0.0, 0.0)
     rec = recommend_prefill(mem, 60 * 15.0, lull, DIST, 2.0, cfg)
-    burst_size = prefill_replicas(_load(40.0, 1500), DIST, 2.0, reactive).replicas
+    burst_size = prefill_replicas(role_load(40.0, 1500), DIST, 2.0, reactive).replicas
     assert rec.replicas >= burst_size - 1 and "forecast rise" in rec.reason
     assert prefill_replicas(lull, DIST, 2.0, reactive).replicas == 0
     assert mem.prompt_tokens == 1500
@@ -126,7 +126,7 @@ def test_predictive_prefill_holds_capacity_for_a_recurring_burst() -> None:
 def test_predictive_decode_follows_arrivals_and_is_reactive_when_off() -> None:
     off = SloPolicyConfig(forecast_horizon_s=0.0)
     mem = RoleMemory()
-    load = _load(10, 1000, running=50, mean_itl_s=0.03)
+    load = role_load(10, 1000, running=50, mean_itl_s=0.03)
     assert (
         recommend_decode(mem, 0.0, load, DIST, 0.1, off).replicas
         == decode_replicas(load, DIST, 0.1, off).replicas
@@ -135,8 +135,10 @@ def test_predictive_decode_follows_arrivals_and_is_reactive_when_off() -> None:
     mem = RoleMemory()
     for i in range(40):
         rate = 60.0 if i % 8 == 7 else 5.0
-        recommend_decode(mem, i * 15.0, _load(rate, 1000, running=rate * 3, mean_itl_s=0.03), DIST, 0.1, cfg)
-    quiet = _load(5.0, 1000, running=15, mean_itl_s=0.03)
+        recommend_decode(
+            mem, i * 15.0, role_load(rate, 1000, running=rate * 3, mean_itl_s=0.03), DIST, 0.1, cfg
+        )
+    quiet = role_load(5.0, 1000, running=15, mean_itl_s=0.03)
     assert (
         recommend_decode(mem, 40 * 15.0, quiet, DIST, 0.1, cfg).replicas
         > decode_replicas(quiet, DIST, 0.1, cfg).replicas

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from pdorch.scaler import peers
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
-from pdorch.scaler.observe import RoleLoad
 from pdorch.scaler.policy import (
     SloPolicyConfig,
     decode_replicas,
@@ -22,26 +21,16 @@ from pdorch.scaler.policy import (
 from pdorch.scaler.ratio import RatioBand, within_band
 from pdorch.sim.latency import BLIS_LLAMA31_8B_H100 as BLIS
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
+from tests.unit.role_loads import role_load
 
 pytestmark = pytest.mark.unit
 
 
-def _load(rate: float, prompt: float, output: float = 100, **kw: float) -> RoleLoad:
-    return RoleLoad(
-        ready_replicas=int(kw.pop("ready", 2)),
-        window_s=15,
-        request_rate=rate,
-        mean_prompt_tokens=prompt,
-        mean_output_tokens=output,
-        **kw,
-    )
-
-
 @given(rate=st.floats(0.1, 200), prompt=st.floats(10, 8000), k=st.floats(1.0, 4.0))
 def test_prefill_never_shrinks_with_more_or_longer_prompts(rate: float, prompt: float, k: float) -> None:
-    base = prefill_replicas(_load(rate, prompt), DIST, 2.0).replicas
-    assert prefill_replicas(_load(rate * k, prompt), DIST, 2.0).replicas >= base
-    assert prefill_replicas(_load(rate, min(prompt * k, 16000)), DIST, 2.0).replicas >= base
+    base = prefill_replicas(role_load(rate, prompt), DIST, 2.0).replicas
+    assert prefill_replicas(role_load(rate * k, prompt), DIST, 2.0).replicas >= base
+    assert prefill_replicas(role_load(rate, min(prompt * k, 16000)), DIST, 2.0).replicas >= base
 
 
 def test_erlang_c_known_values() -> None:
@@ -55,7 +44,7 @@ def test_erlang_c_known_values() -> None:
 
 def test_prefill_capacity_matches_the_latency_model() -> None:
     # 20 req/s x 1000-token prompts on OPT-13B: 20 x (18.1 + 102 + 7.1) ms = 2.54 replica-s/s.
-    rec = prefill_replicas(_load(20, 1000), DIST, 2.0)
+    rec = prefill_replicas(role_load(20, 1000), DIST, 2.0)
     assert "2.54 replica-s/s" in rec.reason and "TTFT 2000ms" in rec.reason
     # The fewest M/M/c replicas meeting the tail, and never planned above 85% busy.
     budget = 2.0 * 0.8 - (0.0181 + 0.204 + 0.0284)
@@ -65,32 +54,32 @@ def test_prefill_capacity_matches_the_latency_model() -> None:
 
 
 def test_a_tighter_ttft_needs_more_prefill() -> None:
-    loose = prefill_replicas(_load(30, 1500), DIST, 4.0).replicas
-    tight = prefill_replicas(_load(30, 1500), DIST, 0.6).replicas
+    loose = prefill_replicas(role_load(30, 1500), DIST, 4.0).replicas
+    tight = prefill_replicas(role_load(30, 1500), DIST, 0.6).replicas
     assert tight > loose
 
 
 def test_prefill_backlog_adds_replicas_and_says_so() -> None:
-    calm = prefill_replicas(_load(10, 1000), DIST, 2.0)
-    queued = prefill_replicas(_load(10, 1000, waiting=200), DIST, 2.0)
+    calm = prefill_replicas(role_load(10, 1000), DIST, 2.0)
+    queued = prefill_replicas(role_load(10, 1000, waiting=200), DIST, 2.0)
     assert queued.replicas > calm.replicas and "to drain 200 queued" in queued.reason
 
 
 def test_idle_roles_want_zero() -> None:
-    assert prefill_replicas(_load(0, 0), DIST, 2.0).replicas == 0
-    assert decode_replicas(_load(0, 0), DIST, 0.1).replicas == 0
+    assert prefill_replicas(role_load(0, 0), DIST, 2.0).replicas == 0
+    assert decode_replicas(role_load(0, 0), DIST, 0.1).replicas == 0
 
 
 @given(rate=st.floats(0.1, 100), output=st.floats(2, 2000), k=st.floats(1.0, 4.0))
 def test_decode_grows_with_output_length(rate: float, output: float, k: float) -> None:
-    base = decode_replicas(_load(rate, 500, output), BLIS, 0.05).replicas
-    assert decode_replicas(_load(rate, 500, output * k), BLIS, 0.05).replicas >= base
+    base = decode_replicas(role_load(rate, 500, output), BLIS, 0.05).replicas
+    assert decode_replicas(role_load(rate, 500, output * k), BLIS, 0.05).replicas >= base
 
 
 def test_decode_ignores_prompt_length_when_not_kv_bound() -> None:
     # BLIS H100 holds 467k KV tokens: 200 vs 800-token prompts stay max_num_seqs-bound.
-    short = decode_replicas(_load(20, 200, 300), BLIS, 0.05)
-    long = decode_replicas(_load(20, 800, 300), BLIS, 0.05)
+    short = decode_replicas(role_load(20, 200, 300), BLIS, 0.05)
+    long = decode_replicas(role_load(20, 800, 300), BLIS, 0.05)
     assert short.replicas == long.replicas
     assert "max_num_seqs-bound" in short.reason
 
@@ -106,8 +95,8 @@ def test_decode_limits() -> None:
 
 
 def test_decode_follows_kv_usage() -> None:
-    low = decode_replicas(_load(1, 500, 10, running=5, kv_usage=0.2, ready=4), DIST, 0.1)
-    high = decode_replicas(_load(1, 500, 10, running=5, kv_usage=0.95, ready=4), DIST, 0.1)
+    low = decode_replicas(role_load(1, 500, 10, running=5, kv_usage=0.2, ready=4), DIST, 0.1)
+    high = decode_replicas(role_load(1, 500, 10, running=5, kv_usage=0.95, ready=4), DIST, 0.1)
     assert high.replicas > 4 >= low.replicas and "KV usage 95%" in high.reason
 
 
@@ -217,7 +206,7 @@ def test_dynamo_planner_sizes_from_interval_throughput() -> None:
 def test_decode_backlog_counts_by_lifetime_not_one_slot_each() -> None:
     # 900 sequences waiting for KV; each lives 100 tokens x 50 ms = 5 s, so clearing them in the
     # 30 s drain window needs 1/6 of a slot each, not a whole one.
-    waiting = _load(1, 1000, 100, running=0, waiting=900, mean_itl_s=0.05)
+    waiting = role_load(1, 1000, 100, running=0, waiting=900, mean_itl_s=0.05)
     rec = decode_replicas(waiting, DIST, 0.1)
     per = 0.85 * 64000 / 1100
     slots = 900 * (100 * 0.05 / 30)
