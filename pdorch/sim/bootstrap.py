@@ -36,6 +36,15 @@ class BootstrapError(Exception):
         self.status = status
 
 
+def transfer_error(room: int, detail: str) -> BootstrapError:
+    """A decode's failed wait for the KV, worded as SGLang reports it."""
+    return BootstrapError(f"KVTransferError(bootstrap_room={room}): {detail}")
+
+
+def _kv_timeout(room: int, timeout_s: float) -> BootstrapError:
+    return transfer_error(room, f"timed out after {timeout_s}s waiting for KV")
+
+
 @dataclass
 class Room:
     """State of one bootstrap room."""
@@ -105,11 +114,9 @@ class Rendezvous:
         try:
             await asyncio.wait_for(room.prefill_done.wait(), timeout_s)
         except TimeoutError:
-            raise BootstrapError(
-                f"KVTransferError(bootstrap_room={key[2]}): timed out after {timeout_s}s waiting for KV"
-            ) from None
+            raise _kv_timeout(key[2], timeout_s) from None
         if room.failed is not None:
-            raise BootstrapError(f"KVTransferError(bootstrap_room={key[2]}): {room.failed}")
+            raise transfer_error(key[2], room.failed)
 
 
 RENDEZVOUS = Rendezvous()
@@ -177,10 +184,6 @@ def _room_message(key: RoomKey, status: str, error: str | None = None, code: int
     return {"host": key[0], "port": key[1], "room": key[2], "status": status, "error": error, "code": code}
 
 
-def _ended(room: Room) -> tuple[str, str | None]:
-    return ("failed", room.failed) if room.failed is not None else ("done", None)
-
-
 class _Channel:
     """The decode side of one WebSocket to a prefill's bootstrap server."""
 
@@ -223,7 +226,7 @@ class _Channel:
         if d["status"] == "refused":
             raise BootstrapError(f"bootstrap connect refused: {d['error']}", 400 if d["code"] < 500 else 500)
         if d["status"] == "failed":
-            raise BootstrapError(f"KVTransferError(bootstrap_room={key[2]}): {d['error']}")
+            raise transfer_error(key[2], d["error"])
 
     async def close(self) -> None:
         await self.ws.close()
@@ -263,9 +266,7 @@ class RendezvousClient:
             async with asyncio.timeout(timeout_s):
                 await (await self._channel(base)).connect_and_wait(key)
         except TimeoutError:
-            raise BootstrapError(
-                f"KVTransferError(bootstrap_room={room}): timed out after {timeout_s}s waiting for KV"
-            ) from None
+            raise _kv_timeout(room, timeout_s) from None
         except aiohttp.ClientError as exc:
             raise BootstrapError(f"bootstrap server {base} unreachable: {exc}") from exc
 
@@ -314,9 +315,9 @@ def bootstrap_routes(route_info: dict[str, Any]) -> list[web.RouteDef]:
             out.send(_room_message(key, "refused", str(exc), exc.status))
             return
         if room.prefill_done.is_set():
-            out.send(_room_message(key, *_ended(room)))
+            out.send(_room_message(key, room.status, room.failed))
         else:
-            room.listeners.append(lambda r: out.send(_room_message(key, *_ended(r))))
+            room.listeners.append(lambda r: out.send(_room_message(key, r.status, r.failed)))
 
     async def rendezvous(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True)
