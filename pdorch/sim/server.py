@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pdorch.lifecycle import freeze_startup_heap
 from pdorch.sim import bootstrap, faults, nixl
 from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Engine, Role
@@ -201,6 +202,7 @@ class SimServer:
 async def serve_forever(server: SimServer, stop: asyncio.Event) -> None:
     """Run ``server`` until ``stop`` is set."""
     await server.start()
+    freeze_startup_heap()
     try:
         await stop.wait()
     finally:

@@ -93,3 +93,33 @@ async def test_rendezvous_failure_propagates_to_decode() -> None:
         await rv.wait_prefill(key, 5.0)
     with pytest.raises(BootstrapError, match="timed out"):
         await rv.wait_prefill(("h", 1, 8), 0.01)
+
+
+async def test_ended_rooms_refuse_reuse_until_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    rv = Rendezvous()
+    ended, failed = ("h", 1, 1), ("h", 1, 2)
+    room = rv.register_prefill(ended)
+    waiting = room.prefill_done  # the event a decode already waits on
+    rv.register_decode(ended)
+    rv.finish(ended)
+    assert waiting.is_set() and room.status == "done"
+    # An ended room no longer carries events of its own (thousands are kept for the duplicate check).
+    assert room.prefill_done is not waiting
+    with pytest.raises(BootstrapError, match="duplicate"):
+        rv.register_prefill(ended)
+    with pytest.raises(BootstrapError, match="duplicate"):
+        rv.register_decode(ended)
+    # A decode arriving after its prefill failed gets the failure at once.
+    rv.register_prefill(failed)
+    rv.finish(failed, "bootstrap timed out")
+    assert rv.register_decode(failed).status == "failed"
+    with pytest.raises(BootstrapError, match="bootstrap timed out"):
+        await rv.wait_prefill(failed, 5.0)
+    # Rooms are forgotten ROOM_RETENTION_S after they ended, swept when a later room ends.
+    clock = [bootstrap.time.monotonic() + bootstrap.ROOM_RETENTION_S]
+    monkeypatch.setattr(bootstrap.time, "monotonic", lambda: clock[0])
+    rv.register_prefill(("h", 1, 3))
+    rv.finish(("h", 1, 3))
+    assert ended not in rv.rooms and failed not in rv.rooms
+    assert ("h", 1, 3) in rv.rooms
+    rv.register_prefill(ended)  # a forgotten room may be used again
