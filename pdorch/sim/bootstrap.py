@@ -107,7 +107,7 @@ class Rendezvous:
     def finish(self, key: RoomKey, error: str | None = None) -> None:
         """End a room (KV pushed, or failed); it is forgotten `ROOM_RETENTION_S` later."""
         room = self.rooms.get(key)
-        if room is None:
+        if room is None or room.prefill_done is _SET_FOR_GOOD:  # unknown, or already ended
             return
         if error is not None and not room.prefill_done.is_set():
             room.failed = error
@@ -115,10 +115,14 @@ class Rendezvous:
         listeners, room.listeners = room.listeners, []
         for listener in listeners:
             listener(room)
-        room.decode_connected = room.prefill_done = _SET_FOR_GOOD  # waiters were woken by the set()
+        # Waiters were woken by the set(). A decode that has not connected yet keeps its own event: a
+        # prefill may still be waiting on it.
+        room.prefill_done = _SET_FOR_GOOD
+        if room.decode_connected.is_set():
+            room.decode_connected = _SET_FOR_GOOD
         now = time.monotonic()
         self._expiry.append((now + ROOM_RETENTION_S, key))
-        while self._expiry[0][0] <= now:
+        while self._expiry and self._expiry[0][0] <= now:
             self.rooms.pop(self._expiry.popleft()[1], None)
 
     async def wait_prefill(self, key: RoomKey, timeout_s: float) -> None:

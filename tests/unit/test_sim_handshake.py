@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -101,7 +103,10 @@ async def test_ended_rooms_refuse_reuse_until_forgotten(monkeypatch: pytest.Monk
     room = rv.register_prefill(ended)
     waiting = room.prefill_done  # the event a decode already waits on
     rv.register_decode(ended)
+    decode = asyncio.create_task(rv.wait_prefill(ended, 5.0))
+    await asyncio.sleep(0)
     rv.finish(ended)
+    await asyncio.wait_for(decode, 1.0)  # woken by the room's own event before it was swapped
     assert waiting.is_set() and room.status == "done"
     # An ended room no longer carries events of its own (thousands are kept for the duplicate check).
     assert room.prefill_done is not waiting
@@ -116,10 +121,13 @@ async def test_ended_rooms_refuse_reuse_until_forgotten(monkeypatch: pytest.Monk
     with pytest.raises(BootstrapError, match="bootstrap timed out"):
         await rv.wait_prefill(failed, 5.0)
     # Rooms are forgotten ROOM_RETENTION_S after they ended, swept when a later room ends.
-    clock = [bootstrap.time.monotonic() + bootstrap.ROOM_RETENTION_S]
-    monkeypatch.setattr(bootstrap.time, "monotonic", lambda: clock[0])
+    later = time.monotonic() + bootstrap.ROOM_RETENTION_S
+    monkeypatch.setattr(bootstrap, "time", SimpleNamespace(monotonic=lambda: later))
+    pending = ("h", 1, 4)
+    rv.register_prefill(pending)
     rv.register_prefill(("h", 1, 3))
     rv.finish(("h", 1, 3))
+    rv.finish(("h", 1, 3))  # a second finish changes nothing
     assert ended not in rv.rooms and failed not in rv.rooms
-    assert ("h", 1, 3) in rv.rooms
+    assert ("h", 1, 3) in rv.rooms and pending in rv.rooms
     rv.register_prefill(ended)  # a forgotten room may be used again
