@@ -109,7 +109,7 @@ class Rendezvous:
         room = self.rooms.get(key)
         if room is None or room.prefill_done is _SET_FOR_GOOD:  # unknown, or already ended
             return
-        if error is not None and not room.prefill_done.is_set():
+        if error is not None:
             room.failed = error
         room.prefill_done.set()
         listeners, room.listeners = room.listeners, []
