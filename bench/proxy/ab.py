@@ -5,10 +5,12 @@ trees, e.g. a `git worktree` of the old commit and this checkout) sit in front o
 In every step the P/D-direct baseline and the four proxies take turns in blocks of
 ``--block-seconds`` (as the main bench's half-load steps do), so machine drift cancels. Two
 processes per build average out what one process's placement adds. Prints each step's added TTFT
-p50 against P/D-direct and the median of (b - a) per step.
+p50 against P/D-direct and each build's CPU per 1000 requests (from /proc), and the medians of (b - a)
+per step for both.
 
     git worktree add /tmp/pdorch-old HEAD~1
     python bench/proxy/ab.py --a /tmp/pdorch-old --b . --protocol sglang --rate 50 --reps 7
+    python bench/proxy/ab.py --a /tmp/pdorch-old --b . --sglang-sims two-process --no-stream --rate 100
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--step-seconds", type=float, default=60.0, help="one step, shared by 5 targets")
     ap.add_argument("--block-seconds", type=float, default=0.5)
+    ap.add_argument("--sglang-sims", choices=["one-process", "two-process"], default="one-process")
+    ap.add_argument("--no-stream", action="store_true", help="non-streaming requests (default: streaming)")
     args = ap.parse_args()
     run_args = argparse.Namespace(
         step_seconds=args.step_seconds,
@@ -44,7 +48,7 @@ def main() -> None:
     front = f"pdorch-{args.protocol}"
     slots = [("a1", args.a), ("b1", args.b), ("b2", args.b), ("a2", args.a)]
     with tempfile.TemporaryDirectory(prefix="bench-proxy-ab-") as tmp:
-        stacks = bench.Stacks(Path(tmp), 1e-3)
+        stacks = bench.Stacks(Path(tmp), 1e-3, sglang_sims=args.sglang_sims)
         try:
             pd: dict[str, object] = {}
             spawn = stacks.spawn_sglang_pd if args.protocol == "sglang" else stacks.spawn_vllm_pd
@@ -68,20 +72,28 @@ def main() -> None:
                     raise SystemExit(f"{name}: {stacks.targets[name].error}")
             base_name = f"pd-direct-{args.protocol}"
             targets = [stacks.targets[base_name]] + [stacks.targets[n] for n, _ in slots]
-            diffs: list[float] = []
+            # Streaming: time to the first chunk; non-streaming: to the whole answer.
+            lat_key, lat_label = ("ttft_p50_ms", "added TTFT p50 ms")
+            if args.no_stream:
+                lat_key, lat_label = ("p50_ms", "added latency p50 ms")
+            diffs: dict[str, list[float]] = {lat_label: [], "CPU s/1k req": []}
             for rep in range(args.reps):
-                got = bench.run_turns(targets, args.rate, True, run_args, 7 + rep)
+                got = bench.run_turns(targets, args.rate, not args.no_stream, run_args, 7 + rep)
                 added: dict[str, float] = {}
+                cpu: dict[str, float] = {}
                 for name, _ in slots:
                     bench.add_deltas(got[name], got[base_name], prefix="added_vs_pd_")
-                    added[name] = got[name]["added_vs_pd_ttft_p50_ms"]
-                diffs.append((added["b1"] + added["b2"] - added["a1"] - added["a2"]) / 2)
-                cells = " ".join(f"{n} {added[n]:.3f}" for n, _ in slots)
-                print(f"step {rep + 1}: added TTFT p50 ms {cells}; b - a {diffs[-1]:+.3f}", flush=True)
-            print(
-                f"b - a over {args.reps} steps: median {statistics.median(diffs):+.3f} ms, "
-                f"mean {statistics.fmean(diffs):+.3f}, s.d. {statistics.pstdev(diffs):.3f}"
-            )
+                    added[name] = got[name]["added_vs_pd_" + lat_key]
+                    cpu[name] = got[name]["cpu_s_per_1k_req"]
+                for label, vals in ((lat_label, added), ("CPU s/1k req", cpu)):
+                    diffs[label].append((vals["b1"] + vals["b2"] - vals["a1"] - vals["a2"]) / 2)
+                    cells = " ".join(f"{n} {vals[n]:.3f}" for n, _ in slots)
+                    print(f"step {rep + 1}: {label} {cells}; b - a {diffs[label][-1]:+.3f}", flush=True)
+            for label, d in diffs.items():
+                print(
+                    f"{label}, b - a over {args.reps} steps: median {statistics.median(d):+.3f}, "
+                    f"mean {statistics.fmean(d):+.3f}, s.d. {statistics.pstdev(d):.3f}"
+                )
         finally:
             stacks.stop_all()
 

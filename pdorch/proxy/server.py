@@ -21,7 +21,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdorch.proxy import breaker as brk
 from pdorch.proxy.config import ProxyConfig
+from pdorch.proxy.deadline import Deadline
 from pdorch.proxy.endpoints import Endpoint, EndpointSet
 from pdorch.proxy.errors import ProxyError
 from pdorch.proxy.http_server import (
@@ -56,7 +57,7 @@ from pdorch.proxy.protocols import (
     vllm_prefill_body,
 )
 from pdorch.proxy.request_ids import RequestIds
-from pdorch.proxy.upstream import UpstreamPool, UpstreamResponse
+from pdorch.proxy.upstream import Sent, UpstreamPool, UpstreamResponse
 from pdorch.proxy.validation import decode_json, parse_json, validate
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Opened:
     first: bytes
     decision: Decision
     background: asyncio.Task[Any] | None = None  # SGLang prefill leg still draining
+    prefill_sent: Sent | None = None  # that leg's request, to drop its connection if the leg is cancelled
     legs: list[Endpoint] = field(default_factory=list)  # endpoints counted in-flight until close
 
 
@@ -217,6 +219,9 @@ class ProxyServer:
         self.metrics_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # The serving loop, kept: on Python 3.11 every loop lookup is a getpid syscall (see
+        # pdorch.proxy.deadline), and the hot path would otherwise make about fifteen per request.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -238,6 +243,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         """Start discovery, the upstream client, health checks, and bind the listener."""
+        self._loop = asyncio.get_running_loop()
         await self.discovery.start()
         c = self.config
         connector = aiohttp.TCPConnector(
@@ -302,6 +308,12 @@ class ProxyServer:
         await self.discovery.stop()
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the proxy serves on."""
+        assert self._loop is not None, "ProxyServer not started"
+        return self._loop
+
+    @property
     def upstream(self) -> UpstreamPool:
         """The engine legs' pooled client."""
         assert self._upstream is not None, "ProxyServer not started"
@@ -350,8 +362,8 @@ class ProxyServer:
         self.metrics.errors.labels(f.endpoint.key, f.leg, f.reason).inc()
         self._outcome(f.endpoint, ok=False)
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         # Outcomes are read where they matter; this only keeps asyncio from logging them as lost.
@@ -567,7 +579,7 @@ class ProxyServer:
         out = choose(req, self.rng, self.prefix if cache_aware else None)
         if isinstance(out, Decision):
             # Counted on the next loop turn: off the path to the first upstream write.
-            asyncio.get_running_loop().call_soon(self._decided, out)
+            self.loop.call_soon(self._decided, out)
             if cache_aware:
                 self.prefix.insert(text, out.prefill or out.decode)
         return out
@@ -600,7 +612,7 @@ class ProxyServer:
                 progress = Progress(
                     decision.prefill or decision.decode, "prefill" if decision.prefill else "decode"
                 )
-                async with asyncio.timeout(budget):
+                with Deadline(self.loop, budget):
                     opened = await self._open(decision, body, path, headers, progress)
                 break
             except LegFailure as f:
@@ -638,9 +650,20 @@ class ProxyServer:
     async def _post(
         self, ep: Endpoint, leg: str, path: str, payload: bytes, headers: dict[str, str]
     ) -> UpstreamResponse:
-        """POST a leg; connection failures become `LegFailure` (retryable)."""
+        """POST a leg and await its head; connection failures become `LegFailure` (retryable)."""
+        return await self._answer(ep, leg, await self._send(ep, leg, path, payload, headers))
+
+    async def _send(self, ep: Endpoint, leg: str, path: str, payload: bytes, headers: dict[str, str]) -> Sent:
+        """Put a leg on the wire (no suspension on a pooled connection); a failed connect is a `LegFailure`."""
         try:
-            return await self.upstream.post(ep.url, path, payload, headers)
+            return await self.upstream.send(ep.url, path, payload, headers)
+        except aiohttp.ClientError as exc:
+            raise LegFailure(ep, leg, "connect", repr(exc)) from None
+
+    async def _answer(self, ep: Endpoint, leg: str, sent: Sent) -> UpstreamResponse:
+        """A sent leg's response head; a lost connection or silence is a `LegFailure` (retryable)."""
+        try:
+            return await sent.response()
         except aiohttp.ServerTimeoutError as exc:  # upstream_idle_timeout_s passed without headers
             raise LegFailure(ep, leg, "idle_timeout", repr(exc)) from None
         except aiohttp.ClientError as exc:
@@ -702,7 +725,7 @@ class ProxyServer:
                 raise LegFailure(p, "prefill", "bad_response", f"not a JSON object: {raw[:200]!r}") from None
             t_prefilled = self.clock()
             # Bookkeeping runs on the next loop turn, once the decode request is on the wire.
-            asyncio.get_running_loop().call_soon(self._prefill_ok, p, "vllm", t_prefilled - t)
+            self.loop.call_soon(self._prefill_ok, p, "vllm", t_prefilled - t)
             if params:
                 decode_body = vllm_decode_body(body, params)
             else:
@@ -726,7 +749,7 @@ class ProxyServer:
             raise
         now = self.clock()
         # On the next loop turn: a stream's relay writes its first bytes before it yields.
-        asyncio.get_running_loop().call_soon(
+        self.loop.call_soon(
             self._decode_opened,
             "vllm",
             d.mode,
@@ -744,11 +767,10 @@ class ProxyServer:
         if handoff is not None:
             self.metrics.handoff.labels(engine).observe(handoff)
 
-    async def _sglang_prefill(self, p: Endpoint, path: str, payload: bytes, headers: dict[str, str]) -> None:
-        t = self.clock()
-        self._leg_start(p)
+    async def _sglang_prefill(self, p: Endpoint, sent: Sent, t: float) -> None:
+        """The rest of a prefill leg already on the wire: its status, then its body drained."""
         try:
-            resp = await self._post(p, "prefill", path, payload, headers)
+            resp = await self._answer(p, "prefill", sent)
             try:
                 await self._check_status(p, "prefill", resp)
                 # Drain: the prefill answers once its KV was pushed; its body is not used.
@@ -775,13 +797,31 @@ class ProxyServer:
         payload = encode_json(payload_obj)
         dec = d.decode
         t = self.clock()
-        # Both legs at once: an SGLang prefill blocks until its decode connects (awaiting it first deadlocks).
-        p_task = self._spawn(self._sglang_prefill(p, path, payload, headers)) if p is not None else None
+        # Both legs go on the wire in this loop turn, the prefill first (as a router sends them): an SGLang
+        # prefill blocks until its decode connects, and a decode whose prefill is broken then fails after
+        # the prefill did, so the failure is blamed on the prefill.
+        p_sent: Sent | None = None
+        if p is not None:
+            self._leg_start(p)
+            try:
+                p_sent = await self._send(p, "prefill", path, payload, headers)
+            except BaseException:
+                self._leg_end(p)
+                raise
         self._leg_start(dec)
+        try:
+            d_sent = await self._send(dec, "decode", path, payload, headers)
+        except BaseException:
+            self._leg_end(dec)
+            if p is not None and p_sent is not None:
+                p_sent.abort()
+                self._leg_end(p)
+            raise
+        p_task = self._spawn(self._sglang_prefill(p, p_sent, t)) if p is not None and p_sent else None
         # The decode head is awaited in this task (no second task and no asyncio.wait on the hot path);
         # a prefill that fails first cancels this wait: the decode would only wait for KV that never
         # comes, so it is aborted and the caller retries with a fresh pair.
-        me = asyncio.current_task()
+        me = asyncio.current_task(self.loop)
         assert me is not None
         state = {"waiting": True, "prefill_failed": False}
 
@@ -793,11 +833,7 @@ class ProxyServer:
         if p_task is not None:
             p_task.add_done_callback(on_prefill_done)
         try:
-            if p_task is not None:
-                # Let the prefill leg go out first (as a router sends it): a decode whose prefill is
-                # broken then fails after the prefill did, and the failure is blamed on the prefill.
-                await asyncio.sleep(0)
-            resp = await self._post(dec, "decode", path, payload, headers)
+            resp = await self._answer(dec, "decode", d_sent)
             try:
                 await self._check_status(dec, "decode", resp)
                 first = await self._first_bytes(dec, resp)
@@ -806,8 +842,10 @@ class ProxyServer:
                 raise
         except BaseException as exc:
             state["waiting"] = False
-            if p_task is not None:
+            d_sent.abort()
+            if p_task is not None and p_sent is not None:
                 p_task.cancel()
+                p_sent.abort()  # a task cancelled before its first step never runs its own cleanup
             self._leg_end(dec)
             ours = state["prefill_failed"] and isinstance(exc, asyncio.CancelledError)
             if ours:
@@ -819,10 +857,8 @@ class ProxyServer:
             raise
         state["waiting"] = False
         took = self.clock() - t
-        asyncio.get_running_loop().call_soon(
-            self._decode_opened, "sglang", d.mode, took, None if p is None else took
-        )
-        return Opened(resp=resp, first=first, decision=d, background=p_task, legs=[dec])
+        self.loop.call_soon(self._decode_opened, "sglang", d.mode, took, None if p is None else took)
+        return Opened(resp=resp, first=first, decision=d, background=p_task, prefill_sent=p_sent, legs=[dec])
 
     # -- relay ---------------------------------------------------------------------------------------
 
@@ -836,11 +872,15 @@ class ProxyServer:
             return
         if abort:
             task.cancel()
+            if opened.prefill_sent is not None:
+                opened.prefill_sent.abort()
             return
         # The decode finished, so the prefill has pushed its KV and answers at once; bound the wait.
         done, _ = await asyncio.wait({task}, timeout=5.0)
         if not done:
             task.cancel()
+            if opened.prefill_sent is not None:
+                opened.prefill_sent.abort()
 
     async def _relay(
         self,
@@ -859,7 +899,7 @@ class ProxyServer:
             remaining = None if deadline is None else max(0.0, deadline - self.clock())
             if not stream:
                 try:
-                    async with asyncio.timeout(remaining):
+                    with Deadline(self.loop, remaining):
                         rest = await resp.read()
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     self.metrics.errors.labels(d.decode.key, "decode", "reset").inc()
@@ -889,7 +929,7 @@ class ProxyServer:
                 except ConnectionError:
                     raise _ClientGone from None
                 self.metrics.ttft.labels(path, d.mode).observe(self.clock() - t0)
-                async with asyncio.timeout(remaining):
+                with Deadline(self.loop, remaining):
                     async for chunk in resp.content.iter_any():  # upstream failures raise here ...
                         try:
                             await out.write(chunk)

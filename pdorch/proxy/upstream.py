@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import httptools
 
+from pdorch.proxy.deadline import Deadline
+
 
 class UpstreamTimeout(aiohttp.ServerTimeoutError):
     """The engine sent nothing for longer than the idle timeout."""
@@ -34,8 +36,9 @@ class _Headers(dict[str, str]):
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
         self.pool, self.key = pool, key
+        self.loop = loop  # kept: a loop lookup costs a syscall on Python 3.11 (pdorch.proxy.deadline)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -49,7 +52,7 @@ class _Connection(asyncio.Protocol):
         self.done = False
         self.reusable = False
         self.error: BaseException | None = None
-        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[None] = self.loop.create_future()
         self.waiter: asyncio.Future[None] | None = None  # a reader waiting for body bytes
 
     # asyncio.Protocol
@@ -137,12 +140,12 @@ class UpstreamResponse:
                 return b""
             if c.error is not None:
                 raise c.error
-            c.waiter = asyncio.get_running_loop().create_future()
+            c.waiter = c.loop.create_future()
             if self._idle is None:
                 await c.waiter  # no silence limit: skip the timer on the hot path
                 continue
             try:
-                async with asyncio.timeout(self._idle):
+                with Deadline(c.loop, self._idle):
                     await c.waiter
             except TimeoutError:
                 c.abort()
@@ -175,6 +178,40 @@ class UpstreamResponse:
             conn.pool.put_back(conn)
         else:
             conn.abort()
+
+
+class Sent:
+    """A request written to an engine; `response()` waits for its head, `abort()` gives the leg up."""
+
+    __slots__ = ("_data", "_pool", "_resp", "_reused", "conn")
+
+    def __init__(self, pool: UpstreamPool, conn: _Connection, data: bytes, reused: bool) -> None:
+        assert conn.transport is not None
+        conn.transport.write(data)
+        self._pool, self.conn, self._data, self._reused = pool, conn, data, reused
+        self._resp: UpstreamResponse | None = None
+
+    async def response(self) -> UpstreamResponse:
+        """The response once its status line and headers arrived."""
+        try:
+            self._resp = await self._pool._head(self.conn)
+        except aiohttp.ServerDisconnectedError:
+            if not self._reused:
+                raise
+            # The engine had closed this idle keep-alive connection: send once more on a fresh one.
+            self._reused = False
+            self.conn = await self._pool._connect(*self.conn.key)
+            assert self.conn.transport is not None
+            self.conn.transport.write(self._data)
+            self._resp = await self._pool._head(self.conn)
+        return self._resp
+
+    def abort(self) -> None:
+        """Drop the connection unless the response was already read and handed back to the pool."""
+        if self._resp is not None:
+            self._resp.close()
+        else:
+            self.conn.abort()
 
 
 class UpstreamPool:
@@ -210,15 +247,19 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(self, (host, port)), host, port)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, (host, port), loop), host, port
+                )
         except TimeoutError:
             raise aiohttp.ClientConnectionError(f"connect to {host}:{port} timed out") from None
         except OSError as exc:
             raise aiohttp.ClientConnectionError(f"cannot connect to {host}:{port}: {exc}") from None
         return conn
 
-    async def post(self, base: str, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
-        """POST `body` to `base + path` and return once the status line and headers arrived."""
+    async def send(self, base: str, path: str, body: bytes, headers: dict[str, str]) -> Sent:
+        """Write a POST of `body` to `base + path` on a pooled keep-alive connection (or a new one) and
+        return without waiting for the answer: with a pooled connection this never suspends, so the
+        caller can put several legs on the wire in one loop turn. `Sent.response()` awaits the head."""
         host, port, authority = self._target(base)
         head = [b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
         for k, v in headers.items():
@@ -228,19 +269,17 @@ class UpstreamPool:
         idle = self._idle.get((host, port))
         while idle:
             conn = idle.pop()
-            if conn.closed:
-                continue
-            try:
-                return await self._send(conn, data)
-            except aiohttp.ServerDisconnectedError:
-                continue  # the engine closed an idle keep-alive connection: use a fresh one
-        return await self._send(await self._connect(host, port), data)
+            if not conn.closed:
+                return Sent(self, conn, data, reused=True)
+        return Sent(self, await self._connect(host, port), data, reused=False)
 
-    async def _send(self, conn: _Connection, data: bytes) -> UpstreamResponse:
-        assert conn.transport is not None
-        conn.transport.write(data)
+    async def post(self, base: str, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
+        """POST `body` to `base + path` and return once the status line and headers arrived."""
+        return await (await self.send(base, path, body, headers)).response()
+
+    async def _head(self, conn: _Connection) -> UpstreamResponse:
         try:
-            async with asyncio.timeout(self.idle_timeout):
+            with Deadline(conn.loop, self.idle_timeout):
                 await conn.head
         except TimeoutError:
             conn.abort()
