@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 EndpointRole = Literal["prefill", "decode", "both"]
@@ -50,9 +51,35 @@ class EndpointSet:
         """Endpoints able to decode."""
         return [e for e in self.endpoints if e.can_decode]
 
+    @cached_property
+    def by_revision(self) -> dict[str, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]]:
+        """revision -> (prefill-role endpoints, decode-capable endpoints), each sorted by key.
+
+        Computed once per snapshot: routing reads it on every request, and the snapshot never changes
+        (discovery replaces it wholesale)."""
+        return group_by_revision(self.endpoints)
+
     def revisions(self) -> list[str]:
         """Distinct revisions, sorted."""
         return sorted({e.revision for e in self.endpoints})
 
     def __len__(self) -> int:
         return len(self.endpoints)
+
+
+def group_by_revision(
+    endpoints: tuple[Endpoint, ...] | list[Endpoint],
+) -> dict[str, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]]:
+    """revision -> (endpoints whose role is prefill, endpoints able to decode), each sorted by key.
+
+    A ``both`` endpoint counts as a decode only: P/D pairs a dedicated prefill with a decode."""
+    pre: dict[str, list[Endpoint]] = {}
+    dec: dict[str, list[Endpoint]] = {}
+    for e in sorted(endpoints, key=lambda e: e.key):
+        pre.setdefault(e.revision, [])
+        dec.setdefault(e.revision, [])
+        if e.role == "prefill":
+            pre[e.revision].append(e)
+        if e.can_decode:
+            dec[e.revision].append(e)
+    return {r: (tuple(pre[r]), tuple(dec[r])) for r in pre}

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pdorch.proxy.endpoints import Endpoint, EndpointSet
+from pdorch.proxy.endpoints import Endpoint, EndpointSet, group_by_revision
 
 Policy = Literal["round_robin", "least_load", "power_of_two", "cache_aware"]
 POLICIES: tuple[Policy, ...] = ("round_robin", "least_load", "power_of_two", "cache_aware")
@@ -144,9 +144,9 @@ def pick_one(
     cache_cfg: CacheAwareConfig = CacheAwareConfig(),
 ) -> tuple[Endpoint, str]:
     """One endpoint from non-empty ``cands`` by ``policy``; returns (endpoint, how it was picked)."""
-    cands = sorted(cands, key=lambda e: e.key)  # stable order, independent of discovery order
     if len(cands) == 1:
         return cands[0], "only_candidate"
+    cands = sorted(cands, key=lambda e: e.key)  # stable order, independent of discovery order
     if policy == "round_robin":
         return cands[counter % len(cands)], "round_robin"
     if policy == "power_of_two":
@@ -187,6 +187,8 @@ def revision_capacity(endpoints: Sequence[Endpoint], mode: Mode) -> dict[str, in
 
 def pick_revision(capacity: Mapping[str, int], rng: random.Random) -> str:
     """A revision drawn with probability proportional to its capacity (non-empty mapping)."""
+    if len(capacity) == 1:
+        return next(iter(capacity))  # the common case outside rollouts: no draw
     revs = sorted(capacity)
     total = sum(capacity[r] for r in revs)
     x = rng.random() * total
@@ -208,26 +210,29 @@ def disaggregation(prompt_tokens: int, min_prompt_tokens: int) -> tuple[Mode, st
 
 def _route(
     req: RouteRequest,
-    usable: list[Endpoint],
+    groups: Mapping[str, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]],
     mode: Mode,
     reason: str,
     rng: random.Random,
     prefix: PrefixIndex | None,
     cache_cfg: CacheAwareConfig,
 ) -> Decision | NoRoute:
-    cap = revision_capacity(usable, mode)
+    if mode == "decode_only":
+        cap = {r: len(d) for r, (_, d) in groups.items() if d}
+    else:
+        cap = {r: min(len(p), len(d)) for r, (p, d) in groups.items() if p and d}
     if not cap:
-        if not any(e.can_decode for e in usable):
+        if not any(d for _, d in groups.values()):
             return NoRoute("no_decode")
-        if mode == "pd" and not any(e.role == "prefill" for e in usable):
+        if mode == "pd" and not any(p for p, _ in groups.values()):
             return NoRoute("no_prefill")
         return NoRoute("no_same_revision_pair")
     rev = pick_revision(cap, rng)
-    in_rev = [e for e in usable if e.revision == rev]
+    prefills, decodes = groups[rev]
     if mode == "decode_only":
         decode, pick = pick_one(
             req.policy,
-            [e for e in in_rev if e.can_decode],
+            decodes,
             req.loads,
             req.counter,
             rng,
@@ -240,7 +245,7 @@ def _route(
     # (cache_aware) or by the same policy otherwise.
     prefill, pick = pick_one(
         req.policy,
-        [e for e in in_rev if e.role == "prefill"],
+        prefills,
         req.loads,
         req.counter,
         rng,
@@ -249,7 +254,7 @@ def _route(
         cache_cfg=cache_cfg,
     )
     decode_policy: Policy = "least_load" if req.policy == "cache_aware" else req.policy
-    decode, _ = pick_one(decode_policy, [e for e in in_rev if e.can_decode], req.loads, req.counter, rng)
+    decode, _ = pick_one(decode_policy, decodes, req.loads, req.counter, rng)
     return Decision(decode=decode, prefill=prefill, revision=rev, reason=reason, pick=pick)
 
 
@@ -261,12 +266,15 @@ def choose(
 ) -> Decision | NoRoute:
     """Pick a same-revision (prefill, decode) pair, or a decode alone for short prompts."""
     mode, reason = disaggregation(req.prompt_tokens, req.min_prompt_tokens)
+    if not req.blocked and not req.avoid:
+        # Every endpoint usable (the usual case): the snapshot's own grouping, computed once.
+        return _route(req, req.endpoints.by_revision, mode, reason, rng, prefix, cache_cfg)
     healthy = [e for e in req.endpoints.endpoints if e.key not in req.blocked]
     fresh = [e for e in healthy if e.key not in req.avoid]
-    out = _route(req, fresh, mode, reason, rng, prefix, cache_cfg)
+    out = _route(req, group_by_revision(fresh), mode, reason, rng, prefix, cache_cfg)
     if isinstance(out, NoRoute) and len(fresh) < len(healthy):
         # Nothing untried is left: a retry on an endpoint that failed once beats no answer.
-        out = _route(req, healthy, mode, reason, rng, prefix, cache_cfg)
+        out = _route(req, group_by_revision(healthy), mode, reason, rng, prefix, cache_cfg)
     return out
 
 

@@ -332,8 +332,12 @@ class ProxyServer:
         limit (for /health: a probe in flight does not make the proxy unready)."""
         now = self.clock()
         loads = self.loads if probes else {}
+        # A closed breaker always allows: only the others are asked.
         return frozenset(
-            k for k, b in self.breakers.items() if not brk.allows(b, self.breaker_cfg, now, loads.get(k, 0))
+            k
+            for k, b in self.breakers.items()
+            if b.state is not brk.BreakerState.CLOSED
+            and not brk.allows(b, self.breaker_cfg, now, loads.get(k, 0))
         )
 
     # The breaker gauge is set from `breakers` at scrape time (as the in-flight gauge is from

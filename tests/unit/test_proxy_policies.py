@@ -202,3 +202,45 @@ def test_no_same_revision_pair_and_health() -> None:
     assert not ok and "same revision" in reason
     assert usable_pair_exists(eps(ep("prefill", 1), ep("decode", 2)), frozenset()) == (True, "ok")
     assert usable_pair_exists(EndpointSet(), frozenset())[0] is False
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["prefill", "decode", "both"]), st.integers(1, 40), st.sampled_from(["a", "b", "c"])
+        ),
+        min_size=0,
+        max_size=12,
+    ),
+    st.integers(0, 1000),
+    st.sampled_from(["round_robin", "least_load", "power_of_two", "cache_aware"]),
+    st.integers(0, 60),
+    st.dictionaries(st.integers(1, 40), st.integers(0, 5), max_size=6),
+)
+def test_snapshot_grouping_routes_like_filtering_every_request(
+    items: list[tuple[str, int, str]], seed: int, policy: str, prompt_tokens: int, load_by_n: dict[int, int]
+) -> None:
+    # With nothing blocked, `choose` reads the snapshot's cached grouping; blocking an endpoint that does
+    # not exist takes the per-request filtering path. Both must decide alike, draw for draw.
+    by_url = {
+        f"{role}-{n}": Endpoint(f"http://{role}-{n}:1", role, f"{role}-{n}", 1, rev) for role, n, rev in items
+    }  # type: ignore[arg-type]
+    s = EndpointSet(tuple(by_url.values()))
+    loads = {e.key: load_by_n.get(int(e.host.rsplit("-", 1)[1]), 0) for e in s.endpoints}
+
+    def req(blocked: frozenset[str]) -> RouteRequest:
+        return RouteRequest(
+            endpoints=s,
+            loads=loads,
+            blocked=blocked,
+            policy=policy,  # type: ignore[arg-type]
+            prompt_text="x" * 300,
+            prompt_tokens=prompt_tokens,
+            min_prompt_tokens=30,
+            counter=seed,
+        )
+
+    fast = choose(req(frozenset()), random.Random(seed), PrefixIndex())
+    slow = choose(req(frozenset({"http://nowhere:1"})), random.Random(seed), PrefixIndex())
+    assert fast == slow
+    assert s.by_revision is s.by_revision  # computed once per snapshot
