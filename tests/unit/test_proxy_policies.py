@@ -207,7 +207,9 @@ def test_no_same_revision_pair_and_health() -> None:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["prefill", "decode", "both"]), st.integers(1, 40), st.sampled_from(["a", "b", "c"])
+            st.sampled_from(["prefill", "decode", "both"]),
+            st.integers(1, 40),
+            st.sampled_from(["a", "b", "c"]),
         ),
         min_size=0,
         max_size=12,
