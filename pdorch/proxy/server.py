@@ -772,20 +772,18 @@ class ProxyServer:
             self.metrics.handoff.labels(engine).observe(handoff)
 
     async def _sglang_prefill(self, p: Endpoint, sent: Sent, t: float) -> None:
-        """The rest of a prefill leg already on the wire: its status, then its body drained."""
+        """The rest of a prefill leg already on the wire: its status, then its body drained. The leg's
+        in-flight count is ended by the spawner (a task cancelled before its first step runs no code)."""
+        resp = await self._answer(p, "prefill", sent)
         try:
-            resp = await self._answer(p, "prefill", sent)
-            try:
-                await self._check_status(p, "prefill", resp)
-                # Drain: the prefill answers once its KV was pushed; its body is not used.
-                async for _ in resp.content.iter_any():
-                    pass
-            except aiohttp.ClientError as exc:
-                raise LegFailure(p, "prefill", "reset", repr(exc)) from None
-            finally:
-                resp.close()
+            await self._check_status(p, "prefill", resp)
+            # Drain: the prefill answers once its KV was pushed; its body is not used.
+            async for _ in resp.content.iter_any():
+                pass
+        except aiohttp.ClientError as exc:
+            raise LegFailure(p, "prefill", "reset", repr(exc)) from None
         finally:
-            self._leg_end(p)
+            resp.close()
         self._prefill_ok(p, "sglang", self.clock() - t)
 
     async def _open_sglang(
@@ -821,7 +819,11 @@ class ProxyServer:
                 p_sent.abort()
                 self._leg_end(p)
             raise
-        p_task = self._spawn(self._sglang_prefill(p, p_sent, t)) if p is not None and p_sent else None
+        p_task: asyncio.Task[Any] | None = None
+        if p is not None and p_sent is not None:
+            p_task = self._spawn(self._sglang_prefill(p, p_sent, t))
+            prefill = p
+            p_task.add_done_callback(lambda _: self._leg_end(prefill))
         # The decode head is awaited in this task (no second task and no asyncio.wait on the hot path);
         # a prefill that fails first cancels this wait: the decode would only wait for KV that never
         # comes, so it is aborted and the caller retries with a fresh pair.

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pdorch.proxy.endpoints import Endpoint, EndpointSet
+from pdorch.proxy.endpoints import Endpoint, EndpointSet, group_by_revision
 from pdorch.proxy.policies import (
     Decision,
     NoRoute,
@@ -246,3 +246,45 @@ def test_snapshot_grouping_routes_like_filtering_every_request(
     slow = choose(req(frozenset({"http://nowhere:1"})), random.Random(seed), PrefixIndex())
     assert fast == slow
     assert s.by_revision is s.by_revision  # computed once per snapshot
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["prefill", "decode", "both"]),
+            st.integers(1, 40),
+            st.sampled_from(["a", "b", "c"]),
+        ),
+        min_size=0,
+        max_size=12,
+    )
+)
+def test_grouping_matches_capacity_and_role_filters(items: list[tuple[str, int, str]]) -> None:
+    # Oracle: the per-endpoint rules routing always used (revision_capacity; a dedicated prefill for P/D,
+    # anything that can decode for the decode leg), applied to the raw list.
+    by_url = {
+        f"{role}-{n}": Endpoint(f"http://{role}-{n}:1", role, f"{role}-{n}", 1, rev) for role, n, rev in items
+    }  # type: ignore[arg-type]
+    endpoints = list(by_url.values())
+    groups = group_by_revision(endpoints)
+    for rev, (prefills, decodes) in groups.items():
+        assert list(prefills) == sorted(
+            (e for e in endpoints if e.revision == rev and e.role == "prefill"), key=lambda e: e.key
+        )
+        assert list(decodes) == sorted(
+            (e for e in endpoints if e.revision == rev and e.can_decode), key=lambda e: e.key
+        )
+    assert set(groups) == {e.revision for e in endpoints}
+    pd_cap = {r: min(len(p), len(d)) for r, (p, d) in groups.items() if p and d}
+    assert pd_cap == revision_capacity(endpoints, "pd")
+    assert {r: len(d) for r, (_, d) in groups.items() if d} == revision_capacity(endpoints, "decode_only")
+
+
+def test_both_role_endpoints_alone_have_no_prefill_for_pd() -> None:
+    s = eps(ep("both", 1), ep("both", 2))
+    out = choose(RouteRequest(endpoints=s, loads={}), random.Random(0))
+    assert out == NoRoute("no_prefill")
+    short = choose(
+        RouteRequest(endpoints=s, loads={}, prompt_tokens=1, min_prompt_tokens=10), random.Random(0)
+    )
+    assert isinstance(short, Decision) and short.prefill is None and short.decode.role == "both"
