@@ -204,16 +204,26 @@ def test_no_same_revision_pair_and_health() -> None:
     assert usable_pair_exists(EndpointSet(), frozenset())[0] is False
 
 
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(["prefill", "decode", "both"]),
-            st.integers(1, 40),
-            st.sampled_from(["a", "b", "c"]),
-        ),
-        min_size=0,
-        max_size=12,
+# Endpoints of all three roles, possibly none; one endpoint per (role, n).
+mixed_endpoint_lists = st.lists(
+    st.tuples(
+        st.sampled_from(["prefill", "decode", "both"]), st.integers(1, 40), st.sampled_from(["a", "b", "c"])
     ),
+    min_size=0,
+    max_size=12,
+)
+
+
+def unique_endpoints(items: list[tuple[str, int, str]]) -> list[Endpoint]:
+    """One endpoint per (role, n): a URL is one endpoint."""
+    by_url = {
+        f"{role}-{n}": Endpoint(f"http://{role}-{n}:1", role, f"{role}-{n}", 1, rev) for role, n, rev in items
+    }  # type: ignore[arg-type]
+    return list(by_url.values())
+
+
+@given(
+    mixed_endpoint_lists,
     st.integers(0, 1000),
     st.sampled_from(["round_robin", "least_load", "power_of_two", "cache_aware"]),
     st.integers(0, 60),
@@ -224,10 +234,7 @@ def test_snapshot_grouping_routes_like_filtering_every_request(
 ) -> None:
     # With nothing blocked, `choose` reads the snapshot's cached grouping; blocking an endpoint that does
     # not exist takes the per-request filtering path. Both must decide alike, draw for draw.
-    by_url = {
-        f"{role}-{n}": Endpoint(f"http://{role}-{n}:1", role, f"{role}-{n}", 1, rev) for role, n, rev in items
-    }  # type: ignore[arg-type]
-    s = EndpointSet(tuple(by_url.values()))
+    s = EndpointSet(tuple(unique_endpoints(items)))
     loads = {e.key: load_by_n.get(int(e.host.rsplit("-", 1)[1]), 0) for e in s.endpoints}
 
     def req(blocked: frozenset[str]) -> RouteRequest:
@@ -248,24 +255,11 @@ def test_snapshot_grouping_routes_like_filtering_every_request(
     assert s.by_revision is s.by_revision  # computed once per snapshot
 
 
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(["prefill", "decode", "both"]),
-            st.integers(1, 40),
-            st.sampled_from(["a", "b", "c"]),
-        ),
-        min_size=0,
-        max_size=12,
-    )
-)
+@given(mixed_endpoint_lists)
 def test_grouping_matches_capacity_and_role_filters(items: list[tuple[str, int, str]]) -> None:
     # Oracle: the per-endpoint rules routing always used (revision_capacity; a dedicated prefill for P/D,
     # anything that can decode for the decode leg), applied to the raw list.
-    by_url = {
-        f"{role}-{n}": Endpoint(f"http://{role}-{n}:1", role, f"{role}-{n}", 1, rev) for role, n, rev in items
-    }  # type: ignore[arg-type]
-    endpoints = list(by_url.values())
+    endpoints = unique_endpoints(items)
     groups = group_by_revision(endpoints)
     for rev, (prefills, decodes) in groups.items():
         assert list(prefills) == sorted(
