@@ -171,18 +171,20 @@ def least_loaded(cands: Sequence[Endpoint], loads: Mapping[str, int], counter: i
     return cands[best]
 
 
+Groups = Mapping[str, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]]  # see `group_by_revision`
+
+
+def capacity(groups: Groups, mode: Mode) -> dict[str, int]:
+    """Ready capacity per revision of grouped endpoints: min(#prefill, #decode) for P/D, #decode for
+    decode-only; revisions without capacity are left out."""
+    if mode == "decode_only":
+        return {r: len(d) for r, (_, d) in groups.items() if d}
+    return {r: min(len(p), len(d)) for r, (p, d) in groups.items() if p and d}
+
+
 def revision_capacity(endpoints: Sequence[Endpoint], mode: Mode) -> dict[str, int]:
     """Ready capacity per revision: min(#prefill, #decode) for P/D, #decode for decode-only."""
-    pre: dict[str, int] = {}
-    dec: dict[str, int] = {}
-    for e in endpoints:
-        if e.role == "prefill":
-            pre[e.revision] = pre.get(e.revision, 0) + 1
-        if e.can_decode:
-            dec[e.revision] = dec.get(e.revision, 0) + 1
-    if mode == "decode_only":
-        return {r: n for r, n in dec.items() if n > 0}
-    return {r: min(pre.get(r, 0), n) for r, n in dec.items() if min(pre.get(r, 0), n) > 0}
+    return capacity(group_by_revision(list(endpoints)), mode)
 
 
 def pick_revision(capacity: Mapping[str, int], rng: random.Random) -> str:
@@ -210,17 +212,14 @@ def disaggregation(prompt_tokens: int, min_prompt_tokens: int) -> tuple[Mode, st
 
 def _route(
     req: RouteRequest,
-    groups: Mapping[str, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]],
+    groups: Groups,
     mode: Mode,
     reason: str,
     rng: random.Random,
     prefix: PrefixIndex | None,
     cache_cfg: CacheAwareConfig,
 ) -> Decision | NoRoute:
-    if mode == "decode_only":
-        cap = {r: len(d) for r, (_, d) in groups.items() if d}
-    else:
-        cap = {r: min(len(p), len(d)) for r, (p, d) in groups.items() if p and d}
+    cap = capacity(groups, mode)
     if not cap:
         if not any(d for _, d in groups.values()):
             return NoRoute("no_decode")

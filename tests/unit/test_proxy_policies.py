@@ -15,6 +15,7 @@ from pdorch.proxy.policies import (
     NoRoute,
     PrefixIndex,
     RouteRequest,
+    capacity,
     choose,
     disaggregation,
     pick_one,
@@ -257,7 +258,7 @@ def test_snapshot_grouping_routes_like_filtering_every_request(
 
 @given(mixed_endpoint_lists)
 def test_grouping_matches_capacity_and_role_filters(items: list[tuple[str, int, str]]) -> None:
-    # Oracle: the per-endpoint rules routing always used (revision_capacity; a dedicated prefill for P/D,
+    # Oracle: the per-endpoint rules routing always used (a dedicated prefill for P/D,
     # anything that can decode for the decode leg), applied to the raw list.
     endpoints = unique_endpoints(items)
     groups = group_by_revision(endpoints)
@@ -269,9 +270,14 @@ def test_grouping_matches_capacity_and_role_filters(items: list[tuple[str, int, 
             (e for e in endpoints if e.revision == rev and e.can_decode), key=lambda e: e.key
         )
     assert set(groups) == {e.revision for e in endpoints}
-    pd_cap = {r: min(len(p), len(d)) for r, (p, d) in groups.items() if p and d}
-    assert pd_cap == revision_capacity(endpoints, "pd")
-    assert {r: len(d) for r, (_, d) in groups.items() if d} == revision_capacity(endpoints, "decode_only")
+    # Capacity counted endpoint by endpoint, with no grouping.
+    revs = {e.revision for e in endpoints}
+    n_pre = {r: sum(e.revision == r and e.role == "prefill" for e in endpoints) for r in revs}
+    n_dec = {r: sum(e.revision == r and e.can_decode for e in endpoints) for r in revs}
+    pd_cap = {r: min(n_pre[r], n_dec[r]) for r in revs if min(n_pre[r], n_dec[r]) > 0}
+    assert pd_cap == revision_capacity(endpoints, "pd") == capacity(groups, "pd")
+    dec_cap = {r: n for r, n in n_dec.items() if n > 0}
+    assert dec_cap == revision_capacity(endpoints, "decode_only") == capacity(groups, "decode_only")
 
 
 def test_both_role_endpoints_alone_have_no_prefill_for_pd() -> None:
