@@ -175,6 +175,14 @@ def error_response(exc: ProxyError, request_id: str | None = None) -> Response:
     return resp
 
 
+def _drop_prefill(task: asyncio.Task[Any], sent: Sent | None) -> None:
+    """Give up an SGLang prefill leg: cancel its task and drop its connection (a task cancelled before
+    its first step never runs its own cleanup)."""
+    task.cancel()
+    if sent is not None:
+        sent.abort()
+
+
 def sse_error(exc: ProxyError) -> bytes:
     """An SSE event carrying an error, for failures after a stream started."""
     return b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
@@ -850,8 +858,7 @@ class ProxyServer:
             state["waiting"] = False
             d_sent.abort()
             if p_task is not None and p_sent is not None:
-                p_task.cancel()
-                p_sent.abort()  # a task cancelled before its first step never runs its own cleanup
+                _drop_prefill(p_task, p_sent)
             self._leg_end(dec)
             ours = state["prefill_failed"] and isinstance(exc, asyncio.CancelledError)
             if ours:
@@ -876,17 +883,12 @@ class ProxyServer:
                 if isinstance(exc, LegFailure):
                     self._leg_failed(exc)
             return
-        if abort:
-            task.cancel()
-            if opened.prefill_sent is not None:
-                opened.prefill_sent.abort()
-            return
-        # The decode finished, so the prefill has pushed its KV and answers at once; bound the wait.
-        done, _ = await asyncio.wait({task}, timeout=5.0)
-        if not done:
-            task.cancel()
-            if opened.prefill_sent is not None:
-                opened.prefill_sent.abort()
+        if not abort:
+            # The decode finished, so the prefill has pushed its KV and answers at once; bound the wait.
+            done, _ = await asyncio.wait({task}, timeout=5.0)
+            if done:
+                return
+        _drop_prefill(task, opened.prefill_sent)
 
     async def _relay(
         self,

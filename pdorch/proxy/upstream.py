@@ -110,6 +110,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def write(self, data: bytes) -> None:
+        """Put a request on the wire."""
+        assert self.transport is not None
+        self.transport.write(data)
+
     def keep_alive(self) -> bool:
         return self.done and self.reusable and not self.closed and self.error is None
 
@@ -186,8 +191,7 @@ class Sent:
     __slots__ = ("_data", "_pool", "_resp", "_reused", "conn")
 
     def __init__(self, pool: UpstreamPool, conn: _Connection, data: bytes, reused: bool) -> None:
-        assert conn.transport is not None
-        conn.transport.write(data)
+        conn.write(data)
         self._pool, self.conn, self._data, self._reused = pool, conn, data, reused
         self._resp: UpstreamResponse | None = None
 
@@ -201,8 +205,7 @@ class Sent:
             # The engine had closed this idle keep-alive connection: send once more on a fresh one.
             self._reused = False
             self.conn = await self._pool._connect(*self.conn.key)
-            assert self.conn.transport is not None
-            self.conn.transport.write(self._data)
+            self.conn.write(self._data)
             self._resp = await self._pool._head(self.conn)
         return self._resp
 
