@@ -26,6 +26,9 @@ from aiohttp import web
 
 RoomKey = tuple[str, int, int]
 ROOM_RETENTION_S = 120.0  # SGLang's bootstrap entry cleanup interval
+# A room a decode opened that no prefill ever claimed (its prefill failed upstream, or never came)
+# is forgotten this long after the decode opened it: longer than the sim's default waits (300 s).
+UNCLAIMED_ROOM_S = 600.0
 RENDEZVOUS_PATH = "/pdorch/sim/rendezvous"
 
 
@@ -80,6 +83,8 @@ class Rendezvous:
         self.rooms: dict[RoomKey, Room] = {}
         # (forget at, room) in the order rooms ended: one sweep per ended room instead of a timer each.
         self._expiry: deque[tuple[float, RoomKey]] = deque()
+        # (forget at, room) for rooms a decode opened before any prefill claimed them.
+        self._unclaimed: deque[tuple[float, RoomKey]] = deque()
 
     def _room(self, key: RoomKey) -> Room:
         room = self.rooms.get(key)
@@ -102,6 +107,10 @@ class Rendezvous:
             raise BootstrapError(f"duplicate bootstrap_room {key[2]} (decode already connected)", 400)
         room.decode_registered = True
         room.decode_connected.set()
+        now = time.monotonic()
+        if not room.prefill_registered:
+            self._unclaimed.append((now + UNCLAIMED_ROOM_S, key))
+        self._sweep(now)
         return room
 
     def finish(self, key: RoomKey, error: str | None = None) -> None:
@@ -122,8 +131,19 @@ class Rendezvous:
             room.decode_connected = _SET_FOR_GOOD
         now = time.monotonic()
         self._expiry.append((now + ROOM_RETENTION_S, key))
+        self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Forget ended rooms past their retention, and rooms still unclaimed by a prefill past theirs."""
         while self._expiry and self._expiry[0][0] <= now:
             self.rooms.pop(self._expiry.popleft()[1], None)
+        while self._unclaimed and self._unclaimed[0][0] <= now:
+            key = self._unclaimed.popleft()[1]
+            room = self.rooms.get(key)
+            # A claimed room is forgotten by `finish`; only the decode's side was ever here otherwise
+            # (its waiter timed out long ago, and a WebSocket listener would only answer a closed socket).
+            if room is not None and not room.prefill_registered:
+                del self.rooms[key]
 
     async def wait_prefill(self, key: RoomKey, timeout_s: float) -> None:
         """Decode side: wait until the prefill pushed the KV; raise `BootstrapError` on failure/timeout."""

@@ -131,3 +131,20 @@ async def test_ended_rooms_refuse_reuse_until_forgotten(monkeypatch: pytest.Monk
     assert ended not in rv.rooms and failed not in rv.rooms
     assert ("h", 1, 3) in rv.rooms and pending in rv.rooms
     rv.register_prefill(ended)  # a forgotten room may be used again
+
+
+async def test_rooms_no_prefill_claims_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    rv = Rendezvous()
+    orphan, claimed_late = ("h", 1, 1), ("h", 1, 2)
+    rv.register_decode(orphan)  # its prefill failed before it reached the prefill server
+    rv.register_decode(claimed_late)
+    rv.register_prefill(claimed_late)  # claimed, still running: `finish` will forget it, not the sweep
+    with pytest.raises(BootstrapError, match="timed out"):
+        await rv.wait_prefill(orphan, 0.01)
+    assert orphan in rv.rooms  # kept while a prefill may still come (waits are up to 300 s)
+    later = time.monotonic() + bootstrap.UNCLAIMED_ROOM_S
+    monkeypatch.setattr(bootstrap, "time", SimpleNamespace(monotonic=lambda: later))
+    rv.register_decode(("h", 1, 3))  # any later rendezvous sweeps
+    assert orphan not in rv.rooms and claimed_late in rv.rooms
+    rv.finish(claimed_late)
+    assert rv.rooms[claimed_late].status == "done"
