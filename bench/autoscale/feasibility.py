@@ -52,6 +52,11 @@ def main() -> int:
         default=FAMILY["prefill_floor"],
         help="prefill floors of the family (the default suits azure-code, whose static-best is 45 prefills)",
     )
+    ap.add_argument(
+        "--weighted",
+        action="store_true",
+        help="weight the forecast's rises by work, as the policy now does (the published sweeps weigh by tick)",
+    )
     ap.add_argument("--out", type=Path, default=run.REPO / "bench" / "results")
     args = ap.parse_args()
     family = {**FAMILY, "prefill_floor": args.prefill_floors}
@@ -61,6 +66,7 @@ def main() -> int:
         "workload": wl.name,
         "seed": args.seed,
         "tick_s": args.tick,
+        "forecast_weighted": args.weighted,
         "budget": BUDGET,
         "family": family,
         "startups": {},
@@ -78,6 +84,7 @@ def main() -> int:
                 forecast_lead_s=startup + setup.tick_s,
                 forecast_horizon_s=0.0 if k["forecast_quantile"] is None else 1800.0,
                 forecast_quantile=k["forecast_quantile"] or 0.9,
+                forecast_weighted=args.weighted,
                 max_prefill_utilisation=k["max_prefill_utilisation"],
             )
             down = k["scale_down_s"] or startup + setup.tick_s
@@ -122,10 +129,15 @@ def main() -> int:
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"autoscale-feasibility-{wl.name}" + (f"-tick{args.tick:g}" if args.tick != 15.0 else "")
+    stem = (
+        f"autoscale-feasibility-{wl.name}"
+        + (f"-tick{args.tick:g}" if args.tick != 15.0 else "")
+        + ("-weighted" if args.weighted else "")
+    )
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
-        f"# Feasibility: {wl.name} (seed {args.seed}, controller tick {args.tick:g} s)",
+        f"# Feasibility: {wl.name} (seed {args.seed}, controller tick {args.tick:g} s, "
+        f"forecast rises weighted by {'work' if args.weighted else 'tick'})",
         "",
         f"Family: {json.dumps(family)} ({len(list(itertools.product(*family.values())))} policies per start-up).",
         "",

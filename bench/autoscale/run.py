@@ -19,6 +19,7 @@ Traces: Azure LLM inference 2023 (CC-BY-4.0), Patel et al., Splitwise, ISCA 2024
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -84,6 +85,26 @@ def summarize(setup: Setup, res: FleetResult) -> dict[str, float]:
         "peak_prefill": max((p for _, p, _ in res.timeline), default=0),
         "peak_decode": max((d for _, _, d in res.timeline), default=0),
     }
+
+
+def parse_knobs(items: list[str]) -> dict[str, float | bool]:
+    """`FIELD=VALUE` overrides of `SloPolicyConfig` (numbers, or true/false), checked against its fields."""
+    fields = {f.name: f.type for f in dataclasses.fields(SloPolicyConfig)}
+    out: dict[str, float | bool] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--knob {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        if fields[key] in (bool, "bool"):
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"--knob {item!r}: {key} takes true or false")
+            out[key] = value.lower() == "true"
+        else:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise SystemExit(f"--knob {item!r}: {key} takes a number") from None
+    return out
 
 
 def constant(n: int) -> Callable[[float], int]:
@@ -209,6 +230,17 @@ def main() -> int:
     ap.add_argument("--startup-s", type=float, default=60.0)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--half", choices=("first", "second"), help="replay only this half hour of each workload")
+    ap.add_argument(
+        "--workloads", nargs="+", metavar="NAME", help="replay only these workloads (e.g. bursty)"
+    )
+    ap.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of pdorch's SloPolicyConfig (e.g. forecast_quantile=0.9); repeatable",
+    )
+    ap.add_argument("--name", help="results file stem (default: autoscale[-quick][-<half>-half])")
     args = ap.parse_args()
     # DistServe's OPT-13B/A100 coefficients; max_model_len lifted from OPT's 2048 so the traces'
     # prompts are not cut (the prefill/decode formulas are extrapolated beyond 2k tokens).
@@ -218,7 +250,9 @@ def main() -> int:
     # API's damping defaults (scaling.* fields left unset).
     api = Scaling(mode=ScalingMode.BUILTIN, min_replicas=1, max_replicas=1000)
     pd_damping = damping_from_scaling(api)
-    pd_cfg = SloPolicyConfig(forecast_lead_s=setup.startup_s + setup.tick_s)
+    pd_cfg = replace(
+        SloPolicyConfig(forecast_lead_s=setup.startup_s + setup.tick_s), **parse_knobs(args.knob)
+    )
     results: dict[str, object] = {
         "setup": {
             "coefficients": c.name,
@@ -231,10 +265,16 @@ def main() -> int:
             "oracle_window_s": setup.window_s,
             "seed": args.seed,
             "half": args.half,
+            "pdorch_knobs": args.knob,
         },
         "workloads": {},
     }
     wls = build_workloads(args.quick, args.seed)
+    if args.workloads:
+        unknown = set(args.workloads) - {w.name for w in wls}
+        if unknown:
+            ap.error(f"unknown workloads {sorted(unknown)}; known: {[w.name for w in wls]}")
+        wls = [w for w in wls if w.name in args.workloads]
     if args.half:
         wls = [half_of(w, args.half) for w in wls]
     for wl in wls:
@@ -274,7 +314,9 @@ def main() -> int:
                 f"events={row['scale_events_prefill']}+{row['scale_events_decode']}"
             )
     args.out.mkdir(parents=True, exist_ok=True)
-    name = ("autoscale-quick" if args.quick else "autoscale") + (f"-{args.half}-half" if args.half else "")
+    name = args.name or ("autoscale-quick" if args.quick else "autoscale") + (
+        f"-{args.half}-half" if args.half else ""
+    )
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(render_md(results))
     plot(results, args.out / f"{name}.png")

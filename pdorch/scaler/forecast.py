@@ -8,6 +8,9 @@ The forecast is "level + the rise the recent past showed over one lead window":
 
 that is, the `quantile` of the rises that followed every past sample whose lead window is already
 fully observed (the empirical error of a "no change" forecast against the lead window's peak).
+The quantile is weighted by the work each lead window carried (`weighted_quantile`): SLO attainment
+counts requests, not ticks, so the rise before a burst, which carries the burst's requests, weighs
+more than the rises of many quiet ticks that carry few.
 This is a quantile-of-recent-peaks headroom in the spirit of predictive autoscalers (Dynamo's
 planner predicts the load of its next adjustment interval; Google's Autopilot sizes from
 percentiles and peaks of a moving window of usage): it learns from the workload how much it may
@@ -43,39 +46,46 @@ def record(series: Series, t: float, value: float, keep_s: float) -> None:
         del series.samples[:i]
 
 
-def rises(
-    samples: list[tuple[float, float]], now: float, lead_s: float, horizon_s: float
-) -> list[tuple[float, float]]:
-    """(level at t, max(value over (t, t + lead]) - value(t) >= 0) for each sample with
-    now - horizon <= t and t + lead <= now (its lead window fully observed)."""
-    out: list[tuple[float, float]] = []
+@dataclass(frozen=True)
+class Rise:
+    """What followed one past sample: its level, the rise to the lead window's peak, the window's work."""
+
+    level: float
+    rise: float
+    work: float  # sum of the samples in (t, t + lead]: how many requests the window carried
+
+
+def rises(samples: list[tuple[float, float]], now: float, lead_s: float, horizon_s: float) -> list[Rise]:
+    """A `Rise` for each sample with now - horizon <= t and t + lead <= now (its lead window fully
+    observed): rise = max(value over (t, t + lead]) - value(t), at least 0."""
+    out: list[Rise] = []
     n = len(samples)
     for i, (t, v) in enumerate(samples):
         if t < now - horizon_s:
             continue
         if t + lead_s > now + 1e-9:
             break
-        peak = v
+        peak, work = v, 0.0
         j = i + 1
         while j < n and samples[j][0] <= t + lead_s + 1e-9:
             peak = max(peak, samples[j][1])
+            work += samples[j][1]
             j += 1
-        out.append((v, max(peak - v, 0.0)))
+        out.append(Rise(v, max(peak - v, 0.0), work))
     return out
 
 
-def from_similar_levels(pairs: list[tuple[float, float]], level: float, min_count: int = 8) -> list[float]:
+def from_similar_levels(past: list[Rise], level: float, min_count: int = 8) -> list[Rise]:
     """The rises that followed levels at least `level` (the `min_count` highest levels if fewer did).
 
     A conditional sample: what followed loads at least this high. The top of a burst is followed
     by less rise than the lull before it, so sizing the top for the lull's rise would count the
     burst twice; at an all-time high the nearest (highest) levels seen stand in.
     """
-    above = [r for v, r in pairs if v >= level]
-    if len(above) >= min_count or len(pairs) <= min_count:
-        return above if len(above) >= min_count else [r for _, r in pairs]
-    ranked = sorted(pairs, key=lambda p: p[0], reverse=True)
-    return [r for _, r in ranked[:min_count]]
+    above = [r for r in past if r.level >= level]
+    if len(above) >= min_count or len(past) <= min_count:
+        return above if len(above) >= min_count else list(past)
+    return sorted(past, key=lambda r: r.level, reverse=True)[:min_count]
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -85,6 +95,22 @@ def quantile(values: list[float], q: float) -> float:
     s = sorted(values)
     k = min(max(math.ceil(q * len(s)) - 1, 0), len(s) - 1)
     return s[k]
+
+
+def weighted_quantile(past: list[Rise], q: float) -> float:
+    """The smallest rise that covers at least a q share of the work of `past` (0 when it carried none).
+
+    A window is covered when its rise is at most the answer; windows that carried no work do not count.
+    """
+    total = sum(r.work for r in past)
+    if total <= 0:
+        return 0.0
+    covered = 0.0
+    for r in sorted(past, key=lambda r: r.rise):
+        covered += r.work
+        if covered >= q * total * (1 - 1e-12):
+            return r.rise
+    return max(r.rise for r in past)
 
 
 @dataclass(frozen=True)
@@ -97,12 +123,14 @@ class Forecast:
     samples: int
 
 
-def peak_forecast(series: Series, now: float, lead_s: float, horizon_s: float, q: float) -> Forecast:
-    """Level now plus the q-quantile of the rises over one lead window seen in the last `horizon_s`
-    after levels at least today's (`from_similar_levels`)."""
+def peak_forecast(
+    series: Series, now: float, lead_s: float, horizon_s: float, q: float, weighted: bool = True
+) -> Forecast:
+    """Level now plus the q-quantile (work-weighted unless `weighted` is False) of the rises over one
+    lead window seen in the last `horizon_s` after levels at least today's (`from_similar_levels`)."""
     if not series.samples:
         return Forecast(0.0, 0.0, 0.0, 0)
     level = series.samples[-1][1]
-    r = from_similar_levels(rises(series.samples, now, lead_s, horizon_s), level)
-    rise = quantile(r, q)
-    return Forecast(level + rise, level, rise, len(r))
+    past = from_similar_levels(rises(series.samples, now, lead_s, horizon_s), level)
+    rise = weighted_quantile(past, q) if weighted else quantile([r.rise for r in past], q)
+    return Forecast(level + rise, level, rise, len(past))

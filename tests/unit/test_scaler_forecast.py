@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pdorch.scaler.forecast import Series, from_similar_levels, peak_forecast, quantile, record, rises
+from pdorch.scaler.forecast import (
+    Rise,
+    Series,
+    from_similar_levels,
+    peak_forecast,
+    quantile,
+    record,
+    rises,
+    weighted_quantile,
+)
 from pdorch.scaler.policy import (
     RoleMemory,
     SloPolicyConfig,
@@ -41,11 +50,12 @@ def test_rises_only_use_fully_observed_lead_windows() -> None:
     # Samples every 15 s; lead 30 s: the sample at t has its window (t, t + 30] seen once now >= t + 30.
     samples = [(0.0, 1.0), (15.0, 5.0), (30.0, 2.0), (45.0, 9.0)]
     got = rises(samples, now=45.0, lead_s=30.0, horizon_s=1e9)
-    assert got == [(1.0, 4.0), (5.0, 4.0)]  # t=0: max(5, 2) - 1; t=15: max(2, 9) - 5
+    # t=0: max(5, 2) - 1, the window carried 5 + 2; t=15: max(2, 9) - 5, it carried 2 + 9.
+    assert got == [Rise(1.0, 4.0, 7.0), Rise(5.0, 4.0, 11.0)]
     # Nothing in the future is read: at now=30 only t=0 qualifies.
-    assert rises(samples[:3], now=30.0, lead_s=30.0, horizon_s=1e9) == [(1.0, 4.0)]
+    assert rises(samples[:3], now=30.0, lead_s=30.0, horizon_s=1e9) == [Rise(1.0, 4.0, 7.0)]
     # The horizon drops old samples.
-    assert rises(samples, now=45.0, lead_s=30.0, horizon_s=30.0) == [(5.0, 4.0)]
+    assert rises(samples, now=45.0, lead_s=30.0, horizon_s=30.0) == [Rise(5.0, 4.0, 11.0)]
 
 
 def test_quantile_nearest_rank() -> None:
@@ -55,15 +65,43 @@ def test_quantile_nearest_rank() -> None:
     assert quantile([float(i) for i in range(1, 11)], 1.0) == 10.0
 
 
+def test_weighted_quantile_covers_a_share_of_the_work_not_of_the_ticks() -> None:
+    # Nine quiet windows (no rise, 1 unit of work each) and one before a burst (rise 8, 91 units).
+    past = [Rise(1.0, 0.0, 1.0)] * 9 + [Rise(1.0, 8.0, 91.0)]
+    assert quantile([r.rise for r in past], 0.75) == 0.0  # by ticks the burst is a 10% outlier
+    assert weighted_quantile(past, 0.75) == 8.0  # by work it is 91% of what had to be served
+    assert weighted_quantile(past, 0.05) == 0.0  # the quiet windows alone cover 9%
+    # Windows that carried nothing do not count; no work at all means no rise.
+    assert weighted_quantile([Rise(0.0, 5.0, 0.0), Rise(1.0, 1.0, 3.0)], 1.0) == 1.0
+    assert weighted_quantile([Rise(0.0, 5.0, 0.0)], 0.9) == 0.0
+    assert weighted_quantile([], 0.9) == 0.0
+
+
+@given(st.lists(st.tuples(st.floats(0, 50), st.floats(0, 50)), min_size=1, max_size=40), st.floats(0.01, 1.0))
+def test_weighted_quantile_is_the_smallest_rise_covering_the_share(
+    pairs: list[tuple[float, float]], q: float
+) -> None:
+    past = [Rise(0.0, rise, work) for rise, work in pairs]
+    got = weighted_quantile(past, q)
+    total = sum(w for _, w in pairs)
+    if total <= 0:
+        assert got == 0.0
+        return
+    covered = lambda x: sum(w for r, w in pairs if r <= x)  # noqa: E731
+    assert covered(got) >= q * total * (1 - 1e-9)
+    # Any smaller rise that occurs covers less than the share.
+    assert all(covered(r) < q * total * (1 - 1e-12) for r, _ in pairs if r < got)
+
+
 def test_rises_are_conditioned_on_levels_at_least_today() -> None:
-    lull = [(1.0, 4.0)] * 10
-    top = [(5.0, 0.5)] * 10
+    lull = [Rise(1.0, 4.0, 1.0)] * 10
+    top = [Rise(5.0, 0.5, 5.0)] * 10
     # At the top of a burst, what followed the tops counts, not what followed the lulls.
-    assert sorted(from_similar_levels(lull + top, 5.0)) == [0.5] * 10
+    assert sorted(r.rise for r in from_similar_levels(lull + top, 5.0)) == [0.5] * 10
     # In a lull, everything at or above it counts.
     assert len(from_similar_levels(lull + top, 1.0)) == 20
     # Above every level seen: the highest levels seen stand in.
-    assert from_similar_levels(lull + top, 9.0) == [0.5] * 8
+    assert [r.rise for r in from_similar_levels(lull + top, 9.0)] == [0.5] * 8
 
 
 def test_steady_load_forecasts_its_level() -> None:
@@ -82,6 +120,17 @@ def test_recurring_bursts_raise_the_forecast_in_a_lull() -> None:
     # Without bursts in the horizon the forecast is the level.
     f = peak_forecast(_series(values), now=57 * 15.0, lead_s=75.0, horizon_s=0.0, q=0.9)
     assert f.peak == 1.0
+
+
+def test_rare_bursts_that_carry_most_requests_raise_the_weighted_forecast_only() -> None:
+    # One 2-tick burst to 40 every 20 ticks on a base of 1: only 5 of 20 lull samples see it coming
+    # (25% of ticks), but the burst windows carry most of the requests.
+    values = [40.0 if i % 20 in (18, 19) else 1.0 for i in range(117)]
+    now = 116 * 15.0
+    by_ticks = peak_forecast(_series(values), now=now, lead_s=75.0, horizon_s=1800.0, q=0.5, weighted=False)
+    by_work = peak_forecast(_series(values), now=now, lead_s=75.0, horizon_s=1800.0, q=0.5)
+    assert by_ticks.level == by_work.level == 1.0
+    assert by_ticks.peak == 1.0 and by_work.peak == pytest.approx(40.0)
 
 
 @given(
