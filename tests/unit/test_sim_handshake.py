@@ -108,8 +108,15 @@ async def test_ended_rooms_refuse_reuse_until_forgotten(monkeypatch: pytest.Monk
     rv.finish(ended)
     await asyncio.wait_for(decode, 1.0)  # woken by the room's own event before it was swapped
     assert waiting.is_set() and room.status == "done"
-    # An ended room no longer carries events of its own (thousands are kept for the duplicate check).
+    # An ended room no longer carries events of its own (thousands are kept for the duplicate check),
+    # and every room that ended well is kept as one shared object, not one per request.
     assert room.prefill_done is not waiting
+    other = ("h", 1, 9)
+    rv.register_prefill(other)
+    rv.register_decode(other)
+    rv.finish(other)
+    assert rv.rooms[other] is rv.rooms[ended] and rv.rooms[ended] is not room
+    assert rv.rooms[other].status == "done"
     with pytest.raises(BootstrapError, match="duplicate"):
         rv.register_prefill(ended)
     with pytest.raises(BootstrapError, match="duplicate"):
