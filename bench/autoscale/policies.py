@@ -42,18 +42,23 @@ def pdorch_policy(
     return decide
 
 
-HPA_DAMPING = DampingConfig(
-    min_replicas=1,
-    max_replicas=1000,
-    scale_up_stabilization_s=0,
-    scale_down_stabilization_s=300,
-    cooldown_s=0,
-)
+def hpa_damping(scale_down_s: float = 300.0) -> DampingConfig:
+    """The HPA's behavior defaults (up at once, down after the stabilization window, no cooldown)."""
+    return DampingConfig(
+        min_replicas=1,
+        max_replicas=1000,
+        scale_up_stabilization_s=0,
+        scale_down_stabilization_s=scale_down_s,
+        cooldown_s=0,
+    )
 
 
-def hpa_policy(prefill_waiting_target: float, decode_kv_target: float) -> PolicyFn:
+def hpa_policy(
+    prefill_waiting_target: float, decode_kv_target: float, scale_down_s: float = 300.0
+) -> PolicyFn:
     """Two HPAs: prefill on vllm:num_requests_waiting (AverageValue), decode on KV usage (notes §5.4 item 2)."""
     states = {PREFILL: DampingState(), DECODE: DampingState()}
+    damping = hpa_damping(scale_down_s)
 
     def decide(t: float, loads: dict[str, RoleLoad], cur: dict[str, int]) -> dict[str, int]:
         out = {}
@@ -65,21 +70,22 @@ def hpa_policy(prefill_waiting_target: float, decode_kv_target: float) -> Policy
         ):
             n = max(cur[role], 1)
             desired = min(peers.hpa_desired(n, total / n, target), peers.hpa_scale_up_limit(n))
-            out[role] = damp(states[role], HPA_DAMPING, t, cur[role], desired).replicas
+            out[role] = damp(states[role], damping, t, cur[role], desired).replicas
         return out
 
     return decide
 
 
-def fixed_ratio_policy(ratio: float, tps_target_per_replica: float) -> PolicyFn:
+def fixed_ratio_policy(ratio: float, tps_target_per_replica: float, scale_down_s: float = 300.0) -> PolicyFn:
     """HeteroScale-style: decode on decode tokens/s (proportional), prefill = round(ratio x decode)."""
     state = DampingState()
+    damping = hpa_damping(scale_down_s)
 
     def decide(t: float, loads: dict[str, RoleLoad], cur: dict[str, int]) -> dict[str, int]:
         d = loads[DECODE]
         tps = d.request_rate * d.mean_output_tokens
         desired = peers.decode_tps_desired(max(d.ready_replicas, 1), tps, tps_target_per_replica)
-        n_d = damp(state, HPA_DAMPING, t, cur[DECODE], max(desired, 1)).replicas
+        n_d = damp(state, damping, t, cur[DECODE], max(desired, 1)).replicas
         return {DECODE: n_d, PREFILL: peers.fixed_ratio(n_d, ratio)}
 
     return decide
@@ -134,3 +140,44 @@ def schedule_policy(prefill_at: Callable[[float], int], decode_at: Callable[[flo
         return {PREFILL: prefill_at(t), DECODE: decode_at(t)}
 
     return decide
+
+
+# The peers' knobs: their documented defaults, and the values `tune.py --policy <peer>` chose on the
+# tuning half with the same rule as pdorch's (notes/autoscaling.md §5.1: equal tuning, and defaults).
+PEER_DEFAULTS: dict[str, dict[str, float]] = {
+    "hpa": {"waiting_target": 5.0, "kv_target": 0.7, "scale_down_s": 300.0},
+    # tps_fraction: share of the profiled per-replica decode throughput at the TPOT target;
+    # ratio_scale: multiple of the workload's static-best P:D ratio (a hindsight advantage).
+    "fixed-ratio": {"tps_fraction": 0.7, "ratio_scale": 1.0, "scale_down_s": 300.0},
+    # slo_scale: the planner's TTFT/ITL targets as a share of the real SLO (users set them tighter).
+    "dynamo-sla": {"interval_s": 60.0, "slo_scale": 1.0},
+}
+# `tune.py --policy <peer>` on 2026-12-04 (bench/results/autoscale-tuning-<peer>.{json,md}).
+PEER_TUNED: dict[str, dict[str, float]] = {
+    "hpa": {"waiting_target": 20.0, "kv_target": 0.7, "scale_down_s": 300.0},
+    "fixed-ratio": {"tps_fraction": 0.6, "ratio_scale": 1.0, "scale_down_s": 600.0},
+    "dynamo-sla": {"interval_s": 60.0, "slo_scale": 0.5},
+}
+
+
+def peer_policy(
+    name: str,
+    knobs: dict[str, float],
+    c: Coefficients,
+    slo: Slo,
+    tick_s: float,
+    arrivals: list[tuple[float, int, int]],
+    static_ratio: float,
+) -> PolicyFn:
+    """A peer policy with `knobs` (keys as in PEER_DEFAULTS) for a workload (`arrivals`, its static-best P:D)."""
+    if name == "hpa":
+        return hpa_policy(knobs["waiting_target"], knobs["kv_target"], knobs["scale_down_s"])
+    if name == "fixed-ratio":
+        mean_ctx = sum(p + o / 2 for _, p, o in arrivals) / len(arrivals)
+        mean_kv = sum(p + o for _, p, o in arrivals) / len(arrivals)
+        tps = knobs["tps_fraction"] * peers.decode_throughput_at(c, slo.tpot_s, mean_ctx, mean_kv)
+        return fixed_ratio_policy(static_ratio * knobs["ratio_scale"], tps, knobs["scale_down_s"])
+    if name == "dynamo-sla":
+        k = knobs["slo_scale"]
+        return dynamo_policy(c, Slo(slo.ttft_s * k, slo.tpot_s * k), knobs["interval_s"], tick_s)
+    raise ValueError(f"unknown peer {name!r}; known: {sorted(PEER_DEFAULTS)}")

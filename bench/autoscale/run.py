@@ -34,7 +34,6 @@ from policies import Slo
 
 from pdorch.api.servinggroup import Scaling, ScalingMode
 from pdorch.scaler.loop import damping_from_scaling
-from pdorch.scaler.peers import decode_throughput_at
 from pdorch.scaler.policy import SloPolicyConfig
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100, Coefficients
 
@@ -240,15 +239,34 @@ def main() -> int:
         metavar="FIELD=VALUE",
         help="override a field of pdorch's SloPolicyConfig (e.g. forecast_quantile=0.9); repeatable",
     )
+    ap.add_argument(
+        "--slo-scale",
+        type=float,
+        default=1.0,
+        help="multiply both SLOs (TTFT 2 s, TPOT 100 ms) by this factor",
+    )
+    ap.add_argument(
+        "--scale-down-s",
+        type=int,
+        help="pdorch's scaling.scaleDownStabilizationSeconds (default: the API default, 300)",
+    )
     ap.add_argument("--name", help="results file stem (default: autoscale[-quick][-<half>-half])")
     args = ap.parse_args()
     # DistServe's OPT-13B/A100 coefficients; max_model_len lifted from OPT's 2048 so the traces'
     # prompts are not cut (the prefill/decode formulas are extrapolated beyond 2k tokens).
     c = replace(DISTSERVE_OPT13B_A100, max_model_len=16384)
-    setup = Setup(c=c, slo=Slo(ttft_s=2.0, tpot_s=0.1), startup_s=args.startup_s, tick_s=15.0, window_s=30.0)
+    setup = Setup(
+        c=c,
+        slo=Slo(ttft_s=2.0 * args.slo_scale, tpot_s=0.1 * args.slo_scale),
+        startup_s=args.startup_s,
+        tick_s=15.0,
+        window_s=30.0,
+    )
     # pdorch runs as `pdorch scaler --pod-startup <startup> --interval <tick>` with the ServingGroup
     # API's damping defaults (scaling.* fields left unset).
     api = Scaling(mode=ScalingMode.BUILTIN, min_replicas=1, max_replicas=1000)
+    if args.scale_down_s is not None:
+        api = api.model_copy(update={"scale_down_stabilization_seconds": args.scale_down_s})
     pd_damping = damping_from_scaling(api)
     pd_cfg = replace(
         SloPolicyConfig(forecast_lead_s=setup.startup_s + setup.tick_s), **parse_knobs(args.knob)
@@ -266,6 +284,8 @@ def main() -> int:
             "seed": args.seed,
             "half": args.half,
             "pdorch_knobs": args.knob,
+            "pdorch_scale_down_s": pd_damping.scale_down_stabilization_s,
+            "slo_scale": args.slo_scale,
         },
         "workloads": {},
     }
@@ -284,15 +304,16 @@ def main() -> int:
         rows["static-best"].update({"prefill": sp, "decode": sd, "search_runs": static_runs})
         start = (sp, sd)
         ratio = sp / sd
-        mean_ctx = sum(p + o / 2 for _, p, o in wl.arrivals) / len(wl.arrivals)
-        mean_kv = sum(p + o for _, p, o in wl.arrivals) / len(wl.arrivals)
-        tps_target = 0.7 * decode_throughput_at(c, setup.slo.tpot_s, mean_ctx, mean_kv)
-        candidates = {
-            "hpa": policies.hpa_policy(prefill_waiting_target=5.0, decode_kv_target=0.7),
-            "fixed-ratio": policies.fixed_ratio_policy(ratio, tps_target),
-            "dynamo-sla": policies.dynamo_policy(c, setup.slo, 60.0, setup.tick_s),
-            "pdorch": policies.pdorch_policy(c, setup.slo, pd_damping, pd_cfg),
-        }
+        candidates = {}
+        for peer, knobs in policies.PEER_DEFAULTS.items():
+            candidates[peer] = policies.peer_policy(
+                peer, knobs, c, setup.slo, setup.tick_s, wl.arrivals, ratio
+            )
+        for peer, knobs in policies.PEER_TUNED.items():
+            candidates[f"{peer}-tuned"] = policies.peer_policy(
+                peer, knobs, c, setup.slo, setup.tick_s, wl.arrivals, ratio
+            )
+        candidates["pdorch"] = policies.pdorch_policy(c, setup.slo, pd_damping, pd_cfg)
         for name, pol in candidates.items():
             rows[name] = summarize(setup, simulate(setup, wl, pol, start))
         rows["oracle"], info = run_oracle(setup, wl)
@@ -323,7 +344,17 @@ def main() -> int:
     return 0
 
 
-ORDER = ("static-best", "hpa", "fixed-ratio", "dynamo-sla", "pdorch", "oracle")
+ORDER = (
+    "static-best",
+    "hpa",
+    "hpa-tuned",
+    "fixed-ratio",
+    "fixed-ratio-tuned",
+    "dynamo-sla",
+    "dynamo-sla-tuned",
+    "pdorch",
+    "oracle",
+)
 
 
 def render_md(results: dict[str, object]) -> str:
@@ -345,7 +376,7 @@ def render_md(results: dict[str, object]) -> str:
             "| policy | SLO attainment | TTFT ok | TPOT ok | GPU-hours | vs oracle | attainment per GPU-hour | scale events P+D | peak P/D |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for name in ORDER:
+        for name in (n for n in ORDER if n in data["policies"]):
             r = data["policies"][name]
             lines.append(
                 f"| {name} | {r['attainment']:.2%} | {r['ttft_attainment']:.2%} | {r['tpot_attainment']:.2%} | "
@@ -373,15 +404,27 @@ def plot(results: dict[str, object], path: Path) -> None:
     fig, axes = plt.subplots(1, len(wls), figsize=(4 * len(wls), 3.6), squeeze=False)
     for ax, wl in zip(axes[0], wls, strict=True):
         data = results["workloads"][wl]["policies"]  # type: ignore[index]
-        for name in ORDER:
+        names = [n for n in ORDER if n in data]
+        for i, name in enumerate(names):
             r = data[name]
-            ax.scatter(r["gpu_hours"], r["attainment"] * 100, label=name)
+            # Tuned peers share their default's colour, hollow.
+            ax.scatter(
+                r["gpu_hours"],
+                r["attainment"] * 100,
+                label=name,
+                marker="o" if not name.endswith("-tuned") else "s",
+                facecolors="none" if name.endswith("-tuned") else None,
+                edgecolors=f"C{names.index(name.removesuffix('-tuned'))}"
+                if name.endswith("-tuned")
+                else None,
+                color=None if name.endswith("-tuned") else f"C{i}",
+            )
         ax.axhline(TARGET * 100, color="grey", lw=0.8, ls="--")
         ax.set_title(wl)
         ax.set_xscale("log")
         ax.set_xlabel("GPU-hours (log)")
         ax.set_ylabel("SLO attainment (%)")
-        ax.set_ylim(max(0, min(data[n]["attainment"] * 100 for n in ORDER) - 2), 100.5)
+        ax.set_ylim(max(0, min(data[n]["attainment"] * 100 for n in names) - 2), 100.5)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,13 +1,15 @@
-"""How pdorch's policy knobs are chosen: a grid on the tuning half of the Azure traces, by a fixed rule.
+"""How the policies' knobs are chosen: a grid on the tuning half of the Azure traces, by a fixed rule.
 
 The tuning half is minutes 0-30 of azure-conv and azure-code (4x, seed 1); minutes 30-60 are
 held out (`run.py --half second`). The rule, fixed before the grid is run:
   1. most traces meeting the goal (>= 99% attainment at <= 1.15x the oracle's GPU-hours of that half),
   2. then most traces at >= 99%,
   3. then the highest mean attainment per GPU-hour relative to the oracle's.
-Every policy starts from the half's static-best fleet, as in run.py.
+Every policy starts from the half's static-best fleet, as in run.py. pdorch's grid has 216 members;
+each peer gets a grid of its own knobs, no larger (notes/autoscaling.md §5.1: equal tuning budgets).
 
-    PYTHONPATH=$PWD python3 bench/autoscale/tune.py       # ~5 min; writes bench/results/autoscale-tuning.*
+    PYTHONPATH=$PWD python3 bench/autoscale/tune.py                 # pdorch, 3 min -> autoscale-tuning.*
+    PYTHONPATH=$PWD python3 bench/autoscale/tune.py --policy hpa    # -> autoscale-tuning-hpa.*
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pdorch.sim.latency import DISTSERVE_OPT13B_A100
 
 BUDGET = 1.15
 TRACES = ("azure-conv", "azure-code")
-GRID: dict[str, list[object]] = {
+GRID: dict[str, list[object]] = {  # pdorch
     "scale_down_s": [75.0, 150.0, 300.0, 600.0],
     # None: forecast off (size for the last tick only).
     "forecast_quantile": [None, 0.5, 0.75, 0.9, 0.95],
@@ -38,12 +40,32 @@ GRID: dict[str, list[object]] = {
     "decode_burst_z": [1.64, 2.33],
 }
 
+PEER_GRIDS: dict[str, dict[str, list[float]]] = {
+    "hpa": {
+        "waiting_target": [1.0, 2.0, 5.0, 10.0, 20.0],
+        "kv_target": [0.5, 0.6, 0.7, 0.8, 0.9],
+        "scale_down_s": [75.0, 150.0, 300.0, 600.0],
+    },
+    "fixed-ratio": {
+        "tps_fraction": [0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+        "ratio_scale": [0.75, 1.0, 1.25, 1.5, 2.0],
+        "scale_down_s": [75.0, 150.0, 300.0, 600.0],
+    },
+    "dynamo-sla": {
+        "interval_s": [15.0, 30.0, 60.0, 180.0],
+        "slo_scale": [0.1, 0.2, 0.3, 0.5, 0.75, 1.0],
+    },
+}
+
 C = replace(DISTSERVE_OPT13B_A100, max_model_len=16384)
 SETUP = run.Setup(c=C, slo=policies.Slo(2.0, 0.1), startup_s=60.0, tick_s=15.0, window_s=30.0)
 
 
-def members() -> list[dict[str, object]]:
-    """The grid, with the forecast-off members counted once (weighting means nothing without it)."""
+def members(policy: str = "pdorch") -> list[dict[str, object]]:
+    """The policy's grid; pdorch's forecast-off members are counted once (weighting means nothing without it)."""
+    if policy != "pdorch":
+        grid = PEER_GRIDS[policy]
+        return [dict(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
     out = []
     for vals in itertools.product(*GRID.values()):
         k = dict(zip(GRID, vals, strict=True))
@@ -80,13 +102,18 @@ def _references(args: tuple[str, int]) -> tuple[str, tuple[int, int], dict[str, 
     return name, start, orc
 
 
-def _replay(args: tuple[str, int, tuple[int, int], dict[str, object]]) -> dict[str, float]:
-    name, seed, start, k = args
-    cfg, damping = config(k)
+def _replay(args: tuple[str, str, int, tuple[int, int], dict[str, object]]) -> dict[str, float]:
+    policy, name, seed, start, k = args
     wl = _half(name, seed)
-    return run.summarize(
-        SETUP, run.simulate(SETUP, wl, policies.pdorch_policy(C, SETUP.slo, damping, cfg), start)
-    )
+    if policy == "pdorch":
+        cfg, damping = config(k)
+        pol = policies.pdorch_policy(C, SETUP.slo, damping, cfg)
+    else:
+        knobs = {key: float(v) for key, v in k.items()}  # type: ignore[arg-type]
+        pol = policies.peer_policy(
+            policy, knobs, C, SETUP.slo, SETUP.tick_s, wl.arrivals, start[0] / start[1]
+        )
+    return run.summarize(SETUP, run.simulate(SETUP, wl, pol, start))
 
 
 def rank_key(row: dict[str, object]) -> tuple[float, float, float]:
@@ -100,17 +127,18 @@ def rank_key(row: dict[str, object]) -> tuple[float, float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", default="pdorch", choices=["pdorch", *PEER_GRIDS])
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=run.REPO / "bench" / "results")
     args = ap.parse_args()
     t0 = time.time()
-    grid = members()
+    grid = members(args.policy)
     with ProcessPoolExecutor(args.workers) as pool:
         refs = {
             name: (start, orc) for name, start, orc in pool.map(_references, [(n, args.seed) for n in TRACES])
         }
-        jobs = [(n, args.seed, refs[n][0], k) for k in grid for n in TRACES]
+        jobs = [(args.policy, n, args.seed, refs[n][0], k) for k in grid for n in TRACES]
         results = list(pool.map(_replay, jobs, chunksize=4))
     rows: list[dict[str, object]] = []
     for i, k in enumerate(grid):
@@ -126,10 +154,11 @@ def main() -> int:
         rows.append({"knobs": k, "traces": traces})
     rows.sort(key=rank_key, reverse=True)
     out = {
+        "policy": args.policy,
         "half": "first (minutes 0-30)",
         "seed": args.seed,
         "budget": BUDGET,
-        "grid": GRID,
+        "grid": GRID if args.policy == "pdorch" else PEER_GRIDS[args.policy],
         "references": {
             n: {"static_best": list(refs[n][0]), "oracle_gpu_hours": refs[n][1]["gpu_hours"]} for n in TRACES
         },
@@ -138,28 +167,32 @@ def main() -> int:
         "wall_s": round(time.time() - t0, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "autoscale-tuning.json").write_text(json.dumps(out, indent=2) + "\n")
+    stem = "autoscale-tuning" + ("" if args.policy == "pdorch" else f"-{args.policy}")
+    (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    keys = list(grid[0])
     lines = [
-        f"# Tuning pdorch's policy on minutes 0-30 of {', '.join(TRACES)} (seed {args.seed})",
+        f"# Tuning {args.policy} on minutes 0-30 of {', '.join(TRACES)} (seed {args.seed})",
         "",
-        f"Grid: {json.dumps(GRID)} ({len(grid)} members). Rule: most traces meeting the goal (>= 99% at "
+        f"Grid: {json.dumps(out['grid'])} ({len(grid)} members). Rule: most traces meeting the goal (>= 99% at "
         f"<= {BUDGET}x oracle), then most at >= 99%, then mean attainment per GPU-hour relative to the oracle.",
         "",
-        "| rank | scale-down s | forecast q | weighted | prefill cap | decode z | "
+        "| rank | "
+        + " | ".join(keys)
+        + " | "
         + " | ".join(f"{n} attainment | {n} x oracle" for n in TRACES)
         + " | mean efficiency vs oracle |",
-        "|---" * (7 + 2 * len(TRACES)) + "|",
+        "|---" * (2 + len(keys) + 2 * len(TRACES)) + "|",
     ]
     for rank, r in enumerate(rows[:15], 1):
         k, tr = r["knobs"], r["traces"]
         lines.append(
-            f"| {rank} | {k['scale_down_s']:.0f} | {k['forecast_quantile'] or 'off'} | "  # type: ignore[index]
-            f"{'yes' if k['forecast_weighted'] and k['forecast_quantile'] else 'no'} | "  # type: ignore[index]
-            f"{k['max_prefill_utilisation']} | {k['decode_burst_z']} | "  # type: ignore[index]
+            f"| {rank} | "
+            + " | ".join("off" if k[key] is None else str(k[key]) for key in keys)  # type: ignore[index]
+            + " | "
             + " | ".join(f"{tr[n]['attainment']:.2%} | {tr[n]['vs_oracle']:.2f}x" for n in TRACES)  # type: ignore[index]
             + f" | {rank_key(r)[2]:.3f} |"
         )
-    (args.out / "autoscale-tuning.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"{len(grid)} members x {len(TRACES)} traces in {time.time() - t0:.0f}s")
     return 0
