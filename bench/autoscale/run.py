@@ -86,6 +86,26 @@ def summarize(setup: Setup, res: FleetResult) -> dict[str, float]:
     }
 
 
+def default_name(args: argparse.Namespace) -> str:
+    """The results stem: a probe (other workloads, knobs, SLO, hold or seed) never overwrites the
+    published `autoscale` / `autoscale-quick` files."""
+    parts = ["autoscale-quick" if args.quick else "autoscale"]
+    if args.half:
+        parts.append(f"{args.half}-half")
+    if args.workloads:
+        parts.append("+".join(args.workloads))
+    parts += [k.replace("=", "") for k in args.knob]
+    if args.slo_scale != 1.0:
+        parts.append(f"slo{args.slo_scale:g}")
+    if args.scale_down_s is not None:
+        parts.append(f"hold{args.scale_down_s}")
+    if args.seed != 1:
+        parts.append(f"seed{args.seed}")
+    if args.startup_s != 60.0:
+        parts.append(f"startup{args.startup_s:g}")
+    return "-".join(parts)
+
+
 def parse_knobs(items: list[str]) -> dict[str, float | bool]:
     """`FIELD=VALUE` overrides of `SloPolicyConfig` (numbers, or true/false), checked against its fields."""
     fields = {f.name: f.type for f in dataclasses.fields(SloPolicyConfig)}
@@ -335,9 +355,7 @@ def main() -> int:
                 f"events={row['scale_events_prefill']}+{row['scale_events_decode']}"
             )
     args.out.mkdir(parents=True, exist_ok=True)
-    name = args.name or ("autoscale-quick" if args.quick else "autoscale") + (
-        f"-{args.half}-half" if args.half else ""
-    )
+    name = args.name or default_name(args)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(render_md(results))
     plot(results, args.out / f"{name}.png")
