@@ -33,7 +33,13 @@ class Series:
 
 
 def record(series: Series, t: float, value: float, keep_s: float) -> None:
-    """Append (t, value) and forget samples older than `keep_s` (updates `series` in place)."""
+    """Append (t, value) and forget samples older than `keep_s` (updates `series` in place).
+
+    A value that is not a finite number (a NaN gauge) is not recorded: one would poison every rise
+    and work sum of the horizon.
+    """
+    if not math.isfinite(value):
+        return
     if series.samples and t <= series.samples[-1][0]:
         series.samples[-1] = (series.samples[-1][0], value)  # same instant: last value wins
     else:
@@ -52,7 +58,9 @@ class Rise:
 
     level: float
     rise: float
-    work: float  # sum of the samples in (t, t + lead]: how many requests the window carried
+    # Sum of the samples in (t, t + lead]: the demand the window carried (prefill: replica-seconds of
+    # prompts; decode: resident sequences), i.e. its requests weighted by what each asked for.
+    work: float
 
 
 def rises(samples: list[tuple[float, float]], now: float, lead_s: float, horizon_s: float) -> list[Rise]:

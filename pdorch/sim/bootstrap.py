@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import time
 from collections import deque
@@ -26,8 +27,9 @@ from aiohttp import web
 
 RoomKey = tuple[str, int, int]
 ROOM_RETENTION_S = 120.0  # SGLang's bootstrap entry cleanup interval
-# A room a decode opened that no prefill ever claimed (its prefill failed upstream, or never came)
-# is forgotten this long after the decode opened it: longer than the sim's default waits (300 s).
+# A room a remote decode (over the WebSocket rendezvous) opened that no prefill ever claimed (its
+# prefill failed upstream, or never came) is forgotten this long after the decode's own wait ends, or
+# after this long at least. An in-process decode drops such a room itself when its wait ends.
 UNCLAIMED_ROOM_S = 600.0
 RENDEZVOUS_PATH = "/pdorch/sim/rendezvous"
 
@@ -65,6 +67,8 @@ class Room:
     decode_connected: asyncio.Event = field(default_factory=asyncio.Event)
     prefill_done: asyncio.Event = field(default_factory=asyncio.Event)
     failed: str | None = None
+    # When a room no prefill claimed may be forgotten (remote decodes only; see UNCLAIMED_ROOM_S).
+    unclaimed_until: float = 0.0
     # Called once when the room ends (the WebSocket rendezvous answers a remote decode from here).
     listeners: list[Callable[[Room], None]] = field(default_factory=list)
 
@@ -96,8 +100,8 @@ class Rendezvous:
         self.rooms: dict[RoomKey, Room] = {}
         # (forget at, room) in the order rooms ended: one sweep per ended room instead of a timer each.
         self._expiry: deque[tuple[float, RoomKey]] = deque()
-        # (forget at, room) for rooms a decode opened before any prefill claimed them.
-        self._unclaimed: deque[tuple[float, RoomKey]] = deque()
+        # Heap of (forget at, room) for rooms a remote decode opened before any prefill claimed them.
+        self._unclaimed: list[tuple[float, RoomKey]] = []
 
     def _room(self, key: RoomKey) -> Room:
         room = self.rooms.get(key)
@@ -113,18 +117,29 @@ class Rendezvous:
         room.prefill_registered = True
         return room
 
-    def register_decode(self, key: RoomKey) -> Room:
-        """A decode connects to the room; a second decode with the same room is refused."""
+    def register_decode(self, key: RoomKey, remote_wait_s: float | None = None) -> Room:
+        """A decode connects to the room; a second decode with the same room is refused.
+
+        `remote_wait_s`: the decode waits elsewhere (WebSocket rendezvous) this long at most, so if no
+        prefill claims the room it is forgotten after that wait (at least `UNCLAIMED_ROOM_S`).
+        """
         room = self._room(key)
         if room.decode_registered:
             raise BootstrapError(f"duplicate bootstrap_room {key[2]} (decode already connected)", 400)
         room.decode_registered = True
         room.decode_connected.set()
         now = time.monotonic()
-        if not room.prefill_registered:
-            self._unclaimed.append((now + UNCLAIMED_ROOM_S, key))
+        if remote_wait_s is not None and not room.prefill_registered:
+            # At most an hour, whatever a client asks for.
+            room.unclaimed_until = now + min(max(UNCLAIMED_ROOM_S, remote_wait_s + 60.0), 3600.0)
+            heapq.heappush(self._unclaimed, (room.unclaimed_until, key))
         self._sweep(now)
         return room
+
+    def _drop_unclaimed(self, key: RoomKey, room: Room) -> None:
+        """Forget `room` if it is still the one under `key` and no prefill claimed it."""
+        if self.rooms.get(key) is room and not room.prefill_registered:
+            del self.rooms[key]
 
     def finish(self, key: RoomKey, error: str | None = None) -> None:
         """End a room (KV pushed, or failed); it is forgotten `ROOM_RETENTION_S` later."""
@@ -153,12 +168,12 @@ class Rendezvous:
         while self._expiry and self._expiry[0][0] <= now:
             self.rooms.pop(self._expiry.popleft()[1], None)
         while self._unclaimed and self._unclaimed[0][0] <= now:
-            key = self._unclaimed.popleft()[1]
+            key = heapq.heappop(self._unclaimed)[1]
             room = self.rooms.get(key)
-            # A claimed room is forgotten by `finish`; only the decode's side was ever here otherwise
-            # (its waiter timed out long ago, and a WebSocket listener would only answer a closed socket).
-            if room is not None and not room.prefill_registered:
-                del self.rooms[key]
+            # A claimed room is forgotten by `finish`. A room opened again under a reused key after this
+            # entry's room was forgotten has a later deadline of its own and stays.
+            if room is not None and room.unclaimed_until <= now:
+                self._drop_unclaimed(key, room)
 
     async def wait_prefill(self, key: RoomKey, timeout_s: float) -> None:
         """Decode side: wait until the prefill pushed the KV; raise `BootstrapError` on failure/timeout."""
@@ -166,7 +181,11 @@ class Rendezvous:
         try:
             await asyncio.wait_for(room.prefill_done.wait(), timeout_s)
         except TimeoutError:
+            self._drop_unclaimed(key, room)  # no prefill came; a late one opens a room of its own
             raise _kv_timeout(key[2], timeout_s) from None
+        except asyncio.CancelledError:
+            self._drop_unclaimed(key, room)
+            raise
         if room.failed is not None:
             raise transfer_error(key[2], room.failed)
 
@@ -265,13 +284,14 @@ class _Channel:
                     fut.set_exception(BootstrapError(f"bootstrap server {self.base} closed the rendezvous"))
             self.pending.clear()
 
-    async def connect_and_wait(self, key: RoomKey) -> None:
+    async def connect_and_wait(self, key: RoomKey, wait_s: float) -> None:
         if key in self.pending:
             raise BootstrapError(f"duplicate bootstrap_room {key[2]} (decode already connected)", 400)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[key] = fut
         try:
-            self.outbox.send({"host": key[0], "port": key[1], "room": key[2]})
+            # wait_s: how long the server should keep the room if no prefill claims it.
+            self.outbox.send({"host": key[0], "port": key[1], "room": key[2], "wait_s": wait_s})
             d = await fut
         finally:
             self.pending.pop(key, None)
@@ -316,7 +336,7 @@ class RendezvousClient:
         base = f"http://{host}:{port}"
         try:
             async with asyncio.timeout(timeout_s):
-                await (await self._channel(base)).connect_and_wait(key)
+                await (await self._channel(base)).connect_and_wait(key, timeout_s)
         except TimeoutError:
             raise _kv_timeout(room, timeout_s) from None
         except aiohttp.ClientError as exc:
@@ -358,11 +378,12 @@ def bootstrap_routes(route_info: dict[str, Any]) -> list[web.RouteDef]:
         try:
             d = json.loads(line)
             key = (str(d["host"]), int(d["port"]), int(d["room"]))
+            wait_s = float(d.get("wait_s", 0.0))
         except (ValueError, KeyError, TypeError):
             out.send({"status": "invalid", "error": f"expected {{host, port, room}}, got {line[:100]!r}"})
             return
         try:
-            room = RENDEZVOUS.register_decode(key)
+            room = RENDEZVOUS.register_decode(key, remote_wait_s=wait_s)
         except BootstrapError as exc:
             out.send(_room_message(key, "refused", str(exc), exc.status))
             return

@@ -109,6 +109,29 @@ def test_steady_load_forecasts_its_level() -> None:
     assert f.peak == 3.0 and f.rise == 0.0 and f.samples > 0
 
 
+def test_record_skips_values_that_are_not_numbers() -> None:
+    s = _series([1.0, 2.0])
+    record(s, 30.0, float("nan"), keep_s=1e9)
+    record(s, 45.0, float("inf"), keep_s=1e9)
+    assert s.samples == [(0.0, 1.0), (15.0, 2.0)]
+
+
+def test_the_policy_passes_its_weighting_on() -> None:
+    # The rare-burst shape of the test below, fed through the policy's memory: weighted by work the
+    # lull is sized for the burst, weighted by tick it is not.
+    def lull_replicas(weighted: bool) -> int:
+        cfg = SloPolicyConfig(forecast_quantile=0.5, forecast_weighted=weighted)
+        mem = RoleMemory()
+        rec = None
+        for i in range(117):
+            rate = 40.0 if i % 20 in (18, 19) else 1.0
+            rec = recommend_prefill(mem, i * 15.0, role_load(rate, 1000), DIST, 2.0, cfg)
+        assert rec is not None
+        return rec.replicas
+
+    assert lull_replicas(True) > lull_replicas(False)
+
+
 def test_recurring_bursts_raise_the_forecast_in_a_lull() -> None:
     # A burst to 10 for 2 ticks every 10 ticks, on a base of 1: in a lull the forecast holds the burst.
     values = [10.0 if i % 10 in (8, 9) else 1.0 for i in range(58)]

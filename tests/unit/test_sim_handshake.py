@@ -142,16 +142,46 @@ async def test_ended_rooms_refuse_reuse_until_forgotten(monkeypatch: pytest.Monk
 
 async def test_rooms_no_prefill_claims_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
     rv = Rendezvous()
-    orphan, claimed_late = ("h", 1, 1), ("h", 1, 2)
+    # In process: the decode's own wait ending (timeout or cancel) forgets its unclaimed room.
+    orphan, left = ("h", 1, 1), ("h", 1, 2)
     rv.register_decode(orphan)  # its prefill failed before it reached the prefill server
-    rv.register_decode(claimed_late)
-    rv.register_prefill(claimed_late)  # claimed, still running: `finish` will forget it, not the sweep
     with pytest.raises(BootstrapError, match="timed out"):
         await rv.wait_prefill(orphan, 0.01)
-    assert orphan in rv.rooms  # kept while a prefill may still come (waits are up to 300 s)
-    later = time.monotonic() + bootstrap.UNCLAIMED_ROOM_S
-    monkeypatch.setattr(bootstrap, "time", SimpleNamespace(monotonic=lambda: later))
-    rv.register_decode(("h", 1, 3))  # any later rendezvous sweeps
-    assert orphan not in rv.rooms and claimed_late in rv.rooms
-    rv.finish(claimed_late)
-    assert rv.rooms[claimed_late].status == "done"
+    assert orphan not in rv.rooms
+    rv.register_decode(left)
+    waiter = asyncio.create_task(rv.wait_prefill(left, 5.0))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert left not in rv.rooms
+    # A claimed room is left to `finish`, whatever the decode's wait does.
+    claimed = ("h", 1, 3)
+    rv.register_decode(claimed)
+    rv.register_prefill(claimed)
+    with pytest.raises(BootstrapError, match="timed out"):
+        await rv.wait_prefill(claimed, 0.01)
+    assert claimed in rv.rooms
+
+    # Over the WebSocket the decode waits elsewhere: its room is kept past that wait, then swept.
+    now = [time.monotonic()]
+    monkeypatch.setattr(bootstrap, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    remote, reused = ("h", 1, 4), ("h", 1, 5)
+    rv.register_decode(remote, remote_wait_s=900.0)
+    rv.register_decode(reused, remote_wait_s=0.0)  # kept UNCLAIMED_ROOM_S at least
+    rv.register_prefill(reused)
+    rv.finish(reused)
+    now[0] += bootstrap.ROOM_RETENTION_S
+    rv.register_decode(("h", 1, 99))  # any later rendezvous sweeps: the ended room is forgotten...
+    assert reused not in rv.rooms
+    rv.register_decode(reused, remote_wait_s=0.0)  # ...and its key is used again by a new decode
+    now[0] += bootstrap.UNCLAIMED_ROOM_S - bootstrap.ROOM_RETENTION_S
+    rv.register_decode(("h", 1, 6))
+    assert remote in rv.rooms  # its decode may still be waiting (900 s)
+    assert reused in rv.rooms  # the first use's deadline passed, not the new room's
+    now[0] += bootstrap.ROOM_RETENTION_S  # the new room's own deadline
+    rv.register_decode(("h", 1, 7))
+    assert reused not in rv.rooms and remote in rv.rooms
+    now[0] += 960.0 - bootstrap.UNCLAIMED_ROOM_S - bootstrap.ROOM_RETENTION_S  # the 900 s wait + 60 s
+    rv.register_decode(("h", 1, 8))
+    assert remote not in rv.rooms
