@@ -61,14 +61,18 @@ C = replace(DISTSERVE_OPT13B_A100, max_model_len=16384)
 SETUP = run.Setup(c=C, slo=policies.Slo(2.0, 0.1), startup_s=60.0, tick_s=15.0, window_s=30.0)
 
 
-def members(policy: str = "pdorch") -> list[dict[str, object]]:
-    """The policy's grid; pdorch's forecast-off members are counted once (weighting means nothing without it)."""
+def members(policy: str = "pdorch", holds: list[float] | None = None) -> list[dict[str, object]]:
+    """The policy's grid; pdorch's forecast-off members are counted once (weighting means nothing without it).
+
+    `holds` replaces pdorch's scale-down windows (a wider check; the published choice used GRID's).
+    """
     if policy != "pdorch":
         grid = PEER_GRIDS[policy]
         return [dict(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
+    pd_grid = {**GRID, "scale_down_s": holds} if holds else GRID
     out = []
-    for vals in itertools.product(*GRID.values()):
-        k = dict(zip(GRID, vals, strict=True))
+    for vals in itertools.product(*pd_grid.values()):
+        k = dict(zip(pd_grid, vals, strict=True))
         if k["forecast_quantile"] is None and not k["forecast_weighted"]:
             continue
         out.append(k)
@@ -129,11 +133,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="pdorch", choices=["pdorch", *PEER_GRIDS])
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--holds",
+        type=float,
+        nargs="+",
+        help="pdorch only: scale-down windows to try instead of the grid's (writes autoscale-tuning-holds.*)",
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=run.REPO / "bench" / "results")
     args = ap.parse_args()
     t0 = time.time()
-    grid = members(args.policy)
+    if args.holds and args.policy != "pdorch":
+        ap.error("--holds applies to pdorch only")
+    grid = members(args.policy, args.holds)
     with ProcessPoolExecutor(args.workers) as pool:
         refs = {
             name: (start, orc) for name, start, orc in pool.map(_references, [(n, args.seed) for n in TRACES])
@@ -158,7 +170,11 @@ def main() -> int:
         "half": "first (minutes 0-30)",
         "seed": args.seed,
         "budget": BUDGET,
-        "grid": GRID if args.policy == "pdorch" else PEER_GRIDS[args.policy],
+        "grid": (
+            {**GRID, "scale_down_s": args.holds or GRID["scale_down_s"]}
+            if args.policy == "pdorch"
+            else PEER_GRIDS[args.policy]
+        ),
         "references": {
             n: {"static_best": list(refs[n][0]), "oracle_gpu_hours": refs[n][1]["gpu_hours"]} for n in TRACES
         },
@@ -167,7 +183,11 @@ def main() -> int:
         "wall_s": round(time.time() - t0, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "autoscale-tuning" + ("" if args.policy == "pdorch" else f"-{args.policy}")
+    stem = (
+        "autoscale-tuning"
+        + ("" if args.policy == "pdorch" else f"-{args.policy}")
+        + ("-holds" if args.holds else "")
+    )
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     keys = list(grid[0])
     lines = [
