@@ -15,6 +15,7 @@ each peer gets a grid of its own knobs, no larger (notes/autoscaling.md §5.1: e
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import time
@@ -93,6 +94,7 @@ def config(k: dict[str, object]) -> tuple[SloPolicyConfig, DampingConfig]:
     return cfg, DampingConfig(1, 1000, 0.0, float(k["scale_down_s"]), 60.0)  # type: ignore[arg-type]
 
 
+@functools.cache  # built once per worker process, not once per replay (~0.1 s each)
 def _half(name: str, seed: int) -> run.workloads.Workload:
     wl = next(w for w in run.build_workloads(True, seed) if w.name == name)
     return run.half_of(wl, "first")
