@@ -270,7 +270,7 @@ def main() -> int:
         type=int,
         help="pdorch's scaling.scaleDownStabilizationSeconds (default: the API default, 300)",
     )
-    ap.add_argument("--name", help="results file stem (default: autoscale[-quick][-<half>-half])")
+    ap.add_argument("--name", help="results file stem (default: built from the options by `default_name`)")
     args = ap.parse_args()
     # DistServe's OPT-13B/A100 coefficients; max_model_len lifted from OPT's 2048 so the traces'
     # prompts are not cut (the prefill/decode formulas are extrapolated beyond 2k tokens).
@@ -324,15 +324,12 @@ def main() -> int:
         rows["static-best"].update({"prefill": sp, "decode": sd, "search_runs": static_runs})
         start = (sp, sd)
         ratio = sp / sd
-        candidates = {}
-        for peer, knobs in policies.PEER_DEFAULTS.items():
-            candidates[peer] = policies.peer_policy(
-                peer, knobs, c, setup.slo, setup.tick_s, wl.arrivals, ratio
-            )
-        for peer, knobs in policies.PEER_TUNED.items():
-            candidates[f"{peer}-tuned"] = policies.peer_policy(
-                peer, knobs, c, setup.slo, setup.tick_s, wl.arrivals, ratio
-            )
+        peer_knobs = [(p, p, k) for p, k in policies.PEER_DEFAULTS.items()]
+        peer_knobs += [(f"{p}-tuned", p, k) for p, k in policies.PEER_TUNED.items()]
+        candidates = {
+            label: policies.peer_policy(peer, knobs, c, setup.slo, setup.tick_s, wl.arrivals, ratio)
+            for label, peer, knobs in peer_knobs
+        }
         candidates["pdorch"] = policies.pdorch_policy(c, setup.slo, pd_damping, pd_cfg)
         for name, pol in candidates.items():
             rows[name] = summarize(setup, simulate(setup, wl, pol, start))
