@@ -16,6 +16,11 @@ Pods: created on a scale-up, ready after `startup_s`, and charged GPU time from 
 end; a scale-down cancels starting pods first, then drains ready ones (no new work, in-flight work
 finishes, then the pod ends). Routing: prefill to the ready pod with the fewest queued prompt tokens,
 decode to the ready pod with the most free KV. Requests with no ready pod wait in the proxy.
+
+`proxy_queue_ttft_s` (a what-if, not what pdorch's proxy does): prompts wait in the proxy instead of
+the engines' FCFS queues, and an idle prefill engine takes its next batch from there (late binding:
+a pod that just started serves the queue at once), first the prompts that can still meet that TTFT,
+then, oldest first, those that cannot.
 """
 
 from __future__ import annotations
@@ -124,7 +129,12 @@ class Fleet:
     """The simulated fleet; `run` replays a workload under a policy."""
 
     def __init__(
-        self, c: Coefficients, startup_s: float, initial: tuple[int, int], interval_s: float
+        self,
+        c: Coefficients,
+        startup_s: float,
+        initial: tuple[int, int],
+        interval_s: float,
+        proxy_queue_ttft_s: float | None = None,
     ) -> None:
         self.c = c
         self.startup_s = startup_s
@@ -138,6 +148,9 @@ class Fleet:
         self.live: dict[str, list[Pod]] = {PREFILL: [], DECODE: []}
         self.pending: dict[str, deque[Req]] = {PREFILL: deque(), DECODE: deque()}
         self.in_transfer = 0
+        self.proxy_queue_ttft_s = proxy_queue_ttft_s
+        self.held: deque[Req] = deque()  # prompts the proxy holds that can still meet the TTFT
+        self.late: deque[Req] = deque()  # ... and those that cannot
         self.counters = {PREFILL: Counters(), DECODE: Counters()}
         self.scale_events = {PREFILL: 0, DECODE: 0}
         self.now = 0.0
@@ -168,6 +181,9 @@ class Fleet:
             return
         pod.ready = True
         pod.t_last = self.now
+        if pod.role == PREFILL and self.proxy_queue_ttft_s is not None:
+            self._start_prefill(pod)
+            return
         q = self.pending[pod.role]
         while q:
             self._route(pod.role, q.popleft())
@@ -201,6 +217,14 @@ class Fleet:
     # ------------------------------------------------------------------ routing
     def _route(self, role: str, req: Req) -> None:
         ready = [p for p in self.live[role] if p.ready and not p.draining]
+        if role == PREFILL and self.proxy_queue_ttft_s is not None:
+            self.held.append(req)
+            for pod in ready:
+                if not (self.held or self.late):
+                    break
+                if not pod.busy:
+                    self._start_prefill(pod)
+            return
         if not ready:
             self.pending[role].append(req)
             return
@@ -219,15 +243,41 @@ class Fleet:
 
     # ------------------------------------------------------------------ prefill
     def _start_prefill(self, pod: Pod) -> None:
-        batch: list[Req] = []
-        tokens = 0
-        while pod.queue and (not batch or tokens + pod.queue[0].prompt <= self.c.max_num_batched_tokens):
-            r = pod.queue.popleft()
-            batch.append(r)
-            tokens += r.prompt
+        if self.proxy_queue_ttft_s is None:
+            batch = self._take_batch(pod.queue)
+        else:
+            batch = self._take_in_time() or self._take_batch(self.late)
+            if not batch:
+                return
+            pod.queued_tokens = sum(r.prompt for r in batch)
         pod.busy = True
         pod.batch = batch
         self._at(self.now + prefill_time_s(self.c, [r.prompt for r in batch]), "prefill_done", pod)
+
+    def _take_batch(self, q: deque[Req]) -> list[Req]:
+        """FCFS from `q`, up to max_num_batched_tokens (at least one prompt)."""
+        batch: list[Req] = []
+        tokens = 0
+        while q and (not batch or tokens + q[0].prompt <= self.c.max_num_batched_tokens):
+            r = q.popleft()
+            batch.append(r)
+            tokens += r.prompt
+        return batch
+
+    def _take_in_time(self) -> list[Req]:
+        """A batch of the proxy's held prompts that can still meet the TTFT; the others move to `late`."""
+        limit = self.proxy_queue_ttft_s or 0.0
+        batch: list[Req] = []
+        tokens = 0
+        held = self.held
+        while held and (not batch or tokens + held[0].prompt <= self.c.max_num_batched_tokens):
+            r = held.popleft()
+            if self.now + prefill_time_s(self.c, [r.prompt]) > r.arrival + limit:
+                self.late.append(r)
+                continue
+            batch.append(r)
+            tokens += r.prompt
+        return batch
 
     def _prefill_done(self, pod: Pod) -> None:
         cnt = self.counters[PREFILL]
@@ -242,10 +292,10 @@ class Fleet:
             self._at(self.now + kv_transfer_time_s(self.c, r.prompt), "xfer_done", r)
         pod.batch = []
         pod.busy = False
-        if pod.queue:
-            self._start_prefill(pod)
-        elif pod.draining:
+        if pod.draining and not pod.queue:
             self._end(pod)
+        elif pod.queue or self.proxy_queue_ttft_s is not None:
+            self._start_prefill(pod)
 
     # ------------------------------------------------------------------ decode
     def _advance(self, pod: Pod) -> None:
@@ -304,7 +354,12 @@ class Fleet:
         ready = [p for p in self.live[role] if p.ready]
         if role == PREFILL:
             running = sum(len(p.batch) for p in ready)
-            waiting = sum(len(p.queue) for p in ready) + len(self.pending[PREFILL])
+            waiting = (
+                sum(len(p.queue) for p in ready)
+                + len(self.pending[PREFILL])
+                + len(self.held)
+                + len(self.late)
+            )
             kv = 0.0
         else:
             running = sum(p.n_running for p in ready)
