@@ -229,6 +229,21 @@ class Role(ApiModel):
             field_path=".scaling",
         ),
         CelRule(
+            rule=f"!{_BUILTIN} || ((!has(self.scaling.minReplicas) || self.scaling.minReplicas >= 1) "
+            "&& (!has(self.scaling.maxReplicas) || self.scaling.maxReplicas >= 1))",
+            message="roles[].scaling.minReplicas and maxReplicas must be >= 1 for Builtin scaling: "
+            "the policy reads load from the role's own engines, so at 0 replicas it could never "
+            "scale back up (use Static replicas: 0 to switch a role off)",
+            check=lambda r: (
+                not _builtin(r)
+                or (
+                    (r.scaling.min_replicas is None or r.scaling.min_replicas >= 1)
+                    and (r.scaling.max_replicas is None or r.scaling.max_replicas >= 1)
+                )
+            ),
+            field_path=".scaling",
+        ),
+        CelRule(
             rule=f"!{_BUILTIN} || self.type != 'prefill' || "
             "(has(self.scaling.targets) && has(self.scaling.targets.ttftMs))",
             message="roles[].scaling.targets.ttftMs is required for Builtin scaling of a prefill role",

@@ -34,7 +34,7 @@ from pdorch.proxy.discovery import endpoints_from_pods
 from pdorch.roles.labels import ANNOTATION_DRAINING, LWS_GROUP_INDEX, leader_selector, selector_string
 from pdorch.roles.naming import scaler_name
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
-from pdorch.scaler.observe import RoleLoad, role_load
+from pdorch.scaler.observe import RoleLoad, pair_with_previous, role_load
 from pdorch.scaler.policy import (
     Recommendation,
     RoleMemory,
@@ -117,10 +117,12 @@ def damping_config(role: Role) -> DampingConfig:
 
 
 def damping_from_scaling(s: Scaling) -> DampingConfig:
-    """`scaling` fields as a `DampingConfig` (unset bounds: 1..1000)."""
+    """`scaling` fields as a `DampingConfig` (unset bounds: 1..1000; an unset minimum never
+    exceeds the maximum)."""
+    hi = s.max_replicas if s.max_replicas is not None else 1000
     return DampingConfig(
-        min_replicas=s.min_replicas if s.min_replicas is not None else 1,
-        max_replicas=s.max_replicas if s.max_replicas is not None else 1000,
+        min_replicas=s.min_replicas if s.min_replicas is not None else min(1, hi),
+        max_replicas=hi,
         scale_up_stabilization_s=s.scale_up_stabilization_seconds,
         scale_down_stabilization_s=s.scale_down_stabilization_seconds,
         cooldown_s=s.cooldown_seconds,
@@ -200,7 +202,11 @@ class BuiltinScaler:
             except ValidationError as e:
                 log.warning("skipping invalid ServingGroup %s: %s", obj["metadata"].get("name"), e)
                 continue
-            out += await self._group(obj, sg)
+            try:
+                out += await self._group(obj, sg)
+            except Exception:
+                # One group's failure (an API error, a bad value) must not stop the others'.
+                log.exception("scaling ServingGroup %s failed this tick", obj["metadata"].get("name"))
         return out
 
     # ------------------------------------------------------------------ one group
@@ -257,25 +263,37 @@ class BuiltinScaler:
         current = int((srs.get("spec") or {}).get("replicas", role.replicas))
         pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(group, role.name)))
         eps = list(endpoints_from_pods(pods).endpoints)
-        now = time.monotonic()
-        samples = await self.source.samples(ns, eps)
-        if len(samples) < len(eps):
-            SCRAPE_ERRORS.labels(ns, group, role.name).inc(len(eps) - len(samples))
-        by_url = dict(zip([e.url for e in eps], samples, strict=False)) if len(samples) == len(eps) else {}
-        if not by_url and samples:
-            by_url = {f"#{i}": s for i, s in enumerate(samples)}
-        if st.prev_at is None:
-            st.prev, st.prev_at = by_url, now
+        seen = pair_with_previous(st.prev, [e.url for e in eps], await self.source.samples(ns, eps))
+        now = time.monotonic()  # after the scrape: the window ends when the samples were taken
+        if seen.unread:
+            SCRAPE_ERRORS.labels(ns, group, role.name).inc(seen.unread)
+        last = st.prev_at
+        st.prev, st.prev_at = seen.by_key, now
+        if last is None:
             return None  # rates need two scrapes
-        prev = [st.prev.get(u, EngineSample(engine=s.engine)) for u, s in by_url.items()]
-        load = role_load(prev, list(by_url.values()), max(now - st.prev_at, 1e-3))
-        st.prev, st.prev_at = by_url, now
+        if not seen.cur and current > 0:
+            # Nothing readable (metrics outage, or no leader ready yet) is not "no load".
+            log.warning(
+                "%s/%s-%s: no metrics from %d ready leaders of %d replicas; holding",
+                ns,
+                group,
+                role.name,
+                len(eps),
+                current,
+            )
+            return None
+        load = role_load(seen.prev, seen.cur, max(now - last, 1e-3))
         LOAD_RATE.labels(ns, group, role.name).set(load.request_rate)
         try:
             rec = recommend(role, load, self.coefficients, self.policy, st.memory, now)
         except ValueError as e:
             log.warning("%s/%s: %s", ns, group, e)
             return None
+        if seen.unread and rec.replicas < current:
+            # The unread replicas' load is unknown, so the rest understates it: never scale down blind.
+            rec = Recommendation(
+                current, f"held at {current}: {seen.unread} of {len(eps)} leaders unreadable ({rec.reason})"
+            )
         RECOMMENDED.labels(ns, group, role.name).set(rec.replicas)
         self._raw[key] = rec.replicas
         base = st.draining_to if st.draining_to is not None else current
@@ -303,9 +321,12 @@ class BuiltinScaler:
     ) -> None:
         st = self.roles[(ns, group, role.name)]
         if target >= current:
-            if st.draining_to is not None:
-                await self._undrain(ns, pods)
-                st.draining_to = None
+            # Cancel a drain; with none in progress, clear what an earlier scaler process left on
+            # pods that stay (a restart mid-drain forgets its drain, not the annotations).
+            await self._undrain(
+                ns, pods if st.draining_to is not None else [p for p in pods if _group_index(p) < current]
+            )
+            st.draining_to = None
             if target > current:
                 await self._write(ns, group, role, srs, current, target, reason)
             return
@@ -336,7 +357,9 @@ class BuiltinScaler:
             return
         victims = [p for p in pods if _group_index(p) >= target]
         eps = [e for e in endpoints_from_pods(_undrained(victims)).endpoints]
-        busy = sum(s.running + s.waiting for s in await self.source.samples(ns, eps))
+        got = await self.source.samples(ns, eps)
+        # A victim whose metrics cannot be read counts as busy: "unknown" is not "drained".
+        busy = sum(s.running + s.waiting if s is not None else 1.0 for s in got)
         timed_out = time.monotonic() - st.drain_started >= self.cfg.drain_timeout_s
         if busy > 0 and not timed_out:
             return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pdorch.scaler.scrape import EngineSample
@@ -51,33 +51,85 @@ def total(samples: Sequence[EngineSample]) -> EngineSample:
 
 
 def _delta(new: float, old: float) -> float:
-    # A counter that went down means the pod restarted (or a replica left the sum): count from 0.
+    # A counter that went down means the pod restarted: count from 0.
     return new - old if new >= old else new
 
 
-def role_load(prev: Sequence[EngineSample], cur: Sequence[EngineSample], window_s: float) -> RoleLoad:
-    """The load between two scrapes of the same role's replicas (`prev` may be empty)."""
+_COUNTER_FIELDS = (
+    "requests_total",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "ttft_sum_s",
+    "ttft_count",
+    "itl_sum_s",
+    "itl_count",
+)
+
+
+def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], window_s: float) -> RoleLoad:
+    """The load between two scrapes of the same role's replicas.
+
+    `prev[i]` is replica i's previous sample, or None when it has none (it just became ready, or
+    its last scrape failed); an empty `prev` means no replica has one. Counters are differenced
+    per replica, so one pod's restart (its counters back near 0) or a replica joining or leaving
+    the set cannot be read as a burst or a lull: a replica without a baseline adds its live
+    gauges (running, waiting, KV) but nothing to the rates this window.
+    """
     if window_s <= 0:
         raise ValueError(f"window_s must be > 0, got {window_s}")
-    a, b = total(prev), total(cur)
-    reqs = _delta(b.requests_total, a.requests_total)
-    # Arrivals = finished + growth of what is in the engines; completions alone would hide an
-    # overload (the queue grows while the finish rate stays at capacity).
-    in_flight_growth = (b.running + b.waiting) - (a.running + a.waiting) if prev else 0.0
+    if prev and len(prev) != len(cur):
+        raise ValueError(f"prev has {len(prev)} samples for {len(cur)} replicas; pass None for a missing one")
+    deltas = dict.fromkeys(_COUNTER_FIELDS, 0.0)
+    in_flight_growth = 0.0
+    for old, new in zip(prev or [None] * len(cur), cur, strict=True):
+        if old is None:
+            continue
+        for f in _COUNTER_FIELDS:
+            deltas[f] += _delta(getattr(new, f), getattr(old, f))
+        # Arrivals = finished + growth of what is in the engines; completions alone would hide an
+        # overload (the queue grows while the finish rate stays at capacity).
+        in_flight_growth += (new.running + new.waiting) - (old.running + old.waiting)
+    now = total(cur)
+    reqs = deltas["requests_total"]
     arrivals = max(reqs + in_flight_growth, 0.0)
-    ttft_n = _delta(b.ttft_count, a.ttft_count)
-    itl_n = _delta(b.itl_count, a.itl_count)
+    ttft_n, itl_n = deltas["ttft_count"], deltas["itl_count"]
     return RoleLoad(
         ready_replicas=len(cur),
         window_s=window_s,
         request_rate=arrivals / window_s,
-        mean_prompt_tokens=_delta(b.prompt_tokens_total, a.prompt_tokens_total) / reqs if reqs else 0.0,
-        mean_output_tokens=_delta(b.generation_tokens_total, a.generation_tokens_total) / reqs
-        if reqs
-        else 0.0,
-        running=b.running,
-        waiting=b.waiting,
-        kv_usage=b.kv_usage,
-        mean_ttft_s=_delta(b.ttft_sum_s, a.ttft_sum_s) / ttft_n if ttft_n else None,
-        mean_itl_s=_delta(b.itl_sum_s, a.itl_sum_s) / itl_n if itl_n else None,
+        mean_prompt_tokens=deltas["prompt_tokens_total"] / reqs if reqs else 0.0,
+        mean_output_tokens=deltas["generation_tokens_total"] / reqs if reqs else 0.0,
+        running=now.running,
+        waiting=now.waiting,
+        kv_usage=now.kv_usage,
+        mean_ttft_s=deltas["ttft_sum_s"] / ttft_n if ttft_n else None,
+        mean_itl_s=deltas["itl_sum_s"] / itl_n if itl_n else None,
+    )
+
+
+@dataclass(frozen=True)
+class Scraped:
+    """One tick's samples of a role, paired with the previous tick's by endpoint."""
+
+    prev: list[EngineSample | None]  # aligned with `cur`; None: no baseline for that replica
+    cur: list[EngineSample]
+    by_key: dict[str, EngineSample]  # what to keep as the next tick's baseline
+    unread: int  # endpoints whose metrics could not be read this tick
+
+
+def pair_with_previous(
+    prev: Mapping[str, EngineSample], keys: Sequence[str], samples: Sequence[EngineSample | None]
+) -> Scraped:
+    """Pair each read sample with the same endpoint's previous one (`samples[i]` is `keys[i]`'s).
+
+    Keying by endpoint, never by position, keeps one failed scrape from shifting every replica's
+    baseline onto another's."""
+    if len(keys) != len(samples):
+        raise ValueError(f"{len(samples)} samples for {len(keys)} endpoints")
+    by_key = {k: s for k, s in zip(keys, samples, strict=True) if s is not None}
+    return Scraped(
+        prev=[prev.get(k) for k in by_key],
+        cur=list(by_key.values()),
+        by_key=by_key,
+        unread=len(keys) - len(by_key),
     )

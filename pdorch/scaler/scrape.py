@@ -7,6 +7,7 @@ scaler turns two samples into rates (`pdorch.scaler.observe`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -55,6 +56,9 @@ _COUNTERS = {
 _HISTOGRAMS = {
     "vllm:time_to_first_token_seconds": "ttft",
     "vllm:inter_token_latency_seconds": "itl",
+    # vLLM builds before inter_token_latency export the same histogram under this name only (later
+    # ones export both, with the same values): read it when the newer one is absent.
+    "vllm:time_per_output_token_seconds": "itl_old",
     "sglang:time_to_first_token_seconds": "ttft",
     "sglang:inter_token_latency_seconds": "itl",
 }
@@ -99,4 +103,11 @@ def parse_engine_metrics(text: str) -> EngineSample:
                     values["kv_capacity_tokens"] = float(blocks) * float(size)
     if not engine:
         raise MetricsParseError("no vllm: or sglang: metrics in the scraped text")
+    old_sum, old_count = values.pop("itl_old_sum_s", 0.0), values.pop("itl_old_count", 0.0)
+    if "itl_count" not in values and old_count:
+        values["itl_sum_s"], values["itl_count"] = old_sum, old_count
+    bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+    if bad:
+        # One NaN or Inf would turn a rate or a replica count into nonsense: refuse the scrape.
+        raise MetricsParseError(f"non-finite values for {', '.join(bad)}")
     return EngineSample(engine=engine, **values)

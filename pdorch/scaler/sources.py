@@ -24,9 +24,9 @@ SCRAPE_TIMEOUT_S = 3.0
 
 
 class MetricsSource(Protocol):
-    """Samples of the given leader endpoints (endpoints that failed are left out)."""
+    """Samples of the given leader endpoints, in their order; None for one that could not be read."""
 
-    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample]: ...
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]: ...
 
 
 class DirectScrape:
@@ -37,16 +37,18 @@ class DirectScrape:
 
     async def _one(self, ep: Endpoint) -> EngineSample | None:
         try:
-            r = await self.http.get(f"{ep.url}/metrics")
+            # The client's timeout is per socket operation; a /metrics that trickles bytes must
+            # not hold the whole tick, so the scrape as a whole has the same deadline.
+            async with asyncio.timeout(SCRAPE_TIMEOUT_S):
+                r = await self.http.get(f"{ep.url}/metrics")
             r.raise_for_status()
             return parse_engine_metrics(r.text)
-        except (httpx2.HTTPError, MetricsParseError) as e:
-            log.warning("scrape %s (%s) failed: %s", ep.url, ep.pod, e)
+        except (httpx2.HTTPError, MetricsParseError, TimeoutError) as e:
+            log.warning("scrape %s (%s) failed: %s", ep.url, ep.pod, str(e) or "timed out")
             return None
 
-    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample]:
-        got = await asyncio.gather(*(self._one(ep) for ep in endpoints))
-        return [s for s in got if s is not None]
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]:
+        return list(await asyncio.gather(*(self._one(ep) for ep in endpoints)))
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -57,6 +59,7 @@ _SERIES: dict[str, str] = {
     "vllm:num_requests_running": "gauge",
     "vllm:num_requests_waiting": "gauge",
     "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:gpu_cache_usage_perc": "gauge",
     "vllm:request_success_total": "counter",
     "vllm:prompt_tokens_total": "counter",
     "vllm:generation_tokens_total": "counter",
@@ -64,6 +67,8 @@ _SERIES: dict[str, str] = {
     "vllm:time_to_first_token_seconds_count": "histogram",
     "vllm:inter_token_latency_seconds_sum": "histogram",
     "vllm:inter_token_latency_seconds_count": "histogram",
+    "vllm:time_per_output_token_seconds_sum": "histogram",
+    "vllm:time_per_output_token_seconds_count": "histogram",
     "sglang:num_running_reqs": "gauge",
     "sglang:num_queue_reqs": "gauge",
     "sglang:token_usage": "gauge",
@@ -117,25 +122,30 @@ class PrometheusQuery:
         self.base_url = base_url.rstrip("/")
         self.http = http or httpx2.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False)
 
-    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample]:
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]:
         pods = [ep.pod for ep in endpoints if ep.pod]
         if not pods:
-            return []
+            return [None] * len(endpoints)
         names = "|".join(n.replace(":", "\\\\:") for n in _SERIES)
         query = f'{{__name__=~"{names}",namespace="{namespace}",pod=~"{"|".join(pods)}"}}'
         try:
-            r = await self.http.get(f"{self.base_url}/api/v1/query", params={"query": query})
+            async with asyncio.timeout(SCRAPE_TIMEOUT_S):
+                r = await self.http.get(f"{self.base_url}/api/v1/query", params={"query": query})
             r.raise_for_status()
             result = r.json()["data"]["result"]
-        except (httpx2.HTTPError, KeyError, ValueError) as e:
-            log.warning("prometheus query failed: %s", e)
-            return []
-        out = []
-        for pod in pods:
+        except (httpx2.HTTPError, KeyError, ValueError, TimeoutError) as e:
+            log.warning("prometheus query failed: %s", str(e) or "timed out")
+            return [None] * len(endpoints)
+        out: list[EngineSample | None] = []
+        for ep in endpoints:
             try:
-                out.append(parse_engine_metrics(prometheus_vector_to_text(result, pod)))
-            except MetricsParseError:
-                log.warning("prometheus has no engine series for pod %s/%s", namespace, pod)
+                out.append(
+                    parse_engine_metrics(prometheus_vector_to_text(result, ep.pod)) if ep.pod else None
+                )
+            except MetricsParseError as e:
+                # Typical right after a scale-up: Prometheus has not scraped the new pod yet.
+                log.warning("prometheus has no usable engine series for pod %s/%s: %s", namespace, ep.pod, e)
+                out.append(None)
         return out
 
     async def close(self) -> None:

@@ -93,6 +93,11 @@ REFUSED: list[tuple[str, Edit, str]] = [
     ),
     ("builtin-without-max", _scaling("decode", mode="Builtin", targets={"tpotMs": 50}), "maxReplicas"),
     ("builtin-prefill-without-ttft", _scaling("prefill", mode="Builtin", maxReplicas=4), "ttftMs"),
+    (
+        "builtin-min-zero",
+        _scaling("decode", mode="Builtin", minReplicas=0, maxReplicas=4, targets={"tpotMs": 50}),
+        "could never scale back up",
+    ),
     ("builtin-on-proxy", _scaling("proxy", mode="Builtin", maxReplicas=2), "Builtin"),
     ("unknown-scaling-mode", _scaling("decode", mode="Sometimes"), "mode"),
     ("bad-ratio", _set("spec.ratio", {"prefill": 0, "decode": 1}), "ratio"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdorch.api.servinggroup import Role
-from pdorch.scaler.loop import damping_config, recommend
+from pdorch.scaler.loop import damping_config, damping_from_scaling, recommend
 from pdorch.scaler.observe import RoleLoad
 from pdorch.scaler.policy import SloPolicyConfig
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
@@ -56,3 +56,12 @@ def test_recommend_uses_the_role_type_and_its_target() -> None:
         SloPolicyConfig(),
     )
     assert d.reason.startswith("decode")
+
+
+def test_a_builtin_role_capped_at_zero_gets_no_floor_above_its_cap() -> None:
+    # Only reachable on objects stored before the >= 1 CEL rule; must not raise in every tick.
+    from pdorch.api.servinggroup import Scaling
+
+    d = damping_from_scaling(Scaling.model_construct(mode="Builtin", max_replicas=0, min_replicas=None))
+    assert (d.min_replicas, d.max_replicas) == (0, 0)
+    assert damping_from_scaling(Scaling(mode="Builtin", max_replicas=5)).min_replicas == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdorch.scaler.observe import role_load, total
+from pdorch.scaler.observe import pair_with_previous, role_load, total
 from pdorch.scaler.scrape import EngineSample, MetricsParseError, parse_engine_metrics
 from pdorch.scaler.sources import prometheus_vector_to_text
 from pdorch.sim.metrics import EngineSnapshot, FinishedRequest, SglangMetrics, VllmMetrics
@@ -116,3 +116,65 @@ def test_total_averages_kv_but_adds_counts() -> None:
 def test_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="window_s"):
         role_load([], [EngineSample("vllm")], 0)
+
+
+def test_one_replica_restart_is_not_read_as_a_burst_or_a_lull() -> None:
+    # Two replicas, 10 s: A finishes 20 (it had 1000), B restarted (5000 -> 12 since the restart).
+    prev = [EngineSample("vllm", requests_total=1000), EngineSample("vllm", requests_total=5000)]
+    cur = [EngineSample("vllm", requests_total=1020), EngineSample("vllm", requests_total=12)]
+    assert role_load(prev, cur, 10.0).request_rate == pytest.approx(3.2)
+
+
+def test_a_replica_without_baseline_adds_its_gauges_not_its_lifetime() -> None:
+    old = EngineSample("vllm", running=1, requests_total=100)
+    new = EngineSample("vllm", running=1, requests_total=130)
+    back = EngineSample("vllm", running=4, waiting=2, requests_total=90_000, kv_usage=0.5)
+    load = role_load([old, None], [new, back], 10.0)
+    assert load.request_rate == pytest.approx(3.0)
+    assert (load.running, load.waiting, load.ready_replicas) == (5, 2, 2)
+    assert load.kv_usage == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="None for a missing one"):
+        role_load([old], [new, back], 10.0)
+
+
+def test_a_failed_scrape_does_not_shift_the_other_replicas_baselines() -> None:
+    a0, b0, c0 = (EngineSample("vllm", requests_total=n) for n in (100, 200, 300))
+    first = pair_with_previous({}, ["a", "b", "c"], [a0, b0, c0])
+    a1, c1 = EngineSample("vllm", requests_total=110), EngineSample("vllm", requests_total=310)
+    second = pair_with_previous(first.by_key, ["a", "b", "c"], [a1, None, c1])
+    assert second.unread == 1 and second.prev == [a0, c0] and second.cur == [a1, c1]
+    assert role_load(second.prev, second.cur, 10.0).request_rate == pytest.approx(2.0)
+    # b is back next tick with no baseline (its last one is two ticks old): no lifetime spike.
+    b2 = EngineSample("vllm", requests_total=230)
+    third = pair_with_previous(second.by_key, ["a", "b", "c"], [a1, b2, c1])
+    assert third.prev == [a1, None, c1]
+    assert role_load(third.prev, third.cur, 10.0).request_rate == 0.0
+    with pytest.raises(ValueError, match="2 samples for 3 endpoints"):
+        pair_with_previous({}, ["a", "b", "c"], [a0, b0])
+
+
+def test_non_finite_values_refuse_the_scrape() -> None:
+    text = "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting +Inf\n"
+    with pytest.raises(MetricsParseError, match="non-finite values for waiting"):
+        parse_engine_metrics(text)
+
+
+def _itl(name: str, total_s: float, count: float) -> str:
+    return (
+        f'# TYPE {name} histogram\n{name}_bucket{{le="+Inf"}} {count}\n'
+        f"{name}_sum {total_s}\n{name}_count {count}\n"
+    )
+
+
+def test_older_vllm_itl_name_is_read_when_the_newer_is_absent() -> None:
+    old = _itl("vllm:time_per_output_token_seconds", 250.0, 5000)
+    s = parse_engine_metrics(old)
+    assert (s.itl_sum_s, s.itl_count) == (250.0, 5000)
+    both = old + _itl("vllm:inter_token_latency_seconds", 100.0, 4000)
+    s = parse_engine_metrics(both)
+    assert (s.itl_sum_s, s.itl_count) == (100.0, 4000)
+
+
+def test_older_vllm_kv_gauge_survives_the_prometheus_path() -> None:
+    result = [{"metric": {"__name__": "vllm:gpu_cache_usage_perc", "pod": "p"}, "value": [0, "0.6"]}]
+    assert parse_engine_metrics(prometheus_vector_to_text(result, "p")).kv_usage == pytest.approx(0.6)
