@@ -166,6 +166,14 @@ class Scaling(ApiModel):
     cooldown_seconds: int = Field(60, ge=0, le=3600)
     """Builtin: minimum time between two scaling actions of the role."""
 
+    def clamp(self, replicas: int) -> int:
+        """`replicas` within [minReplicas, maxReplicas] (an unset bound does not bind)."""
+        if self.max_replicas is not None:
+            replicas = min(replicas, self.max_replicas)
+        if self.min_replicas is not None:
+            replicas = max(replicas, self.min_replicas)
+        return replicas
+
 
 def _scaled(r: Role) -> bool:
     return r.scaling is not None and r.scaling.mode != ScalingMode.STATIC

@@ -379,7 +379,8 @@ class Reconciler:
 
     # ------------------------------------------------------------------ pieces
     def _overrides(self, sg: ServingGroup, namespace: str, name: str) -> dict[str, RoleOverride]:
-        """Replicas of External/Builtin roles come from their ServingRoleScaler (HPA, KEDA, ours)."""
+        """Replicas of External/Builtin roles come from their ServingRoleScaler (HPA, KEDA, ours),
+        within the role's minReplicas/maxReplicas (a `kubectl scale` beyond them does not pass)."""
         out: dict[str, RoleOverride] = {}
         for role in sg.spec.roles:
             if role.scaling is None or str(role.scaling.mode) == "Static":
@@ -387,7 +388,7 @@ class Reconciler:
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
             replicas = ((srs or {}).get("spec") or {}).get("replicas")
             if replicas is not None:
-                out[role.name] = RoleOverride(replicas=int(replicas))
+                out[role.name] = RoleOverride(replicas=role.scaling.clamp(int(replicas)))
         return out
 
     def forget(self, res: Resource, namespace: str, name: str) -> None:

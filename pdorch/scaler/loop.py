@@ -195,6 +195,11 @@ class BuiltinScaler:
     async def tick(self) -> list[RoleDecision]:
         """One pass over every ServingGroup with Builtin roles."""
         groups, _ = await self.api.list(SERVING_GROUP, self.cfg.namespace)
+        # Forget roles whose group is gone (a group re-created under the same name starts afresh).
+        live = {(o["metadata"].get("namespace", "default"), o["metadata"]["name"]) for o in groups}
+        for key in [k for k in self.roles if k[:2] not in live]:
+            self.roles.pop(key, None)
+            self._raw.pop(key, None)
         out: list[RoleDecision] = []
         for obj in groups:
             try:
@@ -368,6 +373,8 @@ class BuiltinScaler:
         )
         await self._write(ns, group, role, srs, current, target, note)
         st.draining_to = None
+        # The cooldown runs from the change itself, not from the decision that started the drain.
+        st.damping.last_change_s = time.monotonic()
 
     async def _undrain(self, ns: str, pods: list[dict[str, Any]]) -> None:
         for p in pods:

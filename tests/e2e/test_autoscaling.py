@@ -120,6 +120,12 @@ def test_hpa_reads_the_prefill_scaler_and_kubectl_scale_moves_only_decode(
         60,
         "decode scaler status.replicas 3",
     )
+    # Beyond maxReplicas (4) a scale is clamped on its way into the LWS.
+    kubectl(devcluster, "-n", namespace, "scale", "servingrolescaler/ext-decode", "--replicas=9")
+    wait_for(lambda: _lws_replicas(kube, namespace, "ext", "decode") == 4, 60, "decode LWS at its max 4")
+    time.sleep(3)
+    assert _lws_replicas(kube, namespace, "ext", "decode") == 4
+    assert kube.get(SRS, "ext-decode", namespace=namespace).spec["replicas"] == 9
 
 
 # ---------------------------------------------------------------------------- Builtin
