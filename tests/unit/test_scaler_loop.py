@@ -65,3 +65,12 @@ def test_a_builtin_role_capped_at_zero_gets_no_floor_above_its_cap() -> None:
     d = damping_from_scaling(Scaling.model_construct(mode="Builtin", max_replicas=0, min_replicas=None))
     assert (d.min_replicas, d.max_replicas) == (0, 0)
     assert damping_from_scaling(Scaling(mode="Builtin", max_replicas=5)).min_replicas == 1
+
+
+def test_scaling_clamp_applies_only_the_bounds_that_are_set() -> None:
+    from pdorch.api.servinggroup import Scaling
+
+    s = Scaling(mode="External", min_replicas=2, max_replicas=4)
+    assert [s.clamp(n) for n in (0, 3, 9)] == [2, 3, 4]
+    assert Scaling(mode="External").clamp(50) == 50
+    assert Scaling(mode="External", max_replicas=4).clamp(0) == 0
