@@ -90,6 +90,8 @@ class RoleState:
 
     prev: dict[str, EngineSample] = field(default_factory=dict)  # by endpoint URL
     prev_at: float | None = None
+    # Endpoint URL -> when its metrics were last read (forgotten after an hour).
+    read_at: dict[str, float] = field(default_factory=dict)
     damping: DampingState = field(default_factory=DampingState)
     memory: RoleMemory = field(default_factory=RoleMemory)
     draining_to: int | None = None
@@ -268,12 +270,14 @@ class BuiltinScaler:
         current = int((srs.get("spec") or {}).get("replicas", role.replicas))
         pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(group, role.name)))
         eps = list(endpoints_from_pods(pods).endpoints)
-        seen = pair_with_previous(st.prev, [e.url for e in eps], await self.source.samples(ns, eps))
+        samples = await self.source.samples(ns, eps)
         now = time.monotonic()  # after the scrape: the window ends when the samples were taken
+        seen = pair_with_previous(st.prev, [e.url for e in eps], samples, st.read_at)
         if seen.unread:
             SCRAPE_ERRORS.labels(ns, group, role.name).inc(seen.unread)
         last = st.prev_at
         st.prev, st.prev_at = seen.by_key, now
+        st.read_at = {u: t for u, t in st.read_at.items() if now - t < 3600} | dict.fromkeys(seen.by_key, now)
         if last is None:
             return None  # rates need two scrapes
         if not seen.cur and current > 0:

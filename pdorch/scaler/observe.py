@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from pdorch.scaler.scrape import EngineSample
@@ -118,18 +118,23 @@ class Scraped:
 
 
 def pair_with_previous(
-    prev: Mapping[str, EngineSample], keys: Sequence[str], samples: Sequence[EngineSample | None]
+    prev: Mapping[str, EngineSample],
+    keys: Sequence[str],
+    samples: Sequence[EngineSample | None],
+    known: Collection[str] = (),
 ) -> Scraped:
     """Pair each read sample with the same endpoint's previous one (`samples[i]` is `keys[i]`'s).
 
     Keying by endpoint, never by position, keeps one failed scrape from shifting every replica's
-    baseline onto another's."""
+    baseline onto another's. An endpoint read before (`known`) but not last tick (a failed scrape,
+    a readiness flap, a cancelled drain) gets no baseline this tick: its counters span an unknown
+    time. One never read before is a new engine, whose counters started at 0: a zero baseline
+    counts what it did since it became ready."""
     if len(keys) != len(samples):
         raise ValueError(f"{len(samples)} samples for {len(keys)} endpoints")
     by_key = {k: s for k, s in zip(keys, samples, strict=True) if s is not None}
-    return Scraped(
-        prev=[prev.get(k) for k in by_key],
-        cur=list(by_key.values()),
-        by_key=by_key,
-        unread=len(keys) - len(by_key),
-    )
+    pairs: list[EngineSample | None] = [
+        prev[k] if k in prev else None if k in known else EngineSample(engine=s.engine)
+        for k, s in by_key.items()
+    ]
+    return Scraped(prev=pairs, cur=list(by_key.values()), by_key=by_key, unread=len(keys) - len(by_key))

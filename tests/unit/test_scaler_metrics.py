@@ -146,9 +146,14 @@ def test_a_failed_scrape_does_not_shift_the_other_replicas_baselines() -> None:
     assert role_load(second.prev, second.cur, 10.0).request_rate == pytest.approx(2.0)
     # b is back next tick with no baseline (its last one is two ticks old): no lifetime spike.
     b2 = EngineSample("vllm", requests_total=230)
-    third = pair_with_previous(second.by_key, ["a", "b", "c"], [a1, b2, c1])
+    third = pair_with_previous(second.by_key, ["a", "b", "c"], [a1, b2, c1], known={"a", "b", "c"})
     assert third.prev == [a1, None, c1]
     assert role_load(third.prev, third.cur, 10.0).request_rate == 0.0
+    # A new engine (never read before) counts from 0: what it served since it became ready.
+    d = EngineSample("vllm", running=2, requests_total=30)
+    fourth = pair_with_previous(third.by_key, ["a", "b", "c", "d"], [a1, b2, c1, d], known={"a", "b", "c"})
+    assert fourth.prev[3] == EngineSample("vllm")
+    assert role_load(fourth.prev, fourth.cur, 10.0).request_rate == pytest.approx(3.2)
     with pytest.raises(ValueError, match="2 samples for 3 endpoints"):
         pair_with_previous({}, ["a", "b", "c"], [a0, b0])
 
