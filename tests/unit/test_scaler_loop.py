@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdorch.api.servinggroup import Role
+from pdorch.api.servinggroup import Role, Scaling
 from pdorch.scaler.loop import damping_config, damping_from_scaling, recommend
 from pdorch.scaler.observe import RoleLoad
 from pdorch.scaler.policy import SloPolicyConfig
@@ -60,16 +60,12 @@ def test_recommend_uses_the_role_type_and_its_target() -> None:
 
 def test_a_builtin_role_capped_at_zero_gets_no_floor_above_its_cap() -> None:
     # Only reachable on objects stored before the >= 1 CEL rule; must not raise in every tick.
-    from pdorch.api.servinggroup import Scaling
-
     d = damping_from_scaling(Scaling.model_construct(mode="Builtin", max_replicas=0, min_replicas=None))
     assert (d.min_replicas, d.max_replicas) == (0, 0)
     assert damping_from_scaling(Scaling(mode="Builtin", max_replicas=5)).min_replicas == 1
 
 
 def test_scaling_clamp_applies_only_the_bounds_that_are_set() -> None:
-    from pdorch.api.servinggroup import Scaling
-
     s = Scaling(mode="External", min_replicas=2, max_replicas=4)
     assert [s.clamp(n) for n in (0, 3, 9)] == [2, 3, 4]
     assert Scaling(mode="External").clamp(50) == 50
