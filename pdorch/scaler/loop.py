@@ -31,7 +31,15 @@ from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, Scalin
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
 from pdorch.proxy.discovery import endpoints_from_pods
-from pdorch.roles.labels import ANNOTATION_DRAINING, LWS_GROUP_INDEX, leader_selector, selector_string
+from pdorch.roles.labels import (
+    ANNOTATION_DRAINING,
+    LABEL_GROUP,
+    LABEL_ROLE,
+    LWS_GROUP_INDEX,
+    LWS_WORKER_INDEX,
+    leader_selector,
+    selector_string,
+)
 from pdorch.roles.naming import scaler_name
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
 from pdorch.scaler.observe import RoleLoad, pair_with_previous, role_load
@@ -176,6 +184,8 @@ class BuiltinScaler:
         self.events = EventRecorder(api, "pdorch-scaler", ttl=0.0)
         self.roles: dict[tuple[str, str, str], RoleState] = {}
         self._raw: dict[tuple[str, str, str], int] = {}
+        # Groups whose non-Builtin roles were checked for drain annotations left by an earlier process.
+        self._swept: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ loop
     async def run(self, stop: asyncio.Event) -> None:
@@ -202,6 +212,7 @@ class BuiltinScaler:
         for key in [k for k in self.roles if k[:2] not in live]:
             self.roles.pop(key, None)
             self._raw.pop(key, None)
+        self._swept &= live
         out: list[RoleDecision] = []
         for obj in groups:
             try:
@@ -221,6 +232,7 @@ class BuiltinScaler:
         ns = obj["metadata"].get("namespace", "default")
         name = obj["metadata"]["name"]
         builtin = [r for r in sg.spec.roles if r.scaling_mode == ScalingMode.BUILTIN]
+        await self._release_unscaled(ns, name, {r.name for r in builtin})
         decisions: dict[str, tuple[Role, dict[str, Any], int, int, str, list[dict[str, Any]]]] = {}
         for role in builtin:
             got = await self._decide(ns, name, role)
@@ -379,6 +391,25 @@ class BuiltinScaler:
         st.draining_to = None
         # The cooldown runs from the change itself, not from the decision that started the drain.
         st.damping.last_change_s = time.monotonic()
+
+    async def _release_unscaled(self, ns: str, group: str, builtin: set[str]) -> None:
+        """Clear drain annotations on leader pods of roles this scaler does not scale.
+
+        The proxy never routes to a draining pod, so an annotation left on a role that stopped
+        being Builtin mid-drain (or by an earlier scaler process) would hide that pod for good.
+        Checked once per group per process, and again whenever a role leaves Builtin.
+        """
+        left = [k for k in self.roles if k[:2] == (ns, group) and k[2] not in builtin]
+        for key in left:
+            self.roles.pop(key)
+            self._raw.pop(key, None)
+        if (ns, group) in self._swept and not left:
+            return
+        self._swept.add((ns, group))
+        pods, _ = await self.api.list(POD, ns, selector_string({LABEL_GROUP: group, LWS_WORKER_INDEX: "0"}))
+        await self._undrain(
+            ns, [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_ROLE) not in builtin]
+        )
 
     async def _undrain(self, ns: str, pods: list[dict[str, Any]]) -> None:
         for p in pods:

@@ -1,0 +1,86 @@
+"""The built-in scaler clears drain annotations on roles it no longer scales (real apiserver, LWS, kwok).
+
+The proxy never routes to a pod annotated `pdorch.io/draining`, so one left behind on a role that is
+not (or no longer) Builtin would hide that pod from traffic for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from lightkube import Client
+from lightkube.resources.core_v1 import Pod
+
+from pdorch.controller.kubeapi import KubeApi
+from pdorch.devcluster.cluster import ClusterState
+from pdorch.devcluster.controller_process import ControllerProc
+from pdorch.devcluster.waiting import wait_for
+from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
+from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
+from tests.integration.test_controller import SG, example, update_spec, wait_available
+
+pytestmark = pytest.mark.integration
+
+
+def _leader(kube: Client, ns: str, group: str, role: str) -> Pod:
+    return wait_for(
+        lambda: next(iter(kube.list(Pod, namespace=ns, labels=leader_selector(group, role))), None),
+        60,
+        f"a {role} leader pod",
+    )
+
+
+def _mark_draining(kube: Client, ns: str, pod: Pod) -> None:
+    kube.patch(
+        Pod, pod.metadata.name, {"metadata": {"annotations": {ANNOTATION_DRAINING: "true"}}}, namespace=ns
+    )
+
+
+def _draining(kube: Client, ns: str, pod: Pod) -> bool:
+    return (kube.get(Pod, pod.metadata.name, namespace=ns).metadata.annotations or {}).get(
+        ANNOTATION_DRAINING
+    ) == "true"
+
+
+async def test_drain_marks_on_unscaled_roles_are_cleared(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    doc = example("drains")
+    for role in doc["spec"]["roles"]:
+        if role["type"] == "decode":
+            role["scaling"] = {
+                "mode": "Builtin",
+                "minReplicas": 1,
+                "maxReplicas": 4,
+                "targets": {"tpotMs": 100},
+            }
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, "drains")
+    prefill = _leader(kube, namespace, "drains", "prefill")
+    decode = _leader(kube, namespace, "drains", "decode")
+    # As an earlier scaler process would have left them mid-drain.
+    _mark_draining(kube, namespace, prefill)
+    _mark_draining(kube, namespace, decode)
+
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0))
+    try:
+        await scaler.tick()
+        # prefill is not Builtin: cleared on first sight. decode is Builtin and keeps its mark
+        # until this scaler decides about it (the first tick only takes a baseline).
+        assert not _draining(kube, namespace, prefill)
+        assert _draining(kube, namespace, decode)
+
+        def external(spec: dict[str, Any]) -> None:
+            for role in spec["roles"]:
+                if role["type"] == "decode":
+                    role["scaling"] = {"mode": "External", "minReplicas": 1, "maxReplicas": 4}
+
+        update_spec(kube, namespace, "drains", external)
+        await scaler.tick()
+        assert not _draining(kube, namespace, decode)  # left Builtin: its mark goes too
+        assert not scaler.roles  # and so does the scaler's state for it
+    finally:
+        await api.close()
