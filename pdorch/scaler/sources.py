@@ -91,11 +91,17 @@ def _family(series: str, kind: str) -> str:
 
 
 def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
-    """Exposition text for one pod from a Prometheus instant-vector result (pure)."""
+    """Exposition text for one pod from a Prometheus instant-vector result (pure).
+
+    When two scrape jobs collect the same pod (a PodMonitor and an annotation-based job, say),
+    only the first job's series are kept: summing both would double the pod's load.
+    """
+    mine = [i for i in result if (i.get("metric") or {}).get("pod") == by_pod]
+    job = min(((i.get("metric") or {}).get("job", "") for i in mine), default="")
     lines: dict[str, list[str]] = {}
-    for item in result:
+    for item in mine:
         metric = item.get("metric") or {}
-        if metric.get("pod") != by_pod:
+        if metric.get("job", "") != job:
             continue
         name = metric.get("__name__", "")
         kind = _SERIES.get(name)

@@ -183,3 +183,18 @@ def test_older_vllm_itl_name_is_read_when_the_newer_is_absent() -> None:
 def test_older_vllm_kv_gauge_survives_the_prometheus_path() -> None:
     result = [{"metric": {"__name__": "vllm:gpu_cache_usage_perc", "pod": "p"}, "value": [0, "0.6"]}]
     assert parse_engine_metrics(prometheus_vector_to_text(result, "p")).kv_usage == pytest.approx(0.6)
+
+
+def test_a_pod_scraped_by_two_prometheus_jobs_is_counted_once() -> None:
+    def series(job: str, model: str, running: int) -> dict[str, object]:
+        labels = {"__name__": "vllm:num_requests_running", "pod": "p", "job": job, "model_name": model}
+        return {"metric": labels, "value": [0, str(running)]}
+
+    # Two models on one engine are two series to add; the same series from a second job is not.
+    result = [
+        series("b-annotations", "m1", 3),
+        series("a-podmonitor", "m1", 3),
+        series("a-podmonitor", "m2", 2),
+    ]
+    result += [series("b-annotations", "m2", 2)]
+    assert parse_engine_metrics(prometheus_vector_to_text(result, "p")).running == 5
