@@ -59,9 +59,7 @@ def main() -> None:
             for name, tree in slots:
                 os.environ["PYTHONPATH"] = str(Path(tree).resolve())  # this build's pdorch package
                 stacks.start_front(front, pd)
-                stacks.targets[name] = stacks.targets.pop(front)
-                stacks.targets[name].name = name
-                stacks._pending[name] = stacks._pending.pop(front)
+                stacks.rename_front(front, name)
             if saved is None:
                 os.environ.pop("PYTHONPATH")
             else:

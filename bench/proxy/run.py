@@ -411,6 +411,13 @@ class Stacks:
         except Exception as exc:  # recorded in the results, the other fronts still run
             target.error = f"startup failed: {exc}"
 
+    def rename_front(self, old: str, new: str) -> None:
+        """File a started front under another name (to start several builds of one front)."""
+        self.targets[new] = self.targets.pop(old)
+        self.targets[new].name = new
+        if old in self._pending:
+            self._pending[new] = self._pending.pop(old)
+
     def finish_front(self, name: str) -> None:
         """Wait for a started front to be ready and answer one request; record any failure."""
         target = self.targets[name]
