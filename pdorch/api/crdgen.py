@@ -188,6 +188,8 @@ SERVING_ROLE_SCALER_CRD = CrdSpec(
         _col("Role", ".spec.role", description="Role of the ServingGroup"),
         _col("Desired", ".spec.replicas", "integer", "Desired groups"),
         _col("Current", ".status.replicas", "integer", "Existing groups"),
+        _col("Last Scale", ".status.lastScaleTime", "date", "When the built-in scaler last wrote /scale"),
+        _col("Reason", ".status.lastScaleReason", description="Why it chose that size", priority=1),
         _AGE,
     ),
     # labelSelectorPath must point at a *string* selector (what HPA reads through /scale).

@@ -253,7 +253,7 @@ class Load:
 
 
 async def test_builtin_scales_prefill_on_prompts_and_decode_on_outputs_and_drains(
-    builtin: tuple[str, BuiltinScaler], kube: Client, namespace: str
+    builtin: tuple[str, BuiltinScaler], kube: Client, namespace: str, devcluster: ClusterState
 ) -> None:
     url, _scaler = builtin
 
@@ -329,3 +329,9 @@ async def test_builtin_scales_prefill_on_prompts_and_decode_on_outputs_and_drain
         if (e.get("regarding") or {}).get("kind") == "ServingRoleScaler"
     }
     assert {"ScaledUp", "ScaledDown"} <= reasons, reasons
+    # ... and in kubectl: the reason is a wide column.
+    head, row = kubectl(
+        devcluster, "get", "servingrolescaler", "auto-prefill", "-n", namespace, "-o", "wide"
+    ).splitlines()[:2]
+    assert "LAST SCALE" in head and "REASON" in head, head
+    assert st["lastScaleReason"][:20] in row, row
