@@ -204,7 +204,7 @@ def model_section(model: type[BaseModel]) -> str:
 
 
 def _kind_section(kind: str, short: str, sections: list[type[BaseModel]], crd: crdgen.CrdSpec) -> list[str]:
-    cols = ", ".join(c["name"] for c in crd.printer_columns)
+    cols = ", ".join(c["name"] + (" (`-o wide`)" if c.get("priority") else "") for c in crd.printer_columns)
     scale = " It has a `/scale` subresource (for HPA and KEDA)." if crd.scale else ""
     return [
         f"## {kind} resource",
