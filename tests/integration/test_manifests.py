@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import yaml
 from lightkube import Client
+from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Namespace, Pod
 
+from pdorch.controller.kubeapi import KubeApi
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
+from pdorch.proxy.endpoints import Endpoint
+from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
+from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
+from pdorch.scaler.scrape import EngineSample
 from tests.integration.test_controller import SG, example, lws_names, wait_available
 
 pytestmark = pytest.mark.integration
+
+SRS = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingRoleScaler", "servingrolescalers")
 
 REPO = Path(__file__).resolve().parents[2]
 SA = "system:serviceaccount:pdorch-system:pdorch-controller"
@@ -37,18 +46,22 @@ def installed(devcluster: ClusterState, pdorch_crds: list[str]) -> subprocess.Co
     return kubectl(devcluster, "apply", "--server-side", "--force-conflicts", "-k", str(REPO / "manifests"))
 
 
+def kubeconfig_for(devcluster: ClusterState, service_account: str, path: Path) -> str:
+    """A kubeconfig acting as ``pdorch-system/<service_account>`` (a short-lived token)."""
+    token = kubectl(
+        devcluster, "create", "token", service_account, "-n", "pdorch-system", "--duration=1h"
+    ).stdout
+    cfg = yaml.safe_load(Path(devcluster.kubeconfig).read_text())
+    cfg["users"] = [{"name": "admin", "user": {"token": token.strip()}}]
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
 @pytest.fixture
 def sa_kubeconfig(
     devcluster: ClusterState, installed: subprocess.CompletedProcess[str], tmp_path: Path
 ) -> Iterator[str]:
-    token = kubectl(
-        devcluster, "create", "token", "pdorch-controller", "-n", "pdorch-system", "--duration=1h"
-    ).stdout
-    cfg = yaml.safe_load(Path(devcluster.kubeconfig).read_text())
-    cfg["users"] = [{"name": "admin", "user": {"token": token.strip()}}]
-    path = tmp_path / "sa-kubeconfig"
-    path.write_text(yaml.safe_dump(cfg))
-    yield str(path)
+    yield kubeconfig_for(devcluster, "pdorch-controller", tmp_path / "sa-kubeconfig")
 
 
 def test_install_has_no_pod_security_warnings_and_pods_are_admitted(
@@ -64,6 +77,12 @@ def test_install_has_no_pod_security_warnings_and_pods_are_admitted(
         return sum(p.status.phase == "Running" for p in pods) == 2
 
     wait_for(two_running, 90, "2 controller pods admitted under restricted Pod Security")
+
+    def scaler_running() -> bool:
+        pods = kube.list(Pod, namespace="pdorch-system", labels={"app.kubernetes.io/component": "scaler"})
+        return [p.status.phase for p in pods] == ["Running"]
+
+    wait_for(scaler_running, 90, "1 scaler pod admitted under restricted Pod Security")
 
 
 def test_controller_runs_on_its_service_account_rbac(
@@ -122,3 +141,78 @@ def test_service_account_can_do_only_what_it_needs(
     args += ["-n", namespace] if namespace else []
     out = kubectl(devcluster, *args, check=False)
     assert out.stdout.strip() == ("yes" if allowed else "no"), (args, out.stdout, out.stderr)
+
+
+class _SaturatedDecodes:
+    """Engine metrics of a saturated decode pool. Only the engines are stand-ins here: every
+    Kubernetes read and write below goes to the real apiserver on the scaler's own token."""
+
+    def __init__(self) -> None:
+        self.scrapes = 0
+
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]:
+        self.scrapes += 1
+        n = self.scrapes
+        return [
+            EngineSample(
+                engine="vllm",
+                running=250,
+                waiting=60,
+                kv_usage=0.97,
+                requests_total=400 * n,
+                prompt_tokens_total=400_000 * n,
+                generation_tokens_total=80_000 * n,
+            )
+            for _ in endpoints
+        ]
+
+
+async def test_scaler_runs_on_its_service_account_rbac(
+    kube: Client,
+    namespace: str,
+    devcluster: ClusterState,
+    installed: subprocess.CompletedProcess[str],
+    controller: ControllerProc,
+    tmp_path: Path,
+) -> None:
+    doc = example("srbac")
+    for role in doc["spec"]["roles"]:
+        if role["type"] == "decode":
+            role["scaling"] = {
+                "mode": "Builtin",
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "targets": {"tpotMs": 100},
+            }
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, "srbac")
+    prefill = next(iter(kube.list(Pod, namespace=namespace, labels=leader_selector("srbac", "prefill"))))
+    kube.patch(
+        Pod,
+        prefill.metadata.name,
+        {"metadata": {"annotations": {ANNOTATION_DRAINING: "true"}}},
+        namespace=namespace,
+    )
+
+    cfg = kubeconfig_for(devcluster, "pdorch-scaler", tmp_path / "scaler-kubeconfig")
+    api = KubeApi.from_config(cfg, field_manager="pdorch-scaler")
+    scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace), _SaturatedDecodes())
+    try:
+        await scaler.tick()  # lists groups and pods, reads the scaler, clears the stale drain mark
+        await asyncio.sleep(1)
+        decisions = await scaler.tick()  # a saturated decode pool: scale up through /scale
+        await scaler.events.flush()
+    finally:
+        await api.close()
+    assert [(d.role, d.current, d.target) for d in decisions] == [("decode", 1, 3)], decisions
+    srs = kube.get(SRS, "srbac-decode", namespace=namespace)
+    assert srs.spec["replicas"] == 3
+    assert srs.status.get("lastScaleReason", "").startswith("1 -> 3: decode"), srs.status
+    assert ANNOTATION_DRAINING not in (
+        kube.get(Pod, prefill.metadata.name, namespace=namespace).metadata.annotations or {}
+    )
+    raw = kubectl(devcluster, "get", "events.events.k8s.io", "-n", namespace, "-o", "json").stdout
+    assert any(
+        e["regarding"]["name"] == "srbac-decode" and e["reason"] == "ScaledUp"
+        for e in json.loads(raw)["items"]
+    ), "the ScaledUp Event, written with the scaler's token"

@@ -86,7 +86,9 @@ def test_helm_chart_defaults_render_the_kustomize_base(helm: str, kubectl: str) 
     base = kustomize(kubectl, "manifests/base")
     chart = helm_template(helm)
     assert differences(base, chart) == []
-    assert len(base) == 10  # 2 CRDs, Namespace, SA, ClusterRole(+Binding), Role(+Binding), Deployment, PDB
+    # 2 CRDs, Namespace; controller: SA, ClusterRole(+Binding), Role(+Binding), Deployment, PDB;
+    # scaler: SA, ClusterRole(+Binding), Deployment.
+    assert len(base) == 14
 
 
 def test_the_top_level_kustomization_is_the_base(kubectl: str) -> None:
@@ -98,6 +100,9 @@ def test_the_comparison_sees_a_changed_value(helm: str, kubectl: str) -> None:
     assert differences(base, helm_template(helm, "--set", "replicas=3")) == [
         "differs: ('apps/v1', 'Deployment', 'pdorch-system', 'pdorch-controller')"
     ]
+    no_scaler = differences(base, helm_template(helm, "--set", "scaler.enabled=false"))
+    assert sorted(no_scaler) == sorted(f"only in first: {k}" for k in base if k[3] == "pdorch-scaler")
+    assert len(no_scaler) == 4
     no_pdb = differences(base, helm_template(helm, "--set", "podDisruptionBudget.enabled=false"))
     assert no_pdb == [
         "only in first: ('policy/v1', 'PodDisruptionBudget', 'pdorch-system', 'pdorch-controller')"
@@ -140,6 +145,7 @@ def test_dev_overlay_is_one_replica_without_leader_election(kubectl: str) -> Non
     assert "affinity" not in d["spec"]["template"]["spec"]
     assert set(differences(base, dev)) == {
         "differs: ('apps/v1', 'Deployment', 'pdorch-system', 'pdorch-controller')",
+        "differs: ('apps/v1', 'Deployment', 'pdorch-system', 'pdorch-scaler')",  # imagePullPolicy
         "only in first: ('policy/v1', 'PodDisruptionBudget', 'pdorch-system', 'pdorch-controller')",
         "only in first: ('rbac.authorization.k8s.io/v1', 'Role', 'pdorch-system', 'pdorch-leader-election')",
         "only in first: ('rbac.authorization.k8s.io/v1', 'RoleBinding', 'pdorch-system', 'pdorch-leader-election')",
@@ -162,6 +168,7 @@ def test_production_overlay_spreads_three_leader_elected_replicas(kubectl: str) 
     assert pdb["spec"]["minAvailable"] == 2
     assert set(differences(base, prod)) == {
         "differs: ('apps/v1', 'Deployment', 'pdorch-system', 'pdorch-controller')",
+        "differs: ('apps/v1', 'Deployment', 'pdorch-system', 'pdorch-scaler')",  # imagePullPolicy
         "differs: ('policy/v1', 'PodDisruptionBudget', 'pdorch-system', 'pdorch-controller')",
     }
 

@@ -67,6 +67,18 @@ CONTROLLER_NEEDS: set[Rule] = (
 CONTROLLER_NEEDS_OWN_NS: set[Rule] = {
     ("leases.coordination.k8s.io", "", v) for v in ("get", "create", "update")
 }
+# The built-in autoscaler, in every namespace: list groups, read their scalers, write only the
+# scalers' /scale and /status, list leader pods and annotate the ones it drains, write Events.
+SCALER_SA = "system:serviceaccount:pdorch-system:pdorch-scaler"
+SCALER_NEEDS: set[Rule] = {
+    ("servinggroups.pdorch.io", "", "list"),
+    ("servingrolescalers.pdorch.io", "", "get"),
+    ("servingrolescalers.pdorch.io/scale", "", "patch"),
+    ("servingrolescalers.pdorch.io/status", "", "patch"),
+    ("pods", "", "list"),
+    ("pods", "", "patch"),
+    ("events.events.k8s.io", "", "create"),
+}
 # The built-in proxy discovers its group's pods, in its own namespace, and nothing else.
 PROXY_NEEDS: set[Rule] = {("pods", "", v) for v in ("get", "list", "watch")}
 
@@ -120,6 +132,19 @@ def test_controller_rbac_is_exactly_what_it_needs(
         assert not missing, f"controller lacks rights it needs in {ns}: {sorted(missing)}"
         # Never Secrets, never RBAC escalation.
         assert not {r for r in got if r[0] == "secrets" or r[2] in ("bind", "escalate", "impersonate", "*")}
+
+
+def test_scaler_rbac_is_exactly_what_it_needs(
+    devcluster: ClusterState,
+    installed: subprocess.CompletedProcess[str],  # noqa: F811
+    namespace: str,
+) -> None:
+    for ns in (namespace, "pdorch-system"):
+        got = can_i_list(devcluster, SCALER_SA, ns)
+        baseline = can_i_list(devcluster, unbound_sa(ns), ns)
+        extra, missing = extra_and_missing(got, baseline, SCALER_NEEDS)
+        assert not extra, f"scaler may do more than it needs in {ns}: {sorted(extra)}"
+        assert not missing, f"scaler lacks rights it needs in {ns}: {sorted(missing)}"
 
 
 def test_builtin_proxy_rbac_is_pods_read_in_its_namespace_only(
