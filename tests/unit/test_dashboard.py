@@ -19,7 +19,8 @@ import pdorch.controller.informer
 import pdorch.controller.kubeapi
 import pdorch.controller.leader
 import pdorch.controller.manager
-import pdorch.controller.reconciler  # noqa: F401  (imports register the controller's metrics)
+import pdorch.controller.reconciler
+import pdorch.scaler.loop  # noqa: F401  (imports register the controller's and scaler's metrics)
 from pdorch.proxy.metrics import ProxyMetrics
 from pdorch.sim.metrics import EngineSnapshot, SglangMetrics, VllmMetrics
 
