@@ -13,7 +13,7 @@ from fleet import DECODE, PREFILL, PolicyFn
 
 from pdorch.scaler import peers
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
-from pdorch.scaler.observe import RoleLoad
+from pdorch.scaler.observe import RoleLoad, missed_target
 from pdorch.scaler.policy import RoleMemory, SloPolicyConfig, recommend_decode, recommend_prefill
 from pdorch.sim.latency import Coefficients
 
@@ -32,12 +32,18 @@ def pdorch_policy(
     states = {PREFILL: DampingState(), DECODE: DampingState()}
     memory = {PREFILL: RoleMemory(), DECODE: RoleMemory()}
 
+    last_miss: list[float | None] = [None]  # the group's, as `pdorch scaler` keeps it
+
     def decide(t: float, loads: dict[str, RoleLoad], cur: dict[str, int]) -> dict[str, int]:
+        if missed_target(loads[PREFILL], ttft_s=slo.ttft_s) or missed_target(
+            loads[DECODE], tpot_s=slo.tpot_s
+        ):
+            last_miss[0] = t
         raw = {
             PREFILL: recommend_prefill(memory[PREFILL], t, loads[PREFILL], c, slo.ttft_s, cfg).replicas,
             DECODE: recommend_decode(memory[DECODE], t, loads[DECODE], c, slo.tpot_s, cfg).replicas,
         }
-        return {r: damp(states[r], damping, t, cur[r], raw[r]).replicas for r in raw}
+        return {r: damp(states[r], damping, t, cur[r], raw[r], last_miss[0]).replicas for r in raw}
 
     return decide
 

@@ -102,6 +102,8 @@ def default_name(args: argparse.Namespace) -> str:
         parts.append(f"slo{args.slo_scale:g}")
     if args.scale_down_s is not None:
         parts.append(f"hold{args.scale_down_s}")
+    if args.scale_down_after_miss_s is not None:
+        parts.append(f"misshold{args.scale_down_after_miss_s}")
     if args.seed != 1:
         parts.append(f"seed{args.seed}")
     if args.startup_s != 60.0:
@@ -276,6 +278,11 @@ def main() -> int:
         help="pdorch's scaling.scaleDownStabilizationSeconds (default: the API default, 300)",
     )
     ap.add_argument(
+        "--scale-down-after-miss-s",
+        type=int,
+        help="pdorch's scaling.scaleDownAfterMissSeconds (default: unset, off)",
+    )
+    ap.add_argument(
         "--proxy-queue",
         action="store_true",
         help="what-if for every policy: prompts wait in the proxy, not the engines; idle prefills "
@@ -299,6 +306,8 @@ def main() -> int:
     api = Scaling(mode=ScalingMode.BUILTIN, min_replicas=1, max_replicas=1000)
     if args.scale_down_s is not None:
         api = api.model_copy(update={"scale_down_stabilization_seconds": args.scale_down_s})
+    if args.scale_down_after_miss_s is not None:
+        api = api.model_copy(update={"scale_down_after_miss_seconds": args.scale_down_after_miss_s})
     pd_damping = damping_from_scaling(api)
     pd_cfg = replace(
         SloPolicyConfig(forecast_lead_s=setup.startup_s + setup.tick_s), **parse_knobs(args.knob)
@@ -317,6 +326,7 @@ def main() -> int:
             "half": args.half,
             "pdorch_knobs": args.knob,
             "pdorch_scale_down_s": pd_damping.scale_down_stabilization_s,
+            "pdorch_scale_down_after_miss_s": pd_damping.scale_down_after_miss_s,
             "slo_scale": args.slo_scale,
             "proxy_queue": args.proxy_queue,
         },

@@ -4,6 +4,8 @@ Semantics follow the HPA's `behavior`: before scaling up, take the lowest recomm
 scale-up window; before scaling down, the highest of the scale-down window; then clamp to
 [min, max]. On top, `cooldown_s` is the minimum time between two changes of the role, except that
 a scale-up right after a scale-down is never held back (a burst must not wait for a cooldown).
+With `scale_down_after_miss_s`, an SLO miss in the last `miss_memory_s` swaps in that (longer)
+scale-down window: a burst that hurt once keeps its capacity through the lull before the next.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ class DampingConfig:
     scale_up_stabilization_s: float = 0.0
     scale_down_stabilization_s: float = 300.0
     cooldown_s: float = 60.0
+    scale_down_after_miss_s: float | None = None
+    miss_memory_s: float = 3600.0
+
+    def scale_down_window(self, now_s: float, last_miss_s: float | None) -> float:
+        """The scale-down window in force at `now_s`, given the group's last SLO miss."""
+        if self.scale_down_after_miss_s is None or last_miss_s is None:
+            return self.scale_down_stabilization_s
+        if now_s - last_miss_s >= self.miss_memory_s:
+            return self.scale_down_stabilization_s
+        return self.scale_down_after_miss_s
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0 or self.max_replicas < self.min_replicas:
@@ -46,9 +58,22 @@ class Damped:
     held: str = ""
 
 
-def damp(state: DampingState, cfg: DampingConfig, now_s: float, current: int, raw: int) -> Damped:
-    """Record `raw` at `now_s` and decide the replicas; updates `state` in place."""
-    keep = max(cfg.scale_up_stabilization_s, cfg.scale_down_stabilization_s)
+def damp(
+    state: DampingState,
+    cfg: DampingConfig,
+    now_s: float,
+    current: int,
+    raw: int,
+    last_miss_s: float | None = None,
+) -> Damped:
+    """Record `raw` at `now_s` and decide the replicas; updates `state` in place.
+
+    `last_miss_s` is when the group last missed an SLO target (None: never, or not tracked).
+    """
+    down_s = cfg.scale_down_window(now_s, last_miss_s)
+    keep = max(
+        cfg.scale_up_stabilization_s, cfg.scale_down_stabilization_s, cfg.scale_down_after_miss_s or 0.0
+    )
     if not state.history:
         # Like the HPA, the first decision remembers the current replicas as a recommendation, so
         # a (re)started scaler does not drop a warm fleet before the window has seen any load.
@@ -56,7 +81,7 @@ def damp(state: DampingState, cfg: DampingConfig, now_s: float, current: int, ra
     state.history = [(t, r) for t, r in state.history if now_s - t <= keep]
     state.history.append((now_s, raw))
     up_window = [r for t, r in state.history if now_s - t <= cfg.scale_up_stabilization_s]
-    down_window = [r for t, r in state.history if now_s - t <= cfg.scale_down_stabilization_s]
+    down_window = [r for t, r in state.history if now_s - t <= down_s]
     held = ""
     target = current
     if raw > current:
@@ -66,7 +91,9 @@ def damp(state: DampingState, cfg: DampingConfig, now_s: float, current: int, ra
     elif raw < current:
         target = min(max(down_window), current)
         if target > raw:
-            held = f"scale-down stabilization {cfg.scale_down_stabilization_s:.0f}s"
+            held = f"scale-down stabilization {down_s:.0f}s" + (
+                " after an SLO miss" if down_s != cfg.scale_down_stabilization_s else ""
+            )
     bounded = min(max(target, cfg.min_replicas), cfg.max_replicas)
     if bounded != target:
         held = f"bounds [{cfg.min_replicas}, {cfg.max_replicas}]"

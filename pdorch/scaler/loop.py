@@ -42,7 +42,7 @@ from pdorch.roles.labels import (
 )
 from pdorch.roles.naming import scaler_name
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
-from pdorch.scaler.observe import RoleLoad, pair_with_previous, role_load
+from pdorch.scaler.observe import RoleLoad, missed_target, pair_with_previous, role_load
 from pdorch.scaler.policy import (
     Recommendation,
     RoleMemory,
@@ -68,6 +68,11 @@ LOAD_RATE = Gauge(
 )
 SCALE_EVENTS = Counter(
     "pdorch_scaler_scale_events_total", "Scale actions written.", ["namespace", "group", "role", "direction"]
+)
+SLO_MISSES = Counter(
+    "pdorch_scaler_slo_misses_total",
+    "Intervals whose mean TTFT (prefill) or inter-token latency (decode) was above the role's target.",
+    ["namespace", "group", "role"],
 )
 SCRAPE_ERRORS = Counter(
     "pdorch_scaler_scrape_failures_total",
@@ -136,6 +141,7 @@ def damping_from_scaling(s: Scaling) -> DampingConfig:
         scale_up_stabilization_s=s.scale_up_stabilization_seconds,
         scale_down_stabilization_s=s.scale_down_stabilization_seconds,
         cooldown_s=s.cooldown_seconds,
+        scale_down_after_miss_s=s.scale_down_after_miss_seconds,
     )
 
 
@@ -184,6 +190,8 @@ class BuiltinScaler:
         self.events = EventRecorder(api, "pdorch-scaler", ttl=0.0)
         self.roles: dict[tuple[str, str, str], RoleState] = {}
         self._raw: dict[tuple[str, str, str], int] = {}
+        # When each group last missed an SLO target (monotonic s): for `scaleDownAfterMissSeconds`.
+        self._last_miss: dict[tuple[str, str], float] = {}
         # Groups whose non-Builtin roles were checked for drain annotations left by an earlier process.
         self._swept: set[tuple[str, str]] = set()
 
@@ -213,6 +221,7 @@ class BuiltinScaler:
             self.roles.pop(key, None)
             self._raw.pop(key, None)
         self._swept &= live
+        self._last_miss = {k: t for k, t in self._last_miss.items() if k in live}
         out: list[RoleDecision] = []
         for obj in groups:
             try:
@@ -305,6 +314,14 @@ class BuiltinScaler:
             return None
         load = role_load(seen.prev, seen.cur, max(now - last, 1e-3))
         LOAD_RATE.labels(ns, group, role.name).set(load.request_rate)
+        targets = role.scaling.targets if role.scaling else None
+        if targets is not None and missed_target(
+            load,
+            targets.ttft_ms / 1000 if targets.ttft_ms and role.type == RoleType.PREFILL else None,
+            targets.tpot_ms / 1000 if targets.tpot_ms and role.type == RoleType.DECODE else None,
+        ):
+            self._last_miss[(ns, group)] = now
+            SLO_MISSES.labels(ns, group, role.name).inc()
         try:
             rec = recommend(role, load, self.coefficients, self.policy, st.memory, now)
         except ValueError as e:
@@ -324,6 +341,7 @@ class BuiltinScaler:
             now,
             base,
             rec.replicas,
+            self._last_miss.get((ns, group)),
         )
         reason = rec.reason + (f" (held: {d.held})" if d.held else "")
         return srs, current, d.replicas, reason, pods

@@ -138,3 +138,13 @@ def pair_with_previous(
         for k, s in by_key.items()
     ]
     return Scraped(prev=pairs, cur=list(by_key.values()), by_key=by_key, unread=len(keys) - len(by_key))
+
+
+def missed_target(load: RoleLoad, ttft_s: float | None = None, tpot_s: float | None = None) -> bool:
+    """Whether the window's mean TTFT or mean inter-token latency was above its target.
+
+    A mean above the target means many requests of the window missed it: the signal
+    `scale_down_after_miss_s` keys on (a single slow request does not trip it)."""
+    if ttft_s is not None and load.mean_ttft_s is not None and load.mean_ttft_s > ttft_s:
+        return True
+    return tpot_s is not None and load.mean_itl_s is not None and load.mean_itl_s > tpot_s

@@ -14,6 +14,7 @@ import yaml
 from lightkube import Client
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Namespace, Pod
+from prometheus_client import REGISTRY
 
 from pdorch.controller.kubeapi import KubeApi
 from pdorch.devcluster.cluster import ClusterState
@@ -162,6 +163,8 @@ class _SaturatedDecodes:
                 requests_total=400 * n,
                 prompt_tokens_total=400_000 * n,
                 generation_tokens_total=80_000 * n,
+                itl_sum_s=50.0 * n,  # 0.5 s per token against a 100 ms target: a miss
+                itl_count=100.0 * n,
             )
             for _ in endpoints
         ]
@@ -183,6 +186,7 @@ async def test_scaler_runs_on_its_service_account_rbac(
                 "minReplicas": 1,
                 "maxReplicas": 3,
                 "targets": {"tpotMs": 100},
+                "scaleDownAfterMissSeconds": 900,
             }
     kube.create(SG.from_dict(doc), namespace=namespace)
     await asyncio.to_thread(wait_available, kube, namespace, "srbac")
@@ -205,6 +209,11 @@ async def test_scaler_runs_on_its_service_account_rbac(
     finally:
         await api.close()
     assert [(d.role, d.current, d.target) for d in decisions] == [("decode", 1, 3)], decisions
+    # The engines' 0.5 s inter-token latency is above the 100 ms target: counted as a miss.
+    misses = REGISTRY.get_sample_value(
+        "pdorch_scaler_slo_misses_total", {"namespace": namespace, "group": "srbac", "role": "decode"}
+    )
+    assert misses == 1, misses
     srs = kube.get(SRS, "srbac-decode", namespace=namespace)
     assert srs.spec["replicas"] == 3
     assert srs.status.get("lastScaleReason", "").startswith("1 -> 3: decode"), srs.status

@@ -36,6 +36,9 @@ def test_scaling_fields_become_the_damping_config() -> None:
     d = damping_config(r)
     assert (d.min_replicas, d.max_replicas, d.scale_down_stabilization_s, d.cooldown_s) == (1, 7, 20, 5)
     assert d.scale_up_stabilization_s == 0
+    assert d.scale_down_after_miss_s is None
+    r.scaling.scale_down_after_miss_seconds = 1200  # type: ignore[union-attr]
+    assert damping_config(r).scale_down_after_miss_s == 1200
 
 
 def test_recommend_uses_the_role_type_and_its_target() -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pdorch.scaler import peers
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
+from pdorch.scaler.observe import missed_target
 from pdorch.scaler.policy import (
     SloPolicyConfig,
     decode_replicas,
@@ -108,6 +109,40 @@ def test_scale_down_waits_for_the_stabilization_window() -> None:
     d = damp(s, cfg, 30, 5, 2)
     assert d.replicas == 5 and not d.changed and "scale-down stabilization" in d.held
     assert damp(s, cfg, 61, 5, 2).replicas == 2
+
+
+def test_after_a_miss_the_longer_scale_down_window_holds_for_the_miss_memory() -> None:
+    cfg = DampingConfig(
+        min_replicas=1,
+        max_replicas=10,
+        scale_down_stabilization_s=60,
+        cooldown_s=0,
+        scale_down_after_miss_s=600,
+        miss_memory_s=1000,
+    )
+    assert cfg.scale_down_window(100, None) == 60
+    assert cfg.scale_down_window(100, 50) == 600
+    assert cfg.scale_down_window(1050, 50) == 60  # an hour (here 1000 s) without a miss: back to normal
+    assert DampingConfig(scale_down_stabilization_s=60).scale_down_window(100, 50) == 60  # off when unset
+
+    s = DampingState()
+    assert damp(s, cfg, 0, 8, 8, last_miss_s=0).replicas == 8  # a burst that missed its target
+    d = damp(s, cfg, 120, 8, 2, last_miss_s=0)  # the lull after it: the 60 s window has passed
+    assert d.replicas == 8 and "scale-down stabilization 600s after an SLO miss" in d.held
+    assert damp(s, cfg, 601, 8, 2, last_miss_s=0).replicas == 2
+    # Without a miss the same lull scales down after 60 s.
+    s = DampingState()
+    damp(s, cfg, 0, 8, 8)
+    assert damp(s, cfg, 120, 8, 2).replicas == 2
+
+
+def test_a_window_misses_when_its_mean_latency_is_above_the_target() -> None:
+    load = role_load(10, 500, mean_ttft_s=2.5, mean_itl_s=0.05)
+    assert missed_target(load, ttft_s=2.0)
+    assert not missed_target(load, ttft_s=3.0)
+    assert not missed_target(load, tpot_s=0.1)
+    assert missed_target(load, tpot_s=0.04)
+    assert not missed_target(role_load(0, 0), ttft_s=0.001, tpot_s=0.001)  # nothing finished: no signal
 
 
 def test_scale_up_is_immediate_and_bounded() -> None:
