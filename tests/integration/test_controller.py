@@ -32,6 +32,15 @@ def example(name: str = "sim-pd") -> dict[str, Any]:
     return doc
 
 
+def example_scaled(name: str, role_type: str, scaling: dict[str, Any]) -> dict[str, Any]:
+    """The example with `scaling` on its roles of `role_type`."""
+    doc = example(name)
+    for role in doc["spec"]["roles"]:
+        if role["type"] == role_type:
+            role["scaling"] = scaling
+    return doc
+
+
 def lws_names(kube: Client, namespace: str, group: str) -> set[str]:
     return {o.metadata.name for o in kube.list(LWS, namespace=namespace, labels={"pdorch.io/group": group})}
 

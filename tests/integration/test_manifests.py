@@ -24,7 +24,7 @@ from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
 from pdorch.scaler.scrape import EngineSample
-from tests.integration.test_controller import SG, example, lws_names, wait_available
+from tests.integration.test_controller import SG, example, example_scaled, lws_names, wait_available
 
 pytestmark = pytest.mark.integration
 
@@ -178,16 +178,13 @@ async def test_scaler_runs_on_its_service_account_rbac(
     controller: ControllerProc,
     tmp_path: Path,
 ) -> None:
-    doc = example("srbac")
-    for role in doc["spec"]["roles"]:
-        if role["type"] == "decode":
-            role["scaling"] = {
-                "mode": "Builtin",
-                "minReplicas": 1,
-                "maxReplicas": 3,
-                "targets": {"tpotMs": 100},
-                "scaleDownAfterMissSeconds": 900,
-            }
+    scaling = {
+        "mode": "Builtin",
+        "maxReplicas": 3,
+        "targets": {"tpotMs": 100},
+        "scaleDownAfterMissSeconds": 900,
+    }
+    doc = example_scaled("srbac", "decode", scaling)
     kube.create(SG.from_dict(doc), namespace=namespace)
     await asyncio.to_thread(wait_available, kube, namespace, "srbac")
     prefill = next(iter(kube.list(Pod, namespace=namespace, labels=leader_selector("srbac", "prefill"))))

@@ -19,7 +19,7 @@ from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
 from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
-from tests.integration.test_controller import SG, example, update_spec, wait_available
+from tests.integration.test_controller import SG, example_scaled, update_spec, wait_available
 
 pytestmark = pytest.mark.integration
 
@@ -47,15 +47,9 @@ def _draining(kube: Client, ns: str, pod: Pod) -> bool:
 async def test_drain_marks_on_unscaled_roles_are_cleared(
     devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
-    doc = example("drains")
-    for role in doc["spec"]["roles"]:
-        if role["type"] == "decode":
-            role["scaling"] = {
-                "mode": "Builtin",
-                "minReplicas": 1,
-                "maxReplicas": 4,
-                "targets": {"tpotMs": 100},
-            }
+    doc = example_scaled(
+        "drains", "decode", {"mode": "Builtin", "maxReplicas": 4, "targets": {"tpotMs": 100}}
+    )
     kube.create(SG.from_dict(doc), namespace=namespace)
     await asyncio.to_thread(wait_available, kube, namespace, "drains")
     prefill = _leader(kube, namespace, "drains", "prefill")
