@@ -6,8 +6,11 @@ bound to that pod's IP and port:
 - prefill/decode leader pods: a simulated engine (`pdorch.sim.SimServer`) of the group's protocol;
 - the proxy pod: `pdorch proxy` as a subprocess, discovering the engines through the API like the
   in-cluster proxy does.
-A pod that is deleted or starts terminating has its backend stopped at once, which is what a
-killed engine looks like to its clients.
+A terminating pod's backend keeps serving for the first half of kwok's termination window
+(in-flight requests finish, as behind a preStop hook) and is then stopped at once, which is what a
+killed engine looks like to its clients. It must be gone before kwok removes the pod: kwok hands the
+freed IP to the next pod at once, and an engine still listening there would answer requests meant
+for the new pod (on a real node the old container is dead before its IP is released).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import httpx2
 
 from pdorch.controller.informer import Informer
 from pdorch.controller.kubeapi import POD, KubeApi
+from pdorch.devcluster.manifests import POD_TERMINATION_MS
 from pdorch.devcluster.waiting import wait_for_async
 from pdorch.roles.labels import (
     ANNOTATION_BOOTSTRAP_PORT,
@@ -92,6 +96,11 @@ def _container_port(pod: dict[str, Any]) -> int | None:
     return None
 
 
+# A terminating pod's engine lives this long; kwok removes the pod (and frees its IP) after
+# POD_TERMINATION_MS, so this leaves half the window as margin.
+TERMINATING_ENGINE_S = POD_TERMINATION_MS / 2000
+
+
 @dataclass
 class PodBackends:
     """Keeps one backend running per Running pod of `group` in `namespace`."""
@@ -114,6 +123,8 @@ class PodBackends:
     _informer: Informer | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Loop time at which each terminating pod's backend is stopped.
+    _ends: dict[str, float] = field(default_factory=dict)
 
     async def start(self) -> None:
         self._api = KubeApi.from_config(self.kubeconfig, field_manager="pdorch-pod-backends")
@@ -168,8 +179,12 @@ class PodBackends:
         assert self._informer is not None
         pods = {p["metadata"]["name"]: p for p in self._informer.store.values()}
         want = {b.pod: b for p in pods.values() if (b := backend_for(p)) is not None}
+        loop = asyncio.get_running_loop()
         for name, b in list(self._running.items()):
-            if want.get(name) != b:
+            if name in pods and is_terminating(pods[name]) and name not in self._ends:
+                self._ends[name] = loop.time() + TERMINATING_ENGINE_S
+                loop.call_later(TERMINATING_ENGINE_S, self._wake.set)
+            if want.get(name) != b or loop.time() >= self._ends.get(name, float("inf")):
                 await self._stop_backend(name)
         for name, b in want.items():
             if name not in self._running and not is_terminating(pods[name]):
@@ -212,6 +227,7 @@ class PodBackends:
         return open(self.log_dir / f"proxy-{pod}.log", "ab")
 
     async def _stop_backend(self, name: str) -> None:
+        self._ends.pop(name, None)
         b = self._running.pop(name, None)
         server = self.engines.pop(name, None)
         if server is not None:
