@@ -491,6 +491,8 @@ class ProxyServer:
             live = {e.key for e in eps}
             for key in [k for k in self.breakers if k not in live]:
                 del self.breakers[key]  # endpoint gone: forget its history
+            if self._upstream is not None:
+                self._upstream.retain({(e.host, e.port) for e in eps})
             if eps:
                 await asyncio.gather(*(self._check_one(e) for e in eps), return_exceptions=True)
             await asyncio.sleep(self.config.health_interval_s)

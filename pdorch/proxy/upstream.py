@@ -292,6 +292,13 @@ class UpstreamPool:
             raise
         return UpstreamResponse(conn, self.idle_timeout)
 
+    def retain(self, live: set[tuple[str, int]]) -> None:
+        """Drop the idle connections to (host, port)s not in `live`: an endpoint that left discovery
+        may come back as another pod on the same IP, and must not be reached over an old connection."""
+        for key in [k for k in self._idle if k not in live]:
+            for c in self._idle.pop(key):
+                c.abort()
+
     def close(self) -> None:
         """Drop every idle connection."""
         for conns in self._idle.values():

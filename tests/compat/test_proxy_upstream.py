@@ -76,6 +76,20 @@ async def test_post_reads_the_whole_body_and_reuses_the_connection(server: tuple
     pool.close()
 
 
+async def test_retain_drops_idle_connections_to_endpoints_that_left(server: tuple[str, list[str]]) -> None:
+    base, peers = server
+    pool = UpstreamPool(connect_timeout=2)
+    (await pool.post(base, "/echo", b"a", {})).close()
+    port = int(base.rsplit(":", 1)[1])
+    pool.retain({("127.0.0.1", port)})
+    (await pool.post(base, "/echo", b"b", {})).close()
+    assert len(set(peers)) == 1  # still listed: its idle connection was kept and reused
+    pool.retain(set())
+    (await pool.post(base, "/echo", b"c", {})).close()
+    assert len(set(peers)) == 2  # gone from discovery: a fresh connection
+    pool.close()
+
+
 async def test_chunked_stream_arrives_chunk_by_chunk(server: tuple[str, list[str]]) -> None:
     base, _ = server
     pool = UpstreamPool(connect_timeout=2)
