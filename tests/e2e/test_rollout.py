@@ -286,6 +286,7 @@ async def test_rollout_converges_when_the_controller_is_killed_at_random_points(
     observer = asyncio.create_task(obs.run(stop))
     rng = random.Random(5)
     kills, rollouts = 0, 0
+    downtimes: list[float] = []  # kill -> restarted controller ready, per kill
     # Several rollouts in a row, each with SIGKILLs while it is in progress, until at least 10
     # kills landed mid-rollout.
     while kills < 10:
@@ -301,23 +302,32 @@ async def test_rollout_converges_when_the_controller_is_killed_at_random_points(
             await asyncio.sleep(rng.uniform(0.05, 1.5))
             if not await asyncio.to_thread(_rolling, kube, namespace, before):
                 break
+            down = time.monotonic()
             controller.kill()
             kills += 1
             controller.restart()
             await asyncio.to_thread(controller.wait_ready, 60)
+            downtimes.append(time.monotonic() - down)
         sg = await wait_for_async(
             lambda b=before: asyncio.to_thread(_rolled_out, kube, namespace, b), 240, "rollout done"
         )
         assert sg.status["updateRevision"] != before
     stop.set()
     await observer
-    result = {**obs.summary(), "kills_mid_rollout": kills, "rollouts": rollouts}
+    result = {
+        **obs.summary(),
+        "kills_mid_rollout": kills,
+        "rollouts": rollouts,
+        "max_controller_downtime_s": round(max(downtimes), 2),
+    }
     print("rollout with controller kills:", json.dumps(result))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "rollout-e2e-kills.json").write_text(json.dumps(result, indent=2) + "\n")
     assert kills >= 10
     _assert_steps_on_ratio(_planned_steps(devcluster, namespace))
-    assert result["longest_off_ratio_planned_window_s"] < 2.0, result
+    # A kill between the writes of one step leaves the plan off ratio until the restarted controller
+    # is back: no off-ratio plan may outlive the longest outage by more than its first reconcile.
+    assert result["longest_off_ratio_planned_window_s"] < max(downtimes) + 1.0, result
     assert result["min_ready_prefill"] >= P - 2 and result["min_ready_decode"] >= D - 1
     assert result["max_prefill_groups"] <= P + 2 and result["max_decode_groups"] <= D + 1
     # No extra objects: exactly the three LWS and P + D + proxy pods.
