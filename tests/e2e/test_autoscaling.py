@@ -34,13 +34,12 @@ from pdorch.devcluster.waiting import wait_for, wait_for_async
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
 from pdorch.sim.config import SimConfig
 from pdorch.sim.latency import BLIS_LLAMA31_8B_H100
-from tests.integration.test_controller import LWS, SG, example, kubectl, wait_available
+from tests.integration.test_controller import LWS, SG, SRS, example, kubectl, wait_available
 
 pytestmark = pytest.mark.e2e
 
 # Generic (dict) events: other controllers' events may carry a null eventTime the typed model refuses.
 EVENT = create_namespaced_resource("events.k8s.io", "v1", "Event", "events")
-SRS = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingRoleScaler", "servingrolescalers")
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 

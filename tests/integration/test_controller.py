@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SG = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
 LWS = create_namespaced_resource("leaderworkerset.x-k8s.io", "v1", "LeaderWorkerSet", "leaderworkersets")
+SRS = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingRoleScaler", "servingrolescalers")
 
 
 def example(name: str = "sim-pd") -> dict[str, Any]:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 from lightkube import Client
-from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Namespace, Pod
 from prometheus_client import REGISTRY
 
@@ -21,14 +20,12 @@ from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
 from pdorch.proxy.endpoints import Endpoint
-from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
 from pdorch.scaler.scrape import EngineSample
-from tests.integration.test_controller import SG, example, example_scaled, lws_names, wait_available
+from tests.integration.test_controller import SG, SRS, example, example_scaled, lws_names, wait_available
+from tests.integration.test_scaler_drains import is_draining, leader_pod, mark_draining
 
 pytestmark = pytest.mark.integration
-
-SRS = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingRoleScaler", "servingrolescalers")
 
 REPO = Path(__file__).resolve().parents[2]
 SA = "system:serviceaccount:pdorch-system:pdorch-controller"
@@ -187,13 +184,8 @@ async def test_scaler_runs_on_its_service_account_rbac(
     doc = example_scaled("srbac", "decode", scaling)
     kube.create(SG.from_dict(doc), namespace=namespace)
     await asyncio.to_thread(wait_available, kube, namespace, "srbac")
-    prefill = next(iter(kube.list(Pod, namespace=namespace, labels=leader_selector("srbac", "prefill"))))
-    kube.patch(
-        Pod,
-        prefill.metadata.name,
-        {"metadata": {"annotations": {ANNOTATION_DRAINING: "true"}}},
-        namespace=namespace,
-    )
+    prefill = leader_pod(kube, namespace, "srbac", "prefill")
+    mark_draining(kube, namespace, prefill)
 
     cfg = kubeconfig_for(devcluster, "pdorch-scaler", tmp_path / "scaler-kubeconfig")
     api = KubeApi.from_config(cfg, field_manager="pdorch-scaler")
@@ -214,9 +206,7 @@ async def test_scaler_runs_on_its_service_account_rbac(
     srs = kube.get(SRS, "srbac-decode", namespace=namespace)
     assert srs.spec["replicas"] == 3
     assert srs.status.get("lastScaleReason", "").startswith("1 -> 3: decode"), srs.status
-    assert ANNOTATION_DRAINING not in (
-        kube.get(Pod, prefill.metadata.name, namespace=namespace).metadata.annotations or {}
-    )
+    assert not is_draining(kube, namespace, prefill)
     raw = kubectl(devcluster, "get", "events.events.k8s.io", "-n", namespace, "-o", "json").stdout
     assert any(
         e["regarding"]["name"] == "srbac-decode" and e["reason"] == "ScaledUp"

@@ -24,7 +24,8 @@ from tests.integration.test_controller import SG, example_scaled, update_spec, w
 pytestmark = pytest.mark.integration
 
 
-def _leader(kube: Client, ns: str, group: str, role: str) -> Pod:
+def leader_pod(kube: Client, ns: str, group: str, role: str) -> Pod:
+    """A leader pod of the role (waits for one)."""
     return wait_for(
         lambda: next(iter(kube.list(Pod, namespace=ns, labels=leader_selector(group, role))), None),
         60,
@@ -32,13 +33,15 @@ def _leader(kube: Client, ns: str, group: str, role: str) -> Pod:
     )
 
 
-def _mark_draining(kube: Client, ns: str, pod: Pod) -> None:
+def mark_draining(kube: Client, ns: str, pod: Pod) -> None:
+    """Annotate `pod` as the scaler does before a scale-down."""
     kube.patch(
         Pod, pod.metadata.name, {"metadata": {"annotations": {ANNOTATION_DRAINING: "true"}}}, namespace=ns
     )
 
 
-def _draining(kube: Client, ns: str, pod: Pod) -> bool:
+def is_draining(kube: Client, ns: str, pod: Pod) -> bool:
+    """Whether `pod` carries the drain annotation now."""
     return (kube.get(Pod, pod.metadata.name, namespace=ns).metadata.annotations or {}).get(
         ANNOTATION_DRAINING
     ) == "true"
@@ -52,11 +55,11 @@ async def test_drain_marks_on_unscaled_roles_are_cleared(
     )
     kube.create(SG.from_dict(doc), namespace=namespace)
     await asyncio.to_thread(wait_available, kube, namespace, "drains")
-    prefill = _leader(kube, namespace, "drains", "prefill")
-    decode = _leader(kube, namespace, "drains", "decode")
+    prefill = leader_pod(kube, namespace, "drains", "prefill")
+    decode = leader_pod(kube, namespace, "drains", "decode")
     # As an earlier scaler process would have left them mid-drain.
-    _mark_draining(kube, namespace, prefill)
-    _mark_draining(kube, namespace, decode)
+    mark_draining(kube, namespace, prefill)
+    mark_draining(kube, namespace, decode)
 
     api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
     scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0))
@@ -64,8 +67,8 @@ async def test_drain_marks_on_unscaled_roles_are_cleared(
         await scaler.tick()
         # prefill is not Builtin: cleared on first sight. decode is Builtin and keeps its mark
         # until this scaler decides about it (the first tick only takes a baseline).
-        assert not _draining(kube, namespace, prefill)
-        assert _draining(kube, namespace, decode)
+        assert not is_draining(kube, namespace, prefill)
+        assert is_draining(kube, namespace, decode)
 
         def external(spec: dict[str, Any]) -> None:
             for role in spec["roles"]:
@@ -74,7 +77,7 @@ async def test_drain_marks_on_unscaled_roles_are_cleared(
 
         update_spec(kube, namespace, "drains", external)
         await scaler.tick()
-        assert not _draining(kube, namespace, decode)  # left Builtin: its mark goes too
+        assert not is_draining(kube, namespace, decode)  # left Builtin: its mark goes too
         assert not scaler.roles  # and so does the scaler's state for it
     finally:
         await api.close()
