@@ -26,6 +26,8 @@ ANNOTATION_DRAINING = "pdorch.io/draining"
 LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
 LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
 LWS_GROUP_INDEX = "leaderworkerset.sigs.k8s.io/group-index"
+# Annotation LWS puts on every pod: the group size of the template the pod was created from.
+LWS_SIZE = "leaderworkerset.sigs.k8s.io/size"
 
 # Keys pdorch owns on pod templates; user-supplied values under these keys are overwritten.
 OWNED_KEYS = (LABEL_GROUP, LABEL_ROLE, LABEL_ROLE_TYPE, LABEL_REVISION, LABEL_MANAGED_BY)

@@ -5,6 +5,11 @@ partitions from one revision to the next. So the hash covers exactly what makes 
 compatible or pods different: the KV roles' (prefill, decode, worker) names, types, sizes, pod
 templates and ports, plus the engine settings. It leaves out replicas and scaling (they change
 without a rollout) and the proxy role (a new proxy must not force a model rollout).
+
+It also covers every field LWS's own revision covers (the whole leaderWorkerTemplate and
+networkConfig): a change LWS would roll but pdorch did not see would bypass the planner, and with
+the KV roles' maxSurge 0 / maxUnavailable 100% LWS would recreate every group of the role at once.
+Those fields enter the hash only when set, so groups that never use them keep their revision.
 """
 
 from __future__ import annotations
@@ -13,23 +18,36 @@ import hashlib
 import json
 from typing import Any
 
-from pdorch.api.servinggroup import KV_ROLE_TYPES, ServingGroupSpec
+from pdorch.api.servinggroup import KV_ROLE_TYPES, Role, ServingGroupSpec
 
 REVISION_LENGTH = 10
+
+
+def _role_input(role: Role) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": role.name,
+        "type": role.type.value,
+        "size": role.size,
+        "leaderTemplate": role.leader_template,
+        "workerTemplate": role.worker_template,
+        "port": role.port,
+        "bootstrapPort": role.bootstrap_port,
+    }
+    # The rest of what LWS hashes; absent when unset (see the module docstring).
+    lws_only = {
+        "restartPolicy": role.restart_policy.value if role.restart_policy is not None else None,
+        "subGroupPolicy": role.sub_group_policy.to_wire() if role.sub_group_policy is not None else None,
+        "volumeClaimTemplates": role.volume_claim_templates,
+        "networkConfig": role.network_config.to_wire() if role.network_config is not None else None,
+    }
+    data.update({k: v for k, v in lws_only.items() if v is not None})
+    return data
 
 
 def revision_input(spec: ServingGroupSpec) -> dict[str, Any]:
     """The canonical data the revision hashes (exposed for tests and debugging)."""
     roles = [
-        {
-            "name": r.name,
-            "type": r.type.value,
-            "size": r.size,
-            "leaderTemplate": r.leader_template,
-            "workerTemplate": r.worker_template,
-            "port": r.port,
-            "bootstrapPort": r.bootstrap_port,
-        }
+        _role_input(r)
         for r in sorted(spec.roles, key=lambda r: r.name)  # list order is not meaningful
         if r.type in KV_ROLE_TYPES
     ]

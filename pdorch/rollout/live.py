@@ -22,7 +22,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
+from pdorch.roles.labels import (
+    ANNOTATION_ROLLOUT,
+    LABEL_REVISION,
+    LWS_GROUP_INDEX,
+    LWS_SIZE,
+    LWS_WORKER_INDEX,
+)
 from pdorch.roles.pods import is_ready, is_terminating
 from pdorch.rollout.planner import auto_tolerance, effective_tolerance, initial_state, next_step
 from pdorch.rollout.state import KV_TYPES, Decision, RoleObservation, RolloutSpec, deviation
@@ -80,8 +86,23 @@ def lws_replicas_partition(lws: dict[str, Any]) -> tuple[int, int]:
     return int(spec.get("replicas") or 0), int(ru.get("partition") or 0)
 
 
+def _group_size(leader: dict[str, Any] | None, default: int) -> int:
+    """The size of the template a group was created from (LWS annotates it on every pod).
+
+    After a `size` change the old groups still have the old size; judging them by the new one
+    would call a smaller old group never ready and stall the rollout before its first step.
+    """
+    value = ((leader or {}).get("metadata", {}).get("annotations") or {}).get(LWS_SIZE)
+    try:
+        return max(1, int(value)) if value is not None else default
+    except ValueError:
+        return default
+
+
 def group_states(pods: Iterable[dict[str, Any]], size: int) -> tuple[GroupState, ...]:
-    """Per group index: the leader's revision, and whether all `size` pods are Ready and staying."""
+    """Per group index: the leader's revision, and whether all its pods are Ready and staying.
+
+    A group needs as many pods as the size on its leader's LWS annotation (`size` when absent)."""
     by_index: dict[int, list[dict[str, Any]]] = {}
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
@@ -100,7 +121,7 @@ def group_states(pods: Iterable[dict[str, Any]], size: int) -> tuple[GroupState,
         rev = ((leader or {}).get("metadata", {}).get("labels") or {}).get(LABEL_REVISION, "")
         ready = (
             leader is not None
-            and len(members) >= size
+            and len(members) >= _group_size(leader, size)
             and all(is_ready(p) and not is_terminating(p) for p in members)
             and all((p["metadata"].get("labels") or {}).get(LABEL_REVISION, "") == rev for p in members)
         )

@@ -179,3 +179,52 @@ def test_paused_rollout_holds_then_finishes_when_resumed(
 
     update_spec(kube, namespace, "pause", lambda s: s["rolloutStrategy"].update({"paused": False}))
     wait_for(lambda: _on(kube, namespace, "pause", second), 90, "rollout after resuming")
+
+
+def test_size_and_restart_policy_changes_roll_out_through_the_planner(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """Fields LWS rolls on (restartPolicy here) and `size` go through pdorch's planner: the new
+    template arrives held at partition = replicas, and the rollout finishes with every group of
+    the new size (old one-pod groups are judged by their own size, not the new one)."""
+    from lightkube.resources.core_v1 import Pod
+
+    doc = example("resize")
+    doc["spec"]["rolloutStrategy"] = {"paused": True}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    first = wait_available(kube, namespace, "resize").status["updateRevision"]
+
+    def resize(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["name"] == "prefill":
+                role["size"] = 2
+            if role["name"] == "decode":
+                role["restartPolicy"] = "None"
+
+    update_spec(kube, namespace, "resize", resize)
+    second = _new_revision(kube, namespace, "resize", first)
+
+    def held() -> bool:
+        objs = _kv_lws(kube, namespace, "resize")
+        return all(
+            lws_revision(o) == second and lws_replicas_partition(o)[1] == lws_replicas_partition(o)[0]
+            for o in objs.values()
+        )
+
+    wait_for(held, 30, "new templates held at partition = replicas")
+    decode = _kv_lws(kube, namespace, "resize")["resize-decode"]
+    assert decode["spec"]["leaderWorkerTemplate"]["restartPolicy"] == "None"
+    update_spec(kube, namespace, "resize", lambda s: s["rolloutStrategy"].update({"paused": False}))
+    wait_for(lambda: _on(kube, namespace, "resize", second), 120, "rollout of the new size")
+
+    def prefill_pods() -> list[Any]:
+        pods = kube.list(
+            Pod, namespace=namespace, labels={"pdorch.io/group": "resize", "pdorch.io/role": "prefill"}
+        )
+        return [p for p in pods if p.metadata.deletionTimestamp is None]
+
+    replicas = lws_replicas_partition(_kv_lws(kube, namespace, "resize")["resize-prefill"])[0]
+    pods = wait_for(
+        lambda: (ps := prefill_pods()) and len(ps) == 2 * replicas and ps, 60, "two pods per group"
+    )
+    assert {p.metadata.labels["pdorch.io/revision"] for p in pods} == {second}

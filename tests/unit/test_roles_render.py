@@ -371,6 +371,25 @@ class TestRevision:
         engine["spec"]["engine"]["kvTransfer"]["connector"] = "LMCacheConnectorV1"
         assert compute_revision(_sg(engine).spec) != base
 
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("restartPolicy", "None"),
+            ("subGroupPolicy", {"subGroupSize": 1}),
+            ("networkConfig", {"subdomainPolicy": "UniquePerReplica"}),
+            (
+                "volumeClaimTemplates",
+                [{"metadata": {"name": "cache"}, "spec": {"accessModes": ["ReadWriteOnce"]}}],
+            ),
+        ],
+    )
+    def test_fields_lws_hashes_change_it(self, field: str, value: Any) -> None:
+        # LWS rolls every group when these change; pdorch's planner must see the change first.
+        raw = _raw()
+        base = compute_revision(_sg(raw).spec)
+        _role(raw, "decode")[field] = value
+        assert compute_revision(_sg(raw).spec) != base
+
     def test_replicas_scaling_and_role_order_do_not_change_it(self) -> None:
         raw = _raw()
         base = compute_revision(_sg(raw).spec)

@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
+from pdorch.roles.labels import (
+    ANNOTATION_ROLLOUT,
+    LABEL_REVISION,
+    LWS_GROUP_INDEX,
+    LWS_SIZE,
+    LWS_WORKER_INDEX,
+)
 from pdorch.rollout import live
 from pdorch.rollout.planner import auto_tolerance, initial_state
 from pdorch.rollout.state import RolloutSpec
@@ -55,6 +61,19 @@ def test_group_states_need_every_pod_ready_and_staying() -> None:
     assert not states[1].ready and states[1].revision == NEW
     assert not states[2].ready
     assert not states[3].ready
+
+
+def test_group_states_judge_each_group_by_the_size_it_was_created_with() -> None:
+    # roles[].size 1 -> 2: the old one-pod groups are complete; a new group needs its worker.
+    def sized(pod: dict[str, Any], size: int) -> dict[str, Any]:
+        pod["metadata"]["annotations"] = {LWS_SIZE: str(size)}
+        return pod
+
+    pods = [sized(_pod(0, OLD), 1), sized(_pod(1, NEW), 2), sized(_pod(2, NEW), 2), _pod(2, NEW, worker=1)]
+    states = {g.index: g for g in live.group_states(pods, size=2)}
+    assert states[0].ready
+    assert not states[1].ready
+    assert states[2].ready
 
 
 def test_group_states_ignore_pods_without_a_group_index() -> None:
