@@ -154,7 +154,7 @@ class Reconciler:
         sg = sg_or_error
 
         overrides = self._overrides(sg, namespace, name)
-        rollout = self._plan_rollout(sg, key, namespace, name, overrides)
+        rollout = await self._plan_rollout(sg, key, namespace, name, overrides)
         for role_name, (replicas, partition) in rollout.actions.items():
             overrides[role_name] = RoleOverride(replicas=replicas, partition=partition, rollout=True)
         rkey = (uid, rv, repr(sorted(overrides.items())))
@@ -240,7 +240,7 @@ class Reconciler:
         return requeue
 
     # ------------------------------------------------------------------ rollout
-    def _plan_rollout(
+    async def _plan_rollout(
         self, sg: ServingGroup, key: str, namespace: str, name: str, overrides: dict[str, RoleOverride]
     ) -> rlive.RolloutPlan:
         """Ask the planner for this pass's partitions/replicas (no-op when no rollout is active)."""
@@ -271,7 +271,9 @@ class Reconciler:
             for r in roles
         ]
         spec = rollout_spec(sg, honour_pause=True)
-        plan = rlive.plan(roles, update_revision, spec)
+        # In a thread: the first decision of a large rollout searches for seconds (later ones hit the
+        # planner's cache), and the event loop must keep renewing the Lease and serving other keys.
+        plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec)
         assert plan.decision is not None
         if plan.decision.kind == "step":
             ROLLOUT_STEPS.labels(namespace, name).inc()

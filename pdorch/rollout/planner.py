@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -57,10 +58,15 @@ class _Option:
 
 
 def budgets(role: RoleObservation, spec: RolloutSpec) -> tuple[int, int]:
-    """(surge, unavailable) of a role, resolved against its desired replicas."""
+    """(surge, unavailable) of a role, resolved against its desired replicas.
+
+    Both are capped at the desired replicas: a surge of one whole new copy already lets every step
+    happen, and the search below grows with the budgets (an unbounded maxSurge of 2000 on a
+    4-group role took 24 s per decision, longer than the controller's lease renewal deadline).
+    """
     surge = resolve_int_or_percent(spec.max_surge, role.desired, round_up=True)
     unavailable = resolve_int_or_percent(spec.max_unavailable, role.desired, round_up=False)
-    return surge, unavailable
+    return min(surge, role.desired), min(unavailable, role.desired)
 
 
 def effective_tolerance(roles: Sequence[RoleObservation], spec: RolloutSpec) -> Fraction | None:
@@ -115,15 +121,32 @@ def _best_new(
     """The on-ratio (P, D) new cohort with the most groups (then closest to ratio), if any."""
     best: tuple[tuple[int, Fraction], tuple[int, int]] | None = None
     for n_d in range(d_range[1], d_range[0] - 1, -1):
-        for n_p in range(p_range[1], p_range[0] - 1, -1):
-            if tol is not None and not on_ratio(n_p, n_d, spec.ratio_p, spec.ratio_d, tol):
-                continue
-            dev = deviation(n_p, n_d, spec.ratio_p, spec.ratio_d) or Fraction(0)
-            key = (n_p + n_d, -dev)
-            if best is None or key > best[0]:
-                best = (key, (n_p, n_d))
-            break  # larger n_p first: the first on-ratio one is the best for this n_d
+        n_p = _largest_on_ratio_p(n_d, p_range, spec, tol)
+        if n_p is None:
+            continue
+        dev = deviation(n_p, n_d, spec.ratio_p, spec.ratio_d) or Fraction(0)
+        key = (n_p + n_d, -dev)
+        if best is None or key > best[0]:
+            best = (key, (n_p, n_d))
     return None if best is None else best[1]
+
+
+def _largest_on_ratio_p(
+    n_d: int, p_range: tuple[int, int], spec: RolloutSpec, tol: Fraction | None
+) -> int | None:
+    """The most prefill groups in `p_range` on ratio with `n_d` decode groups, if any.
+
+    Closed form of the ratio check: with n_d > 0, P is on ratio iff P > 0 and
+    |P*d - n_d*p| <= tol*n_d*p, i.e. n_d*p*(1 - tol)/d <= P <= n_d*p*(1 + tol)/d.
+    """
+    lo, hi = p_range
+    if tol is None:
+        return hi if lo <= hi else None
+    if n_d == 0:
+        return 0 if lo == 0 else None  # only the empty cohort is on ratio without decode
+    scale = Fraction(n_d * spec.ratio_p, spec.ratio_d)
+    p = min(hi, math.floor(scale * (1 + tol)))
+    return p if p >= max(lo, 1, math.ceil(scale * (1 - tol))) else None
 
 
 def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decision:
@@ -139,14 +162,16 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
     if not all(r.all_ready for r in roles):
         waiting = ", ".join(r.name for r in roles if not r.all_ready)
         return Decision("wait", hold, f"waiting for readiness of {waiting}")
-    decision = _plan_step(roles, spec)
+    decision = _plan_step(tuple(roles), spec)
     if decision.kind != "step":
         return decision
     # Decisions depend only on the all-ready state, so this dry run is exactly the future plan.
-    state, steps = roles, 0
+    # `_plan_step` is cached, so the next reconcile (which observes the first of these states)
+    # replays the rest of the dry run from the cache instead of searching again.
+    state, steps = tuple(roles), 0
     ahead = decision
     while ahead.kind == "step" and steps <= _MAX_LOOKAHEAD:
-        state = [_applied(r, ahead.roles[r.name]) for r in state]
+        state = tuple(_applied(r, ahead.roles[r.name]) for r in state)
         ahead = _plan_step(state, spec)
         steps += 1
     if ahead.kind == "blocked":
@@ -170,8 +195,10 @@ def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
     )
 
 
-def _plan_step(roles: Sequence[RoleObservation], spec: RolloutSpec) -> Decision:
-    """The next step from a state where every group is ready (no lookahead)."""
+@functools.lru_cache(maxsize=1024)
+def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decision:
+    """The next step from a state where every group is ready (no lookahead). Cached: callers must
+    not mutate the returned decision."""
     hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
     if all(r.partition == 0 and r.replicas == r.desired for r in roles):
         return Decision("done", hold, "every group runs the new revision")
@@ -263,21 +290,21 @@ def auto_tolerance(observed: Sequence[RoleObservation], spec: RolloutSpec) -> fl
 
 @functools.lru_cache(maxsize=256)
 def _auto_tolerance(observed: tuple[RoleObservation, ...], spec: RolloutSpec) -> float:
-    p_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "prefill")
-    d_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "decode")
-    cands = {Fraction(0)}
-    for p in range(1, p_max + 2):
-        for d in range(1, d_max + 2):
-            dev = deviation(p, d, spec.ratio_p, spec.ratio_d)
-            if dev is not None and dev <= 1:
-                cands.add(dev)
-    ordered = sorted(cands)
     ready = [replace(r, old_ready=r.old_total, new_ready=r.new_total) for r in observed]
 
-    def feasible(tol: Fraction) -> bool:
-        return next_step(ready, replace(spec, tolerance=float(tol), paused=False)).kind != "blocked"
+    def feasible(tol: float) -> bool:
+        return next_step(ready, replace(spec, tolerance=tol, paused=False)).kind != "blocked"
 
-    return float(next((t for t in ordered if feasible(t)), ordered[-1]))
+    if feasible(0.0):  # the common case; spares building and sorting every candidate
+        return 0.0
+    p_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "prefill")
+    d_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "decode")
+    rp, rd = spec.ratio_p, spec.ratio_d
+    # Floats, not Fractions: the tolerance reaches the planner as a float anyway, int / int rounds
+    # exactly as float(Fraction) does, and sorting ~10^6 Fractions took seconds.
+    cands = {abs(p * rd - d * rp) / (d * rp) for p in range(1, p_max + 2) for d in range(1, d_max + 2)}
+    ordered = sorted(c for c in cands if 0 < c <= 1) or [0.0]
+    return next((t for t in ordered if feasible(t)), ordered[-1])
 
 
 # --- simulation -------------------------------------------------------------------------------

@@ -250,3 +250,34 @@ def test_auto_tolerance_is_the_smallest_that_finishes(
         assert next_step(init, replace(spec, tolerance=tol * 0.999)).kind == "blocked"
     if _guaranteed(spec, roles):
         assert tol == 0.0
+
+
+def test_surge_above_desired_plans_like_one_full_copy():
+    """maxSurge beyond the desired replicas buys nothing over a whole second copy; the planner caps
+    it there instead of searching a range that grows with it (2000 took 24 s per decision)."""
+    roles = [("prefill", "prefill", 4), ("decode", "decode", 2)]
+    huge = simulate(RolloutSpec(2, 1, 0.0, 2000, "25%"), initial_state(roles), lambda *_: 1)
+    copy = simulate(RolloutSpec(2, 1, 0.0, "100%", "25%"), initial_state(roles), lambda *_: 1)
+    assert huge[-1].decision.kind == "done"
+    assert [(s.step, s.roles) for s in huge] == [(s.step, s.roles) for s in copy]
+    assert max(r.old_total + r.new_total for s in huge for r in s.roles if r.name == "prefill") == 8
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.sampled_from([0.0, 0.1, 0.25, 1 / 3, 0.5, 1.0]),
+    st.integers(0, 12),
+    st.integers(0, 12),
+    st.integers(0, 12),
+)
+def test_largest_on_ratio_p_matches_a_scan(rp: int, rd: int, tol: float, n_d: int, lo: int, span: int):
+    """The closed form agrees with scanning every prefill count from the top."""
+    from pdorch.rollout.planner import _largest_on_ratio_p
+    from pdorch.rollout.state import on_ratio
+
+    spec = RolloutSpec(rp, rd, tol)
+    t = Fraction(tol).limit_denominator(1_000_000)
+    scan = next((p for p in range(lo + span, lo - 1, -1) if on_ratio(p, n_d, rp, rd, t)), None)
+    assert _largest_on_ratio_p(n_d, (lo, lo + span), spec, t) == scan
