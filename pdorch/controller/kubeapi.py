@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -106,6 +106,10 @@ _decode = msgspec.json.Decoder().decode
 _ENCODER = msgspec.json.Encoder()
 
 
+class NotLeader(Exception):
+    """A write refused because this replica no longer holds the Lease (see `KubeApi.write_guard`)."""
+
+
 class ApiError(Exception):
     """A non-2xx answer from the API server, with its Status fields."""
 
@@ -131,6 +135,9 @@ class KubeApi:
         self.http = http
         self.field_manager = field_manager
         self.writes = 0  # also exposed through the Prometheus counter; handy for tests
+        # Called before every write except dry runs; raises NotLeader to refuse it (the leader
+        # election fences a replica whose Lease may have passed to another one).
+        self.write_guard: Callable[[Resource], None] | None = None
 
     @classmethod
     def from_config(cls, kubeconfig: str | None = None, field_manager: str = "pdorch") -> KubeApi:
@@ -160,6 +167,8 @@ class KubeApi:
         content_type: str = "application/json",
     ) -> dict[str, Any]:
         q = {k: v for k, v in (params or {}).items() if v is not None}
+        if self.write_guard is not None and verb in WRITE_VERBS and not q.get("dryRun"):
+            self.write_guard(res)
         url = path + (f"?{urlencode(q)}" if q else "")
         headers = {"Accept": "application/json"}
         content = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from pdorch.controller.kubeapi import LEASE, ApiError, KubeApi
+from pdorch.controller.kubeapi import LEASE, ApiError, KubeApi, NotLeader, Resource
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,24 @@ class LeaseElector:
                 self.is_leader.clear()
                 self.lost.set()
                 return
+
+    def holds(self) -> bool:
+        """Whether this replica may still write: leader, and renewed within `renew_deadline`.
+
+        Another candidate takes over only after it has seen no renewal for `lease_duration`
+        (longer than `renew_deadline`), so a replica that passes this check still owns the Lease,
+        even if its event loop was frozen or starved past a renewal and the elector has not noticed.
+        """
+        return self.is_leader.is_set() and time.monotonic() - self._last_renew <= self.renew_deadline
+
+    def guard_writes(self, res: Resource) -> None:
+        """`KubeApi.write_guard`: refuse every write but the Lease's own once `holds()` is false."""
+        if res != LEASE and not self.holds():
+            age = time.monotonic() - self._last_renew
+            raise NotLeader(
+                f"not writing {res.plural}: lease {self.namespace}/{self.name} last renewed {age:.1f}s ago "
+                f"(deadline {self.renew_deadline:g}s); another replica may lead"
+            )
 
     async def release(self) -> None:
         """Give the lease up (graceful shutdown) so a standby can take over immediately."""

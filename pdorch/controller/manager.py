@@ -2,8 +2,8 @@
 
 Informers start before leadership (a warm standby has full caches); workers and every write start
 only once this replica holds the Lease. SIGTERM: stop the queue, let in-flight reconciles finish
-(bounded), stop watches, release the Lease, close the client. Losing the Lease exits non-zero, so
-a stale leader never keeps writing.
+(bounded), stop watches, release the Lease, close the client. Losing the Lease drops the queue,
+cancels in-flight reconciles and exits non-zero, so a stale leader never keeps writing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.informer import Informer, key_of
-from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi, Resource
+from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi, NotLeader, Resource
 from pdorch.controller.leader import LeaseElector
 from pdorch.controller.reconciler import CHILD_KINDS, Caches, Reconciler
 from pdorch.controller.workqueue import ShutDown, WorkQueue
@@ -69,6 +69,8 @@ class Controller:
             if cfg.leader_elect
             else None
         )
+        if self.elector is not None:
+            self.api.write_guard = self.elector.guard_writes
         self.reconciler = Reconciler(
             api=self.api,
             caches=Caches(self.groups, self.children, self.pods),
@@ -144,6 +146,10 @@ class Controller:
                     self.queue.add_after(key, after)
             except asyncio.CancelledError:
                 raise
+            except NotLeader as e:
+                # Not retried: the replica that now holds the Lease reconciles it, and the elector
+                # is about to notice the loss and stop this one.
+                log.warning("reconcile %s stopped: %s", key, e)
             except Exception as e:
                 log.warning("reconcile %s failed (retrying with backoff): %r", key, e)
                 self.queue.add_rate_limited(key)
@@ -205,10 +211,14 @@ class Controller:
                     code = 1
         finally:
             self._ready = False
-            self.queue.shutdown()
+            # A graceful stop finishes what is queued and in flight (bounded by the grace period).
+            # After losing the Lease another replica may already lead: drop the queue and cancel
+            # in-flight reconciles at once, so this replica sends no write it no longer owns.
+            lost = code == 1
+            self.queue.shutdown(drain=not lost)
             workers = [t for t in tasks if t.get_name().startswith("worker-")]
             if workers:
-                _, pending = await asyncio.wait(workers, timeout=self.cfg.shutdown_grace)
+                _, pending = await asyncio.wait(workers, timeout=0 if lost else self.cfg.shutdown_grace)
                 for t in pending:
                     t.cancel()
             for t in [*tasks, *informer_tasks]:

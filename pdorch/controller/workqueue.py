@@ -36,7 +36,8 @@ class ExponentialBackoff:
     def when(self, key: Hashable) -> float:
         n = self._failures.get(key, 0)
         self._failures[key] = n + 1
-        delay = min(self.cap, self.base * (2**n))
+        # Exponent clamped: 2**1024 overflows a float (after 1024 failures of one key).
+        delay = min(self.cap, self.base * (2 ** min(n, 64)))
         return delay * (1 + random.uniform(-self.jitter, self.jitter))
 
     def forget(self, key: Hashable) -> None:
@@ -142,9 +143,17 @@ class WorkQueue(Generic[K]):
             self._notify()
 
     # ------------------------------------------------------------------ lifecycle
-    def shutdown(self) -> None:
-        """Stop accepting keys; `get` raises ShutDown once the queue is empty."""
+    def shutdown(self, *, drain: bool = True) -> None:
+        """Stop accepting keys; `get` raises ShutDown once the queue is empty.
+
+        `drain=False` drops the keys still waiting, so `get` raises at once (a replica that lost
+        its Lease must not start reconciles it no longer owns).
+        """
         self._shutting_down = True
+        if not drain:
+            self._queue.clear()
+            self._dirty.clear()
+            self._on_depth(0)
         if self._timer is not None:
             self._timer.cancel()
         self._delayed.clear()

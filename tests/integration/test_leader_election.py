@@ -60,3 +60,43 @@ def test_only_the_leader_writes_and_a_standby_takes_over(
     assert b_code == 0
     released = kube.get(Lease, lease, namespace="pdorch-system")
     assert not released.spec.holderIdentity
+
+
+def test_a_frozen_leader_wakes_up_fenced_and_exits(
+    kube: Client, namespace: str, devcluster: ClusterState, pdorch_crds: list[str]
+) -> None:
+    """A leader frozen past its lease (GC pause, SIGSTOP, starved node) must not act on its stale
+    caches when it wakes: the standby leads by then, so it stops with code 1 and writes nothing."""
+    lease = f"frz-{uuid.uuid4().hex[:6]}"
+    a = ControllerProc(devcluster.kubeconfig, "frozen-a", lease)
+    a.wait_ready()
+    wait_for(a.is_leader, 30, "frozen-a leads")
+    b = ControllerProc(devcluster.kubeconfig, "frozen-b", lease)
+    try:
+        b.wait_ready()
+        kube.create(SG.from_dict(example("frz")), namespace=namespace)
+        wait_available(kube, namespace, "frz")
+        a.send(signal.SIGSTOP)
+        wait_for(b.is_leader, LEASE_DURATION + 15, "frozen-b takes over")
+
+        def more_decode(spec: dict[str, Any]) -> None:
+            next(r for r in spec["roles"] if r["name"] == "decode")["replicas"] = 2
+
+        update_spec(kube, namespace, "frz", more_decode)
+        wait_for(
+            lambda: kube.get(LWS, "frz-decode", namespace=namespace).spec["replicas"] == 2, 60, "b scales"
+        )
+        generation = kube.get(LWS, "frz-decode", namespace=namespace).metadata.generation
+        a.send(signal.SIGCONT)
+        a.proc.wait(30)  # renew fails at once (b holds the Lease), then it steps down
+        assert a.proc.returncode == 1, a.log_tail()
+        log = a.log.read_text(errors="replace")
+        assert "lost leadership" in log
+        assert "failed (retrying with backoff)" not in log.split("lost leadership")[-1]
+        decode = kube.get(LWS, "frz-decode", namespace=namespace)
+        assert decode.spec["replicas"] == 2 and decode.metadata.generation == generation
+        assert kube.get(Lease, lease, namespace="pdorch-system").spec.holderIdentity == "frozen-b"
+    finally:
+        a.send(signal.SIGCONT)
+        a.stop()
+        b.stop()

@@ -88,6 +88,34 @@ async def test_shutdown_wakes_waiting_workers() -> None:
     assert len(q) == 0
 
 
+async def test_shutdown_without_drain_drops_waiting_keys() -> None:
+    q: WorkQueue[str] = WorkQueue()
+    q.add("a")
+    q.add("b")
+    key = await q.get()
+    q.add(key)  # dirty while processing: would be queued again by done()
+    q.shutdown(drain=False)
+    q.done(key)
+    assert len(q) == 0
+    with pytest.raises(ShutDown):
+        await asyncio.wait_for(q.get(), timeout=2)
+
+
+async def test_shutdown_drains_waiting_keys_by_default() -> None:
+    q: WorkQueue[str] = WorkQueue()
+    q.add("a")
+    q.shutdown()
+    assert await q.get() == "a"
+    with pytest.raises(ShutDown):
+        await asyncio.wait_for(q.get(), timeout=2)
+
+
+def test_backoff_survives_thousands_of_failures() -> None:
+    b = ExponentialBackoff(base=0.5, cap=300.0, jitter=0.0)
+    delays = [b.when("k") for _ in range(1100)]  # 2**1024 would overflow a float
+    assert delays[-1] == 300.0
+
+
 def test_backoff_doubles_caps_and_forgets() -> None:
     b = ExponentialBackoff(base=1.0, cap=5.0, jitter=0.0)
     assert [b.when("k") for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
