@@ -8,6 +8,8 @@ import pytest
 
 from pdorch.proxy.deadline import Deadline
 
+pytestmark = pytest.mark.unit
+
 
 async def test_expired_block_raises_timeout_and_the_task_goes_on() -> None:
     loop = asyncio.get_running_loop()
