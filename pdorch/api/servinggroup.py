@@ -407,7 +407,8 @@ class RolloutStrategy(ApiModel):
     model_config = ConfigDict(json_schema_extra=cel_schema(cel_rules))
 
     max_surge: IntOrString = "25%"
-    """Groups per role that may be added above replicas during a rollout (int or %, rounded up)."""
+    """Groups per role that may be added above replicas during a rollout (int or %, rounded up;
+    more than replicas acts as replicas: one whole new copy)."""
     max_unavailable: IntOrString = "25%"
     """Groups per role that may be unavailable during a rollout (int or %, rounded down)."""
     ratio_tolerance: float | None = Field(None, ge=0, le=1)
