@@ -270,7 +270,7 @@ class Reconciler:
             )
             for r in roles
         ]
-        spec = rollout_spec(sg, honour_pause=True)
+        spec = rollout_spec(sg, honour_pause=True, desired={r.name: r.desired for r in roles})
         # In a thread: the first decision of a large rollout searches for seconds (later ones hit the
         # planner's cache), and the event loop must keep renewing the Lease and serving other keys.
         plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec)

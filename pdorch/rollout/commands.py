@@ -45,10 +45,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_rollback_parser(subparsers)
 
 
-def rollout_spec(sg: ServingGroup, *, honour_pause: bool = False) -> RolloutSpec:
+def rollout_spec(
+    sg: ServingGroup, *, honour_pause: bool = False, desired: dict[str, int] | None = None
+) -> RolloutSpec:
     """The planner's view of spec.ratio and spec.rolloutStrategy.
 
-    Without spec.ratio the declared ratio is the ratio of the desired replicas (DESIGN.md "API").
+    Without spec.ratio the declared ratio is the ratio of the desired replicas (DESIGN.md "API"):
+    `desired` (role name -> replicas, e.g. what the role's ServingRoleScaler asks for now) where
+    given, else `roles[].replicas`, which for an autoscaled role is only its initial size.
     Without a tolerance (neither rolloutStrategy.ratioTolerance nor ratio.tolerance) it is None:
     the planner then uses the smallest one the surge/unavailable budgets allow.
     """
@@ -57,8 +61,9 @@ def rollout_spec(sg: ServingGroup, *, honour_pause: bool = False) -> RolloutSpec
     if spec.ratio is not None:
         p, d = spec.ratio.prefill, spec.ratio.decode
     else:
-        p = sum(r.replicas for r in spec.roles if r.type == RoleType.PREFILL)
-        d = sum(r.replicas for r in spec.roles if r.type == RoleType.DECODE)
+        now = desired or {}
+        p = sum(now.get(r.name, r.replicas) for r in spec.roles if r.type == RoleType.PREFILL)
+        d = sum(now.get(r.name, r.replicas) for r in spec.roles if r.type == RoleType.DECODE)
         g = math.gcd(p, d) or 1
         p, d = max(1, p // g), max(1, d // g)
     tol = None if strategy is None else strategy.ratio_tolerance

@@ -200,3 +200,25 @@ def test_surge_is_removed_only_after_every_group_is_ready() -> None:
 
 def test_a_plain_scale_down_is_not_a_rollout() -> None:
     assert not live.is_rolling([live.LiveRole("p", "prefill", 4, _lws(6, 0, NEW))], NEW)
+
+
+def test_without_spec_ratio_the_rollout_ratio_follows_the_current_desired_replicas() -> None:
+    # An autoscaled group: roles[].replicas (2P:1D) is only the initial size; the scalers move it.
+    from pathlib import Path
+
+    import yaml
+
+    from pdorch.api.servinggroup import ServingGroup
+    from pdorch.rollout.commands import rollout_spec
+
+    doc = yaml.safe_load((Path(__file__).parents[2] / "examples/sim-pd/servinggroup.yaml").read_text())
+    doc["spec"].pop("ratio", None)
+    sg = ServingGroup.model_validate(doc)
+    assert (rollout_spec(sg).ratio_p, rollout_spec(sg).ratio_d) == (2, 1)
+    now = rollout_spec(sg, desired={"prefill": 6, "decode": 3, "proxy": 5})
+    assert (now.ratio_p, now.ratio_d) == (2, 1)
+    now = rollout_spec(sg, desired={"prefill": 3, "decode": 3})
+    assert (now.ratio_p, now.ratio_d) == (1, 1)
+    doc["spec"]["ratio"] = {"prefill": 2, "decode": 1}
+    declared = rollout_spec(ServingGroup.model_validate(doc), desired={"prefill": 3, "decode": 3})
+    assert (declared.ratio_p, declared.ratio_d) == (2, 1)
