@@ -35,6 +35,9 @@ class RoleObservation:
     updated: int = 0
     partition: int = 0
     exists: bool = False
+    # LWS's status reflects the current spec (status.observedGeneration == generation). Right after
+    # a template change the old status still counts every group as updated.
+    current: bool = True
 
 
 def observe_role(name: str, rtype: str, desired: int, lws: dict[str, Any] | None) -> RoleObservation:
@@ -52,7 +55,16 @@ def observe_role(name: str, rtype: str, desired: int, lws: dict[str, Any] | None
         updated=int(st.get("updatedReplicas") or 0),
         partition=int(ru.get("partition") or 0),
         exists=True,
+        current=_status_is_current(lws),
     )
+
+
+def _status_is_current(lws: dict[str, Any]) -> bool:
+    """Whether an LWS's status was computed for its current spec (generation)."""
+    observed = (lws.get("status") or {}).get("observedGeneration")
+    if observed is None:
+        return True  # releases that never report it are taken at their word
+    return int(observed) >= int((lws.get("metadata") or {}).get("generation") or 0)
 
 
 def condition(
@@ -159,6 +171,7 @@ def compute_status(
         )
 
     rolling = [r for r in roles if r.updated < r.desired or r.partition > 0]
+    stale = [r.name for r in roles if r.exists and not r.current]
     if not all(r.exists for r in roles):
         progressing = condition(
             PROGRESSING, True, "CreatingRoles", "creating LeaderWorkerSets", generation, prev_conds
@@ -166,6 +179,15 @@ def compute_status(
     elif rolling:
         names = ", ".join(f"{r.name} {r.updated}/{r.desired} updated" for r in rolling)
         progressing = condition(PROGRESSING, True, "RolloutInProgress", names, generation, prev_conds)
+    elif stale:
+        progressing = condition(
+            PROGRESSING,
+            True,
+            "Updating",
+            f"waiting for LWS to act on the latest spec of {', '.join(stale)}",
+            generation,
+            prev_conds,
+        )
     elif not_ready or any(r.replicas != r.desired for r in roles):
         progressing = condition(
             PROGRESSING, True, "Scaling", "waiting for groups to become ready", generation, prev_conds

@@ -94,6 +94,26 @@ def test_observe_role_reads_lws_status_and_partition() -> None:
     assert not st.observe_role("x", "decode", 1, None).exists
 
 
+def test_status_is_not_complete_until_lws_has_observed_the_latest_spec() -> None:
+    # A template change bumps the LWS generation; until LWS reconciles it, its status still counts
+    # every group as updated.
+    lws = {
+        "metadata": {"generation": 3},
+        "spec": {"rolloutStrategy": {"rollingUpdateConfiguration": {"partition": 0}}},
+        "status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 2},
+    }
+    kinds = [("proxy", "proxy"), ("prefill", "prefill"), ("decode", "decode")]
+    roles = [st.observe_role(n, t, 1, lws) for n, t in kinds]
+    s = st.compute_status(3, roles, "abc", None)
+    prog = _cond(s, "Progressing")
+    assert prog["status"] == "True" and prog["reason"] == "Updating"
+    caught_up = {**lws, "status": {**lws["status"], "observedGeneration": 3}}
+    roles = [st.observe_role(n, t, 1, caught_up) for n, t in kinds]
+    assert _cond(st.compute_status(3, roles, "abc", None), "Progressing")["reason"] == "Complete"
+    unreported = {**lws, "status": {k: v for k, v in lws["status"].items() if k != "observedGeneration"}}
+    assert st.observe_role("p", "prefill", 1, unreported).current
+
+
 def test_intent_hash_ignores_its_own_annotation_and_key_order() -> None:
     a = {"kind": "X", "metadata": {"name": "n"}, "spec": {"a": 1, "b": 2}}
     b = {
