@@ -72,6 +72,8 @@ ROLLOUT_STALLED = Gauge(
     "pdorch_rollout_stalled", "1 while the group's RolloutStalled condition is True.", ["namespace", "group"]
 )
 CHILD_KINDS: tuple[Resource, ...] = (LWS, SERVICE, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, SERVING_ROLE_SCALER)
+# Retry interval of a ControllerRevision write the API refused (the pass itself succeeded).
+REVISION_RETRY_S = 10.0
 # Kinds carrying user-supplied content (pod templates, scaling bounds): dry-run before writing.
 USER_CONTENT_KINDS = frozenset({LWS.kind, SERVING_ROLE_SCALER.kind})
 
@@ -110,6 +112,8 @@ class Reconciler:
     # observed rollout state with the time it was first seen (for RolloutStalled).
     rolling: set[str] = field(default_factory=set)
     _progress: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # Update revisions whose ControllerRevision could not be written yet (retried every pass).
+    _unrecorded: dict[str, str] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
         """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
@@ -131,6 +135,7 @@ class Reconciler:
             self._renders.pop(key, None)
             self.rolling.discard(key)
             self._progress.pop(key, None)
+            self._unrecorded.pop(key, None)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
         generation = int(obj["metadata"].get("generation") or 0)
@@ -233,9 +238,20 @@ class Reconciler:
         )
         requeue = self._rollout_status(sg, key, obj, generation, prev_status, new_status, rollout)
         _record_ratio(sg, roles, namespace, name)
+        # Recorded before the status that announces it, so a pass that raises here leaves the old
+        # updateRevision in status and its retry records it; a refusal is retried every
+        # REVISION_RETRY_S while this process runs (recording is idempotent).
+        update_revision = new_status["updateRevision"]
+        if (
+            update_revision != prev_status.get("updateRevision")
+            or self._unrecorded.get(key) == update_revision
+        ):
+            if await self._record_revision(obj, update_revision):
+                self._unrecorded.pop(key, None)
+            else:
+                self._unrecorded[key] = update_revision
+                requeue = min(requeue or REVISION_RETRY_S, REVISION_RETRY_S)
         await self._write_status(obj, prev_status, new_status)
-        if new_status["updateRevision"] != prev_status.get("updateRevision"):
-            await self._record_revision(obj, new_status["updateRevision"])
         RECONCILES.labels("ok").inc()
         return requeue
 
@@ -286,8 +302,10 @@ class Reconciler:
         )
         return plan
 
-    async def _record_revision(self, obj: dict[str, Any], revision: str) -> None:
-        """Keep the spec of a new update revision as a ControllerRevision (for `pdorch rollback`)."""
+    async def _record_revision(self, obj: dict[str, Any], revision: str) -> bool:
+        """Keep the spec of a new update revision as a ControllerRevision (for `pdorch rollback`).
+
+        False when the API refused; the caller retries on later passes."""
         md = obj["metadata"]
         try:
             items, _ = await self.api.list(
@@ -301,8 +319,10 @@ class Reconciler:
             for old in history.to_prune(existing, keep=revision):
                 await self.api.delete(CONTROLLER_REVISION, old, md["namespace"])
         except ApiError as e:
-            # Rollouts do not depend on the history; only `pdorch rollback` does.
+            # Rollouts do not depend on the history (only `pdorch rollback` does): go on, retry later.
             log.warning("could not record revision %s of %s/%s: %s", revision, md["namespace"], md["name"], e)
+            return False
+        return True
 
     def _revision(self, key: str, sg: ServingGroup) -> str:
         """The update revision; reused from the render cache when the group did not change."""
