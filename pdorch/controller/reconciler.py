@@ -312,6 +312,12 @@ class Reconciler:
                 CONTROLLER_REVISION, md["namespace"], selector_string({LABEL_GROUP: md["name"]})
             )
             existing = history.owned_records(items)
+            stale = history.stale_record(existing, revision)
+            if stale is not None:
+                # Back to an older revision: record it again as the newest (same name, so the old
+                # record goes first; the retry path re-creates it should the create fail).
+                await self.api.delete(CONTROLLER_REVISION, stale["metadata"]["name"], md["namespace"])
+                existing.remove(stale)
             if not any(history.revision_of_object(c) == revision for c in existing):
                 record = history.revision_object(obj, revision, history.next_number(existing))
                 await self.api.create(record)

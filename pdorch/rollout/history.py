@@ -63,6 +63,19 @@ def next_number(existing: Sequence[dict[str, Any]]) -> int:
     return 1 + max((int(c.get("revision") or 0) for c in existing), default=0)
 
 
+def stale_record(existing: Sequence[dict[str, Any]], revision: str) -> dict[str, Any] | None:
+    """The record of `revision` when it is not the newest one (the group returned to it).
+
+    It must become the newest again, as `kubectl rollout undo` renumbers a ReplicaSet: otherwise
+    "the previous revision" of a group rolled back to an old revision would be the one just left
+    behind by the rollback's own predecessor, e.g. a bad revision the rollback escaped.
+    """
+    record = next((c for c in existing if revision_of_object(c) == revision), None)
+    if record is None or int(record.get("revision") or 0) == next_number(existing) - 1:
+        return None
+    return record
+
+
 def to_prune(existing: Sequence[dict[str, Any]], keep: str, limit: int = HISTORY_LIMIT) -> list[str]:
     """Names of the oldest records beyond `limit` (never the one for revision `keep`)."""
     ordered = sorted(existing, key=lambda c: int(c.get("revision") or 0), reverse=True)

@@ -99,6 +99,20 @@ def test_revisions_are_recorded_and_rollback_restores_the_previous_one(
     }
     assert images == {"pdorch/sim:dev"}
 
+    # The group runs `first` again, so its record is the newest and the previous revision is
+    # `second` (not "nothing earlier", and after another deploy not the revision rolled back from).
+    def numbers() -> dict[str, int]:
+        listed = kube.list(ControllerRevision, namespace=namespace, labels={"pdorch.io/group": "hist"})
+        return {
+            r.metadata.labels["pdorch.io/revision"]: r.revision
+            for r in listed
+            if r.metadata.ownerReferences[0].kind == "ServingGroup"
+        }
+
+    wait_for(lambda: (n := numbers()).get(first, 0) > n.get(second, 0), 30, "the first revision renumbered")
+    again = subprocess.run([*cli, "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and f"{first} -> {second}" in again.stdout, again.stdout + again.stderr
+
     bad = subprocess.run([*cli, "--to-revision", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "no recorded revision 'nope'" in bad.stderr
 

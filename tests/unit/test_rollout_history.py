@@ -46,9 +46,22 @@ def test_rollback_target_during_and_after_a_rollout() -> None:
     assert history.revision_of_object(history.rollback_target(recs, "b", "c")) == "b"
     # After it: the newest older than c.
     assert history.revision_of_object(history.rollback_target(recs, "c", "c")) == "b"
-    # After rolling back to b (b is update, its record is older than c): a.
-    assert history.revision_of_object(history.rollback_target(recs, "b", "b")) == "a"
+    # Rolled back to b: b's record becomes the newest again, and the previous revision is c.
+    assert history.stale_record(recs, "b") is recs[1]
+    assert history.stale_record(recs, "c") is None and history.stale_record(recs, "z") is None
+    again = [recs[0], recs[2], _rec("b", history.next_number(recs))]
+    assert history.revision_of_object(history.rollback_target(again, "b", "b")) == "c"
     assert history.revision_of_object(history.rollback_target(recs, "c", "c", to="a")) == "a"
+
+
+def test_rollback_after_a_rollback_and_a_new_deploy_returns_to_the_good_revision() -> None:
+    # a (good) -> b (bad) -> rollback to a -> c: rolling c back must restore a, not the bad b.
+    recs = [_rec("a", 1), _rec("b", 2)]
+    stale = history.stale_record(recs, "a")
+    assert stale is not None
+    recs = [r for r in recs if r is not stale] + [_rec("a", history.next_number(recs))]
+    recs.append(_rec("c", history.next_number(recs)))
+    assert history.revision_of_object(history.rollback_target(recs, "c", "c")) == "a"
 
 
 def test_rollback_target_errors_say_what_to_do() -> None:
