@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 
-from pdorch.controller.manager import ControllerConfig, run_controller
+from pdorch.controller.manager import LOST_LEASE_EXIT, ControllerConfig, run_controller
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -21,7 +22,13 @@ def _run(args: argparse.Namespace) -> int:
         health_addr=args.health_addr,
         proxy_image=args.proxy_image,
     )
-    return asyncio.run(run_controller(cfg))
+    code = asyncio.run(run_controller(cfg))
+    if code == LOST_LEASE_EXIT:
+        # Exit now rather than let interpreter teardown wait on anything left running: another
+        # replica leads, and the Deployment restarts this one as a standby (like client-go's exit).
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -128,7 +128,10 @@ class Informer:
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(it.__anext__(), timeout=self.inactivity)
+                    # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow a cancellation
+                    # that lands as the next event arrives, and the informer outlived shutdown.
+                    async with asyncio.timeout(self.inactivity):
+                        ev = await it.__anext__()
                 except StopAsyncIteration:
                     return  # the server ended the watch (timeoutSeconds): resume from _rv
                 except TimeoutError:

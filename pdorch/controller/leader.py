@@ -120,7 +120,8 @@ class LeaseElector:
         while True:
             await asyncio.sleep(self.retry_period)
             try:
-                ok = await asyncio.wait_for(self._try_acquire_or_renew(), timeout=self.renew_deadline)
+                async with asyncio.timeout(self.renew_deadline):  # wait_for may eat a cancel (3.11)
+                    ok = await self._try_acquire_or_renew()
             except Exception as e:
                 log.warning("lease renew failed: %r", e)
                 ok = False

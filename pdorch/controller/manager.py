@@ -33,6 +33,8 @@ from pdorch.roles.render import RenderOptions
 
 log = logging.getLogger(__name__)
 
+LOST_LEASE_EXIT = 1  # exit code of a replica that lost its Lease
+CANCEL_WAIT_S = 5.0  # how long shutdown waits for cancelled watches and workers to unwind
 QUEUE_DEPTH = Gauge("workqueue_depth", "Keys waiting in the work queue.", ["name"])
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
@@ -208,13 +210,13 @@ class Controller:
                 for w in waits:
                     w.cancel()
                 if self.elector is not None and self.elector.lost.is_set():
-                    code = 1
+                    code = LOST_LEASE_EXIT
         finally:
             self._ready = False
             # A graceful stop finishes what is queued and in flight (bounded by the grace period).
             # After losing the Lease another replica may already lead: drop the queue and cancel
             # in-flight reconciles at once, so this replica sends no write it no longer owns.
-            lost = code == 1
+            lost = code == LOST_LEASE_EXIT
             self.queue.shutdown(drain=not lost)
             workers = [t for t in tasks if t.get_name().startswith("worker-")]
             if workers:
@@ -227,8 +229,12 @@ class Controller:
                 elector_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await elector_task
-            await asyncio.gather(*tasks, *informer_tasks, return_exceptions=True)
-            await self.reconciler.events.flush()
+            if tasks or informer_tasks:
+                # Bounded: a watch stream whose connection went bad (e.g. while the process was
+                # frozen) can take long to close, and shutdown must not wait on it.
+                await asyncio.wait([*tasks, *informer_tasks], timeout=CANCEL_WAIT_S)
+            if not lost:  # a fenced replica could not send them anyway
+                await self.reconciler.events.flush()
             if self.elector is not None and code == 0:
                 await self.elector.release()
             await runner.cleanup()
