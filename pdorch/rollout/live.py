@@ -156,7 +156,22 @@ def observe(role: LiveRole, update_revision: str) -> RoleObservation:
         new_total=replicas - partition,
         partition=partition,
         surge=replicas - role.desired,
+        old_revisions=_old_revisions(groups, partition),
     )
+
+
+def _old_revisions(groups: dict[int, GroupState], partition: int) -> tuple[tuple[str, int], ...]:
+    """Run lengths of the old groups' revisions from index 0 up. A group whose pods are gone (being
+    recreated) counts with the run below it: it still belongs to the revision its index held."""
+    runs: list[tuple[str, int]] = []
+    for i in range(partition):
+        g = groups.get(i)
+        rev = g.revision if g is not None and g.revision else (runs[-1][0] if runs else "")
+        if runs and runs[-1][0] == rev:
+            runs[-1] = (rev, runs[-1][1] + 1)
+        else:
+            runs.append((rev, 1))
+    return tuple(runs)
 
 
 def is_rolling(roles: Sequence[LiveRole], update_revision: str) -> bool:

@@ -182,6 +182,12 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
 def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
     """`role` after `action`, every group ready."""
     old, new = action.partition, action.replicas - action.partition
+    layers: list[tuple[str, int]] = []
+    left = old
+    for rev, n in role.old_revisions:  # the groups below the new partition keep their revisions
+        if left > 0:
+            layers.append((rev, min(n, left)))
+            left -= min(n, left)
     return RoleObservation(
         role.name,
         role.type,
@@ -192,6 +198,7 @@ def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
         new_total=new,
         partition=old,
         surge=action.replicas - role.desired,
+        old_revisions=tuple(layers),
     )
 
 
@@ -228,7 +235,9 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decisio
     if combos > _MAX_COMBINATIONS:
         return Decision("blocked", hold, "cannot progress: too many prefill/decode roles to plan")
     is_p = [r.type == "prefill" for r in kv]
-    best: tuple[tuple[int, Fraction, int], list[int], list[int]] | None = None
+    layered = len({rev for r in kv for rev, _ in _layers(r)}) > 1
+    before = _revision_cohorts(kv, [r.partition for r in kv]) if layered else {}
+    best: tuple[tuple[bool, int, Fraction, int], list[int], list[int]] | None = None
     for choice in itertools.product(*per_role):
         old_p = sum(o.old for o, p in zip(choice, is_p, strict=True) if p)
         old_d = sum(o.old for o, p in zip(choice, is_p, strict=True) if not p)
@@ -243,7 +252,10 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decisio
             continue
         m = sum(r.partition - o.old for r, o in zip(kv, choice, strict=True))
         dev = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d) or Fraction(0)
-        key = (m, -dev, new[0] + new[1])
+        # With several old revisions (a new spec mid-rollout) the proxy pairs within each of them:
+        # prefer steps that leave none of them further off the ratio than it is.
+        kept = not layered or _no_worse(before, _revision_cohorts(kv, [o.old for o in choice]), spec, tol)
+        key = (kept, m, -dev, new[0] + new[1])
         if best is None or key > best[0]:
             news_p, news_d = iter(_split(new[0], p_opts)), iter(_split(new[1], d_opts))
             news = [next(news_p) if p else next(news_d) for p in is_p]
@@ -257,6 +269,40 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decisio
         return Decision("blocked", hold, _why_stuck(roles, spec, tol))
     what = f"move {moved} group(s) to the new revision" if moved else "surge new groups"
     return Decision("step", actions, what)
+
+
+def _layers(role: RoleObservation) -> tuple[tuple[str, int], ...]:
+    return role.old_revisions or (("", role.partition),)
+
+
+def _revision_cohorts(kv: Sequence[RoleObservation], olds: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """(P, D) per old revision when each role keeps its lowest `olds[i]` old groups."""
+    out: dict[str, tuple[int, int]] = {}
+    for r, keep in zip(kv, olds, strict=True):
+        for rev, n in _layers(r):
+            take, keep = min(n, keep), keep - min(n, keep)
+            p, d = out.get(rev, (0, 0))
+            out[rev] = (p + take, d) if r.type == "prefill" else (p, d + take)
+    return out
+
+
+def _no_worse(
+    before: dict[str, tuple[int, int]],
+    after: dict[str, tuple[int, int]],
+    spec: RolloutSpec,
+    tol: Fraction | None,
+) -> bool:
+    """Every old revision's cohort after the step is empty, on ratio, or no further off than before."""
+    for rev, (p, d) in after.items():
+        if (p == 0 and d == 0) or tol is None or on_ratio(p, d, spec.ratio_p, spec.ratio_d, tol):
+            continue
+        now = deviation(p, d, spec.ratio_p, spec.ratio_d)
+        was = deviation(*before.get(rev, (0, 0)), spec.ratio_p, spec.ratio_d)
+        if now is None and was is None:
+            continue  # one-sided before and after: not worse
+        if now is None or (was is not None and now > was):
+            return False
+    return True
 
 
 def _why_stuck(roles: Sequence[RoleObservation], spec: RolloutSpec, tol: Fraction | None) -> str:

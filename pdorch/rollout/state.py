@@ -44,6 +44,9 @@ class RoleObservation:
     new_total: int
     partition: int
     surge: int = 0
+    # The old groups by revision, from index 0 up: ((revision, count), ...). More than one revision
+    # when a new spec arrived mid-rollout (older runs sit below newer ones). Empty: one old revision.
+    old_revisions: tuple[tuple[str, int], ...] = ()
 
     @property
     def replicas(self) -> int:

@@ -281,3 +281,53 @@ def test_largest_on_ratio_p_matches_a_scan(rp: int, rd: int, tol: float, n_d: in
     t = Fraction(tol).limit_denominator(1_000_000)
     scan = next((p for p in range(lo + span, lo - 1, -1) if on_ratio(p, n_d, rp, rd, t)), None)
     assert _largest_on_ratio_p(n_d, (lo, lo + span), spec, t) == scan
+
+
+def test_a_new_spec_mid_rollout_keeps_each_older_revision_no_further_off_ratio():
+    """Revision A was rolling to B (B on the upper indices) when C arrived: the old side holds two
+    revisions, and the proxy pairs within each. Merged, A+B is 3P:3D on 1:1, but A is 1P:2D and B
+    2P:1D. A step that only watches the merged cohort may leave B with prefills and no decode; the
+    planner prefers steps that leave each old revision no further off the ratio than it was."""
+    from pdorch.rollout.planner import _applied, _revision_cohorts
+    from pdorch.rollout.state import RoleObservation, deviation
+
+    def role(name: str, layers: tuple[tuple[str, int], ...]) -> RoleObservation:
+        return RoleObservation(name, name, 3, 3, 0, 3, 0, 3, 0, old_revisions=layers)
+
+    spec = RolloutSpec(1, 1, 0.0, "100%", "34%")
+    start = [role("prefill", (("A", 1), ("B", 2))), role("decode", (("A", 2), ("B", 1)))]
+
+    def worst_step(state: list[RoleObservation]) -> bool:
+        """Run the plan to the end; True if some step made an old revision's cohort worse."""
+        worse = False
+        for _ in range(50):
+            decision = next_step(state, spec)
+            if decision.kind != "step":
+                assert decision.kind == "done", decision
+                return worse
+            before = _revision_cohorts(state, [r.partition for r in state])
+            state = [_applied(r, decision.roles[r.name]) for r in state]
+            after = _revision_cohorts(state, [r.partition for r in state])
+            for rev, (p, d) in after.items():
+                if (p, d) == (0, 0):
+                    continue
+                now, was = deviation(p, d, 1, 1), deviation(*before[rev], 1, 1)
+                if (now is None and was is not None) or (now or 0) > (was or 0):
+                    worse = True
+        raise AssertionError("plan did not finish")
+
+    assert not worst_step(start)
+    # Without the per-revision view (one merged old cohort) the same start does make one worse.
+    merged = [replace(r, old_revisions=()) for r in start]
+    merged_worse = False
+    state = merged
+    for _ in range(50):
+        decision = next_step(state, spec)
+        if decision.kind != "step":
+            break
+        after = [_applied(r, decision.roles[r.name]) for r in state]
+        olds = [a.partition for a in after]
+        cohorts = _revision_cohorts(start, olds)  # map the merged plan back onto the real layers
+        merged_worse |= any((p, d) != (0, 0) and deviation(p, d, 1, 1) is None for p, d in cohorts.values())
+        state = after
+    assert merged_worse
