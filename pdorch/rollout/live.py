@@ -162,16 +162,20 @@ def observe(role: LiveRole, update_revision: str) -> RoleObservation:
 
 def _old_revisions(groups: dict[int, GroupState], partition: int) -> tuple[tuple[str, int], ...]:
     """Run lengths of the old groups' revisions from index 0 up. A group whose pods are gone (being
-    recreated) counts with the run below it: it still belongs to the revision its index held."""
+    recreated) counts with its neighbours' run: it still belongs to the revision its index held."""
     runs: list[tuple[str, int]] = []
+    unknown = 0  # groups below the first one whose revision is known
     for i in range(partition):
         g = groups.get(i)
-        rev = g.revision if g is not None and g.revision else (runs[-1][0] if runs else "")
-        if runs and runs[-1][0] == rev:
+        rev = g.revision if g is not None and g.revision else (runs[-1][0] if runs else None)
+        if rev is None:
+            unknown += 1
+        elif runs and runs[-1][0] == rev:
             runs[-1] = (rev, runs[-1][1] + 1)
         else:
-            runs.append((rev, 1))
-    return tuple(runs)
+            runs.append((rev, 1 + unknown))
+            unknown = 0
+    return tuple(runs) if runs else ((("", unknown),) if unknown else ())
 
 
 def is_rolling(roles: Sequence[LiveRole], update_revision: str) -> bool:

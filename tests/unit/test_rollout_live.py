@@ -222,3 +222,12 @@ def test_without_spec_ratio_the_rollout_ratio_follows_the_current_desired_replic
     doc["spec"]["ratio"] = {"prefill": 2, "decode": 1}
     declared = rollout_spec(ServingGroup.model_validate(doc), desired={"prefill": 3, "decode": 3})
     assert (declared.ratio_p, declared.ratio_d) == (2, 1)
+
+
+def test_observe_reports_the_old_groups_revisions_from_the_bottom() -> None:
+    # A was rolling to B (partition 2 of 5) when C arrived (template C held at partition = replicas).
+    pods = [_pod(1, OLD), _pod(2, NEW), _pod(3, NEW), _pod(4, NEW)]  # group 0's pods are gone
+    role = live.LiveRole("prefill", "prefill", 5, _lws(5, 5, "cccccccccc"), live.group_states(pods, 1))
+    obs = live.observe(role, "cccccccccc")
+    assert obs.old_revisions == ((OLD, 2), (NEW, 3))
+    assert obs.partition == 5 and obs.old_ready == 4
