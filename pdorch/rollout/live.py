@@ -136,6 +136,9 @@ def observe(role: LiveRole, update_revision: str) -> RoleObservation:
     if lws_revision(role.lws) != update_revision:
         # The new template is not in yet: it will go in with partition = replicas.
         partition = replicas
+    # A hand scale-down below the partition (kubectl scale lws) leaves only old groups: count those
+    # that exist, not a negative number of new ones.
+    partition = min(partition, replicas)
     groups = {g.index: g for g in role.groups}
     old_ready = new_ready = 0
     for i in range(replicas):

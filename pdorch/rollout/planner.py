@@ -235,6 +235,14 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decisio
     if combos > _MAX_COMBINATIONS:
         return Decision("blocked", hold, "cannot progress: too many prefill/decode roles to plan")
     is_p = [r.type == "prefill" for r in kv]
+    # An old cohort already off the ratio (a hand scale-down of an LWS, for instance) may only
+    # move towards it; without this, no step would be allowed and the rollout would wedge.
+    old_now = deviation(
+        sum(r.partition for r in kv if r.type == "prefill"),
+        sum(r.partition for r in kv if r.type == "decode"),
+        spec.ratio_p,
+        spec.ratio_d,
+    )
     layered = len({rev for r in kv for rev, _ in _layers(r)}) > 1
     before = _revision_cohorts(kv, [r.partition for r in kv]) if layered else {}
     best: tuple[tuple[bool, int, Fraction, int], list[int], list[int]] | None = None
@@ -242,7 +250,9 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decisio
         old_p = sum(o.old for o, p in zip(choice, is_p, strict=True) if p)
         old_d = sum(o.old for o, p in zip(choice, is_p, strict=True) if not p)
         if tol is not None and not on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol):
-            continue
+            dev_after = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d)
+            if dev_after is None or (old_now is not None and dev_after >= old_now):
+                continue
         p_opts = [o for o, p in zip(choice, is_p, strict=True) if p]
         d_opts = [o for o, p in zip(choice, is_p, strict=True) if not p]
         p_range = (sum(o.new_lo for o in p_opts), sum(o.new_hi for o in p_opts))

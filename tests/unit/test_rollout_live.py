@@ -231,3 +231,9 @@ def test_observe_reports_the_old_groups_revisions_from_the_bottom() -> None:
     obs = live.observe(role, "cccccccccc")
     assert obs.old_revisions == ((OLD, 2), (NEW, 3))
     assert obs.partition == 5 and obs.old_ready == 4
+
+
+def test_observe_clamps_a_partition_above_hand_scaled_replicas() -> None:
+    role = live.LiveRole("decode", "decode", 4, _lws(1, 3, NEW), live.group_states([_pod(0, OLD)], 1))
+    obs = live.observe(role, NEW)
+    assert (obs.partition, obs.old_total, obs.new_total, obs.old_ready) == (1, 1, 0, 1)

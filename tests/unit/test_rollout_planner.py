@@ -331,3 +331,28 @@ def test_a_new_spec_mid_rollout_keeps_each_older_revision_no_further_off_ratio()
         merged_worse |= any((p, d) != (0, 0) and deviation(p, d, 1, 1) is None for p, d in cohorts.values())
         state = after
     assert merged_worse
+
+
+def test_an_old_cohort_knocked_off_ratio_by_hand_recovers_instead_of_wedging():
+    """Mid-rollout someone ran `kubectl scale lws g-decode --replicas=1` (desired 4, partition 3):
+    the old cohort is 8P:1D. No step can put it back on 2:1 at once; steps that move it closer
+    are allowed, so the rollout finishes at the desired replicas instead of stalling."""
+    from pdorch.rollout.planner import _applied
+    from pdorch.rollout.state import RoleObservation, deviation
+
+    state = [
+        RoleObservation("prefill", "prefill", 8, 8, 0, 8, 0, 8, 0),
+        RoleObservation("decode", "decode", 4, 1, 0, 1, 0, 1, -3),
+    ]
+    spec = RolloutSpec(2, 1, 0.0, "25%", "25%")
+    devs = []
+    for _ in range(20):
+        decision = next_step(state, spec)
+        if decision.kind != "step":
+            break
+        state = [_applied(r, decision.roles[r.name]) for r in state]
+        devs.append(deviation(state[0].partition, state[1].partition, 2, 1))
+    assert decision.kind == "done", decision.reason
+    assert [(r.replicas, r.partition) for r in state] == [(8, 0), (4, 0)]
+    off = [d for d in devs if d is not None and d > 0]
+    assert off == sorted(off, reverse=True), devs  # the old cohort only ever moved towards 2:1
