@@ -179,6 +179,10 @@ def compute_status(
     elif rolling:
         names = ", ".join(f"{r.name} {r.updated}/{r.desired} updated" for r in rolling)
         progressing = condition(PROGRESSING, True, "RolloutInProgress", names, generation, prev_conds)
+    elif not_ready or any(r.replicas != r.desired for r in roles):
+        progressing = condition(
+            PROGRESSING, True, "Scaling", "waiting for groups to become ready", generation, prev_conds
+        )
     elif stale:
         progressing = condition(
             PROGRESSING,
@@ -187,10 +191,6 @@ def compute_status(
             f"waiting for LWS to act on the latest spec of {', '.join(stale)}",
             generation,
             prev_conds,
-        )
-    elif not_ready or any(r.replicas != r.desired for r in roles):
-        progressing = condition(
-            PROGRESSING, True, "Scaling", "waiting for groups to become ready", generation, prev_conds
         )
     else:
         progressing = condition(
