@@ -375,8 +375,18 @@ _SURGE_OK = _int_or_percent_rule("maxSurge")
 _UNAVAIL_OK = _int_or_percent_rule("maxUnavailable")
 
 
+def _zero_cel(field: str) -> str:
+    # By value, so "00%" counts as zero too (the percentage rule allows up to three digits); a
+    # malformed string is left to the percentage rule instead of failing evaluation here.
+    return (
+        f"(type(self.{field}) == string ? (self.{field}.matches('{PERCENT_CEL}') && "
+        f"int(self.{field}.replace('%', '')) == 0) : int(self.{field}) == 0)"
+    )
+
+
 def _is_zero(v: int | str | None) -> bool:
-    return v is not None and str(v) in ("0", "0%")
+    text = str(v).rstrip("%") if v is not None else ""
+    return text.isdigit() and int(text) == 0
 
 
 class RolloutStrategy(ApiModel):
@@ -398,7 +408,7 @@ class RolloutStrategy(ApiModel):
         ),
         CelRule(
             rule="!(has(self.maxSurge) && has(self.maxUnavailable) && "
-            "string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])",
+            f"{_zero_cel('maxSurge')} && {_zero_cel('maxUnavailable')})",
             message="rolloutStrategy.maxSurge and rolloutStrategy.maxUnavailable must not both be 0: "
             "the rollout could never make progress",
             check=lambda s: not (_is_zero(s.max_surge) and _is_zero(s.max_unavailable)),

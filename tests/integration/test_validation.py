@@ -123,6 +123,11 @@ REFUSED: list[tuple[str, Edit, str]] = [
     ),
     ("bad-max-surge", _set("spec.rolloutStrategy", {"maxSurge": "lots"}), "maxSurge"),
     (
+        "no-budget-written-00",
+        _set("spec.rolloutStrategy", {"maxSurge": "00%", "maxUnavailable": 0}),
+        "must not both be 0",
+    ),
+    (
         "negative-progress-deadline",
         _set("spec.rolloutStrategy", {"progressDeadlineSeconds": -5}),
         "progressDeadlineSeconds",

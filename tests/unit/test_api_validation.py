@@ -156,3 +156,9 @@ def test_every_cel_rule_has_a_field_naming_message(model: type) -> None:
             tok in rule.message
             for tok in ("spec.", "roles[]", "scaling.", "rolloutStrategy.", "metadata.name")
         )
+
+
+@pytest.mark.parametrize(("surge", "unavailable"), [("00%", 0), ("000%", "00%"), (0, "0%")])
+def test_zero_budgets_are_refused_however_zero_is_written(surge: Any, unavailable: Any) -> None:
+    with pytest.raises(ValidationError, match="must not both be 0"):
+        RolloutStrategy(max_surge=surge, max_unavailable=unavailable)
