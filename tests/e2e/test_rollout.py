@@ -338,3 +338,66 @@ async def test_rollout_converges_when_the_controller_is_killed_at_random_points(
     }
     pods = kube.list(Pod, namespace=namespace, labels={"pdorch.io/group": GROUP})
     assert len([p for p in pods if not p.metadata.deletionTimestamp]) == P + D + 1
+
+
+def _kv_lws_state(kube: Client, namespace: str) -> dict[str, tuple[int, int]]:
+    """(replicas, partition) of the prefill and decode LWS."""
+    return {
+        role: lws_replicas_partition(kube.get(LWS, f"{GROUP}-{role}", namespace=namespace).to_dict())
+        for role in ("prefill", "decode")
+    }
+
+
+async def test_a_new_spec_mid_rollout_finishes_without_orphaning_the_older_rollout(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A -> B is paused after its first step, C arrives, the rollout resumes: the old side then
+    holds A (below B's partition) and B (above it). Every step to C keeps B's cohort paired (never
+    prefills without a decode or the reverse) and no further off 2:1 than at the pause, and the
+    group ends on C everywhere."""
+    kube.create(SG.from_dict(_group_84()), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, GROUP, 180)
+    first = kube.get(SG, GROUP, namespace=namespace).status["currentRevision"]
+    await asyncio.to_thread(update_spec, kube, namespace, GROUP, set_engine_image("pdorch/sim:v2"))
+
+    def first_step() -> dict[str, tuple[int, int]] | None:
+        state = _kv_lws_state(kube, namespace)
+        return state if 0 < state["prefill"][1] < P else None
+
+    await wait_for_async(lambda: asyncio.to_thread(first_step), 60, "the first step of A -> B")
+    await asyncio.to_thread(
+        update_spec, kube, namespace, GROUP, lambda s: s.update({"rolloutStrategy": {"paused": True}})
+    )
+
+    def paused() -> Any:
+        c = condition(kube.get(SG, GROUP, namespace=namespace), "RolloutStalled")
+        return c if c and c["reason"] == "Paused" else None
+
+    await wait_for_async(lambda: asyncio.to_thread(paused), 30, "paused")
+    await asyncio.sleep(1.0)  # the step events of A -> B are sent
+    at_pause = _kv_lws_state(kube, namespace)
+    (rp, kp), (rd, kd) = at_pause["prefill"], at_pause["decode"]
+    assert 0 < kp < rp and 0 < kd < rd, f"the pause did not land mid-rollout: {at_pause}"
+    steps_before = len(_planned_steps(devcluster, namespace))
+    b_at_pause = (rp - kp, rd - kd)  # indices from the partition up run B (surge groups included)
+
+    def to_c(spec: dict[str, Any]) -> None:
+        set_engine_image("pdorch/sim:v3")(spec)
+        spec["rolloutStrategy"] = {"paused": False}
+
+    await asyncio.to_thread(update_spec, kube, namespace, GROUP, to_c)
+    sg = await wait_for_async(
+        lambda: asyncio.to_thread(_rolled_out, kube, namespace, first), 240, "rollout to C done"
+    )
+    assert sg.status["updateRevision"] != first
+    steps = _planned_steps(devcluster, namespace)[steps_before:]
+    assert steps, "no step after C arrived"
+    worst = cohort_deviation(*b_at_pause, 2, 1)
+    for step in steps:
+        (_, k2p), (_, k2d) = step["prefill"], step["decode"]
+        b = (max(0, min(k2p, rp) - kp), max(0, min(k2d, rd) - kd))  # B groups still below the partition
+        if b == (0, 0):
+            continue
+        assert b[0] > 0 and b[1] > 0, (step, b, "B's prefills or decodes left without the other")
+        assert cohort_deviation(*b, 2, 1) <= worst + 1e-9, (step, b, b_at_pause)
+    _assert_steps_on_ratio(steps)
