@@ -158,7 +158,9 @@ def encode_json(obj: Any) -> bytes:
     cannot encode (integers beyond 64 bits that a client may legally send)."""
     try:
         return _ENCODER.encode(obj)
-    except (OverflowError, TypeError, msgspec.EncodeError):
+    except (OverflowError, TypeError, UnicodeEncodeError, msgspec.EncodeError):
+        # The stdlib also escapes a lone surrogate ("\ud800", which json.loads accepted) as JSON
+        # allows, where msgspec refuses to encode it as UTF-8.
         return json.dumps(obj).encode()
 
 
@@ -438,6 +440,9 @@ class ProxyServer:
         async with self._models_lock:
             if self._models is not None and self.clock() - self._models[0] < self.config.models_ttl_s:
                 return self._models[1], self._models[2]
+            if self.clock() - self._models_failed_at < MODELS_RETRY_S:
+                # The holder we waited for just failed: do not repeat its whole fetch per waiter.
+                return (self._models[1], self._models[2]) if self._models else None
             blocked = self._blocked()
             decodes = [e for e in self.discovery.current().decodes() if e.key not in blocked]
             self.rng.shuffle(decodes)
@@ -490,7 +495,12 @@ class ProxyServer:
             eps = self.discovery.current().endpoints
             live = {e.key for e in eps}
             for key in [k for k in self.breakers if k not in live]:
-                del self.breakers[key]  # endpoint gone: forget its history
+                del self.breakers[key]  # endpoint gone: forget its history, and its series
+                with contextlib.suppress(KeyError):
+                    self.metrics.breaker.remove(key)
+            for key in [k for k in self._leg_roles if k not in live and not self.loads.get(k)]:
+                with contextlib.suppress(KeyError):
+                    self.metrics.inflight.remove(key, self._leg_roles.pop(key))
             if self._upstream is not None:
                 self._upstream.retain({(e.host, e.port) for e in eps})
             if eps:

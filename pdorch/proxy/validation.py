@@ -57,7 +57,10 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+    if isinstance(v, bool):
+        return False
+    # Any int is a number (math.isfinite overflows past 1e308); the range check refuses huge ones.
+    return isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _int_field(body: dict[str, Any], name: str, minimum: int) -> None:

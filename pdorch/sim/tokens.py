@@ -47,7 +47,7 @@ def split_pieces(text: str) -> list[str]:
 
 def piece_id(piece: str) -> int:
     """Stable token id of one piece."""
-    return zlib.crc32(piece.encode("utf-8")) % VOCAB_SIZE
+    return zlib.crc32(piece.encode("utf-8", "surrogatepass")) % VOCAB_SIZE
 
 
 def tokenize(text: str) -> list[int]:

@@ -227,6 +227,13 @@ async def test_conditional_disaggregation_skips_prefill(http: aiohttp.ClientSess
         ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
         ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "stream": "yes"}', 400, "stream"),
         ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "temperature": 9}', 400, "temperature"),
+        # beyond a float's range: math.isfinite overflowed (was a 500)
+        (
+            "/v1/completions",
+            b'{"model": "sim-model", "prompt": "x", "top_p": 1' + b"0" * 400 + b"}",
+            400,
+            "top_p",
+        ),
         (
             "/v1/completions",
             b'{"model": "sim-model", "prompt": "x", "stream_options": {"include_usage": true}}',
@@ -264,6 +271,24 @@ async def test_bad_requests_get_json_4xx_naming_the_field(
             assert param.split("[")[0] in err["message"]
         p_text = await text_of(http, s.prefill_url)
         assert sample(p_text, "vllm:prompt_tokens_total") == 0  # nothing reached an engine
+
+
+@pytest.mark.parametrize("protocol", ["vllm", "sglang"])
+async def test_a_lone_surrogate_escape_is_relayed_not_a_500(
+    protocol: str, http: aiohttp.ClientSession
+) -> None:
+    # Valid JSON ("\\ud800" escapes half a UTF-16 pair) that msgspec could not re-encode.
+    for path, raw in (
+        ("/v1/completions", b'{"model": "sim-model", "prompt": "hi \\ud800", "max_tokens": 2}'),
+        (
+            "/v1/chat/completions",
+            b'{"model": "sim-model", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+        ),
+    ):
+        async with stack(protocol) as s:
+            async with http.post(s.url + path, data=raw, headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["choices"]
 
 
 async def test_oversized_body_and_openai_client_errors(http: aiohttp.ClientSession) -> None:
@@ -471,6 +496,56 @@ async def hanging_server() -> AsyncIterator[str]:
             await asyncio.wait_for(server.wait_closed(), 5)
 
 
+async def test_a_failing_model_list_is_fetched_once_for_concurrent_requests(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Engines whose /v1/models never answers: the requests queued behind the first fetch use its
+    outcome instead of each running the whole failing fetch again (the k-th waited k timeouts)."""
+    fetches = 0
+    release = asyncio.Event()
+
+    async def models(_: web.Request) -> web.Response:
+        nonlocal fetches
+        fetches += 1
+        await release.wait()  # until the test ends (the proxy gave up long before)
+        return web.Response()
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def completions(_: web.Request) -> web.Response:
+        choice = {"index": 0, "text": "hi", "finish_reason": "length"}
+        return web.json_response({"id": "x", "object": "text_completion", "choices": [choice]})
+
+    app = web.Application()
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/v1/models", models),
+            web.post("/v1/completions", completions),
+        ]
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    engine = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        async with stack("vllm", prefill=(engine,), decode=(engine,), health_timeout_s=0.3) as s:
+
+            async def one() -> int:
+                body = {"model": "m", "prompt": "p", "max_tokens": 2}
+                async with http.post(s.url + "/v1/completions", json=body) as r:
+                    await r.read()
+                    return r.status
+
+            assert await asyncio.gather(*(one() for _ in range(5))) == [200] * 5
+        assert fetches == 1
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(("leg", "stream"), [("decode", False), ("decode", True), ("prefill", True)])
 async def test_hanging_engine_gets_504(http: aiohttp.ClientSession, leg: str, stream: bool) -> None:
     async with hanging_server() as hang:
@@ -591,6 +666,15 @@ async def test_health_checks_open_the_breaker_of_a_dead_prefill(http: aiohttp.Cl
         text = await text_of(http, s.url)
         assert sample(text, "pdorch_proxy_retries_total") == 0  # the open breaker kept traffic away
         assert sample(text, "pdorch_proxy_breaker_state", {"endpoint": s.prefill_url}) == 0
+
+        # The dead pod leaves discovery: its breaker series goes too (no open breaker on the
+        # dashboards for a pod that no longer exists).
+        s.proxy.discovery = StaticDiscovery(static_endpoints((s.prefill_url,), (s.decode_url,)))
+
+        async def series_gone() -> bool:
+            return f'endpoint="{closed}"' not in await text_of(http, s.url)
+
+        await wait_until(series_gone, WAIT_S, "the departed prefill's metric series to go")
 
 
 @contextlib.asynccontextmanager
