@@ -69,8 +69,19 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.done:
+        if not self.done and exc is None and self._close_delimited():
+            # HTTP/1.1 lets a response without Content-Length or chunking end at a clean close.
+            self.done, self.reusable = True, False
+            self._wake()
+        elif not self.done:
             self._fail(aiohttp.ServerDisconnectedError(str(exc) if exc else None))
+
+    def _close_delimited(self) -> bool:
+        """The headers are in and announce neither a length nor chunked encoding."""
+        if not self.head.done() or self.head.exception() is not None:
+            return False
+        te = (self.headers.get("transfer-encoding") or "").lower()
+        return "content-length" not in self.headers and "chunked" not in te
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -546,6 +546,43 @@ async def test_a_failing_model_list_is_fetched_once_for_concurrent_requests(
         await runner.cleanup()
 
 
+async def test_a_close_delimited_decode_answer_is_complete_not_a_disconnect(
+    http: aiohttp.ClientSession,
+) -> None:
+    """HTTP/1.1 lets a response with neither Content-Length nor chunking end when the server
+    closes; the decode leg's body is whole then, not a ServerDisconnectedError (was a 502)."""
+    prefill_body = json.dumps({"id": "x", "choices": [{"text": "a"}], "kv_transfer_params": {}}).encode()
+    decode_body = json.dumps(
+        {"id": "y", "object": "text_completion", "choices": [{"text": "hello"}]}
+    ).encode()
+
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        length = next((int(h.split(":")[1]) for h in head.split("\r\n") if h.startswith("content-length")), 0)
+        body = json.loads(await reader.readexactly(length)) if length else {}
+        if head.startswith("get"):  # /v1/models, /health
+            data = json.dumps({"data": [{"id": "m"}]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        elif (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(prefill_body) + prefill_body)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+            writer.write(decode_body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(engine, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with stack("vllm", prefill=(url,), decode=(url,), max_retries=0) as s:
+            body = {"model": "m", "prompt": "p", "max_tokens": 3}
+            async with http.post(s.url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["choices"][0]["text"] == "hello"
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(("leg", "stream"), [("decode", False), ("decode", True), ("prefill", True)])
 async def test_hanging_engine_gets_504(http: aiohttp.ClientSession, leg: str, stream: bool) -> None:
     async with hanging_server() as hang:
