@@ -82,6 +82,7 @@ class Request:
         "_size",
         "_too_large",
         "content_length",
+        "expects_continue",
         "headers",
         "http10",
         "keep_alive",
@@ -113,6 +114,12 @@ class Request:
         self._too_large = False
         self._done: asyncio.Future[None] = conn.loop.create_future()
         self.stream: StreamResponse | None = None
+        # "Expect: 100-continue" within the body limit: the client waits for a 100 before sending
+        # the body, which may only be written once this request is the one being answered.
+        self.expects_continue = (
+            headers.get("expect", "").lower() == "100-continue"
+            and (self.content_length or 0) <= conn.server.max_body_bytes
+        )
 
     def _feed(self, data: bytes) -> None:
         self._size += len(data)
@@ -206,6 +213,7 @@ class _Connection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
+        self._failed: tuple[int, str] | None = None  # a parser error held until earlier answers are out
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -275,9 +283,6 @@ class _Connection(asyncio.Protocol):
             p.get_http_version() == "1.0",
         )
         self.parsing = req
-        limit = self.server.max_body_bytes
-        if req.headers.get("expect", "").lower() == "100-continue" and (req.content_length or 0) <= limit:
-            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.queue.append(req)
         if self.task is None:
             self._next()
@@ -301,9 +306,18 @@ class _Connection(asyncio.Protocol):
 
     def _next(self) -> None:
         if self.queue and not self.closing:
-            self.task = self.loop.create_task(self._run(self.queue.popleft()))
-        else:
-            self.task = None
+            req = self.queue.popleft()
+            if req.expects_continue and not req.body_complete:
+                # Only now: written while an earlier pipelined answer streams, it would land
+                # inside that answer's body.
+                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.task = self.loop.create_task(self._run(req))
+            return
+        self.task = None
+        if self._failed is not None:  # the requests before a malformed one are answered: now it
+            status, message = self._failed
+            self._write(_encode(self.server.error(status, message), close=True))
+            self._end()
 
     async def _run(self, req: Request) -> None:
         try:
@@ -356,7 +370,15 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
 
     def _fail(self, status: int, message: str) -> None:
-        """Answer a request the parser refused, then close."""
+        """Answer a request the parser refused, then close.
+
+        Complete requests that came before it on this connection (pipelined, or in the same
+        packet) are answered first: the error is written once they are done (`_next`)."""
+        if self.parsing is None and (self.task is not None or self.queue):
+            if self._failed is None:
+                self._failed = (status, message)
+            self.lingering = True  # the rest of the input cannot be parsed: drop it
+            return
         self.closing = True
         if self.task is None:
             self._write(_encode(self.server.error(status, message), close=True))
