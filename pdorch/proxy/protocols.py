@@ -124,7 +124,10 @@ def routing_text(body: dict[str, Any], kind: Kind) -> str:
                 if isinstance(c, str):
                     parts.append(c)
                 elif c is not None:
-                    parts.append(json.dumps(c, separators=(",", ":")))
+                    try:
+                        parts.append(json.dumps(c, separators=(",", ":")))
+                    except (RecursionError, ValueError):
+                        pass  # too deep to render: routing only loses this part's prefix hint
         return "\n".join(parts)
     prompt = body.get("prompt")
     if isinstance(prompt, str):

@@ -34,7 +34,7 @@ async def read_json(request: web.Request) -> Any:
     """Decoded JSON body, or `BadRequest` for malformed JSON."""
     try:
         return await request.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nested deeper than the parser recurses
         raise BadRequest(f"malformed JSON body: {exc}") from None
 
 

@@ -134,6 +134,7 @@ async def test_chat_without_limit_stops_naturally(vllm_pd: SimServer, http: aioh
         (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "stream_options"),
         (b'{"prompt": "x", "model": "other"}', 404, "model"),
         (b"[1, 2]", 400, None),
+        (b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),  # deeper than json.loads recurses
     ],
 )
 async def test_bad_requests_vllm_error_shape(

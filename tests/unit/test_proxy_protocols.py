@@ -130,3 +130,11 @@ def test_sglang_batches_get_one_room_per_sequence() -> None:
         and out["bootstrap_port"] == [9, 9]
         and out["bootstrap_room"] == [5, 6]
     )
+
+
+def test_routing_text_survives_content_nested_too_deep_to_render() -> None:
+    deep: list[object] = []
+    for _ in range(5000):  # json.dumps recurses once per level
+        deep = [deep]
+    body = {"messages": [{"role": "user", "content": deep}, {"role": "user", "content": "tail"}]}
+    assert routing_text(body, "chat") == "tail"
