@@ -30,6 +30,7 @@ from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Role
 from pdorch.sim.server import SimServer
 from tests.compat.helpers import free_port, sample, spawn, stop, wait_http_ok, wait_until
+from tests.compat.test_proxy_http_server import post, talk
 
 pytestmark = pytest.mark.compat
 
@@ -584,29 +585,12 @@ async def test_a_close_delimited_decode_answer_is_complete_not_a_disconnect(
         server.close()
 
 
-async def _raw_exchange(port: int, data: bytes, until: bytes) -> bytes:
-    """Write `data` on one connection; read until `until` has arrived twice or the server closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    out = b""
-    try:
-        async with asyncio.timeout(WAIT_S):
-            while out.count(until) < 2:
-                chunk = await reader.read(65536)
-                if not chunk:
-                    break
-                out += chunk
-    finally:
-        writer.close()
-    return out
+def _raw_post(path: str, body: dict[str, Any], extra: str = "") -> bytes:
+    return post(path, json.dumps(body).encode(), "Content-Type: application/json\r\n" + extra)
 
 
-def _raw_post(path: str, body: dict[str, Any], extra: bytes = b"") -> bytes:
-    data = json.dumps(body).encode()
-    return (
-        b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%b\r\n"
-        % (path.encode(), len(data), extra)
-    ) + data
+def _two_answers(got: bytes) -> bool:
+    return got.count(b"HTTP/1.1 ") >= 2
 
 
 async def test_malformed_bytes_after_a_request_answer_it_first_then_400() -> None:
@@ -614,7 +598,7 @@ async def test_malformed_bytes_after_a_request_answer_it_first_then_400() -> Non
     then the close (the request was cut off without an answer)."""
     async with stack("vllm") as s:
         req = _raw_post("/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 4})
-        out = await _raw_exchange(s.proxy.port, req + b"BAD REQUEST\r\n\r\n", b"HTTP/1.1 ")
+        out = await talk(s.proxy.port, req + b"BAD REQUEST\r\n\r\n", _two_answers)
     statuses = re.findall(rb"HTTP/1\.1 (\d{3})", out)
     assert statuses == [b"200", b"400"], out[:300]
 
@@ -626,9 +610,9 @@ async def test_expect_continue_behind_a_streaming_answer_waits_for_it_to_end() -
         first = _raw_post(
             "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 40, "stream": True}
         )
-        second = _raw_post("/v1/completions", {"model": MODEL, "prompt": "b"}, b"Expect: 100-continue\r\n")
+        second = _raw_post("/v1/completions", {"model": MODEL, "prompt": "b"}, "Expect: 100-continue\r\n")
         head = second.split(b"\r\n\r\n")[0] + b"\r\n\r\n"  # the client waits for the 100
-        out = await _raw_exchange(s.proxy.port, first + head, b"HTTP/1.1 ")
+        out = await talk(s.proxy.port, first + head, _two_answers)
     end_of_stream = out.find(b"data: [DONE]")
     assert end_of_stream > 0, out[:300]
     assert out.find(b"HTTP/1.1 100 Continue") > end_of_stream, out[end_of_stream - 100 :]
