@@ -182,12 +182,6 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
 def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
     """`role` after `action`, every group ready."""
     old, new = action.partition, action.replicas - action.partition
-    layers: list[tuple[str, int]] = []
-    left = old
-    for rev, n in role.old_revisions:  # the groups below the new partition keep their revisions
-        if left > 0:
-            layers.append((rev, min(n, left)))
-            left -= min(n, left)
     return RoleObservation(
         role.name,
         role.type,
@@ -198,7 +192,7 @@ def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
         new_total=new,
         partition=old,
         surge=action.replicas - role.desired,
-        old_revisions=tuple(layers),
+        old_revisions=_lowest(role.old_revisions, old),  # below the new partition: unchanged
     )
 
 
@@ -285,14 +279,24 @@ def _layers(role: RoleObservation) -> tuple[tuple[str, int], ...]:
     return role.old_revisions or (("", role.partition),)
 
 
+def _lowest(layers: tuple[tuple[str, int], ...], keep: int) -> tuple[tuple[str, int], ...]:
+    """The revision runs of the lowest `keep` old groups (a lower partition keeps these)."""
+    out: list[tuple[str, int]] = []
+    for rev, n in layers:
+        if keep <= 0:
+            break
+        out.append((rev, min(n, keep)))
+        keep -= n
+    return tuple(out)
+
+
 def _revision_cohorts(kv: Sequence[RoleObservation], olds: Sequence[int]) -> dict[str, tuple[int, int]]:
     """(P, D) per old revision when each role keeps its lowest `olds[i]` old groups."""
     out: dict[str, tuple[int, int]] = {}
     for r, keep in zip(kv, olds, strict=True):
-        for rev, n in _layers(r):
-            take, keep = min(n, keep), keep - min(n, keep)
+        for rev, n in _lowest(_layers(r), keep):
             p, d = out.get(rev, (0, 0))
-            out[rev] = (p + take, d) if r.type == "prefill" else (p, d + take)
+            out[rev] = (p + n, d) if r.type == "prefill" else (p, d + n)
     return out
 
 
