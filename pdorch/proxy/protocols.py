@@ -65,16 +65,20 @@ def bootstrap_host_of(host: str) -> str:
 def sglang_batch_size(body: dict[str, Any], kind: Kind) -> int | None:
     """Number of sequences a request fans out to in SGLang, or None for a single one.
 
-    Completions with several prompts (strings or token-id lists) and chat with ``n > 1`` need one room
-    per sequence, sent as arrays.
+    Completions with several prompts (strings or token-id lists) and any request with ``n > 1``
+    need one room per sequence, sent as arrays: prompts x n of them. SGLang repeats a room list
+    ``n`` times and reads the first prompts x n entries, so shorter lists would hand two parallel
+    samples the same room (a duplicate room aborts the scheduler's transfer).
     """
+    prompts = 1
     if kind == "completion":
         p = body.get("prompt")
-        if isinstance(p, list) and p and isinstance(p[0], str | list) and len(p) > 1:
-            return len(p)
-        return None
+        if isinstance(p, list) and p and isinstance(p[0], str | list):
+            prompts = len(p)
     n = body.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None
+    samples = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    total = prompts * samples
+    return total if total > 1 else None
 
 
 def sglang_body(

@@ -63,7 +63,11 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
 
 
-def _int_field(body: dict[str, Any], name: str, minimum: int) -> None:
+MAX_N = 128
+"""Most choices per request (the OpenAI API's own limit for ``n``)."""
+
+
+def _int_field(body: dict[str, Any], name: str, minimum: int, maximum: int | None = None) -> None:
     v = body.get(name)
     if v is None:
         return
@@ -71,6 +75,8 @@ def _int_field(body: dict[str, Any], name: str, minimum: int) -> None:
         raise _bad(f"'{name}' must be an integer, got {type(v).__name__}", name, "invalid_type")
     if v < minimum:
         raise _bad(f"'{name}' must be >= {minimum}, got {v}", name)
+    if maximum is not None and v > maximum:
+        raise _bad(f"'{name}' must be <= {maximum}, got {v}", name)
 
 
 def _num_field(body: dict[str, Any], name: str, lo: float, hi: float) -> None:
@@ -157,7 +163,8 @@ def validate(body: dict[str, Any], kind: Kind, served_models: Collection[str] | 
     _int_field(body, "max_tokens", 1)
     _int_field(body, "max_completion_tokens", 1)
     _int_field(body, "min_tokens", 0)
-    _int_field(body, "n", 1)
+    # The SGLang leg mints one bootstrap room per sequence, so an unbounded n would stall the proxy.
+    _int_field(body, "n", 1, MAX_N)
     _int_field(body, "best_of", 1)
     _int_field(body, "top_k", -1)
     _int_field(body, "seed", -(2**63))

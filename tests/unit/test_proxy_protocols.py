@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -124,6 +125,11 @@ def test_sglang_batches_get_one_room_per_sequence() -> None:
     assert sglang_batch_size({"prompt": [1, 2, 3]}, "completion") is None  # one token-id prompt
     assert sglang_batch_size({"messages": [], "n": 2}, "chat") == 2
     assert sglang_batch_size({"messages": [], "n": 1}, "chat") is None
+    # Parallel samples need rooms of their own: SGLang repeats the list n times and reads prompts x n.
+    assert sglang_batch_size({"prompt": "x", "n": 3}, "completion") == 3
+    assert sglang_batch_size({"prompt": ["a", "b"], "n": 2}, "completion") == 4
+    assert sglang_batch_size({"prompt": [1, 2], "n": 2}, "completion") == 2
+    assert sglang_batch_size({"prompt": ["a", "b"], "n": True}, "completion") == 2
     out = sglang_body({"prompt": ["a", "b"]}, "h", 9, [5, 6])
     assert (
         out["bootstrap_host"] == ["h", "h"]
@@ -138,3 +144,17 @@ def test_routing_text_survives_content_nested_too_deep_to_render() -> None:
         deep = [deep]
     body = {"messages": [{"role": "user", "content": deep}, {"role": "user", "content": "tail"}]}
     assert routing_text(body, "chat") == "tail"
+
+
+@pytest.mark.parametrize("prompts,n", [(1, 1), (1, 4), (3, 1), (3, 2), (2, 5)])
+def test_every_sglang_sequence_gets_a_distinct_room(prompts: int, n: int) -> None:
+    # SGLang's GenerateReqInput (io_struct, _normalize_bootstrap_params) repeats a room list n
+    # times, or counts up from a single room, and sequence i reads entry i of prompts x n.
+    body: dict[str, Any] = {"prompt": [f"p{i}" for i in range(prompts)] if prompts > 1 else "p", "n": n}
+    count = sglang_batch_size(body, "completion")
+    minter = RoomMinter(seed=7)
+    rooms: int | list[int] = minter.mint() if count is None else [minter.mint() for _ in range(count)]
+    sent = sglang_body(body, "h", 1, rooms)["bootstrap_room"]
+    expanded = [sent + i for i in range(prompts * n)] if isinstance(sent, int) else sent * n
+    per_sequence = expanded[: prompts * n]
+    assert len(set(per_sequence)) == prompts * n

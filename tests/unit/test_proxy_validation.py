@@ -72,6 +72,7 @@ def err(body: dict[str, Any], kind: str = "completion") -> ProxyError:
         ({"model": "m", "prompt": "x", "max_tokens": float("inf")}, "max_tokens"),
         ({"model": "m", "prompt": "x", "max_tokens": 0.0}, "max_tokens"),
         ({"model": "m", "prompt": "x", "n": 0}, "n"),
+        ({"model": "m", "prompt": "x", "n": 10**9}, "n"),  # would mint 10^9 SGLang rooms
         ({"model": "m", "prompt": "x", "stream": 1}, "stream"),
         ({"model": "m", "prompt": "x", "stream_options": {}}, "stream_options"),
         ({"model": "m", "prompt": "x", "stream": True, "stream_options": []}, "stream_options"),
