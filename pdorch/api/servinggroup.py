@@ -620,6 +620,9 @@ class ServingGroupStatus(ApiModel):
     """Per-role observed state."""
     summary: StatusSummary | None = None
     """Printer-column strings."""
+    last_progress_time: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    """When the rollout in progress last moved (RFC 3339); RolloutStalled counts
+    progressDeadlineSeconds from it, also across controller restarts. Absent when no rollout runs."""
     conditions: list[Condition] | None = Field(None, max_length=16, json_schema_extra=CONDITIONS_LIST_EXTRA)
     """Available, Progressing, RolloutStalled, Invalid."""
 

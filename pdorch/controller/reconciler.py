@@ -8,6 +8,7 @@ before anything is created); everything else comes from the informers' caches.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import math
 import time
@@ -109,9 +110,10 @@ class Reconciler:
     # ... and its rendered, stamped intents for one set of overrides.
     _renders: dict[str, _Render] = field(default_factory=dict)
     # Groups with a rollout in progress (pod events enqueue only these), and per group the last
-    # observed rollout state with the time it was first seen (for RolloutStalled).
+    # observed rollout state with the time it was first seen, monotonic and as written to
+    # status.lastProgressTime (for RolloutStalled; a restarted controller resumes from status).
     rolling: set[str] = field(default_factory=set)
-    _progress: dict[str, tuple[str, float]] = field(default_factory=dict)
+    _progress: dict[str, tuple[str, float, str]] = field(default_factory=dict)
     # Update revisions whose ControllerRevision could not be written yet (retried every pass).
     _unrecorded: dict[str, str] = field(default_factory=dict)
 
@@ -373,8 +375,12 @@ class Reconciler:
         )
         now = time.monotonic()
         seen = self._progress.get(key)
-        if seen is None or seen[0] != signature:
-            self._progress[key] = seen = (signature, now)
+        if seen is None and (resumed := st.resumed_progress(prev, status, dt.datetime.now(dt.UTC))):
+            seen = (signature, now - resumed[1], resumed[0])
+        elif seen is None or seen[0] != signature:
+            seen = (signature, now, st.now_rfc3339())
+        self._progress[key] = seen
+        status["lastProgressTime"] = seen[2]
         deadline = sg.spec.rollout_strategy.progress_deadline_seconds if sg.spec.rollout_strategy else 600
         stalled_for = now - seen[1]
         if decision.kind == "blocked":

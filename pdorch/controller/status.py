@@ -93,6 +93,22 @@ def condition(
     }
 
 
+def resumed_progress(
+    previous: dict[str, Any], new: dict[str, Any], now: dt.datetime
+) -> tuple[str, float] | None:
+    """The persisted `lastProgressTime` and its age in seconds, if a restarted controller may go on
+    counting from it: the previous status has one and its roles look exactly as they do now (else
+    something moved while no controller watched, which is progress)."""
+    stamp = previous.get("lastProgressTime")
+    if not isinstance(stamp, str) or previous.get("roles") != new.get("roles"):
+        return None
+    try:
+        then = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+    return stamp, max(0.0, (now - then).total_seconds())
+
+
 def summarize(roles: list[RoleObservation]) -> dict[str, str]:
     """Ready/desired per role type, e.g. {"prefill": "3/4"}, for printer columns."""
     out = {}

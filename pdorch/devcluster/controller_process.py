@@ -50,6 +50,8 @@ class ControllerProc:
         """Start the same replica again (same identity, so it re-acquires its own Lease at once)."""
         if self.proc.poll() is None:
             raise RuntimeError(f"controller {self.identity} is still running")
+        if self._logf.closed:  # after stop(): the restarted process appends to the same log
+            self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(self._argv, stdout=self._logf, stderr=subprocess.STDOUT)
 
     def url(self, path: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -193,6 +194,47 @@ def test_paused_rollout_holds_then_finishes_when_resumed(
 
     update_spec(kube, namespace, "pause", lambda s: s["rolloutStrategy"].update({"paused": False}))
     wait_for(lambda: _on(kube, namespace, "pause", second), 90, "rollout after resuming")
+
+
+def test_a_rollout_past_its_deadline_stays_stalled_across_a_controller_restart(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """RolloutStalled=ProgressDeadlineExceeded counts from status.lastProgressTime, so a restarted
+    controller does not flip it back to False and wait a whole deadline again."""
+    doc = example("late")
+    doc["spec"]["rolloutStrategy"] = {"progressDeadlineSeconds": 5}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    wait_available(kube, namespace, "late")
+
+    def unschedulable(spec: dict[str, Any]) -> None:
+        # The new revision's pods fit no node: they stay Pending, so the rollout stops moving.
+        for role in spec["roles"]:
+            if role["type"] in ("prefill", "decode"):
+                role["workerTemplate"]["spec"]["nodeSelector"] = {"pdorch.io/test": "no-such-node"}
+
+    update_spec(kube, namespace, "late", unschedulable)
+
+    def exceeded() -> dict[str, Any] | None:
+        c = condition(kube.get(SG, "late", namespace=namespace), "RolloutStalled")
+        return c if c and c["reason"] == "ProgressDeadlineExceeded" else None
+
+    before = wait_for(exceeded, 90, "RolloutStalled reason ProgressDeadlineExceeded")
+    assert before["status"] == "True"
+    stamp = _status(kube, namespace, "late").get("lastProgressTime")
+    assert stamp, "no status.lastProgressTime while rolling"
+
+    assert controller.stop() == 0
+    controller.restart()
+    controller.wait_ready()
+    # While rolling the controller passes the group every 5 s; watch it for three passes.
+    deadline = time.monotonic() + 16
+    while time.monotonic() < deadline:
+        c = condition(kube.get(SG, "late", namespace=namespace), "RolloutStalled")
+        assert c is not None and c["status"] == "True", f"the restart cleared the stall: {c}"
+        assert c["lastTransitionTime"] == before["lastTransitionTime"], c
+        time.sleep(0.5)
+    assert sample(controller.metrics_text(), "pdorch_reconcile_total", {"result": "ok"}) > 0
+    assert _status(kube, namespace, "late").get("lastProgressTime") == stamp
 
 
 def test_size_and_restart_policy_changes_roll_out_through_the_planner(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from pdorch.controller import status as st
@@ -61,6 +63,23 @@ def test_unchanged_world_gives_identical_status() -> None:
     first = st.compute_status(2, _roles(2, 1), "abc", None)
     again = st.compute_status(2, _roles(2, 1), "abc", first)
     assert again == first  # lastTransitionTime kept: the controller writes nothing
+
+
+def test_a_restarted_controller_resumes_the_persisted_progress_clock() -> None:
+    now = dt.datetime(2026, 12, 5, 12, 0, 0, tzinfo=dt.UTC)
+    before = st.compute_status(2, _roles(2, 1, updated=False), "abc", None)
+    before["lastProgressTime"] = "2026-12-05T11:50:00Z"
+    same = st.compute_status(2, _roles(2, 1, updated=False), "abc", before)
+    assert st.resumed_progress(before, same, now) == ("2026-12-05T11:50:00Z", 600.0)
+    # A group became ready while no controller watched: that is progress, the clock restarts.
+    moved = st.compute_status(2, _roles(1, 1, updated=False), "abc", before)
+    assert st.resumed_progress(before, moved, now) is None
+    assert st.resumed_progress({**before, "lastProgressTime": "yesterday"}, same, now) is None
+    assert (
+        st.resumed_progress({k: v for k, v in before.items() if k != "lastProgressTime"}, same, now) is None
+    )
+    # A clock that stepped back never gives a negative age.
+    assert st.resumed_progress(before, same, now - dt.timedelta(hours=1)) == ("2026-12-05T11:50:00Z", 0.0)
 
 
 def test_transition_time_moves_only_on_flip() -> None:
