@@ -114,8 +114,6 @@ class Reconciler:
     # status.lastProgressTime (for RolloutStalled; a restarted controller resumes from status).
     rolling: set[str] = field(default_factory=set)
     _progress: dict[str, tuple[str, float, str]] = field(default_factory=dict)
-    # Update revisions whose ControllerRevision could not be written yet (retried every pass).
-    _unrecorded: dict[str, str] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
         """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
@@ -137,7 +135,6 @@ class Reconciler:
             self._renders.pop(key, None)
             self.rolling.discard(key)
             self._progress.pop(key, None)
-            self._unrecorded.pop(key, None)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
         generation = int(obj["metadata"].get("generation") or 0)
@@ -241,17 +238,26 @@ class Reconciler:
         requeue = self._rollout_status(sg, key, obj, generation, prev_status, new_status, rollout)
         _record_ratio(sg, roles, namespace, name)
         # Recorded before the status that announces it, so a pass that raises here leaves the old
-        # updateRevision in status and its retry records it; a refusal is retried every
-        # REVISION_RETRY_S while this process runs (recording is idempotent).
+        # updateRevision in status and its retry records it. A refusal is kept in status as
+        # RevisionRecordFailed and retried every REVISION_RETRY_S, also after a controller restart
+        # (recording is idempotent).
         update_revision = new_status["updateRevision"]
-        if (
-            update_revision != prev_status.get("updateRevision")
-            or self._unrecorded.get(key) == update_revision
+        if update_revision != prev_status.get("updateRevision") or st.find_condition(
+            prev_status, st.REVISION_RECORD_FAILED
         ):
-            if await self._record_revision(obj, update_revision):
-                self._unrecorded.pop(key, None)
-            else:
-                self._unrecorded[key] = update_revision
+            refusal = await self._record_revision(obj, update_revision)
+            if refusal is not None:
+                new_status["conditions"].append(
+                    st.condition(
+                        st.REVISION_RECORD_FAILED,
+                        True,
+                        "RecordRefused",
+                        f"revision {update_revision} is not kept for `pdorch rollback` yet "
+                        f"(retried every {REVISION_RETRY_S:.0f}s): {refusal}"[:1000],
+                        generation,
+                        prev_status.get("conditions") or [],
+                    )
+                )
                 requeue = min(requeue or REVISION_RETRY_S, REVISION_RETRY_S)
         await self._write_status(obj, prev_status, new_status)
         RECONCILES.labels("ok").inc()
@@ -304,10 +310,10 @@ class Reconciler:
         )
         return plan
 
-    async def _record_revision(self, obj: dict[str, Any], revision: str) -> bool:
+    async def _record_revision(self, obj: dict[str, Any], revision: str) -> str | None:
         """Keep the spec of a new update revision as a ControllerRevision (for `pdorch rollback`).
 
-        False when the API refused; the caller retries on later passes."""
+        The API's refusal, or None once recorded; the caller retries on later passes."""
         md = obj["metadata"]
         try:
             items, _ = await self.api.list(
@@ -329,8 +335,8 @@ class Reconciler:
         except ApiError as e:
             # Rollouts do not depend on the history (only `pdorch rollback` does): go on, retry later.
             log.warning("could not record revision %s of %s/%s: %s", revision, md["namespace"], md["name"], e)
-            return False
-        return True
+            return f"{e.code}: {e.message}"
+        return None
 
     def _revision(self, key: str, sg: ServingGroup) -> str:
         """The update revision; reused from the render cache when the group did not change."""
@@ -547,7 +553,7 @@ class Reconciler:
         for ctype, old_s, new_s, reason in st.transitions(prev, new):
             etype = (
                 "Warning"
-                if (ctype == st.INVALID and new_s == "True")
+                if (ctype in (st.INVALID, st.REVISION_RECORD_FAILED) and new_s == "True")
                 or (ctype == st.AVAILABLE and new_s == "False" and old_s == "True")
                 else "Normal"
             )

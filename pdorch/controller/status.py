@@ -15,6 +15,8 @@ AVAILABLE = "Available"
 PROGRESSING = "Progressing"
 INVALID = "Invalid"
 ROLLOUT_STALLED = "RolloutStalled"
+# Present (True) only while the update revision's ControllerRevision could not be written.
+REVISION_RECORD_FAILED = "RevisionRecordFailed"
 
 SUMMARY_TYPES = ("proxy", "prefill", "decode", "worker")
 
@@ -91,6 +93,11 @@ def condition(
         "lastTransitionTime": ltt,
         "observedGeneration": generation,
     }
+
+
+def find_condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    """The condition of type `ctype` in a status block, or None."""
+    return next((c for c in status.get("conditions") or [] if c.get("type") == ctype), None)
 
 
 def resumed_progress(

@@ -9,7 +9,11 @@ import time
 from typing import Any
 
 import pytest
-from lightkube import Client
+from lightkube import ApiError, Client
+from lightkube.resources.admissionregistration_v1 import (
+    ValidatingAdmissionPolicy,
+    ValidatingAdmissionPolicyBinding,
+)
 from lightkube.resources.apps_v1 import ControllerRevision
 
 from pdorch.devcluster.cluster import ClusterState
@@ -235,6 +239,118 @@ def test_a_rollout_past_its_deadline_stays_stalled_across_a_controller_restart(
         time.sleep(0.5)
     assert sample(controller.metrics_text(), "pdorch_reconcile_total", {"result": "ok"}) > 0
     assert _status(kube, namespace, "late").get("lastProgressTime") == stamp
+
+
+def test_a_refused_revision_record_is_reported_and_retried_after_a_controller_restart(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """An admission policy refuses the group's ControllerRevision: status says so
+    (RevisionRecordFailed, with the API's message), and once the policy is gone the record is
+    written, also when the controller restarted in between (no revision change to trigger it)."""
+    name = f"norec-{namespace[-6:]}"
+    policy = ValidatingAdmissionPolicy.from_dict(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["apps"],
+                            "apiVersions": ["v1"],
+                            "operations": ["CREATE"],
+                            "resources": ["controllerrevisions"],
+                        }
+                    ]
+                },
+                "validations": [
+                    {
+                        # Only the group's own history: LWS keeps ControllerRevisions too.
+                        "expression": "!has(object.metadata.ownerReferences) || "
+                        "!object.metadata.ownerReferences.exists(r, r.kind == 'ServingGroup' "
+                        "&& r.name == 'rec')",
+                        "message": "revision history is blocked by the test policy",
+                    }
+                ],
+            },
+        }
+    )
+    binding = ValidatingAdmissionPolicyBinding.from_dict(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
+            },
+        }
+    )
+    kube.create(policy)
+    kube.create(binding)
+    try:
+        probe = ControllerRevision.from_dict(
+            {
+                "metadata": {
+                    "generateName": "probe-",
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "pdorch.io/v1alpha1",
+                            "kind": "ServingGroup",
+                            "name": "rec",
+                            "uid": "00000000-0000-0000-0000-000000000000",
+                        }
+                    ],
+                },
+                "data": {},
+                "revision": 1,
+            }
+        )
+
+        def enforced() -> bool:
+            try:
+                made = kube.create(probe, namespace=namespace)
+            except ApiError as e:
+                return "blocked by the test policy" in e.status.message
+            kube.delete(ControllerRevision, made.metadata.name, namespace=namespace)
+            return False
+
+        wait_for(enforced, 30, "the test admission policy in force")
+        kube.create(SG.from_dict(example("rec")), namespace=namespace)
+
+        def failed() -> dict[str, Any] | None:
+            c = condition(kube.get(SG, "rec", namespace=namespace), "RevisionRecordFailed")
+            return c if c and c["status"] == "True" else None
+
+        c = wait_for(failed, 60, "RevisionRecordFailed=True")
+        assert c["reason"] == "RecordRefused" and "blocked by the test policy" in c["message"], c
+        revision = _status(kube, namespace, "rec")["updateRevision"]
+        assert revision in c["message"]
+        wait_available(kube, namespace, "rec")  # the rollout does not wait for its history
+
+        assert controller.stop() == 0
+        kube.delete(ValidatingAdmissionPolicyBinding, name)
+        kube.delete(ValidatingAdmissionPolicy, name)
+        controller.restart()
+        controller.wait_ready()
+    finally:
+        for kind in (ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicy):
+            try:
+                kube.delete(kind, name)
+            except ApiError:
+                pass
+
+    def recorded() -> bool:
+        listed = kube.list(ControllerRevision, namespace=namespace, labels={"pdorch.io/group": "rec"})
+        return any(r.metadata.labels.get("pdorch.io/revision") == revision for r in listed)
+
+    wait_for(recorded, 60, "the ControllerRevision written after the restart")
+    wait_for(
+        lambda: condition(kube.get(SG, "rec", namespace=namespace), "RevisionRecordFailed") is None,
+        30,
+        "RevisionRecordFailed cleared",
+    )
 
 
 def test_size_and_restart_policy_changes_roll_out_through_the_planner(
