@@ -31,6 +31,7 @@ from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, Scalin
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
 from pdorch.proxy.discovery import endpoints_from_pods
+from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import (
     ANNOTATION_DRAINING,
     LABEL_GROUP,
@@ -41,6 +42,7 @@ from pdorch.roles.labels import (
     selector_string,
 )
 from pdorch.roles.naming import scaler_name
+from pdorch.roles.pods import ready_since
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
 from pdorch.scaler.observe import RoleLoad, missed_target, pair_with_previous, role_load
 from pdorch.scaler.policy import (
@@ -103,6 +105,7 @@ class RoleState:
 
     prev: dict[str, EngineSample] = field(default_factory=dict)  # by endpoint URL
     prev_at: float | None = None
+    prev_wall: float | None = None  # the same instant in Unix time, to compare with pods' Ready times
     # Endpoint URL -> when its metrics were last read (forgotten after an hour).
     read_at: dict[str, float] = field(default_factory=dict)
     damping: DampingState = field(default_factory=DampingState)
@@ -163,6 +166,16 @@ def recommend(
     if targets is None or targets.tpot_ms is None:
         raise ValueError(f"role {role.name}: Builtin decode scaling needs scaling.targets.tpotMs")
     return recommend_decode(mem, now_s, load, c, targets.tpot_ms / 1000, cfg)
+
+
+def endpoints_ready_after(pods: list[dict[str, Any]], eps: list[Endpoint], since: float | None) -> set[str]:
+    """URLs of the endpoints whose pod became Ready after `since` (Unix s): new engines, whose
+    counters started at 0. A pod Ready since earlier but not read before (the scaler restarted, its
+    first scrape failed, a drain hid it) has lifetime counters, which are not one tick's work."""
+    if since is None:
+        return set()
+    ready = {(p.get("metadata") or {}).get("name"): ready_since(p) for p in pods}
+    return {e.url for e in eps if (t := ready.get(e.pod)) is not None and t > since}
 
 
 def _group_index(pod: dict[str, Any]) -> int:
@@ -292,12 +305,13 @@ class BuiltinScaler:
         pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(group, role.name)))
         eps = list(endpoints_from_pods(pods).endpoints)
         samples = await self.source.samples(ns, eps)
-        now = time.monotonic()  # after the scrape: the window ends when the samples were taken
-        seen = pair_with_previous(st.prev, [e.url for e in eps], samples, st.read_at)
+        now, wall = time.monotonic(), time.time()  # after the scrape: the window ends at the samples
+        fresh = endpoints_ready_after(pods, eps, st.prev_wall)
+        seen = pair_with_previous(st.prev, [e.url for e in eps], samples, st.read_at, fresh)
         if seen.unread:
             SCRAPE_ERRORS.labels(ns, group, role.name).inc(seen.unread)
         last = st.prev_at
-        st.prev, st.prev_at = seen.by_key, now
+        st.prev, st.prev_at, st.prev_wall = seen.by_key, now, wall
         st.read_at = {u: t for u, t in st.read_at.items() if now - t < 3600} | dict.fromkeys(seen.by_key, now)
         if last is None:
             return None  # rates need two scrapes

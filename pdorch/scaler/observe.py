@@ -122,19 +122,21 @@ def pair_with_previous(
     keys: Sequence[str],
     samples: Sequence[EngineSample | None],
     known: Collection[str] = (),
+    fresh: Collection[str] = (),
 ) -> Scraped:
     """Pair each read sample with the same endpoint's previous one (`samples[i]` is `keys[i]`'s).
 
     Keying by endpoint, never by position, keeps one failed scrape from shifting every replica's
-    baseline onto another's. An endpoint read before (`known`) but not last tick (a failed scrape,
-    a readiness flap, a cancelled drain) gets no baseline this tick: its counters span an unknown
-    time. One never read before is a new engine, whose counters started at 0: a zero baseline
-    counts what it did since it became ready."""
+    baseline onto another's. An endpoint without last tick's sample gets no baseline this tick
+    (its counters span an unknown time: a failed scrape, a readiness flap, a cancelled drain, an
+    engine this process never read), unless it is `fresh` (became ready since the last tick) and
+    was never read (`known`): a new engine, whose counters started at 0, so a zero baseline counts
+    what it did since it became ready."""
     if len(keys) != len(samples):
         raise ValueError(f"{len(samples)} samples for {len(keys)} endpoints")
     by_key = {k: s for k, s in zip(keys, samples, strict=True) if s is not None}
     pairs: list[EngineSample | None] = [
-        prev[k] if k in prev else None if k in known else EngineSample(engine=s.engine)
+        prev[k] if k in prev else EngineSample(engine=s.engine) if k in fresh and k not in known else None
         for k, s in by_key.items()
     ]
     return Scraped(prev=pairs, cur=list(by_key.values()), by_key=by_key, unread=len(keys) - len(by_key))

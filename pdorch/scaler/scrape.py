@@ -68,6 +68,15 @@ class MetricsParseError(ValueError):
     """The text is not Prometheus exposition format or has no engine metrics."""
 
 
+def _label_product(labels: dict[str, str], a: str, b: str) -> float | None:
+    """The product of two numeric labels; None when either is absent or not a number (some vLLM
+    builds export ``num_gpu_blocks="None"`` before the cache is profiled)."""
+    try:
+        return float(labels[a]) * float(labels[b])
+    except (KeyError, ValueError):
+        return None
+
+
 def parse_engine_metrics(text: str) -> EngineSample:
     """Sum every series (all label sets) of the known vLLM/SGLang metrics into one sample."""
     values: dict[str, float] = {}
@@ -98,9 +107,9 @@ def parse_engine_metrics(text: str) -> EngineSample:
             values[f"{key}_count"] = sum(s.value for s in fam.samples if s.name == name + "_count")
         elif name == "vllm:cache_config_info":
             for s in fam.samples:
-                blocks, size = s.labels.get("num_gpu_blocks"), s.labels.get("block_size")
-                if blocks and size:
-                    values["kv_capacity_tokens"] = float(blocks) * float(size)
+                capacity = _label_product(s.labels, "num_gpu_blocks", "block_size")
+                if capacity is not None:
+                    values["kv_capacity_tokens"] = capacity
     if not engine:
         raise MetricsParseError("no vllm: or sglang: metrics in the scraped text")
     old_sum, old_count = values.pop("itl_old_sum_s", 0.0), values.pop("itl_old_count", 0.0)

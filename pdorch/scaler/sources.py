@@ -46,6 +46,10 @@ class DirectScrape:
         except (httpx2.HTTPError, MetricsParseError, TimeoutError) as e:
             log.warning("scrape %s (%s) failed: %s", ep.url, ep.pod, str(e) or "timed out")
             return None
+        except Exception:
+            # One odd pod must not cost the whole group its tick: it counts as unreadable.
+            log.exception("scrape %s (%s) failed unexpectedly", ep.url, ep.pod)
+            return None
 
     async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]:
         return list(await asyncio.gather(*(self._one(ep) for ep in endpoints)))

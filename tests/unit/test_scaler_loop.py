@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from pdorch.api.servinggroup import Role, Scaling
-from pdorch.scaler.loop import damping_config, damping_from_scaling, recommend
+from pdorch.proxy.endpoints import Endpoint
+from pdorch.roles.pods import ready_since
+from pdorch.scaler.loop import damping_config, damping_from_scaling, endpoints_ready_after, recommend
 from pdorch.scaler.observe import RoleLoad
 from pdorch.scaler.policy import SloPolicyConfig
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
@@ -73,3 +77,25 @@ def test_scaling_clamp_applies_only_the_bounds_that_are_set() -> None:
     assert [s.clamp(n) for n in (0, 3, 9)] == [2, 3, 4]
     assert Scaling(mode="External").clamp(50) == 50
     assert Scaling(mode="External", max_replicas=4).clamp(0) == 0
+
+
+def _pod(name: str, ready_at: str | None) -> dict[str, object]:
+    cond = {"type": "Ready", "status": "True" if ready_at else "False"}
+    if ready_at:
+        cond["lastTransitionTime"] = ready_at
+    return {"metadata": {"name": name}, "status": {"conditions": [cond]}}
+
+
+def test_only_pods_ready_since_the_last_tick_are_new_engines() -> None:
+    t0 = dt.datetime(2026, 12, 5, 12, 0, 0, tzinfo=dt.UTC).timestamp()
+    pods = [
+        _pod("old", "2026-12-05T11:00:00Z"),  # Ready for an hour: lifetime counters
+        _pod("new", "2026-12-05T12:00:10Z"),  # Ready after the last tick: counters since 0
+        _pod("odd", None),
+    ]
+    eps = [Endpoint(url=f"http://127.0.0.{i}:8000", role="decode", host="h", port=1, pod=p["metadata"]["name"])  # type: ignore[index]
+           for i, p in enumerate(pods, 1)]  # fmt: skip
+    assert endpoints_ready_after(pods, eps, t0) == {"http://127.0.0.2:8000"}
+    assert endpoints_ready_after(pods, eps, None) == set()  # first tick: nothing is known new
+    assert ready_since(pods[1]) == t0 + 10 and ready_since(pods[2]) is None
+    assert ready_since({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}) is None

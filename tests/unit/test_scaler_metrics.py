@@ -149,11 +149,21 @@ def test_a_failed_scrape_does_not_shift_the_other_replicas_baselines() -> None:
     third = pair_with_previous(second.by_key, ["a", "b", "c"], [a1, b2, c1], known={"a", "b", "c"})
     assert third.prev == [a1, None, c1]
     assert role_load(third.prev, third.cur, 10.0).request_rate == 0.0
-    # A new engine (never read before) counts from 0: what it served since it became ready.
+    # A new engine (never read, Ready since the last tick) counts from 0: what it served since.
     d = EngineSample("vllm", running=2, requests_total=30)
-    fourth = pair_with_previous(third.by_key, ["a", "b", "c", "d"], [a1, b2, c1, d], known={"a", "b", "c"})
+    keys = ["a", "b", "c", "d"]
+    fourth = pair_with_previous(third.by_key, keys, [a1, b2, c1, d], known={"a", "b", "c"}, fresh={"d"})
     assert fourth.prev[3] == EngineSample("vllm")
     assert role_load(fourth.prev, fourth.cur, 10.0).request_rate == pytest.approx(3.2)
+    # Never read but Ready for longer (the scaler restarted, a drain hid it): its counters are a
+    # lifetime, not one tick's work, so it gets no baseline.
+    old_engine = EngineSample("vllm", running=2, requests_total=100_000)
+    fifth = pair_with_previous(third.by_key, keys, [a1, b2, c1, old_engine], known={"a", "b", "c"})
+    assert fifth.prev[3] is None
+    assert role_load(fifth.prev, fifth.cur, 10.0).request_rate == 0.0
+    # Fresh but read before (a readiness flap of a running engine): still no baseline.
+    sixth = pair_with_previous({}, ["a"], [a1], known={"a"}, fresh={"a"})
+    assert sixth.prev == [None]
     with pytest.raises(ValueError, match="2 samples for 3 endpoints"):
         pair_with_previous({}, ["a", "b", "c"], [a0, b0])
 
@@ -198,3 +208,17 @@ def test_a_pod_scraped_by_two_prometheus_jobs_is_counted_once() -> None:
     ]
     result += [series("b-annotations", "m2", 2)]
     assert parse_engine_metrics(prometheus_vector_to_text(result, "p")).running == 5
+
+
+def test_a_non_numeric_cache_config_label_is_skipped_not_raised() -> None:
+    # Some vLLM builds export num_gpu_blocks="None" until the KV cache is profiled.
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="m"} 3.0\n'
+        "# TYPE vllm:cache_config_info gauge\n"
+        'vllm:cache_config_info{block_size="16",num_gpu_blocks="None"} 1.0\n'
+    )
+    s = parse_engine_metrics(text)
+    assert (s.running, s.kv_capacity_tokens) == (3.0, 0.0)
+    ok = text.replace('"None"', '"100"')
+    assert parse_engine_metrics(ok).kv_capacity_tokens == 1600.0
