@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from pdorch.api.scaler import KIND as SCALER_KIND
 from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, ScalingMode, ServingGroup
 from pdorch.controller.events import EventRecorder
-from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
+from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi
 from pdorch.proxy.discovery import endpoints_from_pods
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import (
@@ -42,7 +42,7 @@ from pdorch.roles.labels import (
     selector_string,
 )
 from pdorch.roles.naming import scaler_name
-from pdorch.roles.pods import ready_since
+from pdorch.roles.pods import is_terminating, ready_since
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
 from pdorch.scaler.observe import RoleLoad, missed_target, pair_with_previous, role_load
 from pdorch.scaler.policy import (
@@ -58,6 +58,9 @@ from pdorch.scaler.sources import DirectScrape, MetricsSource
 from pdorch.sim.latency import DEFAULT_PRESET, Coefficients, load_coefficients
 
 log = logging.getLogger(__name__)
+
+# How long a stopping scaler may spend giving drained pods back to the proxy.
+SHUTDOWN_UNDRAIN_S = 5.0
 
 DESIRED = Gauge(
     "pdorch_scaler_desired_replicas", "Replicas the scaler wrote.", ["namespace", "group", "role"]
@@ -81,6 +84,23 @@ SCRAPE_ERRORS = Counter(
     "Ready leader pods whose metrics could not be read.",
     ["namespace", "group", "role"],
 )
+
+
+_ROLE_SERIES: tuple[Gauge | Counter, ...] = (DESIRED, RECOMMENDED, LOAD_RATE, SLO_MISSES, SCRAPE_ERRORS)
+
+
+def _drop_series(ns: str, group: str, role: str) -> None:
+    """Remove a forgotten role's series, so deleted groups leave no stale values or cardinality."""
+    for metric in _ROLE_SERIES:
+        try:
+            metric.remove(ns, group, role)
+        except KeyError:
+            pass
+    for direction in ("up", "down"):
+        try:
+            SCALE_EVENTS.remove(ns, group, role, direction)
+        except KeyError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -223,7 +243,27 @@ class BuiltinScaler:
                 )
             except TimeoutError:
                 pass
+        try:
+            async with asyncio.timeout(SHUTDOWN_UNDRAIN_S):
+                await self.cancel_drains()
+        except TimeoutError:
+            log.warning("could not clear every drain annotation within %.0fs", SHUTDOWN_UNDRAIN_S)
         await self.events.flush()
+
+    async def cancel_drains(self) -> None:
+        """Give every pod this process is draining back to the proxy (on shutdown: a drain lives in
+        this process's memory, and an uninstalled scaler must not leave pods hidden for good)."""
+        for (ns, group, role), st in list(self.roles.items()):
+            if st.draining_to is None:
+                continue
+            try:
+                pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(group, role)))
+                await self._undrain(ns, pods)
+            except ApiError as e:
+                log.warning("%s/%s-%s: could not cancel the drain: %s", ns, group, role, e)
+                continue
+            st.draining_to = None
+            log.info("%s/%s-%s: drain cancelled", ns, group, role)
 
     async def tick(self) -> list[RoleDecision]:
         """One pass over every ServingGroup with Builtin roles."""
@@ -231,8 +271,7 @@ class BuiltinScaler:
         # Forget roles whose group is gone (a group re-created under the same name starts afresh).
         live = {(o["metadata"].get("namespace", "default"), o["metadata"]["name"]) for o in groups}
         for key in [k for k in self.roles if k[:2] not in live]:
-            self.roles.pop(key, None)
-            self._raw.pop(key, None)
+            self._forget(key)
         self._swept &= live
         self._last_miss = {k: t for k, t in self._last_miss.items() if k in live}
         out: list[RoleDecision] = []
@@ -260,6 +299,13 @@ class BuiltinScaler:
             got = await self._decide(ns, name, role)
             if got is not None:
                 decisions[role.name] = (role, *got)
+            elif (st := self.roles.get((ns, name, role.name))) and st.draining_to is not None:
+                # No decision (metrics outage, bad targets): hold means hold, so the pods being
+                # drained serve again instead of staying hidden from the proxy while nothing ends it.
+                pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(name, role.name)))
+                await self._undrain(ns, pods)
+                st.draining_to = None
+                log.warning("%s/%s-%s: no decision this tick; drain cancelled", ns, name, role.name)
         # The declared ratio band, when the group has exactly one Builtin prefill and decode role.
         ratio = sg.spec.ratio
         pre = [d for d in decisions.values() if d[0].type == RoleType.PREFILL]
@@ -411,8 +457,11 @@ class BuiltinScaler:
         victims = [p for p in pods if _group_index(p) >= target]
         eps = [e for e in endpoints_from_pods(_undrained(victims)).endpoints]
         got = await self.source.samples(ns, eps)
-        # A victim whose metrics cannot be read counts as busy: "unknown" is not "drained".
-        busy = sum(s.running + s.waiting if s is not None else 1.0 for s in got)
+        # A victim whose metrics cannot be read counts as busy: "unknown" is not "drained". So does
+        # one that runs but is not Ready (a failed probe under load may still hold requests).
+        scraped = {e.pod for e in eps}
+        unready = sum(1 for p in victims if p["metadata"].get("name") not in scraped and may_hold_work(p))
+        busy = unready + sum(s.running + s.waiting if s is not None else 1.0 for s in got)
         timed_out = time.monotonic() - st.drain_started >= self.cfg.drain_timeout_s
         if busy > 0 and not timed_out:
             return
@@ -433,8 +482,7 @@ class BuiltinScaler:
         """
         left = [k for k in self.roles if k[:2] == (ns, group) and k[2] not in builtin]
         for key in left:
-            self.roles.pop(key)
-            self._raw.pop(key, None)
+            self._forget(key)
         if (ns, group) in self._swept and not left:
             return
         self._swept.add((ns, group))
@@ -442,6 +490,11 @@ class BuiltinScaler:
         await self._undrain(
             ns, [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_ROLE) not in builtin]
         )
+
+    def _forget(self, key: tuple[str, str, str]) -> None:
+        self.roles.pop(key, None)
+        self._raw.pop(key, None)
+        _drop_series(*key)
 
     async def _undrain(self, ns: str, pods: list[dict[str, Any]]) -> None:
         for p in pods:
@@ -475,6 +528,13 @@ class BuiltinScaler:
             srs, "Normal", "ScaledUp" if direction == "up" else "ScaledDown", note, action="Scale"
         )
         log.info("%s/%s: %s", ns, name, note)
+
+
+def may_hold_work(pod: dict[str, Any]) -> bool:
+    """A leader that has started and is not terminating: it may be serving requests even when not
+    Ready. A pending pod (no IP yet) or one being deleted has none to finish here."""
+    status = pod.get("status") or {}
+    return bool(status.get("podIP")) and status.get("phase") == "Running" and not is_terminating(pod)
 
 
 def _undrained(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:

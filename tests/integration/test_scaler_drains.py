@@ -7,18 +7,21 @@ not (or no longer) Builtin would hide that pod from traffic for good.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from lightkube import Client
 from lightkube.resources.core_v1 import Pod
 
-from pdorch.controller.kubeapi import KubeApi
+from pdorch.controller.kubeapi import SERVING_ROLE_SCALER, KubeApi
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
+from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
+from pdorch.scaler.scrape import EngineSample
 from tests.integration.test_controller import SG, example_scaled, update_spec, wait_available
 
 pytestmark = pytest.mark.integration
@@ -79,5 +82,73 @@ async def test_drain_marks_on_unscaled_roles_are_cleared(
         await scaler.tick()
         assert not is_draining(kube, namespace, decode)  # left Builtin: its mark goes too
         assert not scaler.roles  # and so does the scaler's state for it
+    finally:
+        await api.close()
+
+
+class ScriptedMetrics:
+    """Engine metrics chosen by the test (the engines' numbers, not the Kubernetes API's):
+    every endpoint idle, or none readable (a metrics outage)."""
+
+    def __init__(self) -> None:
+        self.outage = False
+
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]:
+        return [None if self.outage else EngineSample("vllm") for _ in endpoints]
+
+
+async def test_a_drain_is_cancelled_by_a_metrics_outage_and_by_shutdown(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """The pods a drain hides from the proxy serve again when the scaler cannot decide (a metrics
+    outage: holding means holding) and when it stops (a drain lives in its memory only)."""
+    doc = example_scaled(
+        "undrain",
+        "decode",
+        {
+            "mode": "Builtin",
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "targets": {"tpotMs": 100},
+            "scaleDownStabilizationSeconds": 0,
+            "cooldownSeconds": 0,
+        },
+    )
+    next(r for r in doc["spec"]["roles"] if r["type"] == "decode")["replicas"] = 2
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, "undrain")
+
+    def leaders() -> list[Pod]:
+        pods = kube.list(Pod, namespace=namespace, labels=leader_selector("undrain", "decode"))
+        return sorted(pods, key=lambda p: p.metadata.name)
+
+    await asyncio.to_thread(wait_for, lambda: len(leaders()) == 2, 60, "two decode leaders")
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    metrics = ScriptedMetrics()
+    scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0), source=metrics)
+    try:
+
+        def drained() -> list[bool]:
+            return [is_draining(kube, namespace, p) for p in leaders()]
+
+        await scaler.tick()  # baseline
+        await scaler.tick()  # idle: 2 -> 1 starts by draining group 1
+        assert drained() == [False, True]
+
+        metrics.outage = True
+        await scaler.tick()
+        assert drained() == [False, False], "a metrics outage left the drained pod hidden"
+        assert scaler.roles[(namespace, "undrain", "decode")].draining_to is None
+
+        metrics.outage = False
+        await scaler.tick()  # idle again: the drain starts over
+        assert drained() == [False, True]
+        stop = asyncio.Event()
+        stop.set()
+        await scaler.run(stop)  # a stopping scaler gives the pod back
+        assert drained() == [False, False], "shutdown left the drained pod hidden"
+        # Nothing was scaled down meanwhile: each drain ended before it completed.
+        srs = await api.get(SERVING_ROLE_SCALER, "undrain-decode", namespace)
+        assert srs is not None and srs["spec"]["replicas"] == 2
     finally:
         await api.close()

@@ -9,7 +9,14 @@ import pytest
 from pdorch.api.servinggroup import Role, Scaling
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.pods import ready_since
-from pdorch.scaler.loop import damping_config, damping_from_scaling, endpoints_ready_after, recommend
+from pdorch.scaler import loop
+from pdorch.scaler.loop import (
+    damping_config,
+    damping_from_scaling,
+    endpoints_ready_after,
+    may_hold_work,
+    recommend,
+)
 from pdorch.scaler.observe import RoleLoad
 from pdorch.scaler.policy import SloPolicyConfig
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
@@ -99,3 +106,25 @@ def test_only_pods_ready_since_the_last_tick_are_new_engines() -> None:
     assert endpoints_ready_after(pods, eps, None) == set()  # first tick: nothing is known new
     assert ready_since(pods[1]) == t0 + 10 and ready_since(pods[2]) is None
     assert ready_since({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}) is None
+
+
+def test_a_drain_victim_that_runs_unready_may_still_hold_work() -> None:
+    running = {"metadata": {"name": "p"}, "status": {"phase": "Running", "podIP": "127.1.0.5"}}
+    assert may_hold_work(running)  # a failed readiness probe under load: wait for it
+    assert not may_hold_work({"metadata": {"name": "p"}, "status": {"phase": "Pending"}})
+    deleting = {**running, "metadata": {"name": "p", "deletionTimestamp": "2026-12-05T12:00:00Z"}}
+    assert not may_hold_work(deleting)
+
+
+def test_a_forgotten_role_leaves_no_series() -> None:
+    loop.RECOMMENDED.labels("ns", "gone", "decode").set(3)
+    loop.SCALE_EVENTS.labels("ns", "gone", "decode", "up").inc()
+    loop._drop_series("ns", "gone", "decode")
+    names = {
+        (s.name, tuple(sorted(s.labels.items())))
+        for m in (loop.RECOMMENDED, loop.SCALE_EVENTS)
+        for fam in m.collect()
+        for s in fam.samples
+    }
+    assert not any(("group", "gone") in labels for _, labels in names)
+    loop._drop_series("ns", "gone", "decode")  # twice is fine
