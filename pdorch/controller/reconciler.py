@@ -501,7 +501,9 @@ class Reconciler:
                     "apiVersion": srs["apiVersion"],
                     "kind": srs["kind"],
                     "metadata": {"name": srs["metadata"]["name"], "namespace": namespace},
-                    "status": {**{k: v for k, v in have.items() if k not in want}, **want},
+                    # Only the fields the controller owns: re-applying the scaler's lastScale* from
+                    # this cache would co-own them and could force an older reason over a newer one.
+                    "status": want,
                 },
                 subresource="status",
             )

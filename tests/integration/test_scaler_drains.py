@@ -17,7 +17,7 @@ from lightkube.resources.core_v1 import Pod
 from pdorch.controller.kubeapi import SERVING_ROLE_SCALER, KubeApi
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
-from pdorch.devcluster.waiting import wait_for
+from pdorch.devcluster.waiting import wait_for, wait_for_async
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
@@ -152,3 +152,50 @@ async def test_a_drain_is_cancelled_by_a_metrics_outage_and_by_shutdown(
         assert srs is not None and srs["spec"]["replicas"] == 2
     finally:
         await api.close()
+
+
+async def test_the_controller_leaves_the_scalers_status_fields_to_the_scaler(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """The controller writes only replicas and selector of a ServingRoleScaler's status; it never
+    co-owns lastScaleTime/lastScaleReason, so a stale copy in its cache cannot overwrite the
+    scaler's newer reason."""
+    doc = example_scaled(
+        "owners", "decode", {"mode": "Builtin", "maxReplicas": 4, "targets": {"tpotMs": 100}}
+    )
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, "owners")
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    try:
+        # What the scaler does on a scale-up: /scale, then its reason in status.
+        await api.patch(
+            SERVING_ROLE_SCALER, "owners-decode", namespace, {"spec": {"replicas": 2}}, subresource="scale"
+        )
+        await api.apply(
+            {
+                "apiVersion": "pdorch.io/v1alpha1",
+                "kind": "ServingRoleScaler",
+                "metadata": {"name": "owners-decode", "namespace": namespace},
+                "status": {"lastScaleTime": "2026-12-05T12:00:00Z", "lastScaleReason": "1 -> 2: test"},
+            },
+            subresource="status",
+        )
+
+        async def synced() -> dict[str, Any] | None:
+            srs = await api.get(SERVING_ROLE_SCALER, "owners-decode", namespace)
+            return srs if srs and (srs.get("status") or {}).get("replicas") == 2 else None
+
+        srs = await wait_for_async(synced, 60, "the controller syncing status.replicas to 2")
+    finally:
+        await api.close()
+    assert srs["status"]["lastScaleReason"] == "1 -> 2: test"
+    owners = {
+        m["manager"]: m.get("fieldsV1", {}).get("f:status", {})
+        for m in srs["metadata"]["managedFields"]
+        if m.get("subresource") == "status"
+    }
+    assert "f:lastScaleReason" in owners.get("pdorch-scaler", {}), owners
+    others = {k: v for k, v in owners.items() if k != "pdorch-scaler"}
+    assert others and all(
+        "f:lastScaleReason" not in v and "f:lastScaleTime" not in v for v in others.values()
+    ), owners
