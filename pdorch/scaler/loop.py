@@ -468,7 +468,8 @@ class BuiltinScaler:
         note = st.drain_reason + (
             f"; drain timed out after {self.cfg.drain_timeout_s:.0f}s" if busy else "; drained"
         )
-        await self._write(ns, group, role, srs, current, target, note)
+        if not await self._write(ns, group, role, srs, current, target, note):
+            return  # someone else changed the size: the next tick decides from theirs
         st.draining_to = None
         # The cooldown runs from the change itself, not from the decision that started the drain.
         st.damping.last_change_s = time.monotonic()
@@ -505,11 +506,24 @@ class BuiltinScaler:
 
     async def _write(
         self, ns: str, group: str, role: Role, srs: dict[str, Any], current: int, target: int, reason: str
-    ) -> None:
+    ) -> bool:
+        """Write `target` to the scaler's /scale and say why in its status; False if the object
+        changed since this tick read it (nothing written)."""
         name = scaler_name(group, role.name)
-        await self.api.patch(
-            SERVING_ROLE_SCALER, name, ns, {"spec": {"replicas": target}}, subresource="scale"
-        )
+        # The resourceVersion read this tick makes the write conditional: a `kubectl scale` (or
+        # another writer) since then wins, instead of being overwritten by a decision made on
+        # the size it replaced.
+        version = (srs.get("metadata") or {}).get("resourceVersion")
+        body: dict[str, Any] = {"spec": {"replicas": target}}
+        if version:
+            body["metadata"] = {"resourceVersion": version}
+        try:
+            await self.api.patch(SERVING_ROLE_SCALER, name, ns, body, subresource="scale")
+        except ApiError as e:
+            if e.code != 409:
+                raise
+            log.info("%s/%s: size changed since this tick read it; not writing %d", ns, name, target)
+            return False
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         note = f"{current} -> {target}: {reason}"[:1024]
         await self.api.apply(
@@ -528,6 +542,7 @@ class BuiltinScaler:
             srs, "Normal", "ScaledUp" if direction == "up" else "ScaledDown", note, action="Scale"
         )
         log.info("%s/%s: %s", ns, name, note)
+        return True
 
 
 def may_hold_work(pod: dict[str, Any]) -> bool:

@@ -14,6 +14,7 @@ import pytest
 from lightkube import Client
 from lightkube.resources.core_v1 import Pod
 
+from pdorch.api.servinggroup import ServingGroup
 from pdorch.controller.kubeapi import SERVING_ROLE_SCALER, KubeApi
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
@@ -199,3 +200,30 @@ async def test_the_controller_leaves_the_scalers_status_fields_to_the_scaler(
     assert others and all(
         "f:lastScaleReason" not in v and "f:lastScaleTime" not in v for v in others.values()
     ), owners
+
+
+async def test_a_kubectl_scale_since_the_tick_read_the_size_is_not_overwritten(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """The scaler's /scale write carries the resourceVersion it decided on: a `kubectl scale` in
+    between wins (the next tick decides from it) instead of being silently replaced."""
+    doc = example_scaled("race", "decode", {"mode": "Builtin", "maxReplicas": 4, "targets": {"tpotMs": 100}})
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, "race")
+    role = next(r for r in ServingGroup.model_validate(doc).spec.roles if r.name == "decode")
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0))
+    try:
+        read = await api.get(SERVING_ROLE_SCALER, "race-decode", namespace)
+        assert read is not None
+        out = devcluster.kubectl("scale", "-n", namespace, "servingrolescaler/race-decode", "--replicas=3")
+        assert out.returncode == 0, out.stderr
+        assert not await scaler._write(namespace, "race", role, read, 1, 2, "decided on the old size")
+        now = await api.get(SERVING_ROLE_SCALER, "race-decode", namespace)
+        assert now is not None and now["spec"]["replicas"] == 3
+        assert "decided on the old size" not in (now.get("status") or {}).get("lastScaleReason", "")
+        assert await scaler._write(namespace, "race", role, now, 3, 2, "decided on kubectl's size")
+        after = await api.get(SERVING_ROLE_SCALER, "race-decode", namespace)
+        assert after is not None and after["spec"]["replicas"] == 2
+    finally:
+        await api.close()
