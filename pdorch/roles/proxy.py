@@ -119,7 +119,7 @@ def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
 
 
 def proxy_rbac(ctx: RenderContext, role: Role) -> list[dict[str, Any]]:
-    """ServiceAccount, Role (pods get/list/watch in the group's namespace) and RoleBinding."""
+    """ServiceAccount, Role (pods list/watch in the group's namespace) and RoleBinding."""
     name = proxy_rbac_name(ctx.group)
     labels = ctx.labels(role)
     return [
@@ -128,7 +128,7 @@ def proxy_rbac(ctx: RenderContext, role: Role) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": ctx.metadata(name, labels),
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",

@@ -45,12 +45,13 @@ Rule = tuple[str, str, str]  # (resource or non-resource URL, resource names, ve
 # read specs and write status; own LWS, ServingRoleScalers and the proxy's Service,
 # ServiceAccount, Role, RoleBinding (create/patch via server-side apply, delete to prune);
 # watch pods for readiness; write Events; keep the revision history.
-_OWNED = ("get", "list", "watch", "create", "patch", "delete")
+# Informers list and watch; writes are server-side apply (patch), create and delete: no get/update.
+_OWNED = ("list", "watch", "create", "patch", "delete")
 CONTROLLER_NEEDS: set[Rule] = (
-    {("servinggroups.pdorch.io", "", v) for v in ("get", "list", "watch")}
-    | {("servinggroups.pdorch.io/status", "", v) for v in ("get", "patch", "update")}
+    {("servinggroups.pdorch.io", "", v) for v in ("list", "watch")}
+    | {("servinggroups.pdorch.io/status", "", "patch")}
     | {("servingrolescalers.pdorch.io", "", v) for v in _OWNED}
-    | {("servingrolescalers.pdorch.io/status", "", v) for v in ("get", "patch", "update")}
+    | {("servingrolescalers.pdorch.io/status", "", "patch")}
     | {("leaderworkersets.leaderworkerset.x-k8s.io", "", v) for v in _OWNED}
     | {(r, "", v) for r in ("services", "serviceaccounts") for v in _OWNED}
     | {
@@ -58,8 +59,8 @@ CONTROLLER_NEEDS: set[Rule] = (
         for r in ("roles.rbac.authorization.k8s.io", "rolebindings.rbac.authorization.k8s.io")
         for v in _OWNED
     }
-    | {("pods", "", v) for v in ("get", "list", "watch")}
-    | {("events.events.k8s.io", "", v) for v in ("create", "patch")}
+    | {("pods", "", v) for v in ("list", "watch")}
+    | {("events.events.k8s.io", "", "create")}
     # Revision history for `pdorch rollback`: one ControllerRevision per revision, pruned.
     | {("controllerrevisions.apps", "", v) for v in ("list", "create", "delete")}
 )
@@ -80,7 +81,7 @@ SCALER_NEEDS: set[Rule] = {
     ("events.events.k8s.io", "", "create"),
 }
 # The built-in proxy discovers its group's pods, in its own namespace, and nothing else.
-PROXY_NEEDS: set[Rule] = {("pods", "", v) for v in ("get", "list", "watch")}
+PROXY_NEEDS: set[Rule] = {("pods", "", v) for v in ("list", "watch")}
 
 _ROW = re.compile(r"^(\S*)\s+\[(.*?)\]\s+\[(.*?)\]\s+\[(.*?)\]\s*$")
 

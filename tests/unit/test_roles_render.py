@@ -282,7 +282,7 @@ def test_custom_proxy_template_is_used_as_given() -> None:
 def test_proxy_rbac_is_namespaced_and_read_only() -> None:
     objs = _by_key(render(_sg()))
     role = objs[("Role", "sim-pd-proxy")]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
     binding = objs[("RoleBinding", "sim-pd-proxy")]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
