@@ -109,6 +109,28 @@ def test_the_comparison_sees_a_changed_value(helm: str, kubectl: str) -> None:
     ]
 
 
+def test_watch_namespace_grants_the_roles_only_in_that_namespace(helm: str, kubectl: str) -> None:
+    """With watchNamespace both service accounts get RoleBindings there, no cluster-wide writes."""
+    base = kustomize(kubectl, "manifests/base")
+    chart = helm_template(helm, "--set", "watchNamespace=team-a")
+    rbac = "rbac.authorization.k8s.io/v1"
+    assert [k for k in chart if k[1] == "ClusterRoleBinding"] == []
+    for name in ("pdorch-controller", "pdorch-scaler"):
+        binding = chart[(rbac, "RoleBinding", "team-a", name)]
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": name,
+        }
+        assert binding["subjects"] == base[(rbac, "ClusterRoleBinding", "", name)]["subjects"]
+        (container,) = chart[("apps/v1", "Deployment", "pdorch-system", name)]["spec"]["template"]["spec"][
+            "containers"
+        ]
+        assert "--namespace=team-a" in container["args"]  # it lists and watches only there
+    # The Lease stays in the controller's own namespace.
+    assert (rbac, "RoleBinding", "pdorch-system", "pdorch-leader-election") in chart
+
+
 def test_helm_lint_is_clean_and_refuses_unsafe_values(helm: str) -> None:
     run(helm, "lint", "--strict", str(CHART))
     bad = subprocess.run(
