@@ -14,6 +14,11 @@ OUT=$ROOT/helm$HELM
 if [ -f "$OUT/.complete" ] && [ -x "$OUT/helm" ]; then
   echo "cached: $OUT"; echo "$OUT"; exit 0
 fi
+# Checked only now: a warm cache needs no Go. Without this the first `go` call fails mid-script.
+if ! command -v go >/dev/null 2>&1; then
+  echo "build-helm: 'go' not found on PATH; install Go 1.26 (https://go.dev/dl/) and put it on PATH, then retry" >&2
+  exit 127
+fi
 T0=$(date +%s)
 step() { echo "[build-helm +$(( $(date +%s) - T0 ))s] $*" >&2; }
 rm -rf "$OUT.tmp"; mkdir -p "$OUT.tmp"

@@ -23,6 +23,11 @@ OUT=$ROOT/k8s$K8S-etcd$ETCD-lws$LWS-kwok$KWOK
 if [ -f "$OUT/.complete" ]; then
   echo "cached: $OUT"; echo "$OUT"; exit 0
 fi
+# Checked only now: a warm cache needs no Go. Without this the first `go` call fails mid-script.
+if ! command -v go >/dev/null 2>&1; then
+  echo "build-kube: 'go' not found on PATH; install Go 1.26 (https://go.dev/dl/) and put it on PATH, then retry" >&2
+  exit 127
+fi
 T0=$(date +%s)
 step() { echo "[build-kube +$(( $(date +%s) - T0 ))s] $*" >&2; }
 # PDORCH_BUILD_MEASURE=1: report Go module/build cache sizes after each component (for docs).

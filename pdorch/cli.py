@@ -2,6 +2,8 @@
 
 Each capability package exposes `add_parser(subparsers)` in its `commands` module; the parser it
 registers sets `func`, which receives the parsed namespace and returns the process exit code.
+Expected failures (see `pdorch.cli_errors.expected_error`) print one `error:` line and exit 1; Ctrl-C
+exits 130.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+
+from pdorch.cli_errors import expected_error
 
 # Modules that register subcommands, in the order `pdorch --help` lists them.
 COMMAND_MODULES: list[str] = [
@@ -53,7 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    return int(func(args) or 0)
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = expected_error(exc)
+        if message is None:
+            raise  # a bug: keep the traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 from pdorch.api.crdgen import DEFAULT_OUT_DIR, check_crds, write_crds
 from pdorch.api.docgen import DEFAULT_OUT as DEFAULT_REFERENCE
 from pdorch.api.docgen import check_reference, render_reference
+from pdorch.devcluster.binaries import in_checkout
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +21,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write the CRD YAML generated from pdorch.api, or with --check fail when the "
         "committed files differ from what the models generate.",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="directory (default manifests/crd)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=in_checkout(DEFAULT_OUT_DIR),
+        help="directory (default manifests/crd of the source checkout)",
+    )
     p.add_argument("--check", action="store_true", help="do not write; exit 1 if the files drifted")
     p.set_defaults(func=run)
     add_api_docs_parser(subparsers)
@@ -50,7 +56,12 @@ def add_api_docs_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write the Markdown API reference generated from pdorch.api, or with --check fail "
         "when the committed file differs from what the models generate.",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_REFERENCE, help="file (default docs/api-reference.md)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=in_checkout(DEFAULT_REFERENCE),
+        help="file (default docs/api-reference.md of the source checkout)",
+    )
     p.add_argument("--check", action="store_true", help="do not write; exit 1 if the file is stale")
     p.set_defaults(func=run_api_docs)
 

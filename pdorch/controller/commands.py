@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 
+from pdorch.cli_args import positive_int
 from pdorch.controller.manager import LOST_LEASE_EXIT, ControllerConfig, run_controller
 
 
@@ -38,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, then in-cluster)")
     p.add_argument("--namespace", help="watch only this namespace (default: all)")
     p.add_argument(
-        "--workers", type=int, default=d.workers, help="concurrent reconciles (default %(default)s)"
+        "--workers", type=positive_int, default=d.workers, help="concurrent reconciles (default %(default)s)"
     )
     p.add_argument(
         "--leader-elect",

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
+from pdorch.cli_errors import CliError
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.informer import Informer, key_of
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi, NotLeader, Resource
@@ -131,7 +132,14 @@ class Controller:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, port = self.cfg.health_addr.rsplit(":", 1)
-        await web.TCPSite(runner, host, int(port)).start()
+        try:
+            await web.TCPSite(runner, host, int(port)).start()
+        except OSError as exc:  # e.g. the port is taken: one clear line instead of a traceback
+            await runner.cleanup()
+            raise CliError(
+                f"cannot serve /healthz on --health-addr {self.cfg.health_addr}: {exc.strerror or exc}",
+                "stop whatever holds that address or pass another --health-addr HOST:PORT",
+            ) from exc
         return runner
 
     # ------------------------------------------------------------------ workers
@@ -172,7 +180,11 @@ class Controller:
 
     async def run(self) -> int:
         """Run until stopped (0) or until leadership is lost (1)."""
-        runner = await self._serve_health()
+        try:
+            runner = await self._serve_health()
+        except BaseException:
+            await self.api.close()
+            raise
         informer_tasks = [
             asyncio.create_task(inf.run(), name=f"informer-{inf.res.plural}")
             for inf in [self.groups, *self.children.values(), self.pods]

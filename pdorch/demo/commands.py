@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from pdorch.cli_args import positive_int
 from pdorch.demo.run import demo
+from pdorch.devcluster.commands import NAME_ARG
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -25,11 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Start the dev cluster, run the controller, apply examples/sim-pd, serve it with "
         "simulated engines and the proxy, send traffic and show a live view.",
     )
-    p.add_argument("--users", type=int, default=6, help="concurrent simulated users (default %(default)s)")
+    p.add_argument(
+        "--users", type=positive_int, default=6, help="concurrent simulated users (default %(default)s)"
+    )
     p.add_argument(
         "--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
     )
-    p.add_argument("--cluster-name", default="demo", help="dev cluster name (default %(default)s)")
+    p.add_argument(
+        "--cluster-name", type=NAME_ARG, default="demo", help="dev cluster name (default %(default)s)"
+    )
     p.add_argument(
         "--rollout-after",
         type=float,

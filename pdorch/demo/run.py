@@ -4,7 +4,8 @@ Steps (each shown as it happens): start the dev cluster, install the CRDs, run t
 apply examples/sim-pd, put simulated engines behind the prefill/decode pods' IPs and the proxy
 behind the proxy pod's IP, send trace-shaped traffic through the proxy, and show per-role
 replicas, requests/s, TTFT/TPOT percentiles and the controller's decisions. Ctrl-C (or
---duration) stops the traffic and tears down everything the demo started.
+--duration) stops the traffic and tears down everything the demo started; a dev cluster that was
+already running is reused and left running (only the demo's namespace or ServingGroup is removed).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import contextlib
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from lightkube.codecs import from_dict
+from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import Namespace as LkNamespace
 
 from pdorch.controller.kubeapi import EVENT, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
 from pdorch.demo.traffic import Stats, run_users
@@ -74,6 +78,58 @@ async def _events(api: KubeApi) -> list[str]:
     ]
 
 
+async def running_cluster(cluster: DevCluster) -> ClusterState | None:
+    """The dev cluster's state if it already runs (the demo then reuses it and leaves it up), else None."""
+    if not (cluster.exists() and await asyncio.to_thread(cluster.is_up)):
+        return None
+    st = cluster.state()
+    if st is not None:
+        say(
+            f"reusing the running dev cluster at {st.dir}: it stays up afterwards, "
+            "and only what the demo creates is removed"
+        )
+    return st
+
+
+def _namespace_exists(st: ClusterState, name: str) -> bool:
+    try:
+        st.client().get(LkNamespace, name)
+    except ApiError as e:
+        if e.status.code == 404:
+            return False
+        raise
+    return True
+
+
+def _delete_demo_objects(st: ClusterState, delete_namespace: bool) -> None:
+    """Remove what the demo applied to a cluster it did not start (the controller is stopped by then;
+    the cluster's garbage collector removes the group's children through their owner references)."""
+    client = st.client()
+    try:
+        if delete_namespace:
+            client.delete(LkNamespace, NAMESPACE)
+        else:
+            client.delete(SG, GROUP, namespace=NAMESPACE)
+    except ApiError as e:
+        if e.status.code != 404:
+            raise
+
+
+async def release_cluster(
+    cluster: DevCluster,
+    st: ClusterState | None,
+    started: bool,
+    delete_objects: Callable[[ClusterState], None],
+) -> None:
+    """Stop the dev cluster if the demo started it (or tried to); on a reused one, which stays
+    running, only `delete_objects` removes what the demo created there."""
+    if started:
+        await asyncio.to_thread(cluster.down)
+    elif st is not None:
+        await asyncio.to_thread(delete_objects, st)
+        say(f"left the dev cluster at {st.dir} running (the demo did not start it)")
+
+
 async def demo(
     users: int, duration: float | None, cluster_name: str, rollout_after: float | None = 30.0
 ) -> int:
@@ -91,8 +147,15 @@ async def demo(
     api: KubeApi | None = None
     stop = asyncio.Event()
     traffic: asyncio.Task[None] | None = None
+    st: ClusterState | None = None
+    started = False  # only a cluster the demo started itself is taken down at the end
+    namespace_created = False
     try:
-        st = await asyncio.to_thread(cluster.up)
+        st = await running_cluster(cluster)
+        if st is None:
+            started = True
+            st = await asyncio.to_thread(cluster.up)
+        namespace_created = started or not await asyncio.to_thread(_namespace_exists, st, NAMESPACE)
         say("installing the pdorch CRDs")
         await asyncio.to_thread(install_pdorch_crds, st.client(), "pdorch-demo", (NAMESPACE, "pdorch-system"))
         say("starting the pdorch controller")
@@ -156,7 +219,7 @@ async def demo(
                 last_plain = now
         return 0 if stats.total_ok > 0 else 1
     finally:
-        say("stopping: traffic, engines, proxy, controller, dev cluster")
+        say(f"stopping: traffic, engines, proxy, controller{', dev cluster' if started else ''}")
         stop.set()
         if traffic is not None:
             with contextlib.suppress(Exception):
@@ -167,5 +230,5 @@ async def demo(
             await api.close()
         if ctl is not None:
             ctl.stop()
-        await asyncio.to_thread(cluster.down)
+        await release_cluster(cluster, st, started, lambda s: _delete_demo_objects(s, namespace_created))
         say("cleaned up")

@@ -11,6 +11,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdorch.cli_errors import CliError
+
 # Pinned versions; keep in step with the defaults in hack/build-kube.sh.
 K8S_VERSION = "1.34.4"
 ETCD_VERSION = "3.6.16"
@@ -45,6 +47,19 @@ def version_key() -> str:
 def repo_root() -> Path:
     """The source checkout this package was installed from (editable install)."""
     return Path(__file__).resolve().parents[2]
+
+
+def in_checkout(relative: Path) -> Path:
+    """`relative` inside the source checkout when the package runs from one (so the result does not
+    depend on the working directory), else `relative` as given (an installed package)."""
+    root = repo_root()
+    if (root / "pyproject.toml").is_file() and (root / "pdorch" / "__init__.py").is_file():
+        return root / relative
+    return relative
+
+
+class BuildError(CliError, RuntimeError):
+    """hack/build-kube.sh failed; its own output (on the terminal) says why."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +111,13 @@ def ensure() -> Binaries:
         "LWS": LWS_VERSION,
         "KWOK": KWOK_VERSION,
     }
-    subprocess.run(["bash", str(script)], check=True, env=env)
+    try:
+        subprocess.run(["bash", str(script)], check=True, env=env)
+    except subprocess.CalledProcessError as exc:
+        raise BuildError(
+            f"building the control-plane binaries failed ({script.name} exited {exc.returncode}; its output is above)",
+            "fix what it reports (e.g. install Go and put `go` on PATH), then run `pdorch dev-cluster build`",
+        ) from exc
     found = locate()
     if found is None:
         raise RuntimeError(f"{script} finished but {kube_cache_root() / version_key()} is incomplete")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.core_v1 import Namespace as LkNamespace
 from lightkube.resources.core_v1 import Node
 
+from pdorch.cli_errors import CliError
 from pdorch.devcluster import binaries, manifests, pki
 from pdorch.devcluster.process import Managed, StartupError, exited, free_port, start, stop, tail, wait_until
 
@@ -47,10 +49,54 @@ LeaderWorkerSet = create_namespaced_resource(
 )
 
 
-def default_state_dir(name: str = "default") -> Path:
-    """State directory of a named dev cluster (override the root with PDORCH_DEVCLUSTER_DIR)."""
+# A name becomes one path component under the state root, and `down` deletes that directory: no
+# "", ".", "..", "/" or absolute paths can get through (a DNS-label-like name, as kind/minikube use).
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# Written into a state directory at `up` before anything else: `down` only deletes a directory
+# holding this file or state.json, never an arbitrary directory a mistyped flag points to.
+MARKER = ".pdorch-devcluster"
+
+
+class NotADevClusterError(CliError, RuntimeError):
+    """A state directory that pdorch did not create."""
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid dev cluster name, else raise ValueError saying what is valid."""
+    if not NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"invalid dev cluster name {name!r}: use 1-63 lowercase letters, digits and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def state_root() -> Path:
+    """The directory holding every named dev cluster's state (PDORCH_DEVCLUSTER_DIR overrides it)."""
     root = os.environ.get("PDORCH_DEVCLUSTER_DIR")
-    return Path(root) / name if root else binaries.cache_root() / "devcluster" / name
+    return Path(root) if root else binaries.cache_root() / "devcluster"
+
+
+def default_state_dir(name: str = "default") -> Path:
+    """State directory of a named dev cluster (override the root with PDORCH_DEVCLUSTER_DIR).
+
+    Raises ValueError for a name that is not a plain cluster name (see `validate_name`).
+    """
+    return state_root() / validate_name(name)
+
+
+def is_cluster_dir(path: Path) -> bool:
+    """True if `path` is a dev cluster state directory pdorch created (marker or state.json)."""
+    return (path / MARKER).is_file() or (path / "state.json").is_file()
+
+
+def cluster_names(root: Path | None = None) -> list[str]:
+    """Names of the dev clusters with state under `root` (default: `state_root()`), sorted."""
+    root = root or state_root()
+    try:
+        return sorted(d.name for d in root.iterdir() if d.is_dir() and is_cluster_dir(d))
+    except OSError:
+        return []
 
 
 @dataclass
@@ -65,6 +111,9 @@ class ClusterState:
     processes: list[Managed] = field(default_factory=list)
     up_seconds: float = 0.0
     step_seconds: dict[str, float] = field(default_factory=dict)
+    # Chosen at `up` among the ranges other clusters do not hold; "" in state files written before
+    # it was recorded (their range then follows from the name, see `pod_cidr`).
+    pod_network: str = ""
 
     @property
     def kubeconfig(self) -> str:
@@ -73,7 +122,7 @@ class ClusterState:
     @property
     def pod_cidr(self) -> str:
         """This cluster's loopback pod network (kwok assigns pod IPs from it)."""
-        return manifests.pod_cidr_for(Path(self.dir).name)
+        return self.pod_network or manifests.legacy_pod_cidr_for(Path(self.dir).name)
 
     @property
     def server(self) -> str:
@@ -171,7 +220,13 @@ class DevCluster:
                     healthy = False
             comps[p.name] = {"pid": p.pid, "running": p.alive(), "healthy": healthy, "log": p.log}
         up = bool(comps) and all(c["running"] and c["healthy"] is not False for c in comps.values())
-        return {"up": up, "dir": st.dir, "kubeconfig": st.kubeconfig, "components": comps}
+        return {
+            "up": up,
+            "dir": st.dir,
+            "kubeconfig": st.kubeconfig,
+            "pod_cidr": st.pod_cidr,
+            "components": comps,
+        }
 
     @staticmethod
     def _health_checks(st: ClusterState) -> dict[str, Callable[[], bool]]:
@@ -197,47 +252,108 @@ class DevCluster:
             self.progress("found a stale dev cluster state; cleaning it up first")
             self.down()
 
+        if self.state_dir.exists() and not is_cluster_dir(self.state_dir) and any(self.state_dir.iterdir()):
+            # `down` would later delete it: never adopt a directory pdorch did not create.
+            raise NotADevClusterError(
+                f"{self.state_dir} exists and is not a dev cluster state directory",
+                "choose another --name or --state-dir",
+            )
         t0 = time.monotonic()
         self.progress("locating control-plane binaries (building them on a cold cache)")
         bins = binaries.ensure()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        p = pki.PkiPaths(self.state_dir / "pki")
-        token = pki.generate(p)
-        ports = {
-            k: free_port()
-            for k in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "lws_webhook", "lws_health")
-        }
-        st = ClusterState(dir=str(self.state_dir), bin_dir=str(bins.dir), ports=ports, token=token)
-        Path(st.kubeconfig).write_text(manifests.kubeconfig(st.server, p.ca_crt, token))
-        st.save()
-        logs = self.state_dir / "logs"
+        (self.state_dir / MARKER).write_text(
+            "pdorch dev cluster state; `pdorch dev-cluster down` removes it\n"
+        )
+        st: ClusterState | None = None
         try:
-            self._step(st, "etcd", lambda: self._start_etcd(st, bins, logs))
-            self._step(st, "kube-apiserver", lambda: self._start_apiserver(st, bins, p, logs))
-            self._step(st, "kube-controller-manager", lambda: self._start_kcm(st, bins, p, logs))
-            self._step(st, "kube-scheduler", lambda: self._start_scheduler(st, bins, logs))
-            client = st.client()
-            self._step(st, "LWS CRDs", lambda: self._install_crds(client, bins.lws_crds))
-            self._step(st, "kwok", lambda: self._start_kwok(st, bins, logs))
-            self._step(
-                st, f"{nodes} kwok nodes", lambda: self._create_nodes(st, client, nodes, gpus_per_node)
+            p = pki.PkiPaths(self.state_dir / "pki")
+            token = pki.generate(p)
+            ports = {
+                k: free_port()
+                for k in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "lws_webhook", "lws_health")
+            }
+            st = ClusterState(
+                dir=str(self.state_dir),
+                bin_dir=str(bins.dir),
+                ports=ports,
+                token=token,
+                pod_network=manifests.pod_cidr_for(self.state_dir.name, self._other_pod_cidrs()),
             )
-            self._step(st, "lws-manager", lambda: self._start_lws(st, bins, p, logs))
-            self._step(st, "LWS webhooks", lambda: self._install_webhooks(st, client, bins, p))
+            Path(st.kubeconfig).write_text(manifests.kubeconfig(st.server, p.ca_crt, token))
+            st.save()
+            self._start_all(st, bins, p, nodes, gpus_per_node)
+        except KeyboardInterrupt:
+            # The user gave up on this start: stop what runs and leave no state behind.
+            self._stop_started(st)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise
         except BaseException:
             # Leave logs for inspection but stop every process we started.
-            for proc in reversed(st.processes):
-                stop(proc)
-            st.processes = []
-            st.save()
+            self._stop_started(st)
             raise
         st.up_seconds = round(time.monotonic() - t0, 2)
         st.save()
         self.progress(f"dev cluster up in {st.up_seconds:.1f}s: export KUBECONFIG={st.kubeconfig}")
         return st
 
+    def _start_all(
+        self, st: ClusterState, bins: binaries.Binaries, p: pki.PkiPaths, nodes: int, gpus_per_node: int
+    ) -> None:
+        logs = self.state_dir / "logs"
+        self._step(st, "etcd", lambda: self._start_etcd(st, bins, logs))
+        self._step(st, "kube-apiserver", lambda: self._start_apiserver(st, bins, p, logs))
+        self._step(st, "kube-controller-manager", lambda: self._start_kcm(st, bins, p, logs))
+        self._step(st, "kube-scheduler", lambda: self._start_scheduler(st, bins, logs))
+        client = st.client()
+        self._step(st, "LWS CRDs", lambda: self._install_crds(client, bins.lws_crds))
+        self._step(st, "kwok", lambda: self._start_kwok(st, bins, logs))
+        self._step(st, f"{nodes} kwok nodes", lambda: self._create_nodes(st, client, nodes, gpus_per_node))
+        self._step(st, "lws-manager", lambda: self._start_lws(st, bins, p, logs))
+        self._step(st, "LWS webhooks", lambda: self._install_webhooks(st, client, bins, p))
+
+    @staticmethod
+    def _stop_started(st: ClusterState | None) -> None:
+        if st is None:
+            return
+        for proc in reversed(st.processes):
+            stop(proc)
+        st.processes = []
+        st.save()
+
+    def _other_pod_cidrs(self) -> list[str]:
+        """Pod CIDRs recorded by the other dev clusters next to this one (and under the state root)."""
+        cidrs = []
+        for root in {state_root(), self.state_dir.parent}:
+            for name in cluster_names(root):
+                d = root / name
+                if d.resolve() == self.state_dir.resolve():
+                    continue
+                try:
+                    other = ClusterState.load(d)
+                except (OSError, ValueError, TypeError):
+                    continue  # unreadable state: nothing to avoid
+                if other is not None:
+                    cidrs.append(other.pod_cidr)
+        return cidrs
+
+    def exists(self) -> bool:
+        """True if the state directory holds a dev cluster pdorch created (running or not)."""
+        return is_cluster_dir(self.state_dir)
+
     def down(self) -> list[str]:
-        """Stop every recorded process (reverse start order) and remove the state directory."""
+        """Stop every recorded process (reverse start order) and remove the state directory.
+
+        Returns the names of the processes that were running. A missing state directory is a no-op;
+        one that pdorch did not create raises NotADevClusterError and is left untouched.
+        """
+        if not self.state_dir.exists():
+            return []
+        if not self.exists():
+            raise NotADevClusterError(
+                f"{self.state_dir} is not a dev cluster state directory (no {MARKER} or state.json)",
+                "not removing it; check --name/--state-dir",
+            )
         st = self.state()
         stopped: list[str] = []
         if st is not None:
@@ -261,8 +377,8 @@ class DevCluster:
             os.kill(old.pid, signal.SIGKILL)
         else:
             stop(old)
-        # `alive()` turns False as soon as the exiting process drops its memory map, before its
-        # sockets close; wait until it is a zombie or gone, or the new one cannot bind its port.
+        # `alive()` turns False as soon as the main thread is a zombie, while other threads may still
+        # hold its sockets; wait until the whole process is gone, or the new one cannot bind its port.
         deadline = time.monotonic() + 10
         while not exited(old.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -414,7 +530,7 @@ class DevCluster:
 
     def _start_kwok(self, st: ClusterState, bins: binaries.Binaries, logs: Path) -> None:
         cfg = self.state_dir / "kwok.yaml"
-        pod_cidr = manifests.pod_cidr_for(self.state_dir.name)
+        pod_cidr = st.pod_cidr
         cfg.write_text(manifests.kwok_config(bins.kwok_stages, pod_cidr, self.pod_ready_ms))
         self._launch(
             st,
@@ -535,6 +651,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"  {name:<24} pid {c['pid']:<8} {state:<8} {health}")
         if not c["running"] or c["healthy"] is False:
             lines.append("    " + tail(c["log"], 5).replace("\n", "\n    "))
+    if status.get("pod_cidr"):
+        lines.append(f"pod IPs from {status['pod_cidr']}")
     if status.get("kubeconfig"):
         lines.append(f"export KUBECONFIG={status['kubeconfig']}")
     return "\n".join(lines)
@@ -543,8 +661,12 @@ def format_status(status: dict[str, Any]) -> str:
 __all__ = [
     "ClusterState",
     "DevCluster",
+    "NotADevClusterError",
     "StartupError",
+    "cluster_names",
     "default_state_dir",
     "format_status",
+    "is_cluster_dir",
+    "validate_name",
     "wait_for_crds",
 ]

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
+from pdorch.cli_args import checked, non_negative_int, positive_int
 from pdorch.devcluster import binaries
 from pdorch.devcluster.cluster import (
     DEFAULT_GPUS_PER_NODE,
     DEFAULT_NODES,
     DevCluster,
+    cluster_names,
     default_state_dir,
     format_status,
+    validate_name,
 )
 from pdorch.devcluster.process import StartupError
+
+# argparse type of every flag naming a dev cluster (also `pdorch demo --cluster-name`).
+NAME_ARG = checked(validate_name)
 
 
 def _progress(msg: str) -> None:
@@ -28,13 +35,30 @@ def _cluster(args: argparse.Namespace) -> DevCluster:
     return DevCluster(state_dir, progress=_progress)
 
 
+def cluster_flags(args: argparse.Namespace) -> str:
+    """The `--name X` / `--state-dir D` flags that select this cluster, for hints to re-run."""
+    if args.state_dir:
+        return f" --state-dir {shlex.quote(args.state_dir)}"
+    return "" if args.name == "default" else f" --name {args.name}"
+
+
+def no_cluster_message(args: argparse.Namespace, state_dir: Path) -> str:
+    """Why `down` refuses: nothing pdorch created is at `state_dir` (lists the existing names)."""
+    if args.state_dir:
+        return f"error: no dev cluster state at {state_dir}; nothing removed"
+    others = cluster_names(state_dir.parent)
+    known = f"; existing dev clusters: {', '.join(others)}" if others else "; there are no dev clusters"
+    return f"error: no dev cluster named {args.name!r} (no dev cluster state at {state_dir}){known}"
+
+
 def _up(args: argparse.Namespace) -> int:
     try:
         st = _cluster(args).up(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     except StartupError as e:
         print(f"error: {e}", file=sys.stderr)
         print(
-            "the state directory and logs are kept; run `pdorch dev-cluster down` to clean up",
+            "the state directory and logs are kept; run "
+            f"`pdorch dev-cluster{cluster_flags(args)} down` to clean up",
             file=sys.stderr,
         )
         return 1
@@ -43,7 +67,12 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    stopped = _cluster(args).down()
+    cluster = _cluster(args)
+    # Only a directory pdorch created is removed: a mistyped --name/--state-dir must not delete data.
+    if not cluster.exists():
+        print(no_cluster_message(args, cluster.state_dir), file=sys.stderr)
+        return 1
+    stopped = cluster.down()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
@@ -79,14 +108,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Run a real Kubernetes control plane with kwok nodes and the LWS controller on 127.0.0.1.",
     )
     p.add_argument(
-        "--name", default="default", help="cluster name (state under ~/.cache/pdorch/devcluster/NAME)"
+        "--name",
+        type=NAME_ARG,
+        default="default",
+        help="cluster name: lowercase letters, digits, '-' (state under ~/.cache/pdorch/devcluster/NAME)",
     )
     p.add_argument("--state-dir", help="explicit state directory (overrides --name)")
     acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = acts.add_parser("up", help="start every component and wait until all are healthy")
-    up.add_argument("--nodes", type=int, default=DEFAULT_NODES, help="kwok nodes (default %(default)s)")
     up.add_argument(
-        "--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE, help="nvidia.com/gpu per node"
+        "--nodes", type=positive_int, default=DEFAULT_NODES, help="kwok nodes (default %(default)s)"
+    )
+    up.add_argument(
+        "--gpus-per-node",
+        type=non_negative_int,
+        default=DEFAULT_GPUS_PER_NODE,
+        help="nvidia.com/gpu per node (default %(default)s)",
     )
     up.set_defaults(func=_up)
     acts.add_parser("down", help="stop the processes this cluster started and remove its state").set_defaults(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx2
 
+from pdorch.devcluster.cluster import is_cluster_dir
 from pdorch.devcluster.process import free_port
 from pdorch.devcluster.waiting import wait_for
 
@@ -19,15 +20,33 @@ WRITE_VERBS = ("create", "apply", "update", "patch", "delete")
 _SAMPLE = re.compile(r"^pdorch_kube_requests_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
 
 
+def controller_log_dir(kubeconfig: str, log_dir: Path | None = None) -> tuple[Path, bool]:
+    """Where a controller subprocess logs, and whether that is the temp dir (then its log is
+    removed after a clean exit). A dev cluster's kubeconfig puts it in the cluster's logs/, which
+    `dev-cluster down` removes, so runs do not pile up logs in /tmp."""
+    if log_dir is not None:
+        return log_dir, False
+    state_dir = Path(kubeconfig).resolve().parent
+    if is_cluster_dir(state_dir):
+        return state_dir / "logs", False
+    return Path(tempfile.gettempdir()), True
+
+
 class ControllerProc:
     """One controller replica in its own process."""
 
     def __init__(
-        self, kubeconfig: str, identity: str, lease_name: str, lease_namespace: str = "pdorch-system"
+        self,
+        kubeconfig: str,
+        identity: str,
+        lease_name: str,
+        lease_namespace: str = "pdorch-system",
+        log_dir: Path | None = None,
     ) -> None:
         self.identity = identity
         self.port = free_port()
-        self.log = Path(tempfile.gettempdir()) / f"pdorch-controller-{identity}-{os.getpid()}.log"
+        log_dir, self._log_is_temporary = controller_log_dir(kubeconfig, log_dir)
+        self.log = log_dir / f"pdorch-controller-{identity}-{os.getpid()}.log"
         argv = [
             sys.executable, "-m", "pdorch.cli", "controller",
             "--kubeconfig", kubeconfig,
@@ -37,6 +56,7 @@ class ControllerProc:
             "--health-addr", f"127.0.0.1:{self.port}",
         ]  # fmt: skip
         self._argv = argv
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         self._logf = open(self.log, "wb")
         self.proc = subprocess.Popen(argv, stdout=self._logf, stderr=subprocess.STDOUT)
 
@@ -99,6 +119,8 @@ class ControllerProc:
             self.proc.kill()
             self.proc.wait(10)
         self._logf.close()
+        if self._log_is_temporary and self.proc.returncode == 0:
+            self.log.unlink(missing_ok=True)  # a clean run's log in /tmp is of no use to anyone
         return self.proc.returncode
 
     def log_tail(self, n: int = 40) -> str:

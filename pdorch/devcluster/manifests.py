@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import copy
+import ipaddress
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +20,48 @@ import yaml
 # its leader StatefulSets, and without it every group of a rollout step is recreated one at a time.
 FEATURE_GATES = "MaxUnavailableStatefulSet=true"
 POD_CIDR = "127.1.0.0/16"  # loopback: pods' IPs are reachable by a process on 0.0.0.0 here
+# Fixed second octets of the well-known clusters, so `default` and the test session's `pytest`
+# cluster can run side by side; any other name hashes into the rest of 127.3-127.250 (127.0 holds
+# 127.0.0.1, 127.255 is avoided as a broadcast-looking octet).
+FIXED_POD_OCTETS = {"default": 1, "pytest": 2}
+FIRST_HASHED_OCTET = 3
+LAST_POD_OCTET = 250
 
 
-def pod_cidr_for(name: str) -> str:
-    """A loopback /16 per cluster name, so two dev clusters on one machine never share pod IPs.
+def pod_octet(cidr: str) -> int | None:
+    """The second octet of a loopback pod /16 (`127.X.0.0/16` -> X), or None for anything else."""
+    try:
+        net = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return None
+    if net.version != 4 or net.network_address.packed[0] != 127:
+        return None
+    return net.network_address.packed[1]
 
-    The default clusters ("default", "pytest") keep 127.1.0.0/16; any other name hashes into
-    127.2-127.250 (127.255 is avoided as a broadcast-looking octet, 127.0 holds 127.0.0.1).
+
+def pod_cidr_for(name: str, taken: Iterable[str] = ()) -> str:
+    """A loopback /16 for a cluster's pod IPs that no CIDR in `taken` (other clusters') uses.
+
+    `default` and `pytest` prefer their fixed ranges, any other name a range picked by its hash;
+    when that one is taken the next free one of 127.3-127.250 is used. Raises RuntimeError when
+    all are taken.
     """
+    used = {o for o in map(pod_octet, taken) if o is not None}
+    span = LAST_POD_OCTET - FIRST_HASHED_OCTET + 1
+    start = zlib.crc32(name.encode()) % span
+    candidates = [FIXED_POD_OCTETS[name]] if name in FIXED_POD_OCTETS else []
+    candidates += [FIRST_HASHED_OCTET + (start + i) % span for i in range(span)]
+    for octet in candidates:
+        if octet not in used:
+            return f"127.{octet}.0.0/16"
+    raise RuntimeError(f"no free loopback /16 for pod IPs: {len(used)} dev clusters hold them all")
+
+
+def legacy_pod_cidr_for(name: str) -> str:
+    """The pod CIDR a cluster started before the CIDR was recorded in state.json got from its name."""
     if name in ("default", "pytest"):
         return POD_CIDR
-    octet = 2 + zlib.crc32(name.encode()) % 249
-    return f"127.{octet}.0.0/16"
+    return f"127.{2 + zlib.crc32(name.encode()) % 249}.0.0/16"
 
 
 NODE_IP = "127.0.0.1"

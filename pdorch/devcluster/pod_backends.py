@@ -1,6 +1,6 @@
 """Real processes behind a ServingGroup's kwok pods, so traffic to pod IPs gets real answers.
 
-kwok runs no containers: a pod is only an API object with a loopback IP (127.1.x.y). This module
+kwok runs no containers: a pod is only an API object with a loopback IP (a 127.X.0.0/16 per cluster, e.g. 127.1.x.y). This module
 follows a group's pods and, for every Running pod, serves what its container would have served,
 bound to that pod's IP and port:
 - prefill/decode leader pods: a simulated engine (`pdorch.sim.SimServer`) of the group's protocol;

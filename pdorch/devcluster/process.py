@@ -2,7 +2,7 @@
 
 Processes run detached (own session) so `pdorch dev-cluster up` can return while they keep
 running; `down` later stops exactly the PIDs recorded in the state file, after checking that
-each PID still runs the binary we started (PIDs get reused).
+each PID is still the process we started, by its start time (PIDs get reused).
 """
 
 from __future__ import annotations
@@ -16,6 +16,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DELETED_SUFFIX = " (deleted)"  # what /proc/PID/exe reads once the binary was removed or replaced
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks after boot) from /proc/PID/stat, None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return parse_stat(text)
+
+
+def parse_stat(text: str) -> tuple[str, int] | None:
+    """(state, starttime) of one /proc/PID/stat line; None if it is malformed."""
+    # The command name (field 2) is in parentheses and may itself contain ") ": split at the last.
+    fields = text.rpartition(")")[2].split()
+    try:
+        return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+    except (IndexError, ValueError):
+        return None
+
 
 @dataclass
 class Managed:
@@ -27,19 +49,26 @@ class Managed:
     log: str
     # The command line, so a fault test can restart the component as it was (see DevCluster.restart).
     argv: list[str] = field(default_factory=list)
+    # Start time of the PID (field 22 of /proc/PID/stat): with the PID it names this very process,
+    # even after its binary was deleted or rebuilt. 0 in state files written before it was recorded.
+    start_time: int = 0
 
     def alive(self) -> bool:
-        """True if the PID exists and still runs our binary (not a reused PID)."""
+        """True if the PID still is the process we started (not exited, not a reused PID)."""
+        stat = proc_stat(self.pid)
+        if stat is None:
+            return False
+        state, start_time = stat
+        if state in ("Z", "X"):
+            return False  # a zombie has exited; only its parent has not reaped it
+        if self.start_time:
+            return start_time == self.start_time
+        # Older state: judge by the binary, which may have been deleted or rebuilt since.
         try:
             exe = os.readlink(f"/proc/{self.pid}/exe")
         except OSError:
             return False
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                if f.read().split(") ", 1)[1].startswith("Z"):
-                    return False  # a zombie has exited; only its parent has not reaped it
-        except OSError:
-            return False
+        exe = exe.removesuffix(DELETED_SUFFIX)
         return os.path.realpath(exe) == os.path.realpath(self.binary)
 
 
@@ -56,7 +85,16 @@ def start(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None
             env={**os.environ, **(env or {})},
             close_fds=True,
         )
-    return Managed(name=name, pid=proc.pid, binary=argv[0], log=str(log_path), argv=list(argv))
+    # The start time is fixed at fork, so reading it now (before or after exec) gives the same value.
+    stat = proc_stat(proc.pid)
+    return Managed(
+        name=name,
+        pid=proc.pid,
+        binary=argv[0],
+        log=str(log_path),
+        argv=list(argv),
+        start_time=stat[1] if stat else 0,
+    )
 
 
 def stop(proc: Managed, grace: float = 10.0) -> bool:

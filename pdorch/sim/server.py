@@ -2,7 +2,7 @@
 
 The server listens on ``host`` (default 0.0.0.0) and one or more ports; each request is handed to the
 engine of the local address it arrived on (``sockname``), created on first use. Under kwok every fake pod
-IP (127.1.x.y) therefore gets its own engine, KV pool and `/metrics`. Roles come from ``roles`` (keys
+IP (127.X.x.y) therefore gets its own engine, KV pool and `/metrics`. Roles come from ``roles`` (keys
 ``"ip"`` or ``"ip:port"``) with ``role`` as the default. For SGLang, a bootstrap server (`/route`,
 `/health`) runs on ``bootstrap_port`` when any engine may be a prefill.
 """

@@ -81,3 +81,12 @@ def test_render_quotes_strings_a_yaml_1_2_reader_would_take_for_numbers() -> Non
     )
     assert out == 'a: "24633788e1"\nb: "1.5"\nc: "0x1f"\nd: 17a412e3dc\ne: 3\n'
     assert yaml.safe_load(out) == {"a": "24633788e1", "b": "1.5", "c": "0x1f", "d": "17a412e3dc", "e": 3}
+
+
+@pytest.mark.parametrize("argv", [["crds", "--check"], ["api-docs", "--check"]])
+def test_check_defaults_find_the_checkout_from_any_directory(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # not the repository: relative defaults would find nothing here
+    assert _run(argv) == 0
+    assert str(REPO.resolve()) in capsys.readouterr().out

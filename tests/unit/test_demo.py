@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
+from pdorch.demo import run
 from pdorch.demo.traffic import Sample, Stats, prompt_of, trace_lengths
 from pdorch.demo.view import render_view
+from pdorch.devcluster.cluster import ClusterState
 from pdorch.sim.tokens import count_tokens
 
 pytestmark = pytest.mark.unit
@@ -59,3 +62,53 @@ def test_view_shows_roles_traffic_and_events() -> None:
     )
     assert "abc123" in screen and "Available=True" in screen
     assert "prefill" in screen and "3.5" in screen and "120 ms" in screen and "Created: x" in screen
+
+
+class FakeCluster:
+    """Stands in for DevCluster: records whether the demo started or stopped it."""
+
+    def __init__(self, running: bool) -> None:
+        self.running = running
+        self.calls: list[str] = []
+        self.st = ClusterState(dir="/nonexistent/demo", bin_dir="/b", ports={}, token="t")
+
+    def exists(self) -> bool:
+        return self.running
+
+    def is_up(self) -> bool:
+        return self.running
+
+    def state(self) -> ClusterState | None:
+        return self.st if self.running else None
+
+    def up(self) -> ClusterState:
+        self.calls.append("up")
+        self.running = True
+        return self.st
+
+    def down(self) -> list[str]:
+        self.calls.append("down")
+        return []
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_demo_stops_only_a_cluster_it_started(monkeypatch: pytest.MonkeyPatch, running: bool) -> None:
+    fake = FakeCluster(running)
+    deleted: list[bool] = []
+    monkeypatch.setattr(run, "DevCluster", lambda *a, **k: fake)
+    monkeypatch.setattr(ClusterState, "client", lambda self: None)  # no API server here
+    monkeypatch.setattr(run, "_namespace_exists", lambda st, ns: False)
+    monkeypatch.setattr(run, "_delete_demo_objects", lambda st, namespace: deleted.append(namespace))
+
+    def no_crds(*a: object) -> None:
+        raise RuntimeError("stop after the cluster step")
+
+    monkeypatch.setattr(run, "install_pdorch_crds", no_crds)
+    with pytest.raises(RuntimeError, match="stop after"):
+        asyncio.run(run.demo(1, 1.0, "demo"))
+    if running:
+        assert fake.calls == []  # reused: left running, not stopped
+        assert deleted == [True]  # the demo namespace it created is removed
+    else:
+        assert fake.calls == ["up", "down"]
+        assert deleted == []

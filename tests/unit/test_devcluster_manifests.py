@@ -134,3 +134,38 @@ def test_kwok_pod_delete_stage_keeps_a_termination_window(tmp_path: Path) -> Non
     docs = list(yaml.safe_load_all(manifests.kwok_config([stage])))
     assert docs[1]["spec"]["delay"]["durationMilliseconds"] == manifests.POD_TERMINATION_MS > 0
     assert docs[1]["spec"]["next"] == {"delete": True}
+
+
+def test_default_and_pytest_clusters_get_different_pod_cidrs() -> None:
+    assert manifests.pod_cidr_for("default") == "127.1.0.0/16"
+    assert manifests.pod_cidr_for("pytest") == "127.2.0.0/16"
+
+
+def test_every_pod_cidr_is_loopback_and_never_holds_127_0_0_1() -> None:
+    loopback = ipaddress.ip_network("127.0.0.0/8")
+    names = ["default", "pytest", *(f"c{i}" for i in range(2000))]
+    for name in names:
+        net = ipaddress.ip_network(manifests.pod_cidr_for(name))
+        assert net.subnet_of(loopback) and net.prefixlen == 16, name
+        assert ipaddress.ip_address("127.0.0.1") not in net, name
+        assert 1 <= net.network_address.packed[1] <= 250, name
+
+
+def test_a_pod_cidr_held_by_another_cluster_is_never_chosen() -> None:
+    for name in ("default", "pytest", "demo", "bench"):
+        first = manifests.pod_cidr_for(name)
+        second = manifests.pod_cidr_for(name, [first])
+        assert second != first
+        assert manifests.pod_cidr_for(name, [first, second]) not in (first, second)
+    taken = [f"127.{o}.0.0/16" for o in range(1, 250)]
+    assert manifests.pod_cidr_for("x", taken) == "127.250.0.0/16"
+    with pytest.raises(RuntimeError, match="no free loopback"):
+        manifests.pod_cidr_for("x", [*taken, "127.250.0.0/16"])
+
+
+def test_names_that_used_to_collide_now_get_distinct_ranges() -> None:
+    # With one hash per name, two of these clusters shared a range; taken ranges are now skipped.
+    chosen: list[str] = []
+    for i in range(60):
+        chosen.append(manifests.pod_cidr_for(f"n{i}", chosen))
+    assert len(set(chosen)) == len(chosen)

@@ -1,0 +1,39 @@
+"""argparse value types of the `pdorch` command line: a bad value is a usage error naming it."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _bounded_int(value, 1, "a positive integer")
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(value, 0, "an integer >= 0")
+
+
+def _bounded_int(value: str, minimum: int, expected: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if n < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {n}")
+    return n
+
+
+def checked(validate: Callable[[str], str]) -> Callable[[str], str]:
+    """argparse type from a validator that raises ValueError: its message becomes the usage error."""
+
+    def parse(value: str) -> str:
+        try:
+            return validate(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = validate.__name__  # argparse names the type in some messages
+    return parse

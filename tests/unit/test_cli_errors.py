@@ -1,0 +1,123 @@
+"""Expected failures end in one `error:` line and exit 1 (130 on Ctrl-C); bugs keep a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from collections.abc import Callable
+
+import httpx2
+import pytest
+from lightkube.core.exceptions import ConfigError
+
+from pdorch import cli
+from pdorch.cli_args import non_negative_int, positive_int
+from pdorch.cli_errors import CliError, expected_error
+from pdorch.devcluster import binaries
+
+pytestmark = pytest.mark.unit
+
+
+def test_positive_int_accepts_one_and_more() -> None:
+    assert positive_int("1") == 1 and positive_int("16") == 16
+    for bad in ("0", "-1", "x", "1.5", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
+            positive_int(bad)
+    assert non_negative_int("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError):
+        non_negative_int("-1")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dev-cluster", "up", "--nodes", "-1"],
+        ["dev-cluster", "up", "--nodes", "0"],
+        ["dev-cluster", "up", "--gpus-per-node", "-1"],
+        ["demo", "--users", "0"],
+        ["controller", "--workers", "0"],
+    ],
+)
+def test_negative_counts_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "expected" in capsys.readouterr().err
+
+
+def test_messages_say_what_failed_and_what_to_do() -> None:
+    assert expected_error(CliError("the build failed", "install Go")) == "the build failed — install Go"
+    msg = expected_error(ConfigError("Configuration file /nonexistent not found"))
+    assert msg is not None and "/nonexistent" in msg and "--kubeconfig" in msg
+    refused = httpx2.ConnectError(
+        "[Errno 111] Connection refused", request=httpx2.Request("GET", "https://127.0.0.1:6443/apis")
+    )
+    msg = expected_error(refused)
+    assert msg is not None and "https://127.0.0.1:6443" in msg and "Connection refused" in msg
+    assert expected_error(ExceptionGroup("tasks", [refused])) == msg
+    # Anything else is a bug: no message, the caller re-raises it.
+    assert expected_error(ValueError("x")) is None
+    assert expected_error(ExceptionGroup("tasks", [refused, ValueError("x")])) is None
+
+
+def _main_with(
+    func: Callable[[argparse.Namespace], int], argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> int:
+    def parser() -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog="pdorch")
+        p.add_argument("-v", "--verbose", action="store_true")
+        p.set_defaults(func=func)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    return cli.main(argv)
+
+
+def test_main_prints_one_line_for_an_expected_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fails(_: argparse.Namespace) -> int:
+        raise ConfigError("Configuration file /nonexistent not found")
+
+    assert _main_with(fails, [], monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no usable Kubernetes configuration") and "Traceback" not in err
+    assert _main_with(fails, ["-v"], monkeypatch) == 1
+    assert "Traceback" in capsys.readouterr().err  # -v shows where it came from
+
+
+def test_main_exits_130_on_ctrl_c(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(_: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    assert _main_with(interrupted, [], monkeypatch) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_main_does_not_hide_a_bug(monkeypatch: pytest.MonkeyPatch) -> None:
+    def buggy(_: argparse.Namespace) -> int:
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        _main_with(buggy, [], monkeypatch)
+
+
+def test_controller_with_a_missing_kubeconfig_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # Fails while loading the kubeconfig, before any connection or port is opened.
+    assert cli.main(["controller", "--kubeconfig", "/nonexistent/kubeconfig"]) == 1
+    err = capsys.readouterr().err
+    assert "error: no usable Kubernetes configuration" in err and "/nonexistent/kubeconfig" in err
+
+
+def test_a_failed_control_plane_build_is_an_expected_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def build(argv: list[str], **_: object) -> None:
+        raise subprocess.CalledProcessError(127, argv)
+
+    monkeypatch.setattr(binaries, "locate", lambda: None)
+    monkeypatch.setattr(binaries.subprocess, "run", build)
+    with pytest.raises(binaries.BuildError) as exc:
+        binaries.ensure()
+    msg = expected_error(exc.value)
+    assert msg is not None and "build-kube.sh exited 127" in msg and "pdorch dev-cluster build" in msg

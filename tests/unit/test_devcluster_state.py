@@ -1,0 +1,200 @@
+"""The dev cluster's state directory: names, what `down` may delete, `up`'s bookkeeping on failure.
+
+No process is started: the component steps are replaced, everything lives in tmp dirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pdorch import cli
+from pdorch.devcluster import binaries, cluster, pki
+from pdorch.devcluster.cluster import (
+    MARKER,
+    ClusterState,
+    DevCluster,
+    NotADevClusterError,
+    default_state_dir,
+    validate_name,
+)
+from pdorch.devcluster.commands import cluster_flags
+from pdorch.devcluster.controller_process import controller_log_dir
+from pdorch.devcluster.process import StartupError
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def state_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "devcluster"
+    root.mkdir()
+    monkeypatch.setenv("PDORCH_DEVCLUSTER_DIR", str(root))
+    return root
+
+
+@pytest.fixture
+def no_components(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """`up` without binaries, certificates or processes; the returned list says what ran."""
+    ran: list[str] = []
+    monkeypatch.setattr(binaries, "ensure", lambda: binaries.Binaries(tmp_path / "bins"))
+    monkeypatch.setattr(pki, "generate", lambda paths: "token")
+    monkeypatch.setattr(DevCluster, "_start_all", lambda self, *a: ran.append(str(self.state_dir)))
+    return ran
+
+
+@pytest.mark.parametrize("name", ["default", "pytest", "fix1", "bench-rollout", "a" * 63, "0"])
+def test_plain_names_are_valid(name: str) -> None:
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "../x", "/abs/path", "a/b", "Up", "-x", "a_b", "a" * 64, "a\n"]
+)
+def test_names_that_are_not_one_plain_path_component_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid dev cluster name"):
+        default_state_dir(name)
+
+
+def test_the_cli_refuses_a_bad_name_before_doing_anything(
+    state_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["dev-cluster", "--name", "..", "down"])
+    assert exc.value.code == 2
+    assert "invalid dev cluster name '..'" in capsys.readouterr().err
+    assert state_root.exists()
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["demo", "--cluster-name", "/tmp"])
+
+
+def test_down_refuses_a_directory_pdorch_did_not_create(tmp_path: Path) -> None:
+    data = tmp_path / "precious"
+    data.mkdir()
+    (data / "file.txt").write_text("keep me")
+    with pytest.raises(NotADevClusterError):
+        DevCluster(data).down()
+    assert (data / "file.txt").read_text() == "keep me"
+
+
+def test_down_of_a_missing_directory_is_a_no_op(tmp_path: Path) -> None:
+    assert DevCluster(tmp_path / "absent").down() == []
+
+
+@pytest.mark.parametrize("mark", [MARKER, "state.json"])
+def test_down_removes_a_state_directory_it_recognises(tmp_path: Path, mark: str) -> None:
+    d = tmp_path / "c"
+    d.mkdir()
+    content = json.dumps({"dir": str(d), "bin_dir": "/b", "ports": {}, "token": "t"})
+    (d / mark).write_text(content)
+    assert DevCluster(d).down() == []
+    assert not d.exists()
+
+
+def test_cli_down_of_an_unknown_name_fails_and_lists_the_clusters(
+    state_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (state_root / "real").mkdir()
+    (state_root / "real" / MARKER).write_text("")
+    (state_root / "notacluster").mkdir()
+    assert cli.main(["dev-cluster", "--name", "raal", "down"]) == 1
+    err = capsys.readouterr().err
+    assert "no dev cluster named 'raal'" in err and "existing dev clusters: real" in err
+    assert (state_root / "notacluster").exists()
+
+
+def test_cli_down_with_a_state_dir_that_is_not_a_cluster_keeps_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "f").write_text("x")
+    assert cli.main(["dev-cluster", "--state-dir", str(tmp_path), "down"]) == 1
+    assert "no dev cluster state at" in capsys.readouterr().err
+    assert (tmp_path / "f").exists()
+
+
+def test_up_refuses_to_adopt_a_foreign_directory(tmp_path: Path, no_components: list[str]) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADevClusterError):
+        DevCluster(tmp_path).up()
+    assert no_components == [] and not (tmp_path / MARKER).exists()
+
+
+def test_up_marks_its_directory_and_records_a_free_pod_cidr(
+    state_root: Path, no_components: list[str]
+) -> None:
+    other = state_root / "pytest"
+    other.mkdir()
+    (other / "state.json").write_text(
+        json.dumps(
+            {"dir": str(other), "bin_dir": "/b", "ports": {}, "token": "t", "pod_network": "127.1.0.0/16"}
+        )
+    )
+    st = DevCluster(default_state_dir("default")).up()
+    assert (Path(st.dir) / MARKER).is_file()
+    assert st.pod_cidr != "127.1.0.0/16"  # `default` prefers it, but another cluster holds it
+    saved = ClusterState.load(Path(st.dir))
+    assert saved is not None and saved.pod_cidr == st.pod_cidr
+
+
+def test_ctrl_c_during_up_leaves_no_state(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch, no_components: list[str]
+) -> None:
+    def interrupted(self: DevCluster, *a: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DevCluster, "_start_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        DevCluster(default_state_dir("fix1")).up()
+    assert not (state_root / "fix1").exists()
+
+
+def test_failed_up_keeps_the_logs_and_names_the_cluster_in_the_hint(
+    state_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_components: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def failing(self: DevCluster, *a: object) -> None:
+        raise StartupError("etcd", "the process exited", "boom")
+
+    monkeypatch.setattr(DevCluster, "_start_all", failing)
+    assert cli.main(["dev-cluster", "--name", "fix1", "up"]) == 1
+    assert "run `pdorch dev-cluster --name fix1 down` to clean up" in capsys.readouterr().err
+    assert (state_root / "fix1" / "state.json").exists()
+
+
+def test_cluster_flags_repeat_how_the_cluster_was_named() -> None:
+    def ns(name: str = "default", state_dir: str | None = None) -> argparse.Namespace:
+        return argparse.Namespace(name=name, state_dir=state_dir)
+
+    assert cluster_flags(ns()) == ""
+    assert cluster_flags(ns("fix1")) == " --name fix1"
+    assert cluster_flags(ns(state_dir="/tmp/my dir")) == " --state-dir '/tmp/my dir'"
+
+
+def test_state_files_written_before_the_pod_cidr_was_recorded_still_load(tmp_path: Path) -> None:
+    d = tmp_path / "pytest"
+    d.mkdir()
+    proc = {"name": "etcd", "pid": 1, "binary": "/b/etcd", "log": "/l", "argv": ["/b/etcd"]}
+    (d / "state.json").write_text(
+        json.dumps({"dir": str(d), "bin_dir": "/b", "ports": {}, "token": "t", "processes": [proc]})
+    )
+    st = ClusterState.load(d)
+    assert st is not None
+    assert st.pod_cidr == "127.1.0.0/16"  # what such a cluster's kwok was started with
+    assert st.processes[0].start_time == 0
+    assert cluster.is_cluster_dir(d)
+
+
+def test_controller_logs_go_to_the_clusters_logs_dir(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / MARKER).write_text("")
+    assert controller_log_dir(str(d / "kubeconfig")) == (d / "logs", False)
+    # Any other kubeconfig: the temp dir, and the log is removed after a clean exit.
+    assert controller_log_dir(str(tmp_path / "kubeconfig")) == (Path(tempfile.gettempdir()), True)
+    assert controller_log_dir(str(tmp_path / "kubeconfig"), tmp_path / "mine") == (tmp_path / "mine", False)
