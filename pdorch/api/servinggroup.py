@@ -22,6 +22,7 @@ from pdorch.api.base import (
     enum_field,
 )
 from pdorch.api.conditions import CONDITIONS_LIST_EXTRA, Condition
+from pdorch.api.pod_template import check_pod_template
 
 GROUP = "pdorch.io"
 VERSION = "v1alpha1"
@@ -310,17 +311,9 @@ class Role(ApiModel):
     @field_validator("leader_template", "worker_template")
     @classmethod
     def _pod_template_shape(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        # Offline-only sanity check: the CRD keeps templates opaque (preserve-unknown-fields) and
-        # the controller's server-side dry run of the LWS catches everything else.
-        if v is None:
-            return v
-        spec = v.get("spec")
-        containers = spec.get("containers") if isinstance(spec, dict) else None
-        if not isinstance(containers, list) or not containers:
-            raise ValueError("must be a PodTemplateSpec with a non-empty spec.containers list")
-        if not all(isinstance(c, dict) and c.get("name") for c in containers):
-            raise ValueError("every entry of spec.containers needs a name")
-        return v
+        # The CRD keeps templates opaque (preserve-unknown-fields): what its schema cannot say is
+        # checked here, so the controller marks the group Invalid naming the field.
+        return None if v is None else check_pod_template(v)
 
     @property
     def has_template(self) -> bool:

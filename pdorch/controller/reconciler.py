@@ -164,7 +164,21 @@ class Reconciler:
         rkey = (uid, rv, repr(sorted(overrides.items())))
         cached = self._renders.get(key)
         if cached is None or cached.key != rkey:
-            cached = _Render(rkey, render(sg, self.options, overrides), compute_revision(sg.spec))
+            try:
+                rendered = render(sg, self.options, overrides)
+            except Exception as e:
+                # The models accepted a spec render cannot handle (a pdorch bug): say so in status
+                # once instead of failing and retrying the pass forever without a word.
+                log.exception("rendering %s failed", key)
+                await self._invalid(
+                    obj,
+                    generation,
+                    prev_status,
+                    f"the spec could not be rendered ({type(e).__name__}: {e}); "
+                    "check the role templates, and report this to pdorch if the spec is valid",
+                )
+                return None
+            cached = _Render(rkey, rendered, compute_revision(sg.spec))
             self._renders[key] = cached
         desired, revision = cached.desired, cached.revision
 
