@@ -185,9 +185,23 @@ class Reconciler:
         # Dry-run every object that would change, before writing anything: a template LWS (or
         # any API) refuses marks the group Invalid and leaves the cluster untouched.
         plan: list[tuple[dict[str, Any], str, dict[str, Any] | None]] = []
+        checks: list[tuple[dict[str, Any], dict[str, Any] | None, bool]] = []
         for i, intent in enumerate(desired):
             res = resource_of(intent)
             live = self.caches.children[res].get(namespace, intent["metadata"]["name"])
+            owner = foreign_owner(live, uid) if live is not None else None
+            if owner is None and res is LWS:
+                # LWS names a headless Service after each LeaderWorkerSet: another group's proxy
+                # Service (named after that group) must not hold the name.
+                svc = self.caches.children[SERVICE].get(namespace, intent["metadata"]["name"])
+                owner = foreign_owner(svc, uid) if svc is not None else None
+            if owner is not None:
+                if owner == (SERVING_GROUP.kind, name):
+                    return 2.0  # a deleted group of the same name: wait for its children to go
+                await self._invalid(
+                    obj, generation, prev_status, _name_clash(intent, f"belongs to {owner[0]} {owner[1]}")
+                )
+                return None
             skey = (i, live is None)
             if skey not in cached.stamps:
                 cached.stamps[skey] = stamp(_without_scaler_replicas(intent, live))
@@ -198,7 +212,13 @@ class Reconciler:
                 continue  # we just wrote it and the watch has not delivered it yet
             if needs_apply(h, live, mine[0] if mine else None, stamped):
                 plan.append((stamped, h, live))
-        refusal = await self._dry_run([(o, live) for o, _, live in plan if o["kind"] in USER_CONTENT_KINDS])
+                # A name this process never wrote and no managed object holds may still be taken
+                # by an object pdorch does not watch (an LWS's headless Service, a hand-made LWS):
+                # a dry-run create finds it, where an apply would silently take it over.
+                unseen = live is None and mine is None
+                if unseen or stamped["kind"] in USER_CONTENT_KINDS:
+                    checks.append((stamped, live, unseen))
+        refusal = await self._dry_run(checks)
         if refusal is not None:
             await self._invalid(obj, generation, prev_status, refusal)
             return None
@@ -449,13 +469,21 @@ class Reconciler:
         """A child was deleted: the next pass must not trust our record of having written it."""
         self._applied.pop((res.plural, namespace, name), None)
 
-    async def _dry_run(self, items: list[tuple[dict[str, Any], dict[str, Any] | None]]) -> str | None:
-        """Server-side dry runs, concurrently; the first refusal's message, or None if all pass."""
+    async def _dry_run(self, items: list[tuple[dict[str, Any], dict[str, Any] | None, bool]]) -> str | None:
+        """Server-side dry runs, concurrently (a create for objects never seen, so a name taken by
+        an object pdorch does not manage is found); the first refusal's message, or None."""
 
-        async def one(o: dict[str, Any], live: dict[str, Any] | None) -> str | None:
+        async def one(o: dict[str, Any], live: dict[str, Any] | None, unseen: bool) -> str | None:
             try:
-                await self._write(o, live, dry_run=True)
+                if unseen:
+                    await self.api.create(o, dry_run=True)
+                else:
+                    await self._write(o, live, dry_run=True)
             except ApiError as e:
+                if e.code == 409 and unseen and e.reason == "AlreadyExists":
+                    return _name_clash(o, "exists and is not managed by this ServingGroup")
+                if o["kind"] not in USER_CONTENT_KINDS:
+                    return None  # only probed for its name: the real write reports the rest (quota...)
                 if e.code == 404:
                     return None  # depends on an object the dry run did not create; the real apply decides
                 if _is_refusal(e):
@@ -463,7 +491,7 @@ class Reconciler:
                 raise
             return None
 
-        for message in await asyncio.gather(*(one(o, live) for o, live in items)):
+        for message in await asyncio.gather(*(one(o, live, unseen) for o, live, unseen in items)):
             if message is not None:
                 return message
         return None
@@ -575,6 +603,22 @@ class Reconciler:
             )
             self.events.emit_soon(obj, etype, reason or ctype, f"{ctype} is now {new_s}")
         return True
+
+
+def foreign_owner(live: dict[str, Any], uid: str) -> tuple[str, str] | None:
+    """(kind, name) of the controller that owns `live` when it is not the group `uid`, else None."""
+    for ref in (live.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return None if ref.get("uid") == uid else (str(ref.get("kind")), str(ref.get("name")))
+    return None
+
+
+def _name_clash(intent: dict[str, Any], what: str) -> str:
+    return (
+        f"{intent['kind']} {intent['metadata']['name']} {what}: objects are named <group>-<role> (the "
+        "proxy's Service <group>, and LWS names a headless Service after each LeaderWorkerSet), so "
+        "another group or object already uses this name; rename this group or the role"
+    )
 
 
 def _is_refusal(e: ApiError) -> bool:

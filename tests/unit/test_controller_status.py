@@ -177,3 +177,17 @@ def test_is_subset_lists_and_scalars() -> None:
     assert not is_subset({"a": [1, 2]}, {"a": [1]})
     assert not is_subset({"a": True}, {"a": 1})
     assert is_subset({"port": 8000}, {"port": 8000})
+
+
+def test_a_child_controlled_by_another_owner_is_foreign() -> None:
+    from pdorch.controller.reconciler import foreign_owner
+
+    def child(*refs: dict[str, object]) -> dict[str, object]:
+        return {"metadata": {"name": "g-prefill", "ownerReferences": list(refs)}}
+
+    ours = {"kind": "ServingGroup", "name": "g", "uid": "u1", "controller": True}
+    other = {"kind": "ServingGroup", "name": "g2", "uid": "u2", "controller": True}
+    assert foreign_owner(child(ours), "u1") is None
+    assert foreign_owner(child(other), "u1") == ("ServingGroup", "g2")
+    assert foreign_owner(child({**other, "controller": False}), "u1") is None  # not a controller
+    assert foreign_owner(child(), "u1") is None  # unowned: adopted
