@@ -24,6 +24,9 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+# A Kubernetes object name that may contain dots (Secrets, ConfigMaps, label-key prefixes).
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
 # Kubernetes int-or-string (maxSurge / maxUnavailable): a non-negative int or a percentage.
 PERCENT_CEL = "^[0-9]{1,3}%$"
 _PERCENT = re.compile(PERCENT_CEL)

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from pydantic import ConfigDict, Field, field_validator
 
 from pdorch.api.base import (
+    DNS1123_SUBDOMAIN,
     PERCENT_CEL,
     ApiModel,
     CelRule,
@@ -451,10 +452,10 @@ class RouterRetries(ApiModel):
 class RouterAuth(ApiModel):
     """Client authentication at the proxy."""
 
-    secret_name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    secret_name: str = Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)
     """Secret in the group's namespace holding accepted API keys."""
-    key: str = Field("api-key", min_length=1, max_length=253)
-    """Key inside the Secret."""
+    key: str = Field("api-key", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    """Key inside the Secret (letters, digits, '-', '_', '.')."""
 
 
 class Router(ApiModel):

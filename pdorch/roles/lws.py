@@ -48,9 +48,21 @@ def _rolling_update(ctx: RenderContext, role: Role) -> dict[str, Any]:
     # roll the whole role at once, bypassing the ratio-preserving planner.
     return {
         "partition": override.partition if override.partition is not None else 0,
-        "maxSurge": max_surge,
-        "maxUnavailable": max_unavailable,
+        "maxSurge": lws_budget(max_surge),
+        "maxUnavailable": lws_budget(max_unavailable),
     }
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def lws_budget(value: int | str) -> int | str:
+    """A rollout budget as LWS accepts it. The API allows up to 999% and any int ("more than
+    replicas acts as replicas"); LWS refuses percentages above 100% and ints beyond int32, which
+    mean the same as 100% and the largest int32 there."""
+    if isinstance(value, str):
+        return "100%" if int(value.rstrip("%")) > 100 else value
+    return min(value, _INT32_MAX)
 
 
 def render_lws(ctx: RenderContext, role: Role) -> dict[str, Any]:

@@ -136,6 +136,9 @@ REFUSED: list[tuple[str, Edit, str]] = [
     ("kv-role-without-template", _no_template, "workerTemplate"),
     ("unknown-router-policy", _set("spec.router", {"policy": "fastest"}), "policy"),
     ("port-out-of-range", lambda d: role(d, "decode").__setitem__("port", 70000), "port"),
+    # Names Kubernetes refuses in a secretKeyRef: the proxy's StatefulSet would never be created.
+    ("auth-secret-not-dns", _set("spec.router", {"auth": {"secretName": "api..keys"}}), "secretName"),
+    ("auth-key-with-slash", _set("spec.router", {"auth": {"secretName": "k", "key": "a/b"}}), "key"),
 ]
 
 

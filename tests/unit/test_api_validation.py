@@ -162,3 +162,16 @@ def test_every_cel_rule_has_a_field_naming_message(model: type) -> None:
 def test_zero_budgets_are_refused_however_zero_is_written(surge: Any, unavailable: Any) -> None:
     with pytest.raises(ValidationError, match="must not both be 0"):
         RolloutStrategy(max_surge=surge, max_unavailable=unavailable)
+
+
+@pytest.mark.parametrize(
+    ("auth", "field"),
+    [({"secretName": "api..keys"}, "secretName"), ({"secretName": "k", "key": "tokens/api"}, "key")],
+)
+def test_router_auth_names_kubernetes_refuses_are_refused(auth: dict[str, str], field: str) -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["router"] = {"auth": auth}
+    problems = _problems(doc)
+    assert any(field in p for p in problems), problems
+    doc["spec"]["router"] = {"auth": {"secretName": "api.keys", "key": "api_key.v1"}}
+    assert _problems(doc) == []

@@ -190,6 +190,23 @@ def test_lws_pass_through_fields() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("given", "lws"),
+    [
+        (("200%", 3_000_000_000), ("100%", 2**31 - 1)),
+        (("100%", "5%"), ("100%", "5%")),
+        ((7, "0%"), (7, "0%")),
+    ],
+)
+def test_proxy_budgets_the_api_allows_are_passed_as_lws_accepts_them(given: Any, lws: Any) -> None:
+    # LWS refuses percentages above 100% and ints beyond int32; the API means "all of it" there.
+    raw = _raw()
+    raw["spec"]["rolloutStrategy"] = {"maxSurge": given[0], "maxUnavailable": given[1]}
+    proxy = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]["spec"]
+    ru = proxy["rolloutStrategy"]["rollingUpdateConfiguration"]
+    assert (ru["maxSurge"], ru["maxUnavailable"]) == lws
+
+
 def test_leader_template_only_becomes_the_worker_template() -> None:
     raw = _raw()
     prefill = _role(raw, "prefill")
