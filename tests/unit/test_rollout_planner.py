@@ -356,3 +356,64 @@ def test_an_old_cohort_knocked_off_ratio_by_hand_recovers_instead_of_wedging():
     assert [(r.replicas, r.partition) for r in state] == [(8, 0), (4, 0)]
     off = [d for d in devs if d is not None and d > 0]
     assert off == sorted(off, reverse=True), devs  # the old cohort only ever moved towards 2:1
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios())
+def test_the_ratio_band_shortcut_plans_exactly_as_the_full_search(
+    scenario: tuple[RolloutSpec, list[tuple[str, str, int]], list[int]],
+) -> None:
+    """One prefill and one decode role are searched by ratio band; every snapshot of the plan is
+    the one the full product of per-role options gives."""
+    from pdorch.rollout import planner
+
+    spec, roles, delays = scenario
+    fast = simulate(spec, initial_state(roles), _delay_model(delays), max_ticks=2_000)
+    original = planner._banded_choices
+    planner._plan_step.cache_clear()
+    planner._banded_choices = lambda *_a, **_k: None
+    try:
+        full = simulate(spec, initial_state(roles), _delay_model(delays), max_ticks=2_000)
+    finally:
+        planner._banded_choices = original
+        planner._plan_step.cache_clear()
+    assert fast == full
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.sampled_from([0.0, 0.1, 0.25, 1 / 3, 0.5, 1.0]),
+    st.integers(0, 12),
+    st.integers(0, 12),
+    st.integers(0, 12),
+    st.integers(0, 12),
+)
+def test_best_new_matches_scoring_every_decode_count(
+    rp: int, rd: int, tol: float, p_lo: int, p_span: int, d_lo: int, d_span: int
+) -> None:
+    """The early stop agrees with scoring every (P, D) by total, then closeness to the ratio."""
+    from pdorch.rollout.planner import _best_new
+    from pdorch.rollout.state import deviation, on_ratio
+
+    spec = RolloutSpec(rp, rd, tol)
+    t = Fraction(tol).limit_denominator(1_000_000)
+    scored = [
+        ((p + d, -(deviation(p, d, rp, rd) or Fraction(0))), (p, d))
+        for d in range(d_lo, d_lo + d_span + 1)
+        for p in range(p_lo, p_lo + p_span + 1)
+        if on_ratio(p, d, rp, rd, t)
+    ]
+    want = max(scored)[1] if scored else None
+    assert _best_new((p_lo, p_lo + p_span), (d_lo, d_lo + d_span), spec, t) == want
+
+
+def test_a_thousand_group_one_to_one_rollout_plans_quickly_and_finishes() -> None:
+    """The full product of a 1000-group role's options stopped the search ('too many') and the
+    tolerance search then built ~10^6 candidates; by ratio band the plan is found and finishes."""
+    spec = RolloutSpec(1, 1, None, "25%", "25%")
+    start = initial_state([("prefill", "prefill", 1000), ("decode", "decode", 1000)])
+    assert auto_tolerance(start, spec) == 0.0
+    snaps = simulate(replace(spec, tolerance=0.0), start, lambda *_: 0, max_ticks=100)
+    assert snaps[-1].decision.kind == "done", snaps[-1].decision
