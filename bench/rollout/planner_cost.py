@@ -7,7 +7,7 @@ in the same process, for the planner as of a git revision given with `--before` 
 `git show`, loaded as a separate module). The first decision of a rollout also pays for
 `auto_tolerance` (no ratioTolerance set), exactly as the controller does.
 
-    PYTHONPATH=$PWD python3 bench/rollout/planner_cost.py --before ed7ecce   # about 4 min
+    PYTHONPATH=$PWD python3 bench/rollout/planner_cost.py --before b647565   # about 6 min
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing as mp
+import queue
 import statistics
 import subprocess
 import sys
@@ -31,14 +33,19 @@ from pdorch.rollout.state import RolloutSpec
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
 
-# (prefill groups, decode groups, maxSurge, maxUnavailable) at a 2:1 ratio.
-CASES: list[tuple[int, int, int | str, int | str]] = [
-    (8, 4, "25%", "25%"),
-    (100, 50, "25%", "25%"),
-    (300, 150, "25%", "25%"),
-    (1000, 500, "25%", "25%"),
-    (4, 2, 2000, "25%"),
+# (prefill groups, decode groups, ratio P, ratio D, maxSurge, maxUnavailable).
+CASES: list[tuple[int, int, int, int, int | str, int | str]] = [
+    (8, 4, 2, 1, "25%", "25%"),
+    (100, 50, 2, 1, "25%", "25%"),
+    (300, 150, 2, 1, "25%", "25%"),
+    (1000, 500, 2, 1, "25%", "25%"),
+    (4, 2, 2, 1, 2000, "25%"),
+    (1000, 1000, 1, 1, "25%", "25%"),
+    (5000, 5000, 1, 1, "25%", "25%"),
 ]
+# A planner that takes longer than this on one case is stopped and reported as such (the planner
+# before 8c26acb ran for minutes and gigabytes on 1000:1000 at 1:1).
+CASE_TIMEOUT_S = 120.0
 
 
 def load_planner(rev: str) -> ModuleType:
@@ -59,10 +66,29 @@ def load_planner(rev: str) -> ModuleType:
     return module
 
 
-def measure(planner: ModuleType, p: int, d: int, surge: int | str, unavailable: int | str) -> dict[str, Any]:
+def measure_bounded(
+    planner: ModuleType, p: int, d: int, rp: int, rd: int, surge: int | str, unavailable: int | str
+) -> dict[str, Any]:
+    """`measure` in a forked process, stopped after CASE_TIMEOUT_S."""
+    ctx = mp.get_context("fork")  # the child inherits the planner module loaded from git
+    out: Any = ctx.Queue()
+    proc = ctx.Process(target=lambda: out.put(measure(planner, p, d, rp, rd, surge, unavailable)))
+    proc.start()
+    try:
+        return out.get(timeout=CASE_TIMEOUT_S)
+    except queue.Empty:
+        return {"timeout_s": CASE_TIMEOUT_S}
+    finally:
+        proc.kill()
+        proc.join()
+
+
+def measure(
+    planner: ModuleType, p: int, d: int, rp: int, rd: int, surge: int | str, unavailable: int | str
+) -> dict[str, Any]:
     """Time the first decision and every decision of one whole simulated rollout."""
     start = planner.initial_state([("prefill", "prefill", p), ("decode", "decode", d)])
-    spec = RolloutSpec(2, 1, None, surge, unavailable)
+    spec = RolloutSpec(rp, rd, None, surge, unavailable)
     t0 = time.perf_counter()
     spec = replace(spec, tolerance=planner.auto_tolerance(start, spec))
     first = planner.next_step(start, spec)
@@ -106,19 +132,23 @@ def main() -> int:
     if args.before:
         impls[args.before] = load_planner(args.before)
     rows = []
-    for p, d, surge, unavailable in CASES:
+    for p, d, rp, rd, surge, unavailable in CASES:
         for name, module in impls.items():
-            r = measure(module, p, d, surge, unavailable)
+            r = measure_bounded(module, p, d, rp, rd, surge, unavailable)
             rows.append(
                 {
                     "planner": name,
                     "prefill": p,
                     "decode": d,
+                    "ratio": f"{rp}:{rd}",
                     "maxSurge": surge,
                     "maxUnavailable": unavailable,
                     **r,
                 }
             )
+            if "timeout_s" in r:
+                print(f"{name:>8} {p}P/{d}D ({rp}:{rd}): stopped after {CASE_TIMEOUT_S:.0f}s", flush=True)
+                continue
             print(
                 f"{name:>8} {p}P/{d}D surge {surge} unavailable {unavailable}: first {r['first_decision_s']:.3f}s, "
                 f"median {r['median_decision_ms']:.2f}ms, max {r['max_decision_ms']:.1f}ms over {r['decisions']} "
@@ -127,13 +157,16 @@ def main() -> int:
             )
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
-        "| fleet (2:1) | maxSurge / maxUnavailable | planner | first decision s | median decision ms | max decision ms | steps | peak prefill groups |",
-        "|---|---|---|---|---|---|---|---|",
+        "| fleet | ratio | maxSurge / maxUnavailable | planner | first decision s | median decision ms | max decision ms | steps | peak prefill groups |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        head = f"| {r['prefill']}P/{r['decode']}D | {r['ratio']} | {r['maxSurge']} / {r['maxUnavailable']} | {r['planner']} |"
+        if "timeout_s" in r:
+            lines.append(f"{head} stopped after {r['timeout_s']:.0f} s | | | | |")
+            continue
         lines.append(
-            f"| {r['prefill']}P/{r['decode']}D | {r['maxSurge']} / {r['maxUnavailable']} | {r['planner']} | "
-            f"{r['first_decision_s']:.3f} | {r['median_decision_ms']:.2f} | {r['max_decision_ms']:.1f} | "
+            f"{head} {r['first_decision_s']:.3f} | {r['median_decision_ms']:.2f} | {r['max_decision_ms']:.1f} | "
             f"{r['steps']} | {r['peak_prefill_groups']} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

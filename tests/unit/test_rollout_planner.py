@@ -263,15 +263,13 @@ def test_surge_above_desired_plans_like_one_full_copy():
     assert max(r.old_total + r.new_total for s in huge for r in s.roles if r.name == "prefill") == 8
 
 
+# A ratio, a tolerance, then small counts: the inputs of the closed-form ratio checks.
+_RATIO = (st.integers(1, 5), st.integers(1, 5), st.sampled_from([0.0, 0.1, 0.25, 1 / 3, 0.5, 1.0]))
+_COUNT = st.integers(0, 12)
+
+
 @settings(max_examples=300, deadline=None)
-@given(
-    st.integers(1, 5),
-    st.integers(1, 5),
-    st.sampled_from([0.0, 0.1, 0.25, 1 / 3, 0.5, 1.0]),
-    st.integers(0, 12),
-    st.integers(0, 12),
-    st.integers(0, 12),
-)
+@given(*_RATIO, _COUNT, _COUNT, _COUNT)
 def test_largest_on_ratio_p_matches_a_scan(rp: int, rd: int, tol: float, n_d: int, lo: int, span: int):
     """The closed form agrees with scanning every prefill count from the top."""
     from pdorch.rollout.planner import _largest_on_ratio_p
@@ -381,15 +379,7 @@ def test_the_ratio_band_shortcut_plans_exactly_as_the_full_search(
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    st.integers(1, 5),
-    st.integers(1, 5),
-    st.sampled_from([0.0, 0.1, 0.25, 1 / 3, 0.5, 1.0]),
-    st.integers(0, 12),
-    st.integers(0, 12),
-    st.integers(0, 12),
-    st.integers(0, 12),
-)
+@given(*_RATIO, _COUNT, _COUNT, _COUNT, _COUNT)
 def test_best_new_matches_scoring_every_decode_count(
     rp: int, rd: int, tol: float, p_lo: int, p_span: int, d_lo: int, d_span: int
 ) -> None:
