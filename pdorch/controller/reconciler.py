@@ -195,6 +195,8 @@ class Reconciler:
                 # Service (named after that group) must not hold the name.
                 svc = self.caches.children[SERVICE].get(namespace, intent["metadata"]["name"])
                 owner = foreign_owner(svc, uid) if svc is not None else None
+                if owner == (LWS.kind, intent["metadata"]["name"]):
+                    owner = None  # that headless Service itself (should it carry our labels)
             if owner is not None:
                 if owner == (SERVING_GROUP.kind, name):
                     return 2.0  # a deleted group of the same name: wait for its children to go
