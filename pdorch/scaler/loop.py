@@ -195,7 +195,9 @@ def endpoints_ready_after(pods: list[dict[str, Any]], eps: list[Endpoint], since
     if since is None:
         return set()
     ready = {(p.get("metadata") or {}).get("name"): ready_since(p) for p in pods}
-    return {e.url for e in eps if (t := ready.get(e.pod)) is not None and t > since}
+    # Ready times are whole seconds (truncated): one second of slack keeps a pod that became ready
+    # just after the last tick fresh, at the cost of at most a second of one engine's counts.
+    return {e.url for e in eps if (t := ready.get(e.pod)) is not None and t >= since - 1.0}
 
 
 def _group_index(pod: dict[str, Any]) -> int:

@@ -104,6 +104,8 @@ def test_only_pods_ready_since_the_last_tick_are_new_engines() -> None:
            for i, p in enumerate(pods, 1)]  # fmt: skip
     assert endpoints_ready_after(pods, eps, t0) == {"http://127.0.0.2:8000"}
     assert endpoints_ready_after(pods, eps, None) == set()  # first tick: nothing is known new
+    # Ready at 12:00:10.7 reads "12:00:10": still after a tick at 12:00:10.5.
+    assert endpoints_ready_after(pods, eps, t0 + 10.5) == {"http://127.0.0.2:8000"}
     assert ready_since(pods[1]) == t0 + 10 and ready_since(pods[2]) is None
     assert ready_since({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}) is None
 
