@@ -364,7 +364,13 @@ class Reconciler:
                 existing.remove(stale)
             if not any(history.revision_of_object(c) == revision for c in existing):
                 record = history.revision_object(obj, revision, history.next_number(existing))
-                await self.api.create(record)
+                try:
+                    await self.api.create(record)
+                except ApiError as e:
+                    if e.code != 409:
+                        raise
+                    # Named after the revision, so it is this record, written since the list
+                    # was served (a list from the apiserver's cache may lag a create).
                 existing.append(record)
             for old in history.to_prune(existing, keep=revision):
                 await self.api.delete(CONTROLLER_REVISION, old, md["namespace"])
