@@ -202,10 +202,40 @@ _SCALED = "(has(self.scaling) && self.scaling.mode != 'Static')"
 _BUILTIN = "(has(self.scaling) && self.scaling.mode == 'Builtin')"
 
 
+def _sub_groups_fit(r: Role) -> bool:
+    sg = r.sub_group_policy
+    if sg is None:
+        return True
+    n, k = r.size, sg.sub_group_size
+    if k > n:
+        return False
+    if sg.sub_group_policy_type == SubGroupPolicyType.LEADER_EXCLUDED:
+        return (n - 1) % k == 0
+    return n % k == 0 or (n - 1) % k == 0
+
+
+# LWS's own webhook rules for subGroupPolicy, checked here so the message names spec.roles[i].
+_SUB_GROUPS_CEL = (
+    "!has(self.subGroupPolicy) || (self.subGroupPolicy.subGroupSize <= self.size && "
+    "((has(self.subGroupPolicy.subGroupPolicyType) && "
+    "self.subGroupPolicy.subGroupPolicyType == 'LeaderExcluded') ? "
+    "(self.size - 1) % self.subGroupPolicy.subGroupSize == 0 : "
+    "(self.size % self.subGroupPolicy.subGroupSize == 0 || "
+    "(self.size - 1) % self.subGroupPolicy.subGroupSize == 0)))"
+)
+
+
 class Role(ApiModel):
     """One role of the group, rendered as one LeaderWorkerSet `<group>-<role>`."""
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=_SUB_GROUPS_CEL,
+            message="roles[].subGroupPolicy.subGroupSize must be at most roles[].size and divide "
+            "size or size - 1 (size - 1 with LeaderExcluded)",
+            check=_sub_groups_fit,
+            field_path=".subGroupPolicy",
+        ),
         CelRule(
             rule=f"self.type == 'proxy' || {_HAS_TEMPLATE}",
             message="roles[].workerTemplate is required for prefill, decode and worker roles "

@@ -139,6 +139,11 @@ REFUSED: list[tuple[str, Edit, str]] = [
     # Names Kubernetes refuses in a secretKeyRef: the proxy's StatefulSet would never be created.
     ("auth-secret-not-dns", _set("spec.router", {"auth": {"secretName": "api..keys"}}), "secretName"),
     ("auth-key-with-slash", _set("spec.router", {"auth": {"secretName": "k", "key": "a/b"}}), "key"),
+    (
+        "subgroup-not-dividing",
+        lambda d: role(d, "decode").update(size=5, subGroupPolicy={"subGroupSize": 3}),
+        "subGroupSize",
+    ),
 ]
 
 

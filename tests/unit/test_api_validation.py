@@ -175,3 +175,25 @@ def test_router_auth_names_kubernetes_refuses_are_refused(auth: dict[str, str], 
     assert any(field in p for p in problems), problems
     doc["spec"]["router"] = {"auth": {"secretName": "api.keys", "key": "api_key.v1"}}
     assert _problems(doc) == []
+
+
+@pytest.mark.parametrize(
+    ("size", "sub", "kind", "ok"),
+    [
+        (4, 2, None, True),
+        (5, 2, None, True),  # size - 1 divides
+        (5, 3, None, False),
+        (2, 4, None, False),  # larger than size
+        (4, 2, "LeaderExcluded", False),  # size - 1 = 3
+        (5, 2, "LeaderExcluded", True),
+    ],
+)
+def test_sub_group_size_follows_the_lws_rules(size: int, sub: int, kind: str | None, ok: bool) -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    role = next(r for r in doc["spec"]["roles"] if r["type"] == "decode")
+    role["size"] = size
+    role["subGroupPolicy"] = {"subGroupSize": sub, **({"subGroupPolicyType": kind} if kind else {})}
+    problems = _problems(doc)
+    assert (problems == []) == ok, problems
+    if not ok:
+        assert any("subGroupSize" in p for p in problems), problems
