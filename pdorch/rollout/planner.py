@@ -42,6 +42,8 @@ from pdorch.rollout.state import (
 # and one decode role are searched by ratio band instead, so this bounds groups with several roles
 # per type.
 _MAX_COMBINATIONS = 200_000
+# Past it, several roles per type are searched by (P, D) totals, up to this many pairs of totals.
+_MAX_TOTAL_PAIRS = 200_000
 TOO_LARGE = "cannot plan this rollout: too many step combinations"
 # The tolerance search: candidate cohorts up to this many groups per type, and this many candidates
 # tried in order before bisecting the rest.
@@ -248,7 +250,11 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decisio
         combos = 1
         for opts in per_role:
             combos *= max(1, len(opts))
-        if combos > _MAX_COMBINATIONS:
+        if combos <= _MAX_COMBINATIONS:
+            choices = itertools.product(*per_role)
+        elif not layered and (merged := _per_type_choices(per_role, is_p)) is not None:
+            choices = merged
+        else:
             return Decision(
                 "blocked",
                 hold,
@@ -256,7 +262,6 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decisio
                 f"roles (limit {_MAX_COMBINATIONS}); use one prefill and one decode role, or lower "
                 "maxSurge/maxUnavailable",
             )
-        choices = itertools.product(*per_role)
     before = _revision_cohorts(kv, [r.partition for r in kv]) if layered else {}
     best: tuple[tuple[bool, int, Fraction, int], list[int], list[int]] | None = None
     for choice in choices:
@@ -326,6 +331,44 @@ def _banded_choices(
     return [
         (per_role[0][i], per_role[1][j]) if pi == 0 else (per_role[0][j], per_role[1][i]) for i, j in picked
     ]
+
+
+# One role's pick for the per-type search: (index in the KV role list, option).
+_Picks = tuple[tuple[int, _Option], ...]
+
+
+def _per_type_choices(
+    per_role: Sequence[Sequence[_Option]], is_p: Sequence[bool]
+) -> list[tuple[_Option, ...]] | None:
+    """Choices for several roles per type whose full product is too large: per type, one
+    combination for each total old count (the widest new-group range), then every (P, D) pair of
+    totals. The ratio, the moved count and the deviation depend on the totals only, so this keeps
+    every reachable cohort and loses only alternative splits of the same totals. None if even the
+    pairs of totals are too many."""
+    by_type: list[dict[int, _Picks]] = []
+    for want_p in (True, False):
+        table: dict[int, tuple[_Picks, int, int]] = {0: ((), 0, 0)}  # total old -> picks, new lo, hi
+        for i, opts in enumerate(per_role):
+            if is_p[i] != want_p:
+                continue
+            nxt: dict[int, tuple[_Picks, int, int]] = {}
+            for total, (picks, lo, hi) in table.items():
+                for o in opts:
+                    cand = ((*picks, (i, o)), lo + o.new_lo, hi + o.new_hi)
+                    cur = nxt.get(total + o.old)
+                    if cur is None or (cand[2], -cand[1]) > (cur[2], -cur[1]):
+                        nxt[total + o.old] = cand
+            table = nxt
+        by_type.append({total: picks for total, (picks, _lo, _hi) in table.items()})
+    p_table, d_table = by_type
+    if len(p_table) * len(d_table) > _MAX_TOTAL_PAIRS:
+        return None
+    out = []
+    for p_total in sorted(p_table, reverse=True):
+        for d_total in sorted(d_table, reverse=True):
+            slots = dict(p_table[p_total] + d_table[d_total])
+            out.append(tuple(slots[i] for i in range(len(per_role))))
+    return out
 
 
 def _layers(role: RoleObservation) -> tuple[tuple[str, int], ...]:

@@ -407,3 +407,52 @@ def test_a_thousand_group_one_to_one_rollout_plans_quickly_and_finishes() -> Non
     assert auto_tolerance(start, spec) == 0.0
     snaps = simulate(replace(spec, tolerance=0.0), start, lambda *_: 0, max_ticks=100)
     assert snaps[-1].decision.kind == "done", snaps[-1].decision
+
+
+@st.composite
+def multi_role_scenarios(draw: st.DrawFn) -> tuple[RolloutSpec, list[tuple[str, str, int]]]:
+    """Two or three roles per type, 1..8 replicas each."""
+    spec, _, _ = draw(scenarios())
+    roles = [
+        (f"{t}{i}", t, draw(st.integers(1, 8)))
+        for t in ("prefill", "decode")
+        for i in range(draw(st.integers(2, 3)))
+    ]
+    return spec, roles
+
+
+@settings(max_examples=120, deadline=None)
+@given(multi_role_scenarios(), st.lists(st.integers(0, 3), min_size=1, max_size=10))
+def test_the_per_type_search_keeps_every_invariant(
+    scenario: tuple[RolloutSpec, list[tuple[str, str, int]]], delays: list[int]
+) -> None:
+    """Forced onto the search by (P, D) totals (used where the full product is too large), plans
+    keep both cohorts on ratio and within the budgets, and finish whenever whole units fit."""
+    from pdorch.rollout import planner
+
+    spec, roles = scenario
+    planner._plan_step.cache_clear()
+    original = planner._MAX_COMBINATIONS
+    planner._MAX_COMBINATIONS = 1
+    try:
+        snaps = simulate(spec, initial_state(roles), _delay_model(delays), max_ticks=2_000)
+    finally:
+        planner._MAX_COMBINATIONS = original
+        planner._plan_step.cache_clear()
+    _check_invariants(spec, snaps)
+    last = snaps[-1].decision
+    assert last.kind in ("done", "blocked"), last
+    if last.kind == "blocked":
+        assert snaps[-1].step == 0 and not _guaranteed(spec, roles), (spec, roles, last.reason)
+
+
+def test_two_prefill_and_two_decode_roles_of_sixty_plan_and_finish() -> None:
+    """Their full product (~10^6 pairs per step) is past the limit; by totals the rollout plans."""
+    spec = RolloutSpec(1, 1, None, "25%", "25%")
+    start = initial_state(
+        [("p0", "prefill", 60), ("p1", "prefill", 60), ("d0", "decode", 60), ("d1", "decode", 60)]
+    )
+    spec = replace(spec, tolerance=auto_tolerance(start, spec))
+    snaps = simulate(spec, start, lambda *_: 0, max_ticks=200)
+    _check_invariants(spec, snaps)
+    assert snaps[-1].decision.kind == "done", snaps[-1].decision
