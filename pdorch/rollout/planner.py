@@ -346,11 +346,15 @@ def _per_type_choices(
     every reachable cohort and loses only alternative splits of the same totals. None if even the
     pairs of totals are too many."""
     by_type: list[dict[int, _Picks]] = []
+    work = 0
     for want_p in (True, False):
         table: dict[int, tuple[_Picks, int, int]] = {0: ((), 0, 0)}  # total old -> picks, new lo, hi
         for i, opts in enumerate(per_role):
             if is_p[i] != want_p:
                 continue
+            work += len(table) * len(opts)
+            if work > _MAX_TOTAL_PAIRS:
+                return None  # thousands of options per role: too slow per step even by totals
             nxt: dict[int, tuple[_Picks, int, int]] = {}
             for total, (picks, lo, hi) in table.items():
                 for o in opts:
