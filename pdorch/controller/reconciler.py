@@ -278,8 +278,9 @@ class Reconciler:
         # RevisionRecordFailed and retried every REVISION_RETRY_S, also after a controller restart
         # (recording is idempotent).
         update_revision = new_status["updateRevision"]
+        prev_conditions = prev_status.get("conditions") or []
         if update_revision != prev_status.get("updateRevision") or st.find_condition(
-            prev_status, st.REVISION_RECORD_FAILED
+            prev_conditions, st.REVISION_RECORD_FAILED
         ):
             refusal = await self._record_revision(obj, update_revision)
             if refusal is not None:
@@ -291,7 +292,7 @@ class Reconciler:
                         f"revision {update_revision} is not kept for `pdorch rollback` yet "
                         f"(retried every {REVISION_RETRY_S:.0f}s): {refusal}"[:1000],
                         generation,
-                        prev_status.get("conditions") or [],
+                        prev_conditions,
                     )
                 )
                 requeue = min(requeue or REVISION_RETRY_S, REVISION_RETRY_S)

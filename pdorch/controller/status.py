@@ -21,8 +21,12 @@ REVISION_RECORD_FAILED = "RevisionRecordFailed"
 SUMMARY_TYPES = ("proxy", "prefill", "decode", "worker")
 
 
+# Timestamps in status and conditions: RFC 3339, whole seconds, UTC (as metav1.Time serialises).
+RFC3339_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime(RFC3339_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def condition(
 ) -> dict[str, Any]:
     """A condition, keeping the previous lastTransitionTime if its status did not change."""
     s = "Unknown" if status is None else ("True" if status else "False")
-    prev = next((c for c in previous if c.get("type") == ctype), None)
+    prev = find_condition(previous, ctype)
     ltt = (
         prev["lastTransitionTime"]
         if prev and prev.get("status") == s and prev.get("lastTransitionTime")
@@ -95,9 +99,9 @@ def condition(
     }
 
 
-def find_condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
-    """The condition of type `ctype` in a status block, or None."""
-    return next((c for c in status.get("conditions") or [] if c.get("type") == ctype), None)
+def find_condition(conditions: list[dict[str, Any]], ctype: str) -> dict[str, Any] | None:
+    """The condition of type `ctype` in a conditions list, or None."""
+    return next((c for c in conditions if c.get("type") == ctype), None)
 
 
 def resumed_progress(
@@ -110,7 +114,7 @@ def resumed_progress(
     if not isinstance(stamp, str) or previous.get("roles") != new.get("roles"):
         return None
     try:
-        then = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        then = dt.datetime.strptime(stamp, RFC3339_SECONDS).replace(tzinfo=dt.UTC)
     except ValueError:
         return None
     return stamp, max(0.0, (now - then).total_seconds())

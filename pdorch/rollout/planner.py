@@ -38,11 +38,12 @@ from pdorch.rollout.state import (
     resolve_int_or_percent,
 )
 
-# Above this many (prefill + decode) old-count combinations the search would be slow; one prefill
-# and one decode role are searched by ratio band instead, so this bounds groups with several roles
-# per type.
+# Above this many (prefill + decode) old-count combinations the full search would be slow; one
+# prefill and one decode role are searched by ratio band instead, so this bounds the full search of
+# groups with several roles per type.
 _MAX_COMBINATIONS = 200_000
-# Past it, several roles per type are searched by (P, D) totals, up to this many pairs of totals.
+# Past it, several roles per type are searched by (P, D) totals: this bounds both the per-type
+# merge of the roles' options and the pairs of totals.
 _MAX_TOTAL_PAIRS = 200_000
 TOO_LARGE = "cannot plan this rollout: too many step combinations"
 # The tolerance search: candidate cohorts up to this many groups per type, and this many candidates

@@ -16,7 +16,6 @@ Every `interval_s`, for each ServingGroup role with `scaling.mode: Builtin`:
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pdorch.api.scaler import KIND as SCALER_KIND
 from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, ScalingMode, ServingGroup
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi
+from pdorch.controller.status import now_rfc3339
 from pdorch.proxy.discovery import endpoints_from_pods
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import (
@@ -259,13 +259,17 @@ class BuiltinScaler:
             if st.draining_to is None:
                 continue
             try:
-                pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(group, role)))
-                await self._undrain(ns, pods)
+                await self._cancel_drain(ns, group, role, st)
             except ApiError as e:
                 log.warning("%s/%s-%s: could not cancel the drain: %s", ns, group, role, e)
                 continue
-            st.draining_to = None
             log.info("%s/%s-%s: drain cancelled", ns, group, role)
+
+    async def _cancel_drain(self, ns: str, group: str, role: str, st: RoleState) -> None:
+        """Clear the drain marks on the role's leaders and forget the drain."""
+        pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(group, role)))
+        await self._undrain(ns, pods)
+        st.draining_to = None
 
     async def tick(self) -> list[RoleDecision]:
         """One pass over every ServingGroup with Builtin roles."""
@@ -304,9 +308,7 @@ class BuiltinScaler:
             elif (st := self.roles.get((ns, name, role.name))) and st.draining_to is not None:
                 # No decision (metrics outage, bad targets): hold means hold, so the pods being
                 # drained serve again instead of staying hidden from the proxy while nothing ends it.
-                pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(name, role.name)))
-                await self._undrain(ns, pods)
-                st.draining_to = None
+                await self._cancel_drain(ns, name, role.name, st)
                 log.warning("%s/%s-%s: no decision this tick; drain cancelled", ns, name, role.name)
         # The declared ratio band, when the group has exactly one Builtin prefill and decode role.
         ratio = sg.spec.ratio
@@ -526,7 +528,7 @@ class BuiltinScaler:
                 raise
             log.info("%s/%s: size changed since this tick read it; not writing %d", ns, name, target)
             return False
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_rfc3339()
         note = f"{current} -> {target}: {reason}"[:1024]
         await self.api.apply(
             {
