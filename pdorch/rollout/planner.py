@@ -341,39 +341,53 @@ _Picks = tuple[tuple[int, _Option], ...]
 def _per_type_choices(
     per_role: Sequence[Sequence[_Option]], is_p: Sequence[bool]
 ) -> list[tuple[_Option, ...]] | None:
-    """Choices for several roles per type whose full product is too large: per type, one
-    combination for each total old count (the widest new-group range), then every (P, D) pair of
-    totals. The ratio, the moved count and the deviation depend on the totals only, so this keeps
-    every reachable cohort and loses only alternative splits of the same totals. None if even the
-    pairs of totals are too many."""
-    by_type: list[dict[int, _Picks]] = []
+    """Choices for several roles per type whose full product is too large: per type and total old
+    count, the splits whose new-group range no other split of that total contains (a Pareto front
+    of (low, high)), then every pairing of the two types' fronts. The ratio, the moved count and
+    the deviation depend on the totals only, and any split's range lies inside a front member's,
+    so the best step found is as good as the full product's. None if that is still too many."""
+    by_type: list[dict[int, list[_Picks]]] = []
     work = 0
     for want_p in (True, False):
-        table: dict[int, tuple[_Picks, int, int]] = {0: ((), 0, 0)}  # total old -> picks, new lo, hi
+        table: dict[int, list[tuple[_Picks, int, int]]] = {0: [((), 0, 0)]}  # total -> picks, lo, hi
         for i, opts in enumerate(per_role):
             if is_p[i] != want_p:
                 continue
-            work += len(table) * len(opts)
+            work += sum(map(len, table.values())) * len(opts)
             if work > _MAX_TOTAL_PAIRS:
                 return None  # thousands of options per role: too slow per step even by totals
-            nxt: dict[int, tuple[_Picks, int, int]] = {}
-            for total, (picks, lo, hi) in table.items():
-                for o in opts:
-                    cand = ((*picks, (i, o)), lo + o.new_lo, hi + o.new_hi)
-                    cur = nxt.get(total + o.old)
-                    if cur is None or (cand[2], -cand[1]) > (cur[2], -cur[1]):
-                        nxt[total + o.old] = cand
+            nxt: dict[int, list[tuple[_Picks, int, int]]] = {}
+            for total, entries in table.items():
+                for picks, lo, hi in entries:
+                    for o in opts:
+                        _add_to_front(
+                            nxt.setdefault(total + o.old, []),
+                            ((*picks, (i, o)), lo + o.new_lo, hi + o.new_hi),
+                        )
             table = nxt
-        by_type.append({total: picks for total, (picks, _lo, _hi) in table.items()})
+        by_type.append({total: [picks for picks, _lo, _hi in front] for total, front in table.items()})
     p_table, d_table = by_type
-    if len(p_table) * len(d_table) > _MAX_TOTAL_PAIRS:
+    if sum(map(len, p_table.values())) * sum(map(len, d_table.values())) > _MAX_TOTAL_PAIRS:
         return None
     out = []
     for p_total in sorted(p_table, reverse=True):
         for d_total in sorted(d_table, reverse=True):
-            slots = dict(p_table[p_total] + d_table[d_total])
-            out.append(tuple(slots[i] for i in range(len(per_role))))
+            for p_picks in p_table[p_total]:
+                for d_picks in d_table[d_total]:
+                    slots = dict(p_picks + d_picks)
+                    out.append(tuple(slots[i] for i in range(len(per_role))))
     return out
+
+
+def _add_to_front(front: list[tuple[_Picks, int, int]], cand: tuple[_Picks, int, int]) -> None:
+    """Add `cand` to `front` unless a member's new-group range contains its range; drop the members
+    whose range it contains. The widest range stays first."""
+    _, lo, hi = cand
+    if any(m_lo <= lo and m_hi >= hi for _, m_lo, m_hi in front):
+        return
+    front[:] = [m for m in front if not (lo <= m[1] and hi >= m[2])]
+    front.append(cand)
+    front.sort(key=lambda m: (-m[2], m[1]))
 
 
 def _layers(role: RoleObservation) -> tuple[tuple[str, int], ...]:

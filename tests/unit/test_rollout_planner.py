@@ -428,7 +428,8 @@ def test_the_per_type_search_keeps_every_invariant(
 ) -> None:
     """Forced onto the search by (P, D) totals (used where the full product is too large), plans
     keep both cohorts on ratio and within the budgets, and one that cannot finish is refused before
-    any step. (It keeps one split per total, so it may refuse a plan the full product finds.)"""
+    any step. (Its steps are as good as the full product's, but ties between splits may lead it
+    elsewhere afterwards, so completion is not asserted.)"""
     from pdorch.rollout import planner
 
     spec, roles = scenario
@@ -445,6 +446,54 @@ def test_the_per_type_search_keeps_every_invariant(
     assert last.kind in ("done", "blocked"), last
     if last.kind == "blocked":
         assert snaps[-1].step == 0, (spec, roles, last.reason)
+
+
+def _step_key(state, decision, spec: RolloutSpec) -> tuple[object, ...]:
+    """What a step is judged by: groups moved, the old cohort's distance from the ratio, new groups."""
+    from pdorch.rollout.state import deviation
+
+    kv = [r for r in state if r.type in ("prefill", "decode")]
+    old_p = sum(decision.roles[r.name].partition for r in kv if r.type == "prefill")
+    old_d = sum(decision.roles[r.name].partition for r in kv if r.type == "decode")
+    moved = sum(r.partition for r in kv) - old_p - old_d
+    new = sum(decision.roles[r.name].replicas - decision.roles[r.name].partition for r in kv)
+    return decision.kind, moved, deviation(old_p, old_d, spec.ratio_p, spec.ratio_d), new
+
+
+@settings(max_examples=150, deadline=None)
+@given(multi_role_scenarios(), st.integers(0, 12), st.integers(0, 5), st.integers(1, 8))
+def test_the_per_type_search_finds_a_step_as_good_as_the_full_product(
+    scenario: tuple[RolloutSpec, list[tuple[str, str, int]]], scale_at: int, role_i: int, scale_to: int
+) -> None:
+    """At every state of a plan (one role scaled down mid-rollout at some step), the search by
+    (P, D) totals takes a step that moves as many groups, leaves the old cohort as close to the
+    ratio and adds as many new groups as the best of the full product of per-role options."""
+    from pdorch.rollout import planner
+
+    spec, roles = scenario
+    spec = replace(spec, tolerance=auto_tolerance(initial_state(roles), spec))
+
+    def plan(state, forced: bool):
+        planner._plan_step.cache_clear()
+        original = planner._MAX_COMBINATIONS
+        planner._MAX_COMBINATIONS = 1 if forced else original
+        try:
+            return planner._plan_step(tuple(state), spec)
+        finally:
+            planner._MAX_COMBINATIONS = original
+            planner._plan_step.cache_clear()
+
+    state = initial_state(roles)
+    for step in range(40):
+        if step == scale_at:
+            r = state[role_i % len(state)]
+            if scale_to < r.desired:
+                state[role_i % len(state)] = replace(r, desired=scale_to, surge=r.replicas - scale_to)
+        full = plan(state, forced=False)
+        assert _step_key(state, plan(state, forced=True), spec) == _step_key(state, full, spec), state
+        if full.kind != "step":
+            break
+        state = [planner._applied(r, full.roles[r.name]) for r in state]
 
 
 def test_two_prefill_and_two_decode_roles_of_sixty_plan_and_finish() -> None:
