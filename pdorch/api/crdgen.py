@@ -211,7 +211,9 @@ def crd_object(spec: CrdSpec) -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # Declaring metadata.name (the one field a CRD may say anything about) lets the root
+            # rules on it carry `fieldPath: .metadata.name` instead of kubectl's `<nil>`.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": structural_schema(spec.spec_model, keep_defaults=True),
             "status": structural_schema(spec.status_model, keep_defaults=False),
         },

@@ -685,12 +685,14 @@ class ServingGroup(ApiModel):
             "derives LeaderWorkerSet, StatefulSet and pod names (<name>-<role>-<group>-<worker>) "
             "from it and they must fit Kubernetes name limits",
             check=lambda sg: len(sg.metadata.name or "") <= MAX_GROUP_NAME_LENGTH,
+            field_path=".metadata.name",
         ),
         CelRule(
             rule=f"self.metadata.name.matches('{DNS1035_LABEL}')",
             message="metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', "
             "starting with a letter): it also names the group's proxy Service",
             check=_group_name_ok,
+            field_path=".metadata.name",
         ),
     )
 

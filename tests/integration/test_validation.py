@@ -108,7 +108,9 @@ REFUSED: list[tuple[str, Edit, str]] = [
     ),
     ("unknown-engine", _set("spec.engine.name", "tgi"), "engine"),
     ("unknown-role-type", lambda d: role(d, "decode").__setitem__("type", "encoder"), "type"),
-    ("group-name-too-long", _set("metadata.name", "a" * 29), "metadata.name"),
+    # The field path, not `<nil>`: the rules on the name sit at the root of the schema.
+    ("group-name-too-long", _set("metadata.name", "a" * 29), "metadata.name: Invalid value"),
+    ("group-name-not-dns-1035", _set("metadata.name", "1sim"), "metadata.name: Invalid value"),
     ("role-name-too-long", lambda d: role(d, "decode").__setitem__("name", "d" * 17), "name"),
     ("role-name-not-dns", lambda d: role(d, "decode").__setitem__("name", "Decode_1"), "name"),
     (
