@@ -68,9 +68,23 @@ def add_parser(subparsers: Any) -> None:
         "--retries", type=int, default=None, help="retries with a fresh pair before the first byte"
     )
     p.add_argument("--connect-timeout", type=float, default=None, help="seconds (default 5)")
-    p.add_argument("--first-byte-timeout", type=float, default=None, help="seconds (default 300)")
     p.add_argument(
-        "--request-timeout", type=float, default=None, help="seconds for a whole request (default none)"
+        "--first-byte-timeout",
+        type=float,
+        default=None,
+        help="seconds until an engine starts answering: the prefill leg, a stream's first bytes (default 300)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds for a whole request, and for a non-streamed answer's decode leg (default 1800)",
+    )
+    p.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=None,
+        help="seconds an engine may stay silent once its answer is being relayed (default 60)",
     )
     p.add_argument(
         "--upstream-idle-timeout",
@@ -136,6 +150,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         "connect_timeout_s": args.connect_timeout,
         "first_byte_timeout_s": args.first_byte_timeout,
         "request_timeout_s": args.request_timeout,
+        "stream_idle_timeout_s": args.stream_idle_timeout,
         "upstream_idle_timeout_s": args.upstream_idle_timeout,
         "client_idle_timeout_s": args.client_idle_timeout,
         "body_timeout_s": args.body_timeout,

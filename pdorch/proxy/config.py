@@ -41,8 +41,14 @@ class ProxyConfig(BaseModel):
     max_retries: int = Field(2, ge=0, le=10)
     retry_backoff_s: float = Field(0.05, ge=0)
     connect_timeout_s: float = Field(5.0, gt=0)
+    # Until an engine starts answering: the prefill leg, and a streamed answer's first bytes. A
+    # non-streamed answer's first byte is its last, so its decode leg is bounded by the request
+    # timeout instead (a long generation is not a silent engine).
     first_byte_timeout_s: float = Field(300.0, gt=0)
-    request_timeout_s: float | None = Field(None, gt=0)
+    request_timeout_s: float | None = Field(1800.0, gt=0)
+    # Once an answer is being relayed, an engine silent this long fails it (checked by a watchdog,
+    # not a timer per chunk): an engine that stalls or vanishes without a reset ends the stream.
+    stream_idle_timeout_s: float | None = Field(60.0, gt=0)
     # Upstream silence between two reads (headers or body chunks) that fails a leg; None = no limit
     # (a long prefill queue may legitimately stay silent up to first_byte_timeout_s).
     upstream_idle_timeout_s: float | None = Field(None, gt=0)
@@ -104,6 +110,7 @@ def router_settings(raw: str | None) -> dict[str, Any]:
         ("connectSeconds", "connect_timeout_s"),
         ("firstByteSeconds", "first_byte_timeout_s"),
         ("requestSeconds", "request_timeout_s"),
+        ("streamIdleSeconds", "stream_idle_timeout_s"),
     ):
         if t.get(src) is not None:
             out[dst] = t[src]

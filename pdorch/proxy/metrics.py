@@ -124,6 +124,12 @@ class ProxyMetrics:
             ["role", "revision"],
             registry=r,
         )
+        self.request_timeouts = Counter(
+            "pdorch_proxy_request_timeouts",
+            "Requests cut by the proxy's own request timeout (not counted against any engine), by phase.",
+            ["phase"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "pdorch_proxy_client_disconnects",
             "Clients gone before the answer ended (legs cancelled).",

@@ -144,6 +144,13 @@ def openapi_document(config: ProxyConfig) -> dict[str, Any]:
                 },
             }
         },
+        "/livez": {
+            "get": {
+                "summary": "liveness: the proxy's event loop answers (engines are not consulted)",
+                "security": [],
+                "responses": {"200": {"description": "alive", "content": {"application/json": {}}}},
+            }
+        },
         "/openapi.json": {
             "get": {
                 "summary": "this document",

@@ -13,6 +13,8 @@ import json
 import secrets
 from typing import Any, Literal
 
+from pdorch.lax_int import lax_int
+
 Engine = Literal["vllm", "sglang"]
 Kind = Literal["completion", "chat"]
 
@@ -75,8 +77,9 @@ def sglang_batch_size(body: dict[str, Any], kind: Kind) -> int | None:
         p = body.get("prompt")
         if isinstance(p, list) and p and isinstance(p[0], str | list):
             prompts = len(p)
-    n = body.get("n")
-    samples = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    # Read as the engine reads it: `n: 2.0` is two samples, so it needs two rooms as well.
+    n = lax_int(body.get("n"))
+    samples = n if n is not None and n > 1 else 1
     total = prompts * samples
     return total if total > 1 else None
 

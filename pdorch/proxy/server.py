@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Coroutine
@@ -30,6 +31,7 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdorch.proxy import breaker as brk
+from pdorch.proxy.blame import silent_pair_blame
 from pdorch.proxy.config import ProxyConfig
 from pdorch.proxy.deadline import Deadline
 from pdorch.proxy.endpoints import Endpoint, EndpointSet
@@ -58,7 +60,7 @@ from pdorch.proxy.protocols import (
 )
 from pdorch.proxy.request_ids import RequestIds
 from pdorch.proxy.upstream import Sent, UpstreamPool, UpstreamResponse
-from pdorch.proxy.validation import decode_json, parse_json, validate
+from pdorch.proxy.validation import check_sglang_fanout, decode_json, parse_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,19 @@ class Progress:
 
     endpoint: Endpoint
     leg: str
+    started: float = 0.0
+    # SGLang: both legs are in flight at once; whether this request's prefill leg has answered.
+    sglang_prefill: Endpoint | None = None
+    prefill_answered: bool = False
+
+
+class LegSilent(Exception):
+    """A leg bounded by the first-byte budget stayed silent past it (the decode of a non-streamed
+    answer is bounded by the request timeout instead, so this names the prefill there)."""
+
+    def __init__(self, endpoint: Endpoint, leg: str, budget: float) -> None:
+        super().__init__(f"{leg} {endpoint.url}: silent for {budget:.1f}s")
+        self.endpoint, self.leg, self.budget = endpoint, leg, budget
 
 
 @dataclass
@@ -185,6 +200,12 @@ def _drop_prefill(task: asyncio.Task[Any], sent: Sent | None) -> None:
         sent.abort()
 
 
+# An engine's error body is a short JSON message; an answer is bounded by its tokens. Reading either
+# unbounded let one misbehaving engine take the proxy's memory (a 3 GiB body: ~6 GB RSS).
+MAX_ERROR_BODY_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
+
+
 def sse_error(exc: ProxyError) -> bytes:
     """An SSE event carrying an error, for failures after a stream started."""
     return b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
@@ -228,7 +249,11 @@ class ProxyServer:
         self._metrics_http: HttpServer | None = None
         self.metrics_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # When each endpoint last completed a leg of a request (not a health check): evidence that
+        # it is alive when an SGLang pair goes silent (pdorch.proxy.blame).
+        self._served: dict[str, float] = {}
         # The serving loop, kept: on Python 3.11 every loop lookup is a getpid syscall (see
         # pdorch.proxy.deadline), and the hot path would otherwise make about fifteen per request.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -242,6 +267,7 @@ class ProxyServer:
             ("POST", "/v1/chat/completions"): self._chat,
             ("GET", "/v1/models"): self._models_route,
             ("GET", "/health"): self._health,
+            ("GET", "/livez"): self._livez,
             ("GET", "/openapi.json"): self._openapi_route,
         }
         if self.config.metrics_port is None:
@@ -292,6 +318,10 @@ class ProxyServer:
             )
             self.metrics_port = await self._metrics_http.start(c.host, c.metrics_port)
         self._health_task = asyncio.create_task(self._health_loop(), name="proxy-health")
+        if c.stream_idle_timeout_s is not None:
+            self._watchdog_task = asyncio.create_task(
+                self._silence_watchdog(c.stream_idle_timeout_s), name="proxy-silence-watchdog"
+            )
         log.info("pdorch proxy (%s, %s) listening on %s:%s", c.engine, c.policy, c.host, self.port)
 
     async def stop(self) -> None:
@@ -303,10 +333,11 @@ class ProxyServer:
         if self._metrics_http is not None:
             await self._metrics_http.close(0.0)
             self._metrics_http = None
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._watchdog_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for t in list(self._background):
             t.cancel()
         if self._session is not None:
@@ -353,7 +384,10 @@ class ProxyServer:
     # The breaker gauge is set from `breakers` at scrape time (as the in-flight gauge is from
     # `loads`), not on every outcome: an open breaker turns half-open with time, not with an outcome.
     def _outcome(self, ep: Endpoint, ok: bool) -> None:
+        """A request leg's outcome: feeds the endpoint's breaker; a success is also liveness."""
         now = self.clock()
+        if ok:
+            self._served[ep.key] = now
         b = self.breakers.get(ep.key, brk.Breaker())
         b = (
             brk.record_success(b, self.breaker_cfg, now)
@@ -414,6 +448,11 @@ class ProxyServer:
             "revisions": eps.revisions(),
         }
         return json_response(body, status=200 if ok else 503)
+
+    async def _livez(self, _: Request) -> Response:
+        # Liveness must not depend on the engines: with /health as its liveness probe, every proxy
+        # replica was restarted (in-flight streams cut) whenever no usable pair existed for a minute.
+        return json_response({"status": "draining" if self.draining else "alive"})
 
     async def _openapi_route(self, _: Request) -> Response:
         return json_response(openapi_document(self.config))
@@ -488,7 +527,12 @@ class ProxyServer:
                     ok = r.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             ok = False
-        self._outcome(ep, ok)
+        # A failed check marks the breaker (a dead engine is found without traffic). A passing one
+        # does not clear request failures: an engine whose /health answers while its generations
+        # fail would otherwise never be cut off. A recovered engine closes its breaker through the
+        # half-open probes, which are requests.
+        if not ok:
+            self._outcome(ep, False)
 
     async def _health_loop(self) -> None:
         while True:
@@ -549,6 +593,8 @@ class ProxyServer:
                 body = parse_json(await self._read_body(request))
                 models = await self._fetch_models()
                 validate(body, kind, models[1] if models else None)
+                if self.config.engine == "sglang":
+                    check_sglang_fanout(sglang_batch_size(body, kind) or 1)
             except ProxyError as exc:
                 if exc.status in (400, 404):
                     self.metrics.rejected.labels("invalid").inc()
@@ -599,7 +645,10 @@ class ProxyServer:
             min_prompt_tokens=self.config.min_prompt_tokens,
             counter=self.counter,
         )
-        self.counter += 1
+        if not avoid:
+            # One turn per request, not per attempt: with a retry per request, two decodes and a
+            # counter moving per attempt, every first attempt landed on the same (failing) decode.
+            self.counter += 1
         out = choose(req, self.rng, self.prefix if cache_aware else None)
         if isinstance(out, Decision):
             # Counted on the next loop turn: off the path to the first upstream write.
@@ -629,15 +678,24 @@ class ProxyServer:
                     503, f"no usable prefill/decode pair: {decision.reason}", retry_after=RETRY_AFTER_S
                 )
                 return error_response(unavailable, rid)
-            budget = self.config.first_byte_timeout_s
-            if deadline is not None:
-                budget = min(budget, max(0.0, deadline - self.clock()))
+            now = self.clock()
+            left = None if deadline is None else max(0.0, deadline - now)
+            budget = (
+                self.config.first_byte_timeout_s
+                if left is None
+                else min(self.config.first_byte_timeout_s, left)
+            )
             try:
                 progress = Progress(
-                    decision.prefill or decision.decode, "prefill" if decision.prefill else "decode"
+                    decision.prefill or decision.decode, "prefill" if decision.prefill else "decode", now
                 )
-                with Deadline(self.loop, budget):
-                    opened = await self._open(decision, body, path, headers, progress)
+                # A stream's first bytes come after its first token: the first-byte budget bounds the
+                # whole open. A non-streamed answer's first byte is its last, so there only the prefill
+                # leg gets that budget (inside `_open`) and the decode leg the request's remaining time.
+                with Deadline(self.loop, budget if stream else left):
+                    opened = await self._open(
+                        decision, body, path, headers, progress, None if stream else budget
+                    )
                 break
             except LegFailure as f:
                 self._leg_failed(f)
@@ -654,20 +712,49 @@ class ProxyServer:
                 await asyncio.sleep(min(backoff, 1.0))
             except UpstreamReply as u:
                 return Response(u.status, u.body, {"Content-Type": u.content_type, "X-Request-Id": rid})
+            except LegSilent as silent:
+                self._silent(silent.endpoint, silent.leg)
+                why = f"no response from the {silent.leg} engine within {silent.budget:.1f}s (first-byte timeout)"
+                return error_response(ProxyError(504, why, code="upstream_timeout"), rid)
             except TimeoutError:
-                if budget < self.config.first_byte_timeout_s:
+                if not stream or budget < self.config.first_byte_timeout_s:
                     # The client's whole-request budget ran out: not the engines' fault.
+                    self.metrics.request_timeouts.labels("before_first_byte").inc()
                     why = f"request timeout of {self.config.request_timeout_s}s reached before the first byte"
                 else:
                     # The leg we were waiting on stayed silent: a breaker mark for its endpoint.
-                    self._outcome(progress.endpoint, ok=False)
-                    self.metrics.errors.labels(
-                        progress.endpoint.key, progress.leg, "first_byte_timeout"
-                    ).inc()
+                    for ep, leg in self._blame_silence(progress):
+                        self._silent(ep, leg)
                     why = f"no response from the {progress.leg} engine within {budget:.1f}s (first-byte timeout)"
                 return error_response(ProxyError(504, why, code="upstream_timeout"), rid)
         assert opened is not None
         return await self._relay(request, opened, stream, path, rid, t0, deadline)
+
+    def _silent(self, ep: Endpoint, leg: str) -> None:
+        self._outcome(ep, ok=False)
+        self.metrics.errors.labels(ep.key, leg, "first_byte_timeout").inc()
+
+    def _blame_silence(self, progress: Progress) -> list[tuple[Endpoint, str]]:
+        """The endpoints a first-byte timeout is charged to: the awaited leg's, or for a silent
+        SGLang pair whichever engine shows no sign of life since the request started."""
+        p = progress.sglang_prefill
+        if p is None:
+            return [(progress.endpoint, progress.leg)]
+        d = progress.endpoint
+        legs = silent_pair_blame(
+            progress.prefill_answered,
+            self._served.get(p.key, -math.inf) > progress.started,
+            self._served.get(d.key, -math.inf) > progress.started,
+        )
+        return [(p if leg == "prefill" else d, leg) for leg in legs]
+
+    async def _silence_watchdog(self, silence_s: float) -> None:
+        """Fail relayed answers whose engine went silent (pdorch.proxy.upstream's watch list)."""
+        period = min(1.0, silence_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            if self._upstream is not None:
+                self._upstream.expire_silent(self.loop.time())
 
     # -- legs ----------------------------------------------------------------------------------------
 
@@ -698,13 +785,21 @@ class ProxyServer:
         if resp.status < 400:
             return
         try:
-            data = await resp.read()
+            data = await resp.read(MAX_ERROR_BODY_BYTES)
         except aiohttp.ClientError:
             data = b""
         finally:
             resp.close()
         if resp.status >= 500:
             raise LegFailure(ep, leg, f"http_{resp.status}", f"HTTP {resp.status}: {data[:300]!r}")
+        if not data:
+            # Unreadable, or larger than an error message can be: say so rather than relay nothing.
+            err = ProxyError(
+                resp.status,
+                f"the {leg} engine answered HTTP {resp.status} with an unreadable or oversized body",
+                code="upstream_error",
+            )
+            raise UpstreamReply(resp.status, json.dumps(err.body()).encode(), "application/json")
         raise UpstreamReply(resp.status, data, resp.headers.get("Content-Type", "application/json"))
 
     async def _first_bytes(self, ep: Endpoint, resp: UpstreamResponse) -> bytes:
@@ -715,16 +810,30 @@ class ProxyServer:
             raise LegFailure(ep, "decode", "reset", repr(exc)) from None
 
     async def _open(
-        self, d: Decision, body: dict[str, Any], path: str, headers: dict[str, str], progress: Progress
+        self,
+        d: Decision,
+        body: dict[str, Any],
+        path: str,
+        headers: dict[str, str],
+        progress: Progress,
+        prefill_budget: float | None,
     ) -> Opened:
+        """Open a decode answer through the pair `d`; `prefill_budget` bounds the prefill leg on its
+        own (non-streamed answers; a stream's first-byte budget covers the whole open)."""
         if self.config.engine == "vllm":
-            return await self._open_vllm(d, body, path, headers, progress)
-        # SGLang: both legs run at once; a silent pair is blamed on the decode, whose answer we await.
-        progress.endpoint, progress.leg = d.decode, "decode"
-        return await self._open_sglang(d, body, path, headers)
+            return await self._open_vllm(d, body, path, headers, progress, prefill_budget)
+        # SGLang: both legs run at once; who a silent pair is charged to is decided by `_blame_silence`.
+        progress.endpoint, progress.leg, progress.sglang_prefill = d.decode, "decode", d.prefill
+        return await self._open_sglang(d, body, path, headers, progress, prefill_budget)
 
     async def _open_vllm(
-        self, d: Decision, body: dict[str, Any], path: str, headers: dict[str, str], progress: Progress
+        self,
+        d: Decision,
+        body: dict[str, Any],
+        path: str,
+        headers: dict[str, str],
+        progress: Progress,
+        prefill_budget: float | None,
     ) -> Opened:
         decode_body = body
         t_prefilled: float | None = None
@@ -733,14 +842,19 @@ class ProxyServer:
             t = self.clock()
             self._leg_start(p)
             try:
-                resp = await self._post(p, "prefill", path, encode_json(vllm_prefill_body(body)), headers)
-                try:
-                    await self._check_status(p, "prefill", resp)
-                    raw = await resp.read()
-                except aiohttp.ClientError as exc:
-                    raise LegFailure(p, "prefill", "reset", repr(exc)) from None
-                finally:
-                    resp.close()
+                with Deadline(self.loop, prefill_budget):
+                    resp = await self._post(p, "prefill", path, encode_json(vllm_prefill_body(body)), headers)
+                    try:
+                        await self._check_status(p, "prefill", resp)
+                        raw = await resp.read(MAX_ANSWER_BYTES)
+                    except aiohttp.ClientError as exc:
+                        raise LegFailure(p, "prefill", "reset", repr(exc)) from None
+                    finally:
+                        resp.close()
+            except TimeoutError:
+                if prefill_budget is None:
+                    raise
+                raise LegSilent(p, "prefill", prefill_budget) from None
             finally:
                 self._leg_end(p)
             try:
@@ -791,23 +905,39 @@ class ProxyServer:
         if handoff is not None:
             self.metrics.handoff.labels(engine).observe(handoff)
 
-    async def _sglang_prefill(self, p: Endpoint, sent: Sent, t: float) -> None:
-        """The rest of a prefill leg already on the wire: its status, then its body drained. The leg's
-        in-flight count is ended by the spawner (a task cancelled before its first step runs no code)."""
-        resp = await self._answer(p, "prefill", sent)
+    async def _sglang_prefill(
+        self, p: Endpoint, sent: Sent, t: float, progress: Progress, budget: float | None
+    ) -> None:
+        """The rest of a prefill leg already on the wire: its status, then its body drained, within
+        `budget` if given. The leg's in-flight count is ended by the spawner (a task cancelled before
+        its first step runs no code)."""
         try:
-            await self._check_status(p, "prefill", resp)
-            # Drain: the prefill answers once its KV was pushed; its body is not used.
-            async for _ in resp.content.iter_any():
-                pass
-        except aiohttp.ClientError as exc:
-            raise LegFailure(p, "prefill", "reset", repr(exc)) from None
-        finally:
-            resp.close()
+            with Deadline(self.loop, budget):
+                resp = await self._answer(p, "prefill", sent)
+                try:
+                    await self._check_status(p, "prefill", resp)
+                    # Drain: the prefill answers once its KV was pushed; its body is not used.
+                    async for _ in resp.content.iter_any():
+                        pass
+                except aiohttp.ClientError as exc:
+                    raise LegFailure(p, "prefill", "reset", repr(exc)) from None
+                finally:
+                    resp.close()
+        except TimeoutError:
+            if budget is None:
+                raise
+            raise LegSilent(p, "prefill", budget) from None
+        progress.prefill_answered = True
         self._prefill_ok(p, "sglang", self.clock() - t)
 
     async def _open_sglang(
-        self, d: Decision, body: dict[str, Any], path: str, headers: dict[str, str]
+        self,
+        d: Decision,
+        body: dict[str, Any],
+        path: str,
+        headers: dict[str, str],
+        progress: Progress,
+        prefill_budget: float | None,
     ) -> Opened:
         p = d.prefill
         payload_obj = body
@@ -841,7 +971,7 @@ class ProxyServer:
             raise
         p_task: asyncio.Task[Any] | None = None
         if p is not None and p_sent is not None:
-            p_task = self._spawn(self._sglang_prefill(p, p_sent, t))
+            p_task = self._spawn(self._sglang_prefill(p, p_sent, t, progress, prefill_budget))
             prefill = p
             p_task.add_done_callback(lambda _: self._leg_end(prefill))
         # The decode head is awaited in this task (no second task and no asyncio.wait on the hot path);
@@ -902,6 +1032,12 @@ class ProxyServer:
                 return
         _drop_prefill(task, opened.prefill_sent)
 
+    def _request_timed_out(self) -> ProxyError:
+        return ProxyError(
+            504,
+            f"request timeout of {self.config.request_timeout_s}s reached while the answer was being relayed",
+        )
+
     async def _relay(
         self,
         request: Request,
@@ -917,15 +1053,19 @@ class ProxyServer:
         aborted = True  # until the relay ends normally, any exit aborts the legs
         try:
             remaining = None if deadline is None else max(0.0, deadline - self.clock())
+            resp.watch(self.config.stream_idle_timeout_s)
             if not stream:
                 try:
                     with Deadline(self.loop, remaining):
-                        rest = await resp.read()
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                        rest = await resp.read(MAX_ANSWER_BYTES)
+                except aiohttp.ClientError as exc:  # the engine's fault (its idle timeout included)
                     self.metrics.errors.labels(d.decode.key, "decode", "reset").inc()
                     self._outcome(d.decode, ok=False)
                     status = 504 if isinstance(exc, TimeoutError) else 502
                     return error_response(ProxyError(status, f"decode failed mid-response: {exc!r}"), rid)
+                except TimeoutError:  # the client's own budget: no mark against the engine
+                    self.metrics.request_timeouts.labels("mid_response").inc()
+                    return error_response(self._request_timed_out(), rid)
                 headers = {
                     "Content-Type": resp.headers.get("Content-Type", "application/json"),
                     "X-Request-Id": rid,
@@ -949,25 +1089,34 @@ class ProxyServer:
                 except ConnectionError:
                     raise _ClientGone from None
                 self.metrics.ttft.labels(path, d.mode).observe(self.clock() - t0)
+                last = opened.first
                 with Deadline(self.loop, remaining):
                     async for chunk in resp.content.iter_any():  # upstream failures raise here ...
                         try:
                             await out.write(chunk)
                         except ConnectionError:  # ... client failures here (kept apart for blame)
                             raise _ClientGone from None
+                        last = chunk
                 ok, aborted = True, False
             except _ClientGone:
                 self.metrics.disconnects.inc()
                 return out
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Bytes were already streamed: no retry; end the stream with an explicit error event.
-                self.metrics.errors.labels(d.decode.key, "decode", "mid_stream").inc()
-                self._outcome(d.decode, ok=False)
-                err = ProxyError(
-                    504 if isinstance(exc, TimeoutError) else 502, f"decode stream interrupted: {exc!r}"
-                )
+                if isinstance(exc, aiohttp.ClientError):  # the engine's fault (its idle timeout included)
+                    self.metrics.errors.labels(d.decode.key, "decode", "mid_stream").inc()
+                    self._outcome(d.decode, ok=False)
+                    err = ProxyError(
+                        504 if isinstance(exc, TimeoutError) else 502, f"decode stream interrupted: {exc!r}"
+                    )
+                else:  # the client's own budget: no mark against the engine
+                    self.metrics.request_timeouts.labels("mid_response").inc()
+                    err = self._request_timed_out()
+                # An engine cut off inside an event: close that event first, or the error event would
+                # be glued to its half and no client could parse it.
+                tail = b"" if last.endswith((b"\n\n", b"\r\n\r\n")) else b"\n\n"
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    await out.write(sse_error(err))
+                    await out.write(tail + sse_error(err))
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await out.write_eof()
             return out
@@ -980,4 +1129,10 @@ class ProxyServer:
                 self._leg_end(ep)
             if ok:
                 self._outcome(d.decode, ok=True)
-            await self._finish_background(opened, abort=aborted)
+            task = opened.background
+            if not aborted and task is not None and not task.done():
+                # The answer is complete: send it now, and let the SGLang prefill leg finish (bounded)
+                # on its own instead of holding the response until it does.
+                self._spawn(self._finish_background(opened, abort=False))
+            else:
+                await self._finish_background(opened, abort=aborted)

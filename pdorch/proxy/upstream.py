@@ -42,6 +42,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.last_rx = loop.time()  # when bytes last arrived (read by the pool's silence watchdog)
         self._reset()
 
     def _reset(self) -> None:
@@ -60,6 +61,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # pragma: no cover - engines never upgrade
@@ -78,7 +80,8 @@ class _Connection(asyncio.Protocol):
 
     def _close_delimited(self) -> bool:
         """The headers are in and announce neither a length nor chunked encoding."""
-        if not self.head.done() or self.head.exception() is not None:
+        # A head future cancelled with its waiter (a deadline, a client gone) has no exception to ask.
+        if not self.head.done() or self.head.cancelled() or self.head.exception() is not None:
             return False
         te = (self.headers.get("transfer-encoding") or "").lower()
         return "content-length" not in self.headers and "chunked" not in te
@@ -172,12 +175,24 @@ class UpstreamResponse:
         while chunk := await self.readany():
             yield chunk
 
-    async def read(self) -> bytes:
-        """The rest of the body."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The rest of the body; past `limit` bytes the connection is dropped and
+        `ClientPayloadError` raised (an engine answer must not exhaust the proxy's memory)."""
         parts = []
+        size = 0
         while chunk := await self.readany():
+            size += len(chunk)
+            if limit is not None and size > limit:
+                self._conn.abort()
+                raise aiohttp.ClientPayloadError(f"engine response body larger than {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
+
+    def watch(self, silence_s: float | None) -> None:
+        """Fail this response if the engine then sends nothing for `silence_s` seconds (checked by
+        `UpstreamPool.expire_silent`; costs one clock read per arrival, no timer per chunk)."""
+        if silence_s is not None:
+            self._conn.pool.watched[self._conn] = silence_s
 
     def close(self) -> None:
         """Done with the response: a fully read one gives its connection back to the pool (as
@@ -190,6 +205,7 @@ class UpstreamResponse:
             return
         self._finished = True
         conn = self._conn
+        conn.pool.watched.pop(conn, None)
         if conn.keep_alive():
             conn.pool.put_back(conn)
         else:
@@ -237,6 +253,15 @@ class UpstreamPool:
         self.max_idle = max_idle
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, bytes]] = {}
+        self.watched: dict[_Connection, float] = {}  # responses being relayed -> allowed silence
+
+    def expire_silent(self, now: float) -> int:
+        """Fail every watched response whose engine has been silent past its limit; returns how many."""
+        expired = [(c, limit) for c, limit in self.watched.items() if now - c.last_rx > limit]
+        for conn, limit in expired:
+            del self.watched[conn]
+            conn._fail(UpstreamTimeout(f"no data from the engine for {limit:g}s in the middle of its answer"))
+        return len(expired)
 
     def _target(self, base: str) -> tuple[str, int, bytes]:
         t = self._targets.get(base)

@@ -66,6 +66,20 @@ def _is_num(v: Any) -> bool:
 MAX_N = 128
 """Most choices per request (the OpenAI API's own limit for ``n``)."""
 
+MAX_SEQUENCES = 4096
+"""Most sequences (prompts x n) per SGLang request: the proxy mints one bootstrap room for each."""
+
+
+def check_sglang_fanout(sequences: int) -> None:
+    """Refuse an SGLang request whose prompts x n would need too many bootstrap rooms: 100k one-letter
+    prompts with n=128 (a 0.5 MB body) once built 12.8M rooms on the event loop (GBs, seconds)."""
+    if sequences > MAX_SEQUENCES:
+        raise _bad(
+            f"this request fans out to {sequences} sequences (prompts x n), more than the {MAX_SEQUENCES} "
+            "one SGLang P/D request may carry; split the prompt list into smaller requests",
+            "prompt",
+        )
+
 
 def _int_field(body: dict[str, Any], name: str, minimum: int, maximum: int | None = None) -> None:
     v = body.get(name)

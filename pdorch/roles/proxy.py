@@ -86,8 +86,9 @@ def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
+        # Readiness follows the engines (/health: a usable pair exists); liveness only the process.
         "livenessProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
+            "httpGet": {"path": "/livez", "port": "http"},
             "periodSeconds": 10,
             "failureThreshold": 6,
         },

@@ -80,10 +80,11 @@ async def stack(
     sim_config: SimConfig = FAST,
     extra_prefill: tuple[str, ...] = (),
     decode: tuple[str, ...] | None = None,
+    extra_decode: tuple[str, ...] = (),
     prefill: tuple[str, ...] | None = None,
     **proxy: Any,
 ) -> AsyncIterator[Stack]:
-    """Start sims and a proxy; ``extra_prefill`` adds (broken) prefill URLs before the real one."""
+    """Start sims and a proxy; ``extra_prefill``/``extra_decode`` add (broken) URLs before the real one."""
     cfg = replace(sim_config, protocol=protocol)  # type: ignore[arg-type]
     if protocol == "vllm":
         sim = SimServer(cfg, host="127.0.0.1", ports=[0, 0])
@@ -99,7 +100,7 @@ async def stack(
         host="127.0.0.1",
         port=0,
         prefill=prefill or (*extra_prefill, real_prefill),
-        decode=decode or (sim.url(1),),
+        decode=decode or (*extra_decode, sim.url(1)),
         **{"health_interval_s": 60.0, **proxy},  # by default tests drive breakers through traffic
     )
     px = ProxyServer(pc, StaticDiscovery(static_endpoints(pc.prefill, pc.decode, pc.bootstrap_port)))
@@ -273,6 +274,20 @@ async def test_bad_requests_get_json_4xx_naming_the_field(
             assert param.split("[")[0] in err["message"]
         p_text = await text_of(http, s.prefill_url)
         assert sample(p_text, "vllm:prompt_tokens_total") == 0  # nothing reached an engine
+
+
+async def test_sglang_request_fanning_out_past_the_room_limit_is_a_400(http: aiohttp.ClientSession) -> None:
+    """100k one-letter prompts with n=128: half a megabyte that would need 12.8M bootstrap rooms."""
+    async with stack("sglang") as s:
+        body = {"model": MODEL, "prompt": ["x"] * 100_000, "n": 128, "max_tokens": 1}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 400
+            err = (await r.json())["error"]
+        assert err["param"] == "prompt" and "split the prompt list" in err["message"]
+        async with http.get(s.url + "/health") as r:
+            assert r.status == 200
+        d_text = await text_of(http, s.decode_url)
+        assert sample(d_text, "sglang:num_requests_total") in (None, 0)  # nothing reached an engine
 
 
 @pytest.mark.parametrize("protocol", ["vllm", "sglang"])
@@ -618,7 +633,7 @@ async def test_expect_continue_behind_a_streaming_answer_waits_for_it_to_end() -
     assert out.find(b"HTTP/1.1 100 Continue") > end_of_stream, out[end_of_stream - 100 :]
 
 
-@pytest.mark.parametrize(("leg", "stream"), [("decode", False), ("decode", True), ("prefill", True)])
+@pytest.mark.parametrize(("leg", "stream"), [("decode", True), ("prefill", True), ("prefill", False)])
 async def test_hanging_engine_gets_504(http: aiohttp.ClientSession, leg: str, stream: bool) -> None:
     async with hanging_server() as hang:
         where: dict[str, Any] = {"decode": (hang,)} if leg == "decode" else {"prefill": (hang,)}
@@ -631,6 +646,31 @@ async def test_hanging_engine_gets_504(http: aiohttp.ClientSession, leg: str, st
             text = await text_of(http, s.url)
             labels = {"endpoint": hang, "role": leg, "reason": "first_byte_timeout"}
             assert sample(text, "pdorch_proxy_endpoint_errors_total", labels) == 1
+
+
+async def test_a_non_streamed_answer_is_bounded_by_the_request_timeout_not_the_first_byte_one(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A non-streamed answer's first byte is its last: a generation longer than the first-byte
+    timeout is served, and a decode silent past the request timeout gets a 504 that is the
+    client's budget, not a mark against the engine (five of those used to open its breaker)."""
+    slow = replace(FAST, time_scale=1.0)  # ~10 ms per decode step
+    async with stack("vllm", sim_config=slow, first_byte_timeout_s=0.3) as s:
+        body = {"model": MODEL, "prompt": "a long answer please", "max_tokens": 80, "stream": False}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["usage"]["completion_tokens"] == 80
+    async with hanging_server() as hang:
+        async with stack("vllm", decode=(hang,), request_timeout_s=0.5, health_timeout_s=0.3) as s:
+            for _ in range(6):
+                body = {"model": MODEL, "prompt": "anyone there?", "max_tokens": 3}
+                async with http.post(s.url + "/v1/completions", json=body) as r:
+                    assert r.status == 504
+                    assert "request timeout" in (await r.json())["error"]["message"]
+            text = await text_of(http, s.url)
+            assert sample(text, "pdorch_proxy_endpoint_errors_total", {"endpoint": hang}) in (None, 0)
+            assert sample(text, "pdorch_proxy_request_timeouts_total", {"phase": "before_first_byte"}) == 6
+            assert sample(text, "pdorch_proxy_breaker_state", {"endpoint": hang}) in (None, 0)
 
 
 async def test_health_reports_missing_pairs(http: aiohttp.ClientSession) -> None:

@@ -10,7 +10,7 @@ import pytest
 from pdorch.proxy.config import ProxyConfig
 from pdorch.proxy.discovery import StaticDiscovery, static_endpoints
 from pdorch.proxy.policies import Decision
-from pdorch.proxy.server import LegFailure, ProxyServer
+from pdorch.proxy.server import LegFailure, Progress, ProxyServer
 
 pytestmark = pytest.mark.compat
 
@@ -57,7 +57,8 @@ async def test_prefill_leg_uncounted_when_its_task_never_starts() -> None:
         decision = px._route(body, "completion", frozenset())
         assert isinstance(decision, Decision) and decision.prefill is not None
         with pytest.raises(LegFailure) as failed:
-            await px._open_sglang(decision, body, "/v1/completions", {})
+            progress = Progress(decision.decode, "decode")
+            await px._open_sglang(decision, body, "/v1/completions", {}, progress, None)
         assert failed.value.leg == "decode"
         for _ in range(5):
             await asyncio.sleep(0.01)

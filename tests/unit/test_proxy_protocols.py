@@ -130,6 +130,8 @@ def test_sglang_batches_get_one_room_per_sequence() -> None:
     assert sglang_batch_size({"prompt": ["a", "b"], "n": 2}, "completion") == 4
     assert sglang_batch_size({"prompt": [1, 2], "n": 2}, "completion") == 2
     assert sglang_batch_size({"prompt": ["a", "b"], "n": True}, "completion") == 2
+    # `n: 2.0` is two samples to the engine (lax integers), so two rooms.
+    assert sglang_batch_size({"prompt": "x", "n": 2.0}, "completion") == 2
     out = sglang_body({"prompt": ["a", "b"]}, "h", 9, [5, 6])
     assert (
         out["bootstrap_host"] == ["h", "h"]
@@ -158,3 +160,13 @@ def test_every_sglang_sequence_gets_a_distinct_room(prompts: int, n: int) -> Non
     expanded = [sent + i for i in range(prompts * n)] if isinstance(sent, int) else sent * n
     per_sequence = expanded[: prompts * n]
     assert len(set(per_sequence)) == prompts * n
+
+
+def test_sglang_fanout_past_the_room_limit_is_a_400_naming_the_prompt() -> None:
+    from pdorch.proxy.errors import ProxyError
+    from pdorch.proxy.validation import MAX_SEQUENCES, check_sglang_fanout
+
+    check_sglang_fanout(MAX_SEQUENCES)
+    with pytest.raises(ProxyError) as err:
+        check_sglang_fanout(sglang_batch_size({"prompt": ["x"] * 100_000, "n": 128}, "completion") or 1)
+    assert err.value.status == 400 and "12800000 sequences" in str(err.value)

@@ -262,6 +262,7 @@ def test_builtin_proxy_pod() -> None:
         {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
     ]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"  # never restarted for the engines' state
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] is True
     assert sc["allowPrivilegeEscalation"] is False
