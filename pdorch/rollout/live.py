@@ -160,7 +160,22 @@ def observe(role: LiveRole, update_revision: str) -> RoleObservation:
         partition=partition,
         surge=replicas - role.desired,
         old_revisions=_old_revisions(groups, partition),
+        abandoned=_abandoned(groups, partition, update_revision),
     )
+
+
+def _abandoned(groups: dict[int, GroupState], partition: int, update_revision: str) -> int:
+    """How many of the top old groups never became ready on a revision that is neither the base
+    (index 0's) nor the update one: surge groups of a rollout a rollback or a newer spec replaced.
+    A group of the base revision that is not ready (a crash) is waited for as before."""
+    base = groups[0].revision if 0 in groups else ""
+    n = 0
+    for i in range(partition - 1, 0, -1):
+        g = groups.get(i)
+        if g is None or g.ready or not g.revision or g.revision in (base, update_revision):
+            break
+        n += 1
+    return n
 
 
 def _old_revisions(groups: dict[int, GroupState], partition: int) -> tuple[tuple[str, int], ...]:

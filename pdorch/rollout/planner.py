@@ -101,8 +101,16 @@ def _options(role: RoleObservation, spec: RolloutSpec) -> list[_Option]:
         m = k_now - old
         if t_now - m < floor and m > 0:
             break  # recreating more old groups would dip below the floor
-        # T' >= K keeps scale-downs from deleting old groups; T' >= floor + m keeps capacity.
-        t_lo = max(k_now, floor + m, old)
+        if t_now > k_now:
+            # New groups exist above K: T' >= K keeps them (a lower T' would delete them), and
+            # T' >= floor + m keeps capacity.
+            t_lo = max(k_now, floor + m, old)
+        else:
+            # No new group yet (the rollout's start): a T' below K deletes old groups only, which
+            # is how a spec that scales down in the same apply gets there (requiring T' >= K
+            # refused every such change). Capacity is the `old` groups kept, checked above; T'
+            # stays at the desired count at least, so only a scale-down shrinks.
+            t_lo = max(old, min(k_now, desired))
         # Above desired + surge (a scale-down arrived mid-rollout) the total may only shrink, and it
         # shrinks on the old side first: lowering partition and replicas together by m removes m
         # old groups from the count while the new cohort keeps its size.
@@ -172,6 +180,19 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
     hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
     if spec.paused:
         return Decision("paused", hold, "rollout paused")
+    stuck = [r for r in roles if r.abandoned]
+    if stuck:
+        # They serve nothing, so recreating them on the current template costs no capacity and no
+        # pairing; waiting for them (the rule below) would wait forever.
+        actions = dict(hold)
+        for r in stuck:
+            actions[r.name] = RoleAction(r.replicas, r.partition - r.abandoned)
+        what = ", ".join(f"{r.abandoned} of {r.name}" for r in stuck)
+        return Decision(
+            "step",
+            actions,
+            f"recreate never-ready groups of an abandoned revision ({what}) on the current template",
+        )
     if not all(r.all_ready for r in roles):
         waiting = ", ".join(r.name for r in roles if not r.all_ready)
         return Decision("wait", hold, f"waiting for readiness of {waiting}")

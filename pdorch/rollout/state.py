@@ -47,6 +47,10 @@ class RoleObservation:
     # The old groups by revision, from index 0 up: ((revision, count), ...). More than one revision
     # when a new spec arrived mid-rollout (older runs sit below newer ones). Empty: one old revision.
     old_revisions: tuple[tuple[str, int], ...] = ()
+    # The top old groups (just below the partition) that never became ready and run neither the
+    # base old revision nor the update one: a rollout abandoned by a rollback or a newer spec left
+    # them (its surge groups, at the top). Waiting for them would wait forever.
+    abandoned: int = 0
 
     @property
     def replicas(self) -> int:

@@ -237,3 +237,49 @@ def test_observe_clamps_a_partition_above_hand_scaled_replicas() -> None:
     role = live.LiveRole("decode", "decode", 4, _lws(1, 3, NEW), live.group_states([_pod(0, OLD)], 1))
     obs = live.observe(role, NEW)
     assert (obs.partition, obs.old_total, obs.new_total, obs.old_ready) == (1, 1, 0, 1)
+
+
+@pytest.mark.parametrize("target", [OLD, "cccccccccc"], ids=["rollback", "fix-forward"])
+def test_never_ready_groups_of_an_abandoned_revision_are_recreated_not_waited_for(target: str) -> None:
+    """A rollout to NEW (whose pods never schedule) added surge groups 4-5 and 2 on top; then a
+    rollback to OLD or a newer spec replaced it. Those groups are now old-side and will never be
+    ready: the planner recreates them on the current template instead of waiting forever (it used
+    to hold the group at reduced capacity with RolloutStalled)."""
+
+    def role(name: str, desired: int, surge: int) -> live.LiveRole:
+        n = desired + surge
+        groups = tuple(live.GroupState(i, OLD if i < desired else NEW, i < desired) for i in range(n))
+        return live.LiveRole(name, name, desired, _lws(n, n, target), groups)
+
+    roles = [role("prefill", 4, 2), role("decode", 2, 1)]
+    plan = live.plan(roles, target, RolloutSpec(2, 1, None, "25%", "25%"))
+    assert plan.decision is not None and plan.decision.kind == "step", plan.decision
+    assert plan.actions == {"prefill": (6, 4), "decode": (3, 2)}  # partitions drop below them
+    assert [o.abandoned for o in plan.observations] == [2, 1]
+    # Recreated on the current template, they are new groups the plan waits for as usual.
+    recreated = [
+        live.LiveRole(
+            r.name,
+            r.type,
+            r.desired,
+            _lws(r.desired + s, r.desired, target),
+            tuple(
+                live.GroupState(i, OLD if i < r.desired else target, i < r.desired)
+                for i in range(r.desired + s)
+            ),
+        )
+        for r, s in zip(roles, (2, 1), strict=True)
+    ]
+    after = live.plan(recreated, target, RolloutSpec(2, 1, None, "25%", "25%"))
+    assert after.decision is not None and after.decision.kind == "wait"
+
+
+def test_an_unready_group_of_the_base_revision_is_waited_for() -> None:
+    """A crashed old group (the revision everything else runs) is not abandoned: waited for."""
+    groups = tuple(live.GroupState(i, OLD, i != 3) for i in range(4))
+    prefill = live.LiveRole("prefill", "prefill", 4, _lws(4, 4, NEW), groups)
+    decode = _ready_role("decode", "decode", 2, OLD)
+    decode = live.LiveRole("decode", "decode", 2, _lws(2, 2, NEW), decode.groups)
+    plan = live.plan([prefill, decode], NEW, RolloutSpec(2, 1, None, "25%", "25%"))
+    assert plan.decision is not None and plan.decision.kind == "wait"
+    assert [o.abandoned for o in plan.observations] == [0, 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from fractions import Fraction
@@ -506,3 +507,39 @@ def test_two_prefill_and_two_decode_roles_of_sixty_plan_and_finish() -> None:
     snaps = simulate(spec, start, lambda *_: 0, max_ticks=200)
     _check_invariants(spec, snaps)
     assert snaps[-1].decision.kind == "done", snaps[-1].decision
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode", "budgets"),
+    [
+        ((4, 6), (2, 3), ("25%", "25%")),  # scale down and change the template in one apply
+        ((4, 8), (2, 4), ("25%", "25%")),
+        ((2, 4), (1, 2), ("50%", "50%")),
+        ((6, 4), (3, 2), ("25%", "25%")),  # scale up likewise
+        ((4, 6), (2, 2), (1, 1)),  # the old cohort starts off the ratio the new spec declares
+    ],
+)
+def test_a_template_change_applied_with_a_new_replica_count_finishes_at_that_count(
+    prefill: tuple[int, int], decode: tuple[int, int], budgets: tuple[int | str, int | str]
+) -> None:
+    """(desired, current) per role, all old. Every step keeps the new desired capacity (less the
+    unavailable budget) once it is reached and never deletes a new group; the plan ends at the
+    desired counts. Requiring T' >= partition refused every scale-down applied with a template."""
+    from pdorch.rollout.state import RoleObservation
+
+    def role(name: str, desired: int, current: int) -> RoleObservation:
+        return RoleObservation(name, name, desired, current, 0, current, 0, current, current - desired)
+
+    start = [role("prefill", *prefill), role("decode", *decode)]
+    spec = RolloutSpec(2, 1, None, *budgets)
+    spec = replace(spec, tolerance=auto_tolerance(start, spec))
+    snaps = simulate(spec, start, lambda *_: 1, max_ticks=200)
+    assert snaps[-1].decision.kind == "done", snaps[-1].decision
+    assert [(r.old_total, r.new_total) for r in snaps[-1].roles] == [(0, prefill[0]), (0, decode[0])]
+    for before, after in itertools.pairwise(snaps):
+        for b, a in zip(before.roles, after.roles, strict=True):
+            unavailable = resolve_int_or_percent(budgets[1], b.desired, round_up=False)
+            floor = min(b.desired, b.old_total + b.new_total) - unavailable
+            if after.decision.reason != "remove surge groups":
+                assert a.new_total >= b.new_total, (before, after)  # no new group deleted
+            assert a.old_ready + a.new_ready >= min(floor, b.old_ready + b.new_ready), (before, after)
