@@ -400,3 +400,84 @@ def test_size_and_restart_policy_changes_roll_out_through_the_planner(
         lambda: (ps := prefill_pods()) and len(ps) == 2 * replicas and ps, 60, "two pods per group"
     )
     assert {p.metadata.labels["pdorch.io/revision"] for p in pods} == {second}
+
+
+def _sized(name: str, prefill: int, decode: int) -> dict[str, Any]:
+    doc = example(name)
+    for role in doc["spec"]["roles"]:
+        if role["type"] == "prefill":
+            role["replicas"] = prefill
+        elif role["type"] == "decode":
+            role["replicas"] = decode
+    doc["spec"]["rolloutStrategy"] = {"maxSurge": "25%", "maxUnavailable": "25%"}
+    return doc
+
+
+def _settled(kube: Client, namespace: str, name: str, want: dict[str, int]) -> bool:
+    """Every KV LWS at its desired replicas, partition 0, and all groups ready."""
+    got = {}
+    for lws_name, o in _kv_lws(kube, namespace, name).items():
+        replicas, partition = lws_replicas_partition(o)
+        ready = (o.get("status") or {}).get("readyReplicas", 0)
+        got[lws_name] = (replicas, partition, ready)
+    return got == {f"{name}-{role}": (n, 0, n) for role, n in want.items()}
+
+
+def test_a_rollout_that_never_becomes_ready_is_escaped_by_a_rollback(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """The new revision's pods fit no node, so its surge groups never become ready. After
+    `pdorch rollback` they are old-side groups of an abandoned revision: the planner recreates them
+    on the restored template instead of waiting for them forever (the group used to stay at
+    reduced capacity with RolloutStalled until someone deleted the Pending pods)."""
+    kube.create(SG.from_dict(_sized("esc", 4, 2)), namespace=namespace)
+    first = wait_available(kube, namespace, "esc").status["updateRevision"]
+
+    def unschedulable(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] in ("prefill", "decode"):
+                role["workerTemplate"]["spec"]["nodeSelector"] = {"pdorch.io/test": "no-such-node"}
+
+    update_spec(kube, namespace, "esc", unschedulable)
+    _new_revision(kube, namespace, "esc", first)
+    # The first step surges or recreates groups on the broken revision; wait until it did.
+    wait_for(
+        lambda: any(
+            lws_replicas_partition(o)[1] < lws_replicas_partition(o)[0]
+            for o in _kv_lws(kube, namespace, "esc").values()
+        ),
+        60,
+        "a group moved to the broken revision",
+    )
+    cli = [sys.executable, "-m", "pdorch.cli", "rollback", "esc", "-n", namespace]
+    done = subprocess.run(
+        [*cli, "--kubeconfig", devcluster.kubeconfig], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: _on(kube, namespace, "esc", first), 120, "rollback finished on the first revision")
+    wait_for(lambda: _settled(kube, namespace, "esc", {"prefill": 4, "decode": 2}), 60, "4/2 groups ready")
+
+
+def test_a_template_change_applied_with_a_scale_down_finishes_at_the_new_count(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """One apply that scales 6P/3D down to 4P/2D and changes the image (GitOps does this): it used
+    to stall with CannotProgress and leave 6/3 groups."""
+    kube.create(SG.from_dict(_sized("shrink", 6, 3)), namespace=namespace)
+    first = wait_available(kube, namespace, "shrink").status["updateRevision"]
+
+    def smaller_and_new(spec: dict[str, Any]) -> None:
+        set_engine_image("pdorch/sim:v2")(spec)
+        for role in spec["roles"]:
+            if role["type"] in ("prefill", "decode"):
+                role["replicas"] = {"prefill": 4, "decode": 2}[role["type"]]
+
+    update_spec(kube, namespace, "shrink", smaller_and_new)
+    second = _new_revision(kube, namespace, "shrink", first)
+    wait_for(lambda: _on(kube, namespace, "shrink", second), 120, "rollout to the second revision")
+    wait_for(lambda: _settled(kube, namespace, "shrink", {"prefill": 4, "decode": 2}), 60, "4/2 groups ready")
+    images = {
+        o["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["image"]
+        for o in _kv_lws(kube, namespace, "shrink").values()
+    }
+    assert images == {"pdorch/sim:v2"}
