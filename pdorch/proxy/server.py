@@ -693,8 +693,11 @@ class ProxyServer:
                 # whole open. A non-streamed answer's first byte is its last, so there only the prefill
                 # leg gets that budget (inside `_open`) and the decode leg the request's remaining time.
                 with Deadline(self.loop, budget if stream else left):
+                    # When the request's own deadline is the nearer one, it alone applies (a prefill
+                    # that outlives the client's budget is not charged for it).
+                    own = not stream and budget >= self.config.first_byte_timeout_s
                     opened = await self._open(
-                        decision, body, path, headers, progress, None if stream else budget
+                        decision, body, path, headers, progress, budget if own else None
                     )
                 break
             except LegFailure as f:
