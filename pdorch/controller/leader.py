@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import socket
 import time
+import uuid
 from typing import Any
 
 from prometheus_client import Gauge
@@ -22,6 +24,12 @@ from pdorch.controller.kubeapi import LEASE, ApiError, KubeApi, NotLeader, Resou
 log = logging.getLogger(__name__)
 
 IS_LEADER = Gauge("leader_election_master_status", "1 if this replica leads, else 0.", ["name"])
+
+
+def default_identity() -> str:
+    """A candidate's identity when none is given: the host name plus a random suffix (two
+    processes on one host must not share one)."""
+    return f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
 def _now() -> str:

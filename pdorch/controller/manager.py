@@ -13,8 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +24,7 @@ from pdorch.cli_errors import CliError
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.informer import Informer, key_of
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi, NotLeader, Resource
-from pdorch.controller.leader import LeaseElector
+from pdorch.controller.leader import LeaseElector, default_identity
 from pdorch.controller.reconciler import CHILD_KINDS, Caches, Reconciler
 from pdorch.controller.workqueue import ShutDown, WorkQueue
 from pdorch.roles.labels import LABEL_GROUP, LABEL_MANAGED_BY, MANAGED_BY
@@ -60,7 +58,7 @@ class Controller:
 
     def __init__(self, cfg: ControllerConfig, api: KubeApi | None = None) -> None:
         self.cfg = cfg
-        self.identity = cfg.identity or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+        self.identity = cfg.identity or default_identity()
         self.api = api or KubeApi.from_config(cfg.kubeconfig)
         ns = cfg.namespace
         self.groups = Informer(self.api, SERVING_GROUP, ns)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 
+from pdorch.controller.manager import LOST_LEASE_EXIT
 from pdorch.scaler.loop import ScalerConfig, run_scaler
 from pdorch.sim.latency import PRESETS
 
@@ -19,12 +22,21 @@ def _run(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics_addr,
         prometheus_url=args.prometheus_url,
         pod_startup_s=args.pod_startup,
+        leader_elect=args.leader_elect,
+        lease_namespace=args.lease_namespace,
+        lease_name=args.lease_name,
+        identity=args.identity or os.environ.get("POD_NAME", ""),
     )
     if cfg.interval_s <= 0:
         raise SystemExit("--interval must be > 0 seconds")
     if cfg.pod_startup_s < 0:
         raise SystemExit("--pod-startup must be >= 0 seconds")
-    return asyncio.run(run_scaler(cfg))
+    code = asyncio.run(run_scaler(cfg))
+    if code == LOST_LEASE_EXIT:
+        # As the controller does: another replica decides now; restart as a standby at once.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -63,4 +75,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--prometheus-url", help="read engine metrics from this Prometheus instead of scraping pods"
     )
+    p.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=d.leader_elect,
+        help="hold a Lease before deciding, so several replicas can run with one acting (default off)",
+    )
+    p.add_argument("--lease-namespace", default=d.lease_namespace)
+    p.add_argument("--lease-name", default=d.lease_name)
+    p.add_argument("--identity", help="leader-election identity (default: POD_NAME or hostname + random)")
     p.set_defaults(func=_run)

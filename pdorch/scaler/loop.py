@@ -16,6 +16,7 @@ Every `interval_s`, for each ServingGroup role with `scaling.mode: Builtin`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pdorch.api.scaler import KIND as SCALER_KIND
 from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, ScalingMode, ServingGroup
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi
+from pdorch.controller.leader import LeaseElector, default_identity
 from pdorch.controller.status import now_rfc3339
 from pdorch.proxy.discovery import endpoints_from_pods
 from pdorch.proxy.endpoints import Endpoint
@@ -117,6 +119,11 @@ class ScalerConfig:
     # Seconds from a scale-up to a serving pod (image pull, weights, engine start): the forecast
     # sizes each role for the load of the next start-up + one interval.
     pod_startup_s: float = 60.0
+    # Several replicas may run (a standby takes over within a lease duration); one decides at a time.
+    leader_elect: bool = False
+    lease_namespace: str = "pdorch-system"
+    lease_name: str = "pdorch-scaler"
+    identity: str = ""
 
 
 @dataclass
@@ -600,8 +607,51 @@ async def run_scaler(cfg: ScalerConfig, stop: asyncio.Event | None = None) -> in
         loop.add_signal_handler(sig, stop.set)
     runner = await _serve_metrics(cfg.metrics_addr)
     try:
-        await BuiltinScaler(api, cfg, source).run(stop)
+        if not cfg.leader_elect:
+            await BuiltinScaler(api, cfg, source).run(stop)
+            return 0
+        return await _run_elected(api, cfg, source, stop)
     finally:
         await runner.cleanup()
         await api.close()
-    return 0
+
+
+async def _run_elected(api: KubeApi, cfg: ScalerConfig, source: MetricsSource, stop: asyncio.Event) -> int:
+    """Campaign for the scaler's Lease, decide only while holding it; 1 if it was lost (the process
+    exits and restarts as a standby: its in-memory drains and forecasts are the new leader's now)."""
+    identity = cfg.identity or default_identity()
+    elector = LeaseElector(api, cfg.lease_namespace, cfg.lease_name, identity)
+    # A replica that stopped renewing must not write /scale or drain marks the new leader owns.
+    api.write_guard = elector.guard_writes
+    elector_task = asyncio.create_task(elector.run(), name="scaler-leader-election")
+    try:
+        waits = {asyncio.create_task(stop.wait()), asyncio.create_task(elector.is_leader.wait())}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if stop.is_set():
+            return 0
+        log.info("scaler %s leads: deciding", identity)
+        decide_until = asyncio.Event()
+        relay = [
+            asyncio.create_task(_set_when(stop, decide_until)),
+            asyncio.create_task(_set_when(elector.lost, decide_until)),
+        ]
+        try:
+            await BuiltinScaler(api, cfg, source).run(decide_until)
+        finally:
+            for t in relay:
+                t.cancel()
+        if elector.lost.is_set():
+            return 1
+        await elector.release()
+        return 0
+    finally:
+        elector_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await elector_task
+
+
+async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()

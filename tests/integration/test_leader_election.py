@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
+import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,7 @@ from lightkube.resources.coordination_v1 import Lease
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
+from tests.compat.helpers import free_port, sample, spawn, stop, wait_http_ok
 from tests.integration.test_controller import LWS, SG, example, lws_names, update_spec, wait_available
 
 pytestmark = pytest.mark.integration
@@ -102,3 +106,67 @@ def test_a_frozen_leader_wakes_up_fenced_and_exits(
         a.send(signal.SIGCONT)
         a.stop()
         b.stop()
+
+
+def _scaler(
+    devcluster: ClusterState, tmp_path: Path, namespace: str, lease: str, name: str
+) -> tuple[Any, str]:
+    """A `pdorch scaler --leader-elect` process and its /metrics URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pdorch.cli", "scaler", "--kubeconfig", devcluster.kubeconfig]
+    cmd += ["--namespace", namespace, "--interval", "1", "--metrics-addr", f"127.0.0.1:{port}"]
+    cmd += ["--leader-elect", "--lease-name", lease, "--identity", name]
+    proc = spawn(cmd, tmp_path / f"{name}.log")
+    url = f"http://127.0.0.1:{port}/metrics"
+    wait_http_ok(url, 30, proc, tmp_path / f"{name}.log")
+    return proc, url
+
+
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def _leads(url: str, lease: str) -> bool:
+    return sample(_metrics(url), "leader_election_master_status", {"name": lease}) == 1
+
+
+def _non_lease_requests(url: str) -> float:
+    text = _metrics(url)
+    return sample(text, "pdorch_kube_requests_total") - sample(
+        text, "pdorch_kube_requests_total", {"resource": "leases"}
+    )
+
+
+def test_scaler_replicas_elect_one_leader_and_a_standby_takes_over(
+    kube: Client, namespace: str, devcluster: ClusterState, tmp_path: Path, pdorch_crds: list[str]
+) -> None:
+    """Two `pdorch scaler --leader-elect` processes: only the Lease holder reads groups and decides
+    (the standby sends nothing but Lease reads); a SIGKILLed leader is replaced within the lease
+    duration, and a SIGTERMed one releases the Lease on its way out."""
+    lease = f"scaler-{uuid.uuid4().hex[:6]}"
+    a, a_url = _scaler(devcluster, tmp_path, namespace, lease, "sa")
+    b = None
+    try:
+        wait_for(lambda: _leads(a_url, lease), 30, "sa leads")
+        b, b_url = _scaler(devcluster, tmp_path, namespace, lease, "sb")
+        wait_for(lambda: _non_lease_requests(a_url) > 0, 15, "the leader deciding")
+        time.sleep(3)  # several of the standby's campaign rounds and the leader's ticks
+        assert not _leads(b_url, lease)
+        assert _non_lease_requests(b_url) == 0, "the standby must only campaign"
+        assert kube.get(Lease, lease, namespace="pdorch-system").spec.holderIdentity == "sa"
+
+        a.kill()  # SIGKILL: no release, the standby waits the lease out
+        a.wait(timeout=10)
+        killed = time.monotonic()
+        wait_for(lambda: _leads(b_url, lease), LEASE_DURATION + 15, "sb takes over")
+        assert time.monotonic() - killed <= LEASE_DURATION + 2 * 2.0 + 3
+        wait_for(lambda: _non_lease_requests(b_url) > 0, 15, "the new leader deciding")
+
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(timeout=20) == 0
+        assert kube.get(Lease, lease, namespace="pdorch-system").spec.holderIdentity in ("", None)
+    finally:
+        for p in (a, b):
+            if p is not None:
+                stop(p)

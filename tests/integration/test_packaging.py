@@ -87,8 +87,8 @@ def test_helm_chart_defaults_render_the_kustomize_base(helm: str, kubectl: str) 
     chart = helm_template(helm)
     assert differences(base, chart) == []
     # 2 CRDs, Namespace; controller: SA, ClusterRole(+Binding), Role(+Binding), Deployment, PDB;
-    # scaler: SA, ClusterRole(+Binding), Deployment.
-    assert len(base) == 14
+    # scaler: SA, ClusterRole(+Binding), Role(+Binding) for its Lease, Deployment.
+    assert len(base) == 16
 
 
 def test_the_top_level_kustomization_is_the_base(kubectl: str) -> None:
@@ -101,8 +101,9 @@ def test_the_comparison_sees_a_changed_value(helm: str, kubectl: str) -> None:
         "differs: ('apps/v1', 'Deployment', 'pdorch-system', 'pdorch-controller')"
     ]
     no_scaler = differences(base, helm_template(helm, "--set", "scaler.enabled=false"))
-    assert sorted(no_scaler) == sorted(f"only in first: {k}" for k in base if k[3] == "pdorch-scaler")
-    assert len(no_scaler) == 4
+    scaler_objects = ("pdorch-scaler", "pdorch-scaler-leader-election")
+    assert sorted(no_scaler) == sorted(f"only in first: {k}" for k in base if k[3] in scaler_objects)
+    assert len(no_scaler) == 6  # SA, ClusterRole(+Binding), Lease Role(+Binding), Deployment
     no_pdb = differences(base, helm_template(helm, "--set", "podDisruptionBudget.enabled=false"))
     assert no_pdb == [
         "only in first: ('policy/v1', 'PodDisruptionBudget', 'pdorch-system', 'pdorch-controller')"

@@ -80,6 +80,8 @@ SCALER_NEEDS: set[Rule] = {
     ("pods", "", "patch"),
     ("events.events.k8s.io", "", "create"),
 }
+# ... plus, in its own namespace only, its leader-election Lease.
+SCALER_NEEDS_OWN_NS: set[Rule] = {("leases.coordination.k8s.io", "", v) for v in ("get", "create", "update")}
 # The built-in proxy discovers its group's pods, in its own namespace, and nothing else.
 PROXY_NEEDS: set[Rule] = {("pods", "", v) for v in ("list", "watch")}
 
@@ -140,10 +142,10 @@ def test_scaler_rbac_is_exactly_what_it_needs(
     installed: subprocess.CompletedProcess[str],  # noqa: F811
     namespace: str,
 ) -> None:
-    for ns in (namespace, "pdorch-system"):
+    for ns, needs in ((namespace, SCALER_NEEDS), ("pdorch-system", SCALER_NEEDS | SCALER_NEEDS_OWN_NS)):
         got = can_i_list(devcluster, SCALER_SA, ns)
         baseline = can_i_list(devcluster, unbound_sa(ns), ns)
-        extra, missing = extra_and_missing(got, baseline, SCALER_NEEDS)
+        extra, missing = extra_and_missing(got, baseline, needs)
         assert not extra, f"scaler may do more than it needs in {ns}: {sorted(extra)}"
         assert not missing, f"scaler lacks rights it needs in {ns}: {sorted(missing)}"
 
