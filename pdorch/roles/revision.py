@@ -22,6 +22,23 @@ from pdorch.api.servinggroup import KV_ROLE_TYPES, Role, ServingGroupSpec
 
 REVISION_LENGTH = 10
 
+# What defines a revision, in wire names: these fields of every KV role (`_role_input`) and these
+# fields of the spec. `pdorch rollback` restores exactly these and keeps the rest of the live spec.
+REVISION_ROLE_FIELDS = (
+    "name",
+    "type",
+    "size",
+    "leaderTemplate",
+    "workerTemplate",
+    "port",
+    "bootstrapPort",
+    "restartPolicy",
+    "subGroupPolicy",
+    "volumeClaimTemplates",
+    "networkConfig",
+)
+REVISION_SPEC_FIELDS = ("engine",)
+
 
 def _role_input(role: Role) -> dict[str, Any]:
     data: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pdorch.api import scaler
@@ -13,6 +14,19 @@ from pdorch.roles.naming import scaler_name
 def needs_scaler(role: Role) -> bool:
     """Whether `role` gets a ServingRoleScaler (its scaling mode is External or Builtin)."""
     return role.scaling_mode in (ScalingMode.EXTERNAL, ScalingMode.BUILTIN)
+
+
+def scaler_replicas(role: Role, srs: Mapping[str, Any] | None) -> int | None:
+    """The replicas `role`'s ServingRoleScaler asks for, within minReplicas/maxReplicas (a
+    `kubectl scale` beyond them does not pass); None when the role has no scaler or it asks nothing
+    yet (roles[].replicas then applies). 0 is an answer, not "unset"."""
+    if not needs_scaler(role) or srs is None:
+        return None
+    replicas = (srs.get("spec") or {}).get("replicas")
+    if replicas is None:
+        return None
+    assert role.scaling is not None  # needs_scaler
+    return role.scaling.clamp(int(replicas))
 
 
 def render_scaler(ctx: RenderContext, role: Role) -> dict[str, Any]:

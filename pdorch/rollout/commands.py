@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pdorch.api.errors import SpecError, load_servinggroups
-from pdorch.api.servinggroup import RoleType, RolloutStrategy, ServingGroup
+from pdorch.api.servinggroup import KV_ROLE_TYPES, RoleType, RolloutStrategy, ServingGroup
+from pdorch.rollout import live
 from pdorch.rollout.planner import auto_tolerance, initial_state, simulate
 from pdorch.rollout.state import RoleObservation, RolloutSpec, Snapshot
 
@@ -29,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument(
         "--from-live",
         metavar="GROUP",
-        help="plan from a ServingGroup on the cluster, continuing a rollout in progress from its live state",
+        help="plan from a ServingGroup on the cluster with the controller's inputs (scaler replicas, "
+        "the rollout's starting tolerance), continuing a rollout in progress from its live state",
     )
     p.add_argument("-n", "--namespace", default="default", help="namespace of --from-live")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig for --from-live (default: $KUBECONFIG)")
@@ -137,21 +140,36 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             print(f"error: no role named {', '.join(sorted(unknown))} in {sg.name}", file=sys.stderr)
             return 1
-        roles = [
-            (r.name, r.type.value, overrides.get(r.name, r.replicas))
-            for r in sg.spec.roles
-            if r.type != RoleType.PROXY
-        ]
-        code = max(code, _print_plan(sg, initial_state(roles), args.delay))
+        desired = {r.name: overrides.get(r.name, r.replicas) for r in sg.spec.roles}
+        start = initial_state(
+            [(r.name, r.type.value, desired[r.name]) for r in sg.spec.roles if r.type != RoleType.PROXY]
+        )
+        spec, auto = planning_spec(sg, desired, start)
+        code = max(code, _print_plan(sg, spec, auto, start, args.delay))
     return code
 
 
-def _print_plan(sg: ServingGroup, initial: list[RoleObservation], delay: int) -> int:
-    """Simulate from `initial`, print the table and the outcome; 3 if it does not finish."""
-    spec = rollout_spec(sg)
+def planning_spec(
+    sg: ServingGroup, desired: dict[str, int], start: list[RoleObservation]
+) -> tuple[RolloutSpec, bool]:
+    """The RolloutSpec the controller plans with, and whether its tolerance is the automatic one.
+
+    As the controller: the ratio of the desired replicas (`desired`: the scalers' where they set
+    one) unless spec.ratio is set, and an automatic tolerance computed once from the rollout's
+    start state `start` (`initial_state` of the desired replicas of the roles with an LWS, as
+    `live.plan` does), not from a state the rollout has since moved to.
+    """
+    spec = rollout_spec(sg, desired=desired)
     auto = spec.tolerance is None
     if auto:
-        spec = replace(spec, tolerance=auto_tolerance(initial, spec))
+        spec = replace(spec, tolerance=auto_tolerance(start, spec))
+    return spec, auto
+
+
+def _print_plan(
+    sg: ServingGroup, spec: RolloutSpec, auto: bool, initial: list[RoleObservation], delay: int
+) -> int:
+    """Simulate from `initial`, print the table and the outcome; 3 if it does not finish."""
     snaps = simulate(spec, initial, lambda _n, _i, _t: max(0, delay))
     print(
         f"# {sg.name}: ratio {spec.ratio_p}:{spec.ratio_d} tolerance {spec.tolerance:g}"
@@ -176,6 +194,32 @@ def _cluster(kubeconfig: str | None) -> tuple[Any, Any]:
     return client, create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
 
 
+@dataclass(frozen=True)
+class LivePlan:
+    """What `pdorch plan --from-live` simulates: from where (`initial`) and under which spec."""
+
+    rolling: bool
+    initial: list[RoleObservation]
+    spec: RolloutSpec
+    auto: bool
+
+
+def live_plan(sg: ServingGroup, roles: Sequence[live.LiveRole], revision: str) -> LivePlan:
+    """The planning inputs of a live group, exactly as the controller builds them.
+
+    `roles` are the KV roles with the desired replicas the controller uses (the scalers' where
+    they set one, see `scaler_replicas`) and their live LWS. During a rollout the simulation
+    continues from the observed state, with the ratio and the automatic tolerance of the
+    rollout's start state (`live.plan`); otherwise it plans the next template change.
+    """
+    rolling = live.is_rolling(roles, revision)
+    basis = [r for r in roles if r.lws is not None] if rolling else list(roles)
+    start = initial_state([(r.name, r.type, r.desired) for r in basis])
+    spec, auto = planning_spec(sg, {r.name: r.desired for r in roles}, start)
+    initial = [live.observe(r, revision) for r in basis] if rolling else start
+    return LivePlan(rolling, initial, spec, auto)
+
+
 def _run_live(args: argparse.Namespace) -> int:
     """`pdorch plan --from-live`: the same simulation, starting from the group's live LWS and pods."""
     from lightkube import ApiError
@@ -185,7 +229,7 @@ def _run_live(args: argparse.Namespace) -> int:
     from pdorch.roles.labels import LABEL_GROUP, LABEL_ROLE
     from pdorch.roles.naming import lws_name, scaler_name
     from pdorch.roles.revision import compute_revision
-    from pdorch.rollout import live
+    from pdorch.roles.rolescaler import needs_scaler, scaler_replicas
 
     def res(group: str, version: str, kind: str, plural: str) -> Any:
         return create_namespaced_resource(group, version, kind, plural)
@@ -211,10 +255,9 @@ def _run_live(args: argparse.Namespace) -> int:
     revision = compute_revision(sg.spec)
     roles = []
     for r in sg.spec.roles:
-        if r.type == RoleType.PROXY:
+        if r.type not in KV_ROLE_TYPES:
             continue
-        srs = get(srs_res, scaler_name(name, r.name)) if r.scaling is not None else None
-        desired = int(((srs or {}).get("spec") or {}).get("replicas") or r.replicas)
+        scaled = scaler_replicas(r, get(srs_res, scaler_name(name, r.name)) if needs_scaler(r) else None)
         pods = [
             p.to_dict()
             for p in client.list(Pod, namespace=ns, labels={LABEL_GROUP: name, LABEL_ROLE: r.name})
@@ -223,18 +266,17 @@ def _run_live(args: argparse.Namespace) -> int:
             live.LiveRole(
                 r.name,
                 r.type.value,
-                desired,
+                r.replicas if scaled is None else scaled,
                 get(lws_res, lws_name(name, r.name)),
                 live.group_states(pods, r.size),
             )
         )
-    if live.is_rolling(roles, revision):
+    plan = live_plan(sg, roles, revision)
+    if plan.rolling:
         print(f"# rollout to {revision} in progress: planning from the live state")
-        initial = [live.observe(r, revision) for r in roles if r.lws is not None]
     else:
         print(f"# no rollout in progress ({revision} everywhere): the plan for the next template change")
-        initial = initial_state([(r.name, r.type, r.desired) for r in roles])
-    return _print_plan(sg, initial, args.delay)
+    return _print_plan(sg, plan.spec, plan.auto, plan.initial, args.delay)
 
 
 def add_rollback_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -242,9 +284,12 @@ def add_rollback_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "rollback",
         help="put a ServingGroup back on an earlier revision (rolled out like any other change)",
-        description="Restore the spec of an earlier revision of a ServingGroup from its revision "
-        "history (ControllerRevisions the controller records). During a rollout the default target "
-        "is the revision the group ran before it; otherwise the newest earlier one.",
+        description="Restore an earlier revision of a ServingGroup from its revision history "
+        "(ControllerRevisions the controller records): the fields that define a revision (engine; "
+        "per prefill/decode/worker role its templates, size, ports and LWS policies, and the set of "
+        "those roles) come back, while replicas, scaling, the proxy role, ratio, rolloutStrategy and "
+        "router keep their live values. During a rollout the default target is the revision the group "
+        "ran before it; otherwise the newest earlier one.",
     )
     p.add_argument("group", help="ServingGroup name")
     p.add_argument("-n", "--namespace", default="default")
@@ -252,17 +297,31 @@ def add_rollback_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--kubeconfig", default=None, help="kubeconfig path (default: $KUBECONFIG or ~/.kube/config)"
     )
-    p.add_argument("--dry-run", action="store_true", help="print the target revision, change nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the target revision and the spec diff, change nothing"
+    )
     p.set_defaults(func=run_rollback)
 
 
+def spec_diff(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A unified diff of two specs as YAML with sorted keys (so only real changes show)."""
+    import difflib
+
+    import yaml
+
+    def lines(spec: dict[str, Any]) -> list[str]:
+        return yaml.safe_dump(spec, sort_keys=True, default_flow_style=False).splitlines(keepends=True)
+
+    return "".join(difflib.unified_diff(lines(before), lines(after), "spec (live)", "spec (rolled back)"))
+
+
 def run_rollback(args: argparse.Namespace) -> int:
-    """Execute `pdorch rollback`; exit code 1 when there is nothing to roll back to."""
+    """Execute `pdorch rollback`; exit code 1 when there is nothing to roll back to or it is refused."""
     from lightkube import ApiError
     from lightkube.resources.apps_v1 import ControllerRevision
 
     from pdorch.roles.labels import LABEL_GROUP
-    from pdorch.rollout.history import owned_records, rollback_target
+    from pdorch.rollout.history import owned_records, restore_revision, revision_of_object, rollback_target
 
     client, sg_res = _cluster(args.kubeconfig)
     try:
@@ -286,14 +345,31 @@ def run_rollback(args: argparse.Namespace) -> int:
         target = rollback_target(
             records, status.get("currentRevision"), status.get("updateRevision"), args.to_revision
         )
+        rev = revision_of_object(target)
+        recorded = (target.get("data") or {}).get("spec")
+        if not isinstance(recorded, dict):
+            raise ValueError(f"the record of revision {rev} holds no spec; pass another --to-revision")
+        restored = restore_revision(sg["spec"], recorded, rev)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    rev = target["metadata"]["labels"]["pdorch.io/revision"]
     print(f"servinggroup {args.namespace}/{args.group}: {status.get('updateRevision')} -> {rev}")
-    if args.dry_run:
+    print(
+        "restoring the revision's templates, sizes, ports and engine settings; replicas, scaling, "
+        "the proxy, ratio, rolloutStrategy and router keep their live values"
+    )
+    for note in restored.notes:
+        print(f"note: {note}")
+    diff = spec_diff(sg["spec"], restored.spec)
+    if not diff:
+        print("nothing to change: the spec already has this revision")
         return 0
-    sg["spec"] = target["data"]["spec"]
+    print(diff, end="")
+    if args.dry_run:
+        print("(dry run: nothing changed)")
+        return 0
+    # The resourceVersion read above goes with the write: a spec changed meanwhile is not overwritten.
+    sg["spec"] = restored.spec
     try:
         client.replace(sg_res.from_dict(sg), namespace=args.namespace)
     except ApiError as e:

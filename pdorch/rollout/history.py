@@ -2,16 +2,24 @@
 
 The controller records the spec of every new update revision as a ControllerRevision (apps/v1)
 owned by the group, named `<group>-<revision>`, with an increasing `.revision` number, and keeps
-the newest `HISTORY_LIMIT`. `pdorch rollback` puts one of them back as the spec; the planner then
-rolls to it like to any other revision. Everything here is pure; the controller and the CLI do I/O.
+the newest `HISTORY_LIMIT`. `pdorch rollback` puts the revision-defining fields of one of them back
+into the live spec (`restore_revision`); the planner then rolls to it like to any other revision.
+Everything here is pure; the controller and the CLI do I/O.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from pdorch.api.errors import format_validation_error
+from pdorch.api.servinggroup import KV_ROLE_TYPES, ServingGroupSpec
 from pdorch.roles.labels import LABEL_GROUP, LABEL_MANAGED_BY, LABEL_REVISION, MANAGED_BY
+from pdorch.roles.revision import REVISION_ROLE_FIELDS, REVISION_SPEC_FIELDS, compute_revision
 
 HISTORY_LIMIT = 10
 
@@ -115,3 +123,85 @@ def rollback_target(
     if not older:
         raise ValueError("no earlier revision is recorded for this group")
     return max(older, key=lambda c: int(c.get("revision") or 0))
+
+
+class RollbackRefused(ValueError):
+    """The recorded revision cannot be put back into the live spec; the message says why."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The live spec with a recorded revision's defining fields put back, and what else happened
+    to the role set (one sentence per added or removed role)."""
+
+    spec: dict[str, Any]
+    notes: tuple[str, ...]
+
+
+def _kv_roles(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in spec.get("roles") or [] if r.get("type") in KV_ROLE_TYPES}
+
+
+def restore_revision(live: dict[str, Any], recorded: dict[str, Any], revision: str) -> Restored:
+    """`live` (a ServingGroup spec, wire form) with revision `revision` restored from `recorded`
+    (the spec its ControllerRevision holds, any pdorch version's).
+
+    Only what the revision hashes comes back (REVISION_SPEC_FIELDS and, per KV role,
+    REVISION_ROLE_FIELDS; absent in the record means absent, i.e. the default): replicas, scaling,
+    startupPolicy, the proxy role, ratio, rolloutStrategy and router stay as they are now, since
+    they changed without a rollout and a rollback must not undo a scale-up or a router change.
+    The KV role set is part of the revision, so a KV role added since is removed and one removed
+    since comes back as recorded (replicas and scaling too: there is nothing live to keep); both
+    are reported in `notes`. A role whose type differs between the two is refused, as is a result
+    the API would refuse (RollbackRefused).
+    """
+    rec_kv = _kv_roles(recorded)
+    live_roles = list(live.get("roles") or [])
+    for role in live_roles:
+        was = rec_kv.get(role.get("name", ""))
+        if was is not None and was.get("type") != role.get("type"):
+            raise RollbackRefused(
+                f"role {role['name']} is {role.get('type')} now but {was['type']} in revision "
+                f"{revision}: its replicas and scaling cannot carry over to another type; rename the "
+                "role in the spec or restore that revision by hand"
+            )
+    roles: list[dict[str, Any]] = []
+    notes: list[str] = []
+    live_names = {r.get("name") for r in live_roles}
+    for role in live_roles:
+        if role.get("type") not in KV_ROLE_TYPES:
+            roles.append(role)  # the proxy is not part of the revision
+            continue
+        was = rec_kv.get(role["name"])
+        if was is None:
+            notes.append(
+                f"role {role['name']} ({role['type']}) removed: revision {revision} has no such role"
+            )
+            continue
+        merged = {k: v for k, v in role.items() if k not in REVISION_ROLE_FIELDS}
+        merged.update({k: copy.deepcopy(was[k]) for k in REVISION_ROLE_FIELDS if k in was})
+        roles.append(merged)
+    for name, was in rec_kv.items():
+        if name not in live_names:
+            roles.append(copy.deepcopy(was))
+            notes.append(
+                f"role {name} ({was['type']}) restored as recorded in revision {revision} "
+                f"(replicas {was.get('replicas', 1)}): it is not in the live spec"
+            )
+    spec = {k: v for k, v in live.items() if k not in REVISION_SPEC_FIELDS}
+    spec.update({k: copy.deepcopy(recorded[k]) for k in REVISION_SPEC_FIELDS if k in recorded})
+    spec["roles"] = roles
+    try:
+        model = ServingGroupSpec.model_validate(spec)
+    except ValidationError as e:
+        problems = "; ".join(format_validation_error(e)[:5])
+        raise RollbackRefused(
+            f"revision {revision} does not fit the live spec (the API would refuse it): {problems}"
+        ) from e
+    try:
+        want = compute_revision(ServingGroupSpec.model_validate(recorded))
+    except ValidationError:
+        want = None  # a record today's schema refuses: the fields above were still copied verbatim
+    if want is not None and compute_revision(model) != want:
+        raise RollbackRefused(f"restoring revision {revision} would not reproduce it (a pdorch bug)")
+    return Restored(spec, tuple(notes))

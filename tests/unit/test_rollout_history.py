@@ -76,3 +76,152 @@ def test_rollback_target_errors_say_what_to_do() -> None:
 def test_owned_records_skip_lws_revisions() -> None:
     lws_cr = {"metadata": {"name": "g-prefill-abc", "ownerReferences": [{"kind": "LeaderWorkerSet"}]}}
     assert history.owned_records([_rec("a", 1), lws_cr]) == [_rec("a", 1)]
+
+
+# --- restore_revision: what `pdorch rollback` writes -------------------------------------------
+
+
+def _role(name: str, typ: str, replicas: int, image: str, **extra: Any) -> dict[str, Any]:
+    tmpl = {"spec": {"containers": [{"name": "engine", "image": image}]}}
+    return {"name": name, "type": typ, "replicas": replicas, "workerTemplate": tmpl, **extra}
+
+
+def _spec(*roles: dict[str, Any], engine: str = "vllm", **extra: Any) -> dict[str, Any]:
+    proxy = {"name": "proxy", "type": "proxy", "replicas": 1}
+    return {"engine": {"name": engine}, "roles": [proxy, *roles], **extra}
+
+
+def _revision(spec: dict[str, Any]) -> str:
+    from pdorch.api.servinggroup import ServingGroupSpec
+    from pdorch.roles.revision import compute_revision
+
+    return compute_revision(ServingGroupSpec.model_validate(spec))
+
+
+def test_rollback_restores_the_revision_and_keeps_replicas_scaling_and_router() -> None:
+    # The cluster repro: prefill scaled 4 -> 6 and router.policy changed after v1 was recorded,
+    # then a template change (v2). Rolling back must bring v1's image, not 4 and least_load.
+    recorded = _spec(
+        _role("prefill", "prefill", 4, "img:v1"),
+        _role("decode", "decode", 2, "img:v1", scaling={"mode": "External", "maxReplicas": 4}),
+        router={"policy": "least_load"},
+    )
+    live = _spec(
+        _role("prefill", "prefill", 6, "img:v2", size=2, port=9000, startupPolicy="LeaderReady"),
+        _role("decode", "decode", 3, "img:v2", scaling={"mode": "External", "maxReplicas": 8}),
+        engine="vllm",
+        router={"policy": "power_of_two"},
+        rolloutStrategy={"maxSurge": 1},
+        ratio={"prefill": 2, "decode": 1},
+    )
+    live["engine"]["kvTransfer"] = {"connector": "NixlConnector"}
+    out = history.restore_revision(live, recorded, "v1")
+    assert _revision(out.spec) == _revision(recorded) != _revision(live)
+    prefill, decode = out.spec["roles"][1], out.spec["roles"][2]
+    assert prefill["workerTemplate"] == recorded["roles"][1]["workerTemplate"]
+    # size and port were not set in v1: back to their defaults (absent), not kept from v2.
+    assert "size" not in prefill and "port" not in prefill
+    assert prefill["replicas"] == 6 and prefill["startupPolicy"] == "LeaderReady"
+    assert decode["replicas"] == 3 and decode["scaling"] == {"mode": "External", "maxReplicas": 8}
+    assert out.spec["engine"] == {"name": "vllm"}
+    for key in ("router", "rolloutStrategy", "ratio"):
+        assert out.spec[key] == live[key]
+    assert out.spec["roles"][0] is live["roles"][0] and out.notes == ()
+    assert live["roles"][1]["workerTemplate"]["spec"]["containers"][0]["image"] == "img:v2"  # not mutated
+
+
+def test_rollback_with_an_unchanged_revision_changes_nothing() -> None:
+    spec = _spec(_role("prefill", "prefill", 4, "img:v1"), _role("decode", "decode", 2, "img:v1"))
+    moved = _spec(_role("prefill", "prefill", 9, "img:v1"), _role("decode", "decode", 1, "img:v1"))
+    assert history.restore_revision(moved, spec, "v1").spec == moved
+
+
+def test_rollback_keeps_the_live_proxy_role() -> None:
+    recorded = _spec(_role("prefill", "prefill", 1, "a"), _role("decode", "decode", 1, "a"))
+    recorded["roles"][0]["replicas"] = 5
+    live = {
+        "engine": {"name": "vllm"},
+        "roles": [_role("prefill", "prefill", 1, "b"), _role("decode", "decode", 1, "b")],
+    }
+    out = history.restore_revision(live, recorded, "v1")
+    assert [r["type"] for r in out.spec["roles"]] == ["prefill", "decode"]  # no proxy then, none now
+
+
+def test_rollback_role_set_changes_are_reported() -> None:
+    recorded = _spec(
+        _role("prefill", "prefill", 4, "a"),
+        _role("decode", "decode", 2, "a"),
+        _role("kvstore", "worker", 3, "a"),
+    )
+    live = _spec(
+        _role("prefill", "prefill", 6, "b"),
+        _role("decode", "decode", 2, "b"),
+        _role("decode-b", "decode", 1, "b"),
+    )
+    out = history.restore_revision(live, recorded, "v1")
+    assert [r["name"] for r in out.spec["roles"]] == ["proxy", "prefill", "decode", "kvstore"]
+    assert out.spec["roles"][3] == recorded["roles"][3]  # nothing live to keep: as recorded
+    assert out.notes == (
+        "role decode-b (decode) removed: revision v1 has no such role",
+        "role kvstore (worker) restored as recorded in revision v1 (replicas 3): it is not in the live spec",
+    )
+    assert _revision(out.spec) == _revision(recorded)
+
+
+def test_rollback_refuses_a_role_that_changed_type() -> None:
+    recorded = _spec(_role("a", "prefill", 2, "x"), _role("b", "decode", 1, "x"))
+    live = _spec(_role("a", "decode", 2, "y"), _role("b", "prefill", 1, "y"))
+    with pytest.raises(history.RollbackRefused, match="role a is decode now but prefill in revision v1"):
+        history.restore_revision(live, recorded, "v1")
+    # The live proxy taking the name of a recorded KV role is the same conflict.
+    live = _spec(_role("x", "prefill", 2, "y"), _role("b", "decode", 1, "y"))
+    recorded = {"engine": {"name": "vllm"}, "roles": [_role("proxy", "prefill", 1, "x"), live["roles"][2]]}
+    with pytest.raises(history.RollbackRefused, match="role proxy is proxy now but prefill"):
+        history.restore_revision(live, recorded, "v1")
+
+
+def test_rollback_refuses_a_result_the_api_would_refuse() -> None:
+    # Conditional disaggregation (router, kept) needs vllm; the recorded revision ran sglang.
+    recorded = _spec(_role("prefill", "prefill", 1, "x"), _role("decode", "decode", 1, "x"), engine="sglang")
+    live = _spec(
+        _role("prefill", "prefill", 1, "y"),
+        _role("decode", "decode", 1, "y"),
+        router={"conditionalDisaggregation": {"minPromptTokens": 64}},
+    )
+    with pytest.raises(
+        history.RollbackRefused, match=r"does not fit the live spec.*conditionalDisaggregation"
+    ):
+        history.restore_revision(live, recorded, "v1")
+
+
+def test_rollback_reads_records_written_before_it_kept_only_the_revision() -> None:
+    # Records hold the whole spec as it was (replicas, router...), as every pdorch version wrote them.
+    old_sg = {**SG, "spec": _spec(_role("prefill", "prefill", 4, "a"), _role("decode", "decode", 2, "a"))}
+    old_sg["spec"]["router"] = {"policy": "least_load"}
+    record = history.revision_object(old_sg, "v1", 1)
+    live = _spec(
+        _role("prefill", "prefill", 6, "b"),
+        _role("decode", "decode", 2, "b"),
+        router={"policy": "power_of_two"},
+    )
+    out = history.restore_revision(live, record["data"]["spec"], history.revision_of_object(record))
+    assert out.spec["roles"][1]["replicas"] == 6 and out.spec["router"] == {"policy": "power_of_two"}
+    assert out.spec["roles"][1]["workerTemplate"] == old_sg["spec"]["roles"][1]["workerTemplate"]
+
+
+def test_revision_fields_are_what_the_revision_hashes() -> None:
+    # REVISION_ROLE_FIELDS drives the rollback; it must name every input of the hash, no more.
+    from pdorch.api.servinggroup import Role
+    from pdorch.roles.revision import REVISION_ROLE_FIELDS, _role_input
+
+    role = Role.model_validate(
+        {
+            **_role("p", "prefill", 1, "a", size=2, port=9000, bootstrapPort=9001),
+            "leaderTemplate": {"spec": {"containers": [{"name": "leader", "image": "a"}]}},
+            "restartPolicy": "None",
+            "subGroupPolicy": {"subGroupSize": 2},
+            "volumeClaimTemplates": [{"metadata": {"name": "v"}}],
+            "networkConfig": {"subdomainPolicy": "Shared"},
+        }
+    )
+    assert set(_role_input(role)) == set(REVISION_ROLE_FIELDS)

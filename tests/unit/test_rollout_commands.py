@@ -1,0 +1,157 @@
+"""`pdorch plan` and `pdorch rollback` pieces that need no cluster: the live planning inputs must
+be the controller's, and the rollback diff (pure)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pdorch.api.servinggroup import ServingGroup
+from pdorch.roles.labels import LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
+from pdorch.roles.rolescaler import scaler_replicas
+from pdorch.rollout import commands, live
+from pdorch.rollout.planner import auto_tolerance, initial_state, next_step
+from pdorch.rollout.state import KV_TYPES
+
+pytestmark = pytest.mark.unit
+
+OLD, NEW = "aaaaaaaaaa", "bbbbbbbbbb"
+EXAMPLE = Path(__file__).parents[2] / "examples/sim-pd/servinggroup.yaml"
+
+
+def _doc(prefill: int, decode: int, scaling: dict[str, Any] | None = None) -> dict[str, Any]:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"]["namespace"] = "ns"
+    for role in doc["spec"]["roles"]:
+        if role["type"] in KV_TYPES:
+            role["replicas"] = {"prefill": prefill, "decode": decode}[role["type"]]
+            if scaling is not None:
+                role["scaling"] = scaling
+    return doc
+
+
+def _lws(replicas: int, partition: int, revision: str) -> dict[str, Any]:
+    return {
+        "spec": {
+            "replicas": replicas,
+            "leaderWorkerTemplate": {"workerTemplate": {"metadata": {"labels": {LABEL_REVISION: revision}}}},
+            "rolloutStrategy": {"rollingUpdateConfiguration": {"partition": partition}},
+        }
+    }
+
+
+def _pod(index: int, revision: str, ready: bool = True) -> dict[str, Any]:
+    labels = {LWS_GROUP_INDEX: str(index), LWS_WORKER_INDEX: "0", LABEL_REVISION: revision}
+    return {
+        "metadata": {"labels": labels},
+        "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+def _role(name: str, desired: int, lws: dict[str, Any], pods: list[dict[str, Any]]) -> live.LiveRole:
+    return live.LiveRole(name, name, desired, lws, live.group_states(pods, 1))
+
+
+SCALED = {"mode": "External", "minReplicas": 0, "maxReplicas": 4}
+
+
+def test_scaler_replicas_are_the_scalers_within_bounds_and_zero_is_zero() -> None:
+    sg = ServingGroup.model_validate(_doc(2, 2, SCALED))
+    role = sg.spec.role("prefill")
+    assert scaler_replicas(role, {"spec": {"replicas": 0}}) == 0  # `or roles[].replicas` made it 2
+    assert scaler_replicas(role, {"spec": {"replicas": 9}}) == 4
+    assert scaler_replicas(role, {"spec": {}}) is None and scaler_replicas(role, None) is None
+    static = ServingGroup.model_validate(_doc(2, 2)).spec.role("prefill")
+    assert scaler_replicas(static, {"spec": {"replicas": 3}}) is None
+
+
+@pytest.mark.parametrize("srs", [None, {}, {"replicas": 0}, {"replicas": 3}, {"replicas": 7}])
+@pytest.mark.parametrize(
+    "scaling", [None, {"mode": "Static"}, SCALED, {"mode": "External", "minReplicas": 1}]
+)
+def test_scaler_replicas_agree_with_the_controller(srs: dict[str, Any] | None, scaling: Any) -> None:
+    from pdorch.controller.kubeapi import SERVING_ROLE_SCALER
+    from pdorch.controller.reconciler import Caches, Reconciler
+    from pdorch.roles.render import RenderOptions
+
+    sg = ServingGroup.model_validate(_doc(2, 2, scaling))
+    obj = None if srs is None else {"spec": srs}
+
+    class Cache:
+        def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+            return obj
+
+    rec = Reconciler(None, Caches(None, {SERVING_ROLE_SCALER: Cache()}), None, RenderOptions())  # type: ignore[arg-type]
+    controller = {n: o.replicas for n, o in rec._overrides(sg, "ns", "g").items()}
+    mine = {r.name: v for r in sg.spec.roles if (v := scaler_replicas(r, obj)) is not None}
+    assert mine == controller
+
+
+def test_from_live_plans_with_the_scalers_ratio_as_the_controller_does(capsys: Any) -> None:
+    # The cluster repro: spec 2:2, ServingRoleScalers at prefill 1 / decode 3, a template change.
+    # The controller plans 1:3 and refuses (CannotProgress); --from-live planned 2:2 and said done.
+    sg = ServingGroup.model_validate(_doc(2, 2, SCALED))
+    roles = [
+        _role("prefill", 1, _lws(1, 0, OLD), [_pod(0, OLD)]),
+        _role("decode", 3, _lws(3, 0, OLD), [_pod(i, OLD) for i in range(3)]),
+    ]
+    plan = commands.live_plan(sg, roles, NEW)
+    assert plan.rolling and (plan.spec.ratio_p, plan.spec.ratio_d) == (1, 3)
+    controller = live.plan(roles, NEW, commands.rollout_spec(sg, desired={"prefill": 1, "decode": 3}))
+    assert controller.decision is not None and controller.decision.kind == "blocked"
+    assert commands._print_plan(sg, plan.spec, plan.auto, plan.initial, 1) == 3
+    out = capsys.readouterr().out
+    assert "ratio 1:3" in out and "# blocked:" in out
+
+
+def test_from_live_keeps_the_tolerance_of_the_rollouts_start() -> None:
+    # 2P:1D after the first step: prefill 1 old + 2 new, decode 1 old + 1 new. From this state
+    # alone the smallest tolerance is 0.25 (what --from-live printed); the rollout started at 0.5
+    # and the controller keeps that.
+    sg = ServingGroup.model_validate(_doc(2, 1))
+    for ready in (False, True):
+        roles = [
+            _role("prefill", 2, _lws(3, 1, NEW), [_pod(0, OLD), _pod(1, NEW, ready), _pod(2, NEW, ready)]),
+            _role("decode", 1, _lws(2, 1, NEW), [_pod(0, OLD), _pod(1, NEW, ready)]),
+        ]
+        plan = commands.live_plan(sg, roles, NEW)
+        start = initial_state([("prefill", "prefill", 2), ("decode", "decode", 1)])
+        assert plan.auto and plan.spec.tolerance == auto_tolerance(start, plan.spec) == 0.5
+        assert auto_tolerance(plan.initial, plan.spec) == 0.25
+        # The controller resolves the tolerance itself: the same inputs give the same decision.
+        controller = live.plan(roles, NEW, commands.rollout_spec(sg, desired={"prefill": 2, "decode": 1}))
+        assert controller.decision == next_step(plan.initial, plan.spec)
+
+
+def test_from_live_without_a_rollout_plans_the_next_change_from_the_desired_replicas() -> None:
+    sg = ServingGroup.model_validate(_doc(2, 2, SCALED))
+    roles = [
+        _role("prefill", 0, _lws(0, 0, NEW), []),
+        _role("decode", 3, _lws(3, 0, NEW), [_pod(i, NEW) for i in range(3)]),
+    ]
+    plan = commands.live_plan(sg, roles, NEW)
+    assert not plan.rolling
+    assert [(o.name, o.desired, o.partition) for o in plan.initial] == [("prefill", 0, 0), ("decode", 3, 3)]
+
+
+def test_plan_from_file_takes_the_ratio_from_from_replicas(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "sg.yaml"
+    path.write_text(yaml.safe_dump(_doc(2, 2, SCALED)))
+    args = argparse.Namespace(
+        from_live=None, filename=str(path), from_replicas=["prefill=1", "decode=3"], delay=1
+    )
+    assert commands.run(args) == 3
+    assert "ratio 1:3" in capsys.readouterr().out
+
+
+def test_spec_diff_shows_only_what_changes() -> None:
+    before = {"roles": [{"name": "p", "replicas": 6, "tag": "v2"}], "router": {"policy": "power_of_two"}}
+    after = {"router": {"policy": "power_of_two"}, "roles": [{"name": "p", "replicas": 6, "tag": "v1"}]}
+    diff = commands.spec_diff(before, after)
+    changed = [line for line in diff.splitlines()[2:] if line[:1] in "+-"]
+    assert changed == ["-  tag: v2", "+  tag: v1"]  # key order does not count as a change
+    assert commands.spec_diff(before, before) == ""
