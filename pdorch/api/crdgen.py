@@ -165,11 +165,28 @@ SERVING_GROUP_CRD = CrdSpec(
         _col("Prefill", ".status.summary.prefill", description="Ready/desired prefill groups"),
         _col("Decode", ".status.summary.decode", description="Ready/desired decode groups"),
         _col("Worker", ".status.summary.worker", description="Ready/desired worker groups", priority=1),
-        _col("Revision", ".status.updateRevision", description="Revision of the current spec"),
+        # The revision serving until a rollout completes: the update revision has no ready group
+        # when a rollout starts.
+        _col(
+            "Revision",
+            ".status.currentRevision",
+            description="Revision running before the rollout in progress",
+        ),
+        _col(
+            "Update Revision",
+            ".status.updateRevision",
+            description="Revision of the current spec",
+            priority=1,
+        ),
         _col(
             "Available",
             '.status.conditions[?(@.type=="Available")].status',
             description="Available condition",
+        ),
+        _col(
+            "Rollout",
+            ".status.summary.rollout",
+            description="Complete, Progressing, Paused, Stalled, Scaling, ApplyFailed or Invalid",
         ),
         _AGE,
     ),

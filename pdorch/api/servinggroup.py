@@ -606,19 +606,26 @@ class RoleStatus(ApiModel):
     type: RoleType = enum_field()
     """Role type."""
     desired_replicas: int | None = Field(None, ge=0)
-    """Replicas pdorch asked for (spec, or the ServingRoleScaler when autoscaled)."""
+    """Groups the operator asked for (spec, or the ServingRoleScaler when autoscaled); a rollout's
+    surge groups are not counted here (see surgeReplicas)."""
     replicas: int | None = Field(None, ge=0)
-    """Groups that exist (LWS status.replicas)."""
+    """Groups that exist (LWS status.replicas), surge groups included."""
     ready_replicas: int | None = Field(None, ge=0)
-    """Groups that are ready."""
+    """Groups that are ready, of any revision, surge groups included."""
     updated_replicas: int | None = Field(None, ge=0)
-    """Groups on the update revision."""
+    """Groups on the update revision, ready or not."""
+    updated_ready_replicas: int | None = Field(None, ge=0)
+    """Groups on the update revision that are ready."""
+    surge_replicas: int | None = Field(None, ge=0)
+    """Groups a rollout in progress keeps above desiredReplicas for now (0 otherwise)."""
     partition: int | None = Field(None, ge=0)
     """Current LWS partition (groups below it stay on the old revision)."""
 
 
 class StatusSummary(ApiModel):
-    """Ready/desired groups per role type, e.g. "3/4", for `kubectl get sg`."""
+    """Ready/desired groups per role type, e.g. "3/4", and the rollout state, for `kubectl get sg`.
+
+    Ready counts at most the desired groups of each role, so a rollout's surge never shows 5/4."""
 
     proxy: str | None = Field(None, max_length=32)
     """Proxy groups ready/desired."""
@@ -628,6 +635,8 @@ class StatusSummary(ApiModel):
     """Decode groups ready/desired (all decode roles summed)."""
     worker: str | None = Field(None, max_length=32)
     """Worker groups ready/desired (all worker roles summed)."""
+    rollout: str | None = Field(None, max_length=32)
+    """Complete, Progressing, Paused, Stalled (RolloutStalled is True), Scaling, ApplyFailed or Invalid."""
 
 
 class ServingGroupStatus(ApiModel):

@@ -1,7 +1,10 @@
 """Kubernetes Events (events.k8s.io/v1) for transitions, deduplicated and best-effort.
 
-Events are for humans running `kubectl describe`; a failure to write one never fails a reconcile,
-and the same (object, reason, note) is not repeated within `ttl` seconds.
+Events are for humans running `kubectl describe`; a failure to write one never fails a reconcile.
+Only true repeats are dropped: an event of a `series` (e.g. one condition's transitions) is dropped
+when it equals the last one sent for that object and series (a pass that read a status cache older
+than its own write reports the same transition again), so a flip back and a second flip are both
+sent; an event without a series is dropped only when the same one was sent within `repeat_window`.
 """
 
 from __future__ import annotations
@@ -22,16 +25,26 @@ FLUSH_SECONDS = 5.0
 
 
 class EventRecorder:
-    def __init__(self, api: KubeApi, instance: str, ttl: float = 600.0) -> None:
+    """Writes events; `ttl` bounds how long a series' last event is remembered (0: no dedup)."""
+
+    def __init__(self, api: KubeApi, instance: str, ttl: float = 600.0, repeat_window: float = 10.0) -> None:
         self.api, self.instance, self.ttl = api, instance, ttl
-        self._seen: dict[tuple[str, str, str], float] = {}
+        self.repeat_window = min(repeat_window, ttl)
+        # (object, series) -> (what was sent, when); events without a series use (object, reason, note).
+        self._last: dict[tuple[str, ...], tuple[tuple[str, str, str], float]] = {}
         self._pending: set[asyncio.Task[None]] = set()
 
     def emit_soon(
-        self, obj: dict[str, Any], etype: str, reason: str, note: str, action: str = "Reconcile"
+        self,
+        obj: dict[str, Any],
+        etype: str,
+        reason: str,
+        note: str,
+        action: str = "Reconcile",
+        series: str | None = None,
     ) -> None:
         """Record an event without making the reconcile wait for the API round trip."""
-        task = asyncio.get_running_loop().create_task(self.emit(obj, etype, reason, note, action))
+        task = asyncio.get_running_loop().create_task(self.emit(obj, etype, reason, note, action, series))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -41,16 +54,18 @@ class EventRecorder:
             await asyncio.wait(set(self._pending), timeout=FLUSH_SECONDS)
 
     async def emit(
-        self, obj: dict[str, Any], etype: str, reason: str, note: str, action: str = "Reconcile"
+        self,
+        obj: dict[str, Any],
+        etype: str,
+        reason: str,
+        note: str,
+        action: str = "Reconcile",
+        series: str | None = None,
     ) -> None:
-        """Record an event about `obj` (Normal or Warning)."""
-        md = obj["metadata"]
-        key = (md.get("uid", md["name"]), reason, note)
-        now = time.monotonic()
-        if now - self._seen.get(key, -1e9) < self.ttl:
+        """Record an event about `obj` (Normal or Warning), unless it repeats (see the module doc)."""
+        if self.is_repeat(obj, etype, reason, note, series):
             return
-        self._seen = {k: t for k, t in self._seen.items() if now - t < self.ttl}
-        self._seen[key] = now
+        md = obj["metadata"]
         event = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
@@ -77,3 +92,20 @@ class EventRecorder:
             await self.api.create(event)
         except Exception as e:
             log.debug("event not recorded (%s %s): %r", reason, note, e)
+
+    def is_repeat(self, obj: dict[str, Any], etype: str, reason: str, note: str, series: str | None) -> bool:
+        """Whether this event repeats the last one of its series (or, without a series, one sent
+        within `repeat_window`); records it as the last one when it does not."""
+        md = obj["metadata"]
+        uid = str(md.get("uid") or md["name"])
+        now = time.monotonic()
+        key: tuple[str, ...] = (uid, series) if series is not None else (uid, "", reason, note)
+        window = self.ttl if series is not None else self.repeat_window
+        sent = (etype, reason, note)
+        last = self._last.get(key)
+        if last is not None and last[0] == sent and now - last[1] < window:
+            return True
+        if len(self._last) > 1024:
+            self._last = {k: v for k, v in self._last.items() if now - v[1] < self.ttl}
+        self._last[key] = (sent, now)
+        return False

@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -38,7 +38,13 @@ from pdorch.controller.kubeapi import (
     Resource,
     resource_of,
 )
-from pdorch.roles.labels import LABEL_GROUP, LABEL_ROLE, leader_selector, selector_string
+from pdorch.roles.labels import (
+    LABEL_GROUP,
+    LABEL_ROLE,
+    LABEL_ROLE_TYPE,
+    leader_selector,
+    selector_string,
+)
 from pdorch.roles.naming import lws_name, scaler_name
 from pdorch.roles.render import RenderOptions, RoleOverride, render
 from pdorch.roles.revision import compute_revision
@@ -135,6 +141,7 @@ class Reconciler:
             self._renders.pop(key, None)
             self.rolling.discard(key)
             self._progress.pop(key, None)
+            forget_group_metrics(namespace, name)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
         generation = int(obj["metadata"].get("generation") or 0)
@@ -157,8 +164,11 @@ class Reconciler:
             return None
         sg = sg_or_error
 
-        overrides = self._overrides(sg, namespace, name)
-        rollout = await self._plan_rollout(sg, key, namespace, name, overrides)
+        # What the operator asked for (spec, or the ServingRoleScaler) stays apart from the
+        # rollout's temporary replicas: status reports the former, the LWS get the latter.
+        scaled = self._overrides(sg, namespace, name)
+        rollout = await self._plan_rollout(sg, key, namespace, name, scaled)
+        overrides = dict(scaled)
         for role_name, (replicas, partition) in rollout.actions.items():
             overrides[role_name] = RoleOverride(replicas=replicas, partition=partition, rollout=True)
         rkey = (uid, rv, repr(sorted(overrides.items())))
@@ -176,6 +186,7 @@ class Reconciler:
                     prev_status,
                     f"the spec could not be rendered ({type(e).__name__}: {e}); "
                     "check the role templates, and report this to pdorch if the spec is valid",
+                    _desired(sg, scaled),
                 )
                 return None
             cached = _Render(rkey, rendered, compute_revision(sg.spec))
@@ -201,7 +212,11 @@ class Reconciler:
                 if owner == (SERVING_GROUP.kind, name):
                     return 2.0  # a deleted group of the same name: wait for its children to go
                 await self._invalid(
-                    obj, generation, prev_status, _name_clash(intent, f"belongs to {owner[0]} {owner[1]}")
+                    obj,
+                    generation,
+                    prev_status,
+                    _name_clash(intent, f"belongs to {owner[0]} {owner[1]}"),
+                    _desired(sg, scaled),
                 )
                 return None
             skey = (i, live is None)
@@ -222,7 +237,7 @@ class Reconciler:
                     checks.append((stamped, live, unseen))
         refusal = await self._dry_run(checks)
         if refusal is not None:
-            await self._invalid(obj, generation, prev_status, refusal)
+            await self._invalid(obj, generation, prev_status, refusal, _desired(sg, scaled))
             return None
 
         # Independent objects go out concurrently; RoleBindings last, since RBAC checks that the
@@ -262,16 +277,27 @@ class Reconciler:
 
         await self._sync_scaler_status(sg, namespace, name)
 
+        desired = _desired(sg, scaled)
+        # The planner's count of ready groups on the update revision is exact (per-group pod
+        # revisions); LWS's own counts are the fallback outside a rollout.
+        updated_ready = {o.name: o.new_ready for o in rollout.observations}
         roles = []
         for role in sg.spec.roles:
             lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
-            # _overrides only holds roles whose scaler set replicas.
-            want = overrides[role.name].replicas if role.name in overrides else role.replicas
-            roles.append(st.observe_role(role.name, str(role.type), int(want), lws))
+            obs = st.observe_role(role.name, str(role.type), desired[role.name], lws)
+            if role.name in updated_ready:
+                obs = replace(obs, updated_ready=updated_ready[role.name])
+            roles.append(obs)
         new_status = st.compute_status(
-            generation, roles, revision, prev_status, prev_status.get("currentRevision")
+            generation,
+            roles,
+            revision,
+            prev_status,
+            prev_status.get("currentRevision"),
+            rolling=rollout.active,
         )
         requeue = self._rollout_status(sg, key, obj, generation, prev_status, new_status, rollout)
+        new_status["summary"]["rollout"] = st.rollout_state(new_status["conditions"])
         _record_ratio(sg, roles, namespace, name)
         # Recorded before the status that announces it, so a pass that raises here leaves the old
         # updateRevision in status and its retry records it. A refusal is kept in status as
@@ -431,28 +457,9 @@ class Reconciler:
         self._progress[key] = seen
         status["lastProgressTime"] = seen[2]
         deadline = sg.spec.rollout_strategy.progress_deadline_seconds if sg.spec.rollout_strategy else 600
-        stalled_for = now - seen[1]
-        if decision.kind == "blocked":
-            stalled = st.condition(
-                st.ROLLOUT_STALLED, True, "CannotProgress", decision.reason, generation, prev_conds
-            )
-        elif decision.kind == "paused":
-            stalled = st.condition(
-                st.ROLLOUT_STALLED, False, "Paused", decision.reason, generation, prev_conds
-            )
-        elif stalled_for > deadline:
-            stalled = st.condition(
-                st.ROLLOUT_STALLED,
-                True,
-                "ProgressDeadlineExceeded",
-                f"no progress for {stalled_for:.0f}s (progressDeadlineSeconds {deadline}): {decision.reason}",
-                generation,
-                prev_conds,
-            )
-        else:
-            stalled = st.condition(
-                st.ROLLOUT_STALLED, False, "Progressing", decision.reason, generation, prev_conds
-            )
+        stalled = st.stalled_condition(
+            decision.kind, decision.reason, now - seen[1], deadline, seen[2], generation, prev_conds
+        )
         ROLLOUT_STALLED.labels(sg.metadata.namespace or "", sg.name).set(
             1 if stalled["status"] == "True" else 0
         )
@@ -574,7 +581,8 @@ class Reconciler:
                 prev.get("conditions") or [],
             )
         )
-        new = {**prev, "conditions": conds}
+        summary = {**(prev.get("summary") or {}), "rollout": st.rollout_state(conds)}
+        new = {**prev, "summary": summary, "conditions": conds}
         try:
             if await self._write_status(obj, prev, new):
                 self.events.emit_soon(obj, "Warning", "ApplyFailed", message[:1000])
@@ -582,13 +590,51 @@ class Reconciler:
             log.debug("could not record ApplyFailed on %s", obj["metadata"]["name"])
 
     async def _invalid(
-        self, obj: dict[str, Any], generation: int, prev: dict[str, Any], message: str
+        self,
+        obj: dict[str, Any],
+        generation: int,
+        prev: dict[str, Any],
+        message: str,
+        desired: dict[str, int] | None = None,
     ) -> None:
-        new = st.compute_status(generation, [], "", prev, invalid=message)
-        changed = await self._write_status(obj, prev, new)
-        if changed:
-            self.events.emit_soon(obj, "Warning", "InvalidSpec", message)
+        """Report an invalid spec, with what the existing LWS (still serving) look like meanwhile.
+
+        `desired` per role when the spec parsed (else the last accepted desired counts are kept)."""
+        new = st.compute_status(
+            generation, self._observe_children(obj, prev, desired), "", prev, invalid=message
+        )
+        before = st.find_condition(prev.get("conditions") or [], st.INVALID) or {}
+        if await self._write_status(obj, prev, new) and (
+            before.get("status") != "True" or before.get("message") != message
+        ):
+            # One Warning per new refusal (the Invalid transition itself is not repeated as an
+            # event); readiness changes while invalid rewrite status but are not new refusals.
+            self.events.emit_soon(obj, "Warning", "InvalidSpec", message, series=st.INVALID)
         RECONCILES.labels("invalid").inc()
+
+    def _observe_children(
+        self, obj: dict[str, Any], prev: dict[str, Any], desired: dict[str, int] | None
+    ) -> list[st.RoleObservation]:
+        """The group's LWS as they are, for status while nothing is applied (an invalid spec)."""
+        md = obj["metadata"]
+        prev_roles = [r for r in prev.get("roles") or [] if isinstance(r, dict)]
+        prev_desired = {r.get("name"): r.get("desiredReplicas") for r in prev_roles}
+        order = [r.get("name") for r in prev_roles]
+        out = []
+        for lws in self.caches.children[LWS].list(md["namespace"], {LABEL_GROUP: md["name"]}):
+            refs = lws["metadata"].get("ownerReferences") or []
+            if not any(r.get("uid") == md.get("uid") and r.get("controller") for r in refs):
+                continue
+            labels = lws["metadata"].get("labels") or {}
+            role, rtype = labels.get(LABEL_ROLE), labels.get(LABEL_ROLE_TYPE)
+            if not role or not rtype:
+                continue
+            want = (desired or {}).get(role, prev_desired.get(role))
+            if want is None:
+                want = int((lws.get("spec") or {}).get("replicas") or 0)
+            out.append(st.observe_role(role, rtype, int(want), lws))
+        rank = {n: i for i, n in enumerate([*(desired or {}), *order])}
+        return sorted(out, key=lambda r: (rank.get(r.name, len(rank)), r.name))
 
     async def _write_status(self, obj: dict[str, Any], prev: dict[str, Any], new: dict[str, Any]) -> bool:
         if _same_status(prev, new):
@@ -603,14 +649,8 @@ class Reconciler:
             },
             subresource="status",
         )
-        for ctype, old_s, new_s, reason in st.transitions(prev, new):
-            etype = (
-                "Warning"
-                if (ctype in (st.INVALID, st.REVISION_RECORD_FAILED) and new_s == "True")
-                or (ctype == st.AVAILABLE and new_s == "False" and old_s == "True")
-                else "Normal"
-            )
-            self.events.emit_soon(obj, etype, reason or ctype, f"{ctype} is now {new_s}")
+        for etype, reason, note, series in st.transition_events(prev, new):
+            self.events.emit_soon(obj, etype, reason, note, series=series)
         return True
 
 
@@ -651,15 +691,41 @@ def _without_scaler_replicas(intent: dict[str, Any], live: dict[str, Any] | None
     return {**intent, "spec": spec}
 
 
-def _record_ratio(sg: ServingGroup, roles: list[st.RoleObservation], namespace: str, name: str) -> None:
+def ratio_deviation(sg: ServingGroup, roles: list[st.RoleObservation]) -> float:
+    """|log(ready P:D / declared P:D)|; 1.0 when a side has no ready group (no P:D pair can form,
+    as the rollout cohort gauge counts a one-sided cohort), 0 when no ratio is declared."""
     p = sum(r.ready for r in roles if r.type == "prefill")
     d = sum(r.ready for r in roles if r.type == "decode")
     wp = sum(r.desired for r in roles if r.type == "prefill")
     wd = sum(r.desired for r in roles if r.type == "decode")
     if sg.spec.ratio is not None:
         wp, wd = sg.spec.ratio.prefill, sg.spec.ratio.decode
-    if p and d and wp and wd:
-        RATIO_DEVIATION.labels(namespace, name).set(abs(math.log((p / d) / (wp / wd))))
+    if not (wp and wd):
+        return 0.0
+    if not (p and d):
+        return 1.0
+    return abs(math.log((p / d) / (wp / wd)))
+
+
+def _record_ratio(sg: ServingGroup, roles: list[st.RoleObservation], namespace: str, name: str) -> None:
+    RATIO_DEVIATION.labels(namespace, name).set(ratio_deviation(sg, roles))
+
+
+def forget_group_metrics(namespace: str, name: str) -> None:
+    """Drop every per-group series of a deleted group (a gauge would keep its last value forever)."""
+    for metric in (RATIO_DEVIATION, ROLLOUT_STEPS, COHORT_DEVIATION, ROLLOUT_STALLED):
+        try:
+            metric.remove(namespace, name)
+        except KeyError:
+            pass  # never recorded for this group
+
+
+def _desired(sg: ServingGroup, scaled: dict[str, RoleOverride]) -> dict[str, int]:
+    """Per role, the groups the operator asked for: the spec, or the ServingRoleScaler's count
+    (`_overrides` only holds roles whose scaler set replicas)."""
+    return {
+        r.name: int((scaled[r.name].replicas if r.name in scaled else r.replicas) or 0) for r in sg.spec.roles
+    }
 
 
 def _validation_message(e: ValidationError) -> str:

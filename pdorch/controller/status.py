@@ -11,6 +11,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from pdorch.roles.labels import ANNOTATION_ROLLOUT
+
 AVAILABLE = "Available"
 PROGRESSING = "Progressing"
 INVALID = "Invalid"
@@ -44,24 +46,39 @@ class RoleObservation:
     # LWS's status reflects the current spec (status.observedGeneration == generation). Right after
     # a template change the old status still counts every group as updated.
     current: bool = True
+    # Ready groups on the update revision (the planner's count while it drives a rollout).
+    updated_ready: int = 0
+    # Groups a rollout keeps above `desired` for the time being.
+    surge: int = 0
 
 
 def observe_role(name: str, rtype: str, desired: int, lws: dict[str, Any] | None) -> RoleObservation:
-    """Read replicas/ready/updated/partition from an LWS (None if it does not exist yet)."""
+    """Read replicas/ready/updated/partition from an LWS (None if it does not exist yet).
+
+    `desired` is what the operator asked for (spec, or the ServingRoleScaler), never the rollout's
+    temporary replicas. `updated_ready` is LWS's best guess (ready and updated counted apart);
+    the controller replaces it with the planner's exact count during a rollout.
+    """
     if lws is None:
         return RoleObservation(name, rtype, desired)
     st = lws.get("status") or {}
-    ru = ((lws.get("spec") or {}).get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
+    spec = lws.get("spec") or {}
+    ru = (spec.get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
+    ready, updated = int(st.get("readyReplicas") or 0), int(st.get("updatedReplicas") or 0)
+    # Only an LWS marked mid-rollout holds surge; any other excess is a scale-down under way.
+    marked = ANNOTATION_ROLLOUT in ((lws.get("metadata") or {}).get("annotations") or {})
     return RoleObservation(
         name=name,
         type=rtype,
         desired=desired,
         replicas=int(st.get("replicas") or 0),
-        ready=int(st.get("readyReplicas") or 0),
-        updated=int(st.get("updatedReplicas") or 0),
+        ready=ready,
+        updated=updated,
         partition=int(ru.get("partition") or 0),
         exists=True,
         current=_status_is_current(lws),
+        updated_ready=min(ready, updated),
+        surge=max(0, int(spec.get("replicas") or 0) - desired) if marked else 0,
     )
 
 
@@ -121,13 +138,66 @@ def resumed_progress(
 
 
 def summarize(roles: list[RoleObservation]) -> dict[str, str]:
-    """Ready/desired per role type, e.g. {"prefill": "3/4"}, for printer columns."""
+    """Ready/desired per role type, e.g. {"prefill": "3/4"}, for printer columns.
+
+    Ready counts at most `desired` per role: surge groups of a rollout (or groups a scale-down has
+    not removed yet) would otherwise show 5/4 while the operator's 4 are what counts."""
     out = {}
     for t in SUMMARY_TYPES:
         rs = [r for r in roles if r.type == t]
         if rs:
-            out[t] = f"{sum(r.ready for r in rs)}/{sum(r.desired for r in rs)}"
+            out[t] = f"{sum(min(r.ready, r.desired) for r in rs)}/{sum(r.desired for r in rs)}"
     return out
+
+
+def rollout_state(conditions: list[dict[str, Any]]) -> str:
+    """One word for the Rollout printer column, from the conditions.
+
+    Invalid, Stalled, Paused, Progressing (a rollout or the first creation under way), Scaling,
+    ApplyFailed, or Complete (the update revision runs everywhere).
+    """
+    invalid = find_condition(conditions, INVALID)
+    if invalid is not None and invalid.get("status") == "True":
+        return "Invalid"
+    stalled = find_condition(conditions, ROLLOUT_STALLED)
+    if stalled is not None and stalled.get("status") == "True":
+        return "Stalled"
+    if stalled is not None and stalled.get("reason") == "Paused":
+        return "Paused"
+    progressing = find_condition(conditions, PROGRESSING) or {}
+    reason = str(progressing.get("reason") or "")
+    if progressing.get("status") == "True":
+        return "Scaling" if reason == "Scaling" else "Progressing"
+    return reason or "Unknown"
+
+
+def stalled_condition(
+    kind: str,
+    reason: str,
+    stalled_for: float,
+    deadline: int,
+    since: str,
+    generation: int,
+    previous: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """RolloutStalled while a rollout is active, from the planner's decision `kind` and `reason`.
+
+    The message names when progress stopped (`since`, status.lastProgressTime), not for how long:
+    an elapsed time would change every pass and rewrite an unchanged stall forever."""
+    if kind == "blocked":
+        return condition(ROLLOUT_STALLED, True, "CannotProgress", reason, generation, previous)
+    if kind == "paused":
+        return condition(ROLLOUT_STALLED, False, "Paused", reason, generation, previous)
+    if stalled_for > deadline:
+        return condition(
+            ROLLOUT_STALLED,
+            True,
+            "ProgressDeadlineExceeded",
+            f"no progress since {since} (progressDeadlineSeconds {deadline}): {reason}",
+            generation,
+            previous,
+        )
+    return condition(ROLLOUT_STALLED, False, "Progressing", reason, generation, previous)
 
 
 def compute_status(
@@ -137,24 +207,21 @@ def compute_status(
     previous: dict[str, Any] | None,
     current_revision: str | None = None,
     invalid: str | None = None,
+    rolling: bool = False,
 ) -> dict[str, Any]:
     """The full status object for a ServingGroup.
 
     `invalid` is a reason message when the spec could not be rendered or was refused by the API
-    server; the group then reports Invalid=True and its other conditions Unknown.
+    server; the group then reports Invalid=True, keeps its revisions (nothing is rolled out), and
+    still reports the roles and availability of the LWS that serve meanwhile. `rolling` says the
+    planner drives a rollout (also while only its surge groups remain to be removed).
     """
     prev_conds = list((previous or {}).get("conditions") or [])
+    available = _available(roles, generation, prev_conds)
     if invalid is not None:
         conds = [
             condition(INVALID, True, "SpecRejected", invalid, generation, prev_conds),
-            condition(
-                AVAILABLE,
-                None,
-                "SpecRejected",
-                "the spec is invalid; see the Invalid condition",
-                generation,
-                prev_conds,
-            ),
+            available,
             condition(
                 PROGRESSING,
                 False,
@@ -164,48 +231,31 @@ def compute_status(
                 prev_conds,
             ),
         ]
+        kept = ("currentRevision", "updateRevision", "lastProgressTime")
         return {
-            **{k: v for k, v in (previous or {}).items() if k not in ("conditions", "observedGeneration")},
+            **{k: v for k, v in (previous or {}).items() if k in kept},
             "observedGeneration": generation,
+            "roles": _role_statuses(roles),
+            "summary": {**summarize(roles), "rollout": rollout_state(conds)},
             "conditions": conds,
         }
 
     not_ready = [r for r in roles if r.ready < r.desired]
-    serving_types = {"prefill", "decode"} | ({"proxy"} if any(r.type == "proxy" for r in roles) else set())
-    missing_path = sorted(t for t in serving_types if not any(r.type == t and r.ready > 0 for r in roles))
-    if not missing_path and not not_ready:
-        available = condition(
-            AVAILABLE, True, "AllRolesReady", "every role has all its groups ready", generation, prev_conds
-        )
-    elif not missing_path:
-        names = ", ".join(f"{r.name} {r.ready}/{r.desired}" for r in not_ready)
-        available = condition(
-            AVAILABLE,
-            True,
-            "MinimumRolesReady",
-            f"serving, but not every group is ready: {names}",
-            generation,
-            prev_conds,
-        )
-    else:
-        available = condition(
-            AVAILABLE,
-            False,
-            "RoleNotReady",
-            f"no ready group yet for role type(s): {', '.join(missing_path)}",
-            generation,
-            prev_conds,
-        )
-
-    rolling = [r for r in roles if r.updated < r.desired or r.partition > 0]
+    updating = [r for r in roles if r.updated < r.desired or r.partition > 0]
     stale = [r.name for r in roles if r.exists and not r.current]
     if not all(r.exists for r in roles):
         progressing = condition(
             PROGRESSING, True, "CreatingRoles", "creating LeaderWorkerSets", generation, prev_conds
         )
-    elif rolling:
-        names = ", ".join(f"{r.name} {r.updated}/{r.desired} updated" for r in rolling)
-        progressing = condition(PROGRESSING, True, "RolloutInProgress", names, generation, prev_conds)
+    elif updating or rolling:
+        names = ", ".join(
+            f"{r.name} {min(r.updated_ready, r.desired)}/{r.desired} ready on the update revision"
+            for r in roles
+            if r in updating or r.surge or r.updated_ready < r.desired
+        )
+        progressing = condition(
+            PROGRESSING, True, "RolloutInProgress", names or "rollout in progress", generation, prev_conds
+        )
     elif not_ready or any(r.replicas != r.desired for r in roles):
         progressing = condition(
             PROGRESSING, True, "Scaling", "waiting for groups to become ready", generation, prev_conds
@@ -226,25 +276,64 @@ def compute_status(
 
     invalid_c = condition(INVALID, False, "Valid", "the spec was accepted", generation, prev_conds)
     done = progressing["status"] == "False"
+    conds = [available, progressing, invalid_c]
     return {
         "observedGeneration": generation,
         "currentRevision": revision if done else (current_revision or revision),
         "updateRevision": revision,
-        "roles": [
-            {
-                "name": r.name,
-                "type": r.type,
-                "desiredReplicas": r.desired,
-                "replicas": r.replicas,
-                "readyReplicas": r.ready,
-                "updatedReplicas": r.updated,
-                "partition": r.partition,
-            }
-            for r in roles
-        ],
-        "summary": summarize(roles),
-        "conditions": [available, progressing, invalid_c],
+        "roles": _role_statuses(roles),
+        # The controller sets summary.rollout again once RolloutStalled is known.
+        "summary": {**summarize(roles), "rollout": rollout_state(conds)},
+        "conditions": conds,
     }
+
+
+def _available(
+    roles: list[RoleObservation], generation: int, prev_conds: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Available: every serving role type has a ready group (True), all groups ready or not."""
+    not_ready = [r for r in roles if r.ready < r.desired]
+    serving_types = {"prefill", "decode"} | ({"proxy"} if any(r.type == "proxy" for r in roles) else set())
+    missing_path = sorted(t for t in serving_types if not any(r.type == t and r.ready > 0 for r in roles))
+    if not missing_path and not not_ready:
+        return condition(
+            AVAILABLE, True, "AllRolesReady", "every role has all its groups ready", generation, prev_conds
+        )
+    if not missing_path:
+        names = ", ".join(f"{r.name} {r.ready}/{r.desired}" for r in not_ready)
+        return condition(
+            AVAILABLE,
+            True,
+            "MinimumRolesReady",
+            f"serving, but not every group is ready: {names}",
+            generation,
+            prev_conds,
+        )
+    return condition(
+        AVAILABLE,
+        False,
+        "RoleNotReady",
+        f"no ready group yet for role type(s): {', '.join(missing_path)}",
+        generation,
+        prev_conds,
+    )
+
+
+def _role_statuses(roles: list[RoleObservation]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": r.name,
+            "type": r.type,
+            "desiredReplicas": r.desired,
+            "replicas": r.replicas,
+            "readyReplicas": r.ready,
+            "updatedReplicas": r.updated,
+            "updatedReadyReplicas": r.updated_ready,
+            "surgeReplicas": r.surge,
+            "partition": r.partition,
+        }
+        for r in roles
+    ]
 
 
 def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -255,3 +344,22 @@ def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[s
         for c in new.get("conditions", [])
         if before.get(c["type"]) != c["status"]
     ]
+
+
+def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The Events announcing `new`'s condition flips: (type, reason, note, series).
+
+    Warning when something needs a human: a stalled rollout, a revision record refused, a group
+    that stopped serving. Invalid=True is left out: the controller's InvalidSpec Warning carries
+    the message, and one refusal is one event. The series is the condition type, so the event
+    recorder drops only a repeat of the same flip, never a flip back or a second one.
+    """
+    out = []
+    for ctype, old_s, new_s, reason in transitions(old, new):
+        if ctype == INVALID and new_s == "True":
+            continue
+        warning = (ctype in (ROLLOUT_STALLED, REVISION_RECORD_FAILED) and new_s == "True") or (
+            ctype == AVAILABLE and new_s == "False" and old_s == "True"
+        )
+        out.append(("Warning" if warning else "Normal", reason or ctype, f"{ctype} is now {new_s}", ctype))
+    return out

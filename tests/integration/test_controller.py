@@ -108,7 +108,7 @@ def test_example_becomes_one_ready_lws_per_role(
         assert set(c) >= {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
         assert c["observedGeneration"] == gen
     assert condition(sg, "Invalid")["status"] == "False"
-    assert sg.status["summary"] == {"proxy": "1/1", "prefill": "2/2", "decode": "1/1"}
+    assert sg.status["summary"] == {"proxy": "1/1", "prefill": "2/2", "decode": "1/1", "rollout": "Complete"}
 
     prefill = kube.get(LWS, "sim-pd-prefill", namespace=namespace)
     labels = prefill.metadata.labels
@@ -127,8 +127,17 @@ def test_example_becomes_one_ready_lws_per_role(
 
     table = kubectl(devcluster, "get", "sg", "-n", namespace)
     header, row = table.splitlines()[:2]
-    assert header.split()[:7] == ["NAME", "PROXY", "PREFILL", "DECODE", "REVISION", "AVAILABLE", "AGE"]
-    assert row.split()[:6] == ["sim-pd", "1/1", "2/2", "1/1", sg.status["updateRevision"], "True"]
+    assert header.split()[:8] == [
+        "NAME",
+        "PROXY",
+        "PREFILL",
+        "DECODE",
+        "REVISION",
+        "AVAILABLE",
+        "ROLLOUT",
+        "AGE",
+    ]
+    assert row.split()[:7] == ["sim-pd", "1/1", "2/2", "1/1", sg.status["updateRevision"], "True", "Complete"]
 
 
 def test_spec_changes_flow_to_lws_and_removed_roles_are_pruned(

@@ -191,7 +191,12 @@ def test_servinggroup_crd_shape() -> None:
     assert columns["Prefill"]["jsonPath"] == ".status.summary.prefill"
     assert columns["Decode"]["jsonPath"] == ".status.summary.decode"
     assert columns["Proxy"]["jsonPath"] == ".status.summary.proxy"
-    assert columns["Revision"]["jsonPath"] == ".status.updateRevision"
+    # The serving revision, not the update one (no group of it is ready when a rollout starts);
+    # the rollout's state has its own column so a stall shows in `kubectl get sg`.
+    assert columns["Revision"]["jsonPath"] == ".status.currentRevision"
+    assert columns["Update Revision"]["jsonPath"] == ".status.updateRevision"
+    assert columns["Update Revision"]["priority"] == 1
+    assert columns["Rollout"]["jsonPath"] == ".status.summary.rollout"
     assert columns["Available"]["jsonPath"] == '.status.conditions[?(@.type=="Available")].status'
     assert columns["Age"]["type"] == "date"
 

@@ -42,7 +42,7 @@ def test_all_ready_is_available_and_complete() -> None:
     assert _cond(s, "Invalid")["status"] == "False"
     assert s["observedGeneration"] == 3
     assert all(c["observedGeneration"] == 3 for c in s["conditions"])
-    assert s["summary"] == {"proxy": "1/1", "prefill": "2/2", "decode": "1/1"}
+    assert s["summary"] == {"proxy": "1/1", "prefill": "2/2", "decode": "1/1", "rollout": "Complete"}
     assert s["currentRevision"] == s["updateRevision"] == "abc"
 
 
@@ -93,14 +93,138 @@ def test_transition_time_moves_only_on_flip() -> None:
     assert flips == {"Available", "Progressing"}
 
 
-def test_invalid_status_names_the_problem_and_keeps_other_fields() -> None:
+def test_invalid_status_names_the_problem_and_keeps_reporting_the_serving_lws() -> None:
     ok = st.compute_status(1, _roles(2, 1), "abc", None)
-    bad = st.compute_status(2, [], "", ok, invalid="spec.roles[1].size: must be >= 1")
+    ok["lastProgressTime"] = "2026-12-05T11:50:00Z"
+    # The spec went invalid, then the decode's only group failed: status must say so, not keep
+    # showing the last valid pass's 1/1 and Available Unknown.
+    bad = st.compute_status(2, _roles(2, 0), "", ok, invalid="spec.roles[1].size: must be >= 1")
     inv = _cond(bad, "Invalid")
     assert inv["status"] == "True" and "spec.roles[1].size" in inv["message"]
-    assert _cond(bad, "Available")["status"] == "Unknown"
-    assert bad["roles"] == ok["roles"]
+    avail = _cond(bad, "Available")
+    assert (avail["status"], avail["reason"]) == ("False", "RoleNotReady") and "decode" in avail["message"]
+    assert _cond(bad, "Progressing")["reason"] == "SpecRejected"
+    assert bad["summary"] == {"proxy": "1/1", "prefill": "2/2", "decode": "0/1", "rollout": "Invalid"}
+    assert [r["readyReplicas"] for r in bad["roles"]] == [1, 2, 0]
     assert bad["observedGeneration"] == 2
+    # Nothing is rolled out while invalid: the revisions and the progress clock stay as they were.
+    assert (bad["currentRevision"], bad["updateRevision"], bad["lastProgressTime"]) == (
+        "abc",
+        "abc",
+        "2026-12-05T11:50:00Z",
+    )
+    # Still serving under an invalid spec: Available stays True, not Unknown.
+    serving = st.compute_status(2, _roles(2, 1), "", ok, invalid="spec.roles[1].size: must be >= 1")
+    assert _cond(serving, "Available")["status"] == "True"
+    # An unchanged world under the same invalid spec writes nothing.
+    assert (
+        st.compute_status(2, _roles(2, 1), "", serving, invalid="spec.roles[1].size: must be >= 1") == serving
+    )
+
+
+def _surged(ready: int, updated_ready: int, desired: int = 4, surge: int = 1) -> st.RoleObservation:
+    """A prefill role mid-rollout: `desired` asked for, `surge` extra groups exist."""
+    return st.RoleObservation(
+        "prefill",
+        "prefill",
+        desired,
+        replicas=desired + surge,
+        ready=ready,
+        updated=updated_ready,
+        partition=desired + surge - updated_ready,
+        exists=True,
+        updated_ready=updated_ready,
+        surge=surge,
+    )
+
+
+def test_summary_and_roles_report_the_operators_desired_count_during_a_rollout() -> None:
+    decode = st.RoleObservation("decode", "decode", 2, 3, 3, 1, 2, True, updated_ready=1, surge=1)
+    s = st.compute_status(5, [_surged(5, 1), decode], "new", None, "old", rolling=True)
+    # Surge groups neither inflate the desired count nor push ready above it (was 5/5 and 3/3).
+    assert s["summary"] == {"prefill": "4/4", "decode": "2/2", "rollout": "Progressing"}
+    prefill = s["roles"][0]
+    assert (prefill["desiredReplicas"], prefill["replicas"], prefill["readyReplicas"]) == (4, 5, 5)
+    assert (prefill["updatedReadyReplicas"], prefill["surgeReplicas"]) == (1, 1)
+    assert s["currentRevision"] == "old" and s["updateRevision"] == "new"
+    # A frozen rollout with a surge group never ready: 4 old groups serve, 4/4 (was 4/5).
+    frozen = st.compute_status(5, [_surged(4, 0), decode], "new", None, "old", rolling=True)
+    assert frozen["summary"]["prefill"] == "4/4"
+
+
+def test_a_rollout_removing_its_last_surge_groups_is_still_in_progress() -> None:
+    # Every group is on the new revision and the partition is 0, but the surge group is still
+    # there: the planner is driving it, so the rollout is not Complete and currentRevision waits.
+    last = st.RoleObservation("prefill", "prefill", 4, 5, 5, 5, 0, True, updated_ready=5, surge=1)
+    decode = st.RoleObservation("decode", "decode", 2, 2, 2, 2, 0, True, updated_ready=2)
+    s = st.compute_status(5, [last, decode], "new", None, "old", rolling=True)
+    prog = _cond(s, "Progressing")
+    assert (prog["status"], prog["reason"]) == ("True", "RolloutInProgress")
+    assert "prefill 4/4 ready on the update revision" in prog["message"]
+    assert s["currentRevision"] == "old"
+
+
+def test_rollout_state_for_the_printer_column() -> None:
+    def conds(**by_type: tuple[str, str]) -> list[dict]:
+        return [{"type": t, "status": v[0], "reason": v[1]} for t, v in by_type.items()]
+
+    assert st.rollout_state(conds(Progressing=("False", "Complete"))) == "Complete"
+    assert st.rollout_state(conds(Progressing=("True", "RolloutInProgress"))) == "Progressing"
+    assert st.rollout_state(conds(Progressing=("True", "CreatingRoles"))) == "Progressing"
+    assert st.rollout_state(conds(Progressing=("True", "Scaling"))) == "Scaling"
+    assert st.rollout_state(conds(Progressing=("False", "ApplyFailed"))) == "ApplyFailed"
+    assert (
+        st.rollout_state(
+            conds(
+                Progressing=("True", "RolloutInProgress"), RolloutStalled=("True", "ProgressDeadlineExceeded")
+            )
+        )
+        == "Stalled"
+    )
+    assert (
+        st.rollout_state(conds(Progressing=("True", "RolloutInProgress"), RolloutStalled=("False", "Paused")))
+        == "Paused"
+    )
+    assert (
+        st.rollout_state(conds(Invalid=("True", "SpecRejected"), RolloutStalled=("True", "x"))) == "Invalid"
+    )
+
+
+def test_an_unchanged_stall_gives_an_identical_condition() -> None:
+    """The message says since when, not for how long: a stall that does not change writes nothing."""
+    first = st.stalled_condition("wait", "waiting for prefill", 301.2, 300, "2026-12-05T11:50:00Z", 3, [])
+    assert first["status"] == "True" and first["reason"] == "ProgressDeadlineExceeded"
+    assert "2026-12-05T11:50:00Z" in first["message"]
+    later = st.stalled_condition(
+        "wait", "waiting for prefill", 407.9, 300, "2026-12-05T11:50:00Z", 3, [first]
+    )
+    assert later == first
+    assert st.stalled_condition("wait", "r", 10, 300, "t", 3, [])["reason"] == "Progressing"
+    assert st.stalled_condition("blocked", "r", 0, 300, "t", 3, [])["reason"] == "CannotProgress"
+    assert st.stalled_condition("paused", "r", 999, 300, "t", 3, [])["status"] == "False"
+
+
+def test_transition_events_warn_on_a_stall_and_report_an_invalid_spec_once() -> None:
+    ok = st.compute_status(1, _roles(2, 1), "abc", None)
+    ok["conditions"].append(st.condition(st.ROLLOUT_STALLED, False, "Progressing", "", 1, []))
+    stalled = {**ok, "conditions": [c for c in ok["conditions"] if c["type"] != st.ROLLOUT_STALLED]}
+    for reason in ("CannotProgress", "ProgressDeadlineExceeded"):
+        stalled["conditions"] = [
+            *stalled["conditions"][:3],
+            st.condition(st.ROLLOUT_STALLED, True, reason, "", 1, []),
+        ]
+        events = st.transition_events(ok, stalled)
+        assert events == [("Warning", reason, "RolloutStalled is now True", "RolloutStalled")]
+    # The InvalidSpec Warning (with the message) is the controller's; the flip adds no second one.
+    bad = st.compute_status(2, _roles(2, 1), "", ok, invalid="bad")
+    assert [e for e in st.transition_events(ok, bad) if e[0] == "Warning"] == []
+    fixed = st.compute_status(3, _roles(2, 1), "abc", bad)
+    assert ("Normal", "Valid", "Invalid is now False", "Invalid") in st.transition_events(bad, fixed)
+    # A second outage is a Warning again.
+    down = st.compute_status(3, _roles(2, 0), "abc", fixed)
+    assert ("Warning", "RoleNotReady", "Available is now False", "Available") in st.transition_events(
+        fixed, down
+    )
 
 
 def test_observe_role_reads_lws_status_and_partition() -> None:
@@ -110,6 +234,15 @@ def test_observe_role_reads_lws_status_and_partition() -> None:
     }
     o = st.observe_role("prefill", "prefill", 4, lws)
     assert (o.replicas, o.ready, o.updated, o.partition, o.exists) == (4, 3, 2, 2, True)
+    assert (o.updated_ready, o.surge) == (2, 0)
+    # Only an LWS a rollout marked holds surge (else the excess is a scale-down under way).
+    marked = {
+        "metadata": {"annotations": {"pdorch.io/rollout": "abc"}},
+        "spec": {"replicas": 5, "rolloutStrategy": {"rollingUpdateConfiguration": {"partition": 3}}},
+        "status": {"replicas": 5, "readyReplicas": 4, "updatedReplicas": 2},
+    }
+    assert st.observe_role("prefill", "prefill", 4, marked).surge == 1
+    assert st.observe_role("prefill", "prefill", 4, {**marked, "metadata": {}}).surge == 0
     assert not st.observe_role("x", "decode", 1, None).exists
 
 

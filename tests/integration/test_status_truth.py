@@ -1,0 +1,225 @@
+"""What `kubectl get sg`, status, events and metrics say on the dev cluster during a stalled
+rollout, an outage under an invalid spec, and after a group is deleted."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from lightkube import Client
+from lightkube.resources.core_v1 import Node, Pod
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdorch.devcluster.cluster import ClusterState
+from pdorch.devcluster.controller_process import ControllerProc
+from pdorch.devcluster.waiting import wait_for
+from tests.integration.test_controller import SG, condition, example, kubectl, update_spec, wait_available
+
+pytestmark = pytest.mark.integration
+
+
+def _events(devcluster: ClusterState, namespace: str, name: str) -> list[dict[str, Any]]:
+    # As JSON: lightkube's typed Event refuses the null eventTime of converted core events.
+    raw = kubectl(devcluster, "get", "events.events.k8s.io", "-n", namespace, "-o", "json")
+    return [
+        e
+        for e in json.loads(raw)["items"]
+        if (e.get("regarding") or {}).get("name") == name
+        and e.get("reportingController") == "pdorch.io/controller"
+    ]
+
+
+def _reasons(devcluster: ClusterState, namespace: str, name: str, etype: str | None = None) -> list[str]:
+    return [e["reason"] for e in _events(devcluster, namespace, name) if etype is None or e["type"] == etype]
+
+
+def _series(metrics: str, group: str) -> set[str]:
+    """Names of the controller's series that carry `group=<group>`."""
+    return {
+        s.name
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.labels.get("group") == group and not s.name.endswith("_created")
+    }
+
+
+def _value(metrics: str, name: str, group: str) -> float | None:
+    for family in text_string_to_metric_families(metrics):
+        for s in family.samples:
+            if s.name == name and s.labels.get("group") == group:
+                return s.value
+    return None
+
+
+@pytest.fixture
+def cordon(kube: Client) -> Iterator[Any]:
+    """`cordon(True)` makes every node unschedulable (a deleted pod then stays Pending); undone after."""
+
+    def set_all(on: bool) -> None:
+        for node in kube.list(Node):
+            kube.patch(Node, node.metadata.name, {"spec": {"unschedulable": on or None}})
+
+    try:
+        yield set_all
+    finally:
+        set_all(False)
+
+
+def _outage(kube: Client, cordon: Any, namespace: str, name: str, role: str) -> None:
+    """No node takes new pods, and the role's pods are deleted: its groups stay down."""
+    cordon(True)
+    for pod in kube.list(Pod, namespace=namespace, labels={"pdorch.io/group": name, "pdorch.io/role": role}):
+        kube.delete(Pod, pod.metadata.name, namespace=namespace, grace_period=0)
+
+
+def test_a_stalled_rollout_shows_desired_counts_and_its_state_and_stays_quiet(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    doc = example("frozen")
+    for role in doc["spec"]["roles"]:
+        role["replicas"] = {"proxy": 1, "prefill": 4, "decode": 2}[role["type"]]
+    doc["spec"]["rolloutStrategy"] = {"progressDeadlineSeconds": 5}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    first = wait_available(kube, namespace, "frozen").status["updateRevision"]
+
+    def unschedulable(spec: dict[str, Any]) -> None:
+        # The new revision's pods fit no node: its surge groups never become ready.
+        for role in spec["roles"]:
+            if role["type"] in ("prefill", "decode"):
+                role["workerTemplate"]["spec"]["nodeSelector"] = {"pdorch.io/test": "no-such-node"}
+
+    update_spec(kube, namespace, "frozen", unschedulable)
+
+    def exceeded() -> Any:
+        sg = kube.get(SG, "frozen", namespace=namespace)
+        c = condition(sg, "RolloutStalled")
+        return sg if c and c["reason"] == "ProgressDeadlineExceeded" else None
+
+    sg = wait_for(exceeded, 90, "RolloutStalled reason ProgressDeadlineExceeded")
+    status = sg.status
+    # The operator asked for 4:2 (it used to read 3/5 and 2/3: the planner's replicas, surge
+    # included); ready counts the groups that serve, at most the desired ones.
+    roles = {r["name"]: r for r in status["roles"]}
+    assert roles["prefill"]["desiredReplicas"] == 4 and roles["decode"]["desiredReplicas"] == 2
+    summary = status["summary"]
+    assert summary["prefill"] == f"{min(roles['prefill']['readyReplicas'], 4)}/4", summary
+    assert summary["decode"] == f"{min(roles['decode']['readyReplicas'], 2)}/2", summary
+    assert summary["rollout"] == "Stalled"
+    assert roles["prefill"]["surgeReplicas"] >= 1 and roles["prefill"]["replicas"] > 4
+    assert roles["prefill"]["updatedReadyReplicas"] == 0
+    second = status["updateRevision"]
+    assert second != first and status["currentRevision"] == first
+
+    header, row = kubectl(devcluster, "get", "sg", "-n", namespace).splitlines()[:2]
+    cols = dict(zip(header.split(), row.split(), strict=True))
+    assert cols["REVISION"] == first, "REVISION is the serving revision until the rollout completes"
+    assert (cols["PREFILL"], cols["DECODE"], cols["ROLLOUT"]) == (
+        summary["prefill"],
+        summary["decode"],
+        "Stalled",
+    )
+
+    # An unchanged stall writes nothing (the message used to count seconds: a write every pass).
+    time.sleep(3)
+    rv = kube.get(SG, "frozen", namespace=namespace).metadata.resourceVersion
+    time.sleep(12)  # two requeues of a stalled rollout (every 5 s) and their watch events
+    again = kube.get(SG, "frozen", namespace=namespace)
+    assert again.metadata.resourceVersion == rv, condition(again, "RolloutStalled")
+
+    # The stall is a Warning event.
+    def stall_warned() -> bool:
+        return "ProgressDeadlineExceeded" in _reasons(devcluster, namespace, "frozen", "Warning")
+
+    wait_for(stall_warned, 15, "a Warning ProgressDeadlineExceeded event")
+
+    # A scale-down mid-rollout shows at once in the desired count.
+    update_spec(
+        kube,
+        namespace,
+        "frozen",
+        lambda s: [r.update({"replicas": 2}) for r in s["roles"] if r["type"] == "prefill"],
+    )
+    wait_for(
+        lambda: kube.get(SG, "frozen", namespace=namespace).status["summary"]["prefill"].endswith("/2"),
+        30,
+        "prefill desired 2 in the summary",
+    )
+
+
+def test_an_invalid_spec_still_reports_an_outage_and_warns_once(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc, cordon: Any
+) -> None:
+    kube.create(SG.from_dict(example("inv")), namespace=namespace)
+    wait_available(kube, namespace, "inv")
+
+    def bad_port(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] == "decode":
+                role["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
+
+    update_spec(kube, namespace, "inv", bad_port)
+
+    def invalid() -> Any:
+        sg = kube.get(SG, "inv", namespace=namespace)
+        c = condition(sg, "Invalid")
+        return sg if c and c["status"] == "True" else None
+
+    sg = invalid() or wait_for(invalid, 60, "Invalid=True")
+    # The old LWS still serve: Available stays True (it used to go Unknown).
+    assert condition(sg, "Available")["status"] == "True"
+    assert sg.status["summary"]["rollout"] == "Invalid"
+    time.sleep(3)  # events are sent in the background
+    assert _reasons(devcluster, namespace, "inv", "Warning") == ["InvalidSpec"], "one refusal, one Warning"
+
+    _outage(kube, cordon, namespace, "inv", "decode")
+
+    def down() -> Any:
+        sg = kube.get(SG, "inv", namespace=namespace)
+        c = condition(sg, "Available")
+        return sg if c and c["status"] == "False" else None
+
+    sg = wait_for(down, 60, "Available=False while the spec is invalid")
+    assert sg.status["summary"]["decode"] == "0/1", sg.status["summary"]
+    assert condition(sg, "Available")["reason"] == "RoleNotReady"
+    assert condition(sg, "Invalid")["status"] == "True"
+
+    def warned(n: int) -> bool:
+        return _reasons(devcluster, namespace, "inv", "Warning").count("RoleNotReady") >= n
+
+    wait_for(lambda: warned(1), 15, "a Warning RoleNotReady event")
+
+    # Back up, then a second outage minutes before the old 10-minute dedup window ends: a second
+    # Warning (it used to be dropped as a repeat).
+    cordon(False)
+    wait_for(
+        lambda: condition(kube.get(SG, "inv", namespace=namespace), "Available")["status"] == "True",
+        60,
+        "decode back",
+    )
+    _outage(kube, cordon, namespace, "inv", "decode")
+    wait_for(down, 60, "Available=False again")
+    wait_for(lambda: warned(2), 15, "a second Warning RoleNotReady event")
+
+
+def test_ratio_deviation_follows_a_one_sided_outage_and_a_deleted_group_leaves_no_series(
+    kube: Client, namespace: str, controller: ControllerProc, cordon: Any
+) -> None:
+    name = f"gone-{namespace[-6:]}"
+    kube.create(SG.from_dict(example(name)), namespace=namespace)
+    wait_available(kube, namespace, name)
+    wait_for(lambda: _value(controller.metrics_text(), "pdorch_ratio_deviation", name) == 0, 30, "on ratio")
+    assert {"pdorch_rollout_stalled", "pdorch_ratio_deviation"} <= _series(controller.metrics_text(), name)
+
+    _outage(kube, cordon, namespace, name, "decode")
+    wait_for(
+        lambda: _value(controller.metrics_text(), "pdorch_ratio_deviation", name) == 1.0,
+        60,
+        "ratio deviation 1.0 with no decode ready",
+    )
+    cordon(False)
+
+    kube.delete(SG, name, namespace=namespace)
+    wait_for(lambda: not _series(controller.metrics_text(), name), 60, f"no series of {name} left")

@@ -1,0 +1,76 @@
+"""Event deduplication: a repeat of an unchanged state is dropped, a new transition never is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pdorch.controller import events as ev
+from pdorch.controller.events import EventRecorder
+
+pytestmark = pytest.mark.unit
+
+OBJ = {"metadata": {"name": "g", "namespace": "ns", "uid": "u1"}}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    c = _Clock()
+    monkeypatch.setattr(ev.time, "monotonic", c)
+    return c
+
+
+def _rec(**kw: Any) -> EventRecorder:
+    return EventRecorder(None, "test", **kw)  # type: ignore[arg-type]  # is_repeat never calls the API
+
+
+def test_a_condition_that_flips_back_and_again_is_reported_every_time(clock: _Clock) -> None:
+    rec = _rec()
+    down = ("Warning", "RoleNotReady", "Available is now False", "Available")
+    up = ("Normal", "AllRolesReady", "Available is now True", "Available")
+    assert not rec.is_repeat(OBJ, *down)
+    # The same flip computed again from a status cache older than our write: a true repeat.
+    assert rec.is_repeat(OBJ, *down)
+    clock.t += 30
+    assert not rec.is_repeat(OBJ, *up)
+    clock.t += 30
+    # A second outage within the old 10-minute window: a new transition, reported.
+    assert not rec.is_repeat(OBJ, *down)
+    # Another group's flip is its own.
+    assert not rec.is_repeat({"metadata": {"name": "h", "uid": "u2"}}, *up)
+
+
+def test_a_second_rollout_reports_its_stall_again(clock: _Clock) -> None:
+    rec = _rec()
+    stalled = ("Warning", "ProgressDeadlineExceeded", "RolloutStalled is now True", "RolloutStalled")
+    assert not rec.is_repeat(OBJ, *stalled)
+    assert not rec.is_repeat(OBJ, "Normal", "NoRollout", "RolloutStalled is now False", "RolloutStalled")
+    clock.t += 60
+    assert not rec.is_repeat(OBJ, *stalled)
+
+
+def test_events_without_a_series_are_deduplicated_only_briefly(clock: _Clock) -> None:
+    rec = _rec(repeat_window=10.0)
+    created = ("Normal", "Created", "created LeaderWorkerSet/g-decode", None)
+    assert not rec.is_repeat(OBJ, *created)
+    clock.t += 1
+    assert rec.is_repeat(OBJ, *created)
+    # Deleted by hand and created again a minute later: a new action, reported.
+    clock.t += 60
+    assert not rec.is_repeat(OBJ, *created)
+
+
+def test_ttl_zero_deduplicates_nothing(clock: _Clock) -> None:
+    rec = _rec(ttl=0.0)
+    for series in ("S", None):
+        assert not rec.is_repeat(OBJ, "Normal", "ScaledUp", "2 -> 3", series)
+        assert not rec.is_repeat(OBJ, "Normal", "ScaledUp", "2 -> 3", series)
