@@ -69,6 +69,8 @@ ROLE = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role")
 ROLE_BINDING = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 EVENT = Resource("events.k8s.io", "v1", "events", "Event")
+# Read through the core API: its field selectors (type, reason) are what the apiserver indexes.
+CORE_EVENT = Resource("", "v1", "events", "Event")
 CONTROLLER_REVISION = Resource("apps", "v1", "controllerrevisions", "ControllerRevision")
 NAMESPACE = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
 
@@ -200,19 +202,21 @@ class KubeApi:
             raise
 
     async def list(
-        self, res: Resource, namespace: str | None = None, label_selector: str | None = None, limit: int = 500
+        self,
+        res: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        limit: int = 500,
+        field_selector: str | None = None,
     ) -> tuple[list[dict[str, Any]], str]:
         """All objects (paginated) and the list's resourceVersion."""
         items: list[dict[str, Any]] = []
         cont: str | None = None
         while True:
-            page = await self._request(
-                "list",
-                "GET",
-                res,
-                res.path(namespace),
-                params={"labelSelector": label_selector, "limit": limit, "continue": cont},
-            )
+            params = {"labelSelector": label_selector, "limit": limit, "continue": cont}
+            if field_selector:
+                params["fieldSelector"] = field_selector
+            page = await self._request("list", "GET", res, res.path(namespace), params=params)
             items.extend(page.get("items") or [])
             cont = page.get("metadata", {}).get("continue")
             if not cont:

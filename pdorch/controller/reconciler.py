@@ -22,10 +22,12 @@ from pdorch.api.errors import format_validation_error
 from pdorch.api.servinggroup import ServingGroup
 from pdorch.controller import status as st
 from pdorch.controller.events import EventRecorder
+from pdorch.controller.failures import FAILED_CREATE, creation_failures
 from pdorch.controller.informer import Informer
 from pdorch.controller.intent import needs_apply, stamp, version_marker
 from pdorch.controller.kubeapi import (
     CONTROLLER_REVISION,
+    CORE_EVENT,
     LWS,
     ROLE,
     ROLE_BINDING,
@@ -48,6 +50,7 @@ from pdorch.roles.labels import (
 from pdorch.roles.naming import lws_name, scaler_name
 from pdorch.roles.render import RenderOptions, RoleOverride, render
 from pdorch.roles.revision import compute_revision
+from pdorch.roles.rolescaler import needs_scaler, scaler_replicas
 from pdorch.rollout import history
 from pdorch.rollout import live as rlive
 from pdorch.rollout.commands import rollout_spec
@@ -81,6 +84,9 @@ ROLLOUT_STALLED = Gauge(
 CHILD_KINDS: tuple[Resource, ...] = (LWS, SERVICE, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, SERVING_ROLE_SCALER)
 # Retry interval of a ControllerRevision write the API refused (the pass itself succeeded).
 REVISION_RETRY_S = 10.0
+# A role lacking groups this long gets its FailedCreate warnings read, at most this often.
+FAILURE_GRACE_S = 15.0
+FAILURE_CHECK_S = 15.0
 # Kinds carrying user-supplied content (pod templates, scaling bounds): dry-run before writing.
 USER_CONTENT_KINDS = frozenset({LWS.kind, SERVING_ROLE_SCALER.kind})
 
@@ -120,6 +126,11 @@ class Reconciler:
     # status.lastProgressTime (for RolloutStalled; a restarted controller resumes from status).
     rolling: set[str] = field(default_factory=set)
     _progress: dict[str, tuple[str, float, str]] = field(default_factory=dict)
+    # (namespace, LWS name) -> when this process last changed it: creation failures older than
+    # that concern an earlier spec. Per group: when its FailedCreate warnings were last read, and
+    # what they said (read at most every FAILURE_CHECK_S, and only while a role lacks groups).
+    _lws_changed_at: dict[tuple[str, str], dt.datetime] = field(default_factory=dict)
+    _failures: dict[str, tuple[float, dict[str, str]]] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
         """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
@@ -260,6 +271,8 @@ class Reconciler:
                     version_marker(result),
                     h,
                 )
+                if res == LWS:
+                    self._lws_changed_at[(namespace, stamped["metadata"]["name"])] = dt.datetime.now(dt.UTC)
                 if live is None:
                     created.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
             if failures:
@@ -297,6 +310,20 @@ class Reconciler:
             rolling=rollout.active,
         )
         requeue = self._rollout_status(sg, key, obj, generation, prev_status, new_status, rollout)
+        failing = await self._creation_failures(key, namespace, name, roles)
+        if failing:
+            new_status["conditions"].append(
+                st.condition(
+                    st.REPLICA_FAILURE,
+                    True,
+                    FAILED_CREATE,
+                    "; ".join(f"{role}: {msg}" for role, msg in sorted(failing.items()))[:2000],
+                    generation,
+                    prev_status.get("conditions") or [],
+                )
+            )
+        if any(r.exists and r.ready < r.desired for r in roles):
+            requeue = min(requeue or FAILURE_CHECK_S, FAILURE_CHECK_S)  # to read the warnings again
         new_status["summary"]["rollout"] = st.rollout_state(new_status["conditions"])
         _record_ratio(sg, roles, namespace, name)
         # Recorded before the status that announces it, so a pass that raises here leaves the old
@@ -325,6 +352,43 @@ class Reconciler:
         await self._write_status(obj, prev_status, new_status)
         RECONCILES.labels("ok").inc()
         return requeue
+
+    async def _creation_failures(
+        self, key: str, namespace: str, name: str, roles: list[st.RoleObservation]
+    ) -> dict[str, str]:
+        """Per role lacking groups for FAILURE_GRACE_S, why its LWS or StatefulSets could not
+        create them (their FailedCreate warnings since this process last changed the LWS)."""
+        now = time.monotonic()
+        wall = dt.datetime.now(dt.UTC)
+        lacking: dict[str, str] = {}
+        since: dict[str, dt.datetime | None] = {}
+        for r in roles:
+            lws = self.caches.children[LWS].get(namespace, lws_name(name, r.name)) if r.exists else None
+            if lws is None or r.ready >= r.desired:
+                continue
+            created = st.parse_rfc3339((lws.get("metadata") or {}).get("creationTimestamp"))
+            changed = self._lws_changed_at.get((namespace, lws["metadata"]["name"]))
+            start = max((t for t in (created, changed) if t is not None), default=None)
+            if start is not None and (wall - start).total_seconds() < FAILURE_GRACE_S:
+                continue  # groups take a moment to appear: do not read events for every new group
+            lacking[r.name] = lws["metadata"]["name"]
+            since[r.name] = start
+        if not lacking:
+            self._failures.pop(key, None)
+            return {}
+        cached = self._failures.get(key)
+        if cached is not None and now - cached[0] < FAILURE_CHECK_S:
+            return {r: m for r, m in cached[1].items() if r in lacking}
+        try:
+            events, _ = await self.api.list(
+                CORE_EVENT, namespace, field_selector=f"type=Warning,reason={FAILED_CREATE}"
+            )
+        except ApiError as e:
+            log.debug("%s: FailedCreate warnings not readable: %s", key, e)
+            return {}
+        found = creation_failures(events, lacking, since)
+        self._failures[key] = (now, found)
+        return found
 
     # ------------------------------------------------------------------ rollout
     async def _plan_rollout(
@@ -473,12 +537,12 @@ class Reconciler:
         within the role's minReplicas/maxReplicas (a `kubectl scale` beyond them does not pass)."""
         out: dict[str, RoleOverride] = {}
         for role in sg.spec.roles:
-            if role.scaling is None or str(role.scaling.mode) == "Static":
+            if not needs_scaler(role):
                 continue
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
-            replicas = ((srs or {}).get("spec") or {}).get("replicas")
+            replicas = scaler_replicas(role, srs)
             if replicas is not None:
-                out[role.name] = RoleOverride(replicas=role.scaling.clamp(int(replicas)))
+                out[role.name] = RoleOverride(replicas=replicas)
         return out
 
     def forget(self, res: Resource, namespace: str, name: str) -> None:

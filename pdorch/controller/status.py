@@ -19,6 +19,8 @@ INVALID = "Invalid"
 ROLLOUT_STALLED = "RolloutStalled"
 # Present (True) only while the update revision's ControllerRevision could not be written.
 REVISION_RECORD_FAILED = "RevisionRecordFailed"
+# Present (True) only while a role's LWS or StatefulSets report that they cannot create its groups.
+REPLICA_FAILURE = "ReplicaFailure"
 
 SUMMARY_TYPES = ("proxy", "prefill", "decode", "worker")
 
@@ -29,6 +31,18 @@ RFC3339_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
 
 def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime(RFC3339_SECONDS)
+
+
+def parse_rfc3339(stamp: Any) -> dt.datetime | None:
+    """An API timestamp (whole seconds or with a fraction, `Z` or an offset) as an aware datetime;
+    None when absent or malformed."""
+    if not isinstance(stamp, str) or not stamp:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -128,11 +142,8 @@ def resumed_progress(
     counting from it: the previous status has one and its roles look exactly as they do now (else
     something moved while no controller watched, which is progress)."""
     stamp = previous.get("lastProgressTime")
-    if not isinstance(stamp, str) or previous.get("roles") != new.get("roles"):
-        return None
-    try:
-        then = dt.datetime.strptime(stamp, RFC3339_SECONDS).replace(tzinfo=dt.UTC)
-    except ValueError:
+    then = parse_rfc3339(stamp)
+    if then is None or previous.get("roles") != new.get("roles"):
         return None
     return stamp, max(0.0, (now - then).total_seconds())
 

@@ -76,11 +76,11 @@ def test_install_has_no_pod_security_warnings_and_pods_are_admitted(
 
     wait_for(two_running, 90, "2 controller pods admitted under restricted Pod Security")
 
-    def scaler_running() -> bool:
+    def scalers_running() -> bool:
         pods = kube.list(Pod, namespace="pdorch-system", labels={"app.kubernetes.io/component": "scaler"})
-        return [p.status.phase for p in pods] == ["Running"]
+        return [p.status.phase for p in pods] == ["Running", "Running"]  # leader and standby
 
-    wait_for(scaler_running, 90, "1 scaler pod admitted under restricted Pod Security")
+    wait_for(scalers_running, 90, "2 scaler pods admitted under restricted Pod Security")
 
 
 def test_controller_runs_on_its_service_account_rbac(

@@ -61,6 +61,8 @@ CONTROLLER_NEEDS: set[Rule] = (
     }
     | {("pods", "", v) for v in ("list", "watch")}
     | {("events.events.k8s.io", "", "create")}
+    # Why a role's groups are missing: its LWS's and StatefulSets' FailedCreate warnings.
+    | {("events", "", "list")}
     # Revision history for `pdorch rollback`: one ControllerRevision per revision, pruned.
     | {("controllerrevisions.apps", "", v) for v in ("list", "create", "delete")}
 )

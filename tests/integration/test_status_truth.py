@@ -223,3 +223,31 @@ def test_ratio_deviation_follows_a_one_sided_outage_and_a_deleted_group_leaves_n
 
     kube.delete(SG, name, namespace=namespace)
     wait_for(lambda: not _series(controller.metrics_text(), name), 60, f"no series of {name} left")
+
+
+def test_a_template_statefulsets_refuse_is_reported_as_replica_failure_until_fixed(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A volumeMount naming no volume passes the CRD and LWS's admission; the StatefulSet LWS then
+    creates is refused, which only LWS's own Warning event said. The group now carries
+    ReplicaFailure=True (FailedCreate) with that message, and drops it once the template is fixed."""
+    doc = example("mount")
+
+    def decode_container(spec: dict[str, Any]) -> dict[str, Any]:
+        role = next(r for r in spec["roles"] if r["type"] == "decode")
+        return role["workerTemplate"]["spec"]["containers"][0]
+
+    decode_container(doc["spec"])["volumeMounts"] = [{"name": "models", "mountPath": "/models"}]
+    kube.create(SG.from_dict(doc), namespace=namespace)
+
+    def failure() -> dict[str, Any] | None:
+        c = condition(kube.get(SG, "mount", namespace=namespace), "ReplicaFailure")
+        return c if c and c["status"] == "True" else None
+
+    c = wait_for(failure, 90, "ReplicaFailure=True")
+    assert c["reason"] == "FailedCreate"
+    assert c["message"].startswith("decode: ") and 'volumeMounts[0].name: Not found: "models"' in c["message"]
+
+    update_spec(kube, namespace, "mount", lambda spec: decode_container(spec).pop("volumeMounts"))
+    wait_available(kube, namespace, "mount")
+    wait_for(lambda: failure() is None, 60, "ReplicaFailure gone after the fix")

@@ -1,0 +1,63 @@
+"""Picking a role's creation failure from Warning events (pdorch.controller.failures)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from pdorch.controller.failures import creation_failures, event_time
+
+pytestmark = pytest.mark.unit
+
+LWS = {"prefill": "g-prefill", "decode": "g-decode"}
+
+
+def _ev(
+    kind: str, name: str, message: str, at: str, reason: str = "FailedCreate", typ: str = "Warning"
+) -> dict[str, Any]:
+    return {
+        "type": typ,
+        "reason": reason,
+        "involvedObject": {"kind": kind, "name": name},
+        "message": message,
+        "lastTimestamp": at,
+    }
+
+
+def test_the_newest_failed_create_of_the_role_lws_or_its_statefulsets_is_picked() -> None:
+    events = [
+        _ev(
+            "LeaderWorkerSet", "g-prefill", "Failed to create leader statefulset: old", "2026-12-05T10:00:00Z"
+        ),
+        _ev("StatefulSet", "g-prefill-0", "create Pod g-prefill-0-1 failed: quota", "2026-12-05T10:05:00Z"),
+        _ev("StatefulSet", "g-prefill", "create Pod g-prefill-0 failed: PodSecurity", "2026-12-05T10:03:00Z"),
+        _ev("LeaderWorkerSet", "g-prefill", "noise", "2026-12-05T10:09:00Z", typ="Normal"),
+        _ev("LeaderWorkerSet", "g-prefill", "other", "2026-12-05T10:09:00Z", reason="GroupsProgressing"),
+        _ev("Pod", "g-decode-0", "not ours", "2026-12-05T10:09:00Z"),
+        _ev("LeaderWorkerSet", "g-prefill-extra", "another group's LWS", "2026-12-05T10:09:00Z"),
+    ]
+    got = creation_failures(events, LWS, {})
+    assert got == {"prefill": "create Pod g-prefill-0-1 failed: quota"}
+
+
+def test_failures_older_than_the_current_spec_are_ignored() -> None:
+    """After a fix the controller re-applies the LWS: the warnings about the earlier spec no longer apply."""
+    events = [_ev("LeaderWorkerSet", "g-decode", "volumeMounts[0].name: Not found", "2026-12-05T10:00:00Z")]
+    fixed_at = dt.datetime(2026, 12, 5, 10, 1, tzinfo=dt.UTC)
+    assert creation_failures(events, LWS, {"decode": fixed_at}) == {}
+    assert creation_failures(events, LWS, {"decode": None}) == {"decode": "volumeMounts[0].name: Not found"}
+
+
+def test_event_time_prefers_the_series_then_the_last_timestamp() -> None:
+    ev = {
+        "series": {"lastObservedTime": "2026-12-05T22:13:27.415272Z"},
+        "eventTime": "2026-12-05T22:13:27.326412Z",
+        "metadata": {"creationTimestamp": "2026-12-05T22:13:27Z"},
+    }
+    assert event_time(ev) == dt.datetime(2026, 12, 5, 22, 13, 27, 415272, tzinfo=dt.UTC)
+    assert event_time({"lastTimestamp": "2026-12-05T10:00:00Z"}) == dt.datetime(
+        2026, 12, 5, 10, tzinfo=dt.UTC
+    )
+    assert event_time({}) is None
