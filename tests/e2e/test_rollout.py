@@ -43,7 +43,7 @@ from tests.integration.test_controller import (
     LWS,
     SG,
     condition,
-    example,
+    example_sized,
     set_engine_image,
     update_spec,
     wait_available,
@@ -63,13 +63,7 @@ RESULTS = (
 
 
 def _group_84() -> dict[str, Any]:
-    doc = example(GROUP)
-    for role in doc["spec"]["roles"]:
-        if role["type"] == "prefill":
-            role["replicas"] = P
-        elif role["type"] == "decode":
-            role["replicas"] = D
-    return doc
+    return example_sized(GROUP, P, D)
 
 
 _STEP = re.compile(r"(\w[\w-]*) replicas=(\d+) partition=(\d+)")

@@ -74,6 +74,23 @@ def update_spec(kube: Client, namespace: str, name: str, edit: Any) -> None:
     raise AssertionError("could not update the ServingGroup")
 
 
+def unschedulable(spec: dict[str, Any]) -> None:
+    """An `update_spec` edit whose new revision's prefill/decode pods fit no node: they stay
+    Pending, so its groups never become ready (a rollout that cannot finish)."""
+    for role in spec["roles"]:
+        if role["type"] in ("prefill", "decode"):
+            role["workerTemplate"]["spec"]["nodeSelector"] = {"pdorch.io/test": "no-such-node"}
+
+
+def example_sized(name: str, prefill: int, decode: int) -> dict[str, Any]:
+    """The example with `prefill`/`decode` replicas on its roles of those types."""
+    doc = example(name)
+    for role in doc["spec"]["roles"]:
+        if role["type"] in ("prefill", "decode"):
+            role["replicas"] = {"prefill": prefill, "decode": decode}[role["type"]]
+    return doc
+
+
 def set_engine_image(image: str) -> Any:
     """An `update_spec` edit giving every prefill and decode container `image` (a new revision)."""
 
@@ -100,7 +117,17 @@ def test_example_becomes_one_ready_lws_per_role(
         60,
         "3 LWS",
     )
-    sg = wait_available(kube, namespace, "sim-pd")
+    wait_available(kube, namespace, "sim-pd")
+    # Available can come a pass before Progressing=Complete (LWS's status.replicas may lag its
+    # readyReplicas by one update): the summary reads Scaling until then.
+    sg = wait_for(
+        lambda: (
+            (g := kube.get(SG, "sim-pd", namespace=namespace)).status["summary"].get("rollout") == "Complete"
+            and g
+        ),
+        30,
+        "the rollout column Complete",
+    )
 
     gen = sg.metadata.generation
     assert sg.status["observedGeneration"] == gen

@@ -23,6 +23,7 @@ from tests.integration.test_controller import (
     example,
     example_scaled,
     set_engine_image,
+    unschedulable,
     update_spec,
     wait_available,
 )
@@ -144,12 +145,6 @@ def test_plan_from_live_keeps_the_tolerance_the_rollout_started_with(
     doc["spec"]["rolloutStrategy"] = {"maxSurge": 1, "maxUnavailable": 1}
     kube.create(SG.from_dict(doc), namespace=namespace)
     first = wait_available(kube, namespace, "tol").status["updateRevision"]
-
-    def unschedulable(spec: dict[str, Any]) -> None:
-        # New groups never become ready: the rollout holds after its first step.
-        for role in spec["roles"]:
-            if role["type"] in ("prefill", "decode"):
-                role["workerTemplate"]["spec"]["nodeSelector"] = {"pdorch.io/test": "no-such-node"}
 
     update_spec(kube, namespace, "tol", unschedulable)
     _new_revision(kube, namespace, "tol", first)

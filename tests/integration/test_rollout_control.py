@@ -26,7 +26,9 @@ from tests.integration.test_controller import (
     SG,
     condition,
     example,
+    example_sized,
     set_engine_image,
+    unschedulable,
     update_spec,
     wait_available,
 )
@@ -209,12 +211,6 @@ def test_a_rollout_past_its_deadline_stays_stalled_across_a_controller_restart(
     doc["spec"]["rolloutStrategy"] = {"progressDeadlineSeconds": 5}
     kube.create(SG.from_dict(doc), namespace=namespace)
     wait_available(kube, namespace, "late")
-
-    def unschedulable(spec: dict[str, Any]) -> None:
-        # The new revision's pods fit no node: they stay Pending, so the rollout stops moving.
-        for role in spec["roles"]:
-            if role["type"] in ("prefill", "decode"):
-                role["workerTemplate"]["spec"]["nodeSelector"] = {"pdorch.io/test": "no-such-node"}
 
     update_spec(kube, namespace, "late", unschedulable)
 
@@ -403,12 +399,7 @@ def test_size_and_restart_policy_changes_roll_out_through_the_planner(
 
 
 def _sized(name: str, prefill: int, decode: int) -> dict[str, Any]:
-    doc = example(name)
-    for role in doc["spec"]["roles"]:
-        if role["type"] == "prefill":
-            role["replicas"] = prefill
-        elif role["type"] == "decode":
-            role["replicas"] = decode
+    doc = example_sized(name, prefill, decode)
     doc["spec"]["rolloutStrategy"] = {"maxSurge": "25%", "maxUnavailable": "25%"}
     return doc
 
@@ -432,11 +423,6 @@ def test_a_rollout_that_never_becomes_ready_is_escaped_by_a_rollback(
     reduced capacity with RolloutStalled until someone deleted the Pending pods)."""
     kube.create(SG.from_dict(_sized("esc", 4, 2)), namespace=namespace)
     first = wait_available(kube, namespace, "esc").status["updateRevision"]
-
-    def unschedulable(spec: dict[str, Any]) -> None:
-        for role in spec["roles"]:
-            if role["type"] in ("prefill", "decode"):
-                role["workerTemplate"]["spec"]["nodeSelector"] = {"pdorch.io/test": "no-such-node"}
 
     update_spec(kube, namespace, "esc", unschedulable)
     _new_revision(kube, namespace, "esc", first)

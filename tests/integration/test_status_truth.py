@@ -16,7 +16,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
-from tests.integration.test_controller import SG, condition, example, kubectl, update_spec, wait_available
+from tests.integration.test_controller import (
+    SG,
+    condition,
+    example,
+    example_sized,
+    kubectl,
+    unschedulable,
+    update_spec,
+    wait_available,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -78,18 +87,10 @@ def _outage(kube: Client, cordon: Any, namespace: str, name: str, role: str) -> 
 def test_a_stalled_rollout_shows_desired_counts_and_its_state_and_stays_quiet(
     devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
-    doc = example("frozen")
-    for role in doc["spec"]["roles"]:
-        role["replicas"] = {"proxy": 1, "prefill": 4, "decode": 2}[role["type"]]
+    doc = example_sized("frozen", 4, 2)
     doc["spec"]["rolloutStrategy"] = {"progressDeadlineSeconds": 5}
     kube.create(SG.from_dict(doc), namespace=namespace)
     first = wait_available(kube, namespace, "frozen").status["updateRevision"]
-
-    def unschedulable(spec: dict[str, Any]) -> None:
-        # The new revision's pods fit no node: its surge groups never become ready.
-        for role in spec["roles"]:
-            if role["type"] in ("prefill", "decode"):
-                role["workerTemplate"]["spec"]["nodeSelector"] = {"pdorch.io/test": "no-such-node"}
 
     update_spec(kube, namespace, "frozen", unschedulable)
 

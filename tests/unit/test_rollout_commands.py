@@ -16,6 +16,7 @@ from pdorch.roles.rolescaler import scaler_replicas
 from pdorch.rollout import commands, live
 from pdorch.rollout.planner import auto_tolerance, initial_state, next_step
 from pdorch.rollout.state import KV_TYPES
+from tests.unit.test_rollout_live import _lws
 
 pytestmark = pytest.mark.unit
 
@@ -32,16 +33,6 @@ def _doc(prefill: int, decode: int, scaling: dict[str, Any] | None = None) -> di
             if scaling is not None:
                 role["scaling"] = scaling
     return doc
-
-
-def _lws(replicas: int, partition: int, revision: str) -> dict[str, Any]:
-    return {
-        "spec": {
-            "replicas": replicas,
-            "leaderWorkerTemplate": {"workerTemplate": {"metadata": {"labels": {LABEL_REVISION: revision}}}},
-            "rolloutStrategy": {"rollingUpdateConfiguration": {"partition": partition}},
-        }
-    }
 
 
 def _pod(index: int, revision: str, ready: bool = True) -> dict[str, Any]:
