@@ -110,6 +110,27 @@ class Progress:
     prefill_answered: bool = False
 
 
+class _PrefillDeadline:
+    """`Deadline` on a prefill leg whose expiry is that engine's silence: raises `LegSilent` (a
+    `None` budget arms nothing; other exceptions pass through unchanged)."""
+
+    __slots__ = ("_budget", "_deadline", "_ep")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ep: Endpoint, budget: float | None) -> None:
+        self._deadline = Deadline(loop, budget)
+        self._ep, self._budget = ep, budget
+
+    def __enter__(self) -> None:
+        self._deadline.__enter__()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            self._deadline.__exit__(exc_type, exc, tb)
+        except TimeoutError:
+            assert self._budget is not None  # only an armed deadline fires
+            raise LegSilent(self._ep, "prefill", self._budget) from None
+
+
 class LegSilent(Exception):
     """A leg bounded by the first-byte budget stayed silent past it (the decode of a non-streamed
     answer is bounded by the request timeout instead, so this names the prefill there)."""
@@ -845,7 +866,7 @@ class ProxyServer:
             t = self.clock()
             self._leg_start(p)
             try:
-                with Deadline(self.loop, prefill_budget):
+                with _PrefillDeadline(self.loop, p, prefill_budget):
                     resp = await self._post(p, "prefill", path, encode_json(vllm_prefill_body(body)), headers)
                     try:
                         await self._check_status(p, "prefill", resp)
@@ -854,10 +875,6 @@ class ProxyServer:
                         raise LegFailure(p, "prefill", "reset", repr(exc)) from None
                     finally:
                         resp.close()
-            except TimeoutError:
-                if prefill_budget is None:
-                    raise
-                raise LegSilent(p, "prefill", prefill_budget) from None
             finally:
                 self._leg_end(p)
             try:
@@ -914,22 +931,17 @@ class ProxyServer:
         """The rest of a prefill leg already on the wire: its status, then its body drained, within
         `budget` if given. The leg's in-flight count is ended by the spawner (a task cancelled before
         its first step runs no code)."""
-        try:
-            with Deadline(self.loop, budget):
-                resp = await self._answer(p, "prefill", sent)
-                try:
-                    await self._check_status(p, "prefill", resp)
-                    # Drain: the prefill answers once its KV was pushed; its body is not used.
-                    async for _ in resp.content.iter_any():
-                        pass
-                except aiohttp.ClientError as exc:
-                    raise LegFailure(p, "prefill", "reset", repr(exc)) from None
-                finally:
-                    resp.close()
-        except TimeoutError:
-            if budget is None:
-                raise
-            raise LegSilent(p, "prefill", budget) from None
+        with _PrefillDeadline(self.loop, p, budget):
+            resp = await self._answer(p, "prefill", sent)
+            try:
+                await self._check_status(p, "prefill", resp)
+                # Drain: the prefill answers once its KV was pushed; its body is not used.
+                async for _ in resp.content.iter_any():
+                    pass
+            except aiohttp.ClientError as exc:
+                raise LegFailure(p, "prefill", "reset", repr(exc)) from None
+            finally:
+                resp.close()
         progress.prefill_answered = True
         self._prefill_ok(p, "sglang", self.clock() - t)
 
