@@ -23,6 +23,8 @@ from pdorch.controller.kubeapi import LEASE, ApiError, KubeApi, NotLeader, Resou
 
 log = logging.getLogger(__name__)
 
+LOST_LEASE_EXIT = 1  # exit code of a replica that lost its Lease (it restarts as a standby)
+
 IS_LEADER = Gauge("leader_election_master_status", "1 if this replica leads, else 0.", ["name"])
 
 

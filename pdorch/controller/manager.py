@@ -24,7 +24,7 @@ from pdorch.cli_errors import CliError
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.informer import Informer, key_of
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi, NotLeader, Resource
-from pdorch.controller.leader import LeaseElector, default_identity
+from pdorch.controller.leader import LOST_LEASE_EXIT, LeaseElector, default_identity
 from pdorch.controller.reconciler import CHILD_KINDS, Caches, Reconciler
 from pdorch.controller.workqueue import ShutDown, WorkQueue
 from pdorch.roles.labels import LABEL_GROUP, LABEL_MANAGED_BY, MANAGED_BY
@@ -32,7 +32,6 @@ from pdorch.roles.render import RenderOptions
 
 log = logging.getLogger(__name__)
 
-LOST_LEASE_EXIT = 1  # exit code of a replica that lost its Lease
 CANCEL_WAIT_S = 5.0  # how long shutdown waits for cancelled watches and workers to unwind
 QUEUE_DEPTH = Gauge("workqueue_depth", "Keys waiting in the work queue.", ["name"])
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"

@@ -126,10 +126,10 @@ class Reconciler:
     # status.lastProgressTime (for RolloutStalled; a restarted controller resumes from status).
     rolling: set[str] = field(default_factory=set)
     _progress: dict[str, tuple[str, float, str]] = field(default_factory=dict)
-    # (namespace, LWS name) -> when this process last changed it: creation failures older than
-    # that concern an earlier spec. Per group: when its FailedCreate warnings were last read, and
-    # what they said (read at most every FAILURE_CHECK_S, and only while a role lacks groups).
-    _lws_changed_at: dict[tuple[str, str], dt.datetime] = field(default_factory=dict)
+    # Per group: LWS name -> when this process last changed it (creation failures older than that
+    # concern an earlier spec); and when its FailedCreate warnings were last read, and what they
+    # said (read at most every FAILURE_CHECK_S, and only while a role lacks groups).
+    _lws_changed_at: dict[str, dict[str, dt.datetime]] = field(default_factory=dict)
     _failures: dict[str, tuple[float, dict[str, str]]] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
@@ -152,6 +152,8 @@ class Reconciler:
             self._renders.pop(key, None)
             self.rolling.discard(key)
             self._progress.pop(key, None)
+            self._lws_changed_at.pop(key, None)
+            self._failures.pop(key, None)
             forget_group_metrics(namespace, name)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
@@ -272,7 +274,8 @@ class Reconciler:
                     h,
                 )
                 if res == LWS:
-                    self._lws_changed_at[(namespace, stamped["metadata"]["name"])] = dt.datetime.now(dt.UTC)
+                    changed = self._lws_changed_at.setdefault(key, {})
+                    changed[stamped["metadata"]["name"]] = dt.datetime.now(dt.UTC)
                 if live is None:
                     created.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
             if failures:
@@ -367,7 +370,7 @@ class Reconciler:
             if lws is None or r.ready >= r.desired:
                 continue
             created = st.parse_rfc3339((lws.get("metadata") or {}).get("creationTimestamp"))
-            changed = self._lws_changed_at.get((namespace, lws["metadata"]["name"]))
+            changed = self._lws_changed_at.get(key, {}).get(lws["metadata"]["name"])
             start = max((t for t in (created, changed) if t is not None), default=None)
             if start is not None and (wall - start).total_seconds() < FAILURE_GRACE_S:
                 continue  # groups take a moment to appear: do not read events for every new group

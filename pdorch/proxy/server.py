@@ -559,6 +559,8 @@ class ProxyServer:
         while True:
             eps = self.discovery.current().endpoints
             live = {e.key for e in eps}
+            for key in [k for k in self._served if k not in live]:
+                del self._served[key]
             for key in [k for k in self.breakers if k not in live]:
                 del self.breakers[key]  # endpoint gone: forget its history, and its series
                 with contextlib.suppress(KeyError):

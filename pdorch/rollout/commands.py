@@ -6,14 +6,14 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pdorch.api.errors import SpecError, load_servinggroups
 from pdorch.api.servinggroup import KV_ROLE_TYPES, RoleType, RolloutStrategy, ServingGroup
 from pdorch.rollout import live
-from pdorch.rollout.planner import auto_tolerance, initial_state, simulate
+from pdorch.rollout.planner import initial_state, simulate, with_auto_tolerance
 from pdorch.rollout.state import RoleObservation, RolloutSpec, Snapshot
 
 
@@ -160,10 +160,7 @@ def planning_spec(
     `live.plan` does), not from a state the rollout has since moved to.
     """
     spec = rollout_spec(sg, desired=desired)
-    auto = spec.tolerance is None
-    if auto:
-        spec = replace(spec, tolerance=auto_tolerance(start, spec))
-    return spec, auto
+    return with_auto_tolerance(spec, start), spec.tolerance is None
 
 
 def _print_plan(

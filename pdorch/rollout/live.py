@@ -19,7 +19,7 @@ revision (so a step LWS has not finished yet reads as "not ready" and the planne
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from pdorch.roles.labels import (
@@ -30,7 +30,7 @@ from pdorch.roles.labels import (
     LWS_WORKER_INDEX,
 )
 from pdorch.roles.pods import is_ready, is_terminating
-from pdorch.rollout.planner import auto_tolerance, effective_tolerance, initial_state, next_step
+from pdorch.rollout.planner import effective_tolerance, initial_state, next_step, with_auto_tolerance
 from pdorch.rollout.state import KV_TYPES, Decision, RoleObservation, RolloutSpec, deviation
 
 
@@ -249,11 +249,9 @@ def plan(roles: Sequence[LiveRole], update_revision: str, spec: RolloutSpec | No
         return RolloutPlan(False, {}, None, cohorts=by_rev)
     live = [r for r in kv if r.lws is not None]
     observed = [observe(r, update_revision) for r in live]
-    if spec.tolerance is None:
-        # From the rollout's start state (desired replicas, all old): one tolerance for the whole
-        # rollout, not one that drifts with the live state.
-        start = initial_state([(r.name, r.type, r.desired) for r in live])
-        spec = replace(spec, tolerance=auto_tolerance(start, spec))
+    # From the rollout's start state (desired replicas, all old): one tolerance for the whole
+    # rollout, not one that drifts with the live state.
+    spec = with_auto_tolerance(spec, initial_state([(r.name, r.type, r.desired) for r in live]))
     decision = next_step(observed, spec)
     if decision.kind == "done":
         # Every group is new and ready at the desired replicas: render plainly (drops the marker).

@@ -643,6 +643,14 @@ def simulate(
     return snaps
 
 
+def with_auto_tolerance(spec: RolloutSpec, start: Sequence[RoleObservation]) -> RolloutSpec:
+    """`spec` with a None tolerance resolved once from the rollout's start state `start`
+    (`auto_tolerance`), not from a state the rollout has since moved to."""
+    if spec.tolerance is not None:
+        return spec
+    return replace(spec, tolerance=auto_tolerance(start, spec))
+
+
 def initial_state(roles: Sequence[tuple[str, str, int]]) -> list[RoleObservation]:
     """Observations of a group about to roll out: (name, type, desired) per role, all old, ready."""
     return [

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 
-from pdorch.controller.manager import LOST_LEASE_EXIT
+from pdorch.controller.leader import LOST_LEASE_EXIT
 from pdorch.scaler.loop import ScalerConfig, run_scaler
 from pdorch.sim.latency import PRESETS
 

@@ -30,7 +30,7 @@ from pdorch.api.scaler import KIND as SCALER_KIND
 from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, ScalingMode, ServingGroup
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi
-from pdorch.controller.leader import LeaseElector, default_identity
+from pdorch.controller.leader import LOST_LEASE_EXIT, LeaseElector, default_identity
 from pdorch.controller.status import now_rfc3339
 from pdorch.proxy.discovery import endpoints_from_pods
 from pdorch.proxy.endpoints import Endpoint
@@ -617,7 +617,7 @@ async def run_scaler(cfg: ScalerConfig, stop: asyncio.Event | None = None) -> in
 
 
 async def _run_elected(api: KubeApi, cfg: ScalerConfig, source: MetricsSource, stop: asyncio.Event) -> int:
-    """Campaign for the scaler's Lease, decide only while holding it; 1 if it was lost (the process
+    """Campaign for the scaler's Lease, decide only while holding it; LOST_LEASE_EXIT if it was lost (the process
     exits and restarts as a standby: its in-memory drains and forecasts are the new leader's now)."""
     identity = cfg.identity or default_identity()
     elector = LeaseElector(api, cfg.lease_namespace, cfg.lease_name, identity)
@@ -643,7 +643,7 @@ async def _run_elected(api: KubeApi, cfg: ScalerConfig, source: MetricsSource, s
             for t in relay:
                 t.cancel()
         if elector.lost.is_set():
-            return 1
+            return LOST_LEASE_EXIT
         await elector.release()
         return 0
     finally:
