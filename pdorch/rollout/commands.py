@@ -366,11 +366,23 @@ def run_rollback(args: argparse.Namespace) -> int:
         print("(dry run: nothing changed)")
         return 0
     # The resourceVersion read above goes with the write: a spec changed meanwhile is not overwritten.
-    sg["spec"] = restored.spec
-    try:
-        client.replace(sg_res.from_dict(sg), namespace=args.namespace)
-    except ApiError as e:
-        print(f"error: the update was refused: {e.status.message}", file=sys.stderr)
-        return 1
+    # A conflict from a status write alone (the controller reports a stalled rollout every few
+    # seconds; the generation is unchanged) is retried on the fresh object.
+    generation = sg["metadata"].get("generation")
+    for attempt in range(5):
+        sg["spec"] = restored.spec
+        try:
+            client.replace(sg_res.from_dict(sg), namespace=args.namespace)
+            break
+        except ApiError as e:
+            fresh = (
+                client.get(sg_res, args.group, namespace=args.namespace).to_dict()
+                if e.status.code == 409
+                else None
+            )
+            if fresh is None or fresh["metadata"].get("generation") != generation or attempt == 4:
+                print(f"error: the update was refused: {e.status.message}", file=sys.stderr)
+                return 1
+            sg = fresh
     print("rolled back; follow it with `kubectl get sg -w` (Progressing, RolloutStalled)")
     return 0
