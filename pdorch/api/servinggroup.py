@@ -461,6 +461,18 @@ class ConditionalDisaggregation(ApiModel):
     """Prompts shorter than this many tokens skip the prefill role."""
 
 
+class RouterPrefillQueue(ApiModel):
+    """Prompts wait in the proxy, not in the prefill engines' queues, and the ones that can still
+    meet the TTFT target go first, shortest first."""
+
+    max_inflight_tokens: int = Field(ge=1, le=10_000_000)
+    """Estimated prompt tokens (characters / 4) on the wire to each prefill engine; the rest wait
+    in the proxy. About two of the engine's max_num_batched_tokens keeps it busy."""
+    ttft_seconds: float = Field(2.0, gt=0, le=3600)
+    """TTFT target: a waiting prompt that can still get its first token within it goes before
+    those that cannot."""
+
+
 class RouterTimeouts(ApiModel):
     """Proxy timeouts towards the engines."""
 
@@ -498,6 +510,9 @@ class Router(ApiModel):
     """round_robin, least_load, power_of_two or cache_aware."""
     conditional_disaggregation: ConditionalDisaggregation | None = None
     """Decode-only serving of short prompts."""
+    prefill_queue: RouterPrefillQueue | None = None
+    """Queue prompts in the proxy and send the ones that can still meet the TTFT first (off when
+    absent)."""
     timeouts: RouterTimeouts | None = None
     """Timeouts towards the engines."""
     retries: RouterRetries | None = None

@@ -65,6 +65,18 @@ def add_parser(subparsers: Any) -> None:
         "--min-prompt-tokens", type=int, default=None, help="decode-only below this (0 = always P/D)"
     )
     p.add_argument(
+        "--prefill-queue-tokens",
+        type=int,
+        default=None,
+        help="queue prompts in the proxy: estimated prompt tokens in flight per prefill engine (default: off)",
+    )
+    p.add_argument(
+        "--prefill-queue-ttft",
+        type=float,
+        default=None,
+        help="seconds: queued prompts that can still meet this TTFT go first, shortest first (default 2)",
+    )
+    p.add_argument(
         "--retries", type=int, default=None, help="retries with a fresh pair before the first byte"
     )
     p.add_argument("--connect-timeout", type=float, default=None, help="seconds (default 5)")
@@ -146,6 +158,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         "max_queue": args.max_queue,
         "max_body_bytes": args.max_body_bytes,
         "min_prompt_tokens": args.min_prompt_tokens,
+        "prefill_queue_tokens": args.prefill_queue_tokens,
+        "prefill_queue_ttft_s": args.prefill_queue_ttft,
         "max_retries": args.retries,
         "connect_timeout_s": args.connect_timeout,
         "first_byte_timeout_s": args.first_byte_timeout,

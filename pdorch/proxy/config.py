@@ -38,6 +38,11 @@ class ProxyConfig(BaseModel):
     max_queue: int = Field(1024, ge=0)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     min_prompt_tokens: int = Field(0, ge=0)
+    # Prefill queue (pdorch.proxy.prefill_queue): estimated prompt tokens in flight per prefill
+    # engine (None = off: every prompt goes to an engine at once), and the TTFT target that orders
+    # the waiting prompts.
+    prefill_queue_tokens: int | None = Field(None, ge=1)
+    prefill_queue_ttft_s: float = Field(2.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
     retry_backoff_s: float = Field(0.05, ge=0)
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -105,6 +110,11 @@ def router_settings(raw: str | None) -> dict[str, Any]:
     cd = data.get("conditionalDisaggregation") or {}
     if cd.get("minPromptTokens") is not None:
         out["min_prompt_tokens"] = cd["minPromptTokens"]
+    pq = data.get("prefillQueue") or {}
+    if pq.get("maxInflightTokens") is not None:
+        out["prefill_queue_tokens"] = pq["maxInflightTokens"]
+    if pq.get("ttftSeconds") is not None:
+        out["prefill_queue_ttft_s"] = pq["ttftSeconds"]
     t = data.get("timeouts") or {}
     for src, dst in (
         ("connectSeconds", "connect_timeout_s"),

@@ -112,6 +112,17 @@ class ProxyMetrics:
         )
         self.queue_depth = Gauge("pdorch_proxy_queue_depth", "Requests waiting for admission.", registry=r)
         self.active = Gauge("pdorch_proxy_active_requests", "Admitted requests in flight.", registry=r)
+        self.prefill_queue_depth = Gauge(
+            "pdorch_proxy_prefill_queue_depth",
+            "Prompts waiting in the prefill queue for room on the prefill role (router.prefillQueue).",
+            registry=r,
+        )
+        self.prefill_queue_wait = Histogram(
+            "pdorch_proxy_prefill_queue_wait_seconds",
+            "Time a prompt waited in the prefill queue (0 when there was room at once).",
+            buckets=_BUCKETS,
+            registry=r,
+        )
         self.rejected = Counter(
             "pdorch_proxy_rejected",
             "Requests refused before reaching an engine, by reason.",

@@ -48,6 +48,7 @@ from pdorch.proxy.http_server import (
 from pdorch.proxy.metrics import ProxyMetrics
 from pdorch.proxy.openapi import openapi_document
 from pdorch.proxy.policies import Decision, NoRoute, PrefixIndex, RouteRequest, choose, usable_pair_exists
+from pdorch.proxy.prefill_queue import NO_TICKET, PrefillQueue, Ticket
 from pdorch.proxy.protocols import (
     Kind,
     RoomMinter,
@@ -108,6 +109,8 @@ class Progress:
     # SGLang: both legs are in flight at once; whether this request's prefill leg has answered.
     sglang_prefill: Endpoint | None = None
     prefill_answered: bool = False
+    # The request's room in the prefill queue, given back when its prefill leg ends.
+    ticket: Ticket = NO_TICKET
 
 
 class _PrefillDeadline:
@@ -264,6 +267,17 @@ class ProxyServer:
         self._models_lock = asyncio.Lock()
         self._models_failed_at = -MODELS_RETRY_S
         self._admission = Admission(config.max_inflight, config.max_queue, self.metrics)
+        self._prefill_queue = (
+            None
+            if config.prefill_queue_tokens is None
+            else PrefillQueue(
+                config.prefill_queue_tokens,
+                config.prefill_queue_ttft_s,
+                self._prefill_engines,
+                clock,
+                self.metrics.prefill_queue_depth.set,
+            )
+        )
         self._session: aiohttp.ClientSession | None = None  # health checks and /v1/models
         self._upstream: UpstreamPool | None = None  # the engine legs (the hot path)
         self._http: HttpServer | None = None
@@ -680,6 +694,22 @@ class ProxyServer:
                 self.prefix.insert(text, out.prefill or out.decode)
         return out
 
+    def _prefill_engines(self) -> int:
+        return sum(1 for e in self.discovery.current().endpoints if e.role == "prefill")
+
+    async def _queued(self, body: dict[str, Any], kind: Kind, t0: float, left: float | None) -> Ticket:
+        """Room on the prefill role for this prompt (router.prefillQueue is on); `NO_TICKET` when
+        the prompt skips the prefill (conditional disaggregation)."""
+        queue = self._prefill_queue
+        assert queue is not None
+        tokens = estimate_prompt_tokens(body, kind)
+        if 0 < tokens < self.config.min_prompt_tokens:
+            return NO_TICKET
+        with Deadline(self.loop, left):
+            ticket = await queue.acquire(max(tokens, 1), t0)
+        self.metrics.prefill_queue_wait.observe(self.clock() - t0)
+        return ticket
+
     def _decided(self, d: Decision) -> None:
         self.metrics.decisions.labels(d.mode, d.reason).inc()
         self.metrics.picks.labels(self.config.policy, d.pick).inc()
@@ -687,9 +717,34 @@ class ProxyServer:
     async def _serve(
         self, request: Request, body: dict[str, Any], kind: Kind, path: str, rid: str, t0: float
     ) -> Response | StreamResponse:
+        deadline = None if self.config.request_timeout_s is None else t0 + self.config.request_timeout_s
+        if self._prefill_queue is None:
+            return await self._attempts(request, body, kind, path, rid, t0, deadline, NO_TICKET)
+        try:
+            ticket = await self._queued(body, kind, t0, None if deadline is None else deadline - self.clock())
+        except TimeoutError:
+            self.metrics.request_timeouts.labels("prefill_queue").inc()
+            why = f"request timeout of {self.config.request_timeout_s}s reached in the prefill queue"
+            return error_response(ProxyError(504, why, code="upstream_timeout"), rid)
+        try:
+            return await self._attempts(request, body, kind, path, rid, t0, deadline, ticket)
+        finally:
+            ticket.release()
+
+    async def _attempts(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        kind: Kind,
+        path: str,
+        rid: str,
+        t0: float,
+        deadline: float | None,
+        ticket: Ticket,
+    ) -> Response | StreamResponse:
+        """Open the answer through a P/D pair, retrying with a fresh pair, then relay it."""
         stream = bool(body.get("stream"))
         headers = self._headers(request, rid)
-        deadline = None if self.config.request_timeout_s is None else t0 + self.config.request_timeout_s
         avoid: set[str] = set()
         attempts = self.config.max_retries + 1
         opened: Opened | None = None
@@ -710,7 +765,10 @@ class ProxyServer:
             )
             try:
                 progress = Progress(
-                    decision.prefill or decision.decode, "prefill" if decision.prefill else "decode", now
+                    decision.prefill or decision.decode,
+                    "prefill" if decision.prefill else "decode",
+                    now,
+                    ticket=ticket,
                 )
                 # A stream's first bytes come after its first token: the first-byte budget bounds the
                 # whole open. A non-streamed answer's first byte is its last, so there only the prefill
@@ -877,6 +935,9 @@ class ProxyServer:
                         raise LegFailure(p, "prefill", "reset", repr(exc)) from None
                     finally:
                         resp.close()
+            except BaseException:
+                progress.ticket.release()
+                raise
             finally:
                 self._leg_end(p)
             try:
@@ -884,6 +945,7 @@ class ProxyServer:
             except (ValueError, AttributeError, RecursionError):
                 raise LegFailure(p, "prefill", "bad_response", f"not a JSON object: {raw[:200]!r}") from None
             t_prefilled = self.clock()
+            progress.ticket.release(t_prefilled - t)
             # Bookkeeping runs on the next loop turn, once the decode request is on the wire.
             self.loop.call_soon(self._prefill_ok, p, "vllm", t_prefilled - t)
             if params:
@@ -892,6 +954,8 @@ class ProxyServer:
                 # EOS as the single prefill token (or a connector misconfiguration): the decode
                 # prefills locally with the original body, as vllm-router does. Counted, not hidden.
                 self.metrics.no_params.inc()
+        else:
+            progress.ticket.release()  # no prefill leg (a decode-only decision)
         dec = d.decode
         progress.endpoint, progress.leg = dec, "decode"
         t_dec = self.clock()
@@ -945,7 +1009,9 @@ class ProxyServer:
             finally:
                 resp.close()
         progress.prefill_answered = True
-        self._prefill_ok(p, "sglang", self.clock() - t)
+        took = self.clock() - t
+        progress.ticket.release(took)
+        self._prefill_ok(p, "sglang", took)
 
     async def _open_sglang(
         self,
@@ -958,7 +1024,9 @@ class ProxyServer:
     ) -> Opened:
         p = d.prefill
         payload_obj = body
-        if p is not None:
+        if p is None:
+            progress.ticket.release()  # no prefill leg (a decode-only decision)
+        else:
             kind: Kind = "chat" if path.endswith("/chat/completions") else "completion"
             n = sglang_batch_size(body, kind)
             rooms: int | list[int] = self.rooms.mint() if n is None else [self.rooms.mint() for _ in range(n)]
@@ -989,8 +1057,13 @@ class ProxyServer:
         p_task: asyncio.Task[Any] | None = None
         if p is not None and p_sent is not None:
             p_task = self._spawn(self._sglang_prefill(p, p_sent, t, progress, prefill_budget))
-            prefill = p
-            p_task.add_done_callback(lambda _: self._leg_end(prefill))
+            prefill, ticket = p, progress.ticket
+
+            def prefill_ended(_: asyncio.Task[Any]) -> None:
+                self._leg_end(prefill)
+                ticket.release()
+
+            p_task.add_done_callback(prefill_ended)
         # The decode head is awaited in this task (no second task and no asyncio.wait on the hot path);
         # a prefill that fails first cancels this wait: the decode would only wait for KV that never
         # comes, so it is aborted and the caller retries with a fresh pair.

@@ -1,0 +1,125 @@
+"""The proxy's prefill queue (router.prefillQueue) in front of simulated engines on loopback.
+
+A burst of long prompts followed by short ones, on one prefill engine that batches FCFS: without
+the queue the short prompts wait behind every long one already in the engine's queue; with it the
+long ones beyond the cap wait in the proxy and the short ones, which can still make the TTFT
+target, go first. The assertions are about order (which answers came back before which), not
+about how long anything took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from tests.compat.helpers import sample, wait_until
+from tests.compat.test_proxy import FAST, MODEL, WAIT_S, stack
+
+pytestmark = pytest.mark.compat
+
+LONG = " ".join(["abc"] * 4000)  # 4000 tokens for the sim and for the proxy's estimate (chars / 4)
+SHORT = " ".join(["abc"] * 40)
+# A batch of two long prompts takes ~0.7 s on the sim's H100 model at this scale.
+SLOW = replace(FAST, time_scale=5.0)
+
+
+async def _complete(http: aiohttp.ClientSession, url: str, prompt: str, done: list[tuple[float, str]]) -> int:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+    async with http.post(url + "/v1/completions", json=body) as resp:
+        await resp.read()
+        done.append((time.monotonic(), "long" if prompt is LONG else "short"))
+        return resp.status
+
+
+async def _metrics(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url + "/metrics") as resp:
+        return await resp.text()
+
+
+async def _burst(queue_tokens: int | None) -> tuple[list[str], str]:
+    """6 long prompts, then (once they are all held somewhere) 12 short ones; the finishing order."""
+    extra = {} if queue_tokens is None else {"prefill_queue_tokens": queue_tokens, "prefill_queue_ttft_s": 2.0}
+    async with (
+        stack("vllm", sim_config=SLOW, **extra) as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
+    ):
+        done: list[tuple[float, str]] = []
+        longs = [asyncio.ensure_future(_complete(http, s.url, LONG, done)) for _ in range(6)]
+
+        async def longs_held() -> bool:
+            if queue_tokens is not None:  # 2 on the engine (8000 tokens), 4 in the proxy
+                return sample(await _metrics(http, s.url), "pdorch_proxy_prefill_queue_depth") == 4
+            text = await _metrics(http, s.prefill_url)
+            return sample(text, "vllm:num_requests_waiting") + sample(text, "vllm:num_requests_running") == 6
+
+        await wait_until(longs_held, WAIT_S, "the long prompts to be queued")
+        shorts = [asyncio.ensure_future(_complete(http, s.url, SHORT, done)) for _ in range(12)]
+        statuses = await asyncio.gather(*longs, *shorts)
+        assert statuses == [200] * 18
+        metrics = await _metrics(http, s.url)
+        if queue_tokens is not None:
+            assert s.proxy._prefill_queue is not None and s.proxy._prefill_queue.inflight == 0
+        return [kind for _, kind in sorted(done)], metrics
+
+
+def _longs_before_last_short(order: list[str]) -> int:
+    last_short = max(i for i, kind in enumerate(order) if kind == "short")
+    return order[:last_short].count("long")
+
+
+async def test_without_the_queue_short_prompts_wait_behind_the_long_ones() -> None:
+    order, _ = await _burst(None)
+    # FCFS batches of <= 8192 tokens: [L, L], [L, L], then the last two long prompts with the first
+    # short ones: at least four long answers come before the last short one.
+    assert _longs_before_last_short(order) >= 4, order
+
+
+async def test_with_the_queue_short_prompts_go_before_the_waiting_long_ones() -> None:
+    order, metrics = await _burst(8192)
+    # Two long prompts were on the engine; of the four held back at most one is sent with the
+    # short ones (it fits beside them), so three long answers come after every short one.
+    assert _longs_before_last_short(order) <= 3, order
+    assert sample(metrics, "pdorch_proxy_prefill_queue_wait_seconds_count") == 18
+    assert sample(metrics, "pdorch_proxy_prefill_queue_depth") == 0
+
+
+async def test_a_request_timeout_in_the_queue_is_a_504_and_leaves_no_waiter() -> None:
+    async with (
+        stack("vllm", prefill_queue_tokens=4000, request_timeout_s=0.5) as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
+    ):
+        q = s.proxy._prefill_queue
+        assert q is not None
+        # The room is taken by another prompt (held here, so it outlives this request's timeout).
+        other = await q.acquire(4000, time.monotonic())
+        body = {"model": MODEL, "prompt": SHORT, "max_tokens": 1}
+        async with http.post(s.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 504
+            err = (await resp.json())["error"]
+            assert "prefill queue" in err["message"], err
+        metrics = await _metrics(http, s.url)
+        assert sample(metrics, "pdorch_proxy_request_timeouts_total", {"phase": "prefill_queue"}) == 1
+        assert sample(metrics, "pdorch_proxy_prefill_queue_depth") == 0
+        assert q.waiters == []
+        other.release()
+        async with http.post(s.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200
+        assert q.inflight == 0
+
+
+async def test_sglang_legs_give_their_room_back() -> None:
+    async with (
+        stack("sglang", prefill_queue_tokens=50) as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
+    ):
+        done: list[tuple[float, str]] = []
+        statuses = await asyncio.gather(*(_complete(http, s.url, SHORT, done) for _ in range(8)))
+        assert statuses == [200] * 8
+        q = s.proxy._prefill_queue
+        assert q is not None
+        await wait_until(lambda: asyncio.sleep(0, q.inflight == 0), WAIT_S, "the room to come back")
+        assert q.waiters == []
