@@ -42,7 +42,9 @@ async def _metrics(http: aiohttp.ClientSession, url: str) -> str:
 
 async def _burst(queue_tokens: int | None) -> tuple[list[str], str]:
     """6 long prompts, then (once they are all held somewhere) 12 short ones; the finishing order."""
-    extra = {} if queue_tokens is None else {"prefill_queue_tokens": queue_tokens, "prefill_queue_ttft_s": 2.0}
+    extra = (
+        {} if queue_tokens is None else {"prefill_queue_tokens": queue_tokens, "prefill_queue_ttft_s": 2.0}
+    )
     async with (
         stack("vllm", sim_config=SLOW, **extra) as s,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
