@@ -123,6 +123,16 @@ REFUSED: list[tuple[str, Edit, str]] = [
         _sglang_with_conditional_disaggregation,
         "conditionalDisaggregation needs spec.engine.name vllm",
     ),
+    (
+        "prefill-queue-without-room",
+        _set("spec.router", {"prefillQueue": {"maxInflightTokens": 0}}),
+        "maxInflightTokens",
+    ),
+    (
+        "prefill-queue-without-target",
+        _set("spec.router", {"prefillQueue": {"maxInflightTokens": 16384, "ttftSeconds": 0}}),
+        "ttftSeconds",
+    ),
     ("bad-max-surge", _set("spec.rolloutStrategy", {"maxSurge": "lots"}), "maxSurge"),
     (
         "no-budget-written-00",

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pdorch.api.servinggroup import ServingGroup
+from pdorch.proxy.config import build_config
 from pdorch.roles.context import DEFAULT_PROXY_IMAGE, RenderOptions, RoleOverride
 from pdorch.roles.labels import (
     LABEL_GROUP,
@@ -287,6 +288,16 @@ def test_proxy_auth_secret_is_wired() -> None:
     (c,) = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"]
     env = {e["name"]: e for e in c["env"]}
     assert env["PDORCH_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-key"}
+
+
+def test_prefill_queue_reaches_the_proxy_process_config() -> None:
+    raw = _raw()
+    raw["spec"]["router"]["prefillQueue"] = {"maxInflightTokens": 16384}
+    lws = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]
+    (c,) = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    cfg = build_config({"engine": "vllm", "group": "sim-pd", "namespace": "ns"}, env)
+    assert cfg.prefill_queue_tokens == 16384 and cfg.prefill_queue_ttft_s == 2.0
 
 
 def test_custom_proxy_template_is_used_as_given() -> None:
