@@ -57,6 +57,11 @@ def main() -> int:
         action="store_true",
         help="weight the forecast's rises by work, as the policy now does (the published sweeps weigh by tick)",
     )
+    ap.add_argument(
+        "--proxy-queue",
+        action="store_true",
+        help="every replay behind pdorch's prefill queue (router.prefillQueue; run.py --proxy-queue)",
+    )
     ap.add_argument("--out", type=Path, default=run.REPO / "bench" / "results")
     args = ap.parse_args()
     family = {**FAMILY, "prefill_floor": args.prefill_floors}
@@ -67,13 +72,21 @@ def main() -> int:
         "seed": args.seed,
         "tick_s": args.tick,
         "forecast_weighted": args.weighted,
+        "proxy_queue": args.proxy_queue,
         "budget": BUDGET,
         "family": family,
         "startups": {},
     }
     for startup in args.startup:
         t0 = time.time()
-        setup = run.Setup(c=c, slo=policies.Slo(2.0, 0.1), startup_s=startup, tick_s=args.tick, window_s=30.0)
+        setup = run.Setup(
+            c=c,
+            slo=policies.Slo(2.0, 0.1),
+            startup_s=startup,
+            tick_s=args.tick,
+            window_s=30.0,
+            proxy_queue=args.proxy_queue,
+        )
         (sp, sd), static, _ = run.best_static(setup, wl)
         orc, _ = run.run_oracle(setup, wl)
         rows = []
@@ -133,11 +146,13 @@ def main() -> int:
         f"autoscale-feasibility-{wl.name}"
         + (f"-tick{args.tick:g}" if args.tick != 15.0 else "")
         + ("-weighted" if args.weighted else "")
+        + ("-proxy-queue" if args.proxy_queue else "")
     )
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         f"# Feasibility: {wl.name} (seed {args.seed}, controller tick {args.tick:g} s, "
-        f"forecast rises weighted by {'work' if args.weighted else 'tick'})",
+        f"forecast rises weighted by {'work' if args.weighted else 'tick'}"
+        + (", behind pdorch's prefill queue)" if args.proxy_queue else ")"),
         "",
         f"Family: {json.dumps(family)} ({len(list(itertools.product(*family.values())))} policies per start-up).",
         "",

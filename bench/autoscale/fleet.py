@@ -17,10 +17,15 @@ end; a scale-down cancels starting pods first, then drains ready ones (no new wo
 finishes, then the pod ends). Routing: prefill to the ready pod with the fewest queued prompt tokens,
 decode to the ready pod with the most free KV. Requests with no ready pod wait in the proxy.
 
-`proxy_queue_ttft_s` (a what-if, not what pdorch's proxy does): prompts wait in the proxy instead of
-the engines' FCFS queues, and an idle prefill engine takes its next batch from there (late binding:
-a pod that just started serves the queue at once), first the prompts that can still meet that TTFT,
-then, oldest first, those that cannot.
+`proxy_queue_ttft_s` models pdorch's prefill queue (`router.prefillQueue`,
+`pdorch.proxy.prefill_queue`): prompts wait in the proxy instead of the engines' FCFS queues, and an
+idle prefill engine takes its next batch from there (a pod that just started serves the queue at
+once): first the prompts that can still meet that TTFT, shortest first, then the others, oldest
+first. Idealised against the real proxy: the proxy knows each prompt's exact prefill time (the real
+one estimates it from characters and measured legs) and an engine gets its next batch the moment it
+is idle (the real one keeps up to `maxInflightTokens` on the wire to each engine). The scaler sees
+these prompts as the prefill role's `waiting` only when `queue_visible` is set; otherwise it reads
+the engines' own queues only, as `pdorch scaler` does (it scrapes the engines, not the proxy).
 """
 
 from __future__ import annotations
@@ -135,6 +140,7 @@ class Fleet:
         initial: tuple[int, int],
         interval_s: float,
         proxy_queue_ttft_s: float | None = None,
+        queue_visible: bool = False,
     ) -> None:
         self.c = c
         self.startup_s = startup_s
@@ -149,8 +155,11 @@ class Fleet:
         self.pending: dict[str, deque[Req]] = {PREFILL: deque(), DECODE: deque()}
         self.in_transfer = 0
         self.proxy_queue_ttft_s = proxy_queue_ttft_s
-        self.held: deque[Req] = deque()  # prompts the proxy holds that can still meet the TTFT
-        self.late: deque[Req] = deque()  # ... and those that cannot
+        self.queue_visible = queue_visible
+        # Prompts the proxy holds: by length (those that turn out late when picked move on), and
+        # those that cannot meet the TTFT any more, by arrival.
+        self.held: list[tuple[int, float, int, Req]] = []
+        self.late: list[tuple[float, int, Req]] = []
         self.counters = {PREFILL: Counters(), DECODE: Counters()}
         self.scale_events = {PREFILL: 0, DECODE: 0}
         self.now = 0.0
@@ -218,7 +227,7 @@ class Fleet:
     def _route(self, role: str, req: Req) -> None:
         ready = [p for p in self.live[role] if p.ready and not p.draining]
         if role == PREFILL and self.proxy_queue_ttft_s is not None:
-            self.held.append(req)
+            heapq.heappush(self.held, (req.prompt, req.arrival, next(self.seq), req))
             for pod in ready:
                 if not (self.held or self.late):
                     break
@@ -246,7 +255,7 @@ class Fleet:
         if self.proxy_queue_ttft_s is None:
             batch = self._take_batch(pod.queue)
         else:
-            batch = self._take_in_time() or self._take_batch(self.late)
+            batch = self._take_in_time() or self._take_late()
             if not batch:
                 return
             pod.queued_tokens = sum(r.prompt for r in batch)
@@ -265,16 +274,28 @@ class Fleet:
         return batch
 
     def _take_in_time(self) -> list[Req]:
-        """A batch of the proxy's held prompts that can still meet the TTFT; the others move to `late`."""
+        """A batch of the held prompts that can still meet the TTFT, shortest first; the late ones
+        met on the way move to `late`."""
         limit = self.proxy_queue_ttft_s or 0.0
         batch: list[Req] = []
         tokens = 0
         held = self.held
-        while held and (not batch or tokens + held[0].prompt <= self.c.max_num_batched_tokens):
-            r = held.popleft()
+        while held and (not batch or tokens + held[0][0] <= self.c.max_num_batched_tokens):
+            r = heapq.heappop(held)[3]
             if self.now + prefill_time_s(self.c, [r.prompt]) > r.arrival + limit:
-                self.late.append(r)
+                heapq.heappush(self.late, (r.arrival, next(self.seq), r))
                 continue
+            batch.append(r)
+            tokens += r.prompt
+        return batch
+
+    def _take_late(self) -> list[Req]:
+        """A batch of the late prompts, oldest first."""
+        batch: list[Req] = []
+        tokens = 0
+        late = self.late
+        while late and (not batch or tokens + late[0][2].prompt <= self.c.max_num_batched_tokens):
+            r = heapq.heappop(late)[2]
             batch.append(r)
             tokens += r.prompt
         return batch
@@ -354,12 +375,9 @@ class Fleet:
         ready = [p for p in self.live[role] if p.ready]
         if role == PREFILL:
             running = sum(len(p.batch) for p in ready)
-            waiting = (
-                sum(len(p.queue) for p in ready)
-                + len(self.pending[PREFILL])
-                + len(self.held)
-                + len(self.late)
-            )
+            waiting = sum(len(p.queue) for p in ready) + len(self.pending[PREFILL])
+            if self.queue_visible:
+                waiting += len(self.held) + len(self.late)
             kv = 0.0
         else:
             running = sum(p.n_running for p in ready)

@@ -48,14 +48,23 @@ class Setup:
     startup_s: float
     tick_s: float
     window_s: float
-    # What-if: the proxy holds prompts and serves those still in time first (fleet.py).
+    # pdorch's prefill queue (router.prefillQueue) in front of every policy's fleet (fleet.py), and
+    # whether the scaler sees the prompts it holds as prefill's waiting (pdorch scaler does not).
     proxy_queue: bool = False
+    queue_visible: bool = False
 
 
 def simulate(setup: Setup, wl: workloads.Workload, policy: PolicyFn, initial: tuple[int, int]) -> FleetResult:
     reqs = [Req(t, p, o) for t, p, o in wl.arrivals]
     held = setup.slo.ttft_s if setup.proxy_queue else None
-    fleet = Fleet(setup.c, setup.startup_s, initial, setup.tick_s, proxy_queue_ttft_s=held)
+    fleet = Fleet(
+        setup.c,
+        setup.startup_s,
+        initial,
+        setup.tick_s,
+        proxy_queue_ttft_s=held,
+        queue_visible=setup.queue_visible,
+    )
     return fleet.run(reqs, policy, wl.duration + 60.0)
 
 
@@ -110,6 +119,8 @@ def default_name(args: argparse.Namespace) -> str:
         parts.append(f"startup{args.startup_s:g}")
     if args.proxy_queue:
         parts.append("proxy-queue")
+    if args.queue_visible:
+        parts.append("visible")
     return "-".join(parts)
 
 
@@ -285,8 +296,14 @@ def main() -> int:
     ap.add_argument(
         "--proxy-queue",
         action="store_true",
-        help="what-if for every policy: prompts wait in the proxy, not the engines; idle prefills "
-        "pull the ones still in time for the TTFT first (fleet.py)",
+        help="pdorch's prefill queue (router.prefillQueue) for every policy: prompts wait in the proxy, "
+        "not the engines; idle prefills pull the ones still in time for the TTFT first, shortest first",
+    )
+    ap.add_argument(
+        "--queue-visible",
+        action="store_true",
+        help="with --proxy-queue: the policies see the prompts the proxy holds as prefill's waiting "
+        "(a scaler that scrapes the proxy too; pdorch scaler reads the engines only)",
     )
     ap.add_argument("--name", help="results file stem (default: built from the options by `default_name`)")
     args = ap.parse_args()
@@ -300,6 +317,7 @@ def main() -> int:
         tick_s=15.0,
         window_s=30.0,
         proxy_queue=args.proxy_queue,
+        queue_visible=args.queue_visible,
     )
     # pdorch runs as `pdorch scaler --pod-startup <startup> --interval <tick>` with the ServingGroup
     # API's damping defaults (scaling.* fields left unset).
@@ -329,6 +347,7 @@ def main() -> int:
             "pdorch_scale_down_after_miss_s": pd_damping.scale_down_after_miss_s,
             "slo_scale": args.slo_scale,
             "proxy_queue": args.proxy_queue,
+            "queue_visible": args.queue_visible,
         },
         "workloads": {},
     }
@@ -404,7 +423,7 @@ def render_md(results: dict[str, object]) -> str:
         f"and TPOT <= {s['slo_tpot_ms']:.0f} ms; start-up {s['startup_s']:.0f} s; tick {s['controller_tick_s']:.0f} s; "  # type: ignore[index]
         f"target {s['attainment_target']:.0%}."  # type: ignore[index]
         + (
-            " What-if: every policy runs with prompts held in the proxy (late binding, in-time first)."
+            " Every policy runs behind pdorch's prefill queue (prompts held in the proxy; in-time first, shortest first)."
             if s.get("proxy_queue")  # type: ignore[union-attr]
             else ""
         ),

@@ -940,12 +940,12 @@ class ProxyServer:
                 raise
             finally:
                 self._leg_end(p)
+            t_prefilled = self.clock()
+            progress.ticket.release(t_prefilled - t)
             try:
                 params = decode_json(raw).get("kv_transfer_params")
             except (ValueError, AttributeError, RecursionError):
                 raise LegFailure(p, "prefill", "bad_response", f"not a JSON object: {raw[:200]!r}") from None
-            t_prefilled = self.clock()
-            progress.ticket.release(t_prefilled - t)
             # Bookkeeping runs on the next loop turn, once the decode request is on the wire.
             self.loop.call_soon(self._prefill_ok, p, "vllm", t_prefilled - t)
             if params:
