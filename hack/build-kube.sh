@@ -18,7 +18,7 @@ ETCD=${ETCD:-3.6.16}
 LWS=${LWS:-0.9.0}
 KWOK=${KWOK:-0.8.0}
 HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=${PDORCH_KUBE_CACHE:-$HOME/.cache/pdorch/kube}
+ROOT=${PDORCH_KUBE_CACHE:-${PDORCH_CACHE:-$HOME/.cache/pdorch}/kube}
 OUT=$ROOT/k8s$K8S-etcd$ETCD-lws$LWS-kwok$KWOK
 if [ -f "$OUT/.complete" ]; then
   echo "cached: $OUT"; echo "$OUT"; exit 0

@@ -10,7 +10,7 @@ python3 -m pip install --disable-pip-version-check -q -e '.[dev]'
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 echo "[install] control-plane binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, lws)"
 python3 -m pdorch.cli dev-cluster build
-echo "[install] helm (renders charts/pdorch in the packaging tests), into ~/.cache/pdorch/helm"
+echo "[install] helm (renders charts/pdorch in the packaging tests), into ${PDORCH_HELM_CACHE:-${PDORCH_CACHE:-~/.cache/pdorch}/helm}"
 # Progress and errors go to stderr (shown); the last stdout line is the output directory.
 helm_dir=$(./hack/build-helm.sh | tail -1)
 echo "[install] helm is $helm_dir/helm (not on PATH; the tests find it there)"
