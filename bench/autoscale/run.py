@@ -34,7 +34,7 @@ from policies import Slo
 
 from pdorch.api.servinggroup import Scaling, ScalingMode
 from pdorch.scaler.loop import damping_from_scaling
-from pdorch.scaler.policy import SloPolicyConfig
+from pdorch.scaler.policy import SloPolicyConfig, behind_prefill_queue
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100, Coefficients
 
 REPO = Path(__file__).resolve().parents[2]
@@ -327,9 +327,12 @@ def main() -> int:
     if args.scale_down_after_miss_s is not None:
         api = api.model_copy(update={"scale_down_after_miss_seconds": args.scale_down_after_miss_s})
     pd_damping = damping_from_scaling(api)
-    pd_cfg = replace(
-        SloPolicyConfig(forecast_lead_s=setup.startup_s + setup.tick_s), **parse_knobs(args.knob)
-    )
+    # Behind the prefill queue the scaler uses its queued profile, as `pdorch scaler` does for a
+    # group with router.prefillQueue; --knob overrides apply on top.
+    base = SloPolicyConfig(forecast_lead_s=setup.startup_s + setup.tick_s)
+    if setup.proxy_queue:
+        base = behind_prefill_queue(base)
+    pd_cfg = replace(base, **parse_knobs(args.knob))
     results: dict[str, object] = {
         "setup": {
             "coefficients": c.name,

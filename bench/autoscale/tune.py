@@ -141,10 +141,17 @@ def main() -> int:
         nargs="+",
         help="pdorch only: scale-down windows to try instead of the grid's (writes autoscale-tuning-holds.*)",
     )
+    ap.add_argument(
+        "--proxy-queue",
+        action="store_true",
+        help="replay behind the proxy's prefill queue (run.py --proxy-queue; writes autoscale-tuning*-proxy-queue.*)",
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=run.REPO / "bench" / "results")
     args = ap.parse_args()
     t0 = time.time()
+    global SETUP
+    SETUP = replace(SETUP, proxy_queue=args.proxy_queue)  # before the pool forks: the workers inherit it
     if args.holds and args.policy != "pdorch":
         ap.error("--holds applies to pdorch only")
     grid = members(args.policy, args.holds)
@@ -171,6 +178,7 @@ def main() -> int:
         "policy": args.policy,
         "half": "first (minutes 0-30)",
         "seed": args.seed,
+        "proxy_queue": args.proxy_queue,
         "budget": BUDGET,
         "grid": (
             {**GRID, "scale_down_s": args.holds or GRID["scale_down_s"]}
@@ -189,11 +197,13 @@ def main() -> int:
         "autoscale-tuning"
         + ("" if args.policy == "pdorch" else f"-{args.policy}")
         + ("-holds" if args.holds else "")
+        + ("-proxy-queue" if args.proxy_queue else "")
     )
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     keys = list(grid[0])
     lines = [
-        f"# Tuning {args.policy} on minutes 0-30 of {', '.join(TRACES)} (seed {args.seed})",
+        f"# Tuning {args.policy} on minutes 0-30 of {', '.join(TRACES)} (seed {args.seed})"
+        + (", behind the proxy's prefill queue" if args.proxy_queue else ""),
         "",
         f"Grid: {json.dumps(out['grid'])} ({len(grid)} members). Rule: most traces meeting the goal (>= 99% at "
         f"<= {BUDGET}x oracle), then most at >= 99%, then mean attainment per GPU-hour relative to the oracle.",

@@ -280,6 +280,8 @@ class Stacks:
     event_loop: str = "uvloop"
     # "one-process" (as the vLLM sims) or "two-process" (the decode reaches the prefill's bootstrap server).
     sglang_sims: str = "one-process"
+    # Extra `pdorch proxy` flags for the pdorch fronts (e.g. an A/B of a proxy setting).
+    pdorch_args: tuple[str, ...] = ()
     procs: list[Proc] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)
     _pending: dict[str, tuple[Proc, str]] = field(default_factory=dict)
@@ -380,12 +382,12 @@ class Stacks:
                 "--decode",
                 d,
             ]
-            cmd += ["--host", HOST, "--port", str(port), "--metrics-port", "0"]
+            cmd += ["--host", HOST, "--port", str(port), "--metrics-port", "0", *self.pdorch_args]
         elif name == "pdorch-sglang":
             p, boot, d = pd["sglang"]
             cmd = [sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "sglang"]
             cmd += ["--prefill", f"{p}#{boot}", "--decode", d, "--host", HOST, "--port", str(port)]
-            cmd += ["--metrics-port", "0"]
+            cmd += ["--metrics-port", "0", *self.pdorch_args]
         elif name == "vllm-router":
             p, d = pd["vllm"]
             cmd = [router_bin("vllm-router"), "--host", HOST, "--port", str(port), "--vllm-pd-disaggregation"]
@@ -1160,6 +1162,11 @@ def main() -> None:
         default=0.5,
         help="length of one target's turn when a front and its baselines share a half-load step",
     )
+    ap.add_argument(
+        "--pdorch-args",
+        default="",
+        help="extra `pdorch proxy` flags for the pdorch fronts, e.g. '--prefill-queue-tokens 16384'",
+    )
     ap.add_argument("--name", default="proxy", help="results file stem")
     ap.add_argument(
         "--out", default=None, help="results dir (default bench/results; --quick: /tmp/bench-proxy-quick)"
@@ -1185,6 +1192,7 @@ def main() -> None:
             quiet_routers=args.router_log_level == "warn",
             event_loop=args.engine_loop,
             sglang_sims=args.sglang_sims,
+            pdorch_args=tuple(args.pdorch_args.split()),
         )
         meta: dict[str, Any] = {}
         try:
@@ -1234,6 +1242,7 @@ def main() -> None:
             "half_block_seconds": args.block_seconds,
             "engine_loop": args.engine_loop,
             "sglang_sims": args.sglang_sims,
+            "pdorch_args": args.pdorch_args,
             "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(),
             "wall_s": round(time.time() - started, 1),

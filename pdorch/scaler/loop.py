@@ -51,6 +51,7 @@ from pdorch.scaler.policy import (
     Recommendation,
     RoleMemory,
     SloPolicyConfig,
+    behind_prefill_queue,
     recommend_decode,
     recommend_prefill,
 )
@@ -173,6 +174,13 @@ def damping_from_scaling(s: Scaling) -> DampingConfig:
         cooldown_s=s.cooldown_seconds,
         scale_down_after_miss_s=s.scale_down_after_miss_seconds,
     )
+
+
+def group_policy(sg: ServingGroup, base: SloPolicyConfig) -> SloPolicyConfig:
+    """The policy for a group's Builtin roles: the queued profile when its proxy holds prompts
+    (``router.prefillQueue``: a burst's short prompts are protected, so prefill may run hotter)."""
+    router = sg.spec.router
+    return behind_prefill_queue(base) if router is not None and router.prefill_queue is not None else base
 
 
 def recommend(
@@ -308,8 +316,9 @@ class BuiltinScaler:
         builtin = [r for r in sg.spec.roles if r.scaling_mode == ScalingMode.BUILTIN]
         await self._release_unscaled(ns, name, {r.name for r in builtin})
         decisions: dict[str, tuple[Role, dict[str, Any], int, int, str, list[dict[str, Any]]]] = {}
+        policy = group_policy(sg, self.policy)
         for role in builtin:
-            got = await self._decide(ns, name, role)
+            got = await self._decide(ns, name, role, policy)
             if got is not None:
                 decisions[role.name] = (role, *got)
             elif (st := self.roles.get((ns, name, role.name))) and st.draining_to is not None:
@@ -351,7 +360,7 @@ class BuiltinScaler:
         return out
 
     async def _decide(
-        self, ns: str, group: str, role: Role
+        self, ns: str, group: str, role: Role, policy: SloPolicyConfig
     ) -> tuple[dict[str, Any], int, int, str, list[dict[str, Any]]] | None:
         key = (ns, group, role.name)
         st = self.roles.setdefault(key, RoleState())
@@ -394,7 +403,7 @@ class BuiltinScaler:
             self._last_miss[(ns, group)] = now
             SLO_MISSES.labels(ns, group, role.name).inc()
         try:
-            rec = recommend(role, load, self.coefficients, self.policy, st.memory, now)
+            rec = recommend(role, load, self.coefficients, policy, st.memory, now)
         except ValueError as e:
             log.warning("%s/%s: %s", ns, group, e)
             return None

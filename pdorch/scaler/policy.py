@@ -61,6 +61,24 @@ class SloPolicyConfig:
     forecast_weighted: bool = True
 
 
+def behind_prefill_queue(cfg: SloPolicyConfig) -> SloPolicyConfig:
+    """The policy for a group whose proxy holds prompts (``router.prefillQueue``).
+
+    There a burst's short prompts still make the TTFT target on a busy prefill role, so prefill may
+    run hotter and the forecast follows the rise of a typical tick rather than of the typical
+    request. Chosen by `bench/autoscale/tune.py --proxy-queue` on the tuning half of the Azure
+    traces (the same grid and rule as the defaults; that rule's 75 s hold is left to
+    ``scaling.scaleDownStabilizationSeconds``).
+    """
+    return replace(
+        cfg,
+        max_prefill_utilisation=0.95,
+        forecast_quantile=0.75,
+        forecast_weighted=False,
+        decode_burst_z=2.33,
+    )
+
+
 @dataclass(frozen=True)
 class Recommendation:
     """A replica count and the term that decided it."""

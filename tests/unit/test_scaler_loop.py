@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
+import yaml
 
-from pdorch.api.servinggroup import Role, Scaling
+from pdorch.api.servinggroup import Role, Scaling, ServingGroup
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.pods import ready_since
 from pdorch.scaler import loop
@@ -14,6 +16,7 @@ from pdorch.scaler.loop import (
     damping_config,
     damping_from_scaling,
     endpoints_ready_after,
+    group_policy,
     may_hold_work,
     recommend,
 )
@@ -23,6 +26,7 @@ from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
 
 pytestmark = pytest.mark.unit
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TEMPLATE = {"spec": {"containers": [{"name": "engine", "image": "x"}]}}
 
 
@@ -77,6 +81,18 @@ def test_a_builtin_role_capped_at_zero_gets_no_floor_above_its_cap() -> None:
     d = damping_from_scaling(Scaling.model_construct(mode="Builtin", max_replicas=0, min_replicas=None))
     assert (d.min_replicas, d.max_replicas) == (0, 0)
     assert damping_from_scaling(Scaling(mode="Builtin", max_replicas=5)).min_replicas == 1
+
+
+def test_a_group_behind_the_prefill_queue_gets_the_queued_profile() -> None:
+    raw = yaml.safe_load((EXAMPLES / "sim-pd" / "servinggroup.yaml").read_text())
+    base = SloPolicyConfig(forecast_lead_s=30.0)
+    assert group_policy(ServingGroup.model_validate(raw), base) == base
+    raw["spec"].setdefault("router", {})["prefillQueue"] = {"maxInflightTokens": 16384}
+    queued = group_policy(ServingGroup.model_validate(raw), base)
+    assert queued.max_prefill_utilisation > base.max_prefill_utilisation
+    assert queued.forecast_lead_s == base.forecast_lead_s  # the process's lead is kept
+    raw["spec"].pop("router")
+    assert group_policy(ServingGroup.model_validate(raw), base) == base
 
 
 def test_scaling_clamp_applies_only_the_bounds_that_are_set() -> None:
