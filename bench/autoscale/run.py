@@ -370,7 +370,8 @@ def main() -> int:
         start = (sp, sd)
         ratio = sp / sd
         peer_knobs = [(p, p, k) for p, k in policies.PEER_DEFAULTS.items()]
-        peer_knobs += [(f"{p}-tuned", p, k) for p, k in policies.PEER_TUNED.items()]
+        tuned = policies.PEER_TUNED_QUEUE if setup.proxy_queue else policies.PEER_TUNED
+        peer_knobs += [(f"{p}-tuned", p, k) for p, k in tuned.items()]
         candidates = {
             label: policies.peer_policy(peer, knobs, c, setup.slo, setup.tick_s, wl.arrivals, ratio)
             for label, peer, knobs in peer_knobs
