@@ -642,7 +642,7 @@ class Reconciler:
             st.condition(
                 st.PROGRESSING,
                 False,
-                "ApplyFailed",
+                st.APPLY_FAILED,
                 message[:1000],
                 generation,
                 prev.get("conditions") or [],
@@ -652,7 +652,7 @@ class Reconciler:
         new = {**prev, "summary": summary, "conditions": conds}
         try:
             if await self._write_status(obj, prev, new):
-                self.events.emit_soon(obj, "Warning", "ApplyFailed", message[:1000])
+                self.events.emit_soon(obj, "Warning", st.APPLY_FAILED, message[:1000])
         except ApiError:
             log.debug("could not record ApplyFailed on %s", obj["metadata"]["name"])
 

@@ -17,6 +17,8 @@ AVAILABLE = "Available"
 PROGRESSING = "Progressing"
 INVALID = "Invalid"
 ROLLOUT_STALLED = "RolloutStalled"
+# Progressing=False reason when the LWS apply itself fails (the reconciler's Warning says why).
+APPLY_FAILED = "ApplyFailed"
 # Present (True) only while the update revision's ControllerRevision could not be written.
 REVISION_RECORD_FAILED = "RevisionRecordFailed"
 # Present (True) only while a role's LWS or StatefulSets report that they cannot create its groups.
@@ -361,13 +363,16 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[t
     """The Events announcing `new`'s condition flips: (type, reason, note, series).
 
     Warning when something needs a human: a stalled rollout, a revision record refused, a group
-    that stopped serving. Invalid=True is left out: the controller's InvalidSpec Warning carries
-    the message, and one refusal is one event. The series is the condition type, so the event
+    that stopped serving. Invalid=True and Progressing=False for ApplyFailed are left out: the
+    controller's InvalidSpec and ApplyFailed Warnings carry the message, and one refusal is one
+    event. The series is the condition type, so the event
     recorder drops only a repeat of the same flip, never a flip back or a second one.
     """
     out = []
     for ctype, old_s, new_s, reason in transitions(old, new):
-        if ctype == INVALID and new_s == "True":
+        if (ctype == INVALID and new_s == "True") or (
+            ctype == PROGRESSING and new_s == "False" and reason == APPLY_FAILED
+        ):
             continue
         warning = (ctype in (ROLLOUT_STALLED, REVISION_RECORD_FAILED) and new_s == "True") or (
             ctype == AVAILABLE and new_s == "False" and old_s == "True"

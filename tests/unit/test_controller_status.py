@@ -220,6 +220,16 @@ def test_transition_events_warn_on_a_stall_and_report_an_invalid_spec_once() -> 
     assert [e for e in st.transition_events(ok, bad) if e[0] == "Warning"] == []
     fixed = st.compute_status(3, _roles(2, 1), "abc", bad)
     assert ("Normal", "Valid", "Invalid is now False", "Invalid") in st.transition_events(bad, fixed)
+    # A failed apply: the reconciler's ApplyFailed Warning says why; the flip adds no Normal event.
+    others = [c for c in fixed["conditions"] if c["type"] != st.PROGRESSING]
+    rolling = {**fixed, "conditions": [*others, st.condition(st.PROGRESSING, True, "Rolling", "", 3, [])]}
+    failing = {
+        **fixed,
+        "conditions": [*others, st.condition(st.PROGRESSING, False, st.APPLY_FAILED, "denied", 3, [])],
+    }
+    assert [e for e in st.transition_events(rolling, failing) if e[3] == st.PROGRESSING] == []
+    done = {**fixed, "conditions": [*others, st.condition(st.PROGRESSING, False, "Complete", "", 3, [])]}
+    assert [e[:2] for e in st.transition_events(rolling, done)] == [("Normal", "Complete")]
     # A second outage is a Warning again.
     down = st.compute_status(3, _roles(2, 0), "abc", fixed)
     assert ("Warning", "RoleNotReady", "Available is now False", "Available") in st.transition_events(
