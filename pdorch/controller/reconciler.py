@@ -328,7 +328,7 @@ class Reconciler:
         if any(r.exists and r.ready < r.desired for r in roles):
             requeue = min(requeue or FAILURE_CHECK_S, FAILURE_CHECK_S)  # to read the warnings again
         new_status["summary"]["rollout"] = st.rollout_state(new_status["conditions"])
-        _record_ratio(sg, roles, namespace, name)
+        _record_ratio(obj, roles)
         # Recorded before the status that announces it, so a pass that raises here leaves the old
         # updateRevision in status and its retry records it. A refusal is kept in status as
         # RevisionRecordFailed and retried every REVISION_RETRY_S, also after a controller restart
@@ -667,9 +667,9 @@ class Reconciler:
         """Report an invalid spec, with what the existing LWS (still serving) look like meanwhile.
 
         `desired` per role when the spec parsed (else the last accepted desired counts are kept)."""
-        new = st.compute_status(
-            generation, self._observe_children(obj, prev, desired), "", prev, invalid=message
-        )
+        observed = self._observe_children(obj, prev, desired)
+        _record_ratio(obj, observed)  # a decode outage under an invalid spec still shows
+        new = st.compute_status(generation, observed, "", prev, invalid=message)
         before = st.find_condition(prev.get("conditions") or [], st.INVALID) or {}
         if await self._write_status(obj, prev, new) and (
             before.get("status") != "True" or before.get("message") != message
@@ -758,15 +758,27 @@ def _without_scaler_replicas(intent: dict[str, Any], live: dict[str, Any] | None
     return {**intent, "spec": spec}
 
 
-def ratio_deviation(sg: ServingGroup, roles: list[st.RoleObservation]) -> float:
-    """|log(ready P:D / declared P:D)|; 1.0 when a side has no ready group (no P:D pair can form,
-    as the rollout cohort gauge counts a one-sided cohort), 0 when no ratio is declared."""
+def declared_ratio(spec: Any) -> tuple[int, int] | None:
+    """`spec.ratio` as (prefill, decode) from a spec's raw JSON, when it is two positive integers
+    (also read from a spec the models refused, so the gauge keeps moving while it is Invalid)."""
+    ratio = spec.get("ratio") if isinstance(spec, dict) else None
+    if not isinstance(ratio, dict):
+        return None
+    p, d = ratio.get("prefill"), ratio.get("decode")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (p, d))
+    return (p, d) if ok else None
+
+
+def ratio_deviation(declared: tuple[int, int] | None, roles: list[st.RoleObservation]) -> float:
+    """|log(ready P:D / declared P:D)| (the desired counts' ratio when none is declared); 1.0 when
+    a side has no ready group (no P:D pair can form, as the rollout cohort gauge counts a one-sided
+    cohort), 0 when there is no ratio to compare with."""
     p = sum(r.ready for r in roles if r.type == "prefill")
     d = sum(r.ready for r in roles if r.type == "decode")
     wp = sum(r.desired for r in roles if r.type == "prefill")
     wd = sum(r.desired for r in roles if r.type == "decode")
-    if sg.spec.ratio is not None:
-        wp, wd = sg.spec.ratio.prefill, sg.spec.ratio.decode
+    if declared is not None:
+        wp, wd = declared
     if not (wp and wd):
         return 0.0
     if not (p and d):
@@ -774,8 +786,10 @@ def ratio_deviation(sg: ServingGroup, roles: list[st.RoleObservation]) -> float:
     return abs(math.log((p / d) / (wp / wd)))
 
 
-def _record_ratio(sg: ServingGroup, roles: list[st.RoleObservation], namespace: str, name: str) -> None:
-    RATIO_DEVIATION.labels(namespace, name).set(ratio_deviation(sg, roles))
+def _record_ratio(obj: dict[str, Any], roles: list[st.RoleObservation]) -> None:
+    md = obj["metadata"]
+    deviation = ratio_deviation(declared_ratio(obj.get("spec")), roles)
+    RATIO_DEVIATION.labels(md.get("namespace", "default"), md["name"]).set(deviation)
 
 
 def forget_group_metrics(namespace: str, name: str) -> None:

@@ -8,17 +8,12 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from pdorch.api.servinggroup import ServingGroup
 from pdorch.controller import reconciler as rc
 from pdorch.controller import status as st
 
 pytestmark = pytest.mark.unit
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sim-pd" / "servinggroup.yaml"
-
-
-def _sg() -> ServingGroup:
-    return ServingGroup.model_validate(yaml.safe_load(EXAMPLE.read_text()))
 
 
 def _roles(p_ready: int, d_ready: int) -> list[st.RoleObservation]:
@@ -33,18 +28,42 @@ def _value(name: str, labels: dict[str, str]) -> float | None:
 
 
 def test_ratio_deviation_is_set_when_a_side_has_no_ready_group() -> None:
-    sg = _sg()
-    assert rc.ratio_deviation(sg, _roles(2, 1)) == 0.0
-    assert rc.ratio_deviation(sg, _roles(1, 1)) == pytest.approx(0.6931, abs=1e-3)
+    obj = yaml.safe_load(EXAMPLE.read_text())
+    obj["spec"]["ratio"] = {"prefill": 2, "decode": 1, "tolerance": 0.5}
+    declared = rc.declared_ratio(obj["spec"])
+    assert declared == (2, 1)
+    assert rc.ratio_deviation(declared, _roles(2, 1)) == 0.0
+    assert rc.ratio_deviation(declared, _roles(1, 1)) == pytest.approx(0.6931, abs=1e-3)
     # No decode ready: no P:D pair can form; was left at its last value (0 = "on ratio").
-    assert rc.ratio_deviation(sg, _roles(2, 0)) == 1.0
-    assert rc.ratio_deviation(sg, _roles(0, 1)) == 1.0
-    assert rc.ratio_deviation(sg, _roles(0, 0)) == 1.0
+    assert rc.ratio_deviation(declared, _roles(2, 0)) == 1.0
+    assert rc.ratio_deviation(declared, _roles(0, 1)) == 1.0
+    assert rc.ratio_deviation(declared, _roles(0, 0)) == 1.0
+    # Nothing declared: the desired counts' ratio (2:1 here).
+    assert rc.ratio_deviation(None, _roles(1, 1)) == pytest.approx(0.6931, abs=1e-3)
+    assert rc.ratio_deviation((1, 1), _roles(1, 1)) == 0.0
+    obj["metadata"] = {"namespace": "m", "name": "ratio"}
     labels = {"namespace": "m", "group": "ratio"}
-    rc._record_ratio(sg, _roles(2, 1), "m", "ratio")
+    rc._record_ratio(obj, _roles(2, 1))
     assert _value("pdorch_ratio_deviation", labels) == 0.0
-    rc._record_ratio(sg, _roles(2, 0), "m", "ratio")
+    rc._record_ratio(obj, _roles(2, 0))
     assert _value("pdorch_ratio_deviation", labels) == 1.0
+
+
+@pytest.mark.parametrize(
+    "ratio",
+    [
+        None,
+        "2:1",
+        {"prefill": 0, "decode": 1},
+        {"prefill": 2},
+        {"prefill": True, "decode": 1},
+        {"prefill": 1.5, "decode": 1},
+    ],
+)
+def test_a_ratio_the_models_would_refuse_is_not_declared(ratio: object) -> None:
+    # An Invalid spec's gauge then compares with the desired counts instead of failing.
+    assert rc.declared_ratio({"ratio": ratio}) is None
+    assert rc.declared_ratio("not a spec") is None
 
 
 def test_a_deleted_group_leaves_no_series_behind() -> None:
