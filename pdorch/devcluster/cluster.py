@@ -8,6 +8,8 @@ recorded and removes the state directory.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,19 @@ def validate_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+@contextlib.contextmanager
+def _choosing_lock() -> Iterator[None]:
+    """An exclusive lock over the dev clusters' state root while a new one picks its pod range."""
+    root = state_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".choosing.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def state_root() -> Path:
@@ -273,15 +288,18 @@ class DevCluster:
                 k: free_port()
                 for k in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "lws_webhook", "lws_health")
             }
-            st = ClusterState(
-                dir=str(self.state_dir),
-                bin_dir=str(bins.dir),
-                ports=ports,
-                token=token,
-                pod_network=manifests.pod_cidr_for(self.state_dir.name, self._other_pod_cidrs()),
-            )
-            Path(st.kubeconfig).write_text(manifests.kubeconfig(st.server, p.ca_crt, token))
-            st.save()
+            # Choosing a pod range and recording it is one step under a lock, so two `up`s started
+            # together cannot both pick the same free range.
+            with _choosing_lock():
+                st = ClusterState(
+                    dir=str(self.state_dir),
+                    bin_dir=str(bins.dir),
+                    ports=ports,
+                    token=token,
+                    pod_network=manifests.pod_cidr_for(self.state_dir.name, self._other_pod_cidrs()),
+                )
+                Path(st.kubeconfig).write_text(manifests.kubeconfig(st.server, p.ca_crt, token))
+                st.save()
             self._start_all(st, bins, p, nodes, gpus_per_node)
         except KeyboardInterrupt:
             # The user gave up on this start: stop what runs and leave no state behind.

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from pdorch import cli
-from pdorch.devcluster import binaries, cluster, pki
+from pdorch.devcluster import binaries, cluster, manifests, pki
 from pdorch.devcluster.cluster import (
     MARKER,
     ClusterState,
@@ -198,3 +200,39 @@ def test_controller_logs_go_to_the_clusters_logs_dir(tmp_path: Path) -> None:
     # Any other kubeconfig: the temp dir, and the log is removed after a clean exit.
     assert controller_log_dir(str(tmp_path / "kubeconfig")) == (Path(tempfile.gettempdir()), True)
     assert controller_log_dir(str(tmp_path / "kubeconfig"), tmp_path / "mine") == (tmp_path / "mine", False)
+
+
+def test_two_ups_at_once_record_different_pod_ranges(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch, no_components: list[str]
+) -> None:
+    # Two names whose preferred range is the same: only the other's record tells them apart.
+    by_range: dict[str, str] = {}
+    a = b = ""
+    for i in range(10_000):
+        name = f"c{i}"
+        cidr = manifests.pod_cidr_for(name, [])
+        if cidr in by_range:
+            a, b = by_range[cidr], name
+            break
+        by_range[cidr] = name
+    assert a and b
+    choose = manifests.pod_cidr_for
+
+    def slow_choice(name: str, taken: object) -> str:
+        got = choose(name, taken)  # type: ignore[arg-type]
+        time.sleep(0.2)  # both `up`s are between choosing and recording
+        return got
+
+    monkeypatch.setattr(manifests, "pod_cidr_for", slow_choice)
+    states: dict[str, str] = {}
+
+    def up(name: str) -> None:
+        states[name] = DevCluster(default_state_dir(name)).up().pod_cidr
+
+    threads = [threading.Thread(target=up, args=(n,)) for n in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert set(states) == {a, b}
+    assert states[a] != states[b]
