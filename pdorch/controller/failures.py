@@ -38,6 +38,20 @@ def event_time(ev: Mapping[str, Any]) -> dt.datetime | None:
     return None
 
 
+def last_applied(obj: Mapping[str, Any], manager: str) -> dt.datetime | None:
+    """When `manager` last changed `obj`'s spec by server-side apply (its managedFields entry), so
+    a restarted controller knows which warnings came before its last change."""
+    times = [
+        parse_rfc3339(e.get("time"))
+        for e in (obj.get("metadata") or {}).get("managedFields") or []
+        if isinstance(e, dict)
+        and e.get("manager") == manager
+        and e.get("operation") == "Apply"
+        and not e.get("subresource")
+    ]
+    return max((t for t in times if t is not None), default=None)
+
+
 def _owner_role(name: str, lws_names: Mapping[str, str]) -> str | None:
     """The role whose LWS is `name`, or whose StatefulSet it is (`<lws>` leaders, `<lws>-<i>` workers)."""
     for role, lws in lws_names.items():

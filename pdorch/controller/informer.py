@@ -37,9 +37,16 @@ def key_of(obj: Obj) -> str:
 
 
 def strip(obj: Obj) -> Obj:
-    """Drop what the controller never reads, to keep the cache small."""
+    """Drop what the controller never reads, to keep the cache small.
+
+    Of managedFields only who wrote when is kept (not the field sets, the bulk of it): it tells a
+    restarted controller when it last changed an object (pdorch.controller.failures)."""
     md = obj.get("metadata", {})
-    md.pop("managedFields", None)
+    managed = md.pop("managedFields", None)
+    if isinstance(managed, list):
+        md["managedFields"] = [
+            {k: v for k, v in e.items() if k != "fieldsV1"} for e in managed if isinstance(e, dict)
+        ]
     ann = md.get("annotations")
     if ann:
         ann.pop("kubectl.kubernetes.io/last-applied-configuration", None)

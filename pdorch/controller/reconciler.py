@@ -22,7 +22,7 @@ from pdorch.api.errors import format_validation_error
 from pdorch.api.servinggroup import ServingGroup
 from pdorch.controller import status as st
 from pdorch.controller.events import EventRecorder
-from pdorch.controller.failures import FAILED_CREATE, creation_failures
+from pdorch.controller.failures import FAILED_CREATE, creation_failures, last_applied
 from pdorch.controller.informer import Informer
 from pdorch.controller.intent import needs_apply, stamp, version_marker
 from pdorch.controller.kubeapi import (
@@ -371,7 +371,9 @@ class Reconciler:
                 continue
             created = st.parse_rfc3339((lws.get("metadata") or {}).get("creationTimestamp"))
             changed = self._lws_changed_at.get(key, {}).get(lws["metadata"]["name"])
-            start = max((t for t in (created, changed) if t is not None), default=None)
+            # After a restart this process has no record: the LWS's own managedFields do.
+            applied = last_applied(lws, self.api.field_manager)
+            start = max((t for t in (created, changed, applied) if t is not None), default=None)
             if start is not None and (wall - start).total_seconds() < FAILURE_GRACE_S:
                 continue  # groups take a moment to appear: do not read events for every new group
             lacking[r.name] = lws["metadata"]["name"]

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from pdorch.controller.failures import creation_failures, event_time
+from pdorch.controller.failures import creation_failures, event_time, last_applied
+from pdorch.controller.informer import strip
 
 pytestmark = pytest.mark.unit
 
@@ -61,3 +62,51 @@ def test_event_time_prefers_the_series_then_the_last_timestamp() -> None:
         2026, 12, 5, 10, tzinfo=dt.UTC
     )
     assert event_time({}) is None
+
+
+def test_a_restarted_controller_reads_its_last_apply_from_managed_fields() -> None:
+    lws = {
+        "metadata": {
+            "managedFields": [
+                {"manager": "pdorch", "operation": "Apply", "time": "2026-12-05T10:01:00Z"},
+                # LWS's controller writing status, and a human's kubectl edit: not our change.
+                {
+                    "manager": "lws",
+                    "operation": "Update",
+                    "subresource": "status",
+                    "time": "2026-12-05T10:09:00Z",
+                },
+                {"manager": "kubectl-edit", "operation": "Update", "time": "2026-12-05T10:08:00Z"},
+                {
+                    "manager": "pdorch",
+                    "operation": "Apply",
+                    "subresource": "status",
+                    "time": "2026-12-05T10:07:00Z",
+                },
+            ]
+        }
+    }
+    assert last_applied(lws, "pdorch") == dt.datetime(2026, 12, 5, 10, 1, tzinfo=dt.UTC)
+    assert last_applied(lws, "someone-else") is None
+    assert last_applied({"metadata": {}}, "pdorch") is None
+
+
+def test_the_cache_keeps_who_wrote_when_but_not_the_field_sets() -> None:
+    obj = {
+        "metadata": {
+            "name": "g-decode",
+            "managedFields": [
+                {
+                    "manager": "pdorch",
+                    "operation": "Apply",
+                    "time": "2026-12-05T10:01:00Z",
+                    "fieldsV1": {"f:spec": {}},
+                }
+            ],
+        }
+    }
+    stripped = strip(obj)
+    assert stripped["metadata"]["managedFields"] == [
+        {"manager": "pdorch", "operation": "Apply", "time": "2026-12-05T10:01:00Z"}
+    ]
+    assert last_applied(stripped, "pdorch") is not None
