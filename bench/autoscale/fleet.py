@@ -20,8 +20,8 @@ decode to the ready pod with the most free KV. Requests with no ready pod wait i
 `proxy_queue_ttft_s` models pdorch's prefill queue (`router.prefillQueue`,
 `pdorch.proxy.prefill_queue`): prompts wait in the proxy instead of the engines' FCFS queues, and an
 idle prefill engine takes its next batch from there (a pod that just started serves the queue at
-once): first the prompts that can still meet that TTFT, shortest first, then the others, oldest
-first. Idealised against the real proxy: the proxy knows each prompt's exact prefill time (the real
+once): first any prompt that has waited `proxy_queue_max_wait_s` (oldest first), then the prompts
+that can still meet that TTFT, shortest first, then the others, oldest first. Idealised against the real proxy: the proxy knows each prompt's exact prefill time (the real
 one estimates it from characters and measured legs) and an engine gets its next batch the moment it
 is idle (the real one keeps up to `maxInflightTokens` on the wire to each engine). The scaler sees
 these prompts as the prefill role's `waiting` only when `queue_visible` is set; otherwise it reads
@@ -52,7 +52,17 @@ PREFILL, DECODE = "prefill", "decode"
 class Req:
     """One request of the workload and its timeline."""
 
-    __slots__ = ("alloc", "arrival", "finish", "first_token", "g_end", "output", "prefill_end", "prompt")
+    __slots__ = (
+        "alloc",
+        "arrival",
+        "finish",
+        "first_token",
+        "g_end",
+        "output",
+        "prefill_end",
+        "prompt",
+        "taken",
+    )
 
     def __init__(self, arrival: float, prompt: int, output: int) -> None:
         self.arrival, self.prompt, self.output = arrival, prompt, max(output, 1)
@@ -61,6 +71,7 @@ class Req:
         self.finish = -1.0
         self.g_end = 0.0
         self.alloc = 0
+        self.taken = False  # sent from the proxy's queue (the queue's heaps drop it lazily)
 
     def ttft(self) -> float:
         return self.first_token - self.arrival if self.first_token >= 0 else float("inf")
@@ -141,6 +152,7 @@ class Fleet:
         interval_s: float,
         proxy_queue_ttft_s: float | None = None,
         queue_visible: bool = False,
+        proxy_queue_max_wait_s: float = 30.0,
     ) -> None:
         self.c = c
         self.startup_s = startup_s
@@ -160,6 +172,10 @@ class Fleet:
         # those that cannot meet the TTFT any more, by arrival.
         self.held: list[tuple[int, float, int, Req]] = []
         self.late: list[tuple[float, int, Req]] = []
+        # ... and all of them by arrival, for the wait bound; `queued` counts those not sent yet.
+        self.arrived: deque[Req] = deque()
+        self.queued = 0
+        self.max_wait_s = proxy_queue_max_wait_s
         self.counters = {PREFILL: Counters(), DECODE: Counters()}
         self.scale_events = {PREFILL: 0, DECODE: 0}
         self.now = 0.0
@@ -228,8 +244,10 @@ class Fleet:
         ready = [p for p in self.live[role] if p.ready and not p.draining]
         if role == PREFILL and self.proxy_queue_ttft_s is not None:
             heapq.heappush(self.held, (req.prompt, req.arrival, next(self.seq), req))
+            self.arrived.append(req)
+            self.queued += 1
             for pod in ready:
-                if not (self.held or self.late):
+                if not self.queued:
                     break
                 if not pod.busy:
                     self._start_prefill(pod)
@@ -255,7 +273,10 @@ class Fleet:
         if self.proxy_queue_ttft_s is None:
             batch = self._take_batch(pod.queue)
         else:
-            batch = self._take_in_time() or self._take_late()
+            batch = self._take_overdue() or self._take_in_time() or self._take_late()
+            for r in batch:
+                r.taken = True
+            self.queued -= len(batch)
             if not batch:
                 return
             pod.queued_tokens = sum(r.prompt for r in batch)
@@ -273,6 +294,26 @@ class Fleet:
             tokens += r.prompt
         return batch
 
+    def _take_overdue(self) -> list[Req]:
+        """A batch of the prompts that waited the bound, oldest first (none when the oldest has not)."""
+        arrived = self.arrived
+        while arrived and arrived[0].taken:
+            arrived.popleft()
+        if not arrived or self.now - arrived[0].arrival < self.max_wait_s:
+            return []
+        batch: list[Req] = []
+        tokens = 0
+        while arrived and (not batch or tokens + arrived[0].prompt <= self.c.max_num_batched_tokens):
+            r = arrived.popleft()
+            if r.taken:
+                continue
+            if self.now - r.arrival < self.max_wait_s:
+                arrived.appendleft(r)
+                break
+            batch.append(r)
+            tokens += r.prompt
+        return batch
+
     def _take_in_time(self) -> list[Req]:
         """A batch of the held prompts that can still meet the TTFT, shortest first; the late ones
         met on the way move to `late`."""
@@ -282,6 +323,8 @@ class Fleet:
         held = self.held
         while held and (not batch or tokens + held[0][0] <= self.c.max_num_batched_tokens):
             r = heapq.heappop(held)[3]
+            if r.taken:
+                continue
             if self.now + prefill_time_s(self.c, [r.prompt]) > r.arrival + limit:
                 heapq.heappush(self.late, (r.arrival, next(self.seq), r))
                 continue
@@ -296,6 +339,8 @@ class Fleet:
         late = self.late
         while late and (not batch or tokens + late[0][2].prompt <= self.c.max_num_batched_tokens):
             r = heapq.heappop(late)[2]
+            if r.taken:
+                continue
             batch.append(r)
             tokens += r.prompt
         return batch
@@ -377,7 +422,7 @@ class Fleet:
             running = sum(len(p.batch) for p in ready)
             waiting = sum(len(p.queue) for p in ready) + len(self.pending[PREFILL])
             if self.queue_visible:
-                waiting += len(self.held) + len(self.late)
+                waiting += self.queued
             kv = 0.0
         else:
             running = sum(p.n_running for p in ready)

@@ -471,6 +471,9 @@ class RouterPrefillQueue(ApiModel):
     ttft_seconds: float = Field(2.0, gt=0, le=3600)
     """TTFT target: a waiting prompt that can still get its first token within it goes before
     those that cannot."""
+    max_wait_seconds: float = Field(30.0, gt=0, le=3600)
+    """A prompt that has waited this long goes first, whatever its length, so long prompts are
+    not starved under sustained overload."""
 
 
 class RouterTimeouts(ApiModel):

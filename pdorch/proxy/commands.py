@@ -77,6 +77,12 @@ def add_parser(subparsers: Any) -> None:
         help="seconds: queued prompts that can still meet this TTFT go first, shortest first (default 2)",
     )
     p.add_argument(
+        "--prefill-queue-max-wait",
+        type=float,
+        default=None,
+        help="seconds: a queued prompt that waited this long goes first, whatever its length (default 30)",
+    )
+    p.add_argument(
         "--retries", type=int, default=None, help="retries with a fresh pair before the first byte"
     )
     p.add_argument("--connect-timeout", type=float, default=None, help="seconds (default 5)")
@@ -160,6 +166,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         "min_prompt_tokens": args.min_prompt_tokens,
         "prefill_queue_tokens": args.prefill_queue_tokens,
         "prefill_queue_ttft_s": args.prefill_queue_ttft,
+        "prefill_queue_max_wait_s": args.prefill_queue_max_wait,
         "max_retries": args.retries,
         "connect_timeout_s": args.connect_timeout,
         "first_byte_timeout_s": args.first_byte_timeout,

@@ -43,6 +43,8 @@ class ProxyConfig(BaseModel):
     # the waiting prompts.
     prefill_queue_tokens: int | None = Field(None, ge=1)
     prefill_queue_ttft_s: float = Field(2.0, gt=0)
+    # ... and the wait after which a prompt goes first whatever its length (no starvation).
+    prefill_queue_max_wait_s: float = Field(30.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
     retry_backoff_s: float = Field(0.05, ge=0)
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -115,6 +117,8 @@ def router_settings(raw: str | None) -> dict[str, Any]:
         out["prefill_queue_tokens"] = pq["maxInflightTokens"]
     if pq.get("ttftSeconds") is not None:
         out["prefill_queue_ttft_s"] = pq["ttftSeconds"]
+    if pq.get("maxWaitSeconds") is not None:
+        out["prefill_queue_max_wait_s"] = pq["maxWaitSeconds"]
     t = data.get("timeouts") or {}
     for src, dst in (
         ("connectSeconds", "connect_timeout_s"),

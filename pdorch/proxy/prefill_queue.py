@@ -2,15 +2,18 @@
 
 Off by default (``router.prefillQueue``). When on, the prompts on the wire to the prefill role are
 capped at ``max_inflight_tokens`` estimated tokens per prefill engine; the others wait here. When a
-prefill leg ends, the next prompt is chosen by `next_waiter`: first the prompts that can still get
-their first token within the TTFT target, shortest first, then the others, oldest first.
+prefill leg ends, the next prompt is chosen by `next_waiter`: first any prompt that has waited
+``max_wait_s`` (oldest first), then the prompts that can still get their first token within the TTFT
+target, shortest first, then the others, oldest first.
 
 Why: an engine's queue is FCFS and is never re-routed, so during a burst every prompt behind a
 backlog longer than the TTFT target misses it, and a pod that starts mid-burst gets only the
 prompts that arrive after it. Held here, a new engine takes the queue at once, and when not every
 prompt can make the target, serving the short ones first gets the most of them there (the long
 ones miss either way). A prompt never waits behind one that arrived later while both are in time
-and there is room: the order only matters when the engines are full.
+and there is room: the order only matters when the engines are full. The wait bound keeps shortest
+first from starving long prompts under sustained overload (in-time short prompts would otherwise
+keep coming ahead of them): past it, the order is arrival.
 """
 
 from __future__ import annotations
@@ -40,17 +43,22 @@ def in_time(w: Waiter, now: float, ttft_s: float, seconds_per_token: float) -> b
     return now + w.tokens * seconds_per_token <= w.arrival + ttft_s
 
 
-def next_waiter(waiters: Sequence[Waiter], now: float, ttft_s: float, seconds_per_token: float) -> int:
-    """Index of the prompt to send next: the shortest in-time one, else the oldest (-1: none)."""
+def next_waiter(
+    waiters: Sequence[Waiter], now: float, ttft_s: float, seconds_per_token: float, max_wait_s: float
+) -> int:
+    """Index of the prompt to send next (-1: none): the oldest that waited `max_wait_s`, else the
+    shortest in-time one, else the oldest."""
     best, best_key = -1, None
     oldest, oldest_at = -1, 0.0
     for i, w in enumerate(waiters):
+        if oldest < 0 or w.arrival < oldest_at:
+            oldest, oldest_at = i, w.arrival
         if in_time(w, now, ttft_s, seconds_per_token):
             key = (w.tokens, w.arrival)
             if best_key is None or key < best_key:
                 best, best_key = i, key
-        elif oldest < 0 or w.arrival < oldest_at:
-            oldest, oldest_at = i, w.arrival
+    if oldest >= 0 and now - oldest_at >= max_wait_s:
+        return oldest
     return best if best >= 0 else oldest
 
 
@@ -89,12 +97,14 @@ class PrefillQueue:
         self,
         max_inflight_tokens: int,
         ttft_s: float,
+        max_wait_s: float,
         engines: Callable[[], int],
         clock: Callable[[], float],
         on_depth: Callable[[int], None] = lambda _n: None,
     ) -> None:
         self.per_engine = max_inflight_tokens
         self.ttft_s = ttft_s
+        self.max_wait_s = max_wait_s
         self.engines = engines
         self.clock = clock
         self.on_depth = on_depth
@@ -134,7 +144,7 @@ class PrefillQueue:
         """Admit waiting prompts in order while they fit (the engine count may also have grown)."""
         woke = False
         while self.waiters:
-            i = next_waiter(self.waiters, self.clock(), self.ttft_s, self.rate)
+            i = next_waiter(self.waiters, self.clock(), self.ttft_s, self.rate, self.max_wait_s)
             w = self.waiters[i]
             assert w.future is not None
             if w.future.done():  # its caller was cancelled and has not run its clean-up yet

@@ -273,6 +273,7 @@ class ProxyServer:
             else PrefillQueue(
                 config.prefill_queue_tokens,
                 config.prefill_queue_ttft_s,
+                config.prefill_queue_max_wait_s,
                 self._prefill_engines,
                 clock,
                 self.metrics.prefill_queue_depth.set,

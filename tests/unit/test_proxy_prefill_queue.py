@@ -11,29 +11,38 @@ from pdorch.proxy.prefill_queue import PrefillQueue, Waiter, next_waiter, update
 pytestmark = pytest.mark.unit
 
 RATE = 1e-3  # seconds per token
+WAIT = 30.0  # seconds after which a prompt goes first
 
 
 def test_the_shortest_prompt_that_can_still_make_the_target_goes_first() -> None:
     waiters = [Waiter(1000, 0.0), Waiter(10, 0.5), Waiter(200, 0.1)]
-    assert next_waiter(waiters, now=1.0, ttft_s=2.0, seconds_per_token=RATE) == 1
+    assert next_waiter(waiters, now=1.0, ttft_s=2.0, seconds_per_token=RATE, max_wait_s=WAIT) == 1
 
 
 def test_equal_lengths_go_in_arrival_order() -> None:
     waiters = [Waiter(100, 0.3), Waiter(100, 0.1), Waiter(100, 0.2)]
-    assert next_waiter(waiters, now=0.5, ttft_s=2.0, seconds_per_token=RATE) == 1
+    assert next_waiter(waiters, now=0.5, ttft_s=2.0, seconds_per_token=RATE, max_wait_s=WAIT) == 1
 
 
 def test_a_prompt_that_cannot_make_the_target_waits_for_those_that_can() -> None:
     # At t=1.9 the 10-token prompt from t=0 would get its token at 1.91, past its 1.9 s target; the
     # longer one from t=1.5 still makes it (1.9 + 0.2 <= 3.4).
     waiters = [Waiter(10, 0.0), Waiter(200, 1.5)]
-    assert next_waiter(waiters, now=1.9, ttft_s=1.9, seconds_per_token=RATE) == 1
+    assert next_waiter(waiters, now=1.9, ttft_s=1.9, seconds_per_token=RATE, max_wait_s=WAIT) == 1
 
 
 def test_when_none_can_make_the_target_the_oldest_goes_first() -> None:
     waiters = [Waiter(10, 0.2), Waiter(5000, 0.1), Waiter(20, 0.3)]
-    assert next_waiter(waiters, now=10.0, ttft_s=2.0, seconds_per_token=RATE) == 1
-    assert next_waiter([], now=0.0, ttft_s=2.0, seconds_per_token=RATE) == -1
+    assert next_waiter(waiters, now=10.0, ttft_s=2.0, seconds_per_token=RATE, max_wait_s=WAIT) == 1
+    assert next_waiter([], now=0.0, ttft_s=2.0, seconds_per_token=RATE, max_wait_s=WAIT) == -1
+
+
+def test_a_prompt_that_waited_long_enough_goes_first_whatever_its_length() -> None:
+    # Sustained overload: short in-time prompts keep arriving; the long late one would wait forever.
+    long_ = Waiter(5000, 0.0)
+    fresh = [Waiter(10, t) for t in (29.0, 29.5)]
+    assert next_waiter([long_, *fresh], now=29.9, ttft_s=2.0, seconds_per_token=RATE, max_wait_s=WAIT) == 1
+    assert next_waiter([long_, *fresh], now=30.0, ttft_s=2.0, seconds_per_token=RATE, max_wait_s=WAIT) == 0
 
 
 def test_the_rate_moves_towards_measurements_and_ignores_empty_ones() -> None:
@@ -47,7 +56,7 @@ async def test_room_is_capped_per_engine_and_released_in_order() -> None:
     engines = [1]
     now = [0.0]
     depths: list[int] = []
-    q = PrefillQueue(1000, 2.0, lambda: engines[0], lambda: now[0], depths.append)
+    q = PrefillQueue(1000, 2.0, WAIT, lambda: engines[0], lambda: now[0], depths.append)
     first = await q.acquire(800, 0.0)
     assert q.inflight == 800
     long_ = asyncio.ensure_future(q.acquire(900, 0.0))
@@ -70,7 +79,7 @@ async def test_room_is_capped_per_engine_and_released_in_order() -> None:
 
 async def test_more_engines_make_more_room_and_an_idle_role_takes_any_prompt() -> None:
     engines = [1]
-    q = PrefillQueue(1000, 2.0, lambda: engines[0], lambda: 0.0)
+    q = PrefillQueue(1000, 2.0, WAIT, lambda: engines[0], lambda: 0.0)
     huge = await q.acquire(50_000, 0.0)  # longer than the cap: let through on an idle role
     waiting = asyncio.ensure_future(q.acquire(500, 0.0))
     await asyncio.sleep(0)
@@ -85,7 +94,7 @@ async def test_more_engines_make_more_room_and_an_idle_role_takes_any_prompt() -
 
 
 async def test_a_caller_that_gives_up_while_waiting_leaves_nothing_behind() -> None:
-    q = PrefillQueue(100, 2.0, lambda: 1, lambda: 0.0)
+    q = PrefillQueue(100, 2.0, WAIT, lambda: 1, lambda: 0.0)
     held = await q.acquire(100, 0.0)
     gone = asyncio.ensure_future(q.acquire(50, 0.0))
     await asyncio.sleep(0)

@@ -145,7 +145,7 @@ def test_router_config_env_and_flag_precedence() -> None:
     wire = {
         "policy": "cache_aware",
         "conditionalDisaggregation": {"minPromptTokens": 256},
-        "prefillQueue": {"maxInflightTokens": 16384, "ttftSeconds": 1.5},
+        "prefillQueue": {"maxInflightTokens": 16384, "ttftSeconds": 1.5, "maxWaitSeconds": 20},
         "timeouts": {"connectSeconds": 2, "firstByteSeconds": 60, "requestSeconds": 600},
         "retries": {"maxRetries": 4},
         "auth": {"secretName": "k"},
@@ -155,6 +155,7 @@ def test_router_config_env_and_flag_precedence() -> None:
         "min_prompt_tokens": 256,
         "prefill_queue_tokens": 16384,
         "prefill_queue_ttft_s": 1.5,
+        "prefill_queue_max_wait_s": 20,
         "connect_timeout_s": 2,
         "first_byte_timeout_s": 60,
         "request_timeout_s": 600,
