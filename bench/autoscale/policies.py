@@ -168,7 +168,7 @@ PEER_TUNED: dict[str, dict[str, float]] = {
 # on 2026-12-06 (bench/results/autoscale-tuning-<peer>-proxy-queue.{json,md}); used by
 # `run.py --proxy-queue`, whose pdorch row gets its queued profile the same way.
 PEER_TUNED_QUEUE: dict[str, dict[str, float]] = {
-    "hpa": {"waiting_target": 1.0, "kv_target": 0.8, "scale_down_s": 75.0},
+    "hpa": {"waiting_target": 1.0, "kv_target": 0.9, "scale_down_s": 600.0},
     "fixed-ratio": {"tps_fraction": 0.8, "ratio_scale": 1.0, "scale_down_s": 600.0},
     "dynamo-sla": {"interval_s": 60.0, "slo_scale": 0.5},
 }

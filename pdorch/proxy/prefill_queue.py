@@ -19,23 +19,30 @@ keep coming ahead of them): past it, the order is arrival.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 # Seconds of prefill per prompt token before any leg was measured (an A100 on a 13B model is
 # ~0.1 ms/token); only used to tell in-time prompts from late ones until the first measurement.
 INITIAL_SECONDS_PER_TOKEN = 1e-4
-# Weight of the newest measurement in the moving average of seconds per token.
-RATE_WEIGHT = 0.1
+# Legs shorter than this say more about per-request overhead than about per-token cost.
+MIN_RATE_TOKENS = 256
+# How many recent legs the estimate reads, and its quantile: a leg's wall time includes its wait
+# behind others on the engine (the cap lets about two batches in), so the fast end of recent legs
+# is the per-token cost of a prefill that starts now.
+RATE_SAMPLES = 64
+RATE_QUANTILE = 0.1
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two waiters with the same length and arrival are two waiters
 class Waiter:
-    """One prompt waiting for room on the prefill role."""
+    """One prompt waiting for room on the prefill role (`charge`: the room it takes)."""
 
     tokens: int
     arrival: float
-    future: asyncio.Future[None] | None = field(default=None, compare=False)
+    future: asyncio.Future[None] | None = None
+    charge: int = 0
 
 
 def in_time(w: Waiter, now: float, ttft_s: float, seconds_per_token: float) -> bool:
@@ -62,29 +69,42 @@ def next_waiter(
     return best if best >= 0 else oldest
 
 
-def updated_rate(rate: float, tokens: int, seconds: float) -> float:
-    """The moving average of prefill seconds per token after one leg of `tokens` took `seconds`."""
-    if tokens <= 0 or seconds <= 0:
-        return rate
-    return (1 - RATE_WEIGHT) * rate + RATE_WEIGHT * seconds / tokens
+def per_token_estimate(samples: Iterable[float]) -> float:
+    """Prefill seconds per token from recent legs' seconds per token (their low quantile)."""
+    ordered = sorted(samples)
+    if not ordered:
+        return INITIAL_SECONDS_PER_TOKEN
+    return ordered[int(RATE_QUANTILE * (len(ordered) - 1))]
 
 
 class Ticket:
     """Room for one prompt on the prefill role; `release` gives it back (only the first call counts)."""
 
-    __slots__ = ("_queue", "tokens")
+    __slots__ = ("_queue", "charge", "tokens")
 
-    def __init__(self, queue: PrefillQueue | None, tokens: int) -> None:
+    def __init__(self, queue: PrefillQueue | None, tokens: int, charge: int = 0) -> None:
         self._queue = queue
-        self.tokens = tokens
+        self.tokens = tokens  # the prompt's estimated length
+        self.charge = charge  # the room it takes (at most one engine's share)
+
+    @property
+    def held(self) -> bool:
+        """Whether the room is still taken."""
+        return self._queue is not None
+
+    def take_over(self, other: Ticket) -> None:
+        """Hold `other`'s room from now on (a retry's new room, under the request's ticket)."""
+        assert not self.held
+        self._queue, self.charge = other._queue, other.charge
+        other._queue = None
 
     def release(self, prefill_s: float | None = None) -> None:
         """Give the room back; `prefill_s`: how long its prefill leg took, when it succeeded."""
         q, self._queue = self._queue, None
         if q is not None:
             if prefill_s is not None:
-                q.rate = updated_rate(q.rate, self.tokens, prefill_s)
-            q._release(self.tokens)
+                q.measured(self.tokens, prefill_s)
+            q._release(self.charge)
 
 
 NO_TICKET = Ticket(None, 0)
@@ -110,18 +130,22 @@ class PrefillQueue:
         self.on_depth = on_depth
         self.inflight = 0
         self.rate = INITIAL_SECONDS_PER_TOKEN
+        self._samples: deque[float] = deque(maxlen=RATE_SAMPLES)
         self.waiters: list[Waiter] = []
 
-    def _fits(self, tokens: int) -> bool:
-        # One prompt is always let through on an idle role, however long.
-        return self.inflight == 0 or self.inflight + tokens <= self.per_engine * max(1, self.engines())
+    def _fits(self, charge: int) -> bool:
+        # The room is per usable engine; a role with nothing in flight takes any prompt.
+        return self.inflight == 0 or self.inflight + charge <= self.per_engine * max(1, self.engines())
 
     async def acquire(self, tokens: int, arrival: float) -> Ticket:
         """Wait for room for a prompt of `tokens` that reached the proxy at `arrival`."""
-        if not self.waiters and self._fits(tokens):
-            self.inflight += tokens
-            return Ticket(self, tokens)
-        w = Waiter(tokens, arrival, asyncio.get_running_loop().create_future())
+        # A prompt longer than one engine's share takes that share: it would otherwise wait for
+        # the whole role to drain, which steady traffic never lets happen.
+        charge = max(1, min(tokens, self.per_engine))
+        if not self.waiters and self._fits(charge):
+            self.inflight += charge
+            return Ticket(self, tokens, charge)
+        w = Waiter(tokens, arrival, asyncio.get_running_loop().create_future(), charge)
         self.waiters.append(w)
         self.on_depth(len(self.waiters))
         self._wake()
@@ -129,12 +153,22 @@ class PrefillQueue:
             await w.future  # type: ignore[misc]
         except BaseException:
             if w.future is not None and w.future.done() and not w.future.cancelled():
-                self._release(tokens)  # admitted just as the caller gave up
+                self._release(charge)  # admitted just as the caller gave up
             elif w in self.waiters:
                 self.waiters.remove(w)
                 self.on_depth(len(self.waiters))
             raise
-        return Ticket(self, tokens)
+        return Ticket(self, tokens, charge)
+
+    def measured(self, tokens: int, seconds: float) -> None:
+        """A prefill leg of `tokens` estimated tokens took `seconds` (short legs are not read)."""
+        if tokens >= MIN_RATE_TOKENS and seconds > 0:
+            self._samples.append(seconds / tokens)
+            self.rate = per_token_estimate(self._samples)
+
+    def poke(self) -> None:
+        """Admit what fits now (prefill engines may have been added or come back)."""
+        self._wake()
 
     def _release(self, tokens: int) -> None:
         self.inflight = max(0, self.inflight - tokens)
@@ -151,11 +185,11 @@ class PrefillQueue:
                 self.waiters.pop(i)
                 woke = True
                 continue
-            if not self._fits(w.tokens):
+            if not self._fits(w.charge):
                 break
             self.waiters.pop(i)
             woke = True
-            self.inflight += w.tokens
+            self.inflight += w.charge
             w.future.set_result(None)
         if woke:
             self.on_depth(len(self.waiters))

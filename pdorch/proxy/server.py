@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 MODELS_RETRY_S = 5.0  # after a failed /v1/models fetch, validate without the list for this long
+QUEUE_POKE_S = 0.5  # how often waiting prompts are offered to newly usable prefill engines
 
 
 class Discovery(Protocol):
@@ -286,6 +287,7 @@ class ProxyServer:
         self.metrics_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
+        self._queue_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         # When each endpoint last completed a leg of a request (not a health check): evidence that
         # it is alive when an SGLang pair goes silent (pdorch.proxy.blame).
@@ -354,6 +356,8 @@ class ProxyServer:
             )
             self.metrics_port = await self._metrics_http.start(c.host, c.metrics_port)
         self._health_task = asyncio.create_task(self._health_loop(), name="proxy-health")
+        if self._prefill_queue is not None:
+            self._queue_task = asyncio.create_task(self._poke_queue(self._prefill_queue), name="proxy-queue")
         if c.stream_idle_timeout_s is not None:
             self._watchdog_task = asyncio.create_task(
                 self._silence_watchdog(c.stream_idle_timeout_s), name="proxy-silence-watchdog"
@@ -369,7 +373,7 @@ class ProxyServer:
         if self._metrics_http is not None:
             await self._metrics_http.close(0.0)
             self._metrics_http = None
-        for task in (self._health_task, self._watchdog_task):
+        for task in (self._health_task, self._watchdog_task, self._queue_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -638,17 +642,29 @@ class ProxyServer:
                     self.metrics.rejected.labels("invalid").inc()
                 status = exc.status
                 return error_response(exc, rid)
+            ticket = NO_TICKET
+            if self._prefill_queue is not None:
+                # Before admission: a prompt waiting for prefill room holds no upstream slot, so
+                # the queue, not admission's FIFO, decides who goes next.
+                try:
+                    ticket = await self._queued(body, kind, t0)
+                except ProxyError as exc:
+                    status = exc.status
+                    return error_response(exc, rid)
             try:
-                await self._admission.acquire()
-            except ProxyError as exc:
-                status = exc.status
-                return error_response(exc, rid)
-            try:
-                resp = await self._serve(request, body, kind, path, rid, t0)
-                status = resp.status
-                return resp
+                try:
+                    await self._admission.acquire()
+                except ProxyError as exc:
+                    status = exc.status
+                    return error_response(exc, rid)
+                try:
+                    resp = await self._serve(request, body, kind, path, rid, t0, ticket)
+                    status = resp.status
+                    return resp
+                finally:
+                    self._admission.release()
             finally:
-                self._admission.release()
+                ticket.release()
         except asyncio.CancelledError:
             status = 499  # client closed the connection (nginx's convention)
             self.metrics.disconnects.inc()
@@ -696,19 +712,41 @@ class ProxyServer:
         return out
 
     def _prefill_engines(self) -> int:
-        return sum(1 for e in self.discovery.current().endpoints if e.role == "prefill")
+        """Prefill engines that may take a leg now (breaker-blocked ones carry no share of the room)."""
+        blocked = self._blocked() if self.breakers else frozenset()
+        return sum(
+            1 for e in self.discovery.current().endpoints if e.role == "prefill" and e.key not in blocked
+        )
 
-    async def _queued(self, body: dict[str, Any], kind: Kind, t0: float, left: float | None) -> Ticket:
-        """Room on the prefill role for this prompt (router.prefillQueue is on); `NO_TICKET` when
-        the prompt skips the prefill (conditional disaggregation)."""
+    async def _queued(self, body: dict[str, Any], kind: Kind, arrival: float) -> Ticket:
+        """Room on the prefill role for this prompt (router.prefillQueue is on), within the request
+        timeout; `NO_TICKET` when the prompt skips the prefill (conditional disaggregation)."""
         queue = self._prefill_queue
         assert queue is not None
         tokens = estimate_prompt_tokens(body, kind)
-        if 0 < tokens < self.config.min_prompt_tokens:
+        if self.config.min_prompt_tokens > 0 and tokens < self.config.min_prompt_tokens:
             return NO_TICKET
-        with Deadline(self.loop, left):
-            ticket = await queue.acquire(max(tokens, 1), t0)
-        self.metrics.prefill_queue_wait.observe(self.clock() - t0)
+        return await self._wait_for_room(queue, tokens, arrival)
+
+    async def _wait_for_room(self, queue: PrefillQueue, tokens: int, arrival: float) -> Ticket:
+        if len(queue.waiters) >= self.config.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ProxyError(
+                429,
+                f"too many requests: {len(queue.waiters)} already waiting for prefill room",
+                code="queue_full",
+                retry_after=RETRY_AFTER_S,
+            )
+        timeout = self.config.request_timeout_s
+        start = self.clock()
+        try:
+            with Deadline(self.loop, None if timeout is None else max(0.0, arrival + timeout - start)):
+                ticket = await queue.acquire(max(tokens, 1), arrival)
+        except TimeoutError:
+            self.metrics.request_timeouts.labels("prefill_queue").inc()
+            why = f"request timeout of {timeout}s reached in the prefill queue"
+            raise ProxyError(504, why, code="upstream_timeout") from None
+        self.metrics.prefill_queue_wait.observe(self.clock() - start)
         return ticket
 
     def _decided(self, d: Decision) -> None:
@@ -716,23 +754,6 @@ class ProxyServer:
         self.metrics.picks.labels(self.config.policy, d.pick).inc()
 
     async def _serve(
-        self, request: Request, body: dict[str, Any], kind: Kind, path: str, rid: str, t0: float
-    ) -> Response | StreamResponse:
-        deadline = None if self.config.request_timeout_s is None else t0 + self.config.request_timeout_s
-        if self._prefill_queue is None:
-            return await self._attempts(request, body, kind, path, rid, t0, deadline, NO_TICKET)
-        try:
-            ticket = await self._queued(body, kind, t0, None if deadline is None else deadline - self.clock())
-        except TimeoutError:
-            self.metrics.request_timeouts.labels("prefill_queue").inc()
-            why = f"request timeout of {self.config.request_timeout_s}s reached in the prefill queue"
-            return error_response(ProxyError(504, why, code="upstream_timeout"), rid)
-        try:
-            return await self._attempts(request, body, kind, path, rid, t0, deadline, ticket)
-        finally:
-            ticket.release()
-
-    async def _attempts(
         self,
         request: Request,
         body: dict[str, Any],
@@ -740,16 +761,22 @@ class ProxyServer:
         path: str,
         rid: str,
         t0: float,
-        deadline: float | None,
         ticket: Ticket,
     ) -> Response | StreamResponse:
         """Open the answer through a P/D pair, retrying with a fresh pair, then relay it."""
+        deadline = None if self.config.request_timeout_s is None else t0 + self.config.request_timeout_s
         stream = bool(body.get("stream"))
         headers = self._headers(request, rid)
         avoid: set[str] = set()
         attempts = self.config.max_retries + 1
         opened: Opened | None = None
         for attempt in range(attempts):
+            if attempt and ticket.charge and not ticket.held and self._prefill_queue is not None:
+                # The failed attempt gave its prefill room back; the retry's prefill queues again.
+                try:
+                    ticket.take_over(await self._wait_for_room(self._prefill_queue, ticket.tokens, t0))
+                except ProxyError as exc:
+                    return error_response(exc, rid)
             decision = self._route(body, kind, frozenset(avoid))
             if isinstance(decision, NoRoute):
                 self.metrics.rejected.labels("no_pair").inc()
@@ -832,6 +859,14 @@ class ProxyServer:
             self._served.get(d.key, -math.inf) > progress.started,
         )
         return [(p if leg == "prefill" else d, leg) for leg in legs]
+
+    async def _poke_queue(self, queue: PrefillQueue) -> None:
+        """Let waiting prompts onto prefill engines that were discovered or came back meanwhile
+        (the queue itself only looks when a prompt arrives or a leg ends)."""
+        while True:
+            await asyncio.sleep(QUEUE_POKE_S)
+            if queue.waiters:
+                queue.poke()
 
     async def _silence_watchdog(self, silence_s: float) -> None:
         """Fail relayed answers whose engine went silent (pdorch.proxy.upstream's watch list)."""

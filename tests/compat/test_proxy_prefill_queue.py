@@ -40,11 +40,12 @@ async def _metrics(http: aiohttp.ClientSession, url: str) -> str:
         return await resp.text()
 
 
-async def _burst(queue_tokens: int | None) -> tuple[list[str], str]:
+async def _burst(queue_tokens: int | None, **proxy: object) -> tuple[list[str], str]:
     """6 long prompts, then (once they are all held somewhere) 12 short ones; the finishing order."""
     extra = (
         {} if queue_tokens is None else {"prefill_queue_tokens": queue_tokens, "prefill_queue_ttft_s": 2.0}
     )
+    extra.update(proxy)
     async with (
         stack("vllm", sim_config=SLOW, **extra) as s,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
@@ -89,6 +90,56 @@ async def test_with_the_queue_short_prompts_go_before_the_waiting_long_ones() ->
     assert sample(metrics, "pdorch_proxy_prefill_queue_depth") == 0
 
 
+async def test_the_queue_orders_prompts_even_when_admission_is_the_tighter_limit() -> None:
+    # Six upstream slots: waiting prompts must not hold them, or admission's FIFO decides instead.
+    order, _ = await _burst(8192, max_inflight=6)
+    assert _longs_before_last_short(order) <= 3, order
+
+
+@pytest.mark.parametrize("protocol", ["vllm", "sglang"])
+async def test_room_comes_back_when_the_prefill_leg_ends_not_the_answer(protocol: str) -> None:
+    slow = replace(FAST, time_scale=5.0)  # ~30 ms per decode step: the answer streams for ~2 s
+    async with (
+        stack(protocol, sim_config=slow, prefill_queue_tokens=4000) as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
+    ):
+        q = s.proxy._prefill_queue
+        assert q is not None
+        body = {"model": MODEL, "prompt": SHORT, "max_tokens": 64, "stream": True}
+        async with http.post(s.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            await resp.content.readany()  # the first token: the prefill is done
+            await wait_until(lambda: asyncio.sleep(0, q.inflight == 0), WAIT_S, "the room to come back")
+            # ... while the decode leg is still in flight (the answer is still streaming).
+            assert s.proxy.loads.get(s.decode_url) == 1
+            await resp.read()
+
+
+async def test_a_request_with_no_usable_pair_gives_its_room_back() -> None:
+    async with (
+        stack(
+            "vllm",
+            prefill_queue_tokens=4000,
+            decode=("http://127.0.0.1:9",),  # nothing listens there
+            breaker_failures=1,
+            max_retries=1,
+        ) as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
+    ):
+        q = s.proxy._prefill_queue
+        assert q is not None
+        body = {"model": MODEL, "prompt": SHORT, "max_tokens": 1}
+        statuses = []
+        for _ in range(3):
+            async with http.post(s.url + "/v1/completions", json=body) as resp:
+                statuses.append(resp.status)
+            assert q.inflight == 0 and q.waiters == []
+        # The first fails its decode leg (its retry finds the decode's breaker open), the others find
+        # no usable pair before any leg: each gives its room back.
+        assert statuses == [503, 503, 503]
+        assert sample(await _metrics(http, s.url), "pdorch_proxy_rejected_total", {"reason": "no_pair"}) == 3
+
+
 async def test_a_request_timeout_in_the_queue_is_a_504_and_leaves_no_waiter() -> None:
     async with (
         stack("vllm", prefill_queue_tokens=4000, request_timeout_s=0.5) as s,
@@ -113,7 +164,7 @@ async def test_a_request_timeout_in_the_queue_is_a_504_and_leaves_no_waiter() ->
         assert q.inflight == 0
 
 
-async def test_sglang_legs_give_their_room_back() -> None:
+async def test_sglang_burst_gives_all_room_back() -> None:
     async with (
         stack("sglang", prefill_queue_tokens=50) as s,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,

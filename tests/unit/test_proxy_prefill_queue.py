@@ -6,7 +6,14 @@ import asyncio
 
 import pytest
 
-from pdorch.proxy.prefill_queue import PrefillQueue, Waiter, next_waiter, updated_rate
+from pdorch.proxy.prefill_queue import (
+    INITIAL_SECONDS_PER_TOKEN,
+    MIN_RATE_TOKENS,
+    PrefillQueue,
+    Waiter,
+    next_waiter,
+    per_token_estimate,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -45,11 +52,57 @@ def test_a_prompt_that_waited_long_enough_goes_first_whatever_its_length() -> No
     assert next_waiter([long_, *fresh], now=30.0, ttft_s=2.0, seconds_per_token=RATE, max_wait_s=WAIT) == 0
 
 
-def test_the_rate_moves_towards_measurements_and_ignores_empty_ones() -> None:
-    r = updated_rate(1e-4, 1000, 1.0)  # 1 ms/token measured
-    assert 1e-4 < r < 1e-3
-    assert updated_rate(r, 0, 1.0) == r
-    assert updated_rate(r, 100, 0.0) == r
+def test_the_estimate_is_the_fast_end_of_recent_legs() -> None:
+    assert per_token_estimate([]) == INITIAL_SECONDS_PER_TOKEN
+    # Legs that waited behind others on the engine look slower per token; the fast end is the cost.
+    assert per_token_estimate([1e-4] * 2 + [5e-4] * 18) == 1e-4
+    q = PrefillQueue(1000, 2.0, WAIT, lambda: 1, lambda: 0.0)
+    q.measured(40, 0.3)  # a short leg: mostly per-request overhead, not read
+    assert q.rate == INITIAL_SECONDS_PER_TOKEN
+    q.measured(MIN_RATE_TOKENS * 4, MIN_RATE_TOKENS * 4 * 2e-4)
+    assert q.rate == pytest.approx(2e-4)
+
+
+async def test_two_waiters_alike_are_two_waiters() -> None:
+    q = PrefillQueue(100, 2.0, WAIT, lambda: 1, lambda: 0.0)
+    held = await q.acquire(100, 0.0)
+    a = asyncio.ensure_future(q.acquire(50, 1.0))
+    b = asyncio.ensure_future(q.acquire(50, 1.0))  # same length, same arrival
+    await asyncio.sleep(0)
+    b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert len(q.waiters) == 1 and q.waiters[0].future is not None and not q.waiters[0].future.done()
+    held.release()
+    await asyncio.sleep(0)
+    assert a.done()
+    (await a).release()
+    assert q.inflight == 0
+
+
+async def test_a_prompt_longer_than_an_engine_share_takes_one_share() -> None:
+    q = PrefillQueue(1000, 2.0, WAIT, lambda: 2, lambda: 0.0)
+    small = await q.acquire(800, 0.0)
+    big = await q.acquire(50_000, 0.0)  # 800 + 1000 <= 2000: no need for the role to drain
+    assert q.inflight == 1800 and big.tokens == 50_000
+    for t in (small, big):
+        t.release()
+    assert q.inflight == 0
+
+
+async def test_a_poke_lets_waiters_onto_engines_that_appeared() -> None:
+    engines = [1]
+    q = PrefillQueue(1000, 2.0, WAIT, lambda: engines[0], lambda: 0.0)
+    held = await q.acquire(1000, 0.0)
+    waiting = asyncio.ensure_future(q.acquire(500, 0.0))
+    await asyncio.sleep(0)
+    engines[0] = 2
+    q.poke()
+    await asyncio.sleep(0)
+    assert waiting.done()
+    for t in (held, await waiting):
+        t.release()
+    assert q.inflight == 0
 
 
 async def test_room_is_capped_per_engine_and_released_in_order() -> None:
@@ -70,7 +123,7 @@ async def test_room_is_capped_per_engine_and_released_in_order() -> None:
     first.release(prefill_s=0.8)
     await asyncio.sleep(0)
     assert long_.done() and q.inflight == 900 and depths[-1] == 0
-    assert q.rate > 1e-4  # 1 ms/token measured
+    assert q.rate == pytest.approx(1e-3)  # 0.8 s for 800 tokens
     ticket = await long_
     ticket.release()
     ticket.release()  # only the first release counts
