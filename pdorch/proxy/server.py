@@ -156,6 +156,12 @@ class Opened:
     legs: list[Endpoint] = field(default_factory=list)  # endpoints counted in-flight until close
 
 
+def queue_full(metrics: ProxyMetrics, message: str) -> ProxyError:
+    """The 429 for a full wait queue (admission's or the prefill queue's), counted."""
+    metrics.rejected.labels("queue_full").inc()
+    return ProxyError(429, message, code="queue_full", retry_after=RETRY_AFTER_S)
+
+
 class Admission:
     """At most ``max_inflight`` requests upstream at once and ``max_queue`` waiting; beyond that 429."""
 
@@ -168,13 +174,7 @@ class Admission:
     async def acquire(self) -> None:
         """Take a slot, waiting in the queue if allowed; raises 429 when the queue is full."""
         if self._sem.locked() and self.waiting >= self.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ProxyError(
-                429,
-                f"too many requests: {self.max_queue} already waiting",
-                code="queue_full",
-                retry_after=RETRY_AFTER_S,
-            )
+            raise queue_full(self.metrics, f"too many requests: {self.max_queue} already waiting")
         self.waiting += 1
         self.metrics.queue_depth.set(self.waiting)
         try:
@@ -730,12 +730,8 @@ class ProxyServer:
 
     async def _wait_for_room(self, queue: PrefillQueue, tokens: int, arrival: float) -> Ticket:
         if len(queue.waiters) >= self.config.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ProxyError(
-                429,
-                f"too many requests: {len(queue.waiters)} already waiting for prefill room",
-                code="queue_full",
-                retry_after=RETRY_AFTER_S,
+            raise queue_full(
+                self.metrics, f"too many requests: {len(queue.waiters)} already waiting for prefill room"
             )
         timeout = self.config.request_timeout_s
         start = self.clock()
