@@ -468,10 +468,11 @@ class RouterPrefillQueue(ApiModel):
     max_inflight_tokens: int = Field(ge=1, le=10_000_000)
     """Estimated prompt tokens (characters / 4) on the wire to each prefill engine; the rest wait
     in the proxy. About two of the engine's max_num_batched_tokens keeps it busy."""
-    ttft_seconds: float = Field(2.0, gt=0, le=3600)
+    # Integral defaults written as ints: kustomize re-types 2.0 as 2, helm keeps it (packaging test).
+    ttft_seconds: float = Field(2, gt=0, le=3600)
     """TTFT target: a waiting prompt that can still get its first token within it goes before
     those that cannot."""
-    max_wait_seconds: float = Field(30.0, gt=0, le=3600)
+    max_wait_seconds: float = Field(30, gt=0, le=3600)
     """A prompt that has waited this long goes first, whatever its length, so long prompts are
     not starved under sustained overload."""
 
