@@ -133,16 +133,20 @@ class PrefillQueue:
         self._samples: deque[float] = deque(maxlen=RATE_SAMPLES)
         self.waiters: list[Waiter] = []
 
-    def _fits(self, charge: int) -> bool:
-        # The room is per usable engine; a role with nothing in flight takes any prompt.
-        return self.inflight == 0 or self.inflight + charge <= self.per_engine * max(1, self.engines())
+    def _room(self) -> int:
+        """Tokens allowed in flight: a share per usable engine (counting them scans the endpoints)."""
+        return self.per_engine * max(1, self.engines())
+
+    def _fits(self, charge: int, room: int) -> bool:
+        # A role with nothing in flight takes any prompt.
+        return self.inflight == 0 or self.inflight + charge <= room
 
     async def acquire(self, tokens: int, arrival: float) -> Ticket:
         """Wait for room for a prompt of `tokens` that reached the proxy at `arrival`."""
         # A prompt longer than one engine's share takes that share: it would otherwise wait for
         # the whole role to drain, which steady traffic never lets happen.
         charge = max(1, min(tokens, self.per_engine))
-        if not self.waiters and self._fits(charge):
+        if not self.waiters and self._fits(charge, self._room()):
             self.inflight += charge
             return Ticket(self, tokens, charge)
         w = Waiter(tokens, arrival, asyncio.get_running_loop().create_future(), charge)
@@ -177,6 +181,7 @@ class PrefillQueue:
     def _wake(self) -> None:
         """Admit waiting prompts in order while they fit (the engine count may also have grown)."""
         woke = False
+        room = self._room()  # once per wake: admitting a prompt does not change the engines
         while self.waiters:
             i = next_waiter(self.waiters, self.clock(), self.ttft_s, self.rate, self.max_wait_s)
             w = self.waiters[i]
@@ -185,7 +190,7 @@ class PrefillQueue:
                 self.waiters.pop(i)
                 woke = True
                 continue
-            if not self._fits(w.charge):
+            if not self._fits(w.charge, room):
                 break
             self.waiters.pop(i)
             woke = True
