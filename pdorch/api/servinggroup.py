@@ -488,7 +488,8 @@ class RouterTimeouts(ApiModel):
     request_seconds: float | None = Field(None, gt=0, le=86400)
     """Whole-request limit, which also bounds a non-streamed answer's decode leg (default 1800)."""
     stream_idle_seconds: float | None = Field(None, gt=0, le=3600)
-    """Silence allowed from an engine once its answer is being relayed (default 60)."""
+    """Silence allowed from an engine once its answer is being relayed, and (vLLM) how long a decode's
+    token counters may stand still while a non-streamed answer waits on it (default 60)."""
 
 
 class RouterRetries(ApiModel):

@@ -102,7 +102,8 @@ def add_parser(subparsers: Any) -> None:
         "--stream-idle-timeout",
         type=float,
         default=None,
-        help="seconds an engine may stay silent once its answer is being relayed (default 60)",
+        help="seconds an engine may stay silent once its answer is being relayed, and (vLLM) a decode's "
+        "token counters may stand still while a non-streamed answer waits on it (default 60)",
     )
     p.add_argument(
         "--upstream-idle-timeout",

@@ -49,6 +49,7 @@ from pdorch.proxy.metrics import ProxyMetrics
 from pdorch.proxy.openapi import openapi_document
 from pdorch.proxy.policies import Decision, NoRoute, PrefixIndex, RouteRequest, choose, usable_pair_exists
 from pdorch.proxy.prefill_queue import NO_TICKET, PrefillQueue, Ticket
+from pdorch.proxy.progress import ProgressWatch, step_tokens
 from pdorch.proxy.protocols import (
     Kind,
     RoomMinter,
@@ -60,7 +61,7 @@ from pdorch.proxy.protocols import (
     vllm_prefill_body,
 )
 from pdorch.proxy.request_ids import RequestIds
-from pdorch.proxy.upstream import Sent, UpstreamPool, UpstreamResponse
+from pdorch.proxy.upstream import EngineStalled, Sent, UpstreamPool, UpstreamResponse
 from pdorch.proxy.validation import check_sglang_fanout, decode_json, parse_json, validate
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,14 @@ class ProxyServer:
         self._health_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._queue_task: asyncio.Task[None] | None = None
+        # Pending non-streamed vLLM decode answers and their engines' progress (an engine whose
+        # counters stand still for the stream idle limit fails them; SGLang's counters cannot tell).
+        self._progress = (
+            ProgressWatch(config.stream_idle_timeout_s)
+            if config.engine == "vllm" and config.stream_idle_timeout_s is not None
+            else None
+        )
+        self._progress_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         # When each endpoint last completed a leg of a request (not a health check): evidence that
         # it is alive when an SGLang pair goes silent (pdorch.proxy.blame).
@@ -362,6 +371,10 @@ class ProxyServer:
             self._watchdog_task = asyncio.create_task(
                 self._silence_watchdog(c.stream_idle_timeout_s), name="proxy-silence-watchdog"
             )
+        if self._progress is not None:
+            self._progress_task = asyncio.create_task(
+                self._progress_watchdog(self._progress), name="proxy-progress-watchdog"
+            )
         log.info("pdorch proxy (%s, %s) listening on %s:%s", c.engine, c.policy, c.host, self.port)
 
     async def stop(self) -> None:
@@ -373,7 +386,7 @@ class ProxyServer:
         if self._metrics_http is not None:
             await self._metrics_http.close(0.0)
             self._metrics_http = None
-        for task in (self._health_task, self._watchdog_task, self._queue_task):
+        for task in (self._health_task, self._watchdog_task, self._queue_task, self._progress_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -872,6 +885,44 @@ class ProxyServer:
             if self._upstream is not None:
                 self._upstream.expire_silent(self.loop.time())
 
+    async def _progress_watchdog(self, watch: ProgressWatch) -> None:
+        """Sample the token counters of decode engines with long-pending non-streamed answers, and
+        fail the answers of an engine whose counters stood still for the stream idle limit."""
+        period = min(5.0, watch.silence_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            keys = watch.due(self.clock())
+            if not keys:
+                continue
+            by_key = {e.key: e for e in self.discovery.current().endpoints}
+            samples = await asyncio.gather(*(self._step_tokens(by_key.get(k)) for k in keys))
+            now = self.clock()
+            for key, value in zip(keys, samples, strict=True):
+                stuck = watch.observe(key, value, now)
+                if stuck:
+                    log.warning(
+                        "decode engine %s made no progress in %gs; failing %d non-streamed answer(s) waiting on it",
+                        key,
+                        watch.silence_s,
+                        len(stuck),
+                    )
+                for sent in stuck:
+                    assert isinstance(sent, Sent)
+                    sent.fail(
+                        EngineStalled(f"the engine's token counters stood still for {watch.silence_s:g}s")
+                    )
+
+    async def _step_tokens(self, ep: Endpoint | None) -> float | None:
+        """An engine's per-step token counters (`pdorch.proxy.progress`); None if unreadable."""
+        if ep is None:
+            return None
+        try:
+            async with asyncio.timeout(self.config.health_timeout_s):
+                async with self.session.get(ep.url + "/metrics") as r:
+                    return step_tokens(await r.read()) if r.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
     # -- legs ----------------------------------------------------------------------------------------
 
     async def _post(
@@ -891,6 +942,8 @@ class ProxyServer:
         """A sent leg's response head; a lost connection or silence is a `LegFailure` (retryable)."""
         try:
             return await sent.response()
+        except EngineStalled as exc:
+            raise LegFailure(ep, leg, "no_progress", str(exc)) from None
         except aiohttp.ServerTimeoutError as exc:  # upstream_idle_timeout_s passed without headers
             raise LegFailure(ep, leg, "idle_timeout", repr(exc)) from None
         except aiohttp.ClientError as exc:
@@ -993,7 +1046,15 @@ class ProxyServer:
         t_dec = self.clock()
         self._leg_start(dec)
         try:
-            resp = await self._post(dec, "decode", path, encode_json(decode_body), headers)
+            sent = await self._send(dec, "decode", path, encode_json(decode_body), headers)
+            watch = self._progress if not body.get("stream") else None
+            if watch is not None:
+                watch.started(dec.key, sent, t_dec)
+            try:
+                resp = await self._answer(dec, "decode", sent)
+            finally:
+                if watch is not None:
+                    watch.ended(dec.key, sent)
             try:
                 await self._check_status(dec, "decode", resp)
                 first = await self._first_bytes(dec, resp)

@@ -26,6 +26,10 @@ class UpstreamTimeout(aiohttp.ServerTimeoutError):
     """The engine sent nothing for longer than the idle timeout."""
 
 
+class EngineStalled(aiohttp.ClientError):
+    """The engine made no progress while this leg waited for its answer (`pdorch.proxy.progress`)."""
+
+
 class _Headers(dict[str, str]):
     """Response headers with case-insensitive `get` (names are stored lower-cased)."""
 
@@ -235,6 +239,11 @@ class Sent:
             self.conn.write(self._data)
             self._resp = await self._pool._head(self.conn)
         return self._resp
+
+    def fail(self, exc: BaseException) -> None:
+        """Give up waiting for the head: `response()` raises `exc` and the connection is dropped."""
+        if self._resp is None:
+            self.conn._fail(exc)
 
     def abort(self) -> None:
         """Drop the connection unless the response was already read and handed back to the pool."""

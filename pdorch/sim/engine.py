@@ -389,6 +389,7 @@ class Engine:
     def _emit(self, seq: Seq, now: float) -> None:
         index = seq.generated
         seq.generated += 1
+        self.metrics.token(seq.prompt_tokens if seq.first_token_at is None else 0)
         if seq.first_token_at is None:
             seq.first_token_at = now
         else:

@@ -85,6 +85,10 @@ class EngineMetrics:
         """Record a request that left the engine."""
         raise NotImplementedError
 
+    def token(self, prompt_tokens: int) -> None:
+        """Record one generated token (`prompt_tokens` > 0 on a sequence's first: its prompt is
+        done). Engines whose token counters move per step override this."""
+
     def kv_transfer(self, seconds: float, nbytes: int) -> None:
         """Record one KV transfer (pull on vLLM decode, push on SGLang prefill)."""
         raise NotImplementedError
@@ -121,6 +125,9 @@ class VllmMetrics(EngineMetrics):
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=r
         )
+        # vLLM creates its per-engine series at start-up: the token counters read 0, not absent.
+        self.prompt_tokens.labels(*self._lv)
+        self.generation_tokens.labels(*self._lv)
         self.success = Counter(
             "vllm:request_success",
             "Count of finished requests by finish reason.",
@@ -184,10 +191,16 @@ class VllmMetrics(EngineMetrics):
         info.add_metric(["0", str(s.block_size), str(s.num_blocks)], 1.0)
         yield info
 
+    def token(self, prompt_tokens: int) -> None:
+        # vLLM V1 counts tokens per engine step (iteration stats), not when a request ends: a long
+        # generation moves the counters while it runs (the proxy's progress check relies on it).
+        m = self._lv
+        if prompt_tokens:
+            self.prompt_tokens.labels(*m).inc(prompt_tokens)
+        self.generation_tokens.labels(*m).inc()
+
     def finished(self, req: FinishedRequest) -> None:
         m = self._lv
-        self.prompt_tokens.labels(*m).inc(req.prompt_tokens)
-        self.generation_tokens.labels(*m).inc(req.generation_tokens)
         self.success.labels(*m, req.finish_reason).inc()
         if req.ttft_s is not None:
             self.ttft.labels(*m).observe(req.ttft_s)

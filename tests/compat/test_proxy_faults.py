@@ -217,6 +217,55 @@ async def test_decode_hanging_before_headers_gets_504(http: aiohttp.ClientSessio
         assert sample(text, "pdorch_proxy_endpoint_errors_total", {"reason": "first_byte_timeout"}) == 1
 
 
+async def test_a_non_streamed_answer_from_a_wedged_vllm_decode_is_retried_on_another(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A decode that accepts requests and never answers, while its /health and /metrics still do: a
+    non-streamed answer sends nothing until it is done, so only the engine's standing token counters
+    show it is wedged. Without the progress check these requests wait for the 30 s request timeout
+    (and the client gives up first)."""
+    hung = SimServer(replace(FAST, faults=Faults(hang=True)), host="127.0.0.1", ports=[0])
+    await hung.start()
+    try:
+        async with stack(
+            "vllm", extra_decode=(hung.url(0),), stream_idle_timeout_s=0.5, request_timeout_s=30.0
+        ) as s:
+
+            async def one(i: int) -> tuple[int, str]:
+                body = {"model": MODEL, "prompt": f"wedged {i}", "max_tokens": 4, "stream": False}
+                async with http.post(s.url + "/v1/completions", json=body) as r:
+                    return r.status, (await r.json())["choices"][0]["text"] if r.status == 200 else ""
+
+            t0 = time.monotonic()
+            got = await asyncio.gather(*(one(i) for i in range(4)))
+            took = time.monotonic() - t0
+            assert got == [(200, expected_text(f"wedged {i}", 4)) for i in range(4)]
+            text = await text_of(http, s.url)
+            stalled = {"endpoint": hung.url(0), "reason": "no_progress"}
+            assert (sample(text, "pdorch_proxy_endpoint_errors_total", stalled) or 0) >= 1
+            assert (sample(text, "pdorch_proxy_retries_total", stalled) or 0) >= 1
+            assert sample(text, "pdorch_proxy_endpoint_inflight") == 0
+            report("non-streamed answer on a wedged decode", retried_and_answered_after_s=round(took, 3))
+    finally:
+        await hung.stop()
+
+
+async def test_a_long_non_streamed_generation_that_progresses_is_not_cut(http: aiohttp.ClientSession) -> None:
+    """The progress check must not fail a generation that keeps making tokens, however much longer
+    than the idle limit it runs (the engine's counters move every step)."""
+    async with stack("vllm", sim_config=SLOW, stream_idle_timeout_s=0.4) as s:
+        body = {"model": MODEL, "prompt": "a long answer", "max_tokens": 500, "stream": False}
+        t0 = time.monotonic()
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["usage"]["completion_tokens"] == 500
+        took = time.monotonic() - t0
+        assert took > 3 * 0.4  # it did outlast the limit several times over (a check of the setup)
+        text = await text_of(http, s.url)
+        assert sample(text, "pdorch_proxy_endpoint_errors_total") in (None, 0)
+        report("long non-streamed generation under a 0.4 s idle limit", answered_after_s=round(took, 3))
+
+
 @pytest.mark.parametrize(
     ("timeouts", "non_stream_status", "engine_blamed"),
     [
@@ -224,7 +273,8 @@ async def test_decode_hanging_before_headers_gets_504(http: aiohttp.ClientSessio
         # failure, so a 502 after the retries.
         ({"upstream_idle_timeout_s": 1.0}, 502, True),
         # The silence watchdog (on by default, 60 s) ends the stream; the non-streamed answer, whose
-        # first byte would be its last, is bounded by the request timeout.
+        # first byte would be its last, is failed by the progress check and retried on the same (only)
+        # decode until the request timeout ends it.
         ({"stream_idle_timeout_s": 1.0, "request_timeout_s": 3.0}, 504, True),
         # Only the whole-request deadline: the client's budget, never a mark against the engine.
         ({"request_timeout_s": 2.0}, 504, False),

@@ -17,6 +17,9 @@ SNAP = EngineSnapshot(
 
 
 def _finish(m: VllmMetrics | SglangMetrics, prompt: int, out: int) -> None:
+    """A request's tokens as the engine reports them: each one as it is made, then its end."""
+    for i in range(out):
+        m.token(prompt if i == 0 else 0)
     m.finished(
         FinishedRequest(
             finish_reason="length",
@@ -45,6 +48,18 @@ def test_parses_the_simulators_real_metric_names(factory) -> None:  # type: igno
     assert s.ttft_sum_s == pytest.approx(1.0) and s.ttft_count == 2
     assert s.itl_count == 30 and s.itl_sum_s == pytest.approx(0.6)
     assert s.kv_capacity_tokens == 4000
+
+
+def test_vllm_counts_tokens_as_they_are_made_sglang_when_the_request_ends() -> None:
+    """vLLM V1 moves its token counters every step (a running generation shows progress);
+    SGLang's tokenizer manager counts a request's tokens when it finishes."""
+    v, g = VllmMetrics("llama", lambda: SNAP), SglangMetrics("llama", lambda: SNAP, "decode")
+    for m in (v, g):
+        m.token(100)
+        m.token(0)
+    mid_v, mid_g = (parse_engine_metrics(m.render().decode()) for m in (v, g))
+    assert (mid_v.prompt_tokens_total, mid_v.generation_tokens_total) == (100, 2)
+    assert (mid_g.prompt_tokens_total, mid_g.generation_tokens_total) == (0, 0)
 
 
 def test_text_without_engine_metrics_is_refused() -> None:

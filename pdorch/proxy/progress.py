@@ -1,0 +1,94 @@
+"""Is a decode engine still working? Its token counters say so, for answers that send nothing until
+they are done.
+
+A non-streamed answer's first byte is its last, so silence on its connection says nothing about the
+engine: a long generation and a wedged engine look the same. vLLM V1 moves its
+`vllm:prompt_tokens_total` and `vllm:generation_tokens_total` counters on every engine step, so an
+engine whose counters stand still while answers are pending has stopped working (its /health may
+still pass). `ProgressWatch` is the pure bookkeeping: the proxy registers each pending non-streamed
+decode answer, samples the engine's counters while some wait, and fails the waits that have seen no
+progress for `silence_s`. SGLang counts a request's tokens only when it ends, so it is not watched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+# Counters that move on every step of a vLLM V1 engine (prefill and decode).
+_STEP_COUNTERS = (b"vllm:prompt_tokens_total", b"vllm:generation_tokens_total")
+
+
+def step_tokens(text: bytes) -> float | None:
+    """The sum of a vLLM engine's per-step token counters in its /metrics text; None when it exports
+    neither (not a vLLM engine, or not the metrics page). A line scan, not a full parse: vLLM's page
+    is large and this runs on the proxy's event loop."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(_STEP_COUNTERS):
+            continue
+        # The name ends at its labels or the value (not e.g. vllm:prompt_tokens_total_created).
+        if not any(line.startswith(n) and line[len(n) : len(n) + 1] in (b"{", b" ") for n in _STEP_COUNTERS):
+            continue
+        try:
+            total += float(line.rsplit(b" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        seen = True
+    return total if seen else None
+
+
+@dataclass
+class _Engine:
+    waits: dict[Hashable, float] = field(default_factory=dict)  # waiter -> when it started
+    value: float | None = None  # last counter sum read
+    since: float | None = None  # when the counters last moved (or were first read)
+
+
+@dataclass
+class ProgressWatch:
+    """Pending non-streamed answers per engine, and when each engine's counters last moved."""
+
+    silence_s: float
+    engines: dict[str, _Engine] = field(default_factory=dict)
+
+    def started(self, key: str, waiter: Hashable, now: float) -> None:
+        """An answer from engine `key` is awaited from `now`."""
+        self.engines.setdefault(key, _Engine()).waits[waiter] = now
+
+    def ended(self, key: str, waiter: Hashable) -> None:
+        """The answer came (or the wait was given up); an engine with no waits is forgotten, so the
+        next wait measures progress afresh."""
+        engine = self.engines.get(key)
+        if engine is None:
+            return
+        engine.waits.pop(waiter, None)
+        if not engine.waits:
+            del self.engines[key]
+
+    def due(self, now: float) -> list[str]:
+        """Engines worth sampling now: some answer has waited half the silence limit (shorter waits
+        are the common case and need no scrape)."""
+        half = self.silence_s / 2
+        return [k for k, e in self.engines.items() if any(now - t >= half for t in e.waits.values())]
+
+    def observe(self, key: str, value: float | None, now: float) -> list[Hashable]:
+        """Record a sample of engine `key` (None: no counters read) and return the waits to fail:
+        those that waited `silence_s` through which the counters did not move. They are no longer
+        tracked. An engine whose counters were never read is not judged (it may not export them);
+        once read, a page that stops answering is no sign of progress."""
+        engine = self.engines.get(key)
+        if engine is None or (value is None and engine.value is None):
+            return []
+        if engine.since is None or (value is not None and value != engine.value):
+            engine.since = now
+        if value is not None:
+            engine.value = value
+        if now - engine.since < self.silence_s:
+            return []
+        stuck = [w for w, t in engine.waits.items() if now - t >= self.silence_s]
+        for w in stuck:
+            del engine.waits[w]
+        if not engine.waits:
+            del self.engines[key]
+        return stuck
