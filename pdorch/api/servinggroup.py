@@ -484,12 +484,12 @@ class RouterTimeouts(ApiModel):
     """TCP connect timeout."""
     first_byte_seconds: float | None = Field(None, gt=0, le=3600)
     """Time allowed until an engine starts answering: the prefill leg, a streamed answer's first
-    bytes (default 300)."""
+    bytes, and (vLLM) a decode whose token counters stand still while a non-streamed answer waits on
+    it (default 300)."""
     request_seconds: float | None = Field(None, gt=0, le=86400)
     """Whole-request limit, which also bounds a non-streamed answer's decode leg (default 1800)."""
     stream_idle_seconds: float | None = Field(None, gt=0, le=3600)
-    """Silence allowed from an engine once its answer is being relayed, and (vLLM) how long a decode's
-    token counters may stand still while a non-streamed answer waits on it (default 60)."""
+    """Silence allowed from an engine once its answer is being relayed (default 60)."""
 
 
 class RouterRetries(ApiModel):

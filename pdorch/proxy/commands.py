@@ -90,7 +90,8 @@ def add_parser(subparsers: Any) -> None:
         "--first-byte-timeout",
         type=float,
         default=None,
-        help="seconds until an engine starts answering: the prefill leg, a stream's first bytes (default 300)",
+        help="seconds until an engine starts answering: the prefill leg, a stream's first bytes, and (vLLM) "
+        "a decode's token counters standing still while a non-streamed answer waits on it (default 300)",
     )
     p.add_argument(
         "--request-timeout",
@@ -102,8 +103,7 @@ def add_parser(subparsers: Any) -> None:
         "--stream-idle-timeout",
         type=float,
         default=None,
-        help="seconds an engine may stay silent once its answer is being relayed, and (vLLM) a decode's "
-        "token counters may stand still while a non-streamed answer waits on it (default 60)",
+        help="seconds an engine may stay silent once its answer is being relayed (default 60)",
     )
     p.add_argument(
         "--upstream-idle-timeout",

@@ -3,11 +3,19 @@ they are done.
 
 A non-streamed answer's first byte is its last, so silence on its connection says nothing about the
 engine: a long generation and a wedged engine look the same. vLLM V1 moves its
-`vllm:prompt_tokens_total` and `vllm:generation_tokens_total` counters on every engine step, so an
-engine whose counters stand still while answers are pending has stopped working (its /health may
-still pass). `ProgressWatch` is the pure bookkeeping: the proxy registers each pending non-streamed
-decode answer, samples the engine's counters while some wait, and fails the waits that have seen no
-progress for `silence_s`. SGLang counts a request's tokens only when it ends, so it is not watched.
+`vllm:prompt_tokens_total` and `vllm:generation_tokens_total` counters on every engine step that
+finishes a prefill or makes a token, so while a pending answer is generating they move; an engine
+whose counters stand still has made no token at all (its /health may still pass). That is also true
+of a healthy engine before a request's first token (a KV pull, a long local prefill, a grammar
+compile), so the limit is the one a stream gets before its first byte (`first_byte_timeout_s`), not
+the idle limit of a stream being relayed.
+
+`ProgressWatch` is the pure bookkeeping: the proxy registers each pending non-streamed decode answer
+with its engine's URL (a draining engine leaves discovery but still serves its answers), samples the
+engine's counters while some wait, and fails the waits that saw no progress for `silence_s`. Limits:
+SGLang counts a request's tokens only when it ends, so it is not watched; the counters of
+data-parallel ranks are summed, so one wedged rank among working ones is not seen (the request
+timeout still bounds those answers).
 """
 
 from __future__ import annotations
@@ -28,10 +36,18 @@ def step_tokens(text: bytes) -> float | None:
         if not line.startswith(_STEP_COUNTERS):
             continue
         # The name ends at its labels or the value (not e.g. vllm:prompt_tokens_total_created).
-        if not any(line.startswith(n) and line[len(n) : len(n) + 1] in (b"{", b" ") for n in _STEP_COUNTERS):
+        name = next(
+            (n for n in _STEP_COUNTERS if line.startswith(n) and line[len(n) : len(n) + 1] in (b"{", b" ")),
+            None,
+        )
+        if name is None:
             continue
+        rest = line[len(name) :]
+        if rest.startswith(b"{"):
+            rest = rest[rest.rfind(b"}") + 1 :]  # label values may hold spaces
+        fields = rest.split()  # the value, then an optional timestamp
         try:
-            total += float(line.rsplit(b" ", 1)[1])
+            total += float(fields[0])
         except (IndexError, ValueError):
             continue
         seen = True
@@ -40,6 +56,7 @@ def step_tokens(text: bytes) -> float | None:
 
 @dataclass
 class _Engine:
+    url: str  # where its /metrics is read
     waits: dict[Hashable, float] = field(default_factory=dict)  # waiter -> when it started
     value: float | None = None  # last counter sum read
     since: float | None = None  # when the counters last moved (or were first read)
@@ -52,9 +69,9 @@ class ProgressWatch:
     silence_s: float
     engines: dict[str, _Engine] = field(default_factory=dict)
 
-    def started(self, key: str, waiter: Hashable, now: float) -> None:
-        """An answer from engine `key` is awaited from `now`."""
-        self.engines.setdefault(key, _Engine()).waits[waiter] = now
+    def started(self, key: str, url: str, waiter: Hashable, now: float) -> None:
+        """An answer from engine `key` (at `url`) is awaited from `now`."""
+        self.engines.setdefault(key, _Engine(url)).waits[waiter] = now
 
     def ended(self, key: str, waiter: Hashable) -> None:
         """The answer came (or the wait was given up); an engine with no waits is forgotten, so the
@@ -66,11 +83,11 @@ class ProgressWatch:
         if not engine.waits:
             del self.engines[key]
 
-    def due(self, now: float) -> list[str]:
-        """Engines worth sampling now: some answer has waited half the silence limit (shorter waits
-        are the common case and need no scrape)."""
+    def due(self, now: float) -> list[tuple[str, str]]:
+        """Engines worth sampling now, as (key, url): some answer has waited half the silence limit
+        (shorter waits are the common case and need no scrape)."""
         half = self.silence_s / 2
-        return [k for k, e in self.engines.items() if any(now - t >= half for t in e.waits.values())]
+        return [(k, e.url) for k, e in self.engines.items() if any(now - t >= half for t in e.waits.values())]
 
     def observe(self, key: str, value: float | None, now: float) -> list[Hashable]:
         """Record a sample of engine `key` (None: no counters read) and return the waits to fail:

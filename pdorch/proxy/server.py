@@ -290,12 +290,8 @@ class ProxyServer:
         self._watchdog_task: asyncio.Task[None] | None = None
         self._queue_task: asyncio.Task[None] | None = None
         # Pending non-streamed vLLM decode answers and their engines' progress (an engine whose
-        # counters stand still for the stream idle limit fails them; SGLang's counters cannot tell).
-        self._progress = (
-            ProgressWatch(config.stream_idle_timeout_s)
-            if config.engine == "vllm" and config.stream_idle_timeout_s is not None
-            else None
-        )
+        # counters stand still for the first-byte limit fails them; SGLang's counters cannot tell).
+        self._progress = ProgressWatch(config.first_byte_timeout_s) if config.engine == "vllm" else None
         self._progress_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         # When each endpoint last completed a leg of a request (not a health check): evidence that
@@ -887,17 +883,16 @@ class ProxyServer:
 
     async def _progress_watchdog(self, watch: ProgressWatch) -> None:
         """Sample the token counters of decode engines with long-pending non-streamed answers, and
-        fail the answers of an engine whose counters stood still for the stream idle limit."""
+        fail the answers of an engine whose counters stood still for the first-byte limit."""
         period = min(5.0, watch.silence_s / 4)
         while True:
             await asyncio.sleep(period)
-            keys = watch.due(self.clock())
-            if not keys:
+            due = watch.due(self.clock())
+            if not due:
                 continue
-            by_key = {e.key: e for e in self.discovery.current().endpoints}
-            samples = await asyncio.gather(*(self._step_tokens(by_key.get(k)) for k in keys))
+            samples = await asyncio.gather(*(self._step_tokens(url) for _, url in due))
             now = self.clock()
-            for key, value in zip(keys, samples, strict=True):
+            for (key, _), value in zip(due, samples, strict=True):
                 stuck = watch.observe(key, value, now)
                 if stuck:
                     log.warning(
@@ -912,13 +907,12 @@ class ProxyServer:
                         EngineStalled(f"the engine's token counters stood still for {watch.silence_s:g}s")
                     )
 
-    async def _step_tokens(self, ep: Endpoint | None) -> float | None:
+    async def _step_tokens(self, url: str) -> float | None:
         """An engine's per-step token counters (`pdorch.proxy.progress`); None if unreadable."""
-        if ep is None:
-            return None
         try:
             async with asyncio.timeout(self.config.health_timeout_s):
-                async with self.session.get(ep.url + "/metrics") as r:
+                # Uncompressed: this session does not decompress, and an unreadable page is no evidence.
+                async with self.session.get(url + "/metrics", headers={"Accept-Encoding": "identity"}) as r:
                     return step_tokens(await r.read()) if r.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, OSError):
             return None
@@ -1049,7 +1043,7 @@ class ProxyServer:
             sent = await self._send(dec, "decode", path, encode_json(decode_body), headers)
             watch = self._progress if not body.get("stream") else None
             if watch is not None:
-                watch.started(dec.key, sent, t_dec)
+                watch.started(dec.key, dec.url, sent, t_dec)
             try:
                 resp = await self._answer(dec, "decode", sent)
             finally:

@@ -241,8 +241,9 @@ class Sent:
         return self._resp
 
     def fail(self, exc: BaseException) -> None:
-        """Give up waiting for the head: `response()` raises `exc` and the connection is dropped."""
-        if self._resp is None:
+        """Give up waiting for the head: `response()` raises `exc` and the connection is dropped. A
+        head that already arrived wins (the answer came; nothing is failed)."""
+        if self._resp is None and not self.conn.head.done():
             self.conn._fail(exc)
 
     def abort(self) -> None:

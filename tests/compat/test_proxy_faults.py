@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import resource
@@ -24,9 +25,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from pdorch.proxy.config import ProxyConfig
 from pdorch.proxy.discovery import StaticDiscovery, static_endpoints
+from pdorch.proxy.endpoints import EndpointSet
 from pdorch.proxy.server import ProxyServer
 from pdorch.sim.engine import Role
 from pdorch.sim.faults import Faults
@@ -197,10 +200,17 @@ async def test_prefill_5xx_is_retried_on_another_pair_or_answered_502(http: aioh
 
 
 async def test_decode_hanging_before_headers_gets_504(http: aiohttp.ClientSession) -> None:
-    # Streamed, the first-byte timeout applies; non-streamed, the request timeout does (its first byte
-    # is its last: tests/compat/test_proxy.py -k non_streamed_answer_is_bounded).
+    # Streamed, the first-byte timeout applies. Non-streamed, the first byte is its last; the decode's
+    # standing token counters fail it after that timeout (-k wedged), else the request timeout would
+    # (tests/compat/test_proxy.py -k non_streamed_answer_is_bounded).
     hang = replace(FAST, faults=Faults(roles=frozenset({"decode"}), hang=True))
     async with stack("vllm", sim_config=hang, first_byte_timeout_s=1.0) as s:
+        async with http.post(
+            s.url + "/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 5}
+        ) as r:
+            assert r.status == 502  # after the retries, each on the only (wedged) decode
+            err = (await r.json())["error"]
+        assert err["code"] == "upstream_failed" and "token counters stood still" in err["message"]
         for stream in (True,):
             t0 = time.monotonic()
             body = {"model": MODEL, "prompt": "hello", "max_tokens": 5, "stream": stream}
@@ -215,6 +225,7 @@ async def test_decode_hanging_before_headers_gets_504(http: aiohttp.ClientSessio
             )
         text = await text_of(http, s.url)
         assert sample(text, "pdorch_proxy_endpoint_errors_total", {"reason": "first_byte_timeout"}) == 1
+        assert sample(text, "pdorch_proxy_endpoint_errors_total", {"reason": "no_progress"}) == 3
 
 
 async def test_a_non_streamed_answer_from_a_wedged_vllm_decode_is_retried_on_another(
@@ -223,12 +234,13 @@ async def test_a_non_streamed_answer_from_a_wedged_vllm_decode_is_retried_on_ano
     """A decode that accepts requests and never answers, while its /health and /metrics still do: a
     non-streamed answer sends nothing until it is done, so only the engine's standing token counters
     show it is wedged. Without the progress check these requests wait for the 30 s request timeout
-    (and the client gives up first)."""
+    (and the client gives up first). A draining decode leaves discovery but still serves its answers:
+    its progress is still read (from the URL the wait was registered with)."""
     hung = SimServer(replace(FAST, faults=Faults(hang=True)), host="127.0.0.1", ports=[0])
     await hung.start()
     try:
         async with stack(
-            "vllm", extra_decode=(hung.url(0),), stream_idle_timeout_s=0.5, request_timeout_s=30.0
+            "vllm", extra_decode=(hung.url(0),), first_byte_timeout_s=0.5, request_timeout_s=30.0
         ) as s:
 
             async def one(i: int) -> tuple[int, str]:
@@ -253,7 +265,7 @@ async def test_a_non_streamed_answer_from_a_wedged_vllm_decode_is_retried_on_ano
 async def test_a_long_non_streamed_generation_that_progresses_is_not_cut(http: aiohttp.ClientSession) -> None:
     """The progress check must not fail a generation that keeps making tokens, however much longer
     than the idle limit it runs (the engine's counters move every step)."""
-    async with stack("vllm", sim_config=SLOW, stream_idle_timeout_s=0.4) as s:
+    async with stack("vllm", sim_config=SLOW, first_byte_timeout_s=0.4) as s:
         body = {"model": MODEL, "prompt": "a long answer", "max_tokens": 500, "stream": False}
         t0 = time.monotonic()
         async with http.post(s.url + "/v1/completions", json=body) as r:
@@ -266,6 +278,67 @@ async def test_a_long_non_streamed_generation_that_progresses_is_not_cut(http: a
         report("long non-streamed generation under a 0.4 s idle limit", answered_after_s=round(took, 3))
 
 
+async def test_a_long_non_streamed_generation_on_a_draining_decode_is_not_cut(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A decode the scaler drains leaves discovery while its answers finish there: its progress must
+    still be read (from the URL its waits were registered with), not taken for a stand-still."""
+    other = SimServer(SLOW, host="127.0.0.1", ports=[0])
+    await other.start()
+    try:
+        async with stack(
+            "vllm", sim_config=SLOW, extra_decode=(other.url(0),), first_byte_timeout_s=0.4
+        ) as s:
+            px = s.proxy
+            body = {"model": MODEL, "prompt": "a long answer", "max_tokens": 500, "stream": False}
+            pending = asyncio.ensure_future(http.post(s.url + "/v1/completions", json=body))
+
+            async def on_a_decode() -> bool:
+                return any(px.loads.get(e.key) for e in px.discovery.current().decodes())
+
+            await wait_until(on_a_decode, 5.0, "the decode leg")
+            await asyncio.sleep(0.3)  # past half the limit: the decode's counters have been read
+            (busy,) = [e for e in px.discovery.current().decodes() if px.loads.get(e.key)]
+            assert isinstance(px.discovery, StaticDiscovery)
+            px.discovery._endpoints = EndpointSet(
+                tuple(e for e in px.discovery.current().endpoints if e != busy)
+            )
+            async with await pending as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["usage"]["completion_tokens"] == 500
+            text = await text_of(http, s.url)
+            assert sample(text, "pdorch_proxy_endpoint_errors_total") in (None, 0)
+    finally:
+        await other.stop()
+
+
+async def test_the_progress_check_reads_engines_that_would_compress_their_metrics() -> None:
+    """prometheus_client's own exporters gzip /metrics when the client accepts it; the proxy's
+    session does not decompress, so it must ask for the page uncompressed (else it reads nothing and
+    never judges the engine)."""
+    seen: list[str] = []
+
+    async def metrics(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Accept-Encoding", ""))
+        page = b"# TYPE vllm:generation_tokens_total counter\nvllm:generation_tokens_total 42.0\n"
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            return web.Response(body=gzip.compress(page), headers={"Content-Encoding": "gzip"})
+        return web.Response(body=page)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        async with stack("vllm") as s:
+            assert await s.proxy._step_tokens(url) == 42.0, seen
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("timeouts", "non_stream_status", "engine_blamed"),
     [
@@ -273,8 +346,7 @@ async def test_a_long_non_streamed_generation_that_progresses_is_not_cut(http: a
         # failure, so a 502 after the retries.
         ({"upstream_idle_timeout_s": 1.0}, 502, True),
         # The silence watchdog (on by default, 60 s) ends the stream; the non-streamed answer, whose
-        # first byte would be its last, is failed by the progress check and retried on the same (only)
-        # decode until the request timeout ends it.
+        # first byte would be its last, is bounded by the request timeout.
         ({"stream_idle_timeout_s": 1.0, "request_timeout_s": 3.0}, 504, True),
         # Only the whole-request deadline: the client's budget, never a mark against the engine.
         ({"request_timeout_s": 2.0}, 504, False),

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from pdorch.devcluster.process import free_port
-from pdorch.proxy.upstream import UpstreamPool, UpstreamTimeout
+from pdorch.proxy.upstream import EngineStalled, UpstreamPool, UpstreamTimeout
 
 pytestmark = pytest.mark.compat
 
@@ -121,6 +121,28 @@ async def test_idle_timeout_and_abort(server: tuple[str, list[str]]) -> None:
     ok = await pool.post(base, "/echo", b"x", {})
     assert ok.status == 200
     ok.release()
+    pool.close()
+
+
+async def test_failing_a_wait_raises_unless_the_head_already_came(server: tuple[str, list[str]]) -> None:
+    """`Sent.fail` (the progress check giving up on an engine) fails a wait still without a head; a
+    head that arrived first wins, even before the waiting task has resumed."""
+    base, _ = server
+    pool = UpstreamPool(connect_timeout=2)
+    sent = await pool.send(base, "/stream", b"{}", {})
+    await asyncio.wait({sent.conn.head})  # the head is in; the stream's chunks follow 10 ms apart
+    sent.fail(EngineStalled("too late"))
+    r = await sent.response()
+    body = b"".join([chunk async for chunk in r.content.iter_any()])
+    assert r.status == 200 and body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    r.release()
+    never = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)  # accepts, never answers
+    port = never.sockets[0].getsockname()[1]
+    sent = await pool.send(f"http://127.0.0.1:{port}", "/v1/completions", b"{}", {})
+    asyncio.get_running_loop().call_later(0.05, sent.fail, EngineStalled("counters stood still"))
+    with pytest.raises(EngineStalled, match="counters stood still"):
+        await sent.response()
+    never.close()
     pool.close()
 
 

@@ -33,6 +33,14 @@ def test_step_tokens_is_none_without_vllm_counters() -> None:
     assert step_tokens(b"<html>not metrics</html>") is None
 
 
+def test_step_tokens_reads_the_value_not_a_trailing_timestamp() -> None:
+    text = (
+        b'vllm:prompt_tokens_total{model_name="m } x"} 100 1700000000000\n'
+        b"vllm:generation_tokens_total 5.0e+00 1700000000000\r\n"
+    )
+    assert step_tokens(text) == 105.0
+
+
 def test_step_tokens_reads_the_simulated_vllm_engine_and_moves_per_token() -> None:
     m = VllmMetrics("m", lambda: SNAP)
     before = step_tokens(m.render())
@@ -44,16 +52,16 @@ def test_step_tokens_reads_the_simulated_vllm_engine_and_moves_per_token() -> No
 
 def test_a_wait_is_sampled_only_after_half_the_limit() -> None:
     w = ProgressWatch(silence_s=10.0)
-    w.started("d", "a", now=0.0)
+    w.started("d", "http://d", "a", now=0.0)
     assert w.due(4.9) == []
-    assert w.due(5.0) == ["d"]
+    assert w.due(5.0) == [("d", "http://d")]
 
 
 def test_waits_fail_after_the_limit_without_progress_and_only_the_old_ones() -> None:
     w = ProgressWatch(silence_s=10.0)
-    w.started("d", "old", now=0.0)
+    w.started("d", "http://d", "old", now=0.0)
     assert w.observe("d", 50.0, now=5.0) == []  # first sample: the baseline
-    w.started("d", "young", now=8.0)
+    w.started("d", "http://d", "young", now=8.0)
     assert w.observe("d", 50.0, now=14.9) == []
     assert w.observe("d", 50.0, now=15.0) == ["old"]  # 10 s since the baseline, no movement
     assert w.observe("d", 50.0, now=17.9) == []  # "young" waited 9.9 s
@@ -63,7 +71,7 @@ def test_waits_fail_after_the_limit_without_progress_and_only_the_old_ones() -> 
 
 def test_progress_resets_the_clock_and_unreadable_metrics_do_not() -> None:
     w = ProgressWatch(silence_s=10.0)
-    w.started("d", "a", now=0.0)
+    w.started("d", "http://d", "a", now=0.0)
     w.observe("d", 1.0, now=5.0)
     assert w.observe("d", 2.0, now=14.0) == []  # moved at 14
     assert w.observe("d", None, now=23.9) == []
@@ -72,11 +80,11 @@ def test_progress_resets_the_clock_and_unreadable_metrics_do_not() -> None:
 
 def test_an_ended_wait_is_forgotten_with_its_engine_baseline() -> None:
     w = ProgressWatch(silence_s=10.0)
-    w.started("d", "a", now=0.0)
+    w.started("d", "http://d", "a", now=0.0)
     w.observe("d", 1.0, now=5.0)
     w.ended("d", "a")
     assert w.engines == {}
-    w.started("d", "b", now=20.0)
+    w.started("d", "http://d", "b", now=20.0)
     # A fresh baseline: the stand-still before "b" started does not count against it.
     assert w.observe("d", 1.0, now=25.0) == []
     assert w.observe("d", 1.0, now=34.9) == []
@@ -87,7 +95,7 @@ def test_an_ended_wait_is_forgotten_with_its_engine_baseline() -> None:
 
 def test_an_engine_whose_counters_were_never_read_is_not_judged() -> None:
     w = ProgressWatch(silence_s=10.0)
-    w.started("d", "a", now=0.0)
+    w.started("d", "http://d", "a", now=0.0)
     for t in (5.0, 15.0, 100.0):
         assert w.observe("d", None, now=t) == []
     assert w.observe("d", 3.0, now=101.0) == []  # the first reading is the baseline
