@@ -484,7 +484,7 @@ class RouterTimeouts(ApiModel):
     """TCP connect timeout."""
     first_byte_seconds: float | None = Field(None, gt=0, le=3600)
     """Time allowed until an engine starts answering: the prefill leg, a streamed answer's first
-    bytes, and (vLLM) a decode whose token counters stand still while a non-streamed answer waits on
+    bytes, and a decode whose progress counters stand still while a non-streamed answer waits on
     it (default 300)."""
     request_seconds: float | None = Field(None, gt=0, le=86400)
     """Whole-request limit, which also bounds a non-streamed answer's decode leg (default 1800)."""

@@ -90,8 +90,8 @@ def add_parser(subparsers: Any) -> None:
         "--first-byte-timeout",
         type=float,
         default=None,
-        help="seconds until an engine starts answering: the prefill leg, a stream's first bytes, and (vLLM) "
-        "a decode's token counters standing still while a non-streamed answer waits on it (default 300)",
+        help="seconds until an engine starts answering: the prefill leg, a stream's first bytes, and "
+        "a decode's progress counters standing still while a non-streamed answer waits on it (default 300)",
     )
     p.add_argument(
         "--request-timeout",

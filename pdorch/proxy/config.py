@@ -50,8 +50,8 @@ class ProxyConfig(BaseModel):
     connect_timeout_s: float = Field(5.0, gt=0)
     # Until an engine starts answering: the prefill leg, and a streamed answer's first bytes. A
     # non-streamed answer's first byte is its last, so its decode leg is bounded by the request
-    # timeout instead (a long generation is not a silent engine), and on vLLM also by the decode's
-    # token counters: standing still this long while it waits fails the leg (pdorch.proxy.progress).
+    # timeout instead (a long generation is not a silent engine), and also by the decode's progress
+    # counters: standing still this long while it waits fails the leg (pdorch.proxy.progress).
     first_byte_timeout_s: float = Field(300.0, gt=0)
     request_timeout_s: float | None = Field(1800.0, gt=0)
     # Once an answer is being relayed, an engine silent this long fails it (checked by a watchdog,

@@ -4,8 +4,10 @@ they are done.
 A non-streamed answer's first byte is its last, so silence on its connection says nothing about the
 engine: a long generation and a wedged engine look the same. vLLM V1 moves its
 `vllm:prompt_tokens_total` and `vllm:generation_tokens_total` counters on every engine step that
-finishes a prefill or makes a token, so while a pending answer is generating they move; an engine
-whose counters stand still has made no token at all (its /health may still pass). That is also true
+finishes a prefill or makes a token, and SGLang its `sglang:realtime_tokens_total` every few steps
+(its `generation_tokens_total` moves only when a request ends, so it is not read). While a pending
+answer is generating they move; an engine whose counters stand still has made no token at all (its
+/health may still pass). That is also true
 of a healthy engine before a request's first token (a KV pull, a long local prefill, a grammar
 compile), so the limit is the one a stream gets before its first byte (`first_byte_timeout_s`), not
 the idle limit of a stream being relayed.
@@ -13,9 +15,9 @@ the idle limit of a stream being relayed.
 `ProgressWatch` is the pure bookkeeping: the proxy registers each pending non-streamed decode answer
 with its engine's URL (a draining engine leaves discovery but still serves its answers), samples the
 engine's counters while some wait, and fails the waits that saw no progress for `silence_s`. Limits:
-SGLang counts a request's tokens only when it ends, so it is not watched; the counters of
-data-parallel ranks are summed, so one wedged rank among working ones is not seen (the request
-timeout still bounds those answers).
+an engine that exports none of these counters (SGLang before `realtime_tokens_total`) is never
+judged; the counters of data-parallel ranks are summed, so one wedged rank among working ones is not
+seen. The request timeout still bounds those answers.
 """
 
 from __future__ import annotations
@@ -23,14 +25,19 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-# Counters that move on every step of a vLLM V1 engine (prefill and decode).
-_STEP_COUNTERS = (b"vllm:prompt_tokens_total", b"vllm:generation_tokens_total")
+# Counters that move while an engine works: vLLM V1's on every step that finishes a prefill or makes a
+# token; SGLang's scheduler counter (newer releases) every few steps, by mode.
+_STEP_COUNTERS = (
+    b"vllm:prompt_tokens_total",
+    b"vllm:generation_tokens_total",
+    b"sglang:realtime_tokens_total",
+)
 
 
 def step_tokens(text: bytes) -> float | None:
-    """The sum of a vLLM engine's per-step token counters in its /metrics text; None when it exports
-    neither (not a vLLM engine, or not the metrics page). A line scan, not a full parse: vLLM's page
-    is large and this runs on the proxy's event loop."""
+    """The sum of an engine's progress counters (`_STEP_COUNTERS`) in its /metrics text; None when it
+    exports none (an older SGLang, or not the metrics page). A line scan, not a full parse: an
+    engine's page is large and this runs on the proxy's event loop."""
     total, seen = 0.0, False
     for line in text.splitlines():
         if not line.startswith(_STEP_COUNTERS):

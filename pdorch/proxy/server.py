@@ -289,9 +289,9 @@ class ProxyServer:
         self._health_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._queue_task: asyncio.Task[None] | None = None
-        # Pending non-streamed vLLM decode answers and their engines' progress (an engine whose
-        # counters stand still for the first-byte limit fails them; SGLang's counters cannot tell).
-        self._progress = ProgressWatch(config.first_byte_timeout_s) if config.engine == "vllm" else None
+        # Pending non-streamed decode answers and their engines' progress (an engine whose counters
+        # stand still for the first-byte limit fails them: pdorch.proxy.progress).
+        self._progress = ProgressWatch(config.first_byte_timeout_s)
         self._progress_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         # When each endpoint last completed a leg of a request (not a health check): evidence that
@@ -367,10 +367,9 @@ class ProxyServer:
             self._watchdog_task = asyncio.create_task(
                 self._silence_watchdog(c.stream_idle_timeout_s), name="proxy-silence-watchdog"
             )
-        if self._progress is not None:
-            self._progress_task = asyncio.create_task(
-                self._progress_watchdog(self._progress), name="proxy-progress-watchdog"
-            )
+        self._progress_task = asyncio.create_task(
+            self._progress_watchdog(self._progress), name="proxy-progress-watchdog"
+        )
         log.info("pdorch proxy (%s, %s) listening on %s:%s", c.engine, c.policy, c.host, self.port)
 
     async def stop(self) -> None:
@@ -1041,7 +1040,7 @@ class ProxyServer:
         self._leg_start(dec)
         try:
             sent = await self._send(dec, "decode", path, encode_json(decode_body), headers)
-            watch = self._progress if not body.get("stream") else None
+            watch = None if body.get("stream") else self._progress
             if watch is not None:
                 watch.started(dec.key, dec.url, sent, t_dec)
             try:
@@ -1165,8 +1164,15 @@ class ProxyServer:
 
         if p_task is not None:
             p_task.add_done_callback(on_prefill_done)
+        watch = None if body.get("stream") else self._progress
         try:
-            resp = await self._answer(dec, "decode", d_sent)
+            if watch is not None:
+                watch.started(dec.key, dec.url, d_sent, t)
+            try:
+                resp = await self._answer(dec, "decode", d_sent)
+            finally:
+                if watch is not None:
+                    watch.ended(dec.key, d_sent)
             try:
                 await self._check_status(dec, "decode", resp)
                 first = await self._first_bytes(dec, resp)

@@ -230,6 +230,16 @@ class SglangMetrics(EngineMetrics):
             "sglang:generation_tokens", "Number of generation tokens processed.", labels, registry=r
         )
         self.requests = Counter("sglang:num_requests", "Number of requests processed.", labels, registry=r)
+        # The scheduler's progress counter (newer SGLang): moves while requests run, unlike the two
+        # above, which count a request's tokens when it ends.
+        self.realtime_tokens = Counter(
+            "sglang:realtime_tokens",
+            "Tokens processed by the scheduler, by mode.",
+            ["model_name", "mode"],
+            registry=r,
+        )
+        for mode in ("prefill_compute", "decode"):
+            self.realtime_tokens.labels(model, mode)
         self.aborted = Counter(
             "sglang:num_aborted_requests", "Number of aborted requests.", labels, registry=r
         )
@@ -306,6 +316,11 @@ class SglangMetrics(EngineMetrics):
         )
         info.add_metric([str(s.block_size), str(s.num_blocks)], 1.0)
         yield info
+
+    def token(self, prompt_tokens: int) -> None:
+        if prompt_tokens:
+            self.realtime_tokens.labels(self.model, "prefill_compute").inc(prompt_tokens)
+        self.realtime_tokens.labels(self.model, "decode").inc()
 
     def finished(self, req: FinishedRequest) -> None:
         lv = self._lv

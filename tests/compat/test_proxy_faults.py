@@ -262,10 +262,13 @@ async def test_a_non_streamed_answer_from_a_wedged_vllm_decode_is_retried_on_ano
         await hung.stop()
 
 
-async def test_a_long_non_streamed_generation_that_progresses_is_not_cut(http: aiohttp.ClientSession) -> None:
+@pytest.mark.parametrize("protocol", ["vllm", "sglang"])
+async def test_a_long_non_streamed_generation_that_progresses_is_not_cut(
+    http: aiohttp.ClientSession, protocol: str
+) -> None:
     """The progress check must not fail a generation that keeps making tokens, however much longer
-    than the idle limit it runs (the engine's counters move every step)."""
-    async with stack("vllm", sim_config=SLOW, first_byte_timeout_s=0.4) as s:
+    than the limit it runs (the engine's counters move while it works)."""
+    async with stack(protocol, sim_config=SLOW, first_byte_timeout_s=0.4) as s:
         body = {"model": MODEL, "prompt": "a long answer", "max_tokens": 500, "stream": False}
         t0 = time.monotonic()
         async with http.post(s.url + "/v1/completions", json=body) as r:
@@ -275,7 +278,30 @@ async def test_a_long_non_streamed_generation_that_progresses_is_not_cut(http: a
         assert took > 3 * 0.4  # it did outlast the limit several times over (a check of the setup)
         text = await text_of(http, s.url)
         assert sample(text, "pdorch_proxy_endpoint_errors_total") in (None, 0)
-        report("long non-streamed generation under a 0.4 s idle limit", answered_after_s=round(took, 3))
+        report(
+            "long non-streamed generation under a 0.4 s limit",
+            protocol=protocol,
+            answered_after_s=round(took, 3),
+        )
+
+
+async def test_a_non_streamed_answer_on_an_sglang_decode_that_stalls_is_failed(
+    http: aiohttp.ClientSession,
+) -> None:
+    """SGLang: the prefill answered, then the decode stopped making tokens (its /health and /metrics
+    still answer). Its `sglang:realtime_tokens_total` stands still, so the leg fails and is retried;
+    with the only decode stalling every time, the client gets a 502 well before the request timeout
+    (30 s, which the client's own 20 s limit would not wait for)."""
+    stall = replace(FAST, faults=Faults(roles=frozenset({"decode"}), stall_after_tokens=3))
+    async with stack("sglang", sim_config=stall, first_byte_timeout_s=0.5, request_timeout_s=30.0) as s:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 50, "stream": False}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 502, await r.text()
+            assert "token counters stood still" in (await r.json())["error"]["message"]
+        text = await text_of(http, s.url)
+        stalled = {"endpoint": s.decode_url, "reason": "no_progress"}
+        assert sample(text, "pdorch_proxy_endpoint_errors_total", stalled) == 3
+        assert sample(text, "pdorch_proxy_endpoint_inflight") == 0
 
 
 async def test_a_long_non_streamed_generation_on_a_draining_decode_is_not_cut(

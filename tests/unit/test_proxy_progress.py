@@ -27,7 +27,17 @@ def test_step_tokens_sums_both_counters_across_label_sets() -> None:
     assert step_tokens(text) == 157.0
 
 
-def test_step_tokens_is_none_without_vllm_counters() -> None:
+def test_step_tokens_reads_sglangs_scheduler_counter_not_its_completion_counters() -> None:
+    text = (
+        b'sglang:generation_tokens_total{model_name="m"} 5.0\n'
+        b'sglang:prompt_tokens_total{model_name="m"} 50.0\n'
+        b'sglang:realtime_tokens_total{model_name="m",mode="prefill_compute"} 300.0\n'
+        b'sglang:realtime_tokens_total{model_name="m",mode="decode"} 12.0\n'
+    )
+    assert step_tokens(text) == 312.0
+
+
+def test_step_tokens_is_none_without_progress_counters() -> None:
     assert step_tokens(b"") is None
     assert step_tokens(b'sglang:generation_tokens_total{model_name="m"} 5.0\n') is None
     assert step_tokens(b"<html>not metrics</html>") is None
@@ -41,13 +51,17 @@ def test_step_tokens_reads_the_value_not_a_trailing_timestamp() -> None:
     assert step_tokens(text) == 105.0
 
 
-def test_step_tokens_reads_the_simulated_vllm_engine_and_moves_per_token() -> None:
+def test_step_tokens_reads_the_simulated_engines_and_moves_per_token() -> None:
     m = VllmMetrics("m", lambda: SNAP)
     before = step_tokens(m.render())
     m.token(100)
     m.token(0)
     assert before == 0.0 and step_tokens(m.render()) == 102.0
-    assert step_tokens(SglangMetrics("m", lambda: SNAP, "decode").render()) is None
+    g = SglangMetrics("m", lambda: SNAP, "decode")
+    assert step_tokens(g.render()) == 0.0
+    g.token(100)
+    g.token(0)
+    assert step_tokens(g.render()) == 102.0
 
 
 def test_a_wait_is_sampled_only_after_half_the_limit() -> None:

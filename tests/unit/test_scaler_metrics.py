@@ -52,7 +52,8 @@ def test_parses_the_simulators_real_metric_names(factory) -> None:  # type: igno
 
 def test_vllm_counts_tokens_as_they_are_made_sglang_when_the_request_ends() -> None:
     """vLLM V1 moves its token counters every step (a running generation shows progress);
-    SGLang's tokenizer manager counts a request's tokens when it finishes."""
+    SGLang's tokenizer manager counts a request's tokens when it finishes (its scheduler's
+    realtime_tokens counter is the one that moves meanwhile: tests/unit/test_proxy_progress.py)."""
     v, g = VllmMetrics("llama", lambda: SNAP), SglangMetrics("llama", lambda: SNAP, "decode")
     for m in (v, g):
         m.token(100)
