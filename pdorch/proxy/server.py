@@ -942,6 +942,17 @@ class ProxyServer:
         except aiohttp.ClientError as exc:
             raise LegFailure(ep, leg, "connect", repr(exc)) from None
 
+    async def _decode_head(self, dec: Endpoint, sent: Sent, stream: bool, since: float) -> UpstreamResponse:
+        """A decode leg's response head. A non-streamed answer's head is its end, so its wait is
+        watched for the engine's progress meanwhile (`pdorch.proxy.progress`)."""
+        if stream:
+            return await self._answer(dec, "decode", sent)
+        self._progress.started(dec.key, dec.url, sent, since)
+        try:
+            return await self._answer(dec, "decode", sent)
+        finally:
+            self._progress.ended(dec.key, sent)
+
     async def _check_status(self, ep: Endpoint, leg: str, resp: UpstreamResponse) -> None:
         """5xx -> `LegFailure` (retryable); 4xx -> `UpstreamReply` (relayed)."""
         if resp.status < 400:
@@ -1040,14 +1051,7 @@ class ProxyServer:
         self._leg_start(dec)
         try:
             sent = await self._send(dec, "decode", path, encode_json(decode_body), headers)
-            watch = None if body.get("stream") else self._progress
-            if watch is not None:
-                watch.started(dec.key, dec.url, sent, t_dec)
-            try:
-                resp = await self._answer(dec, "decode", sent)
-            finally:
-                if watch is not None:
-                    watch.ended(dec.key, sent)
+            resp = await self._decode_head(dec, sent, bool(body.get("stream")), t_dec)
             try:
                 await self._check_status(dec, "decode", resp)
                 first = await self._first_bytes(dec, resp)
@@ -1164,15 +1168,8 @@ class ProxyServer:
 
         if p_task is not None:
             p_task.add_done_callback(on_prefill_done)
-        watch = None if body.get("stream") else self._progress
         try:
-            if watch is not None:
-                watch.started(dec.key, dec.url, d_sent, t)
-            try:
-                resp = await self._answer(dec, "decode", d_sent)
-            finally:
-                if watch is not None:
-                    watch.ended(dec.key, d_sent)
+            resp = await self._decode_head(dec, d_sent, bool(body.get("stream")), t)
             try:
                 await self._check_status(dec, "decode", resp)
                 first = await self._first_bytes(dec, resp)

@@ -1,15 +1,18 @@
-"""Helpers for the compat tests: free ports, bounded polling, Prometheus samples, subprocesses."""
+"""Helpers for the compat tests: free ports, bounded polling, Prometheus samples, subprocesses, small
+loopback HTTP servers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdorch.devcluster.process import free_port as free_port  # re-exported for the tests
@@ -78,3 +81,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on a free loopback port; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

@@ -29,7 +29,7 @@ from pdorch.sim import tokens
 from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Role
 from pdorch.sim.server import SimServer
-from tests.compat.helpers import free_port, sample, spawn, stop, wait_http_ok, wait_until
+from tests.compat.helpers import free_port, sample, serve_app, spawn, stop, wait_http_ok, wait_until
 from tests.compat.test_proxy_http_server import post, talk
 
 pytestmark = pytest.mark.compat
@@ -359,14 +359,8 @@ async def failing_server(status: int) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 @pytest.mark.parametrize("protocol", ["vllm", "sglang"])
@@ -805,14 +799,8 @@ async def dying_stream_server() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/v1/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 async def test_stream_cut_after_first_bytes_ends_with_an_error_event(http: aiohttp.ClientSession) -> None:

@@ -22,7 +22,7 @@ import pdorch.proxy.server as proxy_server
 from pdorch.sim.engine import Role
 from pdorch.sim.faults import Faults
 from pdorch.sim.server import SimServer
-from tests.compat.helpers import sample
+from tests.compat.helpers import sample, serve_app
 from tests.compat.test_proxy import FAST, MODEL, WAIT_S, stack, text_of
 
 pytestmark = pytest.mark.compat
@@ -50,15 +50,8 @@ async def fake_engine(generate: Handler) -> AsyncIterator[str]:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", generate)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 async def test_a_wedged_sglang_prefill_is_charged_not_the_decode_serving_the_other_prefill(

@@ -34,7 +34,7 @@ from pdorch.proxy.server import ProxyServer
 from pdorch.sim.engine import Role
 from pdorch.sim.faults import Faults
 from pdorch.sim.server import SimServer
-from tests.compat.helpers import free_port, sample, spawn, stop, wait_http_ok, wait_until
+from tests.compat.helpers import free_port, sample, serve_app, spawn, stop, wait_http_ok, wait_until
 from tests.compat.test_proxy import FAST, MODEL, WAIT_S, expected_text, stack, text_of
 
 pytestmark = pytest.mark.compat
@@ -353,16 +353,8 @@ async def test_the_progress_check_reads_engines_that_would_compress_their_metric
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    try:
-        async with stack("vllm") as s:
-            assert await s.proxy._step_tokens(url) == 42.0, seen
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url, stack("vllm") as s:
+        assert await s.proxy._step_tokens(url) == 42.0, seen
 
 
 @pytest.mark.parametrize(
