@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -148,8 +149,12 @@ class ClusterState:
         return str(pki.PkiPaths(Path(self.dir) / "pki").ca_crt)
 
     def save(self) -> None:
-        data = asdict(self)
-        Path(self.dir, "state.json").write_text(json.dumps(data, indent=2))
+        """Write state.json atomically: another `up` choosing its pod range reads it meanwhile, and a
+        half-written file would read as no cluster (and its range as free)."""
+        path = Path(self.dir, "state.json")
+        tmp = path.with_name(f".state.json.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, state_dir: Path) -> ClusterState | None:

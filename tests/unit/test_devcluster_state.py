@@ -236,3 +236,29 @@ def test_two_ups_at_once_record_different_pod_ranges(
         t.join(timeout=10)
     assert set(states) == {a, b}
     assert states[a] != states[b]
+
+
+def test_a_state_being_saved_is_never_read_half_written(tmp_path: Path) -> None:
+    """Another `up` reads every cluster's state.json while choosing its pod range; a state rewritten
+    at that moment (a cluster saving its processes) must read whole, or its range would look free
+    (the cause of a failure of the test above under load)."""
+    st = ClusterState(
+        dir=str(tmp_path), bin_dir="/bin", ports={"apiserver": 1}, token="t", pod_network="127.9.0.0/16"
+    )
+    st.processes = []
+    st.save()
+    stop = threading.Event()
+
+    def keep_saving() -> None:
+        while not stop.is_set():
+            st.save()
+
+    writer = threading.Thread(target=keep_saving)
+    writer.start()
+    try:
+        seen = [ClusterState.load(tmp_path) for _ in range(3000)]
+    finally:
+        stop.set()
+        writer.join()
+    assert all(s is not None and s.pod_cidr == "127.9.0.0/16" for s in seen)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
