@@ -19,15 +19,18 @@ def is_ready(pod: dict[str, Any]) -> bool:
     return c is not None and c.get("status") == "True"
 
 
-def ready_since(pod: dict[str, Any]) -> float | None:
-    """When the pod last became Ready (Unix seconds), or None if it is not Ready or does not say."""
-    c = _ready_condition(pod)
-    if c is None or c.get("status") != "True":
-        return None
-    try:
-        return dt.datetime.fromisoformat(c["lastTransitionTime"]).timestamp()
-    except (KeyError, TypeError, ValueError):
-        return None
+def started_since(pod: dict[str, Any]) -> float | None:
+    """When the pod's containers last (re)started (Unix seconds; the earliest running container's
+    start), or None when one is not running or none says. Unlike the Ready condition, a readiness
+    probe that fails and passes again does not move it: it dates the engine process, whose
+    counters start at 0."""
+    times = []
+    for c in (pod.get("status") or {}).get("containerStatuses") or []:
+        try:
+            times.append(dt.datetime.fromisoformat(c["state"]["running"]["startedAt"]).timestamp())
+        except (KeyError, TypeError, ValueError):
+            return None
+    return min(times) if times else None
 
 
 def is_terminating(pod: dict[str, Any]) -> bool:

@@ -74,11 +74,12 @@ def damp(
     keep = max(
         cfg.scale_up_stabilization_s, cfg.scale_down_stabilization_s, cfg.scale_down_after_miss_s or 0.0
     )
+    state.history = [(t, r) for t, r in state.history if now_s - t <= keep]
     if not state.history:
         # Like the HPA, the first decision remembers the current replicas as a recommendation, so
-        # a (re)started scaler does not drop a warm fleet before the window has seen any load.
+        # a (re)started scaler does not drop a warm fleet before the window has seen any load; the
+        # same after a gap longer than the windows (a metrics outage held every tick in between).
         state.history.append((now_s - 1e-6, current))
-    state.history = [(t, r) for t, r in state.history if now_s - t <= keep]
     state.history.append((now_s, raw))
     up_window = [r for t, r in state.history if now_s - t <= cfg.scale_up_stabilization_s]
     down_window = [r for t, r in state.history if now_s - t <= down_s]

@@ -44,7 +44,7 @@ from pdorch.roles.labels import (
     selector_string,
 )
 from pdorch.roles.naming import scaler_name
-from pdorch.roles.pods import is_terminating, ready_since
+from pdorch.roles.pods import is_terminating, started_since
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
 from pdorch.scaler.observe import RoleLoad, missed_target, pair_with_previous, role_load
 from pdorch.scaler.policy import (
@@ -203,16 +203,18 @@ def recommend(
     return recommend_decode(mem, now_s, load, c, targets.tpot_ms / 1000, cfg)
 
 
-def endpoints_ready_after(pods: list[dict[str, Any]], eps: list[Endpoint], since: float | None) -> set[str]:
-    """URLs of the endpoints whose pod became Ready after `since` (Unix s): new engines, whose
-    counters started at 0. A pod Ready since earlier but not read before (the scaler restarted, its
-    first scrape failed, a drain hid it) has lifetime counters, which are not one tick's work."""
+def endpoints_started_after(pods: list[dict[str, Any]], eps: list[Endpoint], since: float | None) -> set[str]:
+    """URLs of the endpoints whose pod's containers started after `since` (Unix s): new engines,
+    whose counters started at 0. Any other pod not read before (the scaler restarted, its first
+    scrape failed, a drain hid it, its readiness flapped) has lifetime counters, which are not one
+    tick's work. The earliest container start decides: a restarted sidecar next to an old engine
+    must not pass the engine's lifetime counts off as new."""
     if since is None:
         return set()
-    ready = {(p.get("metadata") or {}).get("name"): ready_since(p) for p in pods}
-    # Ready times are whole seconds (truncated): one second of slack keeps a pod that became ready
-    # just after the last tick fresh, at the cost of at most a second of one engine's counts.
-    return {e.url for e in eps if (t := ready.get(e.pod)) is not None and t >= since - 1.0}
+    started = {(p.get("metadata") or {}).get("name"): started_since(p) for p in pods}
+    # Start times are whole seconds (truncated): one second of slack keeps a pod that started just
+    # after the last tick fresh, at the cost of at most a second of one engine's counts.
+    return {e.url for e in eps if (t := started.get(e.pod)) is not None and t >= since - 1.0}
 
 
 def _group_index(pod: dict[str, Any]) -> int:
@@ -372,7 +374,7 @@ class BuiltinScaler:
         eps = list(endpoints_from_pods(pods).endpoints)
         samples = await self.source.samples(ns, eps)
         now, wall = time.monotonic(), time.time()  # after the scrape: the window ends at the samples
-        fresh = endpoints_ready_after(pods, eps, st.prev_wall)
+        fresh = endpoints_started_after(pods, eps, st.prev_wall)
         seen = pair_with_previous(st.prev, [e.url for e in eps], samples, st.read_at, fresh)
         if seen.unread:
             SCRAPE_ERRORS.labels(ns, group, role.name).inc(seen.unread)
@@ -407,11 +409,15 @@ class BuiltinScaler:
         except ValueError as e:
             log.warning("%s/%s: %s", ns, group, e)
             return None
-        if seen.unread and rec.replicas < current:
-            # The unread replicas' load is unknown, so the rest understates it: never scale down blind.
-            rec = Recommendation(
-                current, f"held at {current}: {seen.unread} of {len(eps)} leaders unreadable ({rec.reason})"
+        if (seen.unread or seen.blind) and rec.replicas < current:
+            # The load of replicas unread now, or read without a baseline (unread last tick, e.g.
+            # after a metrics outage), is unknown, so the rest understates it: never scale down blind.
+            why = (
+                f"{seen.unread} of {len(eps)} leaders unreadable"
+                if seen.unread
+                else (f"{seen.blind} of {len(eps)} leaders without a previous reading")
             )
+            rec = Recommendation(current, f"held at {current}: {why} ({rec.reason})")
         RECOMMENDED.labels(ns, group, role.name).set(rec.replicas)
         self._raw[key] = rec.replicas
         base = st.draining_to if st.draining_to is not None else current

@@ -116,6 +116,11 @@ class Scraped:
     by_key: dict[str, EngineSample]  # what to keep as the next tick's baseline
     unread: int  # endpoints whose metrics could not be read this tick
 
+    @property
+    def blind(self) -> int:
+        """Endpoints read this tick without a baseline: their part of the rates is unknown."""
+        return sum(p is None for p in self.prev)
+
 
 def pair_with_previous(
     prev: Mapping[str, EngineSample],

@@ -42,6 +42,11 @@ _VLLM_GAUGES = {
 _SGLANG_GAUGES = {
     "sglang:num_running_reqs": "running",
     "sglang:num_queue_reqs": "waiting",
+    # A P/D decode holds requests in queues of its own before they reach num_queue_reqs: waiting for
+    # KV memory (prealloc) and for the KV to arrive (transfer). vLLM counts those as waiting too.
+    # The prefill side's bootstrap/inflight queues are not prefill work (they wait on the decode).
+    "sglang:num_decode_prealloc_queue_reqs": "waiting",
+    "sglang:num_decode_transfer_queue_reqs": "waiting",
     "sglang:token_usage": "kv_usage",
     "sglang:max_total_num_tokens": "kv_capacity_tokens",
 }
@@ -61,6 +66,8 @@ _HISTOGRAMS = {
     "vllm:time_per_output_token_seconds": "itl_old",
     "sglang:time_to_first_token_seconds": "ttft",
     "sglang:inter_token_latency_seconds": "itl",
+    # ... and SGLang releases before inter_token_latency under this name.
+    "sglang:time_per_output_token_seconds": "itl_old",
 }
 
 
@@ -96,9 +103,12 @@ def parse_engine_metrics(text: str) -> EngineSample:
             vals = [s.value for s in fam.samples if s.name == name]
             if not vals:
                 continue
-            # KV usage is a fraction per engine: average the label sets; counts add up.
-            agg = sum(vals) / len(vals) if field == "kv_usage" else sum(vals)
-            values[field] = agg
+            # KV usage is a fraction per engine: average the label sets (and of two names for it, the
+            # last read wins); counts add up, also across families (SGLang's decode queues).
+            if field in ("kv_usage", "kv_capacity_tokens"):
+                values[field] = sum(vals) / len(vals) if field == "kv_usage" else sum(vals)
+            else:
+                values[field] = values.get(field, 0.0) + sum(vals)
         elif name in _COUNTERS:
             values[_COUNTERS[name]] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
         elif name in _HISTOGRAMS:

@@ -10,12 +10,12 @@ import yaml
 
 from pdorch.api.servinggroup import Role, Scaling, ServingGroup
 from pdorch.proxy.endpoints import Endpoint
-from pdorch.roles.pods import ready_since
+from pdorch.roles.pods import started_since
 from pdorch.scaler import loop
 from pdorch.scaler.loop import (
     damping_config,
     damping_from_scaling,
-    endpoints_ready_after,
+    endpoints_started_after,
     group_policy,
     may_hold_work,
     recommend,
@@ -102,28 +102,39 @@ def test_scaling_clamp_applies_only_the_bounds_that_are_set() -> None:
     assert Scaling(mode="External", max_replicas=4).clamp(0) == 0
 
 
-def _pod(name: str, ready_at: str | None) -> dict[str, object]:
-    cond = {"type": "Ready", "status": "True" if ready_at else "False"}
-    if ready_at:
-        cond["lastTransitionTime"] = ready_at
-    return {"metadata": {"name": name}, "status": {"conditions": [cond]}}
+def _pod(
+    name: str, started: str | None, ready_at: str | None = None, sidecar: str | None = None
+) -> dict[str, object]:
+    cond: dict[str, str] = {"type": "Ready", "status": "True" if started else "False"}
+    if started:
+        cond["lastTransitionTime"] = ready_at or started
+    engine = {"name": "engine", "state": {"running": {"startedAt": started}} if started else {"waiting": {}}}
+    statuses = [engine] + (
+        [{"name": "side", "state": {"running": {"startedAt": sidecar}}}] if sidecar else []
+    )
+    return {"metadata": {"name": name}, "status": {"conditions": [cond], "containerStatuses": statuses}}
 
 
-def test_only_pods_ready_since_the_last_tick_are_new_engines() -> None:
+def test_only_pods_whose_engines_started_since_the_last_tick_are_new_engines() -> None:
     t0 = dt.datetime(2026, 12, 5, 12, 0, 0, tzinfo=dt.UTC).timestamp()
     pods = [
-        _pod("old", "2026-12-05T11:00:00Z"),  # Ready for an hour: lifetime counters
-        _pod("new", "2026-12-05T12:00:10Z"),  # Ready after the last tick: counters since 0
+        _pod("old", "2026-12-05T11:00:00Z"),  # running for an hour: lifetime counters
+        _pod("new", "2026-12-05T12:00:10Z"),  # started after the last tick: counters since 0
         _pod("odd", None),
+        # Readiness flapped after the last tick, the engine did not restart: lifetime counters (read
+        # as new, one tick of a long-running engine's counts became a 100,000x rate spike).
+        _pod("flap", "2026-12-05T09:00:00Z", ready_at="2026-12-05T12:00:10Z"),
+        # A sidecar restarted next to an old engine: still the old engine's counters.
+        _pod("side", "2026-12-05T09:00:00Z", sidecar="2026-12-05T12:00:10Z"),
     ]
     eps = [Endpoint(url=f"http://127.0.0.{i}:8000", role="decode", host="h", port=1, pod=p["metadata"]["name"])  # type: ignore[index]
            for i, p in enumerate(pods, 1)]  # fmt: skip
-    assert endpoints_ready_after(pods, eps, t0) == {"http://127.0.0.2:8000"}
-    assert endpoints_ready_after(pods, eps, None) == set()  # first tick: nothing is known new
-    # Ready at 12:00:10.7 reads "12:00:10": still after a tick at 12:00:10.5.
-    assert endpoints_ready_after(pods, eps, t0 + 10.5) == {"http://127.0.0.2:8000"}
-    assert ready_since(pods[1]) == t0 + 10 and ready_since(pods[2]) is None
-    assert ready_since({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}) is None
+    assert endpoints_started_after(pods, eps, t0) == {"http://127.0.0.2:8000"}
+    assert endpoints_started_after(pods, eps, None) == set()  # first tick: nothing is known new
+    # Started at 12:00:10.7 reads "12:00:10": still after a tick at 12:00:10.5.
+    assert endpoints_started_after(pods, eps, t0 + 10.5) == {"http://127.0.0.2:8000"}
+    assert started_since(pods[1]) == t0 + 10 and started_since(pods[2]) is None
+    assert started_since({"status": {}}) is None
 
 
 def test_a_drain_victim_that_runs_unready_may_still_hold_work() -> None:

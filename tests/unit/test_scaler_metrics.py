@@ -165,6 +165,8 @@ def test_a_failed_scrape_does_not_shift_the_other_replicas_baselines() -> None:
     third = pair_with_previous(second.by_key, ["a", "b", "c"], [a1, b2, c1], known={"a", "b", "c"})
     assert third.prev == [a1, None, c1]
     assert role_load(third.prev, third.cur, 10.0).request_rate == 0.0
+    # ... which the loop must not take for a lull: b's part is unknown (it holds scale-down).
+    assert (third.unread, third.blind) == (0, 1) and (second.blind, first.blind) == (0, 3)
     # A new engine (never read, Ready since the last tick) counts from 0: what it served since.
     d = EngineSample("vllm", running=2, requests_total=30)
     keys = ["a", "b", "c", "d"]
@@ -238,3 +240,29 @@ def test_a_non_numeric_cache_config_label_is_skipped_not_raised() -> None:
     assert (s.running, s.kv_capacity_tokens) == (3.0, 0.0)
     ok = text.replace('"None"', '"100"')
     assert parse_engine_metrics(ok).kv_capacity_tokens == 1600.0
+
+
+def test_an_sglang_decodes_own_queues_are_waiting_requests() -> None:
+    """A P/D decode's requests waiting for KV memory or for their KV are demand it has not served
+    (vLLM counts them in num_requests_waiting); read as nothing, an overloaded KV-bound decode
+    looked as busy as its completions."""
+    text = (
+        'sglang:num_running_reqs{model_name="m"} 40\n'
+        'sglang:num_queue_reqs{model_name="m"} 3\n'
+        'sglang:num_decode_prealloc_queue_reqs{model_name="m"} 150\n'
+        'sglang:num_decode_transfer_queue_reqs{model_name="m"} 5\n'
+        'sglang:num_prefill_bootstrap_queue_reqs{model_name="m"} 7\n'
+    )
+    s = parse_engine_metrics(text)
+    assert (s.running, s.waiting) == (40, 158)
+
+
+def test_an_older_sglangs_per_token_latency_name_is_read() -> None:
+    text = (
+        "# TYPE sglang:time_per_output_token_seconds histogram\n"
+        'sglang:time_per_output_token_seconds_bucket{le="+Inf",model_name="m"} 4\n'
+        'sglang:time_per_output_token_seconds_sum{model_name="m"} 0.2\n'
+        'sglang:time_per_output_token_seconds_count{model_name="m"} 4\n'
+    )
+    s = parse_engine_metrics(text)
+    assert s.itl_count == 4 and s.itl_sum_s == pytest.approx(0.2)

@@ -111,6 +111,18 @@ def test_scale_down_waits_for_the_stabilization_window() -> None:
     assert damp(s, cfg, 61, 5, 2).replicas == 2
 
 
+def test_after_a_gap_longer_than_the_window_the_fleet_is_not_dropped_at_once() -> None:
+    """Ticks held during a metrics outage record nothing; the first decision after it must not find
+    an empty window and drop a warm fleet in one step (it starts a new window, as the first ever does)."""
+    cfg = DampingConfig(min_replicas=1, max_replicas=10, scale_down_stabilization_s=300, cooldown_s=0)
+    s = DampingState()
+    assert damp(s, cfg, 0, 10, 10).replicas == 10
+    d = damp(s, cfg, 360, 10, 2)  # six minutes later
+    assert d.replicas == 10 and "scale-down stabilization" in d.held
+    got = {t: damp(s, cfg, t, 10, 2).replicas for t in range(375, 676, 15)}  # ticks resume
+    assert got[645] == 10 and got[660] == 2  # a full window after the gap, not before
+
+
 def test_after_a_miss_the_longer_scale_down_window_holds_for_the_miss_memory() -> None:
     cfg = DampingConfig(
         min_replicas=1,
