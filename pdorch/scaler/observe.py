@@ -47,6 +47,9 @@ def total(samples: Sequence[EngineSample]) -> EngineSample:
         itl_sum_s=sum(s.itl_sum_s for s in samples),
         itl_count=sum(s.itl_count for s in samples),
         kv_capacity_tokens=sum(s.kv_capacity_tokens for s in samples),
+        finished_prompt_tokens=sum(s.finished_prompt_tokens for s in samples),
+        finished_output_tokens=sum(s.finished_output_tokens for s in samples),
+        finished_lengths_count=sum(s.finished_lengths_count for s in samples),
     )
 
 
@@ -63,6 +66,9 @@ _COUNTER_FIELDS = (
     "ttft_count",
     "itl_sum_s",
     "itl_count",
+    "finished_prompt_tokens",
+    "finished_output_tokens",
+    "finished_lengths_count",
 )
 
 
@@ -93,12 +99,21 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
     reqs = deltas["requests_total"]
     arrivals = max(reqs + in_flight_growth, 0.0)
     ttft_n, itl_n = deltas["ttft_count"], deltas["itl_count"]
+    # Mean lengths of the requests finished in the window: from vLLM's per-request histograms when
+    # it exports them, else from the token counters (SGLang counts a request's tokens at its end).
+    n_len = deltas["finished_lengths_count"]
+    if n_len:
+        prompt, output = deltas["finished_prompt_tokens"] / n_len, deltas["finished_output_tokens"] / n_len
+    elif reqs:
+        prompt, output = deltas["prompt_tokens_total"] / reqs, deltas["generation_tokens_total"] / reqs
+    else:
+        prompt = output = 0.0
     return RoleLoad(
         ready_replicas=len(cur),
         window_s=window_s,
         request_rate=arrivals / window_s,
-        mean_prompt_tokens=deltas["prompt_tokens_total"] / reqs if reqs else 0.0,
-        mean_output_tokens=deltas["generation_tokens_total"] / reqs if reqs else 0.0,
+        mean_prompt_tokens=prompt,
+        mean_output_tokens=output,
         running=now.running,
         waiting=now.waiting,
         kv_usage=now.kv_usage,

@@ -29,6 +29,12 @@ class EngineSample:
     itl_sum_s: float = 0.0
     itl_count: float = 0.0
     kv_capacity_tokens: float = 0.0  # 0 when the engine does not say
+    # vLLM's per-request length histograms (observed when a request ends): sums and their count.
+    # Its token counters move every step, so dividing them by finished requests skews the means
+    # while the rate changes; these do not.
+    finished_prompt_tokens: float = 0.0
+    finished_output_tokens: float = 0.0
+    finished_lengths_count: float = 0.0
 
 
 # Metric family name (as the parser reports it, i.e. without _total/_sum/_count) -> field.
@@ -115,6 +121,13 @@ def parse_engine_metrics(text: str) -> EngineSample:
             key = _HISTOGRAMS[name]
             values[f"{key}_sum_s"] = sum(s.value for s in fam.samples if s.name == name + "_sum")
             values[f"{key}_count"] = sum(s.value for s in fam.samples if s.name == name + "_count")
+        elif name in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens"):
+            field = "finished_prompt_tokens" if name.endswith("prompt_tokens") else "finished_output_tokens"
+            values[field] = sum(s.value for s in fam.samples if s.name == name + "_sum")
+            if field == "finished_output_tokens":
+                values["finished_lengths_count"] = sum(
+                    s.value for s in fam.samples if s.name == name + "_count"
+                )
         elif name == "vllm:cache_config_info":
             for s in fam.samples:
                 capacity = _label_product(s.labels, "num_gpu_blocks", "block_size")

@@ -73,8 +73,14 @@ _SERIES: dict[str, str] = {
     "vllm:inter_token_latency_seconds_count": "histogram",
     "vllm:time_per_output_token_seconds_sum": "histogram",
     "vllm:time_per_output_token_seconds_count": "histogram",
+    "vllm:request_prompt_tokens_sum": "histogram",
+    "vllm:request_prompt_tokens_count": "histogram",
+    "vllm:request_generation_tokens_sum": "histogram",
+    "vllm:request_generation_tokens_count": "histogram",
     "sglang:num_running_reqs": "gauge",
     "sglang:num_queue_reqs": "gauge",
+    "sglang:num_decode_prealloc_queue_reqs": "gauge",
+    "sglang:num_decode_transfer_queue_reqs": "gauge",
     "sglang:token_usage": "gauge",
     "sglang:num_requests_total": "counter",
     "sglang:prompt_tokens_total": "counter",
@@ -83,6 +89,8 @@ _SERIES: dict[str, str] = {
     "sglang:time_to_first_token_seconds_count": "histogram",
     "sglang:inter_token_latency_seconds_sum": "histogram",
     "sglang:inter_token_latency_seconds_count": "histogram",
+    "sglang:time_per_output_token_seconds_sum": "histogram",
+    "sglang:time_per_output_token_seconds_count": "histogram",
 }
 
 

@@ -20,6 +20,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # fmt: off
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+# vLLM's 1-2-5 buckets for request lengths in tokens (up to a 16k-token context here).
+LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
@@ -155,6 +157,15 @@ class VllmMetrics(EngineMetrics):
             buckets=E2E_BUCKETS,
             registry=r,
         )
+        # Observed when a request ends (unlike the token counters, which move every step).
+        self.request_prompt = Histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens per finished request.", labels,
+            buckets=LENGTH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_generation = Histogram(
+            "vllm:request_generation_tokens", "Generated tokens per finished request.", labels,
+            buckets=LENGTH_BUCKETS, registry=r,
+        )  # fmt: skip
         self.queue = Histogram(
             "vllm:request_queue_time_seconds",
             "Time spent waiting in the queue.",
@@ -201,6 +212,8 @@ class VllmMetrics(EngineMetrics):
 
     def finished(self, req: FinishedRequest) -> None:
         m = self._lv
+        self.request_prompt.labels(*m).observe(req.prompt_tokens)
+        self.request_generation.labels(*m).observe(req.generation_tokens)
         self.success.labels(*m, req.finish_reason).inc()
         if req.ttft_s is not None:
             self.ttft.labels(*m).observe(req.ttft_s)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdorch.scaler.observe import pair_with_previous, role_load, total
@@ -85,6 +87,10 @@ def test_prometheus_api_result_becomes_the_same_sample() -> None:
             ("vllm:time_to_first_token_seconds_count", 1),
             ("vllm:inter_token_latency_seconds_sum", 0.2),
             ("vllm:inter_token_latency_seconds_count", 10),
+            ("vllm:request_prompt_tokens_sum", 100),
+            ("vllm:request_prompt_tokens_count", 1),
+            ("vllm:request_generation_tokens_sum", 11),
+            ("vllm:request_generation_tokens_count", 1),
         )
     ] + [{"metric": {"__name__": "vllm:num_requests_running", "pod": "other"}, "value": [0, "99"]}]
     via = parse_engine_metrics(prometheus_vector_to_text(vector, "p0"))
@@ -96,6 +102,9 @@ def test_prometheus_api_result_becomes_the_same_sample() -> None:
         "generation_tokens_total",
         "ttft_count",
         "itl_count",
+        "finished_prompt_tokens",
+        "finished_output_tokens",
+        "finished_lengths_count",
     ):
         assert getattr(via, f) == getattr(direct, f), f
     assert via.itl_sum_s == pytest.approx(direct.itl_sum_s)
@@ -266,3 +275,24 @@ def test_an_older_sglangs_per_token_latency_name_is_read() -> None:
     )
     s = parse_engine_metrics(text)
     assert s.itl_count == 4 and s.itl_sum_s == pytest.approx(0.2)
+
+
+def test_vllm_mean_lengths_come_from_finished_requests_not_step_counters() -> None:
+    """vLLM's token counters move every step, its success counter when a request ends: while the
+    rate rises, in-flight requests' tokens inflate tokens / finished. The per-request histograms
+    (observed at the end) give the finished requests' own lengths."""
+    m = VllmMetrics("llama", lambda: SNAP)
+    before = parse_engine_metrics(m.render().decode())
+    _finish(m, 1000, 50)  # one request done: 1000 prompt, 50 output tokens
+    for _ in range(3):  # three more started (prompts done, 20 tokens each so far)
+        for i in range(20):
+            m.token(1000 if i == 0 else 0)
+    after = parse_engine_metrics(m.render().decode())
+    load = role_load([before], [after], 10.0)
+    assert (load.mean_prompt_tokens, load.mean_output_tokens) == (1000, 50)
+    # Without the histograms (an engine that does not export them) the counters are the fallback.
+    bare = [
+        replace(x, finished_prompt_tokens=0, finished_output_tokens=0, finished_lengths_count=0)
+        for x in (before, after)
+    ]
+    assert role_load([bare[0]], [bare[1]], 10.0).mean_prompt_tokens == 4000
