@@ -142,6 +142,8 @@ async def test_a_drain_is_cancelled_by_a_metrics_outage_and_by_shutdown(
         assert scaler.roles[(namespace, "undrain", "decode")].draining_to is None
 
         metrics.outage = False
+        await scaler.tick()  # back, but read without a previous reading: no scale-down blind
+        assert drained() == [False, False]
         await scaler.tick()  # idle again: the drain starts over
         assert drained() == [False, True]
         stop = asyncio.Event()
