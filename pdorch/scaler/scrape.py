@@ -64,16 +64,20 @@ _COUNTERS = {
     "sglang:prompt_tokens": "prompt_tokens_total",
     "sglang:generation_tokens": "generation_tokens_total",
 }
-_HISTOGRAMS = {
-    "vllm:time_to_first_token_seconds": "ttft",
-    "vllm:inter_token_latency_seconds": "itl",
+# Histogram family -> (field of its _sum, field of its _count; None: the count is not read).
+_HISTOGRAMS: dict[str, tuple[str, str | None]] = {
+    "vllm:time_to_first_token_seconds": ("ttft_sum_s", "ttft_count"),
+    "vllm:inter_token_latency_seconds": ("itl_sum_s", "itl_count"),
     # vLLM builds before inter_token_latency export the same histogram under this name only (later
     # ones export both, with the same values): read it when the newer one is absent.
-    "vllm:time_per_output_token_seconds": "itl_old",
-    "sglang:time_to_first_token_seconds": "ttft",
-    "sglang:inter_token_latency_seconds": "itl",
+    "vllm:time_per_output_token_seconds": ("itl_old_sum_s", "itl_old_count"),
+    # Lengths per finished request (the two counts are the same requests: one is read).
+    "vllm:request_prompt_tokens": ("finished_prompt_tokens", None),
+    "vllm:request_generation_tokens": ("finished_output_tokens", "finished_lengths_count"),
+    "sglang:time_to_first_token_seconds": ("ttft_sum_s", "ttft_count"),
+    "sglang:inter_token_latency_seconds": ("itl_sum_s", "itl_count"),
     # ... and SGLang releases before inter_token_latency under this name.
-    "sglang:time_per_output_token_seconds": "itl_old",
+    "sglang:time_per_output_token_seconds": ("itl_old_sum_s", "itl_old_count"),
 }
 
 
@@ -118,16 +122,10 @@ def parse_engine_metrics(text: str) -> EngineSample:
         elif name in _COUNTERS:
             values[_COUNTERS[name]] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
         elif name in _HISTOGRAMS:
-            key = _HISTOGRAMS[name]
-            values[f"{key}_sum_s"] = sum(s.value for s in fam.samples if s.name == name + "_sum")
-            values[f"{key}_count"] = sum(s.value for s in fam.samples if s.name == name + "_count")
-        elif name in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens"):
-            field = "finished_prompt_tokens" if name.endswith("prompt_tokens") else "finished_output_tokens"
-            values[field] = sum(s.value for s in fam.samples if s.name == name + "_sum")
-            if field == "finished_output_tokens":
-                values["finished_lengths_count"] = sum(
-                    s.value for s in fam.samples if s.name == name + "_count"
-                )
+            sum_field, count_field = _HISTOGRAMS[name]
+            values[sum_field] = sum(s.value for s in fam.samples if s.name == name + "_sum")
+            if count_field is not None:
+                values[count_field] = sum(s.value for s in fam.samples if s.name == name + "_count")
         elif name == "vllm:cache_config_info":
             for s in fam.samples:
                 capacity = _label_product(s.labels, "num_gpu_blocks", "block_size")

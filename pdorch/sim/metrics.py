@@ -159,13 +159,19 @@ class VllmMetrics(EngineMetrics):
         )
         # Observed when a request ends (unlike the token counters, which move every step).
         self.request_prompt = Histogram(
-            "vllm:request_prompt_tokens", "Prompt tokens per finished request.", labels,
-            buckets=LENGTH_BUCKETS, registry=r,
-        )  # fmt: skip
+            "vllm:request_prompt_tokens",
+            "Prompt tokens per finished request.",
+            labels,
+            buckets=LENGTH_BUCKETS,
+            registry=r,
+        )
         self.request_generation = Histogram(
-            "vllm:request_generation_tokens", "Generated tokens per finished request.", labels,
-            buckets=LENGTH_BUCKETS, registry=r,
-        )  # fmt: skip
+            "vllm:request_generation_tokens",
+            "Generated tokens per finished request.",
+            labels,
+            buckets=LENGTH_BUCKETS,
+            registry=r,
+        )
         self.queue = Histogram(
             "vllm:request_queue_time_seconds",
             "Time spent waiting in the queue.",
