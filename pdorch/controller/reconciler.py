@@ -434,6 +434,11 @@ class Reconciler:
         if plan.decision.kind == "step":
             ROLLOUT_STEPS.labels(namespace, name).inc()
             moves = ", ".join(f"{n} replicas={r} partition={k}" for n, (r, k) in sorted(plan.actions.items()))
+            was = ", ".join(
+                f"{o.name} {o.replicas}/{o.partition}"
+                for o in sorted(plan.observations, key=lambda o: o.name)
+            )
+            moves = f"{moves} (was {was})"
             obj = self.caches.groups.get(namespace, name)
             if obj is not None:
                 self.events.emit_soon(obj, "Normal", "RolloutStep", f"{plan.decision.reason}: {moves}")

@@ -196,21 +196,50 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
     if not all(r.all_ready for r in roles):
         waiting = ", ".join(r.name for r in roles if not r.all_ready)
         return Decision("wait", hold, f"waiting for readiness of {waiting}")
-    decision = _plan_step(tuple(roles), spec)
-    if decision.kind != "step":
-        return decision
-    # Decisions depend only on the all-ready state, so this dry run is exactly the future plan.
-    # `_plan_step` is cached, so the next reconcile (which observes the first of these states)
-    # replays the rest of the dry run from the cache instead of searching again.
-    state, steps = tuple(roles), 0
+    # Two orders of the candidate steps, which differ only where the old cohort is off the ratio:
+    # back onto it first (the usual case: a step whose writes were interrupted gets completed), or
+    # the most groups moved first. Each is followed to the end; the first that finishes is taken.
+    # Whichever is taken, the state it leads to is on that order's finishing path, so the next
+    # decision finds a finishing order again: a plan that started never stalls half-way. From an
+    # on-ratio old cohort every step keeps it on ratio, so the two orders are one plan.
+    refused: Decision | None = None
+    for steady_first in (True, False) if _old_cohort_off_ratio(roles, spec) else (True,):
+        decision = _plan_step(tuple(roles), spec, steady_first)
+        if decision.kind == "done":
+            return decision
+        if decision.kind == "step":
+            stall = _stall_ahead(tuple(roles), decision, spec, steady_first)
+            if stall is None:
+                return decision
+            decision = Decision("blocked", hold, stall)
+        refused = refused or decision
+    assert refused is not None
+    return refused
+
+
+def _old_cohort_off_ratio(roles: Sequence[RoleObservation], spec: RolloutSpec) -> bool:
+    tol = effective_tolerance(roles, spec)
+    old_p = sum(r.partition for r in roles if r.type == "prefill")
+    old_d = sum(r.partition for r in roles if r.type == "decode")
+    return tol is not None and not on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol)
+
+
+def _stall_ahead(
+    state: tuple[RoleObservation, ...], decision: Decision, spec: RolloutSpec, steady_first: bool
+) -> str | None:
+    """Why the plan after `decision` would stall (None when it reaches the end). Decisions depend
+    only on the all-ready state, so this dry run is exactly the future plan of that order.
+    `_plan_step` is cached, so the next reconcile (which observes the first of these states) replays
+    the rest of the dry run from the cache instead of searching again."""
+    steps = 0
     ahead = decision
     while ahead.kind == "step" and steps <= _MAX_LOOKAHEAD:
         state = tuple(_applied(r, ahead.roles[r.name]) for r in state)
-        ahead = _plan_step(state, spec)
+        ahead = _plan_step(state, spec, steady_first)
         steps += 1
     if ahead.kind == "blocked":
-        return Decision("blocked", hold, f"{ahead.reason} (the plan would stall after {steps} more step(s))")
-    return decision
+        return f"{ahead.reason} (the plan would stall after {steps} more step(s))"
+    return None
 
 
 def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
@@ -231,9 +260,10 @@ def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decision:
-    """The next step from a state where every group is ready (no lookahead). Cached: callers must
-    not mutate the returned decision."""
+def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec, steady_first: bool = True) -> Decision:
+    """The next step from a state where every group is ready (no lookahead). `steady_first` ranks
+    steps that bring an off-ratio old cohort back onto the ratio above those that move the most.
+    Cached: callers must not mutate the returned decision."""
     hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
     if all(r.partition == 0 and r.replicas == r.desired for r in roles):
         return Decision("done", hold, "every group runs the new revision")
@@ -285,11 +315,12 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decisio
                 "maxSurge/maxUnavailable",
             )
     before = _revision_cohorts(kv, [r.partition for r in kv]) if layered else {}
-    best: tuple[tuple[bool, int, Fraction, int], list[int], list[int]] | None = None
+    best: tuple[tuple[bool, bool, int, Fraction, int], list[int], list[int]] | None = None
     for choice in choices:
         old_p = sum(o.old for o, p in zip(choice, is_p, strict=True) if p)
         old_d = sum(o.old for o, p in zip(choice, is_p, strict=True) if not p)
-        if tol is not None and not on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol):
+        steady = tol is None or on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol)
+        if not steady:
             dev_after = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d)
             if dev_after is None or (old_now is not None and dev_after >= old_now):
                 continue
@@ -305,7 +336,10 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decisio
         # With several old revisions (a new spec mid-rollout) the proxy pairs within each of them:
         # prefer steps that leave none of them further off the ratio than it is.
         kept = not layered or _no_worse(before, _revision_cohorts(kv, [o.old for o in choice]), spec, tol)
-        key = (kept, m, -dev, new[0] + new[1])
+        # An old cohort off the ratio (a controller killed between the writes of one step, a hand
+        # scale-down) goes back onto it first, before moving the most: the step that does is usually
+        # the interrupted one, completed.
+        key = (kept, steady and steady_first, m, -dev, new[0] + new[1])
         if best is None or key > best[0]:
             news_p, news_d = iter(_split(new[0], p_opts)), iter(_split(new[1], d_opts))
             news = [next(news_p) if p else next(news_d) for p in is_p]

@@ -67,10 +67,12 @@ def _group_84() -> dict[str, Any]:
 
 
 _STEP = re.compile(r"(\w[\w-]*) replicas=(\d+) partition=(\d+)")
+_WAS = re.compile(r"(\w[\w-]*) (\d+)/(\d+)")  # "(was prefill 10/6, ...)": the state it stepped from
 
 
 def _planned_steps(devcluster: ClusterState, namespace: str) -> list[dict[str, tuple[int, int]]]:
-    """The controller's RolloutStep decisions, parsed from its Events (oldest first)."""
+    """The controller's RolloutStep decisions, parsed from its Events (oldest first): role ->
+    (replicas, partition), and "was <role>" -> the same before the step (for failure messages)."""
     out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json", timeout=60)
     assert out.returncode == 0, out.stderr
     events = [
@@ -79,7 +81,14 @@ def _planned_steps(devcluster: ClusterState, namespace: str) -> list[dict[str, t
         if e.get("reason") == "RolloutStep" and e["involvedObject"]["name"] == GROUP
     ]
     events.sort(key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
-    return [{m[1]: (int(m[2]), int(m[3])) for m in _STEP.finditer(e["message"])} for e in events]
+    steps = []
+    for e in events:
+        step, _, was = e["message"].partition("(was ")
+        steps.append(
+            {m[1]: (int(m[2]), int(m[3])) for m in _STEP.finditer(step)}
+            | {f"was {m[1]}": (int(m[2]), int(m[3])) for m in _WAS.finditer(was)}
+        )
+    return steps
 
 
 def _assert_steps_on_ratio(steps: list[dict[str, tuple[int, int]]]) -> None:
