@@ -589,15 +589,22 @@ def _check_completes_on_ratio(spec: RolloutSpec, roles: list[tuple[str, str, int
 
 @pytest.mark.parametrize(
     ("p", "d", "ratio", "surge", "unavailable"),
-    [(8, 4, (2, 1), "25%", 0), (12, 3, (4, 1), 3, 0), (4, 4, (1, 1), "25%", "25%"), (6, 2, (3, 1), 1, 0)],
+    [
+        (8, 4, (2, 1), "25%", "25%"),
+        (8, 4, (2, 1), "25%", 0),
+        (12, 3, (4, 1), 3, 0),
+        (4, 4, (1, 1), "25%", "25%"),
+        (6, 2, (3, 1), 1, 0),
+    ],
 )
 def test_a_step_whose_writes_were_interrupted_is_completed_on_ratio(
     p: int, d: int, ratio: tuple[int, int], surge: int | str, unavailable: int | str
 ) -> None:
     """A controller killed between the LWS writes of one step leaves an old cohort off the ratio.
     The next decisions bring it back onto the ratio (both cohorts) and the rollout finishes. CI saw
-    the planner move the most groups instead: an 8P/4D group at 25% surge went from prefill 10/6
-    (replicas/partition), decode 5/4 (the decode write lost) to an old cohort of 5:3."""
+    the planner move the most groups instead: an 8P/4D group at the default 25% budgets, stopped
+    after the prefill write of (10/6, 5/3) -> (10/2, 5/1) (replicas/partition), went on to (9/1, 5/1),
+    an old cohort of 1:1."""
     spec = RolloutSpec(*ratio, 0.0, surge, unavailable)
     _check_completes_on_ratio(spec, [("prefill", "prefill", p), ("decode", "decode", d)])
 
