@@ -2,7 +2,8 @@
 # One command installs everything pdorch's tests and demo need on a fresh machine:
 # the pdorch package with its test tools (pinned in pyproject.toml) into the current python3,
 # then the real control-plane binaries, built from the Go module proxy into ~/.cache/pdorch/kube
-# and helm into ~/.cache/pdorch/helm (cold: tens of minutes on 2 cores; a warm cache builds nothing).
+# helm into ~/.cache/pdorch/helm and Prometheus into ~/.cache/pdorch/prometheus (cold: tens of
+# minutes on 2 cores; a warm cache builds nothing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 echo "[install] python packages (pdorch + dev tools)"
@@ -14,4 +15,7 @@ echo "[install] helm (renders charts/pdorch in the packaging tests), into ${PDOR
 # Progress and errors go to stderr (shown); the last stdout line is the output directory.
 helm_dir=$(./hack/build-helm.sh | tail -1)
 echo "[install] helm is $helm_dir/helm (not on PATH; the tests find it there)"
+echo "[install] prometheus (the scaler's Prometheus source is tested against it), into ${PDORCH_PROMETHEUS_CACHE:-${PDORCH_CACHE:-~/.cache/pdorch}/prometheus}"
+prometheus_dir=$(./hack/build-prometheus.sh | tail -1)
+echo "[install] prometheus is $prometheus_dir/prometheus (not on PATH; the tests find it there)"
 echo "[install] done"

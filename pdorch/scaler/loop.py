@@ -132,6 +132,7 @@ class RoleState:
     """Memory of one role between ticks."""
 
     prev: dict[str, EngineSample] = field(default_factory=dict)  # by endpoint URL
+    before: dict[str, EngineSample] = field(default_factory=dict)  # the sample before `prev`'s
     prev_at: float | None = None
     prev_wall: float | None = None  # the same instant in Unix time, to compare with pods' Ready times
     # Endpoint URL -> when its metrics were last read (forgotten after an hour).
@@ -375,11 +376,11 @@ class BuiltinScaler:
         samples = await self.source.samples(ns, eps)
         now, wall = time.monotonic(), time.time()  # after the scrape: the window ends at the samples
         fresh = endpoints_started_after(pods, eps, st.prev_wall)
-        seen = pair_with_previous(st.prev, [e.url for e in eps], samples, st.read_at, fresh)
+        seen = pair_with_previous(st.prev, [e.url for e in eps], samples, st.read_at, fresh, st.before)
         if seen.unread:
             SCRAPE_ERRORS.labels(ns, group, role.name).inc(seen.unread)
         last = st.prev_at
-        st.prev, st.prev_at, st.prev_wall = seen.by_key, now, wall
+        st.prev, st.before, st.prev_at, st.prev_wall = seen.by_key, seen.before, now, wall
         st.read_at = {u: t for u, t in st.read_at.items() if now - t < 3600} | dict.fromkeys(seen.by_key, now)
         if last is None:
             return None  # rates need two scrapes

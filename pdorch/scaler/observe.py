@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdorch.scaler.scrape import EngineSample
 
@@ -72,6 +72,14 @@ _COUNTER_FIELDS = (
 )
 
 
+def _span(old: EngineSample, new: EngineSample, window_s: float) -> float:
+    """Seconds between two samples of one engine: their own scrape times where the source gave
+    them (a Prometheus scrape interval is not the scaler's), else the scaler's window."""
+    if old.at is not None and new.at is not None and new.at > old.at:
+        return new.at - old.at
+    return window_s
+
+
 def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], window_s: float) -> RoleLoad:
     """The load between two scrapes of the same role's replicas.
 
@@ -79,14 +87,16 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
     its last scrape failed); an empty `prev` means no replica has one. Counters are differenced
     per replica, so one pod's restart (its counters back near 0) or a replica joining or leaving
     the set cannot be read as a burst or a lull: a replica without a baseline adds its live
-    gauges (running, waiting, KV) but nothing to the rates this window.
+    gauges (running, waiting, KV) but nothing to the rates this window. Each replica's rate is
+    over the time between its own two samples when they carry scrape times (`EngineSample.at`),
+    else over `window_s`.
     """
     if window_s <= 0:
         raise ValueError(f"window_s must be > 0, got {window_s}")
     if prev and len(prev) != len(cur):
         raise ValueError(f"prev has {len(prev)} samples for {len(cur)} replicas; pass None for a missing one")
     deltas = dict.fromkeys(_COUNTER_FIELDS, 0.0)
-    in_flight_growth = 0.0
+    arrival_rate = 0.0
     for old, new in zip(prev or [None] * len(cur), cur, strict=True):
         if old is None:
             continue
@@ -94,10 +104,11 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
             deltas[f] += _delta(getattr(new, f), getattr(old, f))
         # Arrivals = finished + growth of what is in the engines; completions alone would hide an
         # overload (the queue grows while the finish rate stays at capacity).
-        in_flight_growth += (new.running + new.waiting) - (old.running + old.waiting)
+        in_flight_growth = (new.running + new.waiting) - (old.running + old.waiting)
+        finished = _delta(new.requests_total, old.requests_total)
+        arrival_rate += (finished + in_flight_growth) / _span(old, new, window_s)
     now = total(cur)
     reqs = deltas["requests_total"]
-    arrivals = max(reqs + in_flight_growth, 0.0)
     ttft_n, itl_n = deltas["ttft_count"], deltas["itl_count"]
     # Mean lengths of the requests finished in the window: from vLLM's per-request histograms when
     # it exports them, else from the token counters (SGLang counts a request's tokens at its end).
@@ -111,7 +122,7 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
     return RoleLoad(
         ready_replicas=len(cur),
         window_s=window_s,
-        request_rate=arrivals / window_s,
+        request_rate=max(arrival_rate, 0.0),
         mean_prompt_tokens=prompt,
         mean_output_tokens=output,
         running=now.running,
@@ -130,6 +141,9 @@ class Scraped:
     cur: list[EngineSample]
     by_key: dict[str, EngineSample]  # what to keep as the next tick's baseline
     unread: int  # endpoints whose metrics could not be read this tick
+    # Per endpoint, the sample before its baseline (next tick's `before`): what an endpoint whose
+    # source has no newer sample is paired with.
+    before: dict[str, EngineSample] = field(default_factory=dict)
 
     @property
     def blind(self) -> int:
@@ -143,6 +157,7 @@ def pair_with_previous(
     samples: Sequence[EngineSample | None],
     known: Collection[str] = (),
     fresh: Collection[str] = (),
+    before: Mapping[str, EngineSample] | None = None,
 ) -> Scraped:
     """Pair each read sample with the same endpoint's previous one (`samples[i]` is `keys[i]`'s).
 
@@ -151,15 +166,42 @@ def pair_with_previous(
     (its counters span an unknown time: a failed scrape, a readiness flap, a cancelled drain, an
     engine this process never read), unless it is `fresh` (became ready since the last tick) and
     was never read (`known`): a new engine, whose counters started at 0, so a zero baseline counts
-    what it did since it became ready."""
+    what it did since it became ready.
+
+    A sample no newer than the baseline (by `EngineSample.at`: Prometheus has not scraped the
+    engine since the last tick) repeats the endpoint's last interval, paired with `before`, instead
+    of reading as an interval without requests; the next new sample is read against the same
+    baseline, over the time between the two scrapes. Without that, a scrape interval longer than
+    the tick made some ticks read no load and the next ones twice as much."""
     if len(keys) != len(samples):
         raise ValueError(f"{len(samples)} samples for {len(keys)} endpoints")
-    by_key = {k: s for k, s in zip(keys, samples, strict=True) if s is not None}
-    pairs: list[EngineSample | None] = [
-        prev[k] if k in prev else EngineSample(engine=s.engine) if k in fresh and k not in known else None
-        for k, s in by_key.items()
-    ]
-    return Scraped(prev=pairs, cur=list(by_key.values()), by_key=by_key, unread=len(keys) - len(by_key))
+    before = before or {}
+    by_key: dict[str, EngineSample] = {}
+    pairs: list[EngineSample | None] = []
+    earlier: dict[str, EngineSample] = {}
+    for k, s in zip(keys, samples, strict=True):
+        if s is None:
+            continue
+        base = prev.get(k)
+        if base is not None and s.at is not None and base.at is not None and s.at <= base.at:
+            by_key[k] = base
+            pairs.append(before.get(k))
+            if k in before:
+                earlier[k] = before[k]
+            continue
+        by_key[k] = s
+        if base is not None:
+            earlier[k] = base
+        pairs.append(
+            base
+            if base is not None
+            else EngineSample(engine=s.engine)
+            if k in fresh and k not in known
+            else None
+        )
+    return Scraped(
+        prev=pairs, cur=list(by_key.values()), by_key=by_key, unread=len(keys) - len(by_key), before=earlier
+    )
 
 
 def missed_target(load: RoleLoad, ttft_s: float | None = None, tpot_s: float | None = None) -> bool:

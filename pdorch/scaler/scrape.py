@@ -35,6 +35,9 @@ class EngineSample:
     finished_prompt_tokens: float = 0.0
     finished_output_tokens: float = 0.0
     finished_lengths_count: float = 0.0
+    # When the engine was scraped (Unix seconds), where the source knows it: Prometheus keeps each
+    # sample's scrape time. None for a direct scrape, which happens at the scaler's own tick.
+    at: float | None = None
 
 
 # Metric family name (as the parser reports it, i.e. without _total/_sum/_count) -> field.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import httpx2
@@ -102,25 +103,37 @@ def _family(series: str, kind: str) -> str:
     return series
 
 
-def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
-    """Exposition text for one pod from a Prometheus instant-vector result (pure).
+def _last(item: dict) -> tuple[float, float]:
+    """(scrape time, value) of a series' newest sample: an instant vector's `value`, or the last of
+    a range selector's `values` (which keep each sample's own scrape time)."""
+    ts, value = item["values"][-1] if "values" in item else item["value"]
+    return float(ts), float(value)
 
-    When two scrape jobs collect the same pod (a PodMonitor and an annotation-based job, say),
-    only the first job's series are kept: summing both would double the pod's load.
-    """
+
+def _pod_series(result: Sequence[dict], by_pod: str) -> list[dict]:
+    """One pod's series. When two scrape jobs collect the same pod (a PodMonitor and an
+    annotation-based job, say), only the first job's are kept: summing both would double its load."""
     mine = [i for i in result if (i.get("metric") or {}).get("pod") == by_pod]
     job = min(((i.get("metric") or {}).get("job", "") for i in mine), default="")
+    return [i for i in mine if (i.get("metric") or {}).get("job", "") == job]
+
+
+def prometheus_scrape_time(result: Sequence[dict], by_pod: str) -> float | None:
+    """When Prometheus last scraped the pod's engine series (pure; None when it has none)."""
+    return max((_last(i)[0] for i in _pod_series(result, by_pod) if i.get("values")), default=None)
+
+
+def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
+    """Exposition text for one pod from a Prometheus query result (pure): an instant vector, or a
+    range selector's matrix (its newest sample per series)."""
     lines: dict[str, list[str]] = {}
-    for item in mine:
-        metric = item.get("metric") or {}
-        if metric.get("job", "") != job:
-            continue
-        name = metric.get("__name__", "")
+    for item in _pod_series(result, by_pod):
+        name = (item.get("metric") or {}).get("__name__", "")
         kind = _SERIES.get(name)
-        if kind is None:
+        if kind is None or not item.get("values", True):
             continue
         fam = _family(name, kind)
-        lines.setdefault(f"# TYPE {fam} {kind}", []).append(f"{name} {float(item['value'][1])!r}")
+        lines.setdefault(f"# TYPE {fam} {kind}", []).append(f"{name} {_last(item)[1]!r}")
     out = []
     for header, body in lines.items():
         out.append(header)
@@ -133,8 +146,17 @@ def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
     return "\n".join(out) + "\n"
 
 
+# How far back the query looks for each series' newest sample: a few scrape intervals of a
+# typical 15-60 s setup. A pod without a sample in it reads as unread (scale-down holds).
+LOOKBACK = "3m"
+
+
 class PrometheusQuery:
-    """Read the series above for the role's leader pods from a Prometheus HTTP API."""
+    """Read the series above for the role's leader pods from a Prometheus HTTP API.
+
+    The query is a range selector, so each series comes with its own scrape time, not the query's
+    evaluation time: the scaler divides counter changes by the time between two scrapes of that
+    engine, whatever Prometheus's scrape interval is."""
 
     def __init__(self, base_url: str, http: httpx2.AsyncClient | None = None) -> None:
         self.base_url = base_url.rstrip("/")
@@ -145,7 +167,7 @@ class PrometheusQuery:
         if not pods:
             return [None] * len(endpoints)
         names = "|".join(n.replace(":", "\\\\:") for n in _SERIES)
-        query = f'{{__name__=~"{names}",namespace="{namespace}",pod=~"{"|".join(pods)}"}}'
+        query = f'{{__name__=~"{names}",namespace="{namespace}",pod=~"{"|".join(pods)}"}}[{LOOKBACK}]'
         try:
             async with asyncio.timeout(SCRAPE_TIMEOUT_S):
                 r = await self.http.get(f"{self.base_url}/api/v1/query", params={"query": query})
@@ -156,10 +178,12 @@ class PrometheusQuery:
             return [None] * len(endpoints)
         out: list[EngineSample | None] = []
         for ep in endpoints:
+            if not ep.pod:
+                out.append(None)
+                continue
             try:
-                out.append(
-                    parse_engine_metrics(prometheus_vector_to_text(result, ep.pod)) if ep.pod else None
-                )
+                sample = parse_engine_metrics(prometheus_vector_to_text(result, ep.pod))
+                out.append(replace(sample, at=prometheus_scrape_time(result, ep.pod)))
             except MetricsParseError as e:
                 # Typical right after a scale-up: Prometheus has not scraped the new pod yet.
                 log.warning("prometheus has no usable engine series for pod %s/%s: %s", namespace, ep.pod, e)

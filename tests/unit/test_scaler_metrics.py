@@ -8,7 +8,7 @@ import pytest
 
 from pdorch.scaler.observe import pair_with_previous, role_load, total
 from pdorch.scaler.scrape import EngineSample, MetricsParseError, parse_engine_metrics
-from pdorch.scaler.sources import prometheus_vector_to_text
+from pdorch.scaler.sources import prometheus_scrape_time, prometheus_vector_to_text
 from pdorch.sim.metrics import EngineSnapshot, FinishedRequest, SglangMetrics, VllmMetrics
 
 pytestmark = pytest.mark.unit
@@ -296,3 +296,78 @@ def test_vllm_mean_lengths_come_from_finished_requests_not_step_counters() -> No
         for x in (before, after)
     ]
     assert role_load([bare[0]], [bare[1]], 10.0).mean_prompt_tokens == 4000
+
+
+def _scaler_reads(
+    scrape_every: float, offsets: list[float], ticks: list[float], stamped: bool
+) -> list[float]:
+    """The role rate each scaler tick reads when engines are seen through Prometheus: engine i is
+    scraped every `scrape_every` s from `offsets[i]`, serving a steady 10 requests/s; a tick sees
+    each engine's newest scrape (with its time when `stamped`)."""
+    prev: dict[str, EngineSample] = {}
+    before: dict[str, EngineSample] = {}
+    rates, last = [], None
+    keys = [f"e{i}" for i in range(len(offsets))]
+    for now in ticks:
+        samples = []
+        for off in offsets:
+            scraped = off + ((now - off) // scrape_every) * scrape_every
+            samples.append(EngineSample("vllm", requests_total=10 * scraped, at=scraped if stamped else None))
+        seen = pair_with_previous(prev, keys, samples, before=before)
+        prev, before = seen.by_key, seen.before
+        if last is not None:
+            rates.append(role_load(seen.prev, seen.cur, now - last).request_rate)
+        last = now
+    return rates
+
+
+@pytest.mark.parametrize(
+    ("scrape_every", "offsets", "ticks"),
+    [
+        # Prometheus scrapes at half the scaler's rate; one job's targets a few seconds apart.
+        (30.0, [0.0, 4.0], [100.0 + 15 * i for i in range(20)]),
+        # The same rate, the scrapes close to the ticks, and the ticks jitter around them.
+        (15.0, [10.0, 10.2], [100.0 + 15 * i + (0.4 if i % 3 else -0.4) for i in range(20)]),
+    ],
+)
+def test_prometheus_scrape_times_keep_the_rate_steady(
+    scrape_every: float, offsets: list[float], ticks: list[float]
+) -> None:
+    """Counters seen through Prometheus move only when it scrapes. Divided by the scaler's own tick
+    they read 0 on some ticks and double on others (and the scale-down window keeps the doubles);
+    divided by the time between the engine's own scrapes they read the true rate on every tick."""
+    by_tick = _scaler_reads(scrape_every, offsets, ticks, stamped=False)
+    assert min(by_tick) < 15 and max(by_tick) > 25  # the aliasing: true rate 20/s
+    by_scrape = _scaler_reads(scrape_every, offsets, ticks, stamped=True)
+    assert by_scrape[2:] == pytest.approx([20.0] * len(by_scrape[2:]))
+
+
+def test_a_sample_no_newer_than_the_baseline_repeats_the_last_interval() -> None:
+    a0, a1 = EngineSample("vllm", requests_total=0, at=0.0), EngineSample("vllm", requests_total=300, at=30.0)
+    first = pair_with_previous({}, ["a"], [a0])
+    second = pair_with_previous(first.by_key, ["a"], [a1], before=first.before)
+    assert role_load(second.prev, second.cur, 15.0).request_rate == pytest.approx(10.0)
+    # Prometheus has not scraped again: the same interval is read, not an empty one.
+    third = pair_with_previous(second.by_key, ["a"], [a1], before=second.before)
+    assert (third.prev, third.cur, third.blind) == ([a0], [a1], 0)
+    assert role_load(third.prev, third.cur, 15.0).request_rate == pytest.approx(10.0)
+    # With no earlier sample to repeat, the engine reads as blind (scale-down holds).
+    assert pair_with_previous(first.by_key, ["a"], [a0], before=first.before).blind == 1
+
+
+def test_a_range_query_gives_the_newest_sample_and_its_scrape_time() -> None:
+    result = [
+        {
+            "metric": {"__name__": "vllm:request_success_total", "pod": "p"},
+            "values": [[70.5, "3"], [100.5, "9"]],
+        },
+        {
+            "metric": {"__name__": "vllm:num_requests_running", "pod": "p"},
+            "values": [[70.5, "1"], [100.5, "2"]],
+        },
+        {"metric": {"__name__": "vllm:num_requests_running", "pod": "q"}, "values": [[99.0, "7"]]},
+    ]
+    sample = parse_engine_metrics(prometheus_vector_to_text(result, "p"))
+    assert (sample.requests_total, sample.running) == (9, 2)
+    assert prometheus_scrape_time(result, "p") == 100.5
+    assert prometheus_scrape_time(result, "r") is None
