@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ from pdorch.roles.labels import (
 from pdorch.roles.naming import scaler_name
 from pdorch.roles.pods import is_terminating, started_since
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
-from pdorch.scaler.observe import RoleLoad, missed_target, pair_with_previous, role_load
+from pdorch.scaler.observe import RoleLoad, Scraped, missed_target, pair_with_previous, role_load
 from pdorch.scaler.policy import (
     Recommendation,
     RoleMemory,
@@ -142,6 +143,24 @@ class RoleState:
     draining_to: int | None = None
     drain_started: float = 0.0
     drain_reason: str = ""
+
+    def read(
+        self,
+        keys: Sequence[str],
+        samples: Sequence[EngineSample | None],
+        fresh: Collection[str],
+        now: float,
+        wall: float,
+    ) -> tuple[Scraped, float | None]:
+        """Pair this tick's samples with the role's earlier ones and remember them for the next
+        tick; returns the pairs and when the previous tick read (None on the first)."""
+        seen = pair_with_previous(self.prev, keys, samples, self.read_at, fresh, self.before)
+        last = self.prev_at
+        self.prev, self.before, self.prev_at, self.prev_wall = seen.by_key, seen.before, now, wall
+        self.read_at = {u: t for u, t in self.read_at.items() if now - t < 3600} | dict.fromkeys(
+            seen.by_key, now
+        )
+        return seen, last
 
 
 @dataclass(frozen=True)
@@ -376,12 +395,9 @@ class BuiltinScaler:
         samples = await self.source.samples(ns, eps)
         now, wall = time.monotonic(), time.time()  # after the scrape: the window ends at the samples
         fresh = endpoints_started_after(pods, eps, st.prev_wall)
-        seen = pair_with_previous(st.prev, [e.url for e in eps], samples, st.read_at, fresh, st.before)
+        seen, last = st.read([e.url for e in eps], samples, fresh, now, wall)
         if seen.unread:
             SCRAPE_ERRORS.labels(ns, group, role.name).inc(seen.unread)
-        last = st.prev_at
-        st.prev, st.before, st.prev_at, st.prev_wall = seen.by_key, seen.before, now, wall
-        st.read_at = {u: t for u, t in st.read_at.items() if now - t < 3600} | dict.fromkeys(seen.by_key, now)
         if last is None:
             return None  # rates need two scrapes
         if not seen.cur and current > 0:
@@ -398,10 +414,16 @@ class BuiltinScaler:
         load = role_load(seen.prev, seen.cur, max(now - last, 1e-3))
         LOAD_RATE.labels(ns, group, role.name).set(load.request_rate)
         targets = role.scaling.targets if role.scaling else None
-        if targets is not None and missed_target(
-            load,
-            targets.ttft_ms / 1000 if targets.ttft_ms and role.type == RoleType.PREFILL else None,
-            targets.tpot_ms / 1000 if targets.tpot_ms and role.type == RoleType.DECODE else None,
+        # A tick with no newer sample from any engine (Prometheus has not scraped since) reads the
+        # same intervals again: a miss in them was counted already.
+        if (
+            targets is not None
+            and seen.repeated < len(seen.cur)
+            and missed_target(
+                load,
+                targets.ttft_ms / 1000 if targets.ttft_ms and role.type == RoleType.PREFILL else None,
+                targets.tpot_ms / 1000 if targets.tpot_ms and role.type == RoleType.DECODE else None,
+            )
         ):
             self._last_miss[(ns, group)] = now
             SLO_MISSES.labels(ns, group, role.name).inc()

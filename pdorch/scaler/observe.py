@@ -87,49 +87,49 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
     its last scrape failed); an empty `prev` means no replica has one. Counters are differenced
     per replica, so one pod's restart (its counters back near 0) or a replica joining or leaving
     the set cannot be read as a burst or a lull: a replica without a baseline adds its live
-    gauges (running, waiting, KV) but nothing to the rates this window. Each replica's rate is
-    over the time between its own two samples when they carry scrape times (`EngineSample.at`),
-    else over `window_s`.
+    gauges (running, waiting, KV) but nothing to the rates this window. Each replica's changes
+    are per second of the time between its own two samples when they carry scrape times
+    (`EngineSample.at`), else of `window_s`; means are ratios of those rates, so a replica whose
+    interval is longer than the others' does not weigh more in them.
     """
     if window_s <= 0:
         raise ValueError(f"window_s must be > 0, got {window_s}")
     if prev and len(prev) != len(cur):
         raise ValueError(f"prev has {len(prev)} samples for {len(cur)} replicas; pass None for a missing one")
-    deltas = dict.fromkeys(_COUNTER_FIELDS, 0.0)
-    arrival_rate = 0.0
+    rates = dict.fromkeys(_COUNTER_FIELDS, 0.0)  # per second
+    in_flight_growth = 0.0  # per second
     for old, new in zip(prev or [None] * len(cur), cur, strict=True):
         if old is None:
             continue
+        span = _span(old, new, window_s)
         for f in _COUNTER_FIELDS:
-            deltas[f] += _delta(getattr(new, f), getattr(old, f))
+            rates[f] += _delta(getattr(new, f), getattr(old, f)) / span
         # Arrivals = finished + growth of what is in the engines; completions alone would hide an
         # overload (the queue grows while the finish rate stays at capacity).
-        in_flight_growth = (new.running + new.waiting) - (old.running + old.waiting)
-        finished = _delta(new.requests_total, old.requests_total)
-        arrival_rate += (finished + in_flight_growth) / _span(old, new, window_s)
+        in_flight_growth += ((new.running + new.waiting) - (old.running + old.waiting)) / span
     now = total(cur)
-    reqs = deltas["requests_total"]
-    ttft_n, itl_n = deltas["ttft_count"], deltas["itl_count"]
+    reqs = rates["requests_total"]
+    ttft_n, itl_n = rates["ttft_count"], rates["itl_count"]
     # Mean lengths of the requests finished in the window: from vLLM's per-request histograms when
     # it exports them, else from the token counters (SGLang counts a request's tokens at its end).
-    n_len = deltas["finished_lengths_count"]
+    n_len = rates["finished_lengths_count"]
     if n_len:
-        prompt, output = deltas["finished_prompt_tokens"] / n_len, deltas["finished_output_tokens"] / n_len
+        prompt, output = rates["finished_prompt_tokens"] / n_len, rates["finished_output_tokens"] / n_len
     elif reqs:
-        prompt, output = deltas["prompt_tokens_total"] / reqs, deltas["generation_tokens_total"] / reqs
+        prompt, output = rates["prompt_tokens_total"] / reqs, rates["generation_tokens_total"] / reqs
     else:
         prompt = output = 0.0
     return RoleLoad(
         ready_replicas=len(cur),
         window_s=window_s,
-        request_rate=max(arrival_rate, 0.0),
+        request_rate=max(reqs + in_flight_growth, 0.0),
         mean_prompt_tokens=prompt,
         mean_output_tokens=output,
         running=now.running,
         waiting=now.waiting,
         kv_usage=now.kv_usage,
-        mean_ttft_s=deltas["ttft_sum_s"] / ttft_n if ttft_n else None,
-        mean_itl_s=deltas["itl_sum_s"] / itl_n if itl_n else None,
+        mean_ttft_s=rates["ttft_sum_s"] / ttft_n if ttft_n else None,
+        mean_itl_s=rates["itl_sum_s"] / itl_n if itl_n else None,
     )
 
 
@@ -144,6 +144,7 @@ class Scraped:
     # Per endpoint, the sample before its baseline (next tick's `before`): what an endpoint whose
     # source has no newer sample is paired with.
     before: dict[str, EngineSample] = field(default_factory=dict)
+    repeated: int = 0  # endpoints whose source had no newer sample: their last interval, read again
 
     @property
     def blind(self) -> int:
@@ -179,6 +180,7 @@ def pair_with_previous(
     by_key: dict[str, EngineSample] = {}
     pairs: list[EngineSample | None] = []
     earlier: dict[str, EngineSample] = {}
+    repeated = 0
     for k, s in zip(keys, samples, strict=True):
         if s is None:
             continue
@@ -188,19 +190,21 @@ def pair_with_previous(
             pairs.append(before.get(k))
             if k in before:
                 earlier[k] = before[k]
+                repeated += 1
             continue
         by_key[k] = s
+        if base is None and k in fresh and k not in known:
+            base = EngineSample(engine=s.engine)
         if base is not None:
             earlier[k] = base
-        pairs.append(
-            base
-            if base is not None
-            else EngineSample(engine=s.engine)
-            if k in fresh and k not in known
-            else None
-        )
+        pairs.append(base)
     return Scraped(
-        prev=pairs, cur=list(by_key.values()), by_key=by_key, unread=len(keys) - len(by_key), before=earlier
+        prev=pairs,
+        cur=list(by_key.values()),
+        by_key=by_key,
+        unread=len(keys) - len(by_key),
+        before=earlier,
+        repeated=repeated,
     )
 
 

@@ -103,37 +103,53 @@ def _family(series: str, kind: str) -> str:
     return series
 
 
-def _last(item: dict) -> tuple[float, float]:
-    """(scrape time, value) of a series' newest sample: an instant vector's `value`, or the last of
-    a range selector's `values` (which keep each sample's own scrape time)."""
-    ts, value = item["values"][-1] if "values" in item else item["value"]
-    return float(ts), float(value)
+# The query's second part: per scrape target, when Prometheus last scraped it (`timestamp(up)`),
+# marked with this label so that it can be told from the engines' series and never matches one.
+_SCRAPE_LABEL = ("pdorch", "scrape_time")
 
 
-def _pod_series(result: Sequence[dict], by_pod: str) -> list[dict]:
-    """One pod's series. When two scrape jobs collect the same pod (a PodMonitor and an
-    annotation-based job, say), only the first job's are kept: summing both would double its load."""
-    mine = [i for i in result if (i.get("metric") or {}).get("pod") == by_pod]
-    job = min(((i.get("metric") or {}).get("job", "") for i in mine), default="")
-    return [i for i in mine if (i.get("metric") or {}).get("job", "") == job]
+def _labels(item: dict) -> dict[str, str]:
+    return item.get("metric") or {}
+
+
+def _is_scrape_time(item: dict) -> bool:
+    return _labels(item).get(_SCRAPE_LABEL[0]) == _SCRAPE_LABEL[1]
+
+
+def _pod_series(result: Sequence[dict], by_pod: str) -> tuple[list[dict], float | None]:
+    """One pod's series and when they were scraped (None when the result does not say).
+
+    When two scrape jobs collect the same pod (a PodMonitor and an annotation-based job, say), only
+    the first job's are kept: summing both would double its load. Within it, only the instance
+    scraped last: a pod recreated under the same name (LWS does, on every rollout step) is a new
+    scrape target, and the old one's series linger until Prometheus marks them stale.
+    """
+    mine = [i for i in result if _labels(i).get("pod") == by_pod]
+    job = min((_labels(i).get("job", "") for i in mine), default="")
+    mine = [i for i in mine if _labels(i).get("job", "") == job]
+    times = [(float(i["value"][1]), _labels(i).get("instance")) for i in mine if _is_scrape_time(i)]
+    if not times:
+        return [i for i in mine if not _is_scrape_time(i)], None
+    at, instance = max(times, key=lambda t: t[0])
+    keep = [i for i in mine if not _is_scrape_time(i) and _labels(i).get("instance") in (instance, None)]
+    return keep, at
 
 
 def prometheus_scrape_time(result: Sequence[dict], by_pod: str) -> float | None:
-    """When Prometheus last scraped the pod's engine series (pure; None when it has none)."""
-    return max((_last(i)[0] for i in _pod_series(result, by_pod) if i.get("values")), default=None)
+    """When Prometheus last scraped the pod's engine (pure; None when the result does not say)."""
+    return _pod_series(result, by_pod)[1]
 
 
 def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
-    """Exposition text for one pod from a Prometheus query result (pure): an instant vector, or a
-    range selector's matrix (its newest sample per series)."""
+    """Exposition text for one pod from a Prometheus instant-vector result (pure)."""
     lines: dict[str, list[str]] = {}
-    for item in _pod_series(result, by_pod):
-        name = (item.get("metric") or {}).get("__name__", "")
+    for item in _pod_series(result, by_pod)[0]:
+        name = _labels(item).get("__name__", "")
         kind = _SERIES.get(name)
-        if kind is None or not item.get("values", True):
+        if kind is None:
             continue
         fam = _family(name, kind)
-        lines.setdefault(f"# TYPE {fam} {kind}", []).append(f"{name} {_last(item)[1]!r}")
+        lines.setdefault(f"# TYPE {fam} {kind}", []).append(f"{name} {float(item['value'][1])!r}")
     out = []
     for header, body in lines.items():
         out.append(header)
@@ -146,15 +162,22 @@ def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
     return "\n".join(out) + "\n"
 
 
-# How far back the query looks for each series' newest sample: a few scrape intervals of a
-# typical 15-60 s setup. A pod without a sample in it reads as unread (scale-down holds).
-LOOKBACK = "3m"
+def prometheus_query(namespace: str, pods: Sequence[str]) -> str:
+    """The PromQL the source sends (pure): the engine series of these pods, and per scrape target
+    the time of its last scrape. One query, so both come from the same state of the database.
+
+    An instant vector, not a range: series of a target that stopped answering (or was removed) are
+    marked stale by Prometheus and drop out, so such a pod reads as unread and scale-down holds."""
+    names = "|".join(n.replace(":", "\\\\:") for n in _SERIES)
+    where = f'namespace="{namespace}",pod=~"{"|".join(pods)}"'
+    label, value = _SCRAPE_LABEL
+    return f'{{__name__=~"{names}",{where}}} or label_replace(timestamp(up{{{where}}}), "{label}", "{value}", "", "")'
 
 
 class PrometheusQuery:
     """Read the series above for the role's leader pods from a Prometheus HTTP API.
 
-    The query is a range selector, so each series comes with its own scrape time, not the query's
+    Each pod's sample carries the time Prometheus scraped it (`EngineSample.at`), not the query's
     evaluation time: the scaler divides counter changes by the time between two scrapes of that
     engine, whatever Prometheus's scrape interval is."""
 
@@ -166,8 +189,7 @@ class PrometheusQuery:
         pods = [ep.pod for ep in endpoints if ep.pod]
         if not pods:
             return [None] * len(endpoints)
-        names = "|".join(n.replace(":", "\\\\:") for n in _SERIES)
-        query = f'{{__name__=~"{names}",namespace="{namespace}",pod=~"{"|".join(pods)}"}}[{LOOKBACK}]'
+        query = prometheus_query(namespace, pods)
         try:
             async with asyncio.timeout(SCRAPE_TIMEOUT_S):
                 r = await self.http.get(f"{self.base_url}/api/v1/query", params={"query": query})

@@ -5,7 +5,8 @@ engines every 2 s while a client sends them a steady stream of requests; the sca
 through the HTTP API every second, as `pdorch scaler --prometheus-url` does. A counter seen through
 Prometheus moves only when Prometheus scrapes, so divided by the scaler's own tick it reads no load
 on one tick and twice the load on the next; divided by the time between the engine's own scrapes
-(what the source now reports) it reads the rate the client sent.
+(what the source now reports) it reads the rate the client sent. An engine that stops answering
+reads as unread once Prometheus fails to scrape it.
 """
 
 from __future__ import annotations
@@ -153,6 +154,21 @@ async def test_prometheus_source_reads_the_sent_rate_on_every_tick(
             assert all(s is not None and s.at is not None for s in samples), samples
             ticks.append((time.monotonic(), [s for s in samples if s is not None]))
         window = (t0 - SCRAPE_S, time.monotonic())
+        stop_at.set()
+        await traffic
+        # An engine that stops answering while its pod stays Ready: Prometheus marks its series
+        # stale at the failed scrape, so it reads as unread (the scaler then holds scale-down)
+        # instead of repeating its last good sample.
+        await engines[1].stop()
+        gone_at = time.monotonic()
+
+        async def unread() -> bool:
+            got = await source.samples(NAMESPACE, eps)
+            assert got[0] is not None, "the engine still answering must still be read"
+            return got[1] is None
+
+        await wait_until(unread, 3 * SCRAPE_S + 5, "the stopped engine to read as unread")
+        unread_after = time.monotonic() - gone_at
     finally:
         stop_at.set()
         await traffic
@@ -167,6 +183,7 @@ async def test_prometheus_source_reads_the_sent_rate_on_every_tick(
         json.dumps(
             {
                 "sent_per_s": round(answered, 2),
+                "stopped_engine_unread_after_s": round(unread_after, 1),
                 "role_by_scrape_time": [round(r, 1) for r in role],
                 **{f"engine{i}_by_scrape_time": [round(r, 1) for r in v[0]] for i, v in per_engine.items()},
                 **{f"engine{i}_by_tick": [round(r, 1) for r in v[1]] for i, v in per_engine.items()},

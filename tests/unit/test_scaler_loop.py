@@ -20,8 +20,9 @@ from pdorch.scaler.loop import (
     may_hold_work,
     recommend,
 )
-from pdorch.scaler.observe import RoleLoad
+from pdorch.scaler.observe import RoleLoad, role_load
 from pdorch.scaler.policy import SloPolicyConfig
+from pdorch.scaler.scrape import EngineSample
 from pdorch.sim.latency import DISTSERVE_OPT13B_A100 as DIST
 
 pytestmark = pytest.mark.unit
@@ -157,3 +158,17 @@ def test_a_forgotten_role_leaves_no_series() -> None:
     }
     assert not any(("group", "gone") in labels for _, labels in names)
     loop._drop_series("ns", "gone", "decode")  # twice is fine
+
+
+def test_the_role_state_carries_what_a_tick_without_a_new_scrape_repeats() -> None:
+    """Through `RoleState.read`, as the scaler tick calls it: Prometheus scraped at 0 and 30 s,
+    the scaler reads at 15 s intervals; the tick at 45 s sees no newer scrape and reads 30 s's
+    interval again (10 requests/s), not zero."""
+    st = loop.RoleState()
+    samples = {t: EngineSample("vllm", requests_total=10 * t, at=float(t)) for t in (0, 30, 60)}
+    reads = []
+    for now, scraped in ((15.0, 0), (30.0, 30), (45.0, 30), (60.0, 60)):
+        seen, last = st.read(["a"], [samples[scraped]], (), now, 1e9 + now)
+        if last is not None:
+            reads.append((role_load(seen.prev, seen.cur, now - last).request_rate, seen.repeated))
+    assert reads == [(10.0, 0), (10.0, 1), (10.0, 0)]

@@ -8,7 +8,7 @@ import pytest
 
 from pdorch.scaler.observe import pair_with_previous, role_load, total
 from pdorch.scaler.scrape import EngineSample, MetricsParseError, parse_engine_metrics
-from pdorch.scaler.sources import prometheus_scrape_time, prometheus_vector_to_text
+from pdorch.scaler.sources import prometheus_query, prometheus_scrape_time, prometheus_vector_to_text
 from pdorch.sim.metrics import EngineSnapshot, FinishedRequest, SglangMetrics, VllmMetrics
 
 pytestmark = pytest.mark.unit
@@ -349,25 +349,72 @@ def test_a_sample_no_newer_than_the_baseline_repeats_the_last_interval() -> None
     assert role_load(second.prev, second.cur, 15.0).request_rate == pytest.approx(10.0)
     # Prometheus has not scraped again: the same interval is read, not an empty one.
     third = pair_with_previous(second.by_key, ["a"], [a1], before=second.before)
-    assert (third.prev, third.cur, third.blind) == ([a0], [a1], 0)
+    assert (third.prev, third.cur, third.blind, third.repeated) == ([a0], [a1], 0, 1)
     assert role_load(third.prev, third.cur, 15.0).request_rate == pytest.approx(10.0)
     # With no earlier sample to repeat, the engine reads as blind (scale-down holds).
     assert pair_with_previous(first.by_key, ["a"], [a0], before=first.before).blind == 1
 
 
-def test_a_range_query_gives_the_newest_sample_and_its_scrape_time() -> None:
+def _series(name: str, value: float, **labels: str) -> dict:
+    return {"metric": {"__name__": name, **labels}, "value": [1000.0, str(value)]}
+
+
+def _scrape_time(at: float, **labels: str) -> dict:
+    # What `label_replace(timestamp(up{...}), "pdorch", "scrape_time", "", "")` gives: no name.
+    return {"metric": {"pdorch": "scrape_time", **labels}, "value": [1000.0, str(at)]}
+
+
+def test_the_query_result_gives_the_sample_and_when_it_was_scraped() -> None:
+    pod = {"pod": "p", "job": "engines"}
     result = [
-        {
-            "metric": {"__name__": "vllm:request_success_total", "pod": "p"},
-            "values": [[70.5, "3"], [100.5, "9"]],
-        },
-        {
-            "metric": {"__name__": "vllm:num_requests_running", "pod": "p"},
-            "values": [[70.5, "1"], [100.5, "2"]],
-        },
-        {"metric": {"__name__": "vllm:num_requests_running", "pod": "q"}, "values": [[99.0, "7"]]},
+        _series("vllm:request_success_total", 9, instance="10.0.0.2:8000", **pod),
+        _series("vllm:num_requests_running", 2, instance="10.0.0.2:8000", **pod),
+        _scrape_time(998.5, instance="10.0.0.2:8000", **pod),
+        # The pod was recreated under the same name: the old target's series linger until stale.
+        _series("vllm:request_success_total", 2_000_000, instance="10.0.0.1:8000", **pod),
+        _series("vllm:num_requests_running", 40, instance="10.0.0.1:8000", **pod),
+        _scrape_time(950.0, instance="10.0.0.1:8000", **pod),
+        _series("vllm:num_requests_running", 7, instance="10.0.0.3:8000", pod="q", job="engines"),
     ]
     sample = parse_engine_metrics(prometheus_vector_to_text(result, "p"))
-    assert (sample.requests_total, sample.running) == (9, 2)
-    assert prometheus_scrape_time(result, "p") == 100.5
-    assert prometheus_scrape_time(result, "r") is None
+    assert (sample.requests_total, sample.running) == (9, 2)  # the newest target's series only
+    assert prometheus_scrape_time(result, "p") == 998.5
+    assert prometheus_scrape_time(result, "q") is None  # no scrape time in the result: the tick's
+    assert parse_engine_metrics(prometheus_vector_to_text(result, "q")).running == 7
+
+
+def test_the_query_asks_for_values_and_scrape_times_at_once() -> None:
+    q = prometheus_query("serving", ["a", "b"])
+    values, times = q.split(" or ")
+    assert values.startswith('{__name__=~"vllm\\\\:num_requests_running|') and values.endswith(
+        ',namespace="serving",pod=~"a|b"}'
+    )
+    assert "[" not in values  # an instant vector: stale series (a target gone or failing) drop out
+    assert (
+        times
+        == 'label_replace(timestamp(up{namespace="serving",pod=~"a|b"}), "pdorch", "scrape_time", "", "")'
+    )
+
+
+def test_means_weigh_each_engine_by_its_rate_not_by_its_interval() -> None:
+    # X: 1 request/s of 1000 prompt tokens, read over 60 s; Y: 1 request/s of 100, over 15 s.
+    x0, x1 = (
+        EngineSample("vllm", requests_total=n, prompt_tokens_total=1000 * n, at=t)
+        for n, t in ((0, 0), (60, 60))
+    )
+    y0, y1 = (
+        EngineSample("vllm", requests_total=n, prompt_tokens_total=100 * n, at=t)
+        for n, t in ((0, 45), (15, 60))
+    )
+    load = role_load([x0, y0], [x1, y1], 15.0)
+    assert load.request_rate == pytest.approx(2.0)
+    assert load.mean_prompt_tokens == pytest.approx(550)  # 1100 prompt tokens/s over 2 requests/s
+
+
+def test_a_new_engine_repeats_its_first_interval_too() -> None:
+    d = EngineSample("vllm", requests_total=30, at=10.0)
+    first = pair_with_previous({}, ["d"], [d], fresh={"d"})
+    assert first.prev == [EngineSample("vllm")] and first.blind == 0
+    again = pair_with_previous(first.by_key, ["d"], [d], known={"d"}, before=first.before)
+    assert (again.blind, again.repeated) == (0, 1)
+    assert role_load(again.prev, again.cur, 10.0).request_rate == pytest.approx(3.0)
