@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,28 @@ def test_helm_values_reproduce_the_production_overlay(helm: str, kubectl: str) -
     values = REPO / "charts" / "pdorch" / "values-production.yaml"
     prod = kustomize(kubectl, "manifests/overlays/production")
     assert differences(prod, helm_template(helm, "-f", str(values))) == []
+
+
+def test_the_python_lock_pins_what_pyproject_pins_and_what_is_installed() -> None:
+    """constraints.txt (hack/lock-deps.py) agrees with pyproject.toml's pins and, since install.sh
+    installs under it, with the installed packages."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    lock = dict(
+        line.split("==")
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for req in pins:
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"{req}: pyproject.toml pins exact versions"
+        assert lock.get(canonicalize_name(req.name)) == spec.version, f"{req} vs constraints.txt"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "hack" / "lock-deps.py"), "--check"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
