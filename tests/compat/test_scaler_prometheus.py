@@ -16,19 +16,18 @@ import json
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from pdorch.proxy.endpoints import Endpoint
-from pdorch.scaler.observe import pair_with_previous, role_load
 from pdorch.scaler.scrape import EngineSample
 from pdorch.scaler.sources import PrometheusQuery
 from pdorch.sim.config import SimConfig
 from pdorch.sim.server import SimServer
 from tests.compat.helpers import free_port, spawn, stop, wait_http_ok, wait_until
+from tests.unit.role_loads import rates_read
 
 pytestmark = pytest.mark.compat
 
@@ -116,20 +115,8 @@ async def _steady_traffic(engines: list[SimServer], stop_at: asyncio.Event, sent
 
 
 def _reads(ticks: list[tuple[float, list[EngineSample]]], engines: list[int], stamped: bool) -> list[float]:
-    """The rate the scaler reads on each tick for these engines (their samples without scrape times
-    unless `stamped`, as the source reported them before)."""
-    prev: dict[str, EngineSample] = {}
-    before: dict[str, EngineSample] = {}
-    keys = [str(i) for i in engines]
-    out, last = [], None
-    for now, samples in ticks:
-        got = [samples[i] if stamped else replace(samples[i], at=None) for i in engines]
-        seen = pair_with_previous(prev, keys, got, before=before)
-        prev, before = seen.by_key, seen.before
-        if last is not None:
-            out.append(role_load(seen.prev, seen.cur, now - last).request_rate)
-        last = now
-    return out
+    """The rate the scaler reads on each tick for these engines."""
+    return rates_read([(now, [samples[i] for i in engines]) for now, samples in ticks], stamped)
 
 
 async def test_prometheus_source_reads_the_sent_rate_on_every_tick(

@@ -10,6 +10,7 @@ from pdorch.scaler.observe import pair_with_previous, role_load, total
 from pdorch.scaler.scrape import EngineSample, MetricsParseError, parse_engine_metrics
 from pdorch.scaler.sources import prometheus_query, prometheus_scrape_time, prometheus_vector_to_text
 from pdorch.sim.metrics import EngineSnapshot, FinishedRequest, SglangMetrics, VllmMetrics
+from tests.unit.role_loads import rates_read
 
 pytestmark = pytest.mark.unit
 
@@ -298,27 +299,14 @@ def test_vllm_mean_lengths_come_from_finished_requests_not_step_counters() -> No
     assert role_load([bare[0]], [bare[1]], 10.0).mean_prompt_tokens == 4000
 
 
-def _scaler_reads(
-    scrape_every: float, offsets: list[float], ticks: list[float], stamped: bool
-) -> list[float]:
-    """The role rate each scaler tick reads when engines are seen through Prometheus: engine i is
-    scraped every `scrape_every` s from `offsets[i]`, serving a steady 10 requests/s; a tick sees
-    each engine's newest scrape (with its time when `stamped`)."""
-    prev: dict[str, EngineSample] = {}
-    before: dict[str, EngineSample] = {}
-    rates, last = [], None
-    keys = [f"e{i}" for i in range(len(offsets))]
+def _prometheus_ticks(scrape_every: float, offsets: list[float], ticks: list[float]) -> list:
+    """What each scaler tick sees through Prometheus: engine i is scraped every `scrape_every` s from
+    `offsets[i]` and serves a steady 10 requests/s; a tick sees each engine's newest scrape."""
+    out = []
     for now in ticks:
-        samples = []
-        for off in offsets:
-            scraped = off + ((now - off) // scrape_every) * scrape_every
-            samples.append(EngineSample("vllm", requests_total=10 * scraped, at=scraped if stamped else None))
-        seen = pair_with_previous(prev, keys, samples, before=before)
-        prev, before = seen.by_key, seen.before
-        if last is not None:
-            rates.append(role_load(seen.prev, seen.cur, now - last).request_rate)
-        last = now
-    return rates
+        scraped = [off + ((now - off) // scrape_every) * scrape_every for off in offsets]
+        out.append((now, [EngineSample("vllm", requests_total=10 * t, at=t) for t in scraped]))
+    return out
 
 
 @pytest.mark.parametrize(
@@ -336,9 +324,10 @@ def test_prometheus_scrape_times_keep_the_rate_steady(
     """Counters seen through Prometheus move only when it scrapes. Divided by the scaler's own tick
     they read 0 on some ticks and double on others (and the scale-down window keeps the doubles);
     divided by the time between the engine's own scrapes they read the true rate on every tick."""
-    by_tick = _scaler_reads(scrape_every, offsets, ticks, stamped=False)
+    seen = _prometheus_ticks(scrape_every, offsets, ticks)
+    by_tick = rates_read(seen, stamped=False)
     assert min(by_tick) < 15 and max(by_tick) > 25  # the aliasing: true rate 20/s
-    by_scrape = _scaler_reads(scrape_every, offsets, ticks, stamped=True)
+    by_scrape = rates_read(seen)
     assert by_scrape[2:] == pytest.approx([20.0] * len(by_scrape[2:]))
 
 
