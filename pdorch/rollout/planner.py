@@ -52,6 +52,8 @@ _MAX_CANDIDATE_SIDE = 1000
 _ORDERED_TRIES = 32
 
 
+# Steps below the best two tried from a state off the ratio before refusing it (each with a dry run).
+_RANKED_TRIES = 8
 # Every step moves a group or adds one within the surge bound, so plans are short; this only guards
 # the dry run in `next_step` against a planner bug turning into a hang.
 _MAX_LOOKAHEAD = 100_000
@@ -202,9 +204,19 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
     # Whichever is taken, the state it leads to is on that order's finishing path, so the next
     # decision finds a finishing order again: a plan that started never stalls half-way. From an
     # on-ratio old cohort every step keeps it on ratio, so the two orders are one plan.
+    # A state off the ratio may also need a step ranked below those two (several roles per type:
+    # steps tied on every count, the interrupted one among them); the next few are tried in turn.
+    disturbed = _cohorts_off_ratio(roles, spec)
+    ranks = range(1, _RANKED_TRIES + 1) if disturbed else range(0)
+    attempts = [(True, 0), (False, 0)][: 2 if disturbed else 1] + [
+        (o, r) for o in (True, False) for r in ranks
+    ]
     refused: Decision | None = None
-    for steady_first in (True, False) if _old_cohort_off_ratio(roles, spec) else (True,):
-        decision = _plan_step(tuple(roles), spec, steady_first)
+    exhausted: set[bool] = set()
+    for steady_first, rank in attempts:
+        if steady_first in exhausted:
+            continue
+        decision = _plan_step(tuple(roles), spec, steady_first, rank)
         if decision.kind == "done":
             return decision
         if decision.kind == "step":
@@ -212,16 +224,28 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
             if stall is None:
                 return decision
             decision = Decision("blocked", hold, stall)
+        elif rank:
+            exhausted.add(steady_first)  # no more steps below in that order
+            continue
         refused = refused or decision
     assert refused is not None
     return refused
 
 
-def _old_cohort_off_ratio(roles: Sequence[RoleObservation], spec: RolloutSpec) -> bool:
+def _cohorts_off_ratio(roles: Sequence[RoleObservation], spec: RolloutSpec) -> bool:
+    """Whether the old or the new cohort is off the ratio: never after a step the planner took
+    whole, only after an interrupted one or a hand edit."""
     tol = effective_tolerance(roles, spec)
+    if tol is None:
+        return False
     old_p = sum(r.partition for r in roles if r.type == "prefill")
     old_d = sum(r.partition for r in roles if r.type == "decode")
-    return tol is not None and not on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol)
+    new_p = sum(r.replicas - r.partition for r in roles if r.type == "prefill")
+    new_d = sum(r.replicas - r.partition for r in roles if r.type == "decode")
+    return not (
+        on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol)
+        and on_ratio(new_p, new_d, spec.ratio_p, spec.ratio_d, tol)
+    )
 
 
 def _stall_ahead(
@@ -260,10 +284,13 @@ def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec, steady_first: bool = True) -> Decision:
+def _plan_step(
+    roles: tuple[RoleObservation, ...], spec: RolloutSpec, steady_first: bool = True, rank: int = 0
+) -> Decision:
     """The next step from a state where every group is ready (no lookahead). `steady_first` ranks
-    steps that bring an off-ratio old cohort back onto the ratio above those that move the most.
-    Cached: callers must not mutate the returned decision."""
+    steps that bring an off-ratio old cohort back onto the ratio above those that move the most;
+    `rank` > 0 asks for the step that many places below the best (a distinct one). Cached: callers
+    must not mutate the returned decision."""
     hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
     if all(r.partition == 0 and r.replicas == r.desired for r in roles):
         return Decision("done", hold, "every group runs the new revision")
@@ -316,6 +343,7 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec, steady_fir
             )
     before = _revision_cohorts(kv, [r.partition for r in kv]) if layered else {}
     best: tuple[tuple[bool, bool, int, Fraction, int], list[int], list[int]] | None = None
+    ranked: list[tuple[tuple[bool, bool, int, Fraction, int], list[int], list[int]]] = []
     for choice in choices:
         old_p = sum(o.old for o, p in zip(choice, is_p, strict=True) if p)
         old_d = sum(o.old for o, p in zip(choice, is_p, strict=True) if not p)
@@ -340,10 +368,20 @@ def _plan_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec, steady_fir
         # scale-down) goes back onto it first, before moving the most: the step that does is usually
         # the interrupted one, completed.
         key = (kept, steady and steady_first, m, -dev, new[0] + new[1])
-        if best is None or key > best[0]:
+        if rank or best is None or key > best[0]:
             news_p, news_d = iter(_split(new[0], p_opts)), iter(_split(new[1], d_opts))
             news = [next(news_p) if p else next(news_d) for p in is_p]
-            best = (key, [o.old for o in choice], news)
+            if rank:
+                ranked.append((key, [o.old for o in choice], news))
+            else:
+                best = (key, [o.old for o in choice], news)
+    if rank:
+        # Stable: steps of equal key keep the search's order, so rank 0 would be `best` above.
+        ranked.sort(key=lambda c: c[0], reverse=True)
+        distinct = list({(tuple(c[1]), tuple(c[2])): c for c in reversed(ranked)}.values())[::-1]
+        best = distinct[rank] if rank < len(distinct) else None
+        if best is None:
+            return Decision("blocked", hold, f"no step of rank {rank}")
     if best is not None:
         for r, old, new in zip(kv, best[1], best[2], strict=True):
             actions[r.name] = RoleAction(old + new, old)

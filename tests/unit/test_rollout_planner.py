@@ -609,6 +609,15 @@ def test_a_step_whose_writes_were_interrupted_is_completed_on_ratio(
     _check_completes_on_ratio(spec, [("prefill", "prefill", p), ("decode", "decode", d)])
 
 
+def test_an_interrupted_step_of_several_roles_per_type_is_completed() -> None:
+    """One prefill and two decode roles: after a step whose d2 write alone landed, the best-ranked
+    steps of both orders tie with the completion on every count but stall later; a step ranked
+    below them (the completion) is taken instead of refusing the rollout (found in review)."""
+    roles = [("p0", "prefill", 4), ("d1", "decode", 4), ("d2", "decode", 4)]
+    spec = RolloutSpec(1, 3, 0.0, "25%", 0)  # 4:8 is off 1:3 itself, so the tolerance widens to 0.5
+    _check_completes_on_ratio(spec, roles)
+
+
 @settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_any_step_whose_writes_were_interrupted_is_completed_on_ratio(
