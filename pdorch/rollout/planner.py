@@ -204,13 +204,16 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
     # Whichever is taken, the state it leads to is on that order's finishing path, so the next
     # decision finds a finishing order again: a plan that started never stalls half-way. From an
     # on-ratio old cohort every step keeps it on ratio, so the two orders are one plan.
-    # A state off the ratio may also need a step ranked below those two (several roles per type:
-    # steps tied on every count, the interrupted one among them); the next few are tried in turn.
+    # Once a rollout has started, a state the planned steps did not lead to (an interrupted step, a
+    # hand edit, a scale or spec change) may also need a step ranked below the best (with several
+    # roles per type, steps tie on every count, the interrupted one among them): the next few of
+    # each order are tried before refusing. A rollout's first step gets no such search: it is
+    # refused or taken as planned (and the tolerance search stays as fast as it was).
     disturbed = _cohorts_off_ratio(roles, spec)
-    ranks = range(1, _RANKED_TRIES + 1) if disturbed else range(0)
-    attempts = [(True, 0), (False, 0)][: 2 if disturbed else 1] + [
-        (o, r) for o in (True, False) for r in ranks
-    ]
+    started = any(r.new_total for r in roles if r.type in ("prefill", "decode"))
+    orders = (True, False) if disturbed else (True,)
+    ranks = range(1, _RANKED_TRIES + 1) if started else range(0)
+    attempts = [(o, 0) for o in orders] + [(o, r) for o in orders for r in ranks]
     refused: Decision | None = None
     exhausted: set[bool] = set()
     for steady_first, rank in attempts:
