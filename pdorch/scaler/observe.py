@@ -27,6 +27,8 @@ class RoleLoad:
     kv_usage: float = 0.0  # mean over replicas, 0..1
     mean_ttft_s: float | None = None
     mean_itl_s: float | None = None
+    # KV tokens one replica holds, as the engines report it (mean over those that do; 0: none does).
+    kv_capacity_tokens: float = 0.0
 
 
 def total(samples: Sequence[EngineSample]) -> EngineSample:
@@ -108,6 +110,7 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
         # overload (the queue grows while the finish rate stays at capacity).
         in_flight_growth += ((new.running + new.waiting) - (old.running + old.waiting)) / span
     now = total(cur)
+    reported = [s.kv_capacity_tokens for s in cur if s.kv_capacity_tokens > 0]
     reqs = rates["requests_total"]
     ttft_n, itl_n = rates["ttft_count"], rates["itl_count"]
     # Mean lengths of the requests finished in the window: from vLLM's per-request histograms when
@@ -130,6 +133,7 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
         kv_usage=now.kv_usage,
         mean_ttft_s=rates["ttft_sum_s"] / ttft_n if ttft_n else None,
         mean_itl_s=rates["itl_sum_s"] / itl_n if itl_n else None,
+        kv_capacity_tokens=sum(reported) / len(reported) if reported else 0.0,
     )
 
 

@@ -286,6 +286,13 @@ def recommend_prefill(
     return prefill_replicas(load, c, ttft_target_s, cfg, rise=f.rise)
 
 
+def with_kv_capacity(c: Coefficients, tokens: float) -> Coefficients:
+    """`c` holding `tokens` KV tokens per engine (unchanged when `tokens` is 0: not reported)."""
+    if tokens <= 0:
+        return c
+    return replace(c, num_kv_blocks=max(1, round(tokens / c.block_size)))
+
+
 def recommend_decode(
     mem: RoleMemory,
     now_s: float,
@@ -294,8 +301,11 @@ def recommend_decode(
     tpot_target_s: float,
     cfg: SloPolicyConfig = SloPolicyConfig(),
 ) -> Recommendation:
-    """Decode replicas for the forecast peak of the next start-up window (records this tick in `mem`)."""
+    """Decode replicas for the forecast peak of the next start-up window (records this tick in `mem`).
+    The KV capacity is the engines' own where they report it (vLLM's `cache_config_info`, SGLang's
+    `max_total_num_tokens`): the preset's is one GPU and memory setting, the deployment may differ."""
     load = _with_shape(mem, load)
+    c = with_kv_capacity(c, load.kv_capacity_tokens)
     # The forecast follows the arrival-driven demand (Little's law), not a backlog being worked off:
     # a backlog is transient and the running + backlog term already sizes for it.
     demand = decode_demand(load, c, tpot_target_s, cfg)

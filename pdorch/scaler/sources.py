@@ -65,6 +65,7 @@ _SERIES: dict[str, str] = {
     "vllm:num_requests_waiting": "gauge",
     "vllm:kv_cache_usage_perc": "gauge",
     "vllm:gpu_cache_usage_perc": "gauge",
+    "vllm:cache_config_info": "gauge",  # its labels carry the KV capacity (num_gpu_blocks x block_size)
     "vllm:request_success_total": "counter",
     "vllm:prompt_tokens_total": "counter",
     "vllm:generation_tokens_total": "counter",
@@ -83,6 +84,7 @@ _SERIES: dict[str, str] = {
     "sglang:num_decode_prealloc_queue_reqs": "gauge",
     "sglang:num_decode_transfer_queue_reqs": "gauge",
     "sglang:token_usage": "gauge",
+    "sglang:max_total_num_tokens": "gauge",
     "sglang:num_requests_total": "counter",
     "sglang:prompt_tokens_total": "counter",
     "sglang:generation_tokens_total": "counter",
@@ -93,6 +95,10 @@ _SERIES: dict[str, str] = {
     "sglang:time_per_output_token_seconds_sum": "histogram",
     "sglang:time_per_output_token_seconds_count": "histogram",
 }
+
+
+# Series whose labels carry what is read, and those labels.
+_VALUE_LABELS = {"vllm:cache_config_info": ("num_gpu_blocks", "block_size")}
 
 
 def _family(series: str, kind: str) -> str:
@@ -110,6 +116,11 @@ _SCRAPE_LABEL = ("pdorch", "scrape_time")
 
 def _labels(item: dict) -> dict[str, str]:
     return item.get("metric") or {}
+
+
+def _escaped(value: str) -> str:
+    """A label value as the text exposition format writes it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _is_scrape_time(item: dict) -> bool:
@@ -149,7 +160,11 @@ def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
         if kind is None:
             continue
         fam = _family(name, kind)
-        lines.setdefault(f"# TYPE {fam} {kind}", []).append(f"{name} {float(item['value'][1])!r}")
+        # Series are written without labels (their sums are what is read), except those whose
+        # labels are the value: the KV cache size of vLLM's cache_config_info.
+        kept = {k: v for k, v in _labels(item).items() if k in _VALUE_LABELS.get(name, ())}
+        labels = "{" + ",".join(f'{k}="{_escaped(v)}"' for k, v in kept.items()) + "}" if kept else ""
+        lines.setdefault(f"# TYPE {fam} {kind}", []).append(f"{name}{labels} {float(item['value'][1])!r}")
     out = []
     for header, body in lines.items():
         out.append(header)

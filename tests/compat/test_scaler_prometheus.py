@@ -36,6 +36,7 @@ NAMESPACE = "serving"
 SCRAPE_S = 2.0
 TICK_S = 1.0
 RATE = 6.0  # requests per second to each engine
+CONFIG = SimConfig(model="m", time_scale=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +52,7 @@ def prometheus_bin() -> str:
 @pytest.fixture
 async def engines() -> AsyncIterator[list[SimServer]]:
     # One engine per loopback address (the sim keys its engine by IP).
-    servers = [
-        SimServer(SimConfig(model="m", time_scale=0.01), host=f"127.0.0.{n}", ports=[0]) for n in (71, 72)
-    ]
+    servers = [SimServer(CONFIG, host=f"127.0.0.{n}", ports=[0]) for n in (71, 72)]
     for s in servers:
         await s.start()
     yield servers
@@ -139,6 +138,8 @@ async def test_prometheus_source_reads_the_sent_rate_on_every_tick(
             await asyncio.sleep(max(0.0, t0 + n * TICK_S - time.monotonic()))
             samples = await source.samples(NAMESPACE, eps)
             assert all(s is not None and s.at is not None for s in samples), samples
+            # vLLM's KV size rides on cache_config_info's labels, through Prometheus too.
+            assert all(s.kv_capacity_tokens == CONFIG.coefficients.kv_capacity_tokens for s in samples if s)
             ticks.append((time.monotonic(), [s for s in samples if s is not None]))
         window = (t0 - SCRAPE_S, time.monotonic())
         stop_at.set()

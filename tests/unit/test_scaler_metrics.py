@@ -407,3 +407,20 @@ def test_a_new_engine_repeats_its_first_interval_too() -> None:
     again = pair_with_previous(first.by_key, ["d"], [d], known={"d"}, before=first.before)
     assert (again.blind, again.repeated) == (0, 1)
     assert role_load(again.prev, again.cur, 10.0).request_rate == pytest.approx(3.0)
+
+
+def test_the_kv_capacity_the_engines_report_reaches_the_role_load() -> None:
+    # vLLM says it in cache_config_info's labels, also through Prometheus; SGLang in a gauge.
+    info = _series("vllm:cache_config_info", 1, num_gpu_blocks="2500", block_size="16", pod="p")
+    via = parse_engine_metrics(
+        prometheus_vector_to_text([info, _series("vllm:num_requests_running", 1, pod="p")], "p")
+    )
+    assert via.kv_capacity_tokens == 40_000
+    sglang = parse_engine_metrics(
+        prometheus_vector_to_text([_series("sglang:max_total_num_tokens", 30_000, pod="p")], "p")
+    )
+    assert sglang.kv_capacity_tokens == 30_000
+    # Per replica: the mean of those that report it (older builds may not).
+    cur = [EngineSample("vllm", kv_capacity_tokens=c) for c in (40_000, 20_000, 0)]
+    assert role_load([None] * 3, cur, 10.0).kv_capacity_tokens == 30_000
+    assert role_load([], [EngineSample("vllm")], 10.0).kv_capacity_tokens == 0

@@ -12,11 +12,13 @@ from pdorch.scaler import peers
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
 from pdorch.scaler.observe import missed_target
 from pdorch.scaler.policy import (
+    RoleMemory,
     SloPolicyConfig,
     decode_replicas,
     decode_seqs_per_replica,
     erlang_c,
     prefill_replicas,
+    recommend_decode,
     wait_tail,
 )
 from pdorch.scaler.ratio import RatioBand, within_band
@@ -93,6 +95,23 @@ def test_decode_limits() -> None:
     assert limit == "max_num_seqs" and per == 256
     per, limit = decode_seqs_per_replica(BLIS, 4000, 100, 0.0075, cfg)
     assert limit == "TPOT"
+
+
+def test_decode_sizes_by_the_kv_capacity_the_engines_report() -> None:
+    """The preset holds 467k KV tokens per H100 engine; engines that report 40k (a smaller GPU
+    memory share, say) hold fewer sequences each, so the same load needs more of them."""
+    load = role_load(60, 200, 300)
+    preset = recommend_decode(RoleMemory(), 0.0, load, BLIS, 0.05)
+    small = recommend_decode(
+        RoleMemory(), 0.0, role_load(60, 200, 300, kv_capacity_tokens=40_000), BLIS, 0.05
+    )
+    assert "KV-bound" in small.reason and "KV-bound" not in preset.reason
+    assert small.replicas > preset.replicas
+    # Reported the same as the preset: the same decision.
+    same = recommend_decode(
+        RoleMemory(), 0.0, role_load(60, 200, 300, kv_capacity_tokens=BLIS.kv_capacity_tokens), BLIS, 0.05
+    )
+    assert same.replicas == preset.replicas
 
 
 def test_decode_follows_kv_usage() -> None:
