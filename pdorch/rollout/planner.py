@@ -52,7 +52,8 @@ _MAX_CANDIDATE_SIDE = 1000
 _ORDERED_TRIES = 32
 
 
-# Steps below the best two tried from a state off the ratio before refusing it (each with a dry run).
+# Per order, the steps below the best tried (each with a dry run) before a state the planned steps
+# did not lead to is refused.
 _RANKED_TRIES = 8
 # Every step moves a group or adds one within the surge bound, so plans are short; this only guards
 # the dry run in `next_step` against a planner bug turning into a hang.
