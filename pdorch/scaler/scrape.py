@@ -130,10 +130,10 @@ def parse_engine_metrics(text: str) -> EngineSample:
             if count_field is not None:
                 values[count_field] = sum(s.value for s in fam.samples if s.name == name + "_count")
         elif name == "vllm:cache_config_info":
-            for s in fam.samples:
-                capacity = _label_product(s.labels, "num_gpu_blocks", "block_size")
-                if capacity is not None:
-                    values["kv_capacity_tokens"] = capacity
+            # One series per engine core (data-parallel rank, label `engine`): the pod holds their sum.
+            sizes = [_label_product(s.labels, "num_gpu_blocks", "block_size") for s in fam.samples]
+            if any(c is not None for c in sizes):
+                values["kv_capacity_tokens"] = sum(c for c in sizes if c is not None)
     if not engine:
         raise MetricsParseError("no vllm: or sglang: metrics in the scraped text")
     old_sum, old_count = values.pop("itl_old_sum_s", 0.0), values.pop("itl_old_count", 0.0)

@@ -98,7 +98,7 @@ _SERIES: dict[str, str] = {
 
 
 # Series whose labels carry what is read, and those labels.
-_VALUE_LABELS = {"vllm:cache_config_info": ("num_gpu_blocks", "block_size")}
+_VALUE_LABELS = {"vllm:cache_config_info": ("num_gpu_blocks", "block_size", "engine")}
 
 
 def _family(series: str, kind: str) -> str:
@@ -161,7 +161,7 @@ def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
             continue
         fam = _family(name, kind)
         # Series are written without labels (their sums are what is read), except those whose
-        # labels are the value: the KV cache size of vLLM's cache_config_info.
+        # labels are the value: the KV cache size of vLLM's cache_config_info (one per engine core).
         kept = {k: v for k, v in _labels(item).items() if k in _VALUE_LABELS.get(name, ())}
         labels = "{" + ",".join(f'{k}="{_escaped(v)}"' for k, v in kept.items()) + "}" if kept else ""
         lines.setdefault(f"# TYPE {fam} {kind}", []).append(f"{name}{labels} {float(item['value'][1])!r}")

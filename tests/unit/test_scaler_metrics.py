@@ -412,6 +412,12 @@ def test_a_new_engine_repeats_its_first_interval_too() -> None:
 def test_the_kv_capacity_the_engines_report_reaches_the_role_load() -> None:
     # vLLM says it in cache_config_info's labels, also through Prometheus; SGLang in a gauge.
     info = _series("vllm:cache_config_info", 1, num_gpu_blocks="2500", block_size="16", pod="p")
+    # Data parallel: one series per engine core, and the pod holds all of them.
+    ranks = [
+        _series("vllm:cache_config_info", 1, num_gpu_blocks="1000", block_size="16", engine=str(i), pod="dp")
+        for i in (0, 1)
+    ]
+    assert parse_engine_metrics(prometheus_vector_to_text(ranks, "dp")).kv_capacity_tokens == 32_000
     via = parse_engine_metrics(
         prometheus_vector_to_text([info, _series("vllm:num_requests_running", 1, pod="p")], "p")
     )
