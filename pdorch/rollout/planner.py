@@ -53,7 +53,7 @@ _ORDERED_TRIES = 32
 
 
 # Per order, the steps below the best tried (each with a dry run) before a state the planned steps
-# did not lead to is refused.
+# did not lead to is refused, when that order's best step would stall.
 _RANKED_TRIES = 8
 # Every step moves a group or adds one within the surge bound, so plans are short; this only guards
 # the dry run in `next_step` against a planner bug turning into a hang.
@@ -207,49 +207,58 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
     # on-ratio old cohort every step keeps it on ratio, so the two orders are one plan.
     # Once a rollout has started, a state the planned steps did not lead to (an interrupted step, a
     # hand edit, a scale or spec change) may also need a step ranked below the best (with several
-    # roles per type, steps tie on every count, the interrupted one among them): the next few of
-    # each order are tried before refusing. A rollout's first step gets no such search: it is
-    # refused or taken as planned (and the tolerance search stays as fast as it was).
-    disturbed = _cohorts_off_ratio(roles, spec)
+    # roles per type, steps tie on every count, the interrupted one among them): when an order's
+    # best step would stall, its next few are tried before refusing. A rollout's first step gets no
+    # such search: it is refused or taken as planned (and the tolerance search stays as fast).
+    state = tuple(roles)
     started = any(r.new_total for r in roles if r.type in ("prefill", "decode"))
-    orders = (True, False) if disturbed else (True,)
-    ranks = range(1, _RANKED_TRIES + 1) if started else range(0)
-    attempts = [(o, 0) for o in orders] + [(o, r) for o in orders for r in ranks]
     refused: Decision | None = None
-    exhausted: set[bool] = set()
-    for steady_first, rank in attempts:
-        if steady_first in exhausted:
-            continue
-        decision = _plan_step(tuple(roles), spec, steady_first, rank)
-        if decision.kind == "done":
+    for steady_first in (True, False) if _old_cohort_off_ratio(roles, spec) else (True,):
+        decision, stalls = _attempt(state, spec, steady_first, 0)
+        if decision.kind in ("done", "step"):
             return decision
-        if decision.kind == "step":
-            stall = _stall_ahead(tuple(roles), decision, spec, steady_first)
-            if stall is None:
-                return decision
-            decision = Decision("blocked", hold, stall)
-        elif rank:
-            exhausted.add(steady_first)  # no more steps below in that order
-            continue
         refused = refused or decision
+        for rank in range(1, _RANKED_TRIES + 1) if started and stalls else ():
+            lower, _ = _attempt(state, spec, steady_first, rank)
+            if lower.kind == "step":
+                return lower
+            if lower.reason == _NO_RANK:
+                break  # no more steps below in that order (a step that does nothing is skipped)
     assert refused is not None
     return refused
 
 
-def _cohorts_off_ratio(roles: Sequence[RoleObservation], spec: RolloutSpec) -> bool:
-    """Whether the old or the new cohort is off the ratio: never after a step the planner took
-    whole, only after an interrupted one or a hand edit."""
+_NO_RANK = "no step of that rank"
+
+
+@functools.lru_cache(maxsize=256)
+def _attempt(
+    state: tuple[RoleObservation, ...], spec: RolloutSpec, steady_first: bool, rank: int
+) -> tuple[Decision, bool]:
+    """The step of that order and rank if its plan finishes, else why not, and whether that is a
+    step whose plan stalls. Cached apart from `_plan_step`: the dry runs of a refused state can
+    fill that cache, and a blocked group is reconciled again every half minute."""
+    decision = _plan_step(state, spec, steady_first, rank)
+    if decision.kind != "step":
+        return decision, False
+    stall = _stall_ahead(state, decision, spec, steady_first)
+    if stall is None:
+        return decision, False
+    return Decision("blocked", {r.name: RoleAction(r.replicas, r.partition) for r in state}, stall), True
+
+
+def clear_caches() -> None:
+    """Forget every cached planning result (tests that swap a search strategy)."""
+    _plan_step.cache_clear()
+    _attempt.cache_clear()
+    _auto_tolerance.cache_clear()
+
+
+def _old_cohort_off_ratio(roles: Sequence[RoleObservation], spec: RolloutSpec) -> bool:
     tol = effective_tolerance(roles, spec)
-    if tol is None:
-        return False
     old_p = sum(r.partition for r in roles if r.type == "prefill")
     old_d = sum(r.partition for r in roles if r.type == "decode")
-    new_p = sum(r.replicas - r.partition for r in roles if r.type == "prefill")
-    new_d = sum(r.replicas - r.partition for r in roles if r.type == "decode")
-    return not (
-        on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol)
-        and on_ratio(new_p, new_d, spec.ratio_p, spec.ratio_d, tol)
-    )
+    return tol is not None and not on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol)
 
 
 def _stall_ahead(
@@ -293,8 +302,8 @@ def _plan_step(
 ) -> Decision:
     """The next step from a state where every group is ready (no lookahead). `steady_first` ranks
     steps that bring an off-ratio old cohort back onto the ratio above those that move the most;
-    `rank` > 0 asks for the step that many places below the best (a distinct one). Cached: callers
-    must not mutate the returned decision."""
+    `rank` > 0 asks for the step that many places below the best. Cached: callers must not mutate
+    the returned decision."""
     hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
     if all(r.partition == 0 and r.replicas == r.desired for r in roles):
         return Decision("done", hold, "every group runs the new revision")
@@ -380,12 +389,13 @@ def _plan_step(
             else:
                 best = (key, [o.old for o in choice], news)
     if rank:
-        # Stable: steps of equal key keep the search's order, so rank 0 would be `best` above.
+        # Stable: steps of equal key keep the search's order, so rank 0 would be `best` above. Below
+        # a step that leaves every old revision no further off the ratio (`kept`), only such steps.
         ranked.sort(key=lambda c: c[0], reverse=True)
-        distinct = list({(tuple(c[1]), tuple(c[2])): c for c in reversed(ranked)}.values())[::-1]
-        best = distinct[rank] if rank < len(distinct) else None
-        if best is None:
-            return Decision("blocked", hold, f"no step of rank {rank}")
+        ranked = [c for c in ranked if c[0][0] == ranked[0][0][0]]
+        if rank >= len(ranked):
+            return Decision("blocked", hold, _NO_RANK)
+        best = ranked[rank]
     if best is not None:
         for r, old, new in zip(kv, best[1], best[2], strict=True):
             actions[r.name] = RoleAction(old + new, old)

@@ -287,7 +287,10 @@ def recommend_prefill(
 
 
 def with_kv_capacity(c: Coefficients, tokens: float) -> Coefficients:
-    """`c` holding `tokens` KV tokens per engine (unchanged when `tokens` is 0: not reported)."""
+    """`c` holding `tokens` KV tokens per replica (unchanged when `tokens` is 0: not reported).
+
+    A replica is one leader's server: with data parallelism, all its ranks' KV, while the profile's
+    max_num_seqs and step times stay those of one engine core."""
     if tokens <= 0:
         return c
     return replace(c, num_kv_blocks=max(1, round(tokens / c.block_size)))

@@ -57,7 +57,6 @@ _SGLANG_GAUGES = {
     "sglang:num_decode_prealloc_queue_reqs": "waiting",
     "sglang:num_decode_transfer_queue_reqs": "waiting",
     "sglang:token_usage": "kv_usage",
-    "sglang:max_total_num_tokens": "kv_capacity_tokens",
 }
 _COUNTERS = {
     "vllm:request_success": "requests_total",
@@ -89,12 +88,13 @@ class MetricsParseError(ValueError):
 
 
 def _label_product(labels: dict[str, str], a: str, b: str) -> float | None:
-    """The product of two numeric labels; None when either is absent or not a number (some vLLM
-    builds export ``num_gpu_blocks="None"`` before the cache is profiled)."""
+    """The product of two numeric labels; None when either is absent, not a number (some vLLM
+    builds export ``num_gpu_blocks="None"`` before the cache is profiled) or not a positive size."""
     try:
-        return float(labels[a]) * float(labels[b])
+        product = float(labels[a]) * float(labels[b])
     except (KeyError, ValueError):
         return None
+    return product if math.isfinite(product) and product > 0 else None
 
 
 def parse_engine_metrics(text: str) -> EngineSample:
@@ -118,8 +118,8 @@ def parse_engine_metrics(text: str) -> EngineSample:
                 continue
             # KV usage is a fraction per engine: average the label sets (and of two names for it, the
             # last read wins); counts add up, also across families (SGLang's decode queues).
-            if field in ("kv_usage", "kv_capacity_tokens"):
-                values[field] = sum(vals) / len(vals) if field == "kv_usage" else sum(vals)
+            if field == "kv_usage":
+                values[field] = sum(vals) / len(vals)
             else:
                 values[field] = values.get(field, 0.0) + sum(vals)
         elif name in _COUNTERS:
@@ -130,10 +130,22 @@ def parse_engine_metrics(text: str) -> EngineSample:
             if count_field is not None:
                 values[count_field] = sum(s.value for s in fam.samples if s.name == name + "_count")
         elif name == "vllm:cache_config_info":
-            # One series per engine core (data-parallel rank, label `engine`): the pod holds their sum.
-            sizes = [_label_product(s.labels, "num_gpu_blocks", "block_size") for s in fam.samples]
-            if any(c is not None for c in sizes):
-                values["kv_capacity_tokens"] = sum(c for c in sizes if c is not None)
+            # One series per engine core (data-parallel rank, label `engine`), each with the whole
+            # server's block count (vLLM sums its engines' into the config it exports): take one.
+            sizes = [
+                c for s in fam.samples if (c := _label_product(s.labels, "num_gpu_blocks", "block_size"))
+            ]
+            if sizes:
+                values["kv_capacity_tokens"] = max(sizes)
+        elif name == "sglang:max_total_num_tokens":
+            # One series per data-parallel rank; with --enable-metrics-for-all-schedulers also one per
+            # tensor/pipeline rank of the same pool: the same size repeated, counted once.
+            per_dp: dict[str, float] = {}
+            for smp in fam.samples:
+                dp = smp.labels.get("dp_rank", "")
+                per_dp[dp] = max(per_dp.get(dp, 0.0), smp.value)
+            if per_dp:
+                values["kv_capacity_tokens"] = sum(per_dp.values())
     if not engine:
         raise MetricsParseError("no vllm: or sglang: metrics in the scraped text")
     old_sum, old_count = values.pop("itl_old_sum_s", 0.0), values.pop("itl_old_count", 0.0)

@@ -98,7 +98,10 @@ _SERIES: dict[str, str] = {
 
 
 # Series whose labels carry what is read, and those labels.
-_VALUE_LABELS = {"vllm:cache_config_info": ("num_gpu_blocks", "block_size", "engine")}
+_VALUE_LABELS = {
+    "vllm:cache_config_info": ("num_gpu_blocks", "block_size", "engine"),
+    "sglang:max_total_num_tokens": ("dp_rank", "tp_rank", "pp_rank"),
+}
 
 
 def _family(series: str, kind: str) -> str:
@@ -161,7 +164,7 @@ def prometheus_vector_to_text(result: Sequence[dict], by_pod: str) -> str:
             continue
         fam = _family(name, kind)
         # Series are written without labels (their sums are what is read), except those whose
-        # labels are the value: the KV cache size of vLLM's cache_config_info (one per engine core).
+        # labels are needed to read them: the KV cache sizes (see `parse_engine_metrics`).
         kept = {k: v for k, v in _labels(item).items() if k in _VALUE_LABELS.get(name, ())}
         labels = "{" + ",".join(f'{k}="{_escaped(v)}"' for k, v in kept.items()) + "}" if kept else ""
         lines.setdefault(f"# TYPE {fam} {kind}", []).append(f"{name}{labels} {float(item['value'][1])!r}")

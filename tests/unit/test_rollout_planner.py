@@ -369,13 +369,13 @@ def test_the_ratio_band_shortcut_plans_exactly_as_the_full_search(
     spec, roles, delays = scenario
     fast = simulate(spec, initial_state(roles), _delay_model(delays), max_ticks=2_000)
     original = planner._banded_choices
-    planner._plan_step.cache_clear()
+    planner.clear_caches()
     planner._banded_choices = lambda *_a, **_k: None
     try:
         full = simulate(spec, initial_state(roles), _delay_model(delays), max_ticks=2_000)
     finally:
         planner._banded_choices = original
-        planner._plan_step.cache_clear()
+        planner.clear_caches()
     assert fast == full
 
 
@@ -434,14 +434,14 @@ def test_the_per_type_search_keeps_every_invariant(
     from pdorch.rollout import planner
 
     spec, roles = scenario
-    planner._plan_step.cache_clear()
+    planner.clear_caches()
     original = planner._MAX_COMBINATIONS
     planner._MAX_COMBINATIONS = 1
     try:
         snaps = simulate(spec, initial_state(roles), _delay_model(delays), max_ticks=2_000)
     finally:
         planner._MAX_COMBINATIONS = original
-        planner._plan_step.cache_clear()
+        planner.clear_caches()
     _check_invariants(spec, snaps)
     last = snaps[-1].decision
     assert last.kind in ("done", "blocked"), last
@@ -475,14 +475,14 @@ def test_the_per_type_search_finds_a_step_as_good_as_the_full_product(
     spec = replace(spec, tolerance=auto_tolerance(initial_state(roles), spec))
 
     def plan(state, forced: bool):
-        planner._plan_step.cache_clear()
+        planner.clear_caches()
         original = planner._MAX_COMBINATIONS
         planner._MAX_COMBINATIONS = 1 if forced else original
         try:
             return planner._plan_step(tuple(state), spec)
         finally:
             planner._MAX_COMBINATIONS = original
-            planner._plan_step.cache_clear()
+            planner.clear_caches()
 
     state = initial_state(roles)
     for step in range(40):

@@ -412,12 +412,24 @@ def test_a_new_engine_repeats_its_first_interval_too() -> None:
 def test_the_kv_capacity_the_engines_report_reaches_the_role_load() -> None:
     # vLLM says it in cache_config_info's labels, also through Prometheus; SGLang in a gauge.
     info = _series("vllm:cache_config_info", 1, num_gpu_blocks="2500", block_size="16", pod="p")
-    # Data parallel: one series per engine core, and the pod holds all of them.
+    # Data parallel: one series per engine core, each with the whole server's blocks (vLLM sums
+    # its engines' counts into the config it exports).
     ranks = [
-        _series("vllm:cache_config_info", 1, num_gpu_blocks="1000", block_size="16", engine=str(i), pod="dp")
+        _series("vllm:cache_config_info", 1, num_gpu_blocks="2000", block_size="16", engine=str(i), pod="dp")
         for i in (0, 1)
     ]
     assert parse_engine_metrics(prometheus_vector_to_text(ranks, "dp")).kv_capacity_tokens == 32_000
+    # SGLang: one series per data-parallel rank (added up); with metrics from all schedulers also
+    # one per tensor rank of the same pool (counted once).
+    pools = [
+        _series("sglang:max_total_num_tokens", 30_000, dp_rank=str(dp), tp_rank=str(tp), pod="s")
+        for dp in (0, 1)
+        for tp in (0, 1, 2, 3)
+    ]
+    assert parse_engine_metrics(prometheus_vector_to_text(pools, "s")).kv_capacity_tokens == 60_000
+    # A size label that is not a positive number is ignored, not a reason to drop the scrape.
+    odd = _series("vllm:cache_config_info", 1, num_gpu_blocks="inf", block_size="16", pod="o")
+    assert parse_engine_metrics(prometheus_vector_to_text([odd], "o")).kv_capacity_tokens == 0
     via = parse_engine_metrics(
         prometheus_vector_to_text([info, _series("vllm:num_requests_running", 1, pod="p")], "p")
     )
