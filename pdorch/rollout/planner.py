@@ -296,6 +296,10 @@ def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
     )
 
 
+# A candidate step: its rank key (kept, steady, moved, -deviation, new groups), old and new counts.
+_Candidate = tuple[tuple[bool, bool, int, Fraction, int], list[int], list[int]]
+
+
 @functools.lru_cache(maxsize=1024)
 def _plan_step(
     roles: tuple[RoleObservation, ...], spec: RolloutSpec, steady_first: bool = True, rank: int = 0
@@ -355,8 +359,8 @@ def _plan_step(
                 "maxSurge/maxUnavailable",
             )
     before = _revision_cohorts(kv, [r.partition for r in kv]) if layered else {}
-    best: tuple[tuple[bool, bool, int, Fraction, int], list[int], list[int]] | None = None
-    ranked: list[tuple[tuple[bool, bool, int, Fraction, int], list[int], list[int]]] = []
+    best: _Candidate | None = None
+    ranked: list[_Candidate] = []
     for choice in choices:
         old_p = sum(o.old for o, p in zip(choice, is_p, strict=True) if p)
         old_d = sum(o.old for o, p in zip(choice, is_p, strict=True) if not p)

@@ -82,6 +82,21 @@ _HISTOGRAMS: dict[str, tuple[str, str | None]] = {
     "sglang:time_per_output_token_seconds": ("itl_old_sum_s", "itl_old_count"),
 }
 
+# Gauges read for the KV cache size, each by a rule of its own (`parse_engine_metrics`).
+VLLM_KV_INFO = "vllm:cache_config_info"  # its labels carry the size: num_gpu_blocks x block_size
+SGLANG_KV_TOKENS = "sglang:max_total_num_tokens"
+
+
+def read_series() -> dict[str, str]:
+    """Every exposition series this parser reads, with its family type (`# TYPE`): what a source
+    that does not scrape the engines itself (Prometheus) must fetch."""
+    gauges = [*_VLLM_GAUGES, *_SGLANG_GAUGES, VLLM_KV_INFO, SGLANG_KV_TOKENS]
+    return (
+        dict.fromkeys(gauges, "gauge")
+        | {f"{name}_total": "counter" for name in _COUNTERS}
+        | {f"{name}{part}": "histogram" for name in _HISTOGRAMS for part in ("_sum", "_count")}
+    )
+
 
 class MetricsParseError(ValueError):
     """The text is not Prometheus exposition format or has no engine metrics."""
@@ -129,7 +144,7 @@ def parse_engine_metrics(text: str) -> EngineSample:
             values[sum_field] = sum(s.value for s in fam.samples if s.name == name + "_sum")
             if count_field is not None:
                 values[count_field] = sum(s.value for s in fam.samples if s.name == name + "_count")
-        elif name == "vllm:cache_config_info":
+        elif name == VLLM_KV_INFO:
             # One series per engine core (data-parallel rank, label `engine`), each with the whole
             # server's block count (vLLM sums its engines' into the config it exports): take one.
             sizes = [
@@ -137,7 +152,7 @@ def parse_engine_metrics(text: str) -> EngineSample:
             ]
             if sizes:
                 values["kv_capacity_tokens"] = max(sizes)
-        elif name == "sglang:max_total_num_tokens":
+        elif name == SGLANG_KV_TOKENS:
             # One series per data-parallel rank; with --enable-metrics-for-all-schedulers also one per
             # tensor/pipeline rank of the same pool: the same size repeated, counted once.
             per_dp: dict[str, float] = {}

@@ -17,7 +17,14 @@ from typing import Protocol
 import httpx2
 
 from pdorch.proxy.endpoints import Endpoint
-from pdorch.scaler.scrape import EngineSample, MetricsParseError, parse_engine_metrics
+from pdorch.scaler.scrape import (
+    SGLANG_KV_TOKENS,
+    VLLM_KV_INFO,
+    EngineSample,
+    MetricsParseError,
+    parse_engine_metrics,
+    read_series,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,47 +67,13 @@ class DirectScrape:
 
 
 # Series the scaler reads, with the family type the text parser needs to group them.
-_SERIES: dict[str, str] = {
-    "vllm:num_requests_running": "gauge",
-    "vllm:num_requests_waiting": "gauge",
-    "vllm:kv_cache_usage_perc": "gauge",
-    "vllm:gpu_cache_usage_perc": "gauge",
-    "vllm:cache_config_info": "gauge",  # its labels carry the KV capacity (num_gpu_blocks x block_size)
-    "vllm:request_success_total": "counter",
-    "vllm:prompt_tokens_total": "counter",
-    "vllm:generation_tokens_total": "counter",
-    "vllm:time_to_first_token_seconds_sum": "histogram",
-    "vllm:time_to_first_token_seconds_count": "histogram",
-    "vllm:inter_token_latency_seconds_sum": "histogram",
-    "vllm:inter_token_latency_seconds_count": "histogram",
-    "vllm:time_per_output_token_seconds_sum": "histogram",
-    "vllm:time_per_output_token_seconds_count": "histogram",
-    "vllm:request_prompt_tokens_sum": "histogram",
-    "vllm:request_prompt_tokens_count": "histogram",
-    "vllm:request_generation_tokens_sum": "histogram",
-    "vllm:request_generation_tokens_count": "histogram",
-    "sglang:num_running_reqs": "gauge",
-    "sglang:num_queue_reqs": "gauge",
-    "sglang:num_decode_prealloc_queue_reqs": "gauge",
-    "sglang:num_decode_transfer_queue_reqs": "gauge",
-    "sglang:token_usage": "gauge",
-    "sglang:max_total_num_tokens": "gauge",
-    "sglang:num_requests_total": "counter",
-    "sglang:prompt_tokens_total": "counter",
-    "sglang:generation_tokens_total": "counter",
-    "sglang:time_to_first_token_seconds_sum": "histogram",
-    "sglang:time_to_first_token_seconds_count": "histogram",
-    "sglang:inter_token_latency_seconds_sum": "histogram",
-    "sglang:inter_token_latency_seconds_count": "histogram",
-    "sglang:time_per_output_token_seconds_sum": "histogram",
-    "sglang:time_per_output_token_seconds_count": "histogram",
-}
+_SERIES = read_series()
 
 
 # Series whose labels carry what is read, and those labels.
 _VALUE_LABELS = {
-    "vllm:cache_config_info": ("num_gpu_blocks", "block_size", "engine"),
-    "sglang:max_total_num_tokens": ("dp_rank", "tp_rank", "pp_rank"),
+    VLLM_KV_INFO: ("num_gpu_blocks", "block_size", "engine"),
+    SGLANG_KV_TOKENS: ("dp_rank", "tp_rank", "pp_rank"),
 }
 
 
