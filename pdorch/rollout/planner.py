@@ -276,6 +276,9 @@ def _stall_ahead(
         steps += 1
     if ahead.kind == "blocked":
         return f"{ahead.reason} (the plan would stall after {steps} more step(s))"
+    if ahead.kind == "step":
+        # Cut off, not finished: taking the step could start a plan that never ends.
+        return f"cannot progress: the plan does not finish within {_MAX_LOOKAHEAD} steps (a planner bug)"
     return None
 
 

@@ -240,18 +240,25 @@ class RoleMemory:
     # Last known request shape, for ticks in which nothing finished (bursty traffic has many).
     prompt_tokens: float = 0.0
     output_tokens: float = 0.0
+    # Last KV capacity the engines reported: an idle SGLang server may not export its gauge yet, and
+    # the preset's capacity can be far off the deployment's.
+    kv_capacity_tokens: float = 0.0
 
 
 def _with_shape(mem: RoleMemory, load: RoleLoad) -> RoleLoad:
-    """`load` with the remembered mean lengths when this tick saw none; remembers new ones."""
+    """`load` with the remembered mean lengths and KV capacity when this tick saw none; remembers
+    new ones."""
     if load.mean_prompt_tokens > 0:
         mem.prompt_tokens = load.mean_prompt_tokens
     if load.mean_output_tokens > 0:
         mem.output_tokens = load.mean_output_tokens
+    if load.kv_capacity_tokens > 0:
+        mem.kv_capacity_tokens = load.kv_capacity_tokens
     return replace(
         load,
         mean_prompt_tokens=load.mean_prompt_tokens or mem.prompt_tokens,
         mean_output_tokens=load.mean_output_tokens or mem.output_tokens,
+        kv_capacity_tokens=load.kv_capacity_tokens or mem.kv_capacity_tokens,
     )
 
 

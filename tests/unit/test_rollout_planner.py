@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdorch.rollout import planner
 from pdorch.rollout.planner import auto_tolerance, initial_state, next_step, simulate
 from pdorch.rollout.state import RoleObservation, RolloutSpec, Snapshot, resolve_int_or_percent
 
@@ -170,6 +171,25 @@ def test_cannot_progress_tight_tolerance():
     snaps = simulate(spec, initial_state([("p", "prefill", 8), ("d", "decode", 4)]))
     assert snaps[-1].decision.kind == "blocked"
     assert snaps[-1].decision.reason.startswith("cannot progress: no step keeps both cohorts")
+
+
+def test_a_plan_cut_off_by_the_lookahead_bound_is_refused_not_started(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The dry run's step bound guards against a planner bug looping; a plan it cuts off has not
+    been shown to finish, so its first step is refused rather than taken."""
+    spec = RolloutSpec(2, 1, 0.0, 2, 0)
+    state = initial_state([("p", "prefill", 8), ("d", "decode", 4)])
+    monkeypatch.setattr(planner, "_MAX_LOOKAHEAD", 2)
+    planner.clear_caches()
+    try:
+        decision = next_step(state, spec)
+    finally:
+        monkeypatch.undo()
+        planner.clear_caches()
+    assert decision.kind == "blocked"
+    assert "does not finish within 2 steps" in decision.reason
+    assert next_step(state, spec).kind == "step"  # the real bound lets the 6-step plan through
 
 
 def test_cannot_progress_single_replica_without_budget():

@@ -114,6 +114,18 @@ def test_decode_sizes_by_the_kv_capacity_the_engines_report() -> None:
     assert same.replicas == preset.replicas
 
 
+def test_decode_remembers_the_reported_kv_capacity_through_a_silent_tick() -> None:
+    """A tick whose engines report no capacity (an idle SGLang server before its first batch) keeps
+    the last reported one instead of falling back to the preset's."""
+    mem = RoleMemory()
+    reported = recommend_decode(mem, 0.0, role_load(60, 200, 300, kv_capacity_tokens=40_000), BLIS, 0.05)
+    silent = recommend_decode(mem, 15.0, role_load(60, 200, 300), BLIS, 0.05)
+    assert "KV-bound" in silent.reason
+    assert silent.replicas == reported.replicas
+    fresh = recommend_decode(RoleMemory(), 15.0, role_load(60, 200, 300), BLIS, 0.05)
+    assert fresh.replicas < silent.replicas
+
+
 def test_decode_follows_kv_usage() -> None:
     low = decode_replicas(role_load(1, 500, 10, running=5, kv_usage=0.2, ready=4), DIST, 0.1)
     high = decode_replicas(role_load(1, 500, 10, running=5, kv_usage=0.95, ready=4), DIST, 0.1)
