@@ -65,8 +65,9 @@ def legacy_pod_cidr_for(name: str) -> str:
 
 
 NODE_IP = "127.0.0.1"
-# Allocated only, never dialled (no kube-proxy). A /24 runs out after ~250 ClusterIP Services.
-SERVICE_CIDR = "10.0.0.0/16"
+# Allocated only, never dialled (no kube-proxy); loopback all the same, above the pod ranges, so an
+# address that leaks into a client stays on this machine. A /24 runs out after ~250 Services.
+SERVICE_CIDR = "127.251.0.0/16"
 POD_TERMINATION_MS = 1000
 NODE_LABELS = {"type": "kwok", "pdorch.io/devcluster": "true"}
 

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pdorch.devcluster.manifests import SERVICE_CIDR
+
 _VALIDITY = dt.timedelta(days=365)
 
 
@@ -138,12 +140,13 @@ def generate(paths: PkiPaths) -> str:
     paths.ca_crt.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(paths.ca_key, ca_key)
 
-    # 10.0.0.1 is the in-cluster `kubernetes` Service IP; it is only ever a SAN, never dialled.
+    # The first Service IP is the in-cluster `kubernetes` Service's; it is only ever a SAN, never dialled.
+    kubernetes_service_ip = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))
     api_cert, api_key = _serving_cert(
         ca_cert,
         ca_key,
         "kube-apiserver",
-        ["127.0.0.1", "10.0.0.1"],
+        ["127.0.0.1", kubernetes_service_ip],
         ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"],
     )
     paths.apiserver_crt.write_bytes(api_cert.public_bytes(serialization.Encoding.PEM))

@@ -151,6 +151,21 @@ def test_every_pod_cidr_is_loopback_and_never_holds_127_0_0_1() -> None:
         assert 1 <= net.network_address.packed[1] <= 250, name
 
 
+def test_service_ips_are_loopback_apart_from_every_pod_range_and_a_san_of_the_apiserver(
+    tmp_path: Path,
+) -> None:
+    services = ipaddress.ip_network(manifests.SERVICE_CIDR)
+    assert services.subnet_of(ipaddress.ip_network("127.0.0.0/8"))
+    taken = [manifests.pod_cidr_for("default"), manifests.pod_cidr_for("pytest")]
+    while len(taken) < manifests.LAST_POD_OCTET:  # every range a cluster can get
+        taken.append(manifests.pod_cidr_for("c", taken))
+    assert not any(ipaddress.ip_network(cidr).overlaps(services) for cidr in taken)
+    pki.generate(pki.PkiPaths(tmp_path))
+    cert = x509.load_pem_x509_certificate(pki.PkiPaths(tmp_path).apiserver_crt.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert next(services.hosts()) in sans.get_values_for_type(x509.IPAddress)
+
+
 def test_a_pod_cidr_held_by_another_cluster_is_never_chosen() -> None:
     for name in ("default", "pytest", "demo", "bench"):
         first = manifests.pod_cidr_for(name)
