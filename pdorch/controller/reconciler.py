@@ -55,6 +55,7 @@ from pdorch.rollout import history
 from pdorch.rollout import live as rlive
 from pdorch.rollout.commands import rollout_spec
 from pdorch.rollout.state import KV_TYPES
+from pdorch.rollout.step_record import StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class Reconciler:
     # status.lastProgressTime (for RolloutStalled; a restarted controller resumes from status).
     rolling: set[str] = field(default_factory=set)
     _progress: dict[str, tuple[str, float, str]] = field(default_factory=dict)
+    # Per group: the last rollout step whose LWS writes all went through (step_record).
+    _written_steps: dict[str, StepRecord] = field(default_factory=dict)
     # Per group: LWS name -> when this process last changed it (creation failures older than that
     # concern an earlier spec); and when its FailedCreate warnings were last read, and what they
     # said (read at most every FAILURE_CHECK_S, and only while a role lacks groups).
@@ -152,6 +155,7 @@ class Reconciler:
             self._renders.pop(key, None)
             self.rolling.discard(key)
             self._progress.pop(key, None)
+            self._written_steps.pop(key, None)
             self._lws_changed_at.pop(key, None)
             self._failures.pop(key, None)
             forget_group_metrics(namespace, name)
@@ -183,7 +187,12 @@ class Reconciler:
         rollout = await self._plan_rollout(sg, key, namespace, name, scaled)
         overrides = dict(scaled)
         for role_name, (replicas, partition) in rollout.actions.items():
-            overrides[role_name] = RoleOverride(replicas=replicas, partition=partition, rollout=True)
+            overrides[role_name] = RoleOverride(
+                replicas=replicas,
+                partition=partition,
+                rollout=True,
+                step=rollout.step.encode() if rollout.step is not None else None,
+            )
         rkey = (uid, rv, repr(sorted(overrides.items())))
         cached = self._renders.get(key)
         if cached is None or cached.key != rkey:
@@ -284,6 +293,8 @@ class Reconciler:
                     obj, generation, prev_status, f"{o['kind']}/{o['metadata']['name']}: {err}"
                 )
                 raise err  # retried with per-key backoff
+        if rollout.step is not None:
+            self._written_steps[key] = rollout.step  # every LWS write of it went through
         if created:
             self.events.emit_soon(obj, "Normal", "Created", "created " + ", ".join(created))
 
@@ -411,6 +422,7 @@ class Reconciler:
         if not rlive.is_rolling(roles, update_revision) or self.caches.pods is None:
             self.rolling.discard(key)
             self._progress.pop(key, None)
+            self._written_steps.pop(key, None)
             return rlive.RolloutPlan(False, {}, None)
         self.rolling.add(key)
         size = {r.name: r.size for r in sg.spec.roles}
@@ -429,7 +441,7 @@ class Reconciler:
         spec = rollout_spec(sg, honour_pause=True, desired={r.name: r.desired for r in roles})
         # In a thread: the first decision of a large rollout searches for seconds (later ones hit the
         # planner's cache), and the event loop must keep renewing the Lease and serving other keys.
-        plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec)
+        plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec, self._written_steps.get(key))
         assert plan.decision is not None
         if plan.decision.kind == "step":
             ROLLOUT_STEPS.labels(namespace, name).inc()

@@ -43,6 +43,8 @@ class RoleOverride:
     # The KV role is part of a rollout in progress: its LWS carries ANNOTATION_ROLLOUT until the
     # planner says "done", so surge groups are only removed once every group is ready.
     rollout: bool = False
+    # With `rollout`: the step record (pdorch.rollout.step_record) its LWS carries.
+    step: str | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ ANNOTATION_BOOTSTRAP_PORT = "pdorch.io/bootstrap-port"
 # On a KV role's LWS while a rollout is in progress (value: the update revision). Partitions and
 # revisions alone cannot tell "surge groups still to remove" from a plain scale-down.
 ANNOTATION_ROLLOUT = "pdorch.io/rollout"
+# On a KV role's LWS while a rollout is in progress: the last step the controller wrote, with every
+# role's target (pdorch.rollout.step_record), so a step whose writes were cut short is finished.
+ANNOTATION_ROLLOUT_STEP = "pdorch.io/rollout-step"
 # Set by the built-in scaler on leader pods it is about to scale away: the proxy stops sending them
 # new requests, and the scaler lowers replicas once their engines are idle (drain, not kill).
 ANNOTATION_DRAINING = "pdorch.io/draining"

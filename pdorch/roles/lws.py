@@ -6,7 +6,12 @@ from typing import Any
 
 from pdorch.api.servinggroup import KV_ROLE_TYPES, Role, RoleType, RolloutStrategy
 from pdorch.roles.context import RenderContext, label_pod_template
-from pdorch.roles.labels import ANNOTATION_BOOTSTRAP_PORT, ANNOTATION_PORT, ANNOTATION_ROLLOUT
+from pdorch.roles.labels import (
+    ANNOTATION_BOOTSTRAP_PORT,
+    ANNOTATION_PORT,
+    ANNOTATION_ROLLOUT,
+    ANNOTATION_ROLLOUT_STEP,
+)
 from pdorch.roles.naming import lws_name
 from pdorch.roles.proxy import builtin_proxy_template
 
@@ -99,6 +104,8 @@ def render_lws(ctx: RenderContext, role: Role) -> dict[str, Any]:
     metadata = ctx.metadata(lws_name(ctx.group, role.name), ctx.labels(role))
     if override.rollout:
         metadata["annotations"] = {ANNOTATION_ROLLOUT: ctx.revision}
+        if override.step is not None:
+            metadata["annotations"][ANNOTATION_ROLLOUT_STEP] = override.step
     return {
         "apiVersion": LWS_API_VERSION,
         "kind": LWS_KIND,

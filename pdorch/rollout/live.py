@@ -30,8 +30,10 @@ from pdorch.roles.labels import (
     LWS_WORKER_INDEX,
 )
 from pdorch.roles.pods import is_ready, is_terminating
+from pdorch.rollout import step_record
 from pdorch.rollout.planner import effective_tolerance, initial_state, next_step, with_auto_tolerance
-from pdorch.rollout.state import KV_TYPES, Decision, RoleObservation, RolloutSpec, deviation
+from pdorch.rollout.state import KV_TYPES, Decision, RoleAction, RoleObservation, RolloutSpec, deviation
+from pdorch.rollout.step_record import StepRecord
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,8 @@ class RolloutPlan:
     `actions`: role -> (replicas, partition) for every KV role with a live LWS while a rollout is
     active (empty otherwise: the spec's replicas and partition 0 apply). `decision` is the
     planner's, None when no rollout is active. `cohorts` counts ready groups per revision and role
-    type, for status and metrics.
+    type, for status and metrics. `step`: the step record every KV role's LWS carries (the one
+    `decision` takes, or the last one written), None before the first step.
     """
 
     active: bool
@@ -70,6 +73,7 @@ class RolloutPlan:
     observations: tuple[RoleObservation, ...] = ()
     cohorts: dict[str, dict[str, int]] = field(default_factory=dict)
     tolerance: float | None = None
+    step: StepRecord | None = None
 
 
 def lws_revision(lws: dict[str, Any]) -> str | None:
@@ -237,11 +241,19 @@ def max_cohort_deviation(by_revision: dict[str, dict[str, int]], ratio_p: int, r
     )
 
 
-def plan(roles: Sequence[LiveRole], update_revision: str, spec: RolloutSpec | None) -> RolloutPlan:
+def plan(
+    roles: Sequence[LiveRole],
+    update_revision: str,
+    spec: RolloutSpec | None,
+    written: StepRecord | None = None,
+) -> RolloutPlan:
     """Decide the partitions and replicas of the KV roles for this reconcile.
 
     `spec.tolerance` None asks for `auto_tolerance`. Roles whose LWS does not exist yet are left to
-    the renderer (created on the update revision).
+    the renderer (created on the update revision). `written`: the last step this controller wrote
+    in full; a newer one some LWS carries and others lack is a step another controller (or this
+    one, before a failed write) did not finish, and is finished before anything else. The step
+    this controller just wrote is not: its LWS objects may only lag in the watch cache.
     """
     kv = [r for r in roles if r.type in KV_TYPES]
     by_rev = cohorts(kv)
@@ -252,11 +264,26 @@ def plan(roles: Sequence[LiveRole], update_revision: str, spec: RolloutSpec | No
     # From the rollout's start state (desired replicas, all old): one tolerance for the whole
     # rollout, not one that drifts with the live state.
     spec = with_auto_tolerance(spec, initial_state([(r.name, r.type, r.desired) for r in live]))
-    decision = next_step(observed, spec)
+    last = step_record.latest([step_record.read(r.lws) for r in live if r.lws is not None], update_revision)
+    views = [_lws_view(r, update_revision) for r in live]
+    missing = step_record.unwritten(last, views) if step_record.newer(last, written) else []
+    if last is not None and missing:
+        # Even when paused: the pause came after this step was decided, and half of it is a state
+        # no plan passes through.
+        decision = Decision(
+            "step",
+            {n: RoleAction(r, p) for n, (r, p) in last.to_dict().items()},
+            f"finish step {last.number}, whose write of {', '.join(missing)} was cut short",
+        )
+    else:
+        decision = next_step(observed, spec)
     if decision.kind == "done":
         # Every group is new and ready at the desired replicas: render plainly (drops the marker).
         return RolloutPlan(False, {}, decision, tuple(observed), by_rev)
     actions = {n: (a.replicas, a.partition) for n, a in decision.roles.items()}
+    record = last
+    if decision.kind == "step" and not missing:
+        record = StepRecord.of(last.number + 1 if last else 1, update_revision, actions)
     eff = effective_tolerance(observed, spec)
     return RolloutPlan(
         True,
@@ -265,4 +292,17 @@ def plan(roles: Sequence[LiveRole], update_revision: str, spec: RolloutSpec | No
         tuple(observed),
         by_rev,
         tolerance=None if eff is None else float(eff),
+        step=record,
+    )
+
+
+def _lws_view(role: LiveRole, update_revision: str) -> step_record.LwsView:
+    assert role.lws is not None
+    replicas, partition = lws_replicas_partition(role.lws)
+    return step_record.LwsView(
+        role.name,
+        replicas,
+        partition,
+        lws_revision(role.lws) == update_revision,
+        step_record.read(role.lws),
     )

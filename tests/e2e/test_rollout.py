@@ -70,7 +70,9 @@ _STEP = re.compile(r"(\w[\w-]*) replicas=(\d+) partition=(\d+)")
 _WAS = re.compile(r"(\w[\w-]*) (\d+)/(\d+)")  # "(was prefill 10/6, ...)": the state it stepped from
 
 
-def _planned_steps(devcluster: ClusterState, namespace: str) -> list[dict[str, tuple[int, int]]]:
+def _planned_steps(
+    devcluster: ClusterState, namespace: str, group: str = GROUP
+) -> list[dict[str, tuple[int, int]]]:
     """The controller's RolloutStep decisions, parsed from its Events (oldest first): role ->
     (replicas, partition), and "was <role>" -> the same before the step (for failure messages)."""
     out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json", timeout=60)
@@ -78,7 +80,7 @@ def _planned_steps(devcluster: ClusterState, namespace: str) -> list[dict[str, t
     events = [
         e
         for e in json.loads(out.stdout)["items"]
-        if e.get("reason") == "RolloutStep" and e["involvedObject"]["name"] == GROUP
+        if e.get("reason") == "RolloutStep" and e["involvedObject"]["name"] == group
     ]
     events.sort(key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
     steps = []
@@ -127,9 +129,9 @@ async def _traffic(url: str, tally: Traffic, stop: asyncio.Event, workers: int =
         await asyncio.gather(*(worker(client) for _ in range(workers)))
 
 
-def _rolled_out(kube: Client, namespace: str, before: str) -> Any:
+def _rolled_out(kube: Client, namespace: str, before: str, group: str = GROUP, kv_pods: int = P + D) -> Any:
     """The group once it runs a revision other than `before` everywhere, with every pod ready."""
-    sg = kube.get(SG, GROUP, namespace=namespace)
+    sg = kube.get(SG, group, namespace=namespace)
     st = sg.status or {}
     prog = condition(sg, "Progressing")
     if st.get("updateRevision") in (None, before):
@@ -138,11 +140,11 @@ def _rolled_out(kube: Client, namespace: str, before: str) -> Any:
         return None
     if not (prog and prog["status"] == "False"):
         return None
-    pods = [p.to_dict() for p in kube.list(Pod, namespace=namespace, labels={"pdorch.io/group": GROUP})]
+    pods = [p.to_dict() for p in kube.list(Pod, namespace=namespace, labels={"pdorch.io/group": group})]
     kv = [
         p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_ROLE_TYPE) in ("prefill", "decode")
     ]
-    if len(kv) != P + D or not all(is_ready(p) and not is_terminating(p) for p in kv):
+    if len(kv) != kv_pods or not all(is_ready(p) and not is_terminating(p) for p in kv):
         return None
     if {p["metadata"]["labels"].get(LABEL_REVISION) for p in kv} != {st["updateRevision"]}:
         return None
@@ -404,3 +406,135 @@ async def test_a_new_spec_mid_rollout_finishes_without_orphaning_the_older_rollo
         assert b[0] > 0 and b[1] > 0, (step, b, "B's prefills or decodes left without the other")
         assert cohort_deviation(*b, 2, 1) <= worst + 1e-9, (step, b, b_at_pause)
     _assert_steps_on_ratio(steps)
+
+
+CUT = "cut"
+
+
+def _cut_group() -> dict[str, Any]:
+    """Two prefill roles (1 and 3 groups) and one decode (3) at a declared 1:1, tolerance 0: the
+    first step moves all three roles, and its half without d0 is a state the planner alone cannot
+    take on from (the old side at 2:3)."""
+    doc = example_sized(CUT, 1, 3)
+    proxy, prefill, decode = doc["spec"]["roles"]
+    p1 = json.loads(json.dumps(prefill)) | {"name": "p1", "replicas": 3}
+    doc["spec"]["roles"] = [proxy, prefill | {"name": "p0"}, p1, decode | {"name": "d0"}]
+    doc["spec"]["ratio"] = {"prefill": 1, "decode": 1}
+    doc["spec"]["rolloutStrategy"] = {"maxSurge": "25%", "maxUnavailable": 1, "ratioTolerance": 0}
+    return doc
+
+
+def _freeze(namespace: str, lws: str) -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy (and binding) refusing real writes to one LWS: dry runs pass (so
+    the controller's pre-write check does not stop the step), except the test's own probe."""
+    name = f"pdorch-test-freeze-{namespace}"
+    allowed = (
+        f"object.metadata.name != '{lws}' || (request.dryRun == true && !(has(object.metadata.annotations)"
+        " && 'pdorch.test/probe' in object.metadata.annotations))"
+    )
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["leaderworkerset.x-k8s.io"],
+                            "apiVersions": ["*"],
+                            "operations": ["UPDATE"],
+                            "resources": ["leaderworkersets"],
+                        }
+                    ]
+                },
+                "validations": [{"expression": allowed, "message": f"{lws} is frozen by the test"}],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
+            },
+        },
+    ]
+
+
+async def test_a_step_whose_lws_write_was_refused_is_finished_as_planned(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """The apiserver refuses the decode LWS's write of a rollout step after both prefill writes went
+    through. The controller retries the rest of that step (read back from the prefill LWS objects),
+    not a new plan from the half-written state, and once the write is allowed the rollout finishes."""
+    kube.create(SG.from_dict(_cut_group()), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, CUT, 180)
+    before = kube.get(SG, CUT, namespace=namespace).status["currentRevision"]
+    policy = _freeze(namespace, f"{CUT}-d0")
+    manifest = Path(tempfile.mkdtemp()) / "freeze.json"
+    manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": policy}))
+    assert devcluster.kubectl("apply", "-f", str(manifest)).returncode == 0
+
+    def frozen(want: bool) -> bool | None:
+        probe = devcluster.kubectl(
+            "annotate", "lws", f"{CUT}-d0", "-n", namespace, "pdorch.test/probe=1", "--dry-run=server"
+        )
+        return True if (probe.returncode != 0) == want else None
+
+    await wait_for_async(lambda: asyncio.to_thread(frozen, True), 30, "the freeze to take effect")
+    await asyncio.to_thread(update_spec, kube, namespace, CUT, set_engine_image("pdorch/sim:v2"))
+
+    def refused() -> dict[str, Any] | None:
+        c = condition(kube.get(SG, CUT, namespace=namespace), "Progressing")
+        return c if c and c["reason"] == "ApplyFailed" and f"{CUT}-d0" in c["message"] else None
+
+    await wait_for_async(lambda: asyncio.to_thread(refused), 60, "the d0 write refused")
+    lws = {r: kube.get(LWS, f"{CUT}-{r}", namespace=namespace).to_dict() for r in ("p0", "p1", "d0")}
+    assert lws_revision(lws["d0"]) == before and lws_replicas_partition(lws["d0"]) == (3, 0)
+    assert lws_revision(lws["p0"]) != before and lws_revision(lws["p1"]) != before
+    steps = _planned_steps(devcluster, namespace, CUT)
+    assert steps and steps[0]["d0"] != (3, 3), steps
+
+    def retried() -> str | None:
+        out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json")
+        for e in json.loads(out.stdout)["items"]:
+            if e.get("reason") == "RolloutStep" and "finish step 1, whose write of d0" in e["message"]:
+                return str(e["message"])
+        return None
+
+    message = await wait_for_async(lambda: asyncio.to_thread(retried), 60, "a retry of the rest of step 1")
+    assert _STEP.findall(message) == _STEP.findall(_planned_events_first(devcluster, namespace)), message
+
+    assert devcluster.kubectl("delete", "-f", str(manifest)).returncode == 0
+    await wait_for_async(lambda: asyncio.to_thread(frozen, False), 30, "the freeze to lift")
+    lifted = time.monotonic()
+    sg = await wait_for_async(
+        lambda: asyncio.to_thread(_rolled_out, kube, namespace, before, CUT, 7), 240, "rollout done"
+    )
+    print(
+        f"refused d0 write: the rest of step 1 was retried; rollout done {time.monotonic() - lifted:.1f} s "
+        f"after the write was allowed again, {len(_planned_steps(devcluster, namespace, CUT))} step events"
+    )
+    stalled = condition(sg, "RolloutStalled")
+    assert stalled is None or stalled["status"] == "False", stalled
+    for role in ("p0", "p1", "d0"):
+        annotations = kube.get(LWS, f"{CUT}-{role}", namespace=namespace).metadata.annotations or {}
+        assert "pdorch.io/rollout-step" not in annotations, (role, annotations)
+
+
+def _planned_events_first(devcluster: ClusterState, namespace: str) -> str:
+    """The message of the group's first RolloutStep event."""
+    out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json")
+    events = [
+        e
+        for e in json.loads(out.stdout)["items"]
+        if e.get("reason") == "RolloutStep" and e["involvedObject"]["name"] == CUT
+    ]
+    events.sort(key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
+    return str(events[0]["message"]).partition("(was ")[0]

@@ -13,6 +13,8 @@ from pdorch.api.servinggroup import ServingGroup
 from pdorch.proxy.config import build_config
 from pdorch.roles.context import DEFAULT_PROXY_IMAGE, RenderOptions, RoleOverride
 from pdorch.roles.labels import (
+    ANNOTATION_ROLLOUT,
+    ANNOTATION_ROLLOUT_STEP,
     LABEL_GROUP,
     LABEL_MANAGED_BY,
     LABEL_REVISION,
@@ -240,6 +242,21 @@ def test_overrides_replicas_partition_and_steps() -> None:
     decode = objs[("LeaderWorkerSet", "sim-pd-decode")]["spec"]
     assert decode["replicas"] == 1
     assert decode["rolloutStrategy"]["rollingUpdateConfiguration"]["partition"] == 1
+
+
+def test_a_rollout_step_rides_on_every_kv_lws_it_moves() -> None:
+    """The step record goes out in the same write as the replicas and partition it names, so an
+    LWS never holds one without the other."""
+    step = '{"n":1,"revision":"r","to":{"decode":[1,0],"prefill":[5,3]}}'
+    overrides = {
+        "prefill": RoleOverride(replicas=5, partition=3, rollout=True, step=step),
+        "decode": RoleOverride(replicas=1, partition=0, rollout=True, step=step),
+    }
+    objs = _by_key(render(_sg(), overrides=overrides))
+    for role in ("prefill", "decode"):
+        annotations = objs[("LeaderWorkerSet", f"sim-pd-{role}")]["metadata"]["annotations"]
+        assert annotations[ANNOTATION_ROLLOUT_STEP] == step and ANNOTATION_ROLLOUT in annotations
+    assert "annotations" not in objs[("LeaderWorkerSet", "sim-pd-proxy")]["metadata"]
 
 
 def test_override_for_unknown_role_is_refused() -> None:

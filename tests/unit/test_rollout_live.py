@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pdorch.roles.labels import (
     ANNOTATION_ROLLOUT,
+    ANNOTATION_ROLLOUT_STEP,
     LABEL_REVISION,
     LWS_GROUP_INDEX,
     LWS_SIZE,
     LWS_WORKER_INDEX,
 )
-from pdorch.rollout import live
+from pdorch.rollout import live, step_record
 from pdorch.rollout.planner import auto_tolerance, initial_state
 from pdorch.rollout.state import RolloutSpec
 
@@ -283,3 +286,177 @@ def test_an_unready_group_of_the_base_revision_is_waited_for() -> None:
     plan = live.plan([prefill, decode], NEW, RolloutSpec(2, 1, None, "25%", "25%"))
     assert plan.decision is not None and plan.decision.kind == "wait"
     assert [o.abandoned for o in plan.observations] == [0, 0]
+
+
+def _written(role: live.LiveRole, plan: live.RolloutPlan) -> live.LiveRole:
+    """`role` after the controller's LWS write of `plan`, once LWS has recreated its groups."""
+    replicas, partition = plan.actions[role.name]
+    lws = _lws(replicas, partition, NEW)
+    assert plan.step is not None
+    lws["metadata"] = {"annotations": {ANNOTATION_ROLLOUT: NEW, ANNOTATION_ROLLOUT_STEP: plan.step.encode()}}
+    groups = tuple(live.GroupState(i, OLD if i < partition else NEW, True) for i in range(replicas))
+    return live.LiveRole(role.name, role.type, role.desired, lws, groups)
+
+
+def _without_records(role: live.LiveRole) -> live.LiveRole:
+    assert role.lws is not None
+    return live.LiveRole(role.name, role.type, role.desired, {"spec": role.lws["spec"]}, role.groups)
+
+
+def _finish(roles: list[live.LiveRole], spec: RolloutSpec, written: step_record.StepRecord | None) -> int:
+    """Plan and write every step to the end (no interruption); the number of steps."""
+    for n in range(200):
+        plan = live.plan(roles, NEW, spec, written)
+        assert plan.decision is not None
+        if plan.decision.kind == "done":
+            return n
+        assert plan.decision.kind == "step", plan.decision.reason
+        roles = [_written(r, plan) for r in roles]
+        written = plan.step
+    raise AssertionError("the rollout did not finish")
+
+
+def test_a_step_whose_lws_writes_were_cut_short_is_finished_as_planned() -> None:
+    """Two prefill roles and one decode at 1:1: the first step lowers all three partitions, and a
+    controller stopped after writing both prefills leaves an old side of 2:1 that no single step
+    of the planner mends. The restarted controller reads the step back from the LWS it wrote and
+    writes the rest; the rollout then finishes."""
+    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
+    roles.append(_ready_role("d0", "decode", 3, OLD))
+    spec = RolloutSpec(1, 1, 0.0, "25%", 1)
+    first = live.plan(roles, NEW, spec)
+    assert first.decision is not None and first.decision.kind == "step" and first.step is not None
+    assert first.step.number == 1 and first.step.to_dict() == first.actions
+    half = [_written(r, first) if r.type == "prefill" else r for r in roles]
+
+    alone = live.plan([_without_records(r) for r in half], NEW, spec)
+    assert alone.decision is not None and alone.decision.kind == "blocked"
+
+    resumed = live.plan(half, NEW, spec)  # a new controller: it wrote nothing itself
+    assert resumed.decision is not None and resumed.decision.kind == "step"
+    assert resumed.decision.reason == "finish step 1, whose write of d0 was cut short"
+    assert resumed.actions == first.actions and resumed.step == first.step
+    assert _finish([_written(r, resumed) for r in half], spec, resumed.step) > 0
+
+
+def test_the_step_a_controller_wrote_itself_is_not_redone_while_the_cache_lags() -> None:
+    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
+    roles.append(_ready_role("d0", "decode", 3, OLD))
+    spec = RolloutSpec(1, 1, 0.0, "25%", 1)
+    first = live.plan(roles, NEW, spec)
+    lagging = [_written(r, first) if r.type == "prefill" else r for r in roles]
+    again = live.plan(lagging, NEW, spec, written=first.step)
+    assert again.decision is not None and "finish step" not in again.decision.reason
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ratio=st.sampled_from([(1, 1), (2, 1), (3, 1), (1, 2), (3, 2)]),
+    sizes=st.lists(st.integers(1, 8), min_size=3, max_size=5),
+    n_prefill=st.integers(1, 2),
+    surge=st.sampled_from([1, 2, "25%", "50%"]),
+    unavailable=st.sampled_from([0, 1, "25%"]),
+    cuts=st.lists(st.integers(0, 31), max_size=40),
+)
+def test_a_rollout_cut_short_between_lws_writes_any_number_of_times_finishes(
+    ratio: tuple[int, int],
+    sizes: list[int],
+    n_prefill: int,
+    surge: int | str,
+    unavailable: int | str,
+    cuts: list[int],
+) -> None:
+    """Several roles per type. At each step the controller may stop after writing only some of the
+    LWS objects (`cuts`: a bit mask of the roles written, 0 = all); a new controller takes over. No
+    state on the way is refused, and the rollout finishes."""
+    roles = [
+        _ready_role(f"p{i}" if i < n_prefill else f"d{i}", "prefill" if i < n_prefill else "decode", n, OLD)
+        for i, n in enumerate(sizes)
+    ]
+    spec = RolloutSpec(*ratio, None, surge, unavailable)
+    if live.plan(roles, NEW, spec).decision.kind != "step":  # type: ignore[union-attr]
+        return  # refused before anything moves: not this test's concern
+    written = None
+    cut = iter(cuts)
+    for _ in range(500):
+        plan = live.plan(roles, NEW, spec, written)
+        assert plan.decision is not None
+        if plan.decision.kind == "done":
+            return
+        assert plan.decision.kind == "step", plan.decision.reason
+        mask = next(cut, 0) % (1 << len(roles))
+        if mask:
+            roles = [_written(r, plan) if mask >> i & 1 else r for i, r in enumerate(roles)]
+            written = None
+        else:
+            roles = [_written(r, plan) for r in roles]
+            written = plan.step
+    raise AssertionError("the rollout did not finish")
+
+
+def test_a_role_changed_after_the_step_was_written_is_planned_afresh() -> None:
+    """A half-written step, but one of the roles that carries it was scaled by hand since: the
+    step is left behind (finishing it would undo the edit), and the planner plans from the state."""
+    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
+    roles.append(_ready_role("d0", "decode", 3, OLD))
+    spec = RolloutSpec(1, 1, 0.0, "25%", 1)
+    first = live.plan(roles, NEW, spec)
+    half = [_written(r, first) if r.name != "p1" else r for r in roles]
+    assert live.plan(half, NEW, spec).decision.reason.startswith("finish step 1")  # type: ignore[union-attr]
+    assert half[2].lws is not None
+    half[2].lws["spec"]["replicas"] += 1
+    plan = live.plan(half, NEW, spec)
+    assert plan.decision is not None and "finish step" not in plan.decision.reason
+
+
+def test_a_half_written_step_of_a_replaced_rollout_is_not_finished_after_a_rollback() -> None:
+    """Rolling to NEW, then to a third revision whose first step was cut short, then back to NEW:
+    the LWS that the third revision's step reached carry its record, so NEW's older step is not
+    forced onto them; the planner plans from the state."""
+    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
+    roles.append(_ready_role("d0", "decode", 3, OLD))
+    spec = RolloutSpec(1, 1, 0.0, "25%", 1)
+    first = live.plan(roles, NEW, spec)
+    done = [_written(r, first) for r in roles]
+    assert done[2].lws is not None
+    other = step_record.StepRecord.of(1, "cccccccccc", {"p0": (1, 0), "p1": (3, 3), "d0": (3, 3)})
+    done[2].lws["metadata"]["annotations"][ANNOTATION_ROLLOUT_STEP] = other.encode()
+    done[2].lws["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"]["partition"] = 3
+    plan = live.plan(done, NEW, spec)
+    assert plan.decision is not None and "finish step" not in plan.decision.reason
+
+
+def test_every_lws_of_a_step_carries_the_same_numbered_record_until_the_next_step() -> None:
+    roles = [_ready_role("prefill", "prefill", 8, OLD), _ready_role("decode", "decode", 4, OLD)]
+    spec = RolloutSpec(2, 1, 0.0, "25%", "25%")
+    first = live.plan(roles, NEW, spec)
+    assert first.step is not None
+    done = [_written(r, first) for r in roles]
+    # Recreated groups not ready yet: the controller waits and keeps the record it wrote.
+    waiting = [live.LiveRole(r.name, r.type, r.desired, r.lws, r.groups[:-1]) for r in done]
+    held = live.plan(waiting, NEW, spec, written=first.step)
+    assert held.decision is not None and held.decision.kind == "wait" and held.step == first.step
+    second = live.plan(done, NEW, spec, written=first.step)
+    assert second.step is not None and second.step.number == 2 and second.step.to_dict() == second.actions
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "{}",
+        "not json",
+        '{"n":1,"revision":"x","to":{"p":[1]}}',
+        '{"n":1,"revision":"x","to":{"p":[1,2]}}',  # partition above replicas
+        '{"n":"1","revision":"x","to":{"p":[1,0]}}',
+        '{"n":1,"revision":"x","to":["p"]}',
+    ],
+)
+def test_an_unreadable_step_record_is_ignored(value: str) -> None:
+    assert step_record.decode(value) is None
+
+
+def test_a_step_record_reads_back_what_it_wrote() -> None:
+    record = step_record.StepRecord.of(3, NEW, {"decode": (5, 1), "prefill": (10, 2)})
+    assert step_record.decode(record.encode()) == record
+    assert record.encode() == ('{"n":3,"revision":"bbbbbbbbbb","to":{"decode":[5,1],"prefill":[10,2]}}')
