@@ -26,6 +26,13 @@ one estimates it from characters and measured legs) and an engine gets its next 
 is idle (the real one keeps up to `maxInflightTokens` on the wire to each engine). The scaler sees
 these prompts as the prefill role's `waiting` only when `queue_visible` is set; otherwise it reads
 the engines' own queues only, as `pdorch scaler` does (it scrapes the engines, not the proxy).
+
+`decode_prefill_share` (with the queue) is a what-if, not a pdorch feature: decode engines also
+prefill held prompts that can still meet the TTFT when no prefill engine is idle, as Dynamo's
+conditional disaggregation and Splitwise's mixed pool do. Such a prompt's KV stays where it is
+computed; the engine's running sequences pause for the prefill (no chunking), and prefills take at
+most that share of its time. Those prompts count as the prefill role's, so the scaler sees the
+whole prompt load.
 """
 
 from __future__ import annotations
@@ -108,11 +115,14 @@ class Pod:
     t_last: float = 0.0
     step: float = 0.0
     version: int = 0
+    # decode, what-if: a local prefill pauses the sequences until `t_last`; next allowed at
+    prefilling: bool = False
+    prefill_after: float = 0.0
 
     def idle(self) -> bool:
         if self.role == PREFILL:
             return not self.busy and not self.queue
-        return self.n_running == 0 and not self.waitq
+        return self.n_running == 0 and not self.waitq and not self.prefilling
 
 
 @dataclass
@@ -153,6 +163,8 @@ class Fleet:
         proxy_queue_ttft_s: float | None = None,
         queue_visible: bool = False,
         proxy_queue_max_wait_s: float = 30.0,
+        decode_prefill_share: float | None = None,
+        decode_prefill_max_tokens: int = 2048,
     ) -> None:
         self.c = c
         self.startup_s = startup_s
@@ -176,6 +188,8 @@ class Fleet:
         self.arrived: deque[Req] = deque()
         self.queued = 0
         self.max_wait_s = proxy_queue_max_wait_s
+        self.decode_prefill_share = decode_prefill_share
+        self.decode_prefill_max_tokens = decode_prefill_max_tokens
         self.counters = {PREFILL: Counters(), DECODE: Counters()}
         self.scale_events = {PREFILL: 0, DECODE: 0}
         self.now = 0.0
@@ -212,6 +226,8 @@ class Fleet:
         q = self.pending[pod.role]
         while q:
             self._route(pod.role, q.popleft())
+        if pod.role == DECODE:
+            self._decode_prefills()
 
     def _end(self, pod: Pod) -> None:
         pod.end = self.now
@@ -251,6 +267,7 @@ class Fleet:
                     break
                 if not pod.busy:
                     self._start_prefill(pod)
+            self._decode_prefills()
             return
         if not ready:
             self.pending[role].append(req)
@@ -314,14 +331,15 @@ class Fleet:
             tokens += r.prompt
         return batch
 
-    def _take_in_time(self) -> list[Req]:
+    def _take_in_time(self, max_tokens: int | None = None) -> list[Req]:
         """A batch of the held prompts that can still meet the TTFT, shortest first; the late ones
-        met on the way move to `late`."""
+        met on the way move to `late`. With `max_tokens`, nothing longer, not even one prompt."""
         limit = self.proxy_queue_ttft_s or 0.0
+        budget = max_tokens or self.c.max_num_batched_tokens
         batch: list[Req] = []
         tokens = 0
         held = self.held
-        while held and (not batch or tokens + held[0][0] <= self.c.max_num_batched_tokens):
+        while held and (not (batch or max_tokens) or tokens + held[0][0] <= budget):
             r = heapq.heappop(held)[3]
             if r.taken:
                 continue
@@ -345,15 +363,19 @@ class Fleet:
             tokens += r.prompt
         return batch
 
-    def _prefill_done(self, pod: Pod) -> None:
+    def _count_prefilled(self, batch: list[Req]) -> None:
         cnt = self.counters[PREFILL]
-        for r in pod.batch:
+        for r in batch:
             r.prefill_end = self.now
-            pod.queued_tokens -= r.prompt
             cnt.requests += 1
             cnt.prompt_tokens += r.prompt
             cnt.ttft_sum += self.now - r.arrival
             cnt.ttft_n += 1
+
+    def _prefill_done(self, pod: Pod) -> None:
+        self._count_prefilled(pod.batch)
+        for r in pod.batch:
+            pod.queued_tokens -= r.prompt
             self.in_transfer += 1
             self._at(self.now + kv_transfer_time_s(self.c, r.prompt), "xfer_done", r)
         pod.batch = []
@@ -363,16 +385,54 @@ class Fleet:
         elif pod.queue or self.proxy_queue_ttft_s is not None:
             self._start_prefill(pod)
 
+    def _decode_prefills(self) -> None:
+        """What-if: idle-enough decode engines take in-time held prompts no prefill engine took."""
+        if self.decode_prefill_share is None:
+            return
+        for pod in self.live[DECODE]:
+            if not self.queued:
+                return
+            if not pod.ready or pod.draining or pod.prefilling or self.now < pod.prefill_after:
+                continue
+            # Room for the prompts' KV beside what the engine holds (half its free KV at most).
+            room = min(self.decode_prefill_max_tokens, (self.kv_cap - pod.kv_used - pod.kv_waiting) // 2)
+            batch = self._take_in_time(room) if room > 0 else []
+            if not batch:
+                continue
+            for r in batch:
+                r.taken = True
+            self.queued -= len(batch)
+            pause = prefill_time_s(self.c, [r.prompt for r in batch])
+            self._advance(pod)
+            pod.t_last = self.now + pause  # the running sequences' clock resumes then
+            pod.prefilling = True
+            self._decode_update(pod)
+            self._at(self.now + pause, "local_prefill_done", (pod, batch, pause))
+
+    def _local_prefill_done(self, pod: Pod, batch: list[Req], pause: float) -> None:
+        pod.prefilling = False
+        share = self.decode_prefill_share or 1.0
+        pod.prefill_after = self.now + pause * (1 - share) / share
+        self._count_prefilled(batch)
+        for r in batch:
+            r.alloc = blocks_for(self.c, r.prompt + r.output) * self.c.block_size
+            pod.waitq.append(r)
+            pod.kv_waiting += r.alloc
+        self._decode_update(pod)
+        self._decode_prefills()
+
     # ------------------------------------------------------------------ decode
     def _advance(self, pod: Pod) -> None:
-        if pod.n_running and pod.step > 0:
+        # `t_last` is in the future while a local prefill pauses the sequences (what-if above).
+        if pod.n_running and pod.step > 0 and self.now > pod.t_last:
             pod.g += (self.now - pod.t_last) / pod.step
-        pod.t_last = self.now
+        pod.t_last = max(self.now, pod.t_last)
 
     def _decode_update(self, pod: Pod) -> None:
         """Advance the clock, retire finished sequences, admit waiting ones, reschedule."""
         c = self.c
         self._advance(pod)
+        resume = pod.t_last  # now, or the end of a local prefill's pause
         cnt = self.counters[DECODE]
         while pod.running and pod.running[0][0] <= pod.g + 1e-9:
             _, _, r = heapq.heappop(pod.running)
@@ -405,13 +465,13 @@ class Fleet:
             pod.step = decode_step_time_s(c, pod.n_running, int(kv))
             # Sequences that joined now get their first token one step from now.
             for r in joined:
-                r.first_token = self.now + pod.step
+                r.first_token = resume + pod.step
             pod.version += 1
-            t_next = self.now + max(pod.running[0][0] - pod.g, 0.0) * pod.step
+            t_next = resume + max(pod.running[0][0] - pod.g, 0.0) * pod.step
             self._at(t_next, "decode", (pod, pod.version))
         else:
             pod.step = 0.0
-            if pod.draining and not pod.waitq:
+            if pod.draining and not pod.waitq and not pod.prefilling:
                 self._end(pod)
 
     # ------------------------------------------------------------------ observation
@@ -474,6 +534,8 @@ class Fleet:
                     self._decode_update(pod)
             elif kind == "ready":
                 self._ready(payload)  # type: ignore[arg-type]
+            elif kind == "local_prefill_done":
+                self._local_prefill_done(*payload)  # type: ignore[misc]
             elif kind == "tick":
                 loads = {}
                 for role in (PREFILL, DECODE):

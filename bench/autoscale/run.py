@@ -52,6 +52,8 @@ class Setup:
     # whether the scaler sees the prompts it holds as prefill's waiting (pdorch scaler does not).
     proxy_queue: bool = False
     queue_visible: bool = False
+    # What-if (fleet.py): decode engines prefill in-time held prompts, up to this share of their time.
+    decode_prefill_share: float | None = None
 
 
 def simulate(setup: Setup, wl: workloads.Workload, policy: PolicyFn, initial: tuple[int, int]) -> FleetResult:
@@ -64,6 +66,7 @@ def simulate(setup: Setup, wl: workloads.Workload, policy: PolicyFn, initial: tu
         setup.tick_s,
         proxy_queue_ttft_s=held,
         queue_visible=setup.queue_visible,
+        decode_prefill_share=setup.decode_prefill_share,
     )
     return fleet.run(reqs, policy, wl.duration + 60.0)
 
@@ -121,6 +124,8 @@ def default_name(args: argparse.Namespace) -> str:
         parts.append("proxy-queue")
     if args.queue_visible:
         parts.append("visible")
+    if args.decode_prefill is not None:
+        parts.append(f"decode-prefill{args.decode_prefill:g}")
     return "-".join(parts)
 
 
@@ -305,8 +310,17 @@ def main() -> int:
         help="with --proxy-queue: the policies see the prompts the proxy holds as prefill's waiting "
         "(a scaler that scrapes the proxy too; pdorch scaler reads the engines only)",
     )
+    ap.add_argument(
+        "--decode-prefill",
+        type=float,
+        metavar="SHARE",
+        help="with --proxy-queue, a what-if: decode engines also prefill held prompts still in time "
+        "when no prefill engine is idle, for up to this share of their time (conditional disaggregation)",
+    )
     ap.add_argument("--name", help="results file stem (default: built from the options by `default_name`)")
     args = ap.parse_args()
+    if args.decode_prefill is not None and not (args.proxy_queue and 0 < args.decode_prefill <= 1):
+        ap.error("--decode-prefill takes a share in (0, 1] and needs --proxy-queue")
     # DistServe's OPT-13B/A100 coefficients; max_model_len lifted from OPT's 2048 so the traces'
     # prompts are not cut (the prefill/decode formulas are extrapolated beyond 2k tokens).
     c = replace(DISTSERVE_OPT13B_A100, max_model_len=16384)
@@ -318,6 +332,7 @@ def main() -> int:
         window_s=30.0,
         proxy_queue=args.proxy_queue,
         queue_visible=args.queue_visible,
+        decode_prefill_share=args.decode_prefill,
     )
     # pdorch runs as `pdorch scaler --pod-startup <startup> --interval <tick>` with the ServingGroup
     # API's damping defaults (scaling.* fields left unset).
@@ -351,6 +366,7 @@ def main() -> int:
             "slo_scale": args.slo_scale,
             "proxy_queue": args.proxy_queue,
             "queue_visible": args.queue_visible,
+            "decode_prefill_share": args.decode_prefill,
         },
         "workloads": {},
     }
