@@ -60,6 +60,13 @@ def _delta(new: float, old: float) -> float:
     return new - old if new >= old else new
 
 
+def _restarted(old: EngineSample, new: EngineSample) -> bool:
+    """Whether the engine restarted between the two samples (a counter went down)."""
+    return (
+        new.requests_total < old.requests_total or new.generation_tokens_total < old.generation_tokens_total
+    )
+
+
 _COUNTER_FIELDS = (
     "requests_total",
     "prompt_tokens_total",
@@ -107,8 +114,10 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
         for f in _COUNTER_FIELDS:
             rates[f] += _delta(getattr(new, f), getattr(old, f)) / span
         # Arrivals = finished + growth of what is in the engines; completions alone would hide an
-        # overload (the queue grows while the finish rate stays at capacity).
-        in_flight_growth += ((new.running + new.waiting) - (old.running + old.waiting)) / span
+        # overload (the queue grows while the finish rate stays at capacity). After a restart the
+        # old in-flight requests were lost, not finished: all of today's arrived since.
+        before = 0 if _restarted(old, new) else old.running + old.waiting
+        in_flight_growth += (new.running + new.waiting - before) / span
     now = total(cur)
     reported = [s.kv_capacity_tokens for s in cur if s.kv_capacity_tokens > 0]
     reqs = rates["requests_total"]

@@ -134,6 +134,14 @@ def test_restarted_counter_counts_from_zero() -> None:
     assert load.mean_prompt_tokens == pytest.approx(100)
 
 
+def test_requests_lost_in_a_restart_are_not_subtracted_from_the_arrivals() -> None:
+    """50 requests were in the engine when it restarted; since then 10 finished and 5 are in it:
+    15 arrivals in 5 s, not 15 - 50 (the lost ones never finished, they did not leave early)."""
+    a = EngineSample("vllm", running=40, waiting=10, requests_total=1000, generation_tokens_total=90_000)
+    b = EngineSample("vllm", running=5, requests_total=10, generation_tokens_total=900)
+    assert role_load([a], [b], 5.0).request_rate == pytest.approx(3.0)
+
+
 def test_total_averages_kv_but_adds_counts() -> None:
     t = total([EngineSample("vllm", running=1, kv_usage=0.2), EngineSample("vllm", running=3, kv_usage=0.6)])
     assert t.running == 4 and t.kv_usage == pytest.approx(0.4)
