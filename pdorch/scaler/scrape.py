@@ -8,9 +8,11 @@ scaler turns two samples into rates (`pdorch.scaler.observe`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,10 @@ _HISTOGRAMS: dict[str, tuple[str, str | None]] = {
 # Gauges read for the KV cache size, each by a rule of its own (`parse_engine_metrics`).
 VLLM_KV_INFO = "vllm:cache_config_info"  # its labels carry the size: num_gpu_blocks x block_size
 SGLANG_KV_TOKENS = "sglang:max_total_num_tokens"
+# SGLang's per-scheduler gauges read per data-parallel rank (`_per_data_parallel_rank`), and the
+# labels that tell the ranks apart: a source that rewrites the series must keep them.
+SGLANG_PER_RANK = (*(n for n, f in _SGLANG_GAUGES.items() if f != "kv_usage"), SGLANG_KV_TOKENS)
+SGLANG_RANK_LABELS = ("dp_rank", "tp_rank", "pp_rank")
 
 
 def read_series() -> dict[str, str]:
@@ -112,6 +118,18 @@ def _label_product(labels: dict[str, str], a: str, b: str) -> float | None:
     return product if math.isfinite(product) and product > 0 else None
 
 
+def _per_data_parallel_rank(samples: Sequence[Sample], name: str) -> float:
+    """An SGLang scheduler gauge: one series per data-parallel rank, and with
+    --enable-metrics-for-all-schedulers also one per tensor/pipeline rank, which run the same batch
+    and pool and so repeat the value: summed over data-parallel ranks, counted once within one."""
+    per_dp: dict[str, float] = {}
+    for smp in samples:
+        if smp.name == name:
+            dp = smp.labels.get("dp_rank", "")
+            per_dp[dp] = max(per_dp.get(dp, smp.value), smp.value)
+    return sum(per_dp.values())
+
+
 def parse_engine_metrics(text: str) -> EngineSample:
     """Sum every series (all label sets) of the known vLLM/SGLang metrics into one sample."""
     values: dict[str, float] = {}
@@ -135,6 +153,8 @@ def parse_engine_metrics(text: str) -> EngineSample:
             # last read wins); counts add up, also across families (SGLang's decode queues).
             if field == "kv_usage":
                 values[field] = sum(vals) / len(vals)
+            elif name in _SGLANG_GAUGES:
+                values[field] = values.get(field, 0.0) + _per_data_parallel_rank(fam.samples, name)
             else:
                 values[field] = values.get(field, 0.0) + sum(vals)
         elif name in _COUNTERS:
@@ -153,14 +173,8 @@ def parse_engine_metrics(text: str) -> EngineSample:
             if sizes:
                 values["kv_capacity_tokens"] = max(sizes)
         elif name == SGLANG_KV_TOKENS:
-            # One series per data-parallel rank; with --enable-metrics-for-all-schedulers also one per
-            # tensor/pipeline rank of the same pool: the same size repeated, counted once.
-            per_dp: dict[str, float] = {}
-            for smp in fam.samples:
-                dp = smp.labels.get("dp_rank", "")
-                per_dp[dp] = max(per_dp.get(dp, 0.0), smp.value)
-            if per_dp:
-                values["kv_capacity_tokens"] = sum(per_dp.values())
+            if any(smp.name == name for smp in fam.samples):
+                values["kv_capacity_tokens"] = _per_data_parallel_rank(fam.samples, name)
     if not engine:
         raise MetricsParseError("no vllm: or sglang: metrics in the scraped text")
     old_sum, old_count = values.pop("itl_old_sum_s", 0.0), values.pop("itl_old_count", 0.0)

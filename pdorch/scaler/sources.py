@@ -18,7 +18,8 @@ import httpx2
 
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.scaler.scrape import (
-    SGLANG_KV_TOKENS,
+    SGLANG_PER_RANK,
+    SGLANG_RANK_LABELS,
     VLLM_KV_INFO,
     EngineSample,
     MetricsParseError,
@@ -73,7 +74,7 @@ _SERIES = read_series()
 # Series whose labels carry what is read, and those labels.
 _VALUE_LABELS = {
     VLLM_KV_INFO: ("num_gpu_blocks", "block_size", "engine"),
-    SGLANG_KV_TOKENS: ("dp_rank", "tp_rank", "pp_rank"),
+    **dict.fromkeys(SGLANG_PER_RANK, SGLANG_RANK_LABELS),
 }
 
 

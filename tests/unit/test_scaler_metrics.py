@@ -417,6 +417,34 @@ def test_a_new_engine_repeats_its_first_interval_too() -> None:
     assert role_load(again.prev, again.cur, 10.0).request_rate == pytest.approx(3.0)
 
 
+def test_sglang_queues_count_each_data_parallel_rank_once_however_many_ranks_export() -> None:
+    """With --enable-metrics-for-all-schedulers every tensor rank of a data-parallel rank exports
+    the batch they all run: 2 data-parallel ranks x 4 tensor ranks, 10 and 6 running, 3 and 1
+    waiting, read as 16 and 4 (not 64 and 16), directly and through Prometheus."""
+    ranks = [(dp, tp, run, wait) for dp, run, wait in ((0, 10, 3), (1, 6, 1)) for tp in range(4)]
+    text = "".join(
+        f"# TYPE {name} gauge\n"
+        + "".join(
+            f'{name}{{dp_rank="{dp}",tp_rank="{tp}",pp_rank="0"}} {(run, wait)[i]}\n'
+            for dp, tp, run, wait in ranks
+        )
+        for i, name in enumerate(("sglang:num_running_reqs", "sglang:num_queue_reqs"))
+    )
+    direct = parse_engine_metrics(text)
+    assert (direct.running, direct.waiting) == (16, 4)
+    series = [
+        _series(name, value, dp_rank=str(dp), tp_rank=str(tp), pp_rank="0", pod="s")
+        for dp, run, wait in ((0, 10, 3), (1, 6, 1))
+        for tp in range(4)
+        for name, value in (("sglang:num_running_reqs", run), ("sglang:num_queue_reqs", wait))
+    ]
+    via = parse_engine_metrics(prometheus_vector_to_text(series, "s"))
+    assert (via.running, via.waiting) == (16, 4)
+    # The default (one exporting scheduler, no rank labels) reads as it is.
+    plain = parse_engine_metrics("sglang:num_running_reqs 7\nsglang:num_queue_reqs 2\n")
+    assert (plain.running, plain.waiting) == (7, 2)
+
+
 def test_the_kv_capacity_the_engines_report_reaches_the_role_load() -> None:
     # vLLM says it in cache_config_info's labels, also through Prometheus; SGLang in a gauge.
     info = _series("vllm:cache_config_info", 1, num_gpu_blocks="2500", block_size="16", pod="p")
