@@ -39,6 +39,7 @@ from pdorch.roles.labels import LABEL_REVISION, LABEL_ROLE_TYPE
 from pdorch.roles.pods import is_ready, is_terminating
 from pdorch.rollout.live import cohort_deviation, lws_replicas_partition, lws_revision
 from pdorch.sim.config import SimConfig
+from tests.integration.admission import refusing
 from tests.integration.test_controller import (
     LWS,
     SG,
@@ -424,49 +425,6 @@ def _cut_group() -> dict[str, Any]:
     return doc
 
 
-def _freeze(namespace: str, lws: str) -> list[dict[str, Any]]:
-    """A ValidatingAdmissionPolicy (and binding) refusing real writes to one LWS: dry runs pass (so
-    the controller's pre-write check does not stop the step), except the test's own probe."""
-    name = f"pdorch-test-freeze-{namespace}"
-    allowed = (
-        f"object.metadata.name != '{lws}' || (request.dryRun == true && !(has(object.metadata.annotations)"
-        " && 'pdorch.test/probe' in object.metadata.annotations))"
-    )
-    return [
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicy",
-            "metadata": {"name": name},
-            "spec": {
-                "failurePolicy": "Fail",
-                "matchConstraints": {
-                    "resourceRules": [
-                        {
-                            "apiGroups": ["leaderworkerset.x-k8s.io"],
-                            "apiVersions": ["*"],
-                            "operations": ["UPDATE"],
-                            "resources": ["leaderworkersets"],
-                        }
-                    ]
-                },
-                "validations": [{"expression": allowed, "message": f"{lws} is frozen by the test"}],
-            },
-        },
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicyBinding",
-            "metadata": {"name": name},
-            "spec": {
-                "policyName": name,
-                "validationActions": ["Deny"],
-                "matchResources": {
-                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
-                },
-            },
-        },
-    ]
-
-
 async def test_a_step_whose_lws_write_was_refused_is_finished_as_planned(
     devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
@@ -476,10 +434,18 @@ async def test_a_step_whose_lws_write_was_refused_is_finished_as_planned(
     kube.create(SG.from_dict(_cut_group()), namespace=namespace)
     await asyncio.to_thread(wait_available, kube, namespace, CUT, 180)
     before = kube.get(SG, CUT, namespace=namespace).status["currentRevision"]
-    policy = _freeze(namespace, f"{CUT}-d0")
-    manifest = Path(tempfile.mkdtemp()) / "freeze.json"
-    manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": policy}))
-    assert devcluster.kubectl("apply", "-f", str(manifest)).returncode == 0
+    # Real writes to d0 are refused; dry runs pass (the controller's pre-write check must not stop
+    # the step), except the test's own probe.
+    rule = {
+        "apiGroups": ["leaderworkerset.x-k8s.io"],
+        "apiVersions": ["*"],
+        "operations": ["UPDATE"],
+        "resources": ["leaderworkersets"],
+    }
+    allowed = (
+        f"object.metadata.name != '{CUT}-d0' || (request.dryRun == true && "
+        "!(has(object.metadata.annotations) && 'pdorch.test/probe' in object.metadata.annotations))"
+    )
 
     def frozen(want: bool) -> bool | None:
         probe = devcluster.kubectl(
@@ -487,32 +453,34 @@ async def test_a_step_whose_lws_write_was_refused_is_finished_as_planned(
         )
         return True if (probe.returncode != 0) == want else None
 
-    await wait_for_async(lambda: asyncio.to_thread(frozen, True), 30, "the freeze to take effect")
-    await asyncio.to_thread(update_spec, kube, namespace, CUT, set_engine_image("pdorch/sim:v2"))
+    with refusing(kube, f"freeze-{namespace}", namespace, rule, allowed, "d0 is frozen by the test") as lift:
+        await wait_for_async(lambda: asyncio.to_thread(frozen, True), 30, "the freeze to take effect")
+        await asyncio.to_thread(update_spec, kube, namespace, CUT, set_engine_image("pdorch/sim:v2"))
 
-    def refused() -> dict[str, Any] | None:
-        c = condition(kube.get(SG, CUT, namespace=namespace), "Progressing")
-        return c if c and c["reason"] == "ApplyFailed" and f"{CUT}-d0" in c["message"] else None
+        def refused() -> dict[str, Any] | None:
+            c = condition(kube.get(SG, CUT, namespace=namespace), "Progressing")
+            return c if c and c["reason"] == "ApplyFailed" and f"{CUT}-d0" in c["message"] else None
 
-    await wait_for_async(lambda: asyncio.to_thread(refused), 60, "the d0 write refused")
-    lws = {r: kube.get(LWS, f"{CUT}-{r}", namespace=namespace).to_dict() for r in ("p0", "p1", "d0")}
-    assert lws_revision(lws["d0"]) == before and lws_replicas_partition(lws["d0"]) == (3, 0)
-    assert lws_revision(lws["p0"]) != before and lws_revision(lws["p1"]) != before
-    steps = _planned_steps(devcluster, namespace, CUT)
-    assert steps and steps[0]["d0"] != (3, 3), steps
+        await wait_for_async(lambda: asyncio.to_thread(refused), 60, "the d0 write refused")
+        lws = {r: kube.get(LWS, f"{CUT}-{r}", namespace=namespace).to_dict() for r in ("p0", "p1", "d0")}
+        assert lws_revision(lws["d0"]) == before and lws_replicas_partition(lws["d0"]) == (3, 0)
+        assert lws_revision(lws["p0"]) != before and lws_revision(lws["p1"]) != before
+        steps = _planned_steps(devcluster, namespace, CUT)
+        assert steps and steps[0]["d0"] != (3, 3), steps
 
-    def retried() -> str | None:
-        out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json")
-        for e in json.loads(out.stdout)["items"]:
-            if e.get("reason") == "RolloutStep" and "finish step 1, whose write of d0" in e["message"]:
-                return str(e["message"])
-        return None
+        def retried() -> str | None:
+            out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json")
+            for e in json.loads(out.stdout)["items"]:
+                if e.get("reason") == "RolloutStep" and "finish step 1, whose write of d0" in e["message"]:
+                    return str(e["message"])
+            return None
 
-    message = await wait_for_async(lambda: asyncio.to_thread(retried), 60, "a retry of the rest of step 1")
-    assert _STEP.findall(message) == _STEP.findall(_planned_events_first(devcluster, namespace)), message
-
-    assert devcluster.kubectl("delete", "-f", str(manifest)).returncode == 0
-    await wait_for_async(lambda: asyncio.to_thread(frozen, False), 30, "the freeze to lift")
+        message = await wait_for_async(
+            lambda: asyncio.to_thread(retried), 60, "a retry of the rest of step 1"
+        )
+        assert _STEP.findall(message) == _STEP.findall(_planned_events_first(devcluster, namespace)), message
+        lift()
+        await wait_for_async(lambda: asyncio.to_thread(frozen, False), 30, "the freeze to lift")
     lifted = time.monotonic()
     sg = await wait_for_async(
         lambda: asyncio.to_thread(_rolled_out, kube, namespace, before, CUT, 7), 240, "rollout done"

@@ -10,10 +10,6 @@ from typing import Any
 
 import pytest
 from lightkube import ApiError, Client
-from lightkube.resources.admissionregistration_v1 import (
-    ValidatingAdmissionPolicy,
-    ValidatingAdmissionPolicyBinding,
-)
 from lightkube.resources.apps_v1 import ControllerRevision
 
 from pdorch.devcluster.cluster import ClusterState
@@ -21,6 +17,7 @@ from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
 from pdorch.rollout.live import lws_replicas_partition, lws_revision
 from tests.compat.helpers import sample
+from tests.integration.admission import refusing
 from tests.integration.test_controller import (
     LWS,
     SG,
@@ -244,48 +241,20 @@ def test_a_refused_revision_record_is_reported_and_retried_after_a_controller_re
     (RevisionRecordFailed, with the API's message), and once the policy is gone the record is
     written, also when the controller restarted in between (no revision change to trigger it)."""
     name = f"norec-{namespace[-6:]}"
-    policy = ValidatingAdmissionPolicy.from_dict(
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "failurePolicy": "Fail",
-                "matchConstraints": {
-                    "resourceRules": [
-                        {
-                            "apiGroups": ["apps"],
-                            "apiVersions": ["v1"],
-                            "operations": ["CREATE"],
-                            "resources": ["controllerrevisions"],
-                        }
-                    ]
-                },
-                "validations": [
-                    {
-                        # Only the group's own history: LWS keeps ControllerRevisions too.
-                        "expression": "!has(object.metadata.ownerReferences) || "
-                        "!object.metadata.ownerReferences.exists(r, r.kind == 'ServingGroup' "
-                        "&& r.name == 'rec')",
-                        "message": "revision history is blocked by the test policy",
-                    }
-                ],
-            },
-        }
+    rule = {
+        "apiGroups": ["apps"],
+        "apiVersions": ["v1"],
+        "operations": ["CREATE"],
+        "resources": ["controllerrevisions"],
+    }
+    # Only the group's own history: LWS keeps ControllerRevisions too.
+    allowed = (
+        "!has(object.metadata.ownerReferences) || "
+        "!object.metadata.ownerReferences.exists(r, r.kind == 'ServingGroup' && r.name == 'rec')"
     )
-    binding = ValidatingAdmissionPolicyBinding.from_dict(
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "policyName": name,
-                "validationActions": ["Deny"],
-                "matchResources": {
-                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
-                },
-            },
-        }
-    )
-    kube.create(policy)
-    kube.create(binding)
-    try:
+    with refusing(
+        kube, name, namespace, rule, allowed, "revision history is blocked by the test policy"
+    ) as lift:
         probe = ControllerRevision.from_dict(
             {
                 "metadata": {
@@ -326,16 +295,9 @@ def test_a_refused_revision_record_is_reported_and_retried_after_a_controller_re
         wait_available(kube, namespace, "rec")  # the rollout does not wait for its history
 
         assert controller.stop() == 0
-        kube.delete(ValidatingAdmissionPolicyBinding, name)
-        kube.delete(ValidatingAdmissionPolicy, name)
+        lift()
         controller.restart()
         controller.wait_ready()
-    finally:
-        for kind in (ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicy):
-            try:
-                kube.delete(kind, name)
-            except ApiError:
-                pass
 
     def recorded() -> bool:
         listed = kube.list(ControllerRevision, namespace=namespace, labels={"pdorch.io/group": "rec"})
