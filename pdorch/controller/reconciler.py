@@ -191,7 +191,7 @@ class Reconciler:
                 replicas=replicas,
                 partition=partition,
                 rollout=True,
-                step=rollout.step.encode() if rollout.step is not None else None,
+                step=record.encode() if (record := rollout.records.get(role_name)) is not None else None,
             )
         rkey = (uid, rv, repr(sorted(overrides.items())))
         cached = self._renders.get(key)

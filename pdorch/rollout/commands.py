@@ -13,8 +13,8 @@ from typing import Any
 from pdorch.api.errors import SpecError, load_servinggroups
 from pdorch.api.servinggroup import KV_ROLE_TYPES, RoleType, RolloutStrategy, ServingGroup
 from pdorch.rollout import live
-from pdorch.rollout.planner import initial_state, simulate, with_auto_tolerance
-from pdorch.rollout.state import RoleObservation, RolloutSpec, Snapshot
+from pdorch.rollout.planner import applied, initial_state, simulate, with_auto_tolerance
+from pdorch.rollout.state import RoleAction, RoleObservation, RolloutSpec, Snapshot
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -199,6 +199,9 @@ class LivePlan:
     initial: list[RoleObservation]
     spec: RolloutSpec
     auto: bool
+    # A step whose LWS writes were cut short, which the controller finishes before anything else:
+    # its number and the roles it had not written. `initial` is then the state after it.
+    finishing: tuple[int, list[str]] | None = None
 
 
 def live_plan(sg: ServingGroup, roles: Sequence[live.LiveRole], revision: str) -> LivePlan:
@@ -213,8 +216,16 @@ def live_plan(sg: ServingGroup, roles: Sequence[live.LiveRole], revision: str) -
     basis = [r for r in roles if r.lws is not None] if rolling else list(roles)
     start = initial_state([(r.name, r.type, r.desired) for r in basis])
     spec, auto = planning_spec(sg, {r.name: r.desired for r in roles}, start)
-    initial = [live.observe(r, revision) for r in basis] if rolling else start
-    return LivePlan(rolling, initial, spec, auto)
+    if not rolling:
+        return LivePlan(rolling, start, spec, auto)
+    initial = [live.observe(r, revision) for r in basis]
+    cut = live.cut_short(basis, initial, revision, spec)
+    if cut is None:
+        return LivePlan(rolling, initial, spec, auto)
+    # The controller finishes it first (once its roles are ready): plan from the state after it.
+    targets = cut.step.to_dict()
+    after = [applied(o, RoleAction(*targets[o.name])) for o in initial]
+    return LivePlan(rolling, after, spec, auto, (cut.step.number, cut.missing))
 
 
 def _run_live(args: argparse.Namespace) -> int:
@@ -269,7 +280,13 @@ def _run_live(args: argparse.Namespace) -> int:
             )
         )
     plan = live_plan(sg, roles, revision)
-    if plan.rolling:
+    if plan.finishing:
+        number, missing = plan.finishing
+        print(
+            f"# rollout to {revision} in progress: step {number} was cut short before "
+            f"{', '.join(missing)} was written; the controller writes the rest first, planning from there"
+        )
+    elif plan.rolling:
         print(f"# rollout to {revision} in progress: planning from the live state")
     else:
         print(f"# no rollout in progress ({revision} everywhere): the plan for the next template change")

@@ -31,7 +31,13 @@ from pdorch.roles.labels import (
 )
 from pdorch.roles.pods import is_ready, is_terminating
 from pdorch.rollout import step_record
-from pdorch.rollout.planner import effective_tolerance, initial_state, next_step, with_auto_tolerance
+from pdorch.rollout.planner import (
+    effective_tolerance,
+    initial_state,
+    next_step,
+    step_fits,
+    with_auto_tolerance,
+)
 from pdorch.rollout.state import KV_TYPES, Decision, RoleAction, RoleObservation, RolloutSpec, deviation
 from pdorch.rollout.step_record import StepRecord
 
@@ -63,8 +69,9 @@ class RolloutPlan:
     `actions`: role -> (replicas, partition) for every KV role with a live LWS while a rollout is
     active (empty otherwise: the spec's replicas and partition 0 apply). `decision` is the
     planner's, None when no rollout is active. `cohorts` counts ready groups per revision and role
-    type, for status and metrics. `step`: the step record every KV role's LWS carries (the one
-    `decision` takes, or the last one written), None before the first step.
+    type, for status and metrics. `step`: the step `decision` takes (numbered), None when it takes
+    none. `records`: the step record each KV role's LWS is to carry: this step's, or when there is
+    none the one it carries (a pass that writes no step never stamps a record on an LWS).
     """
 
     active: bool
@@ -74,6 +81,7 @@ class RolloutPlan:
     cohorts: dict[str, dict[str, int]] = field(default_factory=dict)
     tolerance: float | None = None
     step: StepRecord | None = None
+    records: dict[str, StepRecord | None] = field(default_factory=dict)
 
 
 def lws_revision(lws: dict[str, Any]) -> str | None:
@@ -264,26 +272,46 @@ def plan(
     # From the rollout's start state (desired replicas, all old): one tolerance for the whole
     # rollout, not one that drifts with the live state.
     spec = with_auto_tolerance(spec, initial_state([(r.name, r.type, r.desired) for r in live]))
-    last = step_record.latest([step_record.read(r.lws) for r in live if r.lws is not None], update_revision)
-    views = [_lws_view(r, update_revision) for r in live]
-    missing = step_record.unwritten(last, views) if step_record.newer(last, written) else []
-    if last is not None and missing:
+    records = {r.name: step_record.read(r.lws) for r in live if r.lws is not None}
+    step: StepRecord | None = None
+    cut = cut_short(live, observed, update_revision, spec, written)
+    if _cache_lags(records, written):
+        # This controller wrote `written` in full, and some LWS still show an older step: the watch
+        # cache has not caught up. Planning (or holding) from it would write the older values back.
+        assert written is not None
+        decision = Decision(
+            "wait",
+            {n: RoleAction(r, p) for n, (r, p) in written.to_dict().items()},
+            f"waiting for the watch cache to show step {written.number}",
+        )
+        records = dict.fromkeys(records, written)
+    elif cut is not None and cut.unready:
+        decision = Decision(
+            "wait",
+            {o.name: RoleAction(o.replicas, o.partition) for o in observed},
+            f"waiting for readiness of {', '.join(cut.unready)} to finish step {cut.step.number}",
+        )
+    elif cut is not None:
         # Even when paused: the pause came after this step was decided, and half of it is a state
         # no plan passes through.
         decision = Decision(
             "step",
-            {n: RoleAction(r, p) for n, (r, p) in last.to_dict().items()},
-            f"finish step {last.number}, whose write of {', '.join(missing)} was cut short",
+            {n: RoleAction(r, p) for n, (r, p) in cut.step.to_dict().items()},
+            f"finish step {cut.step.number}, whose write of {', '.join(cut.missing)} was cut short",
         )
+        step = cut.step
     else:
         decision = next_step(observed, spec)
     if decision.kind == "done":
         # Every group is new and ready at the desired replicas: render plainly (drops the marker).
         return RolloutPlan(False, {}, decision, tuple(observed), by_rev)
     actions = {n: (a.replicas, a.partition) for n, a in decision.roles.items()}
-    record = last
-    if decision.kind == "step" and not missing:
-        record = StepRecord.of(last.number + 1 if last else 1, update_revision, actions)
+    if decision.kind == "step" and step is None:
+        step = StepRecord.of(
+            step_record.next_number(list(records.values()), written), update_revision, actions
+        )
+    if step is not None:
+        records = dict.fromkeys(records, step)
     eff = effective_tolerance(observed, spec)
     return RolloutPlan(
         True,
@@ -292,8 +320,53 @@ def plan(
         tuple(observed),
         by_rev,
         tolerance=None if eff is None else float(eff),
-        step=record,
+        step=step,
+        records=records,
     )
+
+
+def _cache_lags(records: dict[str, StepRecord | None], written: StepRecord | None) -> bool:
+    if written is None or sorted(records) != sorted(written.to_dict()):
+        return False
+    return any(r is None or r.number < written.number for r in records.values())
+
+
+@dataclass(frozen=True)
+class CutShort:
+    """A step whose LWS writes were cut short, to be finished before anything else."""
+
+    step: StepRecord
+    missing: list[str]  # the roles it did not reach
+    unready: list[str]  # of those, the ones with a group not ready: finished once they are
+
+
+def cut_short(
+    roles: Sequence[LiveRole],
+    observed: Sequence[RoleObservation],
+    update_revision: str,
+    spec: RolloutSpec,
+    written: StepRecord | None = None,
+) -> CutShort | None:
+    """The half-written step the controller finishes (`written` as in `plan`), if any.
+
+    None also when finishing it would not be a step the planner could take now: a role it did not
+    reach must move within its surge and unavailability budgets at today's desired replicas (a
+    scale since, or a record no controller wrote, is planned afresh instead).
+    """
+    with_lws = [r for r in roles if r.lws is not None]
+    last = step_record.latest([step_record.read(r.lws) for r in with_lws if r.lws is not None])
+    if not step_record.newer(last, written):
+        return None
+    assert last is not None
+    missing = step_record.unwritten(last, [_lws_view(r, update_revision) for r in with_lws], update_revision)
+    if not missing:
+        return None
+    targets = last.to_dict()
+    by_name = {o.name: o for o in observed}
+    unready = [n for n in missing if not by_name[n].all_ready]
+    if not all(step_fits(by_name[n], spec, RoleAction(*targets[n])) for n in missing):
+        return None
+    return CutShort(last, missing, unready)
 
 
 def _lws_view(role: LiveRole, update_revision: str) -> step_record.LwsView:

@@ -124,6 +124,13 @@ def _options(role: RoleObservation, spec: RolloutSpec) -> list[_Option]:
     return opts
 
 
+def step_fits(role: RoleObservation, spec: RolloutSpec, action: RoleAction) -> bool:
+    """Whether one step may take `role` (every group ready) to `action` within its surge and
+    unavailability budgets at its current desired replicas (the moves `next_step` chooses among)."""
+    new = action.replicas - action.partition
+    return any(o.old == action.partition and o.new_lo <= new <= o.new_hi for o in _options(role, spec))
+
+
 def _split(total: int, opts: Sequence[_Option]) -> list[int]:
     """Distribute `total` new groups over roles within their ranges (lowest first)."""
     counts = [o.new_lo for o in opts]
@@ -271,7 +278,7 @@ def _stall_ahead(
     steps = 0
     ahead = decision
     while ahead.kind == "step" and steps <= _MAX_LOOKAHEAD:
-        state = tuple(_applied(r, ahead.roles[r.name]) for r in state)
+        state = tuple(applied(r, ahead.roles[r.name]) for r in state)
         ahead = _plan_step(state, spec, steady_first)
         steps += 1
     if ahead.kind == "blocked":
@@ -282,7 +289,7 @@ def _stall_ahead(
     return None
 
 
-def _applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
+def applied(role: RoleObservation, action: RoleAction) -> RoleObservation:
     """`role` after `action`, every group ready."""
     old, new = action.partition, action.replicas - action.partition
     return RoleObservation(

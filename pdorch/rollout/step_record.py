@@ -41,23 +41,32 @@ class StepRecord:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
+# A record names every KV role with two numbers: far below this even for hundreds of roles. A longer
+# value was not written by pdorch and is not parsed (deeply nested JSON would exhaust the stack).
+_MAX_CHARS = 32_768
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def decode(value: str) -> StepRecord | None:
     """The record in an annotation value; None for anything else (a hand-written or foreign value is
     ignored, never trusted: the planner then plans from the live state as before)."""
+    if len(value) > _MAX_CHARS:
+        return None
     try:
         doc = json.loads(value)
         number, revision, to = doc["n"], doc["revision"], doc["to"]
-        if not (isinstance(number, int) and isinstance(revision, str) and isinstance(to, dict)):
+        if not (_count(number) and isinstance(revision, str) and isinstance(to, dict)):
             return None
         targets = {}
         for name, pair in to.items():
             replicas, partition = pair
-            if not (isinstance(replicas, int) and isinstance(partition, int)):
-                return None
-            if not 0 <= partition <= replicas:
+            if not (_count(replicas) and _count(partition) and partition <= replicas):
                 return None
             targets[str(name)] = (replicas, partition)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     return StepRecord.of(number, revision, targets)
 
@@ -68,20 +77,24 @@ def read(lws: dict[str, Any]) -> StepRecord | None:
     return decode(value) if isinstance(value, str) else None
 
 
-def latest(records: Sequence[StepRecord | None], revision: str) -> StepRecord | None:
-    """The highest-numbered record of the rollout to `revision` (records of earlier rollouts and
-    unreadable ones are ignored)."""
-    mine = [r for r in records if r is not None and r.revision == revision]
-    return max(mine, key=lambda r: r.number, default=None)
+def latest(records: Sequence[StepRecord | None]) -> StepRecord | None:
+    """The highest-numbered record. Steps are numbered on from the last one of any rollout that an
+    LWS still carries (a rollout replaced mid-way leaves its records), so the highest is the last
+    step written, whichever rollout it belongs to."""
+    return max((r for r in records if r is not None), key=lambda r: r.number, default=None)
 
 
 def newer(step: StepRecord | None, written: StepRecord | None) -> bool:
     """Whether `step` comes after `written` (the last step a controller wrote in full): a controller
-    never goes back to finish a step older than its own, which an LWS can only seem to hold while
+    never goes back to finish a step at or below its own, which an LWS can only seem to hold while
     the watch cache lags."""
-    if step is None:
-        return False
-    return written is None or written.revision != step.revision or step.number > written.number
+    return step is not None and (written is None or step.number > written.number)
+
+
+def next_number(records: Sequence[StepRecord | None], written: StepRecord | None) -> int:
+    """The number of the next step: one above every record still carried and the last written."""
+    highest = latest([*records, written])
+    return highest.number + 1 if highest is not None else 1
 
 
 @dataclass(frozen=True)
@@ -95,16 +108,18 @@ class LwsView:
     record: StepRecord | None
 
 
-def unwritten(step: StepRecord | None, roles: Sequence[LwsView]) -> list[str]:
-    """The roles whose part of `step` was never written, when `step` is a half-written step that
-    can be finished as planned; else [] (no step, or the live state left the step behind).
+def unwritten(step: StepRecord | None, roles: Sequence[LwsView], revision: str) -> list[str]:
+    """The roles whose part of `step` was never written, when `step` is a half-written step of the
+    rollout to `revision` that can be finished as planned; else [] (no such step, or the live state
+    left it behind).
 
-    Finishable means: the roles are the step's roles, every role that carries the step still has
-    its target (no hand edit or scale since), the others carry no step or an earlier one of the
-    same rollout, and some of those is not at its target yet.
+    Finishable means: the roles are the step's roles; every role that carries the step still has
+    its target (no hand edit or scale since); every other role carries the step before it (or, for
+    a rollout's first step, none), so none was recreated or written by anything else since; and
+    some of those is not at its target yet.
     """
-    if step is None:
-        return []
+    if step is None or step.revision != revision:
+        return []  # the last step written was another rollout's (one replaced or rolled back since)
     targets = step.to_dict()
     if sorted(r.name for r in roles) != sorted(targets):
         return []  # a role was added or removed since: plan afresh
@@ -114,8 +129,10 @@ def unwritten(step: StepRecord | None, roles: Sequence[LwsView]) -> list[str]:
         if r.record == step:
             if not at_target:
                 return []  # changed after the step was written (a hand edit, a scale)
-        elif r.record is not None and (r.record.revision != step.revision or r.record.number > step.number):
-            return []  # a later rollout's step wrote it (e.g. one rolled back since): plan afresh
-        elif not at_target:
+            continue
+        before = r.record.number == step.number - 1 if r.record is not None else step.number == 1
+        if not before:
+            return []
+        if not at_target:
             missing.append(r.name)
     return sorted(missing)

@@ -16,7 +16,7 @@ from pdorch.roles.rolescaler import scaler_replicas
 from pdorch.rollout import commands, live
 from pdorch.rollout.planner import auto_tolerance, initial_state, next_step
 from pdorch.rollout.state import KV_TYPES
-from tests.unit.test_rollout_live import _lws
+from tests.unit.test_rollout_live import _lws, _ready_role, _written
 
 pytestmark = pytest.mark.unit
 
@@ -116,6 +116,33 @@ def test_from_live_keeps_the_tolerance_of_the_rollouts_start() -> None:
         # The controller resolves the tolerance itself: the same inputs give the same decision.
         controller = live.plan(roles, NEW, commands.rollout_spec(sg, desired={"prefill": 2, "decode": 1}))
         assert controller.decision == next_step(plan.initial, plan.spec)
+
+
+def test_from_live_starts_after_a_step_cut_short_as_the_controller_finishes_it(capsys: Any) -> None:
+    """Two prefill roles and a decode at 1:1; step 1 was written to the prefills only. The
+    controller writes the rest of it; --from-live says so and plans from there (it finishes),
+    where planning from the half-written state is refused."""
+    doc = _doc(1, 3)
+    proxy, prefill, decode = doc["spec"]["roles"]
+    doc["spec"]["roles"] = [proxy, prefill | {"name": "p0"}, prefill | {"name": "p1", "replicas": 3}]
+    doc["spec"]["roles"].append(decode | {"name": "d0"})
+    doc["spec"]["ratio"] = {"prefill": 1, "decode": 1}
+    doc["spec"]["rolloutStrategy"] = {"maxSurge": "25%", "maxUnavailable": 1, "ratioTolerance": 0}
+    sg = ServingGroup.model_validate(doc)
+    old = [
+        _ready_role("p0", "prefill", 1, OLD),
+        _ready_role("p1", "prefill", 3, OLD),
+        _ready_role("d0", "decode", 3, OLD),
+    ]
+    first = live.plan(old, NEW, commands.rollout_spec(sg, desired={"p0": 1, "p1": 3, "d0": 3}))
+    half = [_written(r, first) if r.name != "d0" else r for r in old]
+    plan = commands.live_plan(sg, half, NEW)
+    assert plan.finishing == (1, ["d0"])
+    assert {o.name: (o.replicas, o.partition) for o in plan.initial} == first.actions
+    assert commands._print_plan(sg, plan.spec, plan.auto, plan.initial, 1) == 0
+    observed = [live.observe(r, NEW) for r in half]
+    assert next_step(observed, plan.spec).kind == "blocked"
+    assert "# done" in capsys.readouterr().out
 
 
 def test_from_live_without_a_rollout_plans_the_next_change_from_the_desired_replicas() -> None:

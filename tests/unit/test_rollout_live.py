@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -435,9 +436,88 @@ def test_every_lws_of_a_step_carries_the_same_numbered_record_until_the_next_ste
     # Recreated groups not ready yet: the controller waits and keeps the record it wrote.
     waiting = [live.LiveRole(r.name, r.type, r.desired, r.lws, r.groups[:-1]) for r in done]
     held = live.plan(waiting, NEW, spec, written=first.step)
-    assert held.decision is not None and held.decision.kind == "wait" and held.step == first.step
+    assert held.decision is not None and held.decision.kind == "wait" and held.step is None
+    assert held.records == {"prefill": first.step, "decode": first.step}
     second = live.plan(done, NEW, spec, written=first.step)
     assert second.step is not None and second.step.number == 2 and second.step.to_dict() == second.actions
+
+
+def _three_roles() -> tuple[list[live.LiveRole], RolloutSpec]:
+    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
+    return [*roles, _ready_role("d0", "decode", 3, OLD)], RolloutSpec(1, 1, 0.0, "25%", 1)
+
+
+def test_a_pass_that_writes_no_step_stamps_no_record_on_an_lws_without_it() -> None:
+    """A wait (or pause) after a cut-short write keeps each LWS's own record: stamping the newest
+    on the LWS it never reached would pair that record with values it never had."""
+    roles, spec = _three_roles()
+    first = live.plan(roles, NEW, spec)
+    half = [_written(r, first) if r.name != "d0" else r for r in roles]
+    # A new group of p1 is not ready yet; d0 is: the step is finished at once, and a paused
+    # group's hold carries each LWS's own record.
+    paused = live.plan(half, NEW, replace(spec, paused=True), written=None)
+    assert paused.decision is not None and paused.decision.reason.startswith("finish step 1")
+    crashed = [
+        live.LiveRole(r.name, r.type, r.desired, r.lws, r.groups[:-1]) if r.name == "d0" else r for r in half
+    ]
+    held = live.plan(crashed, NEW, spec)
+    assert held.decision is not None and held.decision.kind == "wait", held.decision
+    assert "to finish step 1" in held.decision.reason
+    assert held.records == {"p0": first.step, "p1": first.step, "d0": None}
+
+
+def test_steps_are_numbered_on_from_a_replaced_rollouts_records() -> None:
+    """The LWS still carry step 5 of a rollout to another revision that was replaced before it
+    ended: the rollout to NEW numbers its first step 6, so a cut-short step 6 is told apart from
+    that rollout's steps and finished, while an LWS recreated without any record is not forced."""
+    roles, spec = _three_roles()
+    other = step_record.StepRecord.of(5, "cccccccccc", {"p0": (1, 1), "p1": (3, 3), "d0": (3, 3)})
+    for r in roles:
+        assert r.lws is not None
+        r.lws["metadata"] = {"annotations": {ANNOTATION_ROLLOUT_STEP: other.encode()}}
+    first = live.plan(roles, NEW, spec)
+    assert first.step is not None and first.step.number == 6
+    half = [_written(r, first) if r.name != "d0" else r for r in roles]
+    retry = live.plan(half, NEW, spec)
+    assert retry.decision is not None and retry.decision.reason.startswith("finish step 6")
+    recreated = live.LiveRole("d0", "decode", 3, _lws(3, 0, OLD), half[2].groups)
+    plan = live.plan([*half[:2], recreated], NEW, spec)
+    assert plan.decision is not None and "finish step" not in plan.decision.reason
+
+
+def test_a_finish_that_no_longer_fits_the_budgets_is_planned_afresh() -> None:
+    """Decode scaled down from 4 to 2 after step 1 reached only prefill: raising decode to 5
+    groups would exceed desired + maxSurge, so the planner plans from the state instead. A record
+    no controller wrote (recreating every decode group at once) is refused the same way."""
+    roles = [_ready_role("prefill", "prefill", 8, OLD), _ready_role("decode", "decode", 4, OLD)]
+    spec = RolloutSpec(2, 1, None, "25%", "25%")
+    first = live.plan(roles, NEW, spec)
+    assert first.actions["decode"][0] == 5
+    half = [_written(roles[0], first), live.LiveRole("decode", "decode", 2, roles[1].lws, roles[1].groups)]
+    plan = live.plan(half, NEW, spec)
+    assert plan.decision is not None and "finish step" not in plan.decision.reason
+    assert plan.actions["decode"][0] <= 3
+    forged = step_record.StepRecord.of(1, NEW, {"prefill": first.actions["prefill"], "decode": (4, 0)})
+    prefill = _written(roles[0], first)
+    assert prefill.lws is not None
+    prefill.lws["metadata"]["annotations"][ANNOTATION_ROLLOUT_STEP] = forged.encode()
+    plan = live.plan([prefill, roles[1]], NEW, spec)
+    assert plan.decision is not None and "finish step" not in plan.decision.reason
+
+
+def test_a_lagging_watch_cache_is_held_at_the_step_written_not_written_back() -> None:
+    """After step 2 was written in full, the cache still shows decode at step 1: the pass holds
+    every role at step 2's targets instead of writing decode's older values back."""
+    roles = [_ready_role("prefill", "prefill", 8, OLD), _ready_role("decode", "decode", 4, OLD)]
+    spec = RolloutSpec(2, 1, 0.0, "25%", "25%")
+    first = live.plan(roles, NEW, spec)
+    after_first = [_written(r, first) for r in roles]
+    second = live.plan(after_first, NEW, spec, written=first.step)
+    assert second.step is not None and second.step.number == 2
+    lagging = [_written(after_first[0], second), after_first[1]]
+    plan = live.plan(lagging, NEW, spec, written=second.step)
+    assert plan.decision is not None and plan.decision.kind == "wait"
+    assert plan.actions == second.actions and plan.records == dict.fromkeys(plan.records, second.step)
 
 
 @pytest.mark.parametrize(
@@ -450,6 +530,11 @@ def test_every_lws_of_a_step_carries_the_same_numbered_record_until_the_next_ste
         '{"n":1,"revision":"x","to":{"p":[1,2]}}',  # partition above replicas
         '{"n":"1","revision":"x","to":{"p":[1,0]}}',
         '{"n":1,"revision":"x","to":["p"]}',
+        '{"n":true,"revision":"x","to":{"p":[1,0]}}',
+        '{"n":1,"revision":"x","to":{"p":[true,false]}}',
+        '{"n":1,"revision":"x","to":{"p":[-1,-2]}}',
+        "[" * 5000 + "]" * 5000,
+        '{"n":1,"revision":"' + "x" * 40_000 + '","to":{}}',
     ],
 )
 def test_an_unreadable_step_record_is_ignored(value: str) -> None:

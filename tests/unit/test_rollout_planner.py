@@ -307,7 +307,7 @@ def test_a_new_spec_mid_rollout_keeps_each_older_revision_no_further_off_ratio()
     revisions, and the proxy pairs within each. Merged, A+B is 3P:3D on 1:1, but A is 1P:2D and B
     2P:1D. A step that only watches the merged cohort may leave B with prefills and no decode; the
     planner prefers steps that leave each old revision no further off the ratio than it was."""
-    from pdorch.rollout.planner import _applied, _revision_cohorts
+    from pdorch.rollout.planner import _revision_cohorts, applied
     from pdorch.rollout.state import RoleObservation, deviation
 
     def role(name: str, layers: tuple[tuple[str, int], ...]) -> RoleObservation:
@@ -325,7 +325,7 @@ def test_a_new_spec_mid_rollout_keeps_each_older_revision_no_further_off_ratio()
                 assert decision.kind == "done", decision
                 return worse
             before = _revision_cohorts(state, [r.partition for r in state])
-            state = [_applied(r, decision.roles[r.name]) for r in state]
+            state = [applied(r, decision.roles[r.name]) for r in state]
             after = _revision_cohorts(state, [r.partition for r in state])
             for rev, (p, d) in after.items():
                 if (p, d) == (0, 0):
@@ -344,7 +344,7 @@ def test_a_new_spec_mid_rollout_keeps_each_older_revision_no_further_off_ratio()
         decision = next_step(state, spec)
         if decision.kind != "step":
             break
-        after = [_applied(r, decision.roles[r.name]) for r in state]
+        after = [applied(r, decision.roles[r.name]) for r in state]
         olds = [a.partition for a in after]
         cohorts = _revision_cohorts(start, olds)  # map the merged plan back onto the real layers
         merged_worse |= any((p, d) != (0, 0) and deviation(p, d, 1, 1) is None for p, d in cohorts.values())
@@ -356,7 +356,7 @@ def test_an_old_cohort_knocked_off_ratio_by_hand_recovers_instead_of_wedging():
     """Mid-rollout someone ran `kubectl scale lws g-decode --replicas=1` (desired 4, partition 3):
     the old cohort is 8P:1D. No step can put it back on 2:1 at once; steps that move it closer
     are allowed, so the rollout finishes at the desired replicas instead of stalling."""
-    from pdorch.rollout.planner import _applied
+    from pdorch.rollout.planner import applied
     from pdorch.rollout.state import RoleObservation, deviation
 
     state = [
@@ -369,7 +369,7 @@ def test_an_old_cohort_knocked_off_ratio_by_hand_recovers_instead_of_wedging():
         decision = next_step(state, spec)
         if decision.kind != "step":
             break
-        state = [_applied(r, decision.roles[r.name]) for r in state]
+        state = [applied(r, decision.roles[r.name]) for r in state]
         devs.append(deviation(state[0].partition, state[1].partition, 2, 1))
     assert decision.kind == "done", decision.reason
     assert [(r.replicas, r.partition) for r in state] == [(8, 0), (4, 0)]
@@ -514,7 +514,7 @@ def test_the_per_type_search_finds_a_step_as_good_as_the_full_product(
         assert _step_key(state, plan(state, forced=True), spec) == _step_key(state, full, spec), state
         if full.kind != "step":
             break
-        state = [planner._applied(r, full.roles[r.name]) for r in state]
+        state = [planner.applied(r, full.roles[r.name]) for r in state]
 
 
 def test_two_prefill_and_two_decode_roles_of_sixty_plan_and_finish() -> None:
