@@ -85,6 +85,10 @@ ROLLOUT_STALLED = Gauge(
 CHILD_KINDS: tuple[Resource, ...] = (LWS, SERVICE, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, SERVING_ROLE_SCALER)
 # Retry interval of a ControllerRevision write the API refused (the pass itself succeeded).
 REVISION_RETRY_S = 10.0
+# How long after writing a rollout step an LWS that still shows an older step is taken for the watch
+# cache lagging (held at the step written) rather than a change since: a lag is milliseconds, and a
+# record removed by hand must not hold the rollout for good.
+WATCH_LAG_S = 30.0
 # A role lacking groups this long gets its FailedCreate warnings read, at most this often.
 FAILURE_GRACE_S = 15.0
 FAILURE_CHECK_S = 15.0
@@ -128,7 +132,7 @@ class Reconciler:
     rolling: set[str] = field(default_factory=set)
     _progress: dict[str, tuple[str, float, str]] = field(default_factory=dict)
     # Per group: the last rollout step whose LWS writes all went through (step_record).
-    _written_steps: dict[str, StepRecord] = field(default_factory=dict)
+    _written_steps: dict[str, tuple[StepRecord, float]] = field(default_factory=dict)
     # Per group: LWS name -> when this process last changed it (creation failures older than that
     # concern an earlier spec); and when its FailedCreate warnings were last read, and what they
     # said (read at most every FAILURE_CHECK_S, and only while a role lacks groups).
@@ -294,7 +298,8 @@ class Reconciler:
                 )
                 raise err  # retried with per-key backoff
         if rollout.step is not None:
-            self._written_steps[key] = rollout.step  # every LWS write of it went through
+            # Every LWS write of it went through (monotonic time: see WATCH_LAG_S).
+            self._written_steps[key] = (rollout.step, time.monotonic())
         if created:
             self.events.emit_soon(obj, "Normal", "Created", "created " + ", ".join(created))
 
@@ -441,7 +446,9 @@ class Reconciler:
         spec = rollout_spec(sg, honour_pause=True, desired={r.name: r.desired for r in roles})
         # In a thread: the first decision of a large rollout searches for seconds (later ones hit the
         # planner's cache), and the event loop must keep renewing the Lease and serving other keys.
-        plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec, self._written_steps.get(key))
+        written, at = self._written_steps.get(key, (None, 0.0))
+        lag = written is not None and time.monotonic() - at < WATCH_LAG_S
+        plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec, written, lag)
         assert plan.decision is not None
         if plan.decision.kind == "step":
             ROLLOUT_STEPS.labels(namespace, name).inc()

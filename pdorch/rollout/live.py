@@ -254,6 +254,7 @@ def plan(
     update_revision: str,
     spec: RolloutSpec | None,
     written: StepRecord | None = None,
+    cache_may_lag: bool = True,
 ) -> RolloutPlan:
     """Decide the partitions and replicas of the KV roles for this reconcile.
 
@@ -261,7 +262,8 @@ def plan(
     the renderer (created on the update revision). `written`: the last step this controller wrote
     in full; a newer one some LWS carries and others lack is a step another controller (or this
     one, before a failed write) did not finish, and is finished before anything else. The step
-    this controller just wrote is not: its LWS objects may only lag in the watch cache.
+    this controller just wrote is not: its LWS objects may only lag in the watch cache, and while
+    `cache_may_lag` (it was written moments ago) an LWS showing an older step is held at `written`.
     """
     kv = [r for r in roles if r.type in KV_TYPES]
     by_rev = cohorts(kv)
@@ -275,7 +277,7 @@ def plan(
     records = {r.name: step_record.read(r.lws) for r in live if r.lws is not None}
     step: StepRecord | None = None
     cut = cut_short(live, observed, update_revision, spec, written)
-    if _cache_lags(records, written):
+    if cache_may_lag and _cache_lags(records, written):
         # This controller wrote `written` in full, and some LWS still show an older step: the watch
         # cache has not caught up. Planning (or holding) from it would write the older values back.
         assert written is not None

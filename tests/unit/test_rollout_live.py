@@ -518,6 +518,10 @@ def test_a_lagging_watch_cache_is_held_at_the_step_written_not_written_back() ->
     plan = live.plan(lagging, NEW, spec, written=second.step)
     assert plan.decision is not None and plan.decision.kind == "wait"
     assert plan.actions == second.actions and plan.records == dict.fromkeys(plan.records, second.step)
+    # Long after the write, the older record is a change since (say, removed by hand), not a lag:
+    # the rollout is not held for good.
+    later = live.plan(lagging, NEW, spec, written=second.step, cache_may_lag=False)
+    assert later.decision is not None and "watch cache" not in later.decision.reason
 
 
 @pytest.mark.parametrize(
