@@ -450,6 +450,9 @@ class Reconciler:
         lag = written is not None and time.monotonic() - at < WATCH_LAG_S
         plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec, written, lag)
         assert plan.decision is not None
+        if plan.decision.kind == "done":
+            # The plain render drops every record; a step written before must not be held after it.
+            self._written_steps.pop(key, None)
         if plan.decision.kind == "step":
             ROLLOUT_STEPS.labels(namespace, name).inc()
             moves = ", ".join(f"{n} replicas={r} partition={k}" for n, (r, k) in sorted(plan.actions.items()))

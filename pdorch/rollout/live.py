@@ -71,7 +71,9 @@ class RolloutPlan:
     planner's, None when no rollout is active. `cohorts` counts ready groups per revision and role
     type, for status and metrics. `step`: the step `decision` takes (numbered), None when it takes
     none. `records`: the step record each KV role's LWS is to carry: this step's, or when there is
-    none the one it carries (a pass that writes no step never stamps a record on an LWS).
+    none the one it carries (a pass that writes no step never stamps a record on an LWS). A record
+    says what its step wrote, not what the LWS holds now (a hold or a scale since may differ):
+    `step_record.unwritten` compares values only on the LWS that carry the step being finished.
     """
 
     active: bool
@@ -277,7 +279,7 @@ def plan(
     records = {r.name: step_record.read(r.lws) for r in live if r.lws is not None}
     step: StepRecord | None = None
     cut = cut_short(live, observed, update_revision, spec, written)
-    if cache_may_lag and _cache_lags(records, written):
+    if cache_may_lag and _cache_lags(records, written, update_revision):
         # This controller wrote `written` in full, and some LWS still show an older step: the watch
         # cache has not caught up. Planning (or holding) from it would write the older values back.
         assert written is not None
@@ -327,10 +329,15 @@ def plan(
     )
 
 
-def _cache_lags(records: dict[str, StepRecord | None], written: StepRecord | None) -> bool:
-    if written is None or sorted(records) != sorted(written.to_dict()):
+def _cache_lags(
+    records: dict[str, StepRecord | None], written: StepRecord | None, update_revision: str
+) -> bool:
+    """Whether some LWS still shows the record it had before `written` went out. Not for a step
+    of another revision (a new spec since: holding would put its template in at that step's
+    partitions), nor a missing record after a rollout's first step (an LWS recreated without one)."""
+    if written is None or written.revision != update_revision or sorted(records) != sorted(written.to_dict()):
         return False
-    return any(r is None or r.number < written.number for r in records.values())
+    return any(written.number == 1 if r is None else r.number < written.number for r in records.values())
 
 
 @dataclass(frozen=True)
@@ -365,6 +372,8 @@ def cut_short(
         return None
     targets = last.to_dict()
     by_name = {o.name: o for o in observed}
+    if any(by_name[n].abandoned for n in missing):
+        return None  # the planner recreates never-ready groups first; waiting for them never ends
     unready = [n for n in missing if not by_name[n].all_ready]
     if not all(step_fits(by_name[n], spec, RoleAction(*targets[n])) for n in missing):
         return None

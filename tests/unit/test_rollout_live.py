@@ -524,6 +524,53 @@ def test_a_lagging_watch_cache_is_held_at_the_step_written_not_written_back() ->
     assert later.decision is not None and "watch cache" not in later.decision.reason
 
 
+def test_a_step_written_before_a_new_spec_is_not_held_under_the_new_template() -> None:
+    """Step 2 went out in full and the cache still shows decode at step 1 when a new spec arrives:
+    holding at step 2 would put the new template in at step 2's partitions (every group above
+    them recreated at once), so the pass is the planner's."""
+    roles = [_ready_role("prefill", "prefill", 8, OLD), _ready_role("decode", "decode", 4, OLD)]
+    spec = RolloutSpec(2, 1, 0.0, "25%", "25%")
+    first = live.plan(roles, NEW, spec)
+    after_first = [_written(r, first) for r in roles]
+    second = live.plan(after_first, NEW, spec, written=first.step)
+    lagging = [_written(after_first[0], second), after_first[1]]
+    plan = live.plan(lagging, "cccccccccc", spec, written=second.step)
+    assert plan.decision is not None and "watch cache" not in plan.decision.reason
+
+
+def test_a_cut_short_step_whose_role_has_abandoned_groups_is_left_to_the_planner() -> None:
+    """The rest of the step was to recreate a role's never-ready groups of a replaced revision:
+    waiting for that role's readiness would wait for the very groups the step replaces."""
+    roles = [_ready_role("prefill", "prefill", 8, OLD), _ready_role("decode", "decode", 4, OLD)]
+    spec = RolloutSpec(2, 1, 0.0, "25%", "25%")
+    first = live.plan(roles, NEW, spec)
+    assert first.step is not None
+    # Step 1's new groups never became ready (a bad image); then a fix, revision C.
+    stuck = []
+    for r in roles:
+        written = _written(r, first)
+        replicas, partition = first.actions[r.name]
+        groups = tuple(
+            live.GroupState(i, OLD if i < partition else NEW, i < partition) for i in range(replicas)
+        )
+        stuck.append(live.LiveRole(r.name, r.type, r.desired, written.lws, groups))
+    fix = "cccccccccc"
+    recreate = live.plan(stuck, fix, spec, written=first.step)
+    assert recreate.decision is not None and recreate.decision.reason.startswith("recreate never-ready")
+    assert recreate.step is not None
+    prefill = stuck[0]
+    assert prefill.lws is not None
+    replicas, partition = recreate.actions["prefill"]
+    lws = _lws(replicas, partition, fix)
+    lws["metadata"] = {
+        "annotations": {ANNOTATION_ROLLOUT: fix, ANNOTATION_ROLLOUT_STEP: recreate.step.encode()}
+    }
+    half = [live.LiveRole("prefill", "prefill", 8, lws, prefill.groups), stuck[1]]
+    plan = live.plan(half, fix, spec)
+    assert plan.decision is not None and plan.decision.kind == "step", plan.decision
+    assert "waiting for readiness" not in plan.decision.reason
+
+
 @pytest.mark.parametrize(
     "value",
     [
