@@ -466,8 +466,8 @@ class RouterPrefillQueue(ApiModel):
     meet the TTFT target go first, shortest first."""
 
     max_inflight_tokens: int = Field(ge=1, le=10_000_000)
-    """Estimated prompt tokens (characters / 4) on the wire to each prefill engine; the rest wait
-    in the proxy. About two of the engine's max_num_batched_tokens keeps it busy."""
+    """Estimated prompt tokens (from characters: 4 per token until the engines' counts are learned)
+    on the wire to each prefill engine; the rest wait in the proxy. About two of the engine's max_num_batched_tokens keeps it busy."""
     # Integral defaults written as ints: kustomize re-types 2.0 as 2, helm keeps it (packaging test).
     ttft_seconds: float = Field(2, gt=0, le=3600)
     """TTFT target: a waiting prompt that can still get its first token within it goes before

@@ -14,6 +14,9 @@ import secrets
 from typing import Any, Literal
 
 from pdorch.lax_int import lax_int
+from pdorch.proxy.token_ratio import TokenRatio
+
+_UNLEARNED = TokenRatio()  # never observes: the default ratio
 
 Engine = Literal["vllm", "sglang"]
 Kind = Literal["completion", "chat"]
@@ -144,12 +147,15 @@ def routing_text(body: dict[str, Any], kind: Kind) -> str:
     return ""
 
 
-def estimate_prompt_tokens(body: dict[str, Any], kind: Kind, text: str | None = None) -> int:
-    """Prompt tokens estimated as characters / 4 (token-id prompts are counted exactly); ``text`` is
-    `routing_text` of the body when the caller has it already."""
+def estimate_prompt_tokens(
+    body: dict[str, Any], kind: Kind, text: str | None = None, ratio: TokenRatio | None = None
+) -> int:
+    """Prompt tokens estimated from characters with `ratio` (learned from the engines' counts;
+    characters / 4 without one); token-id prompts are counted exactly. ``text`` is `routing_text`
+    of the body when the caller has it already."""
     prompt = body.get("prompt")
     if kind == "completion" and isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
         if all(isinstance(t, int) for t in prompt):
             return len(prompt)
         return sum(len(p) for p in prompt if isinstance(p, list))
-    return (len(routing_text(body, kind) if text is None else text) + 3) // 4
+    return (ratio or _UNLEARNED).estimate(len(routing_text(body, kind) if text is None else text))

@@ -61,6 +61,7 @@ from pdorch.proxy.protocols import (
     vllm_prefill_body,
 )
 from pdorch.proxy.request_ids import RequestIds
+from pdorch.proxy.token_ratio import TokenRatio
 from pdorch.proxy.upstream import EngineStalled, Sent, UpstreamPool, UpstreamResponse
 from pdorch.proxy.validation import check_sglang_fanout, decode_json, parse_json, validate
 
@@ -113,6 +114,8 @@ class Progress:
     prefill_answered: bool = False
     # The request's room in the prefill queue, given back when its prefill leg ends.
     ticket: Ticket = NO_TICKET
+    # The prompt's tokens as the prefill engine counted them (vLLM's `usage`), when it said.
+    prompt_tokens: int | None = None
 
 
 class _PrefillDeadline:
@@ -260,6 +263,8 @@ class ProxyServer:
             config.breaker_failures, config.breaker_cooldown_s, config.breaker_successes
         )
         self.prefix = PrefixIndex()
+        # Tokens per prompt character, per kind of request (a chat template adds its own tokens).
+        self.token_ratios: dict[Kind, TokenRatio] = {}
         self.rooms = RoomMinter()
         self.request_ids = RequestIds()
         self.counter = 0
@@ -695,7 +700,7 @@ class ProxyServer:
         text = routing_text(body, kind) if cache_aware else ""
         tokens = 0
         if self.config.min_prompt_tokens > 0:
-            tokens = estimate_prompt_tokens(body, kind, text if cache_aware else None)
+            tokens = estimate_prompt_tokens(body, kind, text if cache_aware else None, self._ratio(kind))
         req = RouteRequest(
             endpoints=self.discovery.current(),
             loads=self.loads,
@@ -719,6 +724,18 @@ class ProxyServer:
                 self.prefix.insert(text, out.prefill or out.decode)
         return out
 
+    def _ratio(self, kind: Kind) -> TokenRatio:
+        ratio = self.token_ratios.get(kind)
+        if ratio is None:
+            ratio = self.token_ratios[kind] = TokenRatio()
+        return ratio
+
+    def _counted(self, body: dict[str, Any], kind: Kind, prompt_tokens: int) -> None:
+        """The engine counted `prompt_tokens` in this request's prompt: learn its tokens per
+        character, where an estimate is read at all (conditional disaggregation, prefill queue)."""
+        if self.config.min_prompt_tokens > 0 or self._prefill_queue is not None:
+            self._ratio(kind).observe(len(routing_text(body, kind)), prompt_tokens)
+
     def _prefill_engines(self) -> int:
         """Prefill engines that may take a leg now (breaker-blocked ones carry no share of the room)."""
         blocked = self._blocked() if self.breakers else frozenset()
@@ -731,7 +748,7 @@ class ProxyServer:
         timeout; `NO_TICKET` when the prompt skips the prefill (conditional disaggregation)."""
         queue = self._prefill_queue
         assert queue is not None
-        tokens = estimate_prompt_tokens(body, kind)
+        tokens = estimate_prompt_tokens(body, kind, ratio=self._ratio(kind))
         if self.config.min_prompt_tokens > 0 and tokens < self.config.min_prompt_tokens:
             return NO_TICKET
         return await self._wait_for_room(queue, tokens, arrival)
@@ -844,6 +861,9 @@ class ProxyServer:
                     why = f"no response from the {progress.leg} engine within {budget:.1f}s (first-byte timeout)"
                 return error_response(ProxyError(504, why, code="upstream_timeout"), rid)
         assert opened is not None
+        if progress.prompt_tokens is not None:
+            # On the next loop turn: off the path to the answer's first bytes.
+            self.loop.call_soon(self._counted, body, kind, progress.prompt_tokens)
         return await self._relay(request, opened, stream, path, rid, t0, deadline)
 
     def _silent(self, ep: Endpoint, leg: str) -> None:
@@ -1032,9 +1052,14 @@ class ProxyServer:
             t_prefilled = self.clock()
             progress.ticket.release(t_prefilled - t)
             try:
-                params = decode_json(raw).get("kv_transfer_params")
+                answer = decode_json(raw)
+                params = answer.get("kv_transfer_params")
             except (ValueError, AttributeError, RecursionError):
                 raise LegFailure(p, "prefill", "bad_response", f"not a JSON object: {raw[:200]!r}") from None
+            usage = answer.get("usage")
+            counted = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            if isinstance(counted, int) and not isinstance(counted, bool):
+                progress.prompt_tokens = counted
             # Bookkeeping runs on the next loop turn, once the decode request is on the wire.
             self.loop.call_soon(self._prefill_ok, p, "vllm", t_prefilled - t)
             if params:
