@@ -278,8 +278,9 @@ def plan(
     spec = with_auto_tolerance(spec, initial_state([(r.name, r.type, r.desired) for r in live]))
     records = {r.name: step_record.read(r.lws) for r in live if r.lws is not None}
     step: StepRecord | None = None
-    cut = cut_short(live, observed, update_revision, spec, written)
-    if cache_may_lag and _cache_lags(records, written, update_revision):
+    lagging = cache_may_lag and _cache_lags(records, written, update_revision)
+    cut = None if lagging else cut_short(live, observed, update_revision, spec, written)
+    if lagging:
         # This controller wrote `written` in full, and some LWS still show an older step: the watch
         # cache has not caught up. Planning (or holding) from it would write the older values back.
         assert written is not None

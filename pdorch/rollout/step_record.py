@@ -2,10 +2,11 @@
 
 One planner step sets the replicas and partition of several LWS objects, and the controller writes
 them one by one (concurrently, but not atomically). Each of those writes carries the whole step,
-every role's target, in the `pdorch.io/rollout-step` annotation, numbered within the rollout. A
-controller that stops between the writes leaves some LWS on step n and the others on an earlier
-one; the next controller reads step n back and writes the rest of it, exactly as planned, instead
-of planning afresh from a half-written state (which the planner can only hope to mend).
+every role's target, in the `pdorch.io/rollout-step` annotation, numbered on from the last record
+any LWS carries (so across a rollout replaced mid-way, too). A controller that stops between the
+writes leaves some LWS on step n and the others on an earlier one; the next controller reads step n
+back and writes the rest of it, as planned, instead of planning afresh from a half-written state
+(which the planner can only hope to mend). `pdorch.rollout.live` decides when that applies.
 """
 
 from __future__ import annotations
