@@ -115,7 +115,8 @@ class Pod:
     t_last: float = 0.0
     step: float = 0.0
     version: int = 0
-    # decode, what-if: a local prefill pauses the sequences until `t_last`; next allowed at
+    # decode, what-if: a prefill of its own in progress (its sequences pause until `t_last`), and
+    # when the next may start (the share of its time prefills may take)
     prefilling: bool = False
     prefill_after: float = 0.0
 
@@ -279,27 +280,35 @@ class Fleet:
             if not pod.busy:
                 self._start_prefill(pod)
         else:
-            pod = min(ready, key=lambda p: p.kv_used + p.kv_waiting)
-            req.alloc = blocks_for(self.c, req.prompt + req.output) * self.c.block_size
-            pod.waitq.append(req)
-            pod.kv_waiting += req.alloc
-            self._decode_update(pod)
+            self._queue_decode(min(ready, key=lambda p: p.kv_used + p.kv_waiting), [req])
+
+    def _queue_decode(self, pod: Pod, reqs: list[Req]) -> None:
+        """Queue `reqs` on decode `pod`, each reserving its prompt + output KV, and admit what fits."""
+        for r in reqs:
+            r.alloc = blocks_for(self.c, r.prompt + r.output) * self.c.block_size
+            pod.waitq.append(r)
+            pod.kv_waiting += r.alloc
+        self._decode_update(pod)
 
     # ------------------------------------------------------------------ prefill
     def _start_prefill(self, pod: Pod) -> None:
         if self.proxy_queue_ttft_s is None:
             batch = self._take_batch(pod.queue)
         else:
-            batch = self._take_overdue() or self._take_in_time() or self._take_late()
-            for r in batch:
-                r.taken = True
-            self.queued -= len(batch)
+            batch = self._sent(self._take_overdue() or self._take_in_time() or self._take_late())
             if not batch:
                 return
             pod.queued_tokens = sum(r.prompt for r in batch)
         pod.busy = True
         pod.batch = batch
         self._at(self.now + prefill_time_s(self.c, [r.prompt for r in batch]), "prefill_done", pod)
+
+    def _sent(self, batch: list[Req]) -> list[Req]:
+        """`batch`, taken from the proxy's queue (its heaps drop the entries lazily)."""
+        for r in batch:
+            r.taken = True
+        self.queued -= len(batch)
+        return batch
 
     def _take_batch(self, q: deque[Req]) -> list[Req]:
         """FCFS from `q`, up to max_num_batched_tokens (at least one prompt)."""
@@ -396,12 +405,9 @@ class Fleet:
                 continue
             # Room for the prompts' KV beside what the engine holds (half its free KV at most).
             room = min(self.decode_prefill_max_tokens, (self.kv_cap - pod.kv_used - pod.kv_waiting) // 2)
-            batch = self._take_in_time(room) if room > 0 else []
+            batch = self._sent(self._take_in_time(room)) if room > 0 else []
             if not batch:
                 continue
-            for r in batch:
-                r.taken = True
-            self.queued -= len(batch)
             pause = prefill_time_s(self.c, [r.prompt for r in batch])
             self._advance(pod)
             pod.t_last = self.now + pause  # the running sequences' clock resumes then
@@ -414,11 +420,7 @@ class Fleet:
         share = self.decode_prefill_share or 1.0
         pod.prefill_after = self.now + pause * (1 - share) / share
         self._count_prefilled(batch)
-        for r in batch:
-            r.alloc = blocks_for(self.c, r.prompt + r.output) * self.c.block_size
-            pod.waitq.append(r)
-            pod.kv_waiting += r.alloc
-        self._decode_update(pod)
+        self._queue_decode(pod, batch)
         self._decode_prefills()
 
     # ------------------------------------------------------------------ decode
