@@ -71,11 +71,8 @@ _STEP = re.compile(r"(\w[\w-]*) replicas=(\d+) partition=(\d+)")
 _WAS = re.compile(r"(\w[\w-]*) (\d+)/(\d+)")  # "(was prefill 10/6, ...)": the state it stepped from
 
 
-def _planned_steps(
-    devcluster: ClusterState, namespace: str, group: str = GROUP
-) -> list[dict[str, tuple[int, int]]]:
-    """The controller's RolloutStep decisions, parsed from its Events (oldest first): role ->
-    (replicas, partition), and "was <role>" -> the same before the step (for failure messages)."""
+def _step_messages(devcluster: ClusterState, namespace: str, group: str = GROUP) -> list[str]:
+    """The messages of the group's RolloutStep Events, oldest first."""
     out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json", timeout=60)
     assert out.returncode == 0, out.stderr
     events = [
@@ -84,9 +81,17 @@ def _planned_steps(
         if e.get("reason") == "RolloutStep" and e["involvedObject"]["name"] == group
     ]
     events.sort(key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
+    return [str(e["message"]) for e in events]
+
+
+def _planned_steps(
+    devcluster: ClusterState, namespace: str, group: str = GROUP
+) -> list[dict[str, tuple[int, int]]]:
+    """The controller's RolloutStep decisions, parsed from its Events (oldest first): role ->
+    (replicas, partition), and "was <role>" -> the same before the step (for failure messages)."""
     steps = []
-    for e in events:
-        step, _, was = e["message"].partition("(was ")
+    for message in _step_messages(devcluster, namespace, group):
+        step, _, was = message.partition("(was ")
         steps.append(
             {m[1]: (int(m[2]), int(m[3])) for m in _STEP.finditer(step)}
             | {f"was {m[1]}": (int(m[2]), int(m[3])) for m in _WAS.finditer(was)}
@@ -469,16 +474,14 @@ async def test_a_step_whose_lws_write_was_refused_is_finished_as_planned(
         assert steps and steps[0]["d0"] != (3, 3), steps
 
         def retried() -> str | None:
-            out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json")
-            for e in json.loads(out.stdout)["items"]:
-                if e.get("reason") == "RolloutStep" and "finish step 1, whose write of d0" in e["message"]:
-                    return str(e["message"])
-            return None
+            messages = _step_messages(devcluster, namespace, CUT)
+            return next((m for m in messages if "finish step 1, whose write of d0" in m), None)
 
         message = await wait_for_async(
             lambda: asyncio.to_thread(retried), 60, "a retry of the rest of step 1"
         )
-        assert _STEP.findall(message) == _STEP.findall(_planned_events_first(devcluster, namespace)), message
+        first = _step_messages(devcluster, namespace, CUT)[0].partition("(was ")[0]
+        assert _STEP.findall(message) == _STEP.findall(first), message
         lift()
         await wait_for_async(lambda: asyncio.to_thread(frozen, False), 30, "the freeze to lift")
     lifted = time.monotonic()
@@ -494,15 +497,3 @@ async def test_a_step_whose_lws_write_was_refused_is_finished_as_planned(
     for role in ("p0", "p1", "d0"):
         annotations = kube.get(LWS, f"{CUT}-{role}", namespace=namespace).metadata.annotations or {}
         assert "pdorch.io/rollout-step" not in annotations, (role, annotations)
-
-
-def _planned_events_first(devcluster: ClusterState, namespace: str) -> str:
-    """The message of the group's first RolloutStep event."""
-    out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json")
-    events = [
-        e
-        for e in json.loads(out.stdout)["items"]
-        if e.get("reason") == "RolloutStep" and e["involvedObject"]["name"] == CUT
-    ]
-    events.sort(key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
-    return str(events[0]["message"]).partition("(was ")[0]

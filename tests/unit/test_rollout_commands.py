@@ -16,7 +16,7 @@ from pdorch.roles.rolescaler import scaler_replicas
 from pdorch.rollout import commands, live
 from pdorch.rollout.planner import auto_tolerance, initial_state, next_step
 from pdorch.rollout.state import KV_TYPES
-from tests.unit.test_rollout_live import _lws, _ready_role, _written
+from tests.unit.test_rollout_live import _lws, _three_roles, _written
 
 pytestmark = pytest.mark.unit
 
@@ -129,11 +129,7 @@ def test_from_live_starts_after_a_step_cut_short_as_the_controller_finishes_it(c
     doc["spec"]["ratio"] = {"prefill": 1, "decode": 1}
     doc["spec"]["rolloutStrategy"] = {"maxSurge": "25%", "maxUnavailable": 1, "ratioTolerance": 0}
     sg = ServingGroup.model_validate(doc)
-    old = [
-        _ready_role("p0", "prefill", 1, OLD),
-        _ready_role("p1", "prefill", 3, OLD),
-        _ready_role("d0", "decode", 3, OLD),
-    ]
+    old, _ = _three_roles()
     first = live.plan(old, NEW, commands.rollout_spec(sg, desired={"p0": 1, "p1": 3, "d0": 3}))
     half = [_written(r, first) if r.name != "d0" else r for r in old]
     plan = commands.live_plan(sg, half, NEW)

@@ -317,14 +317,19 @@ def _finish(roles: list[live.LiveRole], spec: RolloutSpec, written: step_record.
     raise AssertionError("the rollout did not finish")
 
 
+def _three_roles() -> tuple[list[live.LiveRole], RolloutSpec]:
+    """Two prefill roles (1 and 3 groups) and a decode (3), all old and ready, at 1:1 with
+    tolerance 0: step 1 moves all three, and its half without d0 is blocked for the planner alone."""
+    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
+    return [*roles, _ready_role("d0", "decode", 3, OLD)], RolloutSpec(1, 1, 0.0, "25%", 1)
+
+
 def test_a_step_whose_lws_writes_were_cut_short_is_finished_as_planned() -> None:
     """Two prefill roles and one decode at 1:1: the first step lowers all three partitions, and a
     controller stopped after writing both prefills leaves an old side of 2:1 that no single step
     of the planner mends. The restarted controller reads the step back from the LWS it wrote and
     writes the rest; the rollout then finishes."""
-    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
-    roles.append(_ready_role("d0", "decode", 3, OLD))
-    spec = RolloutSpec(1, 1, 0.0, "25%", 1)
+    roles, spec = _three_roles()
     first = live.plan(roles, NEW, spec)
     assert first.decision is not None and first.decision.kind == "step" and first.step is not None
     assert first.step.number == 1 and first.step.to_dict() == first.actions
@@ -341,9 +346,7 @@ def test_a_step_whose_lws_writes_were_cut_short_is_finished_as_planned() -> None
 
 
 def test_the_step_a_controller_wrote_itself_is_not_redone_while_the_cache_lags() -> None:
-    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
-    roles.append(_ready_role("d0", "decode", 3, OLD))
-    spec = RolloutSpec(1, 1, 0.0, "25%", 1)
+    roles, spec = _three_roles()
     first = live.plan(roles, NEW, spec)
     lagging = [_written(r, first) if r.type == "prefill" else r for r in roles]
     again = live.plan(lagging, NEW, spec, written=first.step)
@@ -398,9 +401,7 @@ def test_a_rollout_cut_short_between_lws_writes_any_number_of_times_finishes(
 def test_a_role_changed_after_the_step_was_written_is_planned_afresh() -> None:
     """A half-written step, but one of the roles that carries it was scaled by hand since: the
     step is left behind (finishing it would undo the edit), and the planner plans from the state."""
-    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
-    roles.append(_ready_role("d0", "decode", 3, OLD))
-    spec = RolloutSpec(1, 1, 0.0, "25%", 1)
+    roles, spec = _three_roles()
     first = live.plan(roles, NEW, spec)
     half = [_written(r, first) if r.name != "p1" else r for r in roles]
     assert live.plan(half, NEW, spec).decision.reason.startswith("finish step 1")  # type: ignore[union-attr]
@@ -414,9 +415,7 @@ def test_a_half_written_step_of_a_replaced_rollout_is_not_finished_after_a_rollb
     """Rolling to NEW, then to a third revision whose first step was cut short, then back to NEW:
     the LWS that the third revision's step reached carry its record, so NEW's older step is not
     forced onto them; the planner plans from the state."""
-    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
-    roles.append(_ready_role("d0", "decode", 3, OLD))
-    spec = RolloutSpec(1, 1, 0.0, "25%", 1)
+    roles, spec = _three_roles()
     first = live.plan(roles, NEW, spec)
     done = [_written(r, first) for r in roles]
     assert done[2].lws is not None
@@ -440,11 +439,6 @@ def test_every_lws_of_a_step_carries_the_same_numbered_record_until_the_next_ste
     assert held.records == {"prefill": first.step, "decode": first.step}
     second = live.plan(done, NEW, spec, written=first.step)
     assert second.step is not None and second.step.number == 2 and second.step.to_dict() == second.actions
-
-
-def _three_roles() -> tuple[list[live.LiveRole], RolloutSpec]:
-    roles = [_ready_role("p0", "prefill", 1, OLD), _ready_role("p1", "prefill", 3, OLD)]
-    return [*roles, _ready_role("d0", "decode", 3, OLD)], RolloutSpec(1, 1, 0.0, "25%", 1)
 
 
 def test_a_pass_that_writes_no_step_stamps_no_record_on_an_lws_without_it() -> None:
