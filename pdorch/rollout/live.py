@@ -363,12 +363,12 @@ def cut_short(
     reach must move within its surge and unavailability budgets at today's desired replicas (a
     scale since, or a record no controller wrote, is planned afresh instead).
     """
-    with_lws = [r for r in roles if r.lws is not None]
-    last = step_record.latest([step_record.read(r.lws) for r in with_lws if r.lws is not None])
+    views = [_lws_view(r, update_revision) for r in roles if r.lws is not None]
+    last = step_record.latest([v.record for v in views])
     if not step_record.newer(last, written):
         return None
     assert last is not None
-    missing = step_record.unwritten(last, [_lws_view(r, update_revision) for r in with_lws], update_revision)
+    missing = step_record.unwritten(last, views, update_revision)
     if not missing:
         return None
     targets = last.to_dict()
