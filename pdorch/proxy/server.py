@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -264,7 +265,7 @@ class ProxyServer:
         )
         self.prefix = PrefixIndex()
         # Tokens per prompt character, per kind of request (a chat template adds its own tokens).
-        self.token_ratios: dict[Kind, TokenRatio] = {}
+        self.token_ratios: defaultdict[Kind, TokenRatio] = defaultdict(TokenRatio)
         self.rooms = RoomMinter()
         self.request_ids = RequestIds()
         self.counter = 0
@@ -700,7 +701,9 @@ class ProxyServer:
         text = routing_text(body, kind) if cache_aware else ""
         tokens = 0
         if self.config.min_prompt_tokens > 0:
-            tokens = estimate_prompt_tokens(body, kind, text if cache_aware else None, self._ratio(kind))
+            tokens = estimate_prompt_tokens(
+                body, kind, text if cache_aware else None, self.token_ratios[kind]
+            )
         req = RouteRequest(
             endpoints=self.discovery.current(),
             loads=self.loads,
@@ -724,17 +727,11 @@ class ProxyServer:
                 self.prefix.insert(text, out.prefill or out.decode)
         return out
 
-    def _ratio(self, kind: Kind) -> TokenRatio:
-        ratio = self.token_ratios.get(kind)
-        if ratio is None:
-            ratio = self.token_ratios[kind] = TokenRatio()
-        return ratio
-
     def _counted(self, body: dict[str, Any], kind: Kind, prompt_tokens: int) -> None:
         """The engine counted `prompt_tokens` in this request's prompt: learn its tokens per
         character, where an estimate is read at all (conditional disaggregation, prefill queue)."""
         if self.config.min_prompt_tokens > 0 or self._prefill_queue is not None:
-            self._ratio(kind).observe(len(routing_text(body, kind)), prompt_tokens)
+            self.token_ratios[kind].observe(len(routing_text(body, kind)), prompt_tokens)
 
     def _prefill_engines(self) -> int:
         """Prefill engines that may take a leg now (breaker-blocked ones carry no share of the room)."""
@@ -748,7 +745,7 @@ class ProxyServer:
         timeout; `NO_TICKET` when the prompt skips the prefill (conditional disaggregation)."""
         queue = self._prefill_queue
         assert queue is not None
-        tokens = estimate_prompt_tokens(body, kind, ratio=self._ratio(kind))
+        tokens = estimate_prompt_tokens(body, kind, ratio=self.token_ratios[kind])
         if self.config.min_prompt_tokens > 0 and tokens < self.config.min_prompt_tokens:
             return NO_TICKET
         return await self._wait_for_room(queue, tokens, arrival)
