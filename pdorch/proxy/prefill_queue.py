@@ -92,12 +92,6 @@ class Ticket:
         """Whether the room is still taken."""
         return self._queue is not None
 
-    def take_over(self, other: Ticket) -> None:
-        """Hold `other`'s room from now on (a retry's new room, under the request's ticket)."""
-        assert not self.held
-        self._queue, self.charge = other._queue, other.charge
-        other._queue = None
-
     def release(self, prefill_s: float | None = None) -> None:
         """Give the room back; `prefill_s`: how long its prefill leg took, when it succeeded."""
         q, self._queue = self._queue, None
@@ -141,12 +135,27 @@ class PrefillQueue:
         # A role with nothing in flight takes any prompt.
         return self.inflight == 0 or self.inflight + charge <= room
 
-    async def acquire(self, tokens: int, arrival: float) -> Ticket:
-        """Wait for room for a prompt of `tokens` that reached the proxy at `arrival`."""
+    def _charge(self, tokens: int) -> int:
         # A prompt longer than one engine's share takes that share: it would otherwise wait for
         # the whole role to drain, which steady traffic never lets happen.
-        charge = max(1, min(tokens, self.per_engine))
-        if not self.waiters and self._fits(charge, self._room()):
+        return max(1, min(tokens, self.per_engine))
+
+    def fits_now(self, tokens: int) -> bool:
+        """Whether `acquire` would give a prompt of `tokens` room at once."""
+        return not self.waiters and self._fits(self._charge(tokens), self._room())
+
+    def take(self, tokens: int) -> Ticket:
+        """Room for a prompt now, without waiting, past the cap if need be: for a retry, which took
+        its turn already and holds an admission slot. Were it to queue again, the prompts holding
+        the room it gave back could be the ones waiting for that slot (neither side would move)."""
+        charge = self._charge(tokens)
+        self.inflight += charge
+        return Ticket(self, tokens, charge)
+
+    async def acquire(self, tokens: int, arrival: float) -> Ticket:
+        """Wait for room for a prompt of `tokens` that reached the proxy at `arrival`."""
+        charge = self._charge(tokens)
+        if self.fits_now(tokens):
             self.inflight += charge
             return Ticket(self, tokens, charge)
         w = Waiter(tokens, arrival, asyncio.get_running_loop().create_future(), charge)

@@ -656,12 +656,12 @@ class ProxyServer:
                     self.metrics.rejected.labels("invalid").inc()
                 status = exc.status
                 return error_response(exc, rid)
-            ticket = NO_TICKET
+            tickets = [NO_TICKET]
             if self._prefill_queue is not None:
                 # Before admission: a prompt waiting for prefill room holds no upstream slot, so
                 # the queue, not admission's FIFO, decides who goes next.
                 try:
-                    ticket = await self._queued(body, kind, t0)
+                    tickets[0] = await self._queued(body, kind, t0)
                 except ProxyError as exc:
                     status = exc.status
                     return error_response(exc, rid)
@@ -672,13 +672,14 @@ class ProxyServer:
                     status = exc.status
                     return error_response(exc, rid)
                 try:
-                    resp = await self._serve(request, body, kind, path, rid, t0, ticket)
+                    resp = await self._serve(request, body, kind, path, rid, t0, tickets)
                     status = resp.status
                     return resp
                 finally:
                     self._admission.release()
             finally:
-                ticket.release()
+                for t in tickets:
+                    t.release()
         except asyncio.CancelledError:
             status = 499  # client closed the connection (nginx's convention)
             self.metrics.disconnects.inc()
@@ -751,7 +752,8 @@ class ProxyServer:
         return await self._wait_for_room(queue, tokens, arrival)
 
     async def _wait_for_room(self, queue: PrefillQueue, tokens: int, arrival: float) -> Ticket:
-        if len(queue.waiters) >= self.config.max_queue:
+        # Refused only when it would wait (a max_queue of 0 still serves an idle role).
+        if len(queue.waiters) >= self.config.max_queue and not queue.fits_now(tokens):
             raise queue_full(
                 self.metrics, f"too many requests: {len(queue.waiters)} already waiting for prefill room"
             )
@@ -779,9 +781,11 @@ class ProxyServer:
         path: str,
         rid: str,
         t0: float,
-        ticket: Ticket,
+        tickets: list[Ticket],
     ) -> Response | StreamResponse:
-        """Open the answer through a P/D pair, retrying with a fresh pair, then relay it."""
+        """Open the answer through a P/D pair, retrying with a fresh pair, then relay it. `tickets`
+        holds the prefill room of each attempt (the caller releases them all when it ends)."""
+        ticket = tickets[0]
         deadline = None if self.config.request_timeout_s is None else t0 + self.config.request_timeout_s
         stream = bool(body.get("stream"))
         headers = self._headers(request, rid)
@@ -790,11 +794,11 @@ class ProxyServer:
         opened: Opened | None = None
         for attempt in range(attempts):
             if attempt and ticket.charge and not ticket.held and self._prefill_queue is not None:
-                # The failed attempt gave its prefill room back; the retry's prefill queues again.
-                try:
-                    ticket.take_over(await self._wait_for_room(self._prefill_queue, ticket.tokens, t0))
-                except ProxyError as exc:
-                    return error_response(exc, rid)
+                # The failed attempt gave its prefill room back. The retry takes room without queueing
+                # (PrefillQueue.take), under a ticket of its own: a late release by the failed
+                # attempt's leg must not free the retry's room.
+                ticket = self._prefill_queue.take(ticket.tokens)
+                tickets.append(ticket)
             decision = self._route(body, kind, frozenset(avoid))
             if isinstance(decision, NoRoute):
                 self.metrics.rejected.labels("no_pair").inc()

@@ -15,8 +15,9 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from tests.compat.helpers import sample, wait_until
+from tests.compat.helpers import sample, serve_app, wait_until
 from tests.compat.test_proxy import FAST, MODEL, WAIT_S, stack
 
 pytestmark = pytest.mark.compat
@@ -176,3 +177,76 @@ async def test_sglang_burst_gives_all_room_back() -> None:
         assert q is not None
         await wait_until(lambda: asyncio.sleep(0, q.inflight == 0), WAIT_S, "the room to come back")
         assert q.waiters == []
+
+
+async def test_a_retry_takes_room_without_queueing_behind_prompts_waiting_for_its_slot() -> None:
+    """One upstream slot. The first prompt's prefill fails (slowly, on an engine answering 503) and
+    its room goes to a prompt that waits for that slot. Were the retry to queue for room again,
+    holding the slot, neither would move until the request timeout; it takes room at once."""
+
+    hit = asyncio.Event()
+
+    async def slow_503(_: web.Request) -> web.Response:
+        hit.set()
+        await asyncio.sleep(0.5)
+        return web.json_response({"error": {"message": "overloaded"}}, status=503)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow_503)
+    async with (
+        serve_app(app) as broken,
+        stack(
+            "vllm",
+            extra_prefill=(broken,),
+            policy="round_robin",
+            max_inflight=1,
+            prefill_queue_tokens=100,
+            request_timeout_s=20.0,
+            max_retries=2,
+            breaker_failures=100,  # the broken engine keeps its share of the room
+        ) as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
+    ):
+        q = s.proxy._prefill_queue
+        assert q is not None
+        body = {"model": MODEL, "prompt": " ".join(["abc"] * 200), "max_tokens": 1}
+
+        async def post() -> int:
+            async with http.post(s.url + "/v1/completions", json=body) as resp:
+                await resp.read()
+                return resp.status
+
+        # Round robin: one of the first two prompts goes to the broken engine and holds the slot.
+        first = None
+        for _ in range(2):
+            sent = asyncio.ensure_future(post())
+            await asyncio.wait({sent, asyncio.ensure_future(hit.wait())}, return_when=asyncio.FIRST_COMPLETED)
+            if hit.is_set():
+                first = sent
+                break
+            assert await sent == 200
+        assert first is not None, "no prompt reached the broken engine"
+        # Two more fill the room (200: 100 per engine) and wait for the slot, one more in the queue.
+        rest = [asyncio.ensure_future(post()) for _ in range(3)]
+        statuses = await asyncio.gather(first, *rest)
+        assert statuses == [200] * 4, statuses
+        metrics = await _metrics(http, s.url)
+        assert sample(metrics, "pdorch_proxy_retries_total", {"endpoint": broken, "reason": "http_503"}) >= 1
+        assert sample(metrics, "pdorch_proxy_request_timeouts_total", {"phase": "prefill_queue"}) == 0
+        assert q.inflight == 0 and q.waiters == []
+
+
+async def test_max_queue_zero_refuses_only_prompts_that_would_wait() -> None:
+    async with (
+        stack("vllm", prefill_queue_tokens=4000, max_queue=0) as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
+    ):
+        q = s.proxy._prefill_queue
+        assert q is not None
+        body = {"model": MODEL, "prompt": SHORT, "max_tokens": 1}
+        async with http.post(s.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200  # an idle role: no wait, so no refusal
+        other = await q.acquire(4000, time.monotonic())  # the room is full: this one would wait
+        async with http.post(s.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 429, await resp.text()
+        other.release()

@@ -163,3 +163,23 @@ async def test_a_caller_that_gives_up_while_waiting_leaves_nothing_behind() -> N
     with pytest.raises(asyncio.CancelledError):
         await racing
     assert q.inflight == 0 and q.waiters == []
+
+
+async def test_a_retry_takes_room_at_once_past_the_cap_and_gives_exactly_that_back() -> None:
+    q = PrefillQueue(1000, 2.0, WAIT, lambda: 1, lambda: 0.0)
+    held = await q.acquire(1000, 0.0)
+    assert not q.fits_now(10)
+    waiting = asyncio.ensure_future(q.acquire(10, 0.1))
+    await asyncio.sleep(0)
+    assert len(q.waiters) == 1
+    retry = q.take(5000)  # past the cap, ahead of the waiter; charged one engine's share
+    assert q.inflight == 2000 and retry.held
+    held.release()
+    await asyncio.sleep(0)
+    assert not waiting.done()  # 1000 still in flight, the cap is 1000
+    retry.release()
+    retry.release()  # only the first release counts
+    await asyncio.sleep(0)
+    assert waiting.done() and q.inflight == 10
+    (await waiting).release()
+    assert q.inflight == 0 and q.fits_now(10)
