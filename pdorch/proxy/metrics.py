@@ -14,9 +14,10 @@ def _memoise_labels(metric: Any) -> None:
     """Make ``metric.labels(...)`` a dict lookup after the first call for a label set.
 
     prometheus_client validates and locks on every `labels()` call; the proxy makes about a dozen
-    per request. Only for metrics whose children are never removed (``clear``/``remove``)."""
+    per request. ``remove`` and ``clear`` forget the memo too: a series removed (an endpoint gone)
+    must come back when its label set is used again (the endpoint is back at the same address)."""
     children: dict[tuple[str, ...], Any] = {}
-    make = metric.labels
+    make, remove, clear = metric.labels, metric.remove, metric.clear
 
     def labels(*values: str) -> Any:
         child = children.get(values)
@@ -24,7 +25,15 @@ def _memoise_labels(metric: Any) -> None:
             child = children[values] = make(*values)
         return child
 
-    metric.labels = labels
+    def remove_child(*values: str) -> None:
+        children.pop(values, None)
+        remove(*values)
+
+    def clear_all() -> None:
+        children.clear()
+        clear()
+
+    metric.labels, metric.remove, metric.clear = labels, remove_child, clear_all
 
 
 class ProxyMetrics:

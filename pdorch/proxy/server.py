@@ -64,7 +64,7 @@ from pdorch.proxy.protocols import (
 from pdorch.proxy.request_ids import RequestIds
 from pdorch.proxy.token_ratio import TokenRatio
 from pdorch.proxy.upstream import EngineStalled, Sent, UpstreamPool, UpstreamResponse
-from pdorch.proxy.validation import check_sglang_fanout, decode_json, parse_json, validate
+from pdorch.proxy.validation import check_sglang_fanout, decode_json, model_ids, parse_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -546,13 +546,12 @@ class ProxyServer:
                             if r.status != 200:
                                 continue
                             raw = await r.read()
-                    ids = frozenset(
-                        str(m["id"])
-                        for m in json.loads(raw).get("data", [])
-                        if isinstance(m, dict) and "id" in m
-                    )
-                except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+                except (aiohttp.ClientError, TimeoutError) as exc:
                     log.debug("models from %s failed: %r", ep.url, exc)
+                    continue
+                ids = model_ids(raw)
+                if ids is None:
+                    log.debug("models from %s: not a model list: %r", ep.url, raw[:200])
                     continue
                 self._models = (self.clock(), raw, ids)
                 return raw, ids
@@ -567,7 +566,9 @@ class ProxyServer:
         got = await self._fetch_models()
         if got is None:
             return error_response(
-                ProxyError(503, "no decode endpoint answered /v1/models", retry_after=RETRY_AFTER_S)
+                ProxyError(
+                    503, "no decode endpoint answered /v1/models with a model list", retry_after=RETRY_AFTER_S
+                )
             )
         return Response(200, got[0], {"Content-Type": "application/json"})
 

@@ -146,6 +146,19 @@ def _messages(body: dict[str, Any]) -> None:
             )
 
 
+def model_ids(raw: bytes) -> frozenset[str] | None:
+    """The model ids of an engine's `/v1/models` answer; None when it is not the OpenAI list shape
+    (an object whose `data` is a list), so the caller tries another engine instead of failing."""
+    try:
+        doc = decode_json(raw)
+    except (ValueError, RecursionError):
+        return None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        return None
+    return frozenset(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
+
+
 def validate(body: dict[str, Any], kind: Kind, served_models: Collection[str] | None = None) -> None:
     """Raise a 4xx `ProxyError` naming the first problem field of ``body``; return if acceptable.
 

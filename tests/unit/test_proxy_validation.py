@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pdorch.proxy.config import ProxyConfig, build_config, router_settings
 from pdorch.proxy.errors import ProxyError
-from pdorch.proxy.validation import decode_json, parse_json, validate
+from pdorch.proxy.validation import decode_json, model_ids, parse_json, validate
 
 pytestmark = pytest.mark.unit
 MODELS = frozenset({"m"})
@@ -193,3 +193,23 @@ def test_conditional_disaggregation_is_refused_for_sglang() -> None:
         ProxyConfig(engine="sglang", decode=("http://d:1",), min_prompt_tokens=64)
     assert ProxyConfig(engine="vllm", decode=("http://d:1",), min_prompt_tokens=64).min_prompt_tokens == 64
     assert ProxyConfig(engine="sglang", decode=("http://d:1",), min_prompt_tokens=0).static
+
+
+@pytest.mark.parametrize(
+    ("raw", "ids"),
+    [
+        (b'{"object": "list", "data": [{"id": "a"}, {"id": 7}, {"x": 1}, "b"]}', frozenset({"a", "7"})),
+        (b'{"data": []}', frozenset()),
+        (b'{"data": null}', None),
+        (b'{"data": {"id": "a"}}', None),
+        (b'{"object": "list"}', None),
+        (b'[{"id": "a"}]', None),
+        (b"not json", None),
+        (b"\xff\xfe", None),
+        (b"[" * 100_000, None),
+    ],
+)
+def test_an_engine_model_list_is_read_only_in_the_openai_shape(
+    raw: bytes, ids: frozenset[str] | None
+) -> None:
+    assert model_ids(raw) == ids
