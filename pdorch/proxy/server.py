@@ -452,6 +452,11 @@ class ProxyServer:
 
     # The in-flight gauge is filled from `loads` at scrape time, not on every leg: two gauge updates
     # per leg would sit on the path to the upstream writes.
+    def _on_probation(self, ep: Endpoint) -> bool:
+        """Whether `ep`'s breaker is not closed (a request to it is a half-open probe)."""
+        b = self.breakers.get(ep.key)
+        return b is not None and b.state is not brk.BreakerState.CLOSED
+
     def _leg_start(self, ep: Endpoint) -> None:
         self.loads[ep.key] = self.loads.get(ep.key, 0) + 1
         if ep.key not in self._leg_roles:
@@ -1030,49 +1035,25 @@ class ProxyServer:
         progress: Progress,
         prefill_budget: float | None,
     ) -> Opened:
+        dec = d.decode
         decode_body = body
         t_prefilled: float | None = None
         if d.prefill is not None:
-            p = d.prefill
-            t = self.clock()
-            self._leg_start(p)
+            # A decode on probation (breaker half-open) is taken now, not when its leg starts after
+            # the prefill: the requests routed meanwhile must see the probe in flight, or every one
+            # of them becomes a probe of an engine that may still be failing.
+            early = self._on_probation(dec)
+            if early:
+                self._leg_start(dec)
             try:
-                with _PrefillDeadline(self.loop, p, prefill_budget):
-                    resp = await self._post(p, "prefill", path, encode_json(vllm_prefill_body(body)), headers)
-                    try:
-                        await self._check_status(p, "prefill", resp)
-                        raw = await resp.read(MAX_ANSWER_BYTES)
-                    except aiohttp.ClientError as exc:
-                        raise LegFailure(p, "prefill", "reset", repr(exc)) from None
-                    finally:
-                        resp.close()
-            except BaseException:
-                progress.ticket.release()
-                raise
+                decode_body, t_prefilled = await self._vllm_prefill(
+                    d.prefill, body, path, headers, progress, prefill_budget
+                )
             finally:
-                self._leg_end(p)
-            t_prefilled = self.clock()
-            progress.ticket.release(t_prefilled - t)
-            try:
-                answer = decode_json(raw)
-                params = answer.get("kv_transfer_params")
-            except (ValueError, AttributeError, RecursionError):
-                raise LegFailure(p, "prefill", "bad_response", f"not a JSON object: {raw[:200]!r}") from None
-            usage = answer.get("usage")
-            counted = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-            if isinstance(counted, int) and not isinstance(counted, bool):
-                progress.prompt_tokens = counted
-            # Bookkeeping runs on the next loop turn, once the decode request is on the wire.
-            self.loop.call_soon(self._prefill_ok, p, "vllm", t_prefilled - t)
-            if params:
-                decode_body = vllm_decode_body(body, params)
-            else:
-                # EOS as the single prefill token (or a connector misconfiguration): the decode
-                # prefills locally with the original body, as vllm-router does. Counted, not hidden.
-                self.metrics.no_params.inc()
+                if early:
+                    self._leg_end(dec)  # counted again below, as every decode leg is
         else:
             progress.ticket.release()  # no prefill leg (a decode-only decision)
-        dec = d.decode
         progress.endpoint, progress.leg = dec, "decode"
         t_dec = self.clock()
         self._leg_start(dec)
@@ -1098,6 +1079,53 @@ class ProxyServer:
             None if t_prefilled is None else now - t_prefilled,
         )
         return Opened(resp=resp, first=first, decision=d, legs=[dec])
+
+    async def _vllm_prefill(
+        self,
+        p: Endpoint,
+        body: dict[str, Any],
+        path: str,
+        headers: dict[str, str],
+        progress: Progress,
+        prefill_budget: float | None,
+    ) -> tuple[dict[str, Any], float]:
+        """The prefill leg of a vLLM pair: the decode leg's body and when the prefill ended."""
+        t = self.clock()
+        self._leg_start(p)
+        try:
+            with _PrefillDeadline(self.loop, p, prefill_budget):
+                resp = await self._post(p, "prefill", path, encode_json(vllm_prefill_body(body)), headers)
+                try:
+                    await self._check_status(p, "prefill", resp)
+                    raw = await resp.read(MAX_ANSWER_BYTES)
+                except aiohttp.ClientError as exc:
+                    raise LegFailure(p, "prefill", "reset", repr(exc)) from None
+                finally:
+                    resp.close()
+        except BaseException:
+            progress.ticket.release()
+            raise
+        finally:
+            self._leg_end(p)
+        t_prefilled = self.clock()
+        progress.ticket.release(t_prefilled - t)
+        try:
+            answer = decode_json(raw)
+            params = answer.get("kv_transfer_params")
+        except (ValueError, AttributeError, RecursionError):
+            raise LegFailure(p, "prefill", "bad_response", f"not a JSON object: {raw[:200]!r}") from None
+        usage = answer.get("usage")
+        counted = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if isinstance(counted, int) and not isinstance(counted, bool):
+            progress.prompt_tokens = counted
+        # Bookkeeping runs on the next loop turn, once the decode request is on the wire.
+        self.loop.call_soon(self._prefill_ok, p, "vllm", t_prefilled - t)
+        if params:
+            return vllm_decode_body(body, params), t_prefilled
+        # EOS as the single prefill token (or a connector misconfiguration): the decode prefills
+        # locally with the original body, as vllm-router does. Counted, not hidden.
+        self.metrics.no_params.inc()
+        return body, t_prefilled
 
     def _prefill_ok(self, p: Endpoint, engine: str, took: float) -> None:
         self._outcome(p, ok=True)

@@ -196,6 +196,31 @@ async def test_prefill_5xx_is_retried_on_another_pair_or_answered_502(http: aioh
         report("every prefill HTTP 500", status=502, answered_after_s=round(time.monotonic() - t0, 3))
 
 
+async def test_a_half_open_vllm_decode_takes_one_probe_not_every_request_routed_meanwhile(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A vLLM decode leg starts only after its prefill. A decode whose breaker just turned half-open
+    must still count the probe routed to it from the moment it is chosen: otherwise every request
+    routed during that probe's prefill is a probe too, and fails with it."""
+    sick = replace(FAST, time_scale=30.0, faults=Faults(roles=frozenset({"decode"}), status=500))
+    async with stack("vllm", sim_config=sick, breaker_failures=1, breaker_cooldown_s=0.5, max_retries=0) as s:
+        body = {"model": MODEL, "prompt": " ".join(["abc"] * 1000), "max_tokens": 2}
+
+        async def post() -> int:
+            async with http.post(s.url + "/v1/completions", json=body) as r:
+                await r.read()
+                return r.status
+
+        assert await post() == 502  # opens the decode's breaker
+        await asyncio.sleep(0.6)  # its cooldown is over: one probe at a time
+        statuses = await asyncio.gather(*(post() for _ in range(8)))
+        errors = sample(
+            await text_of(http, s.url), "pdorch_proxy_endpoint_errors_total", {"endpoint": s.decode_url}
+        )
+        assert errors == 2, (errors, statuses)  # the first request's and the probe's
+        assert sorted(statuses) == [502] + [503] * 7, statuses
+
+
 # -- a decode that hangs ------------------------------------------------------------------------------------
 
 
