@@ -63,7 +63,7 @@ from pdorch.proxy.protocols import (
 )
 from pdorch.proxy.request_ids import RequestIds
 from pdorch.proxy.token_ratio import TokenRatio
-from pdorch.proxy.upstream import EngineStalled, Sent, UpstreamPool, UpstreamResponse
+from pdorch.proxy.upstream import EngineStalled, Sent, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from pdorch.proxy.validation import check_sglang_fanout, decode_json, model_ids, parse_json, validate
 
 log = logging.getLogger(__name__)
@@ -976,9 +976,13 @@ class ProxyServer:
             return await self._answer(dec, "decode", sent)
         self._progress.started(dec.key, dec.url, sent, since)
         try:
-            return await self._answer(dec, "decode", sent)
+            resp = await self._answer(dec, "decode", sent)
         finally:
             self._progress.ended(dec.key, sent)
+        # The head came, so the body is due at once: an engine that then goes silent is failed
+        # after the stream idle limit (a retryable leg failure), not left to the request timeout.
+        resp.watch(self.config.stream_idle_timeout_s)
+        return resp
 
     async def _check_status(self, ep: Endpoint, leg: str, resp: UpstreamResponse) -> None:
         """5xx -> `LegFailure` (retryable); 4xx -> `UpstreamReply` (relayed)."""
@@ -1007,7 +1011,8 @@ class ProxyServer:
             return await resp.content.readany()
         except aiohttp.ClientError as exc:
             resp.close()
-            raise LegFailure(ep, "decode", "reset", repr(exc)) from None
+            reason = "idle_timeout" if isinstance(exc, UpstreamTimeout) else "reset"
+            raise LegFailure(ep, "decode", reason, repr(exc)) from None
 
     async def _open(
         self,

@@ -221,6 +221,57 @@ async def test_a_half_open_vllm_decode_takes_one_probe_not_every_request_routed_
         assert sorted(statuses) == [502] + [503] * 7, statuses
 
 
+@contextlib.asynccontextmanager
+async def head_then_silence_server() -> AsyncIterator[str]:
+    """Answers every request with a 200 head announcing a body, then sends nothing more."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+            await writer.drain()
+            await reader.read()  # until the proxy gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+async def test_a_decode_silent_after_its_head_is_failed_at_the_idle_limit_and_retried(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A non-streamed answer's head means its body is due: a decode that then goes silent is an
+    engine failure after the stream idle limit (marked against it, retried on another decode), not
+    a wait for the whole request timeout charged to the client."""
+    async with (
+        head_then_silence_server() as silent,
+        stack(
+            "vllm",
+            extra_decode=(silent,),
+            policy="round_robin",
+            stream_idle_timeout_s=0.5,
+            request_timeout_s=60.0,
+            health_timeout_s=0.3,
+            max_retries=2,
+        ) as s,
+    ):
+        for i in range(4):
+            prompt = f"say something {i}"
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 3}
+            async with http.post(s.url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["choices"][0]["text"] == expected_text(prompt, 3)
+        text = await text_of(http, s.url)
+        assert sample(text, "pdorch_proxy_retries_total", {"endpoint": silent, "reason": "idle_timeout"}) >= 1
+        assert sample(text, "pdorch_proxy_request_timeouts_total", {"phase": "before_first_byte"}) in (
+            None,
+            0,
+        )
+
+
 # -- a decode that hangs ------------------------------------------------------------------------------------
 
 
