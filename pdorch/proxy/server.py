@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 MODELS_RETRY_S = 5.0  # after a failed /v1/models fetch, validate without the list for this long
 QUEUE_POKE_S = 0.5  # how often waiting prompts are offered to newly usable prefill engines
+PREFILL_DRAIN_S = 5.0  # an SGLang prefill answers this soon after its decode did (its KV was pushed)
 
 
 class Discovery(Protocol):
@@ -1259,17 +1260,22 @@ class ProxyServer:
 
     async def _finish_background(self, opened: Opened, abort: bool) -> None:
         task = opened.background
-        if task is None or task.done():
-            if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-                exc = task.exception()
-                if isinstance(exc, LegFailure):
-                    self._leg_failed(exc)
-            return
-        if not abort:
+        if task is not None and not task.done() and not abort:
             # The decode finished, so the prefill has pushed its KV and answers at once; bound the wait.
-            done, _ = await asyncio.wait({task}, timeout=5.0)
-            if done:
-                return
+            await asyncio.wait({task}, timeout=PREFILL_DRAIN_S)
+            if not task.done():
+                p = opened.decision.prefill
+                assert p is not None
+                self._leg_failed(
+                    LegFailure(
+                        p, "prefill", "drain_timeout", f"no answer {PREFILL_DRAIN_S:g}s after the decode's"
+                    )
+                )
+        if task is None or task.done():
+            # A prefill that failed after its decode answered still counts against its engine.
+            if task is not None and not task.cancelled() and isinstance(task.exception(), LegFailure):
+                self._leg_failed(task.exception())  # type: ignore[arg-type]
+            return
         _drop_prefill(task, opened.prefill_sent)
 
     def _request_timed_out(self) -> ProxyError:
