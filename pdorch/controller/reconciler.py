@@ -72,7 +72,9 @@ RATIO_DEVIATION = Gauge(
     ["namespace", "group"],
 )
 ROLLOUT_STEPS = Counter(
-    "pdorch_rollout_steps_total", "Rollout steps applied (partitions/replicas moved).", ["namespace", "group"]
+    "pdorch_rollout_steps_total",
+    "Rollout steps taken (partitions/replicas moved); a step whose writes are retried counts once.",
+    ["namespace", "group"],
 )
 COHORT_DEVIATION = Gauge(
     "pdorch_rollout_cohort_ratio_deviation",
@@ -133,6 +135,8 @@ class Reconciler:
     _progress: dict[str, tuple[str, float, str]] = field(default_factory=dict)
     # Per group: the last rollout step whose LWS writes all went through (step_record).
     _written_steps: dict[str, tuple[StepRecord, float]] = field(default_factory=dict)
+    # Per group: the number of the last step counted in ROLLOUT_STEPS (a retried write is no new step).
+    _counted_steps: dict[str, int] = field(default_factory=dict)
     # Per group: LWS name -> when this process last changed it (creation failures older than that
     # concern an earlier spec); and when its FailedCreate warnings were last read, and what they
     # said (read at most every FAILURE_CHECK_S, and only while a role lacks groups).
@@ -160,6 +164,7 @@ class Reconciler:
             self.rolling.discard(key)
             self._progress.pop(key, None)
             self._written_steps.pop(key, None)
+            self._counted_steps.pop(key, None)
             self._lws_changed_at.pop(key, None)
             self._failures.pop(key, None)
             forget_group_metrics(namespace, name)
@@ -428,6 +433,7 @@ class Reconciler:
             self.rolling.discard(key)
             self._progress.pop(key, None)
             self._written_steps.pop(key, None)
+            self._counted_steps.pop(key, None)
             return rlive.RolloutPlan(False, {}, None)
         self.rolling.add(key)
         size = {r.name: r.size for r in sg.spec.roles}
@@ -453,8 +459,13 @@ class Reconciler:
         if plan.decision.kind == "done":
             # The plain render drops every record; a step written before must not be held after it.
             self._written_steps.pop(key, None)
+            self._counted_steps.pop(key, None)
         if plan.decision.kind == "step":
-            ROLLOUT_STEPS.labels(namespace, name).inc()
+            number = plan.step.number if plan.step is not None else None
+            if number is None or self._counted_steps.get(key) != number:
+                ROLLOUT_STEPS.labels(namespace, name).inc()
+            if number is not None:
+                self._counted_steps[key] = number
             moves = ", ".join(f"{n} replicas={r} partition={k}" for n, (r, k) in sorted(plan.actions.items()))
             was = ", ".join(
                 f"{o.name} {o.replicas}/{o.partition}"
@@ -463,7 +474,10 @@ class Reconciler:
             moves = f"{moves} (was {was})"
             obj = self.caches.groups.get(namespace, name)
             if obj is not None:
-                self.events.emit_soon(obj, "Normal", "RolloutStep", f"{plan.decision.reason}: {moves}")
+                # One series: a write retried from the same state repeats its event word for word.
+                self.events.emit_soon(
+                    obj, "Normal", "RolloutStep", f"{plan.decision.reason}: {moves}", series="RolloutStep"
+                )
         COHORT_DEVIATION.labels(namespace, name).set(
             rlive.max_cohort_deviation(plan.cohorts, spec.ratio_p, spec.ratio_d)
         )

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import httpx2
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdorch.devcluster.cluster import is_cluster_dir
 from pdorch.devcluster.process import free_port
@@ -87,6 +88,15 @@ class ControllerProc:
 
     def metrics_text(self) -> str:
         return httpx2.get(self.url("/metrics"), timeout=5, trust_env=False).text
+
+    def sample_sum(self, name: str, **labels: str) -> float:
+        """Sum of the samples named `name` whose labels include `labels` (0 when there are none)."""
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(self.metrics_text())
+            for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     def requests(self, verbs: tuple[str, ...] = WRITE_VERBS, exclude: tuple[str, ...] = ()) -> float:
         """Sum of pdorch_kube_requests_total over `verbs`, all codes, resources not in `exclude`."""

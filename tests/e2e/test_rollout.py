@@ -482,6 +482,26 @@ async def test_a_step_whose_lws_write_was_refused_is_finished_as_planned(
         )
         first = _step_messages(devcluster, namespace, CUT)[0].partition("(was ")[0]
         assert _STEP.findall(message) == _STEP.findall(first), message
+
+        # Retries of the refused write are no new steps: step 1 counts once and its retry's event is
+        # not sent again, however often the write is retried.
+        def refusals() -> float:  # the policy's denials come back as 422 Invalid
+            return controller.sample_sum(
+                "pdorch_kube_requests_total", resource="leaderworkersets", code="422"
+            )
+
+        seen = await asyncio.to_thread(refusals)
+        await wait_for_async(
+            lambda: asyncio.to_thread(lambda: refusals() >= seen + 3 or None),
+            90,
+            "three more refused LWS writes (retries)",
+        )
+        counted = await asyncio.to_thread(
+            controller.sample_sum, "pdorch_rollout_steps_total", namespace=namespace, group=CUT
+        )
+        assert counted == 1, counted
+        finishes = [m for m in _step_messages(devcluster, namespace, CUT) if "finish step 1" in m]
+        assert len(finishes) == 1, finishes
         lift()
         await wait_for_async(lambda: asyncio.to_thread(frozen, False), 30, "the freeze to lift")
     lifted = time.monotonic()
