@@ -166,7 +166,8 @@ class Scaling(ApiModel):
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=3600)
     """Builtin: use the highest recommendation of this window before scaling down."""
     scale_down_after_miss_seconds: int | None = Field(None, ge=0, le=3600)
-    """Builtin: the scale-down window for an hour after the group missed a target (unset: off)."""
+    """Builtin: the scale-down window for an hour after the group missed a target, when longer than
+    scaleDownStabilizationSeconds (unset: off)."""
     cooldown_seconds: int = Field(60, ge=0, le=3600)
     """Builtin: minimum time between two scaling actions of the role."""
 

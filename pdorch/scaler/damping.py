@@ -31,7 +31,9 @@ class DampingConfig:
             return self.scale_down_stabilization_s
         if now_s - last_miss_s >= self.miss_memory_s:
             return self.scale_down_stabilization_s
-        return self.scale_down_after_miss_s
+        # A miss only ever lengthens the window: a shorter after-miss value would scale down faster
+        # right after the SLO was missed.
+        return max(self.scale_down_after_miss_s, self.scale_down_stabilization_s)
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0 or self.max_replicas < self.min_replicas:

@@ -167,6 +167,9 @@ def test_after_a_miss_the_longer_scale_down_window_holds_for_the_miss_memory() -
     assert cfg.scale_down_window(100, 50) == 600
     assert cfg.scale_down_window(1050, 50) == 60  # an hour (here 1000 s) without a miss: back to normal
     assert DampingConfig(scale_down_stabilization_s=60).scale_down_window(100, 50) == 60  # off when unset
+    # Shorter than the normal window: a miss never shortens it.
+    short = DampingConfig(scale_down_stabilization_s=300, scale_down_after_miss_s=30)
+    assert short.scale_down_window(100, 50) == 300
 
     s = DampingState()
     assert damp(s, cfg, 0, 8, 8, last_miss_s=0).replicas == 8  # a burst that missed its target
