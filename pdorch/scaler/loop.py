@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 
 # How long a stopping scaler may spend giving drained pods back to the proxy.
 SHUTDOWN_UNDRAIN_S = 5.0
+# How long the proxy may take to see a drain mark (its pod watch): a victim scraped earlier than
+# that after the mark may have been sent requests since.
+DRAIN_NOTICE_S = 2.0
 
 DESIRED = Gauge(
     "pdorch_scaler_desired_replicas", "Replicas the scaler wrote.", ["namespace", "group", "role"]
@@ -142,6 +145,7 @@ class RoleState:
     memory: RoleMemory = field(default_factory=RoleMemory)
     draining_to: int | None = None
     drain_started: float = 0.0
+    drain_started_wall: float = 0.0  # the same instant in Unix time, to compare with scrape times
     drain_reason: str = ""
 
     def read(
@@ -478,21 +482,30 @@ class BuiltinScaler:
             if target > current:
                 await self._write(ns, group, role, srs, current, target, reason)
             return
+        # Groups above the desired size that this scaler did not mark are a rollout's surge: LWS
+        # will not remove the groups at or above `target` then (the planner decides which go), so
+        # draining them would hide groups the rollout keeps. Scale-down waits for the rollout.
+        surge = surge_groups(pods, current)
+        if surge:
+            if st.draining_to is not None:
+                await self._undrain(ns, pods)
+                st.draining_to = None
+            log.info(
+                "%s/%s-%s: scale-down %d -> %d waits for the rollout (%d surge group(s))",
+                ns,
+                group,
+                role.name,
+                current,
+                target,
+                len(surge),
+            )
+            return
         if st.draining_to != target:
             # Start (or retarget) a drain: annotate the leaders of the groups LWS will remove.
             await self._undrain(ns, [p for p in pods if _group_index(p) < target])
-            for p in pods:
-                if (
-                    _group_index(p) >= target
-                    and (p["metadata"].get("annotations") or {}).get(ANNOTATION_DRAINING) != "true"
-                ):
-                    await self.api.patch(
-                        POD,
-                        p["metadata"]["name"],
-                        ns,
-                        {"metadata": {"annotations": {ANNOTATION_DRAINING: "true"}}},
-                    )
+            await self._mark(ns, [p for p in pods if _group_index(p) >= target])
             st.draining_to, st.drain_started, st.drain_reason = target, time.monotonic(), reason
+            st.drain_started_wall = time.time()
             log.info(
                 "%s/%s-%s: draining groups >= %d before scaling %d -> %d",
                 ns,
@@ -504,13 +517,26 @@ class BuiltinScaler:
             )
             return
         victims = [p for p in pods if _group_index(p) >= target]
+        unmarked = [p for p in victims if not _marked(p)]
+        if unmarked:
+            # Recreated since the drain began (a pod's annotation is not in the LWS template): the
+            # proxy may have sent it requests meanwhile. Mark it again; its drain starts over.
+            await self._mark(ns, unmarked)
+            st.drain_started, st.drain_started_wall = time.monotonic(), time.time()
+            return
         eps = [e for e in endpoints_from_pods(_undrained(victims)).endpoints]
         got = await self.source.samples(ns, eps)
         # A victim whose metrics cannot be read counts as busy: "unknown" is not "drained". So does
-        # one that runs but is not Ready (a failed probe under load may still hold requests).
+        # one that runs but is not Ready (a failed probe under load may still hold requests), and
+        # one whose sample was scraped before the proxy could see the mark (Prometheus scrapes on
+        # its own schedule: an older "idle" says nothing about what the proxy sent since).
         scraped = {e.pod for e in eps}
         unready = sum(1 for p in victims if p["metadata"].get("name") not in scraped and may_hold_work(p))
-        busy = unready + sum(s.running + s.waiting if s is not None else 1.0 for s in got)
+        seen_after = st.drain_started_wall + DRAIN_NOTICE_S
+        busy = unready + sum(
+            1.0 if s is None or (s.at is not None and s.at < seen_after) else s.running + s.waiting + s.held
+            for s in got
+        )
         timed_out = time.monotonic() - st.drain_started >= self.cfg.drain_timeout_s
         if busy > 0 and not timed_out:
             return
@@ -546,9 +572,20 @@ class BuiltinScaler:
         self._raw.pop(key, None)
         _drop_series(*key)
 
+    async def _mark(self, ns: str, pods: list[dict[str, Any]]) -> None:
+        """Annotate `pods` as draining (the proxy stops sending them new requests)."""
+        for p in pods:
+            if not _marked(p):
+                await self.api.patch(
+                    POD,
+                    p["metadata"]["name"],
+                    ns,
+                    {"metadata": {"annotations": {ANNOTATION_DRAINING: "true"}}},
+                )
+
     async def _undrain(self, ns: str, pods: list[dict[str, Any]]) -> None:
         for p in pods:
-            if (p["metadata"].get("annotations") or {}).get(ANNOTATION_DRAINING) == "true":
+            if _marked(p):
                 await self.api.patch(
                     POD, p["metadata"]["name"], ns, {"metadata": {"annotations": {ANNOTATION_DRAINING: None}}}
                 )
@@ -592,6 +629,16 @@ class BuiltinScaler:
         )
         log.info("%s/%s: %s", ns, name, note)
         return True
+
+
+def surge_groups(pods: list[dict[str, Any]], desired: int) -> list[dict[str, Any]]:
+    """Leaders of groups at or above the desired size that no drain marked: a rollout's surge
+    (a drain's own victims, marked, wait there for LWS to remove them after the write)."""
+    return [p for p in pods if _group_index(p) >= desired and not _marked(p)]
+
+
+def _marked(pod: dict[str, Any]) -> bool:
+    return (pod["metadata"].get("annotations") or {}).get(ANNOTATION_DRAINING) == "true"
 
 
 def may_hold_work(pod: dict[str, Any]) -> bool:

@@ -23,6 +23,9 @@ class EngineSample:
     running: float = 0.0
     waiting: float = 0.0
     kv_usage: float = 0.0  # 0..1
+    # Requests the engine holds that are not load: an SGLang prefill's, waiting for their decode to
+    # connect or to take the KV. Read only to tell whether the engine is drained.
+    held: float = 0.0
     requests_total: float = 0.0  # finished requests
     prompt_tokens_total: float = 0.0
     generation_tokens_total: float = 0.0
@@ -55,9 +58,12 @@ _SGLANG_GAUGES = {
     "sglang:num_queue_reqs": "waiting",
     # A P/D decode holds requests in queues of its own before they reach num_queue_reqs: waiting for
     # KV memory (prealloc) and for the KV to arrive (transfer). vLLM counts those as waiting too.
-    # The prefill side's bootstrap/inflight queues are not prefill work (they wait on the decode).
+    # The prefill side's bootstrap/inflight queues are not prefill work (they wait on the decode),
+    # but a prefill holding them still has requests whose KV a decode waits for: not drained.
     "sglang:num_decode_prealloc_queue_reqs": "waiting",
     "sglang:num_decode_transfer_queue_reqs": "waiting",
+    "sglang:num_prefill_bootstrap_queue_reqs": "held",
+    "sglang:num_prefill_inflight_queue_reqs": "held",
     "sglang:token_usage": "kv_usage",
 }
 _COUNTERS = {

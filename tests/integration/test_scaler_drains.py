@@ -7,6 +7,7 @@ not (or no longer) Builtin would hide that pod from traffic for good.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -153,6 +154,94 @@ async def test_a_drain_is_cancelled_by_a_metrics_outage_and_by_shutdown(
         # Nothing was scaled down meanwhile: each drain ended before it completed.
         srs = await api.get(SERVING_ROLE_SCALER, "undrain-decode", namespace)
         assert srs is not None and srs["spec"]["replicas"] == 2
+    finally:
+        await api.close()
+
+
+class VictimMetrics:
+    """Every engine idle, except the pod named `victim`, whose sample the test sets."""
+
+    def __init__(self) -> None:
+        self.victim = ""
+        self.sample = EngineSample("vllm")
+
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]:
+        return [self.sample if e.pod == self.victim else EngineSample("vllm") for e in endpoints]
+
+
+async def test_a_drain_ends_only_on_a_fresh_empty_sample_of_a_marked_victim(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A victim is not drained while it holds requests a decode waits for (SGLang's prefill
+    bootstrap/inflight queues), nor on a sample scraped before the proxy could see its mark
+    (Prometheus), and a victim recreated mid-drain (its mark lost with the old pod) is marked again
+    before the scale-down is written."""
+    doc = example_scaled(
+        "redrain",
+        "decode",
+        {
+            "mode": "Builtin",
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "targets": {"tpotMs": 100},
+            "scaleDownStabilizationSeconds": 0,
+            "cooldownSeconds": 0,
+        },
+    )
+    next(r for r in doc["spec"]["roles"] if r["type"] == "decode")["replicas"] = 2
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, "redrain")
+
+    def leaders() -> list[Pod]:
+        pods = kube.list(Pod, namespace=namespace, labels=leader_selector("redrain", "decode"))
+        return sorted(pods, key=lambda p: p.metadata.name)
+
+    await asyncio.to_thread(wait_for, lambda: len(leaders()) == 2, 60, "two decode leaders")
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    metrics = VictimMetrics()
+    metrics.victim = leaders()[1].metadata.name
+    scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0), source=metrics)
+
+    async def replicas() -> int:
+        srs = await api.get(SERVING_ROLE_SCALER, "redrain-decode", namespace)
+        assert srs is not None
+        return int(srs["spec"]["replicas"])
+
+    def drained() -> list[bool]:
+        return [is_draining(kube, namespace, p) for p in leaders()]
+
+    try:
+        await scaler.tick()  # baseline
+        await scaler.tick()  # idle: 2 -> 1 starts by draining group 1
+        assert drained() == [False, True]
+
+        metrics.sample = EngineSample("sglang", held=3)  # KV a decode has yet to take
+        await scaler.tick()
+        assert await replicas() == 2 and drained() == [False, True]
+
+        metrics.sample = EngineSample("vllm", at=time.time() - 60)  # idle, but scraped before the mark
+        await scaler.tick()
+        assert await replicas() == 2 and drained() == [False, True]
+
+        old = leaders()[1]
+        kube.delete(Pod, old.metadata.name, namespace=namespace)  # LWS recreates it, unmarked
+        await asyncio.to_thread(
+            wait_for,
+            lambda: (len(p := leaders()) == 2 and p[1].metadata.uid != old.metadata.uid) or None,
+            60,
+            "the victim recreated",
+        )
+        metrics.sample = EngineSample("vllm")
+        # The scaler marks the new pod again, or (reading it as an engine without a previous
+        # reading) holds and cancels the drain; either way the size is only lowered while the
+        # victim is marked, and then it is.
+        for _ in range(10):
+            before = drained()
+            await scaler.tick()
+            if await replicas() == 1:
+                break
+        assert await replicas() == 1
+        assert before == [False, True], "scaled down onto a victim the proxy could use"
     finally:
         await api.close()
 

@@ -19,6 +19,7 @@ from pdorch.scaler.loop import (
     group_policy,
     may_hold_work,
     recommend,
+    surge_groups,
 )
 from pdorch.scaler.observe import RoleLoad, role_load
 from pdorch.scaler.policy import SloPolicyConfig
@@ -172,3 +173,20 @@ def test_the_role_state_carries_what_a_tick_without_a_new_scrape_repeats() -> No
         if last is not None:
             reads.append((role_load(seen.prev, seen.cur, now - last).request_rate, seen.repeated))
     assert reads == [(10.0, 0), (10.0, 1), (10.0, 0)]
+
+
+def test_unmarked_groups_above_the_desired_size_are_a_rollouts_surge() -> None:
+    def leader(index: int, marked: bool = False) -> dict[str, object]:
+        md: dict[str, object] = {"name": f"g-decode-{index}", "labels": {loop.LWS_GROUP_INDEX: str(index)}}
+        if marked:
+            md["annotations"] = {loop.ANNOTATION_DRAINING: "true"}
+        return {"metadata": md}
+
+    # Desired 3 with LWS at 5 mid-rollout: groups 3 and 4 are surge, a scale-down must not drain them.
+    assert [p["metadata"]["name"] for p in surge_groups([leader(i) for i in range(5)], 3)] == [
+        "g-decode-3",
+        "g-decode-4",
+    ]
+    # After a scale-down 3 -> 2 was written, its drained victim waits for LWS to remove it: no surge.
+    assert surge_groups([leader(0), leader(1), leader(2, marked=True)], 2) == []
+    assert surge_groups([leader(i) for i in range(3)], 3) == []

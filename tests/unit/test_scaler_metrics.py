@@ -270,9 +270,12 @@ def test_an_sglang_decodes_own_queues_are_waiting_requests() -> None:
         'sglang:num_decode_prealloc_queue_reqs{model_name="m"} 150\n'
         'sglang:num_decode_transfer_queue_reqs{model_name="m"} 5\n'
         'sglang:num_prefill_bootstrap_queue_reqs{model_name="m"} 7\n'
+        'sglang:num_prefill_inflight_queue_reqs{model_name="m"} 2\n'
     )
     s = parse_engine_metrics(text)
     assert (s.running, s.waiting) == (40, 158)
+    # A prefill's requests waiting on their decode are no load, but they keep it from being drained.
+    assert s.held == 9
 
 
 def test_an_older_sglangs_per_token_latency_name_is_read() -> None:
