@@ -110,12 +110,19 @@ def _pod_series(result: Sequence[dict], by_pod: str) -> tuple[list[dict], float 
     When two scrape jobs collect the same pod (a PodMonitor and an annotation-based job, say), only
     the first job's are kept: summing both would double its load. Within it, only the instance
     scraped last: a pod recreated under the same name (LWS does, on every rollout step) is a new
-    scrape target, and the old one's series linger until Prometheus marks them stale.
+    scrape target, and the old one's series linger until Prometheus marks them stale. Jobs and
+    instances are chosen among the targets that export engine series only: another port of the pod
+    (a sidecar, a second endpoint) has its own `up` and nothing to read.
     """
     mine = [i for i in result if _labels(i).get("pod") == by_pod]
-    job = min((_labels(i).get("job", "") for i in mine), default="")
+    engine = {(_labels(i).get("job", ""), _labels(i).get("instance")) for i in mine if not _is_scrape_time(i)}
+    job = min((j for j, _ in engine), default="")
     mine = [i for i in mine if _labels(i).get("job", "") == job]
-    times = [(float(i["value"][1]), _labels(i).get("instance")) for i in mine if _is_scrape_time(i)]
+    times = [
+        (float(i["value"][1]), instance)
+        for i in mine
+        if _is_scrape_time(i) and (job, instance := _labels(i).get("instance")) in engine
+    ]
     if not times:
         return [i for i in mine if not _is_scrape_time(i)], None
     at, instance = max(times, key=lambda t: t[0])

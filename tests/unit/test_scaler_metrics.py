@@ -383,6 +383,20 @@ def test_the_query_result_gives_the_sample_and_when_it_was_scraped() -> None:
     assert parse_engine_metrics(prometheus_vector_to_text(result, "q")).running == 7
 
 
+def test_scrape_targets_of_the_pod_without_engine_series_are_not_picked() -> None:
+    """A sidecar port scraped by a job whose name sorts first, and a second endpoint of the engine's
+    job scraped later, have an `up` of their own and nothing to read: the engine's series stay."""
+    pod = {"pod": "p", "instance": "10.0.0.2:8000", "job": "vllm"}
+    result = [
+        _series("vllm:num_requests_running", 7, **pod),
+        _scrape_time(990.0, **pod),
+        _scrape_time(995.0, pod="p", job="kubernetes-pods", instance="10.0.0.2:15020"),
+        _scrape_time(999.0, pod="p", job="vllm", instance="10.0.0.2:9090"),
+    ]
+    assert parse_engine_metrics(prometheus_vector_to_text(result, "p")).running == 7
+    assert prometheus_scrape_time(result, "p") == 990.0
+
+
 def test_the_query_asks_for_values_and_scrape_times_at_once() -> None:
     q = prometheus_query("serving", ["a", "b"])
     values, times = q.split(" or ")
