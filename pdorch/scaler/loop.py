@@ -436,15 +436,18 @@ class BuiltinScaler:
         except ValueError as e:
             log.warning("%s/%s: %s", ns, group, e)
             return None
-        if (seen.unread or seen.blind) and rec.replicas < current:
-            # The load of replicas unread now, or read without a baseline (unread last tick, e.g.
-            # after a metrics outage), is unknown, so the rest understates it: never scale down blind.
+        hold = held_size(current, st.draining_to, rec.replicas, seen.unread, seen.blind)
+        if hold is not None:
             why = (
                 f"{seen.unread} of {len(eps)} leaders unreadable"
                 if seen.unread
                 else (f"{seen.blind} of {len(eps)} leaders without a previous reading")
             )
-            rec = Recommendation(current, f"held at {current}: {why} ({rec.reason})")
+            # A hold for this tick, not a recommendation: kept out of the damping windows, where it
+            # would block scale-down for a whole window after one unreadable tick.
+            RECOMMENDED.labels(ns, group, role.name).set(hold)
+            self._raw[key] = hold
+            return srs, current, hold, f"held at {hold}: {why} ({rec.reason})", pods
         RECOMMENDED.labels(ns, group, role.name).set(rec.replicas)
         self._raw[key] = rec.replicas
         base = st.draining_to if st.draining_to is not None else current
@@ -629,6 +632,19 @@ class BuiltinScaler:
         )
         log.info("%s/%s: %s", ns, name, note)
         return True
+
+
+def held_size(current: int, draining_to: int | None, recommended: int, unread: int, blind: int) -> int | None:
+    """The size a role holds this tick because some leaders' load is unknown (None: no hold).
+
+    Only a scale-down is held: the load of leaders unread now, or read without a baseline (unread
+    last tick, e.g. after a metrics outage), is unknown, so the rest understates it. A drain under
+    way goes on while leaders are only without a baseline (a victim a retarget gave back sat out
+    the last tick); an unreadable leader cancels it (holding means holding at the current size).
+    """
+    if not (unread or blind) or recommended >= current:
+        return None
+    return draining_to if draining_to is not None and not unread else current
 
 
 def surge_groups(pods: list[dict[str, Any]], desired: int) -> list[dict[str, Any]]:

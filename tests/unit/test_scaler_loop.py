@@ -17,6 +17,7 @@ from pdorch.scaler.loop import (
     damping_from_scaling,
     endpoints_started_after,
     group_policy,
+    held_size,
     may_hold_work,
     recommend,
     surge_groups,
@@ -190,3 +191,14 @@ def test_unmarked_groups_above_the_desired_size_are_a_rollouts_surge() -> None:
     # After a scale-down 3 -> 2 was written, its drained victim waits for LWS to remove it: no surge.
     assert surge_groups([leader(0), leader(1), leader(2, marked=True)], 2) == []
     assert surge_groups([leader(i) for i in range(3)], 3) == []
+
+
+def test_unknown_load_holds_a_scale_down_but_not_a_drain_under_way_unless_unreadable() -> None:
+    assert held_size(4, None, 2, unread=0, blind=0) is None  # every leader read with a baseline
+    assert held_size(4, None, 6, unread=1, blind=0) is None  # a scale-up is never held
+    assert held_size(4, None, 2, unread=1, blind=0) == 4
+    assert held_size(4, None, 2, unread=0, blind=1) == 4
+    # A drain 4 -> 2 under way: a leader without a baseline (given back by a retarget) does not
+    # cancel it; an unreadable one does.
+    assert held_size(4, 2, 2, unread=0, blind=1) == 2
+    assert held_size(4, 2, 1, unread=1, blind=0) == 4
