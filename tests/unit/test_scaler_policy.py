@@ -234,6 +234,16 @@ def test_ratio_band_raises_the_short_side() -> None:
     assert within_band(band, 12, 2, 100, 100)[:2] == (12, 5)
     assert within_band(band, 4, 2, 100, 100) == (4, 2, "")
     assert within_band(band, 12, 2, 100, 3)[:2] == (12, 3)  # max wins over the band
+    assert "stays above 2.50" in within_band(band, 12, 2, 100, 3)[2]  # and the note says so
+
+
+def test_a_narrow_band_raises_both_sides_when_one_would_overshoot() -> None:
+    # 1:2 exactly from 1P:3D: 2P:3D overshoots (0.67), 1P:4D falls short (0.25); 2P:4D adds the fewest.
+    assert within_band(RatioBand(1, 2, 0.0), 1, 3, 10, 10) == (
+        2,
+        4,
+        "prefill raised 1->2 and decode raised 3->4 to keep P:D in [0.50, 0.50]",
+    )
 
 
 @given(
@@ -248,8 +258,11 @@ def test_ratio_band_only_raises_and_lands_inside(p: int, d: int, rp: int, rd: in
     np_, nd, _ = within_band(band, p, d, 10_000, 10_000)
     assert np_ >= p and nd >= d
     r = rp / rd
-    assert r * (1 - tol) - 1e-9 <= np_ / nd or np_ == p  # raised prefill lands in the band
-    assert np_ / nd <= r * (1 + tol) + 1e-9 or nd == d
+    assert r * (1 - tol) - 1e-9 <= np_ / nd <= r * (1 + tol) + 1e-9  # lands in the band
+    # ... by the fewest replicas added: no pair with a smaller total is in the band.
+    for d2 in range(d, nd + 1):
+        p2 = max(p, math.ceil(r * (1 - tol) * d2 - 1e-9))
+        assert not (p2 + d2 < np_ + nd and p2 / d2 <= r * (1 + tol) + 1e-9)
 
 
 # ---------------------------------------------------------------------------- peers
