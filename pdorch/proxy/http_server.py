@@ -37,6 +37,10 @@ class BodyTooLarge(Exception):
     """The request body passed the server's byte limit."""
 
 
+class BodyMalformed(Exception):
+    """The request body broke HTTP framing (a bad chunk size, say); the message says how."""
+
+
 @dataclass(slots=True)
 class Response:
     """A complete response; ``close`` ends the connection after it."""
@@ -79,6 +83,7 @@ class Request:
         "_chunks",
         "_conn",
         "_done",
+        "_malformed",
         "_size",
         "_too_large",
         "content_length",
@@ -112,6 +117,7 @@ class Request:
         self._chunks: list[bytes] = []
         self._size = 0
         self._too_large = False
+        self._malformed: str | None = None
         self._done: asyncio.Future[None] = conn.loop.create_future()
         self.stream: StreamResponse | None = None
         # "Expect: 100-continue" within the body limit: the client waits for a 100 before sending
@@ -133,14 +139,22 @@ class Request:
         if not self._done.done():
             self._done.set_result(None)
 
+    def _broken(self, message: str) -> None:
+        """The parser refused the rest of this body: its reader gets `BodyMalformed`."""
+        self._malformed = message
+        self._complete()
+
     @property
     def body_complete(self) -> bool:
         """Whether the whole body has arrived."""
         return self._done.done()
 
     async def read(self) -> bytes:
-        """The whole body; raises `BodyTooLarge` past the server's limit."""
+        """The whole body; raises `BodyTooLarge` past the server's limit, `BodyMalformed` when the
+        parser refused it."""
         await self._done
+        if self._malformed is not None:
+            raise BodyMalformed(self._malformed)
         if self._too_large:
             raise BodyTooLarge
         return self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
@@ -380,6 +394,10 @@ class _Connection(asyncio.Protocol):
             self.lingering = True  # the rest of the input cannot be parsed: drop it
             return
         self.closing = True
+        if self.parsing is not None and self.task is not None:
+            # Mid-body of a request whose handler runs: it reads the failure and answers it (a 400
+            # saying what broke), instead of waiting for a body that never ends.
+            self.parsing._broken(message)
         if self.task is None:
             self._write(_encode(self.server.error(status, message), close=True))
         self._end()

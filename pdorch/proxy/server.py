@@ -38,6 +38,7 @@ from pdorch.proxy.deadline import Deadline
 from pdorch.proxy.endpoints import Endpoint, EndpointSet
 from pdorch.proxy.errors import ProxyError
 from pdorch.proxy.http_server import (
+    BodyMalformed,
     BodyTooLarge,
     Handler,
     HttpServer,
@@ -643,6 +644,8 @@ class ProxyServer:
         except BodyTooLarge:
             self.metrics.rejected.labels("too_large").inc()
             raise ProxyError(413, f"request body exceeds the limit of {limit} bytes") from None
+        except BodyMalformed as exc:
+            raise ProxyError(400, str(exc)) from None
 
     async def _generate(self, request: Request, kind: Kind, path: str) -> Response | StreamResponse:
         t0 = self.clock()

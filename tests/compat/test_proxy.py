@@ -639,6 +639,29 @@ async def test_malformed_bytes_after_a_request_answer_it_first_then_400() -> Non
     assert statuses == [b"200", b"400"], out[:300]
 
 
+async def test_a_chunked_body_broken_midway_gets_a_400_naming_it(http: aiohttp.ClientSession) -> None:
+    """The handler is already waiting for the body when a chunk size turns out not to be hex: the
+    client gets a JSON 400 that says so, not a silent close, and it counts as invalid input."""
+    async with stack("vllm") as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.proxy.port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mod\r\n'
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the head is in and its handler waits for the rest of the body
+        writer.write(b'zz\r\nel": 1}\r\n0\r\n\r\n')
+        async with asyncio.timeout(WAIT_S):
+            out = await reader.read()
+        writer.close()
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), out[:300]
+        assert "malformed HTTP request" in json.loads(body)["error"]["message"], body
+        text = await text_of(http, s.url)
+        assert sample(text, "pdorch_proxy_rejected_total", {"reason": "invalid"}) == 1
+        assert sample(text, "pdorch_proxy_client_disconnects_total") in (None, 0)
+
+
 async def test_expect_continue_behind_a_streaming_answer_waits_for_it_to_end() -> None:
     """Pipelined: a streamed completion, then a request with Expect: 100-continue. The 100 must
     follow the stream's last chunk, not land inside its body."""
