@@ -1011,12 +1011,18 @@ class ProxyServer:
         raise UpstreamReply(resp.status, data, resp.headers.get("Content-Type", "application/json"))
 
     async def _first_bytes(self, ep: Endpoint, resp: UpstreamResponse) -> bytes:
+        """The first bytes of a decode answer; none at all (a 2xx with an empty body, which no
+        completion or event stream is) is a retryable leg failure, not an empty success."""
         try:
-            return await resp.content.readany()
+            first = await resp.content.readany()
         except aiohttp.ClientError as exc:
             resp.close()
             reason = "idle_timeout" if isinstance(exc, UpstreamTimeout) else "reset"
             raise LegFailure(ep, "decode", reason, repr(exc)) from None
+        if not first:
+            resp.close()
+            raise LegFailure(ep, "decode", "empty", f"HTTP {resp.status} with an empty body")
+        return first
 
     async def _open(
         self,

@@ -312,6 +312,35 @@ async def test_an_sglang_prefill_failing_after_its_decode_answered_counts_agains
         await prefill.stop()
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_decode_answering_200_with_nothing_is_retried_not_relayed(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
+    """An empty 2xx body is no completion and no event stream: the client would get an empty
+    success (no data, no [DONE], no error). It is a failed leg, retried on another decode."""
+
+    async def empty(_: web.Request) -> web.Response:
+        return web.Response(
+            status=200, body=b"", content_type="text/event-stream" if stream else "application/json"
+        )
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", empty)
+    async with serve_app(app) as hollow, stack("vllm", extra_decode=(hollow,), policy="round_robin") as s:
+        for i in range(4):
+            prompt = f"anything {i}"
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "stream": stream}
+            async with http.post(s.url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                raw = await r.read()
+            if stream:
+                assert sse_events(raw)[-1] == b"[DONE]", raw
+            else:
+                assert json.loads(raw)["choices"][0]["text"] == expected_text(prompt, 3)
+        text = await text_of(http, s.url)
+        assert sample(text, "pdorch_proxy_retries_total", {"endpoint": hollow, "reason": "empty"}) >= 1
+
+
 # -- a decode that hangs ------------------------------------------------------------------------------------
 
 
