@@ -146,6 +146,7 @@ class RoleState:
     draining_to: int | None = None
     drain_started: float = 0.0
     drain_started_wall: float = 0.0  # the same instant in Unix time, to compare with scrape times
+    drain_idle: bool = False  # the victims were idle at the last drain check
     drain_reason: str = ""
 
     def read(
@@ -508,6 +509,7 @@ class BuiltinScaler:
             await self._undrain(ns, [p for p in pods if _group_index(p) < target])
             await self._mark(ns, [p for p in pods if _group_index(p) >= target])
             st.draining_to, st.drain_started, st.drain_reason = target, time.monotonic(), reason
+            st.drain_idle = False
             st.drain_started_wall = time.time()
             log.info(
                 "%s/%s-%s: draining groups >= %d before scaling %d -> %d",
@@ -526,6 +528,7 @@ class BuiltinScaler:
             # proxy may have sent it requests meanwhile. Mark it again; its drain starts over.
             await self._mark(ns, unmarked)
             st.drain_started, st.drain_started_wall = time.monotonic(), time.time()
+            st.drain_idle = False
             return
         eps = [e for e in endpoints_from_pods(_undrained(victims)).endpoints]
         got = await self.source.samples(ns, eps)
@@ -542,6 +545,12 @@ class BuiltinScaler:
         )
         timed_out = time.monotonic() - st.drain_started >= self.cfg.drain_timeout_s
         if busy > 0 and not timed_out:
+            st.drain_idle = False
+            return
+        if not busy and not st.drain_idle and not timed_out:
+            # Idle at one check is not drained yet: a vLLM prefill keeps a finished request's KV
+            # until its decode has pulled it, which no gauge shows. Still idle at the next: written.
+            st.drain_idle = True
             return
         note = st.drain_reason + (
             f"; drain timed out after {self.cfg.drain_timeout_s:.0f}s" if busy else "; drained"
