@@ -77,6 +77,10 @@ class WorkQueue(Generic[K]):
         self._dirty: set[K] = set()
         self._processing: set[K] = set()
         self._delayed: list[tuple[float, int, K]] = []
+        # Key -> when its one live delayed entry is due (client-go's waitingEntryByData): a key
+        # asked for again later keeps the earlier time, or every pass's requeue would add a timer
+        # and one group would be reconciled once per event it ever got, per requeue period.
+        self._waiting: dict[K, float] = {}
         self._seq = itertools.count()
         self._ready = asyncio.Event()  # set whenever _queue may be non-empty or on shutdown
         self._shutting_down = False
@@ -98,14 +102,18 @@ class WorkQueue(Generic[K]):
         self._notify()
 
     def add_after(self, key: K, delay: float) -> None:
-        """Queue `key` after `delay` seconds."""
+        """Queue `key` after `delay` seconds (or sooner, if it is already due sooner)."""
         if self._shutting_down:
             return
         if delay <= 0:
             self.add(key)
             return
-        loop = asyncio.get_running_loop()
-        heapq.heappush(self._delayed, (loop.time() + delay, next(self._seq), key))
+        at = asyncio.get_running_loop().time() + delay
+        due = self._waiting.get(key)
+        if due is not None and due <= at:
+            return
+        self._waiting[key] = at  # an earlier entry of this key, if any, is now stale
+        heapq.heappush(self._delayed, (at, next(self._seq), key))
         self._arm_timer()
 
     def add_rate_limited(self, key: K) -> None:
@@ -157,6 +165,7 @@ class WorkQueue(Generic[K]):
         if self._timer is not None:
             self._timer.cancel()
         self._delayed.clear()
+        self._waiting.clear()
         self._notify()
 
     def __len__(self) -> int:
@@ -183,6 +192,8 @@ class WorkQueue(Generic[K]):
         self._timer = None
         now = asyncio.get_running_loop().time()
         while self._delayed and self._delayed[0][0] <= now:
-            _, _, key = heapq.heappop(self._delayed)
-            self.add(key)
+            at, _, key = heapq.heappop(self._delayed)
+            if self._waiting.get(key) == at:  # else superseded by an earlier entry of the key
+                del self._waiting[key]
+                self.add(key)
         self._arm_timer()

@@ -147,3 +147,21 @@ def test_relist_diff_reports_deletions_missed_during_a_gap() -> None:
     assert events[0] == ("DELETED", "a")  # deletions first: handlers never see a stale object last
     assert sorted(events) == [("ADDED", "d"), ("DELETED", "a"), ("MODIFIED", "c")]
     assert relist_events(fresh, fresh) == []
+
+
+async def test_a_key_asked_for_again_later_keeps_one_delayed_entry_the_earliest() -> None:
+    """Every pass of a rolling group asks for a requeue; were each request a timer of its own, a
+    group would be reconciled once per event it ever got, per requeue period."""
+    q: WorkQueue[str] = WorkQueue()
+    for delay in (0.05, 0.2, 0.3):
+        q.add_after("g", delay)  # later asks keep the earlier entry
+    q.add_after("h", 0.3)
+    q.add_after("h", 0.05)  # an earlier ask wins
+    got = {await asyncio.wait_for(q.get(), timeout=2) for _ in range(2)}
+    assert got == {"g", "h"}
+    q.done("g")
+    q.done("h")
+    await asyncio.sleep(0.35)  # past every superseded entry's time: none of them fires
+    assert len(q) == 0
+    q.add_after("g", 0.01)  # and the key can be delayed again after it fired
+    assert await asyncio.wait_for(q.get(), timeout=2) == "g"
