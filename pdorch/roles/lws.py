@@ -14,6 +14,7 @@ from pdorch.roles.labels import (
 )
 from pdorch.roles.naming import lws_name
 from pdorch.roles.proxy import builtin_proxy_template
+from pdorch.rollout.state import resolve_int_or_percent
 
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 LWS_KIND = "LeaderWorkerSet"
@@ -36,7 +37,7 @@ def _templates(ctx: RenderContext, role: Role) -> tuple[dict[str, Any] | None, d
     return role.leader_template, role.worker_template
 
 
-def _rolling_update(ctx: RenderContext, role: Role) -> dict[str, Any]:
+def _rolling_update(ctx: RenderContext, role: Role, replicas: int) -> dict[str, Any]:
     override = ctx.override(role)
     if role.type in KV_ROLE_TYPES:
         # pdorch's ratio-preserving planner moves these roles through `partition` and `replicas`;
@@ -49,12 +50,20 @@ def _rolling_update(ctx: RenderContext, role: Role) -> dict[str, Any]:
         max_unavailable = (
             override.max_unavailable if override.max_unavailable is not None else strategy.max_unavailable
         )
+    surge, unavailable = lws_budget(max_surge), lws_budget(max_unavailable)
+    if (
+        resolve_int_or_percent(surge, replicas, round_up=True) == 0
+        and resolve_int_or_percent(unavailable, replicas, round_up=False) == 0
+    ):
+        # LWS refuses budgets that both come to 0 at the role's size (maxSurge 0 with 25% of one
+        # proxy, say); a Deployment then lets one pod be unavailable, and so does pdorch.
+        unavailable = 1
     # Partition is always explicit: dropping it from an SSA intent would reset it to 0 and let LWS
     # roll the whole role at once, bypassing the ratio-preserving planner.
     return {
         "partition": override.partition if override.partition is not None else 0,
-        "maxSurge": lws_budget(max_surge),
-        "maxUnavailable": lws_budget(max_unavailable),
+        "maxSurge": surge,
+        "maxUnavailable": unavailable,
     }
 
 
@@ -89,12 +98,13 @@ def render_lws(ctx: RenderContext, role: Role) -> dict[str, Any]:
     if role.volume_claim_templates is not None:
         lwt["volumeClaimTemplates"] = [dict(t) for t in role.volume_claim_templates]
 
+    replicas = override.replicas if override.replicas is not None else role.replicas
     spec: dict[str, Any] = {
-        "replicas": override.replicas if override.replicas is not None else role.replicas,
+        "replicas": replicas,
         "leaderWorkerTemplate": lwt,
         "rolloutStrategy": {
             "type": "RollingUpdate",
-            "rollingUpdateConfiguration": _rolling_update(ctx, role),
+            "rollingUpdateConfiguration": _rolling_update(ctx, role, replicas),
         },
     }
     if role.startup_policy is not None:

@@ -167,6 +167,21 @@ def test_example_becomes_one_ready_lws_per_role(
     assert row.split()[:7] == ["sim-pd", "1/1", "2/2", "1/1", sg.status["updateRevision"], "True", "Complete"]
 
 
+def test_no_surge_and_a_share_of_one_proxy_that_rounds_to_zero_is_served(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """maxSurge 0 with maxUnavailable 25% (no spare GPUs) is a valid spec, but for one proxy
+    replica both budgets come to 0, which LWS's webhook refuses: the group would go Invalid with
+    nothing created. As a Deployment does, one proxy pod may then be unavailable."""
+    doc = example("nosurge")
+    doc["spec"]["rolloutStrategy"] = {"maxSurge": 0, "maxUnavailable": "25%"}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    sg = wait_available(kube, namespace, "nosurge")
+    assert condition(sg, "Invalid")["status"] == "False"
+    proxy = kube.get(LWS, "nosurge-proxy", namespace=namespace)
+    assert proxy.spec["rolloutStrategy"]["rollingUpdateConfiguration"]["maxUnavailable"] == 1
+
+
 def test_spec_changes_flow_to_lws_and_removed_roles_are_pruned(
     kube: Client, namespace: str, controller: ControllerProc
 ) -> None:

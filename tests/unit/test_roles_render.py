@@ -199,6 +199,9 @@ def test_lws_pass_through_fields() -> None:
         (("200%", 3_000_000_000), ("100%", 2**31 - 1)),
         (("100%", "5%"), ("100%", "5%")),
         ((7, "0%"), (7, "0%")),
+        # Both come to 0 for one proxy replica, which LWS refuses: one may be unavailable.
+        ((0, "25%"), (0, 1)),
+        (("0%", "99%"), ("0%", 1)),
     ],
 )
 def test_proxy_budgets_the_api_allows_are_passed_as_lws_accepts_them(given: Any, lws: Any) -> None:
@@ -206,8 +209,13 @@ def test_proxy_budgets_the_api_allows_are_passed_as_lws_accepts_them(given: Any,
     raw = _raw()
     raw["spec"]["rolloutStrategy"] = {"maxSurge": given[0], "maxUnavailable": given[1]}
     proxy = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]["spec"]
+    assert proxy["replicas"] == 1
     ru = proxy["rolloutStrategy"]["rollingUpdateConfiguration"]
     assert (ru["maxSurge"], ru["maxUnavailable"]) == lws
+    _role(raw, "proxy")["replicas"] = 4  # 25% of 4 is one: passed as given
+    proxy = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]["spec"]
+    if given == (0, "25%"):
+        assert proxy["rolloutStrategy"]["rollingUpdateConfiguration"]["maxUnavailable"] == "25%"
 
 
 def test_leader_template_only_becomes_the_worker_template() -> None:
