@@ -1251,6 +1251,9 @@ class ProxyServer:
             d_sent.abort()
             if p_task is not None and p_sent is not None:
                 _drop_prefill(p_task, p_sent)
+                # Now, not in the cancelled task's callback a loop turn later: a retry that resumes
+                # first must see the room given back and take its own.
+                progress.ticket.release()
             self._leg_end(dec)
             ours = state["prefill_failed"] and isinstance(exc, asyncio.CancelledError)
             if ours:
@@ -1281,9 +1284,13 @@ class ProxyServer:
                     )
                 )
         if task is None or task.done():
-            # A prefill that failed after its decode answered still counts against its engine.
-            if task is not None and not task.cancelled() and isinstance(task.exception(), LegFailure):
-                self._leg_failed(task.exception())  # type: ignore[arg-type]
+            # A prefill that failed, or went silent past its budget, after its decode answered
+            # still counts against its engine.
+            exc = None if task is None or task.cancelled() else task.exception()
+            if isinstance(exc, LegFailure):
+                self._leg_failed(exc)
+            elif isinstance(exc, LegSilent):
+                self._silent(exc.endpoint, exc.leg)
             return
         _drop_prefill(task, opened.prefill_sent)
 

@@ -525,10 +525,11 @@ class BuiltinScaler:
         unmarked = [p for p in victims if not _marked(p)]
         if unmarked:
             # Recreated since the drain began (a pod's annotation is not in the LWS template): the
-            # proxy may have sent it requests meanwhile. Mark it again; its drain starts over.
+            # proxy may have sent it requests meanwhile. Mark it again and read it afresh; the drain
+            # timeout still runs from the first mark (a group recreated over and over, crash
+            # looping, would otherwise keep the role from ever scaling down).
             await self._mark(ns, unmarked)
-            st.drain_started, st.drain_started_wall = time.monotonic(), time.time()
-            st.drain_idle = False
+            st.drain_started_wall, st.drain_idle = time.time(), False
             return
         eps = [e for e in endpoints_from_pods(_undrained(victims)).endpoints]
         got = await self.source.samples(ns, eps)
@@ -588,19 +589,22 @@ class BuiltinScaler:
         """Annotate `pods` as draining (the proxy stops sending them new requests)."""
         for p in pods:
             if not _marked(p):
-                await self.api.patch(
-                    POD,
-                    p["metadata"]["name"],
-                    ns,
-                    {"metadata": {"annotations": {ANNOTATION_DRAINING: "true"}}},
-                )
+                await self._annotate(ns, p, "true")
 
     async def _undrain(self, ns: str, pods: list[dict[str, Any]]) -> None:
         for p in pods:
             if _marked(p):
-                await self.api.patch(
-                    POD, p["metadata"]["name"], ns, {"metadata": {"annotations": {ANNOTATION_DRAINING: None}}}
-                )
+                await self._annotate(ns, p, None)
+
+    async def _annotate(self, ns: str, pod: dict[str, Any], value: str | None) -> None:
+        """Set or clear the drain mark; a pod gone since the list needs neither."""
+        try:
+            await self.api.patch(
+                POD, pod["metadata"]["name"], ns, {"metadata": {"annotations": {ANNOTATION_DRAINING: value}}}
+            )
+        except ApiError as e:
+            if e.code != 404:
+                raise
 
     async def _write(
         self, ns: str, group: str, role: Role, srs: dict[str, Any], current: int, target: int, reason: str
@@ -653,13 +657,21 @@ def held_size(current: int, draining_to: int | None, recommended: int, unread: i
     """
     if not (unread or blind) or recommended >= current:
         return None
-    return draining_to if draining_to is not None and not unread else current
+    # Never on below this tick's recommendation, which already understates the load.
+    if draining_to is not None and not unread and recommended <= draining_to:
+        return draining_to
+    return current
 
 
 def surge_groups(pods: list[dict[str, Any]], desired: int) -> list[dict[str, Any]]:
-    """Leaders of groups at or above the desired size that no drain marked: a rollout's surge
-    (a drain's own victims, marked, wait there for LWS to remove them after the write)."""
-    return [p for p in pods if _group_index(p) >= desired and not _marked(p)]
+    """Leaders of groups at or above the desired size that no drain marked and that are not being
+    deleted: a rollout's surge (a drain's own victims, marked, and the groups of a size already
+    lowered, terminating, wait there for their pods to go)."""
+    return [
+        p
+        for p in pods
+        if _group_index(p) >= desired and not _marked(p) and not p["metadata"].get("deletionTimestamp")
+    ]
 
 
 def _marked(pod: dict[str, Any]) -> bool:

@@ -272,12 +272,14 @@ async def test_a_decode_silent_after_its_head_is_failed_at_the_idle_limit_and_re
         )
 
 
+@pytest.mark.parametrize("how", ["http_500", "first_byte_timeout"])
 async def test_an_sglang_prefill_failing_after_its_decode_answered_counts_against_it(
-    http: aiohttp.ClientSession,
+    http: aiohttp.ClientSession, how: str
 ) -> None:
     """SGLang runs both legs at once, and the client's answer comes from the decode. A prefill that
-    pushed its KV and then answered 500 did not hurt this request, but it is a failing engine: its
-    failure is counted, and feeds its breaker, like any other."""
+    pushed its KV and then answered 500, or went silent past its first-byte budget, did not hurt
+    this request, but it is a failing engine: its failure is counted, and feeds its breaker, like
+    any other."""
     prefill = SimServer(
         replace(FAST, protocol="sglang"), host="127.0.0.1", ports=[0], role=Role.PREFILL, bootstrap_port=0
     )
@@ -286,7 +288,7 @@ async def test_an_sglang_prefill_failing_after_its_decode_answered_counts_agains
     async def forward_then_500(request: web.Request) -> web.Response:
         async with http.post(prefill.url(0) + request.path, data=await request.read()) as r:
             await r.read()
-        await asyncio.sleep(0.5)  # the decode (3 tokens) has answered by then
+        await asyncio.sleep(0.5 if how == "http_500" else 3)  # the decode (3 tokens) answered by then
         return web.json_response({"error": {"message": "failed after the KV went out"}}, status=500)
 
     app = web.Application()
@@ -294,7 +296,12 @@ async def test_an_sglang_prefill_failing_after_its_decode_answered_counts_agains
     try:
         async with (
             serve_app(app) as late,
-            stack("sglang", prefill=(f"{late}#{prefill.bootstrap_port}",), breaker_failures=100) as s,
+            stack(
+                "sglang",
+                prefill=(f"{late}#{prefill.bootstrap_port}",),
+                breaker_failures=100,
+                first_byte_timeout_s=1.0,
+            ) as s,
         ):
             for i in range(3):
                 prompt = f"late failure {i}"
@@ -305,7 +312,9 @@ async def test_an_sglang_prefill_failing_after_its_decode_answered_counts_agains
 
             async def counted() -> bool:
                 text = await text_of(http, s.url)
-                return sample(text, "pdorch_proxy_endpoint_errors_total", {"endpoint": late}) == 3
+                return (
+                    sample(text, "pdorch_proxy_endpoint_errors_total", {"endpoint": late, "reason": how}) == 3
+                )
 
             await wait_until(counted, WAIT_S, "three prefill failures counted")
     finally:

@@ -190,6 +190,10 @@ def test_unmarked_groups_above_the_desired_size_are_a_rollouts_surge() -> None:
     ]
     # After a scale-down 3 -> 2 was written, its drained victim waits for LWS to remove it: no surge.
     assert surge_groups([leader(0), leader(1), leader(2, marked=True)], 2) == []
+    # Nor is a group being deleted (a rollout's surge removed, a hand scale-down, a lost node).
+    going = leader(2)
+    going["metadata"]["deletionTimestamp"] = "2026-12-06T12:00:00Z"  # type: ignore[index]
+    assert surge_groups([leader(0), leader(1), going], 2) == []
     assert surge_groups([leader(i) for i in range(3)], 3) == []
 
 
@@ -202,3 +206,5 @@ def test_unknown_load_holds_a_scale_down_but_not_a_drain_under_way_unless_unread
     # cancel it; an unreadable one does.
     assert held_size(4, 2, 2, unread=0, blind=1) == 2
     assert held_size(4, 2, 1, unread=1, blind=0) == 4
+    # ... but never on below this tick's recommendation (3 here), which understates the load.
+    assert held_size(4, 2, 3, unread=0, blind=1) == 4
