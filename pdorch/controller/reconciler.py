@@ -270,6 +270,7 @@ class Reconciler:
         if refusal is not None:
             await self._invalid(obj, generation, prev_status, refusal, _desired(sg, scaled))
             return None
+        self._announce_step(key, namespace, name, rollout)
 
         # Independent objects go out concurrently; RoleBindings last, since RBAC checks that the
         # Role they bind exists when the binder is not a cluster admin.
@@ -460,28 +461,32 @@ class Reconciler:
             # The plain render drops every record; a step written before must not be held after it.
             self._written_steps.pop(key, None)
             self._counted_steps.pop(key, None)
-        if plan.decision.kind == "step":
-            number = plan.step.number if plan.step is not None else None
-            if number is None or self._counted_steps.get(key) != number:
-                ROLLOUT_STEPS.labels(namespace, name).inc()
-            if number is not None:
-                self._counted_steps[key] = number
-            moves = ", ".join(f"{n} replicas={r} partition={k}" for n, (r, k) in sorted(plan.actions.items()))
-            was = ", ".join(
-                f"{o.name} {o.replicas}/{o.partition}"
-                for o in sorted(plan.observations, key=lambda o: o.name)
-            )
-            moves = f"{moves} (was {was})"
-            obj = self.caches.groups.get(namespace, name)
-            if obj is not None:
-                # One series: a write retried from the same state repeats its event word for word.
-                self.events.emit_soon(
-                    obj, "Normal", "RolloutStep", f"{plan.decision.reason}: {moves}", series="RolloutStep"
-                )
         COHORT_DEVIATION.labels(namespace, name).set(
             rlive.max_cohort_deviation(plan.cohorts, spec.ratio_p, spec.ratio_d)
         )
         return plan
+
+    def _announce_step(self, key: str, namespace: str, name: str, plan: rlive.RolloutPlan) -> None:
+        """A RolloutStep event and the step counter, for a step about to be written (after the dry
+        run: a step the API refuses outright was never taken)."""
+        if plan.decision is None or plan.decision.kind != "step":
+            return
+        number = plan.step.number if plan.step is not None else None
+        if number is None or self._counted_steps.get(key) != number:
+            ROLLOUT_STEPS.labels(namespace, name).inc()
+        if number is not None:
+            self._counted_steps[key] = number
+        moves = ", ".join(f"{n} replicas={r} partition={k}" for n, (r, k) in sorted(plan.actions.items()))
+        was = ", ".join(
+            f"{o.name} {o.replicas}/{o.partition}" for o in sorted(plan.observations, key=lambda o: o.name)
+        )
+        moves = f"{moves} (was {was})"
+        obj = self.caches.groups.get(namespace, name)
+        if obj is not None:
+            # One series: a write retried from the same state repeats its event word for word.
+            self.events.emit_soon(
+                obj, "Normal", "RolloutStep", f"{plan.decision.reason}: {moves}", series="RolloutStep"
+            )
 
     async def _record_revision(self, obj: dict[str, Any], revision: str) -> str | None:
         """Keep the spec of a new update revision as a ControllerRevision (for `pdorch rollback`).

@@ -3,6 +3,7 @@ planner refuses (RolloutStalled) and its fix, and `paused`."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -429,3 +430,54 @@ def test_a_template_change_applied_with_a_scale_down_finishes_at_the_new_count(
         for o in _kv_lws(kube, namespace, "shrink").values()
     }
     assert images == {"pdorch/sim:v2"}
+
+
+def _rollout_step_events(devcluster: ClusterState, namespace: str, group: str) -> list[str]:
+    out = devcluster.kubectl("get", "events", "-n", namespace, "-o", "json", timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [
+        str(e["message"])
+        for e in json.loads(out.stdout)["items"]
+        if e.get("reason") == "RolloutStep" and e["involvedObject"]["name"] == group
+    ]
+
+
+def test_a_step_the_api_refuses_outright_is_not_announced_and_the_fixed_one_is(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A new template LWS refuses (a container port that is not a number) ends in Invalid with nothing
+    written: no RolloutStep event and no step counted. Once the spec is fixed, the step is taken,
+    announced and counted."""
+    kube.create(SG.from_dict(example("refstep")), namespace=namespace)
+    wait_available(kube, namespace, "refstep")
+
+    def bad(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] == "prefill":
+                role["workerTemplate"]["spec"]["containers"][0]["image"] = "pdorch/sim:v2"
+                role["workerTemplate"]["spec"]["containers"][0]["ports"] = [{"containerPort": "http"}]
+
+    update_spec(kube, namespace, "refstep", bad)
+    c = wait_for(
+        lambda: (
+            (c := condition(kube.get(SG, "refstep", namespace=namespace), "Invalid"))
+            and c["status"] == "True"
+            and c
+        ),
+        60,
+        "Invalid=True",
+    )
+    assert "containerPort" in c["message"], c
+    assert _rollout_step_events(devcluster, namespace, "refstep") == []
+    assert controller.sample_sum("pdorch_rollout_steps_total", namespace=namespace, group="refstep") == 0
+
+    def good(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] == "prefill":
+                role["workerTemplate"]["spec"]["containers"][0].pop("ports", None)
+
+    update_spec(kube, namespace, "refstep", good)
+    wait_for(
+        lambda: _rollout_step_events(devcluster, namespace, "refstep") or None, 60, "a RolloutStep event"
+    )
+    assert controller.sample_sum("pdorch_rollout_steps_total", namespace=namespace, group="refstep") >= 1
