@@ -91,6 +91,8 @@ REVISION_RETRY_S = 10.0
 # cache lagging (held at the step written) rather than a change since: a lag is milliseconds, and a
 # record removed by hand must not hold the rollout for good.
 WATCH_LAG_S = 30.0
+# An Invalid condition's message (a refused spec can quote a whole template); the CRD allows 32768.
+MAX_INVALID_MESSAGE = 4000
 # A role lacking groups this long gets its FailedCreate warnings read, at most this often.
 FAILURE_GRACE_S = 15.0
 FAILURE_CHECK_S = 15.0
@@ -715,6 +717,9 @@ class Reconciler:
         """Report an invalid spec, with what the existing LWS (still serving) look like meanwhile.
 
         `desired` per role when the spec parsed (else the last accepted desired counts are kept)."""
+        if len(message) > MAX_INVALID_MESSAGE:
+            # The CRD caps a condition message; past it the status write, and so the report, fails.
+            message = message[: MAX_INVALID_MESSAGE - 1] + "…"
         observed = self._observe_children(obj, prev, desired)
         _record_ratio(obj, observed)  # a decode outage under an invalid spec still shows
         new = st.compute_status(generation, observed, "", prev, invalid=message)

@@ -182,6 +182,25 @@ def test_no_surge_and_a_share_of_one_proxy_that_rounds_to_zero_is_served(
     assert proxy.spec["rolloutStrategy"]["rollingUpdateConfiguration"]["maxUnavailable"] == 1
 
 
+def test_a_refusal_quoting_a_huge_value_is_reported_cut_short(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """LWS refuses a 40,000-character pod label value and quotes it whole. Copied into the Invalid
+    condition as is, the message broke the CRD's 32768-character cap, so the status write (and with
+    it the report) failed on every pass."""
+    doc = example("hugelabel")
+    prefill = next(r for r in doc["spec"]["roles"] if r["type"] == "prefill")
+    prefill["workerTemplate"].setdefault("metadata", {})["labels"] = {"team": "x" * 40000}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+
+    def invalid() -> dict[str, Any] | None:
+        c = condition(kube.get(SG, "hugelabel", namespace=namespace), "Invalid")
+        return c if c and c["status"] == "True" else None
+
+    c = wait_for(invalid, 60, "Invalid=True")
+    assert "team" in c["message"] and len(c["message"]) <= 4000, len(c["message"])
+
+
 def test_spec_changes_flow_to_lws_and_removed_roles_are_pruned(
     kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
