@@ -112,6 +112,8 @@ def test_controller_runs_on_its_service_account_rbac(
     [
         ("patch", "leaderworkersets.leaderworkerset.x-k8s.io", "default", True),
         ("patch", "servinggroups.pdorch.io --subresource=status", "default", True),
+        ("update", "servinggroups.pdorch.io --subresource=finalizers", "default", True),
+        ("update", "servinggroups.pdorch.io", "default", False),
         ("update", "leases.coordination.k8s.io", "pdorch-system", True),
         ("get", "secrets", "default", False),
         ("list", "secrets", "pdorch-system", False),
