@@ -130,11 +130,12 @@ class Reconciler:
     _models: dict[str, tuple[tuple[str, str], ServingGroup | str]] = field(default_factory=dict)
     # ... and its rendered, stamped intents for one set of overrides.
     _renders: dict[str, _Render] = field(default_factory=dict)
-    # Groups with a rollout in progress (pod events enqueue only these), and per group the last
-    # observed rollout state with the time it was first seen, monotonic and as written to
-    # status.lastProgressTime (for RolloutStalled; a restarted controller resumes from status).
+    # Groups with a rollout in progress (pod events enqueue only these), and per group its progress
+    # mark (`status.progress_mark`: the step being taken, the most groups ready in it, and when the
+    # mark last moved, monotonic and as written to status.lastProgressTime; for RolloutStalled, a
+    # restarted controller resumes from status).
     rolling: set[str] = field(default_factory=set)
-    _progress: dict[str, tuple[str, float, str]] = field(default_factory=dict)
+    _progress: dict[str, st.ProgressMark] = field(default_factory=dict)
     # Per group: the last rollout step whose LWS writes all went through (step_record).
     _written_steps: dict[str, tuple[StepRecord, float]] = field(default_factory=dict)
     # Per group: the number of the last step counted in ROLLOUT_STEPS (a retried write is no new step).
@@ -560,22 +561,24 @@ class Reconciler:
         for c in conds:
             if c["type"] == st.PROGRESSING and c["status"] == "True":
                 c["message"] = f"{c['message']}; planner: {decision.kind}: {decision.reason}"[:1000]
-        # Progress = the observed rollout state changed; a stall is the same state for longer than
-        # progressDeadlineSeconds (or a plan the planner says cannot finish).
-        signature = repr(
-            [(o.name, o.old_ready, o.new_ready, o.partition, o.replicas) for o in plan.observations]
+        # A stall is no progress (`st.progress_mark`) for longer than progressDeadlineSeconds, or a
+        # plan the planner says cannot finish.
+        step = repr([(o.name, o.partition, o.replicas) for o in plan.observations])
+        ready = (
+            sum(o.new_ready for o in plan.observations),
+            sum(o.old_ready + o.new_ready for o in plan.observations),
         )
         now = time.monotonic()
         seen = self._progress.get(key)
         if seen is None and (resumed := st.resumed_progress(prev, status, dt.datetime.now(dt.UTC))):
-            seen = (signature, now - resumed[1], resumed[0])
-        elif seen is None or seen[0] != signature:
-            seen = (signature, now, st.now_rfc3339())
+            seen = (step, ready, now - resumed[1], resumed[0])
+        else:
+            seen = st.progress_mark(seen, step, ready, now, st.now_rfc3339)
         self._progress[key] = seen
-        status["lastProgressTime"] = seen[2]
+        status["lastProgressTime"] = seen[3]
         deadline = sg.spec.rollout_strategy.progress_deadline_seconds if sg.spec.rollout_strategy else 600
         stalled = st.stalled_condition(
-            decision.kind, decision.reason, now - seen[1], deadline, seen[2], generation, prev_conds
+            decision.kind, decision.reason, now - seen[2], deadline, seen[3], generation, prev_conds
         )
         ROLLOUT_STALLED.labels(sg.metadata.namespace or "", sg.name).set(
             1 if stalled["status"] == "True" else 0

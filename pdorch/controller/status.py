@@ -8,6 +8,7 @@ unchanged world yields an identical status and the controller writes nothing.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -379,3 +380,21 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[t
         )
         out.append(("Warning" if warning else "Normal", reason or ctype, f"{ctype} is now {new_s}", ctype))
     return out
+
+
+ProgressMark = tuple[str, tuple[int, int], float, str]
+
+
+def progress_mark(
+    mark: ProgressMark | None, step: str, ready: tuple[int, int], now: float, stamp: Callable[[], str]
+) -> ProgressMark:
+    """A rollout's progress mark after a pass: (step, most (new, total) groups ready in it, when the
+    mark last moved, that time as RFC 3339). It moves when another step was written, or when more
+    groups are ready than ever in this step; ready counts that fall and come back (a new revision
+    crash looping past its readiness probe) do not move it, as in a Deployment."""
+    if mark is None or mark[0] != step:
+        return (step, ready, now, stamp())
+    best = mark[1]
+    if ready[0] > best[0] or ready[1] > best[1]:
+        return (step, (max(ready[0], best[0]), max(ready[1], best[1])), now, stamp())
+    return mark

@@ -334,3 +334,19 @@ def test_a_child_controlled_by_another_owner_is_foreign() -> None:
     assert foreign_owner(child(other), "u1") == ("ServingGroup", "g2")
     assert foreign_owner(child({**other, "controller": False}), "u1") is None  # not a controller
     assert foreign_owner(child(), "u1") is None  # unowned: adopted
+
+
+def test_progress_is_a_new_step_or_more_groups_ready_than_ever_in_it_not_a_flap() -> None:
+    stamps = iter(f"t{i}" for i in range(10))
+    mark = st.progress_mark(None, "step1", (0, 4), 0.0, lambda: next(stamps))
+    assert mark == ("step1", (0, 4), 0.0, "t0")
+    # A new group ready: progress.
+    mark = st.progress_mark(mark, "step1", (1, 5), 10.0, lambda: next(stamps))
+    assert mark[2:] == (10.0, "t1")
+    # It crashes (not ready) and comes back: no progress either way, the deadline keeps running.
+    for ready in ((0, 4), (1, 5), (0, 4), (1, 5)):
+        mark = st.progress_mark(mark, "step1", ready, 20.0, lambda: next(stamps))
+        assert mark[2:] == (10.0, "t1")
+    # The next step written: progress, and its counts start afresh.
+    mark = st.progress_mark(mark, "step2", (1, 5), 30.0, lambda: next(stamps))
+    assert mark == ("step2", (1, 5), 30.0, "t2")
