@@ -500,7 +500,17 @@ class Reconciler:
             items, _ = await self.api.list(
                 CONTROLLER_REVISION, md["namespace"], selector_string({LABEL_GROUP: md["name"]})
             )
-            existing = history.owned_records(items)
+            existing = history.owned_records(items, md.get("uid"))
+            ours = {c["metadata"]["name"] for c in existing}
+            for c in history.owned_records(items):
+                if c["metadata"]["name"] not in ours:
+                    # An earlier group of this name's record, which would take this one's name.
+                    await self.api.delete(
+                        CONTROLLER_REVISION,
+                        c["metadata"]["name"],
+                        md["namespace"],
+                        uid=c["metadata"].get("uid"),
+                    )
             stale = history.stale_record(existing, revision)
             if stale is not None:
                 # Back to an older revision: record it again as the newest (same name, so the old

@@ -352,7 +352,8 @@ def run_rollback(args: argparse.Namespace) -> int:
             for c in client.list(
                 ControllerRevision, namespace=args.namespace, labels={LABEL_GROUP: args.group}
             )
-        ]
+        ],
+        (sg.get("metadata") or {}).get("uid"),
     )
     status = sg.get("status") or {}
     try:

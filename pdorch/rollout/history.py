@@ -50,13 +50,16 @@ def revision_object(sg: dict[str, Any], revision: str, number: int) -> dict[str,
     }
 
 
-def owned_records(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ControllerRevisions a ServingGroup owns (LWS keeps its own, with the same group label)."""
+def owned_records(items: Sequence[dict[str, Any]], uid: str | None = None) -> list[dict[str, Any]]:
+    """The ControllerRevisions a ServingGroup owns (LWS keeps its own, with the same group label);
+    with `uid`, only this group object's (a group deleted and created again under the same name
+    does not inherit the old one's records, which the garbage collector is about to remove)."""
     return [
         c
         for c in items
         if any(
-            r.get("kind") == "ServingGroup" for r in (c.get("metadata") or {}).get("ownerReferences") or []
+            r.get("kind") == "ServingGroup" and (uid is None or r.get("uid") == uid)
+            for r in (c.get("metadata") or {}).get("ownerReferences") or []
         )
     ]
 

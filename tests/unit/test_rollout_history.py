@@ -225,3 +225,11 @@ def test_revision_fields_are_what_the_revision_hashes() -> None:
         }
     )
     assert set(_role_input(role)) == set(REVISION_ROLE_FIELDS)
+
+
+def test_owned_records_of_one_group_object_skip_an_earlier_groups_of_the_same_name() -> None:
+    mine, earlier = _rec("a", 1), _rec("b", 2)
+    mine["metadata"]["ownerReferences"] = [{"kind": "ServingGroup", "uid": "new"}]
+    earlier["metadata"]["ownerReferences"] = [{"kind": "ServingGroup", "uid": "old"}]
+    assert history.owned_records([mine, earlier], "new") == [mine]
+    assert history.owned_records([mine, earlier]) == [mine, earlier]
