@@ -360,11 +360,16 @@ def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[s
     ]
 
 
+# Conditions that are True when something is wrong.
+_TROUBLE = frozenset({INVALID, ROLLOUT_STALLED, REVISION_RECORD_FAILED, REPLICA_FAILURE})
+
+
 def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """The Events announcing `new`'s condition flips: (type, reason, note, series).
 
-    Warning when something needs a human: a stalled rollout, a revision record refused, a group
-    that stopped serving. Invalid=True and Progressing=False for ApplyFailed are left out: the
+    Warning when something needs a human: a stalled rollout, a revision record refused, groups
+    that cannot be created, a group that stopped serving. A new group's first "nothing wrong"
+    (Invalid, RolloutStalled, ... False) is no event. Invalid=True and Progressing=False for ApplyFailed are left out: the
     controller's InvalidSpec and ApplyFailed Warnings carry the message, and one refusal is one
     event. The series is the condition type, so the event recorder drops only a repeat of the same
     flip, never a flip back or a second one.
@@ -375,7 +380,9 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[t
             ctype == PROGRESSING and new_s == "False" and reason == APPLY_FAILED
         ):
             continue
-        warning = (ctype in (ROLLOUT_STALLED, REVISION_RECORD_FAILED) and new_s == "True") or (
+        if ctype in _TROUBLE and old_s == "" and new_s == "False":
+            continue  # a new group reporting nothing wrong for the first time is no news
+        warning = (ctype in _TROUBLE and new_s == "True" and ctype != INVALID) or (
             ctype == AVAILABLE and new_s == "False" and old_s == "True"
         )
         out.append(("Warning" if warning else "Normal", reason or ctype, f"{ctype} is now {new_s}", ctype))

@@ -350,3 +350,21 @@ def test_progress_is_a_new_step_or_more_groups_ready_than_ever_in_it_not_a_flap(
     # The next step written: progress, and its counts start afresh.
     mark = st.progress_mark(mark, "step2", (1, 5), 30.0, lambda: next(stamps))
     assert mark == ("step2", (1, 5), 30.0, "t2")
+
+
+def test_a_new_groups_first_all_clear_is_no_event_and_replica_failure_warns() -> None:
+    def conds(**status: str) -> dict[str, object]:
+        return {"conditions": [{"type": t, "status": v, "reason": f"R{t}"} for t, v in status.items()]}
+
+    first = conds(Available="False", Invalid="False", RolloutStalled="False", ReplicaFailure="False")
+    assert st.transition_events(None, first) == [
+        ("Normal", "RAvailable", "Available is now False", "Available")
+    ]
+    failing = conds(Available="False", Invalid="False", RolloutStalled="False", ReplicaFailure="True")
+    assert st.transition_events(first, failing) == [
+        ("Warning", "RReplicaFailure", "ReplicaFailure is now True", "ReplicaFailure")
+    ]
+    # A flip back to all clear is news.
+    assert st.transition_events(failing, first) == [
+        ("Normal", "RReplicaFailure", "ReplicaFailure is now False", "ReplicaFailure")
+    ]
