@@ -231,6 +231,16 @@ class Role(ApiModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
+            # Transition rule (LWS's webhook refuses these updates of its subGroupPolicy): only the
+            # apiserver sees the old object, so the Python mirror passes.
+            rule="has(self.subGroupPolicy) == has(oldSelf.subGroupPolicy) && (!has(self.subGroupPolicy) || "
+            "self.subGroupPolicy.subGroupSize == oldSelf.subGroupPolicy.subGroupSize)",
+            message="roles[].subGroupPolicy cannot be added, removed or resized on an existing role (its "
+            "LeaderWorkerSet refuses it); give the role a new name to replace its LeaderWorkerSet",
+            check=lambda _: True,
+            field_path=".subGroupPolicy",
+        ),
+        CelRule(
             rule=_SUB_GROUPS_CEL,
             message="roles[].subGroupPolicy.subGroupSize must be at most roles[].size and divide "
             "size or size - 1 (size - 1 with LeaderExcluded)",

@@ -205,3 +205,36 @@ def test_template_lws_refuses_marks_invalid_and_creates_nothing(
         return conds.get("Invalid") == "False" and conds.get("Available") == "True"
 
     wait_for(valid, 90, "fixed group becomes Available")
+
+
+def test_a_role_sub_group_policy_cannot_be_added_removed_or_resized_but_its_type_can_change(
+    kube: Client, namespace: str, pdorch_crds: list[str]
+) -> None:
+    """LWS refuses these updates of an existing LWS (the group would go Invalid until reverted):
+    the apiserver refuses them on the ServingGroup, naming the field and what to do."""
+    doc = example("subgroups")
+    role(doc, "decode")["size"] = 4
+    role(doc, "decode")["subGroupPolicy"] = {"subGroupSize": 2}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+
+    def refused(edit: Edit) -> str:
+        sg = kube.get(SG, "subgroups", namespace=namespace).to_dict()
+        edit(sg)
+        with pytest.raises(ApiError) as err:
+            kube.replace(SG.from_dict(sg), namespace=namespace)
+        return err.value.status.message or ""
+
+    def resize(d: dict[str, Any]) -> None:
+        role(d, "decode")["subGroupPolicy"]["subGroupSize"] = 4
+
+    def remove(d: dict[str, Any]) -> None:
+        del role(d, "decode")["subGroupPolicy"]
+
+    def add(d: dict[str, Any]) -> None:
+        role(d, "prefill")["subGroupPolicy"] = {"subGroupSize": 1}
+
+    for edit in (resize, remove, add):
+        assert "give the role a new name" in refused(edit)
+    sg = kube.get(SG, "subgroups", namespace=namespace).to_dict()
+    role(sg, "decode")["subGroupPolicy"]["subGroupPolicyType"] = "LeaderWorker"
+    kube.replace(SG.from_dict(sg), namespace=namespace)  # the type may change
