@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -86,7 +85,8 @@ def test_install_has_no_pod_security_warnings_and_pods_are_admitted(
 def test_controller_runs_on_its_service_account_rbac(
     kube: Client, namespace: str, devcluster: ClusterState, sa_kubeconfig: str
 ) -> None:
-    ctl = ControllerProc(sa_kubeconfig, "sa-ctl", f"sa-{uuid.uuid4().hex[:6]}")
+    # The Lease the ServiceAccount may hold: its Role names it.
+    ctl = ControllerProc(sa_kubeconfig, "sa-ctl", "pdorch-controller")
     try:
         ctl.wait_ready()
         kube.create(SG.from_dict(example("rbac")), namespace=namespace)
@@ -114,7 +114,9 @@ def test_controller_runs_on_its_service_account_rbac(
         ("patch", "servinggroups.pdorch.io --subresource=status", "default", True),
         ("update", "servinggroups.pdorch.io --subresource=finalizers", "default", True),
         ("update", "servinggroups.pdorch.io", "default", False),
-        ("update", "leases.coordination.k8s.io", "pdorch-system", True),
+        ("update", "leases.coordination.k8s.io/pdorch-controller", "pdorch-system", True),
+        ("create", "leases.coordination.k8s.io", "pdorch-system", True),
+        ("update", "leases.coordination.k8s.io/pdorch-scaler", "pdorch-system", False),
         ("get", "secrets", "default", False),
         ("list", "secrets", "pdorch-system", False),
         ("delete", "servinggroups.pdorch.io", "default", False),
