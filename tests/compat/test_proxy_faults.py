@@ -61,6 +61,15 @@ def error_events(raw: bytes) -> list[dict[str, object]]:
     return out
 
 
+async def answered_in_full(http: aiohttp.ClientSession, url: str, prompts: list[str]) -> None:
+    """Each prompt, one after the other, gets a 200 with the simulated engine's text for it."""
+    for prompt in prompts:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 3}
+        async with http.post(url + "/v1/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["choices"][0]["text"] == expected_text(prompt, 3)
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as s:
@@ -167,13 +176,7 @@ async def test_prefill_5xx_is_retried_on_another_pair_or_answered_502(http: aioh
         async with stack(
             "vllm", sim_config=failing, extra_prefill=(good.url(0),), policy="round_robin", max_retries=2
         ) as s:
-            for i in range(8):
-                prompt = f"retry me {i}"
-                async with http.post(
-                    s.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 3}
-                ) as r:
-                    assert r.status == 200
-                    assert (await r.json())["choices"][0]["text"] == expected_text(prompt, 3)
+            await answered_in_full(http, s.url, [f"retry me {i}" for i in range(8)])
             text = await text_of(http, s.url)
             retried = sample(
                 text, "pdorch_proxy_retries_total", {"endpoint": s.prefill_url, "reason": "http_500"}
@@ -258,12 +261,7 @@ async def test_a_decode_silent_after_its_head_is_failed_at_the_idle_limit_and_re
             max_retries=2,
         ) as s,
     ):
-        for i in range(4):
-            prompt = f"say something {i}"
-            body = {"model": MODEL, "prompt": prompt, "max_tokens": 3}
-            async with http.post(s.url + "/v1/completions", json=body) as r:
-                assert r.status == 200, await r.text()
-                assert (await r.json())["choices"][0]["text"] == expected_text(prompt, 3)
+        await answered_in_full(http, s.url, [f"say something {i}" for i in range(4)])
         text = await text_of(http, s.url)
         assert sample(text, "pdorch_proxy_retries_total", {"endpoint": silent, "reason": "idle_timeout"}) >= 1
         assert sample(text, "pdorch_proxy_request_timeouts_total", {"phase": "before_first_byte"}) in (
@@ -303,12 +301,7 @@ async def test_an_sglang_prefill_failing_after_its_decode_answered_counts_agains
                 first_byte_timeout_s=1.0,
             ) as s,
         ):
-            for i in range(3):
-                prompt = f"late failure {i}"
-                body = {"model": MODEL, "prompt": prompt, "max_tokens": 3}
-                async with http.post(s.url + "/v1/completions", json=body) as r:
-                    assert r.status == 200, await r.text()
-                    assert (await r.json())["choices"][0]["text"] == expected_text(prompt, 3)
+            await answered_in_full(http, s.url, [f"late failure {i}" for i in range(3)])
 
             async def counted() -> bool:
                 text = await text_of(http, s.url)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -99,13 +99,11 @@ class ScriptedMetrics:
         return [None if self.outage else EngineSample("vllm") for _ in endpoints]
 
 
-async def test_a_drain_is_cancelled_by_a_metrics_outage_and_by_shutdown(
-    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
-) -> None:
-    """The pods a drain hides from the proxy serve again when the scaler cannot decide (a metrics
-    outage: holding means holding) and when it stops (a drain lives in its memory only)."""
+async def _two_builtin_decodes(kube: Client, namespace: str, name: str) -> Callable[[], list[Pod]]:
+    """A group whose decode is Builtin with 2 groups and no damping; a function listing its
+    decode leaders (by name), once both exist."""
     doc = example_scaled(
-        "undrain",
+        name,
         "decode",
         {
             "mode": "Builtin",
@@ -118,13 +116,22 @@ async def test_a_drain_is_cancelled_by_a_metrics_outage_and_by_shutdown(
     )
     next(r for r in doc["spec"]["roles"] if r["type"] == "decode")["replicas"] = 2
     kube.create(SG.from_dict(doc), namespace=namespace)
-    await asyncio.to_thread(wait_available, kube, namespace, "undrain")
+    await asyncio.to_thread(wait_available, kube, namespace, name)
 
     def leaders() -> list[Pod]:
-        pods = kube.list(Pod, namespace=namespace, labels=leader_selector("undrain", "decode"))
+        pods = kube.list(Pod, namespace=namespace, labels=leader_selector(name, "decode"))
         return sorted(pods, key=lambda p: p.metadata.name)
 
     await asyncio.to_thread(wait_for, lambda: len(leaders()) == 2, 60, "two decode leaders")
+    return leaders
+
+
+async def test_a_drain_is_cancelled_by_a_metrics_outage_and_by_shutdown(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """The pods a drain hides from the proxy serve again when the scaler cannot decide (a metrics
+    outage: holding means holding) and when it stops (a drain lives in its memory only)."""
+    leaders = await _two_builtin_decodes(kube, namespace, "undrain")
     api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
     metrics = ScriptedMetrics()
     scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0), source=metrics)
@@ -177,27 +184,7 @@ async def test_a_drain_ends_only_on_a_fresh_empty_sample_of_a_marked_victim(
     bootstrap/inflight queues), nor on a sample scraped before the proxy could see its mark
     (Prometheus), and a victim recreated mid-drain (its mark lost with the old pod) is marked again
     before the scale-down is written."""
-    doc = example_scaled(
-        "redrain",
-        "decode",
-        {
-            "mode": "Builtin",
-            "minReplicas": 1,
-            "maxReplicas": 4,
-            "targets": {"tpotMs": 100},
-            "scaleDownStabilizationSeconds": 0,
-            "cooldownSeconds": 0,
-        },
-    )
-    next(r for r in doc["spec"]["roles"] if r["type"] == "decode")["replicas"] = 2
-    kube.create(SG.from_dict(doc), namespace=namespace)
-    await asyncio.to_thread(wait_available, kube, namespace, "redrain")
-
-    def leaders() -> list[Pod]:
-        pods = kube.list(Pod, namespace=namespace, labels=leader_selector("redrain", "decode"))
-        return sorted(pods, key=lambda p: p.metadata.name)
-
-    await asyncio.to_thread(wait_for, lambda: len(leaders()) == 2, 60, "two decode leaders")
+    leaders = await _two_builtin_decodes(kube, namespace, "redrain")
     api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
     metrics = VictimMetrics()
     metrics.victim = leaders()[1].metadata.name
