@@ -138,8 +138,9 @@ class Reconciler:
     _progress: dict[str, st.ProgressMark] = field(default_factory=dict)
     # Per group: the last rollout step whose LWS writes all went through (step_record).
     _written_steps: dict[str, tuple[StepRecord, float]] = field(default_factory=dict)
-    # Per group: the number of the last step counted in ROLLOUT_STEPS (a retried write is no new step).
-    _counted_steps: dict[str, int] = field(default_factory=dict)
+    # Per group: the last step counted in ROLLOUT_STEPS, as (revision, number): a retried write is
+    # no new step, and the first step of a new revision is one even where numbering starts over.
+    _counted_steps: dict[str, tuple[str, int]] = field(default_factory=dict)
     # Per group: LWS name -> when this process last changed it (creation failures older than that
     # concern an earlier spec); and when its FailedCreate warnings were last read, and what they
     # said (read at most every FAILURE_CHECK_S, and only while a role lacks groups).
@@ -474,16 +475,19 @@ class Reconciler:
         run: a step the API refuses outright was never taken)."""
         if plan.decision is None or plan.decision.kind != "step":
             return
-        number = plan.step.number if plan.step is not None else None
-        if number is None or self._counted_steps.get(key) != number:
+        step = (plan.step.revision, plan.step.number) if plan.step is not None else None
+        if step is None or self._counted_steps.get(key) != step:
             ROLLOUT_STEPS.labels(namespace, name).inc()
-        if number is not None:
-            self._counted_steps[key] = number
+        if step is not None:
+            self._counted_steps[key] = step
         moves = ", ".join(f"{n} replicas={r} partition={k}" for n, (r, k) in sorted(plan.actions.items()))
         was = ", ".join(
             f"{o.name} {o.replicas}/{o.partition}" for o in sorted(plan.observations, key=lambda o: o.name)
         )
         moves = f"{moves} (was {was})"
+        if step is not None:
+            # Two steps with the same moves (a new revision's first after a failed one) are two.
+            moves = f"{moves} [step {step[1]} to revision {step[0]}]"
         obj = self.caches.groups.get(namespace, name)
         if obj is not None:
             # One series: a write retried from the same state repeats its event word for word.
@@ -573,7 +577,10 @@ class Reconciler:
                 c["message"] = f"{c['message']}; planner: {decision.kind}: {decision.reason}"[:1000]
         # A stall is no progress (`st.progress_mark`) for longer than progressDeadlineSeconds, or a
         # plan the planner says cannot finish.
-        step = repr([(o.name, o.partition, o.replicas) for o in plan.observations])
+        step = st.rollout_position(
+            plan.actions if decision.kind == "step" else None,
+            {o.name: (o.replicas, o.partition) for o in plan.observations},
+        )
         ready = (
             sum(o.new_ready for o in plan.observations),
             sum(o.old_ready + o.new_ready for o in plan.observations),

@@ -350,13 +350,23 @@ def _role_statuses(roles: list[RoleObservation]) -> list[dict[str, Any]]:
     ]
 
 
+# Conditions the status carries only while True: their going away is their flip to False.
+_ONLY_WHILE_TRUE = (REPLICA_FAILURE, REVISION_RECORD_FAILED)
+
+
 def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Conditions whose status changed: (type, old status, new status, reason)."""
     before = {c["type"]: c.get("status") for c in ((old or {}).get("conditions") or [])}
+    now = new.get("conditions", [])
+    present = {c["type"] for c in now}
     return [
         (c["type"], before.get(c["type"], ""), c["status"], c.get("reason", ""))
-        for c in new.get("conditions", [])
+        for c in now
         if before.get(c["type"]) != c["status"]
+    ] + [
+        (t, "True", "False", "Resolved")
+        for t in _ONLY_WHILE_TRUE
+        if before.get(t) == "True" and t not in present
     ]
 
 
@@ -390,6 +400,13 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[t
 
 
 ProgressMark = tuple[str, tuple[int, int], float, str]
+
+
+def rollout_position(writing: dict[str, tuple[int, int]] | None, observed: dict[str, tuple[int, int]]) -> str:
+    """Where a rollout stands after this pass, for `progress_mark`: the (replicas, partition) per
+    role a step being written sets, else the observed ones. A step written is progress at once (a
+    rollout resumed after a pause longer than its deadline is not stalled by the pause)."""
+    return repr(sorted((writing if writing is not None else observed).items()))
 
 
 def progress_mark(

@@ -52,7 +52,9 @@ def _rolling_update(ctx: RenderContext, role: Role, replicas: int) -> dict[str, 
         )
     surge, unavailable = lws_budget(max_surge), lws_budget(max_unavailable)
     if (
-        resolve_int_or_percent(surge, replicas, round_up=True) == 0
+        role.type not in KV_ROLE_TYPES
+        and replicas > 0  # LWS lets a role of 0 replicas have both at 0
+        and resolve_int_or_percent(surge, replicas, round_up=True) == 0
         and resolve_int_or_percent(unavailable, replicas, round_up=False) == 0
     ):
         # LWS refuses budgets that both come to 0 at the role's size (maxSurge 0 with 25% of one

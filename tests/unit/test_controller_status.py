@@ -364,7 +364,18 @@ def test_a_new_groups_first_all_clear_is_no_event_and_replica_failure_warns() ->
     assert st.transition_events(first, failing) == [
         ("Warning", "RReplicaFailure", "ReplicaFailure is now True", "ReplicaFailure")
     ]
-    # A flip back to all clear is news.
-    assert st.transition_events(failing, first) == [
-        ("Normal", "RReplicaFailure", "ReplicaFailure is now False", "ReplicaFailure")
-    ]
+    # The controller drops ReplicaFailure once groups can be created again: that is its flip back,
+    # and news (else a second outage's Warning would repeat the first's and be dropped).
+    cleared = conds(Available="True", Invalid="False", RolloutStalled="False")
+    assert ("Normal", "Resolved", "ReplicaFailure is now False", "ReplicaFailure") in st.transition_events(
+        failing, cleared
+    )
+
+
+def test_a_step_being_written_is_where_the_rollout_stands() -> None:
+    observed = {"decode": (2, 1), "prefill": (3, 2)}
+    writing = {"decode": (2, 0), "prefill": (3, 1)}
+    before = st.rollout_position(None, observed)
+    now = st.rollout_position(writing, observed)
+    assert now != before  # a step written this pass is progress at once
+    assert st.rollout_position(None, writing) == now  # and the next pass, observing it, is not
