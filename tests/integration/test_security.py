@@ -50,6 +50,9 @@ _OWNED = ("list", "watch", "create", "patch", "delete")
 CONTROLLER_NEEDS: set[Rule] = (
     {("servinggroups.pdorch.io", "", v) for v in ("list", "watch")}
     | {("servinggroups.pdorch.io/status", "", "patch")}
+    # Children carry blockOwnerDeletion, which OwnerReferencesPermissionEnforcement allows only
+    # to those who may update the owner's finalizers.
+    | {("servinggroups.pdorch.io/finalizers", "", "update")}
     | {("servingrolescalers.pdorch.io", "", v) for v in _OWNED}
     | {("servingrolescalers.pdorch.io/status", "", "patch")}
     | {("leaderworkersets.leaderworkerset.x-k8s.io", "", v) for v in _OWNED}
@@ -66,10 +69,10 @@ CONTROLLER_NEEDS: set[Rule] = (
     # Revision history for `pdorch rollback`: one ControllerRevision per revision, pruned.
     | {("controllerrevisions.apps", "", v) for v in ("list", "create", "delete")}
 )
-# ... plus, in its own namespace only, its leader-election Lease.
+# ... plus, in its own namespace only, its leader-election Lease (a create cannot be limited to a name).
 CONTROLLER_NEEDS_OWN_NS: set[Rule] = {
-    ("leases.coordination.k8s.io", "", v) for v in ("get", "create", "update")
-}
+    ("leases.coordination.k8s.io", "pdorch-controller", v) for v in ("get", "update")
+} | {("leases.coordination.k8s.io", "", "create")}
 # The built-in autoscaler, in every namespace: list groups, read their scalers, write only the
 # scalers' /scale and /status, list leader pods and annotate the ones it drains, write Events.
 SCALER_SA = "system:serviceaccount:pdorch-system:pdorch-scaler"
@@ -83,7 +86,9 @@ SCALER_NEEDS: set[Rule] = {
     ("events.events.k8s.io", "", "create"),
 }
 # ... plus, in its own namespace only, its leader-election Lease.
-SCALER_NEEDS_OWN_NS: set[Rule] = {("leases.coordination.k8s.io", "", v) for v in ("get", "create", "update")}
+SCALER_NEEDS_OWN_NS: set[Rule] = {
+    ("leases.coordination.k8s.io", "pdorch-scaler", v) for v in ("get", "update")
+} | {("leases.coordination.k8s.io", "", "create")}
 # The built-in proxy discovers its group's pods, in its own namespace, and nothing else.
 PROXY_NEEDS: set[Rule] = {("pods", "", v) for v in ("list", "watch")}
 
