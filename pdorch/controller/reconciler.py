@@ -622,6 +622,21 @@ class Reconciler:
         """A child was deleted: the next pass must not trust our record of having written it."""
         self._applied.pop((res.plural, namespace, name), None)
 
+    async def _ours_unlabelled(self, intent: dict[str, Any]) -> bool:
+        """Whether the object of `intent`'s name that the watch does not show is this group's own
+        (its controller owner uid is the group's), with its managed-by label removed by hand: the
+        watch selects by that label, so to it the object was deleted."""
+        md = intent["metadata"]
+        found, _ = await self.api.list(
+            resource_of(intent), md.get("namespace"), field_selector=f"metadata.name={md['name']}"
+        )
+        owner = next((r.get("uid") for r in md.get("ownerReferences") or [] if r.get("controller")), None)
+        return owner is not None and any(
+            r.get("controller") and r.get("uid") == owner
+            for c in found
+            for r in (c.get("metadata") or {}).get("ownerReferences") or []
+        )
+
     async def _dry_run(self, items: list[tuple[dict[str, Any], dict[str, Any] | None, bool]]) -> str | None:
         """Server-side dry runs, concurrently (a create for objects never seen, so a name taken by
         an object pdorch does not manage is found); the first refusal's message, or None."""
@@ -634,6 +649,8 @@ class Reconciler:
                     await self._write(o, live, dry_run=True)
             except ApiError as e:
                 if e.code == 409 and unseen and e.reason == "AlreadyExists":
+                    if await self._ours_unlabelled(o):
+                        return None  # the apply takes it back, labels included
                     return _name_clash(o, "exists and is not managed by this ServingGroup")
                 if o["kind"] not in USER_CONTENT_KINDS:
                     return None  # only probed for its name: the real write reports the rest (quota...)

@@ -14,6 +14,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Service, ServiceAccount
 from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
+from lightkube.types import PatchType
 
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
@@ -298,6 +299,29 @@ def test_deleted_or_hand_edited_lws_is_restored(
 
     wait_for(restored, 60, "hand edits of the decode LWS reverted")
     wait_available(kube, namespace, "heal")
+
+    # Its managed-by label removed by hand: the watch (which selects by it) reports the LWS gone,
+    # and the create that follows finds the name taken, by an object this group owns: taken back,
+    # label included, not reported as a name clash.
+    kube.patch(
+        LWS,
+        "heal-decode",
+        {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}},
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+    wait_for(
+        lambda: (
+            (kube.get(LWS, "heal-decode", namespace=namespace).metadata.labels or {}).get(
+                "app.kubernetes.io/managed-by"
+            )
+            == "pdorch"
+        ),
+        60,
+        "the managed-by label restored",
+    )
+    sg = wait_available(kube, namespace, "heal")
+    assert condition(sg, "Invalid")["status"] == "False", condition(sg, "Invalid")
 
 
 def _light_group(name: str) -> dict[str, Any]:
