@@ -379,9 +379,9 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[t
 
     Warning when something needs a human: a stalled rollout, a revision record refused, groups
     that cannot be created, a group that stopped serving. A new group's first "nothing wrong"
-    (Invalid, RolloutStalled, ... False) is no event. Invalid=True and Progressing=False for ApplyFailed are left out: the
-    controller's InvalidSpec and ApplyFailed Warnings carry the message, and one refusal is one
-    event. The series is the condition type, so the event recorder drops only a repeat of the same
+    (Invalid, RolloutStalled, ... False) is no event. Invalid=True and Progressing=False for
+    ApplyFailed are left out: the controller's InvalidSpec and ApplyFailed Warnings carry the
+    message, and one refusal is one event. The series is the condition type, so the event recorder drops only a repeat of the same
     flip, never a flip back or a second one.
     """
     out = []

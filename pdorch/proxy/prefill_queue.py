@@ -142,7 +142,11 @@ class PrefillQueue:
 
     def fits_now(self, tokens: int) -> bool:
         """Whether `acquire` would give a prompt of `tokens` room at once."""
-        return not self.waiters and self._fits(self._charge(tokens), self._room())
+        return self._admits(self._charge(tokens))
+
+    def _admits(self, charge: int) -> bool:
+        # Nobody waiting (a newcomer never passes them) and room for it.
+        return not self.waiters and self._fits(charge, self._room())
 
     def take(self, tokens: int) -> Ticket:
         """Room for a prompt now, without waiting, past the cap if need be: for a retry, which took
@@ -155,7 +159,7 @@ class PrefillQueue:
     async def acquire(self, tokens: int, arrival: float) -> Ticket:
         """Wait for room for a prompt of `tokens` that reached the proxy at `arrival`."""
         charge = self._charge(tokens)
-        if self.fits_now(tokens):
+        if self._admits(charge):
             self.inflight += charge
             return Ticket(self, tokens, charge)
         w = Waiter(tokens, arrival, asyncio.get_running_loop().create_future(), charge)

@@ -452,13 +452,13 @@ class ProxyServer:
         )
         self.breakers[ep.key] = b
 
-    # The in-flight gauge is filled from `loads` at scrape time, not on every leg: two gauge updates
-    # per leg would sit on the path to the upstream writes.
     def _on_probation(self, ep: Endpoint) -> bool:
         """Whether `ep`'s breaker is not closed (a request to it is a half-open probe)."""
         b = self.breakers.get(ep.key)
         return b is not None and b.state is not brk.BreakerState.CLOSED
 
+    # The in-flight gauge is filled from `loads` at scrape time, not on every leg: two gauge updates
+    # per leg would sit on the path to the upstream writes.
     def _leg_start(self, ep: Endpoint) -> None:
         self.loads[ep.key] = self.loads.get(ep.key, 0) + 1
         if ep.key not in self._leg_roles:
