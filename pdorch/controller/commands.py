@@ -35,7 +35,13 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `controller`."""
     d = ControllerConfig()
-    p = sub.add_parser("controller", help="run the ServingGroup controller (level-triggered, leader-elected)")
+    p = sub.add_parser(
+        "controller",
+        help="run the ServingGroup controller (level-triggered, leader-elected)",
+        description="Reconcile ServingGroups into one LeaderWorkerSet per role, the proxy's Service and "
+        "RBAC, ServingRoleScalers and revision history; roll out new revisions step by step keeping "
+        "the P:D ratio. Only the Lease holder writes.",
+    )
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, then in-cluster)")
     p.add_argument("--namespace", help="watch only this namespace (default: all)")
     p.add_argument(
@@ -47,8 +53,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=True,
         help="hold a Lease before writing",
     )
-    p.add_argument("--lease-namespace", default=d.lease_namespace)
-    p.add_argument("--lease-name", default=d.lease_name)
+    p.add_argument(
+        "--lease-namespace", default=d.lease_namespace, help="namespace of the Lease (default %(default)s)"
+    )
+    p.add_argument(
+        "--lease-name",
+        default=d.lease_name,
+        help="name of the Lease; its Role must name it (default %(default)s)",
+    )
     p.add_argument("--identity", help="leader-election identity (default: POD_NAME or hostname + random)")
     p.add_argument(
         "--health-addr", default=d.health_addr, help="/metrics, /healthz, /readyz (default %(default)s)"

@@ -130,7 +130,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--metrics-on-client-port",
         action="store_true",
-        help="serve /metrics on --port next to the API instead (anyone who can send requests can read it)",
+        help="serve /metrics on --port next to the API instead (anyone who can connect can read it, even without the API key)",
     )
     p.add_argument(
         "--health-interval", type=float, default=None, help="endpoint health-check period (default 5)"

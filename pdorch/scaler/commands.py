@@ -45,6 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "scaler",
         help="run the built-in SLO autoscaler (writes ServingRoleScaler /scale for Builtin roles)",
+        description="Size every ServingGroup role whose scaling.mode is Builtin from its engines' metrics "
+        "(scraped from the leader pods, or read from Prometheus): prefill from arrivals x prompt tokens "
+        "against the TTFT target, decode from resident sequences against the TPOT target. Writes "
+        "ServingRoleScaler spec.replicas and status (the reason), drains pods before a scale-down.",
     )
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, then in-cluster)")
     p.add_argument("--namespace", help="only this namespace (default: all)")
@@ -81,7 +85,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=d.leader_elect,
         help="hold a Lease before deciding, so several replicas can run with one acting (default off)",
     )
-    p.add_argument("--lease-namespace", default=d.lease_namespace)
-    p.add_argument("--lease-name", default=d.lease_name)
+    p.add_argument(
+        "--lease-namespace", default=d.lease_namespace, help="namespace of the Lease (default %(default)s)"
+    )
+    p.add_argument(
+        "--lease-name",
+        default=d.lease_name,
+        help="name of the Lease; its Role must name it (default %(default)s)",
+    )
     p.add_argument("--identity", help="leader-election identity (default: POD_NAME or hostname + random)")
     p.set_defaults(func=_run)
