@@ -72,6 +72,7 @@ def servinggroup(image: str, max_unavailable: int | str = "25%") -> dict[str, An
     doc = yaml.safe_load((REPO / "examples" / "sim-pd" / "servinggroup.yaml").read_text())
     doc["metadata"]["name"] = "roll"
     doc["spec"]["roles"] = [r for r in doc["spec"]["roles"] if r["type"] != "proxy"]
+    doc["spec"].pop("router", None)
     for r in doc["spec"]["roles"]:
         r["replicas"] = P if r["type"] == "prefill" else D
         r["workerTemplate"] = _template(r["type"], image)

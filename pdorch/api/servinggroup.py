@@ -215,6 +215,10 @@ def _sub_groups_fit(r: Role) -> bool:
     return n % k == 0 or (n - 1) % k == 0
 
 
+# A role name LWS's own `<lws>-<index>` names could take (RE2 and Python `re` alike).
+_NUMBERED_NAME = "^([0-9]+|.*-[0-9]+)$"
+
+
 # LWS's own webhook rules for subGroupPolicy, checked here so the message names spec.roles[i].
 _SUB_GROUPS_CEL = (
     "!has(self.subGroupPolicy) || (self.subGroupPolicy.subGroupSize <= self.size && "
@@ -239,6 +243,27 @@ class Role(ApiModel):
             "LeaderWorkerSet refuses it); give the role a new name to replace its LeaderWorkerSet",
             check=lambda _: True,
             field_path=".subGroupPolicy",
+        ),
+        CelRule(
+            # Transition rule: a StatefulSet's volumeClaimTemplates are immutable, and LWS's webhook
+            # lets the edit through, so every later write of the role's StatefulSets would fail.
+            rule="has(self.volumeClaimTemplates) == has(oldSelf.volumeClaimTemplates) && "
+            "(!has(self.volumeClaimTemplates) || self.volumeClaimTemplates == oldSelf.volumeClaimTemplates)",
+            message="roles[].volumeClaimTemplates cannot be added, removed or changed on an existing role "
+            "(its StatefulSets' claim templates are immutable); give the role a new name to replace its "
+            "LeaderWorkerSet",
+            check=lambda _: True,
+            field_path=".volumeClaimTemplates",
+        ),
+        CelRule(
+            # LWS names group i's worker StatefulSet and pods `<lws>-<i>...`: role `prefill-0`
+            # (or a group `g-prefill` with role `0`) would take role `prefill`'s names.
+            rule=f"!self.name.matches('{_NUMBERED_NAME}')",
+            message="roles[].name must not be all digits or end in '-<digits>' (LeaderWorkerSet names "
+            "a role's StatefulSets and pods <group>-<role>-<index>, which such a name would clash "
+            "with); e.g. use prefill-a, not prefill-0",
+            check=lambda r: re.fullmatch(_NUMBERED_NAME, r.name) is None,
+            field_path=".name",
         ),
         CelRule(
             rule=_SUB_GROUPS_CEL,
@@ -369,12 +394,13 @@ class Role(ApiModel):
 
 
 class KVTransfer(ApiModel):
-    """KV-cache transfer settings handed to the engines."""
+    """The engines' KV-cache transfer settings, as a record: part of the revision (a change rolls the
+    KV roles out), not rendered into the pods. Set the engines' own flags in the role templates."""
 
     connector: str | None = Field(None, max_length=128)
     """vLLM kv_connector (e.g. NixlConnector) or SGLang transfer backend (e.g. nixl, mooncake)."""
     extra: FreeForm | None = None
-    """Engine-specific extra KV-transfer configuration, passed through unchanged."""
+    """Engine-specific extra KV-transfer configuration, recorded unchanged."""
 
 
 class Engine(ApiModel):
@@ -575,6 +601,13 @@ class ServingGroupSpec(ApiModel):
             field_path=".roles",
         ),
         CelRule(
+            rule="!has(self.router) || self.roles.exists(r, r.type == 'proxy')",
+            message="spec.router configures the group's proxy role, and there is none: add a role of "
+            "type proxy or remove spec.router",
+            check=lambda s: s.router is None or RoleType.PROXY in _types(s),
+            field_path=".router",
+        ),
+        CelRule(
             rule="self.engine.name == 'sglang' || self.roles.all(r, !has(r.bootstrapPort))",
             message="spec.roles[].bootstrapPort is only valid with spec.engine.name sglang; remove it",
             check=lambda s: (
@@ -615,7 +648,9 @@ class ServingGroupSpec(ApiModel):
     rollout_strategy: RolloutStrategy | None = None
     """Rollout knobs."""
     router: Router | None = None
-    """Proxy settings."""
+    """Settings of the proxy role, which needs one. They reach its containers as the environment
+    variables `pdorch proxy` reads (PDORCH_ROUTER_CONFIG, PDORCH_API_KEY), in a proxy template of
+    your own too; a router other than `pdorch proxy` ignores them."""
 
     def role(self, name: str) -> Role:
         """The role called `name` (KeyError if absent)."""

@@ -13,7 +13,7 @@ from pdorch.roles.labels import (
     ANNOTATION_ROLLOUT_STEP,
 )
 from pdorch.roles.naming import lws_name
-from pdorch.roles.proxy import builtin_proxy_template
+from pdorch.roles.proxy import builtin_proxy_template, with_router_env
 from pdorch.rollout.state import resolve_int_or_percent
 
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
@@ -31,10 +31,14 @@ def _templates(ctx: RenderContext, role: Role) -> tuple[dict[str, Any] | None, d
     """
     if role.type == RoleType.PROXY and not role.has_template:
         return None, builtin_proxy_template(ctx, role)
-    if role.worker_template is None:
-        assert role.leader_template is not None  # guaranteed by the Role CEL rules
-        return None, role.leader_template
-    return role.leader_template, role.worker_template
+    leader, worker = role.leader_template, role.worker_template
+    if role.type == RoleType.PROXY:
+        leader = with_router_env(ctx, leader) if leader is not None else None
+        worker = with_router_env(ctx, worker) if worker is not None else None
+    if worker is None:
+        assert leader is not None  # guaranteed by the Role CEL rules
+        return None, leader
+    return leader, worker
 
 
 def _rolling_update(ctx: RenderContext, role: Role, replicas: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ watching pods, so it needs read access to pods in its own namespace and nothing 
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -52,6 +53,20 @@ def _env(ctx: RenderContext) -> list[dict[str, Any]]:
             }
         )
     return env
+
+
+def with_router_env(ctx: RenderContext, template: dict[str, Any]) -> dict[str, Any]:
+    """A user's proxy pod template with `spec.router` handed to each of its containers, as the
+    built-in proxy gets it, so a template that runs `pdorch proxy` (with its own resources, say)
+    keeps the group's policy and API key. A variable a container sets itself keeps its value."""
+    env = _env(ctx)
+    if not env:
+        return template
+    out = copy.deepcopy(template)
+    for c in (out.get("spec") or {}).get("containers") or []:
+        own = {e.get("name") for e in c.get("env") or []}
+        c["env"] = [*(c.get("env") or []), *(e for e in env if e["name"] not in own)]
+    return out
 
 
 def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:

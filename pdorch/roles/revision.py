@@ -71,7 +71,21 @@ def revision_input(spec: ServingGroupSpec) -> dict[str, Any]:
     return {"engine": spec.engine.to_wire(), "roles": roles}
 
 
+def _integral(value: Any) -> Any:
+    """`value` with floats that hold whole numbers as ints, at any depth: the apiserver stores a
+    free-form `1.0e9` as 1000000000, so an offline render of the YAML must hash the same."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
 def compute_revision(spec: ServingGroupSpec) -> str:
     """First 10 hex digits of sha256 over canonical JSON of `revision_input` (a valid label value)."""
-    canonical = json.dumps(revision_input(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    canonical = json.dumps(
+        _integral(revision_input(spec)), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()[:REVISION_LENGTH]

@@ -245,6 +245,7 @@ def test_spec_changes_flow_to_lws_and_removed_roles_are_pruned(
 
     def drop_proxy(spec: dict[str, Any]) -> None:
         spec["roles"] = [r for r in spec["roles"] if r["type"] != "proxy"]
+        spec.pop("router", None)  # it configures the proxy role
 
     update_spec(kube, namespace, "flow", drop_proxy)
     wait_for(
@@ -328,6 +329,7 @@ def _light_group(name: str) -> dict[str, Any]:
     """A GPU-free prefill+decode group, so 50 of them fit on the dev cluster's nodes."""
     doc = example(name)
     doc["spec"]["roles"] = [r for r in doc["spec"]["roles"] if r["type"] != "proxy"]
+    doc["spec"].pop("router", None)
     for r in doc["spec"]["roles"]:
         r["replicas"] = 1
         for c in r["workerTemplate"]["spec"]["containers"]:

@@ -82,6 +82,10 @@ REFUSED: list[tuple[str, Edit, str]] = [
     ("duplicate-role-names", _dup_names, "spec.roles"),
     ("no-prefill-role", _drop("prefill"), "prefill"),
     ("no-decode-role", _drop("decode"), "decode"),
+    # The example has spec.router, which configures the proxy role.
+    ("router-without-proxy", _drop("proxy"), "add a role of type proxy"),
+    # LWS's own `<group>-<role>-<index>` names (role decode's group 2) would clash with it.
+    ("role-name-numbered", lambda d: role(d, "decode").__setitem__("name", "prefill-2"), "-<digits>"),
     ("two-proxy-roles", _two_proxies, "at most one role of type proxy"),
     ("size-zero", lambda d: role(d, "prefill").__setitem__("size", 0), "size"),
     ("negative-replicas", lambda d: role(d, "decode").__setitem__("replicas", -1), "replicas"),
@@ -238,3 +242,38 @@ def test_a_role_sub_group_policy_cannot_be_added_removed_or_resized_but_its_type
     sg = kube.get(SG, "subgroups", namespace=namespace).to_dict()
     role(sg, "decode")["subGroupPolicy"]["subGroupPolicyType"] = "LeaderWorker"
     kube.replace(SG.from_dict(sg), namespace=namespace)  # the type may change
+
+
+def test_a_role_volume_claim_templates_cannot_change(
+    kube: Client, namespace: str, pdorch_crds: list[str]
+) -> None:
+    """A StatefulSet's claim templates are immutable and LWS's webhook lets the edit through, so the
+    role's StatefulSets could never be written again: the apiserver refuses the edit on the group."""
+    claim = {"metadata": {"name": "cache"}, "spec": {"accessModes": ["ReadWriteOnce"]}}
+    claim["spec"]["resources"] = {"requests": {"storage": "1Gi"}}
+    doc = example("claims")
+    role(doc, "decode")["volumeClaimTemplates"] = [claim]
+    kube.create(SG.from_dict(doc), namespace=namespace)
+
+    def refused(edit: Edit) -> str:
+        sg = kube.get(SG, "claims", namespace=namespace).to_dict()
+        edit(sg)
+        with pytest.raises(ApiError) as err:
+            kube.replace(SG.from_dict(sg), namespace=namespace)
+        return err.value.status.message or ""
+
+    def grow(d: dict[str, Any]) -> None:
+        role(d, "decode")["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] = "2Gi"
+
+    def remove(d: dict[str, Any]) -> None:
+        del role(d, "decode")["volumeClaimTemplates"]
+
+    def add(d: dict[str, Any]) -> None:
+        role(d, "prefill")["volumeClaimTemplates"] = [copy.deepcopy(claim)]
+
+    for edit in (grow, remove, add):
+        message = refused(edit)
+        assert "volumeClaimTemplates" in message and "give the role a new name" in message, message
+    sg = kube.get(SG, "claims", namespace=namespace).to_dict()
+    role(sg, "decode")["replicas"] = 2
+    kube.replace(SG.from_dict(sg), namespace=namespace)  # other edits of the role still pass

@@ -197,3 +197,33 @@ def test_sub_group_size_follows_the_lws_rules(size: int, sub: int, kind: str | N
     assert (problems == []) == ok, problems
     if not ok:
         assert any("subGroupSize" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("prefill-0", False),
+        ("decode-12", False),
+        ("7", False),
+        ("p0", True),
+        ("prefill-a", True),
+        ("a-1b", True),
+    ],
+)
+def test_role_names_lws_indices_could_take_are_refused(name: str, ok: bool) -> None:
+    """LWS names group i's StatefulSets and pods `<group>-<role>-<i>`: a role `prefill-0` would take
+    role `prefill`'s names (and a role `0` of group `g-prefill` those of group `g`)."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    next(r for r in doc["spec"]["roles"] if r["type"] == "decode")["name"] = name
+    problems = _problems(doc)
+    assert (problems == []) == ok, problems
+    if not ok:
+        assert any("spec.roles[2]" in p and "-<digits>" in p for p in problems), problems
+
+
+def test_router_needs_a_proxy_role() -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["roles"] = [r for r in doc["spec"]["roles"] if r["type"] != "proxy"]
+    assert any("spec.router" in p and "add a role of type proxy" in p for p in _problems(doc))
+    doc["spec"].pop("router")
+    assert _problems(doc) == []

@@ -327,10 +327,35 @@ def test_prefill_queue_reaches_the_proxy_process_config() -> None:
 
 def test_custom_proxy_template_is_used_as_given() -> None:
     raw = _raw()
+    raw["spec"].pop("router")
     _role(raw, "proxy")["workerTemplate"] = {"spec": {"containers": [{"name": "p", "image": "my/proxy"}]}}
     lws = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]
     (c,) = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"]
     assert c == {"name": "p", "image": "my/proxy"}
+
+
+def test_custom_proxy_template_gets_the_router_settings() -> None:
+    """A template of one's own that runs `pdorch proxy` keeps the group's policy and API key; a
+    variable the container sets itself keeps its value."""
+    raw = _raw()
+    raw["spec"]["router"]["auth"] = {"secretName": "keys"}
+    mine = {"name": "PDORCH_ROUTER_CONFIG", "value": '{"policy": "round_robin"}'}
+    tpl = {
+        "spec": {
+            "containers": [
+                {"name": "p", "image": "my/proxy"},
+                {"name": "s", "image": "my/side", "env": [mine]},
+            ]
+        }
+    }
+    _role(raw, "proxy")["leaderTemplate"] = tpl
+    lws = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]
+    p, s = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"]
+    env = {e["name"]: e for e in p["env"]}
+    assert yaml.safe_load(env["PDORCH_ROUTER_CONFIG"]["value"])["policy"] == "least_load"
+    assert env["PDORCH_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-key"}
+    assert s["env"][0] == mine and [e["name"] for e in s["env"]] == ["PDORCH_ROUTER_CONFIG", "PDORCH_API_KEY"]
+    assert tpl["spec"]["containers"][0] == {"name": "p", "image": "my/proxy"}  # the spec is not edited
 
 
 def test_proxy_rbac_is_namespaced_and_read_only() -> None:
@@ -358,6 +383,7 @@ def test_proxy_service_selects_proxy_leaders() -> None:
 def test_no_proxy_role_means_no_service_or_rbac() -> None:
     raw = _raw()
     raw["spec"]["roles"] = [r for r in raw["spec"]["roles"] if r["type"] != "proxy"]
+    raw["spec"].pop("router", None)
     kinds = {o["kind"] for o in render(_sg(raw))}
     assert kinds == {"LeaderWorkerSet"}
 
@@ -443,6 +469,16 @@ class TestRevision:
         base = compute_revision(_sg(raw).spec)
         _role(raw, "decode")[field] = value
         assert compute_revision(_sg(raw).spec) != base
+
+    def test_whole_floats_hash_as_the_apiserver_stores_them(self) -> None:
+        # The apiserver returns a free-form 1.0e9 as 1000000000: `pdorch render` must agree.
+        raw = _raw()
+        raw["spec"]["engine"]["kvTransfer"]["extra"] = {"kv_buffer_size": 1.0e9, "share": 0.5}
+        stored = copy.deepcopy(raw)
+        stored["spec"]["engine"]["kvTransfer"]["extra"]["kv_buffer_size"] = 1000000000
+        assert compute_revision(_sg(raw).spec) == compute_revision(_sg(stored).spec)
+        stored["spec"]["engine"]["kvTransfer"]["extra"]["share"] = 0.25
+        assert compute_revision(_sg(raw).spec) != compute_revision(_sg(stored).spec)
 
     def test_replicas_scaling_and_role_order_do_not_change_it(self) -> None:
         raw = _raw()
