@@ -7,13 +7,14 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from pdorch.api.errors import SpecError, load_servinggroups
 from pdorch.api.servinggroup import KV_ROLE_TYPES, RoleType, RolloutStrategy, ServingGroup
 from pdorch.rollout import live
-from pdorch.rollout.planner import applied, initial_state, simulate, with_auto_tolerance
+from pdorch.rollout.planner import applied, effective_tolerance, initial_state, simulate, with_auto_tolerance
 from pdorch.rollout.state import RoleAction, RoleObservation, RolloutSpec, Snapshot
 
 
@@ -168,9 +169,14 @@ def _print_plan(
 ) -> int:
     """Simulate from `initial`, print the table and the outcome; 3 if it does not finish."""
     snaps = simulate(spec, initial, lambda _n, _i, _t: max(0, delay))
+    enforced = effective_tolerance(initial, spec)
+    widened = enforced is not None and enforced > Fraction(spec.tolerance).limit_denominator(1_000_000)
+    note = " (auto: the smallest the budgets allow)" if auto else ""
+    if widened:
+        # The planner never holds cohorts closer to the ratio than the desired replicas are.
+        note += f" (enforced: {float(enforced):g}, the desired replicas' own deviation)"
     print(
-        f"# {sg.name}: ratio {spec.ratio_p}:{spec.ratio_d} tolerance {spec.tolerance:g}"
-        f"{' (auto: the smallest the budgets allow)' if auto else ''} "
+        f"# {sg.name}: ratio {spec.ratio_p}:{spec.ratio_d} tolerance {spec.tolerance:g}{note} "
         f"maxSurge {spec.max_surge} maxUnavailable {spec.max_unavailable}"
     )
     print(format_plan(snaps))

@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from typing import NamedTuple
 
 from pdorch.rollout.state import (
     Decision,
@@ -42,6 +43,9 @@ from pdorch.rollout.state import (
 # prefill and one decode role are searched by ratio band instead, so this bounds the full search of
 # groups with several roles per type.
 _MAX_COMBINATIONS = 200_000
+# Up to this many, the best step (rank 0, what the lookahead follows) is searched in the full
+# product too; past it, by totals, which is exact for it and much faster.
+_SMALL_PRODUCT = 5_000
 # Past it, several roles per type are searched by (P, D) totals: this bounds both the per-type
 # merge of the roles' options and the pairs of totals.
 _MAX_TOTAL_PAIRS = 200_000
@@ -218,15 +222,24 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
     # best step would stall, its next few are tried before refusing. A rollout's first step gets no
     # such search: it is refused or taken as planned (and the tolerance search stays as fast).
     state = tuple(roles)
-    started = any(r.new_total for r in roles if r.type in ("prefill", "decode"))
+    kv = [r for r in roles if r.type in ("prefill", "decode")]
+    # A new spec mid-rollout leaves every group old, on several revisions: that rollout started.
+    layered = len({rev for r in kv for rev, _ in _layers(r)}) > 1
+    started = layered or any(r.new_total for r in kv)
     refused: Decision | None = None
-    for steady_first in (True, False) if _old_cohort_off_ratio(roles, spec) else (True,):
-        decision, stalls = _attempt(state, spec, steady_first, 0)
+    orders = [_STEADY_FIRST] + ([_Order(False)] if _old_cohort_off_ratio(roles, spec) else [])
+    if layered:
+        # Several old revisions: when keeping each of them no further off the ratio stalls, plan
+        # the old side as one cohort (a revision may drift off, even one-sided, for a step) rather
+        # than refuse a rollout that has a way through.
+        orders.append(_Order(True, keep_revisions=False))
+    for order in orders:
+        decision, stalls = _attempt(state, spec, order, 0)
         if decision.kind in ("done", "step"):
             return decision
         refused = refused or decision
         for rank in range(1, _RANKED_TRIES + 1) if started and stalls else ():
-            lower, _ = _attempt(state, spec, steady_first, rank)
+            lower, _ = _attempt(state, spec, order, rank)
             if lower.kind == "step":
                 return lower
             if lower.reason == _NO_RANK:
@@ -238,17 +251,29 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
 _NO_RANK = "no step of that rank"
 
 
+class _Order(NamedTuple):
+    """How `_plan_step` ranks candidate steps. `steady_first`: steps that bring an off-ratio old
+    cohort back onto the ratio above those that move the most. `keep_revisions`: with several old
+    revisions, steps that leave each of them no further off the ratio above all others."""
+
+    steady_first: bool
+    keep_revisions: bool = True
+
+
+_STEADY_FIRST = _Order(True)
+
+
 @functools.lru_cache(maxsize=256)
 def _attempt(
-    state: tuple[RoleObservation, ...], spec: RolloutSpec, steady_first: bool, rank: int
+    state: tuple[RoleObservation, ...], spec: RolloutSpec, order: _Order, rank: int
 ) -> tuple[Decision, bool]:
     """The step of that order and rank if its plan finishes, else why not, and whether that is a
     step whose plan stalls. Cached apart from `_plan_step`: the dry runs of a refused state can
     fill that cache, and a blocked group is reconciled again every half minute."""
-    decision = _plan_step(state, spec, steady_first, rank)
+    decision = _plan_step(state, spec, order, rank)
     if decision.kind != "step":
         return decision, False
-    stall = _stall_ahead(state, decision, spec, steady_first)
+    stall = _stall_ahead(state, decision, spec, order)
     if stall is None:
         return decision, False
     return Decision("blocked", {r.name: RoleAction(r.replicas, r.partition) for r in state}, stall), True
@@ -269,7 +294,7 @@ def _old_cohort_off_ratio(roles: Sequence[RoleObservation], spec: RolloutSpec) -
 
 
 def _stall_ahead(
-    state: tuple[RoleObservation, ...], decision: Decision, spec: RolloutSpec, steady_first: bool
+    state: tuple[RoleObservation, ...], decision: Decision, spec: RolloutSpec, order: _Order
 ) -> str | None:
     """Why the plan after `decision` would stall (None when it reaches the end). Decisions depend
     only on the all-ready state, so this dry run is exactly the future plan of that order.
@@ -279,7 +304,7 @@ def _stall_ahead(
     ahead = decision
     while ahead.kind == "step" and steps <= _MAX_LOOKAHEAD:
         state = tuple(applied(r, ahead.roles[r.name]) for r in state)
-        ahead = _plan_step(state, spec, steady_first)
+        ahead = _plan_step(state, spec, order)
         steps += 1
     if ahead.kind == "blocked":
         return f"{ahead.reason} (the plan would stall after {steps} more step(s))"
@@ -312,10 +337,9 @@ _Candidate = tuple[tuple[bool, bool, int, Fraction, int], list[int], list[int]]
 
 @functools.lru_cache(maxsize=1024)
 def _plan_step(
-    roles: tuple[RoleObservation, ...], spec: RolloutSpec, steady_first: bool = True, rank: int = 0
+    roles: tuple[RoleObservation, ...], spec: RolloutSpec, order: _Order = _STEADY_FIRST, rank: int = 0
 ) -> Decision:
-    """The next step from a state where every group is ready (no lookahead). `steady_first` ranks
-    steps that bring an off-ratio old cohort back onto the ratio above those that move the most;
+    """The next step from a state where every group is ready (no lookahead), ranked by `order`;
     `rank` > 0 asks for the step that many places below the best. Cached: callers must not mutate
     the returned decision."""
     hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
@@ -342,8 +366,10 @@ def _plan_step(
     kv = [r for r in roles if r.type in ("prefill", "decode")]
     per_role = [_options(r, spec) for r in kv]
     is_p = [r.type == "prefill" for r in kv]
-    # An old cohort already off the ratio (a hand scale-down of an LWS, for instance) may only
-    # move towards it; without this, no step would be allowed and the rollout would wedge.
+    # An old cohort already off the ratio (a hand scale-down of an LWS, a scale-up that tightened
+    # the tolerance mid-rollout) may not move further off it; without this, no step would be
+    # allowed and the rollout would wedge. Staying as far off is allowed: surge groups can then
+    # build up before the old cohort moves.
     old_now = deviation(
         sum(r.partition for r in kv if r.type == "prefill"),
         sum(r.partition for r in kv if r.type == "decode"),
@@ -356,10 +382,14 @@ def _plan_step(
         combos = 1
         for opts in per_role:
             combos *= max(1, len(opts))
-        if combos <= _MAX_COMBINATIONS:
-            choices = itertools.product(*per_role)
-        elif not layered and (merged := _per_type_choices(per_role, is_p)) is not None:
+        # The best step by totals is as good as the product's; the product still serves the ranks
+        # below it, where steps that tie on every count (the interrupted one among them) differ.
+        by_totals = not layered and (combos > _MAX_COMBINATIONS or (not rank and combos > _SMALL_PRODUCT))
+        merged = _per_type_choices(per_role, is_p) if by_totals else None
+        if merged is not None:
             choices = merged
+        elif combos <= _MAX_COMBINATIONS:
+            choices = itertools.product(*per_role)
         else:
             return Decision(
                 "blocked",
@@ -377,7 +407,7 @@ def _plan_step(
         steady = tol is None or on_ratio(old_p, old_d, spec.ratio_p, spec.ratio_d, tol)
         if not steady:
             dev_after = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d)
-            if dev_after is None or (old_now is not None and dev_after >= old_now):
+            if dev_after is None or (old_now is not None and dev_after > old_now):
                 continue
         p_opts = [o for o, p in zip(choice, is_p, strict=True) if p]
         d_opts = [o for o, p in zip(choice, is_p, strict=True) if not p]
@@ -390,11 +420,15 @@ def _plan_step(
         dev = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d) or Fraction(0)
         # With several old revisions (a new spec mid-rollout) the proxy pairs within each of them:
         # prefer steps that leave none of them further off the ratio than it is.
-        kept = not layered or _no_worse(before, _revision_cohorts(kv, [o.old for o in choice]), spec, tol)
+        kept = (
+            not layered
+            or not order.keep_revisions
+            or _no_worse(before, _revision_cohorts(kv, [o.old for o in choice]), spec, tol)
+        )
         # An old cohort off the ratio (a controller killed between the writes of one step, a hand
         # scale-down) goes back onto it first, before moving the most: the step that does is usually
         # the interrupted one, completed.
-        key = (kept, steady and steady_first, m, -dev, new[0] + new[1])
+        key = (kept, steady and order.steady_first, m, -dev, new[0] + new[1])
         if rank or best is None or key > best[0]:
             news_p, news_d = iter(_split(new[0], p_opts)), iter(_split(new[1], d_opts))
             news = [next(news_p) if p else next(news_d) for p in is_p]
@@ -595,6 +629,9 @@ def _auto_tolerance(observed: tuple[RoleObservation, ...], spec: RolloutSpec) ->
     if first.kind != "blocked" or first.reason.startswith(TOO_LARGE):
         # The common case; or a search too large at any tolerance, which next_step reports.
         return 0.0
+    if first.reason.startswith("cannot progress: role "):
+        # A role's budgets both resolve to 0 groups (`_why_stuck`): no tolerance makes a step.
+        return 1.0
     p_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "prefill")
     d_max = sum(r.desired + r.surge + 1 for r in observed if r.type == "decode")
     rp, rd = spec.ratio_p, spec.ratio_d
@@ -604,7 +641,10 @@ def _auto_tolerance(observed: tuple[RoleObservation, ...], spec: RolloutSpec) ->
     # plan can tell apart, and made the set ~10^8 floats (GBs) for 10000-group roles.
     p_top, d_top = min(p_max, _MAX_CANDIDATE_SIDE), min(d_max, _MAX_CANDIDATE_SIDE)
     cands = {abs(p * rd - d * rp) / (d * rp) for p in range(1, p_top + 2) for d in range(1, d_top + 2)}
-    ordered = sorted(c for c in cands if 0 < c <= 1) or [0.0]
+    # The planner never enforces less than the desired replicas' own deviation (`effective_tolerance`),
+    # so candidates at or below it plan as tolerance 0 did.
+    floor = effective_tolerance(observed, replace(spec, tolerance=0.0)) or 0
+    ordered = sorted(c for c in cands if floor < c <= 1) or [0.0]
     # Feasibility is nearly monotone in the tolerance: try the smallest few in order (the exact
     # answer in practice), then bisect the rest, so a hopeless state costs ~50 plans, not ~10^6.
     for t in ordered[:_ORDERED_TRIES]:

@@ -169,3 +169,20 @@ def test_spec_diff_shows_only_what_changes() -> None:
     changed = [line for line in diff.splitlines()[2:] if line[:1] in "+-"]
     assert changed == ["-  tag: v2", "+  tag: v1"]  # key order does not count as a change
     assert commands.spec_diff(before, before) == ""
+
+
+def test_the_header_says_when_the_enforced_tolerance_is_wider_than_the_declared(capsys: Any) -> None:
+    # 2 prefills and 1 decode are far off a declared 1:1000 ratio: the planner holds cohorts
+    # within the replicas' own deviation (1999), not within the declared 1.
+    doc = _doc(2, 1)
+    doc["spec"]["ratio"] = {"prefill": 1, "decode": 1000, "tolerance": 1}
+    sg = ServingGroup.model_validate(doc)
+    spec = commands.rollout_spec(sg)
+    start = initial_state([(r.name, r.type.value, r.replicas) for r in sg.spec.roles if r.type in KV_TYPES])
+    commands._print_plan(sg, spec, False, start, 1)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "tolerance 1 (enforced: 1999, the desired replicas' own deviation)" in header, header
+    doc["spec"]["ratio"] = {"prefill": 2, "decode": 1, "tolerance": 0.5}
+    sg = ServingGroup.model_validate(doc)
+    commands._print_plan(sg, commands.rollout_spec(sg), False, start, 1)
+    assert "enforced" not in capsys.readouterr().out.splitlines()[0]

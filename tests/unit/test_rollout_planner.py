@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdorch.rollout import planner
-from pdorch.rollout.planner import auto_tolerance, initial_state, next_step, simulate
-from pdorch.rollout.state import RoleObservation, RolloutSpec, Snapshot, resolve_int_or_percent
+from pdorch.rollout.planner import applied, auto_tolerance, initial_state, next_step, simulate
+from pdorch.rollout.state import RoleObservation, RolloutSpec, Snapshot, deviation, resolve_int_or_percent
 
 pytestmark = pytest.mark.unit
 
@@ -496,12 +496,12 @@ def test_the_per_type_search_finds_a_step_as_good_as_the_full_product(
 
     def plan(state, forced: bool):
         planner.clear_caches()
-        original = planner._MAX_COMBINATIONS
-        planner._MAX_COMBINATIONS = 1 if forced else original
+        original = planner._SMALL_PRODUCT
+        planner._SMALL_PRODUCT = 0 if forced else 10**9
         try:
             return planner._plan_step(tuple(state), spec)
         finally:
-            planner._MAX_COMBINATIONS = original
+            planner._SMALL_PRODUCT = original
             planner.clear_caches()
 
     state = initial_state(roles)
@@ -646,3 +646,46 @@ def test_any_step_whose_writes_were_interrupted_is_completed_on_ratio(
     """As above, for random ratios, sizes, budgets and tolerances (worker roles included)."""
     spec, roles, _ = scenario
     _check_completes_on_ratio(replace(spec, tolerance=auto_tolerance(initial_state(roles), spec)), roles)
+
+
+def _ready(name: str, typ: str, desired: int, replicas: int, partition: int, layers=()) -> RoleObservation:
+    old, new = partition, replicas - partition
+    return RoleObservation(name, typ, desired, old, new, old, new, partition, replicas - desired, layers)
+
+
+def test_an_old_cohort_tightened_off_the_ratio_may_stay_as_far_off_while_surge_builds() -> None:
+    """A 3:1 rollout from 3P/1D (automatic tolerance 1/3) two steps in, old cohort 2P:1D; the scaler
+    then asks for 9P/3D, whose automatic tolerance is 0. No step brings the old cohort closer at
+    once, but surge groups can build while it stays 2:1: the rollout goes on instead of stalling."""
+    spec = RolloutSpec(3, 1, None, "50%", "25%")
+    state = [_ready("prefill", "prefill", 9, 5, 2), _ready("decode", "decode", 3, 2, 1)]
+    spec = replace(
+        spec, tolerance=auto_tolerance(initial_state([("p", "prefill", 9), ("d", "decode", 3)]), spec)
+    )
+    assert spec.tolerance == 0.0
+    decision = next_step(state, spec)
+    assert decision.kind == "step", decision.reason
+    snaps = simulate(spec, state, lambda _n, _i, _t: 0)
+    assert snaps[-1].decision.kind == "done"
+    for s in snaps:  # the old cohort never gets further off than 2:1
+        old_p, old_d = s.old_cohort
+        dev = deviation(old_p, old_d, 3, 1)
+        assert (old_p, old_d) == (0, 0) or (dev is not None and dev <= Fraction(1, 3)), s
+
+
+def test_a_third_revision_mid_rollout_finishes_when_keeping_each_revision_on_ratio_stalls() -> None:
+    """A 6P/4D 3:2 rollout A->B two steps in gets a new template C: every group is old, on A and B.
+    No plan keeps both A and B from drifting off the ratio, so the old side is planned as one."""
+    spec = RolloutSpec(3, 2, 1 / 9, "25%", "25%")
+    state = [
+        _ready("prefill", "prefill", 6, 8, 8, (("A", 3), ("B", 5))),
+        _ready("decode", "decode", 4, 5, 5, (("A", 2), ("B", 3))),
+    ]
+    decision = next_step(state, spec)
+    assert decision.kind == "step", decision.reason
+    for _ in range(20):
+        state = [applied(r, decision.roles[r.name]) for r in state]
+        decision = next_step(state, spec)
+        if decision.kind != "step":
+            break
+    assert decision.kind == "done", decision.reason
