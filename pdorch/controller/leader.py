@@ -24,6 +24,9 @@ from pdorch.controller.kubeapi import LEASE, ApiError, KubeApi, NotLeader, Resou
 log = logging.getLogger(__name__)
 
 LOST_LEASE_EXIT = 1  # exit code of a replica that lost its Lease (it restarts as a standby)
+# A release on graceful shutdown is a courtesy (the Lease expires anyway): it must not eat the
+# termination grace period when the apiserver does not answer.
+RELEASE_TIMEOUT_S = 5.0
 
 IS_LEADER = Gauge("leader_election_master_status", "1 if this replica leads, else 0.", ["name"])
 
@@ -62,6 +65,9 @@ class LeaseElector:
         self._observed_record: tuple[Any, ...] | None = None
         self._observed_at = 0.0
         self._last_renew = 0.0
+        # Whether the last read of the Lease showed another holder (a leader that sees one was
+        # superseded, e.g. its Lease was deleted and a standby created it).
+        self._other_holds = False
 
     def _spec(self, transitions: int, acquire_time: str | None) -> dict[str, Any]:
         now = _now()
@@ -75,6 +81,7 @@ class LeaseElector:
 
     async def _try_acquire_or_renew(self) -> bool:
         lease = await self.api.get(LEASE, self.name, self.namespace)
+        self._other_holds = False
         if lease is None:
             try:
                 await self.api.create(
@@ -99,6 +106,7 @@ class LeaseElector:
         duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
         held_by_other = holder not in ("", self.identity)
         if held_by_other and mono - self._observed_at < duration:
+            self._other_holds = True
             return False
         transitions = int(spec.get("leaseTransitions") or 0)
         acquire = spec.get("acquireTime") if holder == self.identity else None
@@ -118,8 +126,11 @@ class LeaseElector:
         IS_LEADER.labels(self.name).set(0)
         while not self.is_leader.is_set():
             try:
+                # A renewal counts from when it was sent: the others' lease clocks start when it
+                # committed, which may be long before its answer arrived.
+                sent = time.monotonic()
                 if await self._try_acquire_or_renew():
-                    self._last_renew = time.monotonic()
+                    self._last_renew = sent
                     self.is_leader.set()
                     IS_LEADER.labels(self.name).set(1)
                     log.info("became leader of lease %s/%s as %s", self.namespace, self.name, self.identity)
@@ -129,6 +140,7 @@ class LeaseElector:
             await asyncio.sleep(self.retry_period)
         while True:
             await asyncio.sleep(self.retry_period)
+            sent = time.monotonic()
             try:
                 async with asyncio.timeout(self.renew_deadline):  # wait_for may eat a cancel (3.11)
                     ok = await self._try_acquire_or_renew()
@@ -136,9 +148,15 @@ class LeaseElector:
                 log.warning("lease renew failed: %r", e)
                 ok = False
             if ok:
-                self._last_renew = time.monotonic()
-            elif time.monotonic() - self._last_renew > self.renew_deadline:
-                log.error("lost leadership of %s/%s", self.namespace, self.name)
+                self._last_renew = sent
+            elif self._other_holds or time.monotonic() - self._last_renew > self.renew_deadline:
+                # Another holder on the Lease: it leads from now on, whatever our deadline says.
+                log.error(
+                    "lost leadership of %s/%s%s",
+                    self.namespace,
+                    self.name,
+                    f" to {self._observed_record[0]}" if self._other_holds and self._observed_record else "",
+                )
                 IS_LEADER.labels(self.name).set(0)
                 self.is_leader.clear()
                 self.lost.set()
@@ -167,13 +185,14 @@ class LeaseElector:
         if not self.is_leader.is_set():
             return
         try:
-            lease = await self.api.get(LEASE, self.name, self.namespace)
-            if lease and (lease.get("spec") or {}).get("holderIdentity") == self.identity:
-                lease["spec"]["holderIdentity"] = ""
-                lease["spec"]["leaseDurationSeconds"] = 1
-                lease["spec"]["renewTime"] = _now()
-                await self.api.replace(lease)
-                log.info("released lease %s/%s", self.namespace, self.name)
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                lease = await self.api.get(LEASE, self.name, self.namespace)
+                if lease and (lease.get("spec") or {}).get("holderIdentity") == self.identity:
+                    lease["spec"]["holderIdentity"] = ""
+                    lease["spec"]["leaseDurationSeconds"] = 1
+                    lease["spec"]["renewTime"] = _now()
+                    await self.api.replace(lease)
+                    log.info("released lease %s/%s", self.namespace, self.name)
         except Exception as e:
             log.warning("could not release lease: %r", e)
         finally:

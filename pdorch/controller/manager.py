@@ -33,6 +33,7 @@ from pdorch.roles.render import RenderOptions
 log = logging.getLogger(__name__)
 
 CANCEL_WAIT_S = 5.0  # how long shutdown waits for cancelled watches and workers to unwind
+CACHE_SYNC_S = 120.0  # how long a starting controller waits for its first lists
 QUEUE_DEPTH = Gauge("workqueue_depth", "Keys waiting in the work queue.", ["name"])
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
@@ -154,9 +155,11 @@ class Controller:
             except asyncio.CancelledError:
                 raise
             except NotLeader as e:
-                # Not retried: the replica that now holds the Lease reconciles it, and the elector
-                # is about to notice the loss and stop this one.
-                log.warning("reconcile %s stopped: %s", key, e)
+                # Retried like any failure: a replica frozen past its renew deadline may renew
+                # again and stay leader, and a key dropped here would wait for the next resync. If
+                # the Lease is lost, the queue shuts down without draining and drops it.
+                log.warning("reconcile %s stopped (retrying with backoff): %s", key, e)
+                self.queue.add_rate_limited(key)
             except Exception as e:
                 log.warning("reconcile %s failed (retrying with backoff): %r", key, e)
                 self.queue.add_rate_limited(key)
@@ -171,6 +174,29 @@ class Controller:
                 self.queue.add(k)
 
     # ------------------------------------------------------------------ lifecycle
+    async def _wait_synced(self) -> None:
+        """Wait until every informer listed its objects, or until stopped (SIGTERM stays prompt)."""
+        informers = [self.groups, *self.children.values(), self.pods]
+        synced = asyncio.ensure_future(asyncio.gather(*(inf.synced.wait() for inf in informers)))
+        stop_wait = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({synced, stop_wait}, timeout=CACHE_SYNC_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+            synced.cancel()
+            await asyncio.gather(stop_wait, synced, return_exceptions=True)  # retrieve the cancels
+        if self._stopping.is_set():
+            return
+        missing = [inf.res.plural for inf in informers if not inf.synced.is_set()]
+        if missing:
+            raise CliError(
+                f"could not list {', '.join(missing)} within {CACHE_SYNC_S:.0f}s",
+                "check that the apiserver answers, that the pdorch CRDs and LeaderWorkerSet are "
+                "installed, and that this ServiceAccount may list and watch them (see the warnings above)",
+            )
+        self._ready = True
+        log.info("caches synced (%d ServingGroups)", len(self.groups.store))
+
     def stop(self) -> None:
         """Ask the controller to shut down gracefully."""
         self._stopping.set()
@@ -190,15 +216,10 @@ class Controller:
         elector_task: asyncio.Task[None] | None = None
         code = 0
         try:
-            await asyncio.wait_for(
-                asyncio.gather(
-                    *(inf.synced.wait() for inf in [self.groups, *self.children.values(), self.pods])
-                ),
-                timeout=120,
-            )
-            self._ready = True
-            log.info("caches synced (%d ServingGroups)", len(self.groups.store))
-            if self.elector is not None:
+            await self._wait_synced()
+            if self._stopping.is_set():
+                pass  # SIGTERM before the caches synced: nothing to drain or release
+            elif self.elector is not None:
                 elector_task = asyncio.create_task(self.elector.run(), name="leader-election")
                 stop_wait = asyncio.create_task(self._stopping.wait())
                 lead_wait = asyncio.create_task(self.elector.is_leader.wait())

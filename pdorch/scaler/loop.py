@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from pdorch.api.scaler import KIND as SCALER_KIND
 from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, ScalingMode, ServingGroup
 from pdorch.controller.events import EventRecorder
-from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi
+from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi, NotLeader
 from pdorch.controller.leader import LOST_LEASE_EXIT, LeaseElector, default_identity
 from pdorch.controller.status import now_rfc3339
 from pdorch.proxy.discovery import endpoints_from_pods
@@ -302,6 +302,10 @@ class BuiltinScaler:
                 continue
             try:
                 await self._cancel_drain(ns, group, role, st)
+            except NotLeader:
+                # The Lease is lost: the new leader reads the marks and owns the drains now.
+                log.info("drains left to the replica that leads now")
+                return
             except ApiError as e:
                 log.warning("%s/%s-%s: could not cancel the drain: %s", ns, group, role, e)
                 continue
@@ -766,6 +770,10 @@ async def _run_elected(api: KubeApi, cfg: ScalerConfig, source: MetricsSource, s
                 t.cancel()
         if elector.lost.is_set():
             return LOST_LEASE_EXIT
+        # Stop renewing first: a renewal racing the release could make it fail (409).
+        elector_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await elector_task
         await elector.release()
         return 0
     finally:

@@ -9,6 +9,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -17,7 +19,8 @@ from lightkube import Client
 
 from pdorch.devcluster.cluster import ClusterState, DevCluster
 from pdorch.devcluster.controller_process import ControllerProc
-from pdorch.devcluster.waiting import wait_for
+from pdorch.devcluster.process import free_port
+from pdorch.devcluster.waiting import wait_for, wait_http_ok
 from tests.integration.test_controller import LWS, SG, _light_group, condition, update_spec
 
 pytestmark = pytest.mark.integration
@@ -136,3 +139,41 @@ def test_sigkill_of_the_controller_at_random_points_of_create_and_scale(
         )
     print("controller SIGKILLs:", json.dumps({"groups": len(names), "kills": kills}))
     assert kills >= 20
+
+
+def test_sigterm_before_the_caches_sync_stops_at_once(tmp_path: Any) -> None:
+    """An apiserver that never answers: the controller keeps retrying its lists, and a SIGTERM then
+    ends it cleanly (exit 0), not after the 120 s sync timeout with a traceback."""
+    kubeconfig = tmp_path / "dead.kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "dead", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "dead", "user": "u"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    port = free_port()
+    log = tmp_path / "controller.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pdorch.cli", "controller", "--kubeconfig", str(kubeconfig),
+             "--no-leader-elect", "--health-addr", f"127.0.0.1:{port}"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            wait_http_ok(
+                f"http://127.0.0.1:{port}/healthz", 30, lambda: None if proc.poll() is None else "exited"
+            )
+            time.sleep(1)  # its informers are retrying their first lists
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert "Traceback" not in log.read_text()
