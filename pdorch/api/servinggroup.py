@@ -155,9 +155,11 @@ class Scaling(ApiModel):
 
     mode: ScalingMode = enum_field(ScalingMode.STATIC)
     """Static (roles[].replicas), External (HPA/KEDA on ServingRoleScaler) or Builtin (SLO autoscaler)."""
-    min_replicas: int | None = Field(None, ge=0)
+    # The bounds stop where roles[].replicas and ServingRoleScaler.spec.replicas do: a bound above
+    # it would let an HPA aim at a size /scale refuses.
+    min_replicas: int | None = Field(None, ge=0, le=10000)
     """Lower bound for External/Builtin scaling."""
-    max_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=0, le=10000)
     """Upper bound for External/Builtin scaling (required for Builtin)."""
     targets: ScalingTargets | None = None
     """SLO targets for Builtin: ttftMs for prefill roles, tpotMs for decode roles."""
@@ -264,6 +266,14 @@ class Role(ApiModel):
             "with); e.g. use prefill-a, not prefill-0",
             check=lambda r: re.fullmatch(_NUMBERED_NAME, r.name) is None,
             field_path=".name",
+        ),
+        CelRule(
+            # SGLang's prefill server and its KV bootstrap server cannot both bind one port.
+            rule="!has(self.bootstrapPort) || self.bootstrapPort != self.port",
+            message="roles[].bootstrapPort must differ from roles[].port (the SGLang prefill server and "
+            "its KV bootstrap server each listen on their own port)",
+            check=lambda r: r.bootstrap_port is None or r.bootstrap_port != r.port,
+            field_path=".bootstrapPort",
         ),
         CelRule(
             rule=_SUB_GROUPS_CEL,

@@ -52,6 +52,14 @@ def _two_proxies(doc: dict[str, Any]) -> None:
     doc["spec"]["roles"].append({"name": "proxy2", "type": "proxy", "replicas": 1})
 
 
+def _sglang_bootstrap_on(port: int) -> Edit:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["spec"]["engine"] = {"name": "sglang"}
+        role(doc, "prefill")["bootstrapPort"] = port
+
+    return edit
+
+
 def _scaling(name: str, **scaling: Any) -> Edit:
     def edit(doc: dict[str, Any]) -> None:
         role(doc, name)["scaling"] = scaling
@@ -86,6 +94,8 @@ REFUSED: list[tuple[str, Edit, str]] = [
     ("router-without-proxy", _drop("proxy"), "add a role of type proxy"),
     # LWS's own `<group>-<role>-<index>` names (role decode's group 2) would clash with it.
     ("role-name-numbered", lambda d: role(d, "decode").__setitem__("name", "prefill-2"), "-<digits>"),
+    ("bootstrap-port-is-the-port", _sglang_bootstrap_on(8000), "must differ from roles[].port"),
+    ("max-replicas-beyond-scale", _scaling("decode", mode="External", maxReplicas=10001), "maxReplicas"),
     ("two-proxy-roles", _two_proxies, "at most one role of type proxy"),
     ("size-zero", lambda d: role(d, "prefill").__setitem__("size", 0), "size"),
     ("negative-replicas", lambda d: role(d, "decode").__setitem__("replicas", -1), "replicas"),

@@ -227,3 +227,13 @@ def test_router_needs_a_proxy_role() -> None:
     assert any("spec.router" in p and "add a role of type proxy" in p for p in _problems(doc))
     doc["spec"].pop("router")
     assert _problems(doc) == []
+
+
+def test_an_sglang_bootstrap_port_must_not_be_the_server_port() -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["engine"] = {"name": "sglang"}
+    prefill = next(r for r in doc["spec"]["roles"] if r["type"] == "prefill")
+    prefill["bootstrapPort"] = 8000
+    assert any("must differ from roles[].port" in p for p in _problems(doc))
+    prefill["bootstrapPort"] = 8998
+    assert _problems(doc) == []
