@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +23,9 @@ from prometheus_client import Counter
 from pdorch.controller.kubeapi import ApiError, KubeApi, Resource
 
 log = logging.getLogger(__name__)
+
+# A watch that ends cleanly sooner than this is retried with backoff, not at once.
+_SHORT_WATCH_S = 1.0
 
 Obj = dict[str, Any]
 Handler = Callable[[str, Obj], None]  # (event type ADDED|MODIFIED|DELETED, object)
@@ -193,8 +197,15 @@ class Informer:
                 if need_list:
                     await self._relist(reason)
                     need_list = False
+                started = time.monotonic()
                 await self._watch_once()
-                delay = 0.5
+                if time.monotonic() - started >= _SHORT_WATCH_S:
+                    delay = 0.5
+                else:
+                    # A watch that ends cleanly at once, again and again (a proxy or server closing
+                    # it), must not turn into a busy loop of watch requests.
+                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, 30.0)
             except _Expired:
                 need_list, reason = True, "expired"
             except Exception as e:  # CancelledError is not an Exception: cancelling still stops us
