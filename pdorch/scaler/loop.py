@@ -148,6 +148,9 @@ class RoleState:
     drain_started_wall: float = 0.0  # the same instant in Unix time, to compare with scrape times
     drain_idle: bool = False  # the victims were idle at the last drain check
     drain_reason: str = ""
+    # The cooldown as it was before this tick's decision: a scale-up whose write is refused did
+    # not change anything, so its cooldown must not hold the next one back.
+    cooldown_before: tuple[float | None, int] = (None, 0)
 
     def read(
         self,
@@ -456,6 +459,7 @@ class BuiltinScaler:
         RECOMMENDED.labels(ns, group, role.name).set(rec.replicas)
         self._raw[key] = rec.replicas
         base = st.draining_to if st.draining_to is not None else current
+        st.cooldown_before = (st.damping.last_change_s, st.damping.last_direction)
         d = damp(
             st.damping,
             damping_config(role),
@@ -487,8 +491,8 @@ class BuiltinScaler:
                 ns, pods if st.draining_to is not None else [p for p in pods if _group_index(p) < current]
             )
             st.draining_to = None
-            if target > current:
-                await self._write(ns, group, role, srs, current, target, reason)
+            if target > current and not await self._write(ns, group, role, srs, current, target, reason):
+                st.damping.last_change_s, st.damping.last_direction = st.cooldown_before
             return
         # Groups above the desired size that this scaler did not mark are a rollout's surge: LWS
         # will not remove the groups at or above `target` then (the planner decides which go), so

@@ -55,16 +55,10 @@ def total(samples: Sequence[EngineSample]) -> EngineSample:
     )
 
 
-def _delta(new: float, old: float) -> float:
-    # A counter that went down means the pod restarted: count from 0.
-    return new - old if new >= old else new
-
-
 def _restarted(old: EngineSample, new: EngineSample) -> bool:
-    """Whether the engine restarted between the two samples (a counter went down)."""
-    return (
-        new.requests_total < old.requests_total or new.generation_tokens_total < old.generation_tokens_total
-    )
+    """Whether the engine restarted between the two samples: any of its counters went down (then
+    every counter counts from 0, so a sum and its count stay in step)."""
+    return any(getattr(new, f) < getattr(old, f) for f in _COUNTER_FIELDS)
 
 
 _COUNTER_FIELDS = (
@@ -111,12 +105,13 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
         if old is None:
             continue
         span = _span(old, new, window_s)
+        restarted = _restarted(old, new)
         for f in _COUNTER_FIELDS:
-            rates[f] += _delta(getattr(new, f), getattr(old, f)) / span
+            rates[f] += (getattr(new, f) - (0 if restarted else getattr(old, f))) / span
         # Arrivals = finished + growth of what is in the engines; completions alone would hide an
         # overload (the queue grows while the finish rate stays at capacity). After a restart the
         # old in-flight requests were lost, not finished: all of today's arrived since.
-        before = 0 if _restarted(old, new) else old.running + old.waiting
+        before = 0 if restarted else old.running + old.waiting
         in_flight_growth += (new.running + new.waiting - before) / span
     now = total(cur)
     reported = [s.kv_capacity_tokens for s in cur if s.kv_capacity_tokens > 0]

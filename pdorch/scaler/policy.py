@@ -132,9 +132,12 @@ def prefill_replicas(
     """
     n = load.mean_prompt_tokens
     if (load.request_rate <= 0 and rise <= 0) or n <= 0:
-        if load.waiting > 0:
+        if load.waiting > 0 or load.running > 0 or load.request_rate > 0:
+            # Work in the engines but no prompt length to price it yet (nothing finished since
+            # this scaler started): keep what serves it.
             return Recommendation(
-                max(load.ready_replicas, 1), f"{load.waiting:.0f} queued, no finished requests yet"
+                max(load.ready_replicas, 1),
+                f"{load.running + load.waiting:.0f} in the engines, no finished requests yet",
             )
         return Recommendation(0, "no prefill load")
     service = prefill_service_s(c, n)

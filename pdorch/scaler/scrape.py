@@ -63,6 +63,9 @@ _SGLANG_GAUGES = {
     "sglang:num_decode_prealloc_queue_reqs": "waiting",
     "sglang:num_decode_transfer_queue_reqs": "waiting",
     "sglang:num_prefill_bootstrap_queue_reqs": "held",
+    # Many SGLang releases name the prefill's bootstrap queue gauge this way (held only counts as
+    # busy or not, so a release exporting both is not double-counted where it matters).
+    "sglang:num_prefill_prealloc_queue_reqs": "held",
     "sglang:num_prefill_inflight_queue_reqs": "held",
     "sglang:token_usage": "kv_usage",
 }

@@ -278,6 +278,26 @@ def test_an_sglang_decodes_own_queues_are_waiting_requests() -> None:
     assert s.held == 9
 
 
+def test_an_sglang_prefills_bootstrap_queue_under_its_older_name_is_held_work() -> None:
+    """Many SGLang releases name the prefill's bootstrap queue num_prefill_prealloc_queue_reqs: a
+    prefill with requests there still waits on its decodes, so it is not drained."""
+    s = parse_engine_metrics('sglang:num_prefill_prealloc_queue_reqs{model_name="m"} 7\n')
+    assert (s.held, s.running, s.waiting) == (7, 0, 0)
+
+
+def test_a_restart_resets_every_counter_even_those_that_grew_past_their_old_value() -> None:
+    """A container restarted in place (same pod IP): the prompt-token sum went down, the request
+    count did not. Differencing one and not the other read 13 req/s of 12,000-token prompts
+    instead of 80 req/s of 2,000."""
+    old = EngineSample(engine="vllm", requests_total=1000, generation_tokens_total=1000,
+                       finished_prompt_tokens=10_000_000, finished_output_tokens=1000, finished_lengths_count=1000)  # fmt: skip
+    new = EngineSample(engine="vllm", requests_total=1200, generation_tokens_total=1200,
+                       finished_prompt_tokens=2_400_000, finished_output_tokens=1200, finished_lengths_count=1200)  # fmt: skip
+    load = role_load([old], [new], 15.0)
+    assert load.request_rate == pytest.approx(80.0)
+    assert load.mean_prompt_tokens == pytest.approx(2000.0)
+
+
 def test_an_older_sglangs_per_token_latency_name_is_read() -> None:
     text = (
         "# TYPE sglang:time_per_output_token_seconds histogram\n"

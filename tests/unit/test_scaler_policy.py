@@ -306,3 +306,17 @@ def test_decode_backlog_counts_by_lifetime_not_one_slot_each() -> None:
     slots = 900 * (100 * 0.05 / 30)
     assert rec.replicas == math.ceil((slots + 2.33 * math.sqrt(2 * slots)) / per - 1e-9)
     assert rec.replicas < 900 / per
+
+
+def test_prefill_work_without_a_known_prompt_length_keeps_the_replicas() -> None:
+    """Right after the scaler starts nothing may have finished yet: requests run and arrive, but
+    there is no prompt length to price them. That is not "no load"."""
+    from pdorch.scaler.observe import RoleLoad
+
+    for load in (
+        RoleLoad(ready_replicas=4, window_s=15.0, request_rate=3.0, running=12),
+        RoleLoad(ready_replicas=4, window_s=15.0, running=5),
+        RoleLoad(ready_replicas=4, window_s=15.0, request_rate=2.0),
+    ):
+        assert prefill_replicas(load, DIST, 1.0).replicas == 4, load
+    assert prefill_replicas(RoleLoad(ready_replicas=4, window_s=15.0), DIST, 1.0).replicas == 0
