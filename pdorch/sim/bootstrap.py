@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 
 RoomKey = tuple[str, int, int]
+DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port default
 ROOM_RETENTION_S = 120.0  # SGLang's bootstrap entry cleanup interval
 # A room a remote decode (over the WebSocket rendezvous) opened that no prefill ever claimed (its
 # prefill failed upstream, or never came) is forgotten this long after the decode's own wait ends, or
@@ -210,7 +211,7 @@ def is_local(host: str, port: int) -> bool:
     return (host, port) in _LOCAL_SERVERS or ("0.0.0.0", port) in _LOCAL_SERVERS
 
 
-def parse_key(body: dict[str, Any]) -> RoomKey | None:
+def parse_key(body: dict[str, Any], default_port: int = DEFAULT_BOOTSTRAP_PORT) -> RoomKey | None:
     """The room key of a request, None if it carries no bootstrap fields; ValueError if malformed."""
     host, port, room = body.get("bootstrap_host"), body.get("bootstrap_port"), body.get("bootstrap_room")
     if host is None and room is None:
@@ -222,7 +223,9 @@ def parse_key(body: dict[str, Any]) -> RoomKey | None:
     if isinstance(room, bool) or not isinstance(room, int) or room < 0:
         raise ValueError("bootstrap_room must be a non-negative integer")
     host = host.strip("[]")  # IPv6 literals arrive bracketed
-    return (host, port if port is not None else 0, room)
+    # A prefill registered without a bootstrap port (sglang-router's `--prefill URL none`) sends
+    # null: SGLang then uses the server's own disaggregation bootstrap port.
+    return (host, port if port is not None else default_port, room)
 
 
 class _Outbox:

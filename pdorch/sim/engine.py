@@ -94,6 +94,9 @@ class Seq:
     itls: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     kv_task: asyncio.Task[None] | None = None
+    # Called when the sequence ends before its KV transfer started (aborted while waiting for
+    # admission): the remote blocks it would have read are given back.
+    kv_abandoned: Callable[[], None] | None = None
 
     @property
     def context_tokens(self) -> int:
@@ -208,6 +211,7 @@ class Engine:
             block_size=c.block_size,
             bootstrap_queue=self.bootstrap_waiting,
             transfer_queue=self.transfer_waiting,
+            queued=len(self._waiting),
         )
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -249,6 +253,8 @@ class Engine:
         self._transfer.discard(seq)
         if seq.kv_task is not None and not seq.kv_task.done():
             seq.kv_task.cancel()
+        elif seq.kv_task is None and seq.kv_abandoned is not None:
+            seq.kv_abandoned()
         seq.keep_kv = False
         self._finish(seq, "abort", time.monotonic())
 

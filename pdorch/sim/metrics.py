@@ -43,6 +43,9 @@ class EngineSnapshot:
     block_size: int
     bootstrap_queue: int = 0  # SGLang prefill waiting for its decode
     transfer_queue: int = 0  # decode waiting for KV
+    # The scheduler's own waiting queue, without the requests waiting for remote KV (which `waiting`
+    # includes, as vLLM counts them): SGLang's num_queue_reqs. None: same as `waiting`.
+    queued: int | None = None
 
 
 @dataclass(frozen=True)
@@ -311,7 +314,11 @@ class SglangMetrics(EngineMetrics):
         labels = ["model_name", "engine_type"]
         for name, doc, value in (
             ("sglang:num_running_reqs", "The number of running requests.", s.running),
-            ("sglang:num_queue_reqs", "The number of requests in the waiting queue.", s.waiting),
+            (
+                "sglang:num_queue_reqs",
+                "The number of requests in the waiting queue.",
+                s.waiting if s.queued is None else s.queued,
+            ),
             ("sglang:token_usage", "The token usage (KV cache fraction).", s.kv_usage),
             ("sglang:num_used_tokens", "The number of used tokens.", s.used_tokens),
             ("sglang:max_total_num_tokens", "Maximum total number of tokens in the KV pool.", s.max_tokens),

@@ -8,13 +8,24 @@ anything else is invalid and vLLM falls back to a local prefill.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
 
 if TYPE_CHECKING:
     from pdorch.sim.engine import Engine
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SIDE_CHANNEL_PORT = 5600  # VLLM_NIXL_SIDE_CHANNEL_PORT default
+# The side channel's path. vLLM's own runs over ZMQ; a simulated prefill in another process only
+# needs to hear "are these blocks still there" and "done with them" (vLLM's read-done and abort
+# notifications), so it answers plain HTTP on the port it advertises as remote_port.
+SIDE_CHANNEL_PATH = "/sim/nixl/{engine_id}/{lease_id}/{op}"
 REQUIRED_DECODE_FIELDS = (
     "remote_block_ids",
     "remote_engine_id",
@@ -85,3 +96,58 @@ def prefill_response_params(
         "remote_port": port,
         "tp_size": tp_size,
     }
+
+
+def side_channel_routes() -> list[web.RouteDef]:
+    """A prefill process's side channel: `check` (200 while the lease holds, 404 once it is gone)
+    and `release` (the decode read the blocks, or was aborted: free them now)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        engine = local_engine(request.match_info["engine_id"])
+        lease_id, op = request.match_info["lease_id"], request.match_info["op"]
+        if engine is None or op not in ("check", "release"):
+            return web.Response(status=404)
+        if op == "check":
+            return web.Response(status=200 if lease_id in engine.leases else 404)
+        return web.Response(status=200 if engine.release_lease(lease_id) else 404)
+
+    return [web.post(SIDE_CHANNEL_PATH, handle)]
+
+
+class SideChannelClient:
+    """A decode process's calls to the side channels of prefills in other processes."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def call(self, params: Mapping[str, Any], op: str) -> bool | None:
+        """`op` on the lease `params` name: True (200), False (404: gone), None (no answer: a
+        prefill that serves no side channel, whose lease then runs out on its own)."""
+        host = str(params["remote_host"])
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        path = SIDE_CHANNEL_PATH.format(
+            engine_id=params["remote_engine_id"], lease_id=params["remote_request_id"], op=op
+        )
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        try:
+            async with self._session.post(f"http://{host}:{params['remote_port']}{path}") as resp:
+                return resp.status == 200 if resp.status in (200, 404) else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("side channel %s:%s: %r", host, params["remote_port"], exc)
+            return None
+
+    def release_soon(self, params: Mapping[str, Any]) -> None:
+        """Release in the background (from a decode being cancelled, which cannot await)."""
+        task = asyncio.get_running_loop().create_task(self.call(params, "release"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Wait briefly for background releases, then close the session."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=2)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -142,7 +142,7 @@ def parse_request(body: Any, kind: Kind) -> GenRequest:
         prompt_ids=ids,
         max_tokens=max_tokens,
         stream=stream,
-        stream_options_given=options is not None,
+        stream_options_given=bool(options),  # vLLM tests truthiness: {} with stream false passes
         include_usage=include_usage,
         echo=kind == "completion" and _opt_bool(body, "echo"),
         min_tokens=min_tokens,
@@ -157,7 +157,8 @@ def output_plan(req: GenRequest, max_model_len: int) -> tuple[int, int | None]:
     """
     room = max(max_model_len - req.prompt_tokens, 1)
     if req.max_tokens is not None:
-        return min(req.max_tokens, room), None
+        # Not clamped: prompt + max_tokens beyond the context is the engine's 400 (`check_fits`).
+        return req.max_tokens, None
     natural = max(tokens.natural_length(req.seed), req.min_tokens)
     if req.kind == "completion":
         return min(DEFAULT_COMPLETION_MAX_TOKENS, room), natural

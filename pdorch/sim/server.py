@@ -45,7 +45,7 @@ class SimServer:
         ports: Sequence[int] = (8000,),
         role: Role = Role.BOTH,
         roles: Mapping[str, Role] | None = None,
-        bootstrap_port: int | None = 8998,
+        bootstrap_port: int | None = bootstrap.DEFAULT_BOOTSTRAP_PORT,
         serve_bootstrap: bool | None = None,
         shutdown_timeout_s: float = 5.0,
     ) -> None:
@@ -63,6 +63,9 @@ class SimServer:
         self._runner: web.AppRunner | None = None
         self._bootstrap_runner: web.AppRunner | None = None
         self._rendezvous = bootstrap.RendezvousClient()
+        self.side_channel_port: int | None = None  # vLLM: where this process's NIXL side channel listens
+        self._side_runner: web.AppRunner | None = None
+        self._side_client = nixl.SideChannelClient()
 
     # -- engines -------------------------------------------------------------------------------------
 
@@ -111,13 +114,19 @@ class SimServer:
             middlewares.append(faults.middleware(self.config.faults, lambda r: self.engine_for(r).role.value))
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
         if self.config.protocol == "vllm":
-            app.add_routes(VllmFrontend(self.config, self.engine_for).routes())
+            front = VllmFrontend(
+                self.config, self.engine_for, self._side_client, lambda: self.side_channel_port
+            )
+            app.add_routes(front.routes())
         else:
             front = SglangFrontend(
                 self.config, self.engine_for, self._rendezvous, lambda: self.bootstrap_port
             )
             app.add_routes(front.routes())
         return app
+
+    def _may_prefill(self) -> bool:
+        return self.default_role is not Role.DECODE or any(r is not Role.DECODE for r in self.roles.values())
 
     def _needs_bootstrap(self) -> bool:
         if self.requested_bootstrap_port is None:
@@ -126,7 +135,20 @@ class SimServer:
             return self.serve_bootstrap
         # Auto: only when some engine may be a prefill, so a decode-only process on the same host as its
         # prefill does not fight it for the port.
-        return self.default_role is not Role.DECODE or any(r is not Role.DECODE for r in self.roles.values())
+        return self._may_prefill()
+
+    async def _start_side_channel(self) -> None:
+        """vLLM prefills: the NIXL side channel their decodes in other processes notify. On the
+        configured port when it is free, else on any (several sims on one host) and advertised."""
+        app = web.Application()
+        app.add_routes(nixl.side_channel_routes())
+        self._side_runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_timeout_s)
+        await self._side_runner.setup()
+        try:
+            await web.TCPSite(self._side_runner, self.host, self.config.nixl_side_channel_port).start()
+        except OSError:
+            await web.TCPSite(self._side_runner, self.host, 0).start()
+        self.side_channel_port = int(self._side_runner.addresses[0][1])
 
     async def start(self) -> None:
         """Bind the HTTP ports (0 = pick a free one; see `ports`) and the SGLang bootstrap server."""
@@ -139,6 +161,8 @@ class SimServer:
             site = web.TCPSite(self._runner, self.host, port, reuse_address=True)
             await site.start()
         self.ports = [int(addr[1]) for addr in self._runner.addresses]
+        if self.config.protocol == "vllm" and self._may_prefill():
+            await self._start_side_channel()
         if self._needs_bootstrap():
             assert self.requested_bootstrap_port is not None
             c = self.config.coefficients
@@ -183,8 +207,13 @@ class SimServer:
         for eng in self.engines.values():
             await eng.stop()
             nixl.unregister_engine(eng)
+        if self._side_runner is not None:
+            await self._side_runner.cleanup()
+            self._side_runner = None
         with contextlib.suppress(Exception):
             await self._rendezvous.close()
+        with contextlib.suppress(Exception):
+            await self._side_client.close()
 
     async def __aenter__(self) -> SimServer:
         await self.start()

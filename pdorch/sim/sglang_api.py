@@ -125,7 +125,7 @@ class SglangFrontend:
         try:
             req = parse_request(await read_json(request), kind)
             try:
-                key = bootstrap.parse_key(req.body)
+                key = bootstrap.parse_key(req.body, self.bootstrap_port() or bootstrap.DEFAULT_BOOTSTRAP_PORT)
             except ValueError as exc:
                 raise BadRequest(str(exc), "bootstrap_room") from None
         except BadRequest as exc:

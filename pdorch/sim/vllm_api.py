@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -41,9 +42,19 @@ async def read_json(request: web.Request) -> Any:
 class VllmFrontend:
     """Routes of a vLLM `vllm serve` process, for whichever engine the request's local address selects."""
 
-    def __init__(self, config: SimConfig, lookup: EngineLookup) -> None:
+    def __init__(
+        self,
+        config: SimConfig,
+        lookup: EngineLookup,
+        side_channel: nixl.SideChannelClient | None = None,
+        side_channel_port: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self.config = config
         self.lookup = lookup
+        self.side_channel = side_channel or nixl.SideChannelClient()
+        # The port this process's side channel listens on (None: it serves none; the configured
+        # port is advertised, as vLLM does).
+        self.side_channel_port = side_channel_port
 
     def routes(self) -> list[web.RouteDef]:
         """aiohttp route table."""
@@ -154,7 +165,7 @@ class VllmFrontend:
                         request_id=remote_request_id,
                         host=engine.host,
                         block_ids=blocks,
-                        port=self.config.nixl_side_channel_port,
+                        port=self.side_channel_port() or self.config.nixl_side_channel_port,
                     )
                 }
 
@@ -173,6 +184,7 @@ class VllmFrontend:
         if isinstance(params, Mapping) and params.get("do_remote_prefill") is True:
             if nixl.is_valid_remote_prefill(params):
                 seq.kv_source = self._puller(engine, dict(params), req.prompt_tokens)
+                seq.kv_abandoned = lambda: self._give_back(params)
             else:
                 # vLLM logs "Got invalid KVTransferParams" and prefills locally.
                 log.warning(
@@ -183,15 +195,35 @@ class VllmFrontend:
             request, engine, flavor, req, seq, rid=rid, model=self.config.model, stream=req.stream
         )
 
+    def _give_back(self, params: Mapping[str, Any]) -> None:
+        """Free a prefill's leased blocks without waiting: the decode was aborted, and vLLM's decode
+        then tells its prefill (even for a request that never reached its transfer)."""
+        remote = nixl.local_engine(str(params["remote_engine_id"]))
+        if remote is not None:
+            remote.release_lease(str(params["remote_request_id"]))
+        else:
+            self.side_channel.release_soon(params)
+
     def _puller(self, engine: Engine, params: dict[str, Any], prompt_tokens: int) -> Callable[[], Any]:
-        """Decode-side KV pull: model the transfer, then free the prefill's leased blocks if it is ours."""
+        """Decode-side KV pull: model the transfer, then free the prefill's leased blocks, in this
+        process or through its side channel (as vLLM's read-done notification does)."""
+        remote = nixl.local_engine(str(params["remote_engine_id"]))
+        lease_id = str(params["remote_request_id"])
+
+        async def release() -> None:
+            if remote is not None:
+                remote.release_lease(lease_id)
+            else:
+                await self.side_channel.call(params, "release")
 
         async def pull() -> None:
             c = engine.coefficients
-            remote = nixl.local_engine(str(params["remote_engine_id"]))
             engine.kv_sources[str(params["remote_engine_id"])] += 1
-            lease_id = str(params["remote_request_id"])
-            if remote is not None and lease_id not in remote.leases:
+            if remote is not None:
+                present: bool | None = lease_id in remote.leases
+            else:
+                present = await self.side_channel.call(params, "check")
+            if present is False:
                 engine.metrics.handshake("kv_pull_failed")
                 if self.config.kv_load_failure_policy == "fail":
                     raise EngineError(
@@ -201,9 +233,12 @@ class VllmFrontend:
                 await engine.sleep_model(latency.prefill_time_s(c, [prompt_tokens]))  # recompute locally
                 return
             seconds = latency.kv_transfer_time_s(c, prompt_tokens)
-            await engine.sleep_model(seconds)
-            if remote is not None:
-                remote.release_lease(lease_id)
+            try:
+                await engine.sleep_model(seconds)
+            except asyncio.CancelledError:
+                self._give_back(params)  # aborted mid-transfer
+                raise
+            await release()
             engine.metrics.kv_transfer(seconds * engine.time_scale, prompt_tokens * c.kv_bytes_per_token)
             engine.metrics.handshake("kv_pulled")
 

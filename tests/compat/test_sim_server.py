@@ -186,7 +186,9 @@ async def test_nixl_handshake_in_process(vllm_pd: SimServer, http: aiohttp.Clien
     assert pre["choices"][0]["finish_reason"] == "length" and pre["usage"]["completion_tokens"] == 1
     assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
     assert params["remote_engine_id"] == p_engine.engine_id
-    assert params["remote_host"] == "127.0.0.1" and params["remote_port"] == 5600 and params["tp_size"] == 1
+    # The side channel it serves (vLLM's default 5600 unless another process on this host holds it).
+    assert params["remote_port"] == vllm_pd.side_channel_port
+    assert params["remote_host"] == "127.0.0.1" and params["tp_size"] == 1
     assert len(params["remote_block_ids"][0]) == math.ceil(40 / 16)
     assert params["remote_request_id"].startswith("x1-")
     assert list(p_engine.leases) == [params["remote_request_id"]]

@@ -66,6 +66,15 @@ def test_vllm_counts_tokens_as_they_are_made_sglang_when_the_request_ends() -> N
     assert (mid_g.prompt_tokens_total, mid_g.generation_tokens_total) == (0, 0)
 
 
+def test_a_simulated_sglang_decode_counts_requests_waiting_for_kv_once() -> None:
+    """SGLang's num_queue_reqs is its scheduler's waiting queue; requests waiting for their KV are
+    num_decode_transfer_queue_reqs only. The scaler adds both: counted in each, they read twice."""
+    snap = replace(SNAP, waiting=5, transfer_queue=5, queued=0)
+    s = parse_engine_metrics(SglangMetrics("llama", lambda: snap, "decode").render().decode())
+    assert s.waiting == 5
+    assert parse_engine_metrics(VllmMetrics("llama", lambda: snap).render().decode()).waiting == 5
+
+
 def test_text_without_engine_metrics_is_refused() -> None:
     with pytest.raises(MetricsParseError, match="no vllm: or sglang:"):
         parse_engine_metrics("# TYPE foo gauge\nfoo 1\n")

@@ -180,3 +180,33 @@ async def test_failed_kv_source_reports_error(engine: tuple[Engine, Recorder]) -
     ev = await asyncio.wait_for(seq.events.get(), 5)
     assert isinstance(ev, EngineError) and ev.status == 500
     assert seq.finish_reason == "abort" and eng.pool.used == 0
+
+
+def test_an_explicit_max_tokens_beyond_the_context_is_refused_not_clamped() -> None:
+    """vLLM answers 400 when prompt + max_tokens exceeds max_model_len; only an absent max_tokens
+    is sized to the room left."""
+    from pdorch.sim.openai_api import output_plan, parse_request
+
+    c = replace(BLIS_LLAMA31_8B_H100, max_model_len=2048)
+    engine = Engine(
+        endpoint="e",
+        host="t",
+        role=Role.BOTH,
+        coefficients=c,
+        metrics_factory=lambda snap: VllmMetrics("m", snap),
+    )
+    req = parse_request({"prompt": [1] * 2000, "max_tokens": 500}, "completion")
+    max_tokens, _ = output_plan(req, c.max_model_len)
+    assert max_tokens == 500
+    with pytest.raises(EngineError, match="maximum context length is 2048"):
+        engine.check_fits(req.prompt_tokens, max_tokens)
+    unset = parse_request({"prompt": [1] * 2040}, "completion")
+    assert output_plan(unset, c.max_model_len)[0] == 8  # vLLM's default 16, cut to the room left
+
+
+def test_stream_options_count_when_they_say_something() -> None:
+    from pdorch.sim.openai_api import parse_request
+
+    assert not parse_request({"prompt": "x", "stream_options": {}}, "completion").stream_options_given
+    given = {"prompt": "x", "stream_options": {"include_usage": True}}
+    assert parse_request(given, "completion").stream_options_given

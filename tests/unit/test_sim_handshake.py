@@ -66,6 +66,11 @@ def test_parse_room_key() -> None:
         bootstrap.parse_key({"bootstrap_host": "h", "bootstrap_room": -1})
     with pytest.raises(ValueError):
         bootstrap.parse_key({"bootstrap_host": "h", "bootstrap_port": "x", "bootstrap_room": 1})
+    # sglang-router sends null for a prefill registered without one: the server's own port (8998
+    # by default), not port 0.
+    unset = {"bootstrap_host": "h", "bootstrap_port": None, "bootstrap_room": 1}
+    assert bootstrap.parse_key(unset) == ("h", 8998, 1)
+    assert bootstrap.parse_key(unset, 9100) == ("h", 9100, 1)
 
 
 async def test_rendezvous_duplicates_and_completion() -> None:
