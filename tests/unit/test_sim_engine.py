@@ -204,9 +204,11 @@ def test_an_explicit_max_tokens_beyond_the_context_is_refused_not_clamped() -> N
     assert output_plan(unset, c.max_model_len)[0] == 8  # vLLM's default 16, cut to the room left
 
 
-def test_stream_options_count_when_they_say_something() -> None:
-    from pdorch.sim.openai_api import parse_request
+def test_stream_options_count_when_they_say_something_and_min_tokens_fit_max_tokens() -> None:
+    from pdorch.sim.openai_api import BadRequest, parse_request
 
     assert not parse_request({"prompt": "x", "stream_options": {}}, "completion").stream_options_given
     given = {"prompt": "x", "stream_options": {"include_usage": True}}
     assert parse_request(given, "completion").stream_options_given
+    with pytest.raises(BadRequest, match="min_tokens must be less than or equal to max_tokens=4"):
+        parse_request({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "completion")
