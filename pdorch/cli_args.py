@@ -37,3 +37,14 @@ def checked(validate: Callable[[str], str]) -> Callable[[str], str]:
 
     parse.__name__ = validate.__name__  # argparse names the type in some messages
     return parse
+
+
+def add_lease_arguments(p: argparse.ArgumentParser, namespace: str, name: str) -> None:
+    """--lease-namespace, --lease-name and --identity of a leader-elected component."""
+    p.add_argument(
+        "--lease-namespace", default=namespace, help="namespace of the Lease (default %(default)s)"
+    )
+    p.add_argument(
+        "--lease-name", default=name, help="name of the Lease; its Role must name it (default %(default)s)"
+    )
+    p.add_argument("--identity", help="leader-election identity (default: POD_NAME or hostname + random)")

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 
-from pdorch.cli_args import positive_int
+from pdorch.cli_args import add_lease_arguments, positive_int
 from pdorch.controller.manager import LOST_LEASE_EXIT, ControllerConfig, run_controller
 
 
@@ -53,15 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=True,
         help="hold a Lease before writing",
     )
-    p.add_argument(
-        "--lease-namespace", default=d.lease_namespace, help="namespace of the Lease (default %(default)s)"
-    )
-    p.add_argument(
-        "--lease-name",
-        default=d.lease_name,
-        help="name of the Lease; its Role must name it (default %(default)s)",
-    )
-    p.add_argument("--identity", help="leader-election identity (default: POD_NAME or hostname + random)")
+    add_lease_arguments(p, d.lease_namespace, d.lease_name)
     p.add_argument(
         "--health-addr", default=d.health_addr, help="/metrics, /healthz, /readyz (default %(default)s)"
     )

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 
+from pdorch.cli_args import add_lease_arguments
 from pdorch.controller.leader import LOST_LEASE_EXIT
 from pdorch.scaler.loop import ScalerConfig, run_scaler
 from pdorch.sim.latency import PRESETS
@@ -85,13 +86,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=d.leader_elect,
         help="hold a Lease before deciding, so several replicas can run with one acting (default off)",
     )
-    p.add_argument(
-        "--lease-namespace", default=d.lease_namespace, help="namespace of the Lease (default %(default)s)"
-    )
-    p.add_argument(
-        "--lease-name",
-        default=d.lease_name,
-        help="name of the Lease; its Role must name it (default %(default)s)",
-    )
-    p.add_argument("--identity", help="leader-election identity (default: POD_NAME or hostname + random)")
+    add_lease_arguments(p, d.lease_namespace, d.lease_name)
     p.set_defaults(func=_run)

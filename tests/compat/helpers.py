@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -59,6 +60,11 @@ def wait_http_ok(
         shared_wait_http_ok(url, timeout, died)
     except RuntimeError as exc:
         raise AssertionError(str(exc)) from None
+
+
+def sim_argv(*args: str) -> list[str]:
+    """The command line of a `pdorch sim` on 127.0.0.1 with `args`."""
+    return [sys.executable, "-m", "pdorch.cli", "sim", "--host", "127.0.0.1", *args]
 
 
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:

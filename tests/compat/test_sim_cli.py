@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pdorch.cli import main
-from tests.compat.helpers import free_port, spawn, stop, wait_http_ok
+from tests.compat.helpers import free_port, sim_argv, spawn, stop, wait_http_ok
 
 pytestmark = pytest.mark.compat
 
@@ -21,20 +20,7 @@ def test_sigterm_exits_zero(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "sim.log"
     proc = spawn(
-        [
-            sys.executable,
-            "-m",
-            "pdorch.cli",
-            "sim",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--coefficients",
-            "distserve-opt13b-a100",
-            "--time-scale",
-            "0.01",
-        ],
+        sim_argv("--port", str(port), "--coefficients", "distserve-opt13b-a100", "--time-scale", "0.01"),
         log,
     )
     try:

@@ -5,7 +5,6 @@ per pod), through the side channel the prefill advertises as remote_port."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,22 +16,11 @@ from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Role
 from pdorch.sim.latency import BLIS_LLAMA31_8B_H100
 from pdorch.sim.server import SimServer
-from tests.compat.helpers import free_port, sample, spawn, stop, wait_http_ok, wait_until
+from tests.compat.helpers import free_port, sample, sim_argv, spawn, stop, wait_http_ok, wait_until
 
 pytestmark = pytest.mark.compat
 
-SIM = [
-    sys.executable,
-    "-m",
-    "pdorch.cli",
-    "sim",
-    "--host",
-    "127.0.0.1",
-    "--model",
-    "m",
-    "--time-scale",
-    "0.01",
-]
+SIM = sim_argv("--model", "m", "--time-scale", "0.01")
 
 
 def _body(i: int, tokens: int = 2000) -> dict[str, object]:

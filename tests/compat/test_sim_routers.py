@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,23 +21,12 @@ import aiohttp
 import pytest
 
 from pdorch.sim import sse, tokens
-from tests.compat.helpers import free_port, sample, spawn, stop, wait_http_ok
+from tests.compat.helpers import free_port, sample, sim_argv, spawn, stop, wait_http_ok
 
 pytestmark = pytest.mark.compat
 
 MODEL = "sim-model"
-SIM = [
-    sys.executable,
-    "-m",
-    "pdorch.cli",
-    "sim",
-    "--host",
-    "127.0.0.1",
-    "--model",
-    MODEL,
-    "--time-scale",
-    "0.01",
-]
+SIM = sim_argv("--model", MODEL, "--time-scale", "0.01")
 STARTUP_S = 40.0
 
 

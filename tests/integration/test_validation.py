@@ -221,6 +221,15 @@ def test_template_lws_refuses_marks_invalid_and_creates_nothing(
     wait_for(valid, 90, "fixed group becomes Available")
 
 
+def _refused(kube: Client, namespace: str, name: str, edit: Edit) -> str:
+    """The apiserver's message refusing `edit` of group `name` (it must refuse it)."""
+    sg = kube.get(SG, name, namespace=namespace).to_dict()
+    edit(sg)
+    with pytest.raises(ApiError) as err:
+        kube.replace(SG.from_dict(sg), namespace=namespace)
+    return err.value.status.message or ""
+
+
 def test_a_role_sub_group_policy_cannot_be_added_removed_or_resized_but_its_type_can_change(
     kube: Client, namespace: str, pdorch_crds: list[str]
 ) -> None:
@@ -230,13 +239,6 @@ def test_a_role_sub_group_policy_cannot_be_added_removed_or_resized_but_its_type
     role(doc, "decode")["size"] = 4
     role(doc, "decode")["subGroupPolicy"] = {"subGroupSize": 2}
     kube.create(SG.from_dict(doc), namespace=namespace)
-
-    def refused(edit: Edit) -> str:
-        sg = kube.get(SG, "subgroups", namespace=namespace).to_dict()
-        edit(sg)
-        with pytest.raises(ApiError) as err:
-            kube.replace(SG.from_dict(sg), namespace=namespace)
-        return err.value.status.message or ""
 
     def resize(d: dict[str, Any]) -> None:
         role(d, "decode")["subGroupPolicy"]["subGroupSize"] = 4
@@ -248,7 +250,7 @@ def test_a_role_sub_group_policy_cannot_be_added_removed_or_resized_but_its_type
         role(d, "prefill")["subGroupPolicy"] = {"subGroupSize": 1}
 
     for edit in (resize, remove, add):
-        assert "give the role a new name" in refused(edit)
+        assert "give the role a new name" in _refused(kube, namespace, "subgroups", edit)
     sg = kube.get(SG, "subgroups", namespace=namespace).to_dict()
     role(sg, "decode")["subGroupPolicy"]["subGroupPolicyType"] = "LeaderWorker"
     kube.replace(SG.from_dict(sg), namespace=namespace)  # the type may change
@@ -265,13 +267,6 @@ def test_a_role_volume_claim_templates_cannot_change(
     role(doc, "decode")["volumeClaimTemplates"] = [claim]
     kube.create(SG.from_dict(doc), namespace=namespace)
 
-    def refused(edit: Edit) -> str:
-        sg = kube.get(SG, "claims", namespace=namespace).to_dict()
-        edit(sg)
-        with pytest.raises(ApiError) as err:
-            kube.replace(SG.from_dict(sg), namespace=namespace)
-        return err.value.status.message or ""
-
     def grow(d: dict[str, Any]) -> None:
         role(d, "decode")["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] = "2Gi"
 
@@ -282,7 +277,7 @@ def test_a_role_volume_claim_templates_cannot_change(
         role(d, "prefill")["volumeClaimTemplates"] = [copy.deepcopy(claim)]
 
     for edit in (grow, remove, add):
-        message = refused(edit)
+        message = _refused(kube, namespace, "claims", edit)
         assert "volumeClaimTemplates" in message and "give the role a new name" in message, message
     sg = kube.get(SG, "claims", namespace=namespace).to_dict()
     role(sg, "decode")["replicas"] = 2
