@@ -81,18 +81,25 @@ class CelRule:
     `check` receives the validated model instance and returns True when the rule holds.
     `message` must name the field and say what to fix: it is what users see from kubectl.
     `field_path` (optional, relative JSONPath like `.maxReplicas`) points kubectl at the field.
+    `optional_old_self`: the rule also runs on create, with `oldSelf` an optional (`oldSelf.hasValue()`):
+    how a rule added in a later release spares objects stored before it. The apiserver's ratcheting
+    does not, for objects holding free-form fields (pod templates): they could no longer be written
+    at all, not even their status or finalizers.
     """
 
     rule: str
     message: str
     check: Callable[[Any], bool]
     field_path: str | None = None
+    optional_old_self: bool = False
 
-    def to_schema(self) -> dict[str, str]:
+    def to_schema(self) -> dict[str, Any]:
         """The `x-kubernetes-validations` entry for this rule."""
-        out = {"rule": self.rule, "message": self.message}
+        out: dict[str, Any] = {"rule": self.rule, "message": self.message}
         if self.field_path:
             out["fieldPath"] = self.field_path
+        if self.optional_old_self:
+            out["optionalOldSelf"] = True
         return out
 
 

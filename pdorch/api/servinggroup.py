@@ -155,11 +155,9 @@ class Scaling(ApiModel):
 
     mode: ScalingMode = enum_field(ScalingMode.STATIC)
     """Static (roles[].replicas), External (HPA/KEDA on ServingRoleScaler) or Builtin (SLO autoscaler)."""
-    # The bounds stop where roles[].replicas and ServingRoleScaler.spec.replicas do: a bound above
-    # it would let an HPA aim at a size /scale refuses.
-    min_replicas: int | None = Field(None, ge=0, le=10000)
+    min_replicas: int | None = Field(None, ge=0)
     """Lower bound for External/Builtin scaling."""
-    max_replicas: int | None = Field(None, ge=0, le=10000)
+    max_replicas: int | None = Field(None, ge=0)
     """Upper bound for External/Builtin scaling (required for Builtin)."""
     targets: ScalingTargets | None = None
     """SLO targets for Builtin: ttftMs for prefill roles, tpotMs for decode roles."""
@@ -259,21 +257,29 @@ class Role(ApiModel):
         ),
         CelRule(
             # LWS names group i's worker StatefulSet and pods `<lws>-<i>...`: role `prefill-0`
-            # (or a group `g-prefill` with role `0`) would take role `prefill`'s names.
-            rule=f"!self.name.matches('{_NUMBERED_NAME}')",
+            # (or a group `g-prefill` with role `0`) would take role `prefill`'s names. New roles
+            # only (roles are keyed by name): one stored before this rule, which clashes with
+            # nothing unless its group has the shorter name too, stays writable; hence no Python
+            # mirror, which the controller would apply to stored groups.
+            rule=f"oldSelf.hasValue() || !self.name.matches('{_NUMBERED_NAME}')",
             message="roles[].name must not be all digits or end in '-<digits>' (LeaderWorkerSet names "
             "a role's StatefulSets and pods <group>-<role>-<index>, which such a name would clash "
             "with); e.g. use prefill-a, not prefill-0",
-            check=lambda r: re.fullmatch(_NUMBERED_NAME, r.name) is None,
+            check=lambda _: True,
             field_path=".name",
+            optional_old_self=True,
         ),
         CelRule(
             # SGLang's prefill server and its KV bootstrap server cannot both bind one port.
-            rule="!has(self.bootstrapPort) || self.bootstrapPort != self.port",
+            # A role stored that way before this rule stays writable (it is Invalid to the
+            # controller, and says so in its status).
+            rule="!has(self.bootstrapPort) || self.bootstrapPort != self.port || (oldSelf.hasValue() && "
+            "has(oldSelf.value().bootstrapPort) && oldSelf.value().bootstrapPort == oldSelf.value().port)",
             message="roles[].bootstrapPort must differ from roles[].port (the SGLang prefill server and "
             "its KV bootstrap server each listen on their own port)",
             check=lambda r: r.bootstrap_port is None or r.bootstrap_port != r.port,
             field_path=".bootstrapPort",
+            optional_old_self=True,
         ),
         CelRule(
             rule=_SUB_GROUPS_CEL,
@@ -611,11 +617,15 @@ class ServingGroupSpec(ApiModel):
             field_path=".roles",
         ),
         CelRule(
-            rule="!has(self.router) || self.roles.exists(r, r.type == 'proxy')",
+            # Groups stored with a router and no proxy role before this rule stay writable (their
+            # router has never done anything); no Python mirror, for the same reason.
+            rule="!has(self.router) || self.roles.exists(r, r.type == 'proxy') || (oldSelf.hasValue() && "
+            "has(oldSelf.value().router) && !oldSelf.value().roles.exists(r, r.type == 'proxy'))",
             message="spec.router configures the group's proxy role, and there is none: add a role of "
             "type proxy or remove spec.router",
-            check=lambda s: s.router is None or RoleType.PROXY in _types(s),
+            check=lambda _: True,
             field_path=".router",
+            optional_old_self=True,
         ),
         CelRule(
             rule="self.engine.name == 'sglang' || self.roles.all(r, !has(r.bootstrapPort))",
@@ -658,9 +668,7 @@ class ServingGroupSpec(ApiModel):
     rollout_strategy: RolloutStrategy | None = None
     """Rollout knobs."""
     router: Router | None = None
-    """Settings of the proxy role, which needs one. They reach its containers as the environment
-    variables `pdorch proxy` reads (PDORCH_ROUTER_CONFIG, PDORCH_API_KEY), in a proxy template of
-    your own too; a router other than `pdorch proxy` ignores them."""
+    """Settings of the proxy role (required with one), read by `pdorch proxy` from its env."""
 
     def role(self, name: str) -> Role:
         """The role called `name` (KeyError if absent)."""

@@ -94,7 +94,8 @@ class LeaseElector:
                 )
             except ApiError as e:
                 if e.code == 409:
-                    return False  # another candidate created it first
+                    self._other_holds = True  # another candidate created it first
+                    return False
                 raise
             return True
         spec = lease.get("spec") or {}
@@ -117,6 +118,8 @@ class LeaseElector:
             await self.api.replace(lease)  # carries the resourceVersion we read
         except ApiError as e:
             if e.code == 409:
+                # Written since we read it: by a candidate that took it over (ours expired for it).
+                self._other_holds = True
                 return False
             raise
         return True

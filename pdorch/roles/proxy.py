@@ -7,6 +7,7 @@ watching pods, so it needs read access to pods in its own namespace and nothing 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from typing import Any
 
@@ -55,15 +56,26 @@ def _env(ctx: RenderContext) -> list[dict[str, Any]]:
     return env
 
 
+def _runs_pdorch_proxy(container: dict[str, Any]) -> bool:
+    words = [str(w) for w in [*(container.get("command") or []), *(container.get("args") or [])]]
+    return container.get("name") == CONTAINER_NAME or any(
+        w.rsplit("/", 1)[-1] == "pdorch" and nxt == "proxy" for w, nxt in itertools.pairwise(words)
+    )
+
+
 def with_router_env(ctx: RenderContext, template: dict[str, Any]) -> dict[str, Any]:
-    """A user's proxy pod template with `spec.router` handed to each of its containers, as the
-    built-in proxy gets it, so a template that runs `pdorch proxy` (with its own resources, say)
-    keeps the group's policy and API key. A variable a container sets itself keeps its value."""
+    """A user's proxy pod template with `spec.router` handed to its proxy container (named `proxy`,
+    or running `pdorch proxy`), as the built-in proxy gets it: a template of one's own (other
+    resources, a sidecar) keeps the group's policy and API key. Sidecars get nothing; a variable the
+    container sets itself keeps its value, and one that takes its environment from `envFrom` gets
+    none (`env` would override what it reads there)."""
     env = _env(ctx)
     if not env:
         return template
     out = copy.deepcopy(template)
     for c in (out.get("spec") or {}).get("containers") or []:
+        if not _runs_pdorch_proxy(c) or c.get("envFrom"):
+            continue
         own = {e.get("name") for e in c.get("env") or []}
         c["env"] = [*(c.get("env") or []), *(e for e in env if e["name"] not in own)]
     return out

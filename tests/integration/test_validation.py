@@ -8,13 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import yaml
 from lightkube import Client
+from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
+from lightkube.types import PatchType
 
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
-from tests.integration.test_controller import LWS, SG, example
+from tests.integration.test_controller import LWS, REPO, SG, example
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +98,6 @@ REFUSED: list[tuple[str, Edit, str]] = [
     # LWS's own `<group>-<role>-<index>` names (role decode's group 2) would clash with it.
     ("role-name-numbered", lambda d: role(d, "decode").__setitem__("name", "prefill-2"), "-<digits>"),
     ("bootstrap-port-is-the-port", _sglang_bootstrap_on(8000), "must differ from roles[].port"),
-    ("max-replicas-beyond-scale", _scaling("decode", mode="External", maxReplicas=10001), "maxReplicas"),
     ("two-proxy-roles", _two_proxies, "at most one role of type proxy"),
     ("size-zero", lambda d: role(d, "prefill").__setitem__("size", 0), "size"),
     ("negative-replicas", lambda d: role(d, "decode").__setitem__("replicas", -1), "replicas"),
@@ -282,3 +284,70 @@ def test_a_role_volume_claim_templates_cannot_change(
     sg = kube.get(SG, "claims", namespace=namespace).to_dict()
     role(sg, "decode")["replicas"] = 2
     kube.replace(SG.from_dict(sg), namespace=namespace)  # other edits of the role still pass
+
+
+# Rules this release added that must spare objects stored before it (`optionalOldSelf`).
+_NEW_RULE_MARKERS = ("self.name.matches(", "oldSelf.value().router", "oldSelf.value().bootstrapPort")
+
+
+def _without_new_rules(node: Any) -> Any:
+    """The CRD as the previous release generated it: the rules this one added left out."""
+    if isinstance(node, dict):
+        out = {k: _without_new_rules(v) for k, v in node.items()}
+        if "x-kubernetes-validations" in out:
+            out["x-kubernetes-validations"] = [
+                r
+                for r in out["x-kubernetes-validations"]
+                if not any(m in r["rule"] for m in _NEW_RULE_MARKERS)
+            ]
+        return out
+    if isinstance(node, list):
+        return [_without_new_rules(v) for v in node]
+    return node
+
+
+def test_a_group_stored_before_the_new_rules_stays_writable(
+    kube: Client, namespace: str, pdorch_crds: list[str]
+) -> None:
+    """The apiserver's ratcheting does not spare an unchanged role that holds free-form pod
+    templates: without `optionalOldSelf`, a group stored with a role `decode-1`, or a router and no
+    proxy role, could no longer be labelled, get a status, or lose a finalizer after the upgrade.
+    New groups are still refused."""
+    crd_file = REPO / "manifests" / "crd" / "pdorch.io_servinggroups.yaml"
+    current = yaml.safe_load(crd_file.read_text())
+    doc = example("stored")
+    role(doc, "decode")["name"] = "decode-1"
+    doc["spec"]["roles"] = [r for r in doc["spec"]["roles"] if r["type"] != "proxy"]
+    doc["metadata"]["finalizers"] = ["pdorch.io/test-hold"]
+
+    def new_group_refused(marker: str) -> bool:
+        probe = copy.deepcopy(doc)
+        probe["metadata"] = {"name": f"probe-{marker}"}
+        try:
+            kube.create(SG.from_dict(probe), namespace=namespace, dry_run=True)
+        except ApiError as e:
+            return e.status.code == 422
+        return False
+
+    try:
+        kube.apply(from_dict(_without_new_rules(current)), field_manager="pdorch-test", force=True)
+        wait_for(lambda: not new_group_refused("old"), 30, "the previous release's CRD in effect")
+        kube.create(SG.from_dict(doc), namespace=namespace)
+    finally:
+        kube.apply(from_dict(current), field_manager="pdorch-test", force=True)
+    wait_for(lambda: new_group_refused("new"), 30, "this release's CRD in effect")
+    kube.patch(
+        SG, "stored", {"metadata": {"labels": {"team": "a"}}}, namespace=namespace, patch_type=PatchType.MERGE
+    )
+    kube.patch(
+        SG.Status,
+        "stored",
+        {"status": {"observedGeneration": 1}},
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+    kube.delete(SG, "stored", namespace=namespace)
+    kube.patch(
+        SG, "stored", {"metadata": {"finalizers": None}}, namespace=namespace, patch_type=PatchType.MERGE
+    )
+    wait_for(lambda: not list(kube.list(SG, namespace=namespace)), 30, "the stored group deleted")

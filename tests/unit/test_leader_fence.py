@@ -174,3 +174,21 @@ async def test_a_scaler_that_lost_its_lease_leaves_its_drains_to_the_new_leader(
     await asyncio.wait_for(scaler.run(stop), 10)
     assert state.draining_to == 1  # left for the new leader, which reads the marks
     await api.close()
+
+
+async def test_a_leader_whose_lease_another_candidate_recreated_first_steps_down() -> None:
+    """The Lease was deleted; the standby re-created it between this leader's read (not found) and
+    its own create (409): the standby leads from then on."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.method == "GET":
+            return httpx2.Response(404, json={"kind": "Status", "code": 404, "reason": "NotFound"})
+        return httpx2.Response(409, json={"kind": "Status", "code": 409, "reason": "AlreadyExists"})
+
+    api = KubeApi(httpx2.AsyncClient(transport=httpx2.MockTransport(handler), base_url="http://k8s.invalid"))
+    elector = LeaseElector(api, "pdorch-system", "ctl", "me", renew_deadline=30.0, retry_period=0.01)
+    elector.is_leader.set()
+    elector._last_renew = time.monotonic()
+    await asyncio.wait_for(elector.run(), 5)
+    assert elector.lost.is_set() and not elector.holds()
+    await api.close()

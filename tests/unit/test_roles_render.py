@@ -334,28 +334,37 @@ def test_custom_proxy_template_is_used_as_given() -> None:
     assert c == {"name": "p", "image": "my/proxy"}
 
 
-def test_custom_proxy_template_gets_the_router_settings() -> None:
-    """A template of one's own that runs `pdorch proxy` keeps the group's policy and API key; a
-    variable the container sets itself keeps its value."""
+def test_custom_proxy_template_gets_the_router_settings_in_its_proxy_container() -> None:
+    """A template of one's own that runs `pdorch proxy` keeps the group's policy and API key. A
+    sidecar gets nothing, a variable the container sets itself keeps its value, and a container
+    reading its environment through envFrom gets none (env would override it)."""
     raw = _raw()
     raw["spec"]["router"]["auth"] = {"secretName": "keys"}
     mine = {"name": "PDORCH_ROUTER_CONFIG", "value": '{"policy": "round_robin"}'}
-    tpl = {
-        "spec": {
-            "containers": [
-                {"name": "p", "image": "my/proxy"},
-                {"name": "s", "image": "my/side", "env": [mine]},
-            ]
-        }
-    }
+    containers = [
+        {"name": "proxy", "image": "my/proxy"},
+        {"name": "p2", "image": "my/proxy", "command": ["/usr/local/bin/pdorch", "proxy"], "env": [mine]},
+        {
+            "name": "p3",
+            "image": "my/proxy",
+            "args": ["pdorch", "proxy"],
+            "envFrom": [{"secretRef": {"name": "k"}}],
+        },
+        {"name": "oauth", "image": "my/sidecar"},
+    ]
+    tpl = {"spec": {"containers": containers}}
     _role(raw, "proxy")["leaderTemplate"] = tpl
     lws = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]
-    p, s = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"]
-    env = {e["name"]: e for e in p["env"]}
+    proxy, p2, p3, oauth = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"]
+    env = {e["name"]: e for e in proxy["env"]}
     assert yaml.safe_load(env["PDORCH_ROUTER_CONFIG"]["value"])["policy"] == "least_load"
     assert env["PDORCH_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-key"}
-    assert s["env"][0] == mine and [e["name"] for e in s["env"]] == ["PDORCH_ROUTER_CONFIG", "PDORCH_API_KEY"]
-    assert tpl["spec"]["containers"][0] == {"name": "p", "image": "my/proxy"}  # the spec is not edited
+    assert p2["env"][0] == mine and [e["name"] for e in p2["env"]] == [
+        "PDORCH_ROUTER_CONFIG",
+        "PDORCH_API_KEY",
+    ]
+    assert "env" not in p3 and "env" not in oauth
+    assert tpl["spec"]["containers"][0] == {"name": "proxy", "image": "my/proxy"}  # the spec is not edited
 
 
 def test_proxy_rbac_is_namespaced_and_read_only() -> None:
