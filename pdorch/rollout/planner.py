@@ -224,7 +224,7 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
     state = tuple(roles)
     kv = [r for r in roles if r.type in ("prefill", "decode")]
     # A new spec mid-rollout leaves every group old, on several revisions: that rollout started.
-    layered = len({rev for r in kv for rev, _ in _layers(r)}) > 1
+    layered = _several_old_revisions(kv)
     started = layered or any(r.new_total for r in kv)
     refused: Decision | None = None
     orders = [_STEADY_FIRST] + ([_Order(False)] if _old_cohort_off_ratio(roles, spec) else [])
@@ -376,7 +376,7 @@ def _plan_step(
         spec.ratio_p,
         spec.ratio_d,
     )
-    layered = len({rev for r in kv for rev, _ in _layers(r)}) > 1
+    layered = _several_old_revisions(kv)
     choices = None if layered else _banded_choices(per_role, is_p, spec, tol, old_now)
     if choices is None:
         combos = 1
@@ -547,6 +547,12 @@ def _add_to_front(front: list[tuple[_Picks, int, int]], cand: tuple[_Picks, int,
 
 def _layers(role: RoleObservation) -> tuple[tuple[str, int], ...]:
     return role.old_revisions or (("", role.partition),)
+
+
+def _several_old_revisions(kv: Sequence[RoleObservation]) -> bool:
+    """Whether the old groups run more than one revision (a new spec arrived mid-rollout). A role
+    with no old group left has no revision among them."""
+    return len({rev for r in kv for rev, n in _layers(r) if n}) > 1
 
 
 def _lowest(layers: tuple[tuple[str, int], ...], keep: int) -> tuple[tuple[str, int], ...]:
