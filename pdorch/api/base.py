@@ -92,6 +92,9 @@ class CelRule:
     check: Callable[[Any], bool]
     field_path: str | None = None
     optional_old_self: bool = False
+    # False: the apiserver alone enforces it (a transition rule, or one that spares stored objects,
+    # which the controller validates with these models too); `check` then always passes.
+    mirrored: bool = True
 
     def to_schema(self) -> dict[str, Any]:
         """The `x-kubernetes-validations` entry for this rule."""

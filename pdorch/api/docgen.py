@@ -197,8 +197,12 @@ def model_section(model: type[BaseModel]) -> str:
         )
     rules = getattr(model, "cel_rules", ()) if issubclass(model, ApiModel) else ()
     if rules:
-        lines += ["", "Validation rules (enforced by the apiserver and by `pdorch render`):", ""]
-        lines += [f"- {r.message}" for r in rules]
+        lines += [
+            "",
+            "Validation rules (enforced by the apiserver, and by `pdorch render` unless marked apiserver only):",
+            "",
+        ]
+        lines += [f"- {r.message}" + ("" if r.mirrored else " *(apiserver only)*") for r in rules]
     lines.append("")
     return "\n".join(lines)
 

@@ -242,6 +242,7 @@ class Role(ApiModel):
             message="roles[].subGroupPolicy cannot be added, removed or resized on an existing role (its "
             "LeaderWorkerSet refuses it); give the role a new name to replace its LeaderWorkerSet",
             check=lambda _: True,
+            mirrored=False,
             field_path=".subGroupPolicy",
         ),
         CelRule(
@@ -253,6 +254,7 @@ class Role(ApiModel):
             "(its StatefulSets' claim templates are immutable); give the role a new name to replace its "
             "LeaderWorkerSet",
             check=lambda _: True,
+            mirrored=False,
             field_path=".volumeClaimTemplates",
         ),
         CelRule(
@@ -266,6 +268,7 @@ class Role(ApiModel):
             "a role's StatefulSets and pods <group>-<role>-<index>, which such a name would clash "
             "with); e.g. use prefill-a, not prefill-0",
             check=lambda _: True,
+            mirrored=False,
             field_path=".name",
             optional_old_self=True,
         ),
@@ -624,6 +627,7 @@ class ServingGroupSpec(ApiModel):
             message="spec.router configures the group's proxy role, and there is none: add a role of "
             "type proxy or remove spec.router",
             check=lambda _: True,
+            mirrored=False,
             field_path=".router",
             optional_old_self=True,
         ),

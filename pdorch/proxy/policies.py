@@ -82,12 +82,13 @@ class PrefixIndex:
             keys.append(h)
         return keys
 
-    def match(self, text: str, candidates: Sequence[Endpoint]) -> tuple[Endpoint | None, float]:
-        """The candidate with the longest cached prefix of ``text`` and its match rate (0..1)."""
+    def match(self, text: str, candidates: Sequence[Endpoint]) -> tuple[list[Endpoint], float]:
+        """The candidates with the longest cached prefix of ``text`` (all of them when several hold
+        it, none when none holds any) and its match rate (0..1)."""
         keys = self._keys(text)
         if not keys:
-            return None, 0.0
-        best: Endpoint | None = None
+            return [], 0.0
+        best: list[Endpoint] = []
         best_len = 0
         for ep in candidates:
             matched = 0
@@ -95,8 +96,10 @@ class PrefixIndex:
                 if (k, ep.key) not in self._entries:
                     break
                 matched += 1
-            if matched > best_len:
-                best, best_len = ep, matched
+            if matched and matched == best_len:
+                best.append(ep)
+            elif matched > best_len:
+                best, best_len = [ep], matched
         considered = len(keys) * self.chunk_chars
         return best, (best_len * self.chunk_chars) / considered if considered else 0.0
 
@@ -157,9 +160,10 @@ def pick_one(
         hi, lo = max(ls), min(ls)
         if hi - lo > cache_cfg.balance_abs_threshold and hi > cache_cfg.balance_rel_threshold * lo:
             return least_loaded(cands, loads, counter), "imbalanced"
-        best, rate = prefix.match(text, cands)
-        if best is not None and rate >= cache_cfg.match_threshold:
-            return best, "prefix_hit"
+        holders, rate = prefix.match(text, cands)
+        if holders and rate >= cache_cfg.match_threshold:
+            # Several engines holding the prefix (a shared system prompt): the least loaded of them.
+            return least_loaded(holders, loads, counter), "prefix_hit"
         return least_loaded(cands, loads, counter), "prefix_miss"
     return least_loaded(cands, loads, counter), "least_load"
 

@@ -148,14 +148,21 @@ def routing_text(body: dict[str, Any], kind: Kind) -> str:
 
 
 def estimate_prompt_tokens(
-    body: dict[str, Any], kind: Kind, text: str | None = None, ratio: TokenRatio | None = None
+    body: dict[str, Any],
+    kind: Kind,
+    text: str | None = None,
+    ratio: TokenRatio | None = None,
+    threshold: int = 0,
 ) -> int:
     """Prompt tokens estimated from characters with `ratio` (learned from the engines' counts;
     characters / 4 without one); token-id prompts are counted exactly. ``text`` is `routing_text`
-    of the body when the caller has it already."""
+    of the body when the caller has it already. With a `threshold` (conditional disaggregation's),
+    a prompt the ratio may underestimate is now and then counted at it (`TokenRatio.against`)."""
     prompt = body.get("prompt")
     if kind == "completion" and isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
         if all(isinstance(t, int) for t in prompt):
             return len(prompt)
         return sum(len(p) for p in prompt if isinstance(p, list))
-    return (ratio or _UNLEARNED).estimate(len(routing_text(body, kind) if text is None else text))
+    chars = len(routing_text(body, kind) if text is None else text)
+    r = ratio or _UNLEARNED
+    return r.against(chars, threshold) if threshold > 0 else r.estimate(chars)

@@ -24,7 +24,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import aiohttp
@@ -35,7 +35,7 @@ from pdorch.proxy import breaker as brk
 from pdorch.proxy.blame import silent_pair_blame
 from pdorch.proxy.config import ProxyConfig
 from pdorch.proxy.deadline import Deadline
-from pdorch.proxy.endpoints import Endpoint, EndpointSet
+from pdorch.proxy.endpoints import Endpoint, EndpointSet, group_by_revision
 from pdorch.proxy.errors import ProxyError
 from pdorch.proxy.http_server import (
     BodyMalformed,
@@ -49,7 +49,16 @@ from pdorch.proxy.http_server import (
 )
 from pdorch.proxy.metrics import ProxyMetrics
 from pdorch.proxy.openapi import openapi_document
-from pdorch.proxy.policies import Decision, NoRoute, PrefixIndex, RouteRequest, choose, usable_pair_exists
+from pdorch.proxy.policies import (
+    Decision,
+    Mode,
+    NoRoute,
+    PrefixIndex,
+    RouteRequest,
+    choose,
+    disaggregation,
+    usable_pair_exists,
+)
 from pdorch.proxy.prefill_queue import NO_TICKET, PrefillQueue, Ticket
 from pdorch.proxy.progress import ProgressWatch, step_tokens
 from pdorch.proxy.protocols import (
@@ -270,7 +279,9 @@ class ProxyServer:
         self.token_ratios: defaultdict[Kind, TokenRatio] = defaultdict(TokenRatio)
         self.rooms = RoomMinter()
         self.request_ids = RequestIds()
-        self.counter = 0
+        # Round-robin position per mode: a shared one aliased with the traffic's own mix (P/D and
+        # decode-only requests alternating sent every P/D request to the same prefill).
+        self.counters: dict[Mode, int] = {"pd": 0, "decode_only": 0}
         self.draining = False
         self.port: int | None = None
         self._models: tuple[float, bytes, frozenset[str]] | None = None
@@ -711,10 +722,13 @@ class ProxyServer:
         cache_aware = self.config.policy == "cache_aware"
         text = routing_text(body, kind) if cache_aware else ""
         tokens = 0
+        sampled = False
         if self.config.min_prompt_tokens > 0:
-            tokens = estimate_prompt_tokens(
-                body, kind, text if cache_aware else None, self.token_ratios[kind]
-            )
+            ratio = self.token_ratios[kind]
+            known = text if cache_aware else routing_text(body, kind)
+            tokens = estimate_prompt_tokens(body, kind, known, ratio, self.config.min_prompt_tokens)
+            sampled = tokens > estimate_prompt_tokens(body, kind, known, ratio)
+        mode, _ = disaggregation(tokens, self.config.min_prompt_tokens)
         req = RouteRequest(
             endpoints=self.discovery.current(),
             loads=self.loads,
@@ -724,13 +738,15 @@ class ProxyServer:
             prompt_text=text,
             prompt_tokens=tokens,
             min_prompt_tokens=self.config.min_prompt_tokens,
-            counter=self.counter,
+            counter=self.counters[mode],
         )
         if not avoid:
             # One turn per request, not per attempt: with a retry per request, two decodes and a
             # counter moving per attempt, every first attempt landed on the same (failing) decode.
-            self.counter += 1
+            self.counters[mode] += 1
         out = choose(req, self.rng, self.prefix if cache_aware else None)
+        if sampled and isinstance(out, Decision) and out.prefill is not None:
+            out = replace(out, reason="ratio_sample")  # P/D to teach the token ratio (TokenRatio.against)
         if isinstance(out, Decision):
             # Counted on the next loop turn: off the path to the first upstream write.
             self.loop.call_soon(self._decided, out)
@@ -745,11 +761,12 @@ class ProxyServer:
             self.token_ratios[kind].observe(len(routing_text(body, kind)), prompt_tokens)
 
     def _prefill_engines(self) -> int:
-        """Prefill engines that may take a leg now (breaker-blocked ones carry no share of the room)."""
+        """Prefill engines that may take a leg now: not breaker-blocked, and of a revision with a
+        decode to pair them with (early in a rollout the new prefills wait for theirs). Others
+        carry no share of the room."""
         blocked = self._blocked() if self.breakers else frozenset()
-        return sum(
-            1 for e in self.discovery.current().endpoints if e.role == "prefill" and e.key not in blocked
-        )
+        usable = [e for e in self.discovery.current().endpoints if e.key not in blocked]
+        return sum(len(pre) for pre, dec in group_by_revision(usable).values() if dec)
 
     async def _queued(self, body: dict[str, Any], kind: Kind, arrival: float) -> Ticket:
         """Room on the prefill role for this prompt (router.prefillQueue is on), within the request
@@ -757,7 +774,11 @@ class ProxyServer:
         queue = self._prefill_queue
         assert queue is not None
         tokens = estimate_prompt_tokens(body, kind, ratio=self.token_ratios[kind])
-        if self.config.min_prompt_tokens > 0 and tokens < self.config.min_prompt_tokens:
+        least = self.config.min_prompt_tokens
+        if (
+            least > 0
+            and estimate_prompt_tokens(body, kind, ratio=self.token_ratios[kind], threshold=least) < least
+        ):
             return NO_TICKET
         return await self._wait_for_room(queue, tokens, arrival)
 
@@ -1054,19 +1075,16 @@ class ProxyServer:
         decode_body = body
         t_prefilled: float | None = None
         if d.prefill is not None:
-            # A decode on probation (breaker half-open) is taken now, not when its leg starts after
-            # the prefill: the requests routed meanwhile must see the probe in flight, or every one
-            # of them becomes a probe of an engine that may still be failing.
-            early = self._on_probation(dec)
-            if early:
-                self._leg_start(dec)
+            # The decode is taken now, not when its leg starts after the prefill: the requests
+            # routed meanwhile must see it in flight, or a burst all picks the same decode (and a
+            # decode on probation, breaker half-open, becomes the probe of every one of them).
+            self._leg_start(dec)
             try:
                 decode_body, t_prefilled = await self._vllm_prefill(
                     d.prefill, body, path, headers, progress, prefill_budget
                 )
             finally:
-                if early:
-                    self._leg_end(dec)  # counted again below, as every decode leg is
+                self._leg_end(dec)  # counted again below, as every decode leg is
         else:
             progress.ticket.release()  # no prefill leg (a decode-only decision)
         progress.endpoint, progress.leg = dec, "decode"

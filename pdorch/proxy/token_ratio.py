@@ -23,6 +23,13 @@ WINDOW = 256
 MIN_CHARS = 64
 # A ratio outside this range is a reading error (an engine counting something else), not text.
 MIN_TOKENS_PER_CHAR, MAX_TOKENS_PER_CHAR = 0.05, 2.0
+# The ratio is learned from prefill answers only, so prompts it puts under minPromptTokens (sent
+# decode-only) never correct it: CJK text at 4x the default would stay misjudged for good. Such a
+# prompt that could reach the threshold at a plausible ratio goes P/D while fewer than MIN_SAMPLES
+# prompts were counted, and one in EXPLORE_EVERY (by character count, so every look at one
+# request decides alike) after that.
+MIN_SAMPLES = 16
+EXPLORE_EVERY = 32
 
 
 @dataclass
@@ -53,3 +60,13 @@ class TokenRatio:
     def estimate(self, chars: int) -> int:
         """Tokens of a prompt of `chars` characters."""
         return math.ceil(chars * self.per_char)
+
+    def against(self, chars: int, threshold: int) -> int:
+        """The estimate conditional disaggregation compares with `threshold`: `estimate`, or the
+        threshold itself for a prompt under it sampled to teach the ratio (see MIN_SAMPLES)."""
+        tokens = self.estimate(chars)
+        if tokens >= threshold or chars * MAX_TOKENS_PER_CHAR < threshold:
+            return tokens
+        if len(self.samples) < MIN_SAMPLES or chars % EXPLORE_EVERY == 0:
+            return threshold
+        return tokens

@@ -57,25 +57,36 @@ def _env(ctx: RenderContext) -> list[dict[str, Any]]:
 
 
 def _runs_pdorch_proxy(container: dict[str, Any]) -> bool:
-    words = [str(w) for w in [*(container.get("command") or []), *(container.get("args") or [])]]
-    return container.get("name") == CONTAINER_NAME or any(
-        w.rsplit("/", 1)[-1] == "pdorch" and nxt == "proxy" for w, nxt in itertools.pairwise(words)
+    """Named `proxy`, or its command line runs `pdorch proxy` (`pdorch.cli proxy`, in a shell
+    string, or `proxy` as the first argument to the image's entrypoint)."""
+    words = [
+        w
+        for part in [*(container.get("command") or []), *(container.get("args") or [])]
+        for w in str(part).split()
+    ]
+    return (
+        container.get("name") == CONTAINER_NAME
+        or (not container.get("command") and words[:1] == ["proxy"])
+        or any(
+            w.rsplit("/", 1)[-1] in ("pdorch", "pdorch.cli") and nxt == "proxy"
+            for w, nxt in itertools.pairwise(words)
+        )
     )
 
 
 def with_router_env(ctx: RenderContext, template: dict[str, Any]) -> dict[str, Any]:
-    """A user's proxy pod template with `spec.router` handed to its proxy container (named `proxy`,
-    or running `pdorch proxy`), as the built-in proxy gets it: a template of one's own (other
-    resources, a sidecar) keeps the group's policy and API key. Sidecars get nothing; a variable the
-    container sets itself keeps its value, and one that takes its environment from `envFrom` gets
-    none (`env` would override what it reads there)."""
+    """A user's proxy pod template with `spec.router` handed to its proxy container, as the built-in
+    proxy gets it: a template of one's own (other resources, a sidecar) keeps the group's policy and
+    API key. The proxy container is the one named `proxy` or running `pdorch proxy`; when none is
+    recognised, every container gets the settings (a proxy silently left without its API key would
+    serve anyone). A variable a container sets itself in `env` keeps its value."""
     env = _env(ctx)
     if not env:
         return template
     out = copy.deepcopy(template)
-    for c in (out.get("spec") or {}).get("containers") or []:
-        if not _runs_pdorch_proxy(c) or c.get("envFrom"):
-            continue
+    containers = (out.get("spec") or {}).get("containers") or []
+    proxies = [c for c in containers if _runs_pdorch_proxy(c)] or containers
+    for c in proxies:
         own = {e.get("name") for e in c.get("env") or []}
         c["env"] = [*(c.get("env") or []), *(e for e in env if e["name"] not in own)]
     return out

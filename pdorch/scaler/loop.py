@@ -398,6 +398,8 @@ class BuiltinScaler:
     ) -> tuple[dict[str, Any], int, int, str, list[dict[str, Any]]] | None:
         key = (ns, group, role.name)
         st = self.roles.setdefault(key, RoleState())
+        # Taken before any path of this tick's decision, so a refused write restores this tick's.
+        st.cooldown_before = (st.damping.last_change_s, st.damping.last_direction)
         srs = await self.api.get(SERVING_ROLE_SCALER, scaler_name(group, role.name), ns)
         if srs is None:
             return None  # the controller has not created it yet
@@ -459,7 +461,6 @@ class BuiltinScaler:
         RECOMMENDED.labels(ns, group, role.name).set(rec.replicas)
         self._raw[key] = rec.replicas
         base = st.draining_to if st.draining_to is not None else current
-        st.cooldown_before = (st.damping.last_change_s, st.damping.last_direction)
         d = damp(
             st.damping,
             damping_config(role),

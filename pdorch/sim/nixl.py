@@ -121,7 +121,7 @@ class SideChannelClient:
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
-    async def call(self, params: Mapping[str, Any], op: str) -> bool | None:
+    async def call(self, params: Mapping[str, Any], op: str, timeout_s: float = 5.0) -> bool | None:
         """`op` on the lease `params` name: True (200), False (404: gone), None (no answer: a
         prefill that serves no side channel, whose lease then runs out on its own)."""
         host = str(params["remote_host"])
@@ -130,9 +130,10 @@ class SideChannelClient:
             engine_id=params["remote_engine_id"], lease_id=params["remote_request_id"], op=op
         )
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+            self._session = aiohttp.ClientSession()
         try:
-            async with self._session.post(f"http://{host}:{params['remote_port']}{path}") as resp:
+            url = f"http://{host}:{params['remote_port']}{path}"
+            async with self._session.post(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 return resp.status == 200 if resp.status in (200, 404) else None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.debug("side channel %s:%s: %r", host, params["remote_port"], exc)

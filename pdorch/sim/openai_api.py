@@ -134,11 +134,11 @@ def parse_request(body: Any, kind: Kind) -> GenRequest:
         raise BadRequest("'stream_options' must be an object", "stream_options")
     include_usage = bool(options and options.get("include_usage"))
     min_tokens = _opt_int(body, "min_tokens", 0) or 0
-    if max_tokens is not None and min_tokens > max_tokens:
-        # vLLM's SamplingParams check.
+    # vLLM's SamplingParams check, against completions' default of 16 when max_tokens is absent.
+    limit = max_tokens if max_tokens is not None or kind != "completion" else DEFAULT_COMPLETION_MAX_TOKENS
+    if limit is not None and min_tokens > limit:
         raise BadRequest(
-            f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
-            "min_tokens",
+            f"min_tokens must be less than or equal to max_tokens={limit}, got {min_tokens}.", "min_tokens"
         )
     return GenRequest(
         kind=kind,

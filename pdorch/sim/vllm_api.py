@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 flavor = VLLM
 
 EngineLookup = Callable[[web.Request], Engine]
+# A prefill's side channel that does not answer this fast is taken as unknown (the pull goes on):
+# the check sits before the decode's first token.
+CHECK_TIMEOUT_S = 1.0
 
 
 async def read_json(request: web.Request) -> Any:
@@ -210,19 +213,20 @@ class VllmFrontend:
         remote = nixl.local_engine(str(params["remote_engine_id"]))
         lease_id = str(params["remote_request_id"])
 
-        async def release() -> None:
-            if remote is not None:
-                remote.release_lease(lease_id)
-            else:
-                await self.side_channel.call(params, "release")
-
         async def pull() -> None:
+            try:
+                await transfer()
+            except asyncio.CancelledError:
+                self._give_back(params)  # aborted: during the check or the transfer
+                raise
+
+        async def transfer() -> None:
             c = engine.coefficients
             engine.kv_sources[str(params["remote_engine_id"])] += 1
             if remote is not None:
                 present: bool | None = lease_id in remote.leases
             else:
-                present = await self.side_channel.call(params, "check")
+                present = await self.side_channel.call(params, "check", timeout_s=CHECK_TIMEOUT_S)
             if present is False:
                 engine.metrics.handshake("kv_pull_failed")
                 if self.config.kv_load_failure_policy == "fail":
@@ -233,12 +237,9 @@ class VllmFrontend:
                 await engine.sleep_model(latency.prefill_time_s(c, [prompt_tokens]))  # recompute locally
                 return
             seconds = latency.kv_transfer_time_s(c, prompt_tokens)
-            try:
-                await engine.sleep_model(seconds)
-            except asyncio.CancelledError:
-                self._give_back(params)  # aborted mid-transfer
-                raise
-            await release()
+            await engine.sleep_model(seconds)
+            # vLLM's read-done notification is asynchronous: the decode goes on at once.
+            self._give_back(params)
             engine.metrics.kv_transfer(seconds * engine.time_scale, prompt_tokens * c.kv_bytes_per_token)
             engine.metrics.handshake("kv_pulled")
 

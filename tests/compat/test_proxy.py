@@ -192,27 +192,36 @@ async def test_openai_client_completions_and_chat(protocol: str, http: aiohttp.C
 async def test_conditional_disaggregation_learns_the_engines_tokens_per_character(
     http: aiohttp.ClientSession,
 ) -> None:
-    """Prompts of one-letter words hold a token per 2 characters, not 4. Before the proxy has seen
-    the engine count any, a 300-character prompt (151 tokens by the engine) reads as 75 and skips
-    the prefill under a 100-token threshold; after three long prompts went through prefill (whose
-    answers carry usage.prompt_tokens) it reads as ~150 and is disaggregated."""
+    """Prompts of one-letter words hold a token per 2 characters, not 4: a 300-character prompt
+    (151 tokens by the engine) reads as 75 at the default ratio, under a 100-token threshold. The
+    ratio is learned from prefill answers only, so such a prompt goes P/D to teach it while few
+    were counted (reason ratio_sample), and is then read as ~150 tokens and disaggregated on its
+    own estimate. Only the prefill answers teach the ratio: a prompt skipping the prefill never
+    could."""
     prompt = "a " * 150
     assert tokens.count_tokens(prompt) == 151
     async with stack("vllm", min_prompt_tokens=100) as s:
         c = s.client()
         await c.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
-        for _ in range(3):
-            await c.completions.create(model=MODEL, prompt="a " * 1000, max_tokens=2)
         await asyncio.sleep(0)  # the count is learned on the loop turn after the prefill answer
         await c.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+        await c.completions.create(model=MODEL, prompt="a " * 10, max_tokens=2)  # too short to matter
         proxy_text = await text_of(http, s.url)
         decisions = {
             (mode, reason): sample(
                 proxy_text, "pdorch_proxy_pd_decisions_total", {"mode": mode, "reason": reason}
             )
-            for mode, reason in (("decode_only", "short_prompt"), ("pd", "long_prompt"))
+            for mode, reason in (
+                ("decode_only", "short_prompt"),
+                ("pd", "ratio_sample"),
+                ("pd", "long_prompt"),
+            )
         }
-        assert decisions == {("decode_only", "short_prompt"): 1, ("pd", "long_prompt"): 4}
+        assert decisions == {
+            ("decode_only", "short_prompt"): 1,
+            ("pd", "ratio_sample"): 1,
+            ("pd", "long_prompt"): 1,
+        }
         assert s.proxy.token_ratios["completion"].per_char == pytest.approx(0.5, abs=0.01)
 
 

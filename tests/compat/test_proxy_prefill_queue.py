@@ -250,3 +250,29 @@ async def test_max_queue_zero_refuses_only_prompts_that_would_wait() -> None:
         async with http.post(s.url + "/v1/completions", json=body) as resp:
             assert resp.status == 429, await resp.text()
         other.release()
+
+
+async def test_room_counts_only_prefills_a_request_can_be_routed_to() -> None:
+    """Early in a rollout a new revision's prefill is ready before its decode: no request can go
+    to it, so it adds no room (it doubled the tokens let onto the old revision's prefill)."""
+    from pdorch.proxy.config import ProxyConfig
+    from pdorch.proxy.discovery import StaticDiscovery
+    from pdorch.proxy.endpoints import Endpoint, EndpointSet
+    from pdorch.proxy.server import ProxyServer
+
+    def ep(i: int, role: str, rev: str) -> Endpoint:
+        return Endpoint(
+            url=f"http://127.0.0.{i}:8000", role=role, host=f"127.0.0.{i}", port=8000, revision=rev
+        )  # type: ignore[arg-type]
+
+    rollout = EndpointSet((ep(1, "prefill", "old"), ep(2, "decode", "old"), ep(3, "prefill", "new")))
+    px = ProxyServer(
+        ProxyConfig(engine="vllm", decode=("http://127.0.0.1:1",), prefill_queue_tokens=1000),
+        StaticDiscovery(rollout),
+    )
+    queue = px._prefill_queue
+    assert queue is not None
+    ticket = await queue.acquire(900, 0.0)
+    assert not queue.fits_now(900)  # 1800 tokens on one usable prefill of 1000
+    ticket.release()
+    assert queue.fits_now(900)

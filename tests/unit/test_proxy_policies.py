@@ -150,6 +150,22 @@ def test_cache_aware_prefers_prefix_owner_unless_imbalanced() -> None:
     assert d3.pick == "imbalanced" and d3.prefill is not None and d3.prefill.host == "10.0.0.1"
 
 
+def test_cache_aware_sends_a_shared_prefix_to_the_least_loaded_of_its_holders() -> None:
+    """Both prefills cached the same system prompt: the idle one takes the next request with it,
+    not always the first in URL order until it is far enough ahead to trip the balance check."""
+    s = eps(ep("prefill", 1), ep("prefill", 2), ep("decode", 3))
+    index = PrefixIndex(chunk_chars=16)
+    system = "You are a helpful assistant. " * 20
+    for holder in s.endpoints[:2]:
+        index.insert(system + "earlier question", holder)
+    busy_first = {"http://10.0.0.1:8000": 60}
+    d = decide(
+        RouteRequest(endpoints=s, loads=busy_first, policy="cache_aware", prompt_text=system + "new one"),
+        prefix=index,
+    )
+    assert d.pick == "prefix_hit" and d.prefill is not None and d.prefill.host == "10.0.0.2"
+
+
 def test_prefix_index_is_bounded() -> None:
     index = PrefixIndex(chunk_chars=4, max_entries=10)
     for i in range(20):

@@ -43,3 +43,20 @@ def test_token_id_prompts_are_counted_exactly_whatever_the_ratio() -> None:
     ratio = TokenRatio()
     ratio.observe(1000, 900)
     assert estimate_prompt_tokens({"prompt": [1, 2, 3]}, "completion", ratio=ratio) == 3
+
+
+def test_prompts_the_ratio_may_underestimate_are_sampled_to_teach_it() -> None:
+    """The ratio learns from prefill answers only. A prompt it puts under the threshold, but that a
+    plausible ratio would put over it, counts at the threshold (goes P/D) while few prompts were
+    counted, then one in EXPLORE_EVERY; prompts too short to reach it at any ratio never do."""
+    from pdorch.proxy.token_ratio import EXPLORE_EVERY, MIN_SAMPLES
+
+    r = TokenRatio()
+    assert r.against(1500, 512) == 512  # 375 at the default ratio: sampled while unlearned
+    assert r.against(200, 512) == 50  # 400 even at 2 tokens per character: never sampled
+    assert r.against(4000, 512) == 1000  # over the threshold on its own estimate
+    for _ in range(MIN_SAMPLES):
+        r.observe(1000, 250)
+    sampled = [c for c in range(1000, 2000) if r.against(c, 512) == 512]
+    assert sampled and all(c % EXPLORE_EVERY == 0 for c in sampled)
+    assert len(sampled) == len(range(1024, 2000, EXPLORE_EVERY))

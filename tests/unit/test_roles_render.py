@@ -335,9 +335,9 @@ def test_custom_proxy_template_is_used_as_given() -> None:
 
 
 def test_custom_proxy_template_gets_the_router_settings_in_its_proxy_container() -> None:
-    """A template of one's own that runs `pdorch proxy` keeps the group's policy and API key. A
-    sidecar gets nothing, a variable the container sets itself keeps its value, and a container
-    reading its environment through envFrom gets none (env would override it)."""
+    """A template of one's own that runs `pdorch proxy` keeps the group's policy and API key: its
+    proxy containers get them (also one reading other variables through envFrom), a sidecar does
+    not, and a variable the container sets itself keeps its value."""
     raw = _raw()
     raw["spec"]["router"]["auth"] = {"secretName": "keys"}
     mine = {"name": "PDORCH_ROUTER_CONFIG", "value": '{"policy": "round_robin"}'}
@@ -347,15 +347,16 @@ def test_custom_proxy_template_gets_the_router_settings_in_its_proxy_container()
         {
             "name": "p3",
             "image": "my/proxy",
-            "args": ["pdorch", "proxy"],
-            "envFrom": [{"secretRef": {"name": "k"}}],
+            "command": ["sh", "-c", "exec python -m pdorch.cli proxy"],
+            "envFrom": [{"configMapRef": {"name": "otel"}}],
         },
+        {"name": "p4", "image": "my/pdorch", "args": ["proxy", "--port", "8000"]},
         {"name": "oauth", "image": "my/sidecar"},
     ]
     tpl = {"spec": {"containers": containers}}
     _role(raw, "proxy")["leaderTemplate"] = tpl
     lws = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]
-    proxy, p2, p3, oauth = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"]
+    proxy, p2, p3, p4, oauth = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"]
     env = {e["name"]: e for e in proxy["env"]}
     assert yaml.safe_load(env["PDORCH_ROUTER_CONFIG"]["value"])["policy"] == "least_load"
     assert env["PDORCH_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-key"}
@@ -363,8 +364,21 @@ def test_custom_proxy_template_gets_the_router_settings_in_its_proxy_container()
         "PDORCH_ROUTER_CONFIG",
         "PDORCH_API_KEY",
     ]
-    assert "env" not in p3 and "env" not in oauth
+    for c in (p3, p4):
+        assert [e["name"] for e in c["env"]] == ["PDORCH_ROUTER_CONFIG", "PDORCH_API_KEY"], c
+    assert "env" not in oauth
     assert tpl["spec"]["containers"][0] == {"name": "proxy", "image": "my/proxy"}  # the spec is not edited
+
+
+def test_a_proxy_template_whose_proxy_is_not_recognised_gives_every_container_the_settings() -> None:
+    """Better a sidecar with the API key in its environment than a proxy serving without one."""
+    raw = _raw()
+    raw["spec"]["router"]["auth"] = {"secretName": "keys"}
+    tpl = {"spec": {"containers": [{"name": "router", "image": "my/router"}, {"name": "log", "image": "x"}]}}
+    _role(raw, "proxy")["workerTemplate"] = tpl
+    lws = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]
+    for c in lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"]:
+        assert {e["name"] for e in c["env"]} == {"PDORCH_ROUTER_CONFIG", "PDORCH_API_KEY"}, c
 
 
 def test_proxy_rbac_is_namespaced_and_read_only() -> None:

@@ -212,3 +212,5 @@ def test_stream_options_count_when_they_say_something_and_min_tokens_fit_max_tok
     assert parse_request(given, "completion").stream_options_given
     with pytest.raises(BadRequest, match="min_tokens must be less than or equal to max_tokens=4"):
         parse_request({"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "completion")
+    with pytest.raises(BadRequest, match="max_tokens=16, got 20"):  # completions' default limit
+        parse_request({"prompt": "x", "min_tokens": 20}, "completion")
