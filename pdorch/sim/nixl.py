@@ -140,7 +140,8 @@ class SideChannelClient:
             return None
 
     def release_soon(self, params: Mapping[str, Any]) -> None:
-        """Release in the background (from a decode being cancelled, which cannot await)."""
+        """Release without waiting for the answer (vLLM's notifications are asynchronous, and a
+        decode being cancelled cannot await)."""
         task = asyncio.get_running_loop().create_task(self.call(params, "release"))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
