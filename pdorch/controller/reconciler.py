@@ -50,7 +50,7 @@ from pdorch.roles.labels import (
 from pdorch.roles.naming import lws_name, scaler_name
 from pdorch.roles.render import RenderOptions, RoleOverride, render
 from pdorch.roles.revision import compute_revision
-from pdorch.roles.rolescaler import needs_scaler, scaler_replicas
+from pdorch.roles.rolescaler import needs_scaler, scaled_replicas
 from pdorch.rollout import history
 from pdorch.rollout import live as rlive
 from pdorch.rollout.commands import rollout_spec
@@ -203,6 +203,7 @@ class Reconciler:
             overrides[role_name] = RoleOverride(
                 replicas=replicas,
                 partition=partition,
+                scaler_replicas=scaled[role_name].scaler_replicas if role_name in scaled else None,
                 rollout=True,
                 step=record.encode() if (record := rollout.records.get(role_name)) is not None else None,
             )
@@ -607,15 +608,20 @@ class Reconciler:
     # ------------------------------------------------------------------ pieces
     def _overrides(self, sg: ServingGroup, namespace: str, name: str) -> dict[str, RoleOverride]:
         """Replicas of External/Builtin roles come from their ServingRoleScaler (HPA, KEDA, ours),
-        within the role's minReplicas/maxReplicas (a `kubectl scale` beyond them does not pass)."""
+        within the role's minReplicas/maxReplicas (a `kubectl scale` beyond them does not pass).
+        A role whose scaler is missing while its LWS runs keeps the LWS's size (`scaled_replicas`)."""
         out: dict[str, RoleOverride] = {}
         for role in sg.spec.roles:
             if not needs_scaler(role):
                 continue
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
-            replicas = scaler_replicas(role, srs)
+            lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name)) if srs is None else None
+            replicas = scaled_replicas(role, srs, lws)
             if replicas is not None:
-                out[role.name] = RoleOverride(replicas=replicas)
+                # A scaler created now starts there too (not at roles[].replicas).
+                out[role.name] = RoleOverride(
+                    replicas=replicas, scaler_replicas=replicas if srs is None else None
+                )
         return out
 
     def forget(self, res: Resource, namespace: str, name: str) -> None:
@@ -676,6 +682,9 @@ class Reconciler:
             except ApiError as e:
                 if e.code != 409:
                     raise
+            # It exists, unseen by the watch (its managed-by label removed by hand): taking it back
+            # must not take its replicas from whoever scales it.
+            intent = _without_scaler_replicas(intent, {})
         return await self.api.apply(intent, dry_run=dry_run)
 
     async def _prune(self, owner: dict[str, Any], desired: list[dict[str, Any]]) -> list[str]:

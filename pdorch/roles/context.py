@@ -30,16 +30,17 @@ class RoleOverride:
     `partition`: LWS rollingUpdateConfiguration.partition; default 0 (everything on the new revision).
     `max_surge` / `max_unavailable`: per-step LWS values; default spec.rolloutStrategy's.
     `rollout`: mark the LWS as mid-rollout (see `pdorch.roles.labels.ANNOTATION_ROLLOUT`).
-    `include_scaler_replicas`: put spec.replicas into the ServingRoleScaler intent. Only for creation:
-    once HPA/KEDA or pdorch's scaler writes it through /scale, applying it again (with force) would
-    undo their decision, so the controller sets this to False when the scaler already exists.
+    `scaler_replicas`: what the role's ServingRoleScaler starts at when it is created now (default
+    roles[].replicas): a scaler deleted by hand, or a role switched back to External, restarts at
+    the size its LWS has instead of cutting it back. The controller applies it only on creation;
+    afterwards HPA/KEDA or pdorch's scaler own the field.
     """
 
     replicas: int | None = None
     partition: int | None = None
     max_surge: int | str | None = None
     max_unavailable: int | str | None = None
-    include_scaler_replicas: bool = True
+    scaler_replicas: int | None = None
     # The KV role is part of a rollout in progress: its LWS carries ANNOTATION_ROLLOUT until the
     # planner says "done", so surge groups are only removed once every group is ready.
     rollout: bool = False

@@ -29,11 +29,27 @@ def scaler_replicas(role: Role, srs: Mapping[str, Any] | None) -> int | None:
     return role.scaling.clamp(int(replicas))
 
 
+def scaled_replicas(role: Role, srs: dict[str, Any] | None, lws: dict[str, Any] | None) -> int | None:
+    """What an autoscaled role's LWS should have: its ServingRoleScaler's replicas (within bounds),
+    or, while the scaler is missing (deleted by hand, or the role just switched to External) and
+    the LWS runs, the LWS's own size: roles[].replicas would cut a scaled-up role back at once.
+    None: roles[].replicas applies."""
+    replicas = scaler_replicas(role, srs)
+    if replicas is not None or srs is not None or lws is None or not needs_scaler(role):
+        return replicas
+    assert role.scaling is not None  # needs_scaler
+    return role.scaling.clamp(int((lws.get("spec") or {}).get("replicas", role.replicas)))
+
+
 def render_scaler(ctx: RenderContext, role: Role) -> dict[str, Any]:
-    """The ServingRoleScaler intent `<group>-<role>`; spec.replicas starts at roles[].replicas."""
-    spec: dict[str, Any] = {"servingGroup": ctx.group, "role": role.name}
-    if ctx.override(role).include_scaler_replicas:
-        spec["replicas"] = role.replicas
+    """The ServingRoleScaler intent `<group>-<role>`; spec.replicas starts at the override's
+    `scaler_replicas`, else roles[].replicas (the controller strips it once the scaler exists)."""
+    seed = ctx.override(role).scaler_replicas
+    spec: dict[str, Any] = {
+        "servingGroup": ctx.group,
+        "role": role.name,
+        "replicas": role.replicas if seed is None else seed,
+    }
     return {
         "apiVersion": API_VERSION,
         "kind": scaler.KIND,

@@ -214,7 +214,7 @@ def live_plan(sg: ServingGroup, roles: Sequence[live.LiveRole], revision: str) -
     """The planning inputs of a live group, exactly as the controller builds them.
 
     `roles` are the KV roles with the desired replicas the controller uses (the scalers' where
-    they set one, see `scaler_replicas`) and their live LWS. During a rollout the simulation
+    they set one, see `scaled_replicas`) and their live LWS. During a rollout the simulation
     continues from the observed state, with the ratio and the automatic tolerance of the
     rollout's start state (`live.plan`); otherwise it plans the next template change.
     """
@@ -243,7 +243,7 @@ def _run_live(args: argparse.Namespace) -> int:
     from pdorch.roles.labels import LABEL_GROUP, LABEL_ROLE
     from pdorch.roles.naming import lws_name, scaler_name
     from pdorch.roles.revision import compute_revision
-    from pdorch.roles.rolescaler import needs_scaler, scaler_replicas
+    from pdorch.roles.rolescaler import needs_scaler, scaled_replicas
 
     def res(group: str, version: str, kind: str, plural: str) -> Any:
         return create_namespaced_resource(group, version, kind, plural)
@@ -271,7 +271,9 @@ def _run_live(args: argparse.Namespace) -> int:
     for r in sg.spec.roles:
         if r.type not in KV_ROLE_TYPES:
             continue
-        scaled = scaler_replicas(r, get(srs_res, scaler_name(name, r.name)) if needs_scaler(r) else None)
+        lws = get(lws_res, lws_name(name, r.name))
+        srs = get(srs_res, scaler_name(name, r.name)) if needs_scaler(r) else None
+        scaled = scaled_replicas(r, srs, lws if srs is None else None)
         pods = [
             p.to_dict()
             for p in client.list(Pod, namespace=ns, labels={LABEL_GROUP: name, LABEL_ROLE: r.name})
@@ -281,7 +283,7 @@ def _run_live(args: argparse.Namespace) -> int:
                 r.name,
                 r.type.value,
                 r.replicas if scaled is None else scaled,
-                get(lws_res, lws_name(name, r.name)),
+                lws,
                 live.group_states(pods, r.size),
             )
         )

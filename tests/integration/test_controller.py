@@ -392,3 +392,52 @@ def test_apply_failure_is_reported_in_status_and_recovers(
     sg["metadata"].setdefault("labels", {})["nudge"] = "1"
     kube.replace(SG.from_dict(sg), namespace=namespace)
     wait_available(kube, namespace, "quota")
+
+
+def test_a_scaled_role_keeps_its_size_when_its_scaler_is_deleted_or_unlabelled(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A ServingRoleScaler deleted by hand was recreated at roles[].replicas and cut the scaled-up
+    role back at once; one whose managed-by label was removed was taken back by a forced apply of
+    roles[].replicas, and then fell to the schema default of 1. Both keep the role's size now."""
+    kube.create(
+        SG.from_dict(example_scaled("keep", "decode", {"mode": "External", "maxReplicas": 4})),
+        namespace=namespace,
+    )
+    wait_available(kube, namespace, "keep")
+    kube.patch(SRS, "keep-decode", {"spec": {"replicas": 3}}, namespace=namespace, patch_type=PatchType.MERGE)
+    wait_for(
+        lambda: kube.get(LWS, "keep-decode", namespace=namespace).spec["replicas"] == 3, 60, "decode at 3"
+    )
+
+    def sizes() -> tuple[int, int] | None:
+        try:
+            srs = kube.get(SRS, "keep-decode", namespace=namespace)
+        except ApiError:
+            return None
+        return srs["spec"]["replicas"], kube.get(LWS, "keep-decode", namespace=namespace).spec["replicas"]
+
+    old = kube.get(SRS, "keep-decode", namespace=namespace).metadata.uid
+    kube.delete(SRS, "keep-decode", namespace=namespace)
+    wait_for(
+        lambda: kube.get(SRS, "keep-decode", namespace=namespace).metadata.uid != old, 60, "scaler recreated"
+    )
+    seen = {sizes() for _ in range(8) if time.sleep(0.5) is None}
+    assert seen == {(3, 3)}, seen
+
+    kube.patch(
+        SRS,
+        "keep-decode",
+        {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}},
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+    wait_for(
+        lambda: (kube.get(SRS, "keep-decode", namespace=namespace).metadata.labels or {}).get(
+            "app.kubernetes.io/managed-by"
+        ),
+        60,
+        "managed-by label restored",
+    )
+    seen = {sizes() for _ in range(8) if time.sleep(0.5) is None}
+    assert seen == {(3, 3)}, seen

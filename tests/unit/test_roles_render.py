@@ -423,11 +423,10 @@ def test_scalers_only_for_external_and_builtin_roles() -> None:
     assert srs["sim-pd-prefill"]["spec"] == {"servingGroup": "sim-pd", "role": "prefill", "replicas": 2}
     assert srs["sim-pd-decode"]["metadata"]["labels"][LABEL_ROLE] == "decode"
     assert srs["sim-pd-decode"]["metadata"]["ownerReferences"][0]["controller"] is True
-    # Once a scaler owns spec.replicas, the controller leaves it out of the intent.
-    later = _by_key(
-        render(_sg(raw), overrides={"prefill": RoleOverride(replicas=6, include_scaler_replicas=False)})
-    )
-    assert "replicas" not in later[("ServingRoleScaler", "sim-pd-prefill")]["spec"]
+    # A scaler created while its role's LWS runs (deleted by hand, a switch back to External)
+    # starts at the size the controller gives it, not at roles[].replicas.
+    later = _by_key(render(_sg(raw), overrides={"prefill": RoleOverride(replicas=6, scaler_replicas=6)}))
+    assert later[("ServingRoleScaler", "sim-pd-prefill")]["spec"]["replicas"] == 6
     assert later[("LeaderWorkerSet", "sim-pd-prefill")]["spec"]["replicas"] == 6
 
 

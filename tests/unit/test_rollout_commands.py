@@ -12,7 +12,7 @@ import yaml
 
 from pdorch.api.servinggroup import ServingGroup
 from pdorch.roles.labels import LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
-from pdorch.roles.rolescaler import scaler_replicas
+from pdorch.roles.rolescaler import scaled_replicas, scaler_replicas
 from pdorch.rollout import commands, live
 from pdorch.rollout.planner import auto_tolerance, initial_state, next_step
 from pdorch.rollout.state import KV_TYPES
@@ -65,7 +65,7 @@ def test_scaler_replicas_are_the_scalers_within_bounds_and_zero_is_zero() -> Non
     "scaling", [None, {"mode": "Static"}, SCALED, {"mode": "External", "minReplicas": 1}]
 )
 def test_scaler_replicas_agree_with_the_controller(srs: dict[str, Any] | None, scaling: Any) -> None:
-    from pdorch.controller.kubeapi import SERVING_ROLE_SCALER
+    from pdorch.controller.kubeapi import LWS, SERVING_ROLE_SCALER
     from pdorch.controller.reconciler import Caches, Reconciler
     from pdorch.roles.render import RenderOptions
 
@@ -76,10 +76,17 @@ def test_scaler_replicas_agree_with_the_controller(srs: dict[str, Any] | None, s
         def get(self, namespace: str, name: str) -> dict[str, Any] | None:
             return obj
 
-    rec = Reconciler(None, Caches(None, {SERVING_ROLE_SCALER: Cache()}), None, RenderOptions())  # type: ignore[arg-type]
+    class Lws:
+        def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+            return {"spec": {"replicas": 5}}  # a running LWS: the size a missing scaler keeps
+
+    rec = Reconciler(None, Caches(None, {SERVING_ROLE_SCALER: Cache(), LWS: Lws()}), None, RenderOptions())  # type: ignore[arg-type]
     controller = {n: o.replicas for n, o in rec._overrides(sg, "ns", "g").items()}
-    mine = {r.name: v for r in sg.spec.roles if (v := scaler_replicas(r, obj)) is not None}
+    lws = Lws().get("ns", "x")
+    mine = {r.name: v for r in sg.spec.roles if (v := scaled_replicas(r, obj, lws)) is not None}
     assert mine == controller
+    if obj is None and scaling not in (None, {"mode": "Static"}):
+        assert set(controller.values()) == {min(5, 4) if scaling == SCALED else 5}
 
 
 def test_from_live_plans_with_the_scalers_ratio_as_the_controller_does(capsys: Any) -> None:
