@@ -103,7 +103,7 @@ def test_hpa_reads_the_prefill_scaler_and_kubectl_scale_moves_only_decode(
         return st if able is not None and able.status == "True" and st.currentReplicas is not None else None
 
     status = wait_for(read_scale, 90, "the HPA controller reading ServingRoleScaler/ext-prefill/scale")
-    # currentReplicas comes from the scaler's /scale (status.replicas = the prefill LWS's groups).
+    # currentReplicas is what the HPA read through the scaler's /scale (its spec.replicas: 2 here).
     assert status.currentReplicas == 2
     able = next(c for c in status.conditions if c.type == "AbleToScale")
     assert able.reason == "SucceededGetScale", able
