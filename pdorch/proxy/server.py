@@ -463,11 +463,6 @@ class ProxyServer:
         )
         self.breakers[ep.key] = b
 
-    def _on_probation(self, ep: Endpoint) -> bool:
-        """Whether `ep`'s breaker is not closed (a request to it is a half-open probe)."""
-        b = self.breakers.get(ep.key)
-        return b is not None and b.state is not brk.BreakerState.CLOSED
-
     # The in-flight gauge is filled from `loads` at scrape time, not on every leg: two gauge updates
     # per leg would sit on the path to the upstream writes.
     def _leg_start(self, ep: Endpoint) -> None:
@@ -775,8 +770,11 @@ class ProxyServer:
         assert queue is not None
         tokens = estimate_prompt_tokens(body, kind, ratio=self.token_ratios[kind])
         least = self.config.min_prompt_tokens
+        # Only a prompt under the threshold can skip the prefill: its sampled estimate (which reads
+        # the prompt text again) is needed for it alone.
         if (
             least > 0
+            and tokens < least
             and estimate_prompt_tokens(body, kind, ratio=self.token_ratios[kind], threshold=least) < least
         ):
             return NO_TICKET

@@ -19,6 +19,7 @@ from lightkube.types import PatchType
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
+from pdorch.roles.labels import LABEL_MANAGED_BY, MANAGED_BY
 
 pytestmark = pytest.mark.integration
 
@@ -275,6 +276,26 @@ def test_spec_changes_flow_to_lws_and_removed_roles_are_pruned(
     )
 
 
+def _unlabel_and_wait_taken_back(kube: Client, res: Any, name: str, namespace: str) -> None:
+    """Remove a child's managed-by label by hand (to the controller's watch, which selects by it,
+    the child is deleted) and wait until the controller has taken it back, label included."""
+    kube.patch(
+        res,
+        name,
+        {"metadata": {"labels": {LABEL_MANAGED_BY: None}}},
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+    wait_for(
+        lambda: (
+            (kube.get(res, name, namespace=namespace).metadata.labels or {}).get(LABEL_MANAGED_BY)
+            == MANAGED_BY
+        ),
+        60,
+        f"the managed-by label of {name} restored",
+    )
+
+
 def test_deleted_or_hand_edited_lws_is_restored(
     kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
@@ -304,23 +325,7 @@ def test_deleted_or_hand_edited_lws_is_restored(
     # Its managed-by label removed by hand: the watch (which selects by it) reports the LWS gone,
     # and the create that follows finds the name taken, by an object this group owns: taken back,
     # label included, not reported as a name clash.
-    kube.patch(
-        LWS,
-        "heal-decode",
-        {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}},
-        namespace=namespace,
-        patch_type=PatchType.MERGE,
-    )
-    wait_for(
-        lambda: (
-            (kube.get(LWS, "heal-decode", namespace=namespace).metadata.labels or {}).get(
-                "app.kubernetes.io/managed-by"
-            )
-            == "pdorch"
-        ),
-        60,
-        "the managed-by label restored",
-    )
+    _unlabel_and_wait_taken_back(kube, LWS, "heal-decode", namespace)
     sg = wait_available(kube, namespace, "heal")
     assert condition(sg, "Invalid")["status"] == "False", condition(sg, "Invalid")
 
@@ -425,19 +430,6 @@ def test_a_scaled_role_keeps_its_size_when_its_scaler_is_deleted_or_unlabelled(
     seen = {sizes() for _ in range(8) if time.sleep(0.5) is None}
     assert seen == {(3, 3)}, seen
 
-    kube.patch(
-        SRS,
-        "keep-decode",
-        {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}},
-        namespace=namespace,
-        patch_type=PatchType.MERGE,
-    )
-    wait_for(
-        lambda: (kube.get(SRS, "keep-decode", namespace=namespace).metadata.labels or {}).get(
-            "app.kubernetes.io/managed-by"
-        ),
-        60,
-        "managed-by label restored",
-    )
+    _unlabel_and_wait_taken_back(kube, SRS, "keep-decode", namespace)
     seen = {sizes() for _ in range(8) if time.sleep(0.5) is None}
     assert seen == {(3, 3)}, seen
