@@ -2,7 +2,8 @@
 
 The controller creates one per role whose scaling mode is External or Builtin. HPA/KEDA (External)
 or pdorch's scaler (Builtin) write `spec.replicas` through the `/scale` subresource; the controller
-copies it into the role's LeaderWorkerSet and reports `status.replicas` and `status.selector`.
+copies it into the role's LeaderWorkerSet, within the role's minReplicas/maxReplicas, and reports
+`status.replicas`, `status.selector`, `status.observedGeneration` and the ScalingLimited condition.
 """
 
 from __future__ import annotations
@@ -57,13 +58,15 @@ class ServingRoleScalerStatus(ApiModel):
     selector: str | None = Field(None, max_length=1024)
     """Label selector (string form) of the role's leader pods, for HPA's /scale."""
     observed_generation: int | None = Field(None, ge=0)
-    """The .metadata.generation last acted on."""
+    """The .metadata.generation whose spec.replicas the role's LeaderWorkerSet got."""
     last_scale_time: str | None = Field(None, json_schema_extra={"format": "date-time"})
     """When the built-in scaler last changed spec.replicas."""
     last_scale_reason: str | None = Field(None, max_length=1024)
     """Why the built-in scaler chose the current replicas."""
     conditions: list[Condition] | None = Field(None, max_length=16, json_schema_extra=CONDITIONS_LIST_EXTRA)
-    """Conditions of the scaler."""
+    """Conditions of the scaler. ScalingLimited is True (reason TooManyReplicas or TooFewReplicas)
+    while spec.replicas lies outside the role's minReplicas/maxReplicas and the role is held at
+    the bound, False (DesiredWithinRange) otherwise."""
 
 
 class ServingRoleScaler(ApiModel):

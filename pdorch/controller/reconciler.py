@@ -318,7 +318,7 @@ class Reconciler:
         if pruned:
             self.events.emit_soon(obj, "Normal", "Pruned", "deleted " + ", ".join(pruned))
 
-        await self._sync_scaler_status(sg, namespace, name)
+        await self._sync_scaler_status(sg, namespace, name, scaled)
 
         desired = _desired(sg, scaled)
         # The planner's count of ready groups on the update revision is exact (per-group pod
@@ -704,18 +704,27 @@ class Reconciler:
                     pruned.append(f"{res.kind}/{child['metadata']['name']}")
         return pruned
 
-    async def _sync_scaler_status(self, sg: ServingGroup, namespace: str, name: str) -> None:
-        """ServingRoleScaler status: replicas and the pod selector HPA needs (a string)."""
+    async def _sync_scaler_status(
+        self, sg: ServingGroup, namespace: str, name: str, scaled: dict[str, RoleOverride]
+    ) -> None:
+        """ServingRoleScaler status: replicas, the pod selector HPA needs (a string), the generation
+        whose replicas the LWS got, and ScalingLimited. `scaled` is what this pass applied."""
         for role in sg.spec.roles:
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
-            if srs is None:
+            if srs is None or role.scaling is None:
                 continue
             lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
-            replicas = int(((lws or {}).get("status") or {}).get("replicas") or 0)
-            selector = selector_string(leader_selector(name, role.name))
-            want = {"replicas": replicas, "selector": selector}
+            applied = scaled[role.name].replicas if role.name in scaled else None
+            if scaled_replicas(role, srs, lws) != applied:
+                continue  # the cache holds a newer scaler than this pass read: the next pass acts on it
+            want = st.scaler_status(
+                (role.scaling.min_replicas, role.scaling.max_replicas),
+                srs,
+                int(((lws or {}).get("status") or {}).get("replicas") or 0),
+                selector_string(leader_selector(name, role.name)),
+            )
             have = srs.get("status") or {}
-            if all(have.get(k) == v for k, v in want.items()):
+            if not _status_differs(have, want):
                 continue
             await self.api.apply(
                 {
@@ -728,6 +737,12 @@ class Reconciler:
                 },
                 subresource="status",
             )
+            was = st.find_condition(have.get("conditions") or [], st.SCALING_LIMITED) or {}
+            now = want["conditions"][0]
+            if now["status"] == "True" and (
+                was.get("status") != "True" or was.get("reason") != now["reason"]
+            ):
+                self.events.emit_soon(srs, "Warning", now["reason"], now["message"], action="Scale")
 
     async def _apply_failed(
         self, obj: dict[str, Any], generation: int, prev: dict[str, Any], message: str
@@ -848,6 +863,18 @@ def _is_refusal(e: ApiError) -> bool:
 def _same_status(prev: dict[str, Any], new: dict[str, Any]) -> bool:
     # Only pdorch writes this status, so the live copy holds exactly what we last wrote.
     return prev == new
+
+
+def _status_differs(have: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Whether a status apply of `want` would change `have` (conditions compared per type, so
+    conditions other writers own do not count)."""
+    for key, value in want.items():
+        if key != "conditions":
+            if have.get(key) != value:
+                return True
+        elif any(st.find_condition(have.get("conditions") or [], c["type"]) != c for c in value):
+            return True
+    return False
 
 
 def _without_scaler_replicas(intent: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:

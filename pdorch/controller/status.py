@@ -24,6 +24,8 @@ APPLY_FAILED = "ApplyFailed"
 REVISION_RECORD_FAILED = "RevisionRecordFailed"
 # Present (True) only while a role's LWS or StatefulSets report that they cannot create its groups.
 REPLICA_FAILURE = "ReplicaFailure"
+# On a ServingRoleScaler: True while its spec.replicas lies outside the role's min/max (HPA's reasons).
+SCALING_LIMITED = "ScalingLimited"
 
 SUMMARY_TYPES = ("proxy", "prefill", "decode", "worker")
 
@@ -130,6 +132,52 @@ def condition(
         "message": message,
         "lastTransitionTime": ltt,
         "observedGeneration": generation,
+    }
+
+
+def scaler_status(
+    bounds: tuple[int | None, int | None], srs: dict[str, Any], current: int, selector: str
+) -> dict[str, Any]:
+    """The controller's part of a ServingRoleScaler's status, once the LWS got its spec.replicas.
+
+    `bounds` are the role's (minReplicas, maxReplicas); `current` the groups its LWS has.
+    ScalingLimited says when a `/scale` write beyond the bounds is held at them, which the
+    Desired column alone does not show.
+    """
+    generation = int((srs.get("metadata") or {}).get("generation") or 0)
+    spec = srs.get("spec") or {}
+    asked, (low, high) = spec.get("replicas"), bounds
+    role = f"{spec.get('servingGroup')}/{spec.get('role')}"
+    if asked is not None and high is not None and int(asked) > high:
+        reason = "TooManyReplicas"
+        message = (
+            f"spec.replicas {asked} is above maxReplicas {high} of role {role}: it runs {high} "
+            "groups; raise scaling.maxReplicas in the ServingGroup to allow more"
+        )
+    elif asked is not None and low is not None and int(asked) < low:
+        reason = "TooFewReplicas"
+        message = (
+            f"spec.replicas {asked} is below minReplicas {low} of role {role}: it keeps {low} "
+            "groups; lower scaling.minReplicas in the ServingGroup to allow fewer"
+        )
+    else:
+        reason, message = (
+            "DesiredWithinRange",
+            "spec.replicas is within the role's minReplicas and maxReplicas",
+        )
+    limited = condition(
+        SCALING_LIMITED,
+        reason != "DesiredWithinRange",
+        reason,
+        message,
+        generation,
+        (srs.get("status") or {}).get("conditions") or [],
+    )
+    return {
+        "replicas": current,
+        "selector": selector,
+        "observedGeneration": generation,
+        "conditions": [limited],
     }
 
 

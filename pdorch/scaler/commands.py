@@ -10,7 +10,7 @@ import os
 from pdorch.cli_args import add_lease_arguments
 from pdorch.controller.leader import LOST_LEASE_EXIT
 from pdorch.scaler.loop import ScalerConfig, run_scaler
-from pdorch.sim.latency import PRESETS
+from pdorch.sim.latency import PRESETS, load_coefficients
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -22,6 +22,8 @@ def _run(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         metrics_addr=args.metrics_addr,
         prometheus_url=args.prometheus_url,
+        prometheus_ca_file=args.prometheus_ca_file,
+        prometheus_token_file=args.prometheus_token_file,
         pod_startup_s=args.pod_startup,
         leader_elect=args.leader_elect,
         lease_namespace=args.lease_namespace,
@@ -32,6 +34,12 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("--interval must be > 0 seconds")
     if cfg.pod_startup_s < 0:
         raise SystemExit("--pod-startup must be >= 0 seconds")
+    try:
+        load_coefficients(cfg.coefficients)  # fail at start, not on the first tick
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--coefficients: {e}") from None
+    if (cfg.prometheus_ca_file or cfg.prometheus_token_file) and not cfg.prometheus_url:
+        raise SystemExit("--prometheus-ca-file and --prometheus-token-file need --prometheus-url")
     code = asyncio.run(run_scaler(cfg))
     if code == LOST_LEASE_EXIT:
         # As the controller does: another replica decides now; restart as a standby at once.
@@ -79,6 +87,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--prometheus-url", help="read engine metrics from this Prometheus instead of scraping pods"
+    )
+    p.add_argument(
+        "--prometheus-ca-file",
+        help="PEM CA bundle that verifies an https --prometheus-url (default: system CAs)",
+    )
+    p.add_argument(
+        "--prometheus-token-file",
+        help="send this file's content as a bearer token to --prometheus-url (reread for every query, "
+        "so a projected ServiceAccount token may rotate)",
     )
     p.add_argument(
         "--leader-elect",

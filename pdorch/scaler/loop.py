@@ -23,12 +23,14 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx2
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from pydantic import ValidationError
 
 from pdorch.api.scaler import KIND as SCALER_KIND
 from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, ScalingMode, ServingGroup
+from pdorch.cli_errors import CliError
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi, NotLeader
 from pdorch.controller.leader import LOST_LEASE_EXIT, LeaseElector, default_identity
@@ -121,6 +123,9 @@ class ScalerConfig:
     drain_timeout_s: float = 300.0
     metrics_addr: str = "127.0.0.1:8090"
     prometheus_url: str | None = None
+    # With prometheus_url: a CA bundle for its TLS, and a bearer token file (reread per query).
+    prometheus_ca_file: str | None = None
+    prometheus_token_file: str | None = None
     # Seconds from a scale-up to a serving pod (image pull, weights, engine start): the forecast
     # sizes each role for the load of the next start-up + one interval.
     pod_startup_s: float = 60.0
@@ -282,6 +287,11 @@ class BuiltinScaler:
             started = time.monotonic()
             try:
                 await self.tick()
+            except httpx2.TransportError as e:
+                # Expected while the API server restarts or the network flaps: one line, not a trace.
+                log.warning(
+                    "scaler tick failed: cannot reach the Kubernetes API server: %s", e or type(e).__name__
+                )
             except Exception:
                 log.exception("scaler tick failed")
             try:
@@ -731,7 +741,17 @@ async def run_scaler(cfg: ScalerConfig, stop: asyncio.Event | None = None) -> in
     from pdorch.scaler.sources import PrometheusQuery
 
     api = KubeApi.from_config(cfg.kubeconfig, field_manager="pdorch-scaler")
-    source: MetricsSource = PrometheusQuery(cfg.prometheus_url) if cfg.prometheus_url else DirectScrape()
+    source: MetricsSource = DirectScrape()
+    if cfg.prometheus_url:
+        try:
+            source = PrometheusQuery(
+                cfg.prometheus_url, ca_file=cfg.prometheus_ca_file, token_file=cfg.prometheus_token_file
+            )
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise CliError(
+                f"cannot use the Prometheus CA or token file: {e}",
+                "check --prometheus-ca-file (PEM certificates) and --prometheus-token-file",
+            ) from e
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,13 +3,15 @@
 - `DirectScrape`: GET `/metrics` from each ready leader pod of the role (pod IP + engine port,
   the same endpoints the proxy routes to).
 - `PrometheusQuery`: the same metrics through a Prometheus server's HTTP API (`/api/v1/query`),
-  for clusters where pods are not reachable from the scaler.
+  for clusters where pods are not reachable from the scaler; over TLS with a CA of one's own and
+  a bearer token (a Thanos querier or Prometheus behind kube-rbac-proxy asks for both).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Protocol
@@ -180,9 +182,30 @@ class PrometheusQuery:
     evaluation time: the scaler divides counter changes by the time between two scrapes of that
     engine, whatever Prometheus's scrape interval is."""
 
-    def __init__(self, base_url: str, http: httpx2.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        http: httpx2.AsyncClient | None = None,
+        ca_file: str | None = None,
+        token_file: str | None = None,
+    ) -> None:
+        """`ca_file`: PEM bundle that verifies an https Prometheus (default: the system's).
+        `token_file`: sent as `Authorization: Bearer`, read again for every query (projected
+        ServiceAccount tokens rotate). Both are read once here, so a wrong path fails at start."""
         self.base_url = base_url.rstrip("/")
-        self.http = http or httpx2.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False)
+        self.token_file = token_file
+        if token_file is not None:
+            self._token()
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self.http = http or httpx2.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False, verify=verify)
+
+    def _token(self) -> str:
+        assert self.token_file is not None
+        with open(self.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"the token file {self.token_file} is empty")
+        return token
 
     async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]:
         pods = [ep.pod for ep in endpoints if ep.pod]
@@ -190,11 +213,15 @@ class PrometheusQuery:
             return [None] * len(endpoints)
         query = prometheus_query(namespace, pods)
         try:
+            headers = {"Authorization": f"Bearer {self._token()}"} if self.token_file else {}
             async with asyncio.timeout(SCRAPE_TIMEOUT_S):
-                r = await self.http.get(f"{self.base_url}/api/v1/query", params={"query": query})
+                r = await self.http.get(
+                    f"{self.base_url}/api/v1/query", params={"query": query}, headers=headers
+                )
             r.raise_for_status()
             result = r.json()["data"]["result"]
-        except (httpx2.HTTPError, KeyError, ValueError, TimeoutError) as e:
+        except (httpx2.HTTPError, OSError, KeyError, ValueError, TimeoutError) as e:
+            # OSError: the token file went missing (a rotation in progress); the next tick rereads it.
             log.warning("prometheus query failed: %s", str(e) or "timed out")
             return [None] * len(endpoints)
         out: list[EngineSample | None] = []

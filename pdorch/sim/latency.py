@@ -135,15 +135,60 @@ def load_coefficients(spec: str) -> Coefficients:
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"unknown coefficients preset {spec!r}; presets: {', '.join(sorted(PRESETS))}")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{spec}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{spec}: expected a JSON object")
-    base = PRESETS[str(data.pop("base", DEFAULT_PRESET))]
+    base_name = str(data.pop("base", DEFAULT_PRESET))
+    if base_name not in PRESETS:
+        raise ValueError(f"{spec}: unknown base preset {base_name!r}; presets: {', '.join(sorted(PRESETS))}")
     known = {f.name for f in fields(Coefficients)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{spec}: unknown coefficient fields {unknown}")
-    return replace(base, **data)
+    problems = coefficient_problems(data)
+    if problems:
+        raise ValueError(f"{spec}: " + "; ".join(problems))
+    whole = {f.name for f in fields(Coefficients) if f.type in (int, "int")}
+    merged = replace(PRESETS[base_name], **{k: int(v) if k in whole else v for k, v in data.items()})  # type: ignore[arg-type]
+    if merged.decode_a_s + merged.decode_beta_s <= 0:
+        # A decode step that costs nothing has no capacity limit: the scaler would divide by 0.
+        raise ValueError(f"{spec}: decode_a_s + decode_beta_s must be > 0")
+    return merged
+
+
+# Fields a capacity is divided by, or that size the engine: zero makes the model meaningless.
+_POSITIVE = frozenset(
+    {
+        "prefill_b_s",
+        "num_kv_blocks",
+        "block_size",
+        "transfer_bw_bytes_s",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_model_len",
+    }
+)
+
+
+def coefficient_problems(data: dict[str, object]) -> list[str]:
+    """What is wrong with coefficient overrides read from a file: a value that is not a number
+    (or not a whole one for a count), a negative one, or 0 where the model divides by it."""
+    types = {f.name: f.type for f in fields(Coefficients)}
+    out = []
+    for key, value in sorted(data.items()):
+        if key == "name":
+            if not isinstance(value, str):
+                out.append("name must be a string")
+            continue
+        whole = types[key] in (int, "int")
+        if isinstance(value, bool) or not isinstance(value, int | float) or (whole and value != int(value)):
+            out.append(f"{key} must be a {'whole number' if whole else 'number'}, not {value!r}")
+        elif not math.isfinite(value) or value < 0 or (value == 0 and key in _POSITIVE):
+            out.append(f"{key} must be {'> 0' if key in _POSITIVE else '>= 0'}, not {value!r}")
+    return out
 
 
 def describe(c: Coefficients) -> dict[str, object]:

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from pdorch.devcluster.pki import PkiPaths, generate
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.scaler.scrape import EngineSample
 from pdorch.scaler.sources import PrometheusQuery
@@ -60,9 +66,11 @@ async def engines() -> AsyncIterator[list[SimServer]]:
         await s.stop()
 
 
-@pytest.fixture
-def prometheus(prometheus_bin: str, engines: list[SimServer], tmp_path: Path) -> Iterator[str]:
-    """A Prometheus scraping both engines, labelled with a namespace and pod as a PodMonitor does."""
+def _start_prometheus(
+    prometheus_bin: str, engines: list[SimServer], tmp_path: Path, web: dict[str, Any] | None = None
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """A Prometheus scraping both engines, labelled with a namespace and pod as a PodMonitor does;
+    `web` is its --web.config.file (TLS, for one)."""
     targets = [
         {"targets": [f"{s.host}:{s.ports[0]}"], "labels": {"namespace": NAMESPACE, "pod": f"decode-{i}"}}
         for i, s in enumerate(engines)
@@ -72,17 +80,23 @@ def prometheus(prometheus_bin: str, engines: list[SimServer], tmp_path: Path) ->
         "scrape_configs": [{"job_name": "engines", "static_configs": targets}],
     }
     (tmp_path / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    argv = [
+        prometheus_bin,
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+    ]
+    if web is not None:
+        (tmp_path / "web.yml").write_text(json.dumps(web))
+        argv.append(f"--web.config.file={tmp_path / 'web.yml'}")
     port = free_port()
     log = tmp_path / "prometheus.log"
-    proc = spawn(
-        [
-            prometheus_bin,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        log,
-    )
+    return spawn([*argv, f"--web.listen-address=127.0.0.1:{port}"], log), port, log
+
+
+@pytest.fixture
+def prometheus(prometheus_bin: str, engines: list[SimServer], tmp_path: Path) -> Iterator[str]:
+    """A Prometheus on plain http."""
+    proc, port, log = _start_prometheus(prometheus_bin, engines, tmp_path)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/-/ready", 60, proc, log)
         yield f"http://127.0.0.1:{port}"
@@ -186,3 +200,102 @@ async def test_prometheus_source_reads_the_sent_rate_on_every_tick(
         # ... where the same samples divided by the tick read nothing on some ticks (two engines
         # scraped out of phase can hide that in their sum, so it is shown per engine).
         assert min(by_tick) < 0.5 * RATE, by_tick
+
+
+@pytest.fixture
+def tls_prometheus(
+    prometheus_bin: str, engines: list[SimServer], tmp_path: Path
+) -> Iterator[tuple[str, PkiPaths]]:
+    """A Prometheus serving https with a certificate of a CA of its own (127.0.0.1)."""
+    pki = PkiPaths(tmp_path / "pki")
+    generate(pki)
+    web = {"tls_server_config": {"cert_file": str(pki.apiserver_crt), "key_file": str(pki.apiserver_key)}}
+    proc, port, log = _start_prometheus(prometheus_bin, engines, tmp_path, web)
+    try:
+        wait_http_ok_tls(f"https://127.0.0.1:{port}/-/ready", pki.ca_crt, 60, proc, log)
+        yield f"https://127.0.0.1:{port}", pki
+    finally:
+        stop(proc)
+
+
+def wait_http_ok_tls(url: str, ca: Path, within: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Block until `url` answers 200 over TLS verified by `ca`; fail if `proc` died meanwhile."""
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + within
+    while True:
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} not ready after {within} s"
+        time.sleep(0.2)
+
+
+@asynccontextmanager
+async def _token_front(upstream: str, ca: Path, pki: PkiPaths, accepted: list[str]) -> AsyncIterator[str]:
+    """A loopback https front in the role of kube-rbac-proxy: 401 unless the request carries
+    `Bearer <accepted[0]>`, else the request goes on to `upstream` over verified TLS."""
+    upstream_tls = ssl.create_default_context(cafile=str(ca))
+    serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    serving.load_cert_chain(str(pki.apiserver_crt), str(pki.apiserver_key))
+
+    async def forward(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {accepted[0]}":
+            return web.json_response({"status": "error", "error": "unauthorized"}, status=401)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(upstream + request.path_qs, ssl=upstream_tls) as r,
+        ):
+            return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=serving).start()
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_prometheus_source_verifies_tls_with_its_ca_and_sends_a_rotating_token(
+    engines: list[SimServer], tls_prometheus: tuple[str, PkiPaths], tmp_path: Path
+) -> None:
+    """`--prometheus-ca-file` and `--prometheus-token-file` against a Prometheus serving TLS behind
+    a token-checking front: read with both; unread without the CA (the certificate is not the
+    system's) or without the token (401); a rotated token file is read again on the next query."""
+    url, pki = tls_prometheus
+    eps = [Endpoint(s.url(), "both", s.host, s.ports[0], pod=f"decode-{i}") for i, s in enumerate(engines)]
+    token = tmp_path / "token"
+    token.write_text("alpha\n")
+    accepted = ["alpha"]
+    async with _token_front(url, pki.ca_crt, pki, accepted) as front:
+        source = PrometheusQuery(front, ca_file=str(pki.ca_crt), token_file=str(token))
+        no_ca = PrometheusQuery(front, token_file=str(token))
+        no_token = PrometheusQuery(front, ca_file=str(pki.ca_crt))
+        try:
+
+            async def read() -> list[EngineSample | None]:
+                return await source.samples(NAMESPACE, eps)
+
+            async def scraped() -> bool:
+                return all(s is not None for s in await read())
+
+            await wait_until(
+                scraped, 60, "Prometheus (over TLS, behind the front) to have scraped both engines"
+            )
+            assert await no_ca.samples(NAMESPACE, eps) == [None, None]
+            assert await no_token.samples(NAMESPACE, eps) == [None, None]
+
+            accepted[0] = "beta"  # the front now takes only the new token ...
+            assert await read() == [None, None]
+            token.write_text("beta")  # ... which the next query reads from the rotated file
+            assert all(s is not None for s in await read())
+        finally:
+            for q in (source, no_ca, no_token):
+                await q.close()

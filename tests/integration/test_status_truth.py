@@ -1,5 +1,6 @@
 """What `kubectl get sg`, status, events and metrics say on the dev cluster during a stalled
-rollout, an outage under an invalid spec, and after a group is deleted."""
+rollout, an outage under an invalid spec, after a group is deleted, and when a ServingRoleScaler
+asks for more than its role allows."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ from typing import Any
 import pytest
 from lightkube import Client
 from lightkube.resources.core_v1 import Node, Pod
+from lightkube.types import PatchType
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
 from tests.integration.test_controller import (
+    LWS,
     SG,
+    SRS,
     condition,
     example,
+    example_scaled,
     example_sized,
     kubectl,
     unschedulable,
@@ -252,3 +257,44 @@ def test_a_template_statefulsets_refuse_is_reported_as_replica_failure_until_fix
     update_spec(kube, namespace, "mount", lambda spec: decode_container(spec).pop("volumeMounts"))
     wait_available(kube, namespace, "mount")
     wait_for(lambda: failure() is None, 60, "ReplicaFailure gone after the fix")
+
+
+def test_a_scale_beyond_the_bounds_is_shown_on_the_scaler_until_it_is_back_within(
+    kube: Client, namespace: str, controller: ControllerProc, devcluster: ClusterState
+) -> None:
+    """`kubectl scale` past maxReplicas (or under minReplicas) is held at the bound in the LWS;
+    the scaler said nothing about it (Desired 9, Current 4). ScalingLimited and a Warning say so,
+    and observedGeneration tells which /scale write the LWS reflects."""
+    scaling = {"mode": "External", "minReplicas": 1, "maxReplicas": 2}
+    kube.create(SG.from_dict(example_scaled("bound", "decode", scaling)), namespace=namespace)
+    wait_available(kube, namespace, "bound")
+
+    def scale(n: int) -> int:
+        srs = kube.patch(
+            SRS, "bound-decode", {"spec": {"replicas": n}}, namespace=namespace, patch_type=PatchType.MERGE
+        )
+        return int(srs.metadata.generation)
+
+    def limited(generation: int) -> dict[str, Any] | None:
+        srs = kube.get(SRS, "bound-decode", namespace=namespace)
+        seen = (srs.status or {}).get("observedGeneration")
+        return condition(srs, "ScalingLimited") if seen == generation else None
+
+    gen = scale(9)
+    cond = wait_for(lambda: limited(gen), 60, "the scaler observing replicas 9")
+    assert (cond["status"], cond["reason"]) == ("True", "TooManyReplicas"), cond
+    assert "maxReplicas 2" in cond["message"] and cond["observedGeneration"] == gen, cond
+    assert kube.get(LWS, "bound-decode", namespace=namespace).spec["replicas"] == 2
+    wait_for(
+        lambda: "TooManyReplicas" in _reasons(devcluster, namespace, "bound-decode", "Warning"), 30, "event"
+    )
+
+    gen = scale(0)
+    cond = wait_for(lambda: limited(gen), 60, "the scaler observing replicas 0")
+    assert (cond["status"], cond["reason"]) == ("True", "TooFewReplicas"), cond
+    assert "minReplicas 1" in cond["message"], cond
+
+    gen = scale(2)
+    cond = wait_for(lambda: limited(gen), 60, "the scaler observing replicas 2")
+    assert (cond["status"], cond["reason"]) == ("False", "DesiredWithinRange"), cond
+    assert _reasons(devcluster, namespace, "bound-decode", "Warning").count("TooManyReplicas") == 1

@@ -379,3 +379,47 @@ def test_a_step_being_written_is_where_the_rollout_stands() -> None:
     now = st.rollout_position(writing, observed)
     assert now != before  # a step written this pass is progress at once
     assert st.rollout_position(None, writing) == now  # and the next pass, observing it, is not
+
+
+def _srs(replicas: int, generation: int, status: dict | None = None) -> dict:
+    return {
+        "metadata": {"name": "g-decode", "generation": generation},
+        "spec": {"servingGroup": "g", "role": "decode", "replicas": replicas},
+        "status": status or {},
+    }
+
+
+@pytest.mark.parametrize(
+    ("asked", "status", "reason", "bound"),
+    [
+        (9, "True", "TooManyReplicas", "maxReplicas 4"),
+        (0, "True", "TooFewReplicas", "minReplicas 1"),
+        (3, "False", "DesiredWithinRange", ""),
+    ],
+)
+def test_a_scaler_says_when_its_replicas_are_held_at_a_bound(
+    asked: int, status: str, reason: str, bound: str
+) -> None:
+    out = st.scaler_status((1, 4), _srs(asked, 7), current=3, selector="a=b")
+    (cond,) = out["conditions"]
+    assert (cond["type"], cond["status"], cond["reason"]) == ("ScalingLimited", status, reason)
+    assert bound in cond["message"]
+    assert ("g/decode" in cond["message"]) == (status == "True")
+    assert out["observedGeneration"] == 7 and cond["observedGeneration"] == 7
+    assert (out["replicas"], out["selector"]) == (3, "a=b")
+
+
+def test_a_scalers_condition_keeps_its_transition_time_while_it_holds() -> None:
+    first = st.scaler_status((1, 4), _srs(9, 2), current=4, selector="s")
+    first["conditions"][0]["lastTransitionTime"] = "2026-01-01T00:00:00Z"
+    later = st.scaler_status((1, 4), _srs(12, 3, first), current=4, selector="s")
+    assert later["observedGeneration"] == 3
+    assert later["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert "spec.replicas 12" in later["conditions"][0]["message"]
+    back = st.scaler_status((1, 4), _srs(2, 4, later), current=4, selector="s")
+    assert back["conditions"][0]["lastTransitionTime"] != "2026-01-01T00:00:00Z"
+
+
+def test_unbounded_roles_are_never_limited() -> None:
+    out = st.scaler_status((None, None), _srs(10000, 1), current=5, selector="s")
+    assert out["conditions"][0]["status"] == "False"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,33 @@ def test_load_coefficients_presets_and_file(tmp_path: Path) -> None:
         latency.load_coefficients(str(f))
     with pytest.raises(ValueError, match="unknown coefficients preset"):
         latency.load_coefficients("nope")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"prefill_b_s": 0}, "prefill_b_s must be > 0, not 0"),
+        ({"decode_a_s": 0, "decode_beta_s": 0}, "decode_a_s + decode_beta_s must be > 0"),
+        ({"prefill_a_s": -0.001}, "prefill_a_s must be >= 0"),
+        ({"block_size": 2.5}, "block_size must be a whole number, not 2.5"),
+        ({"num_kv_blocks": True}, "num_kv_blocks must be a whole number, not True"),
+        ({"transfer_bw_bytes_s": "fast"}, "transfer_bw_bytes_s must be a number"),
+        ({"base": "nope"}, "unknown base preset 'nope'"),
+    ],
+)
+def test_a_coefficients_file_the_model_cannot_use_is_refused_by_name(
+    tmp_path: Path, data: dict[str, object], message: str
+) -> None:
+    """A file of zeros made the scaler divide by zero on its first tick; each bad value is now
+    named when the file is loaded."""
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        latency.load_coefficients(str(f))
+
+
+def test_whole_numbers_written_as_floats_load_as_counts(tmp_path: Path) -> None:
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"block_size": 32.0, "prefill_c_s": 0}))
+    c = latency.load_coefficients(str(f))
+    assert c.block_size == 32 and isinstance(c.block_size, int) and c.prefill_c_s == 0
