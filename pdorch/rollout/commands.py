@@ -343,7 +343,13 @@ def run_rollback(args: argparse.Namespace) -> int:
     from lightkube.resources.apps_v1 import ControllerRevision
 
     from pdorch.roles.labels import LABEL_GROUP
-    from pdorch.rollout.history import owned_records, restore_revision, revision_of_object, rollback_target
+    from pdorch.rollout.history import (
+        live_update_revision,
+        owned_records,
+        restore_revision,
+        revision_of_object,
+        rollback_target,
+    )
 
     client, sg_res = _cluster(args.kubeconfig)
     try:
@@ -364,10 +370,9 @@ def run_rollback(args: argparse.Namespace) -> int:
         (sg.get("metadata") or {}).get("uid"),
     )
     status = sg.get("status") or {}
+    update = live_update_revision(sg)
     try:
-        target = rollback_target(
-            records, status.get("currentRevision"), status.get("updateRevision"), args.to_revision
-        )
+        target = rollback_target(records, status.get("currentRevision"), update, args.to_revision)
         rev = revision_of_object(target)
         recorded = (target.get("data") or {}).get("spec")
         if not isinstance(recorded, dict):
@@ -376,7 +381,7 @@ def run_rollback(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"servinggroup {args.namespace}/{args.group}: {status.get('updateRevision')} -> {rev}")
+    print(f"servinggroup {args.namespace}/{args.group}: {update} -> {rev}")
     print(
         "restoring the revision's templates, sizes, ports and engine settings; replicas, scaling, "
         "the proxy, ratio, rolloutStrategy and router keep their live values"

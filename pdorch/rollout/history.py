@@ -128,6 +128,19 @@ def rollback_target(
     return max(older, key=lambda c: int(c.get("revision") or 0))
 
 
+def live_update_revision(sg: dict[str, Any]) -> str | None:
+    """The revision `sg`'s spec defines (what the controller rolls to), or status.updateRevision
+    when the spec does not parse (the controller then keeps the last accepted one).
+
+    `pdorch rollback` decides from this, not from status alone: right after a rollback, status
+    still names the revision rolled away from until the controller writes it, while the history
+    may already number the restored revision newest, and the target then skipped back one more."""
+    try:
+        return compute_revision(ServingGroupSpec.model_validate(sg.get("spec") or {}))
+    except ValidationError:
+        return (sg.get("status") or {}).get("updateRevision")
+
+
 class RollbackRefused(ValueError):
     """The recorded revision cannot be put back into the live spec; the message says why."""
 

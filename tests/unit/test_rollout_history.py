@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pdorch.rollout import history
 
 pytestmark = pytest.mark.unit
+
+EXAMPLE = Path(__file__).parents[2] / "examples/sim-pd/servinggroup.yaml"
 
 SG = {
     "apiVersion": "pdorch.io/v1alpha1",
@@ -62,6 +66,23 @@ def test_rollback_after_a_rollback_and_a_new_deploy_returns_to_the_good_revision
     recs = [r for r in recs if r is not stale] + [_rec("a", history.next_number(recs))]
     recs.append(_rec("c", history.next_number(recs)))
     assert history.revision_of_object(history.rollback_target(recs, "c", "c")) == "a"
+
+
+def test_a_second_rollback_before_the_controller_wrote_status_goes_by_the_live_spec() -> None:
+    """b -> c, then `pdorch rollback` back to b: the controller renumbers b's record newest before
+    it writes status. A second rollback in between read status (still c, c) and the renumbered
+    history, and picked a, the revision before b. The live spec says the group is rolling to b."""
+    spec_b = yaml.safe_load(EXAMPLE.read_text())["spec"]
+    live = {**SG, "spec": spec_b, "status": {"currentRevision": "c", "updateRevision": "c"}}
+    b = history.live_update_revision(live)
+    assert b is not None and b != "c"
+    renumbered = [_rec("a", 1), _rec("c", 3), _rec(b, 4)]
+    # What the CLI used to pass (status alone):
+    assert history.revision_of_object(history.rollback_target(renumbered, "c", "c")) == "a"
+    # From the live spec: the rollback to b is itself the rollout, so "back" is c.
+    assert history.revision_of_object(history.rollback_target(renumbered, "c", b)) == "c"
+    # A spec that does not parse leaves status's word.
+    assert history.live_update_revision({**live, "spec": {"roles": "nope"}}) == "c"
 
 
 def test_rollback_target_errors_say_what_to_do() -> None:
