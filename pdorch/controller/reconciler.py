@@ -318,7 +318,7 @@ class Reconciler:
         if pruned:
             self.events.emit_soon(obj, "Normal", "Pruned", "deleted " + ", ".join(pruned))
 
-        await self._sync_scaler_status(sg, namespace, name, scaled)
+        await self._sync_scaler_status(sg, namespace, name, scaled, set(rollout.actions))
 
         desired = _desired(sg, scaled)
         # The planner's count of ready groups on the update revision is exact (per-group pod
@@ -705,14 +705,16 @@ class Reconciler:
         return pruned
 
     async def _sync_scaler_status(
-        self, sg: ServingGroup, namespace: str, name: str, scaled: dict[str, RoleOverride]
+        self, sg: ServingGroup, namespace: str, name: str, scaled: dict[str, RoleOverride], rolling: set[str]
     ) -> None:
         """ServingRoleScaler status: replicas, the pod selector HPA needs (a string), the generation
-        whose replicas the LWS got, and ScalingLimited. `scaled` is what this pass applied."""
+        whose replicas the LWS got, and ScalingLimited. `scaled` is what this pass read from the
+        scalers; `rolling` the roles whose LWS a rollout sized instead."""
         for role in sg.spec.roles:
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
-            if srs is None or role.scaling is None:
+            if srs is None or not needs_scaler(role):
                 continue
+            assert role.scaling is not None  # needs_scaler
             lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
             applied = scaled[role.name].replicas if role.name in scaled else None
             if scaled_replicas(role, srs, lws) != applied:
@@ -722,6 +724,7 @@ class Reconciler:
                 srs,
                 int(((lws or {}).get("status") or {}).get("replicas") or 0),
                 selector_string(leader_selector(name, role.name)),
+                applied=role.name not in rolling,
             )
             have = srs.get("status") or {}
             if not _status_differs(have, want):

@@ -135,15 +135,22 @@ def condition(
     }
 
 
-def scaler_status(
-    bounds: tuple[int | None, int | None], srs: dict[str, Any], current: int, selector: str
-) -> dict[str, Any]:
-    """The controller's part of a ServingRoleScaler's status, once the LWS got its spec.replicas.
+def _groups(n: int) -> str:
+    return f"{n} group" if n == 1 else f"{n} groups"
 
-    `bounds` are the role's (minReplicas, maxReplicas); `current` the groups its LWS has.
+
+def scaler_status(
+    bounds: tuple[int | None, int | None], srs: dict[str, Any], current: int, selector: str, applied: bool
+) -> dict[str, Any]:
+    """The controller's part of a ServingRoleScaler's status.
+
+    `bounds` are the role's (minReplicas, maxReplicas); `current` the groups its LWS has;
+    `applied` whether the LWS got the scaler's replicas as they are now (not while a rollout sizes
+    it): only then is this generation observed, else the previous observedGeneration stays.
     ScalingLimited says when a `/scale` write beyond the bounds is held at them, which the
     Desired column alone does not show.
     """
+    have = srs.get("status") or {}
     generation = int((srs.get("metadata") or {}).get("generation") or 0)
     spec = srs.get("spec") or {}
     asked, (low, high) = spec.get("replicas"), bounds
@@ -151,14 +158,14 @@ def scaler_status(
     if asked is not None and high is not None and int(asked) > high:
         reason = "TooManyReplicas"
         message = (
-            f"spec.replicas {asked} is above maxReplicas {high} of role {role}: it runs {high} "
-            "groups; raise scaling.maxReplicas in the ServingGroup to allow more"
+            f"spec.replicas {asked} is above maxReplicas {high} of role {role}: it is held at "
+            f"{_groups(high)}; raise scaling.maxReplicas in the ServingGroup to allow more"
         )
     elif asked is not None and low is not None and int(asked) < low:
         reason = "TooFewReplicas"
         message = (
-            f"spec.replicas {asked} is below minReplicas {low} of role {role}: it keeps {low} "
-            "groups; lower scaling.minReplicas in the ServingGroup to allow fewer"
+            f"spec.replicas {asked} is below minReplicas {low} of role {role}: it is held at "
+            f"{_groups(low)}; lower scaling.minReplicas in the ServingGroup to allow fewer"
         )
     else:
         reason, message = (
@@ -171,14 +178,13 @@ def scaler_status(
         reason,
         message,
         generation,
-        (srs.get("status") or {}).get("conditions") or [],
+        have.get("conditions") or [],
     )
-    return {
-        "replicas": current,
-        "selector": selector,
-        "observedGeneration": generation,
-        "conditions": [limited],
-    }
+    out: dict[str, Any] = {"replicas": current, "selector": selector, "conditions": [limited]}
+    observed = generation if applied else have.get("observedGeneration")
+    if observed is not None:
+        out["observedGeneration"] = observed
+    return out
 
 
 def find_condition(conditions: list[dict[str, Any]], ctype: str) -> dict[str, Any] | None:

@@ -290,7 +290,8 @@ class BuiltinScaler:
             except httpx2.TransportError as e:
                 # Expected while the API server restarts or the network flaps: one line, not a trace.
                 log.warning(
-                    "scaler tick failed: cannot reach the Kubernetes API server: %s", e or type(e).__name__
+                    "scaler tick failed: cannot reach the Kubernetes API server: %s",
+                    str(e) or type(e).__name__,
                 )
             except Exception:
                 log.exception("scaler tick failed")
@@ -747,11 +748,8 @@ async def run_scaler(cfg: ScalerConfig, stop: asyncio.Event | None = None) -> in
             source = PrometheusQuery(
                 cfg.prometheus_url, ca_file=cfg.prometheus_ca_file, token_file=cfg.prometheus_token_file
             )
-        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            raise CliError(
-                f"cannot use the Prometheus CA or token file: {e}",
-                "check --prometheus-ca-file (PEM certificates) and --prometheus-token-file",
-            ) from e
+        except ValueError as e:
+            raise CliError(str(e), "pass a readable PEM CA bundle and a file holding one token") from e
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

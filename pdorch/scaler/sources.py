@@ -194,17 +194,36 @@ class PrometheusQuery:
         ServiceAccount tokens rotate). Both are read once here, so a wrong path fails at start."""
         self.base_url = base_url.rstrip("/")
         self.token_file = token_file
+        plain = self.base_url.startswith("http://")
         if token_file is not None:
             self._token()
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+            if plain:
+                log.warning("the Prometheus token goes over plain http to %s: use https", self.base_url)
+        verify: ssl.SSLContext | bool = True
+        if ca_file:
+            if plain:
+                log.warning("--prometheus-ca-file is unused: %s is plain http", self.base_url)
+            try:
+                verify = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise ValueError(f"--prometheus-ca-file {ca_file}: {e}") from None
         self.http = http or httpx2.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False, verify=verify)
 
     def _token(self) -> str:
+        """The bearer token, read now (never logged)."""
         assert self.token_file is not None
-        with open(self.token_file, encoding="utf-8") as f:
-            token = f.read().strip()
+        try:
+            with open(self.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--prometheus-token-file {self.token_file}: {e}") from None
         if not token:
-            raise ValueError(f"the token file {self.token_file} is empty")
+            raise ValueError(f"--prometheus-token-file {self.token_file}: the file is empty")
+        if any(not c.isprintable() or c.isspace() for c in token):
+            raise ValueError(
+                f"--prometheus-token-file {self.token_file}: the token holds whitespace or control "
+                "characters (one token, nothing else, is expected)"
+            )
         return token
 
     async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]:
@@ -220,9 +239,9 @@ class PrometheusQuery:
                 )
             r.raise_for_status()
             result = r.json()["data"]["result"]
-        except (httpx2.HTTPError, OSError, KeyError, ValueError, TimeoutError) as e:
-            # OSError: the token file went missing (a rotation in progress); the next tick rereads it.
-            log.warning("prometheus query failed: %s", str(e) or "timed out")
+        except (httpx2.HTTPError, KeyError, ValueError, TimeoutError) as e:
+            # ValueError includes a token file missing mid-rotation; the next tick rereads it.
+            log.warning("prometheus query failed: %s", str(e) or type(e).__name__)
             return [None] * len(endpoints)
         out: list[EngineSample | None] = []
         for ep in endpoints:

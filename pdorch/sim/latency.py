@@ -134,6 +134,8 @@ def load_coefficients(spec: str) -> Coefficients:
         return PRESETS[spec]
     path = Path(spec)
     if not path.is_file():
+        if path.suffix == ".json" or "/" in spec:
+            raise ValueError(f"no coefficients file {spec!r}")
         raise ValueError(f"unknown coefficients preset {spec!r}; presets: {', '.join(sorted(PRESETS))}")
     try:
         data = json.loads(path.read_text())
@@ -184,9 +186,11 @@ def coefficient_problems(data: dict[str, object]) -> list[str]:
                 out.append("name must be a string")
             continue
         whole = types[key] in (int, "int")
-        if isinstance(value, bool) or not isinstance(value, int | float) or (whole and value != int(value)):
-            out.append(f"{key} must be a {'whole number' if whole else 'number'}, not {value!r}")
-        elif not math.isfinite(value) or value < 0 or (value == 0 and key in _POSITIVE):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            out.append(f"{key} must be a finite {'whole number' if whole else 'number'}, not {value!r}")
+        elif whole and value != int(value):
+            out.append(f"{key} must be a whole number, not {value!r}")
+        elif value < 0 or (value == 0 and key in _POSITIVE):
             out.append(f"{key} must be {'> 0' if key in _POSITIVE else '>= 0'}, not {value!r}")
     return out
 

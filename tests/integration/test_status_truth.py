@@ -27,6 +27,7 @@ from tests.integration.test_controller import (
     example_scaled,
     example_sized,
     kubectl,
+    set_engine_image,
     unschedulable,
     update_spec,
     wait_available,
@@ -298,3 +299,49 @@ def test_a_scale_beyond_the_bounds_is_shown_on_the_scaler_until_it_is_back_withi
     cond = wait_for(lambda: limited(gen), 60, "the scaler observing replicas 2")
     assert (cond["status"], cond["reason"]) == ("False", "DesiredWithinRange"), cond
     assert _reasons(devcluster, namespace, "bound-decode", "Warning").count("TooManyReplicas") == 1
+
+
+def test_a_paused_rollout_keeps_the_scalers_new_replicas_unobserved(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A /scale write during a paused rollout does not reach the LWS (the planner sizes it): the
+    scaler's observedGeneration stays at the generation the LWS got until the rollout resumes."""
+    scaling = {"mode": "External", "minReplicas": 1, "maxReplicas": 4}
+    kube.create(SG.from_dict(example_scaled("held", "decode", scaling)), namespace=namespace)
+    wait_available(kube, namespace, "held")
+    first = wait_for(
+        lambda: (kube.get(SRS, "held-decode", namespace=namespace).status or {}).get("observedGeneration"),
+        60,
+        "the scaler's first observedGeneration",
+    )
+
+    def pause_on_a_new_image(spec: dict[str, Any]) -> None:
+        set_engine_image("pdorch/sim:v2")(spec)
+        spec.setdefault("rolloutStrategy", {})["paused"] = True
+
+    update_spec(kube, namespace, "held", pause_on_a_new_image)
+    wait_for(
+        lambda: (
+            (condition(kube.get(SG, "held", namespace=namespace), "RolloutStalled") or {}).get("reason")
+            == "Paused"
+        ),
+        60,
+        "paused",
+    )
+    gen = kube.patch(
+        SRS, "held-decode", {"spec": {"replicas": 3}}, namespace=namespace, patch_type=PatchType.MERGE
+    ).metadata.generation
+    time.sleep(6)  # several passes of the controller
+    srs = kube.get(SRS, "held-decode", namespace=namespace)
+    assert kube.get(LWS, "held-decode", namespace=namespace).spec["replicas"] == 1
+    assert srs.status["observedGeneration"] == first != gen, srs.status
+
+    update_spec(kube, namespace, "held", lambda spec: spec["rolloutStrategy"].update(paused=False))
+    wait_for(
+        lambda: (
+            (kube.get(SRS, "held-decode", namespace=namespace).status or {}).get("observedGeneration") == gen
+        ),
+        120,
+        "observedGeneration once the rollout resumed and ended",
+    )
+    assert kube.get(LWS, "held-decode", namespace=namespace).spec["replicas"] == 3

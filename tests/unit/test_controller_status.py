@@ -400,7 +400,7 @@ def _srs(replicas: int, generation: int, status: dict | None = None) -> dict:
 def test_a_scaler_says_when_its_replicas_are_held_at_a_bound(
     asked: int, status: str, reason: str, bound: str
 ) -> None:
-    out = st.scaler_status((1, 4), _srs(asked, 7), current=3, selector="a=b")
+    out = st.scaler_status((1, 4), _srs(asked, 7), current=3, selector="a=b", applied=True)
     (cond,) = out["conditions"]
     assert (cond["type"], cond["status"], cond["reason"]) == ("ScalingLimited", status, reason)
     assert bound in cond["message"]
@@ -410,16 +410,27 @@ def test_a_scaler_says_when_its_replicas_are_held_at_a_bound(
 
 
 def test_a_scalers_condition_keeps_its_transition_time_while_it_holds() -> None:
-    first = st.scaler_status((1, 4), _srs(9, 2), current=4, selector="s")
+    first = st.scaler_status((1, 4), _srs(9, 2), current=4, selector="s", applied=True)
     first["conditions"][0]["lastTransitionTime"] = "2026-01-01T00:00:00Z"
-    later = st.scaler_status((1, 4), _srs(12, 3, first), current=4, selector="s")
+    later = st.scaler_status((1, 4), _srs(12, 3, first), current=4, selector="s", applied=True)
     assert later["observedGeneration"] == 3
     assert later["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
     assert "spec.replicas 12" in later["conditions"][0]["message"]
-    back = st.scaler_status((1, 4), _srs(2, 4, later), current=4, selector="s")
+    back = st.scaler_status((1, 4), _srs(2, 4, later), current=4, selector="s", applied=True)
     assert back["conditions"][0]["lastTransitionTime"] != "2026-01-01T00:00:00Z"
 
 
 def test_unbounded_roles_are_never_limited() -> None:
-    out = st.scaler_status((None, None), _srs(10000, 1), current=5, selector="s")
+    out = st.scaler_status((None, None), _srs(10000, 1), current=5, selector="s", applied=True)
     assert out["conditions"][0]["status"] == "False"
+
+
+def test_a_scaler_sized_by_a_rollout_keeps_its_observed_generation() -> None:
+    """Mid-rollout the LWS is sized by the planner (a paused rollout keeps the old size): the new
+    generation is not reported as observed until the LWS gets it."""
+    before = st.scaler_status((1, 4), _srs(1, 1), current=1, selector="s", applied=True)
+    during = st.scaler_status((1, 4), _srs(3, 2, before), current=1, selector="s", applied=False)
+    assert during["observedGeneration"] == 1
+    assert "observedGeneration" not in st.scaler_status((1, 4), _srs(3, 2), 1, "s", applied=False)
+    held = st.scaler_status((1, 1), _srs(3, 2), current=1, selector="s", applied=True)
+    assert "held at 1 group;" in held["conditions"][0]["message"]

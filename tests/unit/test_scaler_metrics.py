@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from pdorch.scaler.observe import pair_with_previous, role_load, total
 from pdorch.scaler.scrape import EngineSample, MetricsParseError, parse_engine_metrics
-from pdorch.scaler.sources import prometheus_query, prometheus_scrape_time, prometheus_vector_to_text
+from pdorch.scaler.sources import (
+    PrometheusQuery,
+    prometheus_query,
+    prometheus_scrape_time,
+    prometheus_vector_to_text,
+)
 from pdorch.sim.metrics import EngineSnapshot, FinishedRequest, SglangMetrics, VllmMetrics
 from tests.unit.role_loads import rates_read
 
@@ -524,3 +530,27 @@ def test_the_kv_capacity_the_engines_report_reaches_the_role_load() -> None:
     cur = [EngineSample("vllm", kv_capacity_tokens=c) for c in (40_000, 20_000, 0)]
     assert role_load([None] * 3, cur, 10.0).kv_capacity_tokens == 30_000
     assert role_load([], [EngineSample("vllm")], 10.0).kv_capacity_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [("", "the file is empty"), ("ab\ncd", "whitespace or control"), ("ab c", "whitespace or control")],
+)
+def test_a_token_file_that_cannot_be_sent_is_refused_without_echoing_it(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    """A token with a newline inside passed the start-up check, then every query failed with a
+    warning that printed the token."""
+    f = tmp_path / "token"
+    f.write_text(content)
+    with pytest.raises(ValueError, match=problem) as err:
+        PrometheusQuery("https://127.0.0.1:9", token_file=str(f))
+    assert "--prometheus-token-file" in str(err.value)
+    assert content == "" or content not in str(err.value)
+
+
+def test_a_ca_file_that_is_not_pem_names_the_flag(tmp_path: Path) -> None:
+    f = tmp_path / "ca.pem"
+    f.write_text("not a certificate")
+    with pytest.raises(ValueError, match=r"--prometheus-ca-file .*ca\.pem"):
+        PrometheusQuery("https://127.0.0.1:9", ca_file=str(f))

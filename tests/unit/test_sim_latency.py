@@ -74,9 +74,11 @@ def test_load_coefficients_presets_and_file(tmp_path: Path) -> None:
         ({"decode_a_s": 0, "decode_beta_s": 0}, "decode_a_s + decode_beta_s must be > 0"),
         ({"prefill_a_s": -0.001}, "prefill_a_s must be >= 0"),
         ({"block_size": 2.5}, "block_size must be a whole number, not 2.5"),
-        ({"num_kv_blocks": True}, "num_kv_blocks must be a whole number, not True"),
-        ({"transfer_bw_bytes_s": "fast"}, "transfer_bw_bytes_s must be a number"),
+        ({"num_kv_blocks": True}, "num_kv_blocks must be a finite whole number, not True"),
+        ({"transfer_bw_bytes_s": "fast"}, "transfer_bw_bytes_s must be a finite number"),
         ({"base": "nope"}, "unknown base preset 'nope'"),
+        ({"num_kv_blocks": float("inf")}, "num_kv_blocks must be a finite whole number, not inf"),
+        ({"decode_a_s": float("nan")}, "decode_a_s must be a finite number, not nan"),
     ],
 )
 def test_a_coefficients_file_the_model_cannot_use_is_refused_by_name(
