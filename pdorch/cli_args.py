@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -14,6 +15,17 @@ def positive_int(value: str) -> int:
 def non_negative_int(value: str) -> int:
     """argparse type: an integer >= 0."""
     return _bounded_int(value, 0, "an integer >= 0")
+
+
+def positive_float(value: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return x
 
 
 def _bounded_int(value: str, minimum: int, expected: str) -> int:

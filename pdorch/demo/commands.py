@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from pdorch.cli_args import positive_int
+from pdorch.cli_args import positive_float, positive_int
 from pdorch.demo.run import demo
 from pdorch.devcluster.commands import NAME_ARG
 
@@ -17,6 +17,8 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # asyncio.run cancelled the demo; its finally-block already cleaned up.
         return 130
+    except asyncio.CancelledError:
+        return 143  # SIGTERM or SIGHUP: cleaned up the same way
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,7 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--users", type=positive_int, default=6, help="concurrent simulated users (default %(default)s)"
     )
     p.add_argument(
-        "--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
+        "--duration",
+        type=positive_float,
+        default=None,
+        help="stop after this many seconds (default: until Ctrl-C)",
     )
     p.add_argument(
         "--cluster-name", type=NAME_ARG, default="demo", help="dev cluster name (default %(default)s)"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import signal
 import sys
 import time
 import uuid
@@ -25,6 +27,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Namespace as LkNamespace
 
+from pdorch.cli_errors import CliError
 from pdorch.controller.kubeapi import EVENT, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
 from pdorch.demo.traffic import Stats, run_users
 from pdorch.demo.view import render_view
@@ -32,7 +35,6 @@ from pdorch.devcluster.binaries import repo_root
 from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, install_pdorch_crds
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.pod_backends import PodBackends
-from pdorch.devcluster.waiting import wait_for
 from pdorch.sim.config import SimConfig
 
 SG = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
@@ -150,6 +152,16 @@ async def demo(
     st: ClusterState | None = None
     started = False  # only a cluster the demo started itself is taken down at the end
     namespace_created = False
+    stats = Stats()
+    failed: BaseException | None = None
+    # SIGTERM and SIGHUP (a closed terminal, `kill`) stop the demo as Ctrl-C does: through the
+    # cleanup below. Without this they killed the CLI alone and left the cluster, controller and
+    # proxy running, which the next demo then silently reused.
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, main.cancel)
     try:
         st = await running_cluster(cluster)
         if st is None:
@@ -163,7 +175,7 @@ async def demo(
         await asyncio.to_thread(ctl.wait_ready)
         say(f"applying examples/sim-pd/servinggroup.yaml in namespace {NAMESPACE}")
         await asyncio.to_thread(_apply_example, st)
-        await asyncio.to_thread(wait_for, lambda: _available(st), 120, "ServingGroup sim-pd Available")
+        await _poll(lambda: _available(st), 120, "ServingGroup sim-pd to become Available")
         say("ServingGroup Available; starting simulated engines on the pods' IPs and the proxy pod")
         backends = PodBackends(
             st.kubeconfig,
@@ -172,13 +184,14 @@ async def demo(
             protocol="vllm",
             sim_config=SimConfig(protocol="vllm"),
             log_dir=Path(st.dir) / "logs",
+            # /metrics on the proxy's own port: a local Prometheus often holds 9090 on 0.0.0.0.
+            proxy_args=["--metrics-on-client-port"],
         )
         await backends.start()
         url = await backends.proxy_url()
         say(
             f"sending traffic through the proxy pod at {url} ({users} users, Azure 2023 conversation lengths)"
         )
-        stats = Stats()
         traffic = asyncio.create_task(run_users(url, users, stats, stop))
         api = KubeApi.from_config(st.kubeconfig, field_manager="pdorch-demo")
         t0 = time.monotonic()
@@ -218,7 +231,17 @@ async def demo(
                 print(screen + "\n", flush=True)
                 last_plain = now
         return 0 if stats.total_ok > 0 else 1
+    except AssertionError as e:  # a wait of the dev-cluster helpers timed out, or a process died
+        failed = e
+        raise CliError(str(e).splitlines()[0], "the logs are kept: see the path above") from None
+    except Exception as e:
+        failed = e
+        raise
     finally:
+        # A second Ctrl-C or SIGTERM during the cleanup would cut it short and leak the cluster.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, _still_cleaning, cluster_name)
+        previous_sigint = signal.signal(signal.SIGINT, lambda *_: _still_cleaning(cluster_name))
         say(f"stopping: traffic, engines, proxy, controller{', dev cluster' if started else ''}")
         stop.set()
         if traffic is not None:
@@ -230,5 +253,55 @@ async def demo(
             await api.close()
         if ctl is not None:
             ctl.stop()
+        if failed is not None and st is not None:
+            kept = _keep_logs(Path(st.dir))
+            if kept is not None:
+                say(f"failed: {str(failed).splitlines()[0] if str(failed) else type(failed).__name__}")
+                say(f"the logs of the cluster, controller and proxy are kept in {kept}")
         await release_cluster(cluster, st, started, lambda s: _delete_demo_objects(s, namespace_created))
+        say(
+            f"summary: {stats.total_ok} requests ok, {stats.total_failed} failed"
+            + (
+                f" ({', '.join(f'{k}: {v}' for k, v in sorted(stats.errors.items()))})"
+                if stats.errors
+                else ""
+            )
+            + (
+                f"; TTFT p50 {stats.lifetime_ttft_ms(0.5):.0f} ms, p99 {stats.lifetime_ttft_ms(0.99):.0f} ms"
+                if stats.total_ok
+                else ""
+            )
+        )
         say("cleaned up")
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGINT, previous_sigint)
+
+
+def _still_cleaning(cluster_name: str) -> None:
+    say(
+        "still cleaning up; please wait (if it is cut short, "
+        f"`pdorch dev-cluster --name {cluster_name} down` stops what is left)"
+    )
+
+
+def _keep_logs(state_dir: Path) -> Path | None:
+    """Copy the cluster's logs out of its state directory, which the cleanup removes."""
+    logs = state_dir / "logs"
+    if not logs.is_dir():
+        return None
+    dest = state_dir.parent / f"{state_dir.name}-logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.copytree(logs, dest, dirs_exist_ok=True)
+    return dest
+
+
+async def _poll(check: Callable[[], bool], within: float, what: str) -> None:
+    """Wait until `check` (blocking, run in a thread) is true. Unlike a `wait_for` in one thread,
+    a cancelled demo stops polling at once (the thread held the exit for the whole timeout)."""
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(check):
+        if time.monotonic() > deadline:
+            raise CliError(
+                f"timed out after {within:.0f}s waiting for {what}", "the logs are kept: see the path above"
+            )
+        await asyncio.sleep(0.5)

@@ -52,9 +52,12 @@ class Stats:
     total_ok: int = 0
     total_failed: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    _all_ttft: list[float] = field(default_factory=list)
 
     def add(self, s: Sample, error: str | None = None) -> None:
         self.samples.append(s)
+        if s.ok and s.ttft is not None:
+            self._all_ttft.append(s.ttft)
         if s.ok:
             self.total_ok += 1
         else:
@@ -66,6 +69,10 @@ class Stats:
     def _trim(self, now: float) -> None:
         while self.samples and self.samples[0].at < now - self.window:
             self.samples.popleft()
+
+    def lifetime_ttft_ms(self, q: float) -> float:
+        """TTFT quantile `q` (ms) over every successful request so far."""
+        return _pct(sorted(self._all_ttft), q) or 0.0
 
     def snapshot(self, now: float) -> dict[str, float | None]:
         """Requests/s, TTFT and TPOT p50/p99 (ms) over the window."""
@@ -101,6 +108,8 @@ async def one_request(
     t0 = time.monotonic()
     first: float | None = None
     chunks = 0
+    done = False
+    error: str | None = None
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -111,7 +120,11 @@ async def one_request(
                 except ValueError:
                     return 1.0
             async for line in r.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    if line.startswith('data: {"error"'):
+                        error = "stream error event"  # the proxy's mid-stream failure
                     chunks += 1
                     if first is None:
                         first = time.monotonic()
@@ -119,6 +132,11 @@ async def one_request(
         stats.add(Sample(time.monotonic(), False), type(e).__name__)
         return 1.0
     end = time.monotonic()
+    # A 200 whose stream carried an error, no token, or no [DONE] is an interrupted request.
+    error = error or (None if chunks else "empty stream") or (None if done else "stream cut before [DONE]")
+    if error is not None:
+        stats.add(Sample(end, False), error)
+        return 1.0
     tpot = (end - first) / (chunks - 1) if first is not None and chunks > 1 else None
     stats.add(Sample(end, True, (first or end) - t0, tpot))
     return 0.0

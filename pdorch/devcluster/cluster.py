@@ -87,6 +87,20 @@ def _choosing_lock() -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _cluster_lock(state_dir: Path) -> Iterator[None]:
+    """An exclusive lock over one dev cluster while it is brought up or down: a second `up` of the
+    same name waits for the first (and then finds it up) instead of taking its half-started state
+    for a stale one and stopping it."""
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(state_dir.with_name(f".{state_dir.name}.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def state_root() -> Path:
     """The directory holding every named dev cluster's state (PDORCH_DEVCLUSTER_DIR overrides it)."""
     root = os.environ.get("PDORCH_DEVCLUSTER_DIR")
@@ -125,6 +139,7 @@ class ClusterState:
     token: str
     nodes: list[str] = field(default_factory=list)
     processes: list[Managed] = field(default_factory=list)
+    # How long `up` took; 0 while it runs or when it was cut short (then the cluster is not up).
     up_seconds: float = 0.0
     step_seconds: dict[str, float] = field(default_factory=dict)
     # Chosen at `up` among the ranges other clusters do not hold; "" in state files written before
@@ -239,9 +254,16 @@ class DevCluster:
                 except Exception:
                     healthy = False
             comps[p.name] = {"pid": p.pid, "running": p.alive(), "healthy": healthy, "log": p.log}
-        up = bool(comps) and all(c["running"] and c["healthy"] is not False for c in comps.values())
+        # A start still running or cut short has recorded only some components: not up.
+        complete = st.up_seconds > 0
+        up = (
+            complete
+            and bool(comps)
+            and all(c["running"] and c["healthy"] is not False for c in comps.values())
+        )
         return {
             "up": up,
+            "complete": complete,
             "dir": st.dir,
             "kubeconfig": st.kubeconfig,
             "pod_cidr": st.pod_cidr,
@@ -264,13 +286,17 @@ class DevCluster:
     # ---------------------------------------------------------------- lifecycle
     def up(self, nodes: int = DEFAULT_NODES, gpus_per_node: int = DEFAULT_GPUS_PER_NODE) -> ClusterState:
         """Bring the cluster up (or return the running one). Raises StartupError on failure."""
+        with _cluster_lock(self.state_dir):
+            return self._up(nodes, gpus_per_node)
+
+    def _up(self, nodes: int, gpus_per_node: int) -> ClusterState:
         existing = self.state()
         if existing is not None:
             if self.is_up():
                 self.progress(f"dev cluster already up: KUBECONFIG={existing.kubeconfig}")
                 return existing
             self.progress("found a stale dev cluster state; cleaning it up first")
-            self.down()
+            self._down()
 
         if self.state_dir.exists() and not is_cluster_dir(self.state_dir) and any(self.state_dir.iterdir()):
             # `down` would later delete it: never adopt a directory pdorch did not create.
@@ -315,7 +341,7 @@ class DevCluster:
             # Leave logs for inspection but stop every process we started.
             self._stop_started(st)
             raise
-        st.up_seconds = round(time.monotonic() - t0, 2)
+        st.up_seconds = max(round(time.monotonic() - t0, 2), 0.01)  # > 0 marks the start complete
         st.save()
         self.progress(f"dev cluster up in {st.up_seconds:.1f}s: export KUBECONFIG={st.kubeconfig}")
         return st
@@ -370,6 +396,10 @@ class DevCluster:
         Returns the names of the processes that were running. A missing state directory is a no-op;
         one that pdorch did not create raises NotADevClusterError and is left untouched.
         """
+        with _cluster_lock(self.state_dir):
+            return self._down()
+
+    def _down(self) -> list[str]:
         if not self.state_dir.exists():
             return []
         if not self.exists():
@@ -667,7 +697,10 @@ def install_pdorch_crds(
 
 def format_status(status: dict[str, Any]) -> str:
     """Human-readable `dev-cluster status` output."""
-    lines = [f"dev cluster: {'UP' if status['up'] else 'DOWN'}  ({status['dir']})"]
+    word = "UP" if status["up"] else "DOWN"
+    if not status["up"] and status["components"] and not status.get("complete", True):
+        word = "INCOMPLETE (its start is still running or was cut short; run `up` again or `down`)"
+    lines = [f"dev cluster: {word}  ({status['dir']})"]
     for name, c in status["components"].items():
         health = {True: "healthy", False: "UNHEALTHY", None: "-"}[c["healthy"]]
         state = "running" if c["running"] else "STOPPED"

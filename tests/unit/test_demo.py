@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import random
 
+import httpx2
 import pytest
 
 from pdorch.demo import run
-from pdorch.demo.traffic import Sample, Stats, prompt_of, trace_lengths
+from pdorch.demo.traffic import Sample, Stats, one_request, prompt_of, trace_lengths
 from pdorch.demo.view import render_view
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.sim.tokens import count_tokens
@@ -112,3 +113,39 @@ def test_demo_stops_only_a_cluster_it_started(monkeypatch: pytest.MonkeyPatch, r
     else:
         assert fake.calls == ["up", "down"]
         assert deleted == []
+
+
+@pytest.mark.parametrize(
+    ("body", "outcome"),
+    [
+        (b'data: {"id": 1}\n\ndata: {"id": 2}\n\ndata: [DONE]\n\n', None),
+        (b'data: {"id": 1}\n\ndata: {"error": {"message": "decode failed"}}\n\n', "stream error event"),
+        (b"", "empty stream"),
+        (b'data: {"id": 1}\n\n', "stream cut before [DONE]"),
+    ],
+)
+def test_a_200_stream_that_failed_counts_as_failed(body: bytes, outcome: str | None) -> None:
+    """A stream the proxy ended with an error event (its mid-stream failure), an empty 200, or one
+    cut before [DONE] counted as ok, which hid interrupted requests during a rollout."""
+
+    async def go() -> Stats:
+        stats = Stats()
+        transport = httpx2.MockTransport(lambda _: httpx2.Response(200, content=body))
+        async with httpx2.AsyncClient(transport=transport) as client:
+            await one_request(client, "http://127.0.0.1:1", "p", 4, stats)
+        return stats
+
+    stats = asyncio.run(go())
+    if outcome is None:
+        assert (stats.total_ok, stats.total_failed) == (1, 0)
+    else:
+        assert (stats.total_ok, stats.total_failed, stats.errors) == (0, 1, {outcome: 1})
+
+
+def test_lifetime_ttft_counts_every_success() -> None:
+    s = Stats(window=1)
+    for i in range(10):
+        s.add(Sample(at=float(i * 10), ok=True, ttft=0.010 * (i + 1)))
+    assert s.lifetime_ttft_ms(0.5) == pytest.approx(50, abs=10) and s.lifetime_ttft_ms(0.99) == pytest.approx(
+        100
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -26,7 +27,7 @@ from pdorch.devcluster.cluster import (
 )
 from pdorch.devcluster.commands import cluster_flags
 from pdorch.devcluster.controller_process import controller_log_dir
-from pdorch.devcluster.process import StartupError
+from pdorch.devcluster.process import Managed, StartupError
 
 pytestmark = pytest.mark.unit
 
@@ -262,3 +263,52 @@ def test_a_state_being_saved_is_never_read_half_written(tmp_path: Path) -> None:
         writer.join()
     assert all(s is not None and s.pod_cidr == "127.9.0.0/16" for s in seen)
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
+
+
+def _one_live_component(delay: float, starts: list[str]) -> object:
+    """A `_start_all` that records one running process (this test's own) after `delay` seconds."""
+
+    def start_all(self: DevCluster, st: ClusterState, *a: object) -> None:
+        starts.append(st.dir)
+        time.sleep(delay)
+        me = os.path.realpath(f"/proc/{os.getpid()}/exe")
+        st.processes.append(Managed("kwok", os.getpid(), me, str(Path(st.dir) / "kwok.log")))
+        st.save()
+
+    return start_all
+
+
+def test_a_start_cut_short_is_not_up(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch, no_components: list[str]
+) -> None:
+    """`status` said UP for a cluster whose `up` was killed after its first components started
+    (only those were checked), and `up` then called it 'already up'."""
+    monkeypatch.setattr(DevCluster, "_start_all", _one_live_component(0.0, []))
+    c = DevCluster(default_state_dir("cut"))
+    c.up()
+    assert c.is_up() and c.status()["complete"]
+    st = c.state()
+    assert st is not None
+    st.up_seconds = 0.0  # as left by an `up` killed mid-start
+    st.save()
+    status = c.status()
+    assert not status["up"] and not status["complete"]
+    assert "INCOMPLETE" in cluster.format_status(status)
+
+
+def test_a_second_up_of_the_same_name_waits_for_the_first(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch, no_components: list[str]
+) -> None:
+    """A second `up` 0.3 s after the first took the half-started state for a stale one (or said
+    'already up' before it was); it now waits, then finds the cluster up and starts nothing."""
+    starts: list[str] = []
+    monkeypatch.setattr(DevCluster, "_start_all", _one_live_component(0.5, starts))
+    first = threading.Thread(target=lambda: DevCluster(default_state_dir("twice")).up())
+    first.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    second = DevCluster(default_state_dir("twice"))
+    st = second.up()
+    first.join(timeout=10)
+    assert len(starts) == 1 and second.is_up() and st.up_seconds > 0
+    assert time.monotonic() - t0 >= 0.2  # it waited for the first
