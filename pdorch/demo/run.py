@@ -82,8 +82,16 @@ async def _events(api: KubeApi) -> list[str]:
 
 async def running_cluster(cluster: DevCluster) -> ClusterState | None:
     """The dev cluster's state if it already runs (the demo then reuses it and leaves it up), else None."""
-    if not (cluster.exists() and await asyncio.to_thread(cluster.is_up)):
+    if not cluster.exists():
         return None
+    if not await asyncio.to_thread(cluster.is_up):
+        # Starting over would delete its state and logs: leave that choice to the user.
+        name = cluster.state_dir.name
+        raise CliError(
+            f"a dev cluster named {name!r} exists at {cluster.state_dir} but is not up",
+            f"restart it with `pdorch dev-cluster --name {name} up`, remove it with "
+            f"`pdorch dev-cluster --name {name} down`, or pass another --cluster-name",
+        )
     st = cluster.state()
     if st is not None:
         say(
@@ -162,6 +170,11 @@ async def demo(
     assert main is not None
     for sig in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, main.cancel)
+    if duration is not None and rollout_after is not None and rollout_after >= duration:
+        say(
+            f"no rollout in this run: --rollout-after {rollout_after:g} is not before --duration {duration:g}"
+        )
+        rollout_after = None
     try:
         st = await running_cluster(cluster)
         if st is None:
@@ -259,19 +272,20 @@ async def demo(
                 say(f"failed: {str(failed).splitlines()[0] if str(failed) else type(failed).__name__}")
                 say(f"the logs of the cluster, controller and proxy are kept in {kept}")
         await release_cluster(cluster, st, started, lambda s: _delete_demo_objects(s, namespace_created))
-        say(
-            f"summary: {stats.total_ok} requests ok, {stats.total_failed} failed"
-            + (
-                f" ({', '.join(f'{k}: {v}' for k, v in sorted(stats.errors.items()))})"
-                if stats.errors
-                else ""
+        if traffic is not None:
+            say(
+                f"summary: {stats.total_ok} requests ok, {stats.total_failed} failed"
+                + (
+                    f" ({', '.join(f'{k}: {v}' for k, v in sorted(stats.errors.items()))})"
+                    if stats.errors
+                    else ""
+                )
+                + (
+                    f"; TTFT p50 {stats.lifetime_ttft_ms(0.5):.0f} ms, p99 {stats.lifetime_ttft_ms(0.99):.0f} ms"
+                    if stats.total_ok
+                    else ""
+                )
             )
-            + (
-                f"; TTFT p50 {stats.lifetime_ttft_ms(0.5):.0f} ms, p99 {stats.lifetime_ttft_ms(0.99):.0f} ms"
-                if stats.total_ok
-                else ""
-            )
-        )
         say("cleaned up")
         for sig in (signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -80,13 +80,19 @@ def _down(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     status = _cluster(args).status()
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+    if not status["up"] and not args.json:
+        print(f"start it with `pdorch dev-cluster{cluster_flags(args)} up`", file=sys.stderr)
     return 0 if status["up"] else 1
 
 
 def _env(args: argparse.Namespace) -> int:
-    st = _cluster(args).state()
-    if st is None:
-        print("error: the dev cluster is not up; run `pdorch dev-cluster up`", file=sys.stderr)
+    cluster = _cluster(args)
+    st = cluster.state()
+    if st is None or not cluster.is_up():
+        print(
+            f"error: the dev cluster is not up; run `pdorch dev-cluster{cluster_flags(args)} up`",
+            file=sys.stderr,
+        )
         return 1
     print(f"export KUBECONFIG={st.kubeconfig}")
     print(f"export PDORCH_KUBE_BIN={st.bin_dir}")
