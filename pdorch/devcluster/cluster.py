@@ -9,6 +9,7 @@ recorded and removes the state directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -286,8 +287,16 @@ class DevCluster:
     # ---------------------------------------------------------------- lifecycle
     def up(self, nodes: int = DEFAULT_NODES, gpus_per_node: int = DEFAULT_GPUS_PER_NODE) -> ClusterState:
         """Bring the cluster up (or return the running one). Raises StartupError on failure."""
-        with _cluster_lock(self.state_dir):
-            return self._up(nodes, gpus_per_node)
+        try:
+            with _cluster_lock(self.state_dir):
+                return self._up(nodes, gpus_per_node)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
+                raise
+            raise CliError(
+                f"cannot write the dev cluster state under {self.state_dir.parent}: {e.strerror}",
+                "free some space, or set PDORCH_DEVCLUSTER_DIR to a writable directory",
+            ) from e
 
     def _up(self, nodes: int, gpus_per_node: int) -> ClusterState:
         existing = self.state()

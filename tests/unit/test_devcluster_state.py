@@ -312,3 +312,21 @@ def test_a_second_up_of_the_same_name_waits_for_the_first(
     first.join(timeout=10)
     assert len(starts) == 1 and second.is_up() and st.up_seconds > 0
     assert time.monotonic() - t0 >= 0.2  # it waited for the first
+
+
+def test_a_state_root_that_cannot_be_written_is_one_clear_error(
+    state_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_components: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A read-only or full state directory gave an OSError traceback."""
+
+    def full(self: DevCluster, *a: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DevCluster, "_start_all", full)
+    assert cli.main(["dev-cluster", "--name", "full", "up"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the dev cluster state" in err and "PDORCH_DEVCLUSTER_DIR" in err
+    assert "Traceback" not in err
