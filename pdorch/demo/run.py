@@ -35,6 +35,7 @@ from pdorch.devcluster.binaries import repo_root
 from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, install_pdorch_crds
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.pod_backends import PodBackends
+from pdorch.devcluster.waiting import wait_for_async
 from pdorch.sim.config import SimConfig
 
 SG = create_namespaced_resource("pdorch.io", "v1alpha1", "ServingGroup", "servinggroups")
@@ -185,10 +186,16 @@ async def demo(
         await asyncio.to_thread(install_pdorch_crds, st.client(), "pdorch-demo", (NAMESPACE, "pdorch-system"))
         say("starting the pdorch controller")
         ctl = ControllerProc(st.kubeconfig, "demo", f"demo-{uuid.uuid4().hex[:6]}")
-        await asyncio.to_thread(ctl.wait_ready)
+        # Polled from the loop, each check in a thread: a Ctrl-C stops the wait at once (a wait in
+        # one thread held the exit for its whole timeout).
+        await wait_for_async(
+            lambda: asyncio.to_thread(ctl.is_ready), 60, "the pdorch controller to become ready", 0.5
+        )
         say(f"applying examples/sim-pd/servinggroup.yaml in namespace {NAMESPACE}")
         await asyncio.to_thread(_apply_example, st)
-        await _poll(lambda: _available(st), 120, "ServingGroup sim-pd to become Available")
+        await wait_for_async(
+            lambda: asyncio.to_thread(_available, st), 120, "ServingGroup sim-pd Available", 0.5
+        )
         say("ServingGroup Available; starting simulated engines on the pods' IPs and the proxy pod")
         backends = PodBackends(
             st.kubeconfig,
@@ -307,15 +314,3 @@ def _keep_logs(state_dir: Path) -> Path | None:
     dest = state_dir.parent / f"{state_dir.name}-logs-{time.strftime('%Y%m%d-%H%M%S')}"
     shutil.copytree(logs, dest, dirs_exist_ok=True)
     return dest
-
-
-async def _poll(check: Callable[[], bool], within: float, what: str) -> None:
-    """Wait until `check` (blocking, run in a thread) is true. Unlike a `wait_for` in one thread,
-    a cancelled demo stops polling at once (the thread held the exit for the whole timeout)."""
-    deadline = time.monotonic() + within
-    while not await asyncio.to_thread(check):
-        if time.monotonic() > deadline:
-            raise CliError(
-                f"timed out after {within:.0f}s waiting for {what}", "the logs are kept: see the path above"
-            )
-        await asyncio.sleep(0.5)

@@ -78,13 +78,17 @@ class ControllerProc:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"controller {self.identity} exited:\n{self.log.read_text()[-3000:]}")
+    def is_ready(self) -> bool:
+        """Whether /readyz answers 200 now; AssertionError (with its log) if the process exited."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"controller {self.identity} exited:\n{self.log.read_text()[-3000:]}")
+        try:
             return httpx2.get(self.url("/readyz"), timeout=2, trust_env=False).status_code == 200
+        except httpx2.TransportError:
+            return False
 
-        wait_for(ready, timeout, f"controller {self.identity} ready")
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_for(self.is_ready, timeout, f"controller {self.identity} ready")
 
     def metrics_text(self) -> str:
         return httpx2.get(self.url("/metrics"), timeout=5, trust_env=False).text
