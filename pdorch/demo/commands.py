@@ -17,8 +17,6 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # asyncio.run cancelled the demo; its finally-block already cleaned up.
         return 130
-    except asyncio.CancelledError:
-        return 143  # SIGTERM or SIGHUP: cleaned up the same way
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -29,12 +29,14 @@ from lightkube.resources.core_v1 import Namespace as LkNamespace
 
 from pdorch.cli_errors import CliError
 from pdorch.controller.kubeapi import EVENT, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
+from pdorch.controller.kubeapi import ApiError as KubeApiError
 from pdorch.demo.traffic import Stats, run_users
 from pdorch.demo.view import render_view
 from pdorch.devcluster.binaries import repo_root
 from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, install_pdorch_crds
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.pod_backends import PodBackends
+from pdorch.devcluster.process import StartupError
 from pdorch.devcluster.waiting import wait_for_async
 from pdorch.sim.config import SimConfig
 
@@ -64,6 +66,8 @@ def _apply_example(st: ClusterState, image: str | None = None) -> None:
 
 def _available(st: ClusterState) -> bool:
     obj = st.client().get(SG, GROUP, namespace=NAMESPACE)
+    if obj.metadata is not None and obj.metadata.deletionTimestamp:
+        return False  # a previous demo's group on its way out
     return any(
         c["type"] == "Available" and c["status"] == "True" for c in (obj.status or {}).get("conditions", [])
     )
@@ -102,14 +106,16 @@ async def running_cluster(cluster: DevCluster) -> ClusterState | None:
     return st
 
 
-def _namespace_exists(st: ClusterState, name: str) -> bool:
+def _namespace_exists(st: ClusterState, name: str) -> bool | None:
+    """True if the namespace exists, False if not, None while it is being deleted (a previous
+    demo's, on a reused cluster: applying into it fails, and its old group still looks Available)."""
     try:
-        st.client().get(LkNamespace, name)
+        ns = st.client().get(LkNamespace, name)
     except ApiError as e:
         if e.status.code == 404:
             return False
         raise
-    return True
+    return None if ns.metadata is not None and ns.metadata.deletionTimestamp else True
 
 
 def _delete_demo_objects(st: ClusterState, delete_namespace: bool) -> None:
@@ -169,8 +175,14 @@ async def demo(
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        main.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, main.cancel)
+        loop.add_signal_handler(sig, on_signal, sig)
     if duration is not None and rollout_after is not None and rollout_after >= duration:
         say(
             f"no rollout in this run: --rollout-after {rollout_after:g} is not before --duration {duration:g}"
@@ -181,6 +193,14 @@ async def demo(
         if st is None:
             started = True
             st = await asyncio.to_thread(cluster.up)
+        if not started and await asyncio.to_thread(_namespace_exists, st, NAMESPACE) is None:
+            say(f"waiting for the previous demo's namespace {NAMESPACE} to be deleted")
+            await wait_for_async(
+                lambda: asyncio.to_thread(lambda: _namespace_exists(st, NAMESPACE) is False),
+                120,
+                f"namespace {NAMESPACE} to be deleted",
+                0.5,
+            )
         namespace_created = started or not await asyncio.to_thread(_namespace_exists, st, NAMESPACE)
         say("installing the pdorch CRDs")
         await asyncio.to_thread(install_pdorch_crds, st.client(), "pdorch-demo", (NAMESPACE, "pdorch-system"))
@@ -251,9 +271,15 @@ async def demo(
                 print(screen + "\n", flush=True)
                 last_plain = now
         return 0 if stats.total_ok > 0 else 1
-    except AssertionError as e:  # a wait of the dev-cluster helpers timed out, or a process died
+    except asyncio.CancelledError:
+        if received:
+            return 128 + received[0]  # after the cleanup below, as a shell reports the signal
+        raise
+    except (AssertionError, StartupError, ApiError, KubeApiError) as e:
+        # A wait of the dev-cluster helpers timed out, a process died, the cluster did not start,
+        # or the API refused: one line (the logs are copied out below).
         failed = e
-        raise CliError(str(e).splitlines()[0], "the logs are kept: see the path above") from None
+        raise CliError(_first_line(e), "the logs are kept: see the path above") from None
     except Exception as e:
         failed = e
         raise
@@ -273,12 +299,21 @@ async def demo(
             await api.close()
         if ctl is not None:
             ctl.stop()
-        if failed is not None and st is not None:
-            kept = _keep_logs(Path(st.dir))
-            if kept is not None:
-                say(f"failed: {str(failed).splitlines()[0] if str(failed) else type(failed).__name__}")
-                say(f"the logs of the cluster, controller and proxy are kept in {kept}")
-        await release_cluster(cluster, st, started, lambda s: _delete_demo_objects(s, namespace_created))
+        try:
+            if failed is not None and (started or st is not None):
+                say(f"failed: {_first_line(failed)}")
+                # A cluster the demo started is removed below; its logs are copied out first.
+                kept = _keep_logs(cluster.state_dir if started or st is None else Path(st.dir))
+                if kept is not None:
+                    say(f"the logs of the cluster, controller and proxy are kept in {kept}")
+        except OSError as e:
+            say(f"could not copy the logs out ({e}); removing the cluster anyway")
+        try:
+            await release_cluster(cluster, st, started, lambda s: _delete_demo_objects(s, namespace_created))
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            signal.signal(signal.SIGINT, previous_sigint)
         if traffic is not None:
             say(
                 f"summary: {stats.total_ok} requests ok, {stats.total_failed} failed"
@@ -294,9 +329,10 @@ async def demo(
                 )
             )
         say("cleaned up")
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        signal.signal(signal.SIGINT, previous_sigint)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _still_cleaning(cluster_name: str) -> None:

@@ -93,8 +93,12 @@ def _cluster_lock(state_dir: Path) -> Iterator[None]:
     """An exclusive lock over one dev cluster while it is brought up or down: a second `up` of the
     same name waits for the first (and then finds it up) instead of taking its half-started state
     for a stale one and stopping it."""
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(state_dir.with_name(f".{state_dir.name}.lock"), "w") as fh:
+    state_dir = state_dir.resolve()  # `--state-dir .` has no name of its own
+    lock = (
+        state_dir.with_name(f".{state_dir.name}.lock") if state_dir.name else state_dir / ".devcluster.lock"
+    )
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdorch.devcluster.cluster import is_cluster_dir
 from pdorch.devcluster.process import free_port
-from pdorch.devcluster.waiting import wait_for
+from pdorch.devcluster.waiting import ProcessExited, wait_for
 
 WRITE_VERBS = ("create", "apply", "update", "patch", "delete")
 _SAMPLE = re.compile(r"^pdorch_kube_requests_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
@@ -81,7 +81,7 @@ class ControllerProc:
     def is_ready(self) -> bool:
         """Whether /readyz answers 200 now; AssertionError (with its log) if the process exited."""
         if self.proc.poll() is not None:
-            raise AssertionError(f"controller {self.identity} exited:\n{self.log.read_text()[-3000:]}")
+            raise ProcessExited(f"controller {self.identity} exited:\n{self.log.read_text()[-3000:]}")
         try:
             return httpx2.get(self.url("/readyz"), timeout=2, trust_env=False).status_code == 200
         except httpx2.TransportError:

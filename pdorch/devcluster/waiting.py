@@ -13,6 +13,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class ProcessExited(AssertionError):
+    """The process being waited for has exited: no point in polling on (the waits re-raise it)."""
+
+
 def wait_for(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
     """Call `fn` until it returns a truthy value; fail with `what` and the last error after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -22,6 +26,8 @@ def wait_for(fn: Callable[[], T | None], timeout: float, what: str, interval: fl
             value = fn()
             if value:
                 return value
+        except ProcessExited:
+            raise
         except Exception as e:  # an object that does not exist yet is "not yet", not a failure
             last_exc = e
         time.sleep(interval)
@@ -41,6 +47,8 @@ async def wait_for_async(fn: Callable[[], Any], seconds: float, what: str, inter
                 value = await value
             if value:
                 return value
+        except ProcessExited:
+            raise
         except Exception as e:
             last_exc = e
         await asyncio.sleep(interval)

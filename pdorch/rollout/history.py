@@ -134,7 +134,17 @@ def live_update_revision(sg: dict[str, Any]) -> str | None:
 
     `pdorch rollback` decides from this, not from status alone: right after a rollback, status
     still names the revision rolled away from until the controller writes it, while the history
-    may already number the restored revision newest, and the target then skipped back one more."""
+    may already number the restored revision newest, and the target then skipped back one more.
+    Once status describes the current generation it is taken as it is (a CLI of another release
+    than the controller could hash differently)."""
+    status = sg.get("status") or {}
+    generation = (sg.get("metadata") or {}).get("generation")
+    if (
+        status.get("updateRevision")
+        and generation is not None
+        and status.get("observedGeneration") == generation
+    ):
+        return str(status["updateRevision"])
     try:
         return compute_revision(ServingGroupSpec.model_validate(sg.get("spec") or {}))
     except ValidationError:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import httpx2
 import pytest
 
+from pdorch.cli_errors import CliError
 from pdorch.demo import run
 from pdorch.demo.traffic import Sample, Stats, one_request, prompt_of, trace_lengths
 from pdorch.demo.view import render_view
@@ -72,6 +74,7 @@ class FakeCluster:
         self.running = running
         self.calls: list[str] = []
         self.st = ClusterState(dir="/nonexistent/demo", bin_dir="/b", ports={}, token="t")
+        self.state_dir = Path(self.st.dir)
 
     def exists(self) -> bool:
         return self.running
@@ -149,3 +152,25 @@ def test_lifetime_ttft_counts_every_success() -> None:
     assert s.lifetime_ttft_ms(0.5) == pytest.approx(50, abs=10) and s.lifetime_ttft_ms(0.99) == pytest.approx(
         100
     )
+
+
+def test_a_failure_whose_logs_cannot_be_copied_still_removes_the_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Copying the logs out (disk full) raised before the cluster was taken down, which leaked it;
+    a bare assertion crashed the error line with an IndexError."""
+    fake = FakeCluster(False)
+    monkeypatch.setattr(run, "DevCluster", lambda *a, **k: fake)
+    monkeypatch.setattr(ClusterState, "client", lambda self: None)
+
+    def bare_assert(*a: object) -> None:
+        raise AssertionError
+
+    def disk_full(_: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run, "install_pdorch_crds", bare_assert)
+    monkeypatch.setattr(run, "_keep_logs", disk_full)
+    with pytest.raises(CliError, match="AssertionError"):
+        asyncio.run(run.demo(1, 1.0, "demo"))
+    assert fake.calls == ["up", "down"]

@@ -73,7 +73,12 @@ def test_a_second_rollback_before_the_controller_wrote_status_goes_by_the_live_s
     it writes status. A second rollback in between read status (still c, c) and the renumbered
     history, and picked a, the revision before b. The live spec says the group is rolling to b."""
     spec_b = yaml.safe_load(EXAMPLE.read_text())["spec"]
-    live = {**SG, "spec": spec_b, "status": {"currentRevision": "c", "updateRevision": "c"}}
+    live = {
+        **SG,
+        "metadata": {**SG["metadata"], "generation": 5},
+        "spec": spec_b,
+        "status": {"currentRevision": "c", "updateRevision": "c", "observedGeneration": 4},
+    }
     b = history.live_update_revision(live)
     assert b is not None and b != "c"
     renumbered = [_rec("a", 1), _rec("c", 3), _rec(b, 4)]
@@ -81,8 +86,10 @@ def test_a_second_rollback_before_the_controller_wrote_status_goes_by_the_live_s
     assert history.revision_of_object(history.rollback_target(renumbered, "c", "c")) == "a"
     # From the live spec: the rollback to b is itself the rollout, so "back" is c.
     assert history.revision_of_object(history.rollback_target(renumbered, "c", b)) == "c"
-    # A spec that does not parse leaves status's word.
+    # A spec that does not parse leaves status's word, and so does a status of this generation.
     assert history.live_update_revision({**live, "spec": {"roles": "nope"}}) == "c"
+    current = {**live, "status": {**live["status"], "observedGeneration": 5}}
+    assert history.live_update_revision(current) == "c"
 
 
 def test_rollback_target_errors_say_what_to_do() -> None:
