@@ -89,17 +89,23 @@ def _choosing_lock() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _cluster_lock(state_dir: Path) -> Iterator[None]:
+def _cluster_lock(state_dir: Path, progress: Callable[[str], None]) -> Iterator[None]:
     """An exclusive lock over one dev cluster while it is brought up or down: a second `up` of the
     same name waits for the first (and then finds it up) instead of taking its half-started state
-    for a stale one and stopping it."""
+    for a stale one and stopping it. The lock file stays (removing it would let a third process
+    lock a new file while a waiter holds the old one)."""
     state_dir = state_dir.resolve()  # `--state-dir .` has no name of its own
     lock = (
         state_dir.with_name(f".{state_dir.name}.lock") if state_dir.name else state_dir / ".devcluster.lock"
     )
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # An `up` on a cold cache builds binaries for many minutes: say why nothing happens.
+            progress(f"another `up` or `down` of the dev cluster at {state_dir} is running; waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -292,7 +298,7 @@ class DevCluster:
     def up(self, nodes: int = DEFAULT_NODES, gpus_per_node: int = DEFAULT_GPUS_PER_NODE) -> ClusterState:
         """Bring the cluster up (or return the running one). Raises StartupError on failure."""
         try:
-            with _cluster_lock(self.state_dir):
+            with _cluster_lock(self.state_dir, self.progress):
                 return self._up(nodes, gpus_per_node)
         except OSError as e:
             if e.errno not in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
@@ -409,7 +415,7 @@ class DevCluster:
         Returns the names of the processes that were running. A missing state directory is a no-op;
         one that pdorch did not create raises NotADevClusterError and is left untouched.
         """
-        with _cluster_lock(self.state_dir):
+        with _cluster_lock(self.state_dir, self.progress):
             return self._down()
 
     def _down(self) -> list[str]:

@@ -307,11 +307,13 @@ def test_a_second_up_of_the_same_name_waits_for_the_first(
     first.start()
     time.sleep(0.2)
     t0 = time.monotonic()
-    second = DevCluster(default_state_dir("twice"))
+    said: list[str] = []
+    second = DevCluster(default_state_dir("twice"), progress=said.append)
     st = second.up()
     first.join(timeout=10)
     assert len(starts) == 1 and second.is_up() and st.up_seconds > 0
     assert time.monotonic() - t0 >= 0.2  # it waited for the first
+    assert "waiting for it" in said[0]  # and said so
 
 
 def test_a_state_root_that_cannot_be_written_is_one_clear_error(
