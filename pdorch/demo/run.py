@@ -193,15 +193,19 @@ async def demo(
         if st is None:
             started = True
             st = await asyncio.to_thread(cluster.up)
-        if not started and await asyncio.to_thread(_namespace_exists, st, NAMESPACE) is None:
-            say(f"waiting for the previous demo's namespace {NAMESPACE} to be deleted")
-            await wait_for_async(
-                lambda: asyncio.to_thread(lambda: _namespace_exists(st, NAMESPACE) is False),
-                120,
-                f"namespace {NAMESPACE} to be deleted",
-                0.5,
-            )
-        namespace_created = started or not await asyncio.to_thread(_namespace_exists, st, NAMESPACE)
+        namespace_created = True  # a cluster the demo started has no demo namespace yet
+        if not started:
+            exists = await asyncio.to_thread(_namespace_exists, st, NAMESPACE)
+            if exists is None:
+                say(f"waiting for the previous demo's namespace {NAMESPACE} to be deleted")
+                await wait_for_async(
+                    lambda: asyncio.to_thread(lambda: _namespace_exists(st, NAMESPACE) is False),
+                    120,
+                    f"namespace {NAMESPACE} to be deleted",
+                    0.5,
+                )
+                exists = False
+            namespace_created = not exists
         say("installing the pdorch CRDs")
         await asyncio.to_thread(install_pdorch_crds, st.client(), "pdorch-demo", (NAMESPACE, "pdorch-system"))
         say("starting the pdorch controller")

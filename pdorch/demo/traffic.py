@@ -56,10 +56,10 @@ class Stats:
 
     def add(self, s: Sample, error: str | None = None) -> None:
         self.samples.append(s)
-        if s.ok and s.ttft is not None:
-            self._all_ttft.append(s.ttft)
         if s.ok:
             self.total_ok += 1
+            if s.ttft is not None:
+                self._all_ttft.append(s.ttft)
         else:
             self.total_failed += 1
             key = error or "error"
@@ -133,7 +133,10 @@ async def one_request(
         return 1.0
     end = time.monotonic()
     # A 200 whose stream carried an error, no token, or no [DONE] is an interrupted request.
-    error = error or (None if chunks else "empty stream") or (None if done else "stream cut before [DONE]")
+    if error is None and not chunks:
+        error = "empty stream"
+    elif error is None and not done:
+        error = "stream cut before [DONE]"
     if error is not None:
         stats.add(Sample(end, False), error)
         return 1.0

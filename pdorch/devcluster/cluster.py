@@ -76,40 +76,46 @@ def validate_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _choosing_lock() -> Iterator[None]:
-    """An exclusive lock over the dev clusters' state root while a new one picks its pod range."""
-    root = state_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".choosing.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _cluster_lock(state_dir: Path, progress: Callable[[str], None]) -> Iterator[None]:
-    """An exclusive lock over one dev cluster while it is brought up or down: a second `up` of the
-    same name waits for the first (and then finds it up) instead of taking its half-started state
-    for a stale one and stopping it. The lock file stays (removing it would let a third process
-    lock a new file while a waiter holds the old one)."""
-    state_dir = state_dir.resolve()  # `--state-dir .` has no name of its own
-    lock = (
-        state_dir.with_name(f".{state_dir.name}.lock") if state_dir.name else state_dir / ".devcluster.lock"
-    )
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
+def _flocked(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created with its directory); `on_wait` runs once if
+    another process holds it. The file stays (removing it would let a third process lock a new
+    file while a waiter holds the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            # An `up` on a cold cache builds binaries for many minutes: say why nothing happens.
-            progress(f"another `up` or `down` of the dev cluster at {state_dir} is running; waiting for it")
+            if on_wait is not None:
+                on_wait()
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _choosing_lock() -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock over the dev clusters' state root while a new one picks its pod range."""
+    return _flocked(state_root() / ".choosing.lock")
+
+
+def _cluster_lock(
+    state_dir: Path, progress: Callable[[str], None]
+) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock over one dev cluster while it is brought up or down: a second `up` of the
+    same name waits for the first (and then finds it up) instead of taking its half-started state
+    for a stale one and stopping it."""
+    state_dir = state_dir.resolve()  # `--state-dir .` has no name of its own
+    lock = (
+        state_dir.with_name(f".{state_dir.name}.lock") if state_dir.name else state_dir / ".devcluster.lock"
+    )
+    # An `up` on a cold cache builds binaries for many minutes: say why nothing happens.
+    return _flocked(
+        lock,
+        lambda: progress(
+            f"another `up` or `down` of the dev cluster at {state_dir} is running; waiting for it"
+        ),
+    )
 
 
 def state_root() -> Path:

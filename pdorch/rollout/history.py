@@ -148,7 +148,7 @@ def live_update_revision(sg: dict[str, Any]) -> str | None:
     try:
         return compute_revision(ServingGroupSpec.model_validate(sg.get("spec") or {}))
     except ValidationError:
-        return (sg.get("status") or {}).get("updateRevision")
+        return status.get("updateRevision")
 
 
 class RollbackRefused(ValueError):

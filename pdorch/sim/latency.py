@@ -153,8 +153,7 @@ def load_coefficients(spec: str) -> Coefficients:
     problems = coefficient_problems(data)
     if problems:
         raise ValueError(f"{spec}: " + "; ".join(problems))
-    whole = {f.name for f in fields(Coefficients) if f.type in (int, "int")}
-    merged = replace(PRESETS[base_name], **{k: int(v) if k in whole else v for k, v in data.items()})  # type: ignore[arg-type]
+    merged = replace(PRESETS[base_name], **{k: int(v) if k in _WHOLE else v for k, v in data.items()})  # type: ignore[arg-type]
     if merged.decode_a_s + merged.decode_beta_s <= 0:
         # A decode step that costs nothing has no capacity limit: the scaler would divide by 0.
         raise ValueError(f"{spec}: decode_a_s + decode_beta_s must be > 0")
@@ -175,17 +174,20 @@ _POSITIVE = frozenset(
 )
 
 
+# Count fields (`from __future__ import annotations` makes the types strings).
+_WHOLE = frozenset(f.name for f in fields(Coefficients) if f.type in (int, "int"))
+
+
 def coefficient_problems(data: dict[str, object]) -> list[str]:
     """What is wrong with coefficient overrides read from a file: a value that is not a number
     (or not a whole one for a count), a negative one, or 0 where the model divides by it."""
-    types = {f.name: f.type for f in fields(Coefficients)}
     out = []
     for key, value in sorted(data.items()):
         if key == "name":
             if not isinstance(value, str):
                 out.append("name must be a string")
             continue
-        whole = types[key] in (int, "int")
+        whole = key in _WHOLE
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             out.append(f"{key} must be a finite {'whole number' if whole else 'number'}, not {value!r}")
         elif whole and value != int(value):
