@@ -50,14 +50,30 @@ class Setup:
     tick_s: float
     window_s: float
     # pdorch's prefill queue (router.prefillQueue) in front of every policy's fleet (fleet.py), and
-    # whether the scaler sees the prompts it holds as prefill's waiting (pdorch scaler does not).
+    # whether pdorch's scaler, too, sees the prompts it holds as prefill's waiting (`pdorch scaler`
+    # does not: it scrapes the engines). The peers see them unless `peers_engine_only` (`sees_queue`).
     proxy_queue: bool = False
     queue_visible: bool = False
+    peers_engine_only: bool = False
     # What-if (fleet.py): decode engines prefill in-time held prompts, up to this share of their time.
     decode_prefill_share: float | None = None
 
 
-def simulate(setup: Setup, wl: workloads.Workload, policy: PolicyFn, initial: tuple[int, int]) -> FleetResult:
+def sees_queue(setup: Setup, peer: bool) -> bool:
+    """Whether a policy reads the prompts the proxy holds as prefill's waiting (and its arrivals).
+
+    A peer does behind the queue: a real HPA there would scale on the proxy's queue-depth metric
+    and Dynamo's planner counts requests at its frontend, so reading only the engines, whose queues
+    the proxy keeps empty, would blind them for want of a metric their deployments have. pdorch reads
+    the engines, as `pdorch scaler` does, unless the `queue_visible` what-if is set.
+    """
+    return setup.queue_visible or (peer and not setup.peers_engine_only)
+
+
+def simulate(
+    setup: Setup, wl: workloads.Workload, policy: PolicyFn, initial: tuple[int, int], peer: bool = False
+) -> FleetResult:
+    """Replay `wl` under `policy` from `initial` (P, D); `peer`: a peer's signals (`sees_queue`)."""
     reqs = [Req(t, p, o) for t, p, o in wl.arrivals]
     held = setup.slo.ttft_s if setup.proxy_queue else None
     fleet = Fleet(
@@ -66,7 +82,7 @@ def simulate(setup: Setup, wl: workloads.Workload, policy: PolicyFn, initial: tu
         initial,
         setup.tick_s,
         proxy_queue_ttft_s=held,
-        queue_visible=setup.queue_visible,
+        queue_visible=sees_queue(setup, peer),
         decode_prefill_share=setup.decode_prefill_share,
     )
     return fleet.run(reqs, policy, wl.duration + 60.0)
@@ -127,6 +143,8 @@ def default_name(args: argparse.Namespace) -> str:
         parts.append("proxy-queue")
     if args.queue_visible:
         parts.append("visible")
+    if args.peers_engine_only:
+        parts.append("peers-engine-only")
     if args.decode_prefill is not None:
         parts.append(f"decode-prefill{args.decode_prefill:g}")
     return "-".join(parts)
@@ -320,8 +338,14 @@ def main() -> int:
     ap.add_argument(
         "--queue-visible",
         action="store_true",
-        help="with --proxy-queue: the policies see the prompts the proxy holds as prefill's waiting "
-        "(a scaler that scrapes the proxy too; pdorch scaler reads the engines only)",
+        help="with --proxy-queue: pdorch's policy, too, sees the prompts the proxy holds as prefill's "
+        "waiting (a scaler that scrapes the proxy too; pdorch scaler reads the engines only)",
+    )
+    ap.add_argument(
+        "--peers-engine-only",
+        action="store_true",
+        help="with --proxy-queue: the peers read the engines only, not the proxy's queue (the reading "
+        "of the runs before 2026-12-07)",
     )
     ap.add_argument(
         "--decode-prefill",
@@ -345,6 +369,7 @@ def main() -> int:
         window_s=30.0,
         proxy_queue=args.proxy_queue,
         queue_visible=args.queue_visible,
+        peers_engine_only=args.peers_engine_only,
         decode_prefill_share=args.decode_prefill,
     )
     # pdorch runs as `pdorch scaler --pod-startup <startup> --interval <tick>` with the ServingGroup
@@ -379,6 +404,11 @@ def main() -> int:
             "slo_scale": args.slo_scale,
             "proxy_queue": args.proxy_queue,
             "queue_visible": args.queue_visible,
+            "peers_see_queue": args.proxy_queue and not args.peers_engine_only,
+            "peer_knobs": {
+                "defaults": policies.PEER_DEFAULTS,
+                "tuned": policies.PEER_TUNED_QUEUE if args.proxy_queue else policies.PEER_TUNED,
+            },
             "decode_prefill_share": args.decode_prefill,
         },
         "workloads": {},
@@ -407,7 +437,7 @@ def main() -> int:
         }
         candidates["pdorch"] = policies.pdorch_policy(c, setup.slo, pd_damping, pd_cfg)
         for name, pol in candidates.items():
-            rows[name] = summarize(setup, simulate(setup, wl, pol, start))
+            rows[name] = summarize(setup, simulate(setup, wl, pol, start, peer=name != "pdorch"))
         rows["oracle"], info = run_oracle(setup, wl)
         rows["oracle"].update(info)
         for row in rows.values():

@@ -6,7 +6,8 @@ held out (`run.py --half second`). The rule, fixed before the grid is run:
   2. then most traces at >= 99%,
   3. then the highest mean attainment per GPU-hour relative to the oracle's.
 Every policy starts from the half's static-best fleet, as in run.py. pdorch's grid has 216 members;
-each peer gets a grid of its own knobs, no larger (notes/autoscaling.md §5.1: equal tuning budgets).
+each peer gets a grid of its own knobs of the same size (notes/autoscaling.md §5.1: equal tuning
+budgets). Behind the queue (`--proxy-queue`) the peers read the proxy's queue (`run.sees_queue`).
 
     PYTHONPATH=$PWD python3 bench/autoscale/tune.py                 # pdorch, 3 min -> autoscale-tuning.*
     PYTHONPATH=$PWD python3 bench/autoscale/tune.py --policy hpa    # -> autoscale-tuning-hpa.*
@@ -41,20 +42,27 @@ GRID: dict[str, list[object]] = {  # pdorch
     "decode_burst_z": [1.64, 2.33],
 }
 
-PEER_GRIDS: dict[str, dict[str, list[float]]] = {
-    "hpa": {
-        "waiting_target": [1.0, 2.0, 5.0, 10.0, 20.0],
-        "kv_target": [0.5, 0.6, 0.7, 0.8, 0.9],
-        "scale_down_s": [75.0, 150.0, 300.0, 600.0],
+# Each peer's grid has 216 members, as pdorch's, over the knobs an operator of that autoscaler
+# tunes (notes/autoscaling.md §5.1: equal tuning budgets; before 2026-12-07 they had 24-120).
+PEER_GRIDS: dict[str, dict[str, list[float | str]]] = {
+    "hpa": {  # 6 x 3 x 3 x 2 x 2
+        "waiting_target": [1.0, 2.0, 5.0, 10.0, 20.0, 40.0],  # prefill: waiting requests per pod
+        "kv_target": [0.6, 0.75, 0.9],  # decode: KV usage
+        "scale_down_s": [75.0, 300.0, 600.0],  # behavior.scaleDown.stabilizationWindowSeconds
+        "tolerance": [0.1, 0.2],  # the HPA's dead band (per-HPA since k8s 1.33)
+        "scale_up_s": [0.0, 60.0],  # behavior.scaleUp.stabilizationWindowSeconds
     },
-    "fixed-ratio": {
-        "tps_fraction": [0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
-        "ratio_scale": [0.75, 1.0, 1.25, 1.5, 2.0],
-        "scale_down_s": [75.0, 150.0, 300.0, 600.0],
+    "fixed-ratio": {  # 6 x 4 x 3 x 3
+        "tps_fraction": [0.4, 0.5, 0.6, 0.7, 0.8, 0.9],  # target share of profiled decode tokens/s
+        "ratio_scale": [0.75, 1.0, 1.5, 2.0],  # P:D as a multiple of the static-best ratio
+        "scale_down_s": [150.0, 300.0, 600.0],
+        "window_s": [15.0, 60.0, 180.0],  # the tokens/s metric's averaging window
     },
-    "dynamo-sla": {
-        "interval_s": [15.0, 30.0, 60.0, 180.0],
-        "slo_scale": [0.1, 0.2, 0.3, 0.5, 0.75, 1.0],
+    "dynamo-sla": {  # 4 x 6 x 3 x 3
+        "interval_s": [15.0, 30.0, 60.0, 180.0],  # adjustment_interval
+        "ttft_scale": [0.1, 0.2, 0.3, 0.5, 0.75, 1.0],  # planner TTFT target / real SLO
+        "itl_scale": [0.5, 0.75, 1.0],  # planner ITL target / real SLO
+        "predictor": ["constant", "arima", "kalman"],
     },
 }
 
@@ -115,11 +123,11 @@ def _replay(args: tuple[str, str, int, tuple[int, int], dict[str, object]]) -> d
         cfg, damping = config(k)
         pol = policies.pdorch_policy(C, SETUP.slo, damping, cfg)
     else:
-        knobs = {key: float(v) for key, v in k.items()}  # type: ignore[arg-type]
+        knobs = {key: v if isinstance(v, str) else float(v) for key, v in k.items()}  # type: ignore[arg-type]
         pol = policies.peer_policy(
             policy, knobs, C, SETUP.slo, SETUP.tick_s, wl.arrivals, start[0] / start[1]
         )
-    return run.summarize(SETUP, run.simulate(SETUP, wl, pol, start))
+    return run.summarize(SETUP, run.simulate(SETUP, wl, pol, start, peer=policy != "pdorch"))
 
 
 def rank_key(row: dict[str, object]) -> tuple[float, float, float]:
