@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,12 @@ from pdorch.controller.kubeapi import ApiError as KubeApiError
 from pdorch.demo.traffic import Stats, run_users
 from pdorch.demo.view import render_view
 from pdorch.devcluster.binaries import repo_root
-from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, install_pdorch_crds
+from pdorch.devcluster.cluster import (
+    ClusterState,
+    DevCluster,
+    default_state_dir,
+    install_pdorch_crds,
+)
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.pod_backends import PodBackends
 from pdorch.devcluster.process import StartupError
@@ -159,6 +165,23 @@ async def demo(
     # Pods turn Ready 1-2 s after they start, like an engine behind a readiness probe: kwok has no
     # probes, and a pod Ready before its simulated engine listens would get traffic too early.
     cluster = DevCluster(default_state_dir(cluster_name), progress=say, pod_ready_ms=(1000, 2000))
+    with cluster.held_by_one(lambda: _refuse_second_demo(cluster_name)):
+        return await _demo(cluster, users, duration, cluster_name, rollout_after)
+
+
+def _refuse_second_demo(cluster_name: str) -> None:
+    # Two demos on one cluster collide: the second's engines cannot bind the pods' addresses, and
+    # the first takes the cluster down under the second when it stops.
+    raise CliError(
+        f"another `pdorch demo` is running on the dev cluster {cluster_name!r}",
+        "stop it first (Ctrl-C in its terminal), or run this one on its own cluster with "
+        "--cluster-name <another name>",
+    )
+
+
+async def _demo(
+    cluster: DevCluster, users: int, duration: float | None, cluster_name: str, rollout_after: float | None
+) -> int:
     ctl: ControllerProc | None = None
     backends: PodBackends | None = None
     api: KubeApi | None = None
@@ -169,6 +192,7 @@ async def demo(
     namespace_created = False
     stats = Stats()
     failed: BaseException | None = None
+    logs = contextlib.ExitStack()
     # SIGTERM and SIGHUP (a closed terminal, `kill`) stop the demo as Ctrl-C does: through the
     # cleanup below. Without this they killed the CLI alone and left the cluster, controller and
     # proxy running, which the next demo then silently reused.
@@ -231,6 +255,9 @@ async def demo(
             # /metrics on the proxy's own port: a local Prometheus often holds 9090 on 0.0.0.0.
             proxy_args=["--metrics-on-client-port"],
         )
+        engine_log = Path(st.dir) / "logs" / "demo-engines.log"
+        say(f"the engines' and pod backends' log lines go to {engine_log}")
+        logs.enter_context(_info_logs_to(engine_log))
         await backends.start()
         url = await backends.proxy_url()
         say(
@@ -303,6 +330,7 @@ async def demo(
             await api.close()
         if ctl is not None:
             ctl.stop()
+        logs.close()
         try:
             if failed is not None and (started or st is not None):
                 say(f"failed: {_first_line(failed)}")
@@ -333,6 +361,28 @@ async def demo(
                 )
             )
         say("cleaned up")
+
+
+@contextlib.contextmanager
+def _info_logs_to(path: Path) -> Iterator[None]:
+    """Send this process's INFO log lines (the in-process engines', the pod backends') to `path`,
+    leaving warnings and errors on the terminal: the view redraws the screen every second and
+    interleaved log lines are lost in it or break it up."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    raised = [(h, h.level) for h in root.handlers]
+    for h, _ in raised:
+        h.setLevel(max(h.level, logging.WARNING))
+    root.addHandler(to_file)
+    try:
+        yield
+    finally:
+        root.removeHandler(to_file)
+        to_file.close()
+        for h, level in raised:
+            h.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:

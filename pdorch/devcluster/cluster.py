@@ -303,9 +303,22 @@ class DevCluster:
     # ---------------------------------------------------------------- lifecycle
     def up(self, nodes: int = DEFAULT_NODES, gpus_per_node: int = DEFAULT_GPUS_PER_NODE) -> ClusterState:
         """Bring the cluster up (or return the running one). Raises StartupError on failure."""
+        with self._writing_state(), _cluster_lock(self.state_dir, self.progress):
+            return self._up(nodes, gpus_per_node)
+
+    @contextlib.contextmanager
+    def held_by_one(self, on_busy: Callable[[], None]) -> Iterator[None]:
+        """An exclusive hold on this cluster for a program that uses it for a while (`pdorch
+        demo`); `on_busy` runs, and should raise, when another program holds it."""
+        state_dir = self.state_dir.resolve()
+        with self._writing_state(), _flocked(state_dir.with_name(f".{state_dir.name}.session.lock"), on_busy):
+            yield
+
+    @contextlib.contextmanager
+    def _writing_state(self) -> Iterator[None]:
+        """A state root that cannot be written (read-only, full, not ours) is one clear error."""
         try:
-            with _cluster_lock(self.state_dir, self.progress):
-                return self._up(nodes, gpus_per_node)
+            yield
         except OSError as e:
             if e.errno not in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
                 raise

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import logging
 import random
 from pathlib import Path
 
 import httpx2
 import pytest
 
+from pdorch import cli
 from pdorch.cli_errors import CliError
 from pdorch.demo import run
 from pdorch.demo.traffic import Sample, Stats, one_request, prompt_of, trace_lengths
 from pdorch.demo.view import render_view
-from pdorch.devcluster.cluster import ClusterState
+from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir
 from pdorch.sim.tokens import count_tokens
 
 pytestmark = pytest.mark.unit
@@ -93,6 +97,9 @@ class FakeCluster:
     def down(self) -> list[str]:
         self.calls.append("down")
         return []
+
+    def held_by_one(self, on_busy: object) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 @pytest.mark.parametrize("running", [True, False])
@@ -174,3 +181,49 @@ def test_a_failure_whose_logs_cannot_be_copied_still_removes_the_cluster(
     with pytest.raises(CliError, match="AssertionError"):
         asyncio.run(run.demo(1, 1.0, "demo"))
     assert fake.calls == ["up", "down"]
+
+
+def test_a_second_demo_on_the_same_cluster_is_refused_before_it_touches_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two demos on one cluster name collided: the second's engines could not bind the pods'
+    addresses, and the first took the cluster down under the second when it stopped."""
+    monkeypatch.setenv("PDORCH_DEVCLUSTER_DIR", str(tmp_path))
+    touched: list[str] = []
+    monkeypatch.setattr(DevCluster, "exists", lambda self: touched.append("exists") or False)
+
+    def up(self: DevCluster, *a: object) -> None:
+        touched.append("up")
+        raise RuntimeError("stop after up")
+
+    monkeypatch.setattr(DevCluster, "up", up)
+    with DevCluster(default_state_dir("shared")).held_by_one(lambda: None):  # the first demo
+        assert cli.main(["demo", "--cluster-name", "shared", "--duration", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "another `pdorch demo` is running on the dev cluster 'shared'" in err and "--cluster-name" in err
+    assert touched == []
+    # Once the first is gone, the next demo gets past the lock (and here stops at the fake `up`).
+    with pytest.raises(RuntimeError, match="stop after up"):
+        asyncio.run(run.demo(1, 1.0, "shared"))
+    assert touched == ["exists", "up"]
+
+
+def test_info_log_lines_go_to_the_file_and_warnings_stay_on_the_terminal(tmp_path: Path) -> None:
+    """The in-process engines' INFO lines broke up the live view (it redraws every second)."""
+    root = logging.getLogger()
+    terminal = io.StringIO()
+    handler = logging.StreamHandler(terminal)
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with run._info_logs_to(tmp_path / "logs" / "demo-engines.log"):
+            logging.getLogger("pdorch.sim.server").info("engine listening")
+            logging.getLogger("pdorch.sim.server").warning("engine slow")
+        logging.getLogger("pdorch.sim.server").info("after the demo")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    in_file = (tmp_path / "logs" / "demo-engines.log").read_text()
+    assert "engine listening" in in_file and "engine slow" in in_file and "after the demo" not in in_file
+    assert terminal.getvalue().splitlines() == ["engine slow", "after the demo"]
