@@ -1,0 +1,88 @@
+"""Print the autoscaling tables of docs/benchmarks.md from a results json (so the docs' numbers are
+the committed results', not retyped).
+
+    PYTHONPATH=$PWD python3 bench/autoscale/doc_tables.py bench/results/autoscale.json
+    PYTHONPATH=$PWD python3 bench/autoscale/doc_tables.py --headline bench/results/autoscale.json \\
+        bench/results/autoscale-proxy-queue.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from run import ORDER
+
+
+def policy_table(data: dict[str, object], title: str) -> str:
+    """One workload's table in the docs' columns, then its static-best and oracle line."""
+    rows = data["policies"]  # type: ignore[index]
+    lines = [
+        f"**{title}** ({data['requests']} requests)",  # type: ignore[index]
+        "",
+        "| policy | SLO attainment | GPU-hours | vs oracle | attainment per GPU-hour | scale events P+D | peak P/D |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in (n for n in ORDER if n in rows):
+        r = rows[name]
+        label = f"**{name}**" if name == "pdorch" else name
+        lines.append(
+            f"| {label} | {r['attainment']:.2%} | {r['gpu_hours']:.2f} | {r['gpu_hours_vs_oracle']:.2f}x | "
+            f"{r['attainment_per_gpu_hour']:.4f} | {r['scale_events_prefill']:.0f}+{r['scale_events_decode']:.0f} | "
+            f"{r['peak_prefill']:.0f}/{r['peak_decode']:.0f} |"
+        )
+    o, st = rows["oracle"], rows["static-best"]
+    lines += [
+        "",
+        f"Static best {st['prefill']:.0f}P + {st['decode']:.0f}D; oracle = window requirement "
+        f"x{1 + o['eps_prefill']:.2f} (prefill), x{1 + o['eps_decode']:.2f} (decode).",
+    ]
+    return "\n".join(lines)
+
+
+def headline(paths: list[Path]) -> str:
+    """Every policy on every workload of the given runs, one row each, and its rank per GPU-hour."""
+    lines = [
+        "| run | workload | policy | SLO attainment | GPU-hours | x oracle | attainment per GPU-hour | rank per GPU-hour |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        res = json.loads(path.read_text())
+        run = "prefill queue" if res["setup"].get("proxy_queue") else "engine queues"
+        for wl, data in res["workloads"].items():
+            rows = data["policies"]
+            # The oracle is the bar, not a competitor: rank the others.
+            ranked = sorted(
+                (n for n in rows if n != "oracle"), key=lambda n: -rows[n]["attainment_per_gpu_hour"]
+            )
+            for name in (n for n in ORDER if n in rows):
+                r = rows[name]
+                rank = "-" if name == "oracle" else str(ranked.index(name) + 1)
+                label = f"**{name}**" if name == "pdorch" else name
+                lines.append(
+                    f"| {run} | {wl} | {label} | {r['attainment']:.2%} | {r['gpu_hours']:.2f} | "
+                    f"{r['gpu_hours_vs_oracle']:.2f}x | {r['attainment_per_gpu_hour']:.4f} | {rank} |"
+                )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", type=Path, nargs="+")
+    ap.add_argument("--headline", action="store_true", help="one table of every run's policies and ranks")
+    args = ap.parse_args()
+    if args.headline:
+        print(headline(args.results))
+        return 0
+    for path in args.results:
+        res = json.loads(path.read_text())
+        half = res["setup"].get("half")
+        for wl, data in res["workloads"].items():
+            title = wl + (", minutes 30\u201360 only" if half == "second" else "")
+            print(policy_table(data, title), end="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
