@@ -50,7 +50,7 @@ from pdorch.roles.labels import (
 from pdorch.roles.naming import lws_name, scaler_name
 from pdorch.roles.render import RenderOptions, RoleOverride, render
 from pdorch.roles.revision import compute_revision
-from pdorch.roles.rolescaler import needs_scaler, scaled_replicas
+from pdorch.roles.rolescaler import needs_scaler, scaled_replicas, status_desired
 from pdorch.rollout import history
 from pdorch.rollout import live as rlive
 from pdorch.rollout.commands import rollout_spec
@@ -609,14 +609,16 @@ class Reconciler:
     def _overrides(self, sg: ServingGroup, namespace: str, name: str) -> dict[str, RoleOverride]:
         """Replicas of External/Builtin roles come from their ServingRoleScaler (HPA, KEDA, ours),
         within the role's minReplicas/maxReplicas (a `kubectl scale` beyond them does not pass).
-        A role whose scaler is missing while its LWS runs keeps the LWS's size (`scaled_replicas`)."""
+        A role whose scaler is missing while its LWS runs keeps the LWS's size, less a rollout's
+        surge (`scaled_replicas`)."""
         out: dict[str, RoleOverride] = {}
+        last_desired = status_desired(sg)
         for role in sg.spec.roles:
             if not needs_scaler(role):
                 continue
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
             lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name)) if srs is None else None
-            replicas = scaled_replicas(role, srs, lws)
+            replicas = scaled_replicas(role, srs, lws, last_desired.get(role.name))
             if replicas is not None:
                 # A scaler created now starts there too (not at roles[].replicas).
                 out[role.name] = RoleOverride(

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from pdorch.api import scaler
-from pdorch.api.servinggroup import API_VERSION, Role, ScalingMode
+from pdorch.api.servinggroup import API_VERSION, Role, ScalingMode, ServingGroup
 from pdorch.roles.context import RenderContext
+from pdorch.roles.labels import ANNOTATION_ROLLOUT
 from pdorch.roles.naming import scaler_name
 
 
@@ -29,16 +30,30 @@ def scaler_replicas(role: Role, srs: Mapping[str, Any] | None) -> int | None:
     return role.scaling.clamp(int(replicas))
 
 
-def scaled_replicas(role: Role, srs: dict[str, Any] | None, lws: dict[str, Any] | None) -> int | None:
+def scaled_replicas(
+    role: Role, srs: dict[str, Any] | None, lws: dict[str, Any] | None, last_desired: int | None = None
+) -> int | None:
     """What an autoscaled role's LWS should have: its ServingRoleScaler's replicas (within bounds),
     or, while the scaler is missing (deleted by hand, or the role just switched to External) and
     the LWS runs, the LWS's own size: roles[].replicas would cut a scaled-up role back at once.
+    An LWS a rollout holds above its size (surge) counts as `last_desired` instead (the role's
+    desiredReplicas in the group's status), else the surge would stay for good.
     None: roles[].replicas applies."""
     replicas = scaler_replicas(role, srs)
     if replicas is not None or srs is not None or lws is None or not needs_scaler(role):
         return replicas
     assert role.scaling is not None  # needs_scaler
+    mid_rollout = ANNOTATION_ROLLOUT in ((lws.get("metadata") or {}).get("annotations") or {})
+    if mid_rollout and last_desired is not None:
+        return role.scaling.clamp(last_desired)
     return role.scaling.clamp(int((lws.get("spec") or {}).get("replicas", role.replicas)))
+
+
+def status_desired(sg: ServingGroup) -> dict[str, int]:
+    """Each role's desiredReplicas as the group's status last recorded it (what `scaled_replicas`
+    keeps for a role whose scaler is missing mid-rollout)."""
+    roles = (sg.status.roles if sg.status is not None else None) or []
+    return {r.name: r.desired_replicas for r in roles if r.desired_replicas is not None}
 
 
 def render_scaler(ctx: RenderContext, role: Role) -> dict[str, Any]:

@@ -243,7 +243,7 @@ def _run_live(args: argparse.Namespace) -> int:
     from pdorch.roles.labels import LABEL_GROUP, LABEL_ROLE
     from pdorch.roles.naming import lws_name, scaler_name
     from pdorch.roles.revision import compute_revision
-    from pdorch.roles.rolescaler import needs_scaler, scaled_replicas
+    from pdorch.roles.rolescaler import needs_scaler, scaled_replicas, status_desired
 
     def res(group: str, version: str, kind: str, plural: str) -> Any:
         return create_namespaced_resource(group, version, kind, plural)
@@ -267,13 +267,14 @@ def _run_live(args: argparse.Namespace) -> int:
         return 1
     sg = ServingGroup.model_validate(obj)
     revision = compute_revision(sg.spec)
+    last_desired = status_desired(sg)
     roles = []
     for r in sg.spec.roles:
         if r.type not in KV_ROLE_TYPES:
             continue
         lws = get(lws_res, lws_name(name, r.name))
         srs = get(srs_res, scaler_name(name, r.name)) if needs_scaler(r) else None
-        scaled = scaled_replicas(r, srs, lws if srs is None else None)
+        scaled = scaled_replicas(r, srs, lws if srs is None else None, last_desired.get(r.name))
         pods = [
             p.to_dict()
             for p in client.list(Pod, namespace=ns, labels={LABEL_GROUP: name, LABEL_ROLE: r.name})

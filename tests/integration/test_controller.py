@@ -433,3 +433,55 @@ def test_a_scaled_role_keeps_its_size_when_its_scaler_is_deleted_or_unlabelled(
     _unlabel_and_wait_taken_back(kube, SRS, "keep-decode", namespace)
     seen = {sizes() for _ in range(8) if time.sleep(0.5) is None}
     assert seen == {(3, 3)}, seen
+
+
+def _without_node_selector(spec: dict[str, Any]) -> None:
+    for role in spec["roles"]:
+        if role["type"] in ("prefill", "decode"):
+            role["workerTemplate"]["spec"].pop("nodeSelector", None)
+
+
+def test_a_scaler_deleted_mid_rollout_comes_back_without_the_surge(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A ServingRoleScaler deleted by hand while a rollout held its role's LWS above the desired
+    size (surge) was recreated at the LWS's size, surge included, and the role kept those groups
+    after the rollout. It comes back at the role's desired size now."""
+    doc = example("surgekeep")
+    for role in doc["spec"]["roles"]:
+        if role["type"] in ("prefill", "decode"):
+            role["scaling"] = {"mode": "External", "minReplicas": 1, "maxReplicas": 6}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    wait_available(kube, namespace, "surgekeep")
+    desired = {"prefill": 2, "decode": 1}
+    update_spec(kube, namespace, "surgekeep", unschedulable)  # its surge groups never become ready
+
+    def surged() -> str | None:
+        for role, n in desired.items():
+            if kube.get(LWS, f"surgekeep-{role}", namespace=namespace).spec["replicas"] > n:
+                return role
+        return None
+
+    role = wait_for(surged, 60, "a role held above its desired size by the rollout")
+    name = f"surgekeep-{role}"
+    surge_size = kube.get(LWS, name, namespace=namespace).spec["replicas"]
+    old = kube.get(SRS, name, namespace=namespace).metadata.uid
+    kube.delete(SRS, name, namespace=namespace)
+    back = wait_for(
+        lambda: (o := kube.get(SRS, name, namespace=namespace)).metadata.uid != old and o,
+        60,
+        "scaler recreated",
+    )
+    assert back["spec"]["replicas"] == desired[role] < surge_size, (back["spec"], surge_size)
+
+    # Back to the running template: the rollout ends at the desired size, not with the surge.
+    update_spec(kube, namespace, "surgekeep", _without_node_selector)
+
+    def settled() -> bool:
+        sg = kube.get(SG, "surgekeep", namespace=namespace)
+        progressing = condition(sg, "Progressing") or {}
+        at = kube.get(LWS, name, namespace=namespace).spec["replicas"]
+        return at == desired[role] and progressing.get("status") == "False"
+
+    wait_for(settled, 120, f"{role} back at {desired[role]} once the rollout ended")
+    assert kube.get(SRS, name, namespace=namespace)["spec"]["replicas"] == desired[role]

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from pdorch.api.servinggroup import ServingGroup
-from pdorch.roles.labels import LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
-from pdorch.roles.rolescaler import scaled_replicas, scaler_replicas
+from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
+from pdorch.roles.rolescaler import scaled_replicas, scaler_replicas, status_desired
 from pdorch.rollout import commands, live
 from pdorch.rollout.planner import auto_tolerance, initial_state, next_step
 from pdorch.rollout.state import KV_TYPES
@@ -58,6 +58,26 @@ def test_scaler_replicas_are_the_scalers_within_bounds_and_zero_is_zero() -> Non
     assert scaler_replicas(role, {"spec": {}}) is None and scaler_replicas(role, None) is None
     static = ServingGroup.model_validate(_doc(2, 2)).spec.role("prefill")
     assert scaler_replicas(static, {"spec": {"replicas": 3}}) is None
+
+
+def test_a_missing_scaler_keeps_the_lws_size_less_a_rollouts_surge() -> None:
+    """A scaler deleted mid-rollout was recreated at the LWS's size, surge included, which the
+    role then kept after the rollout."""
+    sg = ServingGroup.model_validate(_doc(2, 2, SCALED))
+    role = sg.spec.role("decode")
+    steady = {"spec": {"replicas": 3}}
+    rolling = {"metadata": {"annotations": {ANNOTATION_ROLLOUT: NEW}}, "spec": {"replicas": 3}}
+    assert scaled_replicas(role, None, steady, last_desired=2) == 3  # not mid-rollout: the LWS's size
+    assert scaled_replicas(role, None, rolling, last_desired=2) == 2
+    assert scaled_replicas(role, None, rolling) == 3  # no record of the desired size: the LWS's
+    assert scaled_replicas(role, {"spec": {"replicas": 1}}, rolling, last_desired=2) == 1
+    sg = ServingGroup.model_validate(
+        {
+            **_doc(2, 2, SCALED),
+            "status": {"roles": [{"name": "decode", "type": "decode", "desiredReplicas": 2}]},
+        }
+    )
+    assert status_desired(sg) == {"decode": 2}
 
 
 @pytest.mark.parametrize("srs", [None, {}, {"replicas": 0}, {"replicas": 3}, {"replicas": 7}])
