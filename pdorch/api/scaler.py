@@ -54,7 +54,8 @@ class ServingRoleScalerStatus(ApiModel):
     """Observed state, written by the controller."""
 
     replicas: int | None = Field(None, ge=0)
-    """Groups of the role that currently exist."""
+    """Groups of the role that currently exist (its LWS's status.replicas), a rollout's surge groups
+    included, as a Deployment's status.replicas counts its surge pods."""
     selector: str | None = Field(None, max_length=1024)
     """Label selector (string form) of the role's leader pods, for HPA's /scale."""
     observed_generation: int | None = Field(None, ge=0)
