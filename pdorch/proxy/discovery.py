@@ -71,7 +71,8 @@ def endpoint_from_pod(pod: dict[str, Any]) -> Endpoint | None:
 
     Included: Ready, has a pod IP, not terminating, leader of its LWS group (worker-index 0), role-type
     prefill or decode. Port from annotation pdorch.io/port (default 8000), SGLang bootstrap port from
-    pdorch.io/bootstrap-port, revision from label pdorch.io/revision.
+    pdorch.io/bootstrap-port, revision from label pdorch.io/revision, identity from the pod's UID (a
+    pod that replaces another at the same IP and port is a new endpoint: `Endpoint.key`).
     """
     md = pod.get("metadata") or {}
     labels = md.get("labels") or {}
@@ -96,6 +97,7 @@ def endpoint_from_pod(pod: dict[str, Any]) -> Endpoint | None:
         revision=labels.get(LABEL_REVISION, ""),
         bootstrap_port=_port(ann.get(ANNOTATION_BOOTSTRAP_PORT), None) if role == "prefill" else None,
         pod=md.get("name"),
+        uid=md.get("uid") or None,
     )
 
 

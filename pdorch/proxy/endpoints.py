@@ -20,10 +20,21 @@ class Endpoint:
     revision: str = ""
     bootstrap_port: int | None = None  # SGLang prefill bootstrap server
     pod: str | None = None
+    # Identity of what serves `url` (a pod's metadata.uid; None for static URLs): a new pod that
+    # reuses a deleted pod's IP and port is another endpoint, not the old one back.
+    uid: str | None = None
+
+    @cached_property
+    def key(self) -> str:
+        """Identity for per-endpoint state (load, breaker, liveness, prefix cache, progress): the URL,
+        plus the pod UID when discovery knows it. Stable for one pod across discovery refreshes;
+        a new pod at the same address starts clean. Cached: routing reads it many times a request."""
+        return self.url if self.uid is None else f"{self.url}#{self.uid}"
 
     @property
-    def key(self) -> str:
-        """Stable identity used for load, breaker and metric bookkeeping."""
+    def label(self) -> str:
+        """The ``endpoint`` label of its metric series: the URL, which successive pods at one
+        address share (pod UIDs would only add churn to the series)."""
         return self.url
 
     @property

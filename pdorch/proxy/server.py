@@ -268,9 +268,14 @@ class ProxyServer:
         self.rng = rng or random.Random()
         self.clock = clock
         self.metrics = ProxyMetrics()
+        # Per-endpoint state is keyed by `Endpoint.key` (URL and pod UID: a new pod at a deleted one's
+        # address starts clean); metric series by `Endpoint.label` (the URL).
         self.loads: dict[str, int] = {}
-        self._leg_roles: dict[str, str] = {}  # role of every endpoint that had a leg (gauge labels)
+        # (label, role) of every endpoint that had a leg: the in-flight gauge's series.
+        self._leg_series: dict[str, tuple[str, str]] = {}
         self.breakers: dict[str, brk.Breaker] = {}
+        self._breaker_series: set[str] = set()  # labels the breaker gauge has a series for
+        self._addresses: dict[tuple[str, int], str] = {}  # (host, port) -> key, as last seen
         self.breaker_cfg = brk.BreakerConfig(
             config.breaker_failures, config.breaker_cooldown_s, config.breaker_successes
         )
@@ -467,14 +472,14 @@ class ProxyServer:
     # per leg would sit on the path to the upstream writes.
     def _leg_start(self, ep: Endpoint) -> None:
         self.loads[ep.key] = self.loads.get(ep.key, 0) + 1
-        if ep.key not in self._leg_roles:
-            self._leg_roles[ep.key] = ep.role
+        if ep.key not in self._leg_series:
+            self._leg_series[ep.key] = (ep.label, ep.role)
 
     def _leg_end(self, ep: Endpoint) -> None:
         self.loads[ep.key] = max(0, self.loads.get(ep.key, 0) - 1)
 
     def _leg_failed(self, f: LegFailure) -> None:
-        self.metrics.errors.labels(f.endpoint.key, f.leg, f.reason).inc()
+        self.metrics.errors.labels(f.endpoint.label, f.leg, f.reason).inc()
         self._outcome(f.endpoint, ok=False)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -526,14 +531,26 @@ class ProxyServer:
 
     async def _metrics_route(self, _: Request) -> Response:
         eps = self.discovery.current()
+        # Departed pods' breakers go first: one whose address a new pod took must not speak for it.
+        self._forget_departed(eps)
         self.metrics.endpoints.clear()
         for e in eps.endpoints:
             self.metrics.endpoints.labels(e.role, e.revision).inc()
         now = self.clock()
-        for key, b in self.breakers.items():
-            self.metrics.breaker.labels(key).set(brk.effective_state(b, self.breaker_cfg, now).metric_value)
-        for key, role in self._leg_roles.items():
-            self.metrics.inflight.labels(key, role).set(self.loads.get(key, 0))
+        for e in eps.endpoints:
+            b = self.breakers.get(e.key)
+            if b is not None:
+                self.metrics.breaker.labels(e.label).set(
+                    brk.effective_state(b, self.breaker_cfg, now).metric_value
+                )
+                self._breaker_series.add(e.label)
+        # A departed pod still serving its last answers and its successor at the same address share
+        # a series: legs in flight to that address.
+        inflight: dict[tuple[str, str], int] = {}
+        for key, series in self._leg_series.items():
+            inflight[series] = inflight.get(series, 0) + self.loads.get(key, 0)
+        for (label, role), n in inflight.items():
+            self.metrics.inflight.labels(label, role).set(n)
         return Response(200, generate_latest(self.metrics.registry), {"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _fetch_models(self) -> tuple[bytes, frozenset[str]] | None:
@@ -602,21 +619,44 @@ class ProxyServer:
         if not ok:
             self._outcome(ep, False)
 
+    def _forget_departed(self, snapshot: EndpointSet) -> None:
+        """Drop the state of endpoints no longer discovered (a pod gone, or replaced by another pod
+        at its address), and their metric series unless a live endpoint still uses them. A departed
+        endpoint's legs still in flight keep its load until they end."""
+        eps = snapshot.endpoints
+        live = {e.key for e in eps}
+        for key in [k for k in self._served if k not in live]:
+            del self._served[key]
+        for key in [k for k in self.breakers if k not in live]:
+            del self.breakers[key]  # endpoint gone: forget its history
+        # Its series goes too (no open breaker on the dashboards for a pod that no longer exists),
+        # unless a live endpoint has it: it is then set from that endpoint's breaker, or removed if
+        # that one has none yet (a new pod at the address starts closed, with no series).
+        kept = {e.label for e in eps if e.key in self.breakers}
+        for label in self._breaker_series - kept:
+            self._breaker_series.discard(label)
+            with contextlib.suppress(KeyError):
+                self.metrics.breaker.remove(label)
+        for key in [k for k in self.loads if k not in live and not self.loads[k]]:
+            del self.loads[key]  # one entry per pod ever seen would otherwise pile up
+        for key in [k for k in self._leg_series if k not in live and not self.loads.get(k)]:
+            series = self._leg_series.pop(key)
+            if series not in self._leg_series.values():
+                with contextlib.suppress(KeyError):
+                    self.metrics.inflight.remove(*series)
+        if self._upstream is not None:
+            # Idle connections to an address whose pod left, or was replaced, are not reused: the
+            # replacement must not be reached over the old pod's connections.
+            addresses = {(e.host, e.port): e.key for e in eps}
+            replaced = {a for a, key in addresses.items() if self._addresses.get(a, key) != key}
+            self._upstream.retain(addresses.keys() - replaced)
+            self._addresses = addresses
+
     async def _health_loop(self) -> None:
         while True:
-            eps = self.discovery.current().endpoints
-            live = {e.key for e in eps}
-            for key in [k for k in self._served if k not in live]:
-                del self._served[key]
-            for key in [k for k in self.breakers if k not in live]:
-                del self.breakers[key]  # endpoint gone: forget its history, and its series
-                with contextlib.suppress(KeyError):
-                    self.metrics.breaker.remove(key)
-            for key in [k for k in self._leg_roles if k not in live and not self.loads.get(k)]:
-                with contextlib.suppress(KeyError):
-                    self.metrics.inflight.remove(key, self._leg_roles.pop(key))
-            if self._upstream is not None:
-                self._upstream.retain({(e.host, e.port) for e in eps})
+            snapshot = self.discovery.current()
+            self._forget_departed(snapshot)
+            eps = snapshot.endpoints
             if eps:
                 await asyncio.gather(*(self._check_one(e) for e in eps), return_exceptions=True)
             await asyncio.sleep(self.config.health_interval_s)
@@ -870,7 +910,7 @@ class ProxyServer:
                         ),
                         rid,
                     )
-                self.metrics.retries.labels(f.endpoint.key, f.leg, f.reason).inc()
+                self.metrics.retries.labels(f.endpoint.label, f.leg, f.reason).inc()
                 backoff = self.config.retry_backoff_s * (2**attempt) * self.rng.uniform(0.9, 1.1)
                 await asyncio.sleep(min(backoff, 1.0))
             except UpstreamReply as u:
@@ -898,7 +938,7 @@ class ProxyServer:
 
     def _silent(self, ep: Endpoint, leg: str) -> None:
         self._outcome(ep, ok=False)
-        self.metrics.errors.labels(ep.key, leg, "first_byte_timeout").inc()
+        self.metrics.errors.labels(ep.label, leg, "first_byte_timeout").inc()
 
     def _blame_silence(self, progress: Progress) -> list[tuple[Endpoint, str]]:
         """The endpoints a first-byte timeout is charged to: the awaited leg's, or for a silent
@@ -1337,7 +1377,7 @@ class ProxyServer:
                     with Deadline(self.loop, remaining):
                         rest = await resp.read(MAX_ANSWER_BYTES)
                 except aiohttp.ClientError as exc:  # the engine's fault (its idle timeout included)
-                    self.metrics.errors.labels(d.decode.key, "decode", "reset").inc()
+                    self.metrics.errors.labels(d.decode.label, "decode", "reset").inc()
                     self._outcome(d.decode, ok=False)
                     status = 504 if isinstance(exc, TimeoutError) else 502
                     return error_response(ProxyError(status, f"decode failed mid-response: {exc!r}"), rid)
@@ -1382,7 +1422,7 @@ class ProxyServer:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Bytes were already streamed: no retry; end the stream with an explicit error event.
                 if isinstance(exc, aiohttp.ClientError):  # the engine's fault (its idle timeout included)
-                    self.metrics.errors.labels(d.decode.key, "decode", "mid_stream").inc()
+                    self.metrics.errors.labels(d.decode.label, "decode", "mid_stream").inc()
                     self._outcome(d.decode, ok=False)
                     err = ProxyError(
                         504 if isinstance(exc, TimeoutError) else 502, f"decode stream interrupted: {exc!r}"

@@ -23,7 +23,8 @@ import pytest
 from aiohttp import web
 
 from pdorch.proxy.config import ProxyConfig
-from pdorch.proxy.discovery import StaticDiscovery, static_endpoints
+from pdorch.proxy.discovery import StaticDiscovery, endpoint_from_pod, static_endpoints
+from pdorch.proxy.endpoints import Endpoint, EndpointSet
 from pdorch.proxy.server import ProxyServer
 from pdorch.sim import tokens
 from pdorch.sim.config import SimConfig
@@ -840,6 +841,76 @@ async def test_health_checks_open_the_breaker_of_a_dead_prefill(http: aiohttp.Cl
             return f'endpoint="{closed}"' not in await text_of(http, s.url)
 
         await wait_until(series_gone, WAIT_S, "the departed prefill's metric series to go")
+
+
+def engine_pod(role: str, port: int, uid: str, revision: str = "r1") -> Endpoint:
+    """The endpoint discovery makes of a Ready pod of the group serving on 127.0.0.1:`port`."""
+    ep = endpoint_from_pod(
+        {
+            "metadata": {
+                "name": f"g-{role}-0",
+                "uid": uid,
+                "labels": {"pdorch.io/role-type": role, "pdorch.io/revision": revision},
+                "annotations": {"pdorch.io/port": str(port)},
+            },
+            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+    )
+    assert ep is not None
+    return ep
+
+
+async def test_a_pod_reusing_a_deleted_pods_address_does_not_inherit_its_breaker(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A decode pod dies and a new pod comes up at its IP and port before the health loop saw the
+    address go. It is another pod (another UID): it starts with a closed breaker, while the old
+    pod's open breaker survived a discovery refresh that still showed the old pod."""
+    port = free_port()
+    async with SimServer(FAST, host="127.0.0.1", ports=[0], role=Role.PREFILL) as pre:
+        prefill = engine_pod("prefill", pre.ports[0], "prefill-uid")
+        old = engine_pod("decode", port, "old-uid")
+        pc = ProxyConfig(
+            engine="vllm",
+            host="127.0.0.1",
+            port=0,
+            prefill=(prefill.url,),
+            decode=(old.url,),
+            breaker_failures=1,
+            breaker_cooldown_s=600,  # the old pod's breaker stays open for the whole test
+            health_interval_s=600,  # one round of checks, at start: the old pod is dead by then
+            health_timeout_s=1.0,
+        )
+        px = ProxyServer(pc, StaticDiscovery(EndpointSet((prefill, old))))
+        await px.start()
+        base = f"http://127.0.0.1:{px.port}"
+        try:
+
+            async def health() -> int:
+                async with http.get(base + "/health") as r:
+                    return r.status
+
+            async def unready() -> bool:
+                return await health() == 503
+
+            await wait_until(unready, WAIT_S, "the dead decode's breaker to open")
+            # The same pod in a fresh snapshot (a discovery refresh) keeps its open breaker.
+            px.discovery = StaticDiscovery(EndpointSet((prefill, engine_pod("decode", port, "old-uid"))))
+            assert await health() == 503
+            # LWS recreates the pod (same name, new UID) on the same IP and port.
+            async with SimServer(FAST, host="127.0.0.1", ports=[port], role=Role.DECODE):
+                px.discovery = StaticDiscovery(EndpointSet((prefill, engine_pod("decode", port, "new-uid"))))
+                assert await health() == 200
+                body = {"model": MODEL, "prompt": "after the replacement", "max_tokens": 3}
+                async with http.post(base + "/v1/completions", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    assert (await r.json())["choices"][0]["text"] == expected_text(body["prompt"], 3)
+                text = await text_of(http, base)
+                # Series stay labelled by URL; the departed pod's open breaker is not exported for it.
+                assert f'endpoint="{old.url}#' not in text
+                assert sample(text, "pdorch_proxy_breaker_state", {"endpoint": old.url}) == 0
+        finally:
+            await px.stop()
 
 
 @contextlib.asynccontextmanager

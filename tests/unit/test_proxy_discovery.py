@@ -22,6 +22,7 @@ def pod(
     deleting: bool = False,
     annotations: dict[str, str] | None = None,
     revision: str = "abc123",
+    uid: str | None = None,
 ) -> dict[str, Any]:
     labels = {
         "pdorch.io/group": "g",
@@ -32,6 +33,8 @@ def pod(
     if worker_index is not None:
         labels["leaderworkerset.sigs.k8s.io/worker-index"] = worker_index
     md: dict[str, Any] = {"name": name, "namespace": "ns", "labels": labels, "annotations": annotations or {}}
+    if uid is not None:
+        md["uid"] = uid
     if deleting:
         md["deletionTimestamp"] = "2026-11-27T20:00:00Z"
     status: dict[str, Any] = {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
@@ -85,6 +88,23 @@ def test_endpoints_from_pods_sorted_and_ipv6() -> None:
     )
     assert [e.url for e in s.endpoints] == ["http://10.0.0.9:8000", "http://[fd00::5]:8000"]
     assert s.endpoints[1].host == "fd00::5"
+
+
+def test_a_pod_reusing_a_deleted_pods_address_is_another_endpoint() -> None:
+    """Per-endpoint state (breaker, load, liveness, prefix cache, progress) is keyed by `Endpoint.key`:
+    a new pod at the old one's IP and port must not inherit it, the same pod must keep it."""
+    old = endpoint_from_pod(pod("g-decode-0", role="decode", uid="uid-old"))
+    new = endpoint_from_pod(pod("g-decode-0", role="decode", uid="uid-new"))  # LWS: same name, new UID
+    assert old is not None and new is not None
+    assert old.key != new.key
+    assert old.url == new.url and old.label == new.label == "http://10.0.0.7:8000"
+    # The same pod seen again (another discovery refresh, a relabelled revision): the same key.
+    again = endpoint_from_pod(pod("g-decode-0", role="decode", uid="uid-old", revision="def456"))
+    assert again is not None and again.key == old.key
+    # A pod without a UID (not from an apiserver) and a static URL are keyed by their URL.
+    bare = endpoint_from_pod(pod("g-decode-0", role="decode"))
+    assert bare is not None and bare.key == bare.url
+    assert parse_static("http://h:1", "decode").key == "http://h:1"
 
 
 def test_static_urls() -> None:
