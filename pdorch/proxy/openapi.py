@@ -136,10 +136,14 @@ def openapi_document(config: ProxyConfig) -> dict[str, Any]:
         },
         "/health": {
             "get": {
-                "summary": "readiness: a usable prefill/decode pair exists",
+                "summary": "readiness: a usable prefill/decode pair exists, or (degraded) a decode for "
+                "the decode-only path of conditional disaggregation",
                 "security": [],
                 "responses": {
-                    "200": {"description": "ready", "content": {"application/json": {}}},
+                    "200": {
+                        "description": "ready: status ok, or degraded (decode-only: short prompts only)",
+                        "content": {"application/json": {}},
+                    },
                     "503": {"description": "not ready", "content": {"application/json": {}}},
                 },
             }

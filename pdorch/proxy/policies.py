@@ -23,6 +23,7 @@ from typing import Literal
 from pdorch.proxy.endpoints import Endpoint, EndpointSet, group_by_revision
 
 Policy = Literal["round_robin", "least_load", "power_of_two", "cache_aware"]
+Readiness = Literal["ok", "degraded", "unavailable"]
 POLICIES: tuple[Policy, ...] = ("round_robin", "least_load", "power_of_two", "cache_aware")
 Mode = Literal["pd", "decode_only"]
 
@@ -293,3 +294,24 @@ def usable_pair_exists(endpoints: EndpointSet, blocked: frozenset[str]) -> tuple
     if not any(e.role == "prefill" for e in healthy):
         return False, "no healthy prefill endpoint"
     return False, "no prefill and decode of the same revision are both healthy"
+
+
+def readiness(
+    endpoints: EndpointSet, blocked: frozenset[str], decode_only_below: int = 0
+) -> tuple[Readiness, str]:
+    """The proxy's readiness (its /health) and why.
+
+    "ok": a usable same-revision (prefill, decode) pair exists. "degraded": none does, but prompts
+    under ``decode_only_below`` estimated tokens (conditional disaggregation, vLLM only; 0 = off)
+    skip the prefill and a healthy decode can serve them, so the proxy still takes traffic (longer
+    prompts get 503). "unavailable": nothing can be served.
+    """
+    ok, reason = usable_pair_exists(endpoints, blocked)
+    if ok:
+        return "ok", reason
+    if decode_only_below > 0 and any(e.can_decode and e.key not in blocked for e in endpoints.endpoints):
+        return "degraded", (
+            f"decode-only: {reason}; prompts under {decode_only_below} tokens are served by a decode "
+            "alone, longer ones get 503"
+        )
+    return "unavailable", reason

@@ -57,7 +57,7 @@ from pdorch.proxy.policies import (
     RouteRequest,
     choose,
     disaggregation,
-    usable_pair_exists,
+    readiness,
 )
 from pdorch.proxy.prefill_queue import NO_TICKET, PrefillQueue, Ticket
 from pdorch.proxy.progress import ProgressWatch, step_tokens
@@ -511,15 +511,19 @@ class ProxyServer:
         if self.draining:
             return json_response({"status": "draining", "reason": "shutting down"}, status=503)
         eps = self.discovery.current()
-        ok, reason = usable_pair_exists(eps, self._blocked(probes=False))
+        # Conditional disaggregation gives short prompts a decode-only path (vLLM only: an SGLang
+        # decode refuses requests without a prefill's bootstrap room), so decodes alone keep the
+        # proxy ready, degraded; without that path a proxy out of pairs would only answer 503s.
+        below = self.config.min_prompt_tokens if self.config.engine == "vllm" else 0
+        status, reason = readiness(eps, self._blocked(probes=False), below)
         body = {
-            "status": "ok" if ok else "unavailable",
+            "status": status,
             "reason": reason,
             "prefill": len(eps.prefills()),
             "decode": len(eps.decodes()),
             "revisions": eps.revisions(),
         }
-        return json_response(body, status=200 if ok else 503)
+        return json_response(body, status=503 if status == "unavailable" else 200)
 
     async def _livez(self, _: Request) -> Response:
         # Liveness must not depend on the engines: with /health as its liveness probe, every proxy

@@ -124,7 +124,8 @@ def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
-        # Readiness follows the engines (/health: a usable pair exists); liveness only the process.
+        # Readiness follows the engines (/health: a usable pair exists, or a decode for the decode-only
+        # path of conditional disaggregation); liveness only the process.
         "livenessProbe": {
             "httpGet": {"path": "/livez", "port": "http"},
             "periodSeconds": 10,

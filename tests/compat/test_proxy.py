@@ -753,6 +753,54 @@ async def test_health_reports_missing_pairs(http: aiohttp.ClientSession) -> None
         await sim.stop()
 
 
+async def test_health_is_degraded_not_unready_when_decodes_alone_can_serve_short_prompts(
+    http: aiohttp.ClientSession,
+) -> None:
+    """No prefill, conditional disaggregation on (vLLM): short prompts are still served by a decode
+    alone, so /health says 200 degraded (the proxy stays in its Service) and long prompts get 503."""
+    async with SimServer(FAST, host="127.0.0.1", ports=[0]) as sim:
+        pc = ProxyConfig(
+            engine="vllm",
+            host="127.0.0.1",
+            port=0,
+            decode=(sim.url(),),
+            min_prompt_tokens=64,
+            health_interval_s=60,
+        )
+        px = ProxyServer(pc, StaticDiscovery(static_endpoints((), pc.decode)))
+        await px.start()
+        base = f"http://127.0.0.1:{px.port}"
+        try:
+            async with http.get(base + "/health") as r:
+                assert r.status == 200
+                health = await r.json()
+            assert health["status"] == "degraded"
+            assert health["reason"].startswith("decode-only: no healthy prefill endpoint")
+            assert (health["prefill"], health["decode"]) == (0, 1)
+            short = {"model": MODEL, "prompt": "short", "max_tokens": 3}
+            async with http.post(base + "/v1/completions", json=short) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["choices"][0]["text"] == expected_text("short", 3)
+            long = {"model": MODEL, "prompt": "a long prompt " * 100, "max_tokens": 3}
+            async with http.post(base + "/v1/completions", json=long) as r:
+                assert r.status == 503
+                assert "no_prefill" in (await r.json())["error"]["message"]
+            # The decode's breaker opens (as failed requests would open it): nothing can serve now.
+            for _ in range(pc.breaker_failures):
+                px._outcome(px.discovery.current().decodes()[0], ok=False)
+            async with http.get(base + "/health") as r:
+                assert r.status == 503
+                assert (await r.json()) | {"revisions": None} == {
+                    "status": "unavailable",
+                    "reason": "no healthy decode endpoint",
+                    "prefill": 0,
+                    "decode": 1,
+                    "revisions": None,
+                }
+        finally:
+            await px.stop()
+
+
 # -- the command ---------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from pdorch.proxy.policies import (
     choose,
     disaggregation,
     pick_one,
+    readiness,
     revision_capacity,
     usable_pair_exists,
 )
@@ -219,6 +220,29 @@ def test_no_same_revision_pair_and_health() -> None:
     assert not ok and "same revision" in reason
     assert usable_pair_exists(eps(ep("prefill", 1), ep("decode", 2)), frozenset()) == (True, "ok")
     assert usable_pair_exists(EndpointSet(), frozenset())[0] is False
+
+
+def test_readiness_is_degraded_when_only_the_decode_only_path_can_serve() -> None:
+    """Conditional disaggregation (vLLM) serves short prompts on a decode alone: without a usable
+    pair the proxy is still ready, degraded; without that path, or without a healthy decode, not."""
+    decode_only = eps(ep("decode", 2))
+    status, reason = readiness(decode_only, frozenset(), decode_only_below=512)
+    assert status == "degraded"
+    assert reason.startswith("decode-only: no healthy prefill endpoint") and "512 tokens" in reason
+    # No decode-only path (off, or SGLang, whose decodes refuse requests without a prefill).
+    assert readiness(decode_only, frozenset()) == ("unavailable", "no healthy prefill endpoint")
+    # Prefills and decodes of different revisions: no pair, but a decode alone can serve.
+    assert readiness(eps(ep("prefill", 1, "a"), ep("decode", 2, "b")), frozenset(), 1)[0] == "degraded"
+    # The only decode's breaker is open: nothing can serve.
+    both = eps(ep("prefill", 1), ep("decode", 2))
+    assert readiness(both, frozenset({ep("decode", 2).key}), 512) == (
+        "unavailable",
+        "no healthy decode endpoint",
+    )
+    assert readiness(EndpointSet(), frozenset(), 512) == ("unavailable", "no endpoints discovered")
+    # A usable pair: ready, whatever the threshold.
+    assert readiness(both, frozenset(), 512) == ("ok", "ok")
+    assert readiness(both, frozenset({ep("prefill", 1).key}), 512)[0] == "degraded"
 
 
 # Endpoints of all three roles, possibly none; one endpoint per (role, n).
