@@ -332,11 +332,31 @@ PEER_DEFAULTS: dict[str, Knobs] = {
     "dynamo-sla": {"interval_s": 180.0, "ttft_scale": 1.0, "itl_scale": 1.0, "predictor": "arima"},
 }
 # `tune.py --policy <peer>` on 2026-12-07 (bench/results/autoscale-tuning-<peer>.{json,md}).
-PEER_TUNED: dict[str, Knobs] = dict(PEER_DEFAULTS)
+PEER_TUNED: dict[str, Knobs] = {
+    "hpa": {
+        "waiting_target": 1.0,
+        "kv_target": 0.6,
+        "scale_down_s": 600.0,
+        "tolerance": 0.1,
+        "scale_up_s": 60.0,
+    },
+    "fixed-ratio": {"tps_fraction": 0.6, "ratio_scale": 1.0, "scale_down_s": 600.0, "window_s": 15.0},
+    "dynamo-sla": {"interval_s": 180.0, "ttft_scale": 0.1, "itl_scale": 0.5, "predictor": "kalman"},
+}
 # The same grids and rule behind the proxy's prefill queue: `tune.py --policy <peer> --proxy-queue`
 # on 2026-12-07 (bench/results/autoscale-tuning-<peer>-proxy-queue.{json,md}); used by
 # `run.py --proxy-queue`, whose pdorch row gets its queued profile the same way.
-PEER_TUNED_QUEUE: dict[str, Knobs] = dict(PEER_DEFAULTS)
+PEER_TUNED_QUEUE: dict[str, Knobs] = {
+    "hpa": {
+        "waiting_target": 1.0,
+        "kv_target": 0.75,
+        "scale_down_s": 600.0,
+        "tolerance": 0.1,
+        "scale_up_s": 60.0,
+    },
+    "fixed-ratio": {"tps_fraction": 0.8, "ratio_scale": 1.0, "scale_down_s": 600.0, "window_s": 15.0},
+    "dynamo-sla": {"interval_s": 180.0, "ttft_scale": 0.1, "itl_scale": 0.5, "predictor": "kalman"},
+}
 
 
 def peer_policy(
