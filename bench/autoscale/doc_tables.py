@@ -3,7 +3,7 @@ the committed results', not retyped).
 
     PYTHONPATH=$PWD python3 bench/autoscale/doc_tables.py bench/results/autoscale.json
     PYTHONPATH=$PWD python3 bench/autoscale/doc_tables.py --headline bench/results/autoscale.json \\
-        bench/results/autoscale-proxy-queue.json
+        bench/results/autoscale-proxy-queue.json --workloads azure-conv azure-code
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def policy_table(data: dict[str, object], title: str) -> str:
     return "\n".join(lines)
 
 
-def headline(paths: list[Path]) -> str:
-    """Every policy on every workload of the given runs, one row each, and its rank per GPU-hour."""
+def headline(paths: list[Path], only: list[str] | None = None) -> str:
+    """Every policy on every workload (or those in `only`) of the given runs, one row each, and its
+    rank per GPU-hour among the non-oracle policies."""
     lines = [
         "| run | workload | policy | SLO attainment | GPU-hours | x oracle | attainment per GPU-hour | rank per GPU-hour |",
         "|---|---|---|---|---|---|---|---|",
@@ -51,6 +52,8 @@ def headline(paths: list[Path]) -> str:
         res = json.loads(path.read_text())
         run = "prefill queue" if res["setup"].get("proxy_queue") else "engine queues"
         for wl, data in res["workloads"].items():
+            if only and wl not in only:
+                continue
             rows = data["policies"]
             # The oracle is the bar, not a competitor: rank the others.
             ranked = sorted(
@@ -71,9 +74,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, nargs="+")
     ap.add_argument("--headline", action="store_true", help="one table of every run's policies and ranks")
+    ap.add_argument("--workloads", nargs="+", metavar="NAME", help="with --headline: only these workloads")
     args = ap.parse_args()
     if args.headline:
-        print(headline(args.results))
+        print(headline(args.results, args.workloads))
         return 0
     for path in args.results:
         res = json.loads(path.read_text())
