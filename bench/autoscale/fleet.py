@@ -24,8 +24,10 @@ once): first any prompt that has waited `proxy_queue_max_wait_s` (oldest first),
 that can still meet that TTFT, shortest first, then the others, oldest first. Idealised against the real proxy: the proxy knows each prompt's exact prefill time (the real
 one estimates it from characters and measured legs) and an engine gets its next batch the moment it
 is idle (the real one keeps up to `maxInflightTokens` on the wire to each engine). The scaler sees
-these prompts as the prefill role's `waiting` only when `queue_visible` is set; otherwise it reads
-the engines' own queues only, as `pdorch scaler` does (it scrapes the engines, not the proxy).
+these prompts as the prefill role's `waiting` (and so their arrivals in its request rate) only when
+`queue_visible` is set; otherwise it reads the engines' own queues only, as `pdorch scaler` does (it
+scrapes the engines, not the proxy). `run.sees_queue` sets it for the peers, whose deployments
+would read the proxy's queue depth or arrivals.
 
 `decode_prefill_share` (with the queue) is a what-if, not a pdorch feature: decode engines also
 prefill held prompts that can still meet the TTFT when no prefill engine is idle, as Dynamo's
