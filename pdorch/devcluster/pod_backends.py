@@ -152,7 +152,7 @@ class PodBackends:
 
     async def proxy_url(self, wait_s: float = 60) -> str:
         """The proxy pod's URL, once its backend runs and answers /health with 200 (it has found a
-        usable prefill/decode pair)."""
+        usable prefill/decode pair, or, with minPromptTokens, a decode for short prompts alone)."""
         proxies = await wait_for_async(lambda: self.by_kind("proxy"), wait_s, "the proxy pod's backend")
         url = f"http://{proxies[0].ip}:{proxies[0].port}"
 

@@ -760,13 +760,13 @@ class ProxyServer:
         # disaggregation: skip building them (a copy of the prompt) for the other policies.
         cache_aware = self.config.policy == "cache_aware"
         text = routing_text(body, kind) if cache_aware else ""
-        tokens = 0
-        sampled = False
+        tokens = plain = 0
         if self.config.min_prompt_tokens > 0:
             ratio = self.token_ratios[kind]
             known = text if cache_aware else routing_text(body, kind)
             tokens = estimate_prompt_tokens(body, kind, known, ratio, self.config.min_prompt_tokens)
-            sampled = tokens > estimate_prompt_tokens(body, kind, known, ratio)
+            plain = estimate_prompt_tokens(body, kind, known, ratio)
+        sampled = tokens > plain
         mode, _ = disaggregation(tokens, self.config.min_prompt_tokens)
         req = RouteRequest(
             endpoints=self.discovery.current(),
@@ -784,7 +784,12 @@ class ProxyServer:
             # counter moving per attempt, every first attempt landed on the same (failing) decode.
             self.counters[mode] += 1
         out = choose(req, self.rng, self.prefix if cache_aware else None)
-        if sampled and isinstance(out, Decision) and out.prefill is not None:
+        if sampled and isinstance(out, NoRoute) and out.reason == "no_prefill":
+            # A sample only teaches the ratio: with no prefill to sample on, the prompt is served as
+            # the short one it is estimated to be (else /health's "degraded" promise would not hold).
+            alone = replace(req, prompt_tokens=plain, counter=self.counters["decode_only"])
+            out = choose(alone, self.rng, self.prefix if cache_aware else None)
+        elif sampled and isinstance(out, Decision) and out.prefill is not None:
             out = replace(out, reason="ratio_sample")  # P/D to teach the token ratio (TokenRatio.against)
         if isinstance(out, Decision):
             # Counted on the next loop turn: off the path to the first upstream write.

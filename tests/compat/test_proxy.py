@@ -781,6 +781,15 @@ async def test_health_is_degraded_not_unready_when_decodes_alone_can_serve_short
             async with http.post(base + "/v1/completions", json=short) as r:
                 assert r.status == 200, await r.text()
                 assert (await r.json())["choices"][0]["text"] == expected_text("short", 3)
+            # Prompts under the threshold that the ratio could underestimate are sampled through a
+            # prefill to learn it (all of them while fewer than 16 were counted): with none, they
+            # are served alone too (they got 503 no_prefill).
+            for chars in (32, 100, 160, 250):
+                prompt = "x" * chars
+                body = {"model": MODEL, "prompt": prompt, "max_tokens": 3}
+                async with http.post(base + "/v1/completions", json=body) as r:
+                    assert r.status == 200, (chars, await r.text())
+                    assert (await r.json())["choices"][0]["text"] == expected_text(prompt, 3)
             long = {"model": MODEL, "prompt": "a long prompt " * 100, "max_tokens": 3}
             async with http.post(base + "/v1/completions", json=long) as r:
                 assert r.status == 503
