@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -324,12 +324,13 @@ async def _demo(
         if traffic is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(traffic, timeout=30)
+        # Each step on its own: one that fails must not skip the others, nor the cluster's removal.
         if backends is not None:
-            await backends.stop()
+            await _step("stopping the engines and the proxy", backends.stop())
         if api is not None:
-            await api.close()
+            await _step("closing the API client", api.close())
         if ctl is not None:
-            ctl.stop()
+            await _step("stopping the controller", asyncio.to_thread(ctl.stop))
         logs.close()
         try:
             if failed is not None and (started or st is not None):
@@ -383,6 +384,14 @@ def _info_logs_to(path: Path) -> Iterator[None]:
         to_file.close()
         for h, level in raised:
             h.setLevel(level)
+
+
+async def _step(what: str, work: Awaitable[object]) -> None:
+    """One cleanup step; a failure is said and the cleanup goes on."""
+    try:
+        await work
+    except Exception as e:
+        say(f"{what} failed ({_first_line(e)}); going on with the cleanup")
 
 
 def _first_line(e: BaseException) -> str:

@@ -311,7 +311,9 @@ class DevCluster:
         """An exclusive hold on this cluster for a program that uses it for a while (`pdorch
         demo`); `on_busy` runs, and should raise, when another program holds it."""
         state_dir = self.state_dir.resolve()
-        with self._writing_state(), _flocked(state_dir.with_name(f".{state_dir.name}.session.lock"), on_busy):
+        with contextlib.ExitStack() as held:
+            with self._writing_state():  # only taking the lock: errors of the holder are its own
+                held.enter_context(_flocked(state_dir.with_name(f".{state_dir.name}.session.lock"), on_busy))
             yield
 
     @contextlib.contextmanager

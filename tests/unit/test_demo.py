@@ -227,3 +227,82 @@ def test_info_log_lines_go_to_the_file_and_warnings_stay_on_the_terminal(tmp_pat
     in_file = (tmp_path / "logs" / "demo-engines.log").read_text()
     assert "engine listening" in in_file and "engine slow" in in_file and "after the demo" not in in_file
     assert terminal.getvalue().splitlines() == ["engine slow", "after the demo"]
+
+
+class _ReadyController:
+    def __init__(self, *a: object, **k: object) -> None:
+        self.stopped = False
+
+    def is_ready(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class _BrokenBackends:
+    """Engines that fail to start, and fail again when stopped."""
+
+    def __init__(self, *a: object, **k: object) -> None:
+        pass
+
+    async def start(self) -> None:
+        raise RuntimeError("engines failed to start")
+
+    async def stop(self) -> None:
+        raise RuntimeError("engines failed to stop")
+
+
+def test_a_failing_cleanup_step_neither_skips_the_rest_nor_keeps_the_logs_redirected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine stop that raised skipped the controller's stop, left the terminal's log handlers
+    at WARNING with the file handler attached, and left a cluster the demo started running."""
+    fake = FakeCluster(False)
+    fake.st = ClusterState(dir=str(tmp_path), bin_dir="/b", ports={}, token="t")
+    monkeypatch.setattr(run, "DevCluster", lambda *a, **k: fake)
+    monkeypatch.setattr(ClusterState, "client", lambda self: None)
+    monkeypatch.setattr(run, "install_pdorch_crds", lambda *a: None)
+    controllers: list[_ReadyController] = []
+    monkeypatch.setattr(
+        run, "ControllerProc", lambda *a, **k: controllers.append(_ReadyController()) or controllers[-1]
+    )
+    monkeypatch.setattr(run, "_apply_example", lambda *a: None)
+    monkeypatch.setattr(run, "_available", lambda *a: True)
+    monkeypatch.setattr(run, "PodBackends", _BrokenBackends)
+    monkeypatch.setattr(run, "_keep_logs", lambda _: None)
+    root = logging.getLogger()
+    terminal = logging.StreamHandler(io.StringIO())
+    root.addHandler(terminal)
+    try:
+        with pytest.raises(RuntimeError, match="failed to start"):
+            asyncio.run(run.demo(1, 1.0, "demo"))
+        assert terminal.level == logging.NOTSET
+        assert not [h for h in root.handlers if getattr(h, "baseFilename", "").endswith("demo-engines.log")]
+    finally:
+        root.removeHandler(terminal)
+    assert controllers[0].stopped and fake.calls == ["up", "down"]
+
+
+def test_an_error_inside_the_demo_is_not_blamed_on_the_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's hold on its cluster turned any permission error inside it (an unreadable file)
+    into "cannot write the dev cluster state ... set PDORCH_DEVCLUSTER_DIR"."""
+    monkeypatch.setenv("PDORCH_DEVCLUSTER_DIR", str(tmp_path))
+    monkeypatch.setattr(DevCluster, "exists", lambda self: False)
+    monkeypatch.setattr(
+        DevCluster,
+        "up",
+        lambda self, *a: ClusterState(dir=str(tmp_path / "d"), bin_dir="/b", ports={}, token="t"),
+    )
+    monkeypatch.setattr(DevCluster, "down", lambda self, *a: [])
+    monkeypatch.setattr(ClusterState, "client", lambda self: None)
+
+    def unreadable(*a: object) -> None:
+        raise PermissionError(13, "Permission denied", "/somewhere/crd.yaml")
+
+    monkeypatch.setattr(run, "install_pdorch_crds", unreadable)
+    monkeypatch.setattr(run, "_keep_logs", lambda _: None)
+    with pytest.raises(PermissionError, match=r"crd\.yaml"):
+        asyncio.run(run.demo(1, 1.0, "demo"))
