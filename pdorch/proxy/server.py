@@ -35,6 +35,7 @@ from pdorch.proxy import breaker as brk
 from pdorch.proxy.blame import silent_pair_blame
 from pdorch.proxy.config import ProxyConfig
 from pdorch.proxy.deadline import Deadline
+from pdorch.proxy.discovery import KubeDiscovery
 from pdorch.proxy.endpoints import Endpoint, EndpointSet, group_by_revision
 from pdorch.proxy.errors import ProxyError
 from pdorch.proxy.http_server import (
@@ -265,6 +266,10 @@ class ProxyServer:
     ) -> None:
         self.config = config
         self.discovery = discovery
+        if isinstance(discovery, KubeDiscovery) and discovery.on_change is None:
+            # A pod gone or replaced at its address is forgotten when the watch says so, not at
+            # the next health check (its idle pooled connections must not reach the replacement).
+            discovery.on_change = self._forget_departed
         self.rng = rng or random.Random()
         self.clock = clock
         self.metrics = ProxyMetrics()

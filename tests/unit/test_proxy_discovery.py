@@ -135,3 +135,24 @@ def test_kube_discovery_rebuilds_from_the_informer_cache() -> None:
     kd._rebuild("MODIFIED", store["ns/a"])  # no change: no callback
     assert [e.role for e in kd.current().endpoints] == ["decode"]
     assert seen == [2, 1]
+
+
+def test_the_proxy_forgets_a_replaced_pod_when_the_watch_says_so() -> None:
+    """A departed pod's state (and its idle connections) went only at the next health check, up to
+    an interval later; the watch's change now drops it at once."""
+    from types import SimpleNamespace
+
+    from pdorch.proxy.config import ProxyConfig
+    from pdorch.proxy.discovery import KubeDiscovery
+    from pdorch.proxy.server import ProxyServer
+
+    kd = KubeDiscovery("ns", "g")
+    px = ProxyServer(ProxyConfig(engine="vllm", host="127.0.0.1", port=0, group="g", namespace="ns"), kd)
+    store = {"ns/d": pod("g-decode-0", role="decode", uid="uid-old")}
+    kd._informer = SimpleNamespace(store=store)
+    kd._rebuild("ADDED", store["ns/d"])
+    old = kd.current().endpoints[0]
+    px.breakers[old.key] = object()  # type: ignore[assignment]  # any state will do
+    store["ns/d"] = pod("g-decode-0", role="decode", uid="uid-new")  # same address, another pod
+    kd._rebuild("MODIFIED", store["ns/d"])
+    assert old.key not in px.breakers
