@@ -639,12 +639,22 @@ class BuiltinScaler:
         body: dict[str, Any] = {"spec": {"replicas": target}}
         if version:
             body["metadata"] = {"resourceVersion": version}
-        try:
-            await self.api.patch(SERVING_ROLE_SCALER, name, ns, body, subresource="scale")
-        except ApiError as e:
-            if e.code != 409:
-                raise
-            log.info("%s/%s: size changed since this tick read it; not writing %d", ns, name, target)
+        for _ in range(3):
+            try:
+                await self.api.patch(SERVING_ROLE_SCALER, name, ns, body, subresource="scale")
+                break
+            except ApiError as e:
+                if e.code != 409:
+                    raise
+            fresh = await self.api.get(SERVING_ROLE_SCALER, name, ns)
+            if fresh is None or _generation(fresh) != _generation(srs):
+                log.info("%s/%s: size changed since this tick read it; not writing %d", ns, name, target)
+                return False
+            # Same generation: only status or metadata moved (the controller writes observedGeneration
+            # and conditions after every scale), so the size decided on still stands.
+            body["metadata"] = {"resourceVersion": fresh["metadata"]["resourceVersion"]}
+        else:
+            log.info("%s/%s: kept changing under this tick; not writing %d", ns, name, target)
             return False
         now = now_rfc3339()
         note = f"{current} -> {target}: {reason}"[:1024]
@@ -665,6 +675,10 @@ class BuiltinScaler:
         )
         log.info("%s/%s: %s", ns, name, note)
         return True
+
+
+def _generation(obj: dict[str, Any]) -> int | None:
+    return (obj.get("metadata") or {}).get("generation")
 
 
 def held_size(current: int, draining_to: int | None, recommended: int, unread: int, blind: int) -> int | None:
