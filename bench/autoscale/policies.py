@@ -7,7 +7,6 @@ their per-run state (damping history, the planner's interval clock).
 from __future__ import annotations
 
 import itertools
-import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pdorch.scaler import peers
 from pdorch.scaler.damping import DampingConfig, DampingState, damp
 from pdorch.scaler.observe import RoleLoad, missed_target
 from pdorch.scaler.policy import RoleMemory, SloPolicyConfig, recommend_decode, recommend_prefill
-from pdorch.sim.latency import Coefficients, decode_step_time_s, prefill_time_s
+from pdorch.sim.latency import Coefficients
 
 
 @dataclass(frozen=True)
@@ -121,29 +120,6 @@ def fixed_ratio_policy(
     return decide
 
 
-# Below this utilisation the M/D/1 queue adds < 6% to the prefill time; a target under the bare
-# prefill time cannot be met at any load, and the profile then reports this utilisation's rate
-# (the planner still has to size for something; a zero rate would ask for infinite replicas).
-MIN_PREFILL_UTILISATION = 0.1
-
-
-def prefill_throughput_at(c: Coefficients, ttft_s: float, isl: float) -> float:
-    """Profiled prompt tokens/s of one prefill replica whose mean TTFT stays within `ttft_s` at `isl`.
-
-    Dynamo's profiler records, per ISL, the prefill throughput per GPU of a configuration that meets
-    the TTFT target. Here a replica is one GPU and serves prompts of `isl` tokens in
-    S = prefill_time(isl); with Poisson arrivals at utilisation u, the M/D/1 queue (DistServe's
-    prefill model) waits u*S / (2(1-u)) on average, so mean TTFT = S + u*S / (2(1-u)) <= T holds for
-    u <= 2r / (1 + 2r) with r = (T - S) / S. The throughput is u * isl / S: a tighter target means
-    less load per replica and more replicas (at T -> infinity, the old unconditional isl / S).
-    """
-    isl = max(isl, 1.0)
-    s = prefill_time_s(c, [round(isl)])
-    r = (ttft_s - s) / s
-    u = 2 * r / (1 + 2 * r) if r > 0 else 0.0
-    return max(u, MIN_PREFILL_UTILISATION) * isl / s
-
-
 class Predictor:
     """One of the Dynamo SLA planner's load predictors, for one series (requests, ISL or OSL).
 
@@ -200,43 +176,6 @@ class Predictor:
 PREDICTORS = ("constant", "arima", "kalman")
 
 
-def dynamo_plan(
-    obs: peers.DynamoObservation,
-    predicted: tuple[float, float, float],
-    c: Coefficients,
-    interval_s: float,
-    ttft_s: float,
-    itl_s: float,
-) -> tuple[int, int]:
-    """Dynamo SLA (throughput) planner's replica counts for the next interval.
-
-    `predicted` is (requests, ISL, OSL) of the next interval; `obs` the last interval (its TTFT,
-    ITL and decode concurrency give the correction factors). Prefill: predicted prompt tokens/s x
-    min(1, TTFT correction) over the profiled per-replica prefill throughput at the TTFT target
-    (`prefill_throughput_at`); decode: predicted output tokens/s over the profiled decode
-    throughput at ITL target / ITL correction and context ISL + OSL/2. Differs from
-    `pdorch.scaler.peers.dynamo_sla_planner` (the first version of this peer) only in the prefill
-    profile, which there ignored the TTFT target, and in taking predictions.
-    """
-    num_req, isl, osl = predicted
-    if num_req <= 0 or isl <= 0:
-        return 1, 1
-    osl = max(osl, 1.0)
-    # Dynamo's correction compares the observed TTFT with the profile's TTFT at that ISL (the bare
-    # prefill time; the queueing the target allows is in the throughput, not in this ratio).
-    expected_ttft = prefill_time_s(c, [round(isl)])
-    p_corr = obs.mean_ttft_s / expected_ttft if obs.mean_ttft_s and expected_ttft > 0 else 1.0
-    prefill_load = num_req * isl / interval_s * min(1.0, p_corr)
-    n_p = math.ceil(prefill_load / prefill_throughput_at(c, ttft_s, isl) - 1e-9)
-    ctx = isl + osl / 2
-    batch = max(obs.decode_concurrency, 1.0)
-    expected_itl = decode_step_time_s(c, max(int(batch), 1), int(batch * ctx))
-    d_corr = obs.mean_itl_s / expected_itl if obs.mean_itl_s and expected_itl > 0 else 1.0
-    decode_tps = peers.decode_throughput_at(c, itl_s / max(d_corr, 1e-3), ctx, isl + osl)
-    n_d = math.ceil(num_req * osl / interval_s / decode_tps - 1e-9)
-    return max(n_p, 1), max(n_d, 1)
-
-
 def dynamo_policy(
     c: Coefficients,
     ttft_s: float,
@@ -272,7 +211,7 @@ def dynamo_policy(
             series["isl"].observe(obs.mean_isl)
             series["osl"].observe(obs.mean_osl)
         predicted = (series["num_req"].predict(), series["isl"].predict(), series["osl"].predict())
-        n_p, n_d = dynamo_plan(obs, predicted, c, interval_s, ttft_s, itl_s)
+        n_p, n_d = peers.dynamo_sla_planner(obs, c, interval_s, ttft_s, itl_s, predicted)
         return {PREFILL: n_p, DECODE: n_d}
 
     return decide

@@ -72,30 +72,63 @@ class DynamoObservation:
     decode_concurrency: float
 
 
-def dynamo_sla_planner(
-    obs: DynamoObservation, c: Coefficients, interval_s: float, ttft_s: float, itl_s: float
-) -> tuple[int, int]:
-    """Dynamo SLA (throughput) planner, constant-predictor variant (next interval = this one).
+# Below this utilisation the M/D/1 queue adds < 6% to the prefill time; a target under the bare
+# prefill time cannot be met at any load, and the profile then reports this utilisation's rate
+# (the planner still has to size for something; a zero rate would ask for infinite replicas).
+MIN_PREFILL_UTILISATION = 0.1
 
-    Prefill: predicted prompt tokens/s x min(1, TTFT correction) over the profiled per-replica
-    prefill throughput; decode: predicted output tokens/s over the profiled decode throughput at
-    the ITL target divided by the ITL correction. Approximation: the profile is the analytical model
-    (Dynamo interpolates a profiling sweep), ARIMA/Kalman predictors are not modelled.
+
+def prefill_throughput_at(c: Coefficients, ttft_s: float, isl: float) -> float:
+    """Profiled prompt tokens/s of one prefill replica whose mean TTFT stays within `ttft_s` at `isl`.
+
+    Dynamo's profiler records, per ISL, the prefill throughput per GPU of a configuration that meets
+    the TTFT target. Here a replica is one GPU and serves prompts of `isl` tokens in
+    S = prefill_time(isl); with Poisson arrivals at utilisation u, the M/D/1 queue (DistServe's
+    prefill model) waits u*S / (2(1-u)) on average, so mean TTFT = S + u*S / (2(1-u)) <= T holds for
+    u <= 2r / (1 + 2r) with r = (T - S) / S. The throughput is u * isl / S: a tighter target means
+    less load per replica and more replicas (at T -> infinity, the unconditional isl / S).
     """
-    if obs.num_requests <= 0 or obs.mean_isl <= 0:
-        return 0, 0
-    isl, osl = obs.mean_isl, max(obs.mean_osl, 1.0)
+    isl = max(isl, 1.0)
+    s = prefill_time_s(c, [round(isl)])
+    r = (ttft_s - s) / s
+    u = 2 * r / (1 + 2 * r) if r > 0 else 0.0
+    return max(u, MIN_PREFILL_UTILISATION) * isl / s
+
+
+def dynamo_sla_planner(
+    obs: DynamoObservation,
+    c: Coefficients,
+    interval_s: float,
+    ttft_s: float,
+    itl_s: float,
+    predicted: tuple[float, float, float] | None = None,
+) -> tuple[int, int]:
+    """Dynamo SLA (throughput) planner's replica counts for the next interval.
+
+    `predicted` is (requests, ISL, OSL) of the next interval, from the planner's predictor; by
+    default the last interval's (the constant predictor). `obs` is the last interval: its TTFT, ITL
+    and decode concurrency give the correction factors. Prefill: predicted prompt tokens/s x
+    min(1, TTFT correction) over the profiled per-replica prefill throughput at the TTFT target
+    (`prefill_throughput_at`); decode: predicted output tokens/s over the profiled decode
+    throughput at ITL target / ITL correction and context ISL + OSL/2. Approximation: the profile
+    is the analytical model (Dynamo interpolates a profiling sweep). At least 1 replica each.
+    """
+    num_req, isl, osl = predicted or (obs.num_requests, obs.mean_isl, obs.mean_osl)
+    if num_req <= 0 or isl <= 0:
+        return 1, 1
+    osl = max(osl, 1.0)
+    # Dynamo's correction compares the observed TTFT with the profile's TTFT at that ISL (the bare
+    # prefill time; the queueing the target allows is in the throughput, not in this ratio).
     expected_ttft = prefill_time_s(c, [round(isl)])
-    p_corr = (obs.mean_ttft_s / expected_ttft) if obs.mean_ttft_s and expected_ttft > 0 else 1.0
-    prefill_tps = isl / expected_ttft  # one request at a time, as profiled under the TTFT target
-    prefill_load = obs.num_requests * isl / interval_s * min(1.0, p_corr)
-    n_p = math.ceil(prefill_load / prefill_tps - 1e-9)
+    p_corr = obs.mean_ttft_s / expected_ttft if obs.mean_ttft_s and expected_ttft > 0 else 1.0
+    prefill_load = num_req * isl / interval_s * min(1.0, p_corr)
+    n_p = math.ceil(prefill_load / prefill_throughput_at(c, ttft_s, isl) - 1e-9)
     ctx = isl + osl / 2
     batch = max(obs.decode_concurrency, 1.0)
     expected_itl = decode_step_time_s(c, max(int(batch), 1), int(batch * ctx))
-    d_corr = (obs.mean_itl_s / expected_itl) if obs.mean_itl_s and expected_itl > 0 else 1.0
+    d_corr = obs.mean_itl_s / expected_itl if obs.mean_itl_s and expected_itl > 0 else 1.0
     decode_tps = decode_throughput_at(c, itl_s / max(d_corr, 1e-3), ctx, isl + osl)
-    n_d = math.ceil(obs.num_requests * osl / interval_s / decode_tps - 1e-9)
+    n_d = math.ceil(num_req * osl / interval_s / decode_tps - 1e-9)
     return max(n_p, 1), max(n_d, 1)
 
 
