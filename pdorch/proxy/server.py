@@ -516,11 +516,10 @@ class ProxyServer:
         if self.draining:
             return json_response({"status": "draining", "reason": "shutting down"}, status=503)
         eps = self.discovery.current()
-        # Conditional disaggregation gives short prompts a decode-only path (vLLM only: an SGLang
-        # decode refuses requests without a prefill's bootstrap room), so decodes alone keep the
+        # Conditional disaggregation gives short prompts a decode-only path (ProxyConfig refuses it
+        # for SGLang, whose decode needs a prefill's bootstrap room), so decodes alone keep the
         # proxy ready, degraded; without that path a proxy out of pairs would only answer 503s.
-        below = self.config.min_prompt_tokens if self.config.engine == "vllm" else 0
-        status, reason = readiness(eps, self._blocked(probes=False), below)
+        status, reason = readiness(eps, self._blocked(probes=False), self.config.min_prompt_tokens)
         body = {
             "status": status,
             "reason": reason,
