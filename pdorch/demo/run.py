@@ -34,12 +34,7 @@ from pdorch.controller.kubeapi import ApiError as KubeApiError
 from pdorch.demo.traffic import Stats, run_users
 from pdorch.demo.view import render_view
 from pdorch.devcluster.binaries import repo_root
-from pdorch.devcluster.cluster import (
-    ClusterState,
-    DevCluster,
-    default_state_dir,
-    install_pdorch_crds,
-)
+from pdorch.devcluster.cluster import ClusterState, DevCluster, default_state_dir, install_pdorch_crds
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.pod_backends import PodBackends
 from pdorch.devcluster.process import StartupError

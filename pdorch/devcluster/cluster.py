@@ -99,19 +99,26 @@ def _choosing_lock() -> contextlib.AbstractContextManager[None]:
     return _flocked(state_root() / ".choosing.lock")
 
 
+def _lock_file(state_dir: Path, suffix: str) -> Path:
+    """A lock file of one dev cluster, beside its state directory (which `down` removes)."""
+    state_dir = state_dir.resolve()  # `--state-dir .` has no name of its own
+    return (
+        state_dir.with_name(f".{state_dir.name}.{suffix}")
+        if state_dir.name
+        else state_dir / f".devcluster.{suffix}"
+    )
+
+
 def _cluster_lock(
     state_dir: Path, progress: Callable[[str], None]
 ) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock over one dev cluster while it is brought up or down: a second `up` of the
     same name waits for the first (and then finds it up) instead of taking its half-started state
     for a stale one and stopping it."""
-    state_dir = state_dir.resolve()  # `--state-dir .` has no name of its own
-    lock = (
-        state_dir.with_name(f".{state_dir.name}.lock") if state_dir.name else state_dir / ".devcluster.lock"
-    )
+    state_dir = state_dir.resolve()
     # An `up` on a cold cache builds binaries for many minutes: say why nothing happens.
     return _flocked(
-        lock,
+        _lock_file(state_dir, "lock"),
         lambda: progress(
             f"another `up` or `down` of the dev cluster at {state_dir} is running; waiting for it"
         ),
@@ -310,10 +317,9 @@ class DevCluster:
     def held_by_one(self, on_busy: Callable[[], None]) -> Iterator[None]:
         """An exclusive hold on this cluster for a program that uses it for a while (`pdorch
         demo`); `on_busy` runs, and should raise, when another program holds it."""
-        state_dir = self.state_dir.resolve()
         with contextlib.ExitStack() as held:
             with self._writing_state():  # only taking the lock: errors of the holder are its own
-                held.enter_context(_flocked(state_dir.with_name(f".{state_dir.name}.session.lock"), on_busy))
+                held.enter_context(_flocked(_lock_file(self.state_dir, "session.lock"), on_busy))
             yield
 
     @contextlib.contextmanager
