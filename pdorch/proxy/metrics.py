@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 240)
 
 
-def _memoise_labels(metric: Any) -> None:
+def _memoise_labels(metric: Any) -> dict[tuple[str, ...], Any]:
     """Make ``metric.labels(...)`` a dict lookup after the first call for a label set.
 
     prometheus_client validates and locks on every `labels()` call; the proxy makes about a dozen
@@ -34,6 +34,7 @@ def _memoise_labels(metric: Any) -> None:
         clear()
 
     metric.labels, metric.remove, metric.clear = labels, remove_child, clear_all
+    return children
 
 
 class ProxyMetrics:
@@ -156,6 +157,8 @@ class ProxyMetrics:
             registry=r,
         )
         # `endpoints` is cleared and refilled on every scrape, so its children are not memoised.
+        self._errors_memo = _memoise_labels(self.errors)
+        self._retries_memo = _memoise_labels(self.retries)
         for m in (
             self.requests,
             self.ttft,
@@ -164,11 +167,19 @@ class ProxyMetrics:
             self.decode_first_byte,
             self.handoff,
             self.inflight,
-            self.errors,
-            self.retries,
             self.breaker,
             self.decisions,
             self.picks,
             self.rejected,
         ):
             _memoise_labels(m)
+
+    def counted_endpoints(self) -> set[str]:
+        """The ``endpoint`` labels that have error or retry series."""
+        return {k[0] for memo in (self._errors_memo, self._retries_memo) for k in memo}
+
+    def forget_endpoint(self, label: str) -> None:
+        """Remove every error and retry series of one endpoint label."""
+        for metric, memo in ((self.errors, self._errors_memo), (self.retries, self._retries_memo)):
+            for values in [k for k in memo if k[0] == label]:
+                metric.remove(*values)

@@ -82,6 +82,9 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 MODELS_RETRY_S = 5.0  # after a failed /v1/models fetch, validate without the list for this long
 QUEUE_POKE_S = 0.5  # how often waiting prompts are offered to newly usable prefill engines
+# A departed address's error and retry counters outlive it this long: several scrapes at any usual
+# interval see their last values before the series goes.
+DEPARTED_SERIES_TTL_S = 600.0
 PREFILL_DRAIN_S = 5.0  # an SGLang prefill answers this soon after its decode did (its KV was pushed)
 
 
@@ -281,6 +284,7 @@ class ProxyServer:
         self.breakers: dict[str, brk.Breaker] = {}
         self._breaker_series: set[str] = set()  # labels the breaker gauge has a series for
         self._addresses: dict[tuple[str, int], str] = {}  # (host, port) -> key, as last seen
+        self._departed_since: dict[str, float] = {}  # label -> when it left discovery
         self.breaker_cfg = brk.BreakerConfig(
             config.breaker_failures, config.breaker_cooldown_s, config.breaker_successes
         )
@@ -652,6 +656,7 @@ class ProxyServer:
             if series not in self._leg_series.values():
                 with contextlib.suppress(KeyError):
                     self.metrics.inflight.remove(*series)
+        self._expire_counter_series({e.label for e in eps})
         if self._upstream is not None:
             # Idle connections to an address whose pod left, or was replaced, are not reused: the
             # replacement must not be reached over the old pod's connections.
@@ -659,6 +664,19 @@ class ProxyServer:
             replaced = {a for a, key in addresses.items() if self._addresses.get(a, key) != key}
             self._upstream.retain(addresses.keys() - replaced)
             self._addresses = addresses
+
+    def _expire_counter_series(self, live: set[str]) -> None:
+        """Remove the error and retry series of an address that has been out of discovery for
+        `DEPARTED_SERIES_TTL_S`. Removed at once, a pod's last failures could vanish before any
+        scrape saw them; kept for ever, every address a churning fleet ever used stays a series."""
+        now = self.clock()
+        for label in live:
+            self._departed_since.pop(label, None)
+        for label in self.metrics.counted_endpoints() - live:
+            since = self._departed_since.setdefault(label, now)
+            if now - since >= DEPARTED_SERIES_TTL_S:
+                self.metrics.forget_endpoint(label)
+                del self._departed_since[label]
 
     async def _health_loop(self) -> None:
         while True:

@@ -344,6 +344,8 @@ class UpstreamPool:
         for key in [k for k in self._idle if k not in live]:
             for c in self._idle.pop(key):
                 c.abort()
+        # The parsed-URL cache goes with them (one entry per address a churning fleet ever used).
+        self._targets = {base: t for base, t in self._targets.items() if t[:2] in live}
 
     def close(self) -> None:
         """Drop every idle connection."""

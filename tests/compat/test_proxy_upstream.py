@@ -87,6 +87,8 @@ async def test_retain_drops_idle_connections_to_endpoints_that_left(server: tupl
     pool.retain(set())
     (await pool.post(base, "/echo", b"c", {})).close()
     assert len(set(peers)) == 2  # gone from discovery: a fresh connection
+    pool.retain(set())
+    assert pool._targets == {}  # nor is its parsed URL kept (one per address ever used, before)
     pool.close()
 
 

@@ -156,3 +156,37 @@ def test_the_proxy_forgets_a_replaced_pod_when_the_watch_says_so() -> None:
     store["ns/d"] = pod("g-decode-0", role="decode", uid="uid-new")  # same address, another pod
     kd._rebuild("MODIFIED", store["ns/d"])
     assert old.key not in px.breakers
+
+
+def test_a_departed_addresss_error_series_go_after_the_ttl_and_come_back_with_it() -> None:
+    """Every address a churning fleet used kept its error and retry series for ever."""
+    from pdorch.proxy.config import ProxyConfig
+    from pdorch.proxy.discovery import StaticDiscovery
+    from pdorch.proxy.endpoints import EndpointSet
+    from pdorch.proxy.server import DEPARTED_SERIES_TTL_S, ProxyServer
+
+    now = [0.0]
+    a, b = "http://127.0.0.1:8001", "http://127.0.0.1:8002"
+    px = ProxyServer(
+        ProxyConfig(engine="vllm", host="127.0.0.1", port=0, decode=(b,)),
+        StaticDiscovery(EndpointSet()),
+        clock=lambda: now[0],
+    )
+    for url in (a, b):
+        px.metrics.errors.labels(url, "decode", "reset").inc()
+    px.metrics.retries.labels(a, "prefill", "connect").inc()
+    only_b = EndpointSet((parse_static(b, "decode"),))
+    px._forget_departed(only_b)  # a departs now
+    now[0] = DEPARTED_SERIES_TTL_S - 1
+    px._forget_departed(only_b)
+    assert px.metrics.counted_endpoints() == {a, b}  # kept for the scrapes to see its last values
+    now[0] = DEPARTED_SERIES_TTL_S
+    px._forget_departed(only_b)
+    assert px.metrics.counted_endpoints() == {b}
+    px.metrics.errors.labels(a, "decode", "reset").inc()  # a pod is back at the address
+    both = EndpointSet((parse_static(a, "decode"), parse_static(b, "decode")))
+    px._forget_departed(both)
+    now[0] = 10 * DEPARTED_SERIES_TTL_S
+    px._forget_departed(both)
+    assert px.metrics.counted_endpoints() == {a, b}
+    assert px.metrics.errors.labels(a, "decode", "reset")._value.get() == 1
