@@ -322,6 +322,19 @@ class DevCluster:
                 held.enter_context(_flocked(_lock_file(self.state_dir, "session.lock"), on_busy))
             yield
 
+    def held(self) -> bool:
+        """True while a program holds this cluster with `held_by_one` (a `pdorch demo` runs on it)."""
+        path = _lock_file(self.state_dir, "session.lock")
+        if not path.exists():
+            return False
+        with open(path) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
     @contextlib.contextmanager
     def _writing_state(self) -> Iterator[None]:
         """A state root that cannot be written (read-only, full, not ours) is one clear error."""

@@ -72,6 +72,15 @@ def _down(args: argparse.Namespace) -> int:
     if not cluster.exists():
         print(no_cluster_message(args, cluster.state_dir), file=sys.stderr)
         return 1
+    if cluster.held() and not args.force:
+        # The demo would lose its apiserver mid-run and report every request after it as failed.
+        print(
+            "error: a `pdorch demo` is running on this dev cluster; stop the demo (Ctrl-C: it "
+            "cleans up after itself), or run "
+            f"`pdorch dev-cluster{cluster_flags(args)} down --force`",
+            file=sys.stderr,
+        )
+        return 1
     stopped = cluster.down()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
@@ -132,9 +141,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="nvidia.com/gpu per node (default %(default)s)",
     )
     up.set_defaults(func=_up)
-    acts.add_parser("down", help="stop the processes this cluster started and remove its state").set_defaults(
-        func=_down
-    )
+    down = acts.add_parser("down", help="stop the processes this cluster started and remove its state")
+    down.add_argument("--force", action="store_true", help="also while a `pdorch demo` runs on it")
+    down.set_defaults(func=_down)
     st = acts.add_parser("status", help="show each component's process and health")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)

@@ -110,6 +110,23 @@ def test_cli_down_of_an_unknown_name_fails_and_lists_the_clusters(
     assert (state_root / "notacluster").exists()
 
 
+def test_cli_down_refuses_a_cluster_a_demo_holds_unless_forced(
+    state_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`down` took the cluster away under a running demo, whose requests then all failed."""
+    (state_root / "shared").mkdir()
+    (state_root / "shared" / MARKER).write_text("")
+    c = DevCluster(default_state_dir("shared"))
+    with c.held_by_one(lambda: None):  # a demo runs on it
+        assert c.held()
+        assert cli.main(["dev-cluster", "--name", "shared", "down"]) == 1
+        err = capsys.readouterr().err
+        assert "a `pdorch demo` is running" in err and "--name shared down --force" in err
+        assert (state_root / "shared").exists()
+        assert cli.main(["dev-cluster", "--name", "shared", "down", "--force"]) == 0
+    assert not (state_root / "shared").exists() and not c.held()
+
+
 def test_cli_down_with_a_state_dir_that_is_not_a_cluster_keeps_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
