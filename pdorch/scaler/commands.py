@@ -10,7 +10,7 @@ import os
 from pdorch.cli_args import add_lease_arguments
 from pdorch.controller.leader import LOST_LEASE_EXIT
 from pdorch.scaler.loop import ScalerConfig, run_scaler
-from pdorch.sim.latency import PRESETS, load_coefficients
+from pdorch.sim.latency import PRESETS
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -34,10 +34,6 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("--interval must be > 0 seconds")
     if cfg.pod_startup_s < 0:
         raise SystemExit("--pod-startup must be >= 0 seconds")
-    try:
-        load_coefficients(cfg.coefficients)  # fail at start, not on the first tick
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"--coefficients: {e}") from None
     if (cfg.prometheus_ca_file or cfg.prometheus_token_file) and not cfg.prometheus_url:
         raise SystemExit("--prometheus-ca-file and --prometheus-token-file need --prometheus-url")
     code = asyncio.run(run_scaler(cfg))

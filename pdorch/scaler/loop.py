@@ -266,12 +266,13 @@ class BuiltinScaler:
         cfg: ScalerConfig,
         source: MetricsSource | None = None,
         policy: SloPolicyConfig | None = None,
+        coefficients: Coefficients | None = None,
     ) -> None:
         self.api = api
         self.cfg = cfg
         self.source = source or DirectScrape()
         self.policy = policy or SloPolicyConfig(forecast_lead_s=cfg.pod_startup_s + cfg.interval_s)
-        self.coefficients = load_coefficients(cfg.coefficients)
+        self.coefficients = coefficients or load_coefficients(cfg.coefficients)
         self.events = EventRecorder(api, "pdorch-scaler", ttl=0.0)
         self.roles: dict[tuple[str, str, str], RoleState] = {}
         self._raw: dict[tuple[str, str, str], int] = {}
@@ -755,6 +756,10 @@ async def run_scaler(cfg: ScalerConfig, stop: asyncio.Event | None = None) -> in
 
     from pdorch.scaler.sources import PrometheusQuery
 
+    try:
+        coefficients = load_coefficients(cfg.coefficients)  # once, and before anything starts
+    except (ValueError, OSError) as e:
+        raise CliError(f"--coefficients: {e}", "pass a preset name or a readable coefficients file") from e
     api = KubeApi.from_config(cfg.kubeconfig, field_manager="pdorch-scaler")
     source: MetricsSource = DirectScrape()
     if cfg.prometheus_url:
@@ -771,15 +776,17 @@ async def run_scaler(cfg: ScalerConfig, stop: asyncio.Event | None = None) -> in
     runner = await _serve_metrics(cfg.metrics_addr)
     try:
         if not cfg.leader_elect:
-            await BuiltinScaler(api, cfg, source).run(stop)
+            await BuiltinScaler(api, cfg, source, coefficients=coefficients).run(stop)
             return 0
-        return await _run_elected(api, cfg, source, stop)
+        return await _run_elected(api, cfg, source, stop, coefficients)
     finally:
         await runner.cleanup()
         await api.close()
 
 
-async def _run_elected(api: KubeApi, cfg: ScalerConfig, source: MetricsSource, stop: asyncio.Event) -> int:
+async def _run_elected(
+    api: KubeApi, cfg: ScalerConfig, source: MetricsSource, stop: asyncio.Event, coefficients: Coefficients
+) -> int:
     """Campaign for the scaler's Lease, decide only while holding it; LOST_LEASE_EXIT if it was lost (the process
     exits and restarts as a standby: its in-memory drains and forecasts are the new leader's now)."""
     identity = cfg.identity or default_identity()
@@ -801,7 +808,7 @@ async def _run_elected(api: KubeApi, cfg: ScalerConfig, source: MetricsSource, s
             asyncio.create_task(_set_when(elector.lost, decide_until)),
         ]
         try:
-            await BuiltinScaler(api, cfg, source).run(decide_until)
+            await BuiltinScaler(api, cfg, source, coefficients=coefficients).run(decide_until)
         finally:
             for t in relay:
                 t.cancel()

@@ -121,3 +121,13 @@ def test_a_failed_control_plane_build_is_an_expected_error(monkeypatch: pytest.M
         binaries.ensure()
     msg = expected_error(exc.value)
     assert msg is not None and "build-kube.sh exited 127" in msg and "pdorch dev-cluster build" in msg
+
+
+def test_scaler_refuses_unknown_coefficients_before_reaching_the_cluster(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Checked once, before the kubeconfig is read (the bad path below would fail first otherwise)."""
+    assert cli.main(["scaler", "--coefficients", "no-such-preset", "--kubeconfig", "/nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert "--coefficients: unknown coefficients preset 'no-such-preset'" in err
+    assert "kubeconfig" not in err
