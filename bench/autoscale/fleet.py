@@ -70,6 +70,7 @@ class Req:
         "output",
         "prefill_end",
         "prompt",
+        "sent",
         "taken",
     )
 
@@ -81,6 +82,7 @@ class Req:
         self.g_end = 0.0
         self.alloc = 0
         self.taken = False  # sent from the proxy's queue (the queue's heaps drop it lazily)
+        self.sent = arrival  # when an engine got it: later than `arrival` behind the proxy's queue
 
     def ttft(self) -> float:
         return self.first_token - self.arrival if self.first_token >= 0 else float("inf")
@@ -309,6 +311,7 @@ class Fleet:
         """`batch`, taken from the proxy's queue (its heaps drop the entries lazily)."""
         for r in batch:
             r.taken = True
+            r.sent = self.now
         self.queued -= len(batch)
         return batch
 
@@ -380,7 +383,9 @@ class Fleet:
             r.prefill_end = self.now
             cnt.requests += 1
             cnt.prompt_tokens += r.prompt
-            cnt.ttft_sum += self.now - r.arrival
+            # The engine's own TTFT (vllm:time_to_first_token_seconds), from when it got the prompt:
+            # time held in the proxy's queue is not in it.
+            cnt.ttft_sum += self.now - r.sent
             cnt.ttft_n += 1
 
     def _prefill_done(self, pod: Pod) -> None:
