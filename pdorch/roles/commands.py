@@ -19,8 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "render",
         help="print the objects a ServingGroup becomes (no cluster needed)",
-        description="Validate a ServingGroup like the apiserver would and print, as multi-document "
-        "YAML, every object pdorch would server-side apply for it.",
+        description="Validate a ServingGroup like the apiserver would (except the rules marked "
+        "apiserver only in the API reference) and print, as multi-document YAML, every object "
+        "pdorch would server-side apply for it.",
     )
     p.add_argument("-f", "--filename", required=True, help="ServingGroup YAML file, or - for stdin")
     p.add_argument("--proxy-image", default=DEFAULT_PROXY_IMAGE, help="image of the built-in proxy")
