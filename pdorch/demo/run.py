@@ -95,8 +95,9 @@ async def running_cluster(cluster: DevCluster) -> ClusterState | None:
         name = cluster.state_dir.name
         raise CliError(
             f"a dev cluster named {name!r} exists at {cluster.state_dir} but is not up",
-            f"restart it with `pdorch dev-cluster --name {name} up`, remove it with "
-            f"`pdorch dev-cluster --name {name} down`, or pass another --cluster-name",
+            f"`pdorch dev-cluster --name {name} up` removes it and starts a fresh one (its objects "
+            f"are lost), `pdorch dev-cluster --name {name} down` only removes it; or pass another "
+            "--cluster-name",
         )
     st = cluster.state()
     if st is not None:

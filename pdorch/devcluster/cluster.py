@@ -354,7 +354,10 @@ class DevCluster:
             if self.is_up():
                 self.progress(f"dev cluster already up: KUBECONFIG={existing.kubeconfig}")
                 return existing
-            self.progress("found a stale dev cluster state; cleaning it up first")
+            self.progress(
+                "found this dev cluster partly stopped; removing it (its objects are lost) "
+                "and starting a fresh one"
+            )
             self._down()
 
         if self.state_dir.exists() and not is_cluster_dir(self.state_dir) and any(self.state_dir.iterdir()):

@@ -8,6 +8,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pdorch.cli_args import checked, non_negative_int, positive_int
 from pdorch.devcluster import binaries
@@ -51,6 +52,17 @@ def no_cluster_message(args: argparse.Namespace, state_dir: Path) -> str:
     return f"error: no dev cluster named {args.name!r} (no dev cluster state at {state_dir}){known}"
 
 
+def not_up_hint(status: dict[str, Any], flags: str) -> str:
+    """What `status` suggests for a cluster that is not up: `up` starts a missing one, but wipes
+    one with recorded components (a stopped or unhealthy one, a cut-short start) and starts afresh."""
+    if not status["components"]:
+        return f"start it with `pdorch dev-cluster{flags} up`"
+    return (
+        f"`pdorch dev-cluster{flags} up` removes this partly stopped cluster and starts a fresh one "
+        f"(its objects are lost); `pdorch dev-cluster{flags} down` only removes it"
+    )
+
+
 def _up(args: argparse.Namespace) -> int:
     try:
         st = _cluster(args).up(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
@@ -90,7 +102,7 @@ def _status(args: argparse.Namespace) -> int:
     status = _cluster(args).status()
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     if not status["up"] and not args.json:
-        print(f"start it with `pdorch dev-cluster{cluster_flags(args)} up`", file=sys.stderr)
+        print(not_up_hint(status, cluster_flags(args)), file=sys.stderr)
     return 0 if status["up"] else 1
 
 

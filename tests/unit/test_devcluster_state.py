@@ -25,7 +25,7 @@ from pdorch.devcluster.cluster import (
     default_state_dir,
     validate_name,
 )
-from pdorch.devcluster.commands import cluster_flags
+from pdorch.devcluster.commands import cluster_flags, not_up_hint
 from pdorch.devcluster.controller_process import controller_log_dir
 from pdorch.devcluster.process import Managed, StartupError
 
@@ -311,6 +311,27 @@ def test_a_start_cut_short_is_not_up(
     status = c.status()
     assert not status["up"] and not status["complete"]
     assert "INCOMPLETE" in cluster.format_status(status)
+
+
+def test_status_of_a_partly_stopped_cluster_says_up_starts_a_fresh_one(
+    state_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_components: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`status` said 'start it with ... up' where `up` removes the cluster (etcd data too) first."""
+    monkeypatch.setattr(DevCluster, "_start_all", _one_live_component(0.0, []))
+    c = DevCluster(default_state_dir("part"))
+    c.up()
+    st = c.state()
+    assert st is not None
+    st.up_seconds = 0.0
+    st.save()
+    hint = not_up_hint(c.status(), " --name part")
+    assert "--name part up` removes this partly stopped cluster and starts a fresh one" in hint
+    assert "objects are lost" in hint
+    assert cli.main(["dev-cluster", "--name", "nothere", "status"]) == 1
+    assert "start it with `pdorch dev-cluster --name nothere up`" in capsys.readouterr().err
 
 
 def test_a_second_up_of_the_same_name_waits_for_the_first(
