@@ -26,21 +26,31 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def expected_error(exc: BaseException) -> str | None:
     """The one-line message for an error the user can act on, or None for anything else (a bug)."""
+    parts = expected_parts(exc)
+    if parts is None:
+        return None
+    what, fix = parts
+    return f"{what} — {fix}" if fix else what
+
+
+def expected_parts(exc: BaseException) -> tuple[str, str] | None:
+    """`expected_error` as (what went wrong, what to do), or None for anything else (a bug)."""
     exc = _leaf(exc)
     if isinstance(exc, CliError):
-        return str(exc)
+        return exc.what, exc.fix
     # Imported here: `pdorch --help` should not pay for the HTTP and Kubernetes client libraries.
     import httpx2
     from lightkube.core.exceptions import ConfigError
 
     if isinstance(exc, ConfigError):
-        return f"no usable Kubernetes configuration: {exc} — pass --kubeconfig PATH or set KUBECONFIG"
+        return f"no usable Kubernetes configuration: {exc}", "pass --kubeconfig PATH or set KUBECONFIG"
     if isinstance(exc, httpx2.TransportError):
         url = _request_url(exc)
         where = f" at {url}" if url else ""
         return (
-            f"cannot reach the Kubernetes API server{where}: {exc or type(exc).__name__} — check that "
-            "the cluster is up (`pdorch dev-cluster status`) and that --kubeconfig/KUBECONFIG points at it"
+            f"cannot reach the Kubernetes API server{where}: {exc or type(exc).__name__}",
+            "check that the cluster is up (`pdorch dev-cluster status`) and that "
+            "--kubeconfig/KUBECONFIG points at it",
         )
     return None
 

@@ -28,7 +28,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Namespace as LkNamespace
 
-from pdorch.cli_errors import CliError
+from pdorch.cli_errors import CliError, expected_parts
 from pdorch.controller.kubeapi import EVENT, SERVING_GROUP, SERVING_ROLE_SCALER, KubeApi
 from pdorch.controller.kubeapi import ApiError as KubeApiError
 from pdorch.demo.traffic import Stats, run_users
@@ -188,6 +188,7 @@ async def _demo(
     namespace_created = False
     stats = Stats()
     failed: BaseException | None = None
+    kept: Path | None = None  # where a failed demo's cluster logs were copied
     logs = contextlib.ExitStack()
     # SIGTERM and SIGHUP (a closed terminal, `kill`) stop the demo as Ctrl-C does: through the
     # cleanup below. Without this they killed the CLI alone and left the cluster, controller and
@@ -358,6 +359,12 @@ async def _demo(
                 )
             )
         say("cleaned up")
+        if started and failed is not None and not isinstance(failed, CliError):
+            parts = expected_parts(failed)
+            if parts is not None:
+                # Its hint (`pdorch dev-cluster status`) is about the cluster just removed above.
+                logs_hint = f"its logs are in {kept}" if kept is not None else "its logs could not be kept"
+                raise CliError(parts[0], f"the demo removed the cluster it started; {logs_hint}") from failed
 
 
 @contextlib.contextmanager

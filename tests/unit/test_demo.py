@@ -306,3 +306,26 @@ def test_an_error_inside_the_demo_is_not_blamed_on_the_state_directory(
     monkeypatch.setattr(run, "_keep_logs", lambda _: None)
     with pytest.raises(PermissionError, match=r"crd\.yaml"):
         asyncio.run(run.demo(1, 1.0, "demo"))
+
+
+def test_an_apiserver_gone_mid_demo_points_at_the_kept_logs_not_at_the_removed_cluster(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo copied the logs out and removed its cluster, then ended with "cannot reach the
+    Kubernetes API server ... check that the cluster is up (`pdorch dev-cluster status`)"."""
+    fake = FakeCluster(False)
+    monkeypatch.setattr(run, "DevCluster", lambda *a, **k: fake)
+    monkeypatch.setattr(ClusterState, "client", lambda self: None)
+
+    def apiserver_gone(*a: object) -> None:
+        raise httpx2.ConnectError(
+            "[Errno 111] Connection refused", request=httpx2.Request("GET", "https://127.0.0.1:6443/apis")
+        )
+
+    monkeypatch.setattr(run, "install_pdorch_crds", apiserver_gone)
+    monkeypatch.setattr(run, "_keep_logs", lambda _: Path("/kept/demo-logs-20250101-000000"))
+    assert cli.main(["demo", "--duration", "1"]) == 1
+    assert fake.calls == ["up", "down"]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot reach the Kubernetes API server at https://127.0.0.1:6443")
+    assert "/kept/demo-logs-20250101-000000" in last and "dev-cluster status" not in last
