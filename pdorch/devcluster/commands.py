@@ -19,6 +19,7 @@ from pdorch.devcluster.cluster import (
     cluster_names,
     default_state_dir,
     format_status,
+    state_root,
     validate_name,
 )
 from pdorch.devcluster.process import StartupError
@@ -46,7 +47,14 @@ def cluster_flags(args: argparse.Namespace) -> str:
 def no_cluster_message(args: argparse.Namespace, state_dir: Path) -> str:
     """Why `down` refuses: nothing pdorch created is at `state_dir` (lists the existing names)."""
     if args.state_dir:
-        return f"error: no dev cluster state at {state_dir}; nothing removed"
+        root = state_root()
+        named = cluster_names(root)
+        known = (
+            f"dev clusters under {root}: {', '.join(named)} (pick one with --name)"
+            if named
+            else f"no dev clusters under {root}"
+        )
+        return f"error: no dev cluster state at {state_dir}; nothing removed; {known}"
     others = cluster_names(state_dir.parent)
     known = f"; existing dev clusters: {', '.join(others)}" if others else "; there are no dev clusters"
     return f"error: no dev cluster named {args.name!r} (no dev cluster state at {state_dir}){known}"

@@ -136,6 +136,22 @@ def test_cli_down_with_a_state_dir_that_is_not_a_cluster_keeps_it(
     assert (tmp_path / "f").exists()
 
 
+def test_cli_down_with_a_state_dir_that_is_not_a_cluster_lists_the_clusters(
+    state_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--name listed the existing clusters when nothing was there; --state-dir did not."""
+    (state_root / "real").mkdir()
+    (state_root / "real" / MARKER).write_text("")
+    (tmp_path / "x").mkdir()
+    assert cli.main(["dev-cluster", "--state-dir", str(tmp_path / "x"), "down"]) == 1
+    err = capsys.readouterr().err
+    assert f"no dev cluster state at {tmp_path / 'x'}; nothing removed" in err
+    assert f"dev clusters under {state_root}: real" in err
+    (state_root / "real" / MARKER).unlink()
+    assert cli.main(["dev-cluster", "--state-dir", str(tmp_path / "x"), "down"]) == 1
+    assert f"no dev clusters under {state_root}" in capsys.readouterr().err
+
+
 def test_up_refuses_to_adopt_a_foreign_directory(tmp_path: Path, no_components: list[str]) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADevClusterError):
