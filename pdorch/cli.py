@@ -3,7 +3,7 @@
 Each capability package exposes `add_parser(subparsers)` in its `commands` module; the parser it
 registers sets `func`, which receives the parsed namespace and returns the process exit code.
 Expected failures (see `pdorch.cli_errors.expected_error`) print one `error:` line and exit 1; Ctrl-C
-exits 130.
+exits 130; a closed stdout pipe (`pdorch ... | head`) exits 141 without a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import select
 import sys
 import traceback
 
@@ -59,10 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        sys.stdout.flush()  # here, not at exit, so a reader gone away is handled below
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket: not ours to hide
+        # The reader of stdout left (`| head`): stop quietly, with the shell's code for SIGPIPE.
+        # Output still buffered goes to /dev/null, so the flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except Exception as exc:
         message = expected_error(exc)
         if message is None:
@@ -71,6 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)
         return 1
+
+
+def _stdout_reader_gone() -> bool:
+    """True if stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
+import sys
 from collections.abc import Callable
 
 import httpx2
@@ -131,3 +133,31 @@ def test_scaler_refuses_unknown_coefficients_before_reaching_the_cluster(
     err = capsys.readouterr().err
     assert "--coefficients: unknown coefficients preset 'no-such-preset'" in err
     assert "kubeconfig" not in err
+
+
+@pytest.mark.parametrize("lines", [3, 5000])  # flushed by main at the end / while printing
+def test_a_closed_stdout_pipe_exits_141_without_a_traceback(
+    lines: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pdorch dev-cluster status | head -8` ended with a BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `head` has read its lines and exited
+    with open(write_end, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+
+        def prints(_: argparse.Namespace) -> int:
+            for i in range(lines):
+                print(f"line {i} " + "x" * 60)
+            return 0
+
+        assert _main_with(prints, [], monkeypatch) == 141
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+
+
+def test_a_broken_pipe_elsewhere_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    def peer_gone(_: argparse.Namespace) -> int:
+        raise BrokenPipeError(32, "Broken pipe")  # a socket, while stdout is fine
+
+    with pytest.raises(BrokenPipeError):
+        _main_with(peer_gone, [], monkeypatch)
