@@ -22,6 +22,7 @@ from pdorch.api.base import (
     cel_schema,
     enum_field,
 )
+from pdorch.api.claim_template import ClaimTemplate
 from pdorch.api.conditions import CONDITIONS_LIST_EXTRA, Condition
 from pdorch.api.pod_template import check_pod_template
 
@@ -385,8 +386,8 @@ class Role(ApiModel):
     """LWS startupPolicy: LeaderCreated or LeaderReady."""
     network_config: NetworkConfig | None = None
     """LWS networkConfig."""
-    volume_claim_templates: list[FreeForm] | None = Field(None, max_length=16)
-    """LWS volumeClaimTemplates (PersistentVolumeClaim objects)."""
+    volume_claim_templates: list[ClaimTemplate] | None = Field(None, max_length=16)
+    """LWS volumeClaimTemplates (PVCs: metadata.name, spec.accessModes, spec.resources.requests.storage)."""
     port: int = Field(8000, ge=1, le=65535)
     """Port of the engine's HTTP server on the leader pod."""
     bootstrap_port: int | None = Field(None, ge=1, le=65535)

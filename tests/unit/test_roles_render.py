@@ -155,7 +155,10 @@ def test_lws_fields() -> None:
 
 def test_lws_pass_through_fields() -> None:
     raw = _raw()
-    pvc = {"metadata": {"name": "cache"}, "spec": {"accessModes": ["ReadWriteOnce"]}}
+    pvc = {
+        "metadata": {"name": "cache"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}},
+    }
     _role(raw, "decode").update(
         {
             "size": 4,
@@ -481,7 +484,12 @@ class TestRevision:
             ("networkConfig", {"subdomainPolicy": "UniquePerReplica"}),
             (
                 "volumeClaimTemplates",
-                [{"metadata": {"name": "cache"}, "spec": {"accessModes": ["ReadWriteOnce"]}}],
+                [
+                    {
+                        "metadata": {"name": "cache"},
+                        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": 1}}},
+                    }
+                ],
             ),
         ],
     )

@@ -248,7 +248,12 @@ def test_revision_fields_are_what_the_revision_hashes() -> None:
             "leaderTemplate": {"spec": {"containers": [{"name": "leader", "image": "a"}]}},
             "restartPolicy": "None",
             "subGroupPolicy": {"subGroupSize": 2},
-            "volumeClaimTemplates": [{"metadata": {"name": "v"}}],
+            "volumeClaimTemplates": [
+                {
+                    "metadata": {"name": "v"},
+                    "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
+                }
+            ],
             "networkConfig": {"subdomainPolicy": "Shared"},
         }
     )
