@@ -207,6 +207,20 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
             actions,
             f"recreate never-ready groups of an abandoned revision ({what}) on the current template",
         )
+    down = _old_roles_serving_nothing(roles)
+    if down:
+        # Waiting for them would wait forever when their pods cannot start (a template a fix has
+        # replaced, pods an admission policy refuses), and there is no capacity or pairing to keep.
+        actions = dict(hold)
+        for r in down:
+            actions[r.name] = RoleAction(r.replicas, 0)
+        what = ", ".join(f"{r.partition} of {r.name}" for r in down)
+        return Decision(
+            "step",
+            actions,
+            f"recreate unready old groups ({what}) on the current template at once: "
+            "the old revision has no ready prefill/decode pair to keep serving",
+        )
     if not all(r.all_ready for r in roles):
         waiting = ", ".join(r.name for r in roles if not r.all_ready)
         return Decision("wait", hold, f"waiting for readiness of {waiting}")
@@ -249,6 +263,19 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
 
 
 _NO_RANK = "no step of that rank"
+
+
+def _old_roles_serving_nothing(roles: Sequence[RoleObservation]) -> list[RoleObservation]:
+    """The prefill and decode roles none of whose old groups is ready, when that leaves the old
+    cohort without a ready prefill/decode pair. Those groups serve nothing, so recreating them on
+    the new template at once costs no P/D capacity (as a Deployment replaces unavailable old pods
+    first); waiting for them waits for ever when their pods cannot start (a template the new spec
+    fixed, pods an admission policy refuses or no node fits). While the old cohort still has a
+    ready pair, unready groups are waited for."""
+    kv = [r for r in roles if r.type in ("prefill", "decode")]
+    if {r.type for r in kv if r.old_ready > 0} >= {"prefill", "decode"}:
+        return []
+    return [r for r in kv if r.partition > 0 and r.old_ready == 0]
 
 
 class _Order(NamedTuple):
