@@ -74,4 +74,13 @@ def check_pod_template(template: dict[str, Any]) -> dict[str, Any]:
         image = c.get("image")
         if not isinstance(image, str) or not image.strip():
             raise ValueError(f"spec.containers[{i}] ({name}) needs an image")
+    # The pods are a StatefulSet's (LWS creates one per group), whose validation, unlike a pod's,
+    # allows only these.
+    if spec.get("restartPolicy") not in (None, "Always"):
+        raise ValueError(
+            f"spec.restartPolicy {spec['restartPolicy']!r} is not allowed: LeaderWorkerSet pods are "
+            "StatefulSet pods, which only restart Always (omit it)"
+        )
+    if spec.get("activeDeadlineSeconds") is not None:
+        raise ValueError("spec.activeDeadlineSeconds is not allowed in a StatefulSet's pods (omit it)")
     return template

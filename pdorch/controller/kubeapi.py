@@ -63,6 +63,8 @@ SERVING_GROUP = Resource("pdorch.io", "v1alpha1", "servinggroups", "ServingGroup
 SERVING_ROLE_SCALER = Resource("pdorch.io", "v1alpha1", "servingrolescalers", "ServingRoleScaler")
 LWS = Resource("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", "LeaderWorkerSet")
 POD = Resource("", "v1", "pods", "Pod")
+# Only ever created as a dry run: the pod validation of a role's templates (see the reconciler).
+POD_TEMPLATE = Resource("", "v1", "podtemplates", "PodTemplate")
 SERVICE = Resource("", "v1", "services", "Service")
 SERVICE_ACCOUNT = Resource("", "v1", "serviceaccounts", "ServiceAccount")
 ROLE = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role")
@@ -81,6 +83,7 @@ KNOWN: dict[tuple[str, str], Resource] = {
         SERVING_ROLE_SCALER,
         LWS,
         POD,
+        POD_TEMPLATE,
         SERVICE,
         SERVICE_ACCOUNT,
         ROLE,

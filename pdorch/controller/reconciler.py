@@ -24,11 +24,12 @@ from pdorch.controller import status as st
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.failures import FAILED_CREATE, creation_failures, last_applied
 from pdorch.controller.informer import Informer
-from pdorch.controller.intent import needs_apply, stamp, version_marker
+from pdorch.controller.intent import intent_hash, needs_apply, stamp, version_marker
 from pdorch.controller.kubeapi import (
     CONTROLLER_REVISION,
     CORE_EVENT,
     LWS,
+    POD_TEMPLATE,
     ROLE,
     ROLE_BINDING,
     SERVICE,
@@ -146,6 +147,8 @@ class Reconciler:
     # said (read at most every FAILURE_CHECK_S, and only while a role lacks groups).
     _lws_changed_at: dict[str, dict[str, dt.datetime]] = field(default_factory=dict)
     _failures: dict[str, tuple[float, dict[str, str]]] = field(default_factory=dict)
+    # Per group: LWS name -> hash of the pod templates a dry-run PodTemplate last accepted.
+    _templates_passed: dict[str, dict[str, str]] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
         """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
@@ -171,6 +174,7 @@ class Reconciler:
             self._counted_steps.pop(key, None)
             self._lws_changed_at.pop(key, None)
             self._failures.pop(key, None)
+            self._templates_passed.pop(key, None)
             forget_group_metrics(namespace, name)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
@@ -271,7 +275,7 @@ class Reconciler:
                 unseen = live is None and mine is None
                 if unseen or stamped["kind"] in USER_CONTENT_KINDS:
                     checks.append((stamped, live, unseen))
-        refusal = await self._dry_run(checks)
+        refusal = await self._dry_run(key, checks)
         if refusal is not None:
             await self._invalid(obj, generation, prev_status, refusal, _desired(sg, scaled))
             return None
@@ -645,7 +649,9 @@ class Reconciler:
             for r in (c.get("metadata") or {}).get("ownerReferences") or []
         )
 
-    async def _dry_run(self, items: list[tuple[dict[str, Any], dict[str, Any] | None, bool]]) -> str | None:
+    async def _dry_run(
+        self, key: str, items: list[tuple[dict[str, Any], dict[str, Any] | None, bool]]
+    ) -> str | None:
         """Server-side dry runs, concurrently (a create for objects never seen, so a name taken by
         an object pdorch does not manage is found); the first refusal's message, or None."""
 
@@ -655,6 +661,8 @@ class Reconciler:
                     await self.api.create(o, dry_run=True)
                 else:
                     await self._write(o, live, dry_run=True)
+                if o["kind"] == LWS.kind:
+                    return await self._templates_refused(key, o)
             except ApiError as e:
                 if e.code == 409 and unseen and e.reason == "AlreadyExists":
                     if await self._ours_unlabelled(o):
@@ -672,6 +680,37 @@ class Reconciler:
         for message in await asyncio.gather(*(one(o, live, unseen) for o, live, unseen in items)):
             if message is not None:
                 return message
+        return None
+
+    async def _templates_refused(self, key: str, lws: dict[str, Any]) -> str | None:
+        """Why the pod validation of the StatefulSets LWS would create refuses this LWS's templates,
+        or None. LWS's admission checks a template's shape only, so a volumeMount naming no volume
+        (say) surfaced as a StatefulSet refusal after the rollout had begun, and only in LWS's
+        events. A dry-run PodTemplate per template gets the same validation before anything moves.
+        Templates once accepted are not checked again (a rollout step rewrites only partitions)."""
+        md, lwt = lws["metadata"], lws["spec"]["leaderWorkerTemplate"]
+        templates = {f: lwt[f] for f in ("leaderTemplate", "workerTemplate") if lwt.get(f) is not None}
+        passed = self._templates_passed.setdefault(key, {})
+        h = intent_hash(templates)
+        if passed.get(md["name"]) == h:
+            return None
+        for f, template in templates.items():
+            probe = {
+                "apiVersion": "v1",
+                "kind": POD_TEMPLATE.kind,
+                "metadata": {"generateName": f"{md['name']}-", "namespace": md["namespace"]},
+                "template": template,
+            }
+            try:
+                await self.api.create(probe, dry_run=True)
+            except ApiError as e:
+                if e.code == 422:  # field validation; quota or RBAC refusals say nothing about the spec
+                    detail = e.message.partition(" is invalid: ")[2] or e.message
+                    role = (md.get("labels") or {}).get(LABEL_ROLE, md["name"])
+                    return f"roles[{role}].{f} is refused by the API server: {detail.replace('template.spec.', 'spec.')}"
+                log.warning("%s: cannot check the templates of %s (%s); relying on LWS", key, md["name"], e)
+                return None
+        passed[md["name"]] = h
         return None
 
     async def _write(

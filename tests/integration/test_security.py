@@ -66,6 +66,8 @@ CONTROLLER_NEEDS: set[Rule] = (
     | {("events.events.k8s.io", "", "create")}
     # Why a role's groups are missing: its LWS's and StatefulSets' FailedCreate warnings.
     | {("events", "", "list")}
+    # Dry runs of PodTemplates: the pod validation of a role's templates before its LWS is written.
+    | {("podtemplates", "", "create")}
     # Revision history for `pdorch rollback`: one ControllerRevision per revision, pruned.
     | {("controllerrevisions.apps", "", v) for v in ("list", "create", "delete")}
 )

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from lightkube import Client
-from lightkube.resources.core_v1 import Node, Pod
+from lightkube.resources.core_v1 import Namespace, Node, Pod
 from lightkube.types import PatchType
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -232,31 +232,42 @@ def test_ratio_deviation_follows_a_one_sided_outage_and_a_deleted_group_leaves_n
     wait_for(lambda: not _series(controller.metrics_text(), name), 60, f"no series of {name} left")
 
 
-def test_a_template_statefulsets_refuse_is_reported_as_replica_failure_until_fixed(
+def test_pods_the_namespace_refuses_are_reported_as_replica_failure_until_fixed(
     kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
-    """A volumeMount naming no volume passes the CRD and LWS's admission; the StatefulSet LWS then
-    creates is refused, which only LWS's own Warning event said. The group now carries
-    ReplicaFailure=True (FailedCreate) with that message, and drops it once the template is fixed."""
-    doc = example("mount")
-
-    def decode_container(spec: dict[str, Any]) -> dict[str, Any]:
-        role = next(r for r in spec["roles"] if r["type"] == "decode")
-        return role["workerTemplate"]["spec"]["containers"][0]
-
-    decode_container(doc["spec"])["volumeMounts"] = [{"name": "models", "mountPath": "/models"}]
-    kube.create(SG.from_dict(doc), namespace=namespace)
+    """Pods a namespace's admission refuses (here Pod Security "restricted") pass every check of the
+    group and its LWS; the StatefulSets LWS creates then cannot create them, which only their own
+    Warning events said. The group carries ReplicaFailure=True (FailedCreate) with that message,
+    and drops it once the templates comply. (Templates the pod validation refuses are Invalid
+    before anything is created: test_validation.)"""
+    kube.patch(
+        Namespace,
+        namespace,
+        {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}},
+        patch_type=PatchType.MERGE,
+    )
+    kube.create(SG.from_dict(example("restricted")), namespace=namespace)
 
     def failure() -> dict[str, Any] | None:
-        c = condition(kube.get(SG, "mount", namespace=namespace), "ReplicaFailure")
+        c = condition(kube.get(SG, "restricted", namespace=namespace), "ReplicaFailure")
         return c if c and c["status"] == "True" else None
 
     c = wait_for(failure, 90, "ReplicaFailure=True")
     assert c["reason"] == "FailedCreate"
-    assert c["message"].startswith("decode: ") and 'volumeMounts[0].name: Not found: "models"' in c["message"]
+    assert "violates PodSecurity" in c["message"] and "restricted" in c["message"], c["message"]
 
-    update_spec(kube, namespace, "mount", lambda spec: decode_container(spec).pop("volumeMounts"))
-    wait_available(kube, namespace, "mount")
+    def comply(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            for container in (role.get("workerTemplate") or {}).get("spec", {}).get("containers", []):
+                container["securityContext"] = {
+                    "runAsNonRoot": True,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                }
+
+    update_spec(kube, namespace, "restricted", comply)
+    wait_available(kube, namespace, "restricted")
     wait_for(lambda: failure() is None, 60, "ReplicaFailure gone after the fix")
 
 

@@ -17,7 +17,7 @@ from lightkube.types import PatchType
 
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
-from tests.integration.test_controller import LWS, REPO, SG, example
+from tests.integration.test_controller import LWS, REPO, SG, example, update_spec, wait_available
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +47,17 @@ def _dup_names(doc: dict[str, Any]) -> None:
 def _drop(rtype: str) -> Edit:
     def edit(doc: dict[str, Any]) -> None:
         doc["spec"]["roles"] = [r for r in doc["spec"]["roles"] if r["type"] != rtype]
+
+    return edit
+
+
+_CLAIM_SPEC = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+
+
+def _claims(spec: dict[str, Any], name: str | None = "data") -> Edit:
+    def edit(doc: dict[str, Any]) -> None:
+        claim: dict[str, Any] = {"spec": spec} | ({"metadata": {"name": name}} if name else {})
+        role(doc, "decode")["volumeClaimTemplates"] = [claim]
 
     return edit
 
@@ -167,6 +178,15 @@ REFUSED: list[tuple[str, Edit, str]] = [
     # Names Kubernetes refuses in a secretKeyRef: the proxy's StatefulSet would never be created.
     ("auth-secret-not-dns", _set("spec.router", {"auth": {"secretName": "api..keys"}}), "secretName"),
     ("auth-key-with-slash", _set("spec.router", {"auth": {"secretName": "k", "key": "a/b"}}), "key"),
+    # A claim template the StatefulSet would refuse locked the role: claim templates cannot change.
+    ("claim-without-storage", _claims({"accessModes": ["ReadWriteOnce"]}), "resources: Required value"),
+    ("claim-without-access-mode", _claims({"resources": {"requests": {"storage": "1Gi"}}}), "accessModes"),
+    ("claim-without-name", _claims(_CLAIM_SPEC, name=None), "volumeClaimTemplates[0].metadata"),
+    (
+        "claim-size-not-a-quantity",
+        _claims({**_CLAIM_SPEC, "resources": {"requests": {"storage": "big"}}}),
+        "storage",
+    ),
     (
         "subgroup-not-dividing",
         lambda d: role(d, "decode").update(size=5, subGroupPolicy={"subGroupSize": 3}),
@@ -221,6 +241,62 @@ def test_template_lws_refuses_marks_invalid_and_creates_nothing(
         return conds.get("Invalid") == "False" and conds.get("Available") == "True"
 
     wait_for(valid, 90, "fixed group becomes Available")
+
+
+def _mount_without_volume(spec: dict[str, Any]) -> None:
+    role({"spec": spec}, "decode")["workerTemplate"]["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "models", "mountPath": "/models"}
+    ]
+
+
+def _invalid_condition(kube: Client, namespace: str, name: str) -> dict[str, Any] | None:
+    sg = kube.get(SG, name, namespace=namespace)
+    c = next((c for c in (sg.status or {}).get("conditions", []) if c["type"] == "Invalid"), None)
+    return c if c and c["status"] == "True" else None
+
+
+@pytest.mark.parametrize("when", ["create", "update"])
+def test_a_template_the_pod_validation_refuses_is_invalid_before_anything_moves(
+    kube: Client, namespace: str, controller: ControllerProc, when: str
+) -> None:
+    """LWS's admission checks a template's shape only: a volumeMount naming no volume was refused by
+    the StatefulSet LWS then wrote. On an update the rollout had begun (a decode surge group of the
+    new revision with no prefill to pair with) and the group said nothing but "waiting for
+    readiness" until its progress deadline. Now the group is Invalid naming the field, and no LWS
+    is created or changed until the template is fixed."""
+    name = f"mount-{when}"
+    doc = example(name)
+    if when == "create":
+        _mount_without_volume(doc["spec"])
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    before: dict[str, tuple[str, int]] = {}
+    if when == "update":
+        wait_available(kube, namespace, name)
+        before = {
+            lws.metadata.name: (lws.metadata.uid, lws.metadata.generation)
+            for lws in kube.list(LWS, namespace=namespace)
+        }
+        update_spec(kube, namespace, name, _mount_without_volume)
+
+    cond = wait_for(lambda: _invalid_condition(kube, namespace, name), 60, "Invalid=True")
+    assert "roles[decode].workerTemplate" in cond["message"], cond["message"]
+    assert 'volumeMounts[0].name: Not found: "models"' in cond["message"], cond["message"]
+    now = {
+        lws.metadata.name: (lws.metadata.uid, lws.metadata.generation)
+        for lws in kube.list(LWS, namespace=namespace)
+    }
+    assert now == before  # none created (create), none written (update)
+
+    update_spec(
+        kube,
+        namespace,
+        name,
+        lambda spec: role({"spec": spec}, "decode")["workerTemplate"]["spec"]["containers"][0].pop(
+            "volumeMounts"
+        ),
+    )
+    wait_for(lambda: _invalid_condition(kube, namespace, name) is None, 60, "Invalid cleared")
+    wait_available(kube, namespace, name)
 
 
 def _refused(kube: Client, namespace: str, name: str, edit: Edit) -> str:

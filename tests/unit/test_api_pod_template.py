@@ -47,6 +47,9 @@ def _with_prefill_template(edit: Any) -> dict[str, Any]:
         (lambda t: t["spec"]["containers"][0].update(name="Engine_1"), "must be a DNS label"),
         (lambda t: t["spec"]["containers"][0].pop("image"), "needs an image"),
         (lambda t: t["spec"]["containers"].append(dict(t["spec"]["containers"][0])), "is used twice"),
+        # Valid in a pod, refused in a StatefulSet's template (LWS's pods are a StatefulSet's).
+        (lambda t: t["spec"].update(restartPolicy="Never"), "only restart Always"),
+        (lambda t: t["spec"].update(activeDeadlineSeconds=60), "activeDeadlineSeconds is not allowed"),
     ],
 )
 def test_bad_templates_are_refused_naming_the_field(edit: Any, expect: str) -> None:
@@ -70,3 +73,52 @@ def test_null_metadata_and_free_annotations_render() -> None:
         }
 
     assert render(ServingGroup.model_validate(_with_prefill_template(annotated)), RenderOptions())
+
+
+def _with_claims(*claims: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(EXAMPLE)
+    next(r for r in doc["spec"]["roles"] if r["type"] == "decode")["volumeClaimTemplates"] = list(claims)
+    return doc
+
+
+_SPEC = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}
+
+
+@pytest.mark.parametrize(
+    ("claim", "expect"),
+    [
+        ({}, "metadata.name is required"),
+        ({"metadata": {"name": "Data"}, "spec": _SPEC}, "metadata.name is required"),
+        ({"metadata": {"name": "data"}}, "spec.accessModes needs at least one"),
+        ({"metadata": {"name": "data"}, "spec": {**_SPEC, "accessModes": ["ReadWrite"]}}, "accessModes"),
+        ({"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"]}}, "storage needs a size"),
+        (
+            {"metadata": {"name": "data"}, "spec": {**_SPEC, "resources": {"requests": {"storage": "lots"}}}},
+            "100Gi",
+        ),
+        (
+            {"metadata": {"name": "data"}, "spec": {**_SPEC, "resources": {"requests": {"storage": True}}}},
+            "100Gi",
+        ),
+    ],
+)
+def test_claim_templates_a_statefulset_would_refuse_are_refused_naming_the_field(
+    claim: dict[str, Any], expect: str
+) -> None:
+    """Such a claim template locked its role: the StatefulSet was refused, and claim templates
+    cannot change once stored. The CRD's schema refuses these (tests/integration/test_validation.py);
+    this is its mirror, for `pdorch render` and the controller."""
+    with pytest.raises(ValidationError) as exc:
+        ServingGroup.model_validate(_with_claims(claim))
+    problems = format_validation_error(exc.value)
+    assert any(expect in p and "volumeClaimTemplates" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("storage", ["10Gi", "500M", "1e9", "1.5Ti", 1073741824])
+def test_claim_templates_with_a_name_an_access_mode_and_a_size_pass_unchanged(storage: Any) -> None:
+    claim = {
+        "metadata": {"name": "data", "labels": {"a": "b"}},
+        "spec": {**_SPEC, "resources": {"requests": {"storage": storage}}, "storageClassName": "fast"},
+    }
+    sg = ServingGroup.model_validate(_with_claims(claim))
+    assert next(r for r in sg.spec.roles if r.type.value == "decode").volume_claim_templates == [claim]
