@@ -4,12 +4,16 @@ the committed results', not retyped).
     PYTHONPATH=$PWD python3 bench/autoscale/doc_tables.py bench/results/autoscale.json
     PYTHONPATH=$PWD python3 bench/autoscale/doc_tables.py --headline bench/results/autoscale.json \\
         bench/results/autoscale-proxy-queue.json --workloads azure-conv azure-code
+    PYTHONPATH=$PWD python3 bench/autoscale/doc_tables.py --seeds bench/results/autoscale.json \\
+        bench/results/autoscale-quick-seed*.json --workloads azure-conv azure-code
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from collections import Counter
 from pathlib import Path
 
 from run import ORDER
@@ -56,9 +60,7 @@ def headline(paths: list[Path], only: list[str] | None = None) -> str:
                 continue
             rows = data["policies"]
             # The oracle is the bar, not a competitor: rank the others.
-            ranked = sorted(
-                (n for n in rows if n != "oracle"), key=lambda n: -rows[n]["attainment_per_gpu_hour"]
-            )
+            ranked = _ranked(rows)
             for name in (n for n in ORDER if n in rows):
                 r = rows[name]
                 rank = "-" if name == "oracle" else str(ranked.index(name) + 1)
@@ -70,12 +72,52 @@ def headline(paths: list[Path], only: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def _ranked(rows: dict[str, dict[str, float]]) -> list[str]:
+    """The non-oracle policies by attainment per GPU-hour, best first (the oracle is the bar)."""
+    return sorted((n for n in rows if n != "oracle"), key=lambda n: -rows[n]["attainment_per_gpu_hour"])
+
+
+def seeds_table(paths: list[Path], only: list[str] | None = None) -> str:
+    """pdorch across the seeds of several runs: per run (engine queues or prefill queue) and
+    workload, the median and range of its attainment and x oracle, its rank per GPU-hour on each
+    seed, the policy most often best among the others, and on how many seeds the goal held."""
+    by_cell: dict[tuple[str, str], list[tuple[int, dict[str, dict[str, float]]]]] = {}
+    for path in paths:
+        res = json.loads(path.read_text())
+        run = "prefill queue" if res["setup"].get("proxy_queue") else "engine queues"
+        for wl, data in res["workloads"].items():
+            if not only or wl in only:
+                by_cell.setdefault((run, wl), []).append((res["setup"]["seed"], data["policies"]))
+    lines = [
+        "| run | workload | seeds | pdorch attainment, median [min, max] | x oracle, median [min, max] | "
+        "pdorch's rank per GPU-hour, by seed | most often best other | seeds meeting the goal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (run, wl), cells in sorted(by_cell.items()):
+        cells.sort()
+        att = [rows["pdorch"]["attainment"] for _, rows in cells]
+        xo = [rows["pdorch"]["gpu_hours_vs_oracle"] for _, rows in cells]
+        ranks = [_ranked(rows).index("pdorch") + 1 for _, rows in cells]
+        best_other = Counter(next(n for n in _ranked(rows) if n != "pdorch") for _, rows in cells)
+        met = sum(a >= 0.99 and x <= 1.15 and r == 1 for a, x, r in zip(att, xo, ranks, strict=True))
+        lines.append(
+            f"| {run} | {wl} | {len(cells)} | {statistics.median(att):.2%} [{min(att):.2%}, {max(att):.2%}] | "
+            f"{statistics.median(xo):.2f}x [{min(xo):.2f}, {max(xo):.2f}] | {' '.join(map(str, ranks))} | "
+            f"{best_other.most_common(1)[0][0]} ({best_other.most_common(1)[0][1]}/{len(cells)}) | {met}/{len(cells)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, nargs="+")
     ap.add_argument("--headline", action="store_true", help="one table of every run's policies and ranks")
-    ap.add_argument("--workloads", nargs="+", metavar="NAME", help="with --headline: only these workloads")
+    ap.add_argument("--seeds", action="store_true", help="pdorch across the seeds of the given runs")
+    ap.add_argument("--workloads", nargs="+", metavar="NAME", help="with --headline or --seeds: only these")
     args = ap.parse_args()
+    if args.seeds:
+        print(seeds_table(args.results, args.workloads))
+        return 0
     if args.headline:
         print(headline(args.results, args.workloads))
         return 0
