@@ -218,8 +218,8 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
         return Decision(
             "step",
             actions,
-            f"recreate unready old groups ({what}) on the current template at once: "
-            "the old revision has no ready prefill/decode pair to keep serving",
+            f"recreate the old groups ({what}) on the current template at once: "
+            "none of them is ready, so the old revision serves nothing",
         )
     if not all(r.all_ready for r in roles):
         waiting = ", ".join(r.name for r in roles if not r.all_ready)
@@ -266,16 +266,17 @@ _NO_RANK = "no step of that rank"
 
 
 def _old_roles_serving_nothing(roles: Sequence[RoleObservation]) -> list[RoleObservation]:
-    """The prefill and decode roles none of whose old groups is ready, when that leaves the old
-    cohort without a ready prefill/decode pair. Those groups serve nothing, so recreating them on
-    the new template at once costs no P/D capacity (as a Deployment replaces unavailable old pods
-    first); waiting for them waits for ever when their pods cannot start (a template the new spec
-    fixed, pods an admission policy refuses or no node fits). While the old cohort still has a
-    ready pair, unready groups are waited for."""
-    kv = [r for r in roles if r.type in ("prefill", "decode")]
-    if {r.type for r in kv if r.old_ready > 0} >= {"prefill", "decode"}:
+    """The prefill and decode roles with old groups, when not one old group of either type is
+    ready. The old revision then serves nothing, so recreating all its groups on the new template
+    at once costs no capacity (as a Deployment replaces unavailable old pods first), and it leaves
+    both cohorts on the ratio: the old one empty, the new one whole. Waiting for them waits for
+    ever when their pods cannot start (a template the new spec fixed, pods an admission policy
+    refused). While any old group is ready (one role's engine restarting, say) they are waited
+    for: recreating one role's groups alone would leave two one-sided cohorts, none pairing."""
+    kv = [r for r in roles if r.type in ("prefill", "decode") and r.partition > 0]
+    if not kv or any(r.old_ready > 0 for r in kv):
         return []
-    return [r for r in kv if r.partition > 0 and r.old_ready == 0]
+    return kv
 
 
 class _Order(NamedTuple):
