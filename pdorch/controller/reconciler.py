@@ -694,12 +694,13 @@ class Reconciler:
         h = intent_hash(templates)
         if passed.get(md["name"]) == h:
             return None
+        claims = [c["metadata"]["name"] for c in lwt.get("volumeClaimTemplates") or []]
         for f, template in templates.items():
             probe = {
                 "apiVersion": "v1",
                 "kind": POD_TEMPLATE.kind,
                 "metadata": {"generateName": f"{md['name']}-", "namespace": md["namespace"]},
-                "template": template,
+                "template": _with_claim_volumes(template, claims),
             }
             try:
                 await self.api.create(probe, dry_run=True)
@@ -893,6 +894,18 @@ def _name_clash(intent: dict[str, Any], what: str) -> str:
         "proxy's Service <group>, and LWS names a headless Service after each LeaderWorkerSet), so "
         "another group or object already uses this name; rename this group or the role"
     )
+
+
+def _with_claim_volumes(template: dict[str, Any], claims: list[str]) -> dict[str, Any]:
+    """`template` with a placeholder volume per claim template it does not define itself: the
+    StatefulSet adds those volumes to its pods, so a volumeMount naming a claim template is valid
+    there, and must be in a bare pod template's validation."""
+    spec = template.get("spec") or {}
+    have = {v.get("name") for v in spec.get("volumes") or [] if isinstance(v, dict)}
+    missing = [{"name": c, "emptyDir": {}} for c in claims if c not in have]
+    if not missing:
+        return template
+    return {**template, "spec": {**spec, "volumes": [*(spec.get("volumes") or []), *missing]}}
 
 
 def _is_refusal(e: ApiError) -> bool:

@@ -187,6 +187,13 @@ REFUSED: list[tuple[str, Edit, str]] = [
         _claims({**_CLAIM_SPEC, "resources": {"requests": {"storage": "big"}}}),
         "storage",
     ),
+    ("claim-size-zero", _claims({**_CLAIM_SPEC, "resources": {"requests": {"storage": "0Gi"}}}), "storage"),
+    (
+        "claim-size-negative-int",
+        _claims({**_CLAIM_SPEC, "resources": {"requests": {"storage": -1}}}),
+        "storage",
+    ),
+    ("claim-size-zero-int", _claims({**_CLAIM_SPEC, "resources": {"requests": {"storage": 0}}}), "storage"),
     (
         "subgroup-not-dividing",
         lambda d: role(d, "decode").update(size=5, subGroupPolicy={"subGroupSize": 3}),
@@ -297,6 +304,30 @@ def test_a_template_the_pod_validation_refuses_is_invalid_before_anything_moves(
     )
     wait_for(lambda: _invalid_condition(kube, namespace, name) is None, 60, "Invalid cleared")
     wait_available(kube, namespace, name)
+
+
+def test_a_volume_mount_of_a_claim_template_passes_the_template_check(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A StatefulSet's pods get a volume per claim template, so mounting one is how claim templates
+    are used; the bare pod template check refused it (review of the check above)."""
+    doc = example("claimmount")
+    decode = role(doc, "decode")
+    decode["volumeClaimTemplates"] = [{"metadata": {"name": "data"}, "spec": _CLAIM_SPEC}]
+    decode["workerTemplate"]["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "data", "mountPath": "/data"}
+    ]
+    kube.create(SG.from_dict(doc), namespace=namespace)
+
+    def settled() -> tuple[str, Any] | None:
+        invalid = _invalid_condition(kube, namespace, "claimmount")
+        if invalid is not None:
+            return ("invalid", invalid["message"])
+        names = {lws.metadata.name for lws in kube.list(LWS, namespace=namespace)}
+        return ("created", names) if "claimmount-decode" in names else None
+
+    outcome = wait_for(settled, 60, "the decode LWS created, or Invalid")
+    assert outcome[0] == "created", outcome
 
 
 def _refused(kube: Client, namespace: str, name: str, edit: Edit) -> str:
