@@ -16,8 +16,12 @@ from pydantic import AfterValidator, WithJsonSchema
 
 ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-# A resource quantity as Kubernetes parses it (e.g. 10Gi, 500M, 1e9), without a sign.
-_QUANTITY = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# A resource quantity as Kubernetes parses it (e.g. 10Gi, 500M, 1e9), above zero, as a claim's size
+# must be: the number part has a non-zero digit (RE2, which the apiserver uses, has no lookahead).
+_POSITIVE_QUANTITY = (
+    r"^\+?(0*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 
 
 def _open(**schema: Any) -> dict[str, Any]:
@@ -47,7 +51,11 @@ CLAIM_TEMPLATE_SCHEMA: dict[str, Any] = _open(
                         "requests": _open(
                             required=["storage"],
                             properties={
-                                "storage": {"x-kubernetes-int-or-string": True, "pattern": _QUANTITY}
+                                "storage": {
+                                    "x-kubernetes-int-or-string": True,
+                                    "pattern": _POSITIVE_QUANTITY,
+                                    "minimum": 1,  # integers: the pattern checks only strings
+                                }
                             },
                         )
                     },
@@ -78,10 +86,10 @@ def check_claim_template(template: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{name}: spec.accessModes needs at least one of {', '.join(ACCESS_MODES)}")
     storage = _field(template, "spec", "resources", "requests", "storage")
     if isinstance(storage, bool) or not (
-        (isinstance(storage, int) and storage >= 0)
-        or (isinstance(storage, str) and re.match(_QUANTITY, storage))
+        (isinstance(storage, int) and storage > 0)
+        or (isinstance(storage, str) and re.match(_POSITIVE_QUANTITY, storage))
     ):
-        raise ValueError(f"{name}: spec.resources.requests.storage needs a size, e.g. 100Gi")
+        raise ValueError(f"{name}: spec.resources.requests.storage needs a size above zero, e.g. 100Gi")
     return template
 
 

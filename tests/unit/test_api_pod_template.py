@@ -100,6 +100,15 @@ _SPEC = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage":
             {"metadata": {"name": "data"}, "spec": {**_SPEC, "resources": {"requests": {"storage": True}}}},
             "100Gi",
         ),
+        # A claim of size 0 passes LWS and the pattern of a quantity; the StatefulSet refuses it.
+        (
+            {"metadata": {"name": "data"}, "spec": {**_SPEC, "resources": {"requests": {"storage": "0Gi"}}}},
+            "above zero",
+        ),
+        (
+            {"metadata": {"name": "data"}, "spec": {**_SPEC, "resources": {"requests": {"storage": 0}}}},
+            "above zero",
+        ),
     ],
 )
 def test_claim_templates_a_statefulset_would_refuse_are_refused_naming_the_field(
