@@ -143,10 +143,12 @@ class Reconciler:
     # no new step, and the first step of a new revision is one even where numbering starts over.
     _counted_steps: dict[str, tuple[str, int]] = field(default_factory=dict)
     # Per group: LWS name -> when this process last changed it (creation failures older than that
-    # concern an earlier spec); and when its FailedCreate warnings were last read, and what they
-    # said (read at most every FAILURE_CHECK_S, and only while a role lacks groups).
+    # concern an earlier spec).
     _lws_changed_at: dict[str, dict[str, dt.datetime]] = field(default_factory=dict)
-    _failures: dict[str, tuple[float, dict[str, str]]] = field(default_factory=dict)
+    # Per namespace: its FailedCreate warnings and when they were listed (at most every
+    # FAILURE_CHECK_S, and only while one of its groups lacks groups), and a list under way.
+    _warnings: dict[str, tuple[float, list[dict[str, Any]] | None]] = field(default_factory=dict)
+    _warnings_listing: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = field(default_factory=dict)
     # Per group: LWS name -> hash of the pod templates a dry-run PodTemplate last accepted.
     _templates_passed: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -173,7 +175,6 @@ class Reconciler:
             self._written_steps.pop(key, None)
             self._counted_steps.pop(key, None)
             self._lws_changed_at.pop(key, None)
-            self._failures.pop(key, None)
             self._templates_passed.pop(key, None)
             forget_group_metrics(namespace, name)
             RECONCILES.labels("gone").inc()
@@ -410,21 +411,35 @@ class Reconciler:
             lacking[r.name] = lws["metadata"]["name"]
             since[r.name] = start
         if not lacking:
-            self._failures.pop(key, None)
             return {}
-        cached = self._failures.get(key)
+        events = await self._failed_create_warnings(namespace, now)
+        return creation_failures(events, lacking, since) if events is not None else {}
+
+    async def _failed_create_warnings(self, namespace: str, now: float) -> list[dict[str, Any]] | None:
+        """The namespace's FailedCreate warnings, listed at most every FAILURE_CHECK_S for all its
+        groups together (None if unreadable). One list per group lacking groups, each a scan of the
+        namespace's events in the apiserver, made 500 new groups in one namespace swamp it: the
+        lists slowed the pods' readiness, which kept more groups lacking and listing."""
+        cached = self._warnings.get(namespace)
         if cached is not None and now - cached[0] < FAILURE_CHECK_S:
-            return {r: m for r, m in cached[1].items() if r in lacking}
+            return cached[1]
+        listing = self._warnings_listing.get(namespace)
+        if listing is None:
+            listing = asyncio.ensure_future(self._list_warnings(namespace, now))
+            self._warnings_listing[namespace] = listing
+            listing.add_done_callback(lambda _: self._warnings_listing.pop(namespace, None))
+        return await asyncio.shield(listing)  # a cancelled reconcile must not cancel the others' list
+
+    async def _list_warnings(self, namespace: str, now: float) -> list[dict[str, Any]] | None:
         try:
             events, _ = await self.api.list(
                 CORE_EVENT, namespace, field_selector=f"type=Warning,reason={FAILED_CREATE}"
             )
         except ApiError as e:
-            log.debug("%s: FailedCreate warnings not readable: %s", key, e)
-            return {}
-        found = creation_failures(events, lacking, since)
-        self._failures[key] = (now, found)
-        return found
+            log.debug("%s: FailedCreate warnings not readable: %s", namespace, e)
+            events = None
+        self._warnings[namespace] = (now, events)
+        return events
 
     # ------------------------------------------------------------------ rollout
     async def _plan_rollout(
@@ -690,11 +705,13 @@ class Reconciler:
         Templates once accepted are not checked again (a rollout step rewrites only partitions)."""
         md, lwt = lws["metadata"], lws["spec"]["leaderWorkerTemplate"]
         templates = {f: lwt[f] for f in ("leaderTemplate", "workerTemplate") if lwt.get(f) is not None}
+        claims = [
+            n for c in lwt.get("volumeClaimTemplates") or [] if (n := (c.get("metadata") or {}).get("name"))
+        ]
         passed = self._templates_passed.setdefault(key, {})
-        h = intent_hash(templates)
+        h = intent_hash({"templates": templates, "claims": claims})
         if passed.get(md["name"]) == h:
             return None
-        claims = [c["metadata"]["name"] for c in lwt.get("volumeClaimTemplates") or []]
         for f, template in templates.items():
             probe = {
                 "apiVersion": "v1",

@@ -271,6 +271,45 @@ def test_pods_the_namespace_refuses_are_reported_as_replica_failure_until_fixed(
     wait_for(lambda: failure() is None, 60, "ReplicaFailure gone after the fix")
 
 
+def _event_lists(metrics: str) -> float:
+    for family in text_string_to_metric_families(metrics):
+        for s in family.samples:
+            if s.name == "pdorch_kube_requests_total" and s.labels.get("resource") == "events":
+                if s.labels.get("verb") == "list":
+                    return s.value
+    return 0.0
+
+
+def test_groups_lacking_pods_in_one_namespace_share_one_list_of_its_warnings(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """Each group lacking groups listed its namespace's FailedCreate warnings every 15 s: 500 new
+    groups in one namespace made that a list scan of its events 33 times a second, which swamped the
+    apiserver (the controller benchmark no longer converged). One list per namespace now serves all."""
+    kube.patch(
+        Namespace,
+        namespace,
+        {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}},
+        patch_type=PatchType.MERGE,
+    )
+    names = [f"lack{i}" for i in range(6)]
+    for name in names:
+        kube.create(SG.from_dict(example(name)), namespace=namespace)
+
+    def failing(name: str) -> bool:
+        c = condition(kube.get(SG, name, namespace=namespace), "ReplicaFailure")
+        return c is not None and c["status"] == "True"
+
+    wait_for(lambda: all(failing(n) for n in names), 90, "ReplicaFailure=True on every group")
+    before = _event_lists(controller.metrics_text())
+    time.sleep(46)  # three 15 s periods, each group requeued every 15 s
+    lists = _event_lists(controller.metrics_text()) - before
+    # One list per period for the namespace (a period may straddle the window's ends); per group,
+    # the six groups would make about 18.
+    assert lists <= 5, lists
+    assert all(failing(n) for n in names)  # and every group still reports why
+
+
 def test_a_scale_beyond_the_bounds_is_shown_on_the_scaler_until_it_is_back_within(
     kube: Client, namespace: str, controller: ControllerProc, devcluster: ClusterState
 ) -> None:
