@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import httpx2
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
@@ -420,25 +421,36 @@ class Reconciler:
         groups together (None if unreadable). One list per group lacking groups, each a scan of the
         namespace's events in the apiserver, made 500 new groups in one namespace swamp it: the
         lists slowed the pods' readiness, which kept more groups lacking and listing."""
+        for ns in [ns for ns, (t, _) in self._warnings.items() if now - t >= FAILURE_CHECK_S]:
+            del self._warnings[ns]  # stale: listed again when needed, not kept for the process's life
         cached = self._warnings.get(namespace)
-        if cached is not None and now - cached[0] < FAILURE_CHECK_S:
+        if cached is not None:
             return cached[1]
         listing = self._warnings_listing.get(namespace)
         if listing is None:
-            listing = asyncio.ensure_future(self._list_warnings(namespace, now))
+            listing = asyncio.ensure_future(self._list_warnings(namespace))
             self._warnings_listing[namespace] = listing
-            listing.add_done_callback(lambda _: self._warnings_listing.pop(namespace, None))
+            listing.add_done_callback(lambda f: self._listed(namespace, f))
         return await asyncio.shield(listing)  # a cancelled reconcile must not cancel the others' list
 
-    async def _list_warnings(self, namespace: str, now: float) -> list[dict[str, Any]] | None:
+    def _listed(self, namespace: str, listing: asyncio.Future[list[dict[str, Any]] | None]) -> None:
+        self._warnings_listing.pop(namespace, None)
+        if not listing.cancelled() and listing.exception() is not None:
+            # Its waiters got it, unless all were cancelled (a shutdown): then it is logged here.
+            log.debug("%s: listing FailedCreate warnings failed", namespace, exc_info=listing.exception())
+
+    async def _list_warnings(self, namespace: str) -> list[dict[str, Any]] | None:
+        events: list[dict[str, Any]] | None
         try:
             events, _ = await self.api.list(
                 CORE_EVENT, namespace, field_selector=f"type=Warning,reason={FAILED_CREATE}"
             )
-        except ApiError as e:
+        except (ApiError, httpx2.HTTPError) as e:
+            # Unreadable is cached too: a timing-out apiserver must not be asked again at once.
             log.debug("%s: FailedCreate warnings not readable: %s", namespace, e)
             events = None
-        self._warnings[namespace] = (now, events)
+        # Stamped when the list ends: a slow list must not leave its waiters a shorter cache.
+        self._warnings[namespace] = (time.monotonic(), events)
         return events
 
     # ------------------------------------------------------------------ rollout
@@ -914,15 +926,15 @@ def _name_clash(intent: dict[str, Any], what: str) -> str:
 
 
 def _with_claim_volumes(template: dict[str, Any], claims: list[str]) -> dict[str, Any]:
-    """`template` with a placeholder volume per claim template it does not define itself: the
-    StatefulSet adds those volumes to its pods, so a volumeMount naming a claim template is valid
-    there, and must be in a bare pod template's validation."""
-    spec = template.get("spec") or {}
-    have = {v.get("name") for v in spec.get("volumes") or [] if isinstance(v, dict)}
-    missing = [{"name": c, "emptyDir": {}} for c in claims if c not in have]
-    if not missing:
+    """`template` with a placeholder volume per claim template: the StatefulSet gives its pods a
+    volume per claim, so a volumeMount naming a claim template is valid there, and must be in a
+    bare pod template's validation."""
+    if not claims:
         return template
-    return {**template, "spec": {**spec, "volumes": [*(spec.get("volumes") or []), *missing]}}
+    spec = template.get("spec") or {}
+    # The StatefulSet replaces a template volume of a claim's name with the claim, as here.
+    kept = [v for v in spec.get("volumes") or [] if not (isinstance(v, dict) and v.get("name") in claims)]
+    return {**template, "spec": {**spec, "volumes": [*kept, *({"name": c, "emptyDir": {}} for c in claims)]}}
 
 
 def _is_refusal(e: ApiError) -> bool:

@@ -110,3 +110,46 @@ def test_the_cache_keeps_who_wrote_when_but_not_the_field_sets() -> None:
         {"manager": "pdorch", "operation": "Apply", "time": "2026-12-05T10:01:00Z"}
     ]
     assert last_applied(stripped, "pdorch") is not None
+
+
+def test_a_claim_templates_volume_replaces_the_templates_own_in_the_check() -> None:
+    """The StatefulSet gives its pods a volume per claim template, replacing a template volume of
+    that name; the bare pod template check must see the same volumes (review of 2a96f8f)."""
+    from pdorch.controller.reconciler import _with_claim_volumes
+
+    template = {"spec": {"containers": [{"name": "c"}], "volumes": [{"name": "data"}, {"name": "cfg"}]}}
+    assert _with_claim_volumes(template, []) is template
+    probed = _with_claim_volumes(template, ["data", "cache"])
+    assert probed["spec"]["volumes"] == [
+        {"name": "cfg"},
+        {"name": "data", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+    ]
+    assert template["spec"]["volumes"] == [{"name": "data"}, {"name": "cfg"}]  # the intent is untouched
+
+
+async def test_one_list_of_a_namespaces_warnings_serves_its_groups_and_a_timeout_is_cached() -> None:
+    """One list per namespace per 15 s for all its groups; a list that times out (an overloaded
+    apiserver, the case this is for) is cached as unreadable, not retried by every reconcile at
+    once (review of the shared list)."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    import httpx2
+
+    from pdorch.controller.reconciler import Reconciler
+
+    calls: list[str] = []
+
+    async def slow_timeout(*_a: Any, **_k: Any) -> Any:
+        calls.append("list")
+        await asyncio.sleep(0.01)
+        raise httpx2.ReadTimeout("slow")
+
+    r = Reconciler(api=SimpleNamespace(list=slow_timeout), caches=None, events=None, options=None)  # type: ignore[arg-type]
+    now = time.monotonic()
+    results = await asyncio.gather(*(r._failed_create_warnings("ns", now) for _ in range(5)))
+    assert results == [None] * 5 and calls == ["list"]
+    assert await r._failed_create_warnings("ns", time.monotonic()) is None and calls == ["list"]
+    assert await r._failed_create_warnings("ns", time.monotonic() + 16) is None and calls == ["list", "list"]
