@@ -20,7 +20,7 @@ _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # must be: the number part has a non-zero digit (RE2, which the apiserver uses, has no lookahead).
 _POSITIVE_QUANTITY = (
     r"^\+?(0*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$"
 )
 
 
@@ -76,7 +76,7 @@ def check_claim_template(template: dict[str, Any]) -> dict[str, Any]:
     """Return `template`, or raise ValueError naming what its StatefulSet would refuse (the Python
     mirror of `CLAIM_TEMPLATE_SCHEMA`, for `pdorch render` and groups stored before it)."""
     name = _field(template, "metadata", "name")
-    if not isinstance(name, str) or len(name) > 63 or not re.match(_DNS_LABEL, name):
+    if not isinstance(name, str) or len(name) > 63 or not re.fullmatch(_DNS_LABEL, name):
         raise ValueError(
             "metadata.name is required: a DNS label (at most 63 lowercase letters, digits and '-') "
             "that the containers' volumeMounts refer to"
@@ -87,7 +87,7 @@ def check_claim_template(template: dict[str, Any]) -> dict[str, Any]:
     storage = _field(template, "spec", "resources", "requests", "storage")
     if isinstance(storage, bool) or not (
         (isinstance(storage, int) and storage > 0)
-        or (isinstance(storage, str) and re.match(_POSITIVE_QUANTITY, storage))
+        or (isinstance(storage, str) and re.fullmatch(_POSITIVE_QUANTITY, storage))
     ):
         raise ValueError(f"{name}: spec.resources.requests.storage needs a size above zero, e.g. 100Gi")
     return template

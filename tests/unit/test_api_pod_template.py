@@ -109,6 +109,22 @@ _SPEC = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage":
             {"metadata": {"name": "data"}, "spec": {**_SPEC, "resources": {"requests": {"storage": 0}}}},
             "above zero",
         ),
+        # Kubernetes cannot parse a fractional exponent, nor a trailing newline (review of efc72d3).
+        (
+            {
+                "metadata": {"name": "data"},
+                "spec": {**_SPEC, "resources": {"requests": {"storage": "1e1.5"}}},
+            },
+            "above zero",
+        ),
+        (
+            {
+                "metadata": {"name": "data"},
+                "spec": {**_SPEC, "resources": {"requests": {"storage": "5Gi\n"}}},
+            },
+            "above zero",
+        ),
+        ({"metadata": {"name": "data\n"}, "spec": _SPEC}, "metadata.name is required"),
     ],
 )
 def test_claim_templates_a_statefulset_would_refuse_are_refused_naming_the_field(
