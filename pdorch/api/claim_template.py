@@ -14,8 +14,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, WithJsonSchema
 
+from pdorch.api.base import DNS1123_LABEL
+
 ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A resource quantity as Kubernetes parses it (e.g. 10Gi, 500M, 1e9), above zero, as a claim's size
 # must be: the number part has a non-zero digit (RE2, which the apiserver uses, has no lookahead).
 _POSITIVE_QUANTITY = (
@@ -34,7 +35,7 @@ CLAIM_TEMPLATE_SCHEMA: dict[str, Any] = _open(
     properties={
         "metadata": _open(
             required=["name"],
-            properties={"name": {"type": "string", "maxLength": 63, "pattern": _DNS_LABEL}},
+            properties={"name": {"type": "string", "maxLength": 63, "pattern": DNS1123_LABEL}},
         ),
         "spec": _open(
             required=["accessModes", "resources"],
@@ -76,7 +77,7 @@ def check_claim_template(template: dict[str, Any]) -> dict[str, Any]:
     """Return `template`, or raise ValueError naming what its StatefulSet would refuse (the Python
     mirror of `CLAIM_TEMPLATE_SCHEMA`, for `pdorch render` and groups stored before it)."""
     name = _field(template, "metadata", "name")
-    if not isinstance(name, str) or len(name) > 63 or not re.fullmatch(_DNS_LABEL, name):
+    if not isinstance(name, str) or len(name) > 63 or not re.fullmatch(DNS1123_LABEL, name):
         raise ValueError(
             "metadata.name is required: a DNS label (at most 63 lowercase letters, digits and '-') "
             "that the containers' volumeMounts refer to"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pdorch.api.base import DNS1123_SUBDOMAIN
+from pdorch.api.base import DNS1123_LABEL, DNS1123_SUBDOMAIN
 
 _NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _SUBDOMAIN = re.compile(DNS1123_SUBDOMAIN)
-_CONTAINER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_CONTAINER_NAME = re.compile(DNS1123_LABEL)
 
 
 def _qualified_name_problem(key: str) -> str | None:

@@ -12,11 +12,10 @@ from typing import ClassVar
 
 from pydantic import ConfigDict, Field
 
-from pdorch.api.base import ApiModel, CelRule, cel_schema
+from pdorch.api.base import DNS1123_LABEL, ApiModel, CelRule, cel_schema
 from pdorch.api.conditions import CONDITIONS_LIST_EXTRA, Condition
 from pdorch.api.servinggroup import (
     API_VERSION,
-    DNS1123_LABEL,
     MAX_GROUP_NAME_LENGTH,
     MAX_ROLE_NAME_LENGTH,
     ObjectMeta,

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from pydantic import ConfigDict, Field, field_validator
 
 from pdorch.api.base import (
+    DNS1123_LABEL,
     DNS1123_SUBDOMAIN,
     PERCENT_CEL,
     ApiModel,
@@ -43,7 +44,6 @@ SHORT_NAME = "sg"
 MAX_GROUP_NAME_LENGTH = 28
 MAX_ROLE_NAME_LENGTH = 16
 MAX_ROLES = 10
-DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
