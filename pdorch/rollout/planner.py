@@ -194,31 +194,19 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
     hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
     if spec.paused:
         return Decision("paused", hold, "rollout paused")
-    stuck = [r for r in roles if r.abandoned]
+    # Old groups that serve nothing are recreated on the current template at once: that costs no
+    # capacity and no pairing, and waiting for them (the rule below) would wait forever.
+    stuck = [(r, r.abandoned) for r in roles if r.abandoned]
     if stuck:
-        # They serve nothing, so recreating them on the current template costs no capacity and no
-        # pairing; waiting for them (the rule below) would wait forever.
-        actions = dict(hold)
-        for r in stuck:
-            actions[r.name] = RoleAction(r.replicas, r.partition - r.abandoned)
-        what = ", ".join(f"{r.abandoned} of {r.name}" for r in stuck)
-        return Decision(
-            "step",
-            actions,
-            f"recreate never-ready groups of an abandoned revision ({what}) on the current template",
+        return _recreate(
+            hold, stuck, "recreate never-ready groups of an abandoned revision ({}) on the current template"
         )
-    down = _old_roles_serving_nothing(roles)
+    down = [(r, r.partition) for r in _old_roles_serving_nothing(roles)]
     if down:
-        # Waiting for them would wait forever when their pods cannot start (a template a fix has
-        # replaced, pods an admission policy refuses), and there is no capacity or pairing to keep.
-        actions = dict(hold)
-        for r in down:
-            actions[r.name] = RoleAction(r.replicas, 0)
-        what = ", ".join(f"{r.partition} of {r.name}" for r in down)
-        return Decision(
-            "step",
-            actions,
-            f"recreate the old groups ({what}) on the current template at once: "
+        return _recreate(
+            hold,
+            down,
+            "recreate the old groups ({}) on the current template at once: "
             "none of them is ready, so the old revision serves nothing",
         )
     if not all(r.all_ready for r in roles):
@@ -263,6 +251,17 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
 
 
 _NO_RANK = "no step of that rank"
+
+
+def _recreate(
+    hold: dict[str, RoleAction], moves: Sequence[tuple[RoleObservation, int]], why: str
+) -> Decision:
+    """A step that recreates the top `n` old groups of each (role, n) in `moves` on the current
+    template (its partition lowered by n); `why` gets the list of what moves at its `{}`."""
+    actions = dict(hold)
+    for r, n in moves:
+        actions[r.name] = RoleAction(r.replicas, r.partition - n)
+    return Decision("step", actions, why.format(", ".join(f"{n} of {r.name}" for r, n in moves)))
 
 
 def _old_roles_serving_nothing(roles: Sequence[RoleObservation]) -> list[RoleObservation]:
