@@ -682,14 +682,27 @@ class Reconciler:
         """Server-side dry runs, concurrently (a create for objects never seen, so a name taken by
         an object pdorch does not manage is found); the first refusal's message, or None."""
 
+        async def dry(o: dict[str, Any], live: dict[str, Any] | None, unseen: bool) -> None:
+            if unseen:
+                await self.api.create(o, dry_run=True)
+            else:
+                await self._write(o, live, dry_run=True)
+
         async def one(o: dict[str, Any], live: dict[str, Any] | None, unseen: bool) -> str | None:
             try:
-                if unseen:
-                    await self.api.create(o, dry_run=True)
-                else:
-                    await self._write(o, live, dry_run=True)
-                if o["kind"] == LWS.kind:
-                    return await self._templates_refused(key, o)
+                if o["kind"] != LWS.kind:
+                    await dry(o, live, unseen)
+                    return None
+                # The templates' check goes alongside the LWS's own dry run, not after it: on the
+                # creation path of a new group the two round trips were in series.
+                lws_result, refused = await asyncio.gather(
+                    dry(o, live, unseen), self._templates_refused(key, o), return_exceptions=True
+                )
+                if isinstance(lws_result, BaseException):
+                    raise lws_result  # the LWS's own refusal reads first
+                if isinstance(refused, BaseException):
+                    raise refused
+                return refused
             except ApiError as e:
                 if e.code == 409 and unseen and e.reason == "AlreadyExists":
                     if await self._ours_unlabelled(o):
@@ -724,24 +737,39 @@ class Reconciler:
         h = intent_hash({"templates": templates, "claims": claims})
         if passed.get(md["name"]) == h:
             return None
-        for f, template in templates.items():
-            probe = {
-                "apiVersion": "v1",
-                "kind": POD_TEMPLATE.kind,
-                "metadata": {"generateName": f"{md['name']}-", "namespace": md["namespace"]},
-                "template": _with_claim_volumes(template, claims),
-            }
+
+        async def probe(f: str, template: dict[str, Any]) -> str | None:
             try:
-                await self.api.create(probe, dry_run=True)
+                await self.api.create(
+                    {
+                        "apiVersion": "v1",
+                        "kind": POD_TEMPLATE.kind,
+                        "metadata": {"generateName": f"{md['name']}-", "namespace": md["namespace"]},
+                        "template": _with_claim_volumes(template, claims),
+                    },
+                    dry_run=True,
+                )
             except ApiError as e:
                 if e.code == 422:  # field validation; quota or RBAC refusals say nothing about the spec
                     detail = e.message.partition(" is invalid: ")[2] or e.message
                     role = (md.get("labels") or {}).get(LABEL_ROLE, md["name"])
                     return f"roles[{role}].{f} is refused by the API server: {detail.replace('template.spec.', 'spec.')}"
-                log.warning("%s: cannot check the templates of %s (%s); relying on LWS", key, md["name"], e)
-                return None
-        passed[md["name"]] = h
-        return None
+                raise
+            return None
+
+        try:
+            found = await asyncio.gather(*(probe(f, t) for f, t in templates.items()))
+        except ApiError as e:
+            log.warning("%s: cannot check the templates of %s (%s); relying on LWS", key, md["name"], e)
+            if e.code == 403:
+                # RBAC without podtemplates, or a namespace being deleted: asking again on every
+                # write of this LWS would cost two requests each and say nothing new.
+                passed[md["name"]] = h
+            return None
+        refusal = next((r for r in found if r is not None), None)
+        if refusal is None:
+            passed[md["name"]] = h
+        return refusal
 
     async def _write(
         self, intent: dict[str, Any], live: dict[str, Any] | None, dry_run: bool

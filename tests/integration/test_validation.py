@@ -13,11 +13,20 @@ from lightkube import Client
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import ResourceQuota
 from lightkube.types import PatchType
 
 from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for
-from tests.integration.test_controller import LWS, REPO, SG, example, update_spec, wait_available
+from tests.integration.test_controller import (
+    LWS,
+    REPO,
+    SG,
+    example,
+    example_sized,
+    update_spec,
+    wait_available,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -328,6 +337,55 @@ def test_a_volume_mount_of_a_claim_template_passes_the_template_check(
 
     outcome = wait_for(settled, 60, "the decode LWS created, or Invalid")
     assert outcome[0] == "created", outcome
+
+
+def test_a_template_check_the_api_forbids_is_skipped_once_not_on_every_write(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A quota of no PodTemplates forbids the check's dry run (403): the group still comes up on
+    LWS's own checks, and writes of the same templates (a scale) do not ask again. Before, every
+    LWS write cost two forbidden requests while the refusal lasted."""
+    kube.create(
+        from_dict(
+            {
+                "apiVersion": "v1",
+                "kind": "ResourceQuota",
+                "metadata": {"name": "no-podtemplates"},
+                "spec": {"hard": {"count/podtemplates": "0"}},
+            }
+        ),
+        namespace=namespace,
+    )
+    wait_for(
+        lambda: kube.get(ResourceQuota, "no-podtemplates", namespace=namespace).status.hard,
+        30,
+        "the quota observed",
+    )
+
+    def forbidden() -> float:
+        return controller.sample_sum(
+            "pdorch_kube_requests_total", verb="create", resource="podtemplates", code="403"
+        )
+
+    before = forbidden()
+    kube.create(SG.from_dict(example_sized("forbidden", 1, 1)), namespace=namespace)
+    wait_available(kube, namespace, "forbidden")
+    checked = forbidden()
+    assert checked > before  # the check ran, and the quota forbade it
+
+    for replicas in (2, 3):
+        update_spec(
+            kube,
+            namespace,
+            "forbidden",
+            lambda spec, n=replicas: role({"spec": spec}, "decode").update(replicas=n),
+        )
+        wait_for(
+            lambda n=replicas: kube.get(LWS, "forbidden-decode", namespace=namespace).spec["replicas"] == n,
+            30,
+            f"decode's LWS at {replicas} replicas",
+        )
+    assert forbidden() == checked
 
 
 def _refused(kube: Client, namespace: str, name: str, edit: Edit) -> str:
