@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pdorch.api.crdgen import DEFAULT_OUT_DIR, check_crds, write_crds
+from pdorch.api.crdgen import CRD_DIRS, check_crds, write_crds
 from pdorch.api.docgen import DEFAULT_OUT as DEFAULT_REFERENCE
 from pdorch.api.docgen import check_reference, render_reference
 from pdorch.devcluster.binaries import in_checkout
@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         type=Path,
-        default=in_checkout(DEFAULT_OUT_DIR),
-        help="directory (default manifests/crd of the source checkout)",
+        action="append",
+        help="directory, repeatable (default: manifests/crd and the Helm chart's crds/ of the source "
+        "checkout)",
     )
     p.add_argument("--check", action="store_true", help="do not write; exit 1 if the files drifted")
     p.set_defaults(func=run)
@@ -34,17 +35,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute `pdorch crds`; returns the exit code."""
+    outs: list[Path] = args.out or [in_checkout(d) for d in CRD_DIRS]
     if args.check:
-        diffs = check_crds(args.out)
-        for d in diffs:
-            sys.stdout.write(d)
-        if diffs:
-            print(f"CRDs in {args.out} are out of date; run `pdorch crds --out {args.out}`", file=sys.stderr)
+        stale = []
+        for out in outs:
+            diffs = check_crds(out)
+            for d in diffs:
+                sys.stdout.write(d)
+            if diffs:
+                stale.append(out)
+                print(f"CRDs in {out} are out of date", file=sys.stderr)
+            else:
+                print(f"CRDs in {out} are up to date")
+        if stale:
+            print(f"run `pdorch crds{''.join(f' --out {o}' for o in stale)}`", file=sys.stderr)
             return 1
-        print(f"CRDs in {args.out} are up to date")
         return 0
-    for path in write_crds(args.out):
-        print(f"wrote {path}")
+    for out in outs:
+        for path in write_crds(out):
+            print(f"wrote {path}")
     return 0
 
 
