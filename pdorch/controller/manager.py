@@ -62,8 +62,10 @@ class Controller:
         self.api = api or KubeApi.from_config(cfg.kubeconfig)
         ns = cfg.namespace
         self.groups = Informer(self.api, SERVING_GROUP, ns)
-        self.children = {res: Informer(self.api, res, ns, MANAGED_SELECTOR) for res in CHILD_KINDS}
-        self.pods = Informer(self.api, POD, ns, LABEL_GROUP)
+        self.children = {
+            res: Informer(self.api, res, ns, MANAGED_SELECTOR, index_label=LABEL_GROUP) for res in CHILD_KINDS
+        }
+        self.pods = Informer(self.api, POD, ns, LABEL_GROUP, index_label=LABEL_GROUP)
         self.queue: WorkQueue[str] = WorkQueue(on_depth=lambda n: QUEUE_DEPTH.labels("servinggroup").set(n))
         self.elector = (
             LeaseElector(self.api, cfg.lease_namespace, cfg.lease_name, self.identity)
