@@ -56,6 +56,7 @@ from pdorch.roles.rolescaler import needs_scaler, scaled_replicas, status_desire
 from pdorch.rollout import history
 from pdorch.rollout import live as rlive
 from pdorch.rollout.commands import rollout_spec
+from pdorch.rollout.planner import old_revision_serving_nothing
 from pdorch.rollout.state import KV_TYPES
 from pdorch.rollout.step_record import StepRecord
 
@@ -152,6 +153,8 @@ class Reconciler:
     _warnings_listing: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = field(default_factory=dict)
     # Per group: LWS name -> hash of the pod templates a dry-run PodTemplate last accepted.
     _templates_passed: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per group: since when (monotonic) its rollout has seen no old prefill or decode group ready.
+    _old_down_since: dict[str, float] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
         """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
@@ -177,6 +180,7 @@ class Reconciler:
             self._counted_steps.pop(key, None)
             self._lws_changed_at.pop(key, None)
             self._templates_passed.pop(key, None)
+            self._old_down_since.pop(key, None)
             forget_group_metrics(namespace, name)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
@@ -471,6 +475,7 @@ class Reconciler:
             self._progress.pop(key, None)
             self._written_steps.pop(key, None)
             self._counted_steps.pop(key, None)
+            self._old_down_since.pop(key, None)
             return rlive.RolloutPlan(False, {}, None)
         self.rolling.add(key)
         size = {r.name: r.size for r in sg.spec.roles}
@@ -490,9 +495,15 @@ class Reconciler:
         # In a thread: the first decision of a large rollout searches for seconds (later ones hit the
         # planner's cache), and the event loop must keep renewing the Lease and serving other keys.
         written, at = self._written_steps.get(key, (None, 0.0))
-        lag = written is not None and time.monotonic() - at < WATCH_LAG_S
-        plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec, written, lag)
+        now = time.monotonic()
+        lag = written is not None and now - at < WATCH_LAG_S
+        down_for = now - self._old_down_since.get(key, now)
+        plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec, written, lag, down_for)
         assert plan.decision is not None
+        if old_revision_serving_nothing(plan.observations):
+            self._old_down_since.setdefault(key, now)
+        else:
+            self._old_down_since.pop(key, None)
         if plan.decision.kind == "done":
             # The plain render drops every record; a step written before must not be held after it.
             self._written_steps.pop(key, None)

@@ -18,6 +18,7 @@ revision (so a step LWS has not finished yet reads as "not ready" and the planne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,6 +258,7 @@ def plan(
     spec: RolloutSpec | None,
     written: StepRecord | None = None,
     cache_may_lag: bool = True,
+    old_down_for: float = math.inf,
 ) -> RolloutPlan:
     """Decide the partitions and replicas of the KV roles for this reconcile.
 
@@ -266,6 +268,7 @@ def plan(
     one, before a failed write) did not finish, and is finished before anything else. The step
     this controller just wrote is not: its LWS objects may only lag in the watch cache, and while
     `cache_may_lag` (it was written moments ago) an LWS showing an older step is held at `written`.
+    `old_down_for`: see `next_step`.
     """
     kv = [r for r in roles if r.type in KV_TYPES]
     by_rev = cohorts(kv)
@@ -306,7 +309,7 @@ def plan(
         )
         step = cut.step
     else:
-        decision = next_step(observed, spec)
+        decision = next_step(observed, spec, old_down_for)
     if decision.kind == "done":
         # Every group is new and ready at the desired replicas: render plainly (drops the marker).
         return RolloutPlan(False, {}, decision, tuple(observed), by_rev)

@@ -56,6 +56,11 @@ _MAX_CANDIDATE_SIDE = 1000
 _ORDERED_TRIES = 32
 
 
+# How long no old prefill or decode group may be ready before all of them are recreated at once.
+# One observation is not enough: readiness probes timing out under load can fail every group for a
+# moment, and recreating them then would discard warm engines beyond maxUnavailable.
+OLD_DOWN_GRACE_S = 60.0
+
 # Per order, the steps below the best tried (each with a dry run) before a state the planned steps
 # did not lead to is refused, when that order's best step would stall.
 _RANKED_TRIES = 8
@@ -184,11 +189,15 @@ def _largest_on_ratio_p(
     return p if p >= max(lo, 1, math.ceil(scale * (1 - tol))) else None
 
 
-def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decision:
+def next_step(
+    observed: Sequence[RoleObservation], spec: RolloutSpec, old_down_for: float = math.inf
+) -> Decision:
     """Decide the next partitions and replicas of every KV role (proxy roles are ignored).
 
     A step is only returned when the rest of the plan (same rules, every group ready) reaches the
     end too: a rollout that would stall half-way is refused before it touches anything.
+    `old_down_for`: for how many seconds the caller has seen no old prefill or decode group ready
+    (see `old_revision_serving_nothing`); they are recreated at once only after OLD_DOWN_GRACE_S.
     """
     roles = [r for r in observed if r.type in ("prefill", "decode", "worker")]
     hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
@@ -201,7 +210,14 @@ def next_step(observed: Sequence[RoleObservation], spec: RolloutSpec) -> Decisio
         return _recreate(
             hold, stuck, "recreate never-ready groups of an abandoned revision ({}) on the current template"
         )
-    down = [(r, r.partition) for r in _old_roles_serving_nothing(roles)]
+    down = [(r, r.partition) for r in old_revision_serving_nothing(roles)]
+    if down and old_down_for < OLD_DOWN_GRACE_S:
+        return Decision(
+            "wait",
+            hold,
+            f"no old group of {', '.join(r.name for r, _ in down)} is ready (for {old_down_for:.0f}s): "
+            f"unless one is within {OLD_DOWN_GRACE_S:.0f}s, they are recreated on the current template",
+        )
     if down:
         return _recreate(
             hold,
@@ -264,14 +280,15 @@ def _recreate(
     return Decision("step", actions, why.format(", ".join(f"{n} of {r.name}" for r, n in moves)))
 
 
-def _old_roles_serving_nothing(roles: Sequence[RoleObservation]) -> list[RoleObservation]:
+def old_revision_serving_nothing(roles: Sequence[RoleObservation]) -> list[RoleObservation]:
     """The prefill and decode roles with old groups, when not one old group of either type is
     ready. The old revision then serves nothing, so recreating all its groups on the new template
     at once costs no capacity (as a Deployment replaces unavailable old pods first), and it leaves
     both cohorts on the ratio: the old one empty, the new one whole. Waiting for them waits for
     ever when their pods cannot start (a template the new spec fixed, pods an admission policy
     refused). While any old group is ready (one role's engine restarting, say) they are waited
-    for: recreating one role's groups alone would leave two one-sided cohorts, none pairing."""
+    for: recreating one role's groups alone would leave two one-sided cohorts, none pairing.
+    `next_step` acts on it only once it has held for OLD_DOWN_GRACE_S."""
     kv = [r for r in roles if r.type in ("prefill", "decode") and r.partition > 0]
     if not kv or any(r.old_ready > 0 for r in kv):
         return []
@@ -839,5 +856,6 @@ __all__ = [
     "effective_tolerance",
     "initial_state",
     "next_step",
+    "old_revision_serving_nothing",
     "simulate",
 ]

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdorch.rollout import planner
-from pdorch.rollout.planner import applied, auto_tolerance, initial_state, next_step, simulate
+from pdorch.rollout.planner import (
+    OLD_DOWN_GRACE_S,
+    applied,
+    auto_tolerance,
+    initial_state,
+    next_step,
+    simulate,
+)
 from pdorch.rollout.state import RoleObservation, RolloutSpec, Snapshot, deviation, resolve_int_or_percent
 
 pytestmark = pytest.mark.unit
@@ -705,6 +712,21 @@ def test_an_old_revision_with_no_ready_group_is_replaced_at_once_not_waited_for(
     assert [(a.replicas, a.partition) for a in first.roles.values()] == [(2, 0), (1, 0)]
     after = [applied(o, first.roles[o.name]) for o in obs]
     assert next_step(after, spec).kind == "done"
+
+
+@pytest.mark.parametrize("down_for", [0.0, 15.0, OLD_DOWN_GRACE_S - 1])
+def test_an_old_revision_unready_for_a_moment_is_waited_for(down_for: float):
+    """Every old group unready for one observation (probes timing out under load, say) is not an
+    old revision that cannot start: recreating them all then would discard warm engines beyond
+    maxUnavailable. The rule waits until it has held for the grace."""
+    spec = RolloutSpec(2, 1, 0.0, 0, 1)
+    obs = [_unready_old(o) for o in initial_state([("p", "prefill", 2), ("d", "decode", 1)])]
+    decision = next_step(obs, spec, old_down_for=down_for)
+    assert decision.kind == "wait", decision
+    assert [(a.replicas, a.partition) for a in decision.roles.values()] == [(2, 2), (1, 1)]
+    assert "no old group of p, d is ready" in decision.reason
+    later = next_step(obs, spec, old_down_for=OLD_DOWN_GRACE_S)
+    assert later.kind == "step" and "serves nothing" in later.reason
 
 
 @pytest.mark.parametrize(("p", "d", "steps"), [(2, 1, 0), (4, 2, 1), (8, 4, 0)])
