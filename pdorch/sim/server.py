@@ -56,7 +56,10 @@ class SimServer:
         self.roles = dict(roles or {})
         self.requested_bootstrap_port = bootstrap_port if self.config.protocol == "sglang" else None
         self.serve_bootstrap = serve_bootstrap
-        self.shutdown_timeout_s = shutdown_timeout_s
+        # aiohttp reads a shutdown timeout of 0 as "wait for every handler": an engine meant to die
+        # at once (a deleted pod's) kept serving its streams to the end, so no test could see a
+        # request a scale-down or a kill cut. The smallest positive timeout cancels them.
+        self.shutdown_timeout_s = max(shutdown_timeout_s, 0.001)
         self.engines: dict[str, Engine] = {}
         self.ports: list[int] = []
         self.bootstrap_port: int | None = None

@@ -493,3 +493,32 @@ async def test_sglang_rendezvous_over_the_websocket(sglang_pd: SimServer) -> Non
     with pytest.raises(bootstrap.BootstrapError, match="unreachable"):
         await nowhere.connect_and_wait(("127.0.0.1", 9, 1), 2.0)
     await nowhere.close()
+
+
+async def test_an_engine_stopped_with_no_grace_cuts_its_streams(http: aiohttp.ClientSession) -> None:
+    """PodBackends stops a deleted pod's engine with shutdown_timeout_s=0 to kill it at once; aiohttp
+    read 0 as "wait for every handler", so the engine served its streams to the end and no test
+    could see a request that a kill or a scale-down cut."""
+    server = SimServer(
+        replace(FAST, time_scale=1.0), host="127.0.0.1", ports=[0], role=Role.BOTH, shutdown_timeout_s=0.0
+    )
+    await server.start()
+    got: list[str] = []
+
+    async def stream() -> None:
+        body = {"model": MODEL, "prompt": "x " * 20, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        async with http.post(server.url(0) + "/v1/completions", json=body) as r:
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    got.append(line.decode())
+
+    task = asyncio.create_task(stream())
+
+    async def streaming() -> bool:
+        return len(got) >= 3
+
+    await wait_until(streaming, 10, "the stream under way")
+    await asyncio.wait_for(server.stop(), 5)
+    with pytest.raises(aiohttp.ClientError):
+        await asyncio.wait_for(task, 5)
+    assert len(got) < 2000
