@@ -19,12 +19,21 @@ def non_negative_int(value: str) -> int:
 
 def positive_float(value: str) -> float:
     """argparse type: a finite number > 0."""
+    return _bounded_float(value, 0.0, "a number > 0", strict=True)
+
+
+def non_negative_float(value: str) -> float:
+    """argparse type: a finite number >= 0 (nan and inf refused: a nan timeout never ends)."""
+    return _bounded_float(value, 0.0, "a number >= 0", strict=False)
+
+
+def _bounded_float(value: str, minimum: float, expected: str, *, strict: bool) -> float:
     try:
         x = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
-    if not math.isfinite(x) or x <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if not math.isfinite(x) or x < minimum or (strict and x == minimum):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return x
 
 

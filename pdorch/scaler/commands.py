@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 
-from pdorch.cli_args import add_lease_arguments
+from pdorch.cli_args import add_lease_arguments, non_negative_float, positive_float
 from pdorch.controller.leader import LOST_LEASE_EXIT
 from pdorch.scaler.loop import ScalerConfig, run_scaler
 from pdorch.sim.latency import PRESETS
@@ -30,10 +30,6 @@ def _run(args: argparse.Namespace) -> int:
         lease_name=args.lease_name,
         identity=args.identity or os.environ.get("POD_NAME", ""),
     )
-    if cfg.interval_s <= 0:
-        raise SystemExit("--interval must be > 0 seconds")
-    if cfg.pod_startup_s < 0:
-        raise SystemExit("--pod-startup must be >= 0 seconds")
     if (cfg.prometheus_ca_file or cfg.prometheus_token_file) and not cfg.prometheus_url:
         raise SystemExit("--prometheus-ca-file and --prometheus-token-file need --prometheus-url")
     code = asyncio.run(run_scaler(cfg))
@@ -58,7 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, then in-cluster)")
     p.add_argument("--namespace", help="only this namespace (default: all)")
     p.add_argument(
-        "--interval", type=float, default=d.interval_s, help="seconds between decisions (default %(default)s)"
+        "--interval",
+        type=positive_float,
+        default=d.interval_s,
+        help="seconds between decisions (default %(default)s)",
     )
     p.add_argument(
         "--coefficients",
@@ -67,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=non_negative_float,
         default=d.drain_timeout_s,
         help="max seconds to drain before a scale-down",
     )
@@ -76,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--pod-startup",
-        type=float,
+        type=non_negative_float,
         default=d.pod_startup_s,
         help="seconds from a scale-up to a serving pod; the policy sizes for the load forecast over "
         "this + --interval (default %(default)s)",

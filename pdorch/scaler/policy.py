@@ -168,7 +168,10 @@ def decode_seqs_per_replica(
     ctx = mean_prompt + mean_output / 2  # mean context over a sequence's life
     budget = tpot_target_s * cfg.tpot_budget
     per_seq = c.decode_beta_s + c.decode_gamma_s * ctx
-    by_itl = (budget - c.decode_a_s) / per_seq if budget > c.decode_a_s else 1.0
+    if budget <= c.decode_a_s:
+        by_itl = 1.0
+    else:  # a profile whose sequences cost a step nothing leaves KV and max_num_seqs to bind
+        by_itl = (budget - c.decode_a_s) / per_seq if per_seq > 0 else math.inf
     # The engine reserves prompt + max_tokens blocks at admission.
     by_kv = cfg.kv_target * c.kv_capacity_tokens / max(mean_prompt + mean_output, 1.0)
     limits = {"TPOT": by_itl, "KV": by_kv, "max_num_seqs": float(c.max_num_seqs)}

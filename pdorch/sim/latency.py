@@ -157,6 +157,9 @@ def load_coefficients(spec: str) -> Coefficients:
     if merged.decode_a_s + merged.decode_beta_s <= 0:
         # A decode step that costs nothing has no capacity limit: the scaler would divide by 0.
         raise ValueError(f"{spec}: decode_a_s + decode_beta_s must be > 0")
+    if merged.decode_beta_s + merged.decode_gamma_s <= 0:
+        # A sequence that adds nothing to a decode step: capacity per replica would be unbounded.
+        raise ValueError(f"{spec}: decode_beta_s + decode_gamma_s must be > 0")
     return merged
 
 

@@ -13,7 +13,7 @@ import pytest
 from lightkube.core.exceptions import ConfigError
 
 from pdorch import cli
-from pdorch.cli_args import non_negative_int, positive_int
+from pdorch.cli_args import non_negative_float, non_negative_int, positive_float, positive_int
 from pdorch.cli_errors import CliError, expected_error
 from pdorch.devcluster import binaries
 
@@ -28,6 +28,10 @@ def test_positive_int_accepts_one_and_more() -> None:
     assert non_negative_int("0") == 0
     with pytest.raises(argparse.ArgumentTypeError):
         non_negative_int("-1")
+    assert non_negative_float("0") == 0.0 and positive_float("0.5") == 0.5
+    for bad in ("nan", "inf", "-inf", "-0.1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a number >= 0"):
+            non_negative_float(bad)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +42,15 @@ def test_positive_int_accepts_one_and_more() -> None:
         ["dev-cluster", "up", "--gpus-per-node", "-1"],
         ["demo", "--users", "0"],
         ["controller", "--workers", "0"],
+        # nan passed `interval <= 0` and busy-looped; a nan drain timeout never ended a drain, a
+        # negative one scaled down onto busy victims at once (helper-65).
+        ["scaler", "--interval", "nan"],
+        ["scaler", "--interval", "0"],
+        ["scaler", "--interval", "inf"],
+        ["scaler", "--drain-timeout", "-5"],
+        ["scaler", "--drain-timeout", "nan"],
+        ["scaler", "--pod-startup", "nan"],
+        ["scaler", "--pod-startup", "-1"],
     ],
 )
 def test_negative_counts_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -320,3 +321,10 @@ def test_prefill_work_without_a_known_prompt_length_keeps_the_replicas() -> None
     ):
         assert prefill_replicas(load, DIST, 1.0).replicas == 4, load
     assert prefill_replicas(RoleLoad(ready_replicas=4, window_s=15.0), DIST, 1.0).replicas == 0
+
+
+def test_a_profile_whose_sequences_cost_a_step_nothing_is_bound_by_kv_not_a_division() -> None:
+    """beta = gamma = 0 (a profile built in Python, past the file checks) divided by zero."""
+    free = replace(DIST, decode_beta_s=0.0, decode_gamma_s=0.0)
+    per, limit = decode_seqs_per_replica(free, 1000, 200, 0.1, SloPolicyConfig())
+    assert limit in ("KV", "max_num_seqs") and math.isfinite(per)

@@ -72,6 +72,8 @@ def test_load_coefficients_presets_and_file(tmp_path: Path) -> None:
     [
         ({"prefill_b_s": 0}, "prefill_b_s must be > 0, not 0"),
         ({"decode_a_s": 0, "decode_beta_s": 0}, "decode_a_s + decode_beta_s must be > 0"),
+        # Accepted before, then every tick of the scaler raised ZeroDivisionError (helper-65).
+        ({"decode_beta_s": 0, "decode_gamma_s": 0}, "decode_beta_s + decode_gamma_s must be > 0"),
         ({"prefill_a_s": -0.001}, "prefill_a_s must be >= 0"),
         ({"block_size": 2.5}, "block_size must be a whole number, not 2.5"),
         ({"num_kv_blocks": True}, "num_kv_blocks must be a finite whole number, not True"),
