@@ -76,11 +76,13 @@ def test_only_the_leader_writes_and_a_standby_takes_over(
     assert not released.spec.holderIdentity
 
 
-def test_a_frozen_leader_wakes_up_fenced_and_exits(
+def test_a_frozen_leader_wakes_up_steps_down_and_exits_writing_nothing(
     kube: Client, namespace: str, devcluster: ClusterState, pdorch_crds: list[str]
 ) -> None:
     """A leader frozen past its lease (GC pause, SIGSTOP, starved node) must not act on its stale
-    caches when it wakes: the standby leads by then, so it stops with code 1 and writes nothing."""
+    caches when it wakes: the standby leads by then, so it stops with code 1 and writes nothing.
+    Here its first renewal fails before any reconcile writes, so the write fence is not reached;
+    tests/unit/test_leader_fence.py shows the fence refusing a stale leader's writes."""
     lease, a, b = _leader_and_standby(devcluster, "frz")
     try:
         b.wait_ready()

@@ -90,6 +90,15 @@ def _scaling(name: str, **scaling: Any) -> Edit:
     return edit
 
 
+def _extra_role_of_type(rtype: str) -> Edit:
+    def edit(doc: dict[str, Any]) -> None:
+        extra = copy.deepcopy(role(doc, "decode"))
+        extra.update(name="extra", type=rtype)
+        doc["spec"]["roles"].append(extra)
+
+    return edit
+
+
 def _too_many_roles(doc: dict[str, Any]) -> None:
     base = role(doc, "decode")
     for i in range(9):
@@ -121,7 +130,13 @@ REFUSED: list[tuple[str, Edit, str]] = [
     ("two-proxy-roles", _two_proxies, "at most one role of type proxy"),
     ("size-zero", lambda d: role(d, "prefill").__setitem__("size", 0), "size"),
     ("negative-replicas", lambda d: role(d, "decode").__setitem__("replicas", -1), "replicas"),
-    ("min-above-max", _scaling("decode", mode="External", minReplicas=5, maxReplicas=2), "minReplicas"),
+    # Static: with External or Builtin the replicas-within-bounds rule fires too, and its message
+    # also names minReplicas, so the case passed with this rule gone (helper-64).
+    (
+        "min-above-max",
+        _scaling("decode", mode="Static", minReplicas=5, maxReplicas=2),
+        "scaling.minReplicas must be <= scaling.maxReplicas",
+    ),
     (
         "replicas-outside-bounds",
         _scaling("decode", mode="External", minReplicas=2, maxReplicas=4),
@@ -143,7 +158,9 @@ REFUSED: list[tuple[str, Edit, str]] = [
         "tolerance",
     ),
     ("unknown-engine", _set("spec.engine.name", "tgi"), "engine"),
-    ("unknown-role-type", lambda d: role(d, "decode").__setitem__("type", "encoder"), "type"),
+    # An extra role, not the decode one retyped: without a decode role "at least one decode" fired
+    # too and named `type`, so the case passed with the enum gone (helper-64).
+    ("unknown-role-type", _extra_role_of_type("encoder"), 'Unsupported value: "encoder"'),
     # The field path, not `<nil>`: the rules on the name sit at the root of the schema.
     ("group-name-too-long", _set("metadata.name", "a" * 29), "metadata.name: Invalid value"),
     ("group-name-not-dns-1035", _set("metadata.name", "1sim"), "metadata.name: Invalid value"),
