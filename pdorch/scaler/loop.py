@@ -167,7 +167,7 @@ class RoleState:
     ) -> tuple[Scraped, float | None]:
         """Pair this tick's samples with the role's earlier ones and remember them for the next
         tick; returns the pairs and when the previous tick read (None on the first)."""
-        seen = pair_with_previous(self.prev, keys, samples, self.read_at, fresh, self.before)
+        seen = pair_with_previous(self.prev, keys, samples, self.read_at, fresh, self.before, wall)
         last = self.prev_at
         self.prev, self.before, self.prev_at, self.prev_wall = seen.by_key, seen.before, now, wall
         self.read_at = {u: t for u, t in self.read_at.items() if now - t < 3600} | dict.fromkeys(
@@ -429,12 +429,13 @@ class BuiltinScaler:
         if not seen.cur and current > 0:
             # Nothing readable (metrics outage, or no leader ready yet) is not "no load".
             log.warning(
-                "%s/%s-%s: no metrics from %d ready leaders of %d replicas; holding",
+                "%s/%s-%s: no metrics from %d ready leaders of %d replicas%s; holding",
                 ns,
                 group,
                 role.name,
                 len(eps),
                 current,
+                seen.unread_why(),
             )
             return None
         load = role_load(seen.prev, seen.cur, max(now - last, 1e-3))
@@ -461,7 +462,7 @@ class BuiltinScaler:
         hold = held_size(current, st.draining_to, rec.replicas, seen.unread, seen.blind)
         if hold is not None:
             why = (
-                f"{seen.unread} of {len(eps)} leaders unreadable"
+                f"{seen.unread} of {len(eps)} leaders unreadable{seen.unread_why()}"
                 if seen.unread
                 else (f"{seen.blind} of {len(eps)} leaders without a previous reading")
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pdorch.scaler.scrape import EngineSample
+from pdorch.scaler.scrape import COUNTER_FIELDS, EngineSample
 
 
 @dataclass(frozen=True)
@@ -55,24 +55,58 @@ def total(samples: Sequence[EngineSample]) -> EngineSample:
     )
 
 
-def _restarted(old: EngineSample, new: EngineSample) -> bool:
-    """Whether the engine restarted between the two samples: any of its counters went down (then
-    every counter counts from 0, so a sum and its count stay in step)."""
-    return any(getattr(new, f) < getattr(old, f) for f in _COUNTER_FIELDS)
+# How old an engine's newest sample (its scrape time, `EngineSample.at`) may be, against the tick's
+# own clock, and still be read. Prometheus answers with a target's last samples for 5 minutes after
+# it stopped scraping it (its lookback) without saying so; a sample no newer than the last one is
+# read as a repeat of the last interval, so without a bound a stuck Prometheus would go on sizing
+# the role on the load of minutes ago. 120 s is two scrapes at Prometheus's default interval (1m)
+# and four at the common 30 s: a late scrape or an ingestion lag still reads, a stopped one does
+# not. Older counts as unread, which holds a scale-down.
+MAX_SAMPLE_AGE_S = 120.0
+# Two readings of `process_start_time_seconds` this far apart are two processes (the value is
+# derived from clock ticks since boot; a restart takes far longer than this).
+_START_SLACK_S = 1.0
 
 
-_COUNTER_FIELDS = (
-    "requests_total",
-    "prompt_tokens_total",
-    "generation_tokens_total",
-    "ttft_sum_s",
-    "ttft_count",
-    "itl_sum_s",
-    "itl_count",
-    "finished_prompt_tokens",
-    "finished_output_tokens",
-    "finished_lengths_count",
-)
+def _shared(old: EngineSample, new: EngineSample) -> tuple[str, ...]:
+    """The counter fields both samples hold (all when either does not say which it holds)."""
+    if old.counters is None or new.counters is None:
+        return COUNTER_FIELDS
+    return tuple(f for f in COUNTER_FIELDS if f in old.counters and f in new.counters)
+
+
+def _lost(old: EngineSample, new: EngineSample) -> bool:
+    """Whether `new` lacks a counter family `old` had: an incomplete scrape (the family reads 0,
+    which is neither the engine's count nor a restart)."""
+    return old.counters is not None and new.counters is not None and not old.counters <= new.counters
+
+
+def _gained(old: EngineSample, new: EngineSample) -> bool:
+    """Whether `new` has a counter family `old` lacked: its count since `old` is unknown (the family
+    may have been missing from `old`'s scrape, not 0)."""
+    return old.counters is not None and new.counters is not None and not new.counters <= old.counters
+
+
+def _restarted(old: EngineSample, new: EngineSample) -> bool | None:
+    """Whether the engine restarted between the two samples (then every counter counts from 0, so a
+    sum and its count stay in step); None when the two do not read as one engine's consecutive
+    samples (a counter went down while the process did not restart: a series lost from the scrape).
+
+    The process start time decides where both samples have it. Else any counter the two share going
+    down does: a restarted engine's counters may have grown past their old values already (one
+    that had run for a short time), so "all went down" would miss restarts. Families missing from a
+    scrape are not counters going down (`_lost`: such a sample is not read at all)."""
+    down = any(getattr(new, f) < getattr(old, f) for f in _shared(old, new))
+    if old.started_at is not None and new.started_at is not None:
+        if abs(new.started_at - old.started_at) > _START_SLACK_S:
+            return True
+        return None if down else False
+    return down
+
+
+def _readable(old: EngineSample, new: EngineSample) -> bool:
+    """Whether `new` can be differenced against `old` at all."""
+    return not _lost(old, new) and not _gained(old, new) and _restarted(old, new) is not None
 
 
 def _span(old: EngineSample, new: EngineSample, window_s: float) -> float:
@@ -99,14 +133,17 @@ def role_load(prev: Sequence[EngineSample | None], cur: Sequence[EngineSample], 
         raise ValueError(f"window_s must be > 0, got {window_s}")
     if prev and len(prev) != len(cur):
         raise ValueError(f"prev has {len(prev)} samples for {len(cur)} replicas; pass None for a missing one")
-    rates = dict.fromkeys(_COUNTER_FIELDS, 0.0)  # per second
+    rates = dict.fromkeys(COUNTER_FIELDS, 0.0)  # per second
     in_flight_growth = 0.0  # per second
     for old, new in zip(prev or [None] * len(cur), cur, strict=True):
-        if old is None:
+        # A pair that is not one engine's two consecutive samples (a family missing from one, a
+        # counter gone down without a restart) is read as no baseline: `pair_with_previous` does
+        # not pair such samples; here for callers that pair samples themselves.
+        if old is None or not _readable(old, new):
             continue
         span = _span(old, new, window_s)
         restarted = _restarted(old, new)
-        for f in _COUNTER_FIELDS:
+        for f in COUNTER_FIELDS:
             rates[f] += (getattr(new, f) - (0 if restarted else getattr(old, f))) / span
         # Arrivals = finished + growth of what is in the engines; completions alone would hide an
         # overload (the queue grows while the finish rate stays at capacity). After a restart the
@@ -148,16 +185,29 @@ class Scraped:
     prev: list[EngineSample | None]  # aligned with `cur`; None: no baseline for that replica
     cur: list[EngineSample]
     by_key: dict[str, EngineSample]  # what to keep as the next tick's baseline
-    unread: int  # endpoints whose metrics could not be read this tick
+    unread: int  # endpoints whose metrics could not be read this tick (with `stale` and `broken`)
     # Per endpoint, the sample before its baseline (next tick's `before`): what an endpoint whose
     # source has no newer sample is paired with.
     before: dict[str, EngineSample] = field(default_factory=dict)
     repeated: int = 0  # endpoints whose source had no newer sample: their last interval, read again
+    stale: int = 0  # of `unread`: endpoints whose newest sample is older than MAX_SAMPLE_AGE_S
+    # Of `unread`: endpoints whose sample does not follow their previous one (a counter family
+    # missing, or a counter gone down while the process did not restart).
+    broken: int = 0
 
     @property
     def blind(self) -> int:
         """Endpoints read this tick without a baseline: their part of the rates is unknown."""
         return sum(p is None for p in self.prev)
+
+    def unread_why(self) -> str:
+        """What is known of why endpoints were unread, for a hold's reason ("" when nothing is)."""
+        parts = []
+        if self.stale:
+            parts.append(f"{self.stale} stale: newest sample older than {MAX_SAMPLE_AGE_S:.0f}s")
+        if self.broken:
+            parts.append(f"{self.broken} incomplete: counters missing or gone down since the last reading")
+        return f" ({'; '.join(parts)})" if parts else ""
 
 
 def pair_with_previous(
@@ -167,6 +217,7 @@ def pair_with_previous(
     known: Collection[str] = (),
     fresh: Collection[str] = (),
     before: Mapping[str, EngineSample] | None = None,
+    wall: float | None = None,
 ) -> Scraped:
     """Pair each read sample with the same endpoint's previous one (`samples[i]` is `keys[i]`'s).
 
@@ -181,16 +232,25 @@ def pair_with_previous(
     engine since the last tick) repeats the endpoint's last interval, paired with `before`, instead
     of reading as an interval without requests; the next new sample is read against the same
     baseline, over the time between the two scrapes. Without that, a scrape interval longer than
-    the tick made some ticks read no load and the next ones twice as much."""
+    the tick made some ticks read no load and the next ones twice as much. A sample scraped more
+    than MAX_SAMPLE_AGE_S before `wall` (the tick's Unix time; None: no bound) is unread (`stale`).
+
+    A sample that lacks a counter family its baseline had, or whose counters went down while its
+    process did not restart, is unread like a failed scrape (`broken`): read, the missing counts
+    would be a restart and the engine's lifetime counts one interval's work (and the next complete
+    scrape a second such spike). One with a family its baseline lacked gets no baseline."""
     if len(keys) != len(samples):
         raise ValueError(f"{len(samples)} samples for {len(keys)} endpoints")
     before = before or {}
     by_key: dict[str, EngineSample] = {}
     pairs: list[EngineSample | None] = []
     earlier: dict[str, EngineSample] = {}
-    repeated = 0
+    repeated = stale = broken = 0
     for k, s in zip(keys, samples, strict=True):
         if s is None:
+            continue
+        if wall is not None and s.at is not None and wall - s.at > MAX_SAMPLE_AGE_S:
+            stale += 1
             continue
         base = prev.get(k)
         if base is not None and s.at is not None and base.at is not None and s.at <= base.at:
@@ -200,8 +260,13 @@ def pair_with_previous(
                 earlier[k] = before[k]
                 repeated += 1
             continue
+        if base is not None and (_lost(base, s) or _restarted(base, s) is None):
+            broken += 1
+            continue
         by_key[k] = s
-        if base is None and k in fresh and k not in known:
+        if base is not None and _gained(base, s):
+            base = None
+        elif base is None and k in fresh and k not in known:
             base = EngineSample(engine=s.engine)
         if base is not None:
             earlier[k] = base
@@ -213,6 +278,8 @@ def pair_with_previous(
         unread=len(keys) - len(by_key),
         before=earlier,
         repeated=repeated,
+        stale=stale,
+        broken=broken,
     )
 
 

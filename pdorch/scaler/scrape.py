@@ -43,6 +43,30 @@ class EngineSample:
     # When the engine was scraped (Unix seconds), where the source knows it: Prometheus keeps each
     # sample's scrape time. None for a direct scrape, which happens at the scaler's own tick.
     at: float | None = None
+    # The counter fields (`COUNTER_FIELDS`) whose metric families the exposition held; None: not
+    # known (a sample built by hand). A family missing from one scrape parses as 0, which must not
+    # be read as the counter going back to 0 (`pdorch.scaler.observe`).
+    counters: frozenset[str] | None = None
+    # When the engine's process started (Unix seconds, `process_start_time_seconds`), where its
+    # exposition says: vLLM's does when it runs one API server (prometheus_client's process
+    # collector); SGLang's, vLLM's with several API servers (multiprocess mode) and pdorch sim's do
+    # not, nor does the Prometheus source (not every pod's sidecar is told from the engine by it).
+    started_at: float | None = None
+
+
+# Cumulative fields: each counts from 0 when the engine starts and only grows while it runs.
+COUNTER_FIELDS = (
+    "requests_total",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "ttft_sum_s",
+    "ttft_count",
+    "itl_sum_s",
+    "itl_count",
+    "finished_prompt_tokens",
+    "finished_output_tokens",
+    "finished_lengths_count",
+)
 
 
 # Metric family name (as the parser reports it, i.e. without _total/_sum/_count) -> field.
@@ -96,6 +120,8 @@ _HISTOGRAMS: dict[str, tuple[str, str | None]] = {
 # Gauges read for the KV cache size, each by a rule of its own (`parse_engine_metrics`).
 VLLM_KV_INFO = "vllm:cache_config_info"  # its labels carry the size: num_gpu_blocks x block_size
 SGLANG_KV_TOKENS = "sglang:max_total_num_tokens"
+# prometheus_client's process collector: read for `EngineSample.started_at` (direct scrapes only).
+PROCESS_START = "process_start_time_seconds"
 # SGLang's per-scheduler gauges read per data-parallel rank (`_per_data_parallel_rank`), and the
 # labels that tell the ranks apart: a source that rewrites the series must keep them.
 SGLANG_PER_RANK = (*(n for n, f in _SGLANG_GAUGES.items() if f != "kv_usage"), SGLANG_KV_TOKENS)
@@ -184,13 +210,20 @@ def parse_engine_metrics(text: str) -> EngineSample:
         elif name == SGLANG_KV_TOKENS:
             if any(smp.name == name for smp in fam.samples):
                 values["kv_capacity_tokens"] = _per_data_parallel_rank(fam.samples, name)
+        elif name == PROCESS_START:
+            # One process serves the port: several series would not say which one restarted.
+            starts = [s.value for s in fam.samples if s.name == name]
+            if len(starts) == 1:
+                values["started_at"] = starts[0]
     if not engine:
         raise MetricsParseError("no vllm: or sglang: metrics in the scraped text")
+    has_old_itl = "itl_old_count" in values
     old_sum, old_count = values.pop("itl_old_sum_s", 0.0), values.pop("itl_old_count", 0.0)
-    if "itl_count" not in values and old_count:
+    if "itl_count" not in values and has_old_itl:
         values["itl_sum_s"], values["itl_count"] = old_sum, old_count
     bad = sorted(k for k, v in values.items() if not math.isfinite(v))
     if bad:
         # One NaN or Inf would turn a rate or a replica count into nonsense: refuse the scrape.
         raise MetricsParseError(f"non-finite values for {', '.join(bad)}")
-    return EngineSample(engine=engine, **values)
+    counters = frozenset(f for f in COUNTER_FIELDS if f in values)
+    return EngineSample(engine=engine, counters=counters, **values)

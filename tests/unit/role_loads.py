@@ -32,7 +32,8 @@ def rates_read(ticks: Sequence[tuple[float, Sequence[EngineSample]]], stamped: b
     st, out = RoleState(), []
     for now, samples in ticks:
         got = [s if stamped else replace(s, at=None) for s in samples]
-        seen, last = st.read([str(i) for i in range(len(got))], got, (), now, 1e9 + now)
+        # `now` is also the wall clock: the samples' scrape times are on it (their age is bounded).
+        seen, last = st.read([str(i) for i in range(len(got))], got, (), now, now)
         if last is not None:
             out.append(observe.role_load(seen.prev, seen.cur, now - last).request_rate)
     return out

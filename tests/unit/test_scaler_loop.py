@@ -170,7 +170,7 @@ def test_the_role_state_carries_what_a_tick_without_a_new_scrape_repeats() -> No
     samples = {t: EngineSample("vllm", requests_total=10 * t, at=float(t)) for t in (0, 30, 60)}
     reads = []
     for now, scraped in ((15.0, 0), (30.0, 30), (45.0, 30), (60.0, 60)):
-        seen, last = st.read(["a"], [samples[scraped]], (), now, 1e9 + now)
+        seen, last = st.read(["a"], [samples[scraped]], (), now, now)  # scrape times: the same clock
         if last is not None:
             reads.append((role_load(seen.prev, seen.cur, now - last).request_rate, seen.repeated))
     assert reads == [(10.0, 0), (10.0, 1), (10.0, 0)]

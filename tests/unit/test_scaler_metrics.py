@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pdorch.scaler.observe import pair_with_previous, role_load, total
+from pdorch.scaler.loop import RoleState
+from pdorch.scaler.observe import MAX_SAMPLE_AGE_S, pair_with_previous, role_load, total
 from pdorch.scaler.scrape import EngineSample, MetricsParseError, parse_engine_metrics
 from pdorch.scaler.sources import (
     PrometheusQuery,
@@ -554,3 +555,122 @@ def test_a_ca_file_that_is_not_pem_names_the_flag(tmp_path: Path) -> None:
     f.write_text("not a certificate")
     with pytest.raises(ValueError, match=r"--prometheus-ca-file .*ca\.pem"):
         PrometheusQuery("https://127.0.0.1:9", ca_file=str(f))
+
+
+def _vllm_text(requests: float, *, drop: str = "", started: float | None = None) -> str:
+    """A vLLM decode's exposition after `requests` requests of 1000 prompt and 200 output tokens;
+    `drop`: a family (or one series) the scrape lacks; `started`: its process start time."""
+    families = {
+        "vllm:num_requests_running": "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 20",
+        "vllm:prompt_tokens_total": f"# TYPE vllm:prompt_tokens_total counter\nvllm:prompt_tokens_total {requests * 1000}",
+        "vllm:generation_tokens_total": f"# TYPE vllm:generation_tokens_total counter\nvllm:generation_tokens_total {requests * 200}",
+        "vllm:inter_token_latency_seconds": (
+            "# TYPE vllm:inter_token_latency_seconds histogram\n"
+            f'vllm:inter_token_latency_seconds_bucket{{le="+Inf"}} {requests * 200}\n'
+            f"vllm:inter_token_latency_seconds_sum {requests * 4}\n"
+            f"vllm:inter_token_latency_seconds_count {requests * 200}"
+        ),
+        "vllm:request_success_total": (
+            "# TYPE vllm:request_success_total counter\n"
+            f'vllm:request_success_total{{finished_reason="stop"}} {requests * 0.75}'
+            + ("" if drop == "length" else f'\nvllm:request_success_total{{finished_reason="length"}} {requests * 0.25}')
+        ),
+    }  # fmt: skip
+    if started is not None:
+        families["process"] = f"# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {started}"
+    return "\n".join(v for k, v in families.items() if k != drop) + "\n"
+
+
+def _rates(ticks: list[list[EngineSample | None]]) -> list[tuple[float, float, int, int]]:
+    """(request rate, mean output tokens, unread, blind) each tick reads after the first, through
+    `pair_with_previous` as the scaler's `RoleState` calls it, at 15 s ticks."""
+    keys = [str(i) for i in range(len(ticks[0]))]
+    seen = pair_with_previous({}, keys, ticks[0])
+    out = []
+    for samples in ticks[1:]:
+        seen = pair_with_previous(seen.by_key, keys, samples, known=keys, before=seen.before)
+        load = role_load(seen.prev, seen.cur, 15.0)
+        out.append((load.request_rate, round(load.mean_output_tokens), seen.unread, seen.blind))
+    return out
+
+
+def test_a_scrape_missing_a_counter_family_is_unread_not_an_engine_restart() -> None:
+    """Two decodes at 2 requests/s each after a day of work; one scrape of engine 0 lacks
+    vllm:request_success_total. Read as 0, it looked like a restart: the day's requests became one
+    interval's (77,510 replicas recommended), then the next complete scrape a second such spike.
+    Now that scrape is unread (scale-down holds) and the next one has no baseline."""
+    day = 86_400 * 2
+    ticks = [
+        [parse_engine_metrics(_vllm_text(day + 30 * t, drop="vllm:request_success_total" if (t, i) == (3, 0) else ""))
+         for i in range(2)]
+        for t in range(6)
+    ]  # fmt: skip
+    # Per tick: (req/s, mean output, unread, blind). Engines still running 20 add no arrivals.
+    ok, alone, unread, blind = (4.0, 200, 0, 0), (2.0, 200), (1, 0), (0, 1)
+    assert _rates(ticks) == [ok, ok, (*alone, *unread), (*alone, *blind), ok]
+    assert ticks[3][0].counters is not None and "requests_total" not in ticks[3][0].counters
+    assert ticks[3][1].counters is not None and "requests_total" in ticks[3][1].counters
+    seen = pair_with_previous({"0": ticks[2][0]}, ["0"], [ticks[3][0]], known=["0"])
+    assert (seen.unread, seen.broken, seen.stale) == (1, 1, 0)
+    assert "incomplete" in seen.unread_why()
+
+
+def test_a_counter_family_the_baseline_lacked_gives_no_baseline() -> None:
+    """The scaler's first scrape of an engine lacked a family: the next complete one must not read
+    the family's lifetime count as one interval's."""
+    day = 86_400 * 2
+    first = parse_engine_metrics(_vllm_text(day, drop="vllm:request_success_total"))
+    then = [parse_engine_metrics(_vllm_text(day + 30 * t)) for t in (1, 2)]
+    assert _rates([[first], [then[0]], [then[1]]]) == [(0.0, 0, 0, 1), (2.0, 200, 0, 0)]
+
+
+def test_the_process_start_time_tells_a_restart_from_a_lost_series() -> None:
+    """Where the engine says when its process started (vLLM with one API server), a counter going
+    down in the same process is a series missing from the scrape: unread. A new start time is a
+    restart, even when counters grew past their old values (all of them count from 0)."""
+    old = parse_engine_metrics(_vllm_text(1000, started=1.7e9))
+    lost = parse_engine_metrics(_vllm_text(1030, drop="length", started=1.7e9))  # requests_total down
+    assert lost.requests_total < old.requests_total
+    seen = pair_with_previous({"a": old}, ["a"], [lost], known=["a"])
+    assert (seen.unread, seen.cur) == (1, [])
+    assert role_load([old], [lost], 15.0).request_rate == 0.0  # unpaired by callers, not a restart
+    assert seen.broken == 1 and old.started_at == 1.7e9 and lost.counters == old.counters
+    # The same drop without start times (SGLang, Prometheus): a restart, as before.
+    bare = [replace(s, started_at=None) for s in (old, lost)]
+    assert pair_with_previous({"a": bare[0]}, ["a"], [bare[1]], known=["a"]).broken == 0
+    # A restart 15 s ago whose engine then served 1,200 requests (more than the old one's 1,000).
+    new = parse_engine_metrics(_vllm_text(1200, started=1.7e9 + 600))
+    seen = pair_with_previous({"a": old}, ["a"], [new], known=["a"])
+    assert (seen.unread, seen.blind) == (0, 0)
+    # 1,200 finished and 20 in the engine, all since the restart.
+    assert role_load(seen.prev, seen.cur, 15.0).request_rate == pytest.approx(1220 / 15)
+
+
+def test_a_real_restart_with_every_family_present_still_counts_from_zero() -> None:
+    """Every family present, every counter back near 0: a restart, read as before."""
+    old = parse_engine_metrics(_vllm_text(100_000))
+    new = parse_engine_metrics(_vllm_text(150))
+    seen = pair_with_previous({"a": old}, ["a"], [new], known=["a"])
+    assert (seen.unread, seen.blind) == (0, 0)
+    load = role_load(seen.prev, seen.cur, 15.0)
+    assert load.request_rate == pytest.approx((150 + 20) / 15)  # finished + running since the restart
+    assert load.mean_output_tokens == pytest.approx(200.0)
+
+
+def test_a_sample_older_than_the_age_bound_is_unread_as_stale() -> None:
+    """Prometheus stopped scraping at 30 s but keeps answering with the last samples: the scaler
+    repeats their interval for a while (a slow scrape is not a lull), then reads them as stale
+    (unread: scale-down holds) instead of sizing the role on minutes-old load."""
+    st = RoleState()
+    at = {0.0: 0.0, 15.0: 15.0}
+    reads = []
+    for now in (0.0, 15.0, 30.0, 45.0, 30.0 + MAX_SAMPLE_AGE_S, 45.0 + MAX_SAMPLE_AGE_S):
+        sample = EngineSample("vllm", requests_total=10 * at.get(now, 30.0), at=at.get(now, 30.0))
+        seen, last = st.read(["a"], [sample], (), now, now)
+        if last is not None:
+            reads.append((seen.unread, seen.repeated))
+    assert reads == [(0, 0), (0, 0), (0, 1), (0, 1), (1, 0)]
+    assert seen.stale == 1
+    assert "stale" in seen.unread_why() and f"{MAX_SAMPLE_AGE_S:.0f}s" in seen.unread_why()
+    # A source without scrape times (a direct scrape) has nothing to age.
+    assert pair_with_previous({}, ["a"], [EngineSample("vllm")], wall=1e12).unread == 0
