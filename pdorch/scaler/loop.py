@@ -94,8 +94,21 @@ SCRAPE_ERRORS = Counter(
     ["namespace", "group", "role"],
 )
 
+DRAIN_TIMEOUTS = Counter(
+    "pdorch_scaler_drain_timeouts_total",
+    "Scale-downs written when the drain timed out with victims still busy or unreadable.",
+    ["namespace", "group", "role"],
+)
 
-_ROLE_SERIES: tuple[Gauge | Counter, ...] = (DESIRED, RECOMMENDED, LOAD_RATE, SLO_MISSES, SCRAPE_ERRORS)
+
+_ROLE_SERIES: tuple[Gauge | Counter, ...] = (
+    DESIRED,
+    RECOMMENDED,
+    LOAD_RATE,
+    SLO_MISSES,
+    SCRAPE_ERRORS,
+    DRAIN_TIMEOUTS,
+)
 
 
 def _drop_series(ns: str, group: str, role: str) -> None:
@@ -153,6 +166,9 @@ class RoleState:
     drain_started_wall: float = 0.0  # the same instant in Unix time, to compare with scrape times
     drain_idle: bool = False  # the victims were idle at the last drain check
     drain_reason: str = ""
+    # Ticks in a row without a decision: the first only takes a baseline (a new leader keeps the
+    # drain marks an earlier one left, to carry on from them); past it, marks are cleared.
+    undecided: int = 0
     # The cooldown as it was before this tick's decision: a scale-up whose write is refused did
     # not change anything, so its cooldown must not hold the next one back.
     cooldown_before: tuple[float | None, int] = (None, 0)
@@ -326,11 +342,14 @@ class BuiltinScaler:
                 continue
             log.info("%s/%s-%s: drain cancelled", ns, group, role)
 
-    async def _cancel_drain(self, ns: str, group: str, role: str, st: RoleState) -> None:
-        """Clear the drain marks on the role's leaders and forget the drain."""
+    async def _cancel_drain(self, ns: str, group: str, role: str, st: RoleState | None) -> int:
+        """Clear the drain marks on the role's leaders (whoever set them) and forget this process's
+        drain, if any; how many marks were cleared."""
         pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(group, role)))
-        await self._undrain(ns, pods)
-        st.draining_to = None
+        cleared = await self._undrain(ns, pods)
+        if st is not None:
+            st.draining_to = None
+        return cleared
 
     async def tick(self) -> list[RoleDecision]:
         """One pass over every ServingGroup with Builtin roles."""
@@ -365,13 +384,18 @@ class BuiltinScaler:
         policy = group_policy(sg, self.policy)
         for role in builtin:
             got = await self._decide(ns, name, role, policy)
+            st = self.roles.get((ns, name, role.name))
+            if st is not None:
+                st.undecided = 0 if got is not None else st.undecided + 1
             if got is not None:
                 decisions[role.name] = (role, *got)
-            elif (st := self.roles.get((ns, name, role.name))) and st.draining_to is not None:
+            elif st is not None and (st.draining_to is not None or st.undecided > 1):
                 # No decision (metrics outage, bad targets): hold means hold, so the pods being
                 # drained serve again instead of staying hidden from the proxy while nothing ends it.
-                await self._cancel_drain(ns, name, role.name, st)
-                log.warning("%s/%s-%s: no decision this tick; drain cancelled", ns, name, role.name)
+                # Also marks another process left (a leader that died mid-drain) once this one's
+                # baseline tick has passed: without a decision it would never take them over.
+                if await self._cancel_drain(ns, name, role.name, st):
+                    log.warning("%s/%s-%s: no decision this tick; drain cancelled", ns, name, role.name)
         # The declared ratio band, when the group has exactly one Builtin prefill and decode role.
         ratio = sg.spec.ratio
         pre = [d for d in decisions.values() if d[0].type == RoleType.PREFILL]
@@ -575,10 +599,18 @@ class BuiltinScaler:
             # until its decode has pulled it, which no gauge shows. Still idle at the next: written.
             st.drain_idle = True
             return
-        note = st.drain_reason + (
-            f"; drain timed out after {self.cfg.drain_timeout_s:.0f}s" if busy else "; drained"
-        )
-        if not await self._write(ns, group, role, srs, current, target, note):
+        if busy:
+            note = (
+                f"{st.drain_reason}; drain timed out after {self.cfg.drain_timeout_s:.0f}s with "
+                f"{busy:.0f} requests still on the victims (or victims unreadable)"
+            )
+        elif not victims:
+            # Removed before they were seen idle (the role's maxReplicas lowered, say, which the
+            # controller applies at once): whatever they held was not drained.
+            note = f"{st.drain_reason}; the groups above {target} were already gone, not drained"
+        else:
+            note = f"{st.drain_reason}; drained"
+        if not await self._write(ns, group, role, srs, current, target, note, drain_timed_out=busy > 0):
             return  # someone else changed the size: the next tick decides from theirs
         st.draining_to = None
         # The cooldown runs from the change itself, not from the decision that started the drain.
@@ -613,10 +645,12 @@ class BuiltinScaler:
             if not _marked(p):
                 await self._annotate(ns, p, "true")
 
-    async def _undrain(self, ns: str, pods: list[dict[str, Any]]) -> None:
-        for p in pods:
-            if _marked(p):
-                await self._annotate(ns, p, None)
+    async def _undrain(self, ns: str, pods: list[dict[str, Any]]) -> int:
+        """Clear the drain mark on those of `pods` that carry one; how many did."""
+        marked = [p for p in pods if _marked(p)]
+        for p in marked:
+            await self._annotate(ns, p, None)
+        return len(marked)
 
     async def _annotate(self, ns: str, pod: dict[str, Any], value: str | None) -> None:
         """Set or clear the drain mark; a pod gone since the list needs neither."""
@@ -629,10 +663,19 @@ class BuiltinScaler:
                 raise
 
     async def _write(
-        self, ns: str, group: str, role: Role, srs: dict[str, Any], current: int, target: int, reason: str
+        self,
+        ns: str,
+        group: str,
+        role: Role,
+        srs: dict[str, Any],
+        current: int,
+        target: int,
+        reason: str,
+        drain_timed_out: bool = False,
     ) -> bool:
         """Write `target` to the scaler's /scale and say why in its status; False if the object
-        changed since this tick read it (nothing written)."""
+        changed since this tick read it (nothing written). A scale-down whose drain timed out is
+        a Warning: the requests still on the removed groups are cut."""
         name = scaler_name(group, role.name)
         # The resourceVersion read this tick makes the write conditional: a `kubectl scale` (or
         # another writer) since then wins, instead of being overwritten by a decision made on
@@ -672,9 +715,13 @@ class BuiltinScaler:
         direction = "up" if target > current else "down"
         SCALE_EVENTS.labels(ns, group, role.name, direction).inc()
         DESIRED.labels(ns, group, role.name).set(target)
-        self.events.emit_soon(
-            srs, "Normal", "ScaledUp" if direction == "up" else "ScaledDown", note, action="Scale"
-        )
+        if drain_timed_out:
+            DRAIN_TIMEOUTS.labels(ns, group, role.name).inc()
+            self.events.emit_soon(srs, "Warning", "DrainTimedOut", note, action="Scale")
+        else:
+            self.events.emit_soon(
+                srs, "Normal", "ScaledUp" if direction == "up" else "ScaledDown", note, action="Scale"
+            )
         log.info("%s/%s: %s", ns, name, note)
         return True
 

@@ -7,6 +7,7 @@ not (or no longer) Builtin would hide that pod from traffic for good.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
 from pdorch.scaler.scrape import EngineSample
-from tests.integration.test_controller import SG, example_scaled, update_spec, wait_available
+from tests.integration.test_controller import SG, example_scaled, kubectl, update_spec, wait_available
 
 pytestmark = pytest.mark.integration
 
@@ -165,6 +166,27 @@ async def test_a_drain_is_cancelled_by_a_metrics_outage_and_by_shutdown(
         await api.close()
 
 
+async def test_marks_an_earlier_leader_left_are_cleared_when_this_one_cannot_decide(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A leader killed mid-drain leaves its marks; the next one carries on from them when it
+    decides. During a metrics outage it never decides, and only its own drains were cancelled:
+    half the role stayed hidden from the proxy for the whole outage (helper-65's reproducer)."""
+    leaders = await _two_builtin_decodes(kube, namespace, "orphan")
+    mark_draining(kube, namespace, leaders()[1])  # as the killed leader left it
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    metrics = ScriptedMetrics()
+    metrics.outage = True
+    scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0), source=metrics)
+    try:
+        await scaler.tick()  # the baseline tick keeps them: a decision would carry on from them
+        assert [is_draining(kube, namespace, p) for p in leaders()] == [False, True]
+        await scaler.tick()  # still no decision: the pod serves again
+        assert [is_draining(kube, namespace, p) for p in leaders()] == [False, False]
+    finally:
+        await api.close()
+
+
 class VictimMetrics:
     """Every engine idle, except the pod named `victim`, whose sample the test sets."""
 
@@ -232,6 +254,49 @@ async def test_a_drain_ends_only_on_a_fresh_empty_sample_of_a_marked_victim(
                 break
         assert await replicas() == 1
         assert before == [False, True], "scaled down onto a victim the proxy could use"
+    finally:
+        await api.close()
+
+
+async def test_a_drain_that_times_out_is_a_warning_naming_what_was_cut(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A scale-down written when the drain timed out cuts the requests still on the victims; it
+    was a Normal ScaledDown event saying only "drain timed out" (helper-65)."""
+    leaders = await _two_builtin_decodes(kube, namespace, "timeout")
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    metrics = VictimMetrics()
+    metrics.victim = leaders()[1].metadata.name
+    metrics.sample = EngineSample("vllm", running=2)  # two streams that will not end in time
+    cfg = ScalerConfig(namespace=namespace, interval_s=1.0, drain_timeout_s=0.0)
+    scaler = BuiltinScaler(api, cfg, source=metrics)
+    try:
+        for _ in range(4):  # baseline, the decision (its drain starts), the timed-out write
+            await scaler.tick()
+        srs = await api.get(SERVING_ROLE_SCALER, "timeout-decode", namespace)
+        assert srs is not None and srs["spec"]["replicas"] == 1
+        assert (
+            "drain timed out after 0s with 2 requests still on the victims"
+            in srs["status"]["lastScaleReason"]
+        ), srs["status"]
+
+        def warned() -> list[dict[str, Any]]:
+            raw = kubectl(devcluster, "get", "events.events.k8s.io", "-n", namespace, "-o", "json")
+            return [
+                e
+                for e in json.loads(raw)["items"]
+                if e.get("reason") == "DrainTimedOut" and e.get("type") == "Warning"
+            ]
+
+        events = await asyncio.to_thread(wait_for, warned, 30, "a DrainTimedOut warning")
+        assert events[0]["regarding"]["name"] == "timeout-decode"
+        assert not [
+            e
+            for e in json.loads(
+                kubectl(devcluster, "get", "events.events.k8s.io", "-n", namespace, "-o", "json")
+            )["items"]
+            if e.get("reason") == "ScaledDown"
+        ]
     finally:
         await api.close()
 
