@@ -52,7 +52,7 @@ from pdorch.roles.labels import (
 from pdorch.roles.naming import lws_name, scaler_name
 from pdorch.roles.render import RenderOptions, RoleOverride, render
 from pdorch.roles.revision import compute_revision
-from pdorch.roles.rolescaler import needs_scaler, scaled_replicas, status_desired
+from pdorch.roles.rolescaler import held_for_drain, needs_scaler, scaled_replicas, status_desired
 from pdorch.rollout import history
 from pdorch.rollout import live as rlive
 from pdorch.rollout.commands import rollout_spec
@@ -659,7 +659,7 @@ class Reconciler:
             if not needs_scaler(role):
                 continue
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
-            lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name)) if srs is None else None
+            lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
             replicas = scaled_replicas(role, srs, lws, last_desired.get(role.name))
             if replicas is not None:
                 # A scaler created now starts there too (not at roles[].replicas).
@@ -820,6 +820,7 @@ class Reconciler:
         """ServingRoleScaler status: replicas, the pod selector HPA needs (a string), the generation
         whose replicas the LWS got, and ScalingLimited. `scaled` is what this pass read from the
         scalers; `rolling` the roles whose LWS a rollout sized instead."""
+        last_desired = status_desired(sg)
         for role in sg.spec.roles:
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
             if srs is None or not needs_scaler(role):
@@ -827,7 +828,7 @@ class Reconciler:
             assert role.scaling is not None  # needs_scaler
             lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
             applied = scaled[role.name].replicas if role.name in scaled else None
-            if scaled_replicas(role, srs, lws) != applied:
+            if scaled_replicas(role, srs, lws, last_desired.get(role.name)) != applied:
                 continue  # the cache holds a newer scaler than this pass read: the next pass acts on it
             want = st.scaler_status(
                 (role.scaling.min_replicas, role.scaling.max_replicas),
@@ -835,6 +836,7 @@ class Reconciler:
                 int(((lws or {}).get("status") or {}).get("replicas") or 0),
                 selector_string(leader_selector(name, role.name)),
                 applied=role.name not in rolling,
+                held_for_drain=held_for_drain(role, srs, lws, last_desired.get(role.name)),
             )
             have = srs.get("status") or {}
             if not _status_differs(have, want):

@@ -140,7 +140,12 @@ def _groups(n: int) -> str:
 
 
 def scaler_status(
-    bounds: tuple[int | None, int | None], srs: dict[str, Any], current: int, selector: str, applied: bool
+    bounds: tuple[int | None, int | None],
+    srs: dict[str, Any],
+    current: int,
+    selector: str,
+    applied: bool,
+    held_for_drain: int | None = None,
 ) -> dict[str, Any]:
     """The controller's part of a ServingRoleScaler's status.
 
@@ -148,14 +153,22 @@ def scaler_status(
     `applied` whether the LWS got the scaler's replicas as they are now (not while a rollout sizes
     it): only then is this generation observed, else the previous observedGeneration stays.
     ScalingLimited says when a `/scale` write beyond the bounds is held at them, which the
-    Desired column alone does not show.
+    Desired column alone does not show. `held_for_drain`: the size a Builtin role keeps above a
+    lowered maxReplicas until pdorch's scaler has drained the groups it removes.
     """
     have = srs.get("status") or {}
     generation = int((srs.get("metadata") or {}).get("generation") or 0)
     spec = srs.get("spec") or {}
     asked, (low, high) = spec.get("replicas"), bounds
     role = f"{spec.get('servingGroup')}/{spec.get('role')}"
-    if asked is not None and high is not None and int(asked) > high:
+    if asked is not None and high is not None and int(asked) > high and held_for_drain is not None:
+        reason = "TooManyReplicas"
+        message = (
+            f"spec.replicas {asked} is above maxReplicas {high} of role {role}: it is held at "
+            f"{_groups(held_for_drain)} while pdorch's scaler drains the groups above {high} (it "
+            f"writes spec.replicas once they are idle); `kubectl scale` to {high} cuts them at once"
+        )
+    elif asked is not None and high is not None and int(asked) > high:
         reason = "TooManyReplicas"
         message = (
             f"spec.replicas {asked} is above maxReplicas {high} of role {role}: it is held at "

@@ -40,13 +40,38 @@ def scaled_replicas(
     desiredReplicas in the group's status), else the surge would stay for good.
     None: roles[].replicas applies."""
     replicas = scaler_replicas(role, srs)
-    if replicas is not None or srs is not None or lws is None or not needs_scaler(role):
+    if replicas is not None:
+        held = held_for_drain(role, srs, lws, last_desired)
+        return replicas if held is None else held
+    if srs is not None or lws is None or not needs_scaler(role):
         return replicas
     assert role.scaling is not None  # needs_scaler
+    return role.scaling.clamp(_lws_desired(lws, role, last_desired))
+
+
+def _lws_desired(lws: dict[str, Any], role: Role, last_desired: int | None) -> int:
+    """The LWS's size less a rollout's surge (`last_desired` while it is marked mid-rollout)."""
     mid_rollout = ANNOTATION_ROLLOUT in ((lws.get("metadata") or {}).get("annotations") or {})
     if mid_rollout and last_desired is not None:
-        return role.scaling.clamp(last_desired)
-    return role.scaling.clamp(int((lws.get("spec") or {}).get("replicas", role.replicas)))
+        return last_desired
+    return int((lws.get("spec") or {}).get("replicas", role.replicas))
+
+
+def held_for_drain(
+    role: Role, srs: Mapping[str, Any] | None, lws: dict[str, Any] | None, last_desired: int | None = None
+) -> int | None:
+    """The size a Builtin role keeps while its ServingRoleScaler asks for more than a lowered
+    maxReplicas, or None. Cutting the LWS to the bound at once killed the requests on the removed
+    groups; pdorch's scaler drains them first and then writes a size within the bound. An
+    External role (HPA, KEDA: nothing drains) is cut to the bound as before."""
+    if srs is None or lws is None or role.scaling_mode != ScalingMode.BUILTIN or role.scaling is None:
+        return None
+    high = role.scaling.max_replicas
+    asked = (srs.get("spec") or {}).get("replicas")
+    if high is None or asked is None or int(asked) <= high:
+        return None
+    live = _lws_desired(lws, role, last_desired)
+    return min(int(asked), live) if live > high else None
 
 
 def status_desired(sg: ServingGroup) -> dict[str, int]:

@@ -274,7 +274,7 @@ def _run_live(args: argparse.Namespace) -> int:
             continue
         lws = get(lws_res, lws_name(name, r.name))
         srs = get(srs_res, scaler_name(name, r.name)) if needs_scaler(r) else None
-        scaled = scaled_replicas(r, srs, lws if srs is None else None, last_desired.get(r.name))
+        scaled = scaled_replicas(r, srs, lws, last_desired.get(r.name))
         pods = [
             p.to_dict()
             for p in client.list(Pod, namespace=ns, labels={LABEL_GROUP: name, LABEL_ROLE: r.name})

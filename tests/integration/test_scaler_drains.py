@@ -25,7 +25,9 @@ from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
 from pdorch.scaler.scrape import EngineSample
+from tests.integration.test_controller import LWS as LWS_RES
 from tests.integration.test_controller import SG, example_scaled, kubectl, update_spec, wait_available
+from tests.integration.test_controller import SRS as SRS_RES
 
 pytestmark = pytest.mark.integration
 
@@ -254,6 +256,57 @@ async def test_a_drain_ends_only_on_a_fresh_empty_sample_of_a_marked_victim(
                 break
         assert await replicas() == 1
         assert before == [False, True], "scaled down onto a victim the proxy could use"
+    finally:
+        await api.close()
+
+
+async def test_a_lowered_max_keeps_the_groups_until_the_scaler_has_drained_them(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """maxReplicas lowered below a Builtin role's size: the controller cut the LWS to the bound at
+    once, killing the streams on the removed groups, and the scaler then wrote "drained"
+    (helper-65). Now the groups stay, marked for the proxy, until the scaler writes the bound."""
+    leaders = await _two_builtin_decodes(kube, namespace, "maxcut")
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0), source=ScriptedMetrics())
+
+    def lowered(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] == "decode":
+                role["scaling"]["maxReplicas"] = 1
+                role["replicas"] = 1  # roles[].replicas must lie within the bounds
+
+    def limited() -> str | None:
+        srs = kube.get(SRS_RES, "maxcut-decode", namespace=namespace)
+        for c in (srs.status or {}).get("conditions") or []:
+            if c["type"] == "ScalingLimited" and c["reason"] == "TooManyReplicas":
+                return str(c["message"])
+        return None
+
+    try:
+        update_spec(kube, namespace, "maxcut", lowered)
+        message = await asyncio.to_thread(wait_for, limited, 30, "ScalingLimited TooManyReplicas")
+        assert "while pdorch's scaler drains the groups above 1" in message, message
+        assert kube.get(LWS_RES, "maxcut-decode", namespace=namespace).spec["replicas"] == 2
+        assert len(leaders()) == 2
+
+        marked_before_cut = False
+        for _ in range(8):  # baseline, the decision (drain starts), two idle checks, the write
+            await scaler.tick()
+            lws = kube.get(LWS_RES, "maxcut-decode", namespace=namespace)
+            if lws.spec["replicas"] == 2:
+                marked_before_cut = [is_draining(kube, namespace, p) for p in leaders()] == [False, True]
+            else:
+                break
+        assert marked_before_cut, "the group was removed without being drained first"
+        await asyncio.to_thread(
+            wait_for,
+            lambda: kube.get(LWS_RES, "maxcut-decode", namespace=namespace).spec["replicas"] == 1,
+            30,
+            "decode's LWS at the new bound",
+        )
+        srs = await api.get(SERVING_ROLE_SCALER, "maxcut-decode", namespace)
+        assert srs is not None and srs["status"]["lastScaleReason"].endswith("; drained"), srs["status"]
     finally:
         await api.close()
 

@@ -12,7 +12,7 @@ import yaml
 
 from pdorch.api.servinggroup import ServingGroup
 from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
-from pdorch.roles.rolescaler import scaled_replicas, scaler_replicas, status_desired
+from pdorch.roles.rolescaler import held_for_drain, scaled_replicas, scaler_replicas, status_desired
 from pdorch.rollout import commands, live
 from pdorch.rollout.planner import auto_tolerance, initial_state, next_step
 from pdorch.rollout.state import KV_TYPES
@@ -58,6 +58,33 @@ def test_scaler_replicas_are_the_scalers_within_bounds_and_zero_is_zero() -> Non
     assert scaler_replicas(role, {"spec": {}}) is None and scaler_replicas(role, None) is None
     static = ServingGroup.model_validate(_doc(2, 2)).spec.role("prefill")
     assert scaler_replicas(static, {"spec": {"replicas": 3}}) is None
+
+
+def test_a_builtin_role_above_a_lowered_max_keeps_its_groups_until_the_scaler_drains_them() -> None:
+    """maxReplicas 4 -> 1 on a Builtin role at 3 cut the LWS to 1 at once, killing the streams on
+    the two removed groups, and the scaler then called it drained (helper-65)."""
+    builtin = {
+        "mode": "Builtin",
+        "minReplicas": 1,
+        "maxReplicas": 1,
+        "targets": {"tpotMs": 50, "ttftMs": 500},
+    }
+    role = ServingGroup.model_validate(_doc(1, 1, builtin)).spec.role("decode")
+    at3 = {"spec": {"replicas": 3}}
+    assert scaled_replicas(role, {"spec": {"replicas": 3}}, at3) == 3  # held: the scaler drains first
+    assert held_for_drain(role, {"spec": {"replicas": 3}}, at3) == 3
+    assert scaled_replicas(role, {"spec": {"replicas": 2}}, at3) == 2  # its drain to 2 is written
+    assert scaled_replicas(role, {"spec": {"replicas": 1}}, at3) == 1  # within the bound: as asked
+    assert scaled_replicas(role, {"spec": {"replicas": 5}}, at3) == 3  # never above what runs
+    assert held_for_drain(role, {"spec": {"replicas": 3}}, {"spec": {"replicas": 1}}) is None
+    rolling = {"metadata": {"annotations": {ANNOTATION_ROLLOUT: NEW}}, "spec": {"replicas": 4}}
+    assert scaled_replicas(role, {"spec": {"replicas": 3}}, rolling, last_desired=3) == 3  # not the surge
+    # HPA or KEDA (External) drains nothing: the bound applies at once, as before.
+    external = ServingGroup.model_validate(
+        _doc(1, 1, {"mode": "External", "minReplicas": 1, "maxReplicas": 1})
+    ).spec.role("decode")
+    assert scaled_replicas(external, {"spec": {"replicas": 3}}, at3) == 1
+    assert held_for_drain(external, {"spec": {"replicas": 3}}, at3) is None
 
 
 def test_a_missing_scaler_keeps_the_lws_size_less_a_rollouts_surge() -> None:
