@@ -66,7 +66,8 @@ class ServingRoleScalerStatus(ApiModel):
     conditions: list[Condition] | None = Field(None, max_length=16, json_schema_extra=CONDITIONS_LIST_EXTRA)
     """Conditions of the scaler. ScalingLimited is True (reason TooManyReplicas or TooFewReplicas)
     while spec.replicas lies outside the role's minReplicas/maxReplicas and the role is held at
-    the bound, False (DesiredWithinRange) otherwise."""
+    the bound (a Builtin role above a lowered maxReplicas keeps its groups until pdorch's scaler
+    has drained them), False (DesiredWithinRange) otherwise."""
 
 
 class ServingRoleScaler(ApiModel):
