@@ -768,19 +768,28 @@ class Reconciler:
                 raise
             return None
 
-        try:
-            found = await asyncio.gather(*(probe(f, t) for f, t in templates.items()))
-        except ApiError as e:
-            log.warning("%s: cannot check the templates of %s (%s); relying on LWS", key, md["name"], e)
-            if e.code == 403:
+        # Every probe's answer is read: field validation runs before quota admission, so one
+        # template can be refused (422) while the other's probe is forbidden (403).
+        found = await asyncio.gather(*(probe(f, t) for f, t in templates.items()), return_exceptions=True)
+        refusal = next((r for r in found if isinstance(r, str)), None)
+        if refusal is not None:
+            return refusal
+        for r in found:
+            if isinstance(r, BaseException) and not isinstance(r, ApiError):
+                raise r
+        errors = [r for r in found if isinstance(r, ApiError)]
+        if errors:
+            log.warning(
+                "%s: cannot check the templates of %s (%s); relying on LWS", key, md["name"], errors[0]
+            )
+            if all(e.code == 403 for e in errors) and len(errors) == len(found):
                 # RBAC without podtemplates, or a namespace being deleted: asking again on every
-                # write of this LWS would cost two requests each and say nothing new.
+                # write of this LWS would cost two requests each and say nothing new. A template
+                # change asks again.
                 passed[md["name"]] = h
             return None
-        refusal = next((r for r in found if r is not None), None)
-        if refusal is None:
-            passed[md["name"]] = h
-        return refusal
+        passed[md["name"]] = h
+        return None
 
     async def _write(
         self, intent: dict[str, Any], live: dict[str, Any] | None, dry_run: bool

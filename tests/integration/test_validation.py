@@ -356,12 +356,37 @@ def test_a_volume_mount_of_a_claim_template_passes_the_template_check(
     assert outcome[0] == "created", outcome
 
 
-def test_a_template_check_the_api_forbids_is_skipped_once_not_on_every_write(
+def test_a_refused_template_is_not_hidden_by_the_other_templates_forbidden_probe(
     kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
-    """A quota of no PodTemplates forbids the check's dry run (403): the group still comes up on
-    LWS's own checks, and writes of the same templates (a scale) do not ask again. Before, every
-    LWS write cost two forbidden requests while the refusal lasted."""
+    """Field validation runs before quota admission: under a quota of no PodTemplates a bad leader
+    template is refused (422) while the worker's probe is forbidden (403). With the probes run
+    together the 403 won, the templates were cached as checked, and the LWS was created to fail
+    in its StatefulSet (helper-67's review of the concurrent check)."""
+    _no_podtemplates(kube, namespace)
+    doc = example("mixed")
+    decode = role(doc, "decode")
+    decode["size"] = 2
+    decode["leaderTemplate"] = copy.deepcopy(decode["workerTemplate"])
+    decode["leaderTemplate"]["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "models", "mountPath": "/m"}
+    ]
+    kube.create(SG.from_dict(doc), namespace=namespace)
+
+    def settled() -> tuple[str, Any] | None:
+        invalid = _invalid_condition(kube, namespace, "mixed")
+        if invalid is not None:
+            return ("invalid", invalid["message"])
+        names = {lws.metadata.name for lws in kube.list(LWS, namespace=namespace)}
+        return ("created", names) if "mixed-decode" in names else None
+
+    outcome = wait_for(settled, 60, "Invalid, or the decode LWS created")
+    assert outcome[0] == "invalid", outcome
+    assert "roles[decode].leaderTemplate" in outcome[1], outcome
+
+
+def _no_podtemplates(kube: Client, namespace: str) -> None:
+    """A quota of no PodTemplates: the template check's dry runs are forbidden (403)."""
     kube.create(
         from_dict(
             {
@@ -378,6 +403,15 @@ def test_a_template_check_the_api_forbids_is_skipped_once_not_on_every_write(
         30,
         "the quota observed",
     )
+
+
+def test_a_template_check_the_api_forbids_is_skipped_once_not_on_every_write(
+    kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A quota of no PodTemplates forbids the check's dry run (403): the group still comes up on
+    LWS's own checks, and writes of the same templates (a scale) do not ask again. Before, every
+    LWS write cost two forbidden requests while the refusal lasted."""
+    _no_podtemplates(kube, namespace)
 
     def forbidden() -> float:
         return controller.sample_sum(
