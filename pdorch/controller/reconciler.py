@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from pdorch.api.errors import format_validation_error
-from pdorch.api.servinggroup import ServingGroup
+from pdorch.api.servinggroup import Role, ServingGroup
 from pdorch.controller import status as st
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.failures import FAILED_CREATE, creation_failures, last_applied
@@ -99,6 +99,8 @@ MAX_INVALID_MESSAGE = 4000
 # A role lacking groups this long gets its FailedCreate warnings read, at most this often.
 FAILURE_GRACE_S = 15.0
 FAILURE_CHECK_S = 15.0
+# How long a Builtin role is held above a lowered maxReplicas for pdorch's scaler to drain it.
+MAX_DRAIN_HOLD_S = 600.0
 # Kinds carrying user-supplied content (pod templates, scaling bounds): dry-run before writing.
 USER_CONTENT_KINDS = frozenset({LWS.kind, SERVING_ROLE_SCALER.kind})
 
@@ -155,6 +157,8 @@ class Reconciler:
     _templates_passed: dict[str, dict[str, str]] = field(default_factory=dict)
     # Per group: since when (monotonic) its rollout has seen no old prefill or decode group ready.
     _old_down_since: dict[str, float] = field(default_factory=dict)
+    # Per (group, role): since when a Builtin role has been held above a lowered maxReplicas.
+    _drain_hold_since: dict[tuple[str, str], float] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
         """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
@@ -181,6 +185,8 @@ class Reconciler:
             self._lws_changed_at.pop(key, None)
             self._templates_passed.pop(key, None)
             self._old_down_since.pop(key, None)
+            for k in [k for k in self._drain_hold_since if k[0] == key]:
+                del self._drain_hold_since[k]
             forget_group_metrics(namespace, name)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
@@ -364,6 +370,10 @@ class Reconciler:
             )
         if any(r.exists and r.ready < r.desired for r in roles):
             requeue = min(requeue or FAILURE_CHECK_S, FAILURE_CHECK_S)  # to read the warnings again
+        holds = [t for (k, _), t in self._drain_hold_since.items() if k == key]
+        if holds:  # to apply the bound when a hold above a lowered maxReplicas runs out
+            left = max(1.0, MAX_DRAIN_HOLD_S - (time.monotonic() - min(holds)))
+            requeue = min(requeue or left, left)
         new_status["summary"]["rollout"] = st.rollout_state(new_status["conditions"])
         _record_ratio(obj, roles)
         # Recorded before the status that announces it, so a pass that raises here leaves the old
@@ -648,6 +658,26 @@ class Reconciler:
         return 5.0 if decision.kind in ("wait", "step") else float(min(deadline, 30))
 
     # ------------------------------------------------------------------ pieces
+    def _drain_hold(
+        self,
+        key: str,
+        role_name: str,
+        srs: dict[str, Any] | None,
+        lws: dict[str, Any] | None,
+        role: Role,
+        last_desired: int | None,
+    ) -> float | None:
+        """Seconds left of a Builtin role's hold above a lowered maxReplicas (`held_for_drain`),
+        or None when there is none or it ran out. The hold waits for pdorch's scaler to drain the
+        groups above the bound; without a scaler, or with its metrics unreadable, nothing drains,
+        so after MAX_DRAIN_HOLD_S the bound applies as it does for External roles."""
+        k = (key, role_name)
+        if held_for_drain(role, srs, lws, last_desired) is None:
+            self._drain_hold_since.pop(k, None)
+            return None
+        left = MAX_DRAIN_HOLD_S - (time.monotonic() - self._drain_hold_since.setdefault(k, time.monotonic()))
+        return left if left > 0 else None
+
     def _overrides(self, sg: ServingGroup, namespace: str, name: str) -> dict[str, RoleOverride]:
         """Replicas of External/Builtin roles come from their ServingRoleScaler (HPA, KEDA, ours),
         within the role's minReplicas/maxReplicas (a `kubectl scale` beyond them does not pass).
@@ -660,7 +690,10 @@ class Reconciler:
                 continue
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
             lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
-            replicas = scaled_replicas(role, srs, lws, last_desired.get(role.name))
+            hold = self._drain_hold(
+                f"{namespace}/{name}", role.name, srs, lws, role, last_desired.get(role.name)
+            )
+            replicas = scaled_replicas(role, srs, lws, last_desired.get(role.name), hold is not None)
             if replicas is not None:
                 # A scaler created now starts there too (not at roles[].replicas).
                 out[role.name] = RoleOverride(
@@ -837,7 +870,10 @@ class Reconciler:
             assert role.scaling is not None  # needs_scaler
             lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
             applied = scaled[role.name].replicas if role.name in scaled else None
-            if scaled_replicas(role, srs, lws, last_desired.get(role.name)) != applied:
+            hold = self._drain_hold(
+                f"{namespace}/{name}", role.name, srs, lws, role, last_desired.get(role.name)
+            )
+            if scaled_replicas(role, srs, lws, last_desired.get(role.name), hold is not None) != applied:
                 continue  # the cache holds a newer scaler than this pass read: the next pass acts on it
             want = st.scaler_status(
                 (role.scaling.min_replicas, role.scaling.max_replicas),
@@ -845,7 +881,8 @@ class Reconciler:
                 int(((lws or {}).get("status") or {}).get("replicas") or 0),
                 selector_string(leader_selector(name, role.name)),
                 applied=role.name not in rolling,
-                held_for_drain=held_for_drain(role, srs, lws, last_desired.get(role.name)),
+                held_for_drain=held_for_drain(role, srs, lws, last_desired.get(role.name)) if hold else None,
+                hold_limit_s=MAX_DRAIN_HOLD_S,
             )
             have = srs.get("status") or {}
             if not _status_differs(have, want):

@@ -26,6 +26,8 @@ REVISION_RECORD_FAILED = "RevisionRecordFailed"
 REPLICA_FAILURE = "ReplicaFailure"
 # On a ServingRoleScaler: True while its spec.replicas lies outside the role's min/max (HPA's reasons).
 SCALING_LIMITED = "ScalingLimited"
+# Written by pdorch's scaler (not the controller) on a Builtin role's ServingRoleScaler.
+SCALING_ACTIVE = "ScalingActive"
 
 SUMMARY_TYPES = ("proxy", "prefill", "decode", "worker")
 
@@ -146,6 +148,7 @@ def scaler_status(
     selector: str,
     applied: bool,
     held_for_drain: int | None = None,
+    hold_limit_s: float | None = None,
 ) -> dict[str, Any]:
     """The controller's part of a ServingRoleScaler's status.
 
@@ -168,6 +171,8 @@ def scaler_status(
             f"{_groups(held_for_drain)} while pdorch's scaler drains the groups above {high} (it "
             f"writes spec.replicas once they are idle); `kubectl scale` to {high} cuts them at once"
         )
+        if hold_limit_s is not None:
+            message += f"; if they are not drained {hold_limit_s:.0f}s after the change, it applies anyway"
     elif asked is not None and high is not None and int(asked) > high:
         reason = "TooManyReplicas"
         message = (

@@ -31,17 +31,22 @@ def scaler_replicas(role: Role, srs: Mapping[str, Any] | None) -> int | None:
 
 
 def scaled_replicas(
-    role: Role, srs: dict[str, Any] | None, lws: dict[str, Any] | None, last_desired: int | None = None
+    role: Role,
+    srs: dict[str, Any] | None,
+    lws: dict[str, Any] | None,
+    last_desired: int | None = None,
+    hold_for_drain: bool = True,
 ) -> int | None:
     """What an autoscaled role's LWS should have: its ServingRoleScaler's replicas (within bounds),
     or, while the scaler is missing (deleted by hand, or the role just switched to External) and
     the LWS runs, the LWS's own size: roles[].replicas would cut a scaled-up role back at once.
     An LWS a rollout holds above its size (surge) counts as `last_desired` instead (the role's
     desiredReplicas in the group's status), else the surge would stay for good.
-    None: roles[].replicas applies."""
+    None: roles[].replicas applies. `hold_for_drain` False: a lowered maxReplicas applies at once
+    (the caller's time limit on `held_for_drain` ran out)."""
     replicas = scaler_replicas(role, srs)
     if replicas is not None:
-        held = held_for_drain(role, srs, lws, last_desired)
+        held = held_for_drain(role, srs, lws, last_desired) if hold_for_drain else None
         return replicas if held is None else held
     if srs is not None or lws is None or not needs_scaler(role):
         return replicas

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 
 from pdorch.api.servinggroup import ServingGroup
+from pdorch.controller import reconciler
 from pdorch.roles.labels import ANNOTATION_ROLLOUT, LABEL_REVISION, LWS_GROUP_INDEX, LWS_WORKER_INDEX
 from pdorch.roles.rolescaler import held_for_drain, scaled_replicas, scaler_replicas, status_desired
 from pdorch.rollout import commands, live
@@ -240,3 +242,29 @@ def test_the_header_says_when_the_enforced_tolerance_is_wider_than_the_declared(
     sg = ServingGroup.model_validate(doc)
     commands._print_plan(sg, commands.rollout_spec(sg), False, start, 1)
     assert "enforced" not in capsys.readouterr().out.splitlines()[0]
+
+
+def test_the_controllers_hold_above_a_lowered_max_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without pdorch's scaler (or with its metrics unreadable) nothing drains: the hold ends after
+    MAX_DRAIN_HOLD_S and the bound applies, as for External roles (helper-67)."""
+    builtin = {
+        "mode": "Builtin",
+        "minReplicas": 1,
+        "maxReplicas": 1,
+        "targets": {"tpotMs": 50, "ttftMs": 500},
+    }
+    role = ServingGroup.model_validate(_doc(1, 1, builtin)).spec.role("decode")
+    srs, at3 = {"spec": {"replicas": 3}}, {"spec": {"replicas": 3}}
+    clock = [1000.0]
+    monkeypatch.setattr(reconciler.time, "monotonic", lambda: clock[0])
+    holder = SimpleNamespace(_drain_hold_since={})
+    hold = reconciler.Reconciler._drain_hold
+    assert hold(holder, "ns/g", "decode", srs, at3, role, None) == reconciler.MAX_DRAIN_HOLD_S
+    clock[0] += reconciler.MAX_DRAIN_HOLD_S - 1
+    assert hold(holder, "ns/g", "decode", srs, at3, role, None) == pytest.approx(1.0)
+    clock[0] += 1
+    assert hold(holder, "ns/g", "decode", srs, at3, role, None) is None
+    assert scaled_replicas(role, srs, at3, None, hold_for_drain=False) == 1  # the bound, at once
+    # Drained to the bound: the hold is forgotten, and a later lowering gets its full time.
+    assert hold(holder, "ns/g", "decode", {"spec": {"replicas": 1}}, at3, role, None) is None
+    assert holder._drain_hold_since == {}
