@@ -110,3 +110,15 @@ def damp(
     state.last_change_s = now_s
     state.last_direction = direction
     return Damped(target, True, held)
+
+
+def rebaseline(state: DampingState, now_s: float, replicas: int) -> None:
+    """Start the role's damping afresh from a size another writer set (`kubectl scale`, an HPA).
+
+    The new size is the windows' only recommendation, so a scale-down waits a whole scale-down
+    window, and it starts the cooldown in both directions: the burst exemption (a scale-up right
+    after a scale-down) is for the scaler's own scale-downs, and would otherwise reverse an
+    operator's or another scaler's scale-down at the next tick."""
+    state.history = [(now_s - 1e-6, replicas)]
+    state.last_change_s = now_s
+    state.last_direction = 0

@@ -11,6 +11,12 @@ Every `interval_s`, for each ServingGroup role with `scaling.mode: Builtin`:
    `pdorch.io/draining` annotation, the proxy stops routing to them, and `/scale` is lowered once
    their engines report nothing running or waiting (or after `drain_timeout_s`);
 4. record why in `status.lastScaleReason`/`lastScaleTime`, a Kubernetes Event and Prometheus metrics.
+
+A size the scaler did not write (`kubectl scale`, an HPA on the same object: `ownership`) is the
+role's new baseline: a drain under way is cancelled and the cooldown and scale-down window start
+from it; another writer that keeps replacing the scaler's sizes is a Warning `ConflictingScaler`.
+While no leader's load can be read the role is held, its load gauges are removed and its
+ServingRoleScaler says `ScalingActive=False` (reason `MetricsUnavailable`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pdorch.cli_errors import CliError
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi, NotLeader
 from pdorch.controller.leader import LOST_LEASE_EXIT, LeaseElector, default_identity
-from pdorch.controller.status import now_rfc3339
+from pdorch.controller.status import SCALING_ACTIVE, condition, find_condition, now_rfc3339
 from pdorch.proxy.discovery import endpoints_from_pods
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import (
@@ -48,8 +54,16 @@ from pdorch.roles.labels import (
 )
 from pdorch.roles.naming import scaler_name
 from pdorch.roles.pods import is_terminating, started_since
-from pdorch.scaler.damping import DampingConfig, DampingState, damp
+from pdorch.scaler.damping import DampingConfig, DampingState, damp, rebaseline
 from pdorch.scaler.observe import RoleLoad, Scraped, missed_target, pair_with_previous, role_load
+from pdorch.scaler.ownership import (
+    SizeOwnership,
+    foreign_note,
+    intend_size,
+    replicas_manager,
+    see_size,
+    wrote_size,
+)
 from pdorch.scaler.policy import (
     Recommendation,
     RoleMemory,
@@ -72,8 +86,11 @@ SHUTDOWN_UNDRAIN_S = 5.0
 DRAIN_NOTICE_S = 2.0
 
 DESIRED = Gauge(
-    "pdorch_scaler_desired_replicas", "Replicas the scaler wrote.", ["namespace", "group", "role"]
+    "pdorch_scaler_desired_replicas",
+    "Replicas the scaler wants for the role now (written, drained towards, or held), set every decision.",
+    ["namespace", "group", "role"],
 )
+# The two below are removed while no leader's load can be read: an old value is not the current one.
 RECOMMENDED = Gauge(
     "pdorch_scaler_recommended_replicas", "Raw policy recommendation.", ["namespace", "group", "role"]
 )
@@ -111,18 +128,28 @@ _ROLE_SERIES: tuple[Gauge | Counter, ...] = (
 )
 
 
+def _remove(metric: Gauge | Counter, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
+
+
 def _drop_series(ns: str, group: str, role: str) -> None:
     """Remove a forgotten role's series, so deleted groups leave no stale values or cardinality."""
     for metric in _ROLE_SERIES:
-        try:
-            metric.remove(ns, group, role)
-        except KeyError:
-            pass
+        _remove(metric, ns, group, role)
     for direction in ("up", "down"):
-        try:
-            SCALE_EVENTS.remove(ns, group, role, direction)
-        except KeyError:
-            pass
+        _remove(SCALE_EVENTS, ns, group, role, direction)
+
+
+def _drop_load_series(ns: str, group: str, role: str) -> None:
+    """Remove the role's load and recommendation while they cannot be read: Prometheus then marks
+    them stale (a gap in graphs, no sample for an alert's comparison) instead of reading an old
+    value as the current one. NaN would be a sample: it turns sums over roles into NaN and makes
+    every comparison false, which silences alerts without saying why."""
+    for metric in (LOAD_RATE, RECOMMENDED):
+        _remove(metric, ns, group, role)
 
 
 @dataclass(frozen=True)
@@ -172,6 +199,8 @@ class RoleState:
     # The cooldown as it was before this tick's decision: a scale-up whose write is refused did
     # not change anything, so its cooldown must not hold the next one back.
     cooldown_before: tuple[float | None, int] = (None, 0)
+    # Who set the size: this scaler's writes against `kubectl scale`, an HPA...
+    ownership: SizeOwnership = field(default_factory=SizeOwnership)
 
     def read(
         self,
@@ -415,6 +444,7 @@ class BuiltinScaler:
                 decisions[d[0].name] = (*d[:3], nd, f"{d[4]}; {note}" if nd != d[3] else d[4], d[5])
         out = []
         for role, srs, current, target, reason, pods in decisions.values():
+            DESIRED.labels(ns, name, role.name).set(target)
             await self._act(ns, name, role, srs, current, target, reason, pods)
             out.append(
                 RoleDecision(
@@ -434,12 +464,13 @@ class BuiltinScaler:
     ) -> tuple[dict[str, Any], int, int, str, list[dict[str, Any]]] | None:
         key = (ns, group, role.name)
         st = self.roles.setdefault(key, RoleState())
-        # Taken before any path of this tick's decision, so a refused write restores this tick's.
-        st.cooldown_before = (st.damping.last_change_s, st.damping.last_direction)
         srs = await self.api.get(SERVING_ROLE_SCALER, scaler_name(group, role.name), ns)
         if srs is None:
             return None  # the controller has not created it yet
         current = int((srs.get("spec") or {}).get("replicas", role.replicas))
+        await self._foreign_size(ns, group, role.name, st, srs, current)
+        # Taken before any path of this tick's decision, so a refused write restores this tick's.
+        st.cooldown_before = (st.damping.last_change_s, st.damping.last_direction)
         pods, _ = await self.api.list(POD, ns, selector_string(leader_selector(group, role.name)))
         eps = list(endpoints_from_pods(pods).endpoints)
         samples = await self.source.samples(ns, eps)
@@ -452,18 +483,24 @@ class BuiltinScaler:
             return None  # rates need two scrapes
         if not seen.cur and current > 0:
             # Nothing readable (metrics outage, or no leader ready yet) is not "no load".
-            log.warning(
-                "%s/%s-%s: no metrics from %d ready leaders of %d replicas%s; holding",
+            why = f"no metrics from {len(eps)} ready leaders of {current} replicas{seen.unread_why()}"
+            log.warning("%s/%s-%s: %s; holding", ns, group, role.name, why)
+            # The last load and recommendation are not today's: their series go.
+            _drop_load_series(ns, group, role.name)
+            DESIRED.labels(ns, group, role.name).set(current)  # held (a drain under way is cancelled)
+            await self._scaling_active(
                 ns,
-                group,
-                role.name,
-                len(eps),
-                current,
-                seen.unread_why(),
+                srs,
+                False,
+                "MetricsUnavailable",
+                f"{why}: the role is held at its size until the load can be read again",
             )
             return None
         load = role_load(seen.prev, seen.cur, max(now - last, 1e-3))
         LOAD_RATE.labels(ns, group, role.name).set(load.request_rate)
+        await self._scaling_active(
+            ns, srs, True, "ValidMetricFound", "the scaler reads the load of the role's leaders"
+        )
         targets = role.scaling.targets if role.scaling else None
         # A tick with no newer sample from any engine (Prometheus has not scraped since) reads the
         # same intervals again: a miss in them was counted already.
@@ -483,7 +520,8 @@ class BuiltinScaler:
         except ValueError as e:
             log.warning("%s/%s: %s", ns, group, e)
             return None
-        hold = held_size(current, st.draining_to, rec.replicas, seen.unread, seen.blind)
+        ceiling = role.scaling.max_replicas if role.scaling is not None else None
+        hold = held_size(current, st.draining_to, rec.replicas, seen.unread, seen.blind, ceiling)
         if hold is not None:
             why = (
                 f"{seen.unread} of {len(eps)} leaders unreadable{seen.unread_why()}"
@@ -662,6 +700,81 @@ class BuiltinScaler:
             if e.code != 404:
                 raise
 
+    async def _foreign_size(
+        self, ns: str, group: str, role: str, st: RoleState, srs: dict[str, Any], current: int
+    ) -> None:
+        """Take a size this scaler did not write as the role's new baseline: cancel a drain decided
+        on the old size, restart the damping from the new one, say so in status (and, when another
+        writer keeps replacing this scaler's sizes, in a Warning event)."""
+        md = srs.get("metadata") or {}
+        seen = see_size(st.ownership, md.get("uid"), _generation(srs), current, time.monotonic())
+        if not seen.foreign:
+            return
+        if st.draining_to is not None:
+            await self._cancel_drain(ns, group, role, st)
+        rebaseline(st.damping, time.monotonic(), current)
+        who = replicas_manager(srs, self.api.field_manager)
+        note = foreign_note(seen, current, who)[:1024]
+        await self._apply_status(ns, srs, {"lastScaleTime": now_rfc3339(), "lastScaleReason": note})
+        if seen.conflicting:
+            log.warning("%s/%s: %s", ns, md.get("name"), note)
+        else:
+            log.info("%s/%s: %s", ns, md.get("name"), note)
+        if seen.warn:
+            self.events.emit_soon(srs, "Warning", "ConflictingScaler", note, action="Scale")
+
+    async def _scaling_active(
+        self, ns: str, srs: dict[str, Any], active: bool, reason: str, message: str
+    ) -> None:
+        """Set the ScalingActive condition (written only when it changes)."""
+        have = (srs.get("status") or {}).get("conditions") or []
+        was = find_condition(have, SCALING_ACTIVE)
+        status = "True" if active else "False"
+        if was is not None and (was.get("status"), was.get("reason"), was.get("message")) == (
+            status,
+            reason,
+            message,
+        ):
+            return
+        cond = condition(SCALING_ACTIVE, active, reason, message, _generation(srs) or 0, have)
+        await self._apply_status(ns, srs, {"conditions": [cond]})
+        if not active and (was is None or was.get("status") != "False"):
+            self.events.emit_soon(srs, "Warning", reason, message, action="Scale")
+
+    async def _apply_status(self, ns: str, srs: dict[str, Any], changes: dict[str, Any]) -> None:
+        """Server-side apply the scaler's own status fields (lastScaleTime, lastScaleReason and the
+        ScalingActive condition) with `changes`, and keep `srs` in step for the rest of the tick.
+
+        Every apply carries all of them: an apply that left one out would remove it. Conditions
+        are a list-map keyed by type, so the controller's ScalingLimited is not this apply's."""
+        if not isinstance(srs.get("status"), dict):
+            srs["status"] = {}
+        have = srs["status"]
+        mine: dict[str, Any] = {k: have[k] for k in ("lastScaleTime", "lastScaleReason") if have.get(k)}
+        active = find_condition(have.get("conditions") or [], SCALING_ACTIVE)
+        if active is not None:
+            mine["conditions"] = [active]
+        mine.update(changes)
+        got = await self.api.apply(
+            {
+                "apiVersion": API_VERSION,
+                "kind": SCALER_KIND,
+                "metadata": {"name": srs["metadata"]["name"], "namespace": ns},
+                "status": mine,
+            },
+            subresource="status",
+        )
+        # The tick's /scale write is conditional on the resourceVersion it read: this status write
+        # moved it, and only it did while the spec's generation is the one decided on.
+        after = (got or {}).get("metadata") or {}
+        if after.get("resourceVersion") and after.get("generation") == _generation(srs):
+            srs["metadata"]["resourceVersion"] = after["resourceVersion"]
+        for k, v in mine.items():
+            if k != "conditions":
+                have[k] = v
+        others = [c for c in have.get("conditions") or [] if c.get("type") != SCALING_ACTIVE]
+        have["conditions"] = others + list(mine.get("conditions") or [])
+
     async def _write(
         self,
         ns: str,
@@ -681,6 +794,9 @@ class BuiltinScaler:
         # another writer) since then wins, instead of being overwritten by a decision made on
         # the size it replaced.
         version = (srs.get("metadata") or {}).get("resourceVersion")
+        owned = self.roles.setdefault((ns, group, role.name), RoleState()).ownership
+        # Known before the write: a write the server applied but whose answer was lost is still ours.
+        intend_size(owned, _generation(srs), target)
         body: dict[str, Any] = {"spec": {"replicas": target}}
         if version:
             body["metadata"] = {"resourceVersion": version}
@@ -701,20 +817,11 @@ class BuiltinScaler:
         else:
             log.info("%s/%s: kept changing under this tick; not writing %d", ns, name, target)
             return False
-        now = now_rfc3339()
+        wrote_size(owned, _generation(srs), target)
         note = f"{current} -> {target}: {reason}"[:1024]
-        await self.api.apply(
-            {
-                "apiVersion": API_VERSION,
-                "kind": SCALER_KIND,
-                "metadata": {"name": name, "namespace": ns},
-                "status": {"lastScaleTime": now, "lastScaleReason": note},
-            },
-            subresource="status",
-        )
+        await self._apply_status(ns, srs, {"lastScaleTime": now_rfc3339(), "lastScaleReason": note})
         direction = "up" if target > current else "down"
         SCALE_EVENTS.labels(ns, group, role.name, direction).inc()
-        DESIRED.labels(ns, group, role.name).set(target)
         if drain_timed_out:
             DRAIN_TIMEOUTS.labels(ns, group, role.name).inc()
             self.events.emit_soon(srs, "Warning", "DrainTimedOut", note, action="Scale")
@@ -730,20 +837,31 @@ def _generation(obj: dict[str, Any]) -> int | None:
     return (obj.get("metadata") or {}).get("generation")
 
 
-def held_size(current: int, draining_to: int | None, recommended: int, unread: int, blind: int) -> int | None:
+def held_size(
+    current: int,
+    draining_to: int | None,
+    recommended: int,
+    unread: int,
+    blind: int,
+    ceiling: int | None = None,
+) -> int | None:
     """The size a role holds this tick because some leaders' load is unknown (None: no hold).
 
     Only a scale-down is held: the load of leaders unread now, or read without a baseline (unread
     last tick, e.g. after a metrics outage), is unknown, so the rest understates it. A drain under
     way goes on while leaders are only without a baseline (a victim a retarget gave back sat out
     the last tick); an unreadable leader cancels it (holding means holding at the current size).
+    Never above `ceiling` (the role's maxReplicas): a lowered bound is the operator's, not the
+    load's, and holding above it kept the controller holding the role there for good.
     """
     if not (unread or blind) or recommended >= current:
         return None
     # Never on below this tick's recommendation, which already understates the load.
     if draining_to is not None and not unread and recommended <= draining_to:
-        return draining_to
-    return current
+        held = draining_to
+    else:
+        held = current
+    return held if ceiling is None else min(held, ceiling)
 
 
 def surge_groups(pods: list[dict[str, Any]], desired: int) -> list[dict[str, Any]]:

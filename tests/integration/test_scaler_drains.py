@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from pdorch.devcluster.controller_process import ControllerProc
 from pdorch.devcluster.waiting import wait_for, wait_for_async
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import ANNOTATION_DRAINING, leader_selector
+from pdorch.scaler import loop
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
 from pdorch.scaler.scrape import EngineSample
 from tests.integration.test_controller import LWS as LWS_RES
@@ -311,6 +313,44 @@ async def test_a_lowered_max_keeps_the_groups_until_the_scaler_has_drained_them(
         await api.close()
 
 
+class SecondUnreadable:
+    """The second decode leader's metrics cannot be read; the first is idle."""
+
+    async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]:
+        return [None if e.pod.endswith("-1") else EngineSample("vllm") for e in endpoints]
+
+
+async def test_a_lowered_max_is_reached_with_a_leader_unreadable(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """An unreadable leader held the size (unknown load holds a scale-down), so no drain started,
+    and the controller, waiting for one, kept the role above its new maxReplicas for good
+    (helper-67). The hold never exceeds the bound: the drain runs, and its timeout ends it."""
+    await _two_builtin_decodes(kube, namespace, "maxhold")
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    cfg = ScalerConfig(namespace=namespace, interval_s=1.0, drain_timeout_s=1.0)
+    scaler = BuiltinScaler(api, cfg, source=SecondUnreadable())
+
+    def lowered(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] == "decode":
+                role["scaling"]["maxReplicas"] = 1
+                role["replicas"] = 1
+
+    try:
+        update_spec(kube, namespace, "maxhold", lowered)
+        for _ in range(12):
+            await scaler.tick()
+            await asyncio.sleep(0.5)
+            if kube.get(LWS_RES, "maxhold-decode", namespace=namespace).spec["replicas"] == 1:
+                break
+        assert kube.get(LWS_RES, "maxhold-decode", namespace=namespace).spec["replicas"] == 1
+        srs = await api.get(SERVING_ROLE_SCALER, "maxhold-decode", namespace)
+        assert srs is not None and "drain timed out" in srs["status"]["lastScaleReason"], srs["status"]
+    finally:
+        await api.close()
+
+
 async def test_a_drain_that_times_out_is_a_warning_naming_what_was_cut(
     devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
@@ -430,5 +470,173 @@ async def test_a_kubectl_scale_since_the_tick_read_the_size_is_not_overwritten(
         assert await scaler._write(namespace, "race", role, now, 3, 2, "decided on kubectl's size")
         after = await api.get(SERVING_ROLE_SCALER, "race-decode", namespace)
         assert after is not None and after["spec"]["replicas"] == 2
+    finally:
+        await api.close()
+
+
+def _events(devcluster: ClusterState, namespace: str, reason: str) -> list[dict[str, Any]]:
+    raw = kubectl(devcluster, "get", "events.events.k8s.io", "-n", namespace, "-o", "json")
+    return [e for e in json.loads(raw)["items"] if e.get("reason") == reason]
+
+
+async def test_a_size_another_writer_set_is_the_new_baseline_and_a_second_scaler_a_warning(
+    devcluster: ClusterState,
+    kube: Client,
+    namespace: str,
+    controller: ControllerProc,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scaler took spec.replicas as its own every tick: a `kubectl scale` mid-drain was drained
+    back at once, and an HPA on a Builtin role fought it with no word (helper-65 finding 5). Now a
+    size it did not write is its new baseline (the drain is cancelled, the cooldown runs from it)
+    and status names the writer; one that keeps replacing the scaler's sizes is a Warning
+    ConflictingScaler naming its field manager."""
+    doc = example_scaled(
+        "foreign",
+        "decode",
+        {
+            "mode": "Builtin",
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "targets": {"tpotMs": 100},
+            "scaleDownStabilizationSeconds": 0,
+            "cooldownSeconds": 600,
+        },
+    )
+    next(r for r in doc["spec"]["roles"] if r["type"] == "decode")["replicas"] = 2
+    kube.create(SG.from_dict(doc), namespace=namespace)
+    await asyncio.to_thread(wait_available, kube, namespace, "foreign")
+
+    def leaders() -> list[Pod]:
+        pods = kube.list(Pod, namespace=namespace, labels=leader_selector("foreign", "decode"))
+        return sorted(pods, key=lambda p: p.metadata.name)
+
+    await asyncio.to_thread(wait_for, lambda: len(leaders()) == 2, 60, "two decode leaders")
+    clock = [1000.0]  # the scaler's monotonic clock only: the cooldown passes without waiting it out
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    hpa = KubeApi.from_config(devcluster.kubeconfig, field_manager="test-hpa")
+    scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0), source=ScriptedMetrics())
+
+    async def srs() -> dict[str, Any]:
+        got = await api.get(SERVING_ROLE_SCALER, "foreign-decode", namespace)
+        assert got is not None
+        return got
+
+    async def tick() -> None:
+        await scaler.tick()
+        clock[0] += 15
+
+    async def scaled_down_to_1() -> None:
+        clock[0] += 601  # past the cooldown the last change started
+        for _ in range(40):  # the decision (its drain starts), two idle checks, the write
+            await tick()
+            if (await srs())["spec"]["replicas"] == 1:
+                return
+            await asyncio.sleep(0.5)  # for the groups a scale-up added to become Ready
+        raise AssertionError(f"never scaled down: {(await srs())['status']}")
+
+    try:
+        await tick()  # baseline
+        await tick()  # idle: 2 -> 1 starts by draining group 1
+        assert [is_draining(kube, namespace, p) for p in leaders()] == [False, True]
+        out = devcluster.kubectl("scale", "-n", namespace, "servingrolescaler/foreign-decode", "--replicas=3")
+        assert out.returncode == 0, out.stderr
+        for _ in range(3):  # 45 s, well within the cooldown
+            await tick()
+            assert (await srs())["spec"]["replicas"] == 3
+            assert not any(is_draining(kube, namespace, p) for p in leaders()), "drained back"
+        reason = (await srs())["status"]["lastScaleReason"]
+        assert reason.startswith("2 -> 3 by kubectl"), reason
+        assert "not pdorch's scaler: kept as the new baseline" in reason
+        assert not _events(devcluster, namespace, "ConflictingScaler")
+
+        # An HPA with minReplicas 3: it writes 3 back over each scale-down.
+        warned: list[dict[str, Any]] = []
+        for i in range(2):
+            await scaled_down_to_1()
+            await hpa.patch(
+                SERVING_ROLE_SCALER,
+                "foreign-decode",
+                namespace,
+                {"spec": {"replicas": 3}},
+                subresource="scale",
+            )
+            await tick()
+            await scaler.events.flush()
+            assert (await srs())["spec"]["replicas"] == 3
+            warned = _events(devcluster, namespace, "ConflictingScaler")
+            assert len(warned) == i, warned  # the first replacement may be an operator's
+        assert len(warned) == 1 and warned[0]["type"] == "Warning", warned
+        assert "1 -> 3 by test-hpa, not pdorch's scaler" in warned[0]["note"], warned[0]["note"]
+        assert warned[0]["regarding"]["name"] == "foreign-decode"
+        assert "another scaler (an HPA or KEDA?)" in (await srs())["status"]["lastScaleReason"]
+    finally:
+        await api.close()
+        await hpa.close()
+
+
+async def test_a_metrics_outage_is_scaling_active_false_and_the_controller_leaves_it(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """During a total /metrics outage nothing but a counter said the scaler was blind (helper-65
+    finding 8). Now ScalingActive is False (MetricsUnavailable) with a Warning; the scaler owns that
+    condition by server-side apply next to the controller's ScalingLimited (conditions merge per
+    type), the controller's own status writes keep it, and it is True once the load is read."""
+    await _two_builtin_decodes(kube, namespace, "blind")
+    api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")
+    metrics = ScriptedMetrics()
+    scaler = BuiltinScaler(api, ScalerConfig(namespace=namespace, interval_s=1.0), source=metrics)
+
+    async def conditions() -> dict[str, dict[str, Any]]:
+        srs = await api.get(SERVING_ROLE_SCALER, "blind-decode", namespace)
+        assert srs is not None
+        return {c["type"]: c for c in (srs.get("status") or {}).get("conditions") or []}
+
+    try:
+        await scaler.tick()  # baseline
+        await scaler.tick()
+        active = (await conditions())["ScalingActive"]
+        assert (active["status"], active["reason"]) == ("True", "ValidMetricFound"), active
+        metrics.outage = True
+        await scaler.tick()
+        await scaler.events.flush()
+        active = (await conditions())["ScalingActive"]
+        assert (active["status"], active["reason"]) == ("False", "MetricsUnavailable"), active
+        # (The idle tick started draining group 1: its leader is not scraped.)
+        assert active["message"].startswith("no metrics from 1 ready leaders of 2 replicas"), active
+        warned = _events(devcluster, namespace, "MetricsUnavailable")
+        assert len(warned) == 1 and warned[0]["type"] == "Warning", warned
+
+        # The controller writes its part of the status after a scale: the scaler's condition stays.
+        await api.patch(
+            SERVING_ROLE_SCALER, "blind-decode", namespace, {"spec": {"replicas": 3}}, subresource="scale"
+        )
+
+        async def synced() -> dict[str, Any] | None:
+            srs = await api.get(SERVING_ROLE_SCALER, "blind-decode", namespace)
+            return (
+                srs
+                if srs
+                and (srs.get("status") or {}).get("observedGeneration") == srs["metadata"]["generation"]
+                else None
+            )
+
+        srs = await wait_for_async(synced, 60, "the controller observing the new generation")
+        have = {c["type"]: c for c in srs["status"]["conditions"]}
+        assert have["ScalingActive"]["status"] == "False" and "ScalingLimited" in have, have
+        owners = {
+            m["manager"]: m.get("fieldsV1", {}).get("f:status", {}).get("f:conditions", {})
+            for m in srs["metadata"]["managedFields"]
+            if m.get("subresource") == "status"
+        }
+        key = 'k:{"type":"ScalingActive"}'
+        assert key in owners["pdorch-scaler"], owners
+        assert all(key not in v for k, v in owners.items() if k != "pdorch-scaler"), owners
+
+        metrics.outage = False
+        await scaler.tick()  # read again, without a previous reading: held, but read
+        active = (await conditions())["ScalingActive"]
+        assert (active["status"], active["reason"]) == ("True", "ValidMetricFound"), active
     finally:
         await api.close()

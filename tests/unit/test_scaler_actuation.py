@@ -6,13 +6,16 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 from pdorch.controller.kubeapi import KubeApi
 from pdorch.proxy.endpoints import Endpoint
+from pdorch.roles.labels import ANNOTATION_DRAINING
 from pdorch.scaler import loop
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
 from pdorch.scaler.scrape import EngineSample
@@ -173,3 +176,257 @@ async def test_a_hold_on_stale_samples_says_they_are_stale(monkeypatch: pytest.M
     assert not any("unreadable" in r for _, r in reasons[:-2]), reasons
     # At 150 s and 165 s it is 135 s and 150 s old.
     assert all("held at 2: 1 of 2 leaders unreadable (1 stale" in r for _, r in reasons[-2:]), reasons[-2:]
+
+
+def _leader(role: str, i: int, ns: str) -> dict[str, Any]:
+    return {"metadata": {"name": f"sim-pd-{role}-{i}", "namespace": ns, "annotations": {}, "labels": {
+                "pdorch.io/group": "sim-pd", "pdorch.io/role": role, "pdorch.io/role-type": role,
+                "leaderworkerset.sigs.k8s.io/worker-index": "0", "leaderworkerset.sigs.k8s.io/group-index": str(i)}},
+            "status": {"podIP": f"127.0.1.{i + 1}", "phase": "Running",
+                       "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2020-01-01T00:00:00Z"}],
+                       "containerStatuses": [{"name": "engine", "state": {"running": {"startedAt": "2020-01-01T00:00:00Z"}}}]}}  # fmt: skip
+
+
+class _Apiserver:
+    """One ServingGroup whose decode is Builtin, its ServingRoleScaler (generation, managedFields
+    of spec.replicas, the status the scaler applies, merged per condition type as SSA does) and its
+    decode leaders (groups 0..replicas-1, as LWS keeps them), answered at the HTTP layer."""
+
+    def __init__(self, ns: str, scaling: dict[str, Any], replicas: int) -> None:
+        self.ns = ns
+        self.group = yaml.safe_load(EXAMPLE.read_text())
+        self.group["metadata"]["namespace"] = ns
+        for r in self.group["spec"]["roles"]:
+            if r["name"] == "decode":
+                r["scaling"], r["replicas"] = scaling, replicas
+        self.srs: dict[str, Any] = {
+            "apiVersion": "pdorch.io/v1alpha1", "kind": "ServingRoleScaler",
+            "metadata": {"name": "sim-pd-decode", "namespace": ns, "uid": "u1", "resourceVersion": "1",
+                         "generation": 1, "managedFields": []},
+            "spec": {"servingGroup": "sim-pd", "role": "decode", "replicas": replicas}, "status": {}}  # fmt: skip
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.writes: list[int] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.sync()
+
+    def sync(self) -> None:
+        n = self.srs["spec"]["replicas"]
+        self.pods = {k: p for k, p in self.pods.items() if int(k.rsplit("-", 1)[1]) < n}
+        for i in range(n):
+            self.pods.setdefault(f"sim-pd-decode-{i}", _leader("decode", i, self.ns))
+
+    def scale(self, n: int, manager: str) -> None:
+        """Another writer's /scale (kubectl scale, an HPA)."""
+        md = self.srs["metadata"]
+        self.srs["spec"]["replicas"] = n
+        md["generation"] += 1
+        md["resourceVersion"] = str(int(md["resourceVersion"]) + 1)
+        md["managedFields"] = [{"manager": manager, "operation": "Update", "subresource": "scale",
+                                "time": "2026-12-07T07:00:00Z", "fieldsV1": {"f:spec": {"f:replicas": {}}}}]  # fmt: skip
+
+    def marked(self) -> list[str]:
+        return sorted(
+            k for k, p in self.pods.items() if p["metadata"]["annotations"].get(ANNOTATION_DRAINING)
+        )
+
+    def handler(self, request: httpx2.Request) -> httpx2.Response:
+        path, method = request.url.path, request.method
+        md = self.srs["metadata"]
+        if method == "GET" and path.endswith("/servinggroups"):
+            return httpx2.Response(200, json={"metadata": {"resourceVersion": "1"}, "items": [self.group]})
+        if method == "GET" and path.endswith("/pods"):
+            decode = "decode" in request.url.params.get("labelSelector", "")
+            items = [copy.deepcopy(p) for p in self.pods.values()] if decode else []
+            return httpx2.Response(200, json={"metadata": {"resourceVersion": "1"}, "items": items})
+        if method == "GET" and path.endswith("/servingrolescalers/sim-pd-decode"):
+            return httpx2.Response(200, json=copy.deepcopy(self.srs))
+        if method == "PATCH" and path.endswith("/scale"):
+            body = json.loads(request.content)
+            if (body.get("metadata") or {}).get("resourceVersion", md["resourceVersion"]) != md[
+                "resourceVersion"
+            ]:
+                return httpx2.Response(409, json={"kind": "Status", "code": 409, "reason": "Conflict"})
+            self.scale(body["spec"]["replicas"], "pdorch-scaler")
+            self.writes.append(body["spec"]["replicas"])
+            return httpx2.Response(200, json={})
+        if method == "PATCH" and path.endswith("/sim-pd-decode/status"):
+            status = json.loads(request.content)["status"]
+            self.statuses.append(status)
+            have = self.srs["status"]
+            conds = {c["type"]: c for c in have.get("conditions") or []}
+            conds.update({c["type"]: c for c in status.get("conditions") or []})
+            have.update(
+                {k: v for k, v in status.items() if k != "conditions"}, conditions=list(conds.values())
+            )
+            md["resourceVersion"] = str(int(md["resourceVersion"]) + 1)
+            return httpx2.Response(200, json=copy.deepcopy(self.srs))
+        if method == "PATCH" and "/pods/" in path:
+            name = path.rsplit("/", 1)[1]
+            notes = self.pods[name]["metadata"]["annotations"]
+            for k, v in json.loads(request.content)["metadata"]["annotations"].items():
+                notes.pop(k, None) if v is None else notes.__setitem__(k, v)
+            return httpx2.Response(200, json={})
+        if method == "POST" and path.endswith("/events"):
+            e = json.loads(request.content)
+            self.events.append((e["type"], e["reason"], e["note"]))
+            return httpx2.Response(201, json=e)
+        if method == "GET":
+            return httpx2.Response(404, json={"kind": "Status", "code": 404, "reason": "NotFound"})
+        return httpx2.Response(200, json={})
+
+    def scaler(self, source: Any) -> BuiltinScaler:
+        api = KubeApi(
+            httpx2.AsyncClient(transport=httpx2.MockTransport(self.handler), base_url="http://k8s.invalid")
+        )
+        api.field_manager = "pdorch-scaler"
+        return BuiltinScaler(api, ScalerConfig(namespace=self.ns, interval_s=15), source=source)
+
+
+class _Idle:
+    """Every decode engine quiet (a request a tick), or none readable during an outage."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+        self.outage = False
+
+    async def samples(self, _ns: str, eps: list[Endpoint]) -> list[EngineSample | None]:
+        if self.outage:
+            return [None for _ in eps]
+        out: list[EngineSample | None] = []
+        for e in eps:
+            n = self.n[e.url] = self.n.get(e.url, 0) + 1
+            out.append(EngineSample("vllm", requests_total=n, generation_tokens_total=100 * n,
+                                    finished_output_tokens=100 * n, finished_prompt_tokens=500 * n,
+                                    finished_lengths_count=n))  # fmt: skip
+        return out
+
+
+def _series(name: str, ns: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"namespace": ns, "group": "sim-pd", "role": "decode"})
+
+
+async def test_a_kubectl_scale_mid_drain_is_the_new_baseline_not_drained_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A drain 4 -> 1 is under way when an operator scales to 6: the scaler drained the new groups
+    back within 30 s, skipping its cooldown (helper-65 finding 5, t5_override). Now the drain is
+    cancelled, status says who set 6, and nothing moves before the scale-down window has passed."""
+    fake = _Apiserver("own-kubectl", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8, "targets": {"tpotMs": 50},
+                                      "scaleDownStabilizationSeconds": 120, "cooldownSeconds": 60}, 4)  # fmt: skip
+    clock = [1000.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    scaler = fake.scaler(_Idle())
+    try:
+        while not fake.marked():  # baseline, then the scale-down window: the drain to 1 starts
+            await scaler.tick()
+            clock[0] += 15
+            assert clock[0] < 1300
+        fake.scale(6, "kubectl")  # kubectl scale's field manager
+        fake.sync()
+        for _ in range(7):  # 105 s: within the window restarted by the operator's change
+            decided = await scaler.tick()
+            assert [(d.current, d.target) for d in decided if d.role == "decode"] == [(6, 6)]
+            assert fake.marked() == [] and fake.writes == []
+            clock[0] += 15
+    finally:
+        await scaler.api.close()
+    reason = fake.srs["status"]["lastScaleReason"]
+    assert reason.startswith("4 -> 6 by kubectl, not pdorch's scaler: kept as the new baseline"), reason
+    assert _series("pdorch_scaler_desired_replicas", "own-kubectl") == 6
+    assert not [e for e in fake.events if e[1] == "ConflictingScaler"]  # one change is not a conflict
+
+
+async def test_another_scaler_replacing_the_scalers_sizes_is_a_conflicting_scaler_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An HPA with minReplicas 3 on a Builtin decode at low load: each scale-down to 1 was written
+    back to 3, with no word of the other writer (helper-65 finding 5). The second replacement is a
+    Warning ConflictingScaler naming the HPA's field manager, also in lastScaleReason."""
+    fake = _Apiserver("own-hpa", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8, "targets": {"tpotMs": 50},
+                                  "scaleDownStabilizationSeconds": 30, "cooldownSeconds": 30}, 3)  # fmt: skip
+    clock = [1000.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    scaler = fake.scaler(_Idle())
+    try:
+        for _ in range(60):  # 15 minutes
+            if fake.srs["spec"]["replicas"] < 3:
+                fake.scale(3, "kube-controller-manager")  # the HPA's next sync
+            fake.sync()
+            await scaler.tick()
+            await scaler.events.flush()
+            clock[0] += 15
+    finally:
+        await scaler.api.close()
+    assert fake.writes.count(1) >= 3, fake.writes
+    warnings = [e for e in fake.events if e[:2] == ("Warning", "ConflictingScaler")]
+    assert len(warnings) == 1, fake.events  # once per episode, not on every replacement
+    assert "by kube-controller-manager, not pdorch's scaler" in warnings[0][2]
+    assert "another scaler (an HPA or KEDA?) writes this ServingRoleScaler" in warnings[0][2]
+    assert "another scaler" in fake.srs["status"]["lastScaleReason"]
+
+
+async def test_a_metrics_outage_drops_the_load_gauges_and_says_scaling_is_inactive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """During a total /metrics outage the request-rate and recommendation gauges kept their last
+    values, and status and events said nothing (helper-65 finding 8, t4_outage). Now both series
+    go, desired stays, ScalingActive=False MetricsUnavailable is applied with the scaler's other
+    status fields (an apply without them would remove them) and is a Warning; True once read."""
+    fake = _Apiserver("own-outage", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8,
+                                     "targets": {"tpotMs": 50}}, 2)  # fmt: skip
+    fake.srs["status"] = {"lastScaleTime": "2026-12-07T06:00:00Z", "lastScaleReason": "1 -> 2: busy"}
+    clock = [1000.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    source = _Idle()
+    scaler = fake.scaler(source)
+
+    def active() -> dict[str, Any]:
+        return next(c for c in fake.srs["status"]["conditions"] if c["type"] == "ScalingActive")
+
+    try:
+        for _ in range(2):
+            await scaler.tick()
+            clock[0] += 15
+        assert _series("pdorch_scaler_request_rate", "own-outage") is not None
+        assert (active()["status"], active()["reason"]) == ("True", "ValidMetricFound")
+        source.outage = True
+        for _ in range(3):
+            await scaler.tick()
+            clock[0] += 15
+        await scaler.events.flush()
+        assert _series("pdorch_scaler_request_rate", "own-outage") is None
+        assert _series("pdorch_scaler_recommended_replicas", "own-outage") is None
+        assert _series("pdorch_scaler_desired_replicas", "own-outage") == 2
+        assert (active()["status"], active()["reason"]) == ("False", "MetricsUnavailable")
+        assert active()["message"].startswith("no metrics from 2 ready leaders of 2 replicas"), active()
+        assert fake.statuses[-1]["lastScaleReason"] == "1 -> 2: busy"  # carried, not dropped
+        assert [e[:2] for e in fake.events] == [("Warning", "MetricsUnavailable")]  # once
+        source.outage = False
+        for _ in range(2):  # read again without a baseline, then with one
+            await scaler.tick()
+            clock[0] += 15
+        assert (active()["status"], active()["reason"]) == ("True", "ValidMetricFound")
+        assert _series("pdorch_scaler_request_rate", "own-outage") is not None
+    finally:
+        await scaler.api.close()
+
+
+async def test_desired_replicas_is_set_by_a_decision_that_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scaler started next to a role already at its size had no desired-replicas series at all
+    (it was set only on a write: helper-65 finding 8, t7_desired)."""
+    fake = _Apiserver("own-desired", {"mode": "Builtin", "minReplicas": 2, "maxReplicas": 8,
+                                      "targets": {"tpotMs": 50}}, 2)  # fmt: skip
+    clock = [1000.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    scaler = fake.scaler(_Idle())
+    try:
+        for _ in range(3):
+            await scaler.tick()
+            clock[0] += 15
+    finally:
+        await scaler.api.close()
+    assert fake.writes == []
+    assert _series("pdorch_scaler_desired_replicas", "own-desired") == 2
