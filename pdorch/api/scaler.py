@@ -4,6 +4,7 @@ The controller creates one per role whose scaling mode is External or Builtin. H
 or pdorch's scaler (Builtin) write `spec.replicas` through the `/scale` subresource; the controller
 copies it into the role's LeaderWorkerSet, within the role's minReplicas/maxReplicas, and reports
 `status.replicas`, `status.selector`, `status.observedGeneration` and the ScalingLimited condition.
+pdorch's scaler writes `status.lastScaleTime`, `status.lastScaleReason` and the ScalingActive condition.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class ServingRoleScalerSpec(ApiModel):
 
 
 class ServingRoleScalerStatus(ApiModel):
-    """Observed state, written by the controller."""
+    """Observed state, written by the controller; lastScaleTime, lastScaleReason and the
+    ScalingActive condition by pdorch's scaler (server-side apply, each writer its own fields)."""
 
     replicas: int | None = Field(None, ge=0)
     """Groups of the role that currently exist (its LWS's status.replicas), a rollout's surge groups
@@ -60,14 +62,18 @@ class ServingRoleScalerStatus(ApiModel):
     observed_generation: int | None = Field(None, ge=0)
     """The .metadata.generation whose spec.replicas the role's LeaderWorkerSet got."""
     last_scale_time: str | None = Field(None, json_schema_extra={"format": "date-time"})
-    """When the built-in scaler last changed spec.replicas."""
+    """When the built-in scaler last changed spec.replicas, or saw another writer change it."""
     last_scale_reason: str | None = Field(None, max_length=1024)
-    """Why the built-in scaler chose the current replicas."""
+    """Why the built-in scaler chose the current replicas; for a size another writer set (kubectl
+    scale, an HPA), who set it and that the scaler keeps it as its new baseline."""
     conditions: list[Condition] | None = Field(None, max_length=16, json_schema_extra=CONDITIONS_LIST_EXTRA)
     """Conditions of the scaler. ScalingLimited is True (reason TooManyReplicas or TooFewReplicas)
     while spec.replicas lies outside the role's minReplicas/maxReplicas and the role is held at
     the bound (a Builtin role above a lowered maxReplicas keeps its groups until pdorch's scaler
-    has drained them), False (DesiredWithinRange) otherwise."""
+    has drained them), False (DesiredWithinRange) otherwise; written by the controller.
+    ScalingActive, on a Builtin role, is written by pdorch's scaler: False (reason
+    MetricsUnavailable) while it cannot read any of the role's leaders' load and holds the role at
+    its size, True (ValidMetricFound) while it reads it."""
 
 
 class ServingRoleScaler(ApiModel):
