@@ -208,3 +208,12 @@ def test_unknown_load_holds_a_scale_down_but_not_a_drain_under_way_unless_unread
     assert held_size(4, 2, 1, unread=1, blind=0) == 4
     # ... but never on below this tick's recommendation (3 here), which understates the load.
     assert held_size(4, 2, 3, unread=0, blind=1) == 4
+
+
+def test_unknown_load_never_holds_a_role_above_its_max_replicas() -> None:
+    """maxReplicas lowered to 1 below a Builtin role at 3, one leader unreadable: the hold kept 3,
+    no drain started, and the controller (which waits for the scaler's drain) held the role above
+    its bound for good (helper-67)."""
+    assert held_size(3, None, 1, unread=1, blind=0, ceiling=1) == 1
+    assert held_size(3, None, 1, unread=0, blind=2, ceiling=2) == 2
+    assert held_size(4, None, 2, unread=1, blind=0, ceiling=6) == 4  # a bound above: as before
