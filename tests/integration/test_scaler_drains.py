@@ -104,9 +104,11 @@ class ScriptedMetrics:
         return [None if self.outage else EngineSample("vllm") for _ in endpoints]
 
 
-async def _two_builtin_decodes(kube: Client, namespace: str, name: str) -> Callable[[], list[Pod]]:
-    """A group whose decode is Builtin with 2 groups and no damping; a function listing its
-    decode leaders (by name), once both exist."""
+async def _two_builtin_decodes(
+    kube: Client, namespace: str, name: str, cooldown_s: int = 0
+) -> Callable[[], list[Pod]]:
+    """A group whose decode is Builtin with 2 groups and no damping (but `cooldown_s`); a function
+    listing its decode leaders (by name), once both exist."""
     doc = example_scaled(
         name,
         "decode",
@@ -116,7 +118,7 @@ async def _two_builtin_decodes(kube: Client, namespace: str, name: str) -> Calla
             "maxReplicas": 4,
             "targets": {"tpotMs": 100},
             "scaleDownStabilizationSeconds": 0,
-            "cooldownSeconds": 0,
+            "cooldownSeconds": cooldown_s,
         },
     )
     next(r for r in doc["spec"]["roles"] if r["type"] == "decode")["replicas"] = 2
@@ -491,27 +493,7 @@ async def test_a_size_another_writer_set_is_the_new_baseline_and_a_second_scaler
     size it did not write is its new baseline (the drain is cancelled, the cooldown runs from it)
     and status names the writer; one that keeps replacing the scaler's sizes is a Warning
     ConflictingScaler naming its field manager."""
-    doc = example_scaled(
-        "foreign",
-        "decode",
-        {
-            "mode": "Builtin",
-            "minReplicas": 1,
-            "maxReplicas": 4,
-            "targets": {"tpotMs": 100},
-            "scaleDownStabilizationSeconds": 0,
-            "cooldownSeconds": 600,
-        },
-    )
-    next(r for r in doc["spec"]["roles"] if r["type"] == "decode")["replicas"] = 2
-    kube.create(SG.from_dict(doc), namespace=namespace)
-    await asyncio.to_thread(wait_available, kube, namespace, "foreign")
-
-    def leaders() -> list[Pod]:
-        pods = kube.list(Pod, namespace=namespace, labels=leader_selector("foreign", "decode"))
-        return sorted(pods, key=lambda p: p.metadata.name)
-
-    await asyncio.to_thread(wait_for, lambda: len(leaders()) == 2, 60, "two decode leaders")
+    leaders = await _two_builtin_decodes(kube, namespace, "foreign", cooldown_s=600)
     clock = [1000.0]  # the scaler's monotonic clock only: the cooldown passes without waiting it out
     monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
     api = KubeApi.from_config(devcluster.kubeconfig, field_manager="pdorch-scaler")

@@ -345,14 +345,7 @@ def test_a_volume_mount_of_a_claim_template_passes_the_template_check(
     ]
     kube.create(SG.from_dict(doc), namespace=namespace)
 
-    def settled() -> tuple[str, Any] | None:
-        invalid = _invalid_condition(kube, namespace, "claimmount")
-        if invalid is not None:
-            return ("invalid", invalid["message"])
-        names = {lws.metadata.name for lws in kube.list(LWS, namespace=namespace)}
-        return ("created", names) if "claimmount-decode" in names else None
-
-    outcome = wait_for(settled, 60, "the decode LWS created, or Invalid")
+    outcome = wait_for(lambda: _invalid_or_created(kube, namespace, "claimmount"), 60, "Invalid, or created")
     assert outcome[0] == "created", outcome
 
 
@@ -373,16 +366,19 @@ def test_a_refused_template_is_not_hidden_by_the_other_templates_forbidden_probe
     ]
     kube.create(SG.from_dict(doc), namespace=namespace)
 
-    def settled() -> tuple[str, Any] | None:
-        invalid = _invalid_condition(kube, namespace, "mixed")
-        if invalid is not None:
-            return ("invalid", invalid["message"])
-        names = {lws.metadata.name for lws in kube.list(LWS, namespace=namespace)}
-        return ("created", names) if "mixed-decode" in names else None
-
-    outcome = wait_for(settled, 60, "Invalid, or the decode LWS created")
+    outcome = wait_for(lambda: _invalid_or_created(kube, namespace, "mixed"), 60, "Invalid, or created")
     assert outcome[0] == "invalid", outcome
     assert "roles[decode].leaderTemplate" in outcome[1], outcome
+
+
+def _invalid_or_created(kube: Client, namespace: str, name: str) -> tuple[str, Any] | None:
+    """("invalid", message) once group `name` is Invalid, ("created", LWS names) once its decode
+    LWS exists, else None."""
+    invalid = _invalid_condition(kube, namespace, name)
+    if invalid is not None:
+        return ("invalid", invalid["message"])
+    names = {lws.metadata.name for lws in kube.list(LWS, namespace=namespace)}
+    return ("created", names) if f"{name}-decode" in names else None
 
 
 def _no_podtemplates(kube: Client, namespace: str) -> None:

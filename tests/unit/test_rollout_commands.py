@@ -50,6 +50,12 @@ def _role(name: str, desired: int, lws: dict[str, Any], pods: list[dict[str, Any
 
 
 SCALED = {"mode": "External", "minReplicas": 0, "maxReplicas": 4}
+BUILTIN_MAX_1 = {
+    "mode": "Builtin",
+    "minReplicas": 1,
+    "maxReplicas": 1,
+    "targets": {"tpotMs": 50, "ttftMs": 500},
+}
 
 
 def test_scaler_replicas_are_the_scalers_within_bounds_and_zero_is_zero() -> None:
@@ -65,13 +71,7 @@ def test_scaler_replicas_are_the_scalers_within_bounds_and_zero_is_zero() -> Non
 def test_a_builtin_role_above_a_lowered_max_keeps_its_groups_until_the_scaler_drains_them() -> None:
     """maxReplicas 4 -> 1 on a Builtin role at 3 cut the LWS to 1 at once, killing the streams on
     the two removed groups, and the scaler then called it drained (helper-65)."""
-    builtin = {
-        "mode": "Builtin",
-        "minReplicas": 1,
-        "maxReplicas": 1,
-        "targets": {"tpotMs": 50, "ttftMs": 500},
-    }
-    role = ServingGroup.model_validate(_doc(1, 1, builtin)).spec.role("decode")
+    role = ServingGroup.model_validate(_doc(1, 1, BUILTIN_MAX_1)).spec.role("decode")
     at3 = {"spec": {"replicas": 3}}
     assert scaled_replicas(role, {"spec": {"replicas": 3}}, at3) == 3  # held: the scaler drains first
     assert held_for_drain(role, {"spec": {"replicas": 3}}, at3) == 3
@@ -247,13 +247,7 @@ def test_the_header_says_when_the_enforced_tolerance_is_wider_than_the_declared(
 def test_the_controllers_hold_above_a_lowered_max_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without pdorch's scaler (or with its metrics unreadable) nothing drains: the hold ends after
     MAX_DRAIN_HOLD_S and the bound applies, as for External roles (helper-67)."""
-    builtin = {
-        "mode": "Builtin",
-        "minReplicas": 1,
-        "maxReplicas": 1,
-        "targets": {"tpotMs": 50, "ttftMs": 500},
-    }
-    role = ServingGroup.model_validate(_doc(1, 1, builtin)).spec.role("decode")
+    role = ServingGroup.model_validate(_doc(1, 1, BUILTIN_MAX_1)).spec.role("decode")
     srs, at3 = {"spec": {"replicas": 3}}, {"spec": {"replicas": 3}}
     clock = [1000.0]
     monkeypatch.setattr(reconciler.time, "monotonic", lambda: clock[0])
