@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -18,6 +19,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdorch.devcluster.process import free_port as free_port  # re-exported for the tests
 from pdorch.devcluster.waiting import wait_http_ok as shared_wait_http_ok
+
+
+@contextlib.contextmanager
+def refused_url() -> Iterator[str]:
+    """A loopback URL whose connections are refused for as long as the context lasts.
+
+    The port stays bound without listening: a port from `free_port` is free only a moment, and a
+    server the test starts next on port 0 can be given it (about 1 in 2500 here), turning the "dead"
+    endpoint into a live one.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
 
 # Routers must not reach a model hub: point any hub lookup at a closed loopback port.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "NO_PROXY": "*"}

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,7 +30,16 @@ from pdorch.sim import tokens
 from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Role
 from pdorch.sim.server import SimServer
-from tests.compat.helpers import free_port, sample, serve_app, spawn, stop, wait_http_ok, wait_until
+from tests.compat.helpers import (
+    free_port,
+    refused_url,
+    sample,
+    serve_app,
+    spawn,
+    stop,
+    wait_http_ok,
+    wait_until,
+)
 from tests.compat.test_proxy_http_server import post, talk
 
 pytestmark = pytest.mark.compat
@@ -120,6 +129,13 @@ async def stack(
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as s:
         yield s
+
+
+@pytest.fixture
+def closed() -> Iterator[str]:
+    """A URL nothing answers on: connections are refused while the test runs."""
+    with refused_url() as url:
+        yield url
 
 
 async def text_of(http: aiohttp.ClientSession, url: str) -> str:
@@ -402,9 +418,8 @@ async def failing_server(status: int) -> AsyncIterator[str]:
 
 @pytest.mark.parametrize("protocol", ["vllm", "sglang"])
 async def test_failing_prefills_are_retried_with_a_fresh_pair(
-    protocol: str, http: aiohttp.ClientSession
+    protocol: str, http: aiohttp.ClientSession, closed: str
 ) -> None:
-    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     async with failing_server(503) as broken:
         suffix = "#1" if protocol == "sglang" else ""
         async with stack(
@@ -867,8 +882,9 @@ async def test_graceful_stop_finishes_in_flight_streams(http: aiohttp.ClientSess
                 pass
 
 
-async def test_health_checks_open_the_breaker_of_a_dead_prefill(http: aiohttp.ClientSession) -> None:
-    closed = f"http://127.0.0.1:{free_port()}"
+async def test_health_checks_open_the_breaker_of_a_dead_prefill(
+    http: aiohttp.ClientSession, closed: str
+) -> None:
     async with stack(
         "vllm",
         extra_prefill=(closed,),

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from pdorch.devcluster.process import free_port
 from pdorch.proxy.upstream import EngineStalled, UpstreamPool, UpstreamTimeout
+from tests.compat.helpers import refused_url
 
 pytestmark = pytest.mark.compat
 
@@ -150,5 +151,5 @@ async def test_failing_a_wait_raises_unless_the_head_already_came(server: tuple[
 
 async def test_refused_connection_is_a_client_connection_error() -> None:
     pool = UpstreamPool(connect_timeout=2)
-    with pytest.raises(aiohttp.ClientConnectionError):
-        await pool.post(f"http://127.0.0.1:{free_port()}", "/echo", b"{}", {})
+    with refused_url() as closed, pytest.raises(aiohttp.ClientConnectionError):
+        await pool.post(closed, "/echo", b"{}", {})
