@@ -214,7 +214,7 @@ class RoleState:
         tick; returns the pairs and when the previous tick read (None on the first)."""
         seen = pair_with_previous(self.prev, keys, samples, self.read_at, fresh, self.before, wall)
         last = self.prev_at
-        self.prev, self.before, self.prev_at, self.prev_wall = seen.by_key, seen.before, now, wall
+        self.prev, self.before, self.prev_at, self.prev_wall = seen.baselines, seen.before, now, wall
         self.read_at = {u: t for u, t in self.read_at.items() if now - t < 3600} | dict.fromkeys(
             seen.by_key, now
         )

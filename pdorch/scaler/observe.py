@@ -61,11 +61,22 @@ def total(samples: Sequence[EngineSample]) -> EngineSample:
 # read as a repeat of the last interval, so without a bound a stuck Prometheus would go on sizing
 # the role on the load of minutes ago. 120 s is two scrapes at Prometheus's default interval (1m)
 # and four at the common 30 s: a late scrape or an ingestion lag still reads, a stopped one does
-# not. Older counts as unread, which holds a scale-down.
+# not. An engine scraped less often gets two of its own intervals (`age_bound`), up to the lookback,
+# past which Prometheus answers with nothing. Older counts as unread, which holds a scale-down.
 MAX_SAMPLE_AGE_S = 120.0
+PROMETHEUS_LOOKBACK_S = 300.0
 # Two readings of `process_start_time_seconds` this far apart are two processes (the value is
 # derived from clock ticks since boot; a restart takes far longer than this).
 _START_SLACK_S = 1.0
+
+
+def age_bound(base: EngineSample | None, before: EngineSample | None) -> float:
+    """How old an engine's newest sample may be and still be read: MAX_SAMPLE_AGE_S, or two of the
+    engine's scrape intervals (the spacing of its last two samples) where that is longer, never
+    beyond Prometheus's lookback."""
+    if base is None or before is None or base.at is None or before.at is None or base.at <= before.at:
+        return MAX_SAMPLE_AGE_S
+    return min(max(MAX_SAMPLE_AGE_S, 2 * (base.at - before.at)), PROMETHEUS_LOOKBACK_S)
 
 
 def _shared(old: EngineSample, new: EngineSample) -> tuple[str, ...]:
@@ -190,10 +201,17 @@ class Scraped:
     # source has no newer sample is paired with.
     before: dict[str, EngineSample] = field(default_factory=dict)
     repeated: int = 0  # endpoints whose source had no newer sample: their last interval, read again
-    stale: int = 0  # of `unread`: endpoints whose newest sample is older than MAX_SAMPLE_AGE_S
+    stale: int = 0  # of `unread`: endpoints whose newest sample is older than their `age_bound`
     # Of `unread`: endpoints whose sample does not follow their previous one (a counter family
     # missing, or a counter gone down while the process did not restart).
     broken: int = 0
+    # Baselines of stale endpoints, kept so that their next new sample is read against them.
+    kept: dict[str, EngineSample] = field(default_factory=dict)
+
+    @property
+    def baselines(self) -> dict[str, EngineSample]:
+        """Every endpoint's baseline for the next tick (the read ones' and the stale ones' kept)."""
+        return {**self.kept, **self.by_key}
 
     @property
     def blind(self) -> int:
@@ -204,7 +222,10 @@ class Scraped:
         """What is known of why endpoints were unread, for a hold's reason ("" when nothing is)."""
         parts = []
         if self.stale:
-            parts.append(f"{self.stale} stale: newest sample older than {MAX_SAMPLE_AGE_S:.0f}s")
+            parts.append(
+                f"{self.stale} stale: newest sample older than {MAX_SAMPLE_AGE_S:.0f}s"
+                " or two of the engine's scrape intervals"
+            )
         if self.broken:
             parts.append(f"{self.broken} incomplete: counters missing or gone down since the last reading")
         return f" ({'; '.join(parts)})" if parts else ""
@@ -233,7 +254,9 @@ def pair_with_previous(
     of reading as an interval without requests; the next new sample is read against the same
     baseline, over the time between the two scrapes. Without that, a scrape interval longer than
     the tick made some ticks read no load and the next ones twice as much. A sample scraped more
-    than MAX_SAMPLE_AGE_S before `wall` (the tick's Unix time; None: no bound) is unread (`stale`).
+    than its `age_bound` before `wall` (the tick's Unix time; None: no bound) is unread (`stale`);
+    the endpoint keeps its baseline (`kept`), so the next new sample is read against it over their
+    spacing: dropped, a scrape interval longer than the bound left every tick without a baseline.
 
     A sample that lacks a counter family its baseline had, or whose counters went down while its
     process did not restart, is unread like a failed scrape (`broken`): read, the missing counts
@@ -245,14 +268,19 @@ def pair_with_previous(
     by_key: dict[str, EngineSample] = {}
     pairs: list[EngineSample | None] = []
     earlier: dict[str, EngineSample] = {}
+    kept: dict[str, EngineSample] = {}
     repeated = stale = broken = 0
     for k, s in zip(keys, samples, strict=True):
         if s is None:
             continue
-        if wall is not None and s.at is not None and wall - s.at > MAX_SAMPLE_AGE_S:
-            stale += 1
-            continue
         base = prev.get(k)
+        if wall is not None and s.at is not None and wall - s.at > age_bound(base, before.get(k)):
+            stale += 1
+            if base is not None:
+                kept[k] = base
+                if k in before:
+                    earlier[k] = before[k]
+            continue
         if base is not None and s.at is not None and base.at is not None and s.at <= base.at:
             by_key[k] = base
             pairs.append(before.get(k))
@@ -280,6 +308,7 @@ def pair_with_previous(
         repeated=repeated,
         stale=stale,
         broken=broken,
+        kept=kept,
     )
 
 

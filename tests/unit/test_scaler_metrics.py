@@ -674,3 +674,37 @@ def test_a_sample_older_than_the_age_bound_is_unread_as_stale() -> None:
     assert "stale" in seen.unread_why() and f"{MAX_SAMPLE_AGE_S:.0f}s" in seen.unread_why()
     # A source without scrape times (a direct scrape) has nothing to age.
     assert pair_with_previous({}, ["a"], [EngineSample("vllm")], wall=1e12).unread == 0
+
+
+@pytest.mark.parametrize("scrape_every", [60.0, 150.0, 240.0])
+def test_a_scrape_interval_longer_than_the_age_bound_still_reads_every_tick(scrape_every: float) -> None:
+    """A Prometheus scraping every 150 s left samples older than the fixed 120 s bound for part of
+    every interval. Read as stale, they dropped the engine's baseline, so the next new sample had
+    nothing to pair with and every tick held the scale-down for good. The bound now spans two of the
+    engine's own scrape intervals (up to Prometheus's 5 min lookback), and a stale tick keeps the
+    baseline for the next new sample."""
+    ticks = [15.0 * i for i in range(1, 200)]
+    st = RoleState()
+    reads = []
+    for now, samples in _prometheus_ticks(scrape_every, [0.0, 40.0], ticks):
+        seen, last = st.read(["a", "b"], samples, (), now, now)
+        if last is not None:
+            reads.append(
+                (now, seen.unread, seen.blind, role_load(seen.prev, seen.cur, now - last).request_rate)
+            )
+    warm = [r for r in reads if r[0] > 3 * scrape_every]  # two scrapes of each engine seen
+    assert warm and all((unread, blind) == (0, 0) for _, unread, blind, _ in warm), warm[:5]
+    assert all(rate == pytest.approx(20.0) for *_, rate in warm)
+
+
+def test_a_stale_tick_keeps_the_baseline_for_the_next_new_sample() -> None:
+    """An engine's first interval is unknown, so its first long gap reads stale under the fixed
+    bound; the sample after it is still read against the baseline, over the time between them."""
+    a0 = EngineSample("vllm", requests_total=0, at=0.0)
+    first = pair_with_previous({}, ["a"], [a0], wall=0.0)
+    stale = pair_with_previous(first.by_key, ["a"], [a0], before=first.before, wall=MAX_SAMPLE_AGE_S + 1)
+    assert (stale.unread, stale.stale) == (1, 1)
+    a1 = EngineSample("vllm", requests_total=1500, at=150.0)
+    after = pair_with_previous(stale.baselines, ["a"], [a1], before=stale.before, wall=151.0)
+    assert (after.unread, after.blind) == (0, 0)
+    assert role_load(after.prev, after.cur, 15.0).request_rate == pytest.approx(10.0)
