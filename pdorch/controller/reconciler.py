@@ -157,8 +157,8 @@ class Reconciler:
     _templates_passed: dict[str, dict[str, str]] = field(default_factory=dict)
     # Per group: since when (monotonic) its rollout has seen no old prefill or decode group ready.
     _old_down_since: dict[str, float] = field(default_factory=dict)
-    # Per (group, role): since when a Builtin role has been held above a lowered maxReplicas.
-    _drain_hold_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Per group, per role: since when a Builtin role has been held above a lowered maxReplicas.
+    _drain_hold_since: dict[str, dict[str, float]] = field(default_factory=dict)
 
     async def reconcile(self, key: str) -> float | None:
         """Reconcile `namespace/name`. Returns seconds until a wanted requeue, or None."""
@@ -185,8 +185,7 @@ class Reconciler:
             self._lws_changed_at.pop(key, None)
             self._templates_passed.pop(key, None)
             self._old_down_since.pop(key, None)
-            for k in [k for k in self._drain_hold_since if k[0] == key]:
-                del self._drain_hold_since[k]
+            self._drain_hold_since.pop(key, None)
             forget_group_metrics(namespace, name)
             RECONCILES.labels("gone").inc()
             return None  # owner references let the garbage collector remove the children
@@ -370,7 +369,7 @@ class Reconciler:
             )
         if any(r.exists and r.ready < r.desired for r in roles):
             requeue = min(requeue or FAILURE_CHECK_S, FAILURE_CHECK_S)  # to read the warnings again
-        holds = [t for (k, _), t in self._drain_hold_since.items() if k == key]
+        holds = self._drain_hold_since.get(key, {}).values()
         if holds:  # to apply the bound when a hold above a lowered maxReplicas runs out
             left = max(1.0, MAX_DRAIN_HOLD_S - (time.monotonic() - min(holds)))
             requeue = min(requeue or left, left)
@@ -658,25 +657,31 @@ class Reconciler:
         return 5.0 if decision.kind in ("wait", "step") else float(min(deadline, 30))
 
     # ------------------------------------------------------------------ pieces
-    def _drain_hold(
+    def _scaled(
         self,
         key: str,
-        role_name: str,
+        role: Role,
         srs: dict[str, Any] | None,
         lws: dict[str, Any] | None,
-        role: Role,
         last_desired: int | None,
-    ) -> float | None:
-        """Seconds left of a Builtin role's hold above a lowered maxReplicas (`held_for_drain`),
-        or None when there is none or it ran out. The hold waits for pdorch's scaler to drain the
-        groups above the bound; without a scaler, or with its metrics unreadable, nothing drains,
-        so after MAX_DRAIN_HOLD_S the bound applies as it does for External roles."""
-        k = (key, role_name)
-        if held_for_drain(role, srs, lws, last_desired) is None:
-            self._drain_hold_since.pop(k, None)
-            return None
-        left = MAX_DRAIN_HOLD_S - (time.monotonic() - self._drain_hold_since.setdefault(k, time.monotonic()))
-        return left if left > 0 else None
+    ) -> tuple[int | None, int | None]:
+        """An autoscaled role's LWS replicas (`scaled_replicas`; None: roles[].replicas applies) and
+        the size it is held at above a lowered maxReplicas (`held_for_drain`), or None.
+
+        The hold waits for pdorch's scaler to drain the groups above the bound; without a scaler,
+        or with its metrics unreadable, nothing drains, so after MAX_DRAIN_HOLD_S the bound applies
+        as it does for External roles."""
+        held = held_for_drain(role, srs, lws, last_desired)
+        since = self._drain_hold_since.setdefault(key, {})
+        if held is None:
+            since.pop(role.name, None)
+        elif time.monotonic() - since.setdefault(role.name, time.monotonic()) >= MAX_DRAIN_HOLD_S:
+            held = None  # ran out
+        if not since:
+            del self._drain_hold_since[key]
+        if held is not None:
+            return held, held
+        return scaled_replicas(role, srs, lws, last_desired, hold_for_drain=False), None
 
     def _overrides(self, sg: ServingGroup, namespace: str, name: str) -> dict[str, RoleOverride]:
         """Replicas of External/Builtin roles come from their ServingRoleScaler (HPA, KEDA, ours),
@@ -685,15 +690,17 @@ class Reconciler:
         surge (`scaled_replicas`)."""
         out: dict[str, RoleOverride] = {}
         last_desired = status_desired(sg)
+        # A role no longer autoscaled, or removed, is held no longer (its time would requeue the
+        # group every second once it ran out).
+        if since := self._drain_hold_since.get(f"{namespace}/{name}"):
+            for gone in since.keys() - {r.name for r in sg.spec.roles if needs_scaler(r)}:
+                del since[gone]
         for role in sg.spec.roles:
             if not needs_scaler(role):
                 continue
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
             lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
-            hold = self._drain_hold(
-                f"{namespace}/{name}", role.name, srs, lws, role, last_desired.get(role.name)
-            )
-            replicas = scaled_replicas(role, srs, lws, last_desired.get(role.name), hold is not None)
+            replicas, _ = self._scaled(f"{namespace}/{name}", role, srs, lws, last_desired.get(role.name))
             if replicas is not None:
                 # A scaler created now starts there too (not at roles[].replicas).
                 out[role.name] = RoleOverride(
@@ -870,10 +877,9 @@ class Reconciler:
             assert role.scaling is not None  # needs_scaler
             lws = self.caches.children[LWS].get(namespace, lws_name(name, role.name))
             applied = scaled[role.name].replicas if role.name in scaled else None
-            hold = self._drain_hold(
-                f"{namespace}/{name}", role.name, srs, lws, role, last_desired.get(role.name)
-            )
-            if scaled_replicas(role, srs, lws, last_desired.get(role.name), hold is not None) != applied:
+            # Read again, not carried from `scaled`: the cache may hold a newer scaler by now.
+            replicas, held = self._scaled(f"{namespace}/{name}", role, srs, lws, last_desired.get(role.name))
+            if replicas != applied:
                 continue  # the cache holds a newer scaler than this pass read: the next pass acts on it
             want = st.scaler_status(
                 (role.scaling.min_replicas, role.scaling.max_replicas),
@@ -881,7 +887,7 @@ class Reconciler:
                 int(((lws or {}).get("status") or {}).get("replicas") or 0),
                 selector_string(leader_selector(name, role.name)),
                 applied=role.name not in rolling,
-                held_for_drain=held_for_drain(role, srs, lws, last_desired.get(role.name)) if hold else None,
+                held_for_drain=held,
                 hold_limit_s=MAX_DRAIN_HOLD_S,
             )
             have = srs.get("status") or {}

@@ -252,13 +252,37 @@ def test_the_controllers_hold_above_a_lowered_max_runs_out(monkeypatch: pytest.M
     clock = [1000.0]
     monkeypatch.setattr(reconciler.time, "monotonic", lambda: clock[0])
     holder = SimpleNamespace(_drain_hold_since={})
-    hold = reconciler.Reconciler._drain_hold
-    assert hold(holder, "ns/g", "decode", srs, at3, role, None) == reconciler.MAX_DRAIN_HOLD_S
+
+    def scaled(srs: dict[str, Any]) -> tuple[int | None, int | None]:
+        return reconciler.Reconciler._scaled(holder, "ns/g", role, srs, at3, None)  # type: ignore[arg-type]
+
+    assert scaled(srs) == (3, 3)  # held at what runs
     clock[0] += reconciler.MAX_DRAIN_HOLD_S - 1
-    assert hold(holder, "ns/g", "decode", srs, at3, role, None) == pytest.approx(1.0)
+    assert scaled(srs) == (3, 3)
     clock[0] += 1
-    assert hold(holder, "ns/g", "decode", srs, at3, role, None) is None
-    assert scaled_replicas(role, srs, at3, None, hold_for_drain=False) == 1  # the bound, at once
+    assert scaled(srs) == (1, None)  # ran out: the bound, at once
     # Drained to the bound: the hold is forgotten, and a later lowering gets its full time.
-    assert hold(holder, "ns/g", "decode", {"spec": {"replicas": 1}}, at3, role, None) is None
+    assert scaled({"spec": {"replicas": 1}}) == (1, None)
     assert holder._drain_hold_since == {}
+    assert scaled(srs) == (3, 3)
+
+
+class _Cache:
+    """An informer cache holding nothing."""
+
+    def get(self, namespace: str, name: str) -> None:
+        return None
+
+
+def test_a_role_removed_while_held_is_held_no_longer() -> None:
+    """The hold's start is forgotten when its role leaves the spec or stops being autoscaled;
+    kept, it would requeue the group every second once its time ran out."""
+    doc = _doc(1, 1, BUILTIN_MAX_1)
+    sg = ServingGroup.model_validate(doc)
+    holder = SimpleNamespace(
+        _drain_hold_since={"ns/g": {"decode": 0.0, "old-decode": 0.0}},
+        caches=SimpleNamespace(children={reconciler.SERVING_ROLE_SCALER: _Cache(), reconciler.LWS: _Cache()}),
+        _scaled=lambda *a: reconciler.Reconciler._scaled(holder, *a),  # type: ignore[arg-type]
+    )
+    reconciler.Reconciler._overrides(holder, sg, "ns", "g")  # type: ignore[arg-type]
+    assert holder._drain_hold_since == {}  # decode is not held (no scaler yet); old-decode is gone
