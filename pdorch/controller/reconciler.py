@@ -42,6 +42,7 @@ from pdorch.controller.kubeapi import (
     Resource,
     resource_of,
 )
+from pdorch.controller.scheduling import UNSCHEDULABLE, unschedulable
 from pdorch.roles.labels import (
     LABEL_GROUP,
     LABEL_ROLE,
@@ -86,6 +87,11 @@ COHORT_DEVIATION = Gauge(
 )
 ROLLOUT_STALLED = Gauge(
     "pdorch_rollout_stalled", "1 while the group's RolloutStalled condition is True.", ["namespace", "group"]
+)
+PODS_UNSCHEDULABLE = Gauge(
+    "pdorch_pods_unschedulable",
+    "1 while the group's PodsUnschedulable condition is True (pods the scheduler could not place).",
+    ["namespace", "group"],
 )
 CHILD_KINDS: tuple[Resource, ...] = (LWS, SERVICE, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, SERVING_ROLE_SCALER)
 # Retry interval of a ControllerRevision write the API refused (the pass itself succeeded).
@@ -367,8 +373,22 @@ class Reconciler:
                     prev_status.get("conditions") or [],
                 )
             )
+        unplaced = self._unschedulable(namespace, name, roles)
+        PODS_UNSCHEDULABLE.labels(namespace, name).set(1 if unplaced else 0)
+        if unplaced:
+            new_status["conditions"].append(
+                st.condition(
+                    st.PODS_UNSCHEDULABLE,
+                    True,
+                    UNSCHEDULABLE,
+                    "; ".join(f"{role}: {msg}" for role, msg in sorted(unplaced.items())),
+                    generation,
+                    prev_status.get("conditions") or [],
+                )
+            )
         if any(r.exists and r.ready < r.desired for r in roles):
-            requeue = min(requeue or FAILURE_CHECK_S, FAILURE_CHECK_S)  # to read the warnings again
+            # To read the warnings and the pods' scheduling again (pod events do not reconcile).
+            requeue = min(requeue or FAILURE_CHECK_S, FAILURE_CHECK_S)
         holds = self._drain_hold_since.get(key, {}).values()
         if holds:  # to apply the bound when a hold above a lowered maxReplicas runs out
             left = max(1.0, MAX_DRAIN_HOLD_S - (time.monotonic() - min(holds)))
@@ -428,6 +448,22 @@ class Reconciler:
             return {}
         events = await self._failed_create_warnings(namespace, now)
         return creation_failures(events, lacking, since) if events is not None else {}
+
+    def _unschedulable(self, namespace: str, name: str, roles: list[st.RoleObservation]) -> dict[str, str]:
+        """Per role lacking ready groups, what its pods the scheduler could not place say."""
+        if self.caches.pods is None:
+            return {}
+        now = dt.datetime.now(dt.UTC)
+        out = {}
+        for r in roles:
+            if not r.exists or r.ready >= r.desired:
+                continue
+            found = unschedulable(
+                self.caches.pods.list(namespace, {LABEL_GROUP: name, LABEL_ROLE: r.name}), now
+            )
+            if found is not None:
+                out[r.name] = found
+        return out
 
     async def _failed_create_warnings(self, namespace: str, now: float) -> list[dict[str, Any]] | None:
         """The namespace's FailedCreate warnings, listed at most every FAILURE_CHECK_S for all its
@@ -1099,7 +1135,7 @@ def _record_ratio(obj: dict[str, Any], roles: list[st.RoleObservation]) -> None:
 
 def forget_group_metrics(namespace: str, name: str) -> None:
     """Drop every per-group series of a deleted group (a gauge would keep its last value forever)."""
-    for metric in (RATIO_DEVIATION, ROLLOUT_STEPS, COHORT_DEVIATION, ROLLOUT_STALLED):
+    for metric in (RATIO_DEVIATION, ROLLOUT_STEPS, COHORT_DEVIATION, ROLLOUT_STALLED, PODS_UNSCHEDULABLE):
         try:
             metric.remove(namespace, name)
         except KeyError:

@@ -24,6 +24,8 @@ APPLY_FAILED = "ApplyFailed"
 REVISION_RECORD_FAILED = "RevisionRecordFailed"
 # Present (True) only while a role's LWS or StatefulSets report that they cannot create its groups.
 REPLICA_FAILURE = "ReplicaFailure"
+# Present (True) only while some role's pods have waited for a node (`pdorch.controller.scheduling`).
+PODS_UNSCHEDULABLE = "PodsUnschedulable"
 # On a ServingRoleScaler: True while its spec.replicas lies outside the role's min/max (HPA's reasons).
 SCALING_LIMITED = "ScalingLimited"
 # Written by pdorch's scaler (not the controller) on a Builtin role's ServingRoleScaler.
@@ -423,7 +425,7 @@ def _role_statuses(roles: list[RoleObservation]) -> list[dict[str, Any]]:
 
 
 # Conditions the status carries only while True: their going away is their flip to False.
-_ONLY_WHILE_TRUE = (REPLICA_FAILURE, REVISION_RECORD_FAILED)
+_ONLY_WHILE_TRUE = (REPLICA_FAILURE, REVISION_RECORD_FAILED, PODS_UNSCHEDULABLE)
 
 
 def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -443,7 +445,7 @@ def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[s
 
 
 # Conditions that are True when something is wrong.
-_TROUBLE = frozenset({INVALID, ROLLOUT_STALLED, REVISION_RECORD_FAILED, REPLICA_FAILURE})
+_TROUBLE = frozenset({INVALID, ROLLOUT_STALLED, REVISION_RECORD_FAILED, REPLICA_FAILURE, PODS_UNSCHEDULABLE})
 
 
 def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str, str, str]]:

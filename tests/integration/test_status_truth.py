@@ -283,6 +283,43 @@ def test_pods_the_namespace_refuses_are_reported_as_replica_failure_until_fixed(
     wait_for(lambda: failure() is None, 60, "ReplicaFailure gone after the fix")
 
 
+def test_pods_no_node_takes_are_reported_as_unschedulable_until_one_does(
+    kube: Client, devcluster: ClusterState, namespace: str, controller: ControllerProc
+) -> None:
+    """Decode's pods ask for a node label no node has: the real scheduler leaves them Pending and
+    says why only on each pod. The group carries PodsUnschedulable=True with the scheduler's
+    message under the role's name and a Warning event; once a node gets the label the pods run,
+    the condition goes and a Normal `Resolved` says so."""
+    label = f"pdorch.io/test-{namespace}"
+    doc = example("nogpu")
+    for role in doc["spec"]["roles"]:
+        if role["type"] == "decode":
+            role["workerTemplate"]["spec"]["nodeSelector"] = {label: "yes"}
+    kube.create(SG.from_dict(doc), namespace=namespace)
+
+    def unplaced() -> dict[str, Any] | None:
+        c = condition(kube.get(SG, "nogpu", namespace=namespace), "PodsUnschedulable")
+        return c if c and c["status"] == "True" else None
+
+    c = wait_for(unplaced, 120, "PodsUnschedulable=True")
+    assert c["reason"] == "Unschedulable"
+    assert c["message"].startswith("decode: 1 pod not scheduled: 0/"), c["message"]
+    assert "node affinity/selector" in c["message"], c["message"]  # the scheduler's own words
+    assert "prefill" not in c["message"]
+    assert "Unschedulable" in _reasons(devcluster, namespace, "nogpu", "Warning")
+    assert _value(controller.metrics_text(), "pdorch_pods_unschedulable", "nogpu") == 1
+
+    node = next(iter(kube.list(Node))).metadata.name
+    kube.patch(Node, node, {"metadata": {"labels": {label: "yes"}}})
+    try:
+        wait_available(kube, namespace, "nogpu", timeout=120)
+        wait_for(lambda: unplaced() is None, 60, "PodsUnschedulable gone once a node fits")
+        assert "Resolved" in _reasons(devcluster, namespace, "nogpu", "Normal")
+        assert _value(controller.metrics_text(), "pdorch_pods_unschedulable", "nogpu") == 0
+    finally:
+        kube.patch(Node, node, {"metadata": {"labels": {label: None}}})
+
+
 def _event_lists(metrics: str) -> float:
     for family in text_string_to_metric_families(metrics):
         for s in family.samples:
