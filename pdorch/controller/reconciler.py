@@ -450,13 +450,14 @@ class Reconciler:
         return creation_failures(events, lacking, since) if events is not None else {}
 
     def _unschedulable(self, namespace: str, name: str, roles: list[st.RoleObservation]) -> dict[str, str]:
-        """Per role lacking ready groups, what its pods the scheduler could not place say."""
+        """Per role, what its pods the scheduler could not place say (also a rollout's surge groups,
+        which leave the ready count at the desired one)."""
         if self.caches.pods is None:
             return {}
         now = dt.datetime.now(dt.UTC)
         out = {}
         for r in roles:
-            if not r.exists or r.ready >= r.desired:
+            if not r.exists:
                 continue
             found = unschedulable(
                 self.caches.pods.list(namespace, {LABEL_GROUP: name, LABEL_ROLE: r.name}), now

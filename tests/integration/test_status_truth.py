@@ -131,12 +131,31 @@ def test_a_stalled_rollout_shows_desired_counts_and_its_state_and_stays_quiet(
         "Stalled",
     )
 
-    # An unchanged stall writes nothing (the message used to count seconds: a write every pass).
+    # The surge groups' pods find no node: said per role, though the ready counts are complete,
+    # each pod once it has waited 30 s.
+    def pending(role: str) -> int:
+        pods = kube.list(
+            Pod, namespace=namespace, labels={"pdorch.io/group": "frozen", "pdorch.io/role": role}
+        )
+        return sum(p.status.phase == "Pending" for p in pods)
+
+    def unplaced() -> str | None:
+        c = condition(kube.get(SG, "frozen", namespace=namespace), "PodsUnschedulable")
+        if not c or c["status"] != "True":
+            return None
+        counted = all(f"{role}: {pending(role)} pod" in c["message"] for role in ("prefill", "decode"))
+        return c["message"] if counted else None
+
+    msg = wait_for(unplaced, 90, "PodsUnschedulable=True counting every surge pod")
+    assert msg.startswith("decode: ") and "; prefill: " in msg and "node affinity/selector" in msg, msg
+
+    # An unchanged stall writes nothing (the message used to count seconds: a write every pass),
+    # nor do pods that keep waiting for a node.
     time.sleep(3)
     rv = kube.get(SG, "frozen", namespace=namespace).metadata.resourceVersion
     time.sleep(12)  # two requeues of a stalled rollout (every 5 s) and their watch events
     again = kube.get(SG, "frozen", namespace=namespace)
-    assert again.metadata.resourceVersion == rv, condition(again, "RolloutStalled")
+    assert again.metadata.resourceVersion == rv, again.status["conditions"]
 
     # The stall is a Warning event.
     def stall_warned() -> bool:
