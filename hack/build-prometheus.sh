@@ -14,5 +14,10 @@ source "$HACK/go-tool.sh"
 go_tool_begin prometheus "$PROMETHEUS" "${PDORCH_PROMETHEUS_CACHE:-${PDORCH_CACHE:-$HOME/.cache/pdorch}/prometheus}" \
   github.com/prometheus/prometheus/cmd/prometheus
 step "prometheus v$PROMETHEUS: compiling (a few minutes on a cold Go cache)"
-go build -trimpath -ldflags="-s -w" -o "$OUT.tmp/prometheus" github.com/prometheus/prometheus/cmd/prometheus
+# Prometheus's own version (module v0.MMP.P is Prometheus M.MP.P: 0.316.0 is 3.16.0), stamped as its
+# release builds do, so `prometheus --version` says which one runs.
+MMM=${PROMETHEUS#0.}; MMM=${MMM%%.*}
+VERSION="$((MMM / 100)).$((MMM % 100)).${PROMETHEUS##*.}"
+go build -trimpath -ldflags="-s -w -X github.com/prometheus/common/version.Version=$VERSION -X github.com/prometheus/common/version.Revision=v$PROMETHEUS" \
+  -o "$OUT.tmp/prometheus" github.com/prometheus/prometheus/cmd/prometheus
 go_tool_end prometheus "$PROMETHEUS"

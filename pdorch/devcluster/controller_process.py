@@ -14,7 +14,7 @@ import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdorch.devcluster.cluster import is_cluster_dir
-from pdorch.devcluster.process import free_port
+from pdorch.devcluster.process import dies_with_parent, free_port
 from pdorch.devcluster.waiting import ProcessExited, wait_for
 
 WRITE_VERBS = ("create", "apply", "update", "patch", "delete")
@@ -59,7 +59,9 @@ class ControllerProc:
         self._argv = argv
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._logf = open(self.log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self._logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, stdout=self._logf, stderr=subprocess.STDOUT, preexec_fn=dies_with_parent()
+        )
 
     def kill(self) -> None:
         """SIGKILL (no cleanup, the Lease stays held) and reap the process."""
@@ -73,7 +75,9 @@ class ControllerProc:
             raise RuntimeError(f"controller {self.identity} is still running")
         if self._logf.closed:  # after stop(): the restarted process appends to the same log
             self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(self._argv, stdout=self._logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self._argv, stdout=self._logf, stderr=subprocess.STDOUT, preexec_fn=dies_with_parent()
+        )
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -29,6 +29,7 @@ import httpx2
 from pdorch.controller.informer import Informer
 from pdorch.controller.kubeapi import POD, KubeApi
 from pdorch.devcluster.manifests import POD_TERMINATION_MS
+from pdorch.devcluster.process import dies_with_parent
 from pdorch.devcluster.waiting import wait_for_async
 from pdorch.roles.labels import (
     ANNOTATION_BOOTSTRAP_PORT,
@@ -199,7 +200,7 @@ class PodBackends:
             ]  # fmt: skip
             out = self._proxy_log(b.pod)
             self.proxies[b.pod] = await asyncio.create_subprocess_exec(
-                *argv, stdout=out, stderr=asyncio.subprocess.STDOUT
+                *argv, stdout=out, stderr=asyncio.subprocess.STDOUT, preexec_fn=dies_with_parent()
             )
         else:
             cfg = self.sim_config or SimConfig(protocol=self.protocol)  # type: ignore[arg-type]

@@ -7,16 +7,50 @@ each PID is still the process we started, by its start time (PIDs get reused).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DELETED_SUFFIX = " (deleted)"  # what /proc/PID/exe reads once the binary was removed or replaced
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    # Resolved once here: the function runs in the forked child before exec, where it must not
+    # import or allocate (another thread may have held the locks at fork time).
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def dies_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel SIGTERM the child when the process starting it dies, by
+    any means (`kill -9` included), so the demo's controller and proxies never outlive it: orphans
+    kept answering on the proxy pod's address and reconciling the group beside the next demo's
+    controller. None where the kernel cannot (not Linux): the caller's own cleanup still runs."""
+    if _PRCTL is None:
+        return None
+    prctl, parent = _PRCTL, os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:
