@@ -211,8 +211,7 @@ class Reconciler:
                 sg_or_error = _validation_message(e)
             self._models[key] = ((uid, rv), sg_or_error)
         if isinstance(sg_or_error, str):
-            await self._invalid(obj, generation, prev_status, sg_or_error)
-            return None
+            return await self._invalid(obj, generation, prev_status, sg_or_error)
         sg = sg_or_error
 
         # What the operator asked for (spec, or the ServingRoleScaler) stays apart from the
@@ -237,7 +236,7 @@ class Reconciler:
                 # The models accepted a spec render cannot handle (a pdorch bug): say so in status
                 # once instead of failing and retrying the pass forever without a word.
                 log.exception("rendering %s failed", key)
-                await self._invalid(
+                return await self._invalid(
                     obj,
                     generation,
                     prev_status,
@@ -245,7 +244,6 @@ class Reconciler:
                     "check the role templates, and report this to pdorch if the spec is valid",
                     _desired(sg, scaled),
                 )
-                return None
             cached = _Render(rkey, rendered, compute_revision(sg.spec))
             self._renders[key] = cached
         desired, revision = cached.desired, cached.revision
@@ -268,14 +266,13 @@ class Reconciler:
             if owner is not None:
                 if owner == (SERVING_GROUP.kind, name):
                     return 2.0  # a deleted group of the same name: wait for its children to go
-                await self._invalid(
+                return await self._invalid(
                     obj,
                     generation,
                     prev_status,
                     _name_clash(intent, f"belongs to {owner[0]} {owner[1]}"),
                     _desired(sg, scaled),
                 )
-                return None
             skey = (i, live is None)
             if skey not in cached.stamps:
                 cached.stamps[skey] = stamp(_without_scaler_replicas(intent, live))
@@ -294,8 +291,7 @@ class Reconciler:
                     checks.append((stamped, live, unseen))
         refusal = await self._dry_run(key, checks)
         if refusal is not None:
-            await self._invalid(obj, generation, prev_status, refusal, _desired(sg, scaled))
-            return None
+            return await self._invalid(obj, generation, prev_status, refusal, _desired(sg, scaled))
         self._announce_step(key, namespace, name, rollout)
 
         # Independent objects go out concurrently; RoleBindings last, since RBAC checks that the
@@ -373,20 +369,8 @@ class Reconciler:
                     prev_status.get("conditions") or [],
                 )
             )
-        unplaced = self._unschedulable(namespace, name, roles)
-        PODS_UNSCHEDULABLE.labels(namespace, name).set(1 if unplaced else 0)
-        if unplaced:
-            new_status["conditions"].append(
-                st.condition(
-                    st.PODS_UNSCHEDULABLE,
-                    True,
-                    UNSCHEDULABLE,
-                    "; ".join(f"{role}: {msg}" for role, msg in sorted(unplaced.items())),
-                    generation,
-                    prev_status.get("conditions") or [],
-                )
-            )
-        if any(r.exists and r.ready < r.desired for r in roles):
+        unplaced = self._add_unschedulable(new_status, namespace, name, roles, generation, prev_status)
+        if unplaced or any(r.exists and r.ready < r.desired for r in roles):
             # To read the warnings and the pods' scheduling again (pod events do not reconcile).
             requeue = min(requeue or FAILURE_CHECK_S, FAILURE_CHECK_S)
         holds = self._drain_hold_since.get(key, {}).values()
@@ -448,6 +432,32 @@ class Reconciler:
             return {}
         events = await self._failed_create_warnings(namespace, now)
         return creation_failures(events, lacking, since) if events is not None else {}
+
+    def _add_unschedulable(
+        self,
+        status: dict[str, Any],
+        namespace: str,
+        name: str,
+        roles: list[st.RoleObservation],
+        generation: int,
+        prev: dict[str, Any],
+    ) -> bool:
+        """Add PodsUnschedulable to `status` while some role's pods find no node, and set its
+        gauge; whether it was added."""
+        unplaced = self._unschedulable(namespace, name, roles)
+        PODS_UNSCHEDULABLE.labels(namespace, name).set(1 if unplaced else 0)
+        if unplaced:
+            status["conditions"].append(
+                st.condition(
+                    st.PODS_UNSCHEDULABLE,
+                    True,
+                    UNSCHEDULABLE,
+                    "; ".join(f"{role}: {msg}" for role, msg in sorted(unplaced.items())),
+                    generation,
+                    prev.get("conditions") or [],
+                )
+            )
+        return bool(unplaced)
 
     def _unschedulable(self, namespace: str, name: str, roles: list[st.RoleObservation]) -> dict[str, str]:
         """Per role, what its pods the scheduler could not place say (also a rollout's surge groups,
@@ -978,16 +988,21 @@ class Reconciler:
         prev: dict[str, Any],
         message: str,
         desired: dict[str, int] | None = None,
-    ) -> None:
+    ) -> float | None:
         """Report an invalid spec, with what the existing LWS (still serving) look like meanwhile.
 
-        `desired` per role when the spec parsed (else the last accepted desired counts are kept)."""
+        `desired` per role when the spec parsed (else the last accepted desired counts are kept).
+        Returns when to look again: while pods find no node or a role lacks ready groups (pod
+        events do not reconcile), as for a valid spec."""
         if len(message) > MAX_INVALID_MESSAGE:
             # The CRD caps a condition message; past it the status write, and so the report, fails.
             message = message[: MAX_INVALID_MESSAGE - 1] + "…"
         observed = self._observe_children(obj, prev, desired)
         _record_ratio(obj, observed)  # a decode outage under an invalid spec still shows
         new = st.compute_status(generation, observed, "", prev, invalid=message)
+        # Pods the existing LWS run still find no node: an invalid spec does not resolve that.
+        md = obj["metadata"]
+        unplaced = self._add_unschedulable(new, md["namespace"], md["name"], observed, generation, prev)
         before = st.find_condition(prev.get("conditions") or [], st.INVALID) or {}
         if await self._write_status(obj, prev, new) and (
             before.get("status") != "True" or before.get("message") != message
@@ -996,6 +1011,9 @@ class Reconciler:
             # event); readiness changes while invalid rewrite status but are not new refusals.
             self.events.emit_soon(obj, "Warning", "InvalidSpec", message, series=st.INVALID)
         RECONCILES.labels("invalid").inc()
+        return (
+            FAILURE_CHECK_S if unplaced or any(r.exists and r.ready < r.desired for r in observed) else None
+        )
 
     def _observe_children(
         self, obj: dict[str, Any], prev: dict[str, Any], desired: dict[str, int] | None

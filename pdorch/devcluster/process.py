@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +41,12 @@ def dies_with_parent() -> Callable[[], None] | None:
     """A `preexec_fn` that has the kernel SIGTERM the child when the process starting it dies, by
     any means (`kill -9` included), so the demo's controller and proxies never outlive it: orphans
     kept answering on the proxy pod's address and reconciling the group beside the next demo's
-    controller. None where the kernel cannot (not Linux): the caller's own cleanup still runs."""
-    if _PRCTL is None:
+    controller. None where the kernel cannot (not Linux): the caller's own cleanup still runs.
+
+    The kernel ties the signal to the *thread* that forks, so only the main thread asks for it: a
+    child started from a worker thread (`asyncio.to_thread`) would be stopped when that thread
+    ends, with its parent still running; it gets None (no tie) instead."""
+    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
         return None
     prctl, parent = _PRCTL, os.getpid()
 

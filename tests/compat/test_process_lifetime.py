@@ -6,12 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pdorch.devcluster.process import proc_stat
+from pdorch.devcluster.process import dies_with_parent, proc_stat
 
 pytestmark = pytest.mark.compat
 
@@ -55,3 +56,14 @@ def test_a_child_tied_to_its_parent_goes_when_the_parent_is_killed(tmp_path: Pat
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_child_started_from_a_worker_thread_is_not_tied() -> None:
+    """The kernel ties the signal to the forking thread: tied from a worker thread, a child would
+    be stopped when that thread ends, its parent still running. Only the main thread ties."""
+    got: list[object] = []
+    worker = threading.Thread(target=lambda: got.append(dies_with_parent()))
+    worker.start()
+    worker.join()
+    assert got == [None]
+    assert dies_with_parent() is not None

@@ -219,6 +219,16 @@ def test_an_invalid_spec_still_reports_an_outage_and_warns_once(
 
     wait_for(lambda: warned(1), 15, "a Warning RoleNotReady event")
 
+    # The recreated decode pod finds no node (all cordoned): said under the invalid spec too, which
+    # a pass only reports (it used to look again only on an LWS change).
+    def unplaced() -> str | None:
+        c = condition(kube.get(SG, "inv", namespace=namespace), "PodsUnschedulable")
+        return c["message"] if c and c["status"] == "True" else None
+
+    msg = wait_for(unplaced, 75, "PodsUnschedulable=True while the spec is invalid")
+    assert msg.startswith("decode: 1 pod not scheduled: ") and "unschedulable" in msg, msg
+    assert condition(kube.get(SG, "inv", namespace=namespace), "Invalid")["status"] == "True"
+
     # Back up, then a second outage minutes before the old 10-minute dedup window ends: a second
     # Warning (it used to be dropped as a repeat).
     cordon(False)

@@ -53,12 +53,14 @@ class _Saturated:
 
 
 async def test_a_refused_scale_up_does_not_start_the_cooldown(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first scale-up's /scale write meets a 409 (the object changed since the tick read it):
-    nothing changed, so the next tick scales up instead of waiting out cooldownSeconds."""
+    """The first scale-up's /scale write meets a 409 on every try of its tick (the object changed
+    since the tick read it): nothing changed, so the next tick scales up instead of waiting out
+    cooldownSeconds. (One 409 alone is retried within the tick and never reaches that path.)"""
     apiserver = _Apiserver(
         "ns", {"mode": "Builtin", "maxReplicas": 50, "targets": {"tpotMs": 100}, "cooldownSeconds": 60}, 1
     )
-    apiserver.refuse_next = True
+    # Every try of the first tick's write (the scaler tries 3 times within a tick): refused.
+    apiserver.refusals = 3
     clock = [1000.0]
     monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
     scaler = apiserver.scaler(_Saturated())
@@ -68,8 +70,8 @@ async def test_a_refused_scale_up_does_not_start_the_cooldown(monkeypatch: pytes
         targets += [(d.current, d.target) for d in decided]
         clock[0] += 15
     await scaler.api.close()
-    assert not apiserver.refuse_next, (
-        "the first scale-up was never refused: the test did not exercise the conflict"
+    assert apiserver.refusals == 0, (
+        "the first scale-up was not refused: the test did not exercise the conflict"
     )
     assert apiserver.writes, f"no scale-up after the refused one: {targets}"
 
@@ -136,7 +138,7 @@ class _Apiserver:
         self.writes: list[int] = []
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
-        self.refuse_next = False  # answer the next /scale write with a 409
+        self.refusals = 0  # answer that many /scale writes with a 409
         self.sync()
 
     def sync(self) -> None:
@@ -171,8 +173,8 @@ class _Apiserver:
         if method == "GET" and path.endswith("/servingrolescalers/sim-pd-decode"):
             return httpx2.Response(200, json=copy.deepcopy(self.srs))
         if method == "PATCH" and path.endswith("/scale"):
-            if self.refuse_next:  # the object changed since the tick read it
-                self.refuse_next = False
+            if self.refusals:  # the object changed since the tick read it
+                self.refusals -= 1
                 return httpx2.Response(409, json={"kind": "Status", "code": 409, "reason": "Conflict"})
             body = json.loads(request.content)
             if (body.get("metadata") or {}).get("resourceVersion", md["resourceVersion"]) != md[
