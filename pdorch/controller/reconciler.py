@@ -357,21 +357,7 @@ class Reconciler:
             rolling=rollout.active,
         )
         requeue = self._rollout_status(sg, key, obj, generation, prev_status, new_status, rollout)
-        failing = await self._creation_failures(key, namespace, name, roles)
-        if failing:
-            new_status["conditions"].append(
-                st.condition(
-                    st.REPLICA_FAILURE,
-                    True,
-                    FAILED_CREATE,
-                    "; ".join(f"{role}: {msg}" for role, msg in sorted(failing.items()))[:2000],
-                    generation,
-                    prev_status.get("conditions") or [],
-                )
-            )
-        unplaced = self._add_unschedulable(new_status, namespace, name, roles, generation, prev_status)
-        if unplaced or any(r.exists and r.ready < r.desired for r in roles):
-            # To read the warnings and the pods' scheduling again (pod events do not reconcile).
+        if await self._add_pod_trouble(new_status, key, roles, generation, prev_status):
             requeue = min(requeue or FAILURE_CHECK_S, FAILURE_CHECK_S)
         holds = self._drain_hold_since.get(key, {}).values()
         if holds:  # to apply the bound when a hold above a lowered maxReplicas runs out
@@ -433,31 +419,32 @@ class Reconciler:
         events = await self._failed_create_warnings(namespace, now)
         return creation_failures(events, lacking, since) if events is not None else {}
 
-    def _add_unschedulable(
+    async def _add_pod_trouble(
         self,
         status: dict[str, Any],
-        namespace: str,
-        name: str,
+        key: str,
         roles: list[st.RoleObservation],
         generation: int,
         prev: dict[str, Any],
     ) -> bool:
-        """Add PodsUnschedulable to `status` while some role's pods find no node, and set its
-        gauge; whether it was added."""
+        """Add ReplicaFailure (groups that cannot be created) and PodsUnschedulable (pods that find
+        no node) to `status` while they hold, and set the latter's gauge. Returns whether to look
+        again in FAILURE_CHECK_S: pod events do not reconcile, so the warnings and the pods'
+        scheduling are read again on a timer while a role lacks ready groups or pods are unplaced."""
+        namespace, name = key.split("/", 1)
+        failing = await self._creation_failures(key, namespace, name, roles)
         unplaced = self._unschedulable(namespace, name, roles)
         PODS_UNSCHEDULABLE.labels(namespace, name).set(1 if unplaced else 0)
-        if unplaced:
-            status["conditions"].append(
-                st.condition(
-                    st.PODS_UNSCHEDULABLE,
-                    True,
-                    UNSCHEDULABLE,
-                    "; ".join(f"{role}: {msg}" for role, msg in sorted(unplaced.items())),
-                    generation,
-                    prev.get("conditions") or [],
+        for ctype, reason, found in (
+            (st.REPLICA_FAILURE, FAILED_CREATE, failing),
+            (st.PODS_UNSCHEDULABLE, UNSCHEDULABLE, unplaced),
+        ):
+            if found:
+                message = "; ".join(f"{role}: {msg}" for role, msg in sorted(found.items()))[:2000]
+                status["conditions"].append(
+                    st.condition(ctype, True, reason, message, generation, prev.get("conditions") or [])
                 )
-            )
-        return bool(unplaced)
+        return bool(unplaced) or any(r.exists and r.ready < r.desired for r in roles)
 
     def _unschedulable(self, namespace: str, name: str, roles: list[st.RoleObservation]) -> dict[str, str]:
         """Per role, what its pods the scheduler could not place say (also a rollout's surge groups,
@@ -1000,9 +987,12 @@ class Reconciler:
         observed = self._observe_children(obj, prev, desired)
         _record_ratio(obj, observed)  # a decode outage under an invalid spec still shows
         new = st.compute_status(generation, observed, "", prev, invalid=message)
-        # Pods the existing LWS run still find no node: an invalid spec does not resolve that.
+        # Groups the existing LWS cannot create, or pods they run that find no node: an invalid
+        # spec does not resolve either (dropped, the conditions read as resolved).
         md = obj["metadata"]
-        unplaced = self._add_unschedulable(new, md["namespace"], md["name"], observed, generation, prev)
+        again = await self._add_pod_trouble(
+            new, f"{md['namespace']}/{md['name']}", observed, generation, prev
+        )
         before = st.find_condition(prev.get("conditions") or [], st.INVALID) or {}
         if await self._write_status(obj, prev, new) and (
             before.get("status") != "True" or before.get("message") != message
@@ -1011,9 +1001,7 @@ class Reconciler:
             # event); readiness changes while invalid rewrite status but are not new refusals.
             self.events.emit_soon(obj, "Warning", "InvalidSpec", message, series=st.INVALID)
         RECONCILES.labels("invalid").inc()
-        return (
-            FAILURE_CHECK_S if unplaced or any(r.exists and r.ready < r.desired for r in observed) else None
-        )
+        return FAILURE_CHECK_S if again else None
 
     def _observe_children(
         self, obj: dict[str, Any], prev: dict[str, Any], desired: dict[str, int] | None

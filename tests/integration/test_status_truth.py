@@ -264,7 +264,7 @@ def test_ratio_deviation_follows_a_one_sided_outage_and_a_deleted_group_leaves_n
 
 
 def test_pods_the_namespace_refuses_are_reported_as_replica_failure_until_fixed(
-    kube: Client, namespace: str, controller: ControllerProc
+    kube: Client, devcluster: ClusterState, namespace: str, controller: ControllerProc
 ) -> None:
     """Pods a namespace's admission refuses (here Pod Security "restricted") pass every check of the
     group and its LWS; the StatefulSets LWS creates then cannot create them, which only their own
@@ -286,6 +286,35 @@ def test_pods_the_namespace_refuses_are_reported_as_replica_failure_until_fixed(
     c = wait_for(failure, 90, "ReplicaFailure=True")
     assert c["reason"] == "FailedCreate"
     assert "violates PodSecurity" in c["message"] and "restricted" in c["message"], c["message"]
+
+    # An invalid spec meanwhile resolves nothing: the condition stays (it used to be dropped, with a
+    # Normal "Resolved" event).
+    def set_port(port: Any) -> Any:
+        def edit(spec: dict[str, Any]) -> None:
+            for role in spec["roles"]:
+                if role["type"] == "decode":
+                    role["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"] = port
+
+        return edit
+
+    was = next(r for r in example("restricted")["spec"]["roles"] if r["type"] == "decode")
+    update_spec(kube, namespace, "restricted", set_port("http"))
+
+    def invalid() -> dict[str, Any] | None:
+        sg = kube.get(SG, "restricted", namespace=namespace)
+        inv = condition(sg, "Invalid")
+        return sg if inv and inv["status"] == "True" else None
+
+    wait_for(invalid, 60, "Invalid=True")
+    time.sleep(2)  # the invalid pass's status write and events
+    assert failure() is not None, condition(kube.get(SG, "restricted", namespace=namespace), "ReplicaFailure")
+    assert "Resolved" not in _reasons(devcluster, namespace, "restricted")
+    update_spec(
+        kube,
+        namespace,
+        "restricted",
+        set_port(was["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"]),
+    )
 
     def comply(spec: dict[str, Any]) -> None:
         for role in spec["roles"]:
