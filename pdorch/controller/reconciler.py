@@ -990,6 +990,9 @@ class Reconciler:
         # Groups the existing LWS cannot create, or pods they run that find no node: an invalid
         # spec does not resolve either (dropped, the conditions read as resolved).
         md = obj["metadata"]
+        # The status carries no RolloutStalled while invalid (nothing is rolled out): nor does the
+        # gauge, which kept its last value.
+        ROLLOUT_STALLED.labels(md["namespace"], md["name"]).set(0)
         again = await self._add_pod_trouble(
             new, f"{md['namespace']}/{md['name']}", observed, generation, prev
         )

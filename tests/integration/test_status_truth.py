@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -67,6 +67,18 @@ def _value(metrics: str, name: str, group: str) -> float | None:
             if s.name == name and s.labels.get("group") == group:
                 return s.value
     return None
+
+
+def decode_port(port: Any) -> Callable[[dict[str, Any]], None]:
+    """An `update_spec` edit setting decode's container port; "http" is a spec the API refuses
+    (a name where a number belongs), so the group turns Invalid."""
+
+    def edit(spec: dict[str, Any]) -> None:
+        for role in spec["roles"]:
+            if role["type"] == "decode":
+                role["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"] = port
+
+    return edit
 
 
 @pytest.fixture
@@ -175,6 +187,19 @@ def test_a_stalled_rollout_shows_desired_counts_and_its_state_and_stays_quiet(
         30,
         "prefill desired 2 in the summary",
     )
+    assert _value(controller.metrics_text(), "pdorch_rollout_stalled", "frozen") == 1
+
+    # An invalid spec drops RolloutStalled from the status (nothing is rolled out): the gauge too.
+    update_spec(kube, namespace, "frozen", decode_port("http"))
+    wait_for(
+        lambda: (
+            (condition(kube.get(SG, "frozen", namespace=namespace), "Invalid") or {}).get("status") == "True"
+        ),
+        60,
+        "Invalid=True",
+    )
+    assert condition(kube.get(SG, "frozen", namespace=namespace), "RolloutStalled") is None
+    assert _value(controller.metrics_text(), "pdorch_rollout_stalled", "frozen") == 0
 
 
 def test_an_invalid_spec_still_reports_an_outage_and_warns_once(
@@ -183,12 +208,7 @@ def test_an_invalid_spec_still_reports_an_outage_and_warns_once(
     kube.create(SG.from_dict(example("inv")), namespace=namespace)
     wait_available(kube, namespace, "inv")
 
-    def bad_port(spec: dict[str, Any]) -> None:
-        for role in spec["roles"]:
-            if role["type"] == "decode":
-                role["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
-
-    update_spec(kube, namespace, "inv", bad_port)
+    update_spec(kube, namespace, "inv", decode_port("http"))
 
     def invalid() -> Any:
         sg = kube.get(SG, "inv", namespace=namespace)
@@ -289,16 +309,8 @@ def test_pods_the_namespace_refuses_are_reported_as_replica_failure_until_fixed(
 
     # An invalid spec meanwhile resolves nothing: the condition stays (it used to be dropped, with a
     # Normal "Resolved" event).
-    def set_port(port: Any) -> Any:
-        def edit(spec: dict[str, Any]) -> None:
-            for role in spec["roles"]:
-                if role["type"] == "decode":
-                    role["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"] = port
-
-        return edit
-
     was = next(r for r in example("restricted")["spec"]["roles"] if r["type"] == "decode")
-    update_spec(kube, namespace, "restricted", set_port("http"))
+    update_spec(kube, namespace, "restricted", decode_port("http"))
 
     def invalid() -> dict[str, Any] | None:
         sg = kube.get(SG, "restricted", namespace=namespace)
@@ -313,7 +325,7 @@ def test_pods_the_namespace_refuses_are_reported_as_replica_failure_until_fixed(
         kube,
         namespace,
         "restricted",
-        set_port(was["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"]),
+        decode_port(was["workerTemplate"]["spec"]["containers"][0]["ports"][0]["containerPort"]),
     )
 
     def comply(spec: dict[str, Any]) -> None:
