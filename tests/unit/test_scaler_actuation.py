@@ -25,6 +25,14 @@ pytestmark = pytest.mark.unit
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sim-pd" / "servinggroup.yaml"
 
 
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The scaler's monotonic clock, moved by the test (`clock[0] += 15` is one tick)."""
+    now = [1000.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    return now
+
+
 class _Saturated:
     """A decode whose load grows every tick: the policy asks for more replicas each time."""
 
@@ -52,7 +60,7 @@ class _Saturated:
         ]
 
 
-async def test_a_refused_scale_up_does_not_start_the_cooldown(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_refused_scale_up_does_not_start_the_cooldown(clock: list[float]) -> None:
     """The first scale-up's /scale write meets a 409 on every try of its tick (the object changed
     since the tick read it): nothing changed, so the next tick scales up instead of waiting out
     cooldownSeconds. (One 409 alone is retried within the tick and never reaches that path.)"""
@@ -61,8 +69,6 @@ async def test_a_refused_scale_up_does_not_start_the_cooldown(monkeypatch: pytes
     )
     # Every try of the first tick's write (the scaler tries 3 times within a tick): refused.
     apiserver.refusals = 3
-    clock = [1000.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
     scaler = apiserver.scaler(_Saturated())
     targets: list[tuple[int, int]] = []
     for _ in range(3):
@@ -76,7 +82,9 @@ async def test_a_refused_scale_up_does_not_start_the_cooldown(monkeypatch: pytes
     assert apiserver.writes, f"no scale-up after the refused one: {targets}"
 
 
-async def test_a_hold_on_stale_samples_says_they_are_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_hold_on_stale_samples_says_they_are_stale(
+    monkeypatch: pytest.MonkeyPatch, clock: list[float]
+) -> None:
     """Two quiet decodes read through Prometheus, which stops scraping the second at 15 s but keeps
     answering with its last sample. The policy wants 1 replica (minReplicas keeps 2, so no drain
     starts); once that sample is older than the age bound the tick holds for unread leaders and
@@ -84,7 +92,6 @@ async def test_a_hold_on_stale_samples_says_they_are_stale(monkeypatch: pytest.M
     scaling = {"mode": "Builtin", "maxReplicas": 8, "targets": {"tpotMs": 50}, "minReplicas": 2,
                "scaleDownStabilizationSeconds": 0}  # fmt: skip
     apiserver = _Apiserver("ns", scaling, 2)
-    clock = [1000.0]
     wall0 = 1.7e9
 
     class _StuckPrometheus:
@@ -93,7 +100,6 @@ async def test_a_hold_on_stale_samples_says_they_are_stale(monkeypatch: pytest.M
             scraped = [now, min(now, wall0 + 15.0)]  # the second pod's last scrape: 15 s
             return [EngineSample("vllm", requests_total=0.1 * t, at=t) for t in scraped[: len(eps)]]
 
-    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(loop.time, "time", lambda: wall0 + clock[0] - 1000.0)
     scaler = apiserver.scaler(_StuckPrometheus())
     reasons: list[tuple[int, str]] = []
@@ -240,16 +246,12 @@ def _series(name: str, ns: str) -> float | None:
     return REGISTRY.get_sample_value(name, {"namespace": ns, "group": "sim-pd", "role": "decode"})
 
 
-async def test_a_kubectl_scale_mid_drain_is_the_new_baseline_not_drained_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_kubectl_scale_mid_drain_is_the_new_baseline_not_drained_back(clock: list[float]) -> None:
     """A drain 4 -> 1 is under way when an operator scales to 6: the scaler drained the new groups
     back within 30 s, skipping its cooldown (helper-65 finding 5, t5_override). Now the drain is
     cancelled, status says who set 6, and nothing moves before the scale-down window has passed."""
     fake = _Apiserver("own-kubectl", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8, "targets": {"tpotMs": 50},
                                       "scaleDownStabilizationSeconds": 120, "cooldownSeconds": 60}, 4)  # fmt: skip
-    clock = [1000.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
     scaler = fake.scaler(_Idle())
     try:
         while not fake.marked():  # baseline, then the scale-down window: the drain to 1 starts
@@ -272,15 +274,13 @@ async def test_a_kubectl_scale_mid_drain_is_the_new_baseline_not_drained_back(
 
 
 async def test_another_scaler_replacing_the_scalers_sizes_is_a_conflicting_scaler_warning(
-    monkeypatch: pytest.MonkeyPatch,
+    clock: list[float],
 ) -> None:
     """An HPA with minReplicas 3 on a Builtin decode at low load: each scale-down to 1 was written
     back to 3, with no word of the other writer (helper-65 finding 5). The second replacement is a
     Warning ConflictingScaler naming the HPA's field manager, also in lastScaleReason."""
     fake = _Apiserver("own-hpa", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8, "targets": {"tpotMs": 50},
                                   "scaleDownStabilizationSeconds": 30, "cooldownSeconds": 30}, 3)  # fmt: skip
-    clock = [1000.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
     scaler = fake.scaler(_Idle())
     try:
         for _ in range(60):  # 15 minutes
@@ -301,7 +301,7 @@ async def test_another_scaler_replacing_the_scalers_sizes_is_a_conflicting_scale
 
 
 async def test_a_metrics_outage_drops_the_load_gauges_and_says_scaling_is_inactive(
-    monkeypatch: pytest.MonkeyPatch,
+    clock: list[float],
 ) -> None:
     """During a total /metrics outage the request-rate and recommendation gauges kept their last
     values, and status and events said nothing (helper-65 finding 8, t4_outage). Now both series
@@ -310,8 +310,6 @@ async def test_a_metrics_outage_drops_the_load_gauges_and_says_scaling_is_inacti
     fake = _Apiserver("own-outage", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8,
                                      "targets": {"tpotMs": 50}}, 2)  # fmt: skip
     fake.srs["status"] = {"lastScaleTime": "2026-12-07T06:00:00Z", "lastScaleReason": "1 -> 2: busy"}
-    clock = [1000.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
     source = _Idle()
     scaler = fake.scaler(source)
 
@@ -346,15 +344,11 @@ async def test_a_metrics_outage_drops_the_load_gauges_and_says_scaling_is_inacti
         await scaler.api.close()
 
 
-async def test_desired_replicas_is_set_by_a_decision_that_writes_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_desired_replicas_is_set_by_a_decision_that_writes_nothing(clock: list[float]) -> None:
     """A scaler started next to a role already at its size had no desired-replicas series at all
     (it was set only on a write: helper-65 finding 8, t7_desired)."""
     fake = _Apiserver("own-desired", {"mode": "Builtin", "minReplicas": 2, "maxReplicas": 8,
                                       "targets": {"tpotMs": 50}}, 2)  # fmt: skip
-    clock = [1000.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
     scaler = fake.scaler(_Idle())
     try:
         for _ in range(3):
