@@ -116,8 +116,10 @@ def unwritten(step: StepRecord | None, roles: Sequence[LwsView], revision: str) 
 
     Finishable means: the roles are the step's roles; every role that carries the step still has
     its target (no hand edit or scale since); every other role carries the step before it (or, for
-    a rollout's first step, none), so none was recreated or written by anything else since; and
-    some of those is not at its target yet.
+    a rollout's first step, none), so none was recreated or written by anything else since. Those
+    others are missing even when already at their target: the step is finished only once every
+    role carries it, or a second cut (while finishing it) would leave a role two records behind,
+    and the step after could then not be finished.
     """
     if step is None or step.revision != revision:
         return []  # the last step written was another rollout's (one replaced or rolled back since)
@@ -134,6 +136,5 @@ def unwritten(step: StepRecord | None, roles: Sequence[LwsView], revision: str) 
         before = r.record.number == step.number - 1 if r.record is not None else step.number == 1
         if not before:
             return []
-        if not at_target:
-            missing.append(r.name)
+        missing.append(r.name)
     return sorted(missing)
