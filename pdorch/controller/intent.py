@@ -43,6 +43,16 @@ def version_marker(live: dict[str, Any]) -> str:
     return f"g{gen}" if gen is not None else f"rv{md.get('resourceVersion', '')}"
 
 
+def changed_by_others(intent_h: str, live: dict[str, Any] | None, last_marker: str | None) -> bool:
+    """Whether someone else changed the object since our own last apply of this same intent:
+    it still carries our hash, but its generation (or resourceVersion) moved past the one our
+    apply returned. Unknown after a restart (no marker): False."""
+    if live is None or last_marker is None:
+        return False
+    ann = (live.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION)
+    return ann == intent_h and version_marker(live) != last_marker
+
+
 def is_subset(intent: Any, live: Any) -> bool:
     """True if every field of `intent` is present in `live` with the same value.
 

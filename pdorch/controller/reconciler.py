@@ -25,7 +25,7 @@ from pdorch.controller import status as st
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.failures import FAILED_CREATE, creation_failures, last_applied
 from pdorch.controller.informer import Informer
-from pdorch.controller.intent import intent_hash, needs_apply, stamp, version_marker
+from pdorch.controller.intent import changed_by_others, intent_hash, needs_apply, stamp, version_marker
 from pdorch.controller.kubeapi import (
     CONTROLLER_REVISION,
     CORE_EVENT,
@@ -252,6 +252,7 @@ class Reconciler:
         # any API) refuses marks the group Invalid and leaves the cluster untouched.
         plan: list[tuple[dict[str, Any], str, dict[str, Any] | None]] = []
         checks: list[tuple[dict[str, Any], dict[str, Any] | None, bool]] = []
+        reverted: list[str] = []
         for i, intent in enumerate(desired):
             res = resource_of(intent)
             live = self.caches.children[res].get(namespace, intent["metadata"]["name"])
@@ -283,6 +284,9 @@ class Reconciler:
                 continue  # we just wrote it and the watch has not delivered it yet
             if needs_apply(h, live, mine[0] if mine else None, stamped):
                 plan.append((stamped, h, live))
+                if res is LWS and changed_by_others(h, live, mine[0] if mine else None):
+                    # A hand edit (kubectl edit/scale) of an LWS pdorch owns: put back, and said.
+                    reverted.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
                 # A name this process never wrote and no managed object holds may still be taken
                 # by an object pdorch does not watch (an LWS's headless Service, a hand-made LWS):
                 # a dry-run create finds it, where an apply would silently take it over.
@@ -330,6 +334,15 @@ class Reconciler:
             self._written_steps[key] = (rollout.step, time.monotonic())
         if created:
             self.events.emit_soon(obj, "Normal", "Created", "created " + ", ".join(created))
+        if reverted:
+            log.warning("%s: put back %s, changed outside pdorch", key, ", ".join(reverted))
+            self.events.emit_soon(
+                obj,
+                "Warning",
+                "Reverted",
+                f"put back {', '.join(reverted)}: it was changed outside pdorch and now matches the "
+                "ServingGroup again; change the ServingGroup (or its ServingRoleScaler) instead",
+            )
 
         pruned = await self._prune(obj, desired)
         if pruned:
@@ -403,7 +416,7 @@ class Reconciler:
         since: dict[str, dt.datetime | None] = {}
         for r in roles:
             lws = self.caches.children[LWS].get(namespace, lws_name(name, r.name)) if r.exists else None
-            if lws is None or r.ready >= r.desired:
+            if lws is None or not _lacking(r):
                 continue
             created = st.parse_rfc3339((lws.get("metadata") or {}).get("creationTimestamp"))
             changed = self._lws_changed_at.get(key, {}).get(lws["metadata"]["name"])
@@ -444,7 +457,7 @@ class Reconciler:
                 status["conditions"].append(
                     st.condition(ctype, True, reason, message, generation, prev.get("conditions") or [])
                 )
-        return bool(unplaced) or any(r.exists and r.ready < r.desired for r in roles)
+        return bool(unplaced) or any(r.exists and _lacking(r) for r in roles)
 
     def _unschedulable(self, namespace: str, name: str, roles: list[st.RoleObservation]) -> dict[str, str]:
         """Per role, what its pods the scheduler could not place say (also a rollout's surge groups,
@@ -1054,6 +1067,12 @@ def foreign_owner(live: dict[str, Any], uid: str) -> tuple[str, str] | None:
         if ref.get("controller"):
             return None if ref.get("uid") == uid else (str(ref.get("kind")), str(ref.get("name")))
     return None
+
+
+def _lacking(r: st.RoleObservation) -> bool:
+    """Whether a role has fewer ready groups than it asks for, counting a rollout's surge groups
+    (which leave the ready count at the desired one while they cannot be created)."""
+    return r.ready < r.desired + r.surge
 
 
 def _name_clash(intent: dict[str, Any], what: str) -> str:

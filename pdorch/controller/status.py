@@ -397,14 +397,15 @@ def _available(
             generation,
             prev_conds,
         )
-    return condition(
-        AVAILABLE,
-        False,
-        "RoleNotReady",
-        f"no ready group yet for role type(s): {', '.join(missing_path)}",
-        generation,
-        prev_conds,
-    )
+    # A type whose every role asks for 0 groups will not come by waiting: say so.
+    zero = [t for t in missing_path if all(r.desired == 0 for r in roles if r.type == t)]
+    message = f"no ready group yet for role type(s): {', '.join(missing_path)}"
+    if zero:
+        message = (
+            f"no group is asked for role type(s) {', '.join(zero)} (replicas 0), so no request can be "
+            "served; " + message
+        )
+    return condition(AVAILABLE, False, "RoleNotReady", message, generation, prev_conds)
 
 
 def _role_statuses(roles: list[RoleObservation]) -> list[dict[str, Any]]:
@@ -458,18 +459,23 @@ def transition_events(old: dict[str, Any] | None, new: dict[str, Any]) -> list[t
     message, and one refusal is one event. The series is the condition type, so the event recorder drops only a repeat of the same
     flip, never a flip back or a second one.
     """
+    messages = {c["type"]: c.get("message") or "" for c in new.get("conditions") or []}
     out = []
     for ctype, old_s, new_s, reason in transitions(old, new):
         if (ctype == INVALID and new_s == "True") or (
             ctype == PROGRESSING and new_s == "False" and reason == APPLY_FAILED
         ):
             continue
-        if ctype in _TROUBLE and old_s == "" and new_s == "False":
-            continue  # a new group reporting nothing wrong for the first time is no news
+        if (ctype in _TROUBLE or ctype == AVAILABLE) and old_s == "" and new_s == "False":
+            # A new group reporting nothing wrong, or not serving yet, for the first time: no news
+            # (its `Created` event says it is starting; `Available is now True` follows).
+            continue
         warning = (ctype in _TROUBLE and new_s == "True" and ctype != INVALID) or (
             ctype == AVAILABLE and new_s == "False" and old_s == "True"
         )
-        out.append(("Warning" if warning else "Normal", reason or ctype, f"{ctype} is now {new_s}", ctype))
+        # The condition's message says why, so `kubectl describe` needs no trip to `-o yaml`.
+        note = f"{ctype} is now {new_s}" + (f": {messages[ctype]}" if messages.get(ctype) else "")
+        out.append(("Warning" if warning else "Normal", reason or ctype, note, ctype))
     return out
 
 

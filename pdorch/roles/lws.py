@@ -18,9 +18,12 @@ from pdorch.rollout.state import resolve_int_or_percent
 
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 LWS_KIND = "LeaderWorkerSet"
-# rollingUpdateConfiguration of KV roles: pdorch's partition is the only brake.
+# rollingUpdateConfiguration of KV roles during a rollout: pdorch's partition is the only brake.
 LWS_MAX_SURGE = 0
 LWS_MAX_UNAVAILABLE = "100%"
+# At rest LWS rolls a template change pdorch did not plan (a hand edit, before pdorch puts it
+# back; a new pdorch version rendering differently) one group at a time, not the whole role.
+LWS_REST_MAX_UNAVAILABLE = 1
 
 
 def _templates(ctx: RenderContext, role: Role) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -47,7 +50,7 @@ def _rolling_update(ctx: RenderContext, role: Role, replicas: int) -> dict[str, 
         # pdorch's ratio-preserving planner moves these roles through `partition` and `replicas`;
         # LWS must not surge or hold back on its own, or the planner's cohorts would be wrong.
         max_surge: int | str = LWS_MAX_SURGE
-        max_unavailable: int | str = LWS_MAX_UNAVAILABLE
+        max_unavailable: int | str = LWS_MAX_UNAVAILABLE if override.rollout else LWS_REST_MAX_UNAVAILABLE
     else:
         strategy = ctx.sg.spec.rollout_strategy or RolloutStrategy()
         max_surge = override.max_surge if override.max_surge is not None else strategy.max_surge

@@ -7,8 +7,8 @@ templates and ports, plus the engine settings. It leaves out replicas and scalin
 without a rollout) and the proxy role (a new proxy must not force a model rollout).
 
 It also covers every field LWS's own revision covers (the whole leaderWorkerTemplate and
-networkConfig): a change LWS would roll but pdorch did not see would bypass the planner, and with
-the KV roles' maxSurge 0 / maxUnavailable 100% LWS would recreate every group of the role at once.
+networkConfig): a change LWS would roll but pdorch did not see would bypass the planner (a group
+at a time at rest, every group at once mid-rollout, where KV roles' LWS have maxUnavailable 100%).
 Those fields enter the hash only when set, so groups that never use them keep their revision.
 """
 

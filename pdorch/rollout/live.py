@@ -5,8 +5,9 @@ stays a thin I/O shell and every rule here is unit-testable.
 
 How pdorch drives an LWS of a KV role (DESIGN.md "Rollout"):
 
-* the LWS's own rolling update is neutralised (maxSurge 0, maxUnavailable 100%): it only ever
-  recreates the groups at or above the partition pdorch sets, all at once;
+* during a rollout the LWS's own rolling update is neutralised (maxSurge 0, maxUnavailable 100%):
+  it only ever recreates the groups at or above the partition pdorch sets, all at once (at rest
+  maxUnavailable is 1, so a change pdorch did not plan rolls a group at a time);
 * a new revision's template goes in with partition = current replicas, so nothing moves yet;
 * each planner step lowers partitions (recreating old groups on the new template) and sets
   replicas (surge above desired, or scale events), across roles in one decision.

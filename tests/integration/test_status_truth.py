@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 from lightkube import Client
-from lightkube.resources.core_v1 import Namespace, Node, Pod
+from lightkube.models.core_v1 import ResourceQuotaSpec, ResourceQuotaStatus
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Namespace, Node, Pod, ResourceQuota
 from lightkube.types import PatchType
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -514,3 +516,67 @@ def test_a_paused_rollout_keeps_the_scalers_new_replicas_unobserved(
         "observedGeneration once the rollout resumed and ended",
     )
     assert kube.get(LWS, "held-decode", namespace=namespace).spec["replicas"] == 3
+
+
+def test_a_hand_edited_kv_lws_restarts_at_most_a_group_and_is_put_back_with_a_warning(
+    kube: Client, namespace: str, controller: ControllerProc, devcluster: ClusterState
+) -> None:
+    """An LWS template edited by hand rolls nothing the planner did not plan beyond one group at a
+    time (at rest a KV role's LWS has maxUnavailable 1; a rollout's 100% recreated every group of
+    the role at once), pdorch puts it back at once, and a Warning `Reverted` says so."""
+    kube.create(SG.from_dict(example_sized("handed", 1, 4)), namespace=namespace)
+    wait_available(kube, namespace, "handed")
+
+    def decode_pods() -> dict[str, str]:
+        pods = kube.list(
+            Pod, namespace=namespace, labels={"pdorch.io/group": "handed", "pdorch.io/role": "decode"}
+        )
+        return {p.metadata.name: p.metadata.uid for p in pods}
+
+    before = decode_pods()
+    assert len(before) == 4, before
+    lws = kube.get(LWS, "handed-decode", namespace=namespace).to_dict()
+    lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["image"] = "hand/edited"
+    kube.replace(LWS.from_dict(lws), namespace=namespace)
+
+    wait_for(lambda: "Reverted" in _reasons(devcluster, namespace, "handed", "Warning"), 60, "Reverted")
+    note = next(e["note"] for e in _events(devcluster, namespace, "handed") if e["reason"] == "Reverted")
+    assert "LeaderWorkerSet/handed-decode" in note and "change the ServingGroup" in note, note
+    image = kube.get(LWS, "handed-decode", namespace=namespace).spec["leaderWorkerTemplate"]
+    assert image["workerTemplate"]["spec"]["containers"][0]["image"] == "pdorch/sim:dev"
+    wait_available(kube, namespace, "handed")
+    time.sleep(5)  # whatever LWS began rolling has rolled back
+    after = decode_pods()
+    kept = sorted(n for n, uid in before.items() if after.get(n) == uid)
+    assert len(kept) >= 2, (before, after)
+
+
+def test_a_rollouts_surge_groups_the_namespace_refuses_are_reported_as_replica_failure(
+    kube: Client, devcluster: ClusterState, namespace: str, controller: ControllerProc
+) -> None:
+    """A rollout's surge groups that a quota refuses leave the ready count at the desired one, so the
+    group only showed a rollout waiting for readiness (then stalled), with nothing about the quota.
+    It carries ReplicaFailure=True with the quota's message, as a scale-up does, until it is lifted."""
+    kube.create(SG.from_dict(example("quota")), namespace=namespace)
+    wait_available(kube, namespace, "quota")
+    pods = len(list(kube.list(Pod, namespace=namespace)))
+    kube.create(
+        ResourceQuota(metadata=ObjectMeta(name="pods"), spec=ResourceQuotaSpec(hard={"pods": str(pods)})),
+        namespace=namespace,
+    )
+    wait_for(
+        lambda: (kube.get(ResourceQuota, "pods", namespace=namespace).status or ResourceQuotaStatus()).used,
+        60,
+        "the quota's usage counted",
+    )
+    update_spec(kube, namespace, "quota", set_engine_image("pdorch/sim:v2"))
+
+    def failure() -> dict[str, Any] | None:
+        c = condition(kube.get(SG, "quota", namespace=namespace), "ReplicaFailure")
+        return c if c and c["status"] == "True" else None
+
+    c = wait_for(failure, 120, "ReplicaFailure=True")
+    assert c["reason"] == "FailedCreate" and "exceeded quota" in c["message"], c
+    kube.delete(ResourceQuota, "pods", namespace=namespace)
+    wait_available(kube, namespace, "quota", timeout=180)
+    wait_for(lambda: failure() is None, 60, "ReplicaFailure gone once the quota is lifted")

@@ -9,6 +9,7 @@ import pytest
 from pdorch.controller import status as st
 from pdorch.controller.intent import (
     HASH_ANNOTATION,
+    changed_by_others,
     intent_hash,
     is_subset,
     needs_apply,
@@ -219,7 +220,12 @@ def test_transition_events_warn_on_a_stall_and_report_an_invalid_spec_once() -> 
     bad = st.compute_status(2, _roles(2, 1), "", ok, invalid="bad")
     assert [e for e in st.transition_events(ok, bad) if e[0] == "Warning"] == []
     fixed = st.compute_status(3, _roles(2, 1), "abc", bad)
-    assert ("Normal", "Valid", "Invalid is now False", "Invalid") in st.transition_events(bad, fixed)
+    assert (
+        "Normal",
+        "Valid",
+        "Invalid is now False: the spec was accepted",
+        "Invalid",
+    ) in st.transition_events(bad, fixed)
     # A failed apply: the reconciler's ApplyFailed Warning says why; the flip adds no Normal event.
     others = [c for c in fixed["conditions"] if c["type"] != st.PROGRESSING]
     rolling = {**fixed, "conditions": [*others, st.condition(st.PROGRESSING, True, "Rolling", "", 3, [])]}
@@ -230,11 +236,10 @@ def test_transition_events_warn_on_a_stall_and_report_an_invalid_spec_once() -> 
     assert [e for e in st.transition_events(rolling, failing) if e[3] == st.PROGRESSING] == []
     done = {**fixed, "conditions": [*others, st.condition(st.PROGRESSING, False, "Complete", "", 3, [])]}
     assert [e[:2] for e in st.transition_events(rolling, done)] == [("Normal", "Complete")]
-    # A second outage is a Warning again.
+    # A second outage is a Warning again, and says what is missing.
     down = st.compute_status(3, _roles(2, 0), "abc", fixed)
-    assert ("Warning", "RoleNotReady", "Available is now False", "Available") in st.transition_events(
-        fixed, down
-    )
+    note = "Available is now False: no ready group yet for role type(s): decode"
+    assert ("Warning", "RoleNotReady", note, "Available") in st.transition_events(fixed, down)
 
 
 def test_observe_role_reads_lws_status_and_partition() -> None:
@@ -302,6 +307,13 @@ def test_needs_apply_detects_hand_edits_via_generation() -> None:
     assert needs_apply(h, None, None, intent)
     other, h2 = stamp({"kind": "X", "metadata": {"name": "n"}, "spec": {"replicas": 3}})
     assert needs_apply(h2, live, marker, other)
+    # Only the first is someone else's change (the Reverted warning): a new intent of ours is not,
+    # and after a restart (no marker) it cannot be told.
+    assert changed_by_others(h, edited, marker)
+    assert not changed_by_others(h, live, marker)
+    assert not changed_by_others(h2, edited, marker)
+    assert not changed_by_others(h, edited, None)
+    assert not changed_by_others(h, None, marker)
 
 
 def test_needs_apply_after_restart_falls_back_to_subset() -> None:
@@ -356,10 +368,9 @@ def test_a_new_groups_first_all_clear_is_no_event_and_replica_failure_warns() ->
     def conds(**status: str) -> dict[str, object]:
         return {"conditions": [{"type": t, "status": v, "reason": f"R{t}"} for t, v in status.items()]}
 
+    # Not serving yet is no news either (it is starting: `Created` said so).
     first = conds(Available="False", Invalid="False", RolloutStalled="False", ReplicaFailure="False")
-    assert st.transition_events(None, first) == [
-        ("Normal", "RAvailable", "Available is now False", "Available")
-    ]
+    assert st.transition_events(None, first) == []
     failing = conds(Available="False", Invalid="False", RolloutStalled="False", ReplicaFailure="True")
     assert st.transition_events(first, failing) == [
         ("Warning", "RReplicaFailure", "ReplicaFailure is now True", "ReplicaFailure")
@@ -434,3 +445,17 @@ def test_a_scaler_sized_by_a_rollout_keeps_its_observed_generation() -> None:
     assert "observedGeneration" not in st.scaler_status((1, 4), _srs(3, 2), 1, "s", applied=False)
     held = st.scaler_status((1, 1), _srs(3, 2), current=1, selector="s", applied=True)
     assert "held at 1 group;" in held["conditions"][0]["message"]
+
+
+def test_a_role_type_asked_for_zero_groups_is_named_as_such_not_as_not_ready_yet() -> None:
+    roles = [
+        st.RoleObservation("proxy", "proxy", 1, 1, 1, 1, 0, True),
+        st.RoleObservation("prefill", "prefill", 2, 2, 2, 2, 0, True),
+        st.RoleObservation("decode", "decode", 0, 0, 0, 0, 0, True),
+    ]
+    available = _cond(st.compute_status(1, roles, "abc", None), st.AVAILABLE)
+    assert available["status"] == "False"
+    assert available["message"].startswith("no group is asked for role type(s) decode (replicas 0)")
+    # A type that asks for groups but has none ready yet reads as before.
+    waiting = _cond(st.compute_status(1, _roles(2, 0), "abc", None), st.AVAILABLE)
+    assert waiting["message"] == "no ready group yet for role type(s): decode"

@@ -145,8 +145,9 @@ def test_lws_fields() -> None:
     assert container["image"] == "pdorch/sim:dev"
     assert spec["rolloutStrategy"] == {
         "type": "RollingUpdate",
-        # KV roles: pdorch's partition is the only brake, LWS neither surges nor holds back.
-        "rollingUpdateConfiguration": {"partition": 0, "maxSurge": 0, "maxUnavailable": "100%"},
+        # KV roles at rest: a template change pdorch did not plan (a hand edit) rolls one group at
+        # a time, not the whole role (during a rollout the partition is the only brake, below).
+        "rollingUpdateConfiguration": {"partition": 0, "maxSurge": 0, "maxUnavailable": 1},
     }
     # Fields pdorch does not own stay out of the SSA intent.
     assert "startupPolicy" not in spec and "networkConfig" not in spec
@@ -185,7 +186,7 @@ def test_lws_pass_through_fields() -> None:
     assert spec["rolloutStrategy"]["rollingUpdateConfiguration"] == {
         "partition": 0,
         "maxSurge": 0,
-        "maxUnavailable": "100%",
+        "maxUnavailable": 1,
     }
     # ... while the proxy role's LWS rolls itself with them.
     proxy = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]["spec"]
@@ -232,8 +233,8 @@ def test_leader_template_only_becomes_the_worker_template() -> None:
 
 def test_overrides_replicas_partition_and_steps() -> None:
     overrides = {
-        "prefill": RoleOverride(replicas=5, partition=3),
-        "decode": RoleOverride(partition=1),
+        "prefill": RoleOverride(replicas=5, partition=3, rollout=True),
+        "decode": RoleOverride(partition=1, rollout=True),
         "proxy": RoleOverride(max_surge=1, max_unavailable=0),
     }
     objs = _by_key(render(_sg(), overrides=overrides))

@@ -59,7 +59,12 @@ def test_the_condition_warns_when_it_appears_and_resolves_when_it_goes() -> None
     before: dict[str, Any] = {"conditions": []}
     stuck = {"conditions": [cond]}
     assert st.transition_events(before, stuck) == [
-        ("Warning", "Unschedulable", "PodsUnschedulable is now True", "PodsUnschedulable")
+        (
+            "Warning",
+            "Unschedulable",
+            "PodsUnschedulable is now True: decode: 1 pod not scheduled",
+            "PodsUnschedulable",
+        )
     ]
     assert st.transition_events(stuck, before) == [
         ("Normal", "Resolved", "PodsUnschedulable is now False", "PodsUnschedulable")
