@@ -196,7 +196,10 @@ class PodBackends:
             argv = [
                 sys.executable, "-m", "pdorch.cli", "proxy",
                 "--engine", self.protocol, "--group", self.group, "--namespace", self.namespace,
-                "--kubeconfig", self.kubeconfig, "--host", b.ip, "--port", str(b.port), *self.proxy_args,
+                "--kubeconfig", self.kubeconfig, "--host", b.ip, "--port", str(b.port),
+                # No load balancer here to move traffic during a drain delay, and kwok may hand
+                # the pod's IP to its successor: stop listening at once, as before the delay.
+                "--shutdown-drain-delay", "0", *self.proxy_args,
             ]  # fmt: skip
             out = self._proxy_log(b.pod)
             self.proxies[b.pod] = await asyncio.create_subprocess_exec(

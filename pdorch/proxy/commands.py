@@ -14,7 +14,7 @@ from pdorch.lifecycle import EVENT_LOOPS, freeze_startup_heap, loop_factory, run
 from pdorch.proxy.config import ProxyConfig, build_config
 from pdorch.proxy.discovery import KubeDiscovery, StaticDiscovery, static_endpoints
 from pdorch.proxy.policies import POLICIES
-from pdorch.proxy.server import Discovery, ProxyServer
+from pdorch.proxy.server import Discovery, ProxyServer, shutdown_plan
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,18 @@ def add_parser(subparsers: Any) -> None:
         "--health-interval", type=float, default=None, help="endpoint health-check period (default 5)"
     )
     p.add_argument(
-        "--shutdown-grace", type=float, default=None, help="seconds to finish in-flight on SIGTERM"
+        "--shutdown-grace",
+        type=float,
+        default=None,
+        help="seconds from SIGTERM to exit: in-flight requests finish within it, streams still open "
+        "then end with an SSE error event (default 30)",
+    )
+    p.add_argument(
+        "--shutdown-drain-delay",
+        type=float,
+        default=None,
+        help="seconds after SIGTERM (within the grace) during which the listener stays open, /health "
+        "answers 503 draining and new requests get 503, before connections are refused (default 5)",
     )
     p.add_argument(
         "--event-loop",
@@ -179,6 +190,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         "metrics_port": None if args.metrics_on_client_port else args.metrics_port,
         "health_interval_s": args.health_interval,
         "shutdown_grace_s": args.shutdown_grace,
+        "shutdown_drain_delay_s": args.shutdown_drain_delay,
     }
     return build_config(flags, dict(os.environ if env is None else env))
 
@@ -198,9 +210,13 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     freeze_startup_heap()
     try:
         await stop.wait()
-        log.info("pdorch proxy: draining (up to %.0fs)", config.shutdown_grace_s)
+        log.info(
+            "pdorch proxy: draining (up to %gs; refusing connections after %gs)",
+            config.shutdown_grace_s,
+            shutdown_plan(config.shutdown_grace_s, config.shutdown_drain_delay_s)[0],
+        )
     finally:
-        await server.stop()
+        await server.stop(drain_delay_s=config.shutdown_drain_delay_s if stop.is_set() else 0.0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -72,7 +72,11 @@ class ProxyConfig(BaseModel):
     breaker_cooldown_s: float = Field(10.0, ge=0)
     breaker_successes: int = Field(2, ge=1)
     models_ttl_s: float = Field(30.0, ge=0)
+    # SIGTERM: the whole shutdown stays within shutdown_grace_s. For the first shutdown_drain_delay_s
+    # of it the listener stays open while /health answers 503 "draining" and new requests get a 503,
+    # so load balancers and endpoint updates move traffic away before connections are refused.
     shutdown_grace_s: float = Field(30.0, ge=0)
+    shutdown_drain_delay_s: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
     def _one_discovery(self) -> ProxyConfig:

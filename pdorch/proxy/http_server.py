@@ -474,8 +474,14 @@ class HttpServer:
         self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def close(self, grace_s: float) -> None:
-        """Stop accepting, close idle connections, let in-flight requests finish up to ``grace_s``."""
+    async def close(
+        self, grace_s: float, on_expiry: Callable[[], None] | None = None, cancel_wait_s: float = 1.0
+    ) -> None:
+        """Stop accepting, close idle connections, let in-flight requests finish up to ``grace_s``.
+
+        Handlers still running then are cancelled, after ``on_expiry`` (which may tell them to end
+        their answers with an error), and get ``cancel_wait_s`` to write it before their
+        connections are closed."""
         if self._server is not None:
             self._server.close()
         busy: list[asyncio.Task[None]] = []
@@ -487,10 +493,12 @@ class HttpServer:
                 busy.append(c.task)
         if busy:
             _, pending = await asyncio.wait(busy, timeout=grace_s)
+            if pending and on_expiry is not None:
+                on_expiry()
             for t in pending:
                 t.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=1.0)
+                await asyncio.wait(pending, timeout=cancel_wait_s)
         for c in list(self._conns):
             c._abort()
         if self._server is not None:

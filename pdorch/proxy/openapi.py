@@ -47,8 +47,10 @@ def _common_fields() -> dict[str, Any]:
     }
 
 
-def _completion_request() -> dict[str, Any]:
+def _completion_request(engine: str) -> dict[str, Any]:
     token_ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+    # vLLM P/D hands over one prompt's KV per request, so a list holds one prompt there.
+    most = {"maxItems": 1} if engine == "vllm" else {}
     return {
         "type": "object",
         "required": ["model", "prompt"],
@@ -58,9 +60,9 @@ def _completion_request() -> dict[str, Any]:
             "prompt": {
                 "oneOf": [
                     {"type": "string"},
-                    {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                    {"type": "array", "minItems": 1, **most, "items": {"type": "string"}},
                     token_ids,
-                    {"type": "array", "minItems": 1, "items": token_ids},
+                    {"type": "array", "minItems": 1, **most, "items": token_ids},
                 ]
             },
             "echo": {"type": "boolean"},
@@ -179,7 +181,7 @@ def openapi_document(config: ProxyConfig) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": {
-                "CompletionRequest": _completion_request(),
+                "CompletionRequest": _completion_request(config.engine),
                 "ChatCompletionRequest": _chat_request(),
                 "Error": {
                     "type": "object",

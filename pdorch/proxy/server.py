@@ -73,9 +73,18 @@ from pdorch.proxy.protocols import (
     vllm_prefill_body,
 )
 from pdorch.proxy.request_ids import RequestIds
+from pdorch.proxy.sse import EventAligner
 from pdorch.proxy.token_ratio import TokenRatio
 from pdorch.proxy.upstream import EngineStalled, Sent, UpstreamPool, UpstreamResponse, UpstreamTimeout
-from pdorch.proxy.validation import check_sglang_fanout, decode_json, model_ids, parse_json, validate
+from pdorch.proxy.validation import (
+    check_sglang_fanout,
+    check_vllm_single_prompt,
+    decode_json,
+    model_ids,
+    model_lengths,
+    parse_json,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +191,18 @@ def queue_full(metrics: ProxyMetrics, message: str) -> ProxyError:
     return ProxyError(429, message, code="queue_full", retry_after=RETRY_AFTER_S)
 
 
+def shutdown_plan(grace_s: float, drain_delay_s: float) -> tuple[float, float]:
+    """(how long the listener stays open after a stop begins, the time left at the end of the
+    grace for cut-off handlers to write their error), so that the two fit in ``grace_s``."""
+    margin = min(1.0, grace_s / 10)
+    return max(0.0, min(drain_delay_s, grace_s - margin)), margin
+
+
+def shutting_down() -> ProxyError:
+    """The 503 of a request the proxy will not serve because it is shutting down."""
+    return ProxyError(503, "proxy is shutting down", code="shutting_down", retry_after=RETRY_AFTER_S)
+
+
 class Admission:
     """At most ``max_inflight`` requests upstream at once and ``max_queue`` waiting; beyond that 429."""
 
@@ -190,6 +211,11 @@ class Admission:
         self.max_queue = max_queue
         self.waiting = 0
         self.metrics = metrics
+
+    @property
+    def full(self) -> bool:
+        """Whether a request would have to wait for a slot now."""
+        return self._sem.locked()
 
     async def acquire(self) -> None:
         """Take a slot, waiting in the queue if allowed; raises 429 when the queue is full."""
@@ -232,8 +258,9 @@ def error_response(exc: ProxyError, request_id: str | None = None) -> Response:
     if request_id:
         headers["X-Request-Id"] = request_id
     resp = json_response(exc.body(), status=exc.status, headers=headers)
-    # The rest of a trickled or oversized body is not worth waiting for: drop the connection.
-    resp.close = exc.status in (408, 413)
+    # The rest of a trickled or oversized body is not worth waiting for: drop the connection. A
+    # proxy shutting down closes it too, so the client's next request goes to another replica.
+    resp.close = exc.status in (408, 413) or exc.code == "shutting_down"
     return resp
 
 
@@ -297,8 +324,14 @@ class ProxyServer:
         # decode-only requests alternating sent every P/D request to the same prefill).
         self.counters: dict[Mode, int] = {"pd": 0, "decode_only": 0}
         self.draining = False
+        # Shutdown: handlers waiting for admission or prefill room (answered 503 when draining
+        # starts), those told so, and whether the grace ran out (open answers end with an error).
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._shed: set[asyncio.Task[Any]] = set()
+        self._grace_over = False
         self.port: int | None = None
-        self._models: tuple[float, bytes, frozenset[str]] | None = None
+        # (fetched at, raw /v1/models answer, model ids, each model's max_model_len where it says)
+        self._models: tuple[float, bytes, frozenset[str], dict[str, int]] | None = None
         self._models_lock = asyncio.Lock()
         self._models_failed_at = -MODELS_RETRY_S
         self._admission = Admission(config.max_inflight, config.max_queue, self.metrics)
@@ -405,11 +438,25 @@ class ProxyServer:
         )
         log.info("pdorch proxy (%s, %s) listening on %s:%s", c.engine, c.policy, c.host, self.port)
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to the grace period), close everything."""
+    async def stop(self, drain_delay_s: float = 0.0) -> None:
+        """Drain and close, all within the configured grace period.
+
+        Draining starts at once: /health answers 503 "draining", new generation requests and those
+        waiting for admission or prefill room get a 503. The listener stays open for
+        ``drain_delay_s`` (so load balancers see that and move traffic, rather than clients being
+        refused), then closes; in-flight requests go on until the grace ends, when open streams get
+        an SSE error event and non-streamed requests a 503 before their connections are closed."""
         self.draining = True
+        self._shed_waiters()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        grace = self.config.shutdown_grace_s
+        delay, margin = shutdown_plan(grace, drain_delay_s)
         if self._http is not None:
-            await self._http.close(self.config.shutdown_grace_s)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            left = max(0.0, grace - margin - (loop.time() - start))
+            await self._http.close(left, on_expiry=self._end_of_grace, cancel_wait_s=margin)
             self._http = None
         if self._metrics_http is not None:
             await self._metrics_http.close(0.0)
@@ -428,6 +475,18 @@ class ProxyServer:
             self._upstream.close()
             self._upstream = None
         await self.discovery.stop()
+
+    def _shed_waiters(self) -> None:
+        """Answer 503 to every request waiting for admission or prefill room (`_generate`)."""
+        for task in self._waiting:
+            self._shed.add(task)
+            task.cancel()
+        self._waiting.clear()
+
+    def _end_of_grace(self) -> None:
+        """The grace period is over: the handlers about to be cancelled end their answers with an
+        error (`_relay`, `_generate`) instead of just losing their connections."""
+        self._grace_over = True
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -565,19 +624,19 @@ class ProxyServer:
             self.metrics.inflight.labels(label, role).set(n)
         return Response(200, generate_latest(self.metrics.registry), {"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def _fetch_models(self) -> tuple[bytes, frozenset[str]] | None:
+    async def _fetch_models(self) -> tuple[bytes, frozenset[str], dict[str, int]] | None:
         now = self.clock()
         if self._models is not None and now - self._models[0] < self.config.models_ttl_s:
-            return self._models[1], self._models[2]
+            return self._models[1:]
         if now - self._models_failed_at < MODELS_RETRY_S:
             # Recently unreachable: do not make every request wait; use a stale list if any.
-            return (self._models[1], self._models[2]) if self._models else None
+            return self._models[1:] if self._models else None
         async with self._models_lock:
             if self._models is not None and self.clock() - self._models[0] < self.config.models_ttl_s:
-                return self._models[1], self._models[2]
+                return self._models[1:]
             if self.clock() - self._models_failed_at < MODELS_RETRY_S:
                 # The holder we waited for just failed: do not repeat its whole fetch per waiter.
-                return (self._models[1], self._models[2]) if self._models else None
+                return self._models[1:] if self._models else None
             blocked = self._blocked()
             decodes = [e for e in self.discovery.current().decodes() if e.key not in blocked]
             self.rng.shuffle(decodes)
@@ -595,10 +654,10 @@ class ProxyServer:
                 if ids is None:
                     log.debug("models from %s: not a model list: %r", ep.url, raw[:200])
                     continue
-                self._models = (self.clock(), raw, ids)
-                return raw, ids
+                self._models = (self.clock(), raw, ids, model_lengths(raw))
+                return self._models[1:]
             self._models_failed_at = self.clock()
-        return (self._models[1], self._models[2]) if self._models else None
+        return self._models[1:] if self._models else None
 
     async def _models_route(self, request: Request) -> Response:
         try:
@@ -726,33 +785,47 @@ class ProxyServer:
         try:
             try:
                 if self.draining:
-                    raise ProxyError(503, "proxy is shutting down", retry_after=RETRY_AFTER_S)
+                    raise shutting_down()
                 self._check_auth(request)
                 body = parse_json(await self._read_body(request))
                 models = await self._fetch_models()
-                validate(body, kind, models[1] if models else None)
+                # The served models' ids and context lengths: from the cached /v1/models, if any.
+                ids, lengths = (models[1], models[2]) if models else (None, None)
+                validate(body, kind, ids, lengths)
                 if self.config.engine == "sglang":
                     check_sglang_fanout(sglang_batch_size(body, kind) or 1)
+                elif kind == "completion":
+                    # vLLM's prefill hands back the KV params of the first prompt only.
+                    check_vllm_single_prompt(body)
             except ProxyError as exc:
                 if exc.status in (400, 404):
                     self.metrics.rejected.labels("invalid").inc()
                 status = exc.status
                 return error_response(exc, rid)
+            if self.draining:  # began while the body was read: do not queue behind the others
+                status = 503
+                return error_response(shutting_down(), rid)
             tickets = [NO_TICKET]
-            if self._prefill_queue is not None:
-                # Before admission: a prompt waiting for prefill room holds no upstream slot, so
-                # the queue, not admission's FIFO, decides who goes next.
-                try:
-                    tickets[0] = await self._queued(body, kind, t0)
-                except ProxyError as exc:
-                    status = exc.status
-                    return error_response(exc, rid)
             try:
+                # A request that may wait (prefill room, admission) is answered 503 if draining
+                # starts meanwhile (`_shed_waiters`); registered only then, off the common path.
+                me: asyncio.Task[Any] | None = None
+                if self._prefill_queue is not None or self._admission.full:
+                    me = asyncio.current_task(self.loop)
+                    assert me is not None
+                    self._waiting.add(me)
                 try:
+                    if self._prefill_queue is not None:
+                        # Before admission: a prompt waiting for prefill room holds no upstream
+                        # slot, so the queue, not admission's FIFO, decides who goes next.
+                        tickets[0] = await self._queued(body, kind, t0)
                     await self._admission.acquire()
                 except ProxyError as exc:
                     status = exc.status
                     return error_response(exc, rid)
+                finally:
+                    if me is not None:
+                        self._waiting.discard(me)
                 try:
                     resp = await self._serve(request, body, kind, path, rid, t0, tickets)
                     status = resp.status
@@ -763,8 +836,20 @@ class ProxyServer:
                 for t in tickets:
                     t.release()
         except asyncio.CancelledError:
-            status = 499  # client closed the connection (nginx's convention)
-            self.metrics.disconnects.inc()
+            task = asyncio.current_task(self.loop)
+            assert task is not None
+            if task in self._shed or (self._grace_over and request.stream is None):
+                # Cancelled by the shutdown, not the client: waiting when draining began, or a
+                # non-streamed answer still pending at the end of the grace. Answer it.
+                self._shed.discard(task)
+                task.uncancel()
+                status = 503
+                return error_response(shutting_down(), rid)
+            if not self._grace_over:
+                status = 499  # client closed the connection (nginx's convention)
+                self.metrics.disconnects.inc()
+            else:
+                status = 503  # a stream cut at the end of the grace (`_relay` sent the error)
             raise
         finally:
             self.metrics.requests.labels(path, str(status)).inc()
@@ -1431,25 +1516,40 @@ class ProxyServer:
                     "X-Request-Id": rid,
                 },
             )
+            # Only whole events reach the client (pdorch.proxy.sse): an engine cut off inside an
+            # event leaves no half event for the client to choke on before the error event.
+            events = EventAligner()
             try:
                 try:
-                    # The head goes out with the first bytes, in one write.
-                    await out.write(opened.first)
+                    # The head goes out with the first (whole) events, in one write.
+                    await out.write(events.feed(opened.first))
                 except ConnectionError:
                     raise _ClientGone from None
                 self.metrics.ttft.labels(path, d.mode).observe(self.clock() - t0)
-                last = opened.first
                 with Deadline(self.loop, remaining):
                     async for chunk in resp.content.iter_any():  # upstream failures raise here ...
                         try:
-                            await out.write(chunk)
+                            await out.write(events.feed(chunk))
                         except ConnectionError:  # ... client failures here (kept apart for blame)
                             raise _ClientGone from None
-                        last = chunk
+                    if events.holding:
+                        # The engine ended its answer normally: what it sent last is the client's.
+                        try:
+                            await out.write(events.rest())
+                        except ConnectionError:
+                            raise _ClientGone from None
                 ok, aborted = True, False
             except _ClientGone:
                 self.metrics.disconnects.inc()
                 return out
+            except asyncio.CancelledError:
+                if self._grace_over:
+                    # Shutdown's grace is over: say so on the stream (on an event boundary, as
+                    # above) rather than only cutting it.
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await out.write(sse_error(shutting_down()))
+                        await out.write_eof()
+                raise
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Bytes were already streamed: no retry; end the stream with an explicit error event.
                 if isinstance(exc, aiohttp.ClientError):  # the engine's fault (its idle timeout included)
@@ -1461,11 +1561,10 @@ class ProxyServer:
                 else:  # the client's own budget: no mark against the engine
                     self.metrics.request_timeouts.labels("mid_response").inc()
                     err = self._request_timed_out()
-                # An engine cut off inside an event: close that event first, or the error event would
-                # be glued to its half and no client could parse it.
-                tail = b"" if last.endswith((b"\n\n", b"\r\n\r\n")) else b"\n\n"
+                # A half event the engine was cut off in stays in `events`, dropped: only whole
+                # events went out, so the error event starts on an event boundary.
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    await out.write(tail + sse_error(err))
+                    await out.write(sse_error(err))
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await out.write_eof()
             return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import msgspec
@@ -159,10 +159,76 @@ def model_ids(raw: bytes) -> frozenset[str] | None:
     return frozenset(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
 
 
-def validate(body: dict[str, Any], kind: Kind, served_models: Collection[str] | None = None) -> None:
+def model_lengths(raw: bytes) -> dict[str, int]:
+    """Each model's context length (``max_model_len``, which vLLM and SGLang put in their
+    `/v1/models` cards) from an engine's `/v1/models` answer; models without one are left out."""
+    try:
+        doc = decode_json(raw)
+    except (ValueError, RecursionError):
+        return {}
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        return {}
+    out: dict[str, int] = {}
+    for m in data:
+        if isinstance(m, dict) and "id" in m:
+            n = lax_int(m.get("max_model_len"))
+            if n is not None and n > 0:
+                out[str(m["id"])] = n
+    return out
+
+
+def prompt_count(body: dict[str, Any]) -> int:
+    """How many prompts a completion request carries: a string or a list of token ids is one, a list
+    of strings or of token-id lists is one per entry."""
+    p = body.get("prompt")
+    if isinstance(p, list) and p and isinstance(p[0], str | list):
+        return len(p)
+    return 1
+
+
+def check_vllm_single_prompt(body: dict[str, Any]) -> None:
+    """Refuse a vLLM completion with several prompts: vLLM's P/D prefill answers with the
+    ``kv_transfer_params`` of its first prompt only, so the others' KV could not reach the decode."""
+    n = prompt_count(body)
+    if n > 1:
+        raise _bad(
+            f"'prompt' holds {n} prompts; prefill/decode serving with vLLM hands over the KV cache of "
+            "one prompt per request: send one prompt per request",
+            "prompt",
+        )
+
+
+def _token_limits(body: dict[str, Any], kind: Kind, max_model_len: int | None) -> None:
+    """Refuse token limits the engines would refuse only at the decode, after a full prefill."""
+    # The cap as vLLM reads it: chat's max_completion_tokens wins over the older max_tokens.
+    cap_name = "max_tokens"
+    if kind == "chat" and body.get("max_completion_tokens"):
+        cap_name = "max_completion_tokens"
+    cap = body.get(cap_name)
+    if cap is None:
+        return
+    for name in ("min_tokens", "min_completion_tokens"):
+        least = body.get(name)
+        if least is not None and least > cap:
+            raise _bad(f"'{name}' must be less than or equal to {cap_name}={cap}, got {least}", name)
+    if max_model_len is not None and cap > max_model_len:
+        raise _bad(
+            f"'{cap_name}' is {cap}, more than the model's maximum context length of {max_model_len} tokens",
+            cap_name,
+        )
+
+
+def validate(
+    body: dict[str, Any],
+    kind: Kind,
+    served_models: Collection[str] | None = None,
+    max_model_lens: Mapping[str, int] | None = None,
+) -> None:
     """Raise a 4xx `ProxyError` naming the first problem field of ``body``; return if acceptable.
 
     ``served_models``: the model ids the engines serve; None when not known yet (then any is accepted).
+    ``max_model_lens``: their context lengths, where known (a longer ``max_tokens`` is refused).
     """
     model = body.get("model")
     if model is None:
@@ -190,6 +256,7 @@ def validate(body: dict[str, Any], kind: Kind, served_models: Collection[str] | 
     _int_field(body, "max_tokens", 1)
     _int_field(body, "max_completion_tokens", 1)
     _int_field(body, "min_tokens", 0)
+    _int_field(body, "min_completion_tokens", 0)
     # The SGLang leg mints one bootstrap room per sequence, so an unbounded n would stall the proxy.
     _int_field(body, "n", 1, MAX_N)
     _int_field(body, "best_of", 1)
@@ -216,6 +283,7 @@ def validate(body: dict[str, Any], kind: Kind, served_models: Collection[str] | 
             raise _bad("'logprobs' must be a boolean for chat completions", "logprobs", "invalid_type")
         if kind == "completion" and (not _is_int(lp) or lp < 0):
             raise _bad("'logprobs' must be a non-negative integer", "logprobs", "invalid_type")
+    _token_limits(body, kind, max_model_lens.get(model) if max_model_lens else None)
     if served_models is not None and model not in served_models:
         raise ProxyError(
             404,

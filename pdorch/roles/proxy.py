@@ -92,6 +92,10 @@ def with_router_env(ctx: RenderContext, template: dict[str, Any]) -> dict[str, A
     return out
 
 
+# Seconds the kubelet gives the built-in proxy after SIGTERM: its --shutdown-grace (30 s) and room.
+TERMINATION_GRACE_S = 35
+
+
 def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
     """Pod template of the built-in proxy for `role` (labels are added by the LWS renderer)."""
     port = role.port
@@ -146,6 +150,9 @@ def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
         "metadata": {},
         "spec": {
             "serviceAccountName": proxy_rbac_name(ctx.group),
+            # The proxy's own shutdown (drain delay, then in-flight requests up to its 30 s
+            # --shutdown-grace, then error events) must end before the kubelet's SIGKILL.
+            "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
             "securityContext": {
                 "runAsNonRoot": True,
                 "runAsUser": NONROOT_UID,

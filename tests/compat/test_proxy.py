@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
@@ -283,6 +284,26 @@ async def test_conditional_disaggregation_skips_prefill(http: aiohttp.ClientSess
         ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
         ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "stream": "yes"}', 400, "stream"),
         ("/v1/completions", b'{"model": "sim-model", "prompt": "x", "temperature": 9}', 400, "temperature"),
+        # The decode would refuse these only after a full prefill had leased its KV (review helper-72).
+        (
+            "/v1/completions",
+            b'{"model": "sim-model", "prompt": "x", "min_tokens": 5, "max_tokens": 2}',
+            400,
+            "min_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "sim-model", "messages": [{"role": "user", "content": "x"}], "min_tokens": 5, "max_completion_tokens": 2}',
+            400,
+            "min_tokens",
+        ),
+        # Longer than the max_model_len the engines list in /v1/models.
+        (
+            "/v1/completions",
+            b'{"model": "sim-model", "prompt": "x", "max_tokens": 1000000000}',
+            400,
+            "max_tokens",
+        ),
         # beyond a float's range: math.isfinite overflowed (was a 500)
         (
             "/v1/completions",
@@ -327,6 +348,38 @@ async def test_bad_requests_get_json_4xx_naming_the_field(
             assert param.split("[")[0] in err["message"]
         p_text = await text_of(http, s.prefill_url)
         assert sample(p_text, "vllm:prompt_tokens_total") == 0  # nothing reached an engine
+
+
+async def test_vllm_refuses_several_prompts_and_serves_one_prompt_in_any_of_its_forms(
+    http: aiohttp.ClientSession,
+) -> None:
+    """vLLM's prefill hands back prompt 0's kv_transfer_params only, so several prompts are refused
+    before any leg, saying what to do (review helper-72, finding 2). One prompt as a list (of one
+    string, of token ids, of one token-id list) is still served through the P/D handshake."""
+    seen: list[Any] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        return web.json_response({"error": {"message": "not expected"}}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", record)
+    async with serve_app(app) as engine, stack("vllm", prefill=(engine,), decode=(engine,)) as s:
+        for prompt in (["a", "b"], [[1], [2]]):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+            async with http.post(s.url + "/v1/completions", json=body) as r:
+                assert r.status == 400
+                err = (await r.json())["error"]
+            assert err["param"] == "prompt" and "one prompt per request" in err["message"]
+        assert seen == []  # no leg was sent
+    async with stack("vllm") as s:
+        for prompt in (["one prompt"], [5, 6, 7], [[5, 6, 7]]):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+            async with http.post(s.url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                assert len((await r.json())["choices"]) == 1
+        p_text = await text_of(http, s.prefill_url)
+        assert sample(p_text, "pdorch_sim_pd_handshakes_total", {"outcome": "prefill_leased"}) == 3
 
 
 async def test_sglang_request_fanning_out_past_the_room_limit_is_a_400(http: aiohttp.ClientSession) -> None:
@@ -839,7 +892,7 @@ async def test_pdorch_proxy_command_serves_and_stops_on_sigterm(
         cmd = [
             sys.executable, "-m", "pdorch.cli", "proxy", "--engine", "vllm", "--host", "127.0.0.1",
             "--port", str(port), "--prefill", sim.url(0), "--decode", sim.url(1), "--shutdown-grace", "5",
-            "--metrics-port", str(metrics_port),
+            "--shutdown-drain-delay", "2", "--metrics-port", str(metrics_port),
         ]  # fmt: skip
         os.environ["PDORCH_ROUTER_CONFIG"] = json.dumps(router_config)
         try:
@@ -859,6 +912,17 @@ async def test_pdorch_proxy_command_serves_and_stops_on_sigterm(
             assert sample(text, "pdorch_proxy_policy_picks_total", {"policy": "power_of_two"}) == 1
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
                 assert r.status == 404
+            # SIGTERM: for the drain delay the proxy still answers, unready, then exits in its grace.
+            t0 = asyncio.get_running_loop().time()
+            os.killpg(proc.pid, signal.SIGTERM)
+
+            async def draining() -> bool:
+                async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                    return r.status == 503 and (await r.json())["status"] == "draining"
+
+            await wait_until(draining, 1.5, "/health to answer 503 draining")
+            await asyncio.to_thread(proc.wait, 10)
+            assert asyncio.get_running_loop().time() - t0 <= 5.5
         finally:
             await asyncio.to_thread(stop, proc)
         assert proc.returncode == 0, log.read_text()[-2000:]
@@ -878,6 +942,65 @@ async def test_graceful_stop_finishes_in_flight_streams(http: aiohttp.ClientSess
         assert raw.endswith(b"data: [DONE]\n\n")
         assert raw.count(b'"text"') == 150
         with pytest.raises(aiohttp.ClientConnectionError):
+            async with http.get(s.url + "/health"):
+                pass
+
+
+async def test_shutdown_drains_visibly_then_ends_what_is_left_with_explicit_errors(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Review helper-72 (finding 5) and helper-71 (finding C): on stop the listener closed at once,
+    so /health never answered its documented 503 "draining" and new clients were refused; a request
+    waiting for admission waited the whole grace for a bare disconnect; a stream still open at the
+    end of the grace was cut without an error event."""
+
+    async def post(body: dict[str, Any]) -> tuple[int, dict[str, Any], float]:
+        t = loop.time()
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            return r.status, await r.json(), loop.time() - t
+
+    loop = asyncio.get_running_loop()
+    slow = replace(FAST, time_scale=1.0)  # ~10 ms per token: the stream below lasts ~20 s
+    grace, delay = 3.0, 1.0
+    async with stack("vllm", sim_config=slow, max_inflight=1, shutdown_grace_s=grace) as s:
+        short = {"model": MODEL, "prompt": "short", "max_tokens": 2}
+        long = {"model": MODEL, "prompt": "a long one", "max_tokens": 2000, "stream": True}
+        async with http.post(s.url + "/v1/completions", json=long) as r:
+            assert r.status == 200
+            first = await r.content.readany()
+            queued = asyncio.create_task(post(short))  # waits for the one admission slot
+
+            async def waiting() -> bool:
+                return s.proxy._admission.waiting == 1
+
+            await wait_until(waiting, WAIT_S, "a request waiting for admission")
+            with pytest.raises(TimeoutError):  # a client giving up while it waits is forgotten
+                async with asyncio.timeout(0.3):
+                    await post(short)
+
+            async def forgotten() -> bool:
+                return len(s.proxy._waiting) == 1 and s.proxy._admission.waiting == 1
+
+            await wait_until(forgotten, WAIT_S, "the waiter that gave up to be forgotten")
+            t0 = loop.time()
+            stopping = asyncio.create_task(s.proxy.stop(drain_delay_s=delay))
+            status, body, _ = await queued
+            assert status == 503 and body["error"]["code"] == "shutting_down"
+            assert loop.time() - t0 < delay  # at once, not after the grace
+            # The listener is still open: readiness says draining, new requests get a 503.
+            async with http.get(s.url + "/health") as h:
+                assert h.status == 503 and (await h.json())["status"] == "draining"
+            status, body, _ = await post(short)
+            assert status == 503 and body["error"]["message"] == "proxy is shutting down"
+            rest = await r.read()  # the stream goes on until the grace is over
+        await asyncio.wait_for(stopping, WAIT_S)
+        took = loop.time() - t0
+        assert grace - 1.0 <= took <= grace + 0.5, took
+        events = [e for e in (first + rest).split(b"\n\n") if e.strip()]
+        assert len(events) > 10  # tokens flowed during the drain
+        last = json.loads(events[-1].removeprefix(b"data: "))
+        assert last["error"]["code"] == "shutting_down" and "shutting down" in last["error"]["message"]
+        with pytest.raises(aiohttp.ClientConnectionError):  # after the drain delay: refused
             async with http.get(s.url + "/health"):
                 pass
 

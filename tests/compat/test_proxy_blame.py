@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 
@@ -118,7 +119,12 @@ async def test_a_decode_whose_health_passes_but_whose_generations_fail_is_cut_of
         assert sample(text, "pdorch_proxy_breaker_state", {"endpoint": bad}) == 1
 
 
-async def test_an_error_event_after_half_an_event_starts_a_new_event(http: aiohttp.ClientSession) -> None:
+async def test_a_decode_cut_off_inside_an_event_sends_whole_events_then_the_error_event(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The half event was closed with a blank line and relayed: clients (the openai one included)
+    failed to parse it as JSON and never saw the proxy's error event (review helper-72, finding 3)."""
+
     async def half_then_reset(request: web.Request) -> web.StreamResponse:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
@@ -135,9 +141,18 @@ async def test_an_error_event_after_half_an_event_starts_a_new_event(http: aioht
             body = {"model": MODEL, "prompt": "hi", "max_tokens": 5, "stream": True}
             async with http.post(s.url + "/v1/completions", json=body) as r:
                 raw = await r.read()
-    events = [e for e in raw.split(b"\n\n") if e.strip()]
-    last = json.loads(events[-1].removeprefix(b"data: "))  # parseable: not glued to the half event
-    assert last["error"]["code"] == 502 and "interrupted" in last["error"]["message"]
+            texts: list[str] = []
+            with pytest.raises(openai.APIError, match="decode stream interrupted"):
+                stream = await s.client().completions.create(
+                    model=MODEL, prompt="hi", max_tokens=5, stream=True
+                )
+                async for chunk in stream:
+                    texts.append(chunk.choices[0].text)
+            assert texts == ["one"]
+    assert raw.count(b"data: ") == 2  # the half event never reached the client
+    events = [json.loads(e.removeprefix(b"data: ")) for e in raw.split(b"\n\n") if e.strip()]
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["one"]
+    assert events[-1]["error"]["code"] == 502 and "interrupted" in events[-1]["error"]["message"]
 
 
 @pytest.mark.parametrize("status", [200, 500])

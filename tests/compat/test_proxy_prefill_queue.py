@@ -276,3 +276,25 @@ async def test_room_counts_only_prefills_a_request_can_be_routed_to() -> None:
     assert not queue.fits_now(900)  # 1800 tokens on one usable prefill of 1000
     ticket.release()
     assert queue.fits_now(900)
+
+
+async def test_prompts_held_in_the_queue_get_a_503_as_soon_as_the_proxy_drains() -> None:
+    """Held prompts hold no admission slot but wait all the same: on shutdown they are answered
+    at once (503), not left to the end of the grace and a bare disconnect."""
+    async with (
+        stack("vllm", sim_config=SLOW, prefill_queue_tokens=4000, shutdown_grace_s=10.0) as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http,
+    ):
+        done: list[tuple[float, str]] = []
+        longs = [asyncio.ensure_future(_complete(http, s.url, LONG, done)) for _ in range(3)]
+
+        async def held() -> bool:
+            return sample(await _metrics(http, s.url), "pdorch_proxy_prefill_queue_depth") == 2
+
+        await wait_until(held, WAIT_S, "two prompts held in the prefill queue")
+        t0 = time.monotonic()
+        stopping = asyncio.ensure_future(s.proxy.stop())
+        statuses = await asyncio.gather(*longs)
+        assert sorted(statuses) == [200, 503, 503]  # the one on the engine finishes
+        assert time.monotonic() - t0 < 5.0  # the held ones did not wait for the grace
+        await asyncio.wait_for(stopping, WAIT_S)

@@ -37,3 +37,15 @@ def test_metrics_port_and_api_key_change_the_document() -> None:
 def test_metrics_port_must_differ_from_client_port() -> None:
     with pytest.raises(ValidationError, match="--metrics-port"):
         cfg(port=8000, metrics_port=8000)
+
+
+def test_a_vllm_proxy_documents_one_prompt_per_completion_request() -> None:
+    """It refuses several prompts (vLLM P/D hands over one prompt's KV); SGLang fans them out."""
+
+    def prompt_lists(engine: str) -> list[dict[str, object]]:
+        doc = openapi_document(ProxyConfig(engine=engine, decode=("http://127.0.0.1:1",)))  # type: ignore[arg-type]
+        alts = doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["oneOf"]
+        return [a for a in alts if a.get("type") == "array" and a["items"].get("type") != "integer"]
+
+    assert [a.get("maxItems") for a in prompt_lists("vllm")] == [1, 1]
+    assert [a.get("maxItems") for a in prompt_lists("sglang")] == [None, None]

@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 
 from pdorch.proxy.config import ProxyConfig, build_config, router_settings
 from pdorch.proxy.errors import ProxyError
-from pdorch.proxy.validation import decode_json, model_ids, parse_json, validate
+from pdorch.proxy.server import shutdown_plan
+from pdorch.proxy.validation import (
+    check_vllm_single_prompt,
+    decode_json,
+    model_ids,
+    model_lengths,
+    parse_json,
+    prompt_count,
+    validate,
+)
 
 pytestmark = pytest.mark.unit
 MODELS = frozenset({"m"})
@@ -213,3 +222,71 @@ def test_an_engine_model_list_is_read_only_in_the_openai_shape(
     raw: bytes, ids: frozenset[str] | None
 ) -> None:
     assert model_ids(raw) == ids
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "param"),
+    [
+        ({"model": "m", "prompt": "x", "min_tokens": 5, "max_tokens": 2}, "completion", "min_tokens"),
+        ({"model": "m", "prompt": "x", "min_completion_tokens": 5, "max_tokens": 2}, "completion", "min_completion_tokens"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "min_tokens": 8, "max_completion_tokens": 7}, "chat", "min_tokens"),
+        # Chat's max_completion_tokens is the cap when both are given, as vLLM reads them.
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "min_tokens": 8, "max_tokens": 100, "max_completion_tokens": 7}, "chat", "min_tokens"),
+    ],
+)  # fmt: skip
+def test_a_minimum_above_the_maximum_is_refused_up_front(body: dict[str, Any], kind: str, param: str) -> None:
+    """The vLLM decode refuses it (400), but only after the prefill ran and leased its KV for 30 s
+    (review helper-72, finding 1): refused before anything goes upstream."""
+    e = err(body, kind)
+    assert e.status == 400 and e.param == param
+    assert "less than or equal to" in e.message
+
+
+def test_a_minimum_within_the_maximum_passes() -> None:
+    validate({"model": "m", "prompt": "x", "min_tokens": 2, "max_tokens": 2}, "completion", MODELS)
+    validate({"model": "m", "prompt": "x", "min_tokens": 50}, "completion", MODELS)  # no explicit cap
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    validate({**chat, "min_tokens": 8, "max_tokens": 7, "max_completion_tokens": 9}, "chat", MODELS)
+
+
+def test_max_tokens_beyond_the_served_context_length_is_refused_when_known() -> None:
+    lens = model_lengths(b'{"object":"list","data":[{"id":"m","max_model_len":2048},{"id":"n"}]}')
+    assert lens == {"m": 2048}
+    body = {"model": "m", "prompt": "x", "max_tokens": 10**9}
+    with pytest.raises(ProxyError) as e:
+        validate(body, "completion", MODELS, lens)
+    assert e.value.status == 400 and e.value.param == "max_tokens" and "2048" in e.value.message
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 4096}
+    with pytest.raises(ProxyError) as e:
+        validate(chat, "chat", MODELS, lens)
+    assert e.value.param == "max_completion_tokens"
+    validate({**body, "max_tokens": 2048}, "completion", MODELS, lens)
+    validate(body, "completion", MODELS, None)  # length not known: the engine decides
+    assert model_lengths(b"not json") == {} and model_lengths(b'{"data": 3}') == {}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "count"),
+    [("a", 1), ([1, 2, 3], 1), (["a"], 1), ([[1, 2]], 1), (["a", "b"], 2), ([[1], [2], [3]], 3)],
+)
+def test_prompt_count(prompt: Any, count: int) -> None:
+    assert prompt_count({"prompt": prompt}) == count
+
+
+def test_several_prompts_are_refused_for_vllm_pd_with_what_to_do() -> None:
+    """vLLM's prefill returns the kv_transfer_params of prompt 0 only (review helper-72, finding 2)."""
+    for prompt in ("a", [1, 2, 3], ["a"], [[1, 2]]):
+        check_vllm_single_prompt({"prompt": prompt})
+    for prompt in (["a", "b"], [[1], [2]]):
+        with pytest.raises(ProxyError) as e:
+            check_vllm_single_prompt({"prompt": prompt})
+        assert e.value.status == 400 and e.value.param == "prompt"
+        assert "one prompt per request" in e.value.message
+
+
+def test_the_drain_delay_and_the_final_error_fit_in_the_grace() -> None:
+    assert shutdown_plan(30.0, 5.0) == (5.0, 1.0)
+    delay, margin = shutdown_plan(3.0, 5.0)  # a delay longer than the grace is cut to fit
+    assert delay + margin == pytest.approx(3.0) and margin == pytest.approx(0.3)
+    assert shutdown_plan(0.0, 5.0) == (0.0, 0.0)
+    assert ProxyConfig(engine="vllm", decode=("http://d:1",)).shutdown_drain_delay_s == 5.0

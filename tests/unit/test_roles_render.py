@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pdorch.api.servinggroup import ServingGroup
-from pdorch.proxy.config import build_config
+from pdorch.proxy.config import ProxyConfig, build_config
 from pdorch.roles.context import DEFAULT_PROXY_IMAGE, RenderOptions, RoleOverride
 from pdorch.roles.labels import (
     ANNOTATION_ROLLOUT,
@@ -293,6 +293,8 @@ def test_builtin_proxy_pod() -> None:
     ]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     assert c["livenessProbe"]["httpGet"]["path"] == "/livez"  # never restarted for the engines' state
+    # The kubelet's SIGKILL comes after the proxy's whole shutdown (it ends within its grace).
+    assert pod["terminationGracePeriodSeconds"] > ProxyConfig.model_fields["shutdown_grace_s"].default
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] is True
     assert sc["allowPrivilegeEscalation"] is False
