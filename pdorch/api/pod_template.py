@@ -74,6 +74,15 @@ def check_pod_template(template: dict[str, Any]) -> dict[str, Any]:
         image = c.get("image")
         if not isinstance(image, str) or not image.strip():
             raise ValueError(f"spec.containers[{i}] ({name}) needs an image")
+    # Pod validation refuses these; the dry-run PodTemplate the controller sends does not check them,
+    # so they would pass until the StatefulSet creates pods, mid-rollout.
+    for field in ("initContainers", "containers"):
+        for i, c in enumerate(spec.get(field) or []):
+            image = c.get("image") if isinstance(c, dict) else None
+            if isinstance(image, str) and image != image.strip():
+                raise ValueError(
+                    f"spec.{field}[{i}].image {image!r} has leading or trailing whitespace (remove it)"
+                )
     # The pods are a StatefulSet's (LWS creates one per group), whose validation, unlike a pod's,
     # allows only these.
     if spec.get("restartPolicy") not in (None, "Always"):

@@ -46,6 +46,15 @@ def _with_prefill_template(edit: Any) -> dict[str, Any]:
         ),
         (lambda t: t["spec"]["containers"][0].update(name="Engine_1"), "must be a DNS label"),
         (lambda t: t["spec"]["containers"][0].pop("image"), "needs an image"),
+        # helper-71 H: passed the dry-run PodTemplate, then jammed a rollout at the StatefulSet.
+        (
+            lambda t: t["spec"]["containers"][0].update(image="pdorch/sim:dev "),
+            "leading or trailing whitespace",
+        ),
+        (
+            lambda t: t["spec"].update(initContainers=[{"name": "init", "image": " busybox"}]),
+            "spec.initContainers[0].image ' busybox' has leading or trailing whitespace",
+        ),
         (lambda t: t["spec"]["containers"].append(dict(t["spec"]["containers"][0])), "is used twice"),
         # Valid in a pod, refused in a StatefulSet's template (LWS's pods are a StatefulSet's).
         (lambda t: t["spec"].update(restartPolicy="Never"), "only restart Always"),
