@@ -238,6 +238,10 @@ def summarize(roles: list[RoleObservation]) -> dict[str, str]:
     return out
 
 
+# Progressing's reason while groups neither scaled nor rolled are replaced (a deleted pod).
+RECOVERING = "Recovering"
+
+
 def rollout_state(conditions: list[dict[str, Any]]) -> str:
     """One word for the Rollout printer column, from the conditions.
 
@@ -255,6 +259,8 @@ def rollout_state(conditions: list[dict[str, Any]]) -> str:
     progressing = find_condition(conditions, PROGRESSING) or {}
     reason = str(progressing.get("reason") or "")
     if progressing.get("status") == "True":
+        if reason == RECOVERING:
+            return "Complete"  # no rollout or scale under way; READY shows the groups coming back
         return "Scaling" if reason == "Scaling" else "Progressing"
     return reason or "Unknown"
 
@@ -329,7 +335,9 @@ def compute_status(
         }
 
     not_ready = [r for r in roles if r.ready < r.desired]
-    updating = [r for r in roles if r.updated < r.desired or r.partition > 0]
+    # Groups that exist and are not on the update revision (groups still to be created are a
+    # scale-up, not a rollout).
+    updating = [r for r in roles if r.updated < min(r.replicas, r.desired) or r.partition > 0]
     stale = [r.name for r in roles if r.exists and not r.current]
     if not all(r.exists for r in roles):
         progressing = condition(
@@ -344,9 +352,20 @@ def compute_status(
         progressing = condition(
             PROGRESSING, True, "RolloutInProgress", names or "rollout in progress", generation, prev_conds
         )
-    elif not_ready or any(r.replicas != r.desired for r in roles):
+    elif any(r.replicas != r.desired for r in roles):
         progressing = condition(
             PROGRESSING, True, "Scaling", "waiting for groups to become ready", generation, prev_conds
+        )
+    elif not_ready:
+        # Nothing was scaled or rolled: groups are being replaced (a pod deleted or crashed).
+        names = ", ".join(f"{r.name} {r.ready}/{r.desired}" for r in not_ready)
+        progressing = condition(
+            PROGRESSING,
+            True,
+            RECOVERING,
+            f"waiting for groups to be ready again: {names}",
+            generation,
+            prev_conds,
         )
     elif stale:
         progressing = condition(

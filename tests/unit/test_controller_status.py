@@ -459,3 +459,23 @@ def test_a_role_type_asked_for_zero_groups_is_named_as_such_not_as_not_ready_yet
     # A type that asks for groups but has none ready yet reads as before.
     waiting = _cond(st.compute_status(1, _roles(2, 0), "abc", None), st.AVAILABLE)
     assert waiting["message"] == "no ready group yet for role type(s): decode"
+
+
+def test_a_scale_up_reads_as_scaling_and_a_replaced_group_as_recovering_not_as_a_rollout() -> None:
+    """helper-71 G: groups still to be created counted as not updated (a scale-up read
+    RolloutInProgress), and a deleted pod's group coming back read as Scaling."""
+    up = [
+        st.RoleObservation("prefill", "prefill", 3, 2, 2, 2, 0, True),  # 3 wanted, 2 exist
+        st.RoleObservation("decode", "decode", 1, 1, 1, 1, 0, True),
+    ]
+    prog = _cond(st.compute_status(1, up, "abc", None), st.PROGRESSING)
+    assert (prog["status"], prog["reason"]) == ("True", "Scaling")
+    back = [
+        st.RoleObservation("prefill", "prefill", 2, 2, 1, 2, 0, True),  # one group being replaced
+        st.RoleObservation("decode", "decode", 1, 1, 1, 1, 0, True),
+    ]
+    status = st.compute_status(1, back, "abc", None)
+    prog = _cond(status, st.PROGRESSING)
+    assert (prog["status"], prog["reason"]) == ("True", "Recovering")
+    assert prog["message"] == "waiting for groups to be ready again: prefill 1/2"
+    assert status["summary"]["rollout"] == "Complete"
