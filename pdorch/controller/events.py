@@ -21,14 +21,24 @@ from pdorch.controller.kubeapi import KubeApi
 log = logging.getLogger(__name__)
 
 REPORTING_CONTROLLER = "pdorch.io/controller"
+# The autoscaler's events (on ServingRoleScalers), so `kubectl describe` points at its log, not the
+# controller's.
+SCALER_REPORTING_CONTROLLER = "pdorch.io/scaler"
 FLUSH_SECONDS = 5.0
 
 
 class EventRecorder:
     """Writes events; `ttl` bounds how long a series' last event is remembered (0: no dedup)."""
 
-    def __init__(self, api: KubeApi, instance: str, ttl: float = 600.0, repeat_window: float = 10.0) -> None:
-        self.api, self.instance, self.ttl = api, instance, ttl
+    def __init__(
+        self,
+        api: KubeApi,
+        instance: str,
+        ttl: float = 600.0,
+        repeat_window: float = 10.0,
+        controller: str = REPORTING_CONTROLLER,
+    ) -> None:
+        self.api, self.instance, self.ttl, self.controller = api, instance, ttl, controller
         self.repeat_window = min(repeat_window, ttl)
         # (object, series) -> (what was sent, when); events without a series use (object, reason, note).
         self._last: dict[tuple[str, ...], tuple[tuple[str, str, str], float]] = {}
@@ -74,7 +84,7 @@ class EventRecorder:
                 "namespace": md.get("namespace", "default"),
             },
             "eventTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "reportingController": REPORTING_CONTROLLER,
+            "reportingController": self.controller,
             "reportingInstance": self.instance[:128],
             "action": action,
             "reason": reason,

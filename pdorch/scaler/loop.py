@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from pdorch.api.scaler import KIND as SCALER_KIND
 from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, ScalingMode, ServingGroup
 from pdorch.cli_errors import CliError
-from pdorch.controller.events import EventRecorder
+from pdorch.controller.events import SCALER_REPORTING_CONTROLLER, EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi, NotLeader
 from pdorch.controller.leader import LOST_LEASE_EXIT, LeaseElector, default_identity
 from pdorch.controller.status import SCALING_ACTIVE, condition, find_condition, now_rfc3339
@@ -318,7 +318,9 @@ class BuiltinScaler:
         self.source = source or DirectScrape()
         self.policy = policy or SloPolicyConfig(forecast_lead_s=cfg.pod_startup_s + cfg.interval_s)
         self.coefficients = coefficients or load_coefficients(cfg.coefficients)
-        self.events = EventRecorder(api, "pdorch-scaler", ttl=0.0)
+        self.events = EventRecorder(
+            api, cfg.identity or default_identity(), ttl=0.0, controller=SCALER_REPORTING_CONTROLLER
+        )
         self.roles: dict[tuple[str, str, str], RoleState] = {}
         self._raw: dict[tuple[str, str, str], int] = {}
         # When each group last missed an SLO target (monotonic s): for `scaleDownAfterMissSeconds`.
