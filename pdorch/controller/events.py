@@ -76,6 +76,17 @@ class EventRecorder:
         if self.is_repeat(obj, etype, reason, note, series):
             return
         md = obj["metadata"]
+        # The log tells the same story as `kubectl describe` (at INFO it said nothing after
+        # "became leader", through recreated objects, reverts and stalls).
+        log.log(
+            logging.WARNING if etype == "Warning" else logging.INFO,
+            "%s %s/%s: %s: %s",
+            obj.get("kind"),
+            md.get("namespace", ""),
+            md["name"],
+            reason,
+            note,
+        )
         event = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",

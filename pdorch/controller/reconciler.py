@@ -335,7 +335,6 @@ class Reconciler:
         if created:
             self.events.emit_soon(obj, "Normal", "Created", "created " + ", ".join(created))
         if reverted:
-            log.warning("%s: put back %s, changed outside pdorch", key, ", ".join(reverted))
             self.events.emit_soon(
                 obj,
                 "Warning",

@@ -74,3 +74,32 @@ def test_ttl_zero_deduplicates_nothing(clock: _Clock) -> None:
     for series in ("S", None):
         assert not rec.is_repeat(OBJ, "Normal", "ScaledUp", "2 -> 3", series)
         assert not rec.is_repeat(OBJ, "Normal", "ScaledUp", "2 -> 3", series)
+
+
+class _Api:
+    def __init__(self) -> None:
+        self.created: list[dict[str, Any]] = []
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.created.append(obj)
+        return obj
+
+
+async def test_each_event_sent_is_logged_and_names_its_reporter(caplog: pytest.LogCaptureFixture) -> None:
+    """The log tells what `kubectl describe` does (it was silent after "became leader"); a repeat
+    is neither sent nor logged. The scaler's events name it, not the controller."""
+    api = _Api()
+    rec = EventRecorder(api, "scaler-0", controller=ev.SCALER_REPORTING_CONTROLLER)  # type: ignore[arg-type]
+    sg = {**OBJ, "kind": "ServingGroup"}
+    with caplog.at_level("INFO", logger="pdorch.controller.events"):
+        await rec.emit(sg, "Warning", "Reverted", "put back LeaderWorkerSet/g-decode")
+        await rec.emit(sg, "Warning", "Reverted", "put back LeaderWorkerSet/g-decode")
+        await rec.emit(sg, "Normal", "Created", "created LeaderWorkerSet/g-prefill")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "ServingGroup ns/g: Reverted: put back LeaderWorkerSet/g-decode"),
+        ("INFO", "ServingGroup ns/g: Created: created LeaderWorkerSet/g-prefill"),
+    ]
+    assert len(api.created) == 2
+    assert {(e["reportingController"], e["reportingInstance"]) for e in api.created} == {
+        ("pdorch.io/scaler", "scaler-0")
+    }
