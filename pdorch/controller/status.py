@@ -242,6 +242,17 @@ def summarize(roles: list[RoleObservation]) -> dict[str, str]:
 RECOVERING = "Recovering"
 
 
+def _was_settled(previous: dict[str, Any] | None, generation: int, roles: list[RoleObservation]) -> bool:
+    """Whether the last status showed this spec complete (or recovering) at today's desired counts."""
+    if not previous or previous.get("observedGeneration") != generation:
+        return False
+    prog = find_condition(previous.get("conditions") or [], PROGRESSING) or {}
+    if prog.get("reason") not in ("Complete", RECOVERING):
+        return False
+    before = {r.get("name"): r.get("desiredReplicas") for r in previous.get("roles") or []}
+    return all(before.get(r.name) == r.desired for r in roles)
+
+
 def rollout_state(conditions: list[dict[str, Any]]) -> str:
     """One word for the Rollout printer column, from the conditions.
 
@@ -352,12 +363,10 @@ def compute_status(
         progressing = condition(
             PROGRESSING, True, "RolloutInProgress", names or "rollout in progress", generation, prev_conds
         )
-    elif any(r.replicas != r.desired for r in roles):
-        progressing = condition(
-            PROGRESSING, True, "Scaling", "waiting for groups to become ready", generation, prev_conds
-        )
-    elif not_ready:
-        # Nothing was scaled or rolled: groups are being replaced (a pod deleted or crashed).
+    elif not_ready and _was_settled(previous, generation, roles):
+        # Nothing was scaled or rolled since the group was complete: groups are being replaced (a
+        # pod deleted or crashed). (LWS counts a group as a replica once its leader pod exists, so
+        # a new group or a scale-up that is still loading would look the same without this test.)
         names = ", ".join(f"{r.name} {r.ready}/{r.desired}" for r in not_ready)
         progressing = condition(
             PROGRESSING,
@@ -366,6 +375,10 @@ def compute_status(
             f"waiting for groups to be ready again: {names}",
             generation,
             prev_conds,
+        )
+    elif not_ready or any(r.replicas != r.desired for r in roles):
+        progressing = condition(
+            PROGRESSING, True, "Scaling", "waiting for groups to become ready", generation, prev_conds
         )
     elif stale:
         progressing = condition(

@@ -377,10 +377,15 @@ def cut_short(
         return None
     targets = last.to_dict()
     by_name = {o.name: o for o in observed}
-    if any(by_name[n].abandoned for n in missing):
+    # A role already at its target only lacks the step's record: writing that moves no group, so
+    # neither its readiness nor its budgets hold the step up (else never-ready old groups there
+    # would be waited for, where the planner recreates them).
+    at_target = {v.name for v in views if (v.replicas, v.partition) == targets.get(v.name) and v.on_revision}
+    moving = [n for n in missing if n not in at_target]
+    if any(by_name[n].abandoned for n in moving):
         return None  # the planner recreates never-ready groups first; waiting for them never ends
-    unready = [n for n in missing if not by_name[n].all_ready]
-    if not all(step_fits(by_name[n], spec, RoleAction(*targets[n])) for n in missing):
+    unready = [n for n in moving if not by_name[n].all_ready]
+    if not all(step_fits(by_name[n], spec, RoleAction(*targets[n])) for n in moving):
         return None
     return CutShort(last, missing, unready)
 

@@ -470,12 +470,27 @@ def test_a_scale_up_reads_as_scaling_and_a_replaced_group_as_recovering_not_as_a
     ]
     prog = _cond(st.compute_status(1, up, "abc", None), st.PROGRESSING)
     assert (prog["status"], prog["reason"]) == ("True", "Scaling")
+    settled = st.compute_status(
+        1,
+        [
+            st.RoleObservation("prefill", "prefill", 2, 2, 2, 2, 0, True),
+            st.RoleObservation("decode", "decode", 1, 1, 1, 1, 0, True),
+        ],
+        "abc",
+        None,
+    )
+    assert _cond(settled, st.PROGRESSING)["reason"] == "Complete"
     back = [
         st.RoleObservation("prefill", "prefill", 2, 2, 1, 2, 0, True),  # one group being replaced
         st.RoleObservation("decode", "decode", 1, 1, 1, 1, 0, True),
     ]
-    status = st.compute_status(1, back, "abc", None)
+    status = st.compute_status(1, back, "abc", settled)
     prog = _cond(status, st.PROGRESSING)
     assert (prog["status"], prog["reason"]) == ("True", "Recovering")
     assert prog["message"] == "waiting for groups to be ready again: prefill 1/2"
     assert status["summary"]["rollout"] == "Complete"
+    # helper-74 B1: LWS counts a group once its leader pod exists, so a new group (no settled
+    # status before) or a scale-up (desired changed) that is still loading is not Recovering.
+    assert _cond(st.compute_status(1, back, "abc", None), st.PROGRESSING)["reason"] == "Scaling"
+    scaled = [st.RoleObservation("prefill", "prefill", 4, 4, 2, 4, 0, True), back[1]]
+    assert _cond(st.compute_status(1, scaled, "abc", settled), st.PROGRESSING)["reason"] == "Scaling"

@@ -594,3 +594,33 @@ def test_a_step_record_reads_back_what_it_wrote() -> None:
     record = step_record.StepRecord.of(3, NEW, {"decode": (5, 1), "prefill": (10, 2)})
     assert step_record.decode(record.encode()) == record
     assert record.encode() == ('{"n":3,"revision":"bbbbbbbbbb","to":{"decode":[5,1],"prefill":[10,2]}}')
+
+
+def test_a_cut_step_whose_unwritten_role_is_at_target_does_not_wait_for_its_never_ready_groups() -> None:
+    """helper-74 B2: step 1 reached p0 and d0; d1 was already at its target and only lacked the
+    record, while every old group is down for good. Finishing the step writes d1's record (no
+    group moves), so d1's readiness does not hold it up; the planner then recreates the old groups,
+    as it did before a role at its target counted as missing."""
+    step = step_record.StepRecord.of(1, NEW, {"p0": (3, 2), "d0": (3, 2), "d1": (2, 2)})
+
+    def role(name: str, typ: str, replicas: int, record: step_record.StepRecord | None) -> live.LiveRole:
+        lws = _lws(replicas, 2, NEW)
+        lws["metadata"] = {"annotations": {ANNOTATION_ROLLOUT: NEW}}
+        if record is not None:
+            lws["metadata"]["annotations"][ANNOTATION_ROLLOUT_STEP] = record.encode()
+        groups = [live.GroupState(0, OLD, False), live.GroupState(1, OLD, False)]
+        groups += [live.GroupState(2, NEW, True)] if replicas == 3 else []
+        return live.LiveRole(name, typ, 2, lws, tuple(groups))
+
+    roles = [role("p0", "prefill", 3, step), role("d0", "decode", 3, step), role("d1", "decode", 2, None)]
+    spec = RolloutSpec(1, 1, None, 1, 0)
+    plan = live.plan(roles, NEW, spec, old_down_for=3600.0)
+    assert plan.decision is not None and plan.decision.kind == "step", plan.decision
+    assert plan.decision.reason == "finish step 1, whose write of d1 was cut short"
+    written = [_written(r, plan) if r.name == "d1" else r for r in roles]
+    written = [
+        live.LiveRole(r.name, r.type, r.desired, r.lws, roles[i].groups) for i, r in enumerate(written)
+    ]
+    after = live.plan(written, NEW, spec, plan.step, old_down_for=3600.0)
+    assert after.decision is not None and after.decision.kind == "step", after.decision
+    assert "recreate" in after.decision.reason, after.decision.reason
