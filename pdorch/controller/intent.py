@@ -53,6 +53,21 @@ def changed_by_others(intent_h: str, live: dict[str, Any] | None, last_marker: s
     return ann == intent_h and version_marker(live) != last_marker
 
 
+def same_values(a: Any, b: Any) -> bool:
+    """Whether two API objects (or parts) hold the same values, counting a number and its string
+    form as equal: the API may store the quantity `1` of a template as `"1"`, and our next apply
+    writes `1` back, which changes no value anyone reads."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, str) and not isinstance(a, bool):
+        return str(a) == b
+    if isinstance(b, int | float) and isinstance(a, str) and not isinstance(b, bool):
+        return str(b) == a
+    return a == b
+
+
 def is_subset(intent: Any, live: Any) -> bool:
     """True if every field of `intent` is present in `live` with the same value.
 

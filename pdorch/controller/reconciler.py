@@ -25,7 +25,14 @@ from pdorch.controller import status as st
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.failures import FAILED_CREATE, creation_failures, last_applied
 from pdorch.controller.informer import Informer
-from pdorch.controller.intent import changed_by_others, intent_hash, needs_apply, stamp, version_marker
+from pdorch.controller.intent import (
+    changed_by_others,
+    intent_hash,
+    needs_apply,
+    same_values,
+    stamp,
+    version_marker,
+)
 from pdorch.controller.kubeapi import (
     CONTROLLER_REVISION,
     CORE_EVENT,
@@ -252,7 +259,11 @@ class Reconciler:
         # any API) refuses marks the group Invalid and leaves the cluster untouched.
         plan: list[tuple[dict[str, Any], str, dict[str, Any] | None]] = []
         checks: list[tuple[dict[str, Any], dict[str, Any] | None, bool]] = []
+        # LWS someone else changed since our last apply (a hand edit), by name: only those whose
+        # apply then changes them again were put back (a field pdorch does not set stays).
+        edited: set[str] = set()
         reverted: list[str] = []
+        kept: list[str] = []
         for i, intent in enumerate(desired):
             res = resource_of(intent)
             live = self.caches.children[res].get(namespace, intent["metadata"]["name"])
@@ -284,9 +295,12 @@ class Reconciler:
                 continue  # we just wrote it and the watch has not delivered it yet
             if needs_apply(h, live, mine[0] if mine else None, stamped):
                 plan.append((stamped, h, live))
-                if res is LWS and changed_by_others(h, live, mine[0] if mine else None):
-                    # A hand edit (kubectl edit/scale) of an LWS pdorch owns: put back, and said.
-                    reverted.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
+                if (
+                    res is LWS
+                    and changed_by_others(h, live, mine[0] if mine else None)
+                    and not (live or {}).get("metadata", {}).get("deletionTimestamp")
+                ):
+                    edited.add(stamped["metadata"]["name"])  # a hand edit (kubectl edit/scale)
                 # A name this process never wrote and no managed object holds may still be taken
                 # by an object pdorch does not watch (an LWS's headless Service, a hand-made LWS):
                 # a dry-run create finds it, where an apply would silently take it over.
@@ -323,6 +337,11 @@ class Reconciler:
                     changed[stamped["metadata"]["name"]] = dt.datetime.now(dt.UTC)
                 if live is None:
                     created.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
+                elif stamped["metadata"]["name"] in edited:
+                    put_back = not same_values(result.get("spec"), live.get("spec"))
+                    (reverted if put_back else kept).append(
+                        f"{stamped['kind']}/{stamped['metadata']['name']}"
+                    )
             if failures:
                 o, err = failures[0]
                 await self._apply_failed(
@@ -341,6 +360,15 @@ class Reconciler:
                 "Reverted",
                 f"put back {', '.join(reverted)}: it was changed outside pdorch and now matches the "
                 "ServingGroup again; change the ServingGroup (or its ServingRoleScaler) instead",
+            )
+        if kept:
+            self.events.emit_soon(
+                obj,
+                "Warning",
+                "ChangedOutside",
+                f"{', '.join(kept)} was changed outside pdorch in fields the ServingGroup does not set; "
+                "left as it is (LWS rolls such a change a group at a time): remove it, or set it "
+                "through the ServingGroup",
             )
 
         pruned = await self._prune(obj, desired)

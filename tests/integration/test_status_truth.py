@@ -550,6 +550,25 @@ def test_a_hand_edited_kv_lws_restarts_at_most_a_group_and_is_put_back_with_a_wa
     kept = sorted(n for n, uid in before.items() if after.get(n) == uid)
     assert len(kept) >= 2, (before, after)
 
+    # A field the ServingGroup does not set (a pod-template annotation, added by a patch that
+    # touches nothing else): pdorch's apply leaves it, so it says so instead of "put back".
+    kube.patch(
+        LWS,
+        "handed-prefill",
+        {"spec": {"leaderWorkerTemplate": {"workerTemplate": {"metadata": {"annotations": {"hand": "1"}}}}}},
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+    wait_for(
+        lambda: "ChangedOutside" in _reasons(devcluster, namespace, "handed", "Warning"), 60, "ChangedOutside"
+    )
+    notes = [
+        e["note"]
+        for e in _events(devcluster, namespace, "handed")
+        if e["reason"] in ("Reverted", "ChangedOutside")
+    ]
+    assert not any("handed-prefill" in n and n.startswith("put back") for n in notes), notes
+
 
 def test_a_rollouts_surge_groups_the_namespace_refuses_are_reported_as_replica_failure(
     kube: Client, devcluster: ClusterState, namespace: str, controller: ControllerProc

@@ -13,6 +13,7 @@ from pdorch.controller.intent import (
     intent_hash,
     is_subset,
     needs_apply,
+    same_values,
     stamp,
     version_marker,
 )
@@ -494,3 +495,14 @@ def test_a_scale_up_reads_as_scaling_and_a_replaced_group_as_recovering_not_as_a
     assert _cond(st.compute_status(1, back, "abc", None), st.PROGRESSING)["reason"] == "Scaling"
     scaled = [st.RoleObservation("prefill", "prefill", 4, 4, 2, 4, 0, True), back[1]]
     assert _cond(st.compute_status(1, scaled, "abc", settled), st.PROGRESSING)["reason"] == "Scaling"
+
+
+def test_same_values_takes_a_number_and_its_string_form_as_equal() -> None:
+    """An LWS the API stored with `nvidia.com/gpu: "1"` and our apply of `1` is no change anyone
+    reads: a hand edit that pdorch's apply does not undo is ChangedOutside, not Reverted."""
+    stored = {"limits": {"nvidia.com/gpu": "1"}, "image": "x", "n": [1, {"a": True}]}
+    assert same_values(stored, {"limits": {"nvidia.com/gpu": 1}, "image": "x", "n": ["1", {"a": True}]})
+    assert not same_values(stored, {"limits": {"nvidia.com/gpu": 2}, "image": "x", "n": [1, {"a": True}]})
+    assert not same_values(stored, {"limits": {"nvidia.com/gpu": "1"}, "image": "y", "n": [1, {"a": True}]})
+    assert not same_values({"a": True}, {"a": "True"})
+    assert not same_values({"a": 1}, {"a": 1, "b": 2})
