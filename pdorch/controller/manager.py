@@ -67,9 +67,12 @@ class Controller:
         }
         self.pods = Informer(self.api, POD, ns, LABEL_GROUP, index_label=LABEL_GROUP)
         self.queue: WorkQueue[str] = WorkQueue(on_depth=lambda n: QUEUE_DEPTH.labels("servinggroup").set(n))
+        # The Lease has a client of its own: its renewals must not queue behind a burst of
+        # reconcile requests in the shared connection pool (KubeApi.POOL_LIMITS) past the deadline.
+        self._lease_api = (api or KubeApi.from_config(cfg.kubeconfig)) if cfg.leader_elect else None
         self.elector = (
-            LeaseElector(self.api, cfg.lease_namespace, cfg.lease_name, self.identity)
-            if cfg.leader_elect
+            LeaseElector(self._lease_api, cfg.lease_namespace, cfg.lease_name, self.identity)
+            if self._lease_api is not None
             else None
         )
         if self.elector is not None:
@@ -208,7 +211,7 @@ class Controller:
         try:
             runner = await self._serve_health()
         except BaseException:
-            await self.api.close()
+            await self._close_apis()
             raise
         informer_tasks = [
             asyncio.create_task(inf.run(), name=f"informer-{inf.res.plural}")
@@ -270,8 +273,13 @@ class Controller:
             if self.elector is not None and code == 0:
                 await self.elector.release()
             await runner.cleanup()
-            await self.api.close()
+            await self._close_apis()
         return code
+
+    async def _close_apis(self) -> None:
+        await self.api.close()
+        if self._lease_api is not None and self._lease_api is not self.api:
+            await self._lease_api.close()
 
 
 async def run_controller(cfg: ControllerConfig) -> int:
