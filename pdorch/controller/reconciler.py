@@ -1097,9 +1097,10 @@ def foreign_owner(live: dict[str, Any], uid: str) -> tuple[str, str] | None:
 
 
 def _lacking(r: st.RoleObservation) -> bool:
-    """Whether a role has fewer ready groups than it asks for, counting a rollout's surge groups
-    (which leave the ready count at the desired one while they cannot be created)."""
-    return r.ready < r.desired + r.surge
+    """Whether a role lacks groups: fewer ready than it asks for, or fewer created than a rollout's
+    surge adds (surge groups that cannot be created leave the ready count at the desired one; ones
+    created and still loading are not lacking)."""
+    return r.ready < r.desired or r.replicas < r.desired + r.surge
 
 
 def _name_clash(intent: dict[str, Any], what: str) -> str:
