@@ -52,9 +52,12 @@ class EventRecorder:
         note: str,
         action: str = "Reconcile",
         series: str | None = None,
+        same_as: str | None = None,
     ) -> None:
         """Record an event without making the reconcile wait for the API round trip."""
-        task = asyncio.get_running_loop().create_task(self.emit(obj, etype, reason, note, action, series))
+        task = asyncio.get_running_loop().create_task(
+            self.emit(obj, etype, reason, note, action, series, same_as)
+        )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -71,9 +74,12 @@ class EventRecorder:
         note: str,
         action: str = "Reconcile",
         series: str | None = None,
+        same_as: str | None = None,
     ) -> None:
-        """Record an event about `obj` (Normal or Warning), unless it repeats (see the module doc)."""
-        if self.is_repeat(obj, etype, reason, note, series):
+        """Record an event about `obj` (Normal or Warning), unless it repeats (see the module doc).
+        `same_as`: what tells a repeat instead of the note (a condition flip's "X is now Y", whose
+        note also carries a message with live counts)."""
+        if self.is_repeat(obj, etype, reason, note if same_as is None else same_as, series):
             return
         md = obj["metadata"]
         # The log tells the same story as `kubectl describe` (at INFO it said nothing after
@@ -99,7 +105,8 @@ class EventRecorder:
             "reportingInstance": self.instance[:128],
             "action": action,
             "reason": reason,
-            "note": note[:1024],
+            # The API's limit is 1024 bytes, not characters.
+            "note": note.encode()[:1024].decode(errors="ignore"),
             "type": etype,
             "regarding": {
                 "apiVersion": obj.get("apiVersion"),

@@ -1084,7 +1084,9 @@ class Reconciler:
             subresource="status",
         )
         for etype, reason, note, series in st.transition_events(prev, new):
-            self.events.emit_soon(obj, etype, reason, note, series=series)
+            # A repeat is the same flip (its message's counts may differ when re-read from a stale
+            # cache).
+            self.events.emit_soon(obj, etype, reason, note, series=series, same_as=note.partition(": ")[0])
         return True
 
 

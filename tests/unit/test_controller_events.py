@@ -103,3 +103,16 @@ async def test_each_event_sent_is_logged_and_names_its_reporter(caplog: pytest.L
     assert {(e["reportingController"], e["reportingInstance"]) for e in api.created} == {
         ("pdorch.io/scaler", "scaler-0")
     }
+
+
+async def test_a_flip_reported_again_with_other_counts_is_a_repeat_and_notes_fit_in_1024_bytes() -> None:
+    """helper-74 R4: the note of a condition flip carries its message (live counts): the same flip
+    re-read from a stale cache must still be dropped. Notes are cut to the API's 1024 bytes."""
+    api = _Api()
+    rec = EventRecorder(api, "ctl")  # type: ignore[arg-type]
+    head = "RolloutStalled is now True"
+    await rec.emit(OBJ, "Warning", "Stall", f"{head}: prefill 1/2", series="RolloutStalled", same_as=head)
+    await rec.emit(OBJ, "Warning", "Stall", f"{head}: prefill 2/2", series="RolloutStalled", same_as=head)
+    assert len(api.created) == 1
+    await rec.emit(OBJ, "Warning", "Wide", "é" * 1000)
+    assert len(api.created[-1]["note"].encode()) <= 1024 and api.created[-1]["note"] == "é" * 512
