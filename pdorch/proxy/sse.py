@@ -57,8 +57,9 @@ class EventAligner:
             self._size = len(chunk)
             return self._flush_if_too_big()
         if cut == 0:
-            # A boundary may straddle the previous read and this one ("...\n" + "\n...").
-            window = self._held[-1][-3:]
+            # A boundary may straddle the previous reads and this one ("...\n" + "\n..."; with
+            # "\r\n\r\n", over pieces shorter than the window).
+            window = self._tail(3)
             straddle = complete_events(window + chunk[:3])
             cut = straddle - len(window) if straddle > len(window) else 0
         if cut == 0:
@@ -70,6 +71,15 @@ class EventAligner:
         self._held = [chunk[cut:]] if cut < len(chunk) else []
         self._size = len(chunk) - cut
         return out
+
+    def _tail(self, n: int) -> bytes:
+        """The last `n` held bytes, across pieces."""
+        tail = b""
+        for piece in reversed(self._held):
+            tail = piece[-(n - len(tail)) :] + tail
+            if len(tail) >= n:
+                break
+        return tail
 
     def rest(self) -> bytes:
         """Everything held (and forget it)."""

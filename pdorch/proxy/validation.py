@@ -208,10 +208,11 @@ def _token_limits(body: dict[str, Any], kind: Kind, max_model_len: int | None) -
     cap = body.get(cap_name)
     if cap is None:
         return
-    for name in ("min_tokens", "min_completion_tokens"):
-        least = body.get(name)
-        if least is not None and least > cap:
-            raise _bad(f"'{name}' must be less than or equal to {cap_name}={cap}, got {least}", name)
+    # min_tokens is vLLM's (and SGLang's min_new_tokens); `min_completion_tokens` is not checked:
+    # an engine that ignores it would serve what a check here refused.
+    least = body.get("min_tokens")
+    if least is not None and least > cap:
+        raise _bad(f"'min_tokens' must be less than or equal to {cap_name}={cap}, got {least}", "min_tokens")
     if max_model_len is not None and cap > max_model_len:
         raise _bad(
             f"'{cap_name}' is {cap}, more than the model's maximum context length of {max_model_len} tokens",
@@ -256,7 +257,6 @@ def validate(
     _int_field(body, "max_tokens", 1)
     _int_field(body, "max_completion_tokens", 1)
     _int_field(body, "min_tokens", 0)
-    _int_field(body, "min_completion_tokens", 0)
     # The SGLang leg mints one bootstrap room per sequence, so an unbounded n would stall the proxy.
     _int_field(body, "n", 1, MAX_N)
     _int_field(body, "best_of", 1)

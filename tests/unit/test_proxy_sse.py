@@ -76,3 +76,19 @@ def test_any_split_sends_whole_events_in_order(cuts: list[int]) -> None:
         sent += out
     assert sent == EV * 3 + b"data: [DONE]\n\n"
     assert a.rest() == b"data: {trunc"
+
+
+@given(st.lists(st.integers(min_value=1, max_value=3), min_size=1, max_size=30))
+def test_crlf_events_split_into_tiny_pieces_are_sent_as_soon_as_whole(sizes: list[int]) -> None:
+    """helper-74: a "\\r\\n\\r\\n" split over three reads with a 1-2 byte middle piece was missed
+    (the window looked at the last piece only), so the event waited for the next boundary."""
+    ev = b"data: 1\r\n\r\n"
+    stream = ev * 3
+    a, sent, i = EventAligner(), b"", 0
+    for n in itertools.cycle(sizes):
+        if i >= len(stream):
+            break
+        sent += a.feed(stream[i : i + n])
+        i += n
+        assert len(sent) == complete_events(stream[:i]), (sizes, i)  # nothing whole is held
+    assert sent == stream and not a.holding
