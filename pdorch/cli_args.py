@@ -47,6 +47,34 @@ def _bounded_int(value: str, minimum: int, expected: str) -> int:
     return n
 
 
+def split_host_port(value: str) -> tuple[str, int]:
+    """(host, port) of "HOST:PORT" ("[::1]:8080" for IPv6); ValueError saying what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if "[" in host or "]" in host or (":" in host and not bracketed) or not host:
+        raise ValueError(f"expected HOST:PORT (an IPv6 address in brackets: [::1]:8080), got {value!r}")
+    try:
+        n = int(port)
+    except ValueError:
+        raise ValueError(f"expected HOST:PORT with a numeric port, got {value!r}") from None
+    if not 0 <= n <= 65535:
+        raise ValueError(f"expected a port in 0-65535, got {n} in {value!r}")
+    return host, n
+
+
+def host_port(value: str) -> str:
+    """argparse type: "HOST:PORT" (checked by `split_host_port`)."""
+    try:
+        split_host_port(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def checked(validate: Callable[[str], str]) -> Callable[[str], str]:
     """argparse type from a validator that raises ValueError: its message becomes the usage error."""
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 
-from pdorch.cli_args import add_lease_arguments, positive_int
+from pdorch.cli_args import add_lease_arguments, host_port, positive_int
 from pdorch.controller.manager import LOST_LEASE_EXIT, ControllerConfig, run_controller
 
 
@@ -55,7 +55,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     add_lease_arguments(p, d.lease_namespace, d.lease_name)
     p.add_argument(
-        "--health-addr", default=d.health_addr, help="/metrics, /healthz, /readyz (default %(default)s)"
+        "--health-addr",
+        default=d.health_addr,
+        type=host_port,
+        help="/metrics, /healthz, /readyz (default %(default)s)",
     )
     p.add_argument("--proxy-image", default=d.proxy_image, help="image of the built-in proxy role")
     p.set_defaults(func=_run)

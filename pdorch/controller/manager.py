@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
+from pdorch.cli_args import split_host_port
 from pdorch.cli_errors import CliError
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.informer import Informer, key_of
@@ -134,9 +135,9 @@ class Controller:
         app.router.add_get("/readyz", readyz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        host, port = self.cfg.health_addr.rsplit(":", 1)
+        host, port = split_host_port(self.cfg.health_addr)
         try:
-            await web.TCPSite(runner, host, int(port)).start()
+            await web.TCPSite(runner, host, port).start()
         except OSError as exc:  # e.g. the port is taken: one clear line instead of a traceback
             await runner.cleanup()
             raise CliError(

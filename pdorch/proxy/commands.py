@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pdorch.api.errors import format_validation_error
+from pdorch.cli_args import non_negative_float, non_negative_int, positive_float, positive_int
 from pdorch.lifecycle import EVENT_LOOPS, freeze_startup_heap, loop_factory, run_until_signalled
 from pdorch.proxy.config import ProxyConfig, build_config
 from pdorch.proxy.discovery import KubeDiscovery, StaticDiscovery, static_endpoints
@@ -57,68 +59,79 @@ def add_parser(subparsers: Any) -> None:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env PDORCH_API_KEY)"
     )
     p.add_argument(
-        "--max-inflight", type=int, default=None, help="concurrent requests upstream (default 256)"
+        "--max-inflight", type=positive_int, default=None, help="concurrent requests upstream (default 256)"
     )
-    p.add_argument("--max-queue", type=int, default=None, help="requests waiting beyond that (default 1024)")
+    p.add_argument(
+        "--max-queue", type=non_negative_int, default=None, help="requests waiting beyond that (default 1024)"
+    )
     p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 16 MiB)")
     p.add_argument(
-        "--min-prompt-tokens", type=int, default=None, help="decode-only below this (0 = always P/D)"
+        "--min-prompt-tokens",
+        type=non_negative_int,
+        default=None,
+        help="decode-only below this (0 = always P/D)",
     )
     p.add_argument(
         "--prefill-queue-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="queue prompts in the proxy: estimated prompt tokens in flight per prefill engine (default: off)",
     )
     p.add_argument(
         "--prefill-queue-ttft",
-        type=float,
+        type=positive_float,
         default=None,
         help="seconds: queued prompts that can still meet this TTFT go first, shortest first (default 2)",
     )
     p.add_argument(
         "--prefill-queue-max-wait",
-        type=float,
+        type=positive_float,
         default=None,
         help="seconds: a queued prompt that waited this long goes first, whatever its length (default 30)",
     )
     p.add_argument(
-        "--retries", type=int, default=None, help="retries with a fresh pair before the first byte"
+        "--retries",
+        type=non_negative_int,
+        default=None,
+        help="retries with a fresh pair before the first byte (default 2, at most 10)",
     )
-    p.add_argument("--connect-timeout", type=float, default=None, help="seconds (default 5)")
+    p.add_argument("--connect-timeout", type=positive_float, default=None, help="seconds (default 5)")
     p.add_argument(
         "--first-byte-timeout",
-        type=float,
+        type=positive_float,
         default=None,
         help="seconds until an engine starts answering: the prefill leg, a stream's first bytes, and "
         "a decode's progress counters standing still while a non-streamed answer waits on it (default 300)",
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=positive_float,
         default=None,
         help="seconds for a whole request, and for a non-streamed answer's decode leg (default 1800)",
     )
     p.add_argument(
         "--stream-idle-timeout",
-        type=float,
+        type=positive_float,
         default=None,
         help="seconds an engine may stay silent once its answer is being relayed (default 60)",
     )
     p.add_argument(
         "--upstream-idle-timeout",
-        type=float,
+        type=positive_float,
         default=None,
         help="seconds an engine may stay silent mid-response before the leg fails (default none)",
     )
     p.add_argument(
         "--client-idle-timeout",
-        type=float,
+        type=positive_float,
         default=None,
         help="close client connections without a complete request head after this (default 75)",
     )
     p.add_argument(
-        "--body-timeout", type=float, default=None, help="seconds to receive a request body (default 30)"
+        "--body-timeout",
+        type=positive_float,
+        default=None,
+        help="seconds to receive a request body (default 30)",
     )
     p.add_argument(
         "--metrics-port",
@@ -133,18 +146,21 @@ def add_parser(subparsers: Any) -> None:
         help="serve /metrics on --port next to the API instead (anyone who can connect can read it, even without the API key)",
     )
     p.add_argument(
-        "--health-interval", type=float, default=None, help="endpoint health-check period (default 5)"
+        "--health-interval",
+        type=positive_float,
+        default=None,
+        help="endpoint health-check period (default 5)",
     )
     p.add_argument(
         "--shutdown-grace",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="seconds from SIGTERM to exit: in-flight requests finish within it, streams still open "
         "then end with an SSE error event (default 30)",
     )
     p.add_argument(
         "--shutdown-drain-delay",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="seconds after SIGTERM (within the grace) during which the listener stays open, /health "
         "answers 503 draining and new requests get 503, before connections are refused (default 5)",
@@ -206,7 +222,11 @@ def discovery_for(config: ProxyConfig) -> Discovery:
 async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     """Run a proxy until ``stop`` is set, then drain."""
     server = ProxyServer(config, discovery_for(config))
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop()  # e.g. the port is taken: close what start() opened before it failed
+        raise
     freeze_startup_heap()
     try:
         await stop.wait()
@@ -219,13 +239,29 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         await server.stop(drain_delay_s=config.shutdown_drain_delay_s if stop.is_set() else 0.0)
 
 
+# Config fields whose flag is not the field's name with dashes (and without the "_s" of seconds).
+_FLAGS = {"max_retries": "--retries", "static": "--prefill/--decode"}
+
+
+def _flag_of(field: str) -> str:
+    """The command-line flag of a ProxyConfig field, for error messages (it also reads
+    PDORCH_ROUTER_CONFIG, whose keys map onto the same fields)."""
+    name = field.split(".")[0]
+    return _FLAGS.get(name) or "--" + name.removesuffix("_s").replace("_", "-")
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of `pdorch proxy`; returns the exit code."""
     try:
         config = config_from_args(args)
         if config.static:
             static_endpoints(config.prefill, config.decode, config.bootstrap_port)  # validate URLs early
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        for line in format_validation_error(exc):
+            field, sep, msg = line.partition(": ")
+            log.error("pdorch proxy: %s", f"{_flag_of(field)}: {msg}" if sep else line)
+        return 2
+    except ValueError as exc:
         log.error("pdorch proxy: %s", exc)
         return 2
 

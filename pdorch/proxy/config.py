@@ -20,7 +20,8 @@ ENV_API_KEY = "PDORCH_API_KEY"
 class ProxyConfig(BaseModel):
     """Settings of one proxy process."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf or nan anywhere is a mistake (an infinite connect timeout crashed every request).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     engine: Literal["vllm", "sglang"]
     host: str = "0.0.0.0"
@@ -95,7 +96,9 @@ class ProxyConfig(BaseModel):
                 "server refuses requests without bootstrap fields, so no prompt can skip the prefill"
             )
         if self.metrics_port is not None and self.metrics_port != 0 and self.metrics_port == self.port:
-            raise ValueError("--metrics-port must differ from --port (omit it to serve /metrics on --port)")
+            raise ValueError(
+                "--metrics-port must differ from --port (pass --metrics-on-client-port to serve /metrics on --port)"
+            )
         return self
 
     @property

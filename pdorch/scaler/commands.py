@@ -7,7 +7,8 @@ import asyncio
 import logging
 import os
 
-from pdorch.cli_args import add_lease_arguments, non_negative_float, positive_float
+from pdorch.cli_args import add_lease_arguments, host_port, non_negative_float, positive_float
+from pdorch.cli_errors import CliError
 from pdorch.controller.leader import LOST_LEASE_EXIT
 from pdorch.scaler.loop import ScalerConfig, run_scaler
 from pdorch.sim.latency import PRESETS
@@ -31,7 +32,10 @@ def _run(args: argparse.Namespace) -> int:
         identity=args.identity or os.environ.get("POD_NAME", ""),
     )
     if (cfg.prometheus_ca_file or cfg.prometheus_token_file) and not cfg.prometheus_url:
-        raise SystemExit("--prometheus-ca-file and --prometheus-token-file need --prometheus-url")
+        raise CliError(
+            "--prometheus-ca-file and --prometheus-token-file need --prometheus-url",
+            "pass --prometheus-url URL, or drop them to read the engines' /metrics directly",
+        )
     code = asyncio.run(run_scaler(cfg))
     if code == LOST_LEASE_EXIT:
         # As the controller does: another replica decides now; restart as a standby at once.
@@ -68,10 +72,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--drain-timeout",
         type=non_negative_float,
         default=d.drain_timeout_s,
-        help="max seconds to drain before a scale-down",
+        help="max seconds to drain before a scale-down (default %(default)s)",
     )
     p.add_argument(
-        "--metrics-addr", default=d.metrics_addr, help="/metrics and /healthz (default %(default)s)"
+        "--metrics-addr",
+        default=d.metrics_addr,
+        type=host_port,
+        help="/metrics and /healthz (default %(default)s)",
     )
     p.add_argument(
         "--pod-startup",

@@ -161,7 +161,10 @@ def _per_data_parallel_rank(samples: Sequence[Sample], name: str) -> float:
     for smp in samples:
         if smp.name == name:
             dp = smp.labels.get("dp_rank", "")
-            per_dp[dp] = max(per_dp.get(dp, smp.value), smp.value)
+            # A NaN never wins (max() with a NaN depends on the series' order): the repeats of one
+            # rank then agree whatever order the engine wrote them in.
+            if dp not in per_dp or math.isnan(per_dp[dp]) or smp.value > per_dp[dp]:
+                per_dp[dp] = smp.value
     return sum(per_dp.values())
 
 

@@ -13,7 +13,13 @@ import pytest
 from lightkube.core.exceptions import ConfigError
 
 from pdorch import cli
-from pdorch.cli_args import non_negative_float, non_negative_int, positive_float, positive_int
+from pdorch.cli_args import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    split_host_port,
+)
 from pdorch.cli_errors import CliError, expected_error
 from pdorch.devcluster import binaries
 
@@ -51,6 +57,12 @@ def test_positive_int_accepts_one_and_more() -> None:
         ["scaler", "--drain-timeout", "nan"],
         ["scaler", "--pod-startup", "nan"],
         ["scaler", "--pod-startup", "-1"],
+        # A listen address was split only when the server started: tracebacks (helper-75 B2).
+        ["scaler", "--metrics-addr", "garbage"],
+        ["scaler", "--metrics-addr", "127.0.0.1:99999"],
+        ["scaler", "--metrics-addr", "[::1"],
+        ["controller", "--health-addr", "garbage"],
+        ["controller", "--health-addr", "::1:8081"],
     ],
 )
 def test_negative_counts_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,3 +186,8 @@ def test_a_broken_pipe_elsewhere_is_not_hidden(monkeypatch: pytest.MonkeyPatch) 
 
     with pytest.raises(BrokenPipeError):
         _main_with(peer_gone, [], monkeypatch)
+
+
+def test_listen_addresses_split_into_host_and_port() -> None:
+    assert split_host_port("127.0.0.1:8090") == ("127.0.0.1", 8090)
+    assert split_host_port("[::1]:8081") == ("::1", 8081)

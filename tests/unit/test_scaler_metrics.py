@@ -708,3 +708,15 @@ def test_a_stale_tick_keeps_the_baseline_for_the_next_new_sample() -> None:
     after = pair_with_previous(stale.baselines, ["a"], [a1], before=stale.before, wall=151.0)
     assert (after.unread, after.blind) == (0, 0)
     assert role_load(after.prev, after.cur, 15.0).request_rate == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("order", [("5", "NaN"), ("NaN", "5")])
+def test_a_nan_repeat_of_an_sglang_rank_gauge_reads_the_same_in_either_order(order: tuple[str, str]) -> None:
+    """helper-75 M5: max() with a NaN depends on the order, so one order read 5 and the other
+    refused the whole scrape (the engine unread, scale-down held)."""
+    text = (
+        "# TYPE sglang:num_requests counter\nsglang:num_requests_total 10\n# TYPE sglang:num_running_reqs gauge\n"
+        f'sglang:num_running_reqs{{dp_rank="0",tp_rank="0"}} {order[0]}\n'
+        f'sglang:num_running_reqs{{dp_rank="0",tp_rank="1"}} {order[1]}\n'
+    )
+    assert parse_engine_metrics(text).running == 5.0
