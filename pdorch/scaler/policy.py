@@ -131,15 +131,17 @@ def prefill_replicas(
     the forecast growth within a start-up window.
     """
     n = load.mean_prompt_tokens
-    if (load.request_rate <= 0 and rise <= 0) or n <= 0:
+    if n <= 0 or (load.request_rate <= 0 and rise <= 0 and load.waiting <= 0):
         if load.waiting > 0 or load.running > 0 or load.request_rate > 0:
             # Work in the engines but no prompt length to price it yet (nothing finished since
-            # this scaler started): keep what serves it.
+            # this scaler started), or nothing arriving and nothing queued: keep what serves it.
+            why = "no finished requests yet" if n <= 0 else "nothing arriving"
             return Recommendation(
-                max(load.ready_replicas, 1),
-                f"{load.running + load.waiting:.0f} in the engines, no finished requests yet",
+                max(load.ready_replicas, 1), f"{load.running + load.waiting:.0f} in the engines, {why}"
             )
         return Recommendation(0, "no prefill load")
+    # From here a queue is priced even when nothing finished in the window (a burst's first tick):
+    # its drain term below sizes for it, where keeping the ready replicas lost a tick.
     service = prefill_service_s(c, n)
     long_prompt = prefill_service_s(c, n * cfg.long_prompt_factor)
     budget = max(ttft_target_s * cfg.ttft_budget - long_prompt, 0.0)
@@ -221,7 +223,9 @@ def decode_replicas(
     noise = cfg.decode_burst_z * math.sqrt(2 * now_base)
     resident = now_base + max(rise, noise)
     by_seqs = math.ceil(resident / per_replica - 1e-9)
-    # KV in use now (vLLM's gauge) may bind before the sequence count does.
+    # KV in use now (vLLM's gauge) may bind before the sequence count does. The headroom comes on
+    # top at the mean request's KV: scaling today's KV by resident / now_base multiplied one long
+    # outlier (or one request whose KV is held while it waits) into several replicas.
     kv_replicas = load.kv_usage * load.ready_replicas / cfg.kv_target
     by_kv = math.ceil(kv_replicas * (resident / now_base if now_base else 1.0) - 1e-9)
     reason = (

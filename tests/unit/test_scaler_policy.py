@@ -328,3 +328,21 @@ def test_a_profile_whose_sequences_cost_a_step_nothing_is_bound_by_kv_not_a_divi
     free = replace(DIST, decode_beta_s=0.0, decode_gamma_s=0.0)
     per, limit = decode_seqs_per_replica(free, 1000, 200, 0.1, SloPolicyConfig())
     assert limit in ("KV", "max_num_seqs") and math.isfinite(per)
+
+
+def test_a_queue_with_nothing_finished_in_the_window_is_priced_when_its_shape_is_known() -> None:
+    """helper-75 B4: with the prompt length remembered, 600 queued prompts and rate 0 kept the
+    ready replicas ("no finished requests yet"), while rate 0.001 drained them: a jump, and a lost
+    tick at a burst's start."""
+    from pdorch.scaler.observe import RoleLoad
+
+    queued = RoleLoad(ready_replicas=2, window_s=15, mean_prompt_tokens=4000, waiting=600, running=8)
+    at_zero = prefill_replicas(queued, DIST, 2.0)
+    at_trickle = prefill_replicas(replace(queued, request_rate=0.001), DIST, 2.0)
+    assert at_zero.replicas > 2 and "to drain 600 queued" in at_zero.reason
+    assert abs(at_zero.replicas - at_trickle.replicas) <= 1
+    # Without a known shape nothing can be priced: keep what serves, and say why.
+    unknown = prefill_replicas(replace(queued, mean_prompt_tokens=0), DIST, 2.0)
+    assert unknown.replicas == 2 and "no finished requests yet" in unknown.reason
+    idle = prefill_replicas(replace(queued, waiting=0), DIST, 2.0)
+    assert idle.replicas == 2 and "nothing arriving" in idle.reason
