@@ -20,7 +20,6 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
-from pdorch.cli_args import split_host_port
 from pdorch.cli_errors import CliError
 from pdorch.controller.events import EventRecorder
 from pdorch.controller.informer import Informer, key_of
@@ -28,6 +27,7 @@ from pdorch.controller.kubeapi import POD, SERVING_GROUP, KubeApi, NotLeader, Re
 from pdorch.controller.leader import LOST_LEASE_EXIT, LeaseElector, default_identity
 from pdorch.controller.reconciler import CHILD_KINDS, Caches, Reconciler
 from pdorch.controller.workqueue import ShutDown, WorkQueue
+from pdorch.ops_endpoint import serve_ops_endpoint
 from pdorch.roles.labels import LABEL_GROUP, LABEL_MANAGED_BY, MANAGED_BY
 from pdorch.roles.render import RenderOptions
 
@@ -133,18 +133,7 @@ class Controller:
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        host, port = split_host_port(self.cfg.health_addr)
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError as exc:  # e.g. the port is taken: one clear line instead of a traceback
-            await runner.cleanup()
-            raise CliError(
-                f"cannot serve /healthz on --health-addr {self.cfg.health_addr}: {exc.strerror or exc}",
-                "stop whatever holds that address or pass another --health-addr HOST:PORT",
-            ) from exc
-        return runner
+        return await serve_ops_endpoint(app, self.cfg.health_addr, "--health-addr", "/healthz")
 
     # ------------------------------------------------------------------ workers
     async def _worker(self) -> None:

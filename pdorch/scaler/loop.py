@@ -36,12 +36,12 @@ from pydantic import ValidationError
 
 from pdorch.api.scaler import KIND as SCALER_KIND
 from pdorch.api.servinggroup import API_VERSION, Role, RoleType, Scaling, ScalingMode, ServingGroup
-from pdorch.cli_args import split_host_port
 from pdorch.cli_errors import CliError
 from pdorch.controller.events import SCALER_REPORTING_CONTROLLER, EventRecorder
 from pdorch.controller.kubeapi import POD, SERVING_GROUP, SERVING_ROLE_SCALER, ApiError, KubeApi, NotLeader
 from pdorch.controller.leader import LOST_LEASE_EXIT, LeaseElector, default_identity
 from pdorch.controller.status import SCALING_ACTIVE, condition, find_condition, now_rfc3339
+from pdorch.ops_endpoint import serve_ops_endpoint
 from pdorch.proxy.discovery import endpoints_from_pods
 from pdorch.proxy.endpoints import Endpoint
 from pdorch.roles.labels import (
@@ -908,18 +908,7 @@ async def _serve_metrics(addr: str) -> web.AppRunner:
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", lambda _r: _ok())
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, port = split_host_port(addr)
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:  # e.g. the port is taken: one clear line instead of a traceback
-        await runner.cleanup()
-        raise CliError(
-            f"cannot serve /metrics on --metrics-addr {addr}: {exc.strerror or exc}",
-            "stop whatever holds that address or pass another --metrics-addr HOST:PORT",
-        ) from exc
-    return runner
+    return await serve_ops_endpoint(app, addr, "--metrics-addr", "/metrics")
 
 
 async def _ok() -> web.Response:

@@ -191,3 +191,23 @@ def test_a_broken_pipe_elsewhere_is_not_hidden(monkeypatch: pytest.MonkeyPatch) 
 def test_listen_addresses_split_into_host_and_port() -> None:
     assert split_host_port("127.0.0.1:8090") == ("127.0.0.1", 8090)
     assert split_host_port("[::1]:8081") == ("::1", 8081)
+
+
+async def test_a_taken_ops_address_is_one_error_naming_the_flag() -> None:
+    """The controller's --health-addr and the scaler's --metrics-addr (helper-75 B2: the scaler's
+    gave a traceback)."""
+    import socket
+
+    from aiohttp import web
+
+    from pdorch.cli_errors import CliError
+    from pdorch.ops_endpoint import serve_ops_endpoint
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(CliError) as exc:
+            await serve_ops_endpoint(web.Application(), addr, "--metrics-addr", "/metrics")
+    assert f"cannot serve /metrics on --metrics-addr {addr}" in str(exc.value)
+    assert "pass another --metrics-addr HOST:PORT" in str(exc.value)
