@@ -9,6 +9,8 @@ generation/resourceVersion and is restored on the next pass.
 from __future__ import annotations
 
 import hashlib
+import re
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -53,18 +55,46 @@ def changed_by_others(intent_h: str, live: dict[str, Any] | None, last_marker: s
     return ann == intent_h and version_marker(live) != last_marker
 
 
+# A Kubernetes resource quantity: a number with an optional SI or binary suffix or exponent.
+_QUANTITY = re.compile(
+    r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))([eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
+)
+_SUFFIX = {
+    "": 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": Decimal(10**3),
+    "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12), "P": Decimal(10**15),
+    "E": Decimal(10**18), "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30),
+    "Ti": Decimal(2**40), "Pi": Decimal(2**50), "Ei": Decimal(2**60),
+}  # fmt: skip
+
+
+def _quantity(v: Any) -> Decimal | None:
+    """The value of a number or quantity string (`0.5`, `"500m"`, `"1Gi"`), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return Decimal(str(v))
+    if not isinstance(v, str) or not (m := _QUANTITY.match(v)):
+        return None
+    number, suffix = m.group(1), m.group(2) or ""
+    if suffix[:1] in ("e", "E") and len(suffix) > 1:
+        return Decimal(number + suffix)
+    return Decimal(number) * _SUFFIX[suffix]
+
+
 def same_values(a: Any, b: Any) -> bool:
-    """Whether two API objects (or parts) hold the same values, counting a number and its string
-    form as equal: the API may store the quantity `1` of a template as `"1"`, and our next apply
-    writes `1` back, which changes no value anyone reads."""
+    """Whether two API objects (or parts) hold the same values, counting a number and a quantity
+    string of the same value as equal: the API stores a template's `nvidia.com/gpu: 1` as `"1"`
+    and `cpu: 0.5` as `"500m"`, and our next apply writes the number back, which changes no value
+    anyone reads."""
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, int | float) and isinstance(b, str) and not isinstance(a, bool):
-        return str(a) == b
-    if isinstance(b, int | float) and isinstance(a, str) and not isinstance(b, bool):
-        return str(b) == a
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float | str) and isinstance(b, int | float | str) and type(a) is not type(b):
+        qa, qb = _quantity(a), _quantity(b)
+        return qa is not None and qa == qb
     return a == b
 
 

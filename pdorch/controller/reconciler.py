@@ -358,8 +358,9 @@ class Reconciler:
                 obj,
                 "Warning",
                 "Reverted",
-                f"put back {', '.join(reverted)}: it was changed outside pdorch and now matches the "
-                "ServingGroup again; change the ServingGroup (or its ServingRoleScaler) instead",
+                f"put back {', '.join(reverted)}: it was changed outside pdorch; what the ServingGroup "
+                "sets is restored (fields it does not set stay); change the ServingGroup (or its "
+                "ServingRoleScaler) instead",
             )
         if kept:
             self.events.emit_soon(
@@ -367,7 +368,7 @@ class Reconciler:
                 "Warning",
                 "ChangedOutside",
                 f"{', '.join(kept)} was changed outside pdorch in fields the ServingGroup does not set; "
-                "left as it is (LWS rolls such a change a group at a time): remove it, or set it "
+                "left as it is (a pod-template change rolls a group at a time): remove it, or set it "
                 "through the ServingGroup",
             )
 
@@ -1099,10 +1100,10 @@ def foreign_owner(live: dict[str, Any], uid: str) -> tuple[str, str] | None:
 
 
 def _lacking(r: st.RoleObservation) -> bool:
-    """Whether a role lacks groups: fewer ready than it asks for, or fewer created than a rollout's
-    surge adds (surge groups that cannot be created leave the ready count at the desired one; ones
-    created and still loading are not lacking)."""
-    return r.ready < r.desired or r.replicas < r.desired + r.surge
+    """Whether a role has fewer ready groups than it asks for, a rollout's surge groups included
+    (surge groups that cannot be created, or whose workers cannot, leave the ready count at the
+    desired one). Counted by readiness, not creation: LWS counts a group once its leader exists."""
+    return r.ready < r.desired + r.surge
 
 
 def _name_clash(intent: dict[str, Any], what: str) -> str:

@@ -64,7 +64,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--max-queue", type=non_negative_int, default=None, help="requests waiting beyond that (default 1024)"
     )
-    p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 16 MiB)")
+    p.add_argument(
+        "--max-body-bytes", type=positive_int, default=None, help="request body limit (default 16 MiB)"
+    )
     p.add_argument(
         "--min-prompt-tokens",
         type=non_negative_int,
@@ -257,9 +259,13 @@ def run(args: argparse.Namespace) -> int:
         if config.static:
             static_endpoints(config.prefill, config.decode, config.bootstrap_port)  # validate URLs early
     except ValidationError as exc:
+        source = " (or PDORCH_ROUTER_CONFIG)" if os.environ.get("PDORCH_ROUTER_CONFIG") else ""
         for line in format_validation_error(exc):
             field, sep, msg = line.partition(": ")
-            log.error("pdorch proxy: %s", f"{_flag_of(field)}: {msg}" if sep else line)
+            if not sep or field == "<object>":  # a rule over several fields: its message names them
+                log.error("pdorch proxy: %s", msg if sep else line)
+            else:
+                log.error("pdorch proxy: %s%s: %s", _flag_of(field), source, msg)
         return 2
     except ValueError as exc:
         log.error("pdorch proxy: %s", exc)

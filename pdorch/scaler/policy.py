@@ -160,6 +160,14 @@ def prefill_replicas(
     )
     if extra:
         reason += f", +{extra} to drain {load.waiting:.0f} queued"
+    if load.request_rate <= 0 and rise <= 0 and load.ready_replicas > need + extra:
+        # Nothing finished in the window: the replicas busy with what runs (long prompts) are not
+        # idle, so a queue is never a reason to shed them.
+        return Recommendation(
+            load.ready_replicas,
+            f"{load.running + load.waiting:.0f} in the engines, nothing finished in the window: keep "
+            f"{load.ready_replicas} ({need + extra} for the queue alone)",
+        )
     return Recommendation(need + extra, reason)
 
 
@@ -223,9 +231,9 @@ def decode_replicas(
     noise = cfg.decode_burst_z * math.sqrt(2 * now_base)
     resident = now_base + max(rise, noise)
     by_seqs = math.ceil(resident / per_replica - 1e-9)
-    # KV in use now (vLLM's gauge) may bind before the sequence count does. The headroom comes on
-    # top at the mean request's KV: scaling today's KV by resident / now_base multiplied one long
-    # outlier (or one request whose KV is held while it waits) into several replicas.
+    # KV in use now (vLLM's gauge) may bind before the sequence count does. (Known: scaling it by
+    # resident / now_base asks several replicas for one long sequence; the fixes tried cost code's
+    # bursts behind the prefill queue 0.7 points of attainment: docs/benchmarks.md.)
     kv_replicas = load.kv_usage * load.ready_replicas / cfg.kv_target
     by_kv = math.ceil(kv_replicas * (resident / now_base if now_base else 1.0) - 1e-9)
     reason = (

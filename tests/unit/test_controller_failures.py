@@ -153,3 +153,20 @@ async def test_one_list_of_a_namespaces_warnings_serves_its_groups_and_a_timeout
     assert results == [None] * 5 and calls == ["list"]
     assert await r._failed_create_warnings("ns", time.monotonic()) is None and calls == ["list"]
     assert await r._failed_create_warnings("ns", time.monotonic() + 16) is None and calls == ["list", "list"]
+
+
+def test_a_role_lacks_groups_while_its_surge_groups_are_not_all_ready() -> None:
+    """A rollout's surge groups that cannot be created (a quota) or whose workers cannot (a quota
+    that fits the leader) leave the ready count at the desired one: still lacking, so their
+    FailedCreate warnings are read (helper-71 A; helper-76 R1 on counting created groups)."""
+    from pdorch.controller import status as st
+    from pdorch.controller.reconciler import _lacking
+
+    def role(replicas: int, ready: int, surge: int) -> st.RoleObservation:
+        return st.RoleObservation("decode", "decode", 2, replicas, ready, 0, 0, True, surge=surge)
+
+    assert _lacking(role(2, 2, 1))  # the surge group not created
+    assert _lacking(role(3, 2, 1))  # created (its leader exists), not ready
+    assert not _lacking(role(3, 3, 1))
+    assert not _lacking(role(2, 2, 0))
+    assert _lacking(role(2, 1, 0))

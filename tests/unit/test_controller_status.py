@@ -506,3 +506,11 @@ def test_same_values_takes_a_number_and_its_string_form_as_equal() -> None:
     assert not same_values(stored, {"limits": {"nvidia.com/gpu": "1"}, "image": "y", "n": [1, {"a": True}]})
     assert not same_values({"a": True}, {"a": "True"})
     assert not same_values({"a": 1}, {"a": 1, "b": 2})
+    # The API's canonical quantities (helper-76): 0.5 CPU is "500m", 1000 is "1k", 2.0 is "2".
+    assert same_values(
+        {"cpu": 0.5, "m": 1000, "g": 2.0, "mem": 1073741824},
+        {"cpu": "500m", "m": "1k", "g": "2", "mem": "1Gi"},
+    )
+    assert not same_values({"cpu": 0.5}, {"cpu": "600m"})
+    # A bool is no number: 1 and True differ, as do 0 and False.
+    assert not same_values({"a": 1}, {"a": True}) and not same_values({"a": 0}, {"a": False})

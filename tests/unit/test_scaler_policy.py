@@ -346,3 +346,8 @@ def test_a_queue_with_nothing_finished_in_the_window_is_priced_when_its_shape_is
     assert unknown.replicas == 2 and "no finished requests yet" in unknown.reason
     idle = prefill_replicas(replace(queued, waiting=0), DIST, 2.0)
     assert idle.replicas == 2 and "nothing arriving" in idle.reason
+    # helper-76: with engines busy on long prompts and a few queued, the queue alone asked for 1 of
+    # 10 ready replicas (a scale-down with work queued): busy replicas are kept.
+    busy = RoleLoad(ready_replicas=10, window_s=15, mean_prompt_tokens=8000, running=40, waiting=5)
+    kept = prefill_replicas(busy, DIST, 1.0)
+    assert kept.replicas == 10 and "nothing finished in the window" in kept.reason
