@@ -66,12 +66,8 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host, n
 
 
-def host_port(value: str) -> str:
-    """argparse type: "HOST:PORT" (checked by `split_host_port`)."""
-    try:
-        split_host_port(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _host_port(value: str) -> str:
+    split_host_port(value)
     return value
 
 
@@ -86,6 +82,10 @@ def checked(validate: Callable[[str], str]) -> Callable[[str], str]:
 
     parse.__name__ = validate.__name__  # argparse names the type in some messages
     return parse
+
+
+# argparse type: "HOST:PORT" ("[::1]:8080" for IPv6), checked by `split_host_port`.
+host_port = checked(_host_port)
 
 
 def add_lease_arguments(p: argparse.ArgumentParser, namespace: str, name: str) -> None:
