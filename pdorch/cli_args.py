@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
+
+from pdorch.api.base import DNS1123_LABEL
 
 
 def positive_int(value: str) -> int:
@@ -25,6 +28,34 @@ def positive_float(value: str) -> float:
 def non_negative_float(value: str) -> float:
     """argparse type: a finite number >= 0 (nan and inf refused: a nan timeout never ends)."""
     return _bounded_float(value, 0.0, "a number >= 0", strict=False)
+
+
+def port_number(value: str) -> int:
+    """argparse type: a TCP port to listen on, 0-65535 (0 = any free port)."""
+    return _port(value, 0)
+
+
+def positive_port(value: str) -> int:
+    """argparse type: a TCP port to connect to, 1-65535."""
+    return _port(value, 1)
+
+
+def _port(value: str, minimum: int) -> int:
+    expected = f"a port in {minimum}-65535"
+    n = _bounded_int(value, minimum, expected)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {n}")
+    return n
+
+
+def namespace_name(value: str) -> str:
+    """argparse type: a Kubernetes namespace name (a DNS-1123 label: lowercase, digits, '-')."""
+    if len(value) > 63 or not re.fullmatch(DNS1123_LABEL, value):
+        raise argparse.ArgumentTypeError(
+            f"expected a namespace name (at most 63 lowercase letters, digits and '-', starting and "
+            f"ending with a letter or digit), got {value!r}"
+        )
+    return value
 
 
 def _bounded_float(value: str, minimum: float, expected: str, *, strict: bool) -> float:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 
-from pdorch.cli_args import add_lease_arguments, host_port, positive_int
+from pdorch.cli_args import add_lease_arguments, host_port, namespace_name, positive_int
 from pdorch.controller.manager import LOST_LEASE_EXIT, ControllerConfig, run_controller
 
 
@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "the P:D ratio. Only the Lease holder writes.",
     )
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, then in-cluster)")
-    p.add_argument("--namespace", help="watch only this namespace (default: all)")
+    p.add_argument("--namespace", type=namespace_name, help="watch only this namespace (default: all)")
     p.add_argument(
         "--workers", type=positive_int, default=d.workers, help="concurrent reconciles (default %(default)s)"
     )

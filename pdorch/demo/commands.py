@@ -5,9 +5,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from pdorch.cli_args import positive_float, positive_int
+from pdorch.cli_args import non_negative_float, positive_float, positive_int
 from pdorch.demo.run import demo
 from pdorch.devcluster.commands import NAME_ARG
+
+
+def _seconds_or_never(value: str) -> float:
+    """argparse type of --rollout-after: seconds >= 0, or -1 for no rollout (nan read as never)."""
+    try:
+        if float(value) == -1:
+            return -1.0
+    except ValueError:
+        pass
+    try:
+        return non_negative_float(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds >= 0, or -1 for no rollout, got {value!r}"
+        ) from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -41,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--rollout-after",
-        type=float,
+        type=_seconds_or_never,
         default=30.0,
         help="seconds of traffic before the engine image changes and a rollout runs (-1: never; default %(default)s)",
     )

@@ -11,7 +11,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from pdorch.api.errors import format_validation_error
-from pdorch.cli_args import non_negative_float, non_negative_int, positive_float, positive_int
+from pdorch.cli_args import (
+    namespace_name,
+    non_negative_float,
+    non_negative_int,
+    port_number,
+    positive_float,
+    positive_int,
+    positive_port,
+)
 from pdorch.lifecycle import EVENT_LOOPS, freeze_startup_heap, loop_factory, run_until_signalled
 from pdorch.proxy.config import ProxyConfig, build_config
 from pdorch.proxy.discovery import KubeDiscovery, StaticDiscovery, static_endpoints
@@ -36,10 +44,12 @@ def add_parser(subparsers: Any) -> None:
         "Unset options fall back to PDORCH_ROUTER_CONFIG (the ServingGroup's spec.router as JSON).",
     )
     p.add_argument("--host", default=None, help="listen address (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=None, help="listen port (default 8000; 0 = any free port)")
+    p.add_argument(
+        "--port", type=port_number, default=None, help="listen port (default 8000; 0 = any free port)"
+    )
     p.add_argument("--engine", choices=["vllm", "sglang"], required=True)
     p.add_argument("--group", help="ServingGroup whose pods to discover")
-    p.add_argument("--namespace", help="namespace of the ServingGroup")
+    p.add_argument("--namespace", type=namespace_name, help="namespace of the ServingGroup")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG or in-cluster)")
     p.add_argument(
         "--prefill",
@@ -52,7 +62,7 @@ def add_parser(subparsers: Any) -> None:
         "--decode", action="append", default=None, metavar="URL", help="static decode URL (repeatable)"
     )
     p.add_argument(
-        "--bootstrap-port", type=int, default=None, help="SGLang bootstrap port of static prefills"
+        "--bootstrap-port", type=positive_port, default=None, help="SGLang bootstrap port of static prefills"
     )
     p.add_argument("--policy", choices=POLICIES, default=None)
     p.add_argument(
@@ -137,7 +147,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=port_number,
         default=DEFAULT_METRICS_PORT,
         help="serve /metrics on this separate port, never on the client port "
         "(default %(default)s; 0 = any free port)",

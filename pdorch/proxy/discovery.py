@@ -33,13 +33,16 @@ def parse_static(url: str, role: EndpointRole, bootstrap_port: int | None = None
     """An endpoint from ``http://host:port`` (SGLang prefills: optional ``#bootstrapPort`` suffix)."""
     base, _, frag = url.partition("#")
     if frag:
-        if not frag.isdigit():
-            raise ValueError(f"{url}: bootstrap port after '#' must be a number")
+        if not frag.isdigit() or not 1 <= int(frag) <= 65535:
+            raise ValueError(f"{url}: bootstrap port after '#' must be a port in 1-65535")
         bootstrap_port = int(frag)
     parts = urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url}: expected http://host:port")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # urllib's message names neither the URL nor the flag
+        raise ValueError(f"{url}: the port must be a number in 1-65535") from None
     return Endpoint(
         url=base.rstrip("/"),
         role=role,

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from pdorch.api.errors import SpecError, load_servinggroups
+from pdorch.cli_args import namespace_name
 from pdorch.roles.context import DEFAULT_PROXY_IMAGE, RenderOptions
 from pdorch.roles.render import render
 
@@ -25,7 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-f", "--filename", required=True, help="ServingGroup YAML file, or - for stdin")
     p.add_argument("--proxy-image", default=DEFAULT_PROXY_IMAGE, help="image of the built-in proxy")
-    p.add_argument("-n", "--namespace", default=None, help="namespace when the file sets none")
+    p.add_argument(
+        "-n", "--namespace", type=namespace_name, default=None, help="namespace when the file sets none"
+    )
     p.set_defaults(func=run)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pdorch.api.errors import SpecError, load_servinggroups
 from pdorch.api.servinggroup import KV_ROLE_TYPES, RoleType, RolloutStrategy, ServingGroup
+from pdorch.cli_args import namespace_name, non_negative_int
 from pdorch.rollout import live
 from pdorch.rollout.planner import applied, effective_tolerance, initial_state, simulate, with_auto_tolerance
 from pdorch.rollout.state import RoleAction, RoleObservation, RolloutSpec, Snapshot
@@ -35,7 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="plan from a ServingGroup on the cluster with the controller's inputs (scaler replicas, "
         "the rollout's starting tolerance), continuing a rollout in progress from its live state",
     )
-    p.add_argument("-n", "--namespace", default="default", help="namespace of --from-live")
+    p.add_argument(
+        "-n", "--namespace", type=namespace_name, default="default", help="namespace of --from-live"
+    )
     p.add_argument("--kubeconfig", default=None, help="kubeconfig for --from-live (default: $KUBECONFIG)")
     p.add_argument(
         "--from-replicas",
@@ -44,7 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="ROLE=N",
         help="desired replicas of a role instead of roles[].replicas (e.g. from its scaler); repeatable",
     )
-    p.add_argument("--delay", type=int, default=1, help="ticks until a new group becomes ready (default 1)")
+    p.add_argument(
+        "--delay", type=non_negative_int, default=1, help="ticks until a new group becomes ready (default 1)"
+    )
     p.set_defaults(func=run)
     add_rollback_parser(subparsers)
 
@@ -315,7 +320,7 @@ def add_rollback_parser(subparsers: argparse._SubParsersAction) -> None:
         "ran before it; otherwise the newest earlier one.",
     )
     p.add_argument("group", help="ServingGroup name")
-    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("-n", "--namespace", type=namespace_name, default="default")
     p.add_argument("--to-revision", default=None, help="a recorded pdorch.io/revision (default: see above)")
     p.add_argument(
         "--kubeconfig", default=None, help="kubeconfig path (default: $KUBECONFIG or ~/.kube/config)"

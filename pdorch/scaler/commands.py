@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 
-from pdorch.cli_args import add_lease_arguments, host_port, non_negative_float, positive_float
+from pdorch.cli_args import add_lease_arguments, host_port, namespace_name, non_negative_float, positive_float
 from pdorch.cli_errors import CliError
 from pdorch.controller.leader import LOST_LEASE_EXIT
 from pdorch.scaler.loop import ScalerConfig, run_scaler
@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "ServingRoleScaler spec.replicas and status (the reason), drains pods before a scale-down.",
     )
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, then in-cluster)")
-    p.add_argument("--namespace", help="only this namespace (default: all)")
+    p.add_argument("--namespace", type=namespace_name, help="only this namespace (default: all)")
     p.add_argument(
         "--interval",
         type=positive_float,

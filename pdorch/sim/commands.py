@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pdorch.cli_args import non_negative_int, port_number, positive_float
 from pdorch.lifecycle import EVENT_LOOPS, loop_factory, run_until_signalled
 from pdorch.sim.config import DEFAULT_MODEL, SimConfig
 from pdorch.sim.engine import Role
@@ -34,8 +35,15 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--role-map", type=Path, help='JSON file {"ip" or "ip:port": "prefill|decode|both"}')
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, action="append", help="listening port (repeatable; default 8000)")
-    p.add_argument("--bootstrap-port", type=int, default=8998, help="SGLang prefill bootstrap server port")
+    p.add_argument(
+        "--port", type=port_number, action="append", help="listening port (repeatable; default 8000)"
+    )
+    p.add_argument(
+        "--bootstrap-port",
+        type=port_number,
+        default=8998,
+        help="SGLang prefill bootstrap server port (0 = any free port)",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument(
         "--coefficients",
@@ -44,23 +52,29 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--time-scale",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="multiply modelled durations (0.01 = 100x faster than real time)",
     )
-    p.add_argument("--kv-lease-seconds", type=float, default=30.0)
+    p.add_argument("--kv-lease-seconds", type=positive_float, default=30.0)
     p.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail")
     p.add_argument(
-        "--bootstrap-timeout", type=float, default=300.0, help="SGLang prefill wait for decode (s)"
+        "--bootstrap-timeout", type=positive_float, default=300.0, help="SGLang prefill wait for decode (s)"
     )
-    p.add_argument("--waiting-timeout", type=float, default=300.0, help="SGLang decode wait for KV (s)")
+    p.add_argument(
+        "--waiting-timeout", type=positive_float, default=300.0, help="SGLang decode wait for KV (s)"
+    )
     f = p.add_argument_group("injected faults (testing what sits in front of the engines)")
     f.add_argument(
         "--fault-status", type=int, default=None, help="answer generation requests with this status"
     )
     f.add_argument("--fault-hang", action="store_true", help="accept generation requests, never answer")
     f.add_argument(
-        "--fault-stall-after", type=int, default=None, metavar="N", help="stream N tokens, then go silent"
+        "--fault-stall-after",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="stream N tokens, then go silent",
     )
     f.add_argument(
         "--fault-roles", default="", help="comma-separated roles the faults apply to (default: all)"

@@ -14,10 +14,13 @@ from lightkube.core.exceptions import ConfigError
 
 from pdorch import cli
 from pdorch.cli_args import (
+    namespace_name,
     non_negative_float,
     non_negative_int,
+    port_number,
     positive_float,
     positive_int,
+    positive_port,
     split_host_port,
 )
 from pdorch.cli_errors import CliError, expected_error
@@ -38,6 +41,19 @@ def test_positive_int_accepts_one_and_more() -> None:
     for bad in ("nan", "inf", "-inf", "-0.1", "x"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a number >= 0"):
             non_negative_float(bad)
+
+
+def test_ports_and_namespaces_are_checked_values() -> None:
+    assert port_number("0") == 0 and port_number("65535") == 65535 and positive_port("1") == 1
+    for bad in ("65536", "-1", "x", "80.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="port in 0-65535"):
+            port_number(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="port in 1-65535"):
+        positive_port("0")
+    assert namespace_name("kube-system") == "kube-system" and namespace_name("a" * 63) == "a" * 63
+    for bad in ("", "Bad", "a_b", "-a", "a-", "a.b", "a" * 64):
+        with pytest.raises(argparse.ArgumentTypeError, match="namespace name"):
+            namespace_name(bad)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +79,25 @@ def test_positive_int_accepts_one_and_more() -> None:
         ["scaler", "--metrics-addr", "[::1"],
         ["controller", "--health-addr", "garbage"],
         ["controller", "--health-addr", "::1:8081"],
+        # argparse's int took 70000, and the sim then listened on 70000 mod 65536 = 4464.
+        ["sim", "--port", "70000"],
+        ["sim", "--port", "-1"],
+        ["sim", "--bootstrap-port", "65536"],
+        ["sim", "--time-scale", "nan"],
+        ["sim", "--kv-lease-seconds", "-1"],
+        ["sim", "--waiting-timeout", "inf"],
+        ["sim", "--fault-stall-after", "-1"],
+        ["proxy", "--port", "70000"],
+        ["proxy", "--metrics-port", "-1"],
+        ["proxy", "--bootstrap-port", "0"],
+        ["plan", "-f", "x.yaml", "--delay", "-1"],
+        ["demo", "--rollout-after", "nan"],
+        ["demo", "--rollout-after", "-2"],
+        # A namespace that cannot exist reached the output of render, or an apiserver's 404.
+        ["render", "-f", "x.yaml", "-n", "Bad_NS"],
+        ["controller", "--namespace", "-x"],
+        ["scaler", "--namespace", "a" * 64],
+        ["proxy", "--namespace", "UPPER"],
     ],
 )
 def test_negative_counts_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

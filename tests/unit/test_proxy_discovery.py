@@ -114,9 +114,10 @@ def test_static_urls() -> None:
     assert parse_static("http://h:1#9", "decode").bootstrap_port is None
     s = static_endpoints(["http://p:1"], ["http://d:2", "http://d:3"])
     assert [e.role for e in s.endpoints] == ["prefill", "decode", "decode"]
-    for bad in ("p:1", "ftp://x:1", "http://h:1#abc"):
-        with pytest.raises(ValueError):
+    for bad in ("p:1", "ftp://x:1", "http://h:1#abc", "http://h:1#0", "http://h:1#65536", "http://h:x"):
+        with pytest.raises(ValueError) as exc:
             parse_static(bad, "prefill")
+        assert str(exc.value).startswith(f"{bad}: ")  # names the URL at fault
 
 
 def test_kube_discovery_rebuilds_from_the_informer_cache() -> None:
