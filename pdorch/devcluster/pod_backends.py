@@ -6,11 +6,15 @@ bound to that pod's IP and port:
 - prefill/decode leader pods: a simulated engine (`pdorch.sim.SimServer`) of the group's protocol;
 - the proxy pod: `pdorch proxy` as a subprocess, discovering the engines through the API like the
   in-cluster proxy does.
-A terminating pod's backend keeps serving for the first half of kwok's termination window
-(in-flight requests finish, as behind a preStop hook) and is then stopped at once, which is what a
-killed engine looks like to its clients. It must be gone before kwok removes the pod: kwok hands the
-freed IP to the next pod at once, and an engine still listening there would answer requests meant
-for the new pod (on a real node the old container is dead before its IP is released).
+A terminating pod's backend keeps serving for the first half of kwok's termination window (the
+proxy sees the pod leave in that time, as behind a preStop hook), then its engine gets what SIGTERM
+gives a real one. Its listener closes either way: kwok hands the freed IP to the next pod at once,
+and an engine still listening there would answer requests meant for the new pod (on a real node the
+old container is dead before its IP is released). Then, like vLLM, it aborts its requests in flight,
+unless the container's command asks for ``--shutdown-timeout SECONDS``: then they finish on their
+open connections for up to that long (at most the pod's terminationGracePeriodSeconds), while the
+new pod's engine serves the address. A pod deleted with no grace (``--grace-period=0``) is gone
+without a termination window: its engine dies at once, as a crashed one does.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Backend:
     port: int
     bootstrap_port: int | None = None
     revision: str = ""
+    drain_s: float = 0.0  # what its engine gets after SIGTERM to finish requests in flight
 
 
 def backend_for(pod: dict[str, Any]) -> Backend | None:
@@ -86,7 +91,37 @@ def backend_for(pod: dict[str, Any]) -> Backend | None:
         port,
         int(bp) if bp else None,
         labels.get(LABEL_REVISION, ""),
+        engine_drain_s(pod) if kind != "proxy" else 0.0,
     )
+
+
+SHUTDOWN_FLAG = "--shutdown-timeout"
+DEFAULT_GRACE_S = 30.0  # a pod's terminationGracePeriodSeconds when it sets none
+
+
+def engine_drain_s(pod: dict[str, Any]) -> float:
+    """How long an engine pod's requests in flight may finish after SIGTERM: its container's
+    ``--shutdown-timeout`` (vLLM's flag, also `pdorch sim`'s; absent: 0, vLLM's default of
+    aborting them), cut to what the pod's terminationGracePeriodSeconds leaves after the window in
+    which the engine still accepts (the kubelet kills the container at the end of the grace)."""
+    spec = pod.get("spec") or {}
+    grace = spec.get("terminationGracePeriodSeconds")
+    grace_s = float(grace) if isinstance(grace, int | float) else DEFAULT_GRACE_S
+    for c in spec.get("containers") or []:
+        argv = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+        for i, arg in enumerate(argv):
+            value = None
+            if arg == SHUTDOWN_FLAG and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(SHUTDOWN_FLAG + "="):
+                value = arg.split("=", 1)[1]
+            if value is not None:
+                try:
+                    wanted = float(value)
+                except ValueError:
+                    return 0.0  # the engine would refuse to start; nothing to drain
+                return max(0.0, min(wanted, grace_s - TERMINATING_ENGINE_S))
+    return 0.0
 
 
 def _container_port(pod: dict[str, Any]) -> int | None:
@@ -126,6 +161,8 @@ class PodBackends:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Loop time at which each terminating pod's backend is stopped.
     _ends: dict[str, float] = field(default_factory=dict)
+    # Engines of gone pods still finishing their requests in flight (`engine_drain_s`).
+    _draining: dict[asyncio.Task[None], SimServer] = field(default_factory=dict)
 
     async def start(self) -> None:
         self._api = KubeApi.from_config(self.kubeconfig, field_manager="pdorch-pod-backends")
@@ -142,6 +179,11 @@ class PodBackends:
                 await t
         for name in list(self._running):
             await self._stop_backend(name)
+        for task, server in list(self._draining.items()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await server.stop(drain_s=0)
         if self._api is not None:
             await self._api.close()
 
@@ -185,7 +227,9 @@ class PodBackends:
             if name in pods and is_terminating(pods[name]) and name not in self._ends:
                 self._ends[name] = loop.time() + TERMINATING_ENGINE_S
                 loop.call_later(TERMINATING_ENGINE_S, self._wake.set)
-            if want.get(name) != b or loop.time() >= self._ends.get(name, float("inf")):
+            if loop.time() >= self._ends.get(name, float("inf")):
+                await self._stop_backend(name, sigterm=True)
+            elif want.get(name) != b:  # gone without a termination window, or another pod now
                 await self._stop_backend(name)
         for name, b in want.items():
             if name not in self._running and not is_terminating(pods[name]):
@@ -213,9 +257,7 @@ class PodBackends:
                 ports=[b.port],
                 role=Role.PREFILL if b.kind == "prefill" else Role.DECODE,
                 bootstrap_port=(b.bootstrap_port or 8998) if b.kind == "prefill" else None,
-                # A deleted pod's engine dies at once (like a killed process): no drain of in-flight
-                # requests, so clients see exactly what a failed engine does to them.
-                shutdown_timeout_s=0.0,
+                shutdown_timeout_s=b.drain_s,
             )
             await server.start()
             self.engines[b.pod] = server
@@ -230,12 +272,19 @@ class PodBackends:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         return open(self.log_dir / f"proxy-{pod}.log", "ab")
 
-    async def _stop_backend(self, name: str) -> None:
+    async def _stop_backend(self, name: str, *, sigterm: bool = False) -> None:
+        """Stop a pod's backend: with ``sigterm`` as its engine would on SIGTERM (requests in flight
+        finish in the background for its drain time), else at once, as a killed process."""
         self._ends.pop(name, None)
         b = self._running.pop(name, None)
         server = self.engines.pop(name, None)
-        if server is not None:
-            await server.stop()
+        if server is not None and sigterm and server.shutdown_timeout_s > 0:
+            await server.stop_accepting()  # the address is free for the pod's successor now
+            task = asyncio.create_task(server.stop())
+            self._draining[task] = server
+            task.add_done_callback(lambda t: self._draining.pop(t, None))
+        elif server is not None:
+            await server.stop(drain_s=0)
         proc = self.proxies.pop(name, None)
         if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -245,4 +294,6 @@ class PodBackends:
                 proc.kill()
                 await proc.wait()
         if b is not None:
-            log.info("pod backends: stopped %s %s", b.kind, name)
+            draining = server is not None and any(s is server for s in self._draining.values())
+            how = f" (its requests in flight may finish for {b.drain_s:g}s)" if draining else ""
+            log.info("pod backends: stopped %s %s%s", b.kind, name, how)

@@ -17,7 +17,7 @@ import contextlib
 import heapq
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,17 +193,21 @@ class Rendezvous:
 
 RENDEZVOUS = Rendezvous()
 # (host, port) of the bootstrap servers running in this process; host "0.0.0.0" matches any host.
-_LOCAL_SERVERS: set[tuple[str, int]] = set()
+# Counted: a draining engine's server and its successor's share an address (a replaced dev-cluster
+# pod's IP), and the first one to stop must not forget the other.
+_LOCAL_SERVERS: Counter[tuple[str, int]] = Counter()
 
 
 def add_local_server(host: str, port: int) -> None:
     """Record a bootstrap server of this process."""
-    _LOCAL_SERVERS.add((host, port))
+    _LOCAL_SERVERS[(host, port)] += 1
 
 
 def remove_local_server(host: str, port: int) -> None:
     """Forget a stopped bootstrap server."""
-    _LOCAL_SERVERS.discard((host, port))
+    _LOCAL_SERVERS[(host, port)] -= 1
+    if _LOCAL_SERVERS[(host, port)] <= 0:
+        del _LOCAL_SERVERS[(host, port)]
 
 
 def is_local(host: str, port: int) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pdorch.cli_args import non_negative_int, port_number, positive_float
+from pdorch.cli_args import non_negative_float, non_negative_int, port_number, positive_float
 from pdorch.lifecycle import EVENT_LOOPS, loop_factory, run_until_signalled
 from pdorch.sim.config import DEFAULT_MODEL, SimConfig
 from pdorch.sim.engine import Role
@@ -55,6 +55,14 @@ def add_parser(subparsers: Any) -> None:
         type=positive_float,
         default=1.0,
         help="multiply modelled durations (0.01 = 100x faster than real time)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, stop accepting and let in-flight requests finish for up to this long, as "
+        "vLLM's --shutdown-timeout does (default 0: abort them at once, vLLM's default)",
     )
     p.add_argument("--kv-lease-seconds", type=positive_float, default=30.0)
     p.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail")
@@ -127,6 +135,7 @@ def build_server(args: argparse.Namespace) -> SimServer:
         role=Role(args.role),
         roles=_load_roles(args.role_map),
         bootstrap_port=args.bootstrap_port,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
 
 

@@ -26,6 +26,9 @@ from pdorch.sim.sglang_api import SglangFrontend
 from pdorch.sim.vllm_api import VllmFrontend
 
 log = logging.getLogger(__name__)
+# aiohttp's own shutdown timeout, once `stop` has drained: it reads 0 as "wait for every handler",
+# so the smallest positive value is what aborts what is left.
+_ABORT_S = 0.001
 _ENGINE_TYPE = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "unified"}
 
 
@@ -49,6 +52,8 @@ class SimServer:
         serve_bootstrap: bool | None = None,
         shutdown_timeout_s: float = 5.0,
     ) -> None:
+        """``shutdown_timeout_s`` is vLLM's ``--shutdown-timeout``: how long `stop` lets in-flight
+        requests finish once it stopped accepting; 0 aborts them at once."""
         self.config = config or SimConfig()
         self.host = host
         self.requested_ports = list(ports)
@@ -56,10 +61,10 @@ class SimServer:
         self.roles = dict(roles or {})
         self.requested_bootstrap_port = bootstrap_port if self.config.protocol == "sglang" else None
         self.serve_bootstrap = serve_bootstrap
-        # aiohttp reads a shutdown timeout of 0 as "wait for every handler": an engine meant to die
-        # at once (a deleted pod's) kept serving its streams to the end, so no test could see a
-        # request a scale-down or a kill cut. The smallest positive timeout cancels them.
-        self.shutdown_timeout_s = max(shutdown_timeout_s, 0.001)
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.engines: dict[str, Engine] = {}
         self.ports: list[int] = []
         self.bootstrap_port: int | None = None
@@ -111,8 +116,20 @@ class SimServer:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
+    @web.middleware
+    async def _count_in_flight(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        # A streaming handler returns only once its stream ended, so this counts streams too.
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
     def _app(self) -> web.Application:
-        middlewares = []
+        middlewares: list[Any] = [self._count_in_flight]
         if self.config.faults.active:
             middlewares.append(faults.middleware(self.config.faults, lambda r: self.engine_for(r).role.value))
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
@@ -145,7 +162,7 @@ class SimServer:
         configured port when it is free, else on any (several sims on one host) and advertised."""
         app = web.Application()
         app.add_routes(nixl.side_channel_routes())
-        self._side_runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_timeout_s)
+        self._side_runner = web.AppRunner(app, access_log=None, shutdown_timeout=_ABORT_S)
         await self._side_runner.setup()
         try:
             await web.TCPSite(self._side_runner, self.host, self.config.nixl_side_channel_port).start()
@@ -157,7 +174,7 @@ class SimServer:
         """Bind the HTTP ports (0 = pick a free one; see `ports`) and the SGLang bootstrap server."""
         # handler_cancellation: a client that disconnects cancels its handler, which aborts the request.
         self._runner = web.AppRunner(
-            self._app(), handler_cancellation=True, access_log=None, shutdown_timeout=self.shutdown_timeout_s
+            self._app(), handler_cancellation=True, access_log=None, shutdown_timeout=_ABORT_S
         )
         await self._runner.setup()
         for port in self.requested_ports:
@@ -179,9 +196,7 @@ class SimServer:
             }
             app = web.Application()
             app.add_routes(bootstrap.bootstrap_routes(route_info))
-            self._bootstrap_runner = web.AppRunner(
-                app, access_log=None, shutdown_timeout=self.shutdown_timeout_s
-            )
+            self._bootstrap_runner = web.AppRunner(app, access_log=None, shutdown_timeout=_ABORT_S)
             await self._bootstrap_runner.setup()
             site = web.TCPSite(
                 self._bootstrap_runner, self.host, self.requested_bootstrap_port, reuse_address=True
@@ -197,8 +212,27 @@ class SimServer:
             f", bootstrap {self.bootstrap_port}" if self.bootstrap_port else "",
         )
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests end (bounded), then stop the engines."""
+    async def stop_accepting(self) -> None:
+        """Close the listeners (HTTP and SGLang bootstrap; a successor may bind the ports now) and
+        the idle keep-alive connections; requests in flight go on, and their connections close
+        after their answer. Idempotent."""
+        for runner in (self._runner, self._bootstrap_runner):
+            if runner is None:
+                continue
+            for site in runner.sites:
+                await site.stop()
+            if runner.server is not None:
+                runner.server.pre_shutdown()
+
+    async def stop(self, drain_s: float | None = None) -> None:
+        """Stop accepting, let in-flight requests end for up to ``drain_s`` (default: the server's
+        shutdown timeout), abort the rest, then stop the engines."""
+        drain = self.shutdown_timeout_s if drain_s is None else drain_s
+        await self.stop_accepting()
+        if drain > 0 and not self._idle.is_set():
+            log.info("draining %d request(s) for up to %gs", self._in_flight, drain)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), drain)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -522,3 +522,80 @@ async def test_an_engine_stopped_with_no_grace_cuts_its_streams(http: aiohttp.Cl
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(task, 5)
     assert len(got) < 2000
+
+
+async def test_an_engine_with_a_shutdown_timeout_finishes_its_streams_behind_a_closed_listener(
+    http: aiohttp.ClientSession,
+) -> None:
+    """vLLM's --shutdown-timeout, as a replaced dev-cluster pod's engine uses it: `stop` closes the
+    listener at once, so a successor binds the same address (kwok hands the IP on), while the stream
+    in flight runs to its end on its open connection; a drain shorter than the stream cuts it."""
+    cfg = replace(FAST, time_scale=1.0)
+    server = SimServer(cfg, host="127.0.0.1", ports=[0], role=Role.BOTH, shutdown_timeout_s=30.0)
+    await server.start()
+    port = server.ports[0]
+    got: list[bytes] = []
+
+    async def stream(base: str, max_tokens: int) -> None:
+        body = {
+            "model": MODEL,
+            "prompt": "x " * 20,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        async with http.post(base + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            async for line in r.content:
+                if line.startswith(b"data: "):
+                    got.append(line.strip())
+
+    task = asyncio.create_task(stream(server.url(0), 60))
+
+    async def streaming() -> bool:
+        return len(got) >= 3
+
+    await wait_until(streaming, 10, "the stream under way")
+    stopping = asyncio.create_task(server.stop())
+
+    async def refused() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionError:  # refused, or reset while the listener closed
+            return True
+        writer.close()
+        return False
+
+    await wait_until(refused, 5, "the listener closed")
+    successor = SimServer(FAST, host="127.0.0.1", ports=[port], role=Role.BOTH)
+    await successor.start()
+    try:
+        async with http.post(
+            successor.url(0) + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        ) as r:
+            assert r.status == 200
+        assert successor.engines, "the successor served the new request"
+        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(stopping, 5)
+    finally:
+        await successor.stop()
+    assert got[-1] == b"data: [DONE]" and len(got) == 60 + 1  # every token, then the end
+
+    short = SimServer(cfg, host="127.0.0.1", ports=[0], role=Role.BOTH, shutdown_timeout_s=0.3)
+    await short.start()
+    got.clear()
+    task = asyncio.create_task(stream(short.url(0), 2000))
+    await wait_until(streaming, 10, "the long stream under way")
+    await asyncio.wait_for(short.stop(), 5)
+    with pytest.raises(aiohttp.ClientError):
+        await asyncio.wait_for(task, 5)
+    assert b"data: [DONE]" not in got
+
+
+def test_a_bootstrap_address_shared_by_a_draining_engine_and_its_successor_stays_known() -> None:
+    bootstrap.add_local_server("127.9.0.1", 8998)  # the draining engine
+    bootstrap.add_local_server("127.9.0.1", 8998)  # its successor on the same pod IP
+    bootstrap.remove_local_server("127.9.0.1", 8998)  # the drain ends
+    assert bootstrap.is_local("127.9.0.1", 8998)
+    bootstrap.remove_local_server("127.9.0.1", 8998)
+    assert not bootstrap.is_local("127.9.0.1", 8998)

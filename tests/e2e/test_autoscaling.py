@@ -34,7 +34,15 @@ from pdorch.devcluster.waiting import wait_for, wait_for_async
 from pdorch.scaler.loop import BuiltinScaler, ScalerConfig
 from pdorch.sim.config import SimConfig
 from pdorch.sim.latency import BLIS_LLAMA31_8B_H100
-from tests.integration.test_controller import LWS, SG, SRS, example, kubectl, wait_available
+from tests.integration.test_controller import (
+    LWS,
+    SG,
+    SRS,
+    example,
+    kubectl,
+    wait_available,
+    without_engine_drain,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +52,8 @@ MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def _scaled_example(name: str, mode: str, scaling: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    doc = example(name)
+    # Engines that abort on SIGTERM: a scale-down loses no request only through the scaler's drain.
+    doc = without_engine_drain(example(name))
     for role in doc["spec"]["roles"]:
         if role["type"] in ("prefill", "decode"):
             role["replicas"] = 1 if mode == "Builtin" else role["replicas"]

@@ -143,7 +143,9 @@ async def test_killing_a_prefill_pod_under_load_loses_no_request(
     try:
         await wait_for_async(lambda: outcomes["ok"] >= 20, 60, "20 successful requests before the fault")
         victim = backends.by_kind("prefill")[0]
-        await asyncio.to_thread(kube.delete, Pod, victim.pod, namespace=namespace)
+        # No grace: the pod is gone at once, which the dev cluster plays as a crashed engine (a
+        # graceful delete would let the example's engines finish their requests, retrying nothing).
+        await asyncio.to_thread(kube.delete, Pod, victim.pod, namespace=namespace, grace_period=0)
         # LWS recreates the group (same pod name, new UID) while the load keeps running.
         await wait_for_async(
             lambda: (b := backends.backend(victim.pod)) is not None and b.uid != victim.uid,
@@ -168,6 +170,56 @@ async def test_killing_a_prefill_pod_under_load_loses_no_request(
     # Not one request lost: an explicit error (a 502 after the retries, a 429 from a queue too
     # small) is a request the user did not get.
     assert set(outcomes) == {"ok"}, outcomes
+
+
+# 20 ms per token: 240 tokens keep every stream running for ~5 s after the decode pod's deletion.
+@pytest.mark.parametrize("served", [1.0], indirect=True)
+async def test_streams_on_a_deleted_decode_pod_run_to_their_end(
+    served: tuple[PodBackends, str], kube: Client, namespace: str
+) -> None:
+    """A rollout or a scale-down deletes pods with streams in flight. The example's engines run with
+    `--shutdown-timeout` (vLLM's drain on SIGTERM) and a 60 s grace, so every stream on the deleted
+    decode ends with all its tokens while the proxy already sends new requests elsewhere. Without the
+    flag the engine aborts them (vLLM's default), which is what the dev cluster did to every engine."""
+    backends, url = served
+    decode = backends.by_kind("decode")[0]
+    chunks: dict[int, int] = {}
+    finish: dict[int, str | None] = {}
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    async def stream(i: int) -> None:
+        chunks[i] = 0
+        s = await client.completions.create(
+            model=MODEL,
+            prompt=f"user {i} " * 50,
+            max_tokens=240,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        async for ch in s:
+            chunks[i] += 1
+            if ch.choices and ch.choices[0].finish_reason:
+                finish[i] = ch.choices[0].finish_reason
+
+    tasks = [asyncio.create_task(stream(i)) for i in range(4)]
+    try:
+        await wait_for_async(
+            lambda: len(chunks) == 4 and min(chunks.values()) >= 3, 30, "4 streams under way"
+        )
+        await asyncio.to_thread(kube.delete, Pod, decode.pod, namespace=namespace)
+        await wait_for_async(
+            lambda: backends.backend(decode.pod) is None, 10, "the deleted decode's backend stopped"
+        )
+        assert not finish, f"streams {sorted(finish)} ended before their decode pod was deleted"
+        errors = [r for r in await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30) if r]
+        assert not errors, errors
+    finally:
+        for t in tasks:
+            t.cancel()
+        await client.close()
+    print(f"chunks per stream after the decode pod's deletion: {chunks}")
+    assert finish == {i: "length" for i in range(4)}, finish
+    assert all(n >= 240 for n in chunks.values()), chunks  # every token, no stream cut
 
 
 async def test_client_disconnect_mid_stream_cancels_the_decode(served: tuple[PodBackends, str]) -> None:

@@ -35,6 +35,18 @@ def example(name: str = "sim-pd") -> dict[str, Any]:
     return doc
 
 
+def without_engine_drain(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with engines that abort their requests on SIGTERM (vLLM's default): its containers lose
+    the example's ``--shutdown-timeout``, so only pdorch's own draining keeps requests alive."""
+    for role in doc["spec"]["roles"]:
+        for c in (role.get("workerTemplate") or {}).get("spec", {}).get("containers", []):
+            argv = c.get("command") or []
+            if "--shutdown-timeout" in argv:
+                i = argv.index("--shutdown-timeout")
+                c["command"] = argv[:i] + argv[i + 2 :]
+    return doc
+
+
 def example_scaled(name: str, role_type: str, scaling: dict[str, Any]) -> dict[str, Any]:
     """The example with `scaling` on its roles of `role_type`."""
     doc = example(name)
