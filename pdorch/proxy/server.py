@@ -250,6 +250,13 @@ def encode_json(obj: Any) -> bytes:
         return json.dumps(obj).encode()
 
 
+def _is_json_object(data: bytes) -> bool:
+    try:
+        return isinstance(json.loads(data), dict)
+    except ValueError:  # includes a body that is not UTF-8
+        return False
+
+
 def error_response(exc: ProxyError, request_id: str | None = None) -> Response:
     """The JSON error response of ``exc`` (with Retry-After / X-Request-Id when set)."""
     headers: dict[str, str] = {}
@@ -1181,6 +1188,14 @@ class ProxyServer:
                 resp.status,
                 f"the {leg} engine answered HTTP {resp.status} with an unreadable or oversized body",
                 code="upstream_error",
+            )
+            raise UpstreamReply(resp.status, json.dumps(err.body()).encode(), "application/json")
+        if not _is_json_object(data):
+            # An HTML or plain-text 4xx (a wrong path behind an ingress, a server in front of the
+            # engine) would reach clients that parse every error as JSON: wrap it, keeping its text.
+            text = " ".join(data[:500].decode("utf-8", "replace").split())
+            err = ProxyError(
+                resp.status, f"the {leg} engine answered HTTP {resp.status}: {text}", code="upstream_error"
             )
             raise UpstreamReply(resp.status, json.dumps(err.body()).encode(), "application/json")
         raise UpstreamReply(resp.status, data, resp.headers.get("Content-Type", "application/json"))

@@ -343,6 +343,37 @@ async def test_a_decode_answering_200_with_nothing_is_retried_not_relayed(
         assert sample(text, "pdorch_proxy_retries_total", {"endpoint": hollow, "reason": "empty"}) >= 1
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_engines_non_json_4xx_reaches_the_client_as_a_json_error(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
+    """A 404 page from whatever answers in front of an engine (an ingress, a wrong path) was relayed
+    as HTML, which clients that parse every error as JSON choke on (review helper-72). The proxy now
+    wraps it in its JSON error, keeping the status and the page's text; a JSON 4xx is relayed as is."""
+
+    async def html_404(request: web.Request) -> web.Response:
+        if "json" in (await request.json())["prompt"]:
+            return web.json_response({"detail": "engine's own refusal"}, status=422)
+        return web.Response(
+            status=404, text="<html><body><h1>404 Not Found</h1></body></html>", content_type="text/html"
+        )
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", html_404)
+    async with serve_app(app) as wrong, stack("vllm", decode=(wrong,)) as s:
+        body = {"model": MODEL, "prompt": "anything", "max_tokens": 3, "stream": stream}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 404
+            assert r.content_type == "application/json"
+            err = (await r.json())["error"]
+        assert err["code"] == "upstream_error" and "404 Not Found" in err["message"], err
+        assert "decode engine answered HTTP 404" in err["message"], err
+        # A JSON 4xx of the engine itself passes unchanged.
+        body["prompt"] = "a json answer"
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 422 and await r.json() == {"detail": "engine's own refusal"}
+
+
 # -- a decode that hangs ------------------------------------------------------------------------------------
 
 
