@@ -11,7 +11,7 @@ from pdorch.devcluster.commands import NAME_ARG
 
 
 def _seconds_or_never(value: str) -> float:
-    """argparse type of --rollout-after: seconds >= 0, or -1 for no rollout (nan read as never)."""
+    """argparse type of --rollout-after: seconds >= 0, or -1 for no rollout (nan and inf refused)."""
     try:
         if float(value) == -1:
             return -1.0

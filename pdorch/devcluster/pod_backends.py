@@ -13,8 +13,9 @@ and an engine still listening there would answer requests meant for the new pod 
 old container is dead before its IP is released). Then, like vLLM, it aborts its requests in flight,
 unless the container's command asks for ``--shutdown-timeout SECONDS``: then they finish on their
 open connections for up to that long (at most the pod's terminationGracePeriodSeconds), while the
-new pod's engine serves the address. A pod deleted with no grace (``--grace-period=0``) is gone
-without a termination window: its engine dies at once, as a crashed one does.
+new pod's engine serves the address. A pod deleted with no grace (``kubectl delete --grace-period=0
+--force``; without ``--force`` kubectl asks for 1 s) is gone without a termination window: its
+engine dies at once, as a crashed one does.
 """
 
 from __future__ import annotations
@@ -95,25 +96,28 @@ def backend_for(pod: dict[str, Any]) -> Backend | None:
     )
 
 
-SHUTDOWN_FLAG = "--shutdown-timeout"
+SHUTDOWN_FLAGS = ("--shutdown-timeout", "--shutdown_timeout")  # vLLM takes either spelling
 DEFAULT_GRACE_S = 30.0  # a pod's terminationGracePeriodSeconds when it sets none
 
 
 def engine_drain_s(pod: dict[str, Any]) -> float:
     """How long an engine pod's requests in flight may finish after SIGTERM: its container's
     ``--shutdown-timeout`` (vLLM's flag, also `pdorch sim`'s; absent: 0, vLLM's default of
-    aborting them), cut to what the pod's terminationGracePeriodSeconds leaves after the window in
-    which the engine still accepts (the kubelet kills the container at the end of the grace)."""
-    spec = pod.get("spec") or {}
-    grace = spec.get("terminationGracePeriodSeconds")
+    aborting them), cut to what the pod's grace leaves after the window in which the engine still
+    accepts (the kubelet kills the container at the end of the grace). The grace is the deletion's
+    (``kubectl delete --grace-period``) once the pod is being deleted, else the spec's."""
+    spec, md = pod.get("spec") or {}, pod.get("metadata") or {}
+    grace = md.get("deletionGracePeriodSeconds")
+    if not isinstance(grace, int | float):
+        grace = spec.get("terminationGracePeriodSeconds")
     grace_s = float(grace) if isinstance(grace, int | float) else DEFAULT_GRACE_S
     for c in spec.get("containers") or []:
         argv = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
         for i, arg in enumerate(argv):
             value = None
-            if arg == SHUTDOWN_FLAG and i + 1 < len(argv):
+            if arg in SHUTDOWN_FLAGS and i + 1 < len(argv):
                 value = argv[i + 1]
-            elif arg.startswith(SHUTDOWN_FLAG + "="):
+            elif arg.startswith(tuple(f + "=" for f in SHUTDOWN_FLAGS)):
                 value = arg.split("=", 1)[1]
             if value is not None:
                 try:
@@ -228,7 +232,9 @@ class PodBackends:
                 self._ends[name] = loop.time() + TERMINATING_ENGINE_S
                 loop.call_later(TERMINATING_ENGINE_S, self._wake.set)
             if loop.time() >= self._ends.get(name, float("inf")):
-                await self._stop_backend(name, sigterm=True)
+                await self._stop_backend(
+                    name, drain_s=engine_drain_s(pods[name]) if name in pods else b.drain_s
+                )
             elif want.get(name) != b:  # gone without a termination window, or another pod now
                 await self._stop_backend(name)
         for name, b in want.items():
@@ -272,17 +278,19 @@ class PodBackends:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         return open(self.log_dir / f"proxy-{pod}.log", "ab")
 
-    async def _stop_backend(self, name: str, *, sigterm: bool = False) -> None:
-        """Stop a pod's backend: with ``sigterm`` as its engine would on SIGTERM (requests in flight
-        finish in the background for its drain time), else at once, as a killed process."""
+    async def _stop_backend(self, name: str, *, drain_s: float = 0.0) -> None:
+        """Stop a pod's backend: an engine's requests in flight finish in the background for up to
+        ``drain_s`` (`engine_drain_s`: what SIGTERM gives it); 0 aborts them, as a killed process."""
         self._ends.pop(name, None)
         b = self._running.pop(name, None)
         server = self.engines.pop(name, None)
-        if server is not None and sigterm and server.shutdown_timeout_s > 0:
+        draining = 0
+        if server is not None and drain_s > 0:
             await server.stop_accepting()  # the address is free for the pod's successor now
-            task = asyncio.create_task(server.stop())
+            draining = server.in_flight
+            task = asyncio.create_task(server.stop(drain_s=drain_s))
             self._draining[task] = server
-            task.add_done_callback(lambda t: self._draining.pop(t, None))
+            task.add_done_callback(self._drained)
         elif server is not None:
             await server.stop(drain_s=0)
         proc = self.proxies.pop(name, None)
@@ -294,6 +302,10 @@ class PodBackends:
                 proc.kill()
                 await proc.wait()
         if b is not None:
-            draining = server is not None and any(s is server for s in self._draining.values())
-            how = f" (its requests in flight may finish for {b.drain_s:g}s)" if draining else ""
+            how = f" ({draining} request(s) in flight may finish for up to {drain_s:g}s)" if draining else ""
             log.info("pod backends: stopped %s %s%s", b.kind, name, how)
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        self._draining.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pod backends: a draining engine failed to stop", exc_info=task.exception())

@@ -53,7 +53,8 @@ class SimServer:
         shutdown_timeout_s: float = 5.0,
     ) -> None:
         """``shutdown_timeout_s`` is vLLM's ``--shutdown-timeout``: how long `stop` lets in-flight
-        requests finish once it stopped accepting; 0 aborts them at once."""
+        requests finish once it stopped accepting; 0 aborts them at once (`pdorch sim`'s default,
+        as vLLM's; in-process users such as tests get 5 s unless they say otherwise)."""
         self.config = config or SimConfig()
         self.host = host
         self.requested_ports = list(ports)
@@ -65,6 +66,8 @@ class SimServer:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._busy: set[Any] = set()  # connections (aiohttp protocols) with a request in a handler
+        self._accepting = True
         self.engines: dict[str, Engine] = {}
         self.ports: list[int] = []
         self.bootstrap_port: int | None = None
@@ -114,6 +117,11 @@ class SimServer:
             return self.engine(str(sock[0]), int(sock[1]))
         return self.engine(self.host, self.ports[0] if self.ports else 0)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests in a handler now (streams until their end)."""
+        return self._in_flight
+
     # -- lifecycle -----------------------------------------------------------------------------------
 
     @web.middleware
@@ -121,9 +129,14 @@ class SimServer:
         # A streaming handler returns only once its stream ended, so this counts streams too.
         self._in_flight += 1
         self._idle.clear()
+        self._busy.add(request.protocol)
         try:
-            return await handler(request)
+            resp = await handler(request)
+            if not self._accepting:
+                resp.force_close()  # no keep-alive once stopping: the connection ends with this answer
+            return resp
         finally:
+            self._busy.discard(request.protocol)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -214,15 +227,23 @@ class SimServer:
 
     async def stop_accepting(self) -> None:
         """Close the listeners (HTTP and SGLang bootstrap; a successor may bind the ports now) and
-        the idle keep-alive connections; requests in flight go on, and their connections close
-        after their answer. Idempotent."""
+        the HTTP connections with no request in a handler (idle keep-alive ones); the requests in
+        flight go on, and their connections close after their answer. Idempotent.
+
+        Not aiohttp's `pre_shutdown`: it leaves idle sockets open and drops whatever arrives on any
+        connection, so a request sent on a kept-alive one, the rest of a body still uploading, or
+        a decode's frame on an SGLang rendezvous WebSocket waited unanswered until the drain ended.
+        """
+        self._accepting = False
         for runner in (self._runner, self._bootstrap_runner):
             if runner is None:
                 continue
             for site in runner.sites:
                 await site.stop()
-            if runner.server is not None:
-                runner.server.pre_shutdown()
+        if self._runner is not None and self._runner.server is not None:
+            for conn in self._runner.server.connections:
+                if conn not in self._busy:
+                    conn.force_close()
 
     async def stop(self, drain_s: float | None = None) -> None:
         """Stop accepting, let in-flight requests end for up to ``drain_s`` (default: the server's
@@ -237,10 +258,12 @@ class SimServer:
             await self._runner.cleanup()
             self._runner = None
         if self._bootstrap_runner is not None:
+            # Taken first: a stop cancelled below and called again must not forget the address
+            # twice (a successor's registration on a replaced pod's IP counts on it).
+            runner, self._bootstrap_runner = self._bootstrap_runner, None
             assert self.bootstrap_port is not None
             bootstrap.remove_local_server(self.host, self.bootstrap_port)
-            await self._bootstrap_runner.cleanup()
-            self._bootstrap_runner = None
+            await runner.cleanup()
         for eng in self.engines.values():
             await eng.stop()
             nixl.unregister_engine(eng)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -590,6 +592,39 @@ async def test_an_engine_with_a_shutdown_timeout_finishes_its_streams_behind_a_c
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(task, 5)
     assert b"data: [DONE]" not in got
+
+
+async def test_a_draining_engine_closes_its_idle_keep_alive_connections_at_once(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A request sent on an idle kept-alive connection of a draining engine gets a closed connection
+    at once, so its client reconnects (to the pod's successor): aiohttp's `pre_shutdown` left the
+    socket open and swallowed the request until the drain ended (review helper-77)."""
+    cfg = replace(FAST, time_scale=1.0)
+    server = SimServer(cfg, host="127.0.0.1", ports=[0], role=Role.BOTH, shutdown_timeout_s=60.0)
+    await server.start()
+    req = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
+    raw = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    raw += b"Content-Length: %d\r\n\r\n" % len(req) + req
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.ports[0])
+    writer.write(raw)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    long = await http.post(server.url(0) + "/v1/completions", json=body)  # keeps the drain going ~40 s
+    stopping = asyncio.create_task(server.stop())
+    try:
+        await asyncio.sleep(0.2)
+        assert server.in_flight == 1
+        with contextlib.suppress(ConnectionError):
+            writer.write(raw)
+        rest = await asyncio.wait_for(reader.read(), 5)  # EOF long before the drain's end
+        assert b"HTTP/1.1 200" not in rest.split(b"\r\n\r\n", 1)[-1], (
+            "the draining engine served a new request"
+        )
+    finally:
+        long.close()
+        await asyncio.wait_for(stopping, 10)
+        writer.close()
 
 
 def test_a_bootstrap_address_shared_by_a_draining_engine_and_its_successor_stays_known() -> None:

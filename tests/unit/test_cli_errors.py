@@ -95,7 +95,7 @@ def test_ports_and_namespaces_are_checked_values() -> None:
         ["demo", "--rollout-after", "-2"],
         # A namespace that cannot exist reached the output of render, or an apiserver's 404.
         ["render", "-f", "x.yaml", "-n", "Bad_NS"],
-        ["controller", "--namespace", "-x"],
+        ["controller", "--namespace", "x-"],
         ["scaler", "--namespace", "a" * 64],
         ["proxy", "--namespace", "UPPER"],
     ],

@@ -33,6 +33,11 @@ def test_an_engine_drains_for_its_shutdown_timeout_within_the_pods_grace() -> No
     # The kubelet kills the container at the end of the grace, whatever the engine asked for.
     assert engine_drain_s(_pod([*sim, "--shutdown-timeout", "50"], grace=10)) == 10 - TERMINATING_ENGINE_S
     assert engine_drain_s(_pod([*sim, "--shutdown-timeout", "50"])) == DEFAULT_GRACE_S - TERMINATING_ENGINE_S
+    # A deletion's own grace (kubectl delete --grace-period=5) is what the kubelet gives.
+    deleted = _pod([*sim, "--shutdown-timeout", "50"], grace=60)
+    deleted["metadata"]["deletionGracePeriodSeconds"] = 5
+    assert engine_drain_s(deleted) == 5 - TERMINATING_ENGINE_S
+    assert engine_drain_s(_pod(["vllm"], ["serve", "m", "--shutdown_timeout", "20"], grace=60)) == 20.0
     assert engine_drain_s(_pod([*sim, "--shutdown-timeout", "x"])) == 0.0
     assert engine_drain_s(_pod([*sim, "--shutdown-timeout"])) == 0.0
     b = backend_for(_pod([*sim, "--shutdown-timeout", "20"], grace=60))
