@@ -36,6 +36,7 @@ from pdorch.controller.kubeapi import POD, KubeApi
 from pdorch.devcluster.manifests import POD_TERMINATION_MS
 from pdorch.devcluster.process import dies_with_parent
 from pdorch.devcluster.waiting import wait_for_async
+from pdorch.roles.drain_advice import SHUTDOWN_FLAGS
 from pdorch.roles.labels import (
     ANNOTATION_BOOTSTRAP_PORT,
     ANNOTATION_PORT,
@@ -96,7 +97,6 @@ def backend_for(pod: dict[str, Any]) -> Backend | None:
     )
 
 
-SHUTDOWN_FLAGS = ("--shutdown-timeout", "--shutdown_timeout")  # vLLM takes either spelling
 DEFAULT_GRACE_S = 30.0  # a pod's terminationGracePeriodSeconds when it sets none
 
 

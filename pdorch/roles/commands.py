@@ -12,6 +12,7 @@ import yaml
 from pdorch.api.errors import SpecError, load_servinggroups
 from pdorch.cli_args import namespace_name
 from pdorch.roles.context import DEFAULT_PROXY_IMAGE, RenderOptions
+from pdorch.roles.drain_advice import roles_without_drain
 from pdorch.roles.render import render
 
 
@@ -70,4 +71,12 @@ def run(args: argparse.Namespace) -> int:
     options = RenderOptions(proxy_image=args.proxy_image, namespace=args.namespace)
     objects = [obj for sg in groups for obj in render(sg, options)]
     sys.stdout.write(yaml.dump_all(objects, Dumper=KubeYamlDumper, sort_keys=False, explicit_start=True))
+    for sg in groups:
+        for role in roles_without_drain(sg):
+            print(
+                f"note: {sg.metadata.name}, role {role}: vLLM aborts its requests in flight when a rollout "
+                "or a scale-down deletes the pod, unless it runs with --shutdown-timeout SECONDS (vLLM "
+                "0.18+; docs/operations.md, 'Pods that end with requests in flight')",
+                file=sys.stderr,
+            )
     return 0

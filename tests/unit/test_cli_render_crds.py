@@ -44,6 +44,26 @@ def test_render_example_prints_every_object(capsys: pytest.CaptureFixture[str]) 
     assert all(d["metadata"]["namespace"] == "default" for d in docs)
 
 
+def test_render_notes_vllm_roles_that_would_abort_their_requests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(["render", "-f", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().err == ""  # the example drains
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    for role in doc["spec"]["roles"]:
+        if role["type"] == "decode":
+            argv = role["workerTemplate"]["spec"]["containers"][0]["command"]
+            i = argv.index("--shutdown-timeout")
+            del argv[i : i + 2]
+    f = tmp_path / "sg.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    assert _run(["render", "-f", str(f)]) == 0
+    out = capsys.readouterr()
+    assert list(yaml.safe_load_all(out.out))  # the objects still print, on stdout
+    assert out.err.startswith("note: sim-pd, role decode: vLLM aborts its requests in flight")
+    assert "--shutdown-timeout" in out.err and "prefill" not in out.err
+
+
 def test_render_bad_spec_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     raw = yaml.safe_load(EXAMPLE.read_text())
     raw["spec"]["roles"][2]["scaling"] = {"mode": "External", "minReplicas": 3, "maxReplicas": 1}
