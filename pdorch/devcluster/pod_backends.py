@@ -12,7 +12,7 @@ gives a real one. Its listener closes either way: kwok hands the freed IP to the
 and an engine still listening there would answer requests meant for the new pod (on a real node the
 old container is dead before its IP is released). Then, like vLLM, it aborts its requests in flight,
 unless the container's command asks for ``--shutdown-timeout SECONDS``: then they finish on their
-open connections for up to that long (at most the pod's terminationGracePeriodSeconds), while the
+open connections for up to that long (at most the grace of the pod or of its deletion), while the
 new pod's engine serves the address. A pod deleted with no grace (``kubectl delete --grace-period=0
 --force``; without ``--force`` kubectl asks for 1 s) is gone without a termination window: its
 engine dies at once, as a crashed one does.
@@ -64,7 +64,9 @@ class Backend:
     port: int
     bootstrap_port: int | None = None
     revision: str = ""
-    drain_s: float = 0.0  # what its engine gets after SIGTERM to finish requests in flight
+    # What its engine gets after SIGTERM to finish requests in flight. Not part of the identity:
+    # a deletion with its own grace changes it, and the backend must not look like another pod's.
+    drain_s: float = field(default=0.0, compare=False)
 
 
 def backend_for(pod: dict[str, Any]) -> Backend | None:

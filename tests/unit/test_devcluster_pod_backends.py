@@ -37,6 +37,9 @@ def test_an_engine_drains_for_its_shutdown_timeout_within_the_pods_grace() -> No
     deleted = _pod([*sim, "--shutdown-timeout", "50"], grace=60)
     deleted["metadata"]["deletionGracePeriodSeconds"] = 5
     assert engine_drain_s(deleted) == 5 - TERMINATING_ENGINE_S
+    # The same pod, now being deleted with that grace, keeps its backend (an unequal one was
+    # stopped at once as another pod's, aborting what a drain should have finished: helper-78).
+    assert backend_for(deleted) == backend_for(_pod([*sim, "--shutdown-timeout", "50"], grace=60))
     assert engine_drain_s(_pod(["vllm"], ["serve", "m", "--shutdown_timeout", "20"], grace=60)) == 20.0
     assert engine_drain_s(_pod([*sim, "--shutdown-timeout", "x"])) == 0.0
     assert engine_drain_s(_pod([*sim, "--shutdown-timeout"])) == 0.0
