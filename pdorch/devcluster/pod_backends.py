@@ -165,8 +165,9 @@ class PodBackends:
     _informer: Informer | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    # Loop time at which each terminating pod's backend is stopped.
-    _ends: dict[str, float] = field(default_factory=dict)
+    # Per terminating pod: loop time at which its backend is stopped, and its engine's drain
+    # (`engine_drain_s`, read while the pod shows its deletion's grace).
+    _ends: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Engines of gone pods still finishing their requests in flight (`engine_drain_s`).
     _draining: dict[asyncio.Task[None], SimServer] = field(default_factory=dict)
 
@@ -231,12 +232,12 @@ class PodBackends:
         loop = asyncio.get_running_loop()
         for name, b in list(self._running.items()):
             if name in pods and is_terminating(pods[name]) and name not in self._ends:
-                self._ends[name] = loop.time() + TERMINATING_ENGINE_S
+                self._ends[name] = (loop.time() + TERMINATING_ENGINE_S, engine_drain_s(pods[name]))
                 loop.call_later(TERMINATING_ENGINE_S, self._wake.set)
-            if loop.time() >= self._ends.get(name, float("inf")):
-                await self._stop_backend(
-                    name, drain_s=engine_drain_s(pods[name]) if name in pods else b.drain_s
-                )
+            # Seen terminating: its window ended, or the pod is gone or replaced first (a slow
+            # wake-up); either way its engine drains as after SIGTERM.
+            if name in self._ends and (loop.time() >= self._ends[name][0] or want.get(name) != b):
+                await self._stop_backend(name, drain_s=self._ends[name][1])
             elif want.get(name) != b:  # gone without a termination window, or another pod now
                 await self._stop_backend(name)
         for name, b in want.items():
