@@ -36,7 +36,7 @@ from pdorch.controller.kubeapi import POD, KubeApi
 from pdorch.devcluster.manifests import POD_TERMINATION_MS
 from pdorch.devcluster.process import dies_with_parent
 from pdorch.devcluster.waiting import wait_for_async
-from pdorch.roles.drain_advice import SHUTDOWN_FLAGS
+from pdorch.roles.drain_advice import shutdown_timeout_s
 from pdorch.roles.labels import (
     ANNOTATION_BOOTSTRAP_PORT,
     ANNOTATION_PORT,
@@ -114,19 +114,9 @@ def engine_drain_s(pod: dict[str, Any]) -> float:
         grace = spec.get("terminationGracePeriodSeconds")
     grace_s = float(grace) if isinstance(grace, int | float) else DEFAULT_GRACE_S
     for c in spec.get("containers") or []:
-        argv = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
-        for i, arg in enumerate(argv):
-            value = None
-            if arg in SHUTDOWN_FLAGS and i + 1 < len(argv):
-                value = argv[i + 1]
-            elif arg.startswith(tuple(f + "=" for f in SHUTDOWN_FLAGS)):
-                value = arg.split("=", 1)[1]
-            if value is not None:
-                try:
-                    wanted = float(value)
-                except ValueError:
-                    return 0.0  # the engine would refuse to start; nothing to drain
-                return max(0.0, min(wanted, grace_s - TERMINATING_ENGINE_S))
+        wanted = shutdown_timeout_s(c)
+        if wanted is not None:
+            return max(0.0, min(wanted, grace_s - TERMINATING_ENGINE_S))
     return 0.0
 
 
@@ -231,12 +221,17 @@ class PodBackends:
         want = {b.pod: b for p in pods.values() if (b := backend_for(p)) is not None}
         loop = asyncio.get_running_loop()
         for name, b in list(self._running.items()):
-            if name in pods and is_terminating(pods[name]) and name not in self._ends:
-                self._ends[name] = (loop.time() + TERMINATING_ENGINE_S, engine_drain_s(pods[name]))
-                loop.call_later(TERMINATING_ENGINE_S, self._wake.set)
+            pod = pods.get(name)
+            same_pod = pod is not None and pod["metadata"].get("uid") == b.uid
+            if same_pod and is_terminating(pod):
+                # Its drain as the deletion left it (a second delete may shorten the grace).
+                end, drain = self._ends.get(name, (loop.time() + TERMINATING_ENGINE_S, float("inf")))
+                if name not in self._ends:
+                    loop.call_later(TERMINATING_ENGINE_S, self._wake.set)
+                self._ends[name] = (end, min(drain, engine_drain_s(pod)))
             # Seen terminating: its window ended, or the pod is gone or replaced first (a slow
             # wake-up); either way its engine drains as after SIGTERM.
-            if name in self._ends and (loop.time() >= self._ends[name][0] or want.get(name) != b):
+            if name in self._ends and (loop.time() >= self._ends[name][0] or not same_pod):
                 await self._stop_backend(name, drain_s=self._ends[name][1])
             elif want.get(name) != b:  # gone without a termination window, or another pod now
                 await self._stop_backend(name)

@@ -52,9 +52,11 @@ def test_render_notes_vllm_roles_that_would_abort_their_requests(
     doc = yaml.safe_load(EXAMPLE.read_text())
     for role in doc["spec"]["roles"]:
         if role["type"] == "decode":
-            argv = role["workerTemplate"]["spec"]["containers"][0]["command"]
-            i = argv.index("--shutdown-timeout")
-            del argv[i : i + 2]
+            c = role["workerTemplate"]["spec"]["containers"][0]
+            words = " ".join(c.get("command", []) + c.get("args", [])).split()
+            assert "--shutdown-timeout" in words  # the example drains, in the flag-then-value form
+            i = words.index("--shutdown-timeout")
+            c["command"], c["args"] = words[:i] + words[i + 2 :], []
     f = tmp_path / "sg.yaml"
     f.write_text(yaml.safe_dump(doc))
     assert _run(["render", "-f", str(f)]) == 0

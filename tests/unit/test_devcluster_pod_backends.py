@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -48,3 +49,83 @@ def test_an_engine_drains_for_its_shutdown_timeout_within_the_pods_grace() -> No
     # The proxy pod runs `pdorch proxy`, which drains by its own flags.
     proxy = backend_for(_pod(["pdorch", "proxy", "--shutdown-timeout", "20"], kind="proxy"))
     assert proxy is not None and proxy.drain_s == 0.0
+
+
+def _decode(uid: str, *, deleted_with: int | None = None, revision: str = "r1") -> dict[str, Any]:
+    pod = _pod(["pdorch", "sim", "--shutdown-timeout", "50"], grace=60)
+    pod["metadata"]["uid"] = uid
+    pod["metadata"]["labels"]["pdorch.io/revision"] = revision
+    if deleted_with is not None:
+        pod["metadata"]["deletionTimestamp"] = "2026-12-07T00:00:00Z"
+        pod["metadata"]["deletionGracePeriodSeconds"] = deleted_with
+    return pod
+
+
+async def _replay(
+    monkeypatch: pytest.MonkeyPatch, *steps: list[dict[str, Any]] | float
+) -> list[tuple[Any, ...]]:
+    """What `PodBackends._sync` starts and stops over successive views of the pods (a float: wait)."""
+    from types import SimpleNamespace
+
+    from pdorch.devcluster import pod_backends
+
+    monkeypatch.setattr(pod_backends, "TERMINATING_ENGINE_S", 0.05)
+    p = pod_backends.PodBackends(kubeconfig="unused", namespace="ns", group="g")
+    p._informer = SimpleNamespace(store={})  # type: ignore[assignment]
+    seen: list[tuple[Any, ...]] = []
+
+    async def start(b: Any) -> None:
+        p._running[b.pod] = b
+        seen.append(("start", b.uid))
+
+    async def stop(name: str, *, drain_s: float = 0.0) -> None:
+        p._ends.pop(name, None)
+        seen.append(("stop", p._running.pop(name).uid, drain_s))
+
+    p._start_backend = start  # type: ignore[method-assign]
+    p._stop_backend = stop  # type: ignore[method-assign]
+    for step in steps:
+        if isinstance(step, float):
+            await asyncio.sleep(step)
+            continue
+        p._informer.store = {pod["metadata"]["uid"]: pod for pod in step}
+        await p._sync()
+    return seen
+
+
+async def test_a_terminating_pod_drains_and_a_vanished_one_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    window = 0.05
+    # Deleted with its spec's grace: after the window, a drain of its --shutdown-timeout.
+    assert await _replay(
+        monkeypatch, [_decode("u1")], [_decode("u1", deleted_with=60)], 0.1, [_decode("u1", deleted_with=60)]
+    ) == [
+        ("start", "u1"),
+        ("stop", "u1", 50.0),
+    ]
+    # Seen terminating, then gone (kwok removed it) or replaced under its name before the window
+    # ended: it still drains; its successor starts.
+    assert await _replay(monkeypatch, [_decode("u1")], [_decode("u1", deleted_with=60)], []) == [
+        ("start", "u1"),
+        ("stop", "u1", 50.0),
+    ]
+    assert await _replay(monkeypatch, [_decode("u1")], [_decode("u1", deleted_with=60)], [_decode("u2")]) == [
+        ("start", "u1"),
+        ("stop", "u1", 50.0),
+        ("start", "u2"),
+    ]
+    # A second delete with a shorter grace inside the window shortens the drain.
+    assert await _replay(
+        monkeypatch,
+        [_decode("u1")],
+        [_decode("u1", deleted_with=30)],
+        [_decode("u1", deleted_with=2)],
+        0.1,
+        [],
+    ) == [("start", "u1"), ("stop", "u1", 2 - window)]
+    # Gone without a termination window (force-deleted): killed. So is it when a successor of the
+    # same name, itself terminating, is all the next view shows (not the successor's drain).
+    assert await _replay(monkeypatch, [_decode("u1")], []) == [("start", "u1"), ("stop", "u1", 0.0)]
+    assert await _replay(monkeypatch, [_decode("u1")], [_decode("u2", deleted_with=30)]) == [
+        ("start", "u1"),
+        ("stop", "u1", 0.0),
+    ]
