@@ -252,9 +252,10 @@ def encode_json(obj: Any) -> bytes:
 
 def _is_json_object(data: bytes) -> bool:
     try:
-        return isinstance(json.loads(data), dict)
-    except ValueError:  # includes a body that is not UTF-8
+        parse_json(data)  # the request bodies' check: malformed, too deeply nested, not an object
+    except ProxyError:
         return False
+    return True
 
 
 def error_response(exc: ProxyError, request_id: str | None = None) -> Response:

@@ -352,7 +352,12 @@ async def test_an_engines_non_json_4xx_reaches_the_client_as_a_json_error(
     wraps it in its JSON error, keeping the status and the page's text; a JSON 4xx is relayed as is."""
 
     async def html_404(request: web.Request) -> web.Response:
-        if "json" in (await request.json())["prompt"]:
+        prompt = (await request.json())["prompt"]
+        if "nested" in prompt:  # valid JSON a recursive parser cannot read: was an uncaught error
+            return web.Response(
+                status=400, body=b"[" * 30_000 + b"]" * 30_000, content_type="application/json"
+            )
+        if "json" in prompt:
             return web.json_response({"detail": "engine's own refusal"}, status=422)
         return web.Response(
             status=404, text="<html><body><h1>404 Not Found</h1></body></html>", content_type="text/html"
@@ -368,6 +373,10 @@ async def test_an_engines_non_json_4xx_reaches_the_client_as_a_json_error(
             err = (await r.json())["error"]
         assert err["code"] == "upstream_error" and "404 Not Found" in err["message"], err
         assert "decode engine answered HTTP 404" in err["message"], err
+        body["prompt"] = "a nested answer"
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 400 and r.content_type == "application/json"
+            assert (await r.json())["error"]["code"] == "upstream_error"
         # A JSON 4xx of the engine itself passes unchanged.
         body["prompt"] = "a json answer"
         async with http.post(s.url + "/v1/completions", json=body) as r:
