@@ -64,9 +64,6 @@ class Backend:
     port: int
     bootstrap_port: int | None = None
     revision: str = ""
-    # What its engine gets after SIGTERM to finish requests in flight. Not part of the identity:
-    # a deletion with its own grace changes it, and the backend must not look like another pod's.
-    drain_s: float = field(default=0.0, compare=False)
 
 
 def backend_for(pod: dict[str, Any]) -> Backend | None:
@@ -95,7 +92,6 @@ def backend_for(pod: dict[str, Any]) -> Backend | None:
         port,
         int(bp) if bp else None,
         labels.get(LABEL_REVISION, ""),
-        engine_drain_s(pod) if kind != "proxy" else 0.0,
     )
 
 
@@ -261,7 +257,8 @@ class PodBackends:
                 ports=[b.port],
                 role=Role.PREFILL if b.kind == "prefill" else Role.DECODE,
                 bootstrap_port=(b.bootstrap_port or 8998) if b.kind == "prefill" else None,
-                shutdown_timeout_s=b.drain_s,
+                # Each stop says how long it drains (`_stop_backend`, from `engine_drain_s`).
+                shutdown_timeout_s=0.0,
             )
             await server.start()
             self.engines[b.pod] = server

@@ -107,8 +107,6 @@ def _load_roles(path: Path | None) -> dict[str, Role]:
 
 def build_server(args: argparse.Namespace) -> SimServer:
     """Build a `SimServer` from parsed arguments."""
-    if args.time_scale <= 0:
-        raise ValueError("--time-scale must be > 0")
     injected = Faults(
         roles=frozenset(r.strip() for r in args.fault_roles.split(",") if r.strip()),
         status=args.fault_status,

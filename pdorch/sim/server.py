@@ -63,10 +63,11 @@ class SimServer:
         self.requested_bootstrap_port = bootstrap_port if self.config.protocol == "sglang" else None
         self.serve_bootstrap = serve_bootstrap
         self.shutdown_timeout_s = shutdown_timeout_s
-        self._in_flight = 0
+        # Connections (aiohttp protocols) with a request in a handler: aiohttp serves one request
+        # at a time per connection, so this also counts the requests in flight.
+        self._busy: set[Any] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._busy: set[Any] = set()  # connections (aiohttp protocols) with a request in a handler
         self._accepting = True
         self.engines: dict[str, Engine] = {}
         self.ports: list[int] = []
@@ -120,14 +121,13 @@ class SimServer:
     @property
     def in_flight(self) -> int:
         """Requests in a handler now (streams until their end)."""
-        return self._in_flight
+        return len(self._busy)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     @web.middleware
     async def _count_in_flight(self, request: web.Request, handler: Any) -> web.StreamResponse:
         # A streaming handler returns only once its stream ended, so this counts streams too.
-        self._in_flight += 1
         self._idle.clear()
         self._busy.add(request.protocol)
         try:
@@ -137,8 +137,7 @@ class SimServer:
             return resp
         finally:
             self._busy.discard(request.protocol)
-            self._in_flight -= 1
-            if self._in_flight == 0:
+            if not self._busy:
                 self._idle.set()
 
     def _app(self) -> web.Application:
@@ -251,7 +250,7 @@ class SimServer:
         drain = self.shutdown_timeout_s if drain_s is None else drain_s
         await self.stop_accepting()
         if drain > 0 and not self._idle.is_set():
-            log.info("draining %d request(s) for up to %gs", self._in_flight, drain)
+            log.info("draining %d request(s) for up to %gs", self.in_flight, drain)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), drain)
         if self._runner is not None:
