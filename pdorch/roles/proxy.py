@@ -11,7 +11,8 @@ import itertools
 import json
 from typing import Any
 
-from pdorch.api.servinggroup import Role
+from pdorch.api.servinggroup import Role, RoleType
+from pdorch.proxy.config import ProxyConfig
 from pdorch.roles.context import RenderContext
 from pdorch.roles.labels import leader_selector
 from pdorch.roles.naming import proxy_rbac_name, proxy_service_name
@@ -92,8 +93,33 @@ def with_router_env(ctx: RenderContext, template: dict[str, Any]) -> dict[str, A
     return out
 
 
-# Seconds the kubelet gives the built-in proxy after SIGTERM: its --shutdown-grace (30 s) and room.
-TERMINATION_GRACE_S = 35
+# The built-in proxy's --shutdown-grace when the engines' pods get no longer (the flag's default).
+BASE_SHUTDOWN_GRACE_S = round(ProxyConfig.model_fields["shutdown_grace_s"].default)
+# Kubernetes' terminationGracePeriodSeconds when a pod template sets none.
+DEFAULT_POD_GRACE_S = 30
+# Room the kubelet leaves the built-in proxy past its --shutdown-grace before SIGKILL.
+KILL_MARGIN_S = 5
+
+
+def _pod_grace_s(template: dict[str, Any] | None) -> int:
+    grace = ((template or {}).get("spec") or {}).get("terminationGracePeriodSeconds")
+    # bool is an int to Python, not to the apiserver.
+    return grace if isinstance(grace, int) and not isinstance(grace, bool) else DEFAULT_POD_GRACE_S
+
+
+def proxy_shutdown_grace_s(ctx: RenderContext) -> int:
+    """The built-in proxy's --shutdown-grace: the longest terminationGracePeriodSeconds of the
+    group's prefill and decode pods, at least 30 s. Those pods' grace is how long the user lets an
+    answer in flight finish when an engine ends (its drain); a proxy pod that is replaced (an
+    upgrade, a router change) gives the streams it relays as long."""
+    graces = [
+        _pod_grace_s(t)
+        for r in ctx.sg.spec.roles
+        if r.type in (RoleType.PREFILL, RoleType.DECODE)
+        for t in (r.leader_template, r.worker_template)
+        if t is not None
+    ]
+    return max([BASE_SHUTDOWN_GRACE_S, *graces])
 
 
 def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
@@ -101,6 +127,7 @@ def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
     port = role.port
     # Prometheus scrapes a separate port: the client port serves the API only.
     metrics_port = METRICS_PORT if port != METRICS_PORT else METRICS_PORT + 1
+    grace_s = proxy_shutdown_grace_s(ctx)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": ctx.options.proxy_image,
@@ -118,6 +145,8 @@ def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
             str(port),
             "--metrics-port",
             str(metrics_port),
+            # The flag only when it differs from its default: existing groups' proxies do not roll.
+            *(["--shutdown-grace", str(grace_s)] if grace_s != BASE_SHUTDOWN_GRACE_S else []),
         ],
         "ports": [
             {"name": "http", "containerPort": port, "protocol": "TCP"},
@@ -150,9 +179,9 @@ def builtin_proxy_template(ctx: RenderContext, role: Role) -> dict[str, Any]:
         "metadata": {},
         "spec": {
             "serviceAccountName": proxy_rbac_name(ctx.group),
-            # The proxy's own shutdown (drain delay, then in-flight requests up to its 30 s
+            # The proxy's own shutdown (drain delay, then in-flight requests up to its
             # --shutdown-grace, then error events) must end before the kubelet's SIGKILL.
-            "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+            "terminationGracePeriodSeconds": grace_s + KILL_MARGIN_S,
             "securityContext": {
                 "runAsNonRoot": True,
                 "runAsUser": NONROOT_UID,

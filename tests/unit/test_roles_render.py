@@ -276,6 +276,42 @@ def test_override_for_unknown_role_is_refused() -> None:
         render(_sg(), overrides={"nope": RoleOverride(replicas=1)})
 
 
+def _proxy_grace(raw: dict[str, Any]) -> tuple[list[str], int]:
+    """The built-in proxy's --shutdown-grace arguments and its pod's terminationGracePeriodSeconds."""
+    lws = _by_key(render(_sg(raw)))[("LeaderWorkerSet", "sim-pd-proxy")]
+    pod = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]
+    cmd = pod["containers"][0]["command"]
+    flag = cmd[cmd.index("--shutdown-grace") :] if "--shutdown-grace" in cmd else []
+    return flag, pod["terminationGracePeriodSeconds"]
+
+
+def test_builtin_proxy_grace_follows_the_engines() -> None:
+    """The proxy relays a stream for as long as the engines' pods may drain it: its --shutdown-grace
+    is the longest grace of the prefill and decode pods (leader or worker template), at least the
+    flag's default, and the flag is left out at the default so that existing proxies do not roll."""
+    default = ProxyConfig.model_fields["shutdown_grace_s"].default
+    raw = _raw()
+    for role in ("prefill", "decode"):
+        for key in ("leaderTemplate", "workerTemplate"):
+            _role(raw, role).get(key, {}).get("spec", {}).pop("terminationGracePeriodSeconds", None)
+    # Kubernetes' 30 s default everywhere: the proxy keeps its own defaults.
+    assert _proxy_grace(raw) == ([], default + 5)
+    # A decode worker template with a longer grace than the prefill's.
+    decode = _role(raw, "decode")
+    decode["workerTemplate"]["spec"]["terminationGracePeriodSeconds"] = 90
+    _role(raw, "prefill")["workerTemplate"]["spec"]["terminationGracePeriodSeconds"] = 45
+    assert _proxy_grace(raw) == (["--shutdown-grace", "90"], 95)
+    # A leader template counts too; a shorter grace than the default does not shorten the proxy's.
+    decode["leaderTemplate"] = copy.deepcopy(decode["workerTemplate"])
+    decode["leaderTemplate"]["spec"]["terminationGracePeriodSeconds"] = 120
+    assert _proxy_grace(raw) == (["--shutdown-grace", "120"], 125)
+    for role in ("prefill", "decode"):
+        for key in ("leaderTemplate", "workerTemplate"):
+            if key in _role(raw, role):
+                _role(raw, role)[key]["spec"]["terminationGracePeriodSeconds"] = 5
+    assert _proxy_grace(raw) == ([], default + 5)
+
+
 def test_builtin_proxy_pod() -> None:
     objs = _by_key(render(_sg(), RenderOptions(proxy_image="registry.local/pdorch:dev")))
     pod = objs[("LeaderWorkerSet", "sim-pd-proxy")]["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]
@@ -284,7 +320,7 @@ def test_builtin_proxy_pod() -> None:
     assert c["image"] == "registry.local/pdorch:dev"
     assert c["command"] == [
         "pdorch", "proxy", "--group", "sim-pd", "--namespace", "team-a", "--engine", "vllm", "--port", "8000",
-        "--metrics-port", "9090",
+        "--metrics-port", "9090", "--shutdown-grace", "60",  # the example's engine pods get 60 s
     ]  # fmt: skip
     # /metrics has its own port: the client port serves the API only.
     assert c["ports"] == [
@@ -294,7 +330,7 @@ def test_builtin_proxy_pod() -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     assert c["livenessProbe"]["httpGet"]["path"] == "/livez"  # never restarted for the engines' state
     # The kubelet's SIGKILL comes after the proxy's whole shutdown (it ends within its grace).
-    assert pod["terminationGracePeriodSeconds"] > ProxyConfig.model_fields["shutdown_grace_s"].default
+    assert pod["terminationGracePeriodSeconds"] > 60
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] is True
     assert sc["allowPrivilegeEscalation"] is False
