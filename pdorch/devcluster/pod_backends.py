@@ -15,7 +15,9 @@ unless the container's command asks for ``--shutdown-timeout SECONDS``: then the
 open connections for up to that long (at most the grace of the pod or of its deletion), while the
 new pod's engine serves the address. A pod deleted with no grace (``kubectl delete --grace-period=0
 --force``; without ``--force`` kubectl asks for 1 s) is gone without a termination window: its
-engine dies at once, as a crashed one does.
+engine dies at once, as a crashed one does. A terminating proxy pod's `pdorch proxy` gets SIGTERM
+after the same window and the rest of the pod's grace to finish its streams (within its own
+``--shutdown-grace``, which the pod's command sets), then SIGKILL.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pdorch.controller.kubeapi import POD, KubeApi
 from pdorch.devcluster.manifests import POD_TERMINATION_MS
 from pdorch.devcluster.process import dies_with_parent
 from pdorch.devcluster.waiting import wait_for_async
-from pdorch.roles.drain_advice import shutdown_timeout_s
+from pdorch.roles.drain_advice import flag_seconds, shutdown_timeout_s
 from pdorch.roles.labels import (
     ANNOTATION_BOOTSTRAP_PORT,
     ANNOTATION_PORT,
@@ -64,6 +66,8 @@ class Backend:
     port: int
     bootstrap_port: int | None = None
     revision: str = ""
+    # A proxy pod's `--shutdown-grace` (None: the flag's default); fixed for the pod's life.
+    shutdown_grace_s: float | None = field(default=None, compare=False)
 
 
 def backend_for(pod: dict[str, Any]) -> Backend | None:
@@ -92,28 +96,82 @@ def backend_for(pod: dict[str, Any]) -> Backend | None:
         port,
         int(bp) if bp else None,
         labels.get(LABEL_REVISION, ""),
+        _proxy_shutdown_grace_s(pod) if kind == "proxy" else None,
     )
+
+
+def _proxy_shutdown_grace_s(pod: dict[str, Any]) -> float | None:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        grace = flag_seconds(c, ("--shutdown-grace",))
+        if grace is not None:
+            return grace
+    return None
 
 
 DEFAULT_GRACE_S = 30.0  # a pod's terminationGracePeriodSeconds when it sets none
 
 
-def engine_drain_s(pod: dict[str, Any]) -> float:
-    """How long an engine pod's requests in flight may finish after SIGTERM: its container's
-    ``--shutdown-timeout`` (vLLM's flag, also `pdorch sim`'s; absent: 0, vLLM's default of
-    aborting them), cut to what the pod's grace leaves after the window in which the engine still
-    accepts (the kubelet kills the container at the end of the grace). The grace is the deletion's
-    (``kubectl delete --grace-period``) once the pod is being deleted, else the spec's."""
+def pod_grace_s(pod: dict[str, Any]) -> float:
+    """How long the kubelet lets a pod's containers run after SIGTERM: its deletion's grace
+    (``kubectl delete --grace-period``) once it is being deleted, else its spec's."""
     spec, md = pod.get("spec") or {}, pod.get("metadata") or {}
     grace = md.get("deletionGracePeriodSeconds")
     if not isinstance(grace, int | float):
         grace = spec.get("terminationGracePeriodSeconds")
-    grace_s = float(grace) if isinstance(grace, int | float) else DEFAULT_GRACE_S
-    for c in spec.get("containers") or []:
+    return float(grace) if isinstance(grace, int | float) else DEFAULT_GRACE_S
+
+
+def engine_drain_s(pod: dict[str, Any]) -> float:
+    """How long an engine pod's requests in flight may finish after SIGTERM: its container's
+    ``--shutdown-timeout`` (vLLM's flag, also `pdorch sim`'s; absent: 0, vLLM's default of
+    aborting them), cut to what the pod's grace (`pod_grace_s`) leaves after the window in which
+    the engine still accepts (the kubelet kills the container at the end of the grace)."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
         wanted = shutdown_timeout_s(c)
         if wanted is not None:
-            return max(0.0, min(wanted, grace_s - TERMINATING_ENGINE_S))
+            return max(0.0, min(wanted, pod_grace_s(pod) - TERMINATING_ENGINE_S))
     return 0.0
+
+
+def stop_budget_s(pod: dict[str, Any], kind: str) -> float:
+    """What a terminating pod's process gets after its accepting window: an engine its drain
+    (`engine_drain_s`); the proxy, which bounds its own shutdown by its ``--shutdown-grace``, the
+    rest of the pod's grace before the kubelet's SIGKILL."""
+    if kind == "proxy":
+        return max(0.0, pod_grace_s(pod) - TERMINATING_ENGINE_S)
+    return engine_drain_s(pod)
+
+
+# The kubelet's shortest grace: even a pod deleted with none gets this long after SIGTERM.
+MIN_GRACE_S = 2.0
+
+
+async def _terminate(proc: asyncio.subprocess.Process, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if the process still runs after ``grace_s`` (at least `MIN_GRACE_S`)
+    or when cancelled, as the kubelet ends a container."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), timeout=max(grace_s, MIN_GRACE_S))
+    except TimeoutError:
+        pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _until_refused(host: str, port: int, exiting: asyncio.Task[None], wait_s: float = 10.0) -> None:
+    """Wait until nothing listens on host:port any more (a stopping proxy closes its listener on
+    SIGTERM), so that the pod's successor, which kwok may give the same address, can bind it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while not exiting.done() and loop.time() < deadline:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        except (OSError, TimeoutError):
+            return
+        writer.close()
+        await asyncio.sleep(0.05)
 
 
 def _container_port(pod: dict[str, Any]) -> int | None:
@@ -156,6 +214,8 @@ class PodBackends:
     _ends: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Engines of gone pods still finishing their requests in flight (`engine_drain_s`).
     _draining: dict[asyncio.Task[None], SimServer] = field(default_factory=dict)
+    # Proxy processes of gone pods between SIGTERM and their exit (or SIGKILL at the grace's end).
+    _exiting: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         self._api = KubeApi.from_config(self.kubeconfig, field_manager="pdorch-pod-backends")
@@ -177,6 +237,13 @@ class PodBackends:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
             await server.stop(drain_s=0)
+        # Proxies stopped just now get their SIGTERM's short wait; those of gone pods are killed.
+        for task in list(self._exiting):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(task), MIN_GRACE_S)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._api is not None:
             await self._api.close()
 
@@ -224,7 +291,7 @@ class PodBackends:
                 end, drain = self._ends.get(name, (loop.time() + TERMINATING_ENGINE_S, float("inf")))
                 if name not in self._ends:
                     loop.call_later(TERMINATING_ENGINE_S, self._wake.set)
-                self._ends[name] = (end, min(drain, engine_drain_s(pod)))
+                self._ends[name] = (end, min(drain, stop_budget_s(pod, b.kind)))
             # Seen terminating: its window ended, or the pod is gone or replaced first (a slow
             # wake-up); either way its engine drains as after SIGTERM.
             if name in self._ends and (loop.time() >= self._ends[name][0] or not same_pod):
@@ -243,7 +310,10 @@ class PodBackends:
                 "--kubeconfig", self.kubeconfig, "--host", b.ip, "--port", str(b.port),
                 # No load balancer here to move traffic during a drain delay, and kwok may hand
                 # the pod's IP to its successor: stop listening at once, as before the delay.
-                "--shutdown-drain-delay", "0", *self.proxy_args,
+                "--shutdown-drain-delay", "0",
+                # The pod's own grace flag (the built-in proxy's follows the engines' pods' grace).
+                *(["--shutdown-grace", f"{b.shutdown_grace_s:g}"] if b.shutdown_grace_s is not None else []),
+                *self.proxy_args,
             ]  # fmt: skip
             out = self._proxy_log(b.pod)
             self.proxies[b.pod] = await asyncio.create_subprocess_exec(
@@ -275,7 +345,9 @@ class PodBackends:
 
     async def _stop_backend(self, name: str, *, drain_s: float = 0.0) -> None:
         """Stop a pod's backend: an engine's requests in flight finish in the background for up to
-        ``drain_s`` (`engine_drain_s`: what SIGTERM gives it); 0 aborts them, as a killed process."""
+        ``drain_s`` (`engine_drain_s`: what SIGTERM gives it); 0 aborts them, as a killed process.
+        A proxy gets SIGTERM and ``drain_s`` (the rest of its pod's grace, `stop_budget_s`) to end
+        within its own ``--shutdown-grace``, then SIGKILL; it has stopped listening on return."""
         self._ends.pop(name, None)
         b = self._running.pop(name, None)
         server = self.engines.pop(name, None)
@@ -290,12 +362,13 @@ class PodBackends:
             await server.stop(drain_s=0)
         proc = self.proxies.pop(name, None)
         if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+            # The proxy's streams in flight go on in the background for the rest of the pod's grace
+            # (the proxy closes its listener at once, freeing the address for the pod's successor).
+            exit_task = asyncio.create_task(_terminate(proc, drain_s))
+            self._exiting.add(exit_task)
+            exit_task.add_done_callback(self._exiting.discard)
+            if b is not None:
+                await _until_refused(b.ip, b.port, exit_task)
         if b is not None:
             how = f" ({draining} request(s) in flight may finish for up to {drain_s:g}s)" if draining else ""
             log.info("pod backends: stopped %s %s%s", b.kind, name, how)

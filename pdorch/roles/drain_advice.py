@@ -18,15 +18,15 @@ def _words(container: dict[str, Any]) -> list[str]:
     return " ".join(str(a) for a in (container.get("command") or []) + (container.get("args") or [])).split()
 
 
-def shutdown_timeout_s(container: dict[str, Any]) -> float | None:
-    """The container's ``--shutdown-timeout`` in seconds; None when absent, 0 when not a number
-    (an engine refusing to start drains nothing)."""
+def flag_seconds(container: dict[str, Any], flags: tuple[str, ...]) -> float | None:
+    """The seconds a container's command gives one of ``flags`` (``--flag N`` or ``--flag=N``);
+    None when absent, 0 when not a number (a process refusing to start waits for nothing)."""
     words = _words(container)
     for i, word in enumerate(words):
         value = None
-        if word in SHUTDOWN_FLAGS and i + 1 < len(words):
+        if word in flags and i + 1 < len(words):
             value = words[i + 1]
-        elif word.startswith(tuple(f + "=" for f in SHUTDOWN_FLAGS)):
+        elif word.startswith(tuple(f + "=" for f in flags)):
             value = word.split("=", 1)[1]
         if value is not None:
             try:
@@ -34,6 +34,11 @@ def shutdown_timeout_s(container: dict[str, Any]) -> float | None:
             except ValueError:
                 return 0.0
     return None
+
+
+def shutdown_timeout_s(container: dict[str, Any]) -> float | None:
+    """The container's ``--shutdown-timeout`` in seconds (`flag_seconds`)."""
+    return flag_seconds(container, SHUTDOWN_FLAGS)
 
 
 def runs_vllm(container: dict[str, Any]) -> bool:

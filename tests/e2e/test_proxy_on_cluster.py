@@ -1,7 +1,7 @@
 """examples/sim-pd on the dev cluster, end to end: the controller creates the roles, simulated
 engines answer on the prefill/decode pods' IPs, and the built-in proxy role (pod discovery)
 routes real requests through a prefill and a decode. Then faults: a prefill pod killed under load,
-and a client that disconnects mid-stream."""
+decode and proxy pods deleted with streams in flight, and a client that disconnects mid-stream."""
 
 from __future__ import annotations
 
@@ -220,6 +220,73 @@ async def test_streams_on_a_deleted_decode_pod_run_to_their_end(
     print(f"chunks per stream after the decode pod's deletion: {chunks}")
     assert finish == {i: "length" for i in range(4)}, finish
     assert all(n >= 240 for n in chunks.values()), chunks  # every token, no stream cut
+
+
+@pytest.mark.parametrize("served", [25.0], indirect=True)
+async def test_streams_through_a_deleted_proxy_pod_run_to_their_end(
+    served: tuple[PodBackends, str], kube: Client, namespace: str
+) -> None:
+    """A proxy pod replaced with streams in flight (a pdorch upgrade, a router change): the built-in
+    proxy's `--shutdown-grace` follows the engine pods' 60 s grace in the example, not its own 30 s
+    default, so streams that run on for more than 30 s after the deletion end with all their
+    tokens, while the pod's successor already serves new requests."""
+    backends, url = served
+    proxy = backends.by_kind("proxy")[0]
+    assert proxy.shutdown_grace_s == 60.0, proxy  # rendered by the controller from the engines' pods
+    chunks: dict[int, int] = {}
+    finish: dict[int, str | None] = {}
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    loop = asyncio.get_running_loop()
+
+    async def stream(i: int) -> None:
+        chunks[i] = 0
+        s = await client.completions.create(
+            model=MODEL,
+            prompt=f"user {i} " * 20,
+            max_tokens=240,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        async for ch in s:
+            chunks[i] += 1
+            if ch.choices and ch.choices[0].finish_reason:
+                finish[i] = ch.choices[0].finish_reason
+
+    tasks = [asyncio.create_task(stream(i)) for i in range(3)]
+    try:
+        await wait_for_async(
+            lambda: len(chunks) == 3 and min(chunks.values()) >= 3, 60, "3 streams under way"
+        )
+        deleted_at = loop.time()
+        await asyncio.to_thread(kube.delete, Pod, proxy.pod, namespace=namespace)
+        await wait_for_async(
+            lambda: (b := backends.backend(proxy.pod)) is not None and b.uid != proxy.uid,
+            60,
+            "the proxy pod's successor serving",
+        )
+        new_url = await backends.proxy_url()
+        async with httpx2.AsyncClient(trust_env=False) as c:
+            r = await c.post(
+                f"{new_url}/v1/completions",
+                json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                timeout=60,
+            )
+        assert r.status_code == 200, r.text
+        assert not finish, f"streams {sorted(finish)} ended before the new proxy served"
+        errors = [r for r in await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 90) if r]
+        ran_on_s = loop.time() - deleted_at
+        assert not errors, errors
+    finally:
+        for t in tasks:
+            t.cancel()
+        await client.close()
+    print(
+        f"chunks per stream: {chunks}; the streams ran on for {ran_on_s:.1f}s after the proxy pod's deletion"
+    )
+    # What makes this test mean something: the streams outlived the proxy's 30 s default grace.
+    assert ran_on_s > 30, ran_on_s
+    assert finish == {i: "length" for i in range(3)}, finish
+    assert all(n >= 240 for n in chunks.values()), chunks
 
 
 async def test_client_disconnect_mid_stream_cancels_the_decode(served: tuple[PodBackends, str]) -> None:

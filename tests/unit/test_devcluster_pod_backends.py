@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from pdorch.devcluster.pod_backends import DEFAULT_GRACE_S, TERMINATING_ENGINE_S, backend_for, engine_drain_s
+from pdorch.devcluster.pod_backends import (
+    DEFAULT_GRACE_S,
+    TERMINATING_ENGINE_S,
+    backend_for,
+    engine_drain_s,
+    stop_budget_s,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -126,3 +132,34 @@ async def test_a_terminating_pod_drains_and_a_vanished_one_dies(monkeypatch: pyt
         ("start", "u1"),
         ("stop", "u1", 0.0),
     ]
+
+
+def _proxy(
+    uid: str, *, grace: int = 65, shutdown_grace: str | None = "60", deleted_with: int | None = None
+) -> dict[str, Any]:
+    cmd = ["pdorch", "proxy", "--group", "g", "--namespace", "ns"]
+    if shutdown_grace is not None:
+        cmd += ["--shutdown-grace", shutdown_grace]
+    pod = _pod(cmd, grace=grace, kind="proxy")
+    pod["metadata"].update(name="g-proxy-0", uid=uid)
+    if deleted_with is not None:
+        pod["metadata"]["deletionTimestamp"] = "2026-12-07T00:00:00Z"
+        pod["metadata"]["deletionGracePeriodSeconds"] = deleted_with
+    return pod
+
+
+async def test_a_terminating_proxy_gets_the_rest_of_its_pods_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy's process runs with its pod's --shutdown-grace and, once its pod is terminating,
+    gets what the kubelet would leave it after SIGTERM (not the drain of an engine flag it lacks)."""
+    b = backend_for(_proxy("u1"))
+    assert b is not None and b.kind == "proxy" and b.shutdown_grace_s == 60.0
+    no_flag = backend_for(_proxy("u1", shutdown_grace=None))
+    assert no_flag is not None and no_flag.shutdown_grace_s is None
+    assert stop_budget_s(_proxy("u1", deleted_with=65), "proxy") == 65 - TERMINATING_ENGINE_S
+    assert stop_budget_s(_proxy("u1", deleted_with=65), "decode") == 0.0  # no --shutdown-timeout
+    window = 0.05
+    assert await _replay(
+        monkeypatch, [_proxy("u1")], [_proxy("u1", deleted_with=65)], 0.1, [_proxy("u1", deleted_with=65)]
+    ) == [("start", "u1"), ("stop", "u1", 65 - window)]
+    # Force-deleted: gone without a window, it gets no more than SIGTERM's shortest wait.
+    assert await _replay(monkeypatch, [_proxy("u1")], []) == [("start", "u1"), ("stop", "u1", 0.0)]
