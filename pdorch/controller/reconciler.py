@@ -396,6 +396,7 @@ class Reconciler:
             prev_status,
             prev_status.get("currentRevision"),
             rolling=rollout.active,
+            cohorts=rollout.cohorts if rollout.active else None,
         )
         requeue = self._rollout_status(sg, key, obj, generation, prev_status, new_status, rollout)
         if await self._add_pod_trouble(new_status, key, roles, generation, prev_status):

@@ -313,16 +313,19 @@ def compute_status(
     current_revision: str | None = None,
     invalid: str | None = None,
     rolling: bool = False,
+    cohorts: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The full status object for a ServingGroup.
 
     `invalid` is a reason message when the spec could not be rendered or was refused by the API
     server; the group then reports Invalid=True, keeps its revisions (nothing is rolled out), and
     still reports the roles and availability of the LWS that serve meanwhile. `rolling` says the
-    planner drives a rollout (also while only its surge groups remain to be removed).
+    planner drives a rollout (also while only its surge groups remain to be removed). `cohorts`:
+    ready groups per revision and role type while a rollout is active (the proxy pairs a prefill
+    only with a decode of its revision, so availability needs one revision with both).
     """
     prev_conds = list((previous or {}).get("conditions") or [])
-    available = _available(roles, generation, prev_conds)
+    available = _available(roles, generation, prev_conds, cohorts)
     if invalid is not None:
         conds = [
             condition(INVALID, True, "SpecRejected", invalid, generation, prev_conds),
@@ -409,12 +412,35 @@ def compute_status(
 
 
 def _available(
-    roles: list[RoleObservation], generation: int, prev_conds: list[dict[str, Any]]
+    roles: list[RoleObservation],
+    generation: int,
+    prev_conds: list[dict[str, Any]],
+    cohorts: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
-    """Available: every serving role type has a ready group (True), all groups ready or not."""
+    """Available: every serving role type has a ready group (True), all groups ready or not, and
+    during a rollout (`cohorts`) one revision has both a ready prefill and a ready decode."""
     not_ready = [r for r in roles if r.ready < r.desired]
     serving_types = {"prefill", "decode"} | ({"proxy"} if any(r.type == "proxy" for r in roles) else set())
     missing_path = sorted(t for t in serving_types if not any(r.type == t and r.ready > 0 for r in roles))
+    # An empty map is a pod cache behind the LWS counts, not a proof of no pair.
+    if (
+        not missing_path
+        and cohorts
+        and not any(p.get("prefill") and p.get("decode") for p in cohorts.values())
+    ):
+        per_revision = "; ".join(
+            f"{rev}: " + ", ".join(f"{t} {n}" for t, n in sorted(per.items()))
+            for rev, per in sorted(cohorts.items())
+        )
+        return condition(
+            AVAILABLE,
+            False,
+            "NoRevisionPair",
+            "no revision has both a ready prefill and a ready decode group, and the proxy pairs a "
+            f"prefill only with a decode of its own revision (ready groups per revision: {per_revision})",
+            generation,
+            prev_conds,
+        )
     if not missing_path and not not_ready:
         return condition(
             AVAILABLE, True, "AllRolesReady", "every role has all its groups ready", generation, prev_conds

@@ -61,6 +61,23 @@ def test_partial_readiness_still_serves() -> None:
     assert _cond(s, "Progressing")["status"] == "True"
 
 
+def test_a_rollout_without_a_same_revision_pair_is_not_available() -> None:
+    """Mid-rollout the ready counts can cover every role type while no revision has both a ready
+    prefill and a ready decode (the old decode crashed, the new prefill still loads): the proxy
+    pairs only within a revision, so nothing can be served (helper-80)."""
+    roles = _roles(2, 1, updated=False)
+    split = {"old": {"prefill": 2}, "new": {"decode": 1}}
+    a = _cond(st.compute_status(4, roles, "new", None, "old", rolling=True, cohorts=split), "Available")
+    assert (a["status"], a["reason"]) == ("False", "NoRevisionPair")
+    assert "new: decode 1; old: prefill 2" in a["message"]
+    paired = {"old": {"prefill": 1, "decode": 1}, "new": {"decode": 1, "prefill": 1}}
+    a = _cond(st.compute_status(4, roles, "new", None, "old", rolling=True, cohorts=paired), "Available")
+    assert a["status"] == "True"
+    # No map (no rollout) or an empty one (the pod cache behind the LWS counts): the counts decide.
+    for cohorts in (None, {}):
+        assert _cond(st.compute_status(4, roles, "new", None, cohorts=cohorts), "Available")["status"] == "True"
+
+
 def test_unchanged_world_gives_identical_status() -> None:
     first = st.compute_status(2, _roles(2, 1), "abc", None)
     again = st.compute_status(2, _roles(2, 1), "abc", first)
