@@ -3,7 +3,8 @@
 The controller stamps each applied intent's hash into an annotation and remembers the object's
 generation (or resourceVersion) after its own apply. If both still match, the live object is what
 we last applied and nothing needs writing: an idle cluster costs zero writes. A hand edit changes
-generation/resourceVersion and is restored on the next pass.
+generation/resourceVersion and is restored on the next pass. Metadata edits move no generation,
+so the labels, annotations and owner references we set are compared with the live ones each time.
 """
 
 from __future__ import annotations
@@ -128,7 +129,24 @@ def needs_apply(
     ann = (live.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION)
     if ann != intent_h:
         return True
+    if not _metadata_kept(intent.get("metadata") or {}, live.get("metadata") or {}):
+        return True
     if last_marker is not None:
         return version_marker(live) != last_marker
     md_free = {k: v for k, v in intent.items() if k not in ("metadata", "apiVersion", "kind")}
     return not is_subset(md_free, live)
+
+
+def _metadata_kept(intent_md: dict[str, Any], live_md: dict[str, Any]) -> bool:
+    """Whether the live object still carries our labels, annotations and owner references (others
+    may add theirs). A label or owner reference removed by hand is what the group's watches and
+    garbage collection rest on, and no generation moves with it."""
+    for key in ("labels", "annotations"):
+        live_map = live_md.get(key) or {}
+        if any(live_map.get(k) != v for k, v in (intent_md.get(key) or {}).items()):
+            return False
+    live_refs = {r.get("uid"): r for r in live_md.get("ownerReferences") or []}
+    return all(
+        (live := live_refs.get(ref.get("uid"))) is not None and is_subset(ref, live)
+        for ref in intent_md.get("ownerReferences") or []
+    )

@@ -107,6 +107,16 @@ class Controller:
     def _enqueue_owner(self, _etype: str, obj: dict[str, Any]) -> None:
         md = obj["metadata"]
         group = (md.get("labels") or {}).get(LABEL_GROUP)
+        if not group:
+            # Its group label removed by hand: its controller owner names the group that puts it back.
+            group = next(
+                (
+                    r.get("name")
+                    for r in md.get("ownerReferences") or []
+                    if r.get("controller") and r.get("kind") == SERVING_GROUP.kind
+                ),
+                None,
+            )
         if group:
             self.queue.add(f"{md.get('namespace', '')}/{group}")
 

@@ -142,8 +142,9 @@ class Reconciler:
     caches: Caches
     events: EventRecorder
     options: RenderOptions
-    # (resource plural, namespace, name) -> (version marker right after our own apply, intent hash)
-    _applied: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    # (resource plural, namespace, name) -> (version marker right after our own apply, intent hash,
+    # monotonic time of that apply)
+    _applied: dict[tuple[str, str, str], tuple[str, str, float]] = field(default_factory=dict)
     # Per group key: the validated model (or error message) for one (uid, resourceVersion) ...
     _models: dict[str, tuple[tuple[str, str], ServingGroup | str]] = field(default_factory=dict)
     # ... and its rendered, stamped intents for one set of overrides.
@@ -257,6 +258,7 @@ class Reconciler:
 
         # Dry-run every object that would change, before writing anything: a template LWS (or
         # any API) refuses marks the group Invalid and leaves the cluster untouched.
+        unseen_wait: float | None = None  # the shortest watch lag still allowed to a write of ours
         plan: list[tuple[dict[str, Any], str, dict[str, Any] | None]] = []
         checks: list[tuple[dict[str, Any], dict[str, Any] | None, bool]] = []
         # LWS someone else changed since our last apply (a hand edit), by name: only those whose
@@ -292,7 +294,12 @@ class Reconciler:
             mkey = (res.plural, namespace, intent["metadata"]["name"])
             mine = self._applied.get(mkey)
             if live is None and mine is not None and mine[1] == h:
-                continue  # we just wrote it and the watch has not delivered it yet
+                # We just wrote it and the watch has not delivered it yet; for a lag, not for good
+                # (an object deleted before the watch saw it brings no DELETED event to forget it).
+                lag_left = WATCH_LAG_S - (time.monotonic() - mine[2])
+                if lag_left > 0:
+                    unseen_wait = min(unseen_wait or lag_left, lag_left)
+                    continue
             if needs_apply(h, live, mine[0] if mine else None, stamped):
                 plan.append((stamped, h, live))
                 if (
@@ -331,6 +338,7 @@ class Reconciler:
                 self._applied[(res.plural, namespace, stamped["metadata"]["name"])] = (
                     version_marker(result),
                     h,
+                    time.monotonic(),
                 )
                 if res == LWS:
                     changed = self._lws_changed_at.setdefault(key, {})
@@ -430,6 +438,8 @@ class Reconciler:
                     )
                 )
                 requeue = min(requeue or REVISION_RETRY_S, REVISION_RETRY_S)
+        if unseen_wait is not None:  # to write it again if the watch never shows it
+            requeue = min(requeue or unseen_wait, unseen_wait)
         await self._write_status(obj, prev_status, new_status)
         RECONCILES.labels("ok").inc()
         return requeue

@@ -341,6 +341,27 @@ def test_deleted_or_hand_edited_lws_is_restored(
     sg = wait_available(kube, namespace, "heal")
     assert condition(sg, "Invalid")["status"] == "False", condition(sg, "Invalid")
 
+    # Its group label and its owner reference removed by hand: no generation moves, and the watch
+    # events, status and garbage collection of the group rest on them; both are put back.
+    kube.patch(
+        LWS,
+        "heal-prefill",
+        [
+            {"op": "remove", "path": "/metadata/labels/pdorch.io~1group"},
+            {"op": "remove", "path": "/metadata/ownerReferences"},
+        ],
+        namespace=namespace,
+        patch_type=PatchType.JSON,
+    )
+
+    def metadata_back() -> bool:
+        md = kube.get(LWS, "heal-prefill", namespace=namespace).metadata
+        return (md.labels or {}).get("pdorch.io/group") == "heal" and any(
+            r.kind == "ServingGroup" and r.name == "heal" and r.controller for r in md.ownerReferences or []
+        )
+
+    wait_for(metadata_back, 60, "the group label and owner reference of heal-prefill put back")
+
 
 def _light_group(name: str) -> dict[str, Any]:
     """A GPU-free prefill+decode group, so 50 of them fit on the dev cluster's nodes."""
