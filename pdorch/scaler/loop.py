@@ -429,22 +429,28 @@ class BuiltinScaler:
                 if await self._cancel_drain(ns, name, role.name, st):
                     log.warning("%s/%s-%s: no decision this tick; drain cancelled", ns, name, role.name)
         # The declared ratio band, when the group has exactly one Builtin prefill and decode role.
+        # A role without a decision this tick holds its size, and the other is kept in band
+        # against that size (only the deciding role moves), not sized as if there were no band.
         ratio = sg.spec.ratio
-        pre = [d for d in decisions.values() if d[0].type == RoleType.PREFILL]
-        dec = [d for d in decisions.values() if d[0].type == RoleType.DECODE]
+        pre = [r for r in builtin if r.type == RoleType.PREFILL]
+        dec = [r for r in builtin if r.type == RoleType.DECODE]
         if ratio is not None and ratio.tolerance is not None and len(pre) == 1 and len(dec) == 1:
             band = RatioBand(ratio.prefill, ratio.decode, ratio.tolerance)
-            p, d = pre[0], dec[0]
-            np_, nd, note = within_band(
-                band,
-                p[3],
-                d[3],
-                damping_config(p[0]).max_replicas,
-                damping_config(d[0]).max_replicas,
-            )
-            if note:
-                decisions[p[0].name] = (*p[:3], np_, f"{p[4]}; {note}" if np_ != p[3] else p[4], p[5])
-                decisions[d[0].name] = (*d[:3], nd, f"{d[4]}; {note}" if nd != d[3] else d[4], d[5])
+            p, d = decisions.get(pre[0].name), decisions.get(dec[0].name)
+            p_size = p[3] if p else await self._held_size(ns, name, pre[0]) if d else None
+            d_size = d[3] if d else await self._held_size(ns, name, dec[0]) if p else None
+            if p_size is not None and d_size is not None:
+                np_, nd, note = within_band(
+                    band,
+                    p_size,
+                    d_size,
+                    damping_config(pre[0]).max_replicas,
+                    damping_config(dec[0]).max_replicas,
+                )
+                if note and p:
+                    decisions[p[0].name] = (*p[:3], np_, f"{p[4]}; {note}" if np_ != p[3] else p[4], p[5])
+                if note and d:
+                    decisions[d[0].name] = (*d[:3], nd, f"{d[4]}; {note}" if nd != d[3] else d[4], d[5])
         out = []
         for role, srs, current, target, reason, pods in decisions.values():
             DESIRED.labels(ns, name, role.name).set(target)
@@ -461,6 +467,11 @@ class BuiltinScaler:
                 )
             )
         return out
+
+    async def _held_size(self, ns: str, group: str, role: Role) -> int | None:
+        """The size of a role that has no decision this tick (its ServingRoleScaler's replicas)."""
+        srs = await self.api.get(SERVING_ROLE_SCALER, scaler_name(group, role.name), ns)
+        return None if srs is None else int((srs.get("spec") or {}).get("replicas", role.replicas))
 
     async def _decide(
         self, ns: str, group: str, role: Role, policy: SloPolicyConfig

@@ -358,3 +358,50 @@ async def test_desired_replicas_is_set_by_a_decision_that_writes_nothing(clock: 
         await scaler.api.close()
     assert fake.writes == []
     assert _series("pdorch_scaler_desired_replicas", "own-desired") == 2
+
+
+@pytest.mark.parametrize("undecided", ["prefill", "decode"])
+async def test_the_ratio_band_holds_against_a_role_without_a_decision(
+    monkeypatch: pytest.MonkeyPatch, undecided: str
+) -> None:
+    """A tick with no decision for one role (its metrics unreadable) holds that role's size, and the
+    other is kept in the declared band against it: it was sized as if there were no band, so a
+    quiet decode beside an unreadable prefill was drained 4 -> 1 (P:D 4:1 against 1:1 +- 25%) and
+    raised again once prefill was read (helper-81)."""
+    group = yaml.safe_load(EXAMPLE.read_text())
+    group["metadata"]["namespace"] = "ns"
+    group["spec"]["ratio"] = {"prefill": 1, "decode": 1, "tolerance": 0.25}
+    for r in group["spec"]["roles"]:
+        if r["type"] in ("prefill", "decode"):
+            r["replicas"] = 4
+            r["scaling"] = {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8,
+                            "targets": {"ttftMs": 500, "tpotMs": 50}}  # fmt: skip
+    from types import SimpleNamespace
+
+    from pdorch.api.servinggroup import ServingGroup
+
+    scaler = BuiltinScaler(SimpleNamespace(), ScalerConfig(namespace="ns"))  # type: ignore[arg-type]
+    acted: dict[str, int] = {}
+
+    async def get(_res: Any, name: str, _ns: str) -> dict[str, Any]:
+        assert name == f"sim-pd-{undecided}"
+        return {"spec": {"replicas": 4}}
+
+    async def decide(_ns: str, _group: str, role: Any, _policy: Any) -> Any:
+        return None if role.name == undecided else ({"metadata": {}}, 4, 1, "quiet", [])
+
+    async def act(_ns: str, _group: str, role: Any, _srs: Any, _cur: int, target: int, *_: Any) -> None:
+        acted[role.name] = target
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    monkeypatch.setattr(scaler, "api", SimpleNamespace(get=get))
+    monkeypatch.setattr(scaler, "_decide", decide)
+    monkeypatch.setattr(scaler, "_act", act)
+    monkeypatch.setattr(scaler, "_release_unscaled", nothing)
+    await scaler._group(group, ServingGroup.model_validate(group))
+    decided = "decode" if undecided == "prefill" else "prefill"
+    # Beside 4 held, the band [0.75, 1.25] allows prefill 3-5 or decode 4-5: the quiet role stops
+    # at the band's edge (it asked for 1).
+    assert acted == {decided: 3 if decided == "prefill" else 4}, acted
