@@ -193,6 +193,7 @@ class RoleState:
     drain_started: float = 0.0
     drain_started_wall: float = 0.0  # the same instant in Unix time, to compare with scrape times
     drain_idle: bool = False  # the victims were idle at the last drain check
+    drain_idle_at: dict[str, float] = field(default_factory=dict)  # their samples' scrape times then
     drain_reason: str = ""
     # Ticks in a row without a decision: the first only takes a baseline (a new leader keeps the
     # drain marks an earlier one left, to carry on from them); past it, marks are cleared.
@@ -355,6 +356,8 @@ class BuiltinScaler:
                 await self.cancel_drains()
         except TimeoutError:
             log.warning("could not clear every drain annotation within %.0fs", SHUTDOWN_UNDRAIN_S)
+        except Exception:  # the events and the Lease's release still come
+            log.exception("could not clear the drain annotations")
         await self.events.flush()
 
     async def cancel_drains(self) -> None:
@@ -369,8 +372,10 @@ class BuiltinScaler:
                 # The Lease is lost: the new leader reads the marks and owns the drains now.
                 log.info("drains left to the replica that leads now")
                 return
-            except ApiError as e:
-                log.warning("%s/%s-%s: could not cancel the drain: %s", ns, group, role, e)
+            except Exception as e:  # an API refusal or an unreachable API: the other roles still go
+                log.warning(
+                    "%s/%s-%s: could not cancel the drain: %s", ns, group, role, str(e) or type(e).__name__
+                )
                 continue
             log.info("%s/%s-%s: drain cancelled", ns, group, role)
 
@@ -398,6 +403,14 @@ class BuiltinScaler:
                 sg = ServingGroup.model_validate(obj)
             except ValidationError as e:
                 log.warning("skipping invalid ServingGroup %s: %s", obj["metadata"].get("name"), e)
+                # Its drains cannot end while it is unreadable: give their pods back to the proxy.
+                group_key = (obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])
+                for key, st in list(self.roles.items()):
+                    if key[:2] == group_key and st.draining_to is not None:
+                        try:
+                            await self._cancel_drain(*key, st)
+                        except Exception as err:  # the next tick tries again
+                            log.warning("%s/%s-%s: could not cancel the drain: %s", *key, err)
                 continue
             try:
                 out += await self._group(obj, sg)
@@ -605,10 +618,12 @@ class BuiltinScaler:
         if st.draining_to != target:
             # Start (or retarget) a drain: annotate the leaders of the groups LWS will remove.
             await self._undrain(ns, [p for p in pods if _group_index(p) < target])
-            await self._mark(ns, [p for p in pods if _group_index(p) >= target])
+            # The drain is this process's before any mark is set: a mark write that fails halfway
+            # leaves marks that the next tick (unmarked victims) or a shutdown (cancel_drains) owns.
             st.draining_to, st.drain_started, st.drain_reason = target, time.monotonic(), reason
             st.drain_idle = False
             st.drain_started_wall = time.time()
+            await self._mark(ns, [p for p in pods if _group_index(p) >= target])
             log.info(
                 "%s/%s-%s: draining groups >= %d before scaling %d -> %d",
                 ns,
@@ -638,18 +653,32 @@ class BuiltinScaler:
         scraped = {e.pod for e in eps}
         unready = sum(1 for p in victims if p["metadata"].get("name") not in scraped and may_hold_work(p))
         seen_after = st.drain_started_wall + DRAIN_NOTICE_S
+        undated_unknown = getattr(self.source, "dates_samples", False)
         busy = unready + sum(
-            1.0 if s is None or (s.at is not None and s.at < seen_after) else s.running + s.waiting + s.held
+            1.0
+            if s is None
+            or (s.at is None and undated_unknown)  # a Prometheus sample of unknown age
+            or (s.at is not None and s.at < seen_after)
+            else s.running + s.waiting + s.held
             for s in got
         )
         timed_out = time.monotonic() - st.drain_started >= self.cfg.drain_timeout_s
         if busy > 0 and not timed_out:
             st.drain_idle = False
             return
+        dated = {e.pod: s.at for e, s in zip(eps, got, strict=True) if s is not None and s.at is not None}
         if not busy and not st.drain_idle and not timed_out:
             # Idle at one check is not drained yet: a vLLM prefill keeps a finished request's KV
             # until its decode has pulled it, which no gauge shows. Still idle at the next: written.
-            st.drain_idle = True
+            st.drain_idle, st.drain_idle_at = True, dated
+            return
+        if (
+            not busy
+            and not timed_out
+            and any(at <= st.drain_idle_at.get(pod, -1.0) for pod, at in dated.items())
+        ):
+            # The same scrape as at the first check (Prometheus scrapes on its own schedule): that
+            # is one look, not two. Wait for a newer one.
             return
         if busy:
             note = (

@@ -35,13 +35,18 @@ SCRAPE_TIMEOUT_S = 3.0
 
 
 class MetricsSource(Protocol):
-    """Samples of the given leader endpoints, in their order; None for one that could not be read."""
+    """Samples of the given leader endpoints, in their order; None for one that could not be read.
+    A source whose samples carry their scrape time (`EngineSample.at`) sets `dates_samples = True`:
+    one of its samples without a time is then of unknown age. Without it, samples are read at the
+    call."""
 
     async def samples(self, namespace: str, endpoints: Sequence[Endpoint]) -> list[EngineSample | None]: ...
 
 
 class DirectScrape:
     """Scrape every endpoint's `/metrics` concurrently."""
+
+    dates_samples = False
 
     def __init__(self, http: httpx2.AsyncClient | None = None) -> None:
         self.http = http or httpx2.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False)
@@ -180,7 +185,11 @@ class PrometheusQuery:
 
     Each pod's sample carries the time Prometheus scraped it (`EngineSample.at`), not the query's
     evaluation time: the scaler divides counter changes by the time between two scrapes of that
-    engine, whatever Prometheus's scrape interval is."""
+    engine, whatever Prometheus's scrape interval is. A pod whose `up` series lacks its namespace
+    and pod labels gives no scrape time: its sample is of unknown age, which a drain cannot take
+    for idle (such drains end at their timeout); a warning says so once per pod."""
+
+    dates_samples = True
 
     def __init__(
         self,
@@ -208,6 +217,7 @@ class PrometheusQuery:
             except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
                 raise ValueError(f"--prometheus-ca-file {ca_file}: {e}") from None
         self.http = http or httpx2.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False, verify=verify)
+        self._undated: set[tuple[str, str]] = set()  # pods warned about (no scrape time)
 
     def _token(self) -> str:
         """The bearer token, read now (never logged)."""
@@ -250,7 +260,17 @@ class PrometheusQuery:
                 continue
             try:
                 sample = parse_engine_metrics(prometheus_vector_to_text(result, ep.pod))
-                out.append(replace(sample, at=prometheus_scrape_time(result, ep.pod)))
+                at = prometheus_scrape_time(result, ep.pod)
+                if at is None and (namespace, ep.pod) not in self._undated:
+                    self._undated.add((namespace, ep.pod))
+                    log.warning(
+                        "prometheus gives no scrape time for pod %s/%s (no up series with its namespace "
+                        "and pod labels): its samples cannot show a drain ended, so scale-downs of its "
+                        "role wait for --drain-timeout; label the scrape target, not the metrics",
+                        namespace,
+                        ep.pod,
+                    )
+                out.append(replace(sample, at=at))
             except MetricsParseError as e:
                 # Typical right after a scale-up: Prometheus has not scraped the new pod yet.
                 log.warning("prometheus has no usable engine series for pod %s/%s: %s", namespace, ep.pod, e)

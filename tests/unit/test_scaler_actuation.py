@@ -3,6 +3,7 @@ write leaves behind."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from pathlib import Path
@@ -405,3 +406,104 @@ async def test_the_ratio_band_holds_against_a_role_without_a_decision(
     # Beside 4 held, the band [0.75, 1.25] allows prefill 3-5 or decode 4-5: the quiet role stops
     # at the band's edge (it asked for 1).
     assert acted == {decided: 3 if decided == "prefill" else 4}, acted
+
+
+class _Prometheus:
+    """Samples as Prometheus gives them: idle, scraped every 60 s (the victim, group 1, last at
+    3 s after the drain's mark), or with no scrape time at all (`undated`)."""
+
+    dates_samples = True
+
+    def __init__(self, wall: Any, undated: bool = False) -> None:
+        self.wall, self.undated, self.mark = wall, undated, None
+
+    async def samples(self, _ns: str, eps: list[Endpoint]) -> list[EngineSample | None]:
+        now = self.wall()
+        out: list[EngineSample | None] = []
+        for e in eps:
+            at = self.mark + 3.0 if self.mark is not None and e.pod.endswith("-1") else now - 1
+            out.append(EngineSample("vllm", requests_total=1, at=None if self.undated else at))
+        return out
+
+
+async def _drain_2_to_1(monkeypatch: pytest.MonkeyPatch, clock: list[float], undated: bool) -> float:
+    """Seconds from the drain's mark to the write of 2 -> 1 of an idle decode read through
+    `_Prometheus` (the drain timeout is 300 s)."""
+    wall0 = 1.7e9
+    monkeypatch.setattr(loop.time, "time", lambda: wall0 + clock[0] - 1000.0)
+    fake = _Apiserver("prom-drain", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8, "targets": {"tpotMs": 50},
+                                     "scaleDownStabilizationSeconds": 0, "cooldownSeconds": 0}, 2)  # fmt: skip
+    source = _Prometheus(lambda: wall0 + clock[0] - 1000.0, undated)
+    scaler = fake.scaler(source)
+    try:
+        for _ in range(40):
+            await scaler.tick()
+            if fake.marked() and source.mark is None:
+                source.mark = wall0 + clock[0] - 1000.0
+            if fake.writes:
+                assert source.mark is not None and fake.writes == [1], fake.writes
+                return wall0 + clock[0] - 1000.0 - source.mark
+            fake.sync()
+            clock[0] += 15
+    finally:
+        await scaler.api.close()
+    raise AssertionError("no scale-down written in 600 s")
+
+
+async def test_a_drain_read_through_prometheus_needs_two_scrapes_of_each_victim(
+    monkeypatch: pytest.MonkeyPatch, clock: list[float]
+) -> None:
+    """The two idle checks of a drain read the same Prometheus scrape when it scrapes less often
+    than the scaler ticks: the victim was written away at mark + 30 s, seen once, 3 s after the
+    mark (helper-81). A second check now needs a newer scrape of it; this source has none, so the
+    drain ends at its timeout. A sample with no scrape time (an `up` series without the pod's
+    labels) is of unknown age and never reads as idle either."""
+    assert await _drain_2_to_1(monkeypatch, clock, undated=False) >= 300
+    assert await _drain_2_to_1(monkeypatch, clock, undated=True) >= 300
+
+
+async def test_shutdown_cancels_every_drain_when_the_api_fails_for_one_role() -> None:
+    """A transport error while cancelling one role's drain left the next roles' pods marked
+    (hidden from the proxy) and escaped `run` before the events' flush (helper-81)."""
+    from pdorch.scaler.loop import RoleState
+
+    calls: list[str | None] = []
+
+    def handler(req: httpx2.Request) -> httpx2.Response:
+        calls.append(req.url.params.get("labelSelector"))
+        if len(calls) == 1:
+            raise httpx2.ConnectError("reset")
+        return httpx2.Response(200, json={"metadata": {}, "items": []})
+
+    api = KubeApi(httpx2.AsyncClient(transport=httpx2.MockTransport(handler), base_url="http://k8s.invalid"))
+    scaler = BuiltinScaler(api, ScalerConfig(interval_s=15), source=_Idle())
+    for role in ("prefill", "decode"):
+        scaler.roles[("ns", "g", role)] = RoleState(draining_to=1)
+    stop = asyncio.Event()
+    stop.set()
+    try:
+        await scaler.run(stop)
+    finally:
+        await api.close()
+    assert len(calls) == 2, calls  # the second role's drain was cancelled too
+
+
+async def test_a_group_the_scaler_cannot_read_gets_its_drained_pods_back(clock: list[float]) -> None:
+    """A drain is under way when the group stops validating for this scaler (a field a newer CRD
+    has and its models lack): the drain cannot end, so its pods are unmarked instead of staying
+    hidden from the proxy (helper-81)."""
+    fake = _Apiserver("unreadable", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8, "targets": {"tpotMs": 50},
+                                     "scaleDownStabilizationSeconds": 0, "cooldownSeconds": 0}, 2)  # fmt: skip
+    scaler = fake.scaler(_Idle())
+    try:
+        for _ in range(4):
+            await scaler.tick()
+            clock[0] += 15
+            if fake.marked():
+                break
+        assert fake.marked() == ["sim-pd-decode-1"], "no drain started: the test did not exercise it"
+        fake.group["spec"]["fieldFromTheFuture"] = True
+        await scaler.tick()
+        assert fake.marked() == []
+    finally:
+        await scaler.api.close()
