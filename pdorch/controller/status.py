@@ -339,6 +339,8 @@ def compute_status(
                 prev_conds,
             ),
         ]
+        # A revision still unrecorded stays so (and is retried once the spec is valid again).
+        conds += [c for c in prev_conds if c.get("type") == REVISION_RECORD_FAILED]
         kept = ("currentRevision", "updateRevision", "lastProgressTime")
         return {
             **{k: v for k, v in (previous or {}).items() if k in kept},

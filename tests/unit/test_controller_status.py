@@ -141,6 +141,18 @@ def test_invalid_status_names_the_problem_and_keeps_reporting_the_serving_lws() 
     )
 
 
+def test_an_unrecorded_revision_stays_unrecorded_while_the_spec_is_invalid() -> None:
+    """RevisionRecordFailed is what makes the controller retry recording a revision; an invalid
+    interlude dropped it, so the revision was never recorded and a false "Resolved" event went out
+    (helper-80)."""
+    ok = st.compute_status(1, _roles(2, 1), "abc", None)
+    failed = st.condition(st.REVISION_RECORD_FAILED, True, "RecordRefused", "500", 1, [])
+    ok["conditions"].append(failed)
+    bad = st.compute_status(2, _roles(2, 1), "", ok, invalid="spec.roles[0].replicas: must be >= 0")
+    assert _cond(bad, st.REVISION_RECORD_FAILED) == failed
+    assert not [t for t in st.transitions(ok, bad) if t[0] == st.REVISION_RECORD_FAILED]
+
+
 def _surged(ready: int, updated_ready: int, desired: int = 4, surge: int = 1) -> st.RoleObservation:
     """A prefill role mid-rollout: `desired` asked for, `surge` extra groups exist."""
     return st.RoleObservation(
