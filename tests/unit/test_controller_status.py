@@ -75,7 +75,9 @@ def test_a_rollout_without_a_same_revision_pair_is_not_available() -> None:
     assert a["status"] == "True"
     # No map (no rollout) or an empty one (the pod cache behind the LWS counts): the counts decide.
     for cohorts in (None, {}):
-        assert _cond(st.compute_status(4, roles, "new", None, cohorts=cohorts), "Available")["status"] == "True"
+        assert (
+            _cond(st.compute_status(4, roles, "new", None, cohorts=cohorts), "Available")["status"] == "True"
+        )
 
 
 def test_unchanged_world_gives_identical_status() -> None:
