@@ -384,7 +384,12 @@ class Reconciler:
         if pruned:
             self.events.emit_soon(obj, "Normal", "Pruned", "deleted " + ", ".join(pruned))
 
-        await self._sync_scaler_status(sg, namespace, name, scaled, set(rollout.actions))
+        stuck = (
+            rollout.decision.reason
+            if rollout.decision and rollout.decision.kind in ("paused", "blocked")
+            else None
+        )
+        await self._sync_scaler_status(sg, namespace, name, scaled, set(rollout.actions), stuck)
 
         desired = _desired(sg, scaled)
         # The planner's count of ready groups on the update revision is exact (per-group pod
@@ -950,11 +955,18 @@ class Reconciler:
         return pruned
 
     async def _sync_scaler_status(
-        self, sg: ServingGroup, namespace: str, name: str, scaled: dict[str, RoleOverride], rolling: set[str]
+        self,
+        sg: ServingGroup,
+        namespace: str,
+        name: str,
+        scaled: dict[str, RoleOverride],
+        rolling: set[str],
+        stuck: str | None = None,
     ) -> None:
         """ServingRoleScaler status: replicas, the pod selector HPA needs (a string), the generation
         whose replicas the LWS got, and ScalingLimited. `scaled` is what this pass read from the
-        scalers; `rolling` the roles whose LWS a rollout sized instead."""
+        scalers; `rolling` the roles whose LWS a rollout sized instead; `stuck` why that rollout
+        takes no step (paused or blocked)."""
         last_desired = status_desired(sg)
         for role in sg.spec.roles:
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
@@ -975,6 +987,7 @@ class Reconciler:
                 applied=role.name not in rolling,
                 held_for_drain=held,
                 hold_limit_s=MAX_DRAIN_HOLD_S,
+                held_by_rollout=stuck if role.name in rolling else None,
             )
             have = srs.get("status") or {}
             if not _status_differs(have, want):

@@ -151,6 +151,7 @@ def scaler_status(
     applied: bool,
     held_for_drain: int | None = None,
     hold_limit_s: float | None = None,
+    held_by_rollout: str | None = None,
 ) -> dict[str, Any]:
     """The controller's part of a ServingRoleScaler's status.
 
@@ -160,6 +161,8 @@ def scaler_status(
     ScalingLimited says when a `/scale` write beyond the bounds is held at them, which the
     Desired column alone does not show. `held_for_drain`: the size a Builtin role keeps above a
     lowered maxReplicas until pdorch's scaler has drained the groups it removes.
+    `held_by_rollout`: why a paused or blocked rollout holds the role's size (a scale waits for
+    the rollout's next step, and such a rollout takes none by itself).
     """
     have = srs.get("status") or {}
     generation = int((srs.get("metadata") or {}).get("generation") or 0)
@@ -186,6 +189,13 @@ def scaler_status(
         message = (
             f"spec.replicas {asked} is below minReplicas {low} of role {role}: it is held at "
             f"{_groups(low)}; lower scaling.minReplicas in the ServingGroup to allow fewer"
+        )
+    elif held_by_rollout is not None:
+        reason = "HeldByRollout"
+        message = (
+            f"spec.replicas {asked} of role {role} waits for the rollout, which holds the role's size "
+            f"until its next step and takes none now ({held_by_rollout}): resume the rollout or fix "
+            "what blocks it"
         )
     else:
         reason, message = (

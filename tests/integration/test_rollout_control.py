@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from lightkube import ApiError, Client
 from lightkube.resources.apps_v1 import ControllerRevision
+from lightkube.types import PatchType
 
 from pdorch.devcluster.cluster import ClusterState
 from pdorch.devcluster.controller_process import ControllerProc
@@ -22,8 +23,10 @@ from tests.integration.admission import refusing
 from tests.integration.test_controller import (
     LWS,
     SG,
+    SRS,
     condition,
     example,
+    example_scaled,
     example_sized,
     set_engine_image,
     unschedulable,
@@ -171,7 +174,7 @@ def test_a_plan_that_cannot_finish_stalls_without_moving_and_recovers_when_fixed
 def test_paused_rollout_holds_then_finishes_when_resumed(
     devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
 ) -> None:
-    doc = example("pause")
+    doc = example_scaled("pause", "decode", {"mode": "External", "minReplicas": 1, "maxReplicas": 3})
     doc["spec"]["rolloutStrategy"] = {"paused": True}
     kube.create(SG.from_dict(doc), namespace=namespace)
     first = wait_available(kube, namespace, "pause").status["updateRevision"]
@@ -195,9 +198,29 @@ def test_paused_rollout_holds_then_finishes_when_resumed(
     )  # fmt: skip
     assert plan.returncode == 0, plan.stderr
     assert f"rollout to {second} in progress" in plan.stdout and "# done:" in plan.stdout
+    # A scale (an HPA's, kubectl's) waits for the rollout's next step, which a paused rollout
+    # does not take: the decode's scaler says so instead of silently keeping its old size.
+    kube.patch(
+        SRS, "pause-decode", {"spec": {"replicas": 2}}, namespace=namespace, patch_type=PatchType.MERGE
+    )
+
+    def limited() -> dict[str, Any] | None:
+        conds = (kube.get(SRS, "pause-decode", namespace=namespace).status or {}).get("conditions") or []
+        c = next((c for c in conds if c["type"] == "ScalingLimited"), None)
+        return c if c and c["status"] == "True" else None
+
+    held = wait_for(limited, 30, "ScalingLimited on the decode's scaler while paused")
+    assert held["reason"] == "HeldByRollout" and "rollout paused" in held["message"], held
+    assert lws_replicas_partition(_kv_lws(kube, namespace, "pause")["pause-decode"])[0] == 1
 
     update_spec(kube, namespace, "pause", lambda s: s["rolloutStrategy"].update({"paused": False}))
     wait_for(lambda: _on(kube, namespace, "pause", second), 90, "rollout after resuming")
+    wait_for(
+        lambda: lws_replicas_partition(_kv_lws(kube, namespace, "pause")["pause-decode"]) == (2, 0),
+        60,
+        "the decode at the scaled size after the rollout",
+    )
+    wait_for(lambda: limited() is None, 30, "ScalingLimited False once the rollout moved")
 
 
 def test_a_rollout_past_its_deadline_stays_stalled_across_a_controller_restart(

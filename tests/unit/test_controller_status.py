@@ -155,6 +155,19 @@ def test_an_unrecorded_revision_stays_unrecorded_while_the_spec_is_invalid() -> 
     assert not [t for t in st.transitions(ok, bad) if t[0] == st.REVISION_RECORD_FAILED]
 
 
+def test_a_scaler_held_by_a_stuck_rollout_says_so() -> None:
+    srs = {"metadata": {"generation": 2}, "spec": {"servingGroup": "g", "role": "decode", "replicas": 2}}
+    held = st.scaler_status((1, 3), srs, 1, "sel", applied=False, held_by_rollout="rollout paused")
+    c = held["conditions"][0]
+    assert (c["type"], c["status"], c["reason"]) == ("ScalingLimited", "True", "HeldByRollout")
+    assert "spec.replicas 2" in c["message"] and "rollout paused" in c["message"]
+    assert "observedGeneration" not in held  # the LWS did not get generation 2's replicas
+    # A bound still comes first: the rollout's end would not apply 5 either.
+    over = {**srs, "spec": {**srs["spec"], "replicas": 5}}
+    c = st.scaler_status((1, 3), over, 1, "sel", applied=False, held_by_rollout="rollout paused")["conditions"][0]
+    assert c["reason"] == "TooManyReplicas"
+
+
 def _surged(ready: int, updated_ready: int, desired: int = 4, surge: int = 1) -> st.RoleObservation:
     """A prefill role mid-rollout: `desired` asked for, `surge` extra groups exist."""
     return st.RoleObservation(
