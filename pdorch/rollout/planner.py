@@ -215,8 +215,9 @@ def next_step(
         return Decision(
             "wait",
             hold,
-            f"no old group of {', '.join(r.name for r, _ in down)} is ready (for {old_down_for:.0f}s): "
-            f"unless one is within {OLD_DOWN_GRACE_S:.0f}s, they are recreated on the current template",
+            # No elapsed time in it: the reason is the Progressing message, rewritten whenever it changes.
+            f"no old group of {', '.join(r.name for r, _ in down)} is ready: unless one is within "
+            f"{OLD_DOWN_GRACE_S:.0f}s of the first pass that saw none, they are recreated on the current template",
         )
     if down:
         return _recreate(
