@@ -329,6 +329,9 @@ class BuiltinScaler:
         self._last_miss: dict[tuple[str, str], float] = {}
         # Groups whose non-Builtin roles were checked for drain annotations left by an earlier process.
         self._swept: set[tuple[str, str]] = set()
+        # Each group's uid at the last tick: a group deleted and created again between two ticks
+        # has the same name and starts afresh all the same.
+        self._uids: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ loop
     async def run(self, stop: asyncio.Event) -> None:
@@ -391,8 +394,14 @@ class BuiltinScaler:
     async def tick(self) -> list[RoleDecision]:
         """One pass over every ServingGroup with Builtin roles."""
         groups, _ = await self.api.list(SERVING_GROUP, self.cfg.namespace)
-        # Forget roles whose group is gone (a group re-created under the same name starts afresh).
-        live = {(o["metadata"].get("namespace", "default"), o["metadata"]["name"]) for o in groups}
+        # Forget roles whose group is gone or was re-created under the same name (it starts afresh:
+        # no damping history, forecast memory or drain of its predecessor).
+        uids = {
+            (o["metadata"].get("namespace", "default"), o["metadata"]["name"]): o["metadata"].get("uid", "")
+            for o in groups
+        }
+        live = {k for k, uid in uids.items() if self._uids.get(k, uid) == uid}
+        self._uids = uids
         for key in [k for k in self.roles if k[:2] not in live]:
             self._forget(key)
         self._swept &= live

@@ -164,7 +164,9 @@ def test_a_scaler_held_by_a_stuck_rollout_says_so() -> None:
     assert "observedGeneration" not in held  # the LWS did not get generation 2's replicas
     # A bound still comes first: the rollout's end would not apply 5 either.
     over = {**srs, "spec": {**srs["spec"], "replicas": 5}}
-    c = st.scaler_status((1, 3), over, 1, "sel", applied=False, held_by_rollout="rollout paused")["conditions"][0]
+    c = st.scaler_status((1, 3), over, 1, "sel", applied=False, held_by_rollout="rollout paused")[
+        "conditions"
+    ][0]
     assert c["reason"] == "TooManyReplicas"
 
 

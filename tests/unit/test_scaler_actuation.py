@@ -507,3 +507,26 @@ async def test_a_group_the_scaler_cannot_read_gets_its_drained_pods_back(clock: 
         assert fake.marked() == []
     finally:
         await scaler.api.close()
+
+
+async def test_a_group_recreated_between_two_ticks_starts_afresh(clock: list[float]) -> None:
+    """Deleted and created again under the same name within one interval, a group kept its
+    predecessor's damping history, forecast memory and drain (helper-81)."""
+    fake = _Apiserver("recreated", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8, "targets": {"tpotMs": 50},
+                                    "scaleDownStabilizationSeconds": 0, "cooldownSeconds": 0}, 2)  # fmt: skip
+    fake.group["metadata"]["uid"] = "first"
+    scaler = fake.scaler(_Idle())
+    key = ("recreated", "sim-pd", "decode")
+    try:
+        for _ in range(4):
+            await scaler.tick()
+            clock[0] += 15
+            if scaler.roles[key].draining_to is not None:
+                break
+        assert scaler.roles[key].draining_to == 1, "no drain started: the test did not exercise it"
+        before = scaler.roles[key]
+        fake.group["metadata"]["uid"] = "second"
+        await scaler.tick()
+        assert scaler.roles[key] is not before and scaler.roles[key].draining_to is None
+    finally:
+        await scaler.api.close()
