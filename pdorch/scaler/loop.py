@@ -433,7 +433,9 @@ class BuiltinScaler:
         ns = obj["metadata"].get("namespace", "default")
         name = obj["metadata"]["name"]
         builtin = [r for r in sg.spec.roles if r.scaling_mode == ScalingMode.BUILTIN]
-        await self._release_unscaled(ns, name, {r.name for r in builtin})
+        await self._release_unscaled(
+            ns, name, {r.name for r in builtin}, {r.name for r in sg.spec.roles if r not in builtin}
+        )
         decisions: dict[str, tuple[Role, dict[str, Any], int, int, str, list[dict[str, Any]]]] = {}
         policy = group_policy(sg, self.policy)
         for role in builtin:
@@ -706,12 +708,14 @@ class BuiltinScaler:
         # The cooldown runs from the change itself, not from the decision that started the drain.
         st.damping.last_change_s = time.monotonic()
 
-    async def _release_unscaled(self, ns: str, group: str, builtin: set[str]) -> None:
+    async def _release_unscaled(self, ns: str, group: str, builtin: set[str], others: set[str]) -> None:
         """Clear drain annotations on leader pods of roles this scaler does not scale.
 
         The proxy never routes to a draining pod, so an annotation left on a role that stopped
         being Builtin mid-drain (or by an earlier scaler process) would hide that pod for good.
-        Checked once per group per process, and again whenever a role leaves Builtin.
+        Checked once per group per process, and again whenever a role leaves Builtin; then the
+        ScalingActive condition this scaler applied to the scaler of a role of `others` (no longer
+        Builtin) is withdrawn too.
         """
         left = [k for k in self.roles if k[:2] == (ns, group) and k[2] not in builtin]
         for key in left:
@@ -723,6 +727,14 @@ class BuiltinScaler:
         await self._undrain(
             ns, [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_ROLE) not in builtin]
         )
+        # ScalingActive says what this scaler does with a Builtin role: on another role's scaler
+        # (now External) it would tell of a scaler that no longer acts.
+        for role in others:
+            srs = await self.api.get(SERVING_ROLE_SCALER, scaler_name(group, role), ns)
+            conds = ((srs or {}).get("status") or {}).get("conditions") or []
+            if srs is not None and find_condition(conds, SCALING_ACTIVE) is not None:
+                srs["status"]["conditions"] = [c for c in conds if c.get("type") != SCALING_ACTIVE]
+                await self._apply_status(ns, srs, {})
 
     def _forget(self, key: tuple[str, str, str]) -> None:
         self.roles.pop(key, None)

@@ -530,3 +530,28 @@ async def test_a_group_recreated_between_two_ticks_starts_afresh(clock: list[flo
         assert scaler.roles[key] is not before and scaler.roles[key].draining_to is None
     finally:
         await scaler.api.close()
+
+
+async def test_a_role_that_leaves_builtin_loses_the_scalers_scaling_active(clock: list[float]) -> None:
+    """ScalingActive says the built-in scaler reads the role's load; once the role is External it
+    stayed, telling of a scaler that no longer acts (helper-81). Its withdrawal is an apply of the
+    scaler's status fields without the condition (server-side apply then removes it)."""
+    fake = _Apiserver("left-builtin", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8,
+                                       "targets": {"tpotMs": 50}}, 2)  # fmt: skip
+    scaler = fake.scaler(_Idle())
+    try:
+        for _ in range(2):  # a baseline, then a reading
+            await scaler.tick()
+            clock[0] += 15
+        assert any(c["type"] == "ScalingActive" for c in fake.srs["status"].get("conditions") or [])
+        applied = len(fake.statuses)
+        decode = next(r for r in fake.group["spec"]["roles"] if r["name"] == "decode")
+        decode["scaling"] = {"mode": "External", "minReplicas": 1, "maxReplicas": 8}
+        clock[0] += 15
+        await scaler.tick()
+        assert len(fake.statuses) == applied + 1, fake.statuses
+        assert not [c for c in fake.statuses[-1].get("conditions") or [] if c["type"] == "ScalingActive"]
+        await scaler.tick()  # withdrawn once, not on every tick
+        assert len(fake.statuses) == applied + 1
+    finally:
+        await scaler.api.close()
