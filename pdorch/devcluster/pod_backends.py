@@ -152,7 +152,7 @@ async def _terminate(proc: asyncio.subprocess.Process, grace_s: float) -> None:
     try:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), timeout=max(grace_s, MIN_GRACE_S))
-    except TimeoutError:
+    except (TimeoutError, ProcessLookupError):  # still running; or already gone
         pass
     finally:
         if proc.returncode is None:
@@ -168,8 +168,11 @@ async def _until_refused(host: str, port: int, exiting: asyncio.Task[None], wait
     while not exiting.done() and loop.time() < deadline:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
-        except (OSError, TimeoutError):
+        except ConnectionRefusedError:
             return
+        except (OSError, TimeoutError):  # no answer either way: look again
+            await asyncio.sleep(0.05)
+            continue
         writer.close()
         await asyncio.sleep(0.05)
 

@@ -474,6 +474,11 @@ class HttpServer:
         self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
         return int(self._server.sockets[0].getsockname()[1])
 
+    def stop_accepting(self) -> None:
+        """Close the listening socket (connections already accepted go on until `close`)."""
+        if self._server is not None:
+            self._server.close()
+
     async def close(
         self, grace_s: float, on_expiry: Callable[[], None] | None = None, cancel_wait_s: float = 1.0
     ) -> None:
@@ -482,8 +487,7 @@ class HttpServer:
         Handlers still running then are cancelled, after ``on_expiry`` (which may tell them to end
         their answers with an error), and get ``cancel_wait_s`` to write it before their
         connections are closed."""
-        if self._server is not None:
-            self._server.close()
+        self.stop_accepting()
         busy: list[asyncio.Task[None]] = []
         for c in list(self._conns):
             c.closing = True

@@ -463,6 +463,10 @@ class ProxyServer:
         if self._http is not None:
             if delay > 0:
                 await asyncio.sleep(delay)
+            # Both listeners go at once: a successor on this address (a pod that gets the IP
+            # again) binds both ports while this process still finishes its streams.
+            if self._metrics_http is not None:
+                self._metrics_http.stop_accepting()
             left = max(0.0, grace - margin - (loop.time() - start))
             await self._http.close(left, on_expiry=self._end_of_grace, cancel_wait_s=margin)
             self._http = None

@@ -946,6 +946,34 @@ async def test_graceful_stop_finishes_in_flight_streams(http: aiohttp.ClientSess
                 pass
 
 
+async def test_a_stopping_proxy_frees_both_ports_while_its_streams_finish(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A replaced proxy pod finishes its streams for the rest of its grace while its successor may
+    get the same IP (kwok reuses them; so may a CNI): the metrics listener stayed bound until the
+    grace ended, so the successor could not bind it and exited (helper-82)."""
+    slow = replace(FAST, time_scale=0.5)
+    async with stack("vllm", sim_config=slow, shutdown_grace_s=15, metrics_port=0) as s:
+        body = {"model": MODEL, "prompt": "finish me", "max_tokens": 150, "stream": True}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            first = await r.content.readany()
+            stopping = asyncio.create_task(s.proxy.stop())
+            await asyncio.sleep(0.2)
+            assert not stopping.done(), "the stream should still be running"
+            successor = ProxyServer(
+                s.proxy.config.model_copy(
+                    update={"port": s.proxy.port, "metrics_port": s.proxy.metrics_port}
+                ),
+                StaticDiscovery(static_endpoints(s.proxy.config.prefill, s.proxy.config.decode, None)),
+            )
+            await successor.start()  # binds both ports of the stopping proxy
+            await successor.stop()
+            rest = await r.read()
+        await asyncio.wait_for(stopping, WAIT_S)
+    assert (first + rest).count(b'"text"') == 150  # the old proxy's stream ran to its end
+
+
 async def test_shutdown_drains_visibly_then_ends_what_is_left_with_explicit_errors(
     http: aiohttp.ClientSession,
 ) -> None:
