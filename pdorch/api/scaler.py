@@ -70,8 +70,8 @@ class ServingRoleScalerStatus(ApiModel):
     """Conditions of the scaler. ScalingLimited is True (reason TooManyReplicas or TooFewReplicas)
     while spec.replicas lies outside the role's minReplicas/maxReplicas and the role is held at
     the bound (a Builtin role above a lowered maxReplicas keeps its groups until pdorch's scaler
-    has drained them), True (HeldByRollout) while a paused or blocked rollout holds the role's size
-    (a scale waits for the rollout's next step), False (DesiredWithinRange) otherwise; written by
+    has drained them), True (HeldByRollout) while a paused, blocked or stalled rollout holds a size
+    the role's LWS has not got (a scale waits for the rollout's next step), False (DesiredWithinRange) otherwise; written by
     the controller.
     ScalingActive, on a Builtin role, is written by pdorch's scaler: False (reason
     MetricsUnavailable) while it cannot read any of the role's leaders' load and holds the role at

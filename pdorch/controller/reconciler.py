@@ -384,9 +384,16 @@ class Reconciler:
         if pruned:
             self.events.emit_soon(obj, "Normal", "Pruned", "deleted " + ", ".join(pruned))
 
+        # A rollout that takes no step by itself: paused, blocked, or waiting past its deadline.
+        stalled = st.find_condition(prev_status.get("conditions") or [], st.ROLLOUT_STALLED) or {}
+        decision = rollout.decision
         stuck = (
-            rollout.decision.reason
-            if rollout.decision and rollout.decision.kind in ("paused", "blocked")
+            decision.reason
+            if decision
+            and (
+                decision.kind in ("paused", "blocked")
+                or (decision.kind == "wait" and stalled.get("status") == "True")
+            )
             else None
         )
         await self._sync_scaler_status(sg, namespace, name, scaled, set(rollout.actions), stuck)

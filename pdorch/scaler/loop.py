@@ -453,28 +453,26 @@ class BuiltinScaler:
                 if await self._cancel_drain(ns, name, role.name, st):
                     log.warning("%s/%s-%s: no decision this tick; drain cancelled", ns, name, role.name)
         # The declared ratio band, when the group has exactly one Builtin prefill and decode role.
-        # A role without a decision this tick holds its size, and the other is kept in band
-        # against that size (only the deciding role moves), not sized as if there were no band.
+        # A role without a decision this tick holds its size: the other is kept in band against
+        # it, and raised into the band it is when the other grows past it (raising is safe while
+        # its load is unknown); it was sized as if there were no band.
         ratio = sg.spec.ratio
         pre = [r for r in builtin if r.type == RoleType.PREFILL]
         dec = [r for r in builtin if r.type == RoleType.DECODE]
         if ratio is not None and ratio.tolerance is not None and len(pre) == 1 and len(dec) == 1:
             band = RatioBand(ratio.prefill, ratio.decode, ratio.tolerance)
             p, d = decisions.get(pre[0].name), decisions.get(dec[0].name)
-            p_size = p[3] if p else await self._held_size(ns, name, pre[0]) if d else None
-            d_size = d[3] if d else await self._held_size(ns, name, dec[0]) if p else None
-            if p_size is not None and d_size is not None:
+            if p is not None and d is None:
+                d = await self._held(ns, name, dec[0])
+            elif d is not None and p is None:
+                p = await self._held(ns, name, pre[0])
+            if p is not None and d is not None:
                 np_, nd, note = within_band(
-                    band,
-                    p_size,
-                    d_size,
-                    damping_config(pre[0]).max_replicas,
-                    damping_config(dec[0]).max_replicas,
+                    band, p[3], d[3], damping_config(pre[0]).max_replicas, damping_config(dec[0]).max_replicas
                 )
-                if note and p:
-                    decisions[p[0].name] = (*p[:3], np_, f"{p[4]}; {note}" if np_ != p[3] else p[4], p[5])
-                if note and d:
-                    decisions[d[0].name] = (*d[:3], nd, f"{d[4]}; {note}" if nd != d[3] else d[4], d[5])
+                for x, n in ((p, np_), (d, nd)):
+                    if note and n != x[3]:
+                        decisions[x[0].name] = (*x[:3], n, f"{x[4]}; {note}", x[5])
         out = []
         for role, srs, current, target, reason, pods in decisions.values():
             DESIRED.labels(ns, name, role.name).set(target)
@@ -492,10 +490,16 @@ class BuiltinScaler:
             )
         return out
 
-    async def _held_size(self, ns: str, group: str, role: Role) -> int | None:
-        """The size of a role that has no decision this tick (its ServingRoleScaler's replicas)."""
+    async def _held(
+        self, ns: str, group: str, role: Role
+    ) -> tuple[Role, dict[str, Any], int, int, str, list[dict[str, Any]]] | None:
+        """A role without a decision this tick as one that holds its size (its ServingRoleScaler's
+        replicas); None without a scaler."""
         srs = await self.api.get(SERVING_ROLE_SCALER, scaler_name(group, role.name), ns)
-        return None if srs is None else int((srs.get("spec") or {}).get("replicas", role.replicas))
+        if srs is None:
+            return None
+        size = int((srs.get("spec") or {}).get("replicas", role.replicas))
+        return role, srs, size, size, f"held at {size}: no decision this tick", []
 
     async def _decide(
         self, ns: str, group: str, role: Role, policy: SloPolicyConfig

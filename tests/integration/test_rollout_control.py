@@ -198,16 +198,19 @@ def test_paused_rollout_holds_then_finishes_when_resumed(
     )  # fmt: skip
     assert plan.returncode == 0, plan.stderr
     assert f"rollout to {second} in progress" in plan.stdout and "# done:" in plan.stdout
-    # A scale (an HPA's, kubectl's) waits for the rollout's next step, which a paused rollout
-    # does not take: the decode's scaler says so instead of silently keeping its old size.
-    kube.patch(
-        SRS, "pause-decode", {"spec": {"replicas": 2}}, namespace=namespace, patch_type=PatchType.MERGE
-    )
 
     def limited() -> dict[str, Any] | None:
         conds = (kube.get(SRS, "pause-decode", namespace=namespace).status or {}).get("conditions") or []
         c = next((c for c in conds if c["type"] == "ScalingLimited"), None)
         return c if c and c["status"] == "True" else None
+
+    # A scale (an HPA's, kubectl's) waits for the rollout's next step, which a paused rollout
+    # does not take: the decode's scaler says so instead of silently keeping its old size (and
+    # says nothing while no scale waits).
+    assert limited() is None
+    kube.patch(
+        SRS, "pause-decode", {"spec": {"replicas": 2}}, namespace=namespace, patch_type=PatchType.MERGE
+    )
 
     held = wait_for(limited, 30, "ScalingLimited on the decode's scaler while paused")
     assert held["reason"] == "HeldByRollout" and "rollout paused" in held["message"], held

@@ -162,6 +162,13 @@ def test_a_scaler_held_by_a_stuck_rollout_says_so() -> None:
     assert (c["type"], c["status"], c["reason"]) == ("ScalingLimited", "True", "HeldByRollout")
     assert "spec.replicas 2" in c["message"] and "rollout paused" in c["message"]
     assert "observedGeneration" not in held  # the LWS did not get generation 2's replicas
+    # Nothing scaled since the LWS got its size (generation observed): nothing is held, no Warning
+    # on every autoscaled role of a paused rollout (helper-82).
+    seen = {**srs, "status": {"observedGeneration": 2}}
+    c = st.scaler_status((1, 3), seen, 2, "sel", applied=False, held_by_rollout="rollout paused")[
+        "conditions"
+    ][0]
+    assert (c["status"], c["reason"]) == ("False", "DesiredWithinRange")
     # A bound still comes first: the rollout's end would not apply 5 either.
     over = {**srs, "spec": {**srs["spec"], "replicas": 5}}
     c = st.scaler_status((1, 3), over, 1, "sel", applied=False, held_by_rollout="rollout paused")[

@@ -361,9 +361,20 @@ async def test_desired_replicas_is_set_by_a_decision_that_writes_nothing(clock: 
     assert _series("pdorch_scaler_desired_replicas", "own-desired") == 2
 
 
-@pytest.mark.parametrize("undecided", ["prefill", "decode"])
+@pytest.mark.parametrize(
+    ("undecided", "wanted", "acted"),
+    [
+        # Beside 4 held, the band [0.75, 1.25] allows prefill 3-5 or decode 4-5: the quiet role
+        # stops at the band's edge (it asked for 1).
+        ("prefill", 1, {"decode": 4}),
+        ("decode", 1, {"prefill": 3}),
+        # A busy role grows past the band: the held one is raised into it (helper-82).
+        ("prefill", 8, {"decode": 8, "prefill": 6}),
+        ("decode", 8, {"prefill": 8, "decode": 7}),
+    ],
+)
 async def test_the_ratio_band_holds_against_a_role_without_a_decision(
-    monkeypatch: pytest.MonkeyPatch, undecided: str
+    monkeypatch: pytest.MonkeyPatch, undecided: str, wanted: int, acted: dict[str, int]
 ) -> None:
     """A tick with no decision for one role (its metrics unreadable) holds that role's size, and the
     other is kept in the declared band against it: it was sized as if there were no band, so a
@@ -382,17 +393,17 @@ async def test_the_ratio_band_holds_against_a_role_without_a_decision(
     from pdorch.api.servinggroup import ServingGroup
 
     scaler = BuiltinScaler(SimpleNamespace(), ScalerConfig(namespace="ns"))  # type: ignore[arg-type]
-    acted: dict[str, int] = {}
+    targets: dict[str, int] = {}
 
     async def get(_res: Any, name: str, _ns: str) -> dict[str, Any]:
         assert name == f"sim-pd-{undecided}"
         return {"spec": {"replicas": 4}}
 
     async def decide(_ns: str, _group: str, role: Any, _policy: Any) -> Any:
-        return None if role.name == undecided else ({"metadata": {}}, 4, 1, "quiet", [])
+        return None if role.name == undecided else ({"metadata": {}}, 4, wanted, "load", [])
 
     async def act(_ns: str, _group: str, role: Any, _srs: Any, _cur: int, target: int, *_: Any) -> None:
-        acted[role.name] = target
+        targets[role.name] = target
 
     async def nothing(*_: Any) -> None:
         return None
@@ -402,38 +413,40 @@ async def test_the_ratio_band_holds_against_a_role_without_a_decision(
     monkeypatch.setattr(scaler, "_act", act)
     monkeypatch.setattr(scaler, "_release_unscaled", nothing)
     await scaler._group(group, ServingGroup.model_validate(group))
-    decided = "decode" if undecided == "prefill" else "prefill"
-    # Beside 4 held, the band [0.75, 1.25] allows prefill 3-5 or decode 4-5: the quiet role stops
-    # at the band's edge (it asked for 1).
-    assert acted == {decided: 3 if decided == "prefill" else 4}, acted
+    assert targets == acted, targets
 
 
 class _Prometheus:
-    """Samples as Prometheus gives them: idle, scraped every 60 s (the victim, group 1, last at
-    3 s after the drain's mark), or with no scrape time at all (`undated`)."""
+    """Samples as Prometheus gives them: idle; the victim (group 1) scraped 3 s after the drain's
+    mark and then every `period` seconds (None: not again), or with no scrape time at all."""
 
     dates_samples = True
 
-    def __init__(self, wall: Any, undated: bool = False) -> None:
-        self.wall, self.undated, self.mark = wall, undated, None
+    def __init__(self, wall: Any, undated: bool = False, period: float | None = None) -> None:
+        self.wall, self.undated, self.period, self.mark = wall, undated, period, None
 
     async def samples(self, _ns: str, eps: list[Endpoint]) -> list[EngineSample | None]:
         now = self.wall()
         out: list[EngineSample | None] = []
         for e in eps:
-            at = self.mark + 3.0 if self.mark is not None and e.pod.endswith("-1") else now - 1
+            at = now - 1
+            if self.mark is not None and e.pod.endswith("-1"):
+                first = self.mark + 3.0
+                at = first + (self.period * ((now - first) // self.period) if self.period else 0.0)
             out.append(EngineSample("vllm", requests_total=1, at=None if self.undated else at))
         return out
 
 
-async def _drain_2_to_1(monkeypatch: pytest.MonkeyPatch, clock: list[float], undated: bool) -> float:
+async def _drain_2_to_1(
+    monkeypatch: pytest.MonkeyPatch, clock: list[float], undated: bool, period: float | None = None
+) -> float:
     """Seconds from the drain's mark to the write of 2 -> 1 of an idle decode read through
     `_Prometheus` (the drain timeout is 300 s)."""
     wall0 = 1.7e9
     monkeypatch.setattr(loop.time, "time", lambda: wall0 + clock[0] - 1000.0)
     fake = _Apiserver("prom-drain", {"mode": "Builtin", "minReplicas": 1, "maxReplicas": 8, "targets": {"tpotMs": 50},
                                      "scaleDownStabilizationSeconds": 0, "cooldownSeconds": 0}, 2)  # fmt: skip
-    source = _Prometheus(lambda: wall0 + clock[0] - 1000.0, undated)
+    source = _Prometheus(lambda: wall0 + clock[0] - 1000.0, undated, period)
     scaler = fake.scaler(source)
     try:
         for _ in range(40):
@@ -460,6 +473,9 @@ async def test_a_drain_read_through_prometheus_needs_two_scrapes_of_each_victim(
     labels) is of unknown age and never reads as idle either."""
     assert await _drain_2_to_1(monkeypatch, clock, undated=False) >= 300
     assert await _drain_2_to_1(monkeypatch, clock, undated=True) >= 300
+    # Scraped every 30 s (the scaler ticks every 15 s): the second look is the next scrape, and the
+    # drain ends well before its timeout (helper-82).
+    assert await _drain_2_to_1(monkeypatch, clock, undated=False, period=30.0) < 120
 
 
 async def test_shutdown_cancels_every_drain_when_the_api_fails_for_one_role() -> None:
