@@ -176,6 +176,22 @@ class KubeApi:
         body: Any = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
+        return (
+            await self._exchange(verb, method, res, path, params=params, body=body, content_type=content_type)
+        )[1]
+
+    async def _exchange(
+        self,
+        verb: str,
+        method: str,
+        res: Resource,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, dict[str, Any]]:
+        """One request: its HTTP status and decoded body (an ApiError from 400 on)."""
         q = {k: v for k, v in (params or {}).items() if v is not None}
         if self.write_guard is not None and verb in WRITE_VERBS and not q.get("dryRun"):
             self.write_guard(res)
@@ -197,7 +213,7 @@ class KubeApi:
             self.writes += 1
         if r.status_code >= 400:
             raise ApiError.from_response(r.status_code, r.content)
-        return _decode(r.content) if r.content else {}
+        return r.status_code, _decode(r.content) if r.content else {}
 
     # ------------------------------------------------------------------ reads
     async def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
@@ -265,9 +281,20 @@ class KubeApi:
         subresource: str | None = None,
     ) -> dict[str, Any]:
         """Server-side apply of `obj` (only the fields we own) with our field manager."""
+        return (await self.apply_created(obj, force=force, dry_run=dry_run, subresource=subresource))[0]
+
+    async def apply_created(
+        self,
+        obj: dict[str, Any],
+        *,
+        force: bool = True,
+        dry_run: bool = False,
+        subresource: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """`apply`, and whether it created the object (201 Created; an update is 200)."""
         res = resource_of(obj)
         md = obj["metadata"]
-        return await self._request(
+        status, got = await self._exchange(
             "apply",
             "PATCH",
             res,
@@ -280,6 +307,7 @@ class KubeApi:
             body=obj,  # JSON is YAML, which the apply-patch content type takes
             content_type="application/apply-patch+yaml",
         )
+        return got, status == 201
 
     async def patch(
         self,

@@ -330,10 +330,11 @@ class Reconciler:
                 *(self._write(o, live, dry_run=False) for o, _, live in wave), return_exceptions=True
             )
             failures: list[tuple[dict[str, Any], BaseException]] = []
-            for (stamped, h, live), result in zip(wave, results, strict=True):
-                if isinstance(result, BaseException):
-                    failures.append((stamped, result))
+            for (stamped, h, live), written in zip(wave, results, strict=True):
+                if isinstance(written, BaseException):
+                    failures.append((stamped, written))
                     continue
+                result, was_created = written
                 res = resource_of(stamped)
                 self._applied[(res.plural, namespace, stamped["metadata"]["name"])] = (
                     version_marker(result),
@@ -343,7 +344,7 @@ class Reconciler:
                 if res == LWS:
                     changed = self._lws_changed_at.setdefault(key, {})
                     changed[stamped["metadata"]["name"]] = dt.datetime.now(dt.UTC)
-                if live is None:
+                if was_created:
                     created.append(f"{stamped['kind']}/{stamped['metadata']['name']}")
                 elif stamped["metadata"]["name"] in edited:
                     put_back = not same_values(result.get("spec"), live.get("spec"))
@@ -931,18 +932,20 @@ class Reconciler:
 
     async def _write(
         self, intent: dict[str, Any], live: dict[str, Any] | None, dry_run: bool
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], bool]:
+        """Write `intent`: the object as written, and whether this write created it (an object the
+        watch does not show may exist: one whose managed-by label was removed is taken back)."""
         if intent["kind"] == SERVING_ROLE_SCALER.kind and live is None:
             # Created with a plain POST so `spec.replicas` is not owned by our apply: HPA/KEDA own it.
             try:
-                return await self.api.create(intent, dry_run=dry_run)
+                return await self.api.create(intent, dry_run=dry_run), True
             except ApiError as e:
                 if e.code != 409:
                     raise
             # It exists, unseen by the watch (its managed-by label removed by hand): taking it back
             # must not take its replicas from whoever scales it.
             intent = _without_scaler_replicas(intent, {})
-        return await self.api.apply(intent, dry_run=dry_run)
+        return await self.api.apply_created(intent, dry_run=dry_run)
 
     async def _prune(self, owner: dict[str, Any], desired: list[dict[str, Any]]) -> list[str]:
         md = owner["metadata"]

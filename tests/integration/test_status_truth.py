@@ -599,3 +599,44 @@ def test_a_rollouts_surge_groups_the_namespace_refuses_are_reported_as_replica_f
     kube.delete(ResourceQuota, "pods", namespace=namespace)
     wait_available(kube, namespace, "quota", timeout=180)
     wait_for(lambda: failure() is None, 60, "ReplicaFailure gone once the quota is lifted")
+
+
+def test_a_child_taken_back_is_not_announced_as_created(
+    devcluster: ClusterState, kube: Client, namespace: str, controller: ControllerProc
+) -> None:
+    """A child whose managed-by label was removed by hand looks deleted to the controller's watch;
+    the controller takes it back, and that was announced as `created` (helper-80). A deleted child
+    that is recreated still is."""
+    kube.create(SG.from_dict(example("taken")), namespace=namespace)
+    wait_available(kube, namespace, "taken")
+    kube.patch(
+        LWS,
+        "taken-decode",
+        {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}},
+        namespace=namespace,
+        patch_type=PatchType.MERGE,
+    )
+    kube.delete(LWS, "taken-prefill", namespace=namespace)
+
+    def notes() -> list[str]:
+        return [
+            e.get("note") or "" for e in _events(devcluster, namespace, "taken") if e["reason"] == "Created"
+        ]
+
+    wait_for(
+        lambda: any("LeaderWorkerSet/taken-prefill" in n and "ServiceAccount" not in n for n in notes()),
+        60,
+        "the deleted prefill LWS recreated",
+    )
+    wait_for(
+        lambda: (kube.get(LWS, "taken-decode", namespace=namespace).metadata.labels or {}).get(
+            "app.kubernetes.io/managed-by"
+        ),
+        60,
+        "the decode LWS taken back",
+    )
+    time.sleep(3)  # events go out in the background
+    # Only the group's first event (which lists its ServiceAccount too) names the decode LWS.
+    assert not [n for n in notes() if "LeaderWorkerSet/taken-decode" in n and "ServiceAccount" not in n], (
+        notes()
+    )
