@@ -165,20 +165,9 @@ class KubeApi:
         await self.http.aclose()
 
     # ------------------------------------------------------------------ plumbing
-    async def _request(
-        self,
-        verb: str,
-        method: str,
-        res: Resource,
-        path: str,
-        *,
-        params: dict[str, Any] | None = None,
-        body: Any = None,
-        content_type: str = "application/json",
-    ) -> dict[str, Any]:
-        return (
-            await self._exchange(verb, method, res, path, params=params, body=body, content_type=content_type)
-        )[1]
+    async def _request(self, verb: str, method: str, res: Resource, path: str, **kw: Any) -> dict[str, Any]:
+        """`_exchange`'s decoded body."""
+        return (await self._exchange(verb, method, res, path, **kw))[1]
 
     async def _exchange(
         self,

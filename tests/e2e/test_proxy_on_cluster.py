@@ -172,6 +172,31 @@ async def test_killing_a_prefill_pod_under_load_loses_no_request(
     assert set(outcomes) == {"ok"}, outcomes
 
 
+def _start_streams(
+    client: openai.AsyncOpenAI, n: int, prompt_words: int
+) -> tuple[list[asyncio.Task[None]], dict[int, int], dict[int, str | None]]:
+    """`n` streamed completions of 240 tokens each: their tasks, and the chunks and finish reason
+    each has received so far (filled in as they arrive)."""
+    chunks: dict[int, int] = {}
+    finish: dict[int, str | None] = {}
+
+    async def stream(i: int) -> None:
+        chunks[i] = 0
+        s = await client.completions.create(
+            model=MODEL,
+            prompt=f"user {i} " * prompt_words,
+            max_tokens=240,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        async for ch in s:
+            chunks[i] += 1
+            if ch.choices and ch.choices[0].finish_reason:
+                finish[i] = ch.choices[0].finish_reason
+
+    return [asyncio.create_task(stream(i)) for i in range(n)], chunks, finish
+
+
 # 20 ms per token: 240 tokens keep every stream running for ~5 s after the decode pod's deletion.
 @pytest.mark.parametrize("served", [1.0], indirect=True)
 async def test_streams_on_a_deleted_decode_pod_run_to_their_end(
@@ -183,25 +208,8 @@ async def test_streams_on_a_deleted_decode_pod_run_to_their_end(
     flag the engine aborts them (vLLM's default), which is what the dev cluster did to every engine."""
     backends, url = served
     decode = backends.by_kind("decode")[0]
-    chunks: dict[int, int] = {}
-    finish: dict[int, str | None] = {}
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-    async def stream(i: int) -> None:
-        chunks[i] = 0
-        s = await client.completions.create(
-            model=MODEL,
-            prompt=f"user {i} " * 50,
-            max_tokens=240,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        async for ch in s:
-            chunks[i] += 1
-            if ch.choices and ch.choices[0].finish_reason:
-                finish[i] = ch.choices[0].finish_reason
-
-    tasks = [asyncio.create_task(stream(i)) for i in range(4)]
+    tasks, chunks, finish = _start_streams(client, 4, prompt_words=50)
     try:
         await wait_for_async(
             lambda: len(chunks) == 4 and min(chunks.values()) >= 3, 30, "4 streams under way"
@@ -233,26 +241,9 @@ async def test_streams_through_a_deleted_proxy_pod_run_to_their_end(
     backends, url = served
     proxy = backends.by_kind("proxy")[0]
     assert proxy.shutdown_grace_s == 60.0, proxy  # rendered by the controller from the engines' pods
-    chunks: dict[int, int] = {}
-    finish: dict[int, str | None] = {}
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     loop = asyncio.get_running_loop()
-
-    async def stream(i: int) -> None:
-        chunks[i] = 0
-        s = await client.completions.create(
-            model=MODEL,
-            prompt=f"user {i} " * 20,
-            max_tokens=240,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        async for ch in s:
-            chunks[i] += 1
-            if ch.choices and ch.choices[0].finish_reason:
-                finish[i] = ch.choices[0].finish_reason
-
-    tasks = [asyncio.create_task(stream(i)) for i in range(3)]
+    tasks, chunks, finish = _start_streams(client, 3, prompt_words=20)
     try:
         await wait_for_async(
             lambda: len(chunks) == 3 and min(chunks.values()) >= 3, 60, "3 streams under way"
