@@ -17,7 +17,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# Dependencies first (pinned in pyproject.toml), so code changes do not re-install them.
+# The package with its dependencies (pinned in pyproject.toml), in one layer.
 COPY pyproject.toml README.md ./
 COPY pdorch ./pdorch
 RUN python -m venv /opt/pdorch \

@@ -470,7 +470,12 @@ def _available(
             prev_conds,
         )
     # A type whose every role asks for 0 groups will not come by waiting: say so.
-    zero = [t for t in missing_path if all(r.desired == 0 for r in roles if r.type == t)]
+    # (Only types with roles observed: an invalid spec's group may have no LWS at all.)
+    zero = [
+        t
+        for t in missing_path
+        if any(r.type == t for r in roles) and all(r.desired == 0 for r in roles if r.type == t)
+    ]
     message = f"no ready group yet for role type(s): {', '.join(missing_path)}"
     if zero:
         message = (

@@ -301,7 +301,11 @@ def _run_live(args: argparse.Namespace) -> int:
             f"{', '.join(missing)} was written; the controller writes the rest first, planning from there"
         )
     elif plan.rolling:
-        print(f"# rollout to {revision} in progress: planning from the live state")
+        paused = sg.spec.rollout_strategy is not None and sg.spec.rollout_strategy.paused
+        print(
+            f"# rollout to {revision} in progress: planning from the live state"
+            + ("; paused (spec.rolloutStrategy.paused): no step is taken until it is false" if paused else "")
+        )
     else:
         print(f"# no rollout in progress ({revision} everywhere): the plan for the next template change")
     return _print_plan(sg, plan.spec, plan.auto, plan.initial, args.delay)

@@ -198,6 +198,7 @@ def test_paused_rollout_holds_then_finishes_when_resumed(
     )  # fmt: skip
     assert plan.returncode == 0, plan.stderr
     assert f"rollout to {second} in progress" in plan.stdout and "# done:" in plan.stdout
+    assert "paused (spec.rolloutStrategy.paused)" in plan.stdout, plan.stdout
 
     def limited() -> dict[str, Any] | None:
         conds = (kube.get(SRS, "pause-decode", namespace=namespace).status or {}).get("conditions") or []

@@ -177,6 +177,16 @@ def test_a_scaler_held_by_a_stuck_rollout_says_so() -> None:
     assert c["reason"] == "TooManyReplicas"
 
 
+def test_a_rejected_new_group_does_not_claim_it_asks_for_no_groups() -> None:
+    """A group refused before any LWS exists has no role observed: Available said "no group is
+    asked for role type(s) decode, prefill (replicas 0)" while the spec asked for 2 and 1."""
+    a = _cond(st.compute_status(1, [], "", None, invalid="spec.roles[1]...: name Engine_X"), "Available")
+    assert a["status"] == "False" and "replicas 0" not in a["message"], a
+    zero = [st.RoleObservation("prefill", "prefill", 0, exists=True), *_roles(0, 1)[2:]]
+    a = _cond(st.compute_status(1, zero, "abc", None), "Available")
+    assert "no group is asked for role type(s) prefill (replicas 0)" in a["message"], a
+
+
 def _surged(ready: int, updated_ready: int, desired: int = 4, surge: int = 1) -> st.RoleObservation:
     """A prefill role mid-rollout: `desired` asked for, `surge` extra groups exist."""
     return st.RoleObservation(
