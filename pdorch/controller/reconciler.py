@@ -976,7 +976,7 @@ class Reconciler:
         """ServingRoleScaler status: replicas, the pod selector HPA needs (a string), the generation
         whose replicas the LWS got, and ScalingLimited. `scaled` is what this pass read from the
         scalers; `rolling` the roles whose LWS a rollout sized instead; `stuck` why that rollout
-        takes no step (paused or blocked)."""
+        takes no step (paused, blocked, or stalled while it waits)."""
         last_desired = status_desired(sg)
         for role in sg.spec.roles:
             srs = self.caches.children[SERVING_ROLE_SCALER].get(namespace, scaler_name(name, role.name))
