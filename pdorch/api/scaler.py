@@ -75,7 +75,8 @@ class ServingRoleScalerStatus(ApiModel):
     the controller.
     ScalingActive, on a Builtin role, is written by pdorch's scaler: False (reason
     MetricsUnavailable) while it cannot read any of the role's leaders' load and holds the role at
-    its size, True (ValidMetricFound) while it reads it."""
+    its size (the declared ratio band may still raise it), True (ValidMetricFound) while it reads
+    it."""
 
 
 class ServingRoleScaler(ApiModel):

@@ -393,7 +393,7 @@ class Reconciler:
             if decision
             and (
                 decision.kind in ("paused", "blocked")
-                or (decision.kind == "wait" and stalled.get("status") == "True")
+                or (decision.kind == "wait" and stalled.get("reason") == "ProgressDeadlineExceeded")
             )
             else None
         )

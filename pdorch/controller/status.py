@@ -163,7 +163,7 @@ def scaler_status(
     lowered maxReplicas until pdorch's scaler has drained the groups it removes.
     `held_by_rollout`: why a paused, blocked or stalled rollout holds the role's size (a scale
     waits for the rollout's next step, and such a rollout takes none by itself); it limits only a
-    scale the LWS has not got (a generation not yet observed).
+    scale the LWS has not got (a generation not yet observed, asking for other than `current`).
     """
     have = srs.get("status") or {}
     generation = int((srs.get("metadata") or {}).get("generation") or 0)
@@ -191,8 +191,14 @@ def scaler_status(
             f"spec.replicas {asked} is below minReplicas {low} of role {role}: it is held at "
             f"{_groups(low)}; lower scaling.minReplicas in the ServingGroup to allow fewer"
         )
-    elif held_by_rollout is not None and not applied and generation != have.get("observedGeneration"):
-        # A size the LWS has not got yet (its generation unobserved), which the rollout holds.
+    elif (
+        held_by_rollout is not None
+        and not applied
+        and generation != have.get("observedGeneration")
+        and asked is not None
+        and int(asked) != current
+    ):
+        # A size the LWS has not got (a scale since the LWS last got one), which the rollout holds.
         reason = "HeldByRollout"
         message = (
             f"spec.replicas {asked} of role {role} waits for the rollout, which holds the role's size "

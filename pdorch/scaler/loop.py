@@ -535,7 +535,8 @@ class BuiltinScaler:
                 srs,
                 False,
                 "MetricsUnavailable",
-                f"{why}: the role is held at its size until the load can be read again",
+                f"{why}: the role is held at its size until the load can be read again (the ratio band "
+                "may still raise it)",
             )
             return None
         load = role_load(seen.prev, seen.cur, max(now - last, 1e-3))

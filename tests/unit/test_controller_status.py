@@ -164,10 +164,13 @@ def test_a_scaler_held_by_a_stuck_rollout_says_so() -> None:
     assert "observedGeneration" not in held  # the LWS did not get generation 2's replicas
     # Nothing scaled since the LWS got its size (generation observed): nothing is held, no Warning
     # on every autoscaled role of a paused rollout (helper-82).
+    paused = {"applied": False, "held_by_rollout": "rollout paused"}
     seen = {**srs, "status": {"observedGeneration": 2}}
-    c = st.scaler_status((1, 3), seen, 2, "sel", applied=False, held_by_rollout="rollout paused")[
-        "conditions"
-    ][0]
+    c = st.scaler_status((1, 3), seen, 1, "sel", **paused)["conditions"][0]  # type: ignore[arg-type]
+    assert (c["status"], c["reason"]) == ("False", "DesiredWithinRange")
+    # Nor when it asks for the size the LWS has: a scaler created mid-rollout (never observed), or a
+    # scale undone while paused (helper-84).
+    c = st.scaler_status((1, 3), srs, 2, "sel", **paused)["conditions"][0]  # type: ignore[arg-type]
     assert (c["status"], c["reason"]) == ("False", "DesiredWithinRange")
     # A bound still comes first: the rollout's end would not apply 5 either.
     over = {**srs, "spec": {**srs["spec"], "replicas": 5}}
