@@ -316,7 +316,10 @@ async def _demo(
         for sig in (signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, _still_cleaning, cluster_name)
         previous_sigint = signal.signal(signal.SIGINT, lambda *_: _still_cleaning(cluster_name))
-        say(f"stopping: traffic, engines, proxy, controller{', dev cluster' if started else ''}")
+        # A demo refused before it had a cluster (one that exists but is not up) started nothing.
+        anything = started or st is not None
+        if anything:
+            say(f"stopping: traffic, engines, proxy, controller{', dev cluster' if started else ''}")
         stop.set()
         if traffic is not None:
             with contextlib.suppress(Exception):
@@ -358,7 +361,8 @@ async def _demo(
                     else ""
                 )
             )
-        say("cleaned up")
+        if anything:
+            say("cleaned up")
         if started and failed is not None and not isinstance(failed, CliError):
             parts = expected_parts(failed)
             if parts is not None:

@@ -329,3 +329,18 @@ def test_an_apiserver_gone_mid_demo_points_at_the_kept_logs_not_at_the_removed_c
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: cannot reach the Kubernetes API server at https://127.0.0.1:6443")
     assert "/kept/demo-logs-20250101-000000" in last and "dev-cluster status" not in last
+
+
+def test_a_demo_refused_on_a_cluster_that_is_not_up_says_only_why(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cluster that exists but is not up is refused before anything starts; the demo still said
+    "stopping: traffic, engines, proxy, controller" and "cleaned up" (helper-83)."""
+    fake = FakeCluster(False)
+    fake.exists = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr(run, "DevCluster", lambda *a, **k: fake)
+    with pytest.raises(CliError, match=r"exists at .* but is not up"):
+        asyncio.run(run.demo(1, 60.0, "demo"))
+    out = capsys.readouterr()
+    assert "stopping" not in out.out + out.err and "cleaned up" not in out.out + out.err, out
+    assert fake.calls == []
