@@ -47,7 +47,7 @@ from pdorch.roles.labels import (
     LABEL_ROLE_TYPE,
     LWS_WORKER_INDEX,
 )
-from pdorch.roles.pods import is_terminating
+from pdorch.roles.pods import is_terminating, termination_grace_s
 from pdorch.sim.config import SimConfig
 from pdorch.sim.engine import Role
 from pdorch.sim.server import SimServer
@@ -108,28 +108,25 @@ def _proxy_shutdown_grace_s(pod: dict[str, Any]) -> float | None:
     return None
 
 
-DEFAULT_GRACE_S = 30.0  # a pod's terminationGracePeriodSeconds when it sets none
-
-
-def pod_grace_s(pod: dict[str, Any]) -> float:
-    """How long the kubelet lets a pod's containers run after SIGTERM: its deletion's grace
-    (``kubectl delete --grace-period``) once it is being deleted, else its spec's."""
-    spec, md = pod.get("spec") or {}, pod.get("metadata") or {}
-    grace = md.get("deletionGracePeriodSeconds")
+def grace_after_window_s(pod: dict[str, Any]) -> float:
+    """What the kubelet leaves a terminating pod's containers after the window in which they still
+    accept: its deletion's grace (``kubectl delete --grace-period``) once it is being deleted, else
+    its spec's, less that window."""
+    grace = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
     if not isinstance(grace, int | float):
-        grace = spec.get("terminationGracePeriodSeconds")
-    return float(grace) if isinstance(grace, int | float) else DEFAULT_GRACE_S
+        grace = termination_grace_s(pod)
+    return max(0.0, float(grace) - TERMINATING_ENGINE_S)
 
 
 def engine_drain_s(pod: dict[str, Any]) -> float:
     """How long an engine pod's requests in flight may finish after SIGTERM: its container's
     ``--shutdown-timeout`` (vLLM's flag, also `pdorch sim`'s; absent: 0, vLLM's default of
-    aborting them), cut to what the pod's grace (`pod_grace_s`) leaves after the window in which
-    the engine still accepts (the kubelet kills the container at the end of the grace)."""
+    aborting them), cut to what the pod's grace leaves after the accepting window
+    (`grace_after_window_s`: the kubelet kills the container at the end of the grace)."""
     for c in (pod.get("spec") or {}).get("containers") or []:
         wanted = shutdown_timeout_s(c)
         if wanted is not None:
-            return max(0.0, min(wanted, pod_grace_s(pod) - TERMINATING_ENGINE_S))
+            return min(wanted, grace_after_window_s(pod))
     return 0.0
 
 
@@ -137,9 +134,7 @@ def stop_budget_s(pod: dict[str, Any], kind: str) -> float:
     """What a terminating pod's process gets after its accepting window: an engine its drain
     (`engine_drain_s`); the proxy, which bounds its own shutdown by its ``--shutdown-grace``, the
     rest of the pod's grace before the kubelet's SIGKILL."""
-    if kind == "proxy":
-        return max(0.0, pod_grace_s(pod) - TERMINATING_ENGINE_S)
-    return engine_drain_s(pod)
+    return grace_after_window_s(pod) if kind == "proxy" else engine_drain_s(pod)
 
 
 # The kubelet's shortest grace: even a pod deleted with none gets this long after SIGTERM.

@@ -36,3 +36,14 @@ def started_since(pod: dict[str, Any]) -> float | None:
 def is_terminating(pod: dict[str, Any]) -> bool:
     """The pod has a deletionTimestamp (it must not take new work)."""
     return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
+# Kubernetes' terminationGracePeriodSeconds when a pod (template) sets none.
+DEFAULT_GRACE_S = 30
+
+
+def termination_grace_s(pod: dict[str, Any] | None) -> int:
+    """The terminationGracePeriodSeconds a pod or pod template asks for (Kubernetes' 30 when unset)."""
+    grace = ((pod or {}).get("spec") or {}).get("terminationGracePeriodSeconds")
+    # bool is an int to Python, not to the apiserver.
+    return grace if isinstance(grace, int) and not isinstance(grace, bool) else DEFAULT_GRACE_S

@@ -16,6 +16,7 @@ from pdorch.proxy.config import ProxyConfig
 from pdorch.roles.context import RenderContext
 from pdorch.roles.labels import leader_selector
 from pdorch.roles.naming import proxy_rbac_name, proxy_service_name
+from pdorch.roles.pods import termination_grace_s
 
 SERVICE_PORT = 8000
 CONTAINER_NAME = "proxy"
@@ -95,16 +96,8 @@ def with_router_env(ctx: RenderContext, template: dict[str, Any]) -> dict[str, A
 
 # The built-in proxy's --shutdown-grace when the engines' pods get no longer (the flag's default).
 BASE_SHUTDOWN_GRACE_S = round(ProxyConfig.model_fields["shutdown_grace_s"].default)
-# Kubernetes' terminationGracePeriodSeconds when a pod template sets none.
-DEFAULT_POD_GRACE_S = 30
 # Room the kubelet leaves the built-in proxy past its --shutdown-grace before SIGKILL.
 KILL_MARGIN_S = 5
-
-
-def _pod_grace_s(template: dict[str, Any] | None) -> int:
-    grace = ((template or {}).get("spec") or {}).get("terminationGracePeriodSeconds")
-    # bool is an int to Python, not to the apiserver.
-    return grace if isinstance(grace, int) and not isinstance(grace, bool) else DEFAULT_POD_GRACE_S
 
 
 def proxy_shutdown_grace_s(ctx: RenderContext) -> int:
@@ -113,7 +106,7 @@ def proxy_shutdown_grace_s(ctx: RenderContext) -> int:
     answer in flight finish when an engine ends (its drain); a proxy pod that is replaced (an
     upgrade, a router change) gives the streams it relays as long."""
     graces = [
-        _pod_grace_s(t)
+        termination_grace_s(t)
         for r in ctx.sg.spec.roles
         if r.type in (RoleType.PREFILL, RoleType.DECODE)
         for t in (r.leader_template, r.worker_template)

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from pdorch.devcluster.pod_backends import (
-    DEFAULT_GRACE_S,
     TERMINATING_ENGINE_S,
     backend_for,
     engine_drain_s,
     stop_budget_s,
 )
+from pdorch.roles.pods import DEFAULT_GRACE_S
 
 pytestmark = pytest.mark.unit
 
