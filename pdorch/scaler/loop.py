@@ -363,11 +363,12 @@ class BuiltinScaler:
             log.exception("could not clear the drain annotations")
         await self.events.flush()
 
-    async def cancel_drains(self) -> None:
+    async def cancel_drains(self, only: tuple[str, str] | None = None) -> None:
         """Give every pod this process is draining back to the proxy (on shutdown: a drain lives in
-        this process's memory, and an uninstalled scaler must not leave pods hidden for good)."""
+        this process's memory, and an uninstalled scaler must not leave pods hidden for good), or
+        only those of the group `only` (namespace, name)."""
         for (ns, group, role), st in list(self.roles.items()):
-            if st.draining_to is None:
+            if st.draining_to is None or only not in (None, (ns, group)):
                 continue
             try:
                 await self._cancel_drain(ns, group, role, st)
@@ -413,13 +414,9 @@ class BuiltinScaler:
             except ValidationError as e:
                 log.warning("skipping invalid ServingGroup %s: %s", obj["metadata"].get("name"), e)
                 # Its drains cannot end while it is unreadable: give their pods back to the proxy.
-                group_key = (obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])
-                for key, st in list(self.roles.items()):
-                    if key[:2] == group_key and st.draining_to is not None:
-                        try:
-                            await self._cancel_drain(*key, st)
-                        except Exception as err:  # the next tick tries again
-                            log.warning("%s/%s-%s: could not cancel the drain: %s", *key, err)
+                await self.cancel_drains(
+                    only=(obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])
+                )
                 continue
             try:
                 out += await self._group(obj, sg)
@@ -498,7 +495,7 @@ class BuiltinScaler:
         srs = await self.api.get(SERVING_ROLE_SCALER, scaler_name(group, role.name), ns)
         if srs is None:
             return None
-        size = int((srs.get("spec") or {}).get("replicas", role.replicas))
+        size = _scaler_size(srs, role)
         return role, srs, size, size, f"held at {size}: no decision this tick", []
 
     async def _decide(
@@ -509,7 +506,7 @@ class BuiltinScaler:
         srs = await self.api.get(SERVING_ROLE_SCALER, scaler_name(group, role.name), ns)
         if srs is None:
             return None  # the controller has not created it yet
-        current = int((srs.get("spec") or {}).get("replicas", role.replicas))
+        current = _scaler_size(srs, role)
         await self._foreign_size(ns, group, role.name, st, srs, current)
         # Taken before any path of this tick's decision, so a refused write restores this tick's.
         st.cooldown_before = (st.damping.last_change_s, st.damping.last_direction)
@@ -1060,3 +1057,8 @@ async def _run_elected(
 async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
     await source.wait()
     target.set()
+
+
+def _scaler_size(srs: dict[str, Any], role: Role) -> int:
+    """The size a role's ServingRoleScaler asks for (the role's replicas until one is set)."""
+    return int((srs.get("spec") or {}).get("replicas", role.replicas))
