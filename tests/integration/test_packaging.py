@@ -133,6 +133,35 @@ def test_watch_namespace_grants_the_roles_only_in_that_namespace(helm: str, kube
     assert (rbac, "RoleBinding", "pdorch-system", "pdorch-leader-election") in chart
 
 
+@pytest.mark.parametrize(
+    ("value", "deployment_name", "role_name"),
+    [
+        ("leaderElection.leaseName", "pdorch-controller", "pdorch-leader-election"),
+        ("scaler.leaseName", "pdorch-scaler", "pdorch-scaler-leader-election"),
+    ],
+)
+def test_a_lease_name_reaches_the_flag_and_the_role(
+    helm: str, value: str, deployment_name: str, role_name: str
+) -> None:
+    """A Lease renamed through the values is the one the process elects on and the one its Role
+    lets it update (a --lease-name in extraArgs alone would be refused by RBAC)."""
+    chart = helm_template(helm, "--set", f"{value}=team-a-lease")
+    (container,) = chart[("apps/v1", "Deployment", "pdorch-system", deployment_name)]["spec"]["template"][
+        "spec"
+    ]["containers"]
+    assert "--lease-name=team-a-lease" in container["args"]
+    role = chart[("rbac.authorization.k8s.io/v1", "Role", "pdorch-system", role_name)]
+    named = [r for r in role["rules"] if "resourceNames" in r]
+    assert named == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["team-a-lease"],
+            "verbs": ["get", "update"],
+        }
+    ]
+
+
 def test_helm_lint_is_clean_and_refuses_unsafe_values(helm: str) -> None:
     run(helm, "lint", "--strict", str(CHART))
     bad = subprocess.run(
