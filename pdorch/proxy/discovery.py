@@ -37,10 +37,17 @@ def parse_static(url: str, role: EndpointRole, bootstrap_port: int | None = None
             raise ValueError(f"{url}: bootstrap port after '#' must be a port in 1-65535")
         bootstrap_port = int(frag)
     parts = urlsplit(base)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme == "https":
+        # The engine legs are plain HTTP/1.1 (pdorch.proxy.upstream): a TLS engine would pass the
+        # health checks and fail every request.
+        raise ValueError(f"{url}: engines are reached over plain HTTP; use http://host:port")
+    if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"{url}: expected http://host:port")
+    if parts.path not in ("", "/") or parts.query:
+        # Requests go to /v1/... on the engine itself; a prefix would hold only for health checks.
+        raise ValueError(f"{url}: no path after host:port (the proxy sends /v1/... to the engine itself)")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port or 80
     except ValueError:  # urllib's message names neither the URL nor the flag
         raise ValueError(f"{url}: the port must be a number in 1-65535") from None
     return Endpoint(

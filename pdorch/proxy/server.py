@@ -287,8 +287,25 @@ MAX_ANSWER_BYTES = 256 * 1024 * 1024
 
 
 def sse_error(exc: ProxyError) -> bytes:
-    """An SSE event carrying an error, for failures after a stream started."""
-    return b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+    """An SSE event carrying an error, for failures after a stream started, then the stream's end
+    (as vLLM ends its own streams on an error: clients that wait for [DONE] stop there)."""
+    return b"data: " + json.dumps(exc.body()).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def _ends_stream(tail: bytes) -> bool:
+    """Whether an OpenAI-style event stream's last bytes are its end marker."""
+    return tail.rstrip().endswith(b"data: [DONE]")
+
+
+def _is_whole_json(body: bytes) -> bool:
+    try:
+        decode_json(body)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+CUT_AT_CLOSE = "the engine closed the connection before the end of its answer"
 
 
 class ProxyServer:
@@ -1512,6 +1529,8 @@ class ProxyServer:
                 try:
                     with Deadline(self.loop, remaining):
                         rest = await resp.read(MAX_ANSWER_BYTES)
+                    if resp.ended_by_close and not _is_whole_json(opened.first + rest):
+                        raise aiohttp.ClientPayloadError(CUT_AT_CLOSE)
                 except aiohttp.ClientError as exc:  # the engine's fault (its idle timeout included)
                     self.metrics.errors.labels(d.decode.label, "decode", "reset").inc()
                     self._outcome(d.decode, ok=False)
@@ -1546,12 +1565,18 @@ class ProxyServer:
                 except ConnectionError:
                     raise _ClientGone from None
                 self.metrics.ttft.labels(path, d.mode).observe(self.clock() - t0)
+                # The last two chunks: enough to find the end marker when the body's end is only
+                # the engine's close.
+                prev, last = b"", opened.first
                 with Deadline(self.loop, remaining):
                     async for chunk in resp.content.iter_any():  # upstream failures raise here ...
+                        prev, last = last, chunk
                         try:
                             await out.write(events.feed(chunk))
                         except ConnectionError:  # ... client failures here (kept apart for blame)
                             raise _ClientGone from None
+                    if resp.ended_by_close and not _ends_stream(prev + last):
+                        raise aiohttp.ClientPayloadError(CUT_AT_CLOSE)
                     if events.holding:
                         # The engine ended its answer normally: what it sent last is the client's.
                         try:

@@ -56,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: collections.deque[bytes] = collections.deque()
         self.done = False
         self.reusable = False
+        self.ended_by_close = False  # a body without length or chunking, ended by the close
         self.error: BaseException | None = None
         self.head: asyncio.Future[None] = self.loop.create_future()
         self.waiter: asyncio.Future[None] | None = None  # a reader waiting for body bytes
@@ -77,7 +78,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if not self.done and exc is None and self._close_delimited():
             # HTTP/1.1 lets a response without Content-Length or chunking end at a clean close.
-            self.done, self.reusable = True, False
+            self.done, self.reusable, self.ended_by_close = True, False, True
             self._wake()
         elif not self.done:
             self._fail(aiohttp.ServerDisconnectedError(str(exc) if exc else None))
@@ -191,6 +192,12 @@ class UpstreamResponse:
                 raise aiohttp.ClientPayloadError(f"engine response body larger than {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
+
+    @property
+    def ended_by_close(self) -> bool:
+        """The body ended at the engine's close, with no length or chunking to say it was whole: a
+        crashed engine ends its answer the same way, so the reader checks the body itself."""
+        return self._conn.ended_by_close
 
     def watch(self, silence_s: float | None) -> None:
         """Fail this response if the engine then sends nothing for `silence_s` seconds (checked by

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -26,8 +26,15 @@ def _bad(message: str, param: str | None, code: str = "invalid_value") -> ProxyE
 _DECODER = msgspec.json.Decoder()
 
 
-def decode_json(raw: bytes) -> Any:
-    """JSON bytes -> Python objects, accepting exactly what `json.loads` accepts, with its errors.
+def _non_finite(name: str) -> NoReturn:
+    # The upstream legs are re-encoded by msgspec, which writes a non-finite float as null: a
+    # -Infinity logit bias would reach the engine as "no bias". RFC 8259 has no such numbers.
+    raise ValueError(f"{name} is not a JSON number (RFC 8259); send a finite number")
+
+
+def decode_json(raw: bytes, *, non_finite: bool = True) -> Any:
+    """JSON bytes -> Python objects, accepting exactly what `json.loads` accepts, with its errors
+    (and, with ``non_finite=False``, refusing NaN and Infinity with a ValueError).
 
     msgspec first: on a request's critical path its C decoder costs a third of the stdlib's (and far
     less when the process's caches are cold between requests). What it refuses (NaN, UTF-16, lone
@@ -36,13 +43,13 @@ def decode_json(raw: bytes) -> Any:
     try:
         return _DECODER.decode(raw)
     except (msgspec.DecodeError, RecursionError):
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=None if non_finite else _non_finite)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
     """Decode the body; it must be a JSON object."""
     try:
-        body = decode_json(raw)
+        body = decode_json(raw, non_finite=False)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad(f"malformed JSON body: {exc}", None, "invalid_json") from None
     except RecursionError:

@@ -131,7 +131,9 @@ async def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(
             errs = error_events(got + rest)
             assert len(errs) == 1, (got + rest)[-500:]
             assert errs[0]["code"] == 502 and "decode stream interrupted" in str(errs[0]["message"])
-            assert not (got + rest).rstrip().endswith(b"[DONE]")
+            # Then the stream's end, as vLLM ends its own streams on an error.
+            events = sse_events(got + rest)
+            assert events[-1] == b"[DONE]" and b'"error"' in events[-2], events[-2:]
 
         # With the only pair dead, new requests fail fast with a JSON error (no hang).
         t0 = time.monotonic()
@@ -381,6 +383,73 @@ async def test_an_engines_non_json_4xx_reaches_the_client_as_a_json_error(
         body["prompt"] = "a json answer"
         async with http.post(s.url + "/v1/completions", json=body) as r:
             assert r.status == 422 and await r.json() == {"detail": "engine's own refusal"}
+
+
+@contextlib.asynccontextmanager
+async def close_delimited_decode(cut: bool) -> AsyncIterator[str]:
+    """A decode answering HTTP/1.1 200 with neither Content-Length nor chunking (the body ends at
+    its close, as an HTTP/1.0-style hop sends it): whole, or cut after the first event or a prefix
+    of the JSON with a clean close, which is how a crashed engine's answer ends on such a hop."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            else:
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                stream = json.loads(await reader.readexactly(length)).get("stream", False)
+                event = b'data: {"choices":[{"index":0,"text":"one","finish_reason":null}]}\n\n'
+                answer = (
+                    b'{"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":"one two"}]}'
+                )
+                if stream:
+                    body = event if cut else event + b"data: [DONE]\n\n"
+                else:
+                    body = answer[:40] if cut else answer
+                ct = b"text/event-stream" if stream else b"application/json"
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: " + ct + b"\r\nConnection: close\r\n\r\n" + body
+                )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("cut", [True, False])
+async def test_an_answer_ended_by_the_engines_close_is_relayed_only_when_whole(
+    http: aiohttp.ClientSession, stream: bool, cut: bool
+) -> None:
+    """Without a length or chunking, only the body tells a whole answer from a cut one (helper-85:
+    a cut one was relayed as a 200 success). A whole one is relayed; a cut stream ends with an
+    error event, a cut JSON answer is a 502."""
+    async with close_delimited_decode(cut) as decode, stack("vllm", decode=(decode,), max_retries=0) as s:
+        body = {"model": MODEL, "prompt": "anything", "max_tokens": 2, "stream": stream}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            raw = await r.read()
+            status = r.status
+    if stream:
+        assert status == 200
+        assert sse_events(raw)[-1] == b"[DONE]", raw
+        errors = error_events(raw)
+        if cut:
+            assert len(errors) == 1 and "closed the connection before the end" in str(errors[0]["message"])
+        else:
+            assert errors == [] and b'"text":"one"' in raw
+    elif cut:
+        assert status == 502 and "closed the connection before the end" in json.loads(raw)["error"]["message"]
+    else:
+        assert status == 200 and json.loads(raw)["choices"][0]["text"] == "one two"
 
 
 # -- a decode that hangs ------------------------------------------------------------------------------------

@@ -125,6 +125,17 @@ def test_parse_json_errors() -> None:
         assert e.value.status == 400 and e.value.param is None
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_request_with_a_non_finite_number_is_a_400_that_says_so(constant: str) -> None:
+    """The legs are re-encoded with msgspec, which writes NaN and infinities as null (helper-85: a
+    -Infinity logit bias reached the engine as null); JSON has no such numbers, so they are refused."""
+    raw = b'{"model": "m", "prompt": "x", "logit_bias": {"50256": ' + constant.encode() + b"}}"
+    with pytest.raises(ProxyError) as e:
+        parse_json(raw)
+    assert e.value.status == 400 and f"{constant} is not a JSON number" in e.value.message
+    assert parse_json(b'{"logit_bias": {"50256": -100}}') == {"logit_bias": {"50256": -100}}
+
+
 def test_deeply_nested_body_is_a_400() -> None:
     with pytest.raises(ProxyError) as e:
         parse_json(b"[" * 100_000 + b"]" * 100_000)
