@@ -606,7 +606,8 @@ class Reconciler:
         now = time.monotonic()
         lag = written is not None and now - at < WATCH_LAG_S
         down_for = now - self._old_down_since.get(key, now)
-        plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec, written, lag, down_for)
+        base = sg.status.current_revision if sg.status is not None else None
+        plan = await asyncio.to_thread(rlive.plan, roles, update_revision, spec, written, lag, down_for, base)
         assert plan.decision is not None
         if old_revision_serving_nothing(plan.observations):
             self._old_down_since.setdefault(key, now)

@@ -229,7 +229,8 @@ def live_plan(sg: ServingGroup, roles: Sequence[live.LiveRole], revision: str) -
     spec, auto = planning_spec(sg, {r.name: r.desired for r in roles}, start)
     if not rolling:
         return LivePlan(rolling, start, spec, auto)
-    initial = [live.observe(r, revision) for r in basis]
+    base = sg.status.current_revision if sg.status is not None else None
+    initial = [live.observe(r, revision, base) for r in basis]
     cut = live.cut_short(basis, initial, revision, spec)
     if cut is None:
         return LivePlan(rolling, initial, spec, auto)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pdorch.roles.labels import (
@@ -145,8 +145,11 @@ def group_states(pods: Iterable[dict[str, Any]], size: int) -> tuple[GroupState,
     return tuple(out)
 
 
-def observe(role: LiveRole, update_revision: str) -> RoleObservation:
-    """The planner's view of one role with a live LWS (see the module doc for slot readiness)."""
+def observe(role: LiveRole, update_revision: str, base_revision: str | None = None) -> RoleObservation:
+    """The planner's view of one role with a live LWS (see the module doc for slot readiness).
+
+    `base_revision`: the revision the whole group ran before this rollout (status.currentRevision);
+    never-ready groups on neither it nor the update revision are `abandoned`."""
     assert role.lws is not None
     replicas, partition = lws_replicas_partition(role.lws)
     if lws_revision(role.lws) != update_revision:
@@ -176,19 +179,48 @@ def observe(role: LiveRole, update_revision: str) -> RoleObservation:
         partition=partition,
         surge=replicas - role.desired,
         old_revisions=_old_revisions(groups, partition),
-        abandoned=_abandoned(groups, partition, update_revision),
+        abandoned=_abandoned(groups, partition, update_revision, base_revision),
     )
 
 
-def _abandoned(groups: dict[int, GroupState], partition: int, update_revision: str) -> int:
-    """How many of the top old groups never became ready on a revision that is neither the base
-    (index 0's) nor the update one: surge groups of a rollout a rollback or a newer spec replaced.
-    A group of the base revision that is not ready (a crash) is waited for as before."""
-    base = groups[0].revision if 0 in groups else ""
+def _all_new(o: RoleObservation) -> RoleObservation:
+    """`o` with every group counted on the update revision (partition 0)."""
+    return replace(
+        o,
+        old_ready=0,
+        new_ready=o.old_ready + o.new_ready,
+        old_total=0,
+        new_total=o.old_total + o.new_total,
+        partition=0,
+        old_revisions=(),
+        abandoned=0,
+    )
+
+
+def _runs_only(role: LiveRole, revision: str) -> bool:
+    """Every group up to the LWS's replicas exists and its pods run `revision`."""
+    assert role.lws is not None
+    replicas, _ = lws_replicas_partition(role.lws)
+    revisions = {g.index: g.revision for g in role.groups}
+    return all(revisions.get(i) == revision for i in range(replicas))
+
+
+def _abandoned(
+    groups: dict[int, GroupState], partition: int, update_revision: str, base_revision: str | None
+) -> int:
+    """How many of the top old groups are not ready on a revision that serves nothing in this role
+    and is neither the base nor the update one: groups of a rollout a rollback or a newer spec
+    replaced, which may never start. The base is the revision the group ran before
+    (`base_revision`), else this role's index 0's. A revision with a ready group in this role
+    serves: its groups that are still starting are waited for, as is a group of the base revision
+    that is not ready (a crash). With the group's base, a role whose every group moved to a
+    replaced revision that never started is recreated too (helper-86: it was waited for for ever)."""
+    serving = {g.revision for g in groups.values() if g.ready}
+    serving.add(base_revision or (groups[0].revision if 0 in groups else ""))
     n = 0
-    for i in range(partition - 1, 0, -1):
+    for i in range(partition - 1, -1 if base_revision else 0, -1):
         g = groups.get(i)
-        if g is None or g.ready or not g.revision or g.revision in (base, update_revision):
+        if g is None or g.ready or not g.revision or g.revision in serving or g.revision == update_revision:
             break
         n += 1
     return n
@@ -260,6 +292,7 @@ def plan(
     written: StepRecord | None = None,
     cache_may_lag: bool = True,
     old_down_for: float = math.inf,
+    base_revision: str | None = None,
 ) -> RolloutPlan:
     """Decide the partitions and replicas of the KV roles for this reconcile.
 
@@ -269,14 +302,19 @@ def plan(
     one, before a failed write) did not finish, and is finished before anything else. The step
     this controller just wrote is not: its LWS objects may only lag in the watch cache, and while
     `cache_may_lag` (it was written moments ago) an LWS showing an older step is held at `written`.
-    `old_down_for`: see `next_step`.
+    `old_down_for`: see `next_step`. `base_revision`: see `observe`.
     """
     kv = [r for r in roles if r.type in KV_TYPES]
     by_rev = cohorts(kv)
     if spec is None or not is_rolling(kv, update_revision):
         return RolloutPlan(False, {}, None, cohorts=by_rev)
     live = [r for r in kv if r.lws is not None]
-    observed = [observe(r, update_revision) for r in live]
+    observed = [observe(r, update_revision, base_revision) for r in live]
+    if any(o.partition for o in observed) and all(_runs_only(r, update_revision) for r in live):
+        # A spec put back to the revision every group still runs (a refused rollout reverted): the
+        # template goes back in and recreates nothing. Planned as a rollout from those groups to
+        # themselves, the budgets refused it again, for ever (helper-86). They are all new.
+        observed = [_all_new(o) for o in observed]
     # From the rollout's start state (desired replicas, all old): one tolerance for the whole
     # rollout, not one that drifts with the live state.
     spec = with_auto_tolerance(spec, initial_state([(r.name, r.type, r.desired) for r in live]))
@@ -384,10 +422,27 @@ def cut_short(
     moving = [n for n in missing if n not in at_target]
     if any(by_name[n].abandoned for n in moving):
         return None  # the planner recreates never-ready groups first; waiting for them never ends
-    unready = [n for n in moving if not by_name[n].all_ready]
+    roles_by_name = {r.name: r for r in roles}
+    unready = [
+        n for n in moving if _kept_unready(roles_by_name[n], by_name[n], targets[n][1], update_revision)
+    ]
     if not all(step_fits(by_name[n], spec, RoleAction(*targets[n])) for n in moving):
         return None
     return CutShort(last, missing, unready)
+
+
+def _kept_unready(role: LiveRole, obs: RoleObservation, target_partition: int, update_revision: str) -> bool:
+    """Whether a group that a step lowering the partition to `target_partition` keeps is not
+    ready. The groups it recreates are not waited for: when they never start (the reason for a
+    recreate step), waiting for them never ends (helper-86)."""
+    groups = {g.index: g for g in role.groups}
+    for i in range(obs.replicas):
+        if target_partition <= i < obs.partition:
+            continue
+        g = groups.get(i)
+        if g is None or not g.ready or (i >= obs.partition and g.revision != update_revision):
+            return True
+    return False
 
 
 def _lws_view(role: LiveRole, update_revision: str) -> step_record.LwsView:

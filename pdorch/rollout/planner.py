@@ -723,6 +723,8 @@ DelayModel = Callable[[str, int, int], int]
 class _Group:
     new: bool
     ready_at: int
+    revision: str = ""  # an old group's revision, when a live state says (several old revisions)
+    abandoned: bool = False  # never ready, on a revision a rollback or newer spec replaced
 
 
 def _observe(
@@ -730,7 +732,20 @@ def _observe(
 ) -> RoleObservation:
     old = [g for g in groups if not g.new]
     new = [g for g in groups if g.new]
+    runs: list[tuple[str, int]] = []
+    for g in old:
+        if runs and runs[-1][0] == g.revision:
+            runs[-1] = (g.revision, runs[-1][1] + 1)
+        else:
+            runs.append((g.revision, 1))
+    abandoned = 0
+    for g in reversed(old):
+        if not g.abandoned:
+            break
+        abandoned += 1
     return RoleObservation(
+        old_revisions=tuple(runs) if any(rev for rev, _ in runs) else (),
+        abandoned=abandoned,
         name=name,
         type=typ,
         desired=desired,
@@ -795,8 +810,22 @@ def simulate(
         if r.type not in ("prefill", "decode", "worker"):
             continue
         # Old groups below the partition, new ones above; groups not ready yet become ready after
-        # one tick (a live state read by `pdorch plan --from-live` may be mid-rollout).
-        old = [_Group(False, 0 if i < r.old_ready else 1) for i in range(r.partition)]
+        # one tick (a live state read by `pdorch plan --from-live` may be mid-rollout), except the
+        # abandoned ones, which never do (the planner recreates them). Old groups keep their
+        # revisions, so several old revisions are planned as the controller plans them.
+        revisions = [rev for rev, n in r.old_revisions for _ in range(n)]
+        old = [
+            _Group(
+                False,
+                0 if i < r.old_ready else 1,
+                revisions[i] if i < len(revisions) else "",
+                abandoned=i >= r.partition - r.abandoned,
+            )
+            for i in range(r.partition)
+        ]
+        for g in old:
+            if g.abandoned:
+                g.ready_at = max_ticks + 1
         new = [_Group(True, 0 if i < r.new_ready else 1) for i in range(r.new_total)]
         state[r.name] = old + new
         parts[r.name] = r.partition

@@ -18,7 +18,7 @@ from pdorch.roles.labels import (
     LWS_WORKER_INDEX,
 )
 from pdorch.rollout import live, step_record
-from pdorch.rollout.planner import auto_tolerance, initial_state
+from pdorch.rollout.planner import auto_tolerance, initial_state, simulate
 from pdorch.rollout.state import RolloutSpec
 
 pytestmark = pytest.mark.unit
@@ -289,6 +289,48 @@ def test_an_unready_group_of_the_base_revision_is_waited_for() -> None:
     assert [o.abandoned for o in plan.observations] == [0, 0]
 
 
+def test_a_refused_rollout_put_back_is_over_not_refused_again() -> None:
+    """3P:2D at tolerance 0 with maxSurge 1 and maxUnavailable 0 is refused before anything moves
+    (the templates went in at partition = replicas). Putting the spec back (a rollback) left every
+    group on the update revision, yet it was planned as a rollout from them to themselves and
+    refused again, for ever (helper-86). It is over: partitions 0, nothing recreated."""
+    spec = RolloutSpec(3, 2, 0.0, 1, 0)
+
+    def role(name: str, n: int, template: str) -> live.LiveRole:
+        return live.LiveRole(
+            name, name, n, _lws(n, n, template), tuple(live.GroupState(i, OLD, True) for i in range(n))
+        )
+
+    refused = live.plan([role("prefill", 3, OLD), role("decode", 2, OLD)], NEW, spec)
+    assert refused.decision is not None and refused.decision.kind == "blocked"
+    back = live.plan([role("prefill", 3, NEW), role("decode", 2, NEW)], OLD, spec)
+    assert back.decision is not None and back.decision.kind == "done", back.decision
+    assert not back.active and back.actions == {}
+
+
+def test_a_role_moved_whole_to_a_never_ready_revision_is_recreated_after_a_rollback() -> None:
+    """Two decode roles of one group each: the first step moved decode-b's only group (index 0)
+    to NEW, which never gets ready; then a rollback to OLD. Judged against its own index 0, that
+    group was on the 'base' revision and waited for, for ever (helper-86); judged against the
+    revision the group ran before (status.currentRevision) it is abandoned and recreated."""
+    prefill = live.LiveRole(
+        "prefill",
+        "prefill",
+        2,
+        _lws(2, 2, NEW),
+        (live.GroupState(0, OLD, True), live.GroupState(1, OLD, True)),
+    )
+    decode_a = live.LiveRole("decode-a", "decode", 1, _lws(1, 1, NEW), (live.GroupState(0, OLD, True),))
+    decode_b = live.LiveRole("decode-b", "decode", 1, _lws(1, 1, NEW), (live.GroupState(0, NEW, False),))
+    spec = RolloutSpec(1, 1, 0.0, 0, 1)
+    stuck = live.plan([prefill, decode_a, decode_b], OLD, spec)
+    assert stuck.decision is not None and stuck.decision.kind == "wait"  # no base: as before
+    plan = live.plan([prefill, decode_a, decode_b], OLD, spec, base_revision=OLD)
+    assert plan.decision is not None and plan.decision.kind == "step", plan.decision
+    assert plan.actions["decode-b"] == (1, 0) and plan.actions["decode-a"] == (1, 1)
+    assert [o.abandoned for o in plan.observations] == [0, 0, 1]
+
+
 def _written(role: live.LiveRole, plan: live.RolloutPlan) -> live.LiveRole:
     """`role` after the controller's LWS write of `plan`, once LWS has recreated its groups."""
     replicas, partition = plan.actions[role.name]
@@ -343,6 +385,29 @@ def test_a_step_whose_lws_writes_were_cut_short_is_finished_as_planned() -> None
     assert resumed.decision.reason == "finish step 1, whose write of d0 was cut short"
     assert resumed.actions == first.actions and resumed.step == first.step
     assert _finish([_written(r, resumed) for r in half], spec, resumed.step) > 0
+
+
+def test_a_cut_short_recreate_of_old_groups_that_never_start_is_not_waited_for() -> None:
+    """OLD's pods never start, so the spec is fixed to NEW and the planner recreates every old
+    group at once; the controller stopped after writing prefill's part. Finishing the step waited
+    for decode's readiness, i.e. for the very groups the step recreates: for ever (helper-86)."""
+    never = tuple(live.GroupState(i, OLD, False) for i in range(2))
+    roles = [
+        live.LiveRole("prefill", "prefill", 2, _lws(2, 2, NEW), never),
+        live.LiveRole("decode", "decode", 1, _lws(1, 1, NEW), never[:1]),
+    ]
+    spec = RolloutSpec(2, 1, None, "25%", 1)
+    first = live.plan(roles, NEW, spec)
+    assert first.decision is not None and first.decision.kind == "step" and first.step is not None
+    assert first.actions == {"prefill": (2, 0), "decode": (1, 0)}
+    lws = _lws(2, 0, NEW)
+    lws["metadata"] = {"annotations": {ANNOTATION_ROLLOUT: NEW, ANNOTATION_ROLLOUT_STEP: first.step.encode()}}
+    prefill = live.LiveRole(
+        "prefill", "prefill", 2, lws, tuple(live.GroupState(i, NEW, False) for i in range(2))
+    )
+    resumed = live.plan([prefill, roles[1]], NEW, spec)  # a new controller: it wrote nothing itself
+    assert resumed.decision is not None and resumed.decision.kind == "step", resumed.decision
+    assert resumed.actions["decode"] == (1, 0)
 
 
 def test_the_step_a_controller_wrote_itself_is_not_redone_while_the_cache_lags() -> None:
@@ -455,8 +520,9 @@ def test_a_pass_that_writes_no_step_stamps_no_record_on_an_lws_without_it() -> N
     # group's hold carries each LWS's own record.
     paused = live.plan(half, NEW, replace(spec, paused=True), written=None)
     assert paused.decision is not None and paused.decision.reason.startswith("finish step 1")
+    # d0's group 0 crashed: one the step keeps (a group the step recreates is not waited for).
     crashed = [
-        live.LiveRole(r.name, r.type, r.desired, r.lws, r.groups[:-1]) if r.name == "d0" else r for r in half
+        live.LiveRole(r.name, r.type, r.desired, r.lws, r.groups[1:]) if r.name == "d0" else r for r in half
     ]
     held = live.plan(crashed, NEW, spec)
     assert held.decision is not None and held.decision.kind == "wait", held.decision
@@ -624,3 +690,25 @@ def test_a_cut_step_whose_unwritten_role_is_at_target_does_not_wait_for_its_neve
     after = live.plan(written, NEW, spec, plan.step, old_down_for=3600.0)
     assert after.decision is not None and after.decision.kind == "step", after.decision
     assert "recreate" in after.decision.reason, after.decision.reason
+
+
+def test_the_offline_simulation_of_a_layered_live_state_plans_as_the_controller() -> None:
+    """A rollout to NEW half done (prefill OLD NEW NEW, decode OLD OLD NEW), then a newer spec: the
+    old side holds two revisions. `pdorch plan --from-live` simulates from the live observations;
+    it rebuilt the groups without their revisions, planned the old side as one cohort and showed a
+    first step that leaves NEW's old groups one-sided, which the controller avoids (helper-86)."""
+    newer = "cccccccccc"
+
+    def role(name: str, revisions: list[str], partition: int) -> live.LiveRole:
+        n = len(revisions)
+        groups = tuple(live.GroupState(i, rev, True) for i, rev in enumerate(revisions))
+        return live.LiveRole(name, name, n, _lws(n, partition, NEW), groups)
+
+    roles = [role("prefill", [OLD, NEW, NEW], 1), role("decode", [OLD, OLD, NEW], 2)]
+    spec = RolloutSpec(1, 1, 0.0, "100%", "34%")
+    controller = live.plan(roles, newer, spec)
+    assert controller.decision is not None and controller.decision.kind == "step"
+    snaps = simulate(spec, [live.observe(r, newer) for r in roles], lambda *_: 1)
+    first = next(s for s in snaps if s.decision.kind == "step")
+    assert {r.name: (r.replicas, r.partition) for r in first.roles} == controller.actions
+    assert snaps[-1].decision.kind == "done"
