@@ -444,6 +444,11 @@ def _plan_step(
                 "maxSurge/maxUnavailable",
             )
     before = _revision_cohorts(kv, [r.partition for r in kv]) if layered else {}
+    # With several old revisions a step may leave one of them one-sided, but not every one: a step
+    # that leaves no revision with a ready pair (while one has one now) is an outage until its new
+    # groups start (helper-86).
+    new_pair = all(sum(r.new_total for r in kv if r.type == t) for t in ("prefill", "decode"))
+    guard_pair = layered and not new_pair and _paired(before)
     best: _Candidate | None = None
     ranked: list[_Candidate] = []
     for choice in choices:
@@ -470,6 +475,8 @@ def _plan_step(
             or not order.keep_revisions
             or _no_worse(before, _revision_cohorts(kv, [o.old for o in choice]), spec, tol)
         )
+        if guard_pair and not _paired(_revision_cohorts(kv, [o.old for o in choice])):
+            continue
         # An old cohort off the ratio (a controller killed between the writes of one step, a hand
         # scale-down) goes back onto it first, before moving the most: the step that does is usually
         # the interrupted one, completed.
@@ -619,6 +626,11 @@ def _revision_cohorts(kv: Sequence[RoleObservation], olds: Sequence[int]) -> dic
             p, d = out.get(rev, (0, 0))
             out[rev] = (p + n, d) if r.type == "prefill" else (p, d + n)
     return out
+
+
+def _paired(cohorts: dict[str, tuple[int, int]]) -> bool:
+    """Whether some revision has both a prefill and a decode group."""
+    return any(p and d for p, d in cohorts.values())
 
 
 def _no_worse(

@@ -741,3 +741,23 @@ def test_old_groups_of_one_role_restarting_are_waited_for(p: int, d: int, steps:
         obs = [applied(o, next_step(obs, spec).roles[o.name]) for o in obs]
     decode_down = [_unready_old(o) if o.type == "decode" else o for o in obs]
     assert next_step(decode_down, spec).kind == "wait"
+
+
+def test_a_step_never_leaves_no_revision_with_a_ready_pair() -> None:
+    """A newer spec arrived while a rollout to B stood at prefill 7 A and 7 B groups and decode 8 B groups (every new
+    group not yet created), with maxUnavailable 0: the best step moved prefill's B groups and half
+    of decode's, leaving A with prefill only and B with decode only, so no revision could serve
+    until the newest one's groups started (helper-86). A step keeps a pair of some revision."""
+    p = RoleObservation(
+        "prefill", "prefill", 7, old_ready=14, new_ready=0, old_total=14, new_total=0, partition=14,
+        surge=7, old_revisions=(("A", 7), ("B", 7)),
+    )  # fmt: skip
+    d = RoleObservation(
+        "decode", "decode", 4, old_ready=8, new_ready=0, old_total=8, new_total=0, partition=8,
+        surge=4, old_revisions=(("B", 8),),
+    )  # fmt: skip
+    decision = next_step([p, d], RolloutSpec(2, 4, 0.25, "100%", "0%"))
+    assert decision.kind == "step", decision
+    kept_p, kept_d = decision.roles["prefill"].partition, decision.roles["decode"].partition
+    # Prefill keeps its lowest groups (A first): B keeps a pair when prefill keeps more than 7.
+    assert kept_p > 7 and kept_d > 0, decision
