@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -227,6 +227,18 @@ async def test_a_half_open_vllm_decode_takes_one_probe_not_every_request_routed_
 
 
 @contextlib.asynccontextmanager
+async def raw_engine(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A loopback TCP server whose every connection `handle` answers byte by byte: its URL."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@contextlib.asynccontextmanager
 async def head_then_silence_server() -> AsyncIterator[str]:
     """Answers every request with a 200 head announcing a body, then sends nothing more."""
 
@@ -238,11 +250,8 @@ async def head_then_silence_server() -> AsyncIterator[str]:
             await reader.read()  # until the proxy gives up and closes
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
+    async with raw_engine(handle) as url:
+        yield url
 
 
 async def test_a_decode_silent_after_its_head_is_failed_at_the_idle_limit_and_retried(
@@ -418,11 +427,8 @@ async def close_delimited_decode(cut: bool) -> AsyncIterator[str]:
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
+    async with raw_engine(handle) as url:
+        yield url
 
 
 @pytest.mark.parametrize("stream", [True, False])
