@@ -1026,7 +1026,8 @@ async def test_shutdown_drains_visibly_then_ends_what_is_left_with_explicit_erro
         assert grace - 1.0 <= took <= grace + 0.5, took
         events = [e for e in (first + rest).split(b"\n\n") if e.strip()]
         assert len(events) > 10  # tokens flowed during the drain
-        last = json.loads(events[-1].removeprefix(b"data: "))
+        assert events[-1] == b"data: [DONE]"  # after the error event, as vLLM ends its streams
+        last = json.loads(events[-2].removeprefix(b"data: "))
         assert last["error"]["code"] == "shutting_down" and "shutting down" in last["error"]["message"]
         with pytest.raises(aiohttp.ClientConnectionError):  # after the drain delay: refused
             async with http.get(s.url + "/health"):
@@ -1164,8 +1165,8 @@ async def test_stream_cut_after_first_bytes_ends_with_an_error_event(http: aioht
             assert r.status == 200
             raw = await r.read()
         assert raw.startswith(b'data: {"choices": [{"index": 0, "text": "partial"}]}\n\n')
-        last = raw.strip().split(b"\n\n")[-1]
-        assert last.startswith(b"data: ")
+        *_, last, end = raw.strip().split(b"\n\n")
+        assert last.startswith(b"data: ") and end == b"data: [DONE]"
         err = json.loads(last[len(b"data: ") :])["error"]
         assert "interrupted" in err["message"]
         text = await text_of(http, s.url)
@@ -1183,10 +1184,9 @@ async def test_request_timeout_is_explicit(http: aiohttp.ClientSession) -> None:
         async with http.post(s.url + "/v1/completions", json={**body, "stream": True}) as r:
             assert r.status == 200
             raw = await r.read()
-        last = raw.strip().split(b"\n\n")[-1]
-        assert (
-            json.loads(last[len(b"data: ") :])["error"]["code"] == 504
-        )  # the stream ends with an error event
+        *_, last, end = raw.strip().split(b"\n\n")
+        # The stream ends with an error event, then [DONE].
+        assert json.loads(last[len(b"data: ") :])["error"]["code"] == 504 and end == b"data: [DONE]"
 
         async def decode_aborted() -> bool:
             text = await text_of(http, s.decode_url)

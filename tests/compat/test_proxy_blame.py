@@ -149,8 +149,10 @@ async def test_a_decode_cut_off_inside_an_event_sends_whole_events_then_the_erro
                 async for chunk in stream:
                     texts.append(chunk.choices[0].text)
             assert texts == ["one"]
-    assert raw.count(b"data: ") == 2  # the half event never reached the client
-    events = [json.loads(e.removeprefix(b"data: ")) for e in raw.split(b"\n\n") if e.strip()]
+    assert raw.count(b"data: ") == 3  # the half event never reached the client
+    *parts, end = [e for e in raw.split(b"\n\n") if e.strip()]
+    assert end == b"data: [DONE]"  # after the error event, as vLLM ends its streams
+    events = [json.loads(e.removeprefix(b"data: ")) for e in parts]
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["one"]
     assert events[-1]["error"]["code"] == 502 and "interrupted" in events[-1]["error"]["message"]
 
