@@ -151,7 +151,7 @@ def main() -> int:
                 continue
             print(
                 f"{name:>8} {p}P/{d}D surge {surge} unavailable {unavailable}: first {r['first_decision_s']:.3f}s, "
-                f"median {r['median_decision_ms']:.2f}ms, max {r['max_decision_ms']:.1f}ms over {r['decisions']} "
+                f"median {r['median_decision_ms']:.2f}ms, max {r['max_decision_ms']:.2f}ms over {r['decisions']} "
                 f"decisions, {r['steps']} steps, {r['outcome']}, peak prefill {r['peak_prefill_groups']}",
                 flush=True,
             )
@@ -166,7 +166,7 @@ def main() -> int:
             lines.append(f"{head} stopped after {r['timeout_s']:.0f} s | | | | |")
             continue
         lines.append(
-            f"{head} {r['first_decision_s']:.3f} | {r['median_decision_ms']:.2f} | {r['max_decision_ms']:.1f} | "
+            f"{head} {r['first_decision_s']:.3f} | {r['median_decision_ms']:.2f} | {r['max_decision_ms']:.2f} | "
             f"{r['steps']} | {r['peak_prefill_groups']} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
