@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
@@ -292,9 +293,15 @@ def sse_error(exc: ProxyError) -> bytes:
     return b"data: " + json.dumps(exc.body()).encode() + b"\n\ndata: [DONE]\n\n"
 
 
+_END_MARKER = re.compile(rb"(?:^|\n)data: ?\[DONE\]\s*$")
+# Enough of a stream's last bytes to hold its end marker, however the engine split its writes.
+_TAIL_BYTES = 64
+
+
 def _ends_stream(tail: bytes) -> bool:
-    """Whether an OpenAI-style event stream's last bytes are its end marker."""
-    return tail.rstrip().endswith(b"data: [DONE]")
+    """Whether an OpenAI-style event stream's last bytes are its end marker (the space after
+    ``data:`` is optional in SSE)."""
+    return _END_MARKER.search(tail) is not None
 
 
 def _is_whole_json(body: bytes) -> bool:
@@ -1565,17 +1572,21 @@ class ProxyServer:
                 except ConnectionError:
                     raise _ClientGone from None
                 self.metrics.ttft.labels(path, d.mode).observe(self.clock() - t0)
-                # The last two chunks: enough to find the end marker when the body's end is only
-                # the engine's close.
-                prev, last = b"", opened.first
+                # The stream's last bytes: its end marker tells a whole answer from a cut one when
+                # the body's end is only the engine's close.
+                tail = opened.first[-_TAIL_BYTES:]
                 with Deadline(self.loop, remaining):
                     async for chunk in resp.content.iter_any():  # upstream failures raise here ...
-                        prev, last = last, chunk
+                        tail = (
+                            chunk[-_TAIL_BYTES:]
+                            if len(chunk) >= _TAIL_BYTES
+                            else (tail + chunk)[-_TAIL_BYTES:]
+                        )
                         try:
                             await out.write(events.feed(chunk))
                         except ConnectionError:  # ... client failures here (kept apart for blame)
                             raise _ClientGone from None
-                    if resp.ended_by_close and not _ends_stream(prev + last):
+                    if resp.ended_by_close and not _ends_stream(tail):
                         raise aiohttp.ClientPayloadError(CUT_AT_CLOSE)
                     if events.holding:
                         # The engine ended its answer normally: what it sent last is the client's.

@@ -43,7 +43,17 @@ def decode_json(raw: bytes, *, non_finite: bool = True) -> Any:
     try:
         return _DECODER.decode(raw)
     except (msgspec.DecodeError, RecursionError):
-        return json.loads(raw, parse_constant=None if non_finite else _non_finite)
+        if non_finite:
+            return json.loads(raw)
+        return json.loads(raw, parse_constant=_non_finite, parse_float=_finite_float)
+
+
+def _finite_float(text: str) -> float:
+    # A literal beyond a double's range (-1e400) reads as an infinity (helper-88).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond a double's range; send a finite number")
+    return value
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:

@@ -230,7 +230,7 @@ def live_plan(sg: ServingGroup, roles: Sequence[live.LiveRole], revision: str) -
     if not rolling:
         return LivePlan(rolling, start, spec, auto)
     base = sg.status.current_revision if sg.status is not None else None
-    initial = [live.observe(r, revision, base) for r in basis]
+    initial = live.observations(basis, revision, base)
     cut = live.cut_short(basis, initial, revision, spec)
     if cut is None:
         return LivePlan(rolling, initial, spec, auto)

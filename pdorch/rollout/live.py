@@ -183,6 +183,20 @@ def observe(role: LiveRole, update_revision: str, base_revision: str | None = No
     )
 
 
+def observations(
+    roles: Sequence[LiveRole], update_revision: str, base_revision: str | None = None
+) -> list[RoleObservation]:
+    """The planner's view of the roles with a live LWS (`observe` each), as `plan` and
+    `pdorch plan --from-live` both start from it."""
+    observed = [observe(r, update_revision, base_revision) for r in roles]
+    if any(o.partition for o in observed) and all(_runs_only(r, update_revision) for r in roles):
+        # A spec put back to the revision every group still runs (a refused rollout reverted): the
+        # template goes back in and recreates nothing. Planned as a rollout from those groups to
+        # themselves, the budgets refused it again, for ever (helper-86). They are all new.
+        observed = [_all_new(o) for o in observed]
+    return observed
+
+
 def _all_new(o: RoleObservation) -> RoleObservation:
     """`o` with every group counted on the update revision (partition 0)."""
     return replace(
@@ -208,15 +222,17 @@ def _runs_only(role: LiveRole, revision: str) -> bool:
 def _abandoned(
     groups: dict[int, GroupState], partition: int, update_revision: str, base_revision: str | None
 ) -> int:
-    """How many of the top old groups are not ready on a revision that serves nothing in this role
-    and is neither the base nor the update one: groups of a rollout a rollback or a newer spec
-    replaced, which may never start. The base is the revision the group ran before
-    (`base_revision`), else this role's index 0's. A revision with a ready group in this role
-    serves: its groups that are still starting are waited for, as is a group of the base revision
-    that is not ready (a crash). With the group's base, a role whose every group moved to a
-    replaced revision that never started is recreated too (helper-86: it was waited for for ever)."""
-    serving = {g.revision for g in groups.values() if g.ready}
-    serving.add(base_revision or (groups[0].revision if 0 in groups else ""))
+    """How many of the top old groups are not ready on a revision that is neither the base nor
+    the update one: groups of a rollout a rollback or a newer spec replaced, which may never start.
+    The base is this role's index 0's revision while that group is ready (groups of the revision
+    this role serves from are starting, or crashed, and are waited for), and the revision the whole
+    group ran before (`base_revision`, status.currentRevision). With the latter, index 0 itself can
+    be abandoned: a role whose every group moved to a replaced revision that never started is
+    recreated (helper-86: it was waited for for ever)."""
+    first = groups.get(0)
+    serving = {base_revision} if base_revision else set()
+    if first is not None and (first.ready or not base_revision):
+        serving.add(first.revision)
     n = 0
     for i in range(partition - 1, -1 if base_revision else 0, -1):
         g = groups.get(i)
@@ -309,12 +325,7 @@ def plan(
     if spec is None or not is_rolling(kv, update_revision):
         return RolloutPlan(False, {}, None, cohorts=by_rev)
     live = [r for r in kv if r.lws is not None]
-    observed = [observe(r, update_revision, base_revision) for r in live]
-    if any(o.partition for o in observed) and all(_runs_only(r, update_revision) for r in live):
-        # A spec put back to the revision every group still runs (a refused rollout reverted): the
-        # template goes back in and recreates nothing. Planned as a rollout from those groups to
-        # themselves, the budgets refused it again, for ever (helper-86). They are all new.
-        observed = [_all_new(o) for o in observed]
+    observed = observations(live, update_revision, base_revision)
     # From the rollout's start state (desired replicas, all old): one tolerance for the whole
     # rollout, not one that drifts with the live state.
     spec = with_auto_tolerance(spec, initial_state([(r.name, r.type, r.desired) for r in live]))

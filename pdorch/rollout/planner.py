@@ -252,6 +252,9 @@ def next_step(
         # the old side as one cohort (a revision may drift off, even one-sided, for a step) rather
         # than refuse a rollout that has a way through.
         orders.append(_Order(True, keep_revisions=False))
+        # Steps that keep no revision paired are an outage until the new groups start: only when
+        # no order finishes with steps that keep one (helper-86, helper-88).
+        orders += [o._replace(keep_pair=False) for o in orders]
     for order in orders:
         decision, stalls = _attempt(state, spec, order, 0)
         if decision.kind in ("done", "step"):
@@ -299,10 +302,13 @@ def old_revision_serving_nothing(roles: Sequence[RoleObservation]) -> list[RoleO
 class _Order(NamedTuple):
     """How `_plan_step` ranks candidate steps. `steady_first`: steps that bring an off-ratio old
     cohort back onto the ratio above those that move the most. `keep_revisions`: with several old
-    revisions, steps that leave each of them no further off the ratio above all others."""
+    revisions, steps that leave each of them no further off the ratio above all others.
+    `keep_pair`: with several old revisions and no new pair, only steps that keep some revision
+    with a ready prefill and decode (the orders without it are tried after those with it)."""
 
     steady_first: bool
     keep_revisions: bool = True
+    keep_pair: bool = True
 
 
 _STEADY_FIRST = _Order(True)
@@ -448,7 +454,7 @@ def _plan_step(
     # that leaves no revision with a ready pair (while one has one now) is an outage until its new
     # groups start (helper-86).
     new_pair = all(sum(r.new_total for r in kv if r.type == t) for t in ("prefill", "decode"))
-    guard_pair = layered and not new_pair and _paired(before)
+    guard_pair = order.keep_pair and layered and not new_pair and _paired(before)
     best: _Candidate | None = None
     ranked: list[_Candidate] = []
     for choice in choices:

@@ -395,10 +395,13 @@ async def test_an_engines_non_json_4xx_reaches_the_client_as_a_json_error(
 
 
 @contextlib.asynccontextmanager
-async def close_delimited_decode(cut: bool) -> AsyncIterator[str]:
+async def close_delimited_decode(
+    cut: bool, end: tuple[bytes, ...] = (b"data: [DONE]\n\n",)
+) -> AsyncIterator[str]:
     """A decode answering HTTP/1.1 200 with neither Content-Length nor chunking (the body ends at
     its close, as an HTTP/1.0-style hop sends it): whole, or cut after the first event or a prefix
-    of the JSON with a clean close, which is how a crashed engine's answer ends on such a hop."""
+    of the JSON with a clean close, which is how a crashed engine's answer ends on such a hop. A
+    whole stream ends with `end`, each part written (and flushed) on its own."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
@@ -417,13 +420,17 @@ async def close_delimited_decode(cut: bool) -> AsyncIterator[str]:
                     b'{"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":"one two"}]}'
                 )
                 if stream:
-                    body = event if cut else event + b"data: [DONE]\n\n"
+                    body = event
                 else:
                     body = answer[:40] if cut else answer
                 ct = b"text/event-stream" if stream else b"application/json"
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: " + ct + b"\r\nConnection: close\r\n\r\n" + body
                 )
+                for part in end if stream and not cut else ():
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(part)
             await writer.drain()
         writer.close()
 
@@ -456,6 +463,28 @@ async def test_an_answer_ended_by_the_engines_close_is_relayed_only_when_whole(
         assert status == 502 and "closed the connection before the end" in json.loads(raw)["error"]["message"]
     else:
         assert status == 200 and json.loads(raw)["choices"][0]["text"] == "one two"
+
+
+@pytest.mark.parametrize(
+    "end",
+    [(b"data: ", b"[DONE]", b"\n\n"), (b"data:[DONE]\n\n",)],
+    ids=["marker in three writes", "marker without a space"],
+)
+async def test_a_whole_stream_ended_by_the_engines_close_is_relayed_whatever_its_writes(
+    http: aiohttp.ClientSession, end: tuple[bytes, ...]
+) -> None:
+    """The end marker split over writes, or written without the optional space, is still the end
+    (helper-88: the check read the last two chunks only, and needed the space, and sent a false
+    error event after a whole answer)."""
+    async with (
+        close_delimited_decode(False, end) as decode,
+        stack("vllm", decode=(decode,), max_retries=0) as s,
+    ):
+        body = {"model": MODEL, "prompt": "anything", "max_tokens": 2, "stream": True}
+        async with http.post(s.url + "/v1/completions", json=body) as r:
+            raw = await r.read()
+            assert r.status == 200
+    assert error_events(raw) == [] and raw.endswith(b"".join(end)), raw
 
 
 # -- a decode that hangs ------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_static_urls() -> None:
     assert [e.role for e in s.endpoints] == ["prefill", "decode", "decode"]
     bad_urls = ("p:1", "ftp://x:1", "http://h:1#abc", "http://h:1#0", "http://h:1#65536", "http://h:x")
     # TLS and a path prefix would hold for the health checks only (the legs are plain HTTP to /v1/...).
-    bad_urls += ("https://h:1", "http://h:1/engine-a", "http://h:1/?x=1")
+    bad_urls += ("https://h:1", "http://h:1/engine-a", "http://h:1/?x=1", "http://h:1?", "http://u:p@h:1")
     for bad in bad_urls:
         with pytest.raises(ValueError) as exc:
             parse_static(bad, "prefill")

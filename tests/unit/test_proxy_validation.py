@@ -134,6 +134,10 @@ def test_a_request_with_a_non_finite_number_is_a_400_that_says_so(constant: str)
         parse_json(raw)
     assert e.value.status == 400 and f"{constant} is not a JSON number" in e.value.message
     assert parse_json(b'{"logit_bias": {"50256": -100}}') == {"logit_bias": {"50256": -100}}
+    with pytest.raises(ProxyError) as e:  # a literal beyond a double's range reads as an infinity
+        parse_json(b'{"logit_bias": {"50256": -1e400}}')
+    assert e.value.status == 400 and "-1e400 is beyond a double's range" in e.value.message
+    assert parse_json(b'{"top_p": 1e-400}') == {"top_p": 0.0}  # underflow is finite: kept
 
 
 def test_deeply_nested_body_is_a_400() -> None:

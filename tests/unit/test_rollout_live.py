@@ -331,6 +331,21 @@ def test_a_role_moved_whole_to_a_never_ready_revision_is_recreated_after_a_rollb
     assert [o.abandoned for o in plan.observations] == [0, 0, 1]
 
 
+def test_a_never_ready_surge_group_beside_a_ready_one_of_its_revision_is_recreated() -> None:
+    """A rollout to NEW added two surge groups: one got ready, one never does; then a rollback.
+    The ready one does not make its never-ready sibling one to wait for (helper-88)."""
+    groups = (*(live.GroupState(i, OLD, True) for i in range(2)), live.GroupState(2, NEW, True))
+    prefill = live.LiveRole(
+        "prefill", "prefill", 2, _lws(4, 4, OLD), (*groups, live.GroupState(3, NEW, False))
+    )
+    decode = live.LiveRole(
+        "decode", "decode", 2, _lws(2, 2, OLD), tuple(live.GroupState(i, OLD, True) for i in range(2))
+    )
+    plan = live.plan([prefill, decode], OLD, RolloutSpec(1, 1, None, 2, 1), base_revision=OLD)
+    assert plan.decision is not None and plan.decision.kind == "step", plan.decision
+    assert [o.abandoned for o in plan.observations] == [1, 0]
+
+
 def _written(role: live.LiveRole, plan: live.RolloutPlan) -> live.LiveRole:
     """`role` after the controller's LWS write of `plan`, once LWS has recreated its groups."""
     replicas, partition = plan.actions[role.name]

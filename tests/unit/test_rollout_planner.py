@@ -761,3 +761,18 @@ def test_a_step_never_leaves_no_revision_with_a_ready_pair() -> None:
     kept_p, kept_d = decision.roles["prefill"].partition, decision.roles["decode"].partition
     # Prefill keeps its lowest groups (A first): B keeps a pair when prefill keeps more than 7.
     assert kept_p > 7 and kept_d > 0, decision
+
+
+def test_when_no_step_keeps_a_pair_the_rollout_still_moves() -> None:
+    """Prefill A B, decode B B (a cut-short step, then a newer spec), 1:1 at tolerance 0 with
+    maxSurge 0 and maxUnavailable 1: every way through passes a step with no ready pair. Such a
+    step is taken (as before the pair rule) instead of refusing the rollout for ever (helper-88)."""
+    p = RoleObservation(
+        "prefill", "prefill", 2, old_ready=2, new_ready=0, old_total=2, new_total=0, partition=2,
+        old_revisions=(("A", 1), ("B", 1)),
+    )  # fmt: skip
+    d = RoleObservation(
+        "decode", "decode", 2, old_ready=2, new_ready=0, old_total=2, new_total=0, partition=2,
+        old_revisions=(("B", 2),),
+    )  # fmt: skip
+    assert next_step([p, d], RolloutSpec(1, 1, 0.0, 0, 1)).kind == "step"
