@@ -45,7 +45,7 @@ def parse_static(url: str, role: EndpointRole, bootstrap_port: int | None = None
         raise ValueError(f"{url}: expected http://host:port")
     if parts.username is not None:
         raise ValueError(f"{url}: no user or password in an engine URL (the legs would drop them)")
-    if parts.path not in ("", "/") or parts.query or "?" in base:
+    if parts.path not in ("", "/") or "?" in base:  # a query, even an empty one
         # Requests go to /v1/... on the engine itself; a prefix would hold only for health checks.
         raise ValueError(f"{url}: no path after host:port (the proxy sends /v1/... to the engine itself)")
     try:

@@ -1572,21 +1572,18 @@ class ProxyServer:
                 except ConnectionError:
                     raise _ClientGone from None
                 self.metrics.ttft.labels(path, d.mode).observe(self.clock() - t0)
-                # The stream's last bytes: its end marker tells a whole answer from a cut one when
-                # the body's end is only the engine's close.
-                tail = opened.first[-_TAIL_BYTES:]
+                # The stream's last bytes, kept only when the body's end will be the engine's close
+                # (engines chunk their streams): its end marker tells a whole answer from a cut one.
+                tail = opened.first[-_TAIL_BYTES:] if resp.close_delimited else None
                 with Deadline(self.loop, remaining):
                     async for chunk in resp.content.iter_any():  # upstream failures raise here ...
-                        tail = (
-                            chunk[-_TAIL_BYTES:]
-                            if len(chunk) >= _TAIL_BYTES
-                            else (tail + chunk)[-_TAIL_BYTES:]
-                        )
+                        if tail is not None:
+                            tail = (tail + chunk[-_TAIL_BYTES:])[-_TAIL_BYTES:]
                         try:
                             await out.write(events.feed(chunk))
                         except ConnectionError:  # ... client failures here (kept apart for blame)
                             raise _ClientGone from None
-                    if resp.ended_by_close and not _ends_stream(tail):
+                    if tail is not None and resp.ended_by_close and not _ends_stream(tail):
                         raise aiohttp.ClientPayloadError(CUT_AT_CLOSE)
                     if events.holding:
                         # The engine ended its answer normally: what it sent last is the client's.

@@ -194,6 +194,11 @@ class UpstreamResponse:
         return b"".join(parts)
 
     @property
+    def close_delimited(self) -> bool:
+        """The head announces neither a length nor chunking: the body will end at the close."""
+        return self._conn._close_delimited()
+
+    @property
     def ended_by_close(self) -> bool:
         """The body ended at the engine's close, with no length or chunking to say it was whole: a
         crashed engine ends its answer the same way, so the reader checks the body itself."""

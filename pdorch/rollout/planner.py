@@ -476,13 +476,10 @@ def _plan_step(
         dev = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d) or Fraction(0)
         # With several old revisions (a new spec mid-rollout) the proxy pairs within each of them:
         # prefer steps that leave none of them further off the ratio than it is.
-        kept = (
-            not layered
-            or not order.keep_revisions
-            or _no_worse(before, _revision_cohorts(kv, [o.old for o in choice]), spec, tol)
-        )
-        if guard_pair and not _paired(_revision_cohorts(kv, [o.old for o in choice])):
+        after = _revision_cohorts(kv, [o.old for o in choice]) if layered else {}
+        if guard_pair and not _paired(after):
             continue
+        kept = not layered or not order.keep_revisions or _no_worse(before, after, spec, tol)
         # An old cohort off the ratio (a controller killed between the writes of one step, a hand
         # scale-down) goes back onto it first, before moving the most: the step that does is usually
         # the interrupted one, completed.
@@ -750,12 +747,7 @@ def _observe(
 ) -> RoleObservation:
     old = [g for g in groups if not g.new]
     new = [g for g in groups if g.new]
-    runs: list[tuple[str, int]] = []
-    for g in old:
-        if runs and runs[-1][0] == g.revision:
-            runs[-1] = (g.revision, runs[-1][1] + 1)
-        else:
-            runs.append((g.revision, 1))
+    runs = [(rev, len(list(run))) for rev, run in itertools.groupby(g.revision for g in old)]
     abandoned = 0
     for g in reversed(old):
         if not g.abandoned:
@@ -832,18 +824,11 @@ def simulate(
         # abandoned ones, which never do (the planner recreates them). Old groups keep their
         # revisions, so several old revisions are planned as the controller plans them.
         revisions = [rev for rev, n in r.old_revisions for _ in range(n)]
-        old = [
-            _Group(
-                False,
-                0 if i < r.old_ready else 1,
-                revisions[i] if i < len(revisions) else "",
-                abandoned=i >= r.partition - r.abandoned,
-            )
-            for i in range(r.partition)
-        ]
-        for g in old:
-            if g.abandoned:
-                g.ready_at = max_ticks + 1
+        old = []
+        for i in range(r.partition):
+            abandoned = i >= r.partition - r.abandoned
+            ready_at = max_ticks + 1 if abandoned else 0 if i < r.old_ready else 1
+            old.append(_Group(False, ready_at, revisions[i] if i < len(revisions) else "", abandoned))
         new = [_Group(True, 0 if i < r.new_ready else 1) for i in range(r.new_total)]
         state[r.name] = old + new
         parts[r.name] = r.partition
