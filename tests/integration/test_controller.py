@@ -425,10 +425,11 @@ def test_apply_failure_is_reported_in_status_and_recovers(
     assert "Service/quota" in cond["message"] and "quota" in cond["message"], cond["message"]
 
     kube.delete(ResourceQuota, "no-services", namespace=namespace)
-    # Nudge the group (a label change is an event) instead of waiting out the retry backoff.
-    sg = kube.get(SG, "quota", namespace=namespace).to_dict()
-    sg["metadata"].setdefault("labels", {})["nudge"] = "1"
-    kube.replace(SG.from_dict(sg), namespace=namespace)
+    # Nudge the group (a label change is an event) instead of waiting out the retry backoff. A
+    # merge patch: a get-then-replace raced the controller's status writes (409 Conflict in CI).
+    kube.patch(
+        SG, "quota", {"metadata": {"labels": {"nudge": "1"}}}, namespace=namespace, patch_type=PatchType.MERGE
+    )
     wait_available(kube, namespace, "quota")
 
 
