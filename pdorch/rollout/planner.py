@@ -103,11 +103,18 @@ def effective_tolerance(roles: Sequence[RoleObservation], spec: RolloutSpec) -> 
     return max(Fraction(spec.tolerance).limit_denominator(1_000_000), dev)
 
 
-def _options(role: RoleObservation, spec: RolloutSpec) -> list[_Option]:
-    """Every (old', new' range) a single step may take this role to."""
+def _options(role: RoleObservation, spec: RolloutSpec, climb: bool = True) -> list[_Option]:
+    """Every (old', new' range) a single step may take this role to.
+
+    `climb`: a role below its capacity floor with new groups (scaled up mid-rollout) reaches the
+    floor in this step; without it, it may also get there over several steps, as a role does
+    at the rollout's start.
+    """
     surge, unavailable = budgets(role, spec)
     t_now, k_now, desired = role.replicas, role.partition, role.desired
     floor = desired - unavailable
+    # Below the floor no group is recreated (the break below), so only the size to reach is relaxed.
+    reach = floor if climb else min(floor, t_now)
     opts: list[_Option] = []
     for old in range(k_now, -1, -1):
         m = k_now - old
@@ -116,7 +123,7 @@ def _options(role: RoleObservation, spec: RolloutSpec) -> list[_Option]:
         if t_now > k_now:
             # New groups exist above K: T' >= K keeps them (a lower T' would delete them), and
             # T' >= floor + m keeps capacity.
-            t_lo = max(k_now, floor + m, old)
+            t_lo = max(k_now, reach + m, old)
         else:
             # No new group yet (the rollout's start): a T' below K deletes old groups only, which
             # is how a spec that scales down in the same apply gets there (requiring T' >= K
@@ -137,7 +144,8 @@ def step_fits(role: RoleObservation, spec: RolloutSpec, action: RoleAction) -> b
     """Whether one step may take `role` (every group ready) to `action` within its surge and
     unavailability budgets at its current desired replicas (the moves `next_step` chooses among)."""
     new = action.replicas - action.partition
-    return any(o.old == action.partition and o.new_lo <= new <= o.new_hi for o in _options(role, spec))
+    options = _options(role, spec, climb=False)  # a superset of the climbing ones
+    return any(o.old == action.partition and o.new_lo <= new <= o.new_hi for o in options)
 
 
 def _split(total: int, opts: Sequence[_Option]) -> list[int]:
@@ -255,6 +263,10 @@ def next_step(
         # Steps that keep no revision paired are an outage until the new groups start: only when
         # no order finishes with steps that keep one (helper-86, helper-88).
         orders += [o._replace(keep_pair=False) for o in orders]
+    if any(_below_floor(r, spec) for r in roles):
+        # A role scaled up (mid-rollout, or in the apply that started it) need not reach its floor
+        # in one step once it has new groups, when that stalls.
+        orders += [o._replace(climb=False) for o in orders]
     for order in orders:
         decision, stalls = _attempt(state, spec, order, 0)
         if decision.kind in ("done", "step"):
@@ -304,11 +316,18 @@ class _Order(NamedTuple):
     cohort back onto the ratio above those that move the most. `keep_revisions`: with several old
     revisions, steps that leave each of them no further off the ratio above all others.
     `keep_pair`: with several old revisions and no new pair, only steps that keep some revision
-    with a ready prefill and decode (the orders without it are tried after those with it)."""
+    with a ready prefill and decode (the orders without it are tried after those with it).
+    `climb`: a role scaled up mid-rollout reaches its capacity floor in one step (see `_options`)."""
 
     steady_first: bool
     keep_revisions: bool = True
     keep_pair: bool = True
+    climb: bool = True
+
+
+def _below_floor(role: RoleObservation, spec: RolloutSpec) -> bool:
+    """Whether `role` has fewer groups than its capacity floor (scaled up)."""
+    return role.replicas < role.desired - budgets(role, spec)[1]
 
 
 _STEADY_FIRST = _Order(True)
@@ -408,14 +427,14 @@ def _plan_step(
     grew = 0
     # Worker roles: no ratio, take the largest move, then the most surge.
     for r in (r for r in roles if r.type == "worker"):
-        opts = _options(r, spec)
+        opts = _options(r, spec, order.climb)
         if opts:
             o = opts[-1]
             actions[r.name] = RoleAction(o.old + o.new_hi, o.old)
             moved += r.partition - o.old
             grew += max(0, o.new_hi - r.new_total)
     kv = [r for r in roles if r.type in ("prefill", "decode")]
-    per_role = [_options(r, spec) for r in kv]
+    per_role = [_options(r, spec, order.climb) for r in kv]
     is_p = [r.type == "prefill" for r in kv]
     # An old cohort already off the ratio (a hand scale-down of an LWS, a scale-up that tightened
     # the tolerance mid-rollout) may not move further off it; without this, no step would be
@@ -499,14 +518,22 @@ def _plan_step(
         if rank >= len(ranked):
             return Decision("blocked", hold, _NO_RANK)
         best = ranked[rank]
+    shrank = removed = 0
     if best is not None:
         for r, old, new in zip(kv, best[1], best[2], strict=True):
             actions[r.name] = RoleAction(old + new, old)
             moved += r.partition - old
             grew += max(0, new - r.new_total)
-    if moved == 0 and grew == 0:
+            # Groups above the surge bound (a scale-down mid-rollout) removed: progress too. A step
+            # never adds groups above the bound, so shrinking toward it cannot repeat for ever.
+            shrank += max(0, r.replicas - max(old + new, r.desired + budgets(r, spec)[0]))
+            removed += max(0, r.replicas - old - new)
+    if moved == 0 and grew == 0 and shrank == 0:
         return Decision("blocked", hold, _why_stuck(roles, spec, tol))
-    what = f"move {moved} group(s) to the new revision" if moved else "surge new groups"
+    if moved:
+        what = f"move {moved} group(s) to the new revision"
+    else:
+        what = "surge new groups" if grew else f"remove {removed} group(s) ({shrank} above the surge bound)"
     return Decision("step", actions, what)
 
 

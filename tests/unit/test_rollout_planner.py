@@ -262,6 +262,55 @@ def test_scale_down_mid_rollout_takes_old_groups_first():
     assert [(r.new_total, r.old_total) for r in snaps[-1].roles] == [(4, 0), (2, 0)]
 
 
+def _finishes_on_ratio(spec: RolloutSpec, start: list[RoleObservation]) -> list[Snapshot]:
+    """Simulate from `start`; assert it finishes with every cohort on the ratio at the final size."""
+    snaps = simulate(spec, start)
+    assert snaps[-1].decision.kind == "done", snaps[-1].decision.reason
+    p_total = sum(r.desired for r in start if r.type == "prefill")
+    d_total = sum(r.desired for r in start if r.type == "decode")
+    tol = _allowed_tol(spec, p_total, d_total)
+    for s in snaps[1:]:
+        # Every state a step leads to (the start may be off the ratio: that is what it recovers from).
+        if s.decision.kind == "step":
+            assert _cohort_ok(*s.new_cohort, spec.ratio_p, spec.ratio_d, tol), s
+    assert [(r.old_total, r.new_total) for r in snaps[-1].roles] == [(0, r.desired) for r in start]
+    return snaps
+
+
+def test_a_role_scaled_up_mid_rollout_may_reach_its_floor_over_several_steps() -> None:
+    """1:1, tolerance 0.5, maxSurge 1, maxUnavailable 0; prefill had 1 replica and is scaled to 12
+    after the first step (1 old + 1 new), decode has 7 old + 4 new of 10. Reaching prefill's floor
+    (12) at once puts 11 new prefills beside at most 5 new decodes, off the ratio; before prefill
+    could grow with decode a step at a time, the rollout was refused (fuzz seed 717)."""
+    spec = RolloutSpec(2, 2, 0.5, 1, "2%")
+    start = [_ready("p", "prefill", 12, 2, 1), _ready("d", "decode", 10, 11, 7)]
+    snaps = _finishes_on_ratio(spec, start)
+    # Prefill still grows in every step until it reaches its floor, as the ratio lets it.
+    for a, b in itertools.pairwise(snaps):
+        if a.roles[0].replicas < 12 and b.decision.kind == "step":
+            assert b.roles[0].replicas > a.roles[0].replicas, (a, b)
+
+
+def test_a_scale_up_in_the_apply_that_starts_the_rollout_is_planned_over_several_steps() -> None:
+    """2:1, tolerance 0.1, maxSurge 13%, maxUnavailable 2; decode scaled from 2 to 12 in the apply
+    that starts the rollout (14P + 2D old). Decode cannot recreate an old group below its floor and
+    prefill moves 2 per step, so climbing to decode's floor in the second step stalls (fuzz seed 383)."""
+    spec = RolloutSpec(4, 2, 0.1, "13%", 2)
+    _finishes_on_ratio(spec, [_ready("p", "prefill", 14, 14, 14), _ready("d", "decode", 12, 2, 2)])
+
+
+def test_a_step_that_only_removes_groups_above_the_surge_bound_unwedges_a_scale_down() -> None:
+    """4:1, tolerance 0.1, maxSurge 22%, maxUnavailable 2; decode scaled from 12 to 2 mid-rollout
+    (8P + 10D old, 3P + 4D new). Every step that moves a group leaves a new cohort off the ratio;
+    only removing the new groups (decode's are above its surge bound) lets the old decodes be
+    deleted. Such a step moved and added nothing, so it was not taken (fuzz seed 4188)."""
+    spec = RolloutSpec(4, 1, 0.1, "22%", 2)
+    snaps = _finishes_on_ratio(spec, [_ready("p", "prefill", 9, 11, 8), _ready("d", "decode", 2, 14, 10)])
+    first = snaps[1]
+    assert first.decision.reason == "remove 7 group(s) (4 above the surge bound)"
+    assert [(r.old_total, r.new_total) for r in first.roles] == [(8, 0), (10, 0)]
+
+
 @settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_auto_tolerance_is_the_smallest_that_finishes(
