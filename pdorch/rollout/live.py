@@ -434,20 +434,21 @@ def cut_short(
     if any(by_name[n].abandoned for n in moving):
         return None  # the planner recreates never-ready groups first; waiting for them never ends
     roles_by_name = {r.name: r for r in roles}
-    unready = [
-        n for n in moving if _kept_unready(roles_by_name[n], by_name[n], targets[n][1], update_revision)
-    ]
+    unready = [n for n in moving if _kept_unready(roles_by_name[n], by_name[n], targets[n], update_revision)]
     if not all(step_fits(by_name[n], spec, RoleAction(*targets[n])) for n in moving):
         return None
     return CutShort(last, missing, unready)
 
 
-def _kept_unready(role: LiveRole, obs: RoleObservation, target_partition: int, update_revision: str) -> bool:
-    """Whether a group that a step lowering the partition to `target_partition` keeps is not
-    ready. The groups it recreates are not waited for: when they never start (the reason for a
-    recreate step), waiting for them never ends (helper-86)."""
+def _kept_unready(
+    role: LiveRole, obs: RoleObservation, target: tuple[int, int], update_revision: str
+) -> bool:
+    """Whether a group that a step to `target` (replicas, partition) keeps as it is is not ready.
+    The groups it recreates or deletes are not waited for: when they never start (the reason for a
+    recreate step; a surge group the step removes), waiting for them never ends (helper-86)."""
+    target_replicas, target_partition = target
     groups = {g.index: g for g in role.groups}
-    for i in range(obs.replicas):
+    for i in range(min(obs.replicas, target_replicas)):
         if target_partition <= i < obs.partition:
             continue
         g = groups.get(i)

@@ -727,3 +727,31 @@ def test_the_offline_simulation_of_a_layered_live_state_plans_as_the_controller(
     first = next(s for s in snaps if s.decision.kind == "step")
     assert {r.name: (r.replicas, r.partition) for r in first.roles} == controller.actions
     assert snaps[-1].decision.kind == "done"
+
+
+def test_a_cut_short_step_does_not_wait_for_a_surge_group_it_removes() -> None:
+    """Step 3 removes the surge (prefill 3 -> 2, decode 2 -> 1 groups); the controller stopped
+    after writing prefill's part, and decode's surge group has since stopped being ready (its
+    engine crashed). Finishing the step deletes that group: waiting for it first waited as long as
+    it stayed down."""
+    step2 = step_record.StepRecord.of(2, NEW, {"prefill": (3, 0), "decode": (2, 0)})
+    step3 = step_record.StepRecord.of(3, NEW, {"prefill": (2, 0), "decode": (1, 0)})
+
+    def role(
+        name: str, replicas: int, step: step_record.StepRecord, ready: tuple[bool, ...]
+    ) -> live.LiveRole:
+        lws = _lws(replicas, 0, NEW)
+        lws["metadata"] = {"annotations": {ANNOTATION_ROLLOUT: NEW, ANNOTATION_ROLLOUT_STEP: step.encode()}}
+        groups = tuple(live.GroupState(i, NEW, r) for i, r in enumerate(ready))
+        return live.LiveRole(name, name, step3.to_dict()[name][0], lws, groups)
+
+    spec = RolloutSpec(2, 1, None, 1, 1)
+    roles = [role("prefill", 2, step3, (True, True)), role("decode", 2, step2, (True, False))]
+    resumed = live.plan(roles, NEW, spec)  # a new controller: it wrote nothing itself
+    assert resumed.decision is not None and resumed.decision.kind == "step", resumed.decision
+    assert resumed.decision.reason == "finish step 3, whose write of decode was cut short"
+    assert resumed.actions["decode"] == (1, 0)
+    # Decode's kept group not ready: that one is waited for.
+    down = [roles[0], role("decode", 2, step2, (False, True))]
+    waiting = live.plan(down, NEW, spec)
+    assert waiting.decision is not None and waiting.decision.kind == "wait", waiting.decision
