@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -64,7 +65,12 @@ OLD_DOWN_GRACE_S = 60.0
 # Per order, the steps below the best tried (each with a dry run) before a state the planned steps
 # did not lead to is refused, when that order's best step would stall.
 _RANKED_TRIES = 8
-# Every step moves a group or adds one within the surge bound, so plans are short; this only guards
+# Candidate steps the exhaustive search of a refused rollout looks at, at most (one prefill and one
+# decode role): well past what roles of tens of groups need, and at most a few seconds of a blocked
+# reconcile (cached per state; 2.5 s for 400-group roles), where an unbounded search took minutes.
+_MAX_SEARCH_WORK = 300_000
+# Every step moves a group, adds one within the surge bound or removes one above it, so plans are
+# short (the searched steps of `_searched_step` too: a shortest plan); this only guards
 # the dry run in `next_step` against a planner bug turning into a hang.
 _MAX_LOOKAHEAD = 100_000
 
@@ -130,9 +136,9 @@ def _options(role: RoleObservation, spec: RolloutSpec, climb: bool = True) -> li
             # refused every such change). Capacity is the `old` groups kept, checked above; T'
             # stays at the desired count at least, so only a scale-down shrinks.
             t_lo = max(old, min(k_now, desired))
-        # Above desired + surge (a scale-down arrived mid-rollout) the total may only shrink, and it
-        # shrinks on the old side first: lowering partition and replicas together by m removes m
-        # old groups from the count while the new cohort keeps its size.
+        # Above desired + surge (a scale-down arrived mid-rollout) the total may only shrink:
+        # lowering partition and replicas together by m removes m old groups from the count while
+        # the new cohort keeps its size; lowering replicas alone removes new groups.
         t_hi = max(desired + surge, t_now - m)
         if t_lo > t_hi:
             continue
@@ -187,14 +193,20 @@ def _largest_on_ratio_p(
     Closed form of the ratio check: with n_d > 0, P is on ratio iff P > 0 and
     |P*d - n_d*p| <= tol*n_d*p, i.e. n_d*p*(1 - tol)/d <= P <= n_d*p*(1 + tol)/d.
     """
+    band = _on_ratio_band(n_d, p_range, spec, tol)
+    return band[-1] if band else None
+
+
+def _on_ratio_band(n_d: int, p_range: tuple[int, int], spec: RolloutSpec, tol: Fraction | None) -> range:
+    """The prefill counts in `p_range` on ratio with `n_d` decode groups (closed form of the ratio
+    check, see `_largest_on_ratio_p`)."""
     lo, hi = p_range
     if tol is None:
-        return hi if lo <= hi else None
+        return range(lo, hi + 1)
     if n_d == 0:
-        return 0 if lo == 0 else None  # only the empty cohort is on ratio without decode
+        return range(0, 1 if lo == 0 else 0)  # only the empty cohort is on ratio without decode
     scale = Fraction(n_d * spec.ratio_p, spec.ratio_d)
-    p = min(hi, math.floor(scale * (1 + tol)))
-    return p if p >= max(lo, 1, math.ceil(scale * (1 - tol))) else None
+    return range(max(lo, 1, math.ceil(scale * (1 - tol))), min(hi, math.floor(scale * (1 + tol))) + 1)
 
 
 def next_step(
@@ -279,10 +291,103 @@ def next_step(
             if lower.reason == _NO_RANK:
                 break  # no more steps below in that order (a step that does nothing is skipped)
     assert refused is not None
+    if started:
+        # Last: every order's greedy plan stalls. With one prefill and one decode role the
+        # shortest plan under the same rules is searched for; a refusal then means none exists.
+        searched = _searched_step(state, spec)
+        if searched is not None:
+            return searched
     return refused
 
 
 _NO_RANK = "no step of that rank"
+
+# (prefill old, prefill new, decode old, decode new) groups: a state of the exhaustive search.
+_Counts = tuple[int, int, int, int]
+
+
+@functools.lru_cache(maxsize=64)
+def _searched_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decision | None:
+    """The first step of the shortest plan from `roles` (every group ready) to no old prefill or
+    decode group, under the rules of `_plan_step` (per-role budgets, the new cohort on the ratio,
+    the old one on it or no further off), or None: none exists, the search passed
+    _MAX_SEARCH_WORK, or the roles are not one prefill and one decode (worker roles with old
+    groups included). Along the plan the shortest remaining plan only gets shorter, so taking
+    its first step at each reconcile finishes."""
+    kv = [r for r in roles if r.type in ("prefill", "decode")]
+    if len(kv) != 2 or kv[0].type == kv[1].type or any(r.partition for r in roles if r not in kv):
+        return None
+    p, d = kv if kv[0].type == "prefill" else kv[::-1]
+    tol = effective_tolerance(roles, spec)
+    start: _Counts = (p.partition, p.new_total, d.partition, d.new_total)
+    first: dict[_Counts, _Counts | None] = {start: None}  # state -> the first step towards it
+    queue = deque([start])
+    work = 0
+    while queue:
+        state = queue.popleft()
+        if state[0] == 0 and state[2] == 0:
+            step = first[state]
+            assert step is not None  # the start has old groups, or the planner had finished
+            hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
+            actions = {**hold, p.name: RoleAction(step[0] + step[1], step[0])}
+            actions[d.name] = RoleAction(step[2] + step[3], step[2])
+            return Decision("step", actions, _describe_step(kv, actions, spec) + " (a searched plan)")
+        moves, cost = _search_moves(p, d, state, spec, tol, _MAX_SEARCH_WORK - work)
+        work += cost
+        if work > _MAX_SEARCH_WORK:
+            return None
+        for nxt in moves:
+            if nxt not in first:
+                first[nxt] = first[state] or nxt
+                queue.append(nxt)
+    return None
+
+
+def _search_moves(
+    p: RoleObservation,
+    d: RoleObservation,
+    state: _Counts,
+    spec: RolloutSpec,
+    tol: Fraction | None,
+    budget: int,
+) -> tuple[list[_Counts], int]:
+    """Every state one step of `_plan_step`'s rules takes `state` to (roles below their floor may
+    climb to it over several steps, as with `_Order.climb` False), and the work it took; cut short
+    once the work passes `budget`."""
+    old_p, new_p, old_d, new_d = state
+    now = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d)
+    out: list[_Counts] = []
+    p_options = _options(_all_ready(p, old_p, new_p), spec, climb=False)
+    d_options = _options(_all_ready(d, old_d, new_d), spec, climb=False)
+    work = len(p_options) + len(d_options)
+    for a, b in itertools.product(p_options, d_options):
+        work += 1
+        if work > budget:
+            break
+        if tol is not None and not on_ratio(a.old, b.old, spec.ratio_p, spec.ratio_d, tol):
+            dev = deviation(a.old, b.old, spec.ratio_p, spec.ratio_d)
+            if dev is None or (now is not None and dev > now):
+                continue
+        for y in range(b.new_lo, b.new_hi + 1):
+            band = _on_ratio_band(y, (a.new_lo, a.new_hi), spec, tol)
+            work += 1 + len(band)
+            out += [(a.old, x, b.old, y) for x in band]
+    return out, work
+
+
+def _all_ready(role: RoleObservation, old: int, new: int) -> RoleObservation:
+    """`role` with `old` and `new` groups, every one ready."""
+    return replace(
+        role,
+        old_ready=old,
+        new_ready=new,
+        old_total=old,
+        new_total=new,
+        partition=old,
+        surge=old + new - role.desired,
+        old_revisions=(),
+        abandoned=0,
+    )
 
 
 def _recreate(
@@ -317,7 +422,9 @@ class _Order(NamedTuple):
     revisions, steps that leave each of them no further off the ratio above all others.
     `keep_pair`: with several old revisions and no new pair, only steps that keep some revision
     with a ready prefill and decode (the orders without it are tried after those with it).
-    `climb`: a role scaled up mid-rollout reaches its capacity floor in one step (see `_options`)."""
+    `climb`: a role below its capacity floor that has new groups (scaled up mid-rollout, or in
+    the apply that started it, after the first step) reaches the floor in one step; the orders
+    without it are tried after those with it (see `_options`)."""
 
     steady_first: bool
     keep_revisions: bool = True
@@ -353,6 +460,7 @@ def clear_caches() -> None:
     """Forget every cached planning result (tests that swap a search strategy)."""
     _plan_step.cache_clear()
     _attempt.cache_clear()
+    _searched_step.cache_clear()
     _auto_tolerance.cache_clear()
 
 
@@ -518,23 +626,38 @@ def _plan_step(
         if rank >= len(ranked):
             return Decision("blocked", hold, _NO_RANK)
         best = ranked[rank]
-    shrank = removed = 0
     if best is not None:
         for r, old, new in zip(kv, best[1], best[2], strict=True):
             actions[r.name] = RoleAction(old + new, old)
-            moved += r.partition - old
-            grew += max(0, new - r.new_total)
-            # Groups above the surge bound (a scale-down mid-rollout) removed: progress too. A step
-            # never adds groups above the bound, so shrinking toward it cannot repeat for ever.
-            shrank += max(0, r.replicas - max(old + new, r.desired + budgets(r, spec)[0]))
-            removed += max(0, r.replicas - old - new)
-    if moved == 0 and grew == 0 and shrank == 0:
+    what = _describe_step(kv, actions, spec, moved, grew)
+    if not what:
         return Decision("blocked", hold, _why_stuck(roles, spec, tol))
-    if moved:
-        what = f"move {moved} group(s) to the new revision"
-    else:
-        what = "surge new groups" if grew else f"remove {removed} group(s) ({shrank} above the surge bound)"
     return Decision("step", actions, what)
+
+
+def _describe_step(
+    roles: Sequence[RoleObservation],
+    actions: dict[str, RoleAction],
+    spec: RolloutSpec,
+    moved: int = 0,
+    grew: int = 0,
+) -> str:
+    """What a step from `roles` to `actions` does, or "" when it makes no progress. `moved` and
+    `grew`: what it does to roles outside `roles` (worker roles counted by the caller)."""
+    shrank = removed = 0
+    for r in roles:
+        old, new = actions[r.name].partition, actions[r.name].replicas - actions[r.name].partition
+        moved += r.partition - old
+        grew += max(0, new - r.new_total)
+        # Groups above the surge bound (a scale-down mid-rollout) removed: progress too. A step
+        # never adds groups above the bound, so shrinking toward it cannot repeat for ever.
+        shrank += max(0, r.replicas - max(old + new, r.desired + budgets(r, spec)[0]))
+        removed += max(0, r.replicas - old - new)
+    if moved:
+        return f"move {moved} group(s) to the new revision"
+    if grew:
+        return "surge new groups"
+    return f"remove {removed} group(s) ({shrank} above the surge bound)" if shrank else ""
 
 
 def _banded_choices(

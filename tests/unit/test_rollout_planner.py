@@ -8,7 +8,7 @@ from dataclasses import astuple, replace
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from pdorch.rollout import planner
@@ -279,7 +279,7 @@ def _finishes_on_ratio(spec: RolloutSpec, start: list[RoleObservation]) -> list[
 
 def test_a_role_scaled_up_mid_rollout_may_reach_its_floor_over_several_steps() -> None:
     """1:1, tolerance 0.5, maxSurge 1, maxUnavailable 0; prefill had 1 replica and is scaled to 12
-    after the first step (1 old + 1 new), decode has 7 old + 4 new of 10. Reaching prefill's floor
+    mid-rollout, at 1 old + 1 new group, beside decode's 7 old + 4 new of 10. Reaching prefill's floor
     (12) at once puts 11 new prefills beside at most 5 new decodes, off the ratio; before prefill
     could grow with decode a step at a time, the rollout was refused (fuzz seed 717)."""
     spec = RolloutSpec(2, 2, 0.5, 1, "2%")
@@ -293,13 +293,18 @@ def test_a_role_scaled_up_mid_rollout_may_reach_its_floor_over_several_steps() -
 
 def test_a_scale_up_in_the_apply_that_starts_the_rollout_is_planned_over_several_steps() -> None:
     """2:1, tolerance 0.1, maxSurge 13%, maxUnavailable 2; decode scaled from 2 to 12 in the apply
-    that starts the rollout (14P + 2D old). Decode cannot recreate an old group below its floor and
-    prefill moves 2 per step, so climbing to decode's floor in the second step stalls (fuzz seed 383)."""
+    that starts the rollout (14P + 2D old). Decode cannot recreate an old group below its floor (10),
+    and climbing to it in the second step needs more new prefills than prefill's budgets give by
+    then, so that plan stalls and the rollout was refused (fuzz seed 383)."""
     spec = RolloutSpec(4, 2, 0.1, "13%", 2)
-    _finishes_on_ratio(spec, [_ready("p", "prefill", 14, 14, 14), _ready("d", "decode", 12, 2, 2)])
+    snaps = _finishes_on_ratio(spec, [_ready("p", "prefill", 14, 14, 14), _ready("d", "decode", 12, 2, 2)])
+    decode_sizes = [s.roles[1].replicas for s in snaps if s.decision.kind == "step"]
+    assert decode_sizes[1] < 10 <= decode_sizes[-1], decode_sizes  # below the floor after two steps
 
 
-def test_a_step_that_only_removes_groups_above_the_surge_bound_unwedges_a_scale_down() -> None:
+def test_a_step_that_only_removes_groups_while_a_role_is_above_its_surge_bound_unwedges_a_scale_down() -> (
+    None
+):
     """4:1, tolerance 0.1, maxSurge 22%, maxUnavailable 2; decode scaled from 12 to 2 mid-rollout
     (8P + 10D old, 3P + 4D new). Every step that moves a group leaves a new cohort off the ratio;
     only removing the new groups (decode's are above its surge bound) lets the old decodes be
@@ -309,6 +314,73 @@ def test_a_step_that_only_removes_groups_above_the_surge_bound_unwedges_a_scale_
     first = snaps[1]
     assert first.decision.reason == "remove 7 group(s) (4 above the surge bound)"
     assert [(r.old_total, r.new_total) for r in first.roles] == [(8, 0), (10, 0)]
+
+
+def test_a_rollout_whose_greedy_plans_all_stall_takes_the_first_step_of_a_searched_plan() -> None:
+    """1:2, tolerance 0.5, maxSurge 9%, maxUnavailable 0, both old and new cohorts off the ratio
+    after a scale-down (prefill 14 groups of 7 desired). Every greedy order moves too many groups
+    at once and stalls 9 steps later; a plan of 10 steps exists (fuzz seed 1163)."""
+    spec = RolloutSpec(1, 2, 0.5, "9%", 0)
+    start = [_ready("p", "prefill", 7, 14, 11), _ready("d", "decode", 11, 16, 11)]
+    snaps = _finishes_on_ratio(spec, start)
+    assert snaps[1].decision.reason.endswith("(a searched plan)")
+
+
+def _reachable_end(spec: RolloutSpec, p: RoleObservation, d: RoleObservation) -> bool:
+    """Whether some sequence of per-role steps (each within `planner._options`, roles below their
+    floor not forced up to it) with the new cohort on the ratio and the old one on it or no further
+    off reaches no old group: the test's own breadth-first search."""
+    tol = _allowed_tol(spec, p.desired, d.desired)
+    seen = {(p.partition, p.new_total, d.partition, d.new_total)}
+    todo = list(seen)
+    while todo:
+        op, np_, od, nd = todo.pop()
+        if op == 0 and od == 0:
+            return True
+        was = deviation(op, od, spec.ratio_p, spec.ratio_d)
+        for a in planner._options(_ready(p.name, p.type, p.desired, op + np_, op), spec, climb=False):
+            for b in planner._options(_ready(d.name, d.type, d.desired, od + nd, od), spec, climb=False):
+                dev = deviation(a.old, b.old, spec.ratio_p, spec.ratio_d)
+                if not _cohort_ok(a.old, b.old, spec.ratio_p, spec.ratio_d, tol) and (
+                    dev is None or (was is not None and dev > was)
+                ):
+                    continue
+                for x, y in itertools.product(range(a.new_lo, a.new_hi + 1), range(b.new_lo, b.new_hi + 1)):
+                    if _cohort_ok(x, y, spec.ratio_p, spec.ratio_d, tol) and (a.old, x, b.old, y) not in seen:
+                        seen.add((a.old, x, b.old, y))
+                        todo.append((a.old, x, b.old, y))
+    return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ratio=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    tol=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]),
+    budgets=st.tuples(_int_or_pct(3), _int_or_pct(3)).filter(lambda b: {str(v) for v in b} - {"0", "0%"}),
+    sizes=st.tuples(*[st.integers(0, 10)] * 6),
+)
+# Found by a fuzz of scale events mid-rollout, each refused before: a role below its floor (717),
+# a scale-down only removing groups unwedges (4188), every greedy order stalls (1163).
+@example(ratio=(2, 2), tol=0.5, budgets=(1, "2%"), sizes=(12, 1, 1, 10, 7, 4))
+@example(ratio=(4, 1), tol=0.1, budgets=("22%", 2), sizes=(9, 8, 3, 2, 10, 4))
+@example(ratio=(1, 2), tol=0.5, budgets=("9%", 0), sizes=(7, 11, 3, 11, 11, 5))
+def test_a_started_rollout_is_refused_only_when_no_plan_reaches_the_end(
+    ratio: tuple[int, int],
+    tol: float,
+    budgets: tuple[int | str, int | str],
+    sizes: tuple[int, int, int, int, int, int],
+) -> None:
+    """Any state one prefill and one decode role can be in mid-rollout (a scale or spec change
+    since the last step): a step is taken exactly when a finishing plan exists, and it finishes."""
+    desired_p, old_p, new_p, desired_d, old_d, new_d = sizes
+    assume(desired_p and desired_d and old_p + old_d and new_p + new_d)
+    spec = RolloutSpec(*ratio, tol, *budgets)
+    p = _ready("p", "prefill", desired_p, old_p + new_p, old_p)
+    d = _ready("d", "decode", desired_d, old_d + new_d, old_d)
+    decision = next_step([p, d], spec)
+    assert (decision.kind == "step") == _reachable_end(spec, p, d), decision
+    if decision.kind == "step":
+        assert simulate(spec, [p, d])[-1].decision.kind == "done"
 
 
 @settings(max_examples=100, deadline=None)
