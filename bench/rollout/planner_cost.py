@@ -7,7 +7,10 @@ in the same process, for the planner as of a git revision given with `--before` 
 `git show`, loaded as a separate module). The first decision of a rollout also pays for
 `auto_tolerance` (no ratioTolerance set), exactly as the controller does.
 
-    PYTHONPATH=$PWD python3 bench/rollout/planner_cost.py --before b647565   # about 6 min
+    PYTHONPATH=$PWD python3 bench/rollout/planner_cost.py --before b647565 --before 5534bdb   # about 10 min
+
+MID_CASES start from a mid-rollout state instead (a scale-down that left both cohorts off the
+ratio), with the ratio tolerance given.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from types import ModuleType
 from typing import Any
 
 from pdorch.rollout import planner as current
-from pdorch.rollout.state import RolloutSpec
+from pdorch.rollout.state import RoleObservation, RolloutSpec
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
@@ -42,6 +45,11 @@ CASES: list[tuple[int, int, int, int, int | str, int | str]] = [
     (4, 2, 2, 1, 2000, "25%"),
     (1000, 1000, 1, 1, "25%", "25%"),
     (5000, 5000, 1, 1, "25%", "25%"),
+]
+# (desired, old, new groups) of prefill, then of decode, ratio P, ratio D, tolerance, maxSurge,
+# maxUnavailable: 700 prefill groups (550 old) scaled down to 350 mid-rollout.
+MID_CASES: list[tuple[tuple[int, int, int], tuple[int, int, int], int, int, float, int | str, int | str]] = [
+    ((350, 550, 150), (550, 550, 250), 1, 2, 0.0, "50%", "50%"),
 ]
 # A planner that takes longer than this on one case is stopped and reported as such (the planner
 # before 8c26acb ran for minutes and gigabytes on 1000:1000 at 1:1).
@@ -66,13 +74,11 @@ def load_planner(rev: str) -> ModuleType:
     return module
 
 
-def measure_bounded(
-    planner: ModuleType, p: int, d: int, rp: int, rd: int, surge: int | str, unavailable: int | str
-) -> dict[str, Any]:
+def measure_bounded(planner: ModuleType, *args: Any) -> dict[str, Any]:
     """`measure` in a forked process, stopped after CASE_TIMEOUT_S."""
     ctx = mp.get_context("fork")  # the child inherits the planner module loaded from git
     out: Any = ctx.Queue()
-    proc = ctx.Process(target=lambda: out.put(measure(planner, p, d, rp, rd, surge, unavailable)))
+    proc = ctx.Process(target=lambda: out.put(measure(planner, *args)))
     proc.start()
     try:
         return out.get(timeout=CASE_TIMEOUT_S)
@@ -84,13 +90,27 @@ def measure_bounded(
 
 
 def measure(
-    planner: ModuleType, p: int, d: int, rp: int, rd: int, surge: int | str, unavailable: int | str
+    planner: ModuleType,
+    p: int,
+    d: int,
+    rp: int,
+    rd: int,
+    surge: int | str,
+    unavailable: int | str,
+    mid: tuple[tuple[int, int, int], tuple[int, int, int], float] | None = None,
 ) -> dict[str, Any]:
-    """Time the first decision and every decision of one whole simulated rollout."""
+    """Time the first decision and every decision of one whole simulated rollout (from the
+    mid-rollout state and tolerance `mid` when given)."""
     start = planner.initial_state([("prefill", "prefill", p), ("decode", "decode", d)])
-    spec = RolloutSpec(rp, rd, None, surge, unavailable)
+    if mid is not None:
+        start = [
+            RoleObservation(name, name, desired, old, new, old, new, old, old + new - desired)
+            for name, (desired, old, new) in zip(("prefill", "decode"), mid[:2], strict=True)
+        ]
+    spec = RolloutSpec(rp, rd, None if mid is None else mid[2], surge, unavailable)
     t0 = time.perf_counter()
-    spec = replace(spec, tolerance=planner.auto_tolerance(start, spec))
+    if mid is None:
+        spec = replace(spec, tolerance=planner.auto_tolerance(start, spec))
     first = planner.next_step(start, spec)
     first_s = time.perf_counter() - t0
 
@@ -125,21 +145,28 @@ def measure(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--before", help="git revision of the planner to compare with (e.g. ed7ecce)")
+    ap.add_argument(
+        "--before", action="append", default=[], help="git revision of a planner to compare with (repeatable)"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "rollout-planner-cost")
     args = ap.parse_args()
     impls: dict[str, ModuleType] = {"current": current}
-    if args.before:
-        impls[args.before] = load_planner(args.before)
+    for rev in args.before:
+        impls[rev] = load_planner(rev)
     rows = []
-    for p, d, rp, rd, surge, unavailable in CASES:
+    cases: list[tuple[Any, ...]] = [(*c, None) for c in CASES]
+    cases += [(p[0], d[0], rp, rd, surge, unav, (p, d, tol)) for p, d, rp, rd, tol, surge, unav in MID_CASES]
+    for p, d, rp, rd, surge, unavailable, mid in cases:
         for name, module in impls.items():
-            r = measure_bounded(module, p, d, rp, rd, surge, unavailable)
+            r = measure_bounded(module, p, d, rp, rd, surge, unavailable, mid)
             rows.append(
                 {
                     "planner": name,
                     "prefill": p,
                     "decode": d,
+                    "from": None
+                    if mid is None
+                    else f"{mid[0][1]}+{mid[0][2]}P/{mid[1][1]}+{mid[1][2]}D, tolerance {mid[2]:g}",
                     "ratio": f"{rp}:{rd}",
                     "maxSurge": surge,
                     "maxUnavailable": unavailable,
@@ -161,7 +188,8 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        head = f"| {r['prefill']}P/{r['decode']}D | {r['ratio']} | {r['maxSurge']} / {r['maxUnavailable']} | {r['planner']} |"
+        fleet = f"{r['prefill']}P/{r['decode']}D" + (f" from {r['from']}" if r.get("from") else "")
+        head = f"| {fleet} | {r['ratio']} | {r['maxSurge']} / {r['maxUnavailable']} | {r['planner']} |"
         if "timeout_s" in r:
             lines.append(f"{head} stopped after {r['timeout_s']:.0f} s | | | | |")
             continue

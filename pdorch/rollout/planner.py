@@ -178,6 +178,10 @@ def _best_new(
     if tol is not None and tol < 1 and d_hi > 0:
         # D * p/d * (1 - tol) <= P <= p_range[1] bounds D from above.
         d_hi = min(d_hi, math.floor(Fraction(p_range[1] * spec.ratio_d, spec.ratio_p) / (1 - tol)))
+    if tol is not None and p_range[0] > 0:
+        # ... and p_range[0] <= P <= D * p/d * (1 + tol) from below: a scan past it finds nothing
+        # (it was most of a 54 s plan, on ranges with no on-ratio pair at all).
+        d_lo = max(d_lo, math.ceil(Fraction(p_range[0] * spec.ratio_d, spec.ratio_p) / (1 + tol)))
     for n_d in range(d_hi, d_lo - 1, -1):
         n_p = _largest_on_ratio_p(n_d, p_range, spec, tol)
         if n_p is not None:
@@ -482,7 +486,7 @@ def _stall_ahead(
     ahead = decision
     while ahead.kind == "step" and steps <= _MAX_LOOKAHEAD:
         state = tuple(applied(r, ahead.roles[r.name]) for r in state)
-        ahead = _plan_step(state, spec, order)
+        ahead = _plan_step(state, spec, order, 0)  # the key `_attempt` uses: one cache entry per state
         steps += 1
     if ahead.kind == "blocked":
         return f"{ahead.reason} (the plan would stall after {steps} more step(s))"
@@ -667,26 +671,23 @@ def _banded_choices(
     tol: Fraction | None,
     old_now: Fraction | None,
 ) -> list[tuple[_Option, ...]] | None:
-    """The choices of one prefill and one decode role whose old cohort is on ratio, in the order
-    `itertools.product` would give them; None where that shortcut does not apply.
+    """The choices of one prefill and one decode role whose old cohort is on ratio or no further
+    off it than now, in the order `itertools.product` would give them; None where that shortcut
+    does not apply (no ratio, other roles, an old cohort now one-sided).
 
-    With the old cohort on ratio now, only on-ratio choices can be taken, and for each decode
-    option the on-ratio prefill counts form a band: enumerating it instead of every pair keeps a
-    1000-group role's step in milliseconds (the full product was ~250k pairs per step).
+    Only such choices can be taken, and for each decode option their prefill counts form a band
+    (the ratio band at the larger of the tolerance and today's deviation): enumerating it instead
+    of every pair keeps a 1000-group role's step in milliseconds (the full product was ~250k pairs
+    per step, and an off-ratio old cohort of 550 + 550 groups took 54 s to plan).
     """
-    if tol is None or len(per_role) != 2 or is_p[0] == is_p[1] or old_now is None or old_now > tol:
+    if tol is None or len(per_role) != 2 or is_p[0] == is_p[1] or old_now is None:
         return None
     pi, di = (0, 1) if is_p[0] else (1, 0)
     p_index = {o.old: i for i, o in enumerate(per_role[pi])}
-    scale = Fraction(spec.ratio_p, spec.ratio_d)
+    p_range = (0, max(p_index, default=0))
     picked: list[tuple[int, int]] = []
     for j, od in enumerate(per_role[di]):
-        if od.old == 0:
-            band = range(0, 1)  # only the empty cohort is on ratio without decode
-        else:
-            band = range(
-                max(1, math.ceil(od.old * scale * (1 - tol))), math.floor(od.old * scale * (1 + tol)) + 1
-            )
+        band = _on_ratio_band(od.old, p_range, spec, max(tol, old_now))
         picked += [(p_index[p], j) for p in band if p in p_index]
     picked.sort(key=lambda ij: (ij[0], ij[1]) if pi == 0 else (ij[1], ij[0]))
     return [
