@@ -314,7 +314,8 @@ _Counts = tuple[int, int, int, int]
 def _searched_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Decision | None:
     """The first step of the shortest plan from `roles` (every group ready) to no old prefill or
     decode group, under the rules of `_plan_step` (per-role budgets, the new cohort on the ratio,
-    the old one on it or no further off), or None: none exists, the search passed
+    the old one on it or no further off; any such new cohort, not only the largest), through
+    states that keep a new group (see `_search_moves`), or None: none exists, the search passed
     _MAX_SEARCH_WORK, or the roles are not one prefill and one decode (worker roles with old
     groups included). Along the plan the shortest remaining plan only gets shorter, so taking
     its first step at each reconcile finishes."""
@@ -356,8 +357,11 @@ def _search_moves(
     budget: int,
 ) -> tuple[list[_Counts], int]:
     """Every state one step of `_plan_step`'s rules takes `state` to (roles below their floor may
-    climb to it over several steps, as with `_Order.climb` False), and the work it took; cut short
-    once the work passes `budget`."""
+    climb to it over several steps, as with `_Order.climb` False), the most new groups first (as
+    `_plan_step` ranks them), and the work it took; cut short once the work passes `budget`.
+
+    A state with old groups and no new one is left out: `next_step` plans it as a rollout's start,
+    without this search, so a plan through it could be refused half-way (helper-90)."""
     old_p, new_p, old_d, new_d = state
     now = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d)
     out: list[_Counts] = []
@@ -372,10 +376,10 @@ def _search_moves(
             dev = deviation(a.old, b.old, spec.ratio_p, spec.ratio_d)
             if dev is None or (now is not None and dev > now):
                 continue
-        for y in range(b.new_lo, b.new_hi + 1):
+        for y in range(b.new_hi, b.new_lo - 1, -1):
             band = _on_ratio_band(y, (a.new_lo, a.new_hi), spec, tol)
             work += 1 + len(band)
-            out += [(a.old, x, b.old, y) for x in band]
+            out += [(a.old, x, b.old, y) for x in reversed(band) if x or y or not (a.old or b.old)]
     return out, work
 
 
