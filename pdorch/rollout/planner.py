@@ -336,7 +336,9 @@ def _searched_step(roles: tuple[RoleObservation, ...], spec: RolloutSpec) -> Dec
             hold = {r.name: RoleAction(r.replicas, r.partition) for r in roles}
             actions = {**hold, p.name: RoleAction(step[0] + step[1], step[0])}
             actions[d.name] = RoleAction(step[2] + step[3], step[2])
-            return Decision("step", actions, _describe_step(kv, actions, spec) + " (a searched plan)")
+            # A shortest plan's step only removing new groups within the bound says so too.
+            what = _describe_step(kv, actions, spec) or "remove new groups"
+            return Decision("step", actions, f"{what} (a searched plan)")
         moves, cost = _search_moves(p, d, state, spec, tol, _MAX_SEARCH_WORK - work)
         work += cost
         if work > _MAX_SEARCH_WORK:
@@ -357,8 +359,9 @@ def _search_moves(
     budget: int,
 ) -> tuple[list[_Counts], int]:
     """Every state one step of `_plan_step`'s rules takes `state` to (roles below their floor may
-    climb to it over several steps, as with `_Order.climb` False), the most new groups first (as
-    `_plan_step` ranks them), and the work it took; cut short once the work passes `budget`.
+    climb to it over several steps, as with `_Order.climb` False), for each old choice the most
+    new groups first (as `_plan_step` prefers them), and the work it took; cut short once the work
+    passes `budget`.
 
     A state with old groups and no new one is left out: `next_step` plans it as a rollout's start,
     without this search, so a plan through it could be refused half-way (helper-90)."""
