@@ -368,8 +368,8 @@ def _search_moves(
     old_p, new_p, old_d, new_d = state
     now = deviation(old_p, old_d, spec.ratio_p, spec.ratio_d)
     out: list[_Counts] = []
-    p_options = _options(_all_ready(p, old_p, new_p), spec, climb=False)
-    d_options = _options(_all_ready(d, old_d, new_d), spec, climb=False)
+    p_options = _options(applied(p, RoleAction(old_p + new_p, old_p)), spec, climb=False)
+    d_options = _options(applied(d, RoleAction(old_d + new_d, old_d)), spec, climb=False)
     work = len(p_options) + len(d_options)
     for a, b in itertools.product(p_options, d_options):
         work += 1
@@ -384,21 +384,6 @@ def _search_moves(
             work += 1 + len(band)
             out += [(a.old, x, b.old, y) for x in reversed(band) if x or y or not (a.old or b.old)]
     return out, work
-
-
-def _all_ready(role: RoleObservation, old: int, new: int) -> RoleObservation:
-    """`role` with `old` and `new` groups, every one ready."""
-    return replace(
-        role,
-        old_ready=old,
-        new_ready=new,
-        old_total=old,
-        new_total=new,
-        partition=old,
-        surge=old + new - role.desired,
-        old_revisions=(),
-        abandoned=0,
-    )
 
 
 def _recreate(
